@@ -1,0 +1,268 @@
+"""HVM context records (specs/stream-format.md, section "HVM context records").
+
+The KVM layer's state is plain data whose keys are the field names of the Linux KVM
+structs (``struct kvm_regs``, ``kvm_sregs``, ...). Each record type has one layout,
+declared once below as a :class:`Layout` and compiled to one little-endian
+``struct.Struct`` that both ``pack`` and ``unpack`` use. Padding and reserved fields of the
+kernel structs are not carried: ``pack`` ignores them, ``unpack`` restores them as zero.
+
+Every body opens with ``vm u32, vcpu_id u32``; for platform records (PIC, IOAPIC, PIT,
+CLOCK) ``vcpu_id`` is reserved and must be zero, and the dataclass holds ``None``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any, ClassVar, Iterator
+
+from migrate.stream.errors import StreamError
+from migrate.stream.records import MAX_MSRS, MAX_VCPU_ID, RecordType, Vm, expect_length, vm_of
+
+PREFIX = "<II"  # vm, vcpu_id (reserved, zero, for platform records)
+
+
+@dataclass(frozen=True)
+class Field:
+    """One field of a kernel struct. ``count`` > 0 makes it a list of that many items;
+    ``nested`` makes it a dict (or a list of dicts); ``carried=False`` marks padding."""
+
+    name: str
+    code: str = ""
+    count: int = 0
+    nested: Layout | None = None
+    carried: bool = True
+
+    def format(self) -> str:
+        if not self.carried:
+            return ""
+        one = self.nested.format if self.nested else self.code
+        return one * max(self.count, 1)
+
+    def zero(self) -> Any:
+        one = 0 if self.nested is None else self.nested.zero()
+        return [one] * self.count if self.count else one
+
+
+def pad(name: str, count: int = 0) -> Field:
+    return Field(name, count=count, carried=False)
+
+
+class Layout:
+    """A kernel struct as the stream carries it: carried fields in declaration order."""
+
+    def __init__(self, *fields: Field) -> None:
+        self.fields = fields
+        self.format = "".join(f.format() for f in fields)
+        self._names = {f.name for f in fields}
+
+    def zero(self) -> dict:
+        return {f.name: f.zero() for f in self.fields}
+
+    def flatten(self, value: dict, out: list) -> None:
+        if not isinstance(value, dict):
+            raise ValueError(f"expected a dict, got {type(value).__name__}")
+        unknown = set(value) - self._names
+        if unknown:
+            raise ValueError(f"unknown fields {sorted(unknown)}")
+        for f in (f for f in self.fields if f.carried):
+            items = value[f.name] if f.count else [value[f.name]]
+            if len(items) != max(f.count, 1):
+                raise ValueError(f"{f.name} has {len(items)} items, expected {f.count}")
+            for item in items:
+                if f.nested:
+                    f.nested.flatten(item, out)
+                else:
+                    out.append(item)
+
+    def build(self, values: Iterator) -> dict:
+        result = {}
+        for f in self.fields:
+            if not f.carried:
+                result[f.name] = f.zero()
+                continue
+            one = f.nested.build if f.nested else next
+            items = [one(values) for _ in range(max(f.count, 1))]
+            result[f.name] = items if f.count else items[0]
+        return result
+
+
+def fields(code: str, *names: str) -> tuple[Field, ...]:
+    return tuple(Field(name, code) for name in names)
+
+
+SEGMENT = Layout(
+    Field("base", "Q"), Field("limit", "I"), Field("selector", "H"),
+    *fields("B", "type", "present", "dpl", "db", "s", "l", "g", "avl", "unusable"),
+    pad("padding"),
+)
+DTABLE = Layout(Field("base", "Q"), Field("limit", "H"), pad("padding", 3))
+REGS = Layout(*fields("Q", "rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp", "r8", "r9",
+                      "r10", "r11", "r12", "r13", "r14", "r15", "rip", "rflags"))
+SREGS = Layout(
+    *(Field(name, nested=SEGMENT) for name in ("cs", "ds", "es", "fs", "gs", "ss", "tr", "ldt")),
+    Field("gdt", nested=DTABLE), Field("idt", nested=DTABLE),
+    *fields("Q", "cr0", "cr2", "cr3", "cr4", "cr8", "efer", "apic_base"),
+    Field("interrupt_bitmap", "Q", count=4),
+)
+XCR = Layout(Field("xcr", "I"), pad("reserved"), Field("value", "Q"))
+XCRS = Layout(Field("nr_xcrs", "I"), Field("flags", "I"), Field("xcrs", nested=XCR, count=16),
+              pad("padding", 16))
+EVENTS = Layout(
+    Field("exception", nested=Layout(*fields("B", "injected", "nr", "has_error_code", "pending"),
+                                     Field("error_code", "I"))),
+    Field("interrupt", nested=Layout(*fields("B", "injected", "nr", "soft", "shadow"))),
+    Field("nmi", nested=Layout(*fields("B", "injected", "pending", "masked"), pad("pad"))),
+    Field("sipi_vector", "I"), Field("flags", "I"),
+    Field("smi", nested=Layout(*fields("B", "smm", "pending", "smm_inside_nmi", "latched_init"))),
+    Field("triple_fault", nested=Layout(Field("pending", "B"))),
+    pad("reserved", 26),
+    Field("exception_has_payload", "B"), Field("exception_payload", "Q"),
+)
+DEBUGREGS = Layout(Field("db", "Q", count=4), *fields("Q", "dr6", "dr7", "flags"), pad("reserved", 9))
+PIC_CHIP = Layout(*fields("B", "last_irr", "irr", "imr", "isr", "priority_add", "irq_base",
+                          "read_reg_select", "poll", "special_mask", "init_state", "auto_eoi",
+                          "rotate_on_auto_eoi", "special_fully_nested_mode", "init4", "elcr",
+                          "elcr_mask"))
+PIC = Layout(Field("master", nested=PIC_CHIP), Field("slave", nested=PIC_CHIP))
+IOAPIC = Layout(Field("base_address", "Q"), *fields("I", "ioregsel", "id", "irr"), pad("pad"),
+                Field("redirtbl", "Q", count=24))
+PIT_CHANNEL = Layout(
+    Field("count", "I"), Field("latched_count", "H"),
+    *fields("B", "count_latched", "status_latched", "status", "read_state", "write_state",
+            "write_latch", "rw_mode", "mode", "bcd", "gate"),
+    Field("count_load_time", "q"),
+)
+PIT = Layout(Field("channels", nested=PIT_CHANNEL, count=3), Field("flags", "I"), pad("reserved", 9))
+CLOCK = Layout(Field("clock", "Q"), Field("flags", "I"), pad("pad0"), Field("realtime", "Q"),
+               Field("host_tsc", "Q"), pad("pad", 4))
+
+
+class StructCodec:
+    """A dict shaped like a kernel struct <-> prefix + fixed fields."""
+
+    def __init__(self, layout: Layout) -> None:
+        self.layout = layout
+        self.struct = struct.Struct(PREFIX + layout.format)
+
+    def pack(self, vm: int, vcpu_id: int, state: Any) -> bytes:
+        values: list = [vm, vcpu_id]
+        self.layout.flatten(state, values)
+        return self.struct.pack(*values)
+
+    def unpack(self, body: bytes, what: str) -> tuple[int, int, Any]:
+        expect_length(body, self.struct, what)
+        values = iter(self.struct.unpack(body))
+        vm, vcpu_id = next(values), next(values)
+        return vm, vcpu_id, self.layout.build(values)
+
+
+class ScalarCodec(StructCodec):
+    """A single value: an int (``mp_state``) or a fixed-size byte string (LAPIC, XSAVE)."""
+
+    def __init__(self, code: str) -> None:
+        super().__init__(Layout(Field("value", code)))
+
+    def pack(self, vm: int, vcpu_id: int, state: Any) -> bytes:
+        if isinstance(state, (bytes, bytearray)) and len(state) != self.struct.size - 8:
+            raise ValueError(f"expected {self.struct.size - 8} bytes, got {len(state)}")
+        return super().pack(vm, vcpu_id, {"value": state})
+
+    def unpack(self, body: bytes, what: str) -> tuple[int, int, Any]:
+        vm, vcpu_id, state = super().unpack(body, what)
+        return vm, vcpu_id, state["value"]
+
+
+MSR_HEADER = struct.Struct(PREFIX + "II")  # vm, vcpu_id, count, reserved
+MSR_ENTRY = struct.Struct("<IIQ")  # index, reserved (zero), value
+
+
+class MsrCodec:
+    """``{index: value}`` <-> count + entries in strictly ascending index order."""
+
+    struct = MSR_HEADER
+
+    def pack(self, vm: int, vcpu_id: int, state: dict) -> bytes:
+        if len(state) > MAX_MSRS:
+            raise ValueError(f"{len(state)} MSRs, at most {MAX_MSRS}")
+        entries = b"".join(MSR_ENTRY.pack(index, 0, state[index]) for index in sorted(state))
+        return MSR_HEADER.pack(vm, vcpu_id, len(state), 0) + entries
+
+    def unpack(self, body: bytes, what: str) -> tuple[int, int, dict]:
+        if len(body) < MSR_HEADER.size:
+            raise StreamError(f"{what} body is {len(body)} bytes, shorter than its header")
+        vm, vcpu_id, count, reserved = MSR_HEADER.unpack_from(body)
+        if reserved:
+            raise StreamError(f"{what} reserved field is 0x{reserved:x}, must be zero")
+        if count > MAX_MSRS:
+            raise StreamError(f"{what} count {count} exceeds {MAX_MSRS}")
+        if len(body) != MSR_HEADER.size + count * MSR_ENTRY.size:
+            raise StreamError(f"{what} body is {len(body)} bytes, {count} entries need "
+                              f"{MSR_HEADER.size + count * MSR_ENTRY.size}")
+        msrs: dict[int, int] = {}
+        previous = -1
+        for index, entry_reserved, value in MSR_ENTRY.iter_unpack(body[MSR_HEADER.size:]):
+            if entry_reserved:
+                raise StreamError(f"{what} entry for MSR 0x{index:x} has nonzero reserved field")
+            if index <= previous:
+                raise StreamError(f"{what} MSR indices not strictly ascending at 0x{index:x}")
+            previous = index
+            msrs[index] = value
+        return vm, vcpu_id, msrs
+
+
+VCPU_CODECS: dict[RecordType, Any] = {
+    RecordType.VCPU_REGS: StructCodec(REGS),
+    RecordType.VCPU_SREGS: StructCodec(SREGS),
+    RecordType.VCPU_XSAVE: ScalarCodec("4096s"),
+    RecordType.VCPU_XCRS: StructCodec(XCRS),
+    RecordType.VCPU_MSRS: MsrCodec(),
+    RecordType.VCPU_LAPIC: ScalarCodec("1024s"),
+    RecordType.VCPU_EVENTS: StructCodec(EVENTS),
+    RecordType.VCPU_MP_STATE: ScalarCodec("I"),
+    RecordType.VCPU_DEBUGREGS: StructCodec(DEBUGREGS),
+}
+PLATFORM_CODECS: dict[RecordType, Any] = {
+    RecordType.PIC: StructCodec(PIC),
+    RecordType.IOAPIC: StructCodec(IOAPIC),
+    RecordType.PIT: StructCodec(PIT),
+    RecordType.CLOCK: StructCodec(CLOCK),
+}
+CODECS = {**VCPU_CODECS, **PLATFORM_CODECS}
+
+
+@dataclass(frozen=True)
+class HvmState:
+    """One piece of a VM's HVM context: a vCPU's (``vcpu_id`` set) or the platform's
+    (``vcpu_id`` None). ``state`` is the KVM layer's plain-data shape for ``type``."""
+
+    type: RecordType
+    vm: Vm
+    vcpu_id: int | None
+    state: Any
+
+    @property
+    def TYPE(self) -> RecordType:  # noqa: N802 - same spelling as the class attribute elsewhere
+        return self.type
+
+    def pack(self) -> bytes:
+        if (self.vcpu_id is None) != (self.type in PLATFORM_CODECS):
+            raise ValueError(f"{self.type.name}: vcpu_id must be None exactly for platform records")
+        vcpu_id = self.vcpu_id or 0
+        if not 0 <= vcpu_id <= MAX_VCPU_ID:
+            raise ValueError(f"vcpu_id {vcpu_id} outside 0..{MAX_VCPU_ID}")
+        try:
+            return CODECS[self.type].pack(self.vm, vcpu_id, self.state)
+        except (struct.error, KeyError, TypeError) as exc:
+            raise ValueError(f"{self.type.name}: {exc!r}") from None
+
+    @classmethod
+    def unpack_as(cls, record_type: RecordType, body: bytes) -> HvmState:
+        vm, vcpu_id, state = CODECS[record_type].unpack(body, record_type.name)
+        if record_type in PLATFORM_CODECS:
+            if vcpu_id:
+                raise StreamError(f"{record_type.name} reserved vcpu_id field is {vcpu_id}, must be 0")
+            return cls(record_type, vm_of(vm), None, state)
+        if vcpu_id > MAX_VCPU_ID:
+            raise StreamError(f"{record_type.name} vcpu_id {vcpu_id} exceeds {MAX_VCPU_ID}")
+        return cls(record_type, vm_of(vm), vcpu_id, state)

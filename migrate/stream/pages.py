@@ -1,0 +1,136 @@
+"""Page batches (specs/stream-format.md, sections "PAGE_DATA" and "PAGE_DATA_ZSTD").
+
+A batch carries up to ``MAX_PAGES_PER_BATCH`` pages of one address space. The writer
+finds all-zero pages itself and sends them without data. In a PAGE_DATA_ZSTD batch the
+data of the non-zero pages is one zstd frame; its declared content size is checked against
+the number of pages before anything is decompressed.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Iterable
+
+import zstandard
+
+from migrate.stream.errors import StreamError
+from migrate.stream.records import MAX_PAGES_PER_BATCH, PAGE_SIZE, RecordType, Vm, vm_of
+
+BATCH_HEADER = struct.Struct("<II")  # space, count
+PAGE_ENTRY = struct.Struct("<QII")  # pfn, page type, reserved (zero)
+ZERO_PAGE = bytes(PAGE_SIZE)
+ZSTD_LEVEL = 3
+MAX_PFN = (1 << 64) - 1
+
+
+class PageType(IntEnum):
+    NORMAL = 0  # 4096 bytes of data follow, uncompressed (PAGE_DATA only)
+    ZERO = 1  # all-zero page, no data (both batch kinds)
+    COMPRESSED = 2  # data is in the batch's zstd frame (PAGE_DATA_ZSTD only)
+
+
+_DATA_TYPE = {RecordType.PAGE_DATA: PageType.NORMAL, RecordType.PAGE_DATA_ZSTD: PageType.COMPRESSED}
+
+
+@dataclass(frozen=True)
+class PageBatch:
+    """Pages of one address space. ``pages`` holds ``(pfn, data)`` pairs; a zero page's
+    data is the shared :data:`ZERO_PAGE`."""
+
+    space: Vm
+    pages: tuple[tuple[int, bytes], ...]
+    compressed: bool = False
+
+    @property
+    def TYPE(self) -> RecordType:  # noqa: N802 - records expose TYPE
+        return RecordType.PAGE_DATA_ZSTD if self.compressed else RecordType.PAGE_DATA
+
+    def pack(self) -> bytes:
+        return encode_batch(self.space, self.pages, self.compressed)
+
+    @classmethod
+    def unpack_as(cls, record_type: RecordType, body: bytes) -> PageBatch:
+        return decode_batch(record_type, body)
+
+
+def encode_batch(space: int, pages: Iterable[tuple[int, bytes]], compressed: bool) -> bytes:
+    """One batch body; zero pages are detected here and never sent as data."""
+    entries, data = [], []
+    data_type = PageType.COMPRESSED if compressed else PageType.NORMAL
+    for pfn, page in pages:
+        if len(page) != PAGE_SIZE or not 0 <= pfn <= MAX_PFN:
+            raise ValueError(f"page {pfn}: need 0 <= pfn < 2**64 and {PAGE_SIZE} bytes, got {len(page)}")
+        is_zero = page == ZERO_PAGE
+        entries.append(PAGE_ENTRY.pack(pfn, PageType.ZERO if is_zero else data_type, 0))
+        if not is_zero:
+            data.append(bytes(page))
+    if not 1 <= len(entries) <= MAX_PAGES_PER_BATCH:
+        raise ValueError(f"a batch holds 1..{MAX_PAGES_PER_BATCH} pages, got {len(entries)}")
+    payload = b"".join(data)
+    if compressed and payload:
+        payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(payload)
+    return BATCH_HEADER.pack(space, len(entries)) + b"".join(entries) + payload
+
+
+def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
+    what = record_type.name
+    if len(body) < BATCH_HEADER.size:
+        raise StreamError(f"{what} body is {len(body)} bytes, shorter than its header")
+    space, count = BATCH_HEADER.unpack_from(body)
+    if not 1 <= count <= MAX_PAGES_PER_BATCH:
+        raise StreamError(f"{what} count {count} outside 1..{MAX_PAGES_PER_BATCH}")
+    data_start = BATCH_HEADER.size + count * PAGE_ENTRY.size
+    if len(body) < data_start:
+        raise StreamError(f"{what} body is {len(body)} bytes, {count} entries need {data_start}")
+    entries = list(PAGE_ENTRY.iter_unpack(body[BATCH_HEADER.size:data_start]))
+    data_type = _DATA_TYPE[record_type]
+    seen: set[int] = set()
+    for pfn, page_type, reserved in entries:
+        if page_type not in (PageType.ZERO, data_type):
+            raise StreamError(f"{what} pfn 0x{pfn:x} has page type {page_type}, not allowed here")
+        if reserved:
+            raise StreamError(f"{what} pfn 0x{pfn:x} entry has nonzero reserved field")
+        if pfn in seen:
+            raise StreamError(f"{what} pfn 0x{pfn:x} appears twice in one batch")
+        seen.add(pfn)
+    n_data = sum(1 for entry in entries if entry[1] == data_type)
+    data = body[data_start:]
+    if record_type is RecordType.PAGE_DATA_ZSTD:
+        data = _decompress(data, n_data * PAGE_SIZE, what)
+    elif len(data) != n_data * PAGE_SIZE:
+        raise StreamError(f"{what} carries {len(data)} data bytes, {n_data} pages need {n_data * PAGE_SIZE}")
+    pages, at = [], 0
+    for pfn, page_type, _ in entries:
+        if page_type == PageType.ZERO:
+            pages.append((pfn, ZERO_PAGE))
+        else:
+            pages.append((pfn, data[at:at + PAGE_SIZE]))
+            at += PAGE_SIZE
+    return PageBatch(vm_of(space), tuple(pages), record_type is RecordType.PAGE_DATA_ZSTD)
+
+
+def _decompress(frame: bytes, expected: int, what: str) -> bytes:
+    """Decompress one zstd frame that must hold exactly ``expected`` bytes; the declared
+    size is checked before decompressing, so nothing is allocated from an unchecked length."""
+    if expected == 0:
+        if frame:
+            raise StreamError(f"{what} has {len(frame)} data bytes but no compressed pages")
+        return b""
+    try:
+        declared = zstandard.get_frame_parameters(frame).content_size
+    except zstandard.ZstdError as exc:
+        raise StreamError(f"{what} bad zstd frame: {exc}") from None
+    if declared != expected:
+        shown = "unknown" if declared == zstandard.CONTENTSIZE_UNKNOWN else declared
+        raise StreamError(f"{what} zstd frame declares {shown} bytes, expected {expected}")
+    try:
+        data = zstandard.ZstdDecompressor().decompress(
+            frame, max_output_size=expected, allow_extra_data=False
+        )
+    except zstandard.ZstdError as exc:
+        raise StreamError(f"{what} bad zstd frame: {exc}") from None
+    if len(data) != expected:
+        raise StreamError(f"{what} zstd frame decompressed to {len(data)} bytes, expected {expected}")
+    return data

@@ -1,0 +1,222 @@
+"""The sans-I/O stream reader (specs/stream-format.md, all sections; "Reading" gives the
+order of checks).
+
+Feed it bytes with :meth:`StreamReader.feed`; :meth:`StreamReader.next_record` returns the
+next record, :data:`NEED_DATA` when it needs more input, or :data:`DONE` after END. Call
+:meth:`StreamReader.eof` when the input ends: it raises StreamTruncated unless END was seen.
+Every problem with the input raises StreamError naming the offset, record index and type;
+after one, the reader raises the same error again.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from functools import partial
+from typing import Any, Callable
+
+from migrate.stream.errors import StreamError, StreamTruncated
+from migrate.stream.framing import record_crc
+from migrate.stream.hvm import CODECS, HvmState
+from migrate.stream.order import StreamOrder
+from migrate.stream.pages import PageBatch
+from migrate.stream.records import (
+    FORMAT_VERSION, HEADER, MAGIC, MAX_HEADER_LENGTH, MAX_RECORD_BODY, MIN_READ_VERSION,
+    OPTIONAL, RECORD_ALIGN, RECORD_HEADER, Creator, DeviceState, DomainConfig, End, Header,
+    MemoryLayout, RecordType, padded,
+)
+
+
+class _Sentinel:
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+NEED_DATA = _Sentinel("NEED_DATA")
+DONE = _Sentinel("DONE")
+_SKIPPED = _Sentinel("SKIPPED")  # internal: an unknown optional record was passed over
+
+KNOWN_INCOMPAT_FLAGS = 0  # version 1 defines none
+
+Decoder = Callable[[bytes], Any]
+_V1_DECODERS: dict[int, Decoder] = {
+    RecordType.DOMAIN_CONFIG: DomainConfig.unpack,
+    RecordType.MEMORY_LAYOUT: MemoryLayout.unpack,
+    RecordType.PAGE_DATA: partial(PageBatch.unpack_as, RecordType.PAGE_DATA),
+    RecordType.PAGE_DATA_ZSTD: partial(PageBatch.unpack_as, RecordType.PAGE_DATA_ZSTD),
+    **{record_type: partial(HvmState.unpack_as, record_type) for record_type in CODECS},
+    RecordType.DEVICE_STATE: DeviceState.unpack,
+    RecordType.CREATOR: Creator.unpack,
+}
+# One decoder table per readable format version (this one and the one before).
+DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS}
+
+
+class StreamReader:
+    def __init__(self, *, leave_trailing: bool = False) -> None:
+        """``leave_trailing``: bytes after END are left untouched in :attr:`trailing`
+        instead of being an error."""
+        self.leave_trailing = leave_trailing
+        self.header: Header | None = None
+        self.skipped: list[tuple[int, int]] = []  # (offset, type) of skipped optional records
+        self._buf = bytearray()
+        self._pos = 0  # read position in _buf
+        self._offset = 0  # stream offset of _buf[_pos]
+        self._index = 0  # index of the next record
+        self._pages = 0
+        self._digest = hashlib.blake2b(digest_size=32)
+        self._order = StreamOrder()
+        self._decoders: dict[int, Decoder] = {}
+        self._done = False
+        self._failed: StreamError | None = None
+
+    @property
+    def trailing(self) -> bytes:
+        """Bytes received after END (only with ``leave_trailing``)."""
+        return bytes(self._buf[self._pos:]) if self._done else b""
+
+    def feed(self, data: bytes) -> None:
+        if self._failed:
+            raise self._failed
+        if self._pos:
+            del self._buf[:self._pos]
+            self._pos = 0
+        self._buf += data
+        if self._done and data:
+            self._check_trailing()
+
+    def next_record(self) -> Any:
+        if self._failed:
+            raise self._failed
+        try:
+            if self._done:
+                self._check_trailing()
+                return DONE
+            if self.header is None and self._read_header() is NEED_DATA:
+                return NEED_DATA
+            record = self._read_record()
+            while record is _SKIPPED:
+                record = self._read_record()
+            return record
+        except StreamError as exc:
+            self._failed = exc
+            raise
+
+    def eof(self) -> None:
+        """The input has ended: raise StreamTruncated unless END was read."""
+        if self._failed:
+            raise self._failed
+        if self._done:
+            return
+        pending = len(self._buf) - self._pos
+        if self.header is None:
+            msg = f"input ended inside the stream header ({pending} bytes)"
+            record_type = index = None
+        else:
+            msg = f"input ended before END ({pending} bytes of an incomplete record)"
+            index = self._index
+            record_type = RECORD_HEADER.unpack_from(self._buf, self._pos)[0] if pending >= 16 else None
+        self._failed = StreamTruncated(msg, self._offset + pending, index, record_type)
+        raise self._failed
+
+    close = eof
+
+    # ---- header -----------------------------------------------------------------------
+
+    def _read_header(self) -> Any:
+        data = self._buf[self._pos:]
+        seen = bytes(data[:len(MAGIC)])
+        if seen != MAGIC[:len(seen)]:
+            raise StreamError(f"bad magic {seen.hex()}, expected {MAGIC.hex()}", 0)
+        if len(data) < HEADER.size:
+            return NEED_DATA
+        _, version, length, incompat, _compat = HEADER.unpack_from(data)
+        if version > FORMAT_VERSION or version < MIN_READ_VERSION:
+            age = "newer" if version > FORMAT_VERSION else "older"
+            raise StreamError(
+                f"stream format version {version} is {age} than this reader reads "
+                f"(versions {MIN_READ_VERSION}..{FORMAT_VERSION})", 0)
+        if not HEADER.size <= length <= MAX_HEADER_LENGTH or length % RECORD_ALIGN:
+            raise StreamError(f"header length {length} is not a multiple of {RECORD_ALIGN} "
+                              f"in {HEADER.size}..{MAX_HEADER_LENGTH}", 0)
+        if incompat & ~KNOWN_INCOMPAT_FLAGS:
+            raise StreamError(f"unknown incompatible header flags 0x{incompat:x}", 0)
+        if len(data) < length:
+            return NEED_DATA
+        self.header = Header(version, length, incompat, _compat)
+        self._decoders = DECODERS[version]
+        self._consume(length, digest=True)
+        return self.header
+
+    # ---- records ----------------------------------------------------------------------
+
+    def _read_record(self) -> Any:
+        start, index = self._offset, self._index
+        if len(self._buf) - self._pos < RECORD_HEADER.size:
+            return NEED_DATA
+        record_type, length, reserved, crc = RECORD_HEADER.unpack_from(self._buf, self._pos)
+        try:
+            if reserved:
+                raise StreamError(f"record header reserved field is 0x{reserved:x}, must be zero")
+            if length > MAX_RECORD_BODY:
+                raise StreamError(f"record body length {length} exceeds {MAX_RECORD_BODY}")
+            total = RECORD_HEADER.size + padded(length)
+            if len(self._buf) - self._pos < total:
+                return NEED_DATA
+            body_at = self._pos + RECORD_HEADER.size
+            body = bytes(self._buf[body_at:body_at + length])
+            if record_crc(record_type, body) != crc:
+                raise StreamError(f"record CRC-32 mismatch (stored 0x{crc:08x})")
+            if any(self._buf[body_at + length:self._pos + total]):
+                raise StreamError("record padding is not zero")
+            if record_type == RecordType.END:
+                return self._end(body, total)
+            record = self._decode(record_type, body)
+        except StreamError as exc:
+            raise exc.at(start, index, record_type) from None
+        self._consume(total, digest=True)
+        self._index += 1
+        return record
+
+    def _decode(self, record_type: int, body: bytes) -> Any:
+        decoder = self._decoders.get(record_type)
+        if decoder is None:
+            if not record_type & OPTIONAL:
+                raise StreamError("unknown mandatory record type")
+            self.skipped.append((self._offset, record_type))
+            return _SKIPPED
+        record = decoder(body)
+        self._order.observe(record)
+        if isinstance(record, PageBatch):
+            self._pages += len(record.pages)
+        return record
+
+    def _end(self, body: bytes, total: int) -> End:
+        end = End.unpack(body)
+        self._order.observe(end)
+        expected = End(self._index, self._pages, self._offset, self._digest.digest())
+        for name in ("record_count", "page_count", "stream_bytes", "digest"):
+            got, want = getattr(end, name), getattr(expected, name)
+            if got != want:
+                shown = (got.hex(), want.hex()) if name == "digest" else (got, want)
+                raise StreamError(f"END {name} is {shown[0]}, the stream has {shown[1]}")
+        self._consume(total, digest=False)
+        self._index += 1
+        self._done = True
+        self._check_trailing()
+        return end
+
+    def _check_trailing(self) -> None:
+        extra = len(self._buf) - self._pos
+        if extra and not self.leave_trailing:
+            self._failed = StreamError(f"{extra} bytes after END", self._offset, self._index, None)
+            raise self._failed
+
+    def _consume(self, size: int, digest: bool) -> None:
+        if digest:
+            with memoryview(self._buf) as view:
+                self._digest.update(view[self._pos:self._pos + size])
+        self._pos += size
+        self._offset += size

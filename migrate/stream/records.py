@@ -1,0 +1,280 @@
+"""Record types, framing and the small records (specs/stream-format.md, sections
+"Stream header", "Record framing", "Record types", "DOMAIN_CONFIG", "MEMORY_LAYOUT",
+"DEVICE_STATE", "CREATOR" and "END").
+
+Every record type is a frozen dataclass with ``TYPE``, ``pack() -> bytes`` (the body) and
+``unpack(body)``; its explicit little-endian ``struct.Struct`` is defined once here and
+used by both the reader and the writer. Page batches live in ``pages.py`` and the HVM
+context records in ``hvm.py``.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+from typing import Any, ClassVar
+
+import msgpack
+
+from migrate.stream.errors import StreamError
+
+MAGIC = b"\x89HVMPAIR"
+FORMAT_VERSION = 1
+MIN_READ_VERSION = 1  # max(1, FORMAT_VERSION - 1): version 0 never existed
+PAGE_SIZE = 4096
+RECORD_ALIGN = 8
+MAX_RECORD_BODY = 128 << 20
+MAX_HEADER_LENGTH = 4096
+MAX_PAGES_PER_BATCH = 1024
+MAX_SPACE_PAGES = 1 << 36  # 256 TiB of 4 KiB pages
+MAX_VCPU_ID = 4095
+MAX_MSRS = 1024
+MAX_MSGPACK_STR = 1 << 20
+MAX_MSGPACK_ITEMS = 1 << 16
+
+OPTIONAL = 0x8000_0000
+
+HEADER = struct.Struct("<8sIIII")  # magic, version, header_length, incompat, compat
+RECORD_HEADER = struct.Struct("<IIII")  # type, body_length, reserved, crc32
+CRC_COVERED_HEADER = 12  # the CRC covers type, body_length and reserved, then the body
+
+
+class RecordType(IntEnum):
+    END = 0x0000_0000
+    DOMAIN_CONFIG = 0x0000_0001
+    MEMORY_LAYOUT = 0x0000_0002
+    PAGE_DATA = 0x0000_0003
+    PAGE_DATA_ZSTD = 0x0000_0004
+    VCPU_REGS = 0x0000_0010
+    VCPU_SREGS = 0x0000_0011
+    VCPU_XSAVE = 0x0000_0012
+    VCPU_XCRS = 0x0000_0013
+    VCPU_MSRS = 0x0000_0014
+    VCPU_LAPIC = 0x0000_0015
+    VCPU_EVENTS = 0x0000_0016
+    VCPU_MP_STATE = 0x0000_0017
+    VCPU_DEBUGREGS = 0x0000_0018
+    PIC = 0x0000_0020
+    IOAPIC = 0x0000_0021
+    PIT = 0x0000_0022
+    CLOCK = 0x0000_0023
+    DEVICE_STATE = 0x0000_0030
+    CREATOR = OPTIONAL | 0x0000_0001
+
+
+class Vm(IntEnum):
+    """Which VM of the pair a record describes; also the page address space id."""
+
+    GUEST = 0
+    STUB = 1
+
+
+def type_name(value: int) -> str:
+    try:
+        return f"{RecordType(value).name}(0x{value:08x})"
+    except ValueError:
+        kind = "optional" if value & OPTIONAL else "mandatory"
+        return f"unknown {kind} 0x{value:08x}"
+
+
+def padded(length: int) -> int:
+    return (length + RECORD_ALIGN - 1) & ~(RECORD_ALIGN - 1)
+
+
+def expect_length(body: bytes, layout: struct.Struct, what: str) -> None:
+    if len(body) != layout.size:
+        raise StreamError(f"{what} body is {len(body)} bytes, expected {layout.size}")
+
+
+def vm_of(value: int) -> Vm:
+    try:
+        return Vm(value)
+    except ValueError:
+        raise StreamError(f"unknown VM / address space id {value}") from None
+
+
+@dataclass(frozen=True)
+class Header:
+    """The stream header (not a record)."""
+
+    version: int = FORMAT_VERSION
+    header_length: int = HEADER.size
+    incompat_flags: int = 0
+    compat_flags: int = 0
+
+    def pack(self) -> bytes:
+        fixed = HEADER.pack(
+            MAGIC, self.version, self.header_length, self.incompat_flags, self.compat_flags
+        )
+        return fixed + bytes(self.header_length - HEADER.size)
+
+
+# ---- msgpack bodies ---------------------------------------------------------------------
+
+_PLAIN = (type(None), bool, int, float, str, bytes)
+
+
+def unpack_msgpack(body: bytes, what: str) -> dict:
+    """Decode a msgpack map under strict limits; anything else is a StreamError."""
+    try:
+        value = msgpack.unpackb(
+            body,
+            raw=False,
+            strict_map_key=True,
+            max_bin_len=MAX_RECORD_BODY,
+            max_str_len=MAX_MSGPACK_STR,
+            max_array_len=MAX_MSGPACK_ITEMS,
+            max_map_len=MAX_MSGPACK_ITEMS,
+            max_ext_len=0,
+        )
+    except (ValueError, TypeError, msgpack.UnpackException) as exc:
+        raise StreamError(f"{what}: bad msgpack: {exc}") from None
+    if not isinstance(value, dict):
+        raise StreamError(f"{what}: msgpack body is {type(value).__name__}, expected a map")
+    _check_plain(value, what)
+    return value
+
+
+def _check_plain(value: Any, what: str) -> None:
+    """Only nil, bool, int, float, str, bin, arrays and maps with str keys."""
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise StreamError(f"{what}: map key {key!r} is not a string")
+            _check_plain(item, what)
+    elif isinstance(value, list):
+        for item in value:
+            _check_plain(item, what)
+    elif not isinstance(value, _PLAIN):
+        raise StreamError(f"{what}: unsupported msgpack value {type(value).__name__}")
+
+
+def pack_msgpack(value: dict) -> bytes:
+    return msgpack.packb(value, use_bin_type=True, strict_types=False)
+
+
+@dataclass(frozen=True)
+class DomainConfig:
+    TYPE: ClassVar[RecordType] = RecordType.DOMAIN_CONFIG
+    config: dict
+
+    def pack(self) -> bytes:
+        return pack_msgpack(self.config)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> DomainConfig:
+        return cls(unpack_msgpack(body, "DOMAIN_CONFIG"))
+
+
+_DEVICE_KEYS = {"device": str, "instance": int, "version": int, "min_version": int, "fields": dict}
+
+
+@dataclass(frozen=True)
+class DeviceState:
+    """One device's state from the stub's device model, versioned per device."""
+
+    TYPE: ClassVar[RecordType] = RecordType.DEVICE_STATE
+    device: str
+    instance: int
+    version: int
+    min_version: int
+    fields: dict
+
+    def pack(self) -> bytes:
+        return pack_msgpack({key: getattr(self, key) for key in _DEVICE_KEYS})
+
+    @classmethod
+    def unpack(cls, body: bytes) -> DeviceState:
+        value = unpack_msgpack(body, "DEVICE_STATE")
+        if set(value) != set(_DEVICE_KEYS):
+            raise StreamError(f"DEVICE_STATE keys are {sorted(value)}, expected {sorted(_DEVICE_KEYS)}")
+        for key, kind in _DEVICE_KEYS.items():
+            if not isinstance(value[key], kind) or isinstance(value[key], bool):
+                raise StreamError(f"DEVICE_STATE {key} is {type(value[key]).__name__}, expected {kind.__name__}")
+        if not 0 <= value["instance"] <= 0xFFFF_FFFF:
+            raise StreamError(f"DEVICE_STATE instance {value['instance']} out of range")
+        if not 1 <= value["min_version"] <= value["version"] <= 0xFFFF_FFFF:
+            raise StreamError(
+                f"DEVICE_STATE versions must satisfy 1 <= min_version <= version, got "
+                f"min_version {value['min_version']}, version {value['version']}"
+            )
+        return cls(**value)
+
+    def check_loadable(self, loader_version: int, loader_min_version: int) -> None:
+        """Raise StreamError unless a loader at ``loader_version`` that still reads states
+        back to ``loader_min_version`` can load this state (spec "DEVICE_STATE")."""
+        if self.min_version > loader_version:
+            raise StreamError(
+                f"device {self.device}.{self.instance} state version {self.version} needs a "
+                f"loader of version >= {self.min_version}, this one is {loader_version}"
+            )
+        if self.version < loader_min_version:
+            raise StreamError(
+                f"device {self.device}.{self.instance} state version {self.version} is older "
+                f"than the oldest this loader reads ({loader_min_version})"
+            )
+
+
+# ---- fixed-layout small records ---------------------------------------------------------
+
+MEMORY_LAYOUT = struct.Struct("<IIQ")  # space, page_size, nr_pages
+
+
+@dataclass(frozen=True)
+class MemoryLayout:
+    TYPE: ClassVar[RecordType] = RecordType.MEMORY_LAYOUT
+    space: Vm
+    nr_pages: int
+    page_size: int = PAGE_SIZE
+
+    def pack(self) -> bytes:
+        return MEMORY_LAYOUT.pack(self.space, self.page_size, self.nr_pages)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> MemoryLayout:
+        expect_length(body, MEMORY_LAYOUT, "MEMORY_LAYOUT")
+        space, page_size, nr_pages = MEMORY_LAYOUT.unpack(body)
+        if page_size != PAGE_SIZE:
+            raise StreamError(f"MEMORY_LAYOUT page size {page_size}, only {PAGE_SIZE} is defined")
+        if not 1 <= nr_pages <= MAX_SPACE_PAGES:
+            raise StreamError(f"MEMORY_LAYOUT nr_pages {nr_pages} outside 1..{MAX_SPACE_PAGES}")
+        return cls(vm_of(space), nr_pages, page_size)
+
+
+@dataclass(frozen=True)
+class Creator:
+    """Optional: free text naming the program that wrote the stream."""
+
+    TYPE: ClassVar[RecordType] = RecordType.CREATOR
+    text: str
+
+    def pack(self) -> bytes:
+        return self.text.encode("utf-8")
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Creator:
+        try:
+            return cls(body.decode("utf-8"))
+        except UnicodeDecodeError as exc:
+            raise StreamError(f"CREATOR is not UTF-8: {exc}") from None
+
+
+END = struct.Struct("<QQQ32s")  # record_count, page_count, stream_bytes, blake2b-256
+
+
+@dataclass(frozen=True)
+class End:
+    TYPE: ClassVar[RecordType] = RecordType.END
+    record_count: int
+    page_count: int
+    stream_bytes: int
+    digest: bytes
+
+    def pack(self) -> bytes:
+        return END.pack(self.record_count, self.page_count, self.stream_bytes, self.digest)
+
+    @classmethod
+    def unpack(cls, body: bytes) -> End:
+        expect_length(body, END, "END")
+        return cls(*END.unpack(body))

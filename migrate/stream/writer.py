@@ -1,0 +1,83 @@
+"""The stream writer (specs/stream-format.md, sections "Stream header", "Record framing",
+"Ordering" and "END"). It does no I/O: every method returns the bytes to send.
+
+The writer keeps the counts and the BLAKE2b-256 digest that END carries, and refuses to
+produce a stream that breaks the ordering rules (ValueError).
+"""
+
+from __future__ import annotations
+
+import hashlib
+from typing import Any, Iterable
+
+from migrate.stream.errors import StreamError
+from migrate.stream.framing import frame
+from migrate.stream.order import StreamOrder
+from migrate.stream.pages import PageBatch
+from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, Vm
+
+
+class StreamWriter:
+    def __init__(self) -> None:
+        self._digest = hashlib.blake2b(digest_size=32)
+        self._offset = 0
+        self._records = 0
+        self._pages = 0
+        self._order = StreamOrder()
+        self._started = False
+        self._finished = False
+
+    def start(self, header: Header | None = None) -> bytes:
+        """The stream header; must be the first thing written."""
+        if self._started:
+            raise ValueError("stream header already written")
+        self._started = True
+        return self._emit((header or Header()).pack())
+
+    def record(self, record: Any) -> bytes:
+        """One record (any record dataclass), after checking the ordering rules."""
+        try:
+            self._order.observe(record)
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        pages = len(record.pages) if isinstance(record, PageBatch) else 0
+        return self.raw(record.TYPE, record.pack(), pages)
+
+    def pages(self, space: Vm, pages: Iterable[tuple[int, bytes]], compressed: bool = False) -> bytes:
+        """Any number of pages, split into batches of at most MAX_PAGES_PER_BATCH."""
+        out, batch = [], []
+        for page in pages:
+            batch.append(page)
+            if len(batch) == MAX_PAGES_PER_BATCH:
+                out.append(self.record(PageBatch(space, tuple(batch), compressed)))
+                batch = []
+        if batch:
+            out.append(self.record(PageBatch(space, tuple(batch), compressed)))
+        return b"".join(out)
+
+    def raw(self, record_type: int, body: bytes, page_count: int = 0) -> bytes:
+        """Frame a body as-is, without ordering checks: for tests and tools that build
+        unusual streams. Counted in END like any record."""
+        if not self._started or self._finished:
+            raise ValueError("records go between start() and finish()")
+        if len(body) > MAX_RECORD_BODY:
+            raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_RECORD_BODY}")
+        self._records += 1
+        self._pages += page_count
+        return self._emit(frame(record_type, body))
+
+    def finish(self) -> bytes:
+        """The END record; nothing may follow it."""
+        end = End(self._records, self._pages, self._offset, self._digest.digest())
+        try:
+            self._order.observe(end)
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        data = self.raw(end.TYPE, end.pack())
+        self._finished = True
+        return data
+
+    def _emit(self, data: bytes) -> bytes:
+        self._digest.update(data)
+        self._offset += len(data)
+        return data
