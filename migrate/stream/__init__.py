@@ -7,16 +7,16 @@ every problem with the input is a ``StreamError`` (``StreamTruncated`` when it e
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.hvm import HvmState
 from migrate.stream.pages import ZERO_PAGE, PageBatch, PageType
-from migrate.stream.reader import DONE, NEED_DATA, StreamReader
+from migrate.stream.reader import DONE, NEED_DATA, StreamReader, decode_stream
 from migrate.stream.records import (
     FORMAT_VERSION, MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, PAGE_SIZE, Creator, DeviceState,
     DomainConfig, End, Header, MemoryLayout, RecordType, Vm,
 )
-from migrate.stream.writer import StreamWriter
+from migrate.stream.writer import StreamWriter, encode_stream
 
 __all__ = [
     "DONE", "FORMAT_VERSION", "MAX_PAGES_PER_BATCH", "MAX_RECORD_BODY", "NEED_DATA", "PAGE_SIZE",
     "ZERO_PAGE", "Creator", "DeviceState", "DomainConfig", "End", "Header", "HvmState",
     "MemoryLayout", "PageBatch", "PageType", "RecordType", "StreamError", "StreamReader",
-    "StreamTruncated", "StreamWriter", "Vm",
+    "StreamTruncated", "StreamWriter", "Vm", "decode_stream", "encode_stream",
 ]

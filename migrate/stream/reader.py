@@ -220,3 +220,15 @@ class StreamReader:
                 self._digest.update(view[self._pos:self._pos + size])
         self._pos += size
         self._offset += size
+
+
+def decode_stream(data: bytes, *, leave_trailing: bool = False) -> list:
+    """Every record of a complete stream held in memory, END last."""
+    reader = StreamReader(leave_trailing=leave_trailing)
+    reader.feed(data)
+    records = []
+    while (record := reader.next_record()) is not DONE:
+        if record is NEED_DATA:
+            reader.eof()
+        records.append(record)
+    return records

@@ -15,8 +15,8 @@ from migrate.stream.records import (
 )
 from migrate.stream.writer import StreamWriter
 
-GUEST_PAGES = 64
-STUB_PAGES = 16
+GUEST_PAGES = 24
+STUB_PAGES = 8
 
 
 def pattern(seed: int, size: int) -> bytes:
@@ -62,14 +62,14 @@ def _zero_padding(state: Any, layout: Any) -> Any:
     return state
 
 
-def sample_records(vcpus: int = 2) -> list:
-    """The records of the sample stream, in order (pages as PageBatch via the writer)."""
+def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: int = STUB_PAGES) -> list:
+    """The records of the sample stream before its pages, in order."""
     records: list = [
-        DomainConfig({"name": "sample", "vcpus": vcpus, "memory_mib": GUEST_PAGES * PAGE_SIZE >> 20,
-                      "stub": {"memory_pages": STUB_PAGES, "devices": ["uart", "virtio-blk"]}}),
+        DomainConfig({"name": "sample", "vcpus": vcpus, "memory_pages": guest_pages,
+                      "stub": {"memory_pages": stub_pages, "devices": ["uart", "virtio-blk"]}}),
         Creator("hvm-migrate sample"),
-        MemoryLayout(Vm.GUEST, GUEST_PAGES),
-        MemoryLayout(Vm.STUB, STUB_PAGES),
+        MemoryLayout(Vm.GUEST, guest_pages),
+        MemoryLayout(Vm.STUB, stub_pages),
     ]
     for vcpu in range(vcpus):
         for record_type in CODECS:
@@ -96,15 +96,15 @@ def sample_pages(space: Vm, nr_pages: int, seed: int) -> list[tuple[int, bytes]]
     return pages
 
 
-def sample_stream(vcpus: int = 2) -> bytes:
+def sample_stream(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: int = STUB_PAGES) -> bytes:
     """The whole sample stream: records, then guest pages (plain, then a zstd resend of
     some), stub pages (zstd), END."""
     writer = StreamWriter()
     out = [writer.start()]
-    out += [writer.record(record) for record in sample_records(vcpus)]
-    guest = sample_pages(Vm.GUEST, GUEST_PAGES, 1)
+    out += [writer.record(record) for record in sample_records(vcpus, guest_pages, stub_pages)]
+    guest = sample_pages(Vm.GUEST, guest_pages, 1)
     out.append(writer.pages(Vm.GUEST, guest))
-    out.append(writer.pages(Vm.GUEST, guest[8:24], compressed=True))
-    out.append(writer.pages(Vm.STUB, sample_pages(Vm.STUB, STUB_PAGES, 2), compressed=True))
+    out.append(writer.pages(Vm.GUEST, guest[guest_pages // 8:guest_pages // 3 + 1], compressed=True))
+    out.append(writer.pages(Vm.STUB, sample_pages(Vm.STUB, stub_pages, 2), compressed=True))
     out.append(writer.finish())
     return b"".join(out)

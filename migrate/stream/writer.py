@@ -81,3 +81,12 @@ class StreamWriter:
         self._digest.update(data)
         self._offset += len(data)
         return data
+
+
+def encode_stream(records: Iterable[Any], header: Header | None = None) -> bytes:
+    """A complete stream from records (END, if present, is replaced by a fresh one)."""
+    writer = StreamWriter()
+    out = [writer.start(header)]
+    out += [writer.record(record) for record in records if not isinstance(record, End)]
+    out.append(writer.finish())
+    return b"".join(out)
