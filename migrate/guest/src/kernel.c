@@ -1,0 +1,180 @@
+/* Ring 0: descriptor tables, the TSS with an open I/O bitmap, the LAPIC
+ * timer, trap handling and the two system calls.  Compiled with
+ * -mgeneral-regs-only so handlers never touch the workload's SSE state.
+ *
+ * Ring 0 is slow on this host (specs/guest-boot.md), so everything here
+ * does the least it can: no loops over memory, short handlers. */
+#include "rt.h"
+
+#define LAPIC_BASE      0xFEE00000UL
+#define LAPIC_EOI       0x0B0
+#define LAPIC_SVR       0x0F0
+#define LAPIC_LVT_TIMER 0x320
+#define LAPIC_TIMER_ICR 0x380
+#define LAPIC_TIMER_DCR 0x3E0
+#define LAPIC_BUS_HZ    1000000000UL    /* KVM's APIC bus: 1 ns per cycle */
+
+#define VEC_TIMER    32
+#define VEC_SPURIOUS 255
+
+struct trap_frame {
+    uint64_t r15, r14, r13, r12, r11, r10, r9, r8, rbp, rdi, rsi, rdx, rcx, rbx, rax;
+    uint64_t vector, error, rip, cs, rflags, rsp, ss;
+};
+
+struct tss {
+    uint32_t reserved0;
+    uint64_t rsp[3];
+    uint64_t reserved1;
+    uint64_t ist[7];
+    uint64_t reserved2;
+    uint16_t reserved3;
+    uint16_t iomap_base;
+    uint8_t iomap[8192 + 1];    /* all ports open to ring 3, then 0xFF */
+} __attribute__((packed));
+
+struct idt_gate {
+    uint16_t off0, sel;
+    uint8_t ist, type;
+    uint16_t off1;
+    uint32_t off2, zero;
+} __attribute__((packed));
+
+struct dtr { uint16_t limit; uint64_t base; } __attribute__((packed));
+
+static struct tss tss __attribute__((aligned(16))) = {
+    .iomap_base = __builtin_offsetof(struct tss, iomap),
+    .iomap[8192] = 0xFF,
+};
+static uint64_t gdt[7] __attribute__((aligned(16))) = {
+    0,
+    0x00AF9A000000FFFFULL,      /* 0x08 kernel code, 64-bit */
+    0x00CF92000000FFFFULL,      /* 0x10 kernel data */
+    0x00CFF2000000FFFFULL,      /* 0x18 user data, DPL 3 */
+    0x00AFFA000000FFFFULL,      /* 0x20 user code, 64-bit, DPL 3 */
+    0, 0,                       /* 0x28 TSS (16 bytes) */
+};
+static struct idt_gate idt[256] __attribute__((aligned(16)));
+
+uint8_t kernel_stack[16384] __attribute__((aligned(16)));
+static uint8_t user_stack[65536] __attribute__((aligned(16)));
+volatile uint64_t timer_ticks;
+const struct boot_info *boot;
+
+extern void *isr_table[21];
+extern void isr32(void), isr255(void);
+extern void enter_user(void (*entry)(const struct boot_info *), void *stack, const void *arg);
+
+static inline void lapic_write(uint32_t reg, uint32_t v)
+{
+    *(volatile uint32_t *)(LAPIC_BASE + reg) = v;
+}
+
+static void set_gate(int vec, void *handler, int dpl)
+{
+    uint64_t a = (uint64_t)handler;
+    idt[vec] = (struct idt_gate){
+        .off0 = a & 0xFFFF, .sel = 0x08, .ist = 0,
+        .type = (uint8_t)(0x8E | (dpl << 5)),
+        .off1 = (a >> 16) & 0xFFFF, .off2 = (uint32_t)(a >> 32),
+    };
+}
+
+static void load_tables(void)
+{
+    uint64_t base = (uint64_t)&tss, limit = sizeof(tss) - 1;
+    gdt[5] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40)
+           | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+    gdt[6] = base >> 32;
+    tss.rsp[0] = (uint64_t)(kernel_stack + sizeof(kernel_stack));
+
+    struct dtr g = { sizeof(gdt) - 1, (uint64_t)gdt };
+    __asm__ volatile(
+        "lgdt %0\n\t"
+        "pushq $0x08\n\t"
+        "lea 1f(%%rip), %%rax\n\t"
+        "pushq %%rax\n\t"
+        "lretq\n"
+        "1: mov $0x10, %%eax\n\t"
+        "mov %%eax, %%ds\n\t"
+        "mov %%eax, %%es\n\t"
+        "mov %%eax, %%ss\n\t"
+        "xor %%eax, %%eax\n\t"
+        "mov %%eax, %%fs\n\t"
+        "mov %%eax, %%gs\n\t"
+        "mov $0x28, %%eax\n\t"
+        "ltr %%ax" :: "m"(g) : "rax", "memory");
+
+    for (int v = 0; v < 21; v++)
+        set_gate(v, isr_table[v], 0);
+    set_gate(VEC_TIMER, isr32, 0);
+    set_gate(VEC_SPURIOUS, isr255, 0);
+    struct dtr i = { sizeof(idt) - 1, (uint64_t)idt };
+    __asm__ volatile("lidt %0" :: "m"(i));
+}
+
+static void start_timer(uint32_t hz)
+{
+    outb(0x21, 0xFF);           /* mask the 8259s: the LAPIC is the timer */
+    outb(0xA1, 0xFF);
+    lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
+    if (!hz)
+        return;
+    lapic_write(LAPIC_TIMER_DCR, 0xB);              /* divide by 1 */
+    lapic_write(LAPIC_LVT_TIMER, (1u << 17) | VEC_TIMER);   /* periodic */
+    lapic_write(LAPIC_TIMER_ICR, (uint32_t)(LAPIC_BUS_HZ / hz));
+}
+
+static void __attribute__((noreturn)) guest_stop(uint32_t status)
+{
+    for (;;) {
+        outl(PORT_EXIT, status);
+        __asm__ volatile("cli; hlt");
+    }
+}
+
+void trap(struct trap_frame *f)
+{
+    switch (f->vector) {
+    case VEC_TIMER:
+        timer_ticks++;
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_SPURIOUS:
+        return;
+    default:
+        printk("PANIC: exception %lu error=%lx rip=%lx cs=%lx rsp=%lx\n",
+               f->vector, f->error, f->rip, f->cs, f->rsp);
+        guest_stop(0xdead0000u | (uint32_t)f->vector);
+    }
+}
+
+/* idle runs in ring 0, the only ring that may halt: wait for the timer,
+ * say how many ticks once a second.  Slow ring 0 hardly matters here: the
+ * loop body runs once per tick. */
+void idle_loop(void)
+{
+    uint64_t hz = boot->timer_hz, next = hz;
+    printk("idle start hz=%lu\n", hz);
+    for (;;) {
+        __asm__ volatile("sti; hlt; cli");
+        if (timer_ticks >= next) {
+            printk("idle ticks=%lu\n", timer_ticks);
+            next = timer_ticks + hz;
+        }
+    }
+}
+
+void kmain(const struct boot_info *bi)
+{
+    if (bi->magic != BOOT_INFO_MAGIC || bi->version != BOOT_INFO_VERSION) {
+        printk("PANIC: bad boot info magic=%x version=%u\n", bi->magic, bi->version);
+        guest_stop(0xdead0100u);
+    }
+    boot = bi;
+    load_tables();
+    start_timer(bi->timer_hz);
+    if (bi->workload == WL_IDLE)
+        idle_loop();
+    enter_user(workload_main, user_stack + sizeof(user_stack), bi);
+}

@@ -1,0 +1,142 @@
+/* Ring-3 workloads (specs/guest-boot.md, "Workloads").  They run at native
+ * speed; each prints its progress lines on the console. */
+#include "rt.h"
+#include "ledger_pattern.h"
+
+#define REPORT_DIV 10   /* progress lines at most 10 times a second */
+
+static uint64_t tsc_hz(void) { return boot->tsc_khz * 1000; }
+
+/* pagetouch: QEMU's migration-test pattern.  Increment the first byte of
+ * every page of the region, pass after pass. */
+static void pagetouch(void)
+{
+    volatile uint8_t *base = (volatile uint8_t *)boot->wl_base;
+    uint64_t pages = boot->wl_size / PAGE_SIZE, pass = 0;
+    uint64_t interval = tsc_hz() / REPORT_DIV, last = rdtsc();
+    printk("pagetouch start base=%lx pages=%lu\n", (uint64_t)base, pages);
+    for (;;) {
+        for (uint64_t i = 0; i < pages; i++)
+            base[i * PAGE_SIZE]++;
+        pass++;
+        uint64_t now = rdtsc();
+        if (now - last >= interval) {
+            printk("pagetouch pass=%lu ticks=%lu\n", pass, timer_ticks);
+            last = now;
+        }
+    }
+}
+
+/* dirtier: write one word into one page after another of a working set,
+ * paced by the TSC at args[1] bytes per second (0: as fast as it can). */
+static void dirtier(void)
+{
+    volatile uint64_t *base = (volatile uint64_t *)boot->wl_base;
+    uint64_t ws = boot->args[0] ? boot->args[0] : boot->wl_size;
+    if (ws > boot->wl_size)
+        ws = boot->wl_size;
+    uint64_t pages = ws / PAGE_SIZE, rate = boot->args[1], hz = tsc_hz();
+    uint64_t written = 0, pos = 0, start = rdtsc(), last = start, last_written = 0;
+    printk("dirtier start pages=%lu rate=%lu\n", pages, rate);
+    for (;;) {
+        uint64_t now = rdtsc();
+        uint64_t el = now - start, per_sec = rate / PAGE_SIZE;
+        uint64_t allowed = rate ? el / hz * per_sec + el % hz * per_sec / hz : written + 4096;
+        while (written < allowed) {
+            base[pos * (PAGE_SIZE / 8) + (written & 511)] = written;
+            written++;
+            if (++pos == pages)
+                pos = 0;
+        }
+        if (now - last >= hz) {
+            uint64_t kbps = (written - last_written) * 4 * hz / (now - last);
+            printk("dirtier pages=%lu rate=%lu KB/s ticks=%lu\n", written, kbps, timer_ticks);
+            last = now;
+            last_written = written;
+        }
+    }
+}
+
+/* ledger: self-checking memory.  Every pass verifies that each data page
+ * holds generation gen's pattern (summing what it reads), then rewrites
+ * every page with generation gen + 1.  The header says where it is, so the
+ * host can check memory of a paused guest too. */
+static void ledger(void)
+{
+    struct ledger_header *h = (struct ledger_header *)boot->wl_base;
+    uint64_t *data = (uint64_t *)(boot->wl_base + PAGE_SIZE);
+    uint64_t max_pages = boot->wl_size / PAGE_SIZE - 1;
+    uint64_t npages = boot->args[1] && boot->args[1] < max_pages ? boot->args[1] : max_pages;
+
+    if (h->magic != LEDGER_MAGIC) {
+        h->seed = boot->args[0];
+        h->npages = npages;
+        h->gen = 0;
+        h->phase = 1;
+        h->cursor = 0;
+        barrier();
+        h->magic = LEDGER_MAGIC;
+        for (uint64_t i = 0; i < npages; i++) {
+            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, 0, i);
+            barrier();
+        }
+        h->phase = 0;
+    }
+    printk("ledger start seed=%lu pages=%lu gen=%lu\n", h->seed, h->npages, h->gen);
+    for (;;) {
+        uint64_t sum = 0;
+        for (uint64_t i = 0; i < h->npages; i++) {
+            int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &sum);
+            if (bad >= 0) {
+                for (;;) {
+                    printk("ledger CORRUPT page=%lu word=%d gen=%lu\n", i, bad, h->gen);
+                    delay_ms(1000);
+                }
+            }
+        }
+        h->sum = sum;
+        h->passes++;
+        printk("ledger ok gen=%lu sum=%016lx ticks=%lu\n", h->gen, sum, timer_ticks);
+        h->cursor = 0;
+        barrier();
+        h->phase = 1;
+        for (uint64_t i = 0; i < h->npages; i++) {
+            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->gen + 1, i);
+            barrier();
+            h->cursor = i + 1;
+        }
+        barrier();
+        h->gen++;
+        h->phase = 0;
+        h->cursor = 0;
+    }
+}
+
+/* pageset: write exactly the pages listed at wl_base (args[0] entries of
+ * pfns), between two sync points, touching no other memory (the loop is in
+ * registers; the timer is off).  Used to prove the dirty log is exact. */
+static void pageset(void)
+{
+    const volatile uint64_t *pfns = (const volatile uint64_t *)boot->wl_base;
+    uint64_t n = boot->args[0];
+    printk("pageset start count=%lu\n", n);
+    outl(PORT_SYNC, 1);
+    for (uint64_t i = 0; i < n; i++)
+        *(volatile uint8_t *)(pfns[i] * PAGE_SIZE + (i & 0xFFF)) = (uint8_t)(i | 1);
+    outl(PORT_SYNC, 2);
+    for (;;)
+        cpu_relax();
+}
+
+void workload_main(const struct boot_info *bi)
+{
+    (void)bi;
+    switch (boot->workload) {
+    case WL_PAGETOUCH: pagetouch(); break;
+    case WL_DIRTIER: dirtier(); break;
+    case WL_LEDGER: ledger(); break;
+    case WL_PAGESET: pageset(); break;
+    }
+    printk("PANIC: unknown workload %u\n", boot->workload);
+    guest_exit(0xdead0200);
+}

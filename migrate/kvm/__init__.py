@@ -1,0 +1,18 @@
+"""The KVM layer: system -> VM -> vCPU through cffi (API mode).
+
+Only this package issues ioctls.  One class per kind of file descriptor
+(:class:`Kvm`, :class:`Vm`, :class:`Vcpu`); only a parent creates its
+children; one method per ioctl, named after it, holding no policy.  Policy
+(run loops, pausing, dirty merging) lives in :mod:`migrate.domain`.
+"""
+from .errors import KvmError, KvmUnavailable
+from .dirty import DirtyBitmap
+from .system import Kvm
+from .vm import MemorySlot, Vm
+from .vcpu import Vcpu, VcpuExit
+from .state import PlatformState, VcpuState
+
+__all__ = [
+    "DirtyBitmap", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+    "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm",
+]

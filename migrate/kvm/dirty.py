@@ -1,0 +1,83 @@
+"""A dirty-page bitmap as KVM hands it out, with fast iteration.
+
+Bit i of the bitmap is page ``base_pfn + i``.  Counting and union work on the
+whole bitmap as one Python int (linear, in C inside CPython); listing the set
+pages uses a C loop over 64-bit words (ctz), which runs at the speed of the
+number of words plus the number of dirty pages (tools/bench_dirty_bitmap.py).
+"""
+from __future__ import annotations
+
+from array import array
+
+from ._lib import ffi, lib
+
+
+class DirtyBitmap:
+    __slots__ = ("npages", "base_pfn", "_bits")
+
+    def __init__(self, bits: bytes, npages: int, base_pfn: int = 0):
+        nbytes = (npages + 63) // 64 * 8
+        if len(bits) != nbytes:
+            raise ValueError(f"bitmap of {npages} pages needs {nbytes} bytes, got {len(bits)}")
+        self._bits = bytes(bits)
+        self.npages = npages
+        self.base_pfn = base_pfn
+
+    @classmethod
+    def empty(cls, npages: int, base_pfn: int = 0) -> "DirtyBitmap":
+        return cls(bytes((npages + 63) // 64 * 8), npages, base_pfn)
+
+    @classmethod
+    def from_pfns(cls, pfns, npages: int, base_pfn: int = 0) -> "DirtyBitmap":
+        value = 0
+        for pfn in pfns:
+            i = pfn - base_pfn
+            if not 0 <= i < npages:
+                raise ValueError(f"pfn {pfn:#x} outside [{base_pfn:#x}, {base_pfn + npages:#x})")
+            value |= 1 << i
+        return cls(value.to_bytes((npages + 63) // 64 * 8, "little"), npages, base_pfn)
+
+    def tobytes(self) -> bytes:
+        return self._bits
+
+    def count(self) -> int:
+        return int.from_bytes(self._bits, "little").bit_count()
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __bool__(self) -> bool:
+        return any(self._bits)
+
+    def pfns(self) -> array:
+        """The dirty page numbers, ascending, as an ``array('Q')``."""
+        out = array("Q", bytes(8 * self.count()))
+        if out:
+            n = lib.hvm_bitmap_pfns(
+                ffi.from_buffer("uint64_t[]", self._bits), len(self._bits) // 8,
+                self.base_pfn, ffi.from_buffer("uint64_t[]", out))
+            assert n == len(out)
+        return out
+
+    def __iter__(self):
+        return iter(self.pfns())
+
+    def __contains__(self, pfn: int) -> bool:
+        i = pfn - self.base_pfn
+        return 0 <= i < self.npages and bool(self._bits[i >> 3] >> (i & 7) & 1)
+
+    def _check_same_shape(self, other: "DirtyBitmap") -> None:
+        if (self.npages, self.base_pfn) != (other.npages, other.base_pfn):
+            raise ValueError("dirty bitmaps of different ranges")
+
+    def __or__(self, other: "DirtyBitmap") -> "DirtyBitmap":
+        self._check_same_shape(other)
+        value = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
+        return DirtyBitmap(value.to_bytes(len(self._bits), "little"), self.npages, self.base_pfn)
+
+    def __eq__(self, other) -> bool:
+        return (isinstance(other, DirtyBitmap) and self.npages == other.npages
+                and self.base_pfn == other.base_pfn and self._bits == other._bits)
+
+    def __repr__(self) -> str:
+        return f"DirtyBitmap({self.count()} of {self.npages} pages from pfn {self.base_pfn:#x})"

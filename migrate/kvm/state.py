@@ -1,0 +1,133 @@
+"""Complete vCPU and platform state as plain data, and its capture/apply.
+
+Each component has a pure capture (``VcpuState.capture(vcpu, msr_indices)``,
+``PlatformState.capture(vm)``) returning plain data (ints, bytes, lists,
+dicts keyed by the kernel's field names), and an ``apply`` taking what the
+state does not carry (the target vCPU or VM) as an argument.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from .errors import KvmError
+
+# MSRs that must be written before the others: the TSC first, so that
+# MSRs derived from it (TSC_ADJUST, TSC_DEADLINE) are interpreted against
+# the restored TSC.
+MSR_IA32_TSC = 0x10
+MSR_IA32_TSC_DEADLINE = 0x6E0
+
+
+@dataclass
+class VcpuState:
+    vcpu_id: int
+    regs: dict
+    sregs: dict
+    fpu: dict
+    xsave: bytes
+    xcrs: list
+    msrs: dict
+    lapic: bytes
+    events: dict
+    mp_state: int
+    debugregs: dict
+
+    @classmethod
+    def capture(cls, vcpu, msr_indices: list[int]) -> "VcpuState":
+        """Capture from a vCPU that is not running.
+
+        Order: nothing here changes state, so any order is correct; the
+        vCPU must have left KVM_RUN through an immediate_exit re-entry so
+        pending port/MMIO reads are complete (Vcpu.kick guarantees it).
+        """
+        return cls(
+            vcpu_id=vcpu.id,
+            regs=vcpu.get_regs(),
+            sregs=vcpu.get_sregs(),
+            fpu=vcpu.get_fpu(),
+            xsave=vcpu.get_xsave(),
+            xcrs=vcpu.get_xcrs(),
+            msrs=vcpu.get_msrs(msr_indices),
+            lapic=vcpu.get_lapic(),
+            events=vcpu.get_vcpu_events(),
+            mp_state=vcpu.get_mp_state(),
+            debugregs=vcpu.get_debugregs(),
+        )
+
+    def apply(self, vcpu) -> None:
+        """Apply to a vCPU that has CPUID set and has not run since.
+
+        Order (each step depends on the ones before it):
+          1. sregs      - CR0/CR4/EFER decide how the rest is interpreted
+          2. regs       - RFLAGS/RIP after the mode is known
+          3. xsave      - FPU/SSE/AVX (supersedes KVM_SET_FPU where present)
+          4. xcrs       - XCR0 after the xsave image it describes
+          5. lapic      - before MSRs: TSC_DEADLINE needs the LAPIC mode set
+          6. msrs       - TSC first, then the rest
+          7. mp_state   - runnable/halted after the registers are in place
+          8. events     - pending exceptions/interrupts/NMI last but one
+          9. debugregs
+        """
+        step = "sregs"
+        try:
+            vcpu.set_sregs(self.sregs)
+            step = "regs"
+            vcpu.set_regs(self.regs)
+            step = "xsave"
+            vcpu.set_xsave(self.xsave)
+            step = "xcrs"
+            vcpu.set_xcrs(self.xcrs)
+            step = "lapic"
+            vcpu.set_lapic(self.lapic)
+            step = "msrs"
+            if MSR_IA32_TSC in self.msrs:
+                vcpu.set_msrs({MSR_IA32_TSC: self.msrs[MSR_IA32_TSC]})
+            vcpu.set_msrs({i: v for i, v in self.msrs.items() if i != MSR_IA32_TSC})
+            step = "mp_state"
+            vcpu.set_mp_state(self.mp_state)
+            step = "events"
+            vcpu.set_vcpu_events(self.events)
+            step = "debugregs"
+            vcpu.set_debugregs(self.debugregs)
+        except KvmError as exc:
+            raise KvmError(exc.ioctl, exc.errno, f"applying vCPU {self.vcpu_id} state, step {step}") from exc
+
+
+@dataclass
+class PlatformState:
+    pic_master: dict
+    pic_slave: dict
+    ioapic: dict
+    pit: dict
+    clock: dict
+
+    @classmethod
+    def capture(cls, vm) -> "PlatformState":
+        return cls(
+            pic_master=vm.get_irqchip("pic_master"),
+            pic_slave=vm.get_irqchip("pic_slave"),
+            ioapic=vm.get_irqchip("ioapic"),
+            pit=vm.get_pit2(),
+            clock=vm.get_clock(),
+        )
+
+    def apply(self, vm) -> None:
+        """Apply to a VM with an irqchip and PIT, before its vCPUs run.
+
+        Order: irqchips (PIC master, slave, IOAPIC), then the PIT whose
+        output feeds them, then kvmclock last so the guest's clock does
+        not advance across the rest of the restore.
+        """
+        step = "pic_master"
+        try:
+            vm.set_irqchip("pic_master", self.pic_master)
+            step = "pic_slave"
+            vm.set_irqchip("pic_slave", self.pic_slave)
+            step = "ioapic"
+            vm.set_irqchip("ioapic", self.ioapic)
+            step = "pit"
+            vm.set_pit2(self.pit)
+            step = "clock"
+            vm.set_clock(self.clock)
+        except KvmError as exc:
+            raise KvmError(exc.ioctl, exc.errno, f"applying platform state, step {step}") from exc

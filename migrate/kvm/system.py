@@ -1,0 +1,80 @@
+"""The system file descriptor: /dev/kvm."""
+from __future__ import annotations
+
+import errno
+import os
+
+from ._lib import ffi, ioctl, lib
+from .errors import KvmError, KvmUnavailable
+
+KVM_API_VERSION = 12
+DEV_KVM = "/dev/kvm"
+
+
+class Kvm:
+    """An open /dev/kvm.  Creates VMs; answers capability questions."""
+
+    def __init__(self, path: str = DEV_KVM):
+        try:
+            self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
+        except FileNotFoundError:
+            raise KvmUnavailable("open", errno.ENOENT,
+                                 f"{path} does not exist: this host has no KVM") from None
+        except PermissionError:
+            raise KvmUnavailable("open", errno.EACCES,
+                                 f"no permission to open {path} (are you in the kvm group?)") from None
+        version = self.get_api_version()
+        if version != KVM_API_VERSION:
+            os.close(self.fd)
+            raise KvmUnavailable("KVM_GET_API_VERSION", errno.EINVAL,
+                                 f"API version {version}, expected {KVM_API_VERSION}")
+        self._msr_index_list: list[int] | None = None
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def get_api_version(self) -> int:
+        return ioctl(self.fd, "KVM_GET_API_VERSION")
+
+    def check_extension(self, cap: int) -> int:
+        return ioctl(self.fd, "KVM_CHECK_EXTENSION", cap)
+
+    def get_vcpu_mmap_size(self) -> int:
+        return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
+
+    def get_supported_cpuid(self, max_entries: int = 256):
+        """A ``struct kvm_cpuid2 *`` ready for KVM_SET_CPUID2."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
+        cpuid.nent = max_entries
+        ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)
+        return cpuid
+
+    def get_msr_index_list(self) -> list[int]:
+        if self._msr_index_list is None:
+            n = 512
+            lst = ffi.new("struct kvm_msr_list *", {"indices": n})
+            lst.nmsrs = n
+            ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", lst)
+            self._msr_index_list = [lst.indices[i] for i in range(lst.nmsrs)]
+        return list(self._msr_index_list)
+
+    def create_vm(self) -> "Vm":
+        from .vm import Vm
+        return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
+
+    def require(self, *caps: str) -> None:
+        """Raise KvmUnavailable naming the first missing capability."""
+        for cap in caps:
+            if not self.check_extension(getattr(lib, cap)):
+                raise KvmUnavailable("KVM_CHECK_EXTENSION", errno.ENOSYS, f"{cap} missing")
+
+
+__all__ = ["Kvm", "KvmError", "KvmUnavailable"]

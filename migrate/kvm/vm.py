@@ -1,0 +1,184 @@
+"""The VM file descriptor: memory slots, irqchips, PIT, clock, dirty logs."""
+from __future__ import annotations
+
+import mmap
+import os
+from dataclasses import dataclass, field
+
+from ._lib import ffi, ioctl, lib
+from .dirty import DirtyBitmap
+from .structs import fill, from_plain, to_plain
+
+PAGE_SIZE = 4096
+IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER",
+            "pic_slave": "KVM_IRQCHIP_PIC_SLAVE",
+            "ioapic": "KVM_IRQCHIP_IOAPIC"}
+
+
+@dataclass
+class MemorySlot:
+    """Guest RAM backed by a memfd, so other processes and VMs can map it."""
+    slot: int
+    guest_phys_addr: int
+    size: int
+    memfd: int
+    mem: mmap.mmap = field(repr=False)
+    flags: int = 0
+
+    @property
+    def npages(self) -> int:
+        return self.size // PAGE_SIZE
+
+    @property
+    def base_pfn(self) -> int:
+        return self.guest_phys_addr // PAGE_SIZE
+
+    def view(self) -> memoryview:
+        return memoryview(self.mem)
+
+
+class Vm:
+    def __init__(self, kvm, fd: int):
+        self.kvm = kvm
+        self.fd = fd
+        self.slots: dict[int, MemorySlot] = {}
+        self.vcpus = []
+
+    def close(self) -> None:
+        for vcpu in self.vcpus:
+            vcpu.close()
+        self.vcpus.clear()
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+        for slot in self.slots.values():
+            slot.mem.close()
+            os.close(slot.memfd)
+        self.slots.clear()
+
+    # -- creation ---------------------------------------------------------
+    def create_vcpu(self, vcpu_id: int):
+        from .vcpu import Vcpu
+        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id))
+        self.vcpus.append(vcpu)
+        return vcpu
+
+    def set_tss_addr(self, addr: int) -> None:
+        ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
+
+    def set_identity_map_addr(self, addr: int) -> None:
+        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
+
+    def create_irqchip(self) -> None:
+        ioctl(self.fd, "KVM_CREATE_IRQCHIP")
+
+    def create_pit2(self) -> None:
+        ioctl(self.fd, "KVM_CREATE_PIT2", ffi.new("struct kvm_pit_config *"))
+
+    # -- memory -----------------------------------------------------------
+    def add_memory(self, slot: int, guest_phys_addr: int, size: int,
+                   memfd: int | None = None, name: str = "guest-ram") -> MemorySlot:
+        """Map a memfd (a new one unless given) as memory slot ``slot``."""
+        if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
+            raise ValueError(f"slot {slot}: size and address must be page multiples")
+        own = memfd is None
+        if own:
+            memfd = os.memfd_create(name, os.MFD_CLOEXEC)
+            os.ftruncate(memfd, size)
+        try:
+            mem = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+        except BaseException:
+            if own:
+                os.close(memfd)
+            raise
+        region = MemorySlot(slot, guest_phys_addr, size, memfd, mem)
+        try:
+            self._set_region(region)
+        except BaseException:
+            mem.close()
+            if own:
+                os.close(memfd)
+            raise
+        self.slots[slot] = region
+        return region
+
+    def _set_region(self, region: MemorySlot) -> None:
+        arg = ffi.new("struct kvm_userspace_memory_region *")
+        arg.slot = region.slot
+        arg.flags = region.flags
+        arg.guest_phys_addr = region.guest_phys_addr
+        arg.memory_size = region.size
+        arg.userspace_addr = int(ffi.cast("uintptr_t", ffi.from_buffer(region.mem)))
+        ioctl(self.fd, "KVM_SET_USER_MEMORY_REGION", arg)
+
+    def set_dirty_logging(self, slot: int, enabled: bool) -> None:
+        region = self.slots[slot]
+        flag = lib.KVM_MEM_LOG_DIRTY_PAGES
+        region.flags = (region.flags | flag) if enabled else (region.flags & ~flag)
+        self._set_region(region)
+
+    def get_dirty_log(self, slot: int) -> DirtyBitmap:
+        """Fetch and clear the slot's dirty bitmap (KVM_GET_DIRTY_LOG)."""
+        region = self.slots[slot]
+        bits = bytearray((region.npages + 63) // 64 * 8)
+        arg = ffi.new("struct kvm_dirty_log *")
+        arg.slot = slot
+        arg.dirty_bitmap = ffi.from_buffer(bits)
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", arg)
+        return DirtyBitmap(bytes(bits), region.npages, region.base_pfn)
+
+    # -- interrupts and platform devices ---------------------------------
+    def irq_line(self, irq: int, level: int) -> None:
+        arg = ffi.new("struct kvm_irq_level *")
+        arg.irq = irq
+        arg.level = level
+        ioctl(self.fd, "KVM_IRQ_LINE", arg)
+
+    def get_irqchip(self, name: str) -> dict:
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = getattr(lib, IRQCHIPS[name])
+        ioctl(self.fd, "KVM_GET_IRQCHIP", chip)
+        payload = ffi.cast("char *", chip) + lib.HVM_IRQCHIP_CHIP_OFFSET
+        if name == "ioapic":
+            state = ffi.cast("struct kvm_ioapic_state *", payload)
+            plain = to_plain(state[0])
+            table = ffi.cast("uint64_t *", ffi.cast("char *", state) + lib.HVM_IOAPIC_REDIRTBL_OFFSET)
+            plain["redirtbl"] = [table[i] for i in range(lib.HVM_IOAPIC_NUM_PINS)]
+            return plain
+        return to_plain(ffi.cast("struct kvm_pic_state *", payload)[0])
+
+    def set_irqchip(self, name: str, plain: dict) -> None:
+        chip = ffi.new("struct kvm_irqchip *")
+        chip.chip_id = getattr(lib, IRQCHIPS[name])
+        payload = ffi.cast("char *", chip) + lib.HVM_IRQCHIP_CHIP_OFFSET
+        if name == "ioapic":
+            state = ffi.cast("struct kvm_ioapic_state *", payload)
+            fill(state[0], {k: v for k, v in plain.items() if k != "redirtbl"})
+            table = ffi.cast("uint64_t *", ffi.cast("char *", state) + lib.HVM_IOAPIC_REDIRTBL_OFFSET)
+            if len(plain["redirtbl"]) != lib.HVM_IOAPIC_NUM_PINS:
+                raise ValueError("IOAPIC redirection table has the wrong length")
+            for i, bits in enumerate(plain["redirtbl"]):
+                table[i] = bits
+        else:
+            fill(ffi.cast("struct kvm_pic_state *", payload)[0], plain)
+        ioctl(self.fd, "KVM_SET_IRQCHIP", chip)
+
+    def get_pit2(self) -> dict:
+        arg = ffi.new("struct kvm_pit_state2 *")
+        ioctl(self.fd, "KVM_GET_PIT2", arg)
+        return to_plain(arg[0])
+
+    def set_pit2(self, plain: dict) -> None:
+        ioctl(self.fd, "KVM_SET_PIT2", from_plain("struct kvm_pit_state2", plain))
+
+    def get_clock(self) -> dict:
+        arg = ffi.new("struct kvm_clock_data *")
+        ioctl(self.fd, "KVM_GET_CLOCK", arg)
+        return to_plain(arg[0])
+
+    def set_clock(self, plain: dict) -> None:
+        # Only the clock value is applied; realtime/host_tsc would need
+        # KVM_CLOCK_REALTIME support on both hosts and the same time base.
+        arg = ffi.new("struct kvm_clock_data *")
+        arg.clock = plain["clock"]
+        ioctl(self.fd, "KVM_SET_CLOCK", arg)
