@@ -99,6 +99,8 @@ class StreamReader:
             record = self._read_record()
             while record is _SKIPPED:
                 record = self._read_record()
+            if self._done:
+                self._check_trailing()
             return record
         except StreamError as exc:
             self._failed = exc
@@ -205,7 +207,6 @@ class StreamReader:
         self._consume(total, digest=False)
         self._index += 1
         self._done = True
-        self._check_trailing()
         return end
 
     def _check_trailing(self) -> None:

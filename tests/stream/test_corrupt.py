@@ -1,0 +1,414 @@
+"""Corrupt one thing at a time and assert the exact error (Firecracker's snapshot tests):
+class, message, offset, record index and record type."""
+
+from __future__ import annotations
+
+import struct
+
+import msgpack
+import pytest
+import zstandard
+
+from migrate.stream import (
+    DONE, NEED_DATA, DeviceState, DomainConfig, HvmState, MemoryLayout, RecordType, StreamError,
+    StreamReader, StreamTruncated, StreamWriter, Vm, decode_stream,
+)
+from migrate.stream.framing import frame
+from migrate.stream.pages import PAGE_ENTRY, BATCH_HEADER, PageType, encode_batch
+from migrate.stream.records import HEADER, MAX_RECORD_BODY, RECORD_HEADER, End, padded
+from migrate.stream.sample import pattern, sample_state
+
+PAGE = pattern(7, 4096)
+
+
+def error_of(data: bytes, **kwargs) -> StreamError:
+    with pytest.raises(StreamError) as info:
+        decode_stream(data, **kwargs)
+    return info.value
+
+
+def expect(data: bytes, cls: type, msg: str, offset: int | None, index: int | None, rtype: int | None) -> None:
+    err = error_of(data)
+    assert type(err) is cls, err
+    assert msg in err.msg, err
+    assert (err.offset, err.record_index, err.record_type) == (offset, index, rtype), err
+    assert f"offset {offset if offset is not None else '-'}" in str(err)
+
+
+def finish(started, *raw: tuple[int, bytes, int]) -> tuple[bytes, int]:
+    """The started stream plus raw records and END; returns it and the first raw offset."""
+    writer, parts = started
+    first = len(b"".join(parts))
+    parts = parts + [writer.raw(t, body, pages) for t, body, pages in raw] + [writer.finish()]
+    return b"".join(parts), first
+
+
+def fix_crc(data: bytes, at: int) -> bytes:
+    """Recompute the CRC of the record at `at` after a deliberate body change."""
+    record_type, length, _, _ = RECORD_HEADER.unpack_from(data, at)
+    body = data[at + 16:at + 16 + length]
+    fixed = frame(record_type, body)[:16]
+    return data[:at] + fixed + data[at + 16:]
+
+
+# ---- truncation ---------------------------------------------------------------------------
+
+def test_truncated_at_every_record_boundary(sample: bytes, spans) -> None:
+    for index, (at, _, _, _) in enumerate(spans):
+        expect(sample[:at], StreamTruncated, "input ended before END", at, index, None)
+
+
+def test_truncated_mid_record(sample: bytes, spans) -> None:
+    for index, (at, rtype, length, total) in enumerate(spans):
+        expect(sample[:at + 9], StreamTruncated, "incomplete record", at + 9, index, None)
+        cut = at + 16 + length // 2 if length else at + 16
+        if cut < at + total:
+            expect(sample[:cut], StreamTruncated, "incomplete record", cut, index, rtype)
+
+
+@pytest.mark.parametrize("cut", [0, 1, 8, 23])
+def test_truncated_in_header(sample: bytes, cut: int) -> None:
+    expect(sample[:cut], StreamTruncated, "inside the stream header", cut, None, None)
+
+
+def test_missing_end(sample: bytes, spans) -> None:
+    at = spans[-1][0]
+    expect(sample[:at], StreamTruncated, "before END", at, len(spans) - 1, None)
+
+
+def test_truncation_error_names_position_in_str(sample: bytes, spans) -> None:
+    at, rtype, _, _ = spans[5]
+    err = error_of(sample[:at + 20])
+    assert str(err).endswith(f"(offset {at + 20}, record 5, type {RecordType(rtype).name}(0x{rtype:08x}))")
+
+
+# ---- bit flips ------------------------------------------------------------------------------
+
+def test_flipped_bit_in_every_record_body(sample: bytes, spans) -> None:
+    for index, (at, rtype, length, _) in enumerate(spans):
+        if not length:
+            continue
+        pos = at + 16 + length // 2
+        data = sample[:pos] + bytes([sample[pos] ^ 0x10]) + sample[pos + 1:]
+        expect(data, StreamError, "CRC-32 mismatch", at, index, rtype)
+
+
+def test_flipped_bit_in_every_crc_field(sample: bytes, spans) -> None:
+    for index, (at, rtype, _, _) in enumerate(spans):
+        data = sample[:at + 12] + bytes([sample[at + 12] ^ 1]) + sample[at + 13:]
+        expect(data, StreamError, "CRC-32 mismatch", at, index, rtype)
+
+
+def test_flipped_bit_in_type_field(sample: bytes, spans) -> None:
+    at, rtype, _, _ = spans[3]
+    data = sample[:at] + bytes([sample[at] ^ 4]) + sample[at + 1:]
+    expect(data, StreamError, "CRC-32 mismatch", at, 3, rtype ^ 4)
+
+
+def test_any_flipped_bit_is_an_error(sample: bytes) -> None:
+    for pos in range(0, len(sample), 509):
+        for bit in (0, 7):
+            data = sample[:pos] + bytes([sample[pos] ^ (1 << bit)]) + sample[pos + 1:]
+            error_of(data)
+
+
+# ---- header ---------------------------------------------------------------------------------
+
+def test_wrong_magic(sample: bytes) -> None:
+    expect(b"\x89HVX" + sample[4:], StreamError, "bad magic", 0, None, None)
+    expect(b"GIF8", StreamError, "bad magic", 0, None, None)  # caught before the header is whole
+
+
+@pytest.mark.parametrize("version,word", [(2, "newer"), (0, "older"), (0xFFFF_FFFF, "newer")])
+def test_unreadable_version(sample: bytes, version: int, word: str) -> None:
+    data = sample[:8] + struct.pack("<I", version) + sample[12:]
+    expect(data, StreamError, f"stream format version {version} is {word} than this reader reads "
+           "(versions 1..1)", 0, None, None)
+
+
+@pytest.mark.parametrize("length", [16, 28, 4104, 0xFFFF_FFF8])
+def test_bad_header_length(sample: bytes, length: int) -> None:
+    expect(sample[:12] + struct.pack("<I", length) + sample[16:], StreamError, "header length", 0, None, None)
+
+
+def test_unknown_incompat_flag(sample: bytes) -> None:
+    expect(sample[:16] + struct.pack("<I", 4) + sample[20:], StreamError,
+           "unknown incompatible header flags 0x4", 0, None, None)
+
+
+def test_longer_header_and_compat_flags_are_accepted(started) -> None:
+    from migrate.stream import Header
+    writer = StreamWriter()
+    data = writer.start(Header(header_length=40, compat_flags=0x8000_0000))
+    data += writer.record(DomainConfig({}))
+    data += writer.record(MemoryLayout(Vm.GUEST, 1)) + writer.record(MemoryLayout(Vm.STUB, 1))
+    data += writer.finish()
+    records = decode_stream(data)
+    assert records[-1].stream_bytes == len(data) - 72
+
+
+# ---- framing --------------------------------------------------------------------------------
+
+def test_oversized_length_fails_before_the_body_arrives(sample: bytes, spans) -> None:
+    at, rtype, _, _ = spans[2]
+    head = struct.pack("<IIII", rtype, MAX_RECORD_BODY + 1, 0, 0)
+    reader = StreamReader()
+    reader.feed(sample[:at] + head)
+    with pytest.raises(StreamError, match="exceeds 134217728") as info:
+        while reader.next_record() is not NEED_DATA:
+            pass
+    assert (info.value.offset, info.value.record_index, info.value.record_type) == (at, 2, rtype)
+
+
+def test_nonzero_record_reserved(sample: bytes, spans) -> None:
+    at, rtype, _, _ = spans[1]
+    data = sample[:at + 8] + b"\x01" + sample[at + 9:]
+    expect(data, StreamError, "record header reserved field is 0x1", at, 1, rtype)
+
+
+def test_nonzero_padding(sample: bytes, spans) -> None:
+    index, (at, rtype, length, total) = next((i, s) for i, s in enumerate(spans) if s[2] % 8)
+    pos = at + total - 1
+    expect(sample[:pos] + b"\x01" + sample[pos + 1:], StreamError, "record padding is not zero", at, index, rtype)
+
+
+def test_unknown_mandatory_record_rejected(started) -> None:
+    data, at = finish(started, (0x1234, b"what is this", 0))
+    expect(data, StreamError, "unknown mandatory record type", at, 3, 0x1234)
+    assert "unknown mandatory 0x00001234" in str(error_of(data))
+
+
+def test_unknown_optional_record_skipped(started) -> None:
+    data, at = finish(started, (0x8000_1234, b"skip me", 0), (0x8000_0777, b"", 0))
+    reader = StreamReader()
+    reader.feed(data)
+    records = []
+    while (record := reader.next_record()) is not DONE:
+        records.append(record)
+    assert [type(r).__name__ for r in records] == ["DomainConfig", "MemoryLayout", "MemoryLayout", "End"]
+    assert reader.skipped == [(at, 0x8000_1234), (at + 24, 0x8000_0777)]
+    assert records[-1].record_count == 5
+
+
+def test_duplicated_end(sample: bytes, spans) -> None:
+    end = sample[spans[-1][0]:]
+    expect(sample + end, StreamError, f"{len(end)} bytes after END", len(sample), len(spans), None)
+
+
+# ---- END ------------------------------------------------------------------------------------
+
+def forge_end(data: bytes, at: int, **changes) -> bytes:
+    end = End.unpack(data[at + 16:at + 16 + 56])
+    fields = {**end.__dict__, **changes}
+    return data[:at] + frame(RecordType.END, End(**fields).pack())
+
+
+@pytest.mark.parametrize("field,value", [("record_count", 5), ("page_count", 1),
+                                         ("stream_bytes", 8), ("digest", bytes(32))])
+def test_forged_end(sample: bytes, spans, field: str, value) -> None:
+    at = spans[-1][0]
+    expect(forge_end(sample, at, **{field: value}), StreamError, f"END {field} is", at, len(spans) - 1, 0)
+
+
+def test_spliced_streams_are_caught(sample: bytes, spans, started) -> None:
+    other, _ = finish(started)
+    other_end = other[record_spans_end(other):]
+    # the sample's records, the other stream's END (CRC-valid, wrong digest and counts)
+    at = spans[-1][0]
+    expect(sample[:at] + other_end, StreamError, "END record_count is", at, len(spans) - 1, 0)
+
+
+def record_spans_end(data: bytes) -> int:
+    return len(data) - 16 - 56
+
+
+def test_truncated_stream_with_forged_end_is_caught(sample: bytes, spans) -> None:
+    at = spans[10][0]
+    writer_view = decode_stream(sample)[-1]
+    forged = sample[:at] + frame(RecordType.END, End(10, 0, at, writer_view.digest).pack())
+    expect(forged, StreamError, "END digest is", at, 10, 0)
+
+
+def test_end_before_memory_layouts(started) -> None:
+    writer = StreamWriter()
+    data = writer.start() + writer.record(DomainConfig({}))
+    data += frame(RecordType.END, End(1, 0, len(data), bytes(32)).pack())
+    expect(data, StreamError, "END before MEMORY_LAYOUT of GUEST, STUB", len(data) - 72, 1, 0)
+
+
+# ---- ordering -------------------------------------------------------------------------------
+
+def test_record_before_domain_config() -> None:
+    writer = StreamWriter()
+    data = writer.start() + writer.raw(RecordType.MEMORY_LAYOUT, MemoryLayout(Vm.GUEST, 4).pack())
+    data += writer.raw(RecordType.END, bytes(56))
+    expect(data, StreamError, "MEMORY_LAYOUT before DOMAIN_CONFIG", 24, 0, RecordType.MEMORY_LAYOUT)
+
+
+@pytest.mark.parametrize("record,msg", [
+    (DomainConfig({}), "DOMAIN_CONFIG appears twice"),
+    (MemoryLayout(Vm.STUB, 9), "MEMORY_LAYOUT for STUB appears twice"),
+])
+def test_duplicate_once_records(started, record, msg) -> None:
+    data, at = finish(started, (record.TYPE, record.pack(), 0))
+    expect(data, StreamError, msg, at, 3, record.TYPE)
+
+
+def test_duplicate_context_and_device_records(started) -> None:
+    regs = HvmState(RecordType.VCPU_REGS, Vm.GUEST, 1, sample_state(RecordType.VCPU_REGS, 1))
+    dev = DeviceState("uart", 0, 1, 1, {})
+    data, at = finish(started, *[(r.TYPE, r.pack(), 0) for r in (regs, dev, regs)])
+    third = at + 16 + len(regs.pack()) + 16 + padded(len(dev.pack()))
+    expect(data, StreamError, "VCPU_REGS for GUEST vcpu 1 appears twice", third, 5, RecordType.VCPU_REGS)
+
+
+def test_duplicate_device_state(started) -> None:
+    dev = DeviceState("uart", 0, 1, 1, {})
+    data, at = finish(started, (dev.TYPE, dev.pack(), 0), (dev.TYPE, dev.pack(), 0))
+    expect(data, StreamError, "DEVICE_STATE uart.0 appears twice", at + 16 + padded(len(dev.pack())), 4,
+           RecordType.DEVICE_STATE)
+
+
+def test_pages_before_layout() -> None:
+    writer = StreamWriter()
+    data = writer.start() + writer.record(DomainConfig({}))
+    data += writer.raw(RecordType.PAGE_DATA, encode_batch(Vm.GUEST, [(0, PAGE)], False), 1)
+    expect(data, StreamError, "PAGE_DATA for GUEST before its MEMORY_LAYOUT", len(data) - 16 - 8 - 16 - 4096, 1,
+           RecordType.PAGE_DATA)
+
+
+# ---- pages ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("space,pfn", [(Vm.GUEST, 16), (Vm.STUB, 4), (Vm.GUEST, 2 ** 64 - 1)])
+def test_pfn_out_of_range(started, space, pfn) -> None:
+    data, at = finish(started, (RecordType.PAGE_DATA, encode_batch(space, [(0, PAGE), (pfn, PAGE)], False), 2))
+    nr = 16 if space is Vm.GUEST else 4
+    expect(data, StreamError, f"pfn 0x{pfn:x} outside {space.name} memory of {nr} pages", at, 3, RecordType.PAGE_DATA)
+
+
+def batch(space: int, entries: list[tuple[int, int, int]], data: bytes = b"") -> bytes:
+    return BATCH_HEADER.pack(space, len(entries)) + b"".join(PAGE_ENTRY.pack(*e) for e in entries) + data
+
+
+@pytest.mark.parametrize("body,msg", [
+    (batch(0, []), "count 0 outside 1..1024"),
+    (BATCH_HEADER.pack(0, 1025) + bytes(16 * 1025), "count 1025 outside 1..1024"),
+    (BATCH_HEADER.pack(0, 1024), "1024 entries need 16392"),
+    (batch(0, [(1, PageType.NORMAL, 0)]), "carries 0 data bytes, 1 pages need 4096"),
+    (batch(0, [(1, PageType.ZERO, 0)], b"x"), "carries 1 data bytes, 0 pages need 0"),
+    (batch(0, [(1, PageType.COMPRESSED, 0)]), "page type 2, not allowed here"),
+    (batch(0, [(1, 9, 0)]), "page type 9, not allowed here"),
+    (batch(0, [(1, PageType.ZERO, 1)]), "nonzero reserved field"),
+    (batch(0, [(1, PageType.ZERO, 0), (1, PageType.ZERO, 0)]), "pfn 0x1 appears twice"),
+    (batch(2, [(1, PageType.ZERO, 0)]), "unknown VM / address space id 2"),
+    (b"\0" * 4, "shorter than its header"),
+])
+def test_bad_page_data(started, body: bytes, msg: str) -> None:
+    data, at = finish(started, (RecordType.PAGE_DATA, body, 1))
+    expect(data, StreamError, msg, at, 3, RecordType.PAGE_DATA)
+
+
+def zstd_frame(payload: bytes, content_size: bool = True) -> bytes:
+    return zstandard.ZstdCompressor(write_content_size=content_size).compress(payload)
+
+
+@pytest.mark.parametrize("frame_bytes,msg", [
+    (b"not a zstd frame at all", "bad zstd frame"),
+    (zstd_frame(PAGE)[:-4], "bad zstd frame"),
+    (zstd_frame(PAGE) + b"\0", "bad zstd frame"),
+    (zstd_frame(PAGE + PAGE), "zstd frame declares 8192 bytes, expected 4096"),
+    (zstd_frame(PAGE[:100]), "zstd frame declares 100 bytes, expected 4096"),
+    (zstd_frame(PAGE, content_size=False), "zstd frame declares unknown bytes, expected 4096"),
+    (b"", "bad zstd frame"),
+])
+def test_bad_zstd_batches(started, frame_bytes: bytes, msg: str) -> None:
+    body = batch(0, [(3, PageType.COMPRESSED, 0)], frame_bytes)
+    data, at = finish(started, (RecordType.PAGE_DATA_ZSTD, body, 1))
+    expect(data, StreamError, msg, at, 3, RecordType.PAGE_DATA_ZSTD)
+
+
+def test_zstd_frame_lying_about_its_size(started) -> None:
+    """A frame header that declares 4096 bytes over content that is 8192: the decompressor
+    stops at the declared size (a crafted frame: patch the content-size field)."""
+    good = zstd_frame(PAGE + PAGE)
+    params = zstandard.get_frame_parameters(good)
+    assert params.content_size == 8192
+    lying = bytearray(good)
+    idx = lying.find(struct.pack("<H", 8192 - 256))  # 2-byte FCS field stores size - 256
+    assert idx > 0
+    lying[idx:idx + 2] = struct.pack("<H", 4096 - 256)
+    body = batch(0, [(3, PageType.COMPRESSED, 0)], bytes(lying))
+    data, at = finish(started, (RecordType.PAGE_DATA_ZSTD, body, 1))
+    expect(data, StreamError, "bad zstd frame", at, 3, RecordType.PAGE_DATA_ZSTD)
+
+
+# ---- record bodies --------------------------------------------------------------------------
+
+@pytest.mark.parametrize("rtype,body,msg", [
+    (RecordType.VCPU_REGS, bytes(151), "VCPU_REGS body is 151 bytes, expected 152"),
+    (RecordType.VCPU_XSAVE, bytes(4105), "VCPU_XSAVE body is 4105 bytes, expected 4104"),
+    (RecordType.VCPU_REGS, struct.pack("<II", 0, 4096) + bytes(144), "vcpu_id 4096 exceeds 4095"),
+    (RecordType.PIT, struct.pack("<II", 0, 1) + bytes(76), "PIT reserved vcpu_id field is 1"),
+    (RecordType.CLOCK, struct.pack("<II", 7, 0) + bytes(28), "unknown VM / address space id 7"),
+    (RecordType.VCPU_MSRS, struct.pack("<IIII", 0, 0, 1, 1) + bytes(16), "reserved field is 0x1"),
+    (RecordType.VCPU_MSRS, struct.pack("<IIII", 0, 0, 1025, 0), "count 1025 exceeds 1024"),
+    (RecordType.VCPU_MSRS, struct.pack("<IIII", 0, 0, 2, 0) + bytes(16), "2 entries need 48"),
+    (RecordType.VCPU_MSRS, struct.pack("<IIIIIIQ", 0, 0, 1, 0, 0x10, 1, 5), "nonzero reserved field"),
+    (RecordType.VCPU_MSRS, struct.pack("<IIIIIIQIIQ", 0, 0, 2, 0, 0x10, 0, 5, 0x10, 0, 6),
+     "not strictly ascending at 0x10"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIQ", 0, 8192, 4), "page size 8192"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIQ", 0, 4096, 0), "nr_pages 0 outside"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIQ", 0, 4096, 2 ** 36 + 1), "nr_pages 68719476737 outside"),
+    (RecordType.CREATOR, b"\xff\xfe", "CREATOR is not UTF-8"),
+])
+def test_bad_bodies(rtype, body, msg) -> None:
+    data, at = finish_at_config(rtype, body)
+    expect(data, StreamError, msg, at, 1, rtype)
+
+
+def finish_at_config(rtype: int, body: bytes) -> tuple[bytes, int]:
+    writer = StreamWriter()
+    data = writer.start() + writer.record(DomainConfig({}))
+    return data + writer.raw(rtype, body) + writer.raw(RecordType.END, bytes(56)), len(data)
+
+
+@pytest.mark.parametrize("value,msg", [
+    (msgpack.packb([1, 2]), "msgpack body is list, expected a map"),
+    (msgpack.packb({1: 2}), "bad msgpack"),
+    (msgpack.packb({"a": msgpack.ExtType(5, b"x")}), "bad msgpack"),
+    (msgpack.packb({"a": 1}) + b"\x00", "bad msgpack"),
+    (b"\xc1", "bad msgpack"),
+    (b"\xdd\xff\xff\xff\xff", "bad msgpack"),  # array32 of 4 G items: refused, not allocated
+    (b"\xdb\x7f\xff\xff\xff", "bad msgpack"),  # str32 of 2 GiB
+    (b"\x81\xa1a" * 2000 + b"\xc0", "bad msgpack"),  # nested too deep
+])
+def test_bad_domain_config(value: bytes, msg: str) -> None:
+    writer = StreamWriter()
+    data = writer.start() + writer.raw(RecordType.DOMAIN_CONFIG, value) + writer.raw(RecordType.END, bytes(56))
+    expect(data, StreamError, msg, 24, 0, RecordType.DOMAIN_CONFIG)
+
+
+@pytest.mark.parametrize("value,msg", [
+    ({"device": "uart", "instance": 0, "version": 1, "min_version": 1}, "DEVICE_STATE keys are"),
+    ({"device": "uart", "instance": 0, "version": 1, "min_version": 2, "fields": {}}, "1 <= min_version <= version"),
+    ({"device": "uart", "instance": 0, "version": 1, "min_version": 0, "fields": {}}, "1 <= min_version <= version"),
+    ({"device": 5, "instance": 0, "version": 1, "min_version": 1, "fields": {}}, "device is int, expected str"),
+    ({"device": "u", "instance": True, "version": 1, "min_version": 1, "fields": {}}, "instance is bool"),
+    ({"device": "u", "instance": -1, "version": 1, "min_version": 1, "fields": {}}, "instance -1 out of range"),
+    ({"device": "u", "instance": 0, "version": 1, "min_version": 1, "fields": []}, "fields is list, expected dict"),
+])
+def test_bad_device_state(value: dict, msg: str) -> None:
+    data, at = finish_at_config(RecordType.DEVICE_STATE, msgpack.packb(value))
+    expect(data, StreamError, msg, at, 1, RecordType.DEVICE_STATE)
+
+
+def test_reader_stays_failed(sample: bytes) -> None:
+    reader = StreamReader()
+    reader.feed(b"nope" + sample)
+    with pytest.raises(StreamError) as first:
+        reader.next_record()
+    with pytest.raises(StreamError) as again:
+        reader.next_record()
+    assert again.value is first.value
+    with pytest.raises(StreamError):
+        reader.eof()
