@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/kvm/runloop.c $(wildcard migrate/guest/src/*)
+$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_check.py migrate/kvm/runloop.c $(wildcard migrate/guest/src/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'

@@ -27,6 +27,7 @@ class BuildExtWithGuests(build_ext):
 
 
 setup(
-    cffi_modules=["migrate/kvm/_build.py:ffibuilder"],
+    cffi_modules=["migrate/kvm/_build.py:ffibuilder",
+                  "migrate/guest/_build_check.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtWithGuests},
 )

@@ -1,0 +1,246 @@
+"""The `hvm` command: thin click commands over migrate.host and migrate.domain.
+
+Library errors become one-line messages (exit 1), usage errors exit 2, a bug
+is a traceback.
+"""
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import click
+
+from .domain import MIB, DomainConfig, DomainError
+from .guest.boot import WORKLOADS
+from .host import control
+from .host.control import ControlError
+
+_SIZE = re.compile(r"^(\d+)\s*([KMG]i?B?|B)?$", re.IGNORECASE)
+_UNITS = {"": MIB, "B": 1, "K": 1 << 10, "M": MIB, "G": 1 << 30}
+
+
+def parse_size(text: str) -> int:
+    """'256M', '1G', '512MiB', '65536K'; a bare number is MiB (like xl's memory=)."""
+    m = _SIZE.match(text.strip())
+    if not m:
+        raise click.BadParameter(f"{text!r} is not a size (examples: 256M, 1G)")
+    unit = (m.group(2) or "").upper()[:1]
+    return int(m.group(1)) * _UNITS[unit]
+
+
+def _fail_cleanly(fn):
+    """Map library errors to click errors (exit 1)."""
+    import functools
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (ControlError, DomainError, ValueError) as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+def hvm():
+    """Run, save, restore and relocate HVM guests on KVM.
+
+    Domains live under $HVM_STATE_DIR (default /run/hvm for root).
+
+    \b
+    Example:
+      hvm create --workload ledger --memory 256M --name web1
+      hvm console web1 --follow
+    """
+
+
+@hvm.command()
+@click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), required=True,
+              help="Guest image workload to run.")
+@click.option("--memory", "-m", default="256M", show_default=True,
+              help="Guest RAM (16M to 3G, 2 MiB steps).")
+@click.option("--name", "-n", help="Domain name (default: the workload plus a number).")
+@click.option("--arg", "args", multiple=True, type=int,
+              help="Workload argument (repeatable, up to 8; see specs/guest-boot.md).")
+@click.option("--timer-hz", default=100, show_default=True, help="Guest LAPIC timer rate.")
+@json_option
+@_fail_cleanly
+def create(workload, memory, name, args, timer_hz, as_json):
+    """Create and start a domain in its own process.
+
+    \b
+    Example:
+      hvm create --workload pagetouch --memory 64M --name pt1
+    """
+    if name is None:
+        taken = {d["name"] for d in control.list_domains()}
+        name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
+    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
+                          args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz)
+    info = control.create_domain(config)
+    if as_json:
+        click.echo(json.dumps(info))
+    else:
+        click.echo(f"created {info['name']} ({workload}, {info['memory'] >> 20} MiB, pid {info['pid']})")
+
+
+@hvm.command(name="list")
+@json_option
+@_fail_cleanly
+def list_(as_json):
+    """List domains (stale ones are cleaned up).
+
+    \b
+    Example:
+      hvm list --json
+    """
+    domains = control.list_domains()
+    if as_json:
+        click.echo(json.dumps(domains))
+        return
+    click.echo(f"{'NAME':<20} {'STATUS':<10} {'WORKLOAD':<10} {'MEM(MiB)':>8} {'PID':>8} {'UPTIME':>9}")
+    for d in domains:
+        click.echo(f"{d['name']:<20} {d['status']:<10} {d['workload']:<10} "
+                   f"{d['memory'] >> 20:>8} {d['pid']:>8} {d['uptime']:>8.1f}s")
+
+
+@hvm.command()
+@click.argument("name")
+@json_option
+@_fail_cleanly
+def info(name, as_json):
+    """Show one domain.
+
+    \b
+    Example:
+      hvm info web1
+    """
+    with control.DomainClient(name) as client:
+        data = client.call("info")
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    for key in ("name", "status", "workload", "memory", "vcpus", "pid", "uptime",
+                "timer_hz", "console_bytes", "crash_reason"):
+        value = data.get(key)
+        if key == "memory":
+            value = f"{value >> 20} MiB"
+        if value not in ("", None):
+            click.echo(f"{key + ':':<15}{value}")
+
+
+def _simple(op: str, verb: str, doc: str):
+    @click.argument("name")
+    @_fail_cleanly
+    def command(name):
+        with control.DomainClient(name) as client:
+            client.call(op)
+        if op == "destroy":
+            control.wait_gone(name)
+        click.echo(f"{verb} {name}")
+    command.__doc__ = doc
+    return command
+
+
+hvm.command(name="pause")(_simple("pause", "paused", "Pause a domain (its vCPU stops).\n\n"
+                                  "\b\nExample:\n  hvm pause web1"))
+hvm.command(name="unpause")(_simple("unpause", "unpaused", "Resume a paused domain.\n\n"
+                                    "\b\nExample:\n  hvm unpause web1"))
+hvm.command(name="destroy")(_simple("destroy", "destroyed", "Stop a domain and free it.\n\n"
+                                    "\b\nExample:\n  hvm destroy web1"))
+
+
+@hvm.command()
+@click.argument("name")
+@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the domain ends.")
+@_fail_cleanly
+def console(name, follow):
+    """Print a domain's console output.
+
+    \b
+    Example:
+      hvm console web1 --follow
+    """
+    out = sys.stdout.buffer
+    offset = 0
+    with control.DomainClient(name) as client:
+        while True:
+            try:
+                part = client.call("console", offset=offset)
+            except ControlError:
+                if follow and offset:
+                    return          # the domain went away while we followed it
+                raise
+            out.write(part["data"])
+            out.flush()
+            offset = part["next"]
+            if part["data"]:
+                continue
+            if not follow or part["status"] in ("crashed", "destroyed"):
+                return
+            time.sleep(0.2)
+
+
+@hvm.command()
+@click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), default="ledger",
+              show_default=True)
+@click.option("--memory", "-m", default="256M", show_default=True)
+@_fail_cleanly
+def demo(workload, memory):
+    """Boot a demo guest, show its console, pause, resume and destroy it.
+
+    \b
+    Example:
+      hvm demo --workload pagetouch
+    """
+    import os
+    name = f"demo-{os.getpid()}"
+    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
+                          args=[42, 0, 0, 0, 0, 0, 0, 0] if workload == "ledger" else [0] * 8)
+    t0 = time.monotonic()
+    info = control.create_domain(config)
+    click.echo(f"== created {name}: {workload}, {info['memory'] >> 20} MiB, pid {info['pid']} "
+               f"({time.monotonic() - t0:.2f}s)")
+    try:
+        with control.DomainClient(name) as client:
+            offset = _show_console(client, 0, 3.0)
+            client.call("pause")
+            offset = _show_console(client, offset, 0.0)
+            before = client.call("info")
+            click.echo(f"== paused: status {before['status']}")
+            time.sleep(1.0)
+            quiet = client.call("info")["console_bytes"] - before["console_bytes"]
+            click.echo(f"== console output while paused for 1s: {quiet} bytes")
+            client.call("unpause")
+            click.echo(f"== unpaused: status {client.call('info')['status']}")
+            _show_console(client, offset, 2.0)
+            client.call("destroy")
+    finally:
+        try:
+            with control.DomainClient(name) as client:
+                client.call("destroy")
+        except ControlError:
+            pass
+        control.wait_gone(name)
+    click.echo(f"== destroyed {name}")
+
+
+def _show_console(client, offset: int, seconds: float) -> int:
+    deadline = time.monotonic() + seconds
+    while True:
+        part = client.call("console", offset=offset)
+        for line in part["data"].decode(errors="replace").splitlines(keepends=True):
+            click.echo("   | " + line, nl=False)
+        offset = part["next"]
+        if time.monotonic() >= deadline and not part["data"]:
+            return offset
+        time.sleep(0.2)
+
+
+def main():     # pragma: no cover - the console-script entry point
+    hvm()

@@ -1,0 +1,1 @@
+"""The host side: domain processes, their control sockets, the state dir."""

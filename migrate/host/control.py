@@ -1,0 +1,170 @@
+"""Client side of domain processes: create, find, list, and talk to them."""
+from __future__ import annotations
+
+import os
+import select
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import msgpack
+
+from ..domain import DomainConfig
+from ..kvm.system import DEV_KVM
+from . import protocol, statedir
+
+CREATE_TIMEOUT = 60.0
+MAX_SOCKET_PATH = 107
+
+
+class ControlError(Exception):
+    """A clear, one-line reason an operation on a domain failed."""
+
+
+class DomainClient:
+    """A connection to one domain process's control socket."""
+
+    def __init__(self, name: str, base: Path | None = None, timeout: float = 10.0):
+        self.name = name
+        self.dir = statedir.domain_dir(name, base)
+        path = self.dir / statedir.SOCKET
+        if not path.exists():
+            raise ControlError(f"no domain named {name!r}")
+        self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        self.sock.settimeout(timeout)
+        try:
+            self.sock.connect(str(path))
+        except (ConnectionRefusedError, FileNotFoundError):
+            self.sock.close()
+            _remove_stale(self.dir)
+            raise ControlError(f"domain {name!r} is not running: its process is gone "
+                               "(stale state removed)") from None
+        self._unpack = protocol.unpacker()
+
+    def call(self, op: str, **args) -> dict:
+        try:
+            protocol.send(self.sock, {"op": op, **args})
+            reply = protocol.receive(self.sock, self._unpack)
+        except (protocol.ProtocolError, OSError) as exc:
+            raise ControlError(f"domain {self.name!r}: {op} failed: {exc}") from None
+        if not reply.get("ok"):
+            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}")
+        reply.pop("ok")
+        return reply
+
+    def close(self) -> None:
+        self.sock.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+def _remove_stale(directory: Path) -> None:
+    """Remove a dead domain's files (its process no longer answers)."""
+    pidfile = directory / statedir.PIDFILE
+    if pidfile.exists():
+        try:
+            pid = int(pidfile.read_text())
+            os.kill(pid, 0)
+        except (ValueError, ProcessLookupError):
+            pass
+        else:
+            return      # still alive (e.g. still booting): leave it alone
+    shutil.rmtree(directory, ignore_errors=True)
+
+
+def list_domains(base: Path | None = None) -> list[dict]:
+    """Info of every live domain; stale ones are cleaned up on the way."""
+    root = base or statedir.state_dir()
+    if not root.is_dir():
+        return []
+    found = []
+    for entry in sorted(root.iterdir()):
+        if not entry.is_dir() or not statedir.NAME_RE.match(entry.name):
+            continue
+        try:
+            with DomainClient(entry.name, root) as client:
+                found.append(client.call("info"))
+        except ControlError:
+            continue
+    return found
+
+
+def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
+    """Start a domain process for ``config``; return its info once running."""
+    config.validate()
+    statedir.check_name(config.name)
+    if not os.path.exists(DEV_KVM):
+        raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+    root = base or statedir.state_dir()
+    directory = root / config.name
+    if len(str(directory / statedir.SOCKET)) > MAX_SOCKET_PATH:
+        raise ControlError(f"state directory path too long for a unix socket: {directory}")
+    if directory.exists():
+        try:
+            DomainClient(config.name, root).close()
+        except ControlError:
+            pass            # was stale, now removed
+        else:
+            raise ControlError(f"domain name {config.name!r} is already in use")
+    root.mkdir(parents=True, exist_ok=True)
+    try:
+        directory.mkdir()
+    except FileExistsError:
+        raise ControlError(f"domain name {config.name!r} is already in use") from None
+    return _spawn(config, directory)
+
+
+def _spawn(config: DomainConfig, directory: Path) -> dict:
+    read_fd, write_fd = os.pipe()
+    packed = msgpack.packb(vars(config), use_bin_type=True).hex()
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "migrate.host.domaind", str(directory), packed, str(write_fd)],
+            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+            stderr=open(directory / "stderr.log", "wb"), start_new_session=True)
+    finally:
+        os.close(write_fd)
+    with os.fdopen(read_fd) as ready:
+        answer = _read_ready(ready, proc, directory / "stderr.log")
+    if answer != "ok":
+        proc.wait(10)
+        shutil.rmtree(directory, ignore_errors=True)
+        raise ControlError(f"domain {config.name!r} failed to start: {answer.removeprefix('error: ')}")
+    (directory / "stderr.log").unlink(missing_ok=True)
+    with DomainClient(config.name, directory.parent) as client:
+        return client.call("info")
+
+
+def _read_ready(ready, proc, stderr_log: Path) -> str:
+    deadline = time.monotonic() + CREATE_TIMEOUT
+    while time.monotonic() < deadline:
+        r, _, _ = select.select([ready], [], [], 0.5)
+        if r:
+            line = ready.readline().strip()
+            if line:
+                return line
+            proc.wait(10)
+            text = stderr_log.read_text(errors="replace") if stderr_log.exists() else ""
+            tail = text.strip().splitlines()[-1:]
+            return "error: domain process exited" + (f": {tail[0]}" if tail else "")
+    proc.kill()
+    return f"error: no answer within {CREATE_TIMEOUT:g}s"
+
+
+def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:
+    directory = statedir.domain_dir(name, base)
+    deadline = time.monotonic() + timeout
+    while directory.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return not directory.exists()
+
+
+__all__ = ["ControlError", "DomainClient", "create_domain", "list_domains",
+           "wait_gone"]

@@ -1,0 +1,57 @@
+"""KVM tests are marked ``kvm``; they skip with a visible reason where
+/dev/kvm is missing.  At the end the session writes how many ran and how many
+skipped to .kvm-test-status, which .ci/run reads (and fails on if /dev/kvm
+exists but KVM tests skipped)."""
+import os
+from pathlib import Path
+
+import pytest
+
+KVM_PRESENT = os.path.exists("/dev/kvm")
+STATUS_FILE = Path(__file__).resolve().parent.parent / ".kvm-test-status"
+_counts = {"ran": 0, "skipped": 0}
+
+
+def pytest_collection_modifyitems(config, items):
+    if KVM_PRESENT:
+        return
+    skip = pytest.mark.skip(reason="KVM test skipped: /dev/kvm is missing on this host")
+    for item in items:
+        if "kvm" in item.keywords:
+            item.add_marker(skip)
+
+
+def pytest_runtest_logreport(report):
+    if "kvm" not in report.keywords:
+        return
+    if report.when == "call" and report.outcome in ("passed", "failed"):
+        _counts["ran"] += 1
+    elif report.skipped:
+        _counts["skipped"] += 1
+
+
+def pytest_sessionfinish(session, exitstatus):
+    STATUS_FILE.write_text(f"ran={_counts['ran']} skipped={_counts['skipped']} "
+                           f"dev_kvm={'yes' if KVM_PRESENT else 'no'}\n")
+
+
+def pytest_terminal_summary(terminalreporter):
+    terminalreporter.write_line(
+        f"KVM tests: {_counts['ran']} ran, {_counts['skipped']} skipped "
+        f"(/dev/kvm {'present' if KVM_PRESENT else 'missing'})")
+
+
+@pytest.fixture
+def domains():
+    """Domains a test makes; destroyed however the test ends."""
+    made = []
+    yield made
+    for dom in made:
+        dom.destroy()
+
+
+@pytest.fixture
+def state_dir(tmp_path, monkeypatch):
+    path = tmp_path / "hvm-state"
+    monkeypatch.setenv("HVM_STATE_DIR", str(path))
+    return path
