@@ -1,0 +1,119 @@
+"""Hypothesis round-trip properties: any valid state, batch or chunking survives a round
+trip, and arbitrary bytes only ever raise StreamError."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import HealthCheck, given, settings, strategies as st
+
+from migrate.stream import (
+    DONE, NEED_DATA, ZERO_PAGE, DeviceState, DomainConfig, HvmState, MemoryLayout, PageBatch,
+    RecordType, StreamError, StreamReader, StreamWriter, Vm, decode_stream, encode_stream,
+)
+from migrate.stream.hvm import CODECS, PLATFORM_CODECS, Layout, MsrCodec, ScalarCodec
+from migrate.stream.sample import sample_stream
+
+FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+INT_RANGE = {"B": (0, 2**8 - 1), "H": (0, 2**16 - 1), "I": (0, 2**32 - 1), "Q": (0, 2**64 - 1),
+             "q": (-(2**63), 2**63 - 1)}
+
+
+def layout_states(layout: Layout) -> st.SearchStrategy:
+    parts = {}
+    for f in layout.fields:
+        if not f.carried:
+            parts[f.name] = st.just(f.zero())
+            continue
+        one = layout_states(f.nested) if f.nested else st.integers(*INT_RANGE[f.code])
+        parts[f.name] = st.lists(one, min_size=f.count, max_size=f.count) if f.count else one
+    return st.fixed_dictionaries(parts)
+
+
+def states(record_type: RecordType) -> st.SearchStrategy:
+    codec = CODECS[record_type]
+    if isinstance(codec, MsrCodec):
+        return st.dictionaries(st.integers(0, 2**32 - 1), st.integers(0, 2**64 - 1), max_size=40)
+    if isinstance(codec, ScalarCodec):
+        code = codec.layout.fields[0].code
+        return st.binary(min_size=codec.struct.size - 8, max_size=codec.struct.size - 8) \
+            if code.endswith("s") else st.integers(0, 2**32 - 1)
+    return layout_states(codec.layout)
+
+
+@st.composite
+def hvm_records(draw) -> HvmState:
+    record_type = draw(st.sampled_from(list(CODECS)))
+    vcpu_id = None if record_type in PLATFORM_CODECS else draw(st.integers(0, 4095))
+    return HvmState(record_type, draw(st.sampled_from(list(Vm))), vcpu_id, draw(states(record_type)))
+
+
+@FAST
+@given(hvm_records())
+def test_hvm_records_round_trip(record: HvmState) -> None:
+    assert HvmState.unpack_as(record.type, record.pack()) == record
+
+
+pages = st.one_of(st.just(ZERO_PAGE), st.binary(min_size=1, max_size=64).map(lambda b: (b * 4096)[:4096]))
+
+
+@st.composite
+def page_batches(draw) -> tuple[Vm, list[tuple[int, bytes]], bool]:
+    pfns = draw(st.lists(st.integers(0, 255), min_size=1, max_size=40, unique=True))
+    return draw(st.sampled_from(list(Vm))), [(pfn, draw(pages)) for pfn in pfns], draw(st.booleans())
+
+
+json_like = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2**63), 2**64 - 1) | st.floats(allow_nan=False)
+    | st.text(max_size=20) | st.binary(max_size=20),
+    lambda children: st.lists(children, max_size=4) | st.dictionaries(st.text(max_size=8), children, max_size=4),
+    max_leaves=20,
+)
+configs = st.dictionaries(st.text(max_size=10), json_like, max_size=6)
+
+
+@FAST
+@given(st.lists(page_batches(), max_size=4), configs, st.lists(hvm_records(), max_size=6, unique_by=lambda r: (r.type, r.vm, r.vcpu_id)))
+def test_streams_round_trip(batches, config, context) -> None:
+    writer = StreamWriter()
+    parts = [writer.start(), writer.record(DomainConfig(config)),
+             writer.record(MemoryLayout(Vm.GUEST, 256)), writer.record(MemoryLayout(Vm.STUB, 256))]
+    parts += [writer.record(record) for record in context]
+    parts.append(writer.record(DeviceState("dev", 1, 2, 1, config)))
+    for space, batch, compressed in batches:
+        parts.append(writer.pages(space, batch, compressed))
+    parts.append(writer.finish())
+    data = b"".join(parts)
+    records = decode_stream(data)
+    assert records[3:3 + len(context)] == context
+    assert records[0] == DomainConfig(config)
+    got = [(r.space, list(r.pages), r.compressed) for r in records if isinstance(r, PageBatch)]
+    assert got == [(space, batch, compressed) for space, batch, compressed in batches]
+    assert encode_stream(records) == data
+
+
+SMALL = sample_stream(vcpus=1, guest_pages=6, stub_pages=3)
+
+
+@FAST
+@given(st.lists(st.integers(1, 600), min_size=1, max_size=40))
+def test_any_chunking_gives_the_same_records(sizes) -> None:
+    reader, records, at, i = StreamReader(), [], 0, 0
+    while at < len(SMALL):
+        size = sizes[i % len(sizes)]
+        reader.feed(SMALL[at:at + size])
+        at, i = at + size, i + 1
+        while (record := reader.next_record()) not in (NEED_DATA, DONE):
+            records.append(record)
+    reader.eof()
+    assert records == decode_stream(SMALL)
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.binary(max_size=300), st.integers(0, len(SMALL)))
+def test_garbage_raises_only_stream_errors(noise: bytes, at: int) -> None:
+    for data in (noise, SMALL[:at] + noise, SMALL[:8] + struct.pack("<I", 1) + noise):
+        try:
+            decode_stream(data)
+        except StreamError:
+            pass
