@@ -168,7 +168,8 @@ class StreamReader:
             if len(self._buf) - self._pos < total:
                 return NEED_DATA
             body_at = self._pos + RECORD_HEADER.size
-            body = bytes(self._buf[body_at:body_at + length])
+            with memoryview(self._buf) as view:
+                body = bytes(view[body_at:body_at + length])
             if record_crc(record_type, body) != crc:
                 raise StreamError(f"record CRC-32 mismatch (stored 0x{crc:08x})")
             if any(self._buf[body_at + length:self._pos + total]):

@@ -104,6 +104,9 @@ class Header:
     compat_flags: int = 0
 
     def pack(self) -> bytes:
+        if not HEADER.size <= self.header_length <= MAX_HEADER_LENGTH or self.header_length % RECORD_ALIGN:
+            raise ValueError(f"header_length {self.header_length} is not a multiple of {RECORD_ALIGN} "
+                             f"in {HEADER.size}..{MAX_HEADER_LENGTH}")
         fixed = HEADER.pack(
             MAGIC, self.version, self.header_length, self.incompat_flags, self.compat_flags
         )
