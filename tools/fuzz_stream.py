@@ -68,7 +68,7 @@ def one_input(data: bytes) -> None:
     try:
         for piece in (data[:split], data[split:]):
             reader.feed(piece)
-            while (record := reader.next_record()) not in (NEED_DATA, DONE):
+            while reader.next_record() not in (NEED_DATA, DONE):
                 pass
         reader.eof()
     except StreamError as exc:

@@ -15,7 +15,7 @@ from migrate.stream import (
 )
 from migrate.stream.framing import frame
 from migrate.stream.pages import PAGE_ENTRY, BATCH_HEADER, PageType, encode_batch
-from migrate.stream.records import HEADER, MAX_RECORD_BODY, RECORD_HEADER, End, padded
+from migrate.stream.records import MAX_RECORD_BODY, RECORD_HEADER, End, padded
 from migrate.stream.sample import pattern, sample_state
 
 PAGE = pattern(7, 4096)
