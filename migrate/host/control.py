@@ -32,6 +32,8 @@ class DomainClient:
         self.dir = statedir.domain_dir(name, base)
         path = self.dir / statedir.SOCKET
         if not path.exists():
+            if self.dir.exists() and not _remove_stale(self.dir):
+                raise ControlError(f"domain {name!r} is still starting")
             raise ControlError(f"no domain named {name!r}")
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -39,7 +41,8 @@ class DomainClient:
             self.sock.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             self.sock.close()
-            _remove_stale(self.dir)
+            if not _remove_stale(self.dir):
+                raise ControlError(f"domain {name!r} does not answer on its control socket") from None
             raise ControlError(f"domain {name!r} is not running: its process is gone "
                                "(stale state removed)") from None
         self._unpack = protocol.unpacker()
@@ -65,18 +68,14 @@ class DomainClient:
         self.close()
 
 
-def _remove_stale(directory: Path) -> None:
-    """Remove a dead domain's files (its process no longer answers)."""
-    pidfile = directory / statedir.PIDFILE
-    if pidfile.exists():
-        try:
-            pid = int(pidfile.read_text())
-            os.kill(pid, 0)
-        except (ValueError, ProcessLookupError):
-            pass
-        else:
-            return      # still alive (e.g. still booting): leave it alone
-    shutil.rmtree(directory, ignore_errors=True)
+def _remove_stale(directory: Path) -> bool:
+    """Remove a dead domain's files; False if its process still lives."""
+    try:
+        os.kill(int((directory / statedir.PIDFILE).read_text()), 0)
+    except (OSError, ValueError):
+        shutil.rmtree(directory, ignore_errors=True)
+        return True
+    return False
 
 
 def list_domains(base: Path | None = None) -> list[dict]:
@@ -133,8 +132,9 @@ def _spawn(config: DomainConfig, directory: Path) -> dict:
         os.close(write_fd)
     with os.fdopen(read_fd) as ready:
         answer = _read_ready(ready, proc, directory / "stderr.log")
+    proc.wait(10)           # the launcher half of the double fork
     if answer != "ok":
-        proc.wait(10)
+        _kill_pidfile(directory)
         shutil.rmtree(directory, ignore_errors=True)
         raise ControlError(f"domain {config.name!r} failed to start: {answer.removeprefix('error: ')}")
     (directory / "stderr.log").unlink(missing_ok=True)
@@ -150,12 +150,17 @@ def _read_ready(ready, proc, stderr_log: Path) -> str:
             line = ready.readline().strip()
             if line:
                 return line
-            proc.wait(10)
             text = stderr_log.read_text(errors="replace") if stderr_log.exists() else ""
             tail = text.strip().splitlines()[-1:]
             return "error: domain process exited" + (f": {tail[0]}" if tail else "")
-    proc.kill()
     return f"error: no answer within {CREATE_TIMEOUT:g}s"
+
+
+def _kill_pidfile(directory: Path) -> None:
+    try:
+        os.kill(int((directory / statedir.PIDFILE).read_text()), 9)
+    except (OSError, ValueError):
+        pass
 
 
 def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:

@@ -118,6 +118,11 @@ class DomainServer:
 
 def main(argv: list[str]) -> int:
     directory, config_hex, ready_fd = Path(argv[0]), argv[1], int(argv[2])
+    # Double fork: the launcher reaps our parent at once and init adopts us,
+    # so a domain never lingers as its launcher's zombie.
+    if os.fork():
+        os._exit(0)
+    (directory / statedir.PIDFILE).write_text(f"{os.getpid()}\n")
     logging.basicConfig(filename=directory / statedir.LOGFILE, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ready = os.fdopen(ready_fd, "w")
@@ -134,7 +139,6 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         domain.resume()
-        (directory / statedir.PIDFILE).write_text(f"{os.getpid()}\n")
         ready.write("ok\n")
         ready.close()
         log.info("domain %s running (%s, %d MiB)", config.name, config.workload, config.memory >> 20)

@@ -86,6 +86,7 @@ static void ledger(void)
     for (;;) {
         uint64_t sum = 0;
         for (uint64_t i = 0; i < h->npages; i++) {
+            h->cursor = i;
             int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &sum);
             if (bad >= 0) {
                 for (;;) {

@@ -1,0 +1,145 @@
+"""The `hvm` command: CliRunner for the commands, one real subprocess run
+of the entry point, and the error cases a user meets."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from migrate.cli import hvm, parse_size
+from migrate.host import control, statedir
+
+
+def run(*args, ok=True):
+    result = CliRunner().invoke(hvm, list(args), catch_exceptions=False)
+    if ok:
+        assert result.exit_code == 0, result.output
+    return result
+
+
+def test_parse_size():
+    assert parse_size("256M") == 256 << 20
+    assert parse_size("1G") == 1 << 30
+    assert parse_size("512MiB") == 512 << 20
+    assert parse_size("64") == 64 << 20
+    with pytest.raises(Exception, match="not a size"):
+        parse_size("lots")
+
+
+def test_memory_out_of_range_is_a_clear_error(state_dir):
+    result = run("create", "--workload", "idle", "--memory", "8M", "--name", "tiny", ok=False)
+    assert result.exit_code == 1
+    assert "out of range" in result.output and "Traceback" not in result.output
+
+
+def test_bad_name_and_unknown_domain(state_dir):
+    result = run("create", "--workload", "idle", "--name", "../etc", ok=False)
+    assert result.exit_code == 1 and "invalid domain name" in result.output
+    result = run("info", "nosuch", ok=False)
+    assert result.exit_code == 1 and "no domain named 'nosuch'" in result.output
+
+
+def test_usage_error_exits_2(state_dir):
+    assert run("create", "--workload", "nosuch", ok=False).exit_code == 2
+
+
+def test_missing_dev_kvm_is_a_clear_error(state_dir, monkeypatch):
+    monkeypatch.setattr(control, "DEV_KVM", "/nonexistent/kvm")
+    result = run("create", "--workload", "idle", "--name", "nokvm", ok=False)
+    assert result.exit_code == 1 and "/nonexistent/kvm does not exist" in result.output
+
+
+@pytest.mark.kvm
+def test_lifecycle_through_the_cli(state_dir):
+    out = run("create", "--workload", "idle", "--memory", "32M", "--name", "life", "--json").output
+    info = json.loads(out)
+    assert info["status"] == "running" and info["memory"] == 32 << 20
+    try:
+        listed = json.loads(run("list", "--json").output)
+        assert [d["name"] for d in listed] == ["life"]
+        assert "life" in run("list").output
+
+        deadline = time.monotonic() + 10
+        while "idle ticks=100" not in run("console", "life").output:
+            assert time.monotonic() < deadline, run("console", "life").output
+            time.sleep(0.2)
+
+        assert "paused life" in run("pause", "life").output
+        assert json.loads(run("info", "life", "--json").output)["status"] == "paused"
+        before = json.loads(run("info", "life", "--json").output)["console_bytes"]
+        time.sleep(1.2)
+        assert json.loads(run("info", "life", "--json").output)["console_bytes"] == before
+        run("unpause", "life")
+        assert "status:" in run("info", "life").output
+
+        dup = run("create", "--workload", "idle", "--name", "life", ok=False)
+        assert dup.exit_code == 1 and "already in use" in dup.output
+    finally:
+        run("destroy", "life", ok=False)
+    assert not (state_dir / "life").exists()
+    assert json.loads(run("list", "--json").output) == []
+
+
+@pytest.mark.kvm
+def test_dead_domain_process_is_cleaned_up(state_dir):
+    info = json.loads(run("create", "--workload", "idle", "--memory", "16M",
+                          "--name", "doomed", "--json").output)
+    os.kill(info["pid"], signal.SIGKILL)
+    deadline = time.monotonic() + 5
+    while True:         # the pid disappears once reaped by init
+        try:
+            os.kill(info["pid"], 0)
+        except ProcessLookupError:
+            break
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+    result = run("info", "doomed", ok=False)
+    assert result.exit_code == 1 and "not running" in result.output
+    assert not (state_dir / "doomed").exists()
+    # and the name is free again
+    run("create", "--workload", "idle", "--memory", "16M", "--name", "doomed")
+    run("destroy", "doomed")
+
+
+@pytest.mark.kvm
+def test_hvm_entry_point_in_a_real_subprocess(state_dir):
+    env = {**os.environ, "HVM_STATE_DIR": str(state_dir)}
+    hvm_bin = Path(sys.executable).parent / "hvm"
+    cmd = [str(hvm_bin)] if hvm_bin.exists() else [sys.executable, "-c", "from migrate.cli import hvm; hvm()"]
+    created = subprocess.run(cmd + ["create", "-w", "ledger", "-m", "64M", "-n", "sub", "--arg", "5"],
+                             env=env, capture_output=True, text=True, timeout=60)
+    assert created.returncode == 0, created.stderr
+    try:
+        follow = subprocess.Popen(cmd + ["console", "sub", "--follow"], env=env,
+                                  stdout=subprocess.PIPE, text=True)
+        seen = []
+        for line in follow.stdout:
+            seen.append(line)
+            if line.startswith("ledger ok gen=2 "):
+                break
+        assert any(line.startswith("ledger start seed=5 ") for line in seen)
+        follow.kill()
+        follow.wait()
+    finally:
+        destroyed = subprocess.run(cmd + ["destroy", "sub"], env=env, capture_output=True,
+                                   text=True, timeout=30)
+    assert destroyed.returncode == 0 and "destroyed sub" in destroyed.stdout
+
+
+@pytest.mark.kvm
+def test_demo_runs(state_dir):
+    out = run("demo", "--workload", "idle", "--memory", "16M").output
+    assert "== paused: status paused" in out
+    assert "console output while paused for 1s: 0 bytes" in out
+    assert "idle ticks=" in out and "== destroyed" in out
+    assert control.list_domains() == []
+
+
+def test_state_dir_default(monkeypatch):
+    monkeypatch.delenv("HVM_STATE_DIR", raising=False)
+    assert statedir.state_dir().name in ("hvm",) or statedir.state_dir().name.startswith("hvm-")
