@@ -181,7 +181,7 @@ def console(name, follow):
             offset = part["next"]
             if part["data"]:
                 continue
-            if not follow or part["status"] in ("crashed", "destroyed"):
+            if not follow or part["status"] in ("crashed", "shutdown", "destroyed"):
                 return
             time.sleep(0.2)
 

@@ -63,8 +63,9 @@ class DomainState:
 class Domain:
     """One HVM guest on KVM with one vCPU, run by a thread of its own.
 
-    States: ``paused`` (built, not running), ``running``, ``crashed`` (the
-    guest stopped itself or KVM refused to run it), ``destroyed``.
+    States: ``paused`` (built, not running), ``running``, ``shutdown`` (the
+    guest stopped itself with status 0), ``crashed`` (a non-zero status, or
+    KVM refused to run it), ``destroyed``.
     """
 
     def __init__(self, config: DomainConfig, console: Console | None = None,
@@ -177,8 +178,8 @@ class Domain:
         with self._cv:
             if self.status == "destroyed":
                 raise DomainError("domain is destroyed")
-            if self.status == "crashed":
-                raise DomainError(f"domain crashed: {self.crash_reason}")
+            if self.status in ("crashed", "shutdown"):
+                raise DomainError(f"domain {self.status}: {self.crash_reason}")
             if self.status == "running":
                 return
             self.vcpu.unkick()
@@ -225,7 +226,8 @@ class Domain:
 
     def wait_stopped(self, timeout: float) -> bool:
         with self._cv:
-            return self._cv.wait_for(lambda: self.status in ("crashed", "destroyed"), timeout)
+            return self._cv.wait_for(
+                lambda: self.status in ("crashed", "shutdown", "destroyed"), timeout)
 
     def _vcpu_loop(self) -> None:
         while True:
@@ -252,11 +254,11 @@ class Domain:
             if handler(self, ex) is False:
                 return
 
-    def _crash(self, reason: str) -> None:
+    def _crash(self, reason: str, status: str = "crashed") -> None:
         with self._cv:
             self.crash_reason = reason
             if self.status != "destroyed":
-                self.status = "crashed"
+                self.status = status
             self._want_run = False
             self._cv.notify_all()
 
@@ -271,7 +273,8 @@ class Domain:
             return None
         if ex.is_write and ex.port == PORT_EXIT:
             status = int.from_bytes(ex.data, "little")
-            self._crash(f"guest stopped itself with status {status:#x}")
+            self._crash(f"guest stopped itself with status {status:#x}",
+                        "shutdown" if status == 0 else "crashed")
             return False
         if ex.port not in self._unknown_ports:
             self._unknown_ports.add(ex.port)

@@ -85,3 +85,24 @@ def test_console_lines_are_whole(domains):
     for line in dom.console.lines():
         assert re.fullmatch(r"ledger (start seed=1 pages=256 gen=0|ok gen=\d+ sum=[0-9a-f]{16} ticks=\d+)",
                             line), line
+
+
+def test_bench_loop_matches_the_host_and_shuts_down(domains):
+    from migrate.guest._check import ffi, lib
+    dom = Domain.boot(DomainConfig("bench", "bench", 16 << 20, args=[64, 3], timer_hz=0))
+    domains.append(dom)
+    dom.resume()
+    m = dom.console.wait_for(r"bench pages=64 rounds=3 cycles=\d+ sum=([0-9a-f]{16})", 20)
+    assert dom.wait_stopped(5) and dom.status == "shutdown"
+    assert int(m.group(1), 16) == lib.ledger_bench(ffi.new("uint64_t[]", 64 * 512), 64, 3)
+
+
+def test_guest_panic_is_a_crash_with_a_reason(domains):
+    dom = Domain.boot(DomainConfig("panic", "idle", 16 << 20))
+    domains.append(dom)
+    dom.memory[0x1000 + 8] = 99        # boot info: an unknown workload id
+    dom.memory[0x1000 + 12] = 0        # no timer
+    dom.resume()
+    dom.console.wait_for(r"PANIC: unknown workload 99", 10)
+    assert dom.wait_stopped(5) and dom.status == "crashed"
+    assert "0xdead0200" in dom.crash_reason

@@ -10,6 +10,7 @@ ffibuilder = FFI()
 ffibuilder.cdef("""
 int64_t hvm_ledger_verify(const uint8_t *region, uint64_t size, uint64_t *sum_out);
 uint64_t hvm_ledger_sum(uint64_t seed, uint64_t gen, uint64_t npages);
+uint64_t ledger_bench(uint64_t *buf, uint64_t pages, uint64_t rounds);
 """)
 ffibuilder.set_source("migrate.guest._check", r"""
 #include "ledger_pattern.h"

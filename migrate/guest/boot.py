@@ -22,7 +22,7 @@ WORKLOAD_BASE = 0x400000
 
 BOOT_INFO_MAGIC = 0x424D5648
 BOOT_INFO_VERSION = 1
-WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5}
+WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6}
 
 # P | RW | US | A, and D | PS for the 2 MiB leaves: the accessed and dirty
 # bits are preset so the CPU never writes page tables (which would show in

@@ -15,6 +15,7 @@ enum workload_id {
     WL_DIRTIER = 3,
     WL_LEDGER = 4,
     WL_PAGESET = 5,
+    WL_BENCH = 6,
 };
 
 struct boot_info {

@@ -75,4 +75,18 @@ static inline int ledger_check_page(const uint64_t *p, uint64_t seed, uint64_t g
     return bad;
 }
 
+/* The benchmark loop (tools/bench_ring3.py): rounds x (fill every page
+ * with generation r, then verify it), the same code in guest and host. */
+static inline uint64_t ledger_bench(uint64_t *buf, uint64_t pages, uint64_t rounds)
+{
+    uint64_t sum = 0;
+    for (uint64_t r = 0; r < rounds; r++) {
+        for (uint64_t i = 0; i < pages; i++)
+            ledger_fill_page(buf + i * LEDGER_WORDS, 1, r, i);
+        for (uint64_t i = 0; i < pages; i++)
+            ledger_check_page(buf + i * LEDGER_WORDS, 1, r, i, &sum);
+    }
+    return sum;
+}
+
 #endif

@@ -134,6 +134,23 @@ static void pageset(void)
         cpu_relax();
 }
 
+/* bench: time the ledger loop with the TSC (tools/bench_ring3.py runs the
+ * same loop on the host).  args: pages (default 1024), rounds (default 100). */
+static void bench(void)
+{
+    uint64_t *buf = (uint64_t *)boot->wl_base;
+    uint64_t pages = boot->args[0] ? boot->args[0] : 1024;
+    uint64_t rounds = boot->args[1] ? boot->args[1] : 100;
+    if (pages > boot->wl_size / PAGE_SIZE)
+        pages = boot->wl_size / PAGE_SIZE;
+    ledger_bench(buf, pages, 1);            /* first touch off the clock */
+    uint64_t t0 = rdtsc();
+    uint64_t sum = ledger_bench(buf, pages, rounds);
+    uint64_t t1 = rdtsc();
+    printk("bench pages=%lu rounds=%lu cycles=%lu sum=%016lx\n", pages, rounds, t1 - t0, sum);
+    guest_exit(0);
+}
+
 void workload_main(const struct boot_info *bi)
 {
     (void)bi;
@@ -142,6 +159,7 @@ void workload_main(const struct boot_info *bi)
     case WL_DIRTIER: dirtier(); break;
     case WL_LEDGER: ledger(); break;
     case WL_PAGESET: pageset(); break;
+    case WL_BENCH: bench(); break;
     }
     printk("PANIC: unknown workload %u\n", boot->workload);
     guest_exit(0xdead0200);
