@@ -237,7 +237,7 @@ def _show_console(client, offset: int, seconds: float) -> int:
         for line in part["data"].decode(errors="replace").splitlines(keepends=True):
             click.echo("   | " + line, nl=False)
         offset = part["next"]
-        if time.monotonic() >= deadline and not part["data"]:
+        if time.monotonic() >= deadline:
             return offset
         time.sleep(0.2)
 

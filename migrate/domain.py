@@ -83,6 +83,7 @@ class Domain:
         self._in_guest = False
         self._thread: threading.Thread | None = None
         self._unknown_ports: set[int] = set()
+        self._unknown_mmio: set[int] = set()       # pages already logged
         try:
             self._build()
         except BaseException:
@@ -285,8 +286,11 @@ class Domain:
         return None
 
     def _on_mmio(self, ex) -> None:
-        log.warning("%s: %s of unhandled MMIO %#x ignored", self.config.name,
-                    "write" if ex.is_write else "read", ex.address)
+        page = ex.address & ~0xFFF
+        if page not in self._unknown_mmio and len(self._unknown_mmio) < 1024:
+            self._unknown_mmio.add(page)
+            log.warning("%s: %s of unhandled MMIO %#x ignored", self.config.name,
+                        "write" if ex.is_write else "read", ex.address)
         if not ex.is_write:
             self.vcpu.complete_mmio_read(b"\xff" * ex.size)
 

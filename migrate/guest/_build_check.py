@@ -25,17 +25,18 @@ int64_t hvm_ledger_verify(const uint8_t *region, uint64_t size, uint64_t *sum_ou
     const uint64_t *data = (const uint64_t *)(region + 4096);
     uint64_t sum = 0, junk = 0;
     if (size < 4096 || h->magic != LEDGER_MAGIC || h->npages > size / 4096 - 1
-        || h->phase > 1 || h->cursor > h->npages)
+        || h->phase > 1 || h->cursor > h->npages
+        || (h->phase == 1 && h->target != h->gen && h->target != h->gen + 1))
         return -2;
     for (uint64_t i = 0; i < h->npages; i++) {
         const uint64_t *p = data + i * LEDGER_WORDS;
         if (h->phase == 1 && i < h->cursor) {
-            if (ledger_check_page(p, h->seed, h->gen + 1, i, &junk) >= 0)
+            if (ledger_check_page(p, h->seed, h->target, i, &junk) >= 0)
                 return (int64_t)i;
         } else if (h->phase == 1 && i == h->cursor) {
-            /* being rewritten: each word holds gen or gen + 1 */
+            /* being rewritten: each word holds gen or target */
             uint64_t a = ledger_page_seed(h->seed, h->gen, i);
-            uint64_t b = ledger_page_seed(h->seed, h->gen + 1, i);
+            uint64_t b = ledger_page_seed(h->seed, h->target, i);
             for (int j = 0; j < LEDGER_WORDS; j++) {
                 a = ledger_next(a);
                 b = ledger_next(b);

@@ -17,7 +17,7 @@ PDPT_ADDR = 0x3000
 PD_ADDR = 0x4000            # four page directories: 4 GiB in 2 MiB pages
 BOOT_GDT_ADDR = 0x8000
 IMAGE_BASE = 0x100000
-IMAGE_MAX = 0x300000        # the image and its bss end below WORKLOAD_BASE
+IMAGE_END = 0x300000        # the image and its bss end below this (link.ld asserts it)
 WORKLOAD_BASE = 0x400000
 
 BOOT_INFO_MAGIC = 0x424D5648
@@ -78,7 +78,7 @@ _BOOT_GDT = struct.pack("<3Q", 0, 0x00AF9A000000FFFF, 0x00CF92000000FFFF)
 
 def load_image(mem, boot_info: BootInfo, image: bytes) -> None:
     """Write boot info, page tables, boot GDT and the image into RAM ``mem``."""
-    if len(image) > IMAGE_MAX - IMAGE_BASE:
+    if len(image) > IMAGE_END - IMAGE_BASE:
         raise ValueError("guest image too large")
     mem[BOOT_INFO_ADDR:BOOT_INFO_ADDR + BootInfo.LAYOUT.size] = boot_info.pack()
     tables = _page_tables()

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from ._check import ffi, lib
 from .boot import PAGE_SIZE, WORKLOAD_BASE
 
-_LEDGER_HEADER = struct.Struct("<8Q")
+_LEDGER_HEADER = struct.Struct("<9Q")
 
 
 @dataclass(frozen=True)
@@ -21,6 +21,7 @@ class LedgerHeader:
     cursor: int
     sum: int
     passes: int
+    target: int
 
 
 def ledger_header(memory) -> LedgerHeader:

@@ -1,5 +1,5 @@
 /* Ring 0: descriptor tables, the TSS with an open I/O bitmap, the LAPIC
- * timer, trap handling and the two system calls.  Compiled with
+ * timer, trap handling and the ring-0 idle loop.  Compiled with
  * -mgeneral-regs-only so handlers never touch the workload's SSE state.
  *
  * Ring 0 is slow on this host (specs/guest-boot.md), so everything here

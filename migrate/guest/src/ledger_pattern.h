@@ -13,12 +13,13 @@ struct ledger_header {
     uint64_t magic;
     uint64_t seed;
     uint64_t npages;        /* data pages, after this header page */
-    uint64_t gen;           /* generation every data page holds (see cursor) */
-    uint64_t phase;         /* 0: verifying gen; 1: rewriting to gen + 1 */
+    uint64_t gen;           /* generation the data pages hold (phase 1: see cursor) */
+    uint64_t phase;         /* 0: verifying gen; 1: rewriting to target */
     uint64_t cursor;        /* phase 0: the page being verified;
-                               phase 1: pages [0, cursor) already hold gen + 1 */
+                               phase 1: pages [0, cursor) already hold target */
     uint64_t sum;           /* checksum of the last verified generation */
     uint64_t passes;
+    uint64_t target;        /* phase 1: the generation being written */
 };
 
 static inline uint64_t ledger_mix(uint64_t x)

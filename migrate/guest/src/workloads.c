@@ -35,13 +35,15 @@ static void dirtier(void)
     uint64_t ws = boot->args[0] ? boot->args[0] : boot->wl_size;
     if (ws > boot->wl_size)
         ws = boot->wl_size;
-    uint64_t pages = ws / PAGE_SIZE, rate = boot->args[1], hz = tsc_hz();
+    uint64_t pages = ws / PAGE_SIZE ? ws / PAGE_SIZE : 1, hz = tsc_hz();
+    uint64_t rate = boot->args[1] < (4ULL << 30) ? boot->args[1] : (4ULL << 30);
     uint64_t written = 0, pos = 0, start = rdtsc(), last = start, last_written = 0;
     printk("dirtier start pages=%lu rate=%lu\n", pages, rate);
     for (;;) {
         uint64_t now = rdtsc();
-        uint64_t el = now - start, per_sec = rate / PAGE_SIZE;
-        uint64_t allowed = rate ? el / hz * per_sec + el % hz * per_sec / hz : written + 4096;
+        uint64_t el = now - start;
+        uint64_t allowed = rate ? (el / hz * rate + el % hz * rate / hz) / PAGE_SIZE
+                                : written + 4096;
         while (written < allowed) {
             base[pos * (PAGE_SIZE / 8) + (written & 511)] = written;
             written++;
@@ -50,7 +52,7 @@ static void dirtier(void)
         }
         if (now - last >= hz) {
             uint64_t kbps = (written - last_written) * 4 * hz / (now - last);
-            printk("dirtier pages=%lu rate=%lu KB/s ticks=%lu\n", written, kbps, timer_ticks);
+            printk("dirtier writes=%lu rate=%lu KB/s ticks=%lu\n", written, kbps, timer_ticks);
             last = now;
             last_written = written;
         }
@@ -69,18 +71,14 @@ static void ledger(void)
     uint64_t npages = boot->args[1] && boot->args[1] < max_pages ? boot->args[1] : max_pages;
 
     if (h->magic != LEDGER_MAGIC) {
+        /* the magic goes in last: until then a host check says "no ledger" */
         h->seed = boot->args[0];
         h->npages = npages;
-        h->gen = 0;
-        h->phase = 1;
-        h->cursor = 0;
+        h->gen = h->target = h->phase = h->cursor = 0;
+        for (uint64_t i = 0; i < npages; i++)
+            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, 0, i);
         barrier();
         h->magic = LEDGER_MAGIC;
-        for (uint64_t i = 0; i < npages; i++) {
-            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, 0, i);
-            barrier();
-        }
-        h->phase = 0;
     }
     printk("ledger start seed=%lu pages=%lu gen=%lu\n", h->seed, h->npages, h->gen);
     for (;;) {
@@ -98,16 +96,20 @@ static void ledger(void)
         h->sum = sum;
         h->passes++;
         printk("ledger ok gen=%lu sum=%016lx ticks=%lu\n", h->gen, sum, timer_ticks);
+        /* Every store below leaves the header describing memory exactly
+         * (specs/guest-boot.md, "ledger"): a paused guest always checks. */
+        h->target = h->gen + 1;
         h->cursor = 0;
         barrier();
         h->phase = 1;
         for (uint64_t i = 0; i < h->npages; i++) {
-            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->gen + 1, i);
+            ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->target, i);
             barrier();
             h->cursor = i + 1;
         }
         barrier();
-        h->gen++;
+        h->gen = h->target;
+        barrier();
         h->phase = 0;
         h->cursor = 0;
     }
