@@ -25,7 +25,7 @@ class VcpuState:
     sregs: dict
     fpu: dict
     xsave: bytes
-    xcrs: list
+    xcrs: dict
     msrs: dict
     lapic: bytes
     events: dict

@@ -9,7 +9,7 @@ import re
 
 from ._lib import ffi
 
-_SKIP = re.compile(r"^(pad\d*|padding\d*|reserved)$")
+PADDING = re.compile(r"^(pad\d*|padding\d*|reserved)$")
 
 
 def to_plain(cdata):
@@ -20,7 +20,7 @@ def to_plain(cdata):
         return {
             name: to_plain(getattr(cdata, name))
             for name, _field in ctype.fields
-            if not _SKIP.match(name)
+            if not PADDING.match(name)
         }
     if ctype.kind == "array":
         return [to_plain(item) for item in cdata]
@@ -37,7 +37,7 @@ def from_plain(ctype_name: str, plain: dict):
 def fill(cdata, plain) -> None:
     ctype = ffi.typeof(cdata)
     for name, field in ctype.fields:
-        if _SKIP.match(name):
+        if PADDING.match(name):
             continue
         value = plain[name]
         if field.type.kind == "struct":

@@ -156,20 +156,11 @@ class Vcpu:
         ffi.buffer(arg)[:] = region
         ioctl(self.fd, "KVM_SET_XSAVE", arg)
 
-    def get_xcrs(self) -> list[dict]:
-        arg = ffi.new("struct kvm_xcrs *")
-        ioctl(self.fd, "KVM_GET_XCRS", arg)
-        return [{"xcr": arg.xcrs[i].xcr, "value": arg.xcrs[i].value} for i in range(arg.nr_xcrs)]
+    def get_xcrs(self) -> dict:
+        return self._get("struct kvm_xcrs", "KVM_GET_XCRS")
 
-    def set_xcrs(self, xcrs: list[dict]) -> None:
-        arg = ffi.new("struct kvm_xcrs *")
-        if len(xcrs) > len(arg.xcrs):
-            raise ValueError("too many XCRs")
-        arg.nr_xcrs = len(xcrs)
-        for i, xcr in enumerate(xcrs):
-            arg.xcrs[i].xcr = xcr["xcr"]
-            arg.xcrs[i].value = xcr["value"]
-        ioctl(self.fd, "KVM_SET_XCRS", arg)
+    def set_xcrs(self, xcrs: dict) -> None:
+        self._set("struct kvm_xcrs", "KVM_SET_XCRS", xcrs)
 
     def get_msrs(self, indices: list[int]) -> dict[int, int]:
         """Read MSRs; raise KvmError naming the first index KVM refused."""
