@@ -145,14 +145,21 @@ class Domain:
             if len(memory) != dom.ram.size:
                 raise DomainError(f"memory image is {len(memory)} bytes, domain has {dom.ram.size}")
             dom.ram.mem[:] = memory
-            state.platform.apply(dom.vm)
-            if len(state.vcpus) != 1:
-                raise DomainError(f"state has {len(state.vcpus)} vCPUs, this build runs 1")
-            state.vcpus[0].apply(dom.vcpu)
+            dom.apply(state)
         except BaseException:
             dom.destroy()
             raise
         return dom
+
+    def apply(self, state: DomainState) -> None:
+        """Apply captured vCPU and platform state to this paused, never-run domain
+        (its memory is filled separately, e.g. page by page from a stream)."""
+        if self.status != "paused" or self._thread is not None:
+            raise DomainError("state can only be applied to a domain that has not run")
+        if len(state.vcpus) != 1:
+            raise DomainError(f"state has {len(state.vcpus)} vCPUs, this build runs 1")
+        state.platform.apply(self.vm)
+        state.vcpus[0].apply(self.vcpu)
 
     # -- memory and dirty log ---------------------------------------------
     @property
