@@ -6,7 +6,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: setup demo test bench clean
 
-$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_check.py migrate/kvm/runloop.c $(wildcard migrate/guest/src/*)
+$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_check.py migrate/kvm/runloop.c $(wildcard migrate/guest/src/* migrate/stub/src/*)
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
@@ -23,3 +23,4 @@ test: setup
 clean:
 	rm -rf $(VENV) build *.egg-info migrate/kvm/_kvm.*.so migrate/kvm/_kvm.c migrate/kvm/_kvm.o
 	$(MAKE) -C migrate/guest clean
+	$(MAKE) -C migrate/stub clean

@@ -1,4 +1,4 @@
-"""Build hooks: the cffi extension (migrate.kvm._kvm) and the guest images.
+"""Build hooks: the cffi extensions and the guest and stub images.
 
 Both are compiled from source with the machine's gcc whenever the package is
 built or installed (including `pip install -e .`).
@@ -13,17 +13,21 @@ HERE = Path(__file__).resolve().parent
 
 
 class BuildExtWithGuests(build_ext):
+    IMAGES = (("guest", "guest.bin"), ("stub", "stub.bin"))
+
     def run(self):
-        subprocess.run(["make", "-s", "-C", str(HERE / "migrate" / "guest")], check=True)
+        for folder, _ in self.IMAGES:
+            subprocess.run(["make", "-s", "-C", str(HERE / "migrate" / folder)], check=True)
         super().run()
         if not self.inplace:
-            self._copy_guest_images()
+            self._copy_images()
 
-    def _copy_guest_images(self):
-        src = HERE / "migrate" / "guest" / "images" / "guest.bin"
-        dst = Path(self.build_lib) / "migrate" / "guest" / "images"
-        dst.mkdir(parents=True, exist_ok=True)
-        (dst / "guest.bin").write_bytes(src.read_bytes())
+    def _copy_images(self):
+        for folder, name in self.IMAGES:
+            src = HERE / "migrate" / folder / "images" / name
+            dst = Path(self.build_lib) / "migrate" / folder / "images"
+            dst.mkdir(parents=True, exist_ok=True)
+            (dst / name).write_bytes(src.read_bytes())
 
 
 setup(

@@ -14,6 +14,8 @@ from . import guest
 from .console import Console
 from .guest import boot as gboot
 from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
+from .stub import Stub, StubError, StubState
+from .stub import abi as stub_abi
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +40,8 @@ class DomainConfig:
     memory: int
     args: list[int] = field(default_factory=lambda: [0] * 8)
     timer_hz: int = 100
+    stub: bool = True           # devices in a stub VM; False: debug port 0xE9 only
+    disk: str | None = None     # raw disk image behind the virtio block device
 
     def validate(self) -> None:
         if self.workload not in gboot.WORKLOADS:
@@ -50,14 +54,18 @@ class DomainConfig:
             raise DomainError("at most 8 workload arguments")
         if not 0 <= self.timer_hz <= 1000:
             raise DomainError("timer_hz must be 0 to 1000")
+        if self.disk is not None and not self.stub:
+            raise DomainError("a disk needs the device-model stub")
 
 
 @dataclass
 class DomainState:
-    """Everything but memory: configuration, vCPUs, platform devices."""
+    """Everything but memory: configuration, vCPUs, platform devices, and the
+    stub's vCPU, platform and device state (None for a domain without stub)."""
     config: DomainConfig
     vcpus: list[VcpuState]
     platform: PlatformState
+    stub: StubState | None = None
 
 
 class Domain:
@@ -82,6 +90,8 @@ class Domain:
         self._want_run = False
         self._in_guest = False
         self._thread: threading.Thread | None = None
+        self.stub: Stub | None = None
+        self._input = bytearray()          # console input not yet taken by the UART
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
         try:
@@ -104,6 +114,11 @@ class Domain:
         self.vcpu = vm.create_vcpu(0)
         self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
         self.msr_indices = self._saveable_msrs()
+        if self.config.stub:
+            try:
+                self.stub = Stub(kvm, vm, self.ram, self.console, self.config.disk, self.config.name)
+            except OSError as exc:
+                raise DomainError(f"cannot build the stub: {exc}") from None
 
     def _saveable_msrs(self) -> list[int]:
         saveable = []
@@ -117,10 +132,15 @@ class Domain:
 
     @classmethod
     def boot(cls, config: DomainConfig, console: Console | None = None) -> "Domain":
-        """A new domain with the guest image loaded, paused at its entry."""
+        """A new domain (guest image loaded, stub running), paused at the guest's entry."""
         dom = cls(config, console)
         try:
+            if dom.stub is not None:
+                dom.stub.boot()
             dom._load_image()
+        except StubError as exc:
+            dom.destroy()
+            raise DomainError(f"stub failed to boot: {exc}") from None
         except BaseException:
             dom.destroy()
             raise
@@ -128,58 +148,115 @@ class Domain:
 
     def _load_image(self) -> None:
         image = guest.image_path().read_bytes()
+        flags = (gboot.BOOT_F_UART if self.stub else 0) | (gboot.BOOT_F_VIRTIO if self.config.disk else 0)
         info = gboot.BootInfo(
             workload=gboot.WORKLOADS[self.config.workload], timer_hz=self.config.timer_hz,
             mem_size=self.config.memory, wl_base=gboot.WORKLOAD_BASE,
             wl_size=self.config.memory - gboot.WORKLOAD_BASE,
-            tsc_khz=self.vcpu.get_tsc_khz(), args=self.config.args)
+            tsc_khz=self.vcpu.get_tsc_khz(), args=self.config.args,
+            flags=flags, virtio_base=stub_abi.VIRTIO_BASE)
         gboot.load_image(self.ram.mem, info, image)
         self.vcpu.set_sregs(gboot.entry_sregs(self.vcpu.get_sregs()))
         self.vcpu.set_regs(gboot.entry_regs())
 
     @classmethod
-    def restore(cls, state: DomainState, memory, console: Console | None = None) -> "Domain":
-        """A new domain from captured state and a copy of RAM, paused."""
+    def restore(cls, state: DomainState, memory, stub_memory=None, console: Console | None = None,
+                fresh_stub: bool = False) -> "Domain":
+        """A new domain from captured state and copies of RAM, paused.
+
+        The stub resumes from ``stub_memory`` as it was, or, with
+        ``fresh_stub``, boots anew and loads the device state records.
+        """
         dom = cls(state.config, console)
         try:
             if len(memory) != dom.ram.size:
                 raise DomainError(f"memory image is {len(memory)} bytes, domain has {dom.ram.size}")
             dom.ram.mem[:] = memory
-            dom.apply(state)
+            if dom.stub is not None and not fresh_stub:
+                if stub_memory is None or len(stub_memory) != dom.stub.ram.size:
+                    raise DomainError("the stub's memory image is missing or has the wrong size")
+                dom.stub.ram.mem[:] = stub_memory
+            dom.apply(state, fresh_stub=fresh_stub)
         except BaseException:
             dom.destroy()
             raise
         return dom
 
-    def apply(self, state: DomainState) -> None:
-        """Apply captured vCPU and platform state to this paused, never-run domain
-        (its memory is filled separately, e.g. page by page from a stream)."""
+    def apply(self, state: DomainState, fresh_stub: bool = False) -> None:
+        """Apply captured state to this paused, never-run domain (its memory,
+        and unless ``fresh_stub`` the stub's memory, are filled separately)."""
         if self.status != "paused" or self._thread is not None:
             raise DomainError("state can only be applied to a domain that has not run")
         if len(state.vcpus) != 1:
             raise DomainError(f"state has {len(state.vcpus)} vCPUs, this build runs 1")
+        if (state.stub is None) != (self.stub is None):
+            raise DomainError("state and domain disagree on having a device-model stub")
         state.platform.apply(self.vm)
         state.vcpus[0].apply(self.vcpu)
+        if self.stub is None:
+            return
+        try:
+            if fresh_stub:
+                self.stub.boot()
+                self.stub.load_devices(state.stub.devices)
+            else:
+                self.stub.apply(state.stub)
+        except StubError as exc:
+            raise DomainError(str(exc)) from None
 
     # -- memory and dirty log ---------------------------------------------
     @property
     def memory(self) -> memoryview:
         return self.ram.view()
 
+    @property
+    def stub_memory(self) -> memoryview | None:
+        return self.stub.memory if self.stub else None
+
     def set_dirty_logging(self, enabled: bool) -> None:
         self.vm.set_dirty_logging(RAM_SLOT, enabled)
+        if self.stub is not None:
+            self.stub.set_dirty_logging(enabled)
 
-    def fetch_dirty(self) -> DirtyBitmap:
-        """Fetch and clear the pages of guest RAM dirtied since the last fetch."""
-        return self.vm.get_dirty_log(RAM_SLOT)
+    def fetch_dirty(self, include_dma: bool = True) -> DirtyBitmap:
+        """Fetch and clear the pages of guest RAM dirtied since the last fetch:
+        the guest's own log merged with the stub's window log (its DMA), which
+        KVM keeps apart (KVM-HERE.md).  ``include_dma=False`` exists only to
+        show that the merge matters."""
+        dirty = self.vm.get_dirty_log(RAM_SLOT)
+        if self.stub is not None:
+            window = self.stub.fetch_window_dirty()
+            if include_dma:
+                dirty = dirty | window
+        return dirty
+
+    def fetch_stub_dirty(self) -> DirtyBitmap | None:
+        """Fetch and clear the stub's own memory pages dirtied since the last fetch."""
+        return self.stub.fetch_ram_dirty() if self.stub else None
+
+    # -- console input ----------------------------------------------------------
+    def send_input(self, data: bytes) -> None:
+        """Type ``data`` on the console: it reaches the guest through the UART."""
+        if self.stub is None:
+            raise DomainError("this domain has no UART (no device-model stub)")
+        with self._cv:
+            if len(self._input) + len(data) > 65536:
+                raise DomainError("console input backlog is full")
+            self._input += data
+            if self.status == "running":
+                self.vcpu.kick()        # the vCPU thread hands it to the stub
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
         if self.status == "running":
             raise DomainError("capture needs a paused domain")
+        try:
+            stub = self.stub.capture() if self.stub else None
+        except StubError as exc:
+            raise DomainError(str(exc)) from None
         return DomainState(config=self.config,
                            vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
-                           platform=PlatformState.capture(self.vm))
+                           platform=PlatformState.capture(self.vm), stub=stub)
 
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
@@ -210,6 +287,10 @@ class Domain:
                 raise DomainError(f"vCPU did not stop within {timeout}s")
             if self.status == "running":
                 self.status = "paused"
+        # Quiesce: block requests complete inside the exit that issued them,
+        # so none is in flight now; make the written ones durable.
+        if self.stub is not None and self.stub.backend is not None:
+            self.stub.backend.flush()
 
     def destroy(self) -> None:
         with self._cv:
@@ -225,6 +306,8 @@ class Domain:
         self._close_vm()
 
     def _close_vm(self) -> None:
+        if getattr(self, "stub", None) is not None:
+            self.stub.close()
         vm = getattr(self, "vm", None)
         if vm is not None:
             vm.close()
@@ -255,9 +338,14 @@ class Domain:
     def _run_until_stopped(self) -> None:
         vcpu = self.vcpu
         while True:
+            self._deliver_input()
             ex = vcpu.run()
             if ex.reason == "stopped":
-                return
+                with self._cv:
+                    if not self._want_run:
+                        return
+                    vcpu.unkick()       # kicked for housekeeping (input), not a pause
+                continue
             handler = self._EXIT_HANDLERS.get(ex.reason, Domain._on_fatal_exit)
             if handler(self, ex) is False:
                 return
@@ -274,7 +362,22 @@ class Domain:
     def _on_console(self, ex) -> None:
         self.console.feed(ex.data)
 
+    def _deliver_input(self) -> None:
+        if not self._input or self.stub is None:
+            return
+        with self._cv:
+            chunk = bytes(self._input[:16])
+        taken = self.stub.input(chunk)
+        with self._cv:
+            del self._input[:taken]
+
     def _on_io(self, ex):
+        if self.stub is not None and ex.port in stub_abi.UART_PORTS:
+            reply = self.stub.port_io(ex)
+            if reply is not None:
+                self.vcpu.complete_io_in(reply)
+            self._deliver_input()
+            return None
         if ex.is_write and ex.port == PORT_SYNC:
             if self.on_sync is not None:
                 self.on_sync(int.from_bytes(ex.data, "little"))
@@ -293,6 +396,12 @@ class Domain:
         return None
 
     def _on_mmio(self, ex) -> None:
+        if (self.stub is not None and self.config.disk is not None
+                and stub_abi.VIRTIO_BASE <= ex.address < stub_abi.VIRTIO_BASE + stub_abi.VIRTIO_SIZE):
+            reply = self.stub.mmio(ex)
+            if reply is not None:
+                self.vcpu.complete_mmio_read(reply)
+            return
         page = ex.address & ~0xFFF
         if page not in self._unknown_mmio and len(self._unknown_mmio) < 1024:
             self._unknown_mmio.add(page)

@@ -13,21 +13,24 @@ pytestmark = pytest.mark.kvm
 
 def _capture(dom):
     dom.pause()
-    return dom.capture(), bytes(dom.memory)
+    return dom.capture(), bytes(dom.memory), bytes(dom.stub_memory) if dom.stub else None
 
 
-def test_ledger_continues_after_round_trip(domains):
-    src = Domain.boot(DomainConfig("ledger", "ledger", 64 << 20, args=[7, 0]))
+@pytest.mark.parametrize("fresh_stub", [False, True], ids=["stub-image", "fresh-stub"])
+def test_ledger_continues_after_round_trip(domains, tmp_path, fresh_stub):
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(1 << 20))
+    src = Domain.boot(DomainConfig("ledger", "ledger", 64 << 20, args=[7, 0], disk=str(disk)))
     domains.append(src)
     src.resume()
     src.console.wait_for(r"ledger ok gen=3 ", 20)
-    state, memory = _capture(src)
+    state, memory, stub_memory = _capture(src)
     hdr = check.ledger_header(memory)
     last = [ln for ln in src.console.lines() if ln.startswith("ledger ok")][-1]
     last_gen, last_ticks = (int(x) for x in re.search(r"gen=(\d+) .* ticks=(\d+)", last).groups())
     src.destroy()
 
-    dst = Domain.restore(state, memory)
+    dst = Domain.restore(state, memory, stub_memory, fresh_stub=fresh_stub)
     domains.append(dst)
     assert check.ledger_verify(dst.memory)[0] == -1
     dst.resume()
@@ -36,8 +39,12 @@ def test_ledger_continues_after_round_trip(domains):
     assert gen == last_gen + 1 or (gen == hdr.gen and hdr.phase == 0)
     assert int(m.group(2), 16) == check.ledger_sum(hdr.seed, gen, hdr.npages)
     assert ticks > last_ticks, "timer ticks did not carry on"
-    dst.console.wait_for(rf"ledger ok gen={gen + 2} ", 20)
-    assert not any("CORRUPT" in ln for ln in dst.console.lines())
+    assert m.string.endswith(" journal=ok"), m.string
+    dst.console.wait_for(rf"ledger ok gen={gen + 2} .* journal=ok$", 20)
+    assert not any("CORRUPT" in ln or "JOURNAL BAD" in ln for ln in dst.console.lines())
+    # the console's input path survived too
+    dst.send_input(b"still here\n")
+    dst.console.wait_for(r"^ledger input: still here$", 10)
 
 
 def test_pagetouch_continues_after_round_trip(domains):
@@ -46,13 +53,13 @@ def test_pagetouch_continues_after_round_trip(domains):
     src.resume()
     src.console.wait_for(r"pagetouch pass=\d+", 20)
     time.sleep(0.3)
-    state, memory = _capture(src)
+    state, memory, stub_memory = _capture(src)
     assert check.pagetouch_check(memory) == []
     last = src.console.lines()[-1]
     last_pass, last_ticks = (int(x) for x in re.search(r"pass=(\d+) ticks=(\d+)", last).groups())
     src.destroy()
 
-    dst = Domain.restore(state, memory)
+    dst = Domain.restore(state, memory, stub_memory)
     domains.append(dst)
     dst.resume()
     m = dst.console.wait_for(r"pagetouch pass=(\d+) ticks=(\d+)", 10)
@@ -90,4 +97,4 @@ def test_restore_refuses_wrong_memory_size(domains):
     domains.append(dom)
     state = dom.capture()
     with pytest.raises(Exception, match="memory image is"):
-        Domain.restore(state, bytes(8 << 20))
+        Domain.restore(state, bytes(8 << 20), bytes(dom.stub_memory))

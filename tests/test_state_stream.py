@@ -52,9 +52,9 @@ def test_captured_state_round_trips_through_hvm_records(domains):
                for rt, attr in VCPU_FIELDS.items()}
     for attr, value in decoded.items():
         setattr(vcpu, attr, value)
-    memory = bytes(dom.memory)
+    memory, stub_memory = bytes(dom.memory), bytes(dom.stub_memory)
     dom.destroy()
-    dst = Domain.restore(state, memory)
+    dst = Domain.restore(state, memory, stub_memory)
     domains.append(dst)
     dst.resume()
     dst.console.wait_for("ledger ok gen=4 ", 10)

@@ -83,8 +83,8 @@ def test_console_lines_are_whole(domains):
     dom = _boot(domains, "ledger", args=[1, 256])
     dom.console.wait_for(r"ledger ok gen=5", 15)
     for line in dom.console.lines():
-        assert re.fullmatch(r"ledger (start seed=1 pages=256 gen=0|ok gen=\d+ sum=[0-9a-f]{16} ticks=\d+)",
-                            line), line
+        assert re.fullmatch(r"ledger (start seed=1 pages=256 gen=0 journal=0|"
+                            r"ok gen=\d+ sum=[0-9a-f]{16} ticks=\d+ journal=off)", line), line
 
 
 def test_bench_loop_matches_the_host_and_shuts_down(domains):

@@ -23,6 +23,9 @@ WORKLOAD_BASE = 0x400000
 BOOT_INFO_MAGIC = 0x424D5648
 BOOT_INFO_VERSION = 1
 WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6}
+WL_STUB = 7                 # the stub's image runs this "workload": the device model
+BOOT_F_UART = 1
+BOOT_F_VIRTIO = 2
 
 # P | RW | US | A, and D | PS for the 2 MiB leaves: the accessed and dirty
 # bits are preset so the CPU never writes page tables (which would show in
@@ -36,7 +39,9 @@ EFER_LME, EFER_LMA = 0x100, 0x400
 
 
 def image_path(name: str = "guest") -> Path:
-    path = Path(__file__).resolve().parent / "images" / f"{name}.bin"
+    """The built image ``name``: "guest" here, "stub" in migrate/stub/images."""
+    folder = Path(__file__).resolve().parent.parent / ("stub" if name == "stub" else "guest")
+    path = folder / "images" / f"{name}.bin"
     if not path.exists():
         raise FileNotFoundError(f"guest image {path} is not built: run `make setup`")
     return path
@@ -52,14 +57,17 @@ class BootInfo:
     wl_size: int
     tsc_khz: int
     args: list[int] = field(default_factory=lambda: [0] * 8)
+    flags: int = 0
+    virtio_base: int = 0
 
-    LAYOUT = struct.Struct("<IIIIQQQQ8Q")   # 112 bytes
+    LAYOUT = struct.Struct("<IIIIQQQQ8QQQ")   # 128 bytes
 
     def pack(self) -> bytes:
         args = list(self.args) + [0] * (8 - len(self.args))
         return self.LAYOUT.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, self.workload,
                                 self.timer_hz, self.mem_size, self.wl_base,
-                                self.wl_size, self.tsc_khz, *args)
+                                self.wl_size, self.tsc_khz, *args, self.flags,
+                                self.virtio_base)
 
 
 def _page_tables() -> bytes:

@@ -122,6 +122,8 @@ struct hvm_runner {
     uint8_t console[4096];
     uint64_t n_entries;
     uint64_t n_console;
+    uint32_t io_len;
+    uint8_t io_data[4096];
     ...;
 };
 int hvm_init_signals(void);

@@ -50,6 +50,8 @@ struct hvm_runner {
     uint8_t console[4096];
     uint64_t n_entries;     /* KVM_RUN calls */
     uint64_t n_console;     /* console bytes seen */
+    uint32_t io_len;        /* KVM_EXIT_IO out: all size * count bytes */
+    uint8_t io_data[4096];
 };
 
 static int hvm_kick_signal(void) { return SIGRTMIN + 3; }
@@ -113,8 +115,14 @@ static void fill_exit(struct hvm_runner *r)
         e->size = run->io.size;
         e->port = run->io.port;
         e->count = run->io.count;
-        if (run->io.direction == KVM_EXIT_IO_OUT && run->io.size <= 8)
-            memcpy(e->data, (uint8_t *)run + run->io.data_offset, run->io.size);
+        if (run->io.direction == KVM_EXIT_IO_OUT) {
+            uint32_t n = (uint32_t)run->io.size * run->io.count;
+            if (n > sizeof(r->io_data))
+                n = sizeof(r->io_data);
+            memcpy(r->io_data, (uint8_t *)run + run->io.data_offset, n);
+            r->io_len = n;
+            memcpy(e->data, r->io_data, run->io.size <= 8 ? run->io.size : 8);
+        }
         break;
     case KVM_EXIT_MMIO:
         e->direction = run->mmio.is_write;

@@ -53,7 +53,7 @@ STOPPED = VcpuExit("stopped")
 
 
 class Vcpu:
-    def __init__(self, vm, vcpu_id: int, fd: int):
+    def __init__(self, vm, vcpu_id: int, fd: int, console_port: int = DEBUG_CONSOLE_PORT):
         _init_signals()
         self.vm = vm
         self.id = vcpu_id
@@ -63,7 +63,7 @@ class Vcpu:
         self._run_buf = ffi.from_buffer(self._run_map)
         self._run_ptr = ffi.cast("struct kvm_run *", self._run_buf)
         self._runner = ffi.new("struct hvm_runner *")
-        rc = lib.hvm_runner_init(self._runner, fd, self._run_ptr, DEBUG_CONSOLE_PORT)
+        rc = lib.hvm_runner_init(self._runner, fd, self._run_ptr, console_port)
         if rc:
             raise KvmError("pthread_mutex_init", -rc)
 
@@ -93,8 +93,9 @@ class Vcpu:
         reason = _EXIT_BY_CODE.get(e.reason, "unknown")
         if reason == "io":
             out = e.direction == lib.KVM_EXIT_IO_OUT
+            data = bytes(ffi.buffer(self._runner.io_data, self._runner.io_len)) if out else b""
             return VcpuExit("io", e.reason, port=e.port, is_write=out, size=e.size,
-                            count=e.count, data=bytes(e.data)[:e.size] if out else b"")
+                            count=e.count, data=data)
         if reason == "mmio":
             return VcpuExit("mmio", e.reason, address=e.address, is_write=bool(e.direction),
                             size=e.size, data=bytes(e.data)[:e.size] if e.direction else b"")

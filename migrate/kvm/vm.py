@@ -24,6 +24,7 @@ class MemorySlot:
     memfd: int
     mem: mmap.mmap = field(repr=False)
     flags: int = 0
+    owns_memfd: bool = True
 
     @property
     def npages(self) -> int:
@@ -53,13 +54,16 @@ class Vm:
             self.fd = -1
         for slot in self.slots.values():
             slot.mem.close()
-            os.close(slot.memfd)
+            if slot.owns_memfd:
+                os.close(slot.memfd)
         self.slots.clear()
 
     # -- creation ---------------------------------------------------------
-    def create_vcpu(self, vcpu_id: int):
-        from .vcpu import Vcpu
-        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id))
+    def create_vcpu(self, vcpu_id: int, console_port: int | None = None):
+        """A vCPU whose run loop buffers `out`s to ``console_port`` (default 0xE9)."""
+        from .vcpu import DEBUG_CONSOLE_PORT, Vcpu
+        port = DEBUG_CONSOLE_PORT if console_port is None else console_port
+        vcpu = Vcpu(self, vcpu_id, ioctl(self.fd, "KVM_CREATE_VCPU", vcpu_id), port)
         self.vcpus.append(vcpu)
         return vcpu
 
@@ -78,7 +82,8 @@ class Vm:
     # -- memory -----------------------------------------------------------
     def add_memory(self, slot: int, guest_phys_addr: int, size: int,
                    memfd: int | None = None, name: str = "guest-ram") -> MemorySlot:
-        """Map a memfd (a new one unless given) as memory slot ``slot``."""
+        """Map a memfd as memory slot ``slot``: a new one, or ``memfd`` (another
+        VM's RAM, e.g. the stub's window onto guest RAM; not closed here)."""
         if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
             raise ValueError(f"slot {slot}: size and address must be page multiples")
         own = memfd is None
@@ -91,7 +96,7 @@ class Vm:
             if own:
                 os.close(memfd)
             raise
-        region = MemorySlot(slot, guest_phys_addr, size, memfd, mem)
+        region = MemorySlot(slot, guest_phys_addr, size, memfd, mem, owns_memfd=own)
         try:
             self._set_region(region)
         except BaseException:

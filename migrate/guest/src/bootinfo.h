@@ -16,6 +16,7 @@ enum workload_id {
     WL_LEDGER = 4,
     WL_PAGESET = 5,
     WL_BENCH = 6,
+    WL_STUB = 7,                /* the device-model stub's own image */
 };
 
 struct boot_info {
@@ -28,11 +29,19 @@ struct boot_info {
     uint64_t wl_size;
     uint64_t tsc_khz;
     uint64_t args[BOOT_INFO_NARGS];
+    uint64_t flags;             /* BOOT_F_* */
+    uint64_t virtio_base;       /* guest physical base of the virtio-mmio block device */
 };
+
+#define BOOT_F_UART     1       /* console on the 16550A at 0x3F8 (else port 0xE9) */
+#define BOOT_F_VIRTIO   2       /* a virtio-mmio block device at virtio_base, IRQ 5 */
 
 /* Ports (specs/guest-boot.md, "Ports") */
 #define PORT_CONSOLE   0xE9     /* out: console bytes (rep outsb: a line) */
 #define PORT_SYNC      0xEA     /* out dword: a test synchronisation point */
 #define PORT_EXIT      0xF4     /* out dword: the guest stops, with a status */
+#define UART_PORT      0x3F8
+#define UART_GSI       4
+#define VIRTIO_GSI     5
 
 #endif

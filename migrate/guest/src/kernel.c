@@ -15,6 +15,9 @@
 #define LAPIC_BUS_HZ    1000000000UL    /* KVM's APIC bus: 1 ns per cycle */
 
 #define VEC_TIMER    32
+#define VEC_UART     36
+#define VEC_VIRTIO   37
+#define IOAPIC_BASE  0xFEC00000UL
 #define VEC_SPURIOUS 255
 
 struct trap_frame {
@@ -62,7 +65,7 @@ volatile uint64_t timer_ticks;
 const struct boot_info *boot;
 
 extern void *isr_table[21];
-extern void isr32(void), isr255(void);
+extern void isr32(void), isr36(void), isr37(void), isr255(void);
 extern void enter_user(void (*entry)(const struct boot_info *), void *stack, const void *arg);
 
 static inline void lapic_write(uint32_t reg, uint32_t v)
@@ -108,6 +111,8 @@ static void load_tables(void)
     for (int v = 0; v < 21; v++)
         set_gate(v, isr_table[v], 0);
     set_gate(VEC_TIMER, isr32, 0);
+    set_gate(VEC_UART, isr36, 0);
+    set_gate(VEC_VIRTIO, isr37, 0);
     set_gate(VEC_SPURIOUS, isr255, 0);
     struct dtr i = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" :: "m"(i));
@@ -125,6 +130,71 @@ static void start_timer(uint32_t hz)
     lapic_write(LAPIC_TIMER_ICR, (uint32_t)(LAPIC_BUS_HZ / hz));
 }
 
+/* Route an IOAPIC pin to a vector on CPU 0: edge-triggered, active high. */
+static void ioapic_route(uint32_t pin, uint32_t vector)
+{
+    volatile uint32_t *sel = (volatile uint32_t *)IOAPIC_BASE;
+    volatile uint32_t *win = (volatile uint32_t *)(IOAPIC_BASE + 0x10);
+    *sel = 0x10 + 2 * pin + 1;
+    *win = 0;
+    *sel = 0x10 + 2 * pin;
+    *win = vector;
+}
+
+/* 115200 8N1, FIFOs on, receive interrupt on, OUT2 so the line reaches the IOAPIC. */
+static void uart_init(void)
+{
+    outb(UART_PORT + 1, 0x00);
+    outb(UART_PORT + 3, 0x80);
+    outb(UART_PORT + 0, 0x01);
+    outb(UART_PORT + 1, 0x00);
+    outb(UART_PORT + 3, 0x03);
+    outb(UART_PORT + 2, 0x07);
+    outb(UART_PORT + 4, 0x0B);
+    outb(UART_PORT + 1, 0x01);
+    ioapic_route(UART_GSI, VEC_UART);
+}
+
+/* Console input: the receive interrupt appends to a line buffer. */
+static char input_line[128];
+static volatile uint32_t input_len, input_done;
+volatile uint64_t uart_irqs, virtio_irqs;
+
+static void uart_rx_interrupt(void)
+{
+    uart_irqs++;
+    while (inb(UART_PORT + 5) & 1) {
+        char c = (char)inb(UART_PORT);
+        if (input_done)
+            continue;                   /* the last line is not read yet: drop */
+        if (c == '\r' || c == '\n')
+            input_done = 1;
+        else if (input_len < sizeof(input_line) - 1)
+            input_line[input_len++] = c;
+    }
+}
+
+int console_read_line(char *buf, int size)
+{
+    if (!input_done)
+        return -1;
+    int n = (int)input_len < size - 1 ? (int)input_len : size - 1;
+    for (int i = 0; i < n; i++)
+        buf[i] = input_line[i];
+    buf[n] = 0;
+    input_len = 0;
+    barrier();
+    input_done = 0;
+    return n;
+}
+
+static void virtio_interrupt(void)
+{
+    volatile uint32_t *regs = (volatile uint32_t *)boot->virtio_base;
+    virtio_irqs++;
+    regs[0x064 / 4] = regs[0x060 / 4];  /* acknowledge what is pending */
+}
+
 static void __attribute__((noreturn)) guest_stop(uint32_t status)
 {
     for (;;) {
@@ -138,6 +208,14 @@ void trap(struct trap_frame *f)
     switch (f->vector) {
     case VEC_TIMER:
         timer_ticks++;
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_UART:
+        uart_rx_interrupt();
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_VIRTIO:
+        virtio_interrupt();
         lapic_write(LAPIC_EOI, 0);
         return;
     case VEC_SPURIOUS:
@@ -158,6 +236,9 @@ void idle_loop(void)
     printk("idle start hz=%lu\n", hz);
     for (;;) {
         __asm__ volatile("sti; hlt; cli");
+        char line[128];
+        if (console_read_line(line, sizeof(line)) >= 0)
+            printk("idle input: %s\n", line);
         if (timer_ticks >= next) {
             printk("idle ticks=%lu\n", timer_ticks);
             next = timer_ticks + hz;
@@ -174,6 +255,10 @@ void kmain(const struct boot_info *bi)
     boot = bi;
     load_tables();
     start_timer(bi->timer_hz);
+    if (bi->flags & BOOT_F_UART)
+        uart_init();
+    if (bi->flags & BOOT_F_VIRTIO)
+        ioapic_route(VIRTIO_GSI, VEC_VIRTIO);
     if (bi->workload == WL_IDLE)
         idle_loop();
     enter_user(workload_main, user_stack + sizeof(user_stack), bi);

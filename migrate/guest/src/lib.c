@@ -98,8 +98,25 @@ int vsnprintf(char *buf, size_t size, const char *fmt, va_list ap)
     return (int)o.len;
 }
 
+/* A 16550A driver's transmit: wait for THRE, then fill the 16-byte FIFO
+ * with one `rep outsb`. */
+static void uart_write(const char *s, size_t n)
+{
+    while (n) {
+        while (!(inb(UART_PORT + 5) & 0x20))
+            cpu_relax();
+        size_t chunk = n < 16 ? n : 16;
+        n -= chunk;
+        __asm__ volatile("rep outsb" : "+S"(s), "+c"(chunk) : "d"(UART_PORT) : "memory");
+    }
+}
+
 void console_write(const char *s, size_t n)
 {
+    if (boot && (boot->flags & BOOT_F_UART)) {
+        uart_write(s, n);
+        return;
+    }
     __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"(PORT_CONSOLE) : "memory");
 }
 

@@ -10,6 +10,12 @@
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline uint8_t inb(uint16_t port)
+{
+    uint8_t v;
+    __asm__ volatile("inb %1, %0" : "=a"(v) : "Nd"(port));
+    return v;
+}
 static inline uint64_t rdtsc(void)
 {
     uint32_t lo, hi;
@@ -45,6 +51,16 @@ extern volatile uint64_t timer_ticks;
 extern const struct boot_info *boot;
 
 void workload_main(const struct boot_info *bi);
+
+/* Console input (the UART's receive interrupt fills a line buffer): copies
+ * a complete line, without its end, into buf and returns its length, or -1. */
+int console_read_line(char *buf, int size);
+extern volatile uint64_t uart_irqs, virtio_irqs;
+
+/* The virtio-mmio block driver (vblk.c): 0 on success. */
+int vblk_init(void);
+int vblk_io(int write, uint64_t sector, void *buf, uint32_t len);
+extern uint64_t vblk_capacity;
 void idle_loop(void) __attribute__((noreturn));
 
 #endif

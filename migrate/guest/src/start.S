@@ -82,6 +82,8 @@ isr_common:
     STUB 19, 0
     STUB 20, 0
     STUB 32, 0
+    STUB 36, 0
+    STUB 37, 0
     STUB 255, 0
 
     .section .rodata

@@ -7,6 +7,14 @@
 
 static uint64_t tsc_hz(void) { return boot->tsc_khz * 1000; }
 
+/* Lines typed on the console come back as "<who> input: <line>". */
+static void echo_input(const char *who)
+{
+    char line[128];
+    if (console_read_line(line, sizeof(line)) >= 0)
+        printk("%s input: %s\n", who, line);
+}
+
 /* pagetouch: QEMU's migration-test pattern.  Increment the first byte of
  * every page of the region, pass after pass. */
 static void pagetouch(void)
@@ -22,6 +30,7 @@ static void pagetouch(void)
         uint64_t now = rdtsc();
         if (now - last >= interval) {
             printk("pagetouch pass=%lu ticks=%lu\n", pass, timer_ticks);
+            echo_input("pagetouch");
             last = now;
         }
     }
@@ -53,10 +62,60 @@ static void dirtier(void)
         if (now - last >= hz) {
             uint64_t kbps = (written - last_written) * 4 * hz / (now - last);
             printk("dirtier writes=%lu rate=%lu KB/s ticks=%lu\n", written, kbps, timer_ticks);
+            echo_input("dirtier");
             last = now;
             last_written = written;
         }
     }
+}
+
+/* The ledger's disk journal: generation g writes one 512-byte block at
+ * sector g % nsect (magic, seed, gen, sum, then a pattern), reads it back,
+ * and reads back one older generation's block. */
+#define JOURNAL_MAGIC 0x4c4e524a52474c48ULL     /* "HLGRJRNL" */
+static uint64_t journal_block[64] __attribute__((aligned(512)));
+static uint64_t journal_sectors;
+
+static void journal_fill(uint64_t *b, uint64_t seed, uint64_t gen, uint64_t sum)
+{
+    b[0] = JOURNAL_MAGIC;
+    b[1] = seed;
+    b[2] = gen;
+    b[3] = sum;
+    uint64_t x = ledger_page_seed(seed, gen, ~0ULL);
+    for (int i = 4; i < 64; i++)
+        b[i] = x = ledger_next(x);
+}
+
+/* 0 if the block at gen's sector holds gen (any sum when sum == ~0). */
+static int journal_check(uint64_t seed, uint64_t gen, uint64_t sum)
+{
+    if (vblk_io(0, gen % journal_sectors, journal_block, 512) != 0)
+        return -1;
+    uint64_t want[64];
+    journal_fill(want, seed, gen, sum == ~0ULL ? journal_block[3] : sum);
+    for (int i = 0; i < 64; i++)
+        if (journal_block[i] != want[i])
+            return -2;
+    return 0;
+}
+
+static const char *journal_step(const struct ledger_header *h, uint64_t sum)
+{
+    if (!journal_sectors)
+        return "off";
+    journal_fill(journal_block, h->seed, h->gen, sum);
+    if (vblk_io(1, h->gen % journal_sectors, journal_block, 512) != 0)
+        return "write-failed";
+    if (journal_check(h->seed, h->gen, sum) != 0)
+        return "readback-bad";
+    uint64_t span = h->gen < journal_sectors - 1 ? h->gen : journal_sectors - 1;
+    if (span) {
+        uint64_t older = h->gen - 1 - (h->gen * 2654435761ULL) % span;
+        if (journal_check(h->seed, older, ~0ULL) != 0)
+            return "older-bad";
+    }
+    return "ok";
 }
 
 /* ledger: self-checking memory.  Every pass verifies that each data page
@@ -80,7 +139,10 @@ static void ledger(void)
         barrier();
         h->magic = LEDGER_MAGIC;
     }
-    printk("ledger start seed=%lu pages=%lu gen=%lu\n", h->seed, h->npages, h->gen);
+    if (vblk_init() == 0 && vblk_capacity)
+        journal_sectors = vblk_capacity < 4096 ? vblk_capacity : 4096;
+    printk("ledger start seed=%lu pages=%lu gen=%lu journal=%lu\n", h->seed, h->npages, h->gen,
+           journal_sectors);
     for (;;) {
         uint64_t sum = 0;
         for (uint64_t i = 0; i < h->npages; i++) {
@@ -95,7 +157,15 @@ static void ledger(void)
         }
         h->sum = sum;
         h->passes++;
-        printk("ledger ok gen=%lu sum=%016lx ticks=%lu\n", h->gen, sum, timer_ticks);
+        const char *journal = journal_step(h, sum);
+        if (journal[0] != 'o') {
+            for (;;) {
+                printk("ledger JOURNAL BAD %s gen=%lu\n", journal, h->gen);
+                delay_ms(1000);
+            }
+        }
+        printk("ledger ok gen=%lu sum=%016lx ticks=%lu journal=%s\n", h->gen, sum, timer_ticks, journal);
+        echo_input("ledger");
         /* Every store below leaves the header describing memory exactly
          * (specs/guest-boot.md, "ledger"): a paused guest always checks. */
         h->target = h->gen + 1;

@@ -1,0 +1,108 @@
+"""Device state records: the stub's binary form <-> plain records.
+
+A record as the rest of the project sees it (and the stream carries it as
+msgpack): ``{"device": str, "instance": int, "version": int,
+"min_version": int, "fields": {name: int | bytes}}``.  The binary form lives
+in stub memory (specs/device-state.md); parsing trusts nothing.
+"""
+from __future__ import annotations
+
+import struct
+
+from . import abi
+
+MAGIC = 0x42545344
+VERSION = 1
+NAME = 24
+MAX_RECORDS = 64
+KIND_U64, KIND_BYTES = 0, 1
+
+HEADER = struct.Struct("<IIII")                  # magic, total_len, nrecords, version
+REC = struct.Struct(f"<II{NAME}sIIII")           # rec_len, nfields, device, instance, version, min_version, pad
+FIELD = struct.Struct(f"<{NAME}sII")             # name, kind, len
+
+
+class DeviceStateError(ValueError):
+    pass
+
+
+def _pad8(n: int) -> int:
+    return (n + 7) & ~7
+
+
+def _name(raw: bytes, what: str) -> str:
+    end = raw.find(b"\0")
+    if end <= 0:
+        raise DeviceStateError(f"{what} name is empty or not terminated")
+    try:
+        return raw[:end].decode("ascii")
+    except UnicodeDecodeError:
+        raise DeviceStateError(f"{what} name is not ASCII") from None
+
+
+def parse(buf: bytes | memoryview) -> list[dict]:
+    """Records from the stub's state buffer; DeviceStateError if malformed."""
+    buf = bytes(buf[:abi.STATE_SIZE])
+    if len(buf) < HEADER.size:
+        raise DeviceStateError("state buffer too short")
+    magic, total, nrecords, version = HEADER.unpack_from(buf)
+    if magic != MAGIC or version != VERSION:
+        raise DeviceStateError(f"state buffer magic {magic:#x} version {version}: not device state v{VERSION}")
+    if not HEADER.size <= total <= len(buf) or nrecords > MAX_RECORDS:
+        raise DeviceStateError(f"state buffer length {total} or record count {nrecords} out of range")
+    off, records = HEADER.size, []
+    for _ in range(nrecords):
+        if total - off < REC.size:
+            raise DeviceStateError(f"record at {off} truncated")
+        rec_len, nfields, dev, instance, ver, min_ver, pad = REC.unpack_from(buf, off)
+        if rec_len < REC.size or rec_len > total - off or rec_len % 8 or pad:
+            raise DeviceStateError(f"record at {off}: bad length {rec_len}")
+        fields, foff, end = {}, off + REC.size, off + rec_len
+        for _ in range(nfields):
+            if end - foff < FIELD.size:
+                raise DeviceStateError(f"field at {foff} truncated")
+            raw, kind, length = FIELD.unpack_from(buf, foff)
+            name = _name(raw, "field")
+            body = foff + FIELD.size
+            if kind not in (KIND_U64, KIND_BYTES) or (kind == KIND_U64 and length != 8) \
+                    or _pad8(length) > end - body or name in fields:
+                raise DeviceStateError(f"field {name!r} at {foff}: bad kind, length or duplicate")
+            value = buf[body:body + length]
+            fields[name] = int.from_bytes(value, "little") if kind == KIND_U64 else value
+            foff = body + _pad8(length)
+        if foff != end:
+            raise DeviceStateError(f"record at {off}: {end - foff} stray bytes after its fields")
+        records.append({"device": _name(dev, "device"), "instance": instance, "version": ver,
+                        "min_version": min_ver, "fields": fields})
+        off = end
+    if off != total:
+        raise DeviceStateError(f"{total - off} stray bytes after the last record")
+    return records
+
+
+def build(records: list[dict]) -> bytes:
+    """The stub's binary form of ``records``; DeviceStateError if they do not fit."""
+    if len(records) > MAX_RECORDS:
+        raise DeviceStateError("too many device records")
+    out = bytearray(HEADER.size)
+    for rec in records:
+        body = bytearray()
+        for name, value in rec["fields"].items():
+            if isinstance(value, int):
+                kind, data = KIND_U64, value.to_bytes(8, "little")
+            else:
+                kind, data = KIND_BYTES, bytes(value)
+            body += FIELD.pack(_encode_name(name), kind, len(data)) + data + bytes(_pad8(len(data)) - len(data))
+        out += REC.pack(REC.size + len(body), len(rec["fields"]), _encode_name(rec["device"]),
+                        rec["instance"], rec["version"], rec["min_version"], 0) + body
+    if len(out) > abi.STATE_SIZE:
+        raise DeviceStateError(f"device state of {len(out)} bytes exceeds {abi.STATE_SIZE}")
+    HEADER.pack_into(out, 0, MAGIC, len(out), len(records), VERSION)
+    return bytes(out)
+
+
+def _encode_name(name: str) -> bytes:
+    raw = name.encode("ascii")
+    if not 0 < len(raw) < NAME:
+        raise DeviceStateError(f"name {name!r} must be 1 to {NAME - 1} ASCII characters")
+    return raw

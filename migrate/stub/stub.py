@@ -1,0 +1,258 @@
+"""The stub VM, host side: boots the device-model image, turns guest exits
+into ioreqs (specs/ioreq.md), serves the stub's hypercalls (doorbell, IRQ
+lines, block ring, console), and saves/loads its device state."""
+from __future__ import annotations
+
+import logging
+import struct
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass
+
+from ..guest import boot as gboot
+from ..kvm import DirtyBitmap, PlatformState, VcpuState
+from . import abi, devstate
+from .blockback import BlockBackend
+
+log = logging.getLogger(__name__)
+
+RAM_SLOT, WINDOW_SLOT = 0, 1
+TSS_ADDR = 0xFFFBD000
+ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
+STUB_LOG_LINES = 200
+
+
+class StubError(Exception):
+    """The stub misbehaved or refused a request; the message says how."""
+
+
+@dataclass
+class StubState:
+    """The stub's vCPU and platform state and its devices' records."""
+    vcpus: list[VcpuState]
+    platform: PlatformState
+    devices: list[dict]
+
+
+class Stub:
+    def __init__(self, kvm, guest_vm, guest_ram, console, disk: str | None, name: str):
+        self.guest_vm = guest_vm
+        self.console = console
+        self.name = name
+        self.log_lines: deque[str] = deque(maxlen=STUB_LOG_LINES)
+        self._log_partial = b""
+        self._seq = 0
+        self._busy_since = 0.0
+        self._stopped = threading.Event()
+        self.requests = 0
+        self.backend = BlockBackend(disk) if disk else None
+        self.vm = vm = kvm.create_vm()
+        try:
+            vm.set_tss_addr(TSS_ADDR)
+            vm.create_irqchip()
+            vm.create_pit2()
+            self.ram = vm.add_memory(RAM_SLOT, 0, abi.STUB_RAM, name=f"stub-{name}")
+            self.window = vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
+                                        memfd=guest_ram.memfd)
+            self.vcpu = vm.create_vcpu(0, console_port=abi.PORT_CONSOLE)
+            self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
+            self.msr_indices = [i for i in kvm.get_msr_index_list() if self._readable(i)]
+        except BaseException:
+            self.close()
+            raise
+        self._watchdog = threading.Thread(target=self._watch, daemon=True, name=f"stub-watch-{name}")
+        self._watchdog.start()
+
+    def _readable(self, index: int) -> bool:
+        try:
+            self.vcpu.get_msrs([index])
+            return True
+        except OSError:
+            return False
+
+    # -- lifecycle ------------------------------------------------------------
+    def boot(self) -> None:
+        """Load the stub image and run it until it serves requests."""
+        info = gboot.BootInfo(
+            workload=gboot.WL_STUB, timer_hz=0, mem_size=abi.STUB_RAM,
+            wl_base=abi.IOREQ_PAGE, wl_size=abi.STUB_RAM - abi.IOREQ_PAGE,
+            tsc_khz=self.vcpu.get_tsc_khz(),
+            args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ])
+        gboot.load_image(self.ram.mem, info, gboot.image_path("stub").read_bytes())
+        struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
+                         self.backend.capacity if self.backend else 0)
+        self.vcpu.set_sregs(gboot.entry_sregs(self.vcpu.get_sregs()))
+        self.vcpu.set_regs(gboot.entry_regs())
+        self._run_until_doorbell()
+        magic, version, nr_vcpus, ready = abi.PAGE_HEADER.unpack_from(self.ram.mem, abi.IOREQ_PAGE)
+        if (magic, version, ready) != (abi.IOREQ_MAGIC, abi.IOREQ_VERSION, 1):
+            raise StubError(f"stub did not come up (ioreq page magic {magic:#x} version {version})")
+
+    def close(self) -> None:
+        self._stopped.set()
+        if getattr(self, "vm", None) is not None:
+            self.vm.close()
+            self.vm = None
+        if self.backend is not None:
+            self.backend.close()
+
+    # -- ioreqs ---------------------------------------------------------------
+    def request(self, type_: int, addr: int = 0, size: int = 1, direction: int = abi.DIR_WRITE,
+                data: int = 0, count: int = 1, payload: bytes | None = None) -> tuple[int, int, bytes]:
+        """Post one ioreq, run the stub until it answers: (result, data, payload).
+
+        ``payload`` (string I/O, console input) travels in the ioreq data
+        page with data_is_ptr set; a read returns count*size bytes there.
+        """
+        mem = self.ram.mem
+        is_ptr = payload is not None or (type_ == abi.TYPE_PIO and count > 1)
+        if is_ptr:
+            nbytes = len(payload) if payload is not None else size * count
+            if nbytes > abi.IOREQ_DATA_SIZE:
+                raise StubError(f"ioreq payload of {nbytes} bytes exceeds {abi.IOREQ_DATA_SIZE}")
+            if payload is not None:
+                mem[abi.IOREQ_DATA:abi.IOREQ_DATA + len(payload)] = payload
+            data = abi.IOREQ_DATA
+        if mem[abi.STATE_OFFSET] != abi.NONE:
+            raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})")
+        self._seq = (self._seq + 1) & 0xFFFFFFFF
+        abi.IOREQ.pack_into(mem, abi.IOREQ_OFFSET, addr, data, count, size, direction, type_,
+                            int(is_ptr), abi.NONE, 0, 0, self._seq, 0)
+        mem[abi.STATE_OFFSET] = abi.READY           # last: hands the slot to the stub
+        self.requests += 1
+        self._run_until_doorbell()
+        (_, out, _, _, _, _, _, state, result, _, _, done_seq) = abi.IOREQ.unpack_from(mem, abi.IOREQ_OFFSET)
+        if state != abi.RESP_READY or done_seq != self._seq:
+            raise StubError(f"stub rang the doorbell without answering (state {state}, seq {done_seq})")
+        mem[abi.STATE_OFFSET] = abi.NONE
+        reply = b""
+        if is_ptr and direction == abi.DIR_READ:
+            reply = bytes(mem[abi.IOREQ_DATA:abi.IOREQ_DATA + size * count])
+        return result, out, reply
+
+    def _run_until_doorbell(self) -> None:
+        self._busy_since = time.monotonic()
+        try:
+            while True:
+                ex = self.vcpu.run()
+                if ex.reason == "console":
+                    self.console.feed(ex.data)
+                elif ex.reason == "io" and ex.is_write:
+                    if ex.port == abi.PORT_DOORBELL:
+                        return
+                    self._hypercall(ex)
+                elif ex.reason == "stopped":
+                    self.vcpu.unkick()
+                    raise StubError(f"stub did not answer within {ANSWER_TIMEOUT:g}s")
+                else:
+                    raise StubError(f"stub VM exit {ex.reason} (port {ex.port:#x}, "
+                                    f"address {ex.address:#x}, detail {ex.detail:#x})")
+        finally:
+            self._busy_since = 0.0
+
+    def _hypercall(self, ex) -> None:
+        if ex.port == abi.PORT_IRQ:
+            value = int.from_bytes(ex.data[:4], "little")
+            irq = value & 0x7FFFFFFF
+            if irq not in (abi.UART_IRQ, abi.VIRTIO_IRQ):
+                raise StubError(f"stub asked for guest IRQ {irq}, which it does not own")
+            self.guest_vm.irq_line(irq, value >> 31)
+        elif ex.port == abi.PORT_BLK:
+            if self.backend is None:
+                raise StubError("stub kicked the block ring but the domain has no disk")
+            self.backend.serve(self.ram.mem)
+        elif ex.port == 0xE9:
+            self._stub_log(ex.data)
+        else:
+            raise StubError(f"stub wrote unknown hypercall port {ex.port:#x}")
+
+    def _stub_log(self, data: bytes) -> None:
+        *lines, self._log_partial = (self._log_partial + data).split(b"\n")
+        for line in lines:
+            text = line.decode("utf-8", "replace")
+            self.log_lines.append(text)
+            log.info("%s: %s", self.name, text)
+
+    def _watch(self) -> None:
+        while not self._stopped.wait(0.5):
+            since = self._busy_since
+            if since and time.monotonic() - since > ANSWER_TIMEOUT and self.vm is not None:
+                self.vcpu.kick()
+
+    # -- guest exits ----------------------------------------------------------
+    def port_io(self, ex) -> bytes | None:
+        """Serve a guest port exit; returns the data for a read."""
+        direction = abi.DIR_WRITE if ex.is_write else abi.DIR_READ
+        if ex.count > 1:
+            result, _, reply = self.request(abi.TYPE_PIO, ex.port, ex.size, direction, count=ex.count,
+                                            payload=ex.data if ex.is_write else None)
+        else:
+            value = int.from_bytes(ex.data, "little") if ex.is_write else 0
+            result, out, _ = self.request(abi.TYPE_PIO, ex.port, ex.size, direction, value)
+            reply = out.to_bytes(8, "little")[:ex.size]
+        if result != 0:
+            log.error("%s: stub refused port %#x access: %s", self.name, ex.port, abi.RESULTS.get(result))
+            reply = b"\xff" * (ex.size * ex.count)
+        return None if ex.is_write else reply
+
+    def mmio(self, ex) -> bytes | None:
+        direction = abi.DIR_WRITE if ex.is_write else abi.DIR_READ
+        value = int.from_bytes(ex.data, "little") if ex.is_write else 0
+        result, out, _ = self.request(abi.TYPE_MMIO, ex.address, ex.size, direction, value)
+        if result != 0:
+            log.error("%s: stub refused MMIO %#x: %s", self.name, ex.address, abi.RESULTS.get(result))
+            out = (1 << 64) - 1
+        return None if ex.is_write else out.to_bytes(8, "little")[:ex.size]
+
+    def input(self, data: bytes) -> int:
+        """Offer console input to the UART; returns how many bytes it took."""
+        result, taken, _ = self.request(abi.TYPE_INPUT, count=len(data), payload=data)
+        if result != 0:
+            raise StubError(f"stub refused console input: {abi.RESULTS.get(result)}")
+        return min(taken, len(data))
+
+    # -- device state -----------------------------------------------------------
+    def save_devices(self) -> list[dict]:
+        result, _, _ = self.request(abi.TYPE_SAVE)
+        if result != 0:
+            raise StubError(f"stub could not save device state: {abi.RESULTS.get(result)}")
+        try:
+            return devstate.parse(self.ram.view()[abi.STATE_BUF:abi.STATE_BUF + abi.STATE_SIZE])
+        except devstate.DeviceStateError as exc:
+            raise StubError(f"stub wrote malformed device state: {exc}") from None
+
+    def load_devices(self, records: list[dict]) -> None:
+        blob = devstate.build(records)
+        self.ram.mem[abi.STATE_BUF:abi.STATE_BUF + len(blob)] = blob
+        result, _, _ = self.request(abi.TYPE_LOAD)
+        if result != 0:
+            raise StubError(f"stub refused the device state: {abi.RESULTS.get(result)} "
+                            f"(see the stub log: {list(self.log_lines)[-1:]})")
+
+    def capture(self) -> StubState:
+        devices = self.save_devices()
+        return StubState(vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
+                         platform=PlatformState.capture(self.vm), devices=devices)
+
+    def apply(self, state: StubState) -> None:
+        """Resume from the stub's memory image as it is (filled separately)."""
+        state.platform.apply(self.vm)
+        state.vcpus[0].apply(self.vcpu)
+
+    # -- memory and dirty logs ------------------------------------------------
+    @property
+    def memory(self) -> memoryview:
+        return self.ram.view()
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        self.vm.set_dirty_logging(RAM_SLOT, enabled)
+        self.vm.set_dirty_logging(WINDOW_SLOT, enabled)
+
+    def fetch_window_dirty(self) -> DirtyBitmap:
+        """Guest pages the stub wrote through its window, as guest pfns."""
+        bits = self.vm.get_dirty_log(WINDOW_SLOT)
+        return DirtyBitmap(bits.tobytes(), bits.npages, 0)
+
+    def fetch_ram_dirty(self) -> DirtyBitmap:
+        return self.vm.get_dirty_log(RAM_SLOT)
