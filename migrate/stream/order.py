@@ -51,13 +51,20 @@ class StreamOrder:
         self.layouts[record.space] = record.nr_pages
 
     def _pages(self, record: PageBatch) -> None:
-        nr_pages = self.layouts.get(record.space)
+        self.pages(record.TYPE.name, record.space, (pfn for pfn, _ in record.pages))
+
+    def pages(self, what: str, space: Vm, pfns: Any) -> None:
+        """The page rules for a batch of ``pfns`` of ``space``: its layout came first and
+        every pfn is in range."""
+        if not self.config_seen:
+            raise StreamError(f"{what} before DOMAIN_CONFIG, which must come first")
+        nr_pages = self.layouts.get(space)
         if nr_pages is None:
-            raise StreamError(f"{record.TYPE.name} for {record.space.name} before its MEMORY_LAYOUT")
-        for pfn, _ in record.pages:
+            raise StreamError(f"{what} for {space.name} before its MEMORY_LAYOUT")
+        for pfn in pfns:
             if pfn >= nr_pages:
                 raise StreamError(
-                    f"pfn 0x{pfn:x} outside {record.space.name} memory of {nr_pages} pages"
+                    f"pfn 0x{pfn:x} outside {space.name} memory of {nr_pages} pages"
                 )
 
     def _hvm_state(self, record: HvmState) -> None:

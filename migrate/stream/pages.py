@@ -55,8 +55,10 @@ class PageBatch:
         return decode_batch(record_type, body)
 
 
-def encode_batch(space: int, pages: Iterable[tuple[int, bytes]], compressed: bool) -> bytes:
-    """One batch body; zero pages are detected here and never sent as data."""
+def encode_batch(space: int, pages: Iterable[tuple[int, bytes]], compressed: bool,
+                 level: int = ZSTD_LEVEL) -> bytes:
+    """One batch body; zero pages are detected here and never sent as data. ``level`` is
+    the zstd level of a compressed batch (the writer's choice, spec "PAGE_DATA_ZSTD")."""
     entries, data = [], []
     data_type = PageType.COMPRESSED if compressed else PageType.NORMAL
     for pfn, page in pages:
@@ -70,7 +72,7 @@ def encode_batch(space: int, pages: Iterable[tuple[int, bytes]], compressed: boo
         raise ValueError(f"a batch holds 1..{MAX_PAGES_PER_BATCH} pages, got {len(entries)}")
     payload = b"".join(data)
     if compressed and payload:
-        payload = zstandard.ZstdCompressor(level=ZSTD_LEVEL, write_content_size=True).compress(payload)
+        payload = zstandard.ZstdCompressor(level=level, write_content_size=True).compress(payload)
     return BATCH_HEADER.pack(space, len(entries)) + b"".join(entries) + payload
 
 

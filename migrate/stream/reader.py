@@ -73,6 +73,12 @@ class StreamReader:
         self._failed: StreamError | None = None
 
     @property
+    def offset(self) -> int:
+        """Stream offset of the first byte not yet consumed: after a record is returned,
+        the offset of the next record's header."""
+        return self._offset
+
+    @property
     def trailing(self) -> bytes:
         """Bytes received after END (only with ``leave_trailing``)."""
         return bytes(self._buf[self._pos:]) if self._done else b""

@@ -240,8 +240,8 @@ class MemoryLayout:
         space, page_size, nr_pages = MEMORY_LAYOUT.unpack(body)
         if page_size != PAGE_SIZE:
             raise StreamError(f"MEMORY_LAYOUT page size {page_size}, only {PAGE_SIZE} is defined")
-        if not 1 <= nr_pages <= MAX_SPACE_PAGES:
-            raise StreamError(f"MEMORY_LAYOUT nr_pages {nr_pages} outside 1..{MAX_SPACE_PAGES}")
+        if not 0 <= nr_pages <= MAX_SPACE_PAGES:
+            raise StreamError(f"MEMORY_LAYOUT nr_pages {nr_pages} outside 0..{MAX_SPACE_PAGES}")
         return cls(vm_of(space), nr_pages, page_size)
 
 

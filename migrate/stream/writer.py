@@ -14,7 +14,7 @@ from migrate.stream.errors import StreamError
 from migrate.stream.framing import frame
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, Vm
+from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
 
 
 class StreamWriter:
@@ -54,6 +54,17 @@ class StreamWriter:
         if batch:
             out.append(self.record(PageBatch(space, tuple(batch), compressed)))
         return b"".join(out)
+
+    def encoded_pages(self, space: Vm, body: bytes, compressed: bool, count: int, max_pfn: int) -> bytes:
+        """A page batch whose body was already made by ``pages.encode_batch`` (for writers
+        that encode batches in parallel): the ordering rules are checked against its
+        highest pfn, and ``count`` entries go into END's page count."""
+        record_type = RecordType.PAGE_DATA_ZSTD if compressed else RecordType.PAGE_DATA
+        try:
+            self._order.pages(record_type.name, space, (max_pfn,))
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        return self.raw(record_type, body, count)
 
     def raw(self, record_type: int, body: bytes, page_count: int = 0) -> bytes:
         """Frame a body as-is, without ordering checks: for tests and tools that build
