@@ -244,3 +244,215 @@ def _show_console(client, offset: int, seconds: float) -> int:
 
 def main():     # pragma: no cover - the console-script entry point
     hvm()
+
+
+# -- save, restore, stream ----------------------------------------------------
+
+def parse_compress(text: str) -> int | None:
+    """'none' -> None, 'zstd' -> 3, 'zstd:LEVEL' -> LEVEL (1..22)."""
+    kind, _, level = text.strip().lower().partition(":")
+    if kind == "none" and not level:
+        return None
+    if kind == "zstd":
+        if not level:
+            return 3
+        if level.lstrip("-").isdigit() and -7 <= int(level) <= 22 and int(level) != 0:
+            return int(level)
+    raise click.BadParameter(f"{text!r}: use none, zstd or zstd:LEVEL (LEVEL 1..22, or -7..-1 for fast)")
+
+
+def _mb(n: float) -> str:
+    return f"{n / 1e6:.1f} MB"
+
+
+def _save_summary(name: str, path: str, reply: dict) -> str:
+    s = reply["stats"]
+    rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
+    live = f", downtime {s['downtime'] * 1000:.0f} ms" if s["downtime"] else ""
+    return (f"saved {name} to {path}: {_mb(s['stream_bytes'])}, {s['pages_total']} pages "
+            f"({s['pages_sent']} sent, {s['pages_zero']} zero), {rounds}, {s['seconds']:.2f} s, "
+            f"{s['throughput'] / 1e9:.2f} GB/s of guest RAM{live}; domain {reply['status']}")
+
+
+class _ProgressLine:
+    """A one-line progress display on a terminal (stderr), nothing otherwise."""
+
+    def __init__(self, enabled: bool):
+        self.enabled = enabled
+        self.shown = False
+
+    def __call__(self, s: dict) -> None:
+        if not self.enabled:
+            return
+        total = s["guest_bytes"] // 4096
+        done = s["pages_total"]
+        pct = min(100, 100 * done // total) if total else 100
+        bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
+        click.echo(f"\r[{bar}] {s['phase']:<7} round {s['round']} {done} pages "
+                   f"{_mb(s['stream_bytes'])} {s['seconds']:.1f}s", nl=False, err=True)
+        self.shown = True
+
+    def done(self) -> None:
+        if self.shown:
+            click.echo("", err=True)
+
+
+@hvm.command()
+@click.argument("name")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--checkpoint", is_flag=True, help="Keep the domain running after the save.")
+@click.option("--live", is_flag=True, help="Pre-copy while the guest runs, pause for the last round.")
+@click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
+              help="Page compression.")
+@json_option
+@_fail_cleanly
+def save(name, file, checkpoint, live, compress, as_json):
+    """Save a domain to FILE (like xl save: the domain is destroyed afterwards unless
+    --checkpoint). FILE appears only when complete; a failed save leaves no file and
+    the domain as it was.
+
+    \b
+    Example:
+      hvm save web1 /var/lib/hvm/web1.hvm --live --compress zstd:3
+    """
+    level = parse_compress(compress)
+    mode = ("live-" if live else "") + ("checkpoint" if checkpoint else "stop")
+    mode = {"live-stop": "live"}.get(mode, mode)
+    bar = _ProgressLine(sys.stderr.isatty() and not as_json)
+    try:
+        reply = control.save_domain(name, file, mode=mode, compress=level, progress=bar)
+    finally:
+        bar.done()
+    if reply["status"] == "destroyed":
+        control.wait_gone(name)
+    if as_json:
+        click.echo(json.dumps({"name": name, **reply}))
+    else:
+        click.echo(_save_summary(name, file, reply))
+
+
+@hvm.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.option("--name", "-n", help="Name of the restored domain (default: the saved name).")
+@click.option("--paused", is_flag=True, help="Leave the restored domain paused.")
+@click.option("--fresh-stub", is_flag=True,
+              help="Boot a new device-model stub and load the device state "
+                   "(pending: arrives with the stub, issue 3).")
+@json_option
+@_fail_cleanly
+def restore(file, name, paused, fresh_stub, as_json):
+    """Restore a domain from a stream FILE, checking the stream as it goes; any error
+    destroys what was built and says why.
+
+    \b
+    Example:
+      hvm restore /var/lib/hvm/web1.hvm --name web1b --paused
+    """
+    if fresh_stub:
+        raise click.ClickException("--fresh-stub is not available yet: it arrives with the "
+                                   "device-model stub (issue 3)")
+    t0 = time.monotonic()
+    info = control.restore_domain(file, name=name, paused=paused)
+    if as_json:
+        click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
+    else:
+        click.echo(f"restored {info['name']} from {file} ({info['workload']}, "
+                   f"{info['memory'] >> 20} MiB): {info['status']}, pid {info['pid']} "
+                   f"({time.monotonic() - t0:.2f} s)")
+
+
+@hvm.group()
+def stream():
+    """Look inside stream files: inspect, verify, dump.
+
+    \b
+    Example:
+      hvm stream verify web1.hvm
+    """
+
+
+def _stream_errors(fn):
+    import functools
+
+    from .engine import RestoreError
+    from .stream import StreamError
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (StreamError, RestoreError) as exc:
+            raise click.ClickException(str(exc)) from None
+    return wrapper
+
+
+@stream.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_stream_errors
+def inspect(file):
+    """Header, record table (offsets, sizes) and memory statistics.
+
+    \b
+    Example:
+      hvm stream inspect web1.hvm
+    """
+    from .engine import inspect as insp
+    entries = list(insp.scan(file))
+    h = insp.header_of(file)
+    click.echo(f"header: version {h.version}, length {h.header_length}, "
+               f"incompat 0x{h.incompat_flags:x}, compat 0x{h.compat_flags:x}")
+    click.echo(f"{'#':>6} {'offset':>12} {'size':>10}  {'type':<16} summary")
+    for e in entries:
+        click.echo(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
+                   f"{insp.summary(e.record)}")
+    for space, stats in insp.memory_stats(entries).items():
+        click.echo(stats.line(space))
+    size = entries[-1].offset + entries[-1].size
+    click.echo(f"{len(entries)} records, {size} bytes; END checked (counts and digest)")
+
+
+@stream.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_stream_errors
+def verify(file):
+    """Check a stream completely; exit 1 with the first problem.
+
+    \b
+    Example:
+      hvm stream verify web1.hvm && echo good
+    """
+    from .engine import inspect as insp
+    count = pages = 0
+    for e in insp.scan(file):
+        count += 1
+        pages += len(getattr(e.record, "pages", ()))
+    click.echo(f"{file}: ok ({count} records, {pages} page entries)")
+
+
+@stream.command()
+@click.argument("file", type=click.Path(dir_okay=False))
+@_stream_errors
+def dump(file):
+    """Every record for a person: configuration and HVM context decoded, runs of page
+    records collapsed into counts.
+
+    \b
+    Example:
+      hvm stream dump web1.hvm | less
+    """
+    from .engine import inspect as insp
+    from .stream import HvmState, PageBatch
+    for first, n, pages, zero in insp.collapse(list(insp.scan(file))):
+        record = first.record
+        if isinstance(record, PageBatch):
+            click.echo(f"@{first.offset} {record.TYPE.name} x{n}: {record.space.name} "
+                       f"{pages} pages ({zero} zero)")
+            continue
+        click.echo(f"@{first.offset} {record.TYPE.name} {insp.summary(record)}")
+        if isinstance(record, HvmState):
+            for line in insp.describe_state(record.state):
+                click.echo(line)
+
+
+if __name__ == "__main__":     # python -m migrate.cli
+    hvm()

@@ -58,6 +58,27 @@ class DomainClient:
         reply.pop("ok")
         return reply
 
+    def call_with_progress(self, op: str, progress=None, timeout: float | None = None, **args) -> dict:
+        """Like :meth:`call` for operations that send ``{"progress": ...}`` messages
+        before their reply; each is handed to ``progress(dict)``. ``timeout`` bounds the
+        wait for each message (None: wait as long as it takes)."""
+        self.sock.settimeout(timeout)
+        try:
+            protocol.send(self.sock, {"op": op, **args})
+            while True:
+                reply = protocol.receive(self.sock, self._unpack)
+                if "progress" in reply and "ok" not in reply:
+                    if progress is not None:
+                        progress(reply["progress"])
+                    continue
+                break
+        except (protocol.ProtocolError, OSError) as exc:
+            raise ControlError(f"domain {self.name!r}: {op} failed: {exc}") from None
+        if not reply.get("ok"):
+            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}")
+        reply.pop("ok")
+        return reply
+
     def close(self) -> None:
         self.sock.close()
 
@@ -101,31 +122,81 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
     statedir.check_name(config.name)
     if not os.path.exists(DEV_KVM):
         raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+    directory = _claim_directory(config.name, base)
+    return _spawn(config, directory)
+
+
+def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
+                compress: int | None = 3, progress=None, base: Path | None = None) -> dict:
+    """Save a domain to ``path`` from inside its process (see domaind's SaveJob for
+    ``mode``); ``progress(dict)`` gets the save's statistics as it goes. Returns the
+    final reply (``path``, ``status``, ``stats``). If the connection is lost (the domain
+    process died, or we are interrupted) the partial file is removed here too."""
+    path = Path(path).absolute()
+    from ..engine import partial_path
+    with DomainClient(name, base) as client:
+        try:
+            return client.call_with_progress("save", progress, path=str(path), mode=mode,
+                                             compress=compress)
+        except BaseException as exc:
+            if not isinstance(exc, ControlError) or "save failed" not in str(exc):
+                partial_path(path).unlink(missing_ok=True)
+            raise
+
+
+def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
+                   base: Path | None = None) -> dict:
+    """Start a domain process restored from the stream file ``path``; its info once it
+    runs (or is paused, with ``paused``). Errors come back as one line; on any error no
+    process and no state are left."""
+    from ..engine import RestoreError, read_config
+    from ..stream import StreamError
+    path = Path(path).absolute()
+    if not os.path.exists(DEV_KVM):
+        raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+    try:
+        saved = read_config(path)
+    except (RestoreError, StreamError) as exc:
+        raise ControlError(f"cannot restore from {path}: {exc}") from None
+    name = name or saved.get("name")
+    if not isinstance(name, str):
+        raise ControlError(f"cannot restore from {path}: DOMAIN_CONFIG has no name")
+    statedir.check_name(name)
+    directory = _claim_directory(name, base)
+    return _spawn_process(name, directory, ["--restore", str(path), name, "1" if paused else "0"],
+                          what="restore")
+
+
+def _claim_directory(name: str, base: Path | None) -> Path:
     root = base or statedir.state_dir()
-    directory = root / config.name
+    directory = root / name
     if len(str(directory / statedir.SOCKET)) > MAX_SOCKET_PATH:
         raise ControlError(f"state directory path too long for a unix socket: {directory}")
     if directory.exists():
         try:
-            DomainClient(config.name, root).close()
+            DomainClient(name, root).close()
         except ControlError:
             pass            # was stale, now removed
         else:
-            raise ControlError(f"domain name {config.name!r} is already in use")
+            raise ControlError(f"domain name {name!r} is already in use")
     root.mkdir(parents=True, exist_ok=True)
     try:
         directory.mkdir()
     except FileExistsError:
-        raise ControlError(f"domain name {config.name!r} is already in use") from None
-    return _spawn(config, directory)
+        raise ControlError(f"domain name {name!r} is already in use") from None
+    return directory
 
 
 def _spawn(config: DomainConfig, directory: Path) -> dict:
-    read_fd, write_fd = os.pipe()
     packed = msgpack.packb(vars(config), use_bin_type=True).hex()
+    return _spawn_process(config.name, directory, [packed], what="start")
+
+
+def _spawn_process(name: str, directory: Path, args: list[str], what: str) -> dict:
+    read_fd, write_fd = os.pipe()
     try:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "migrate.host.domaind", str(directory), packed, str(write_fd)],
+            [sys.executable, "-m", "migrate.host.domaind", str(directory), *args, str(write_fd)],
             pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
             stderr=open(directory / "stderr.log", "wb"), start_new_session=True)
     finally:
@@ -136,9 +207,9 @@ def _spawn(config: DomainConfig, directory: Path) -> dict:
     if answer != "ok":
         _kill_pidfile(directory)
         shutil.rmtree(directory, ignore_errors=True)
-        raise ControlError(f"domain {config.name!r} failed to start: {answer.removeprefix('error: ')}")
+        raise ControlError(f"domain {name!r} failed to {what}: {answer.removeprefix('error: ')}")
     (directory / "stderr.log").unlink(missing_ok=True)
-    with DomainClient(config.name, directory.parent) as client:
+    with DomainClient(name, directory.parent) as client:
         return client.call("info")
 
 
@@ -172,4 +243,4 @@ def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> boo
 
 
 __all__ = ["ControlError", "DomainClient", "create_domain", "list_domains",
-           "wait_gone"]
+           "restore_domain", "save_domain", "wait_gone"]

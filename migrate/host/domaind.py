@@ -1,18 +1,28 @@
 """The domain process: owns one domain, serves its control socket.
 
 Started by :func:`migrate.host.control.create_domain` as
-``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``.  It
-boots the domain, reports ``ok`` or ``error: ...`` on the ready pipe, then
-serves requests until it is told to destroy the domain or is signalled.
+``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``, or by
+:func:`migrate.host.control.restore_domain` as
+``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) READY_FD``.
+It boots (or restores) the domain, reports ``ok`` or ``error: ...`` on the
+ready pipe, then serves requests until it is told to destroy the domain or
+is signalled.
+
+The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
+state capture must come from this process) and answers on its connection
+with progress messages ``{"progress": {...}}`` before the final reply; the
+control loop keeps serving other clients meanwhile.
 """
 from __future__ import annotations
 
 import logging
 import os
+import select
 import selectors
 import signal
 import socket
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -20,7 +30,9 @@ import msgpack
 
 from ..console import Console
 from ..domain import Domain, DomainConfig, DomainError
+from ..engine import RestoreError, SaveError, file_chunks, restore, save_to_file
 from ..kvm import KvmError
+from ..stream import StreamError
 from . import protocol, statedir
 
 log = logging.getLogger("hvm.domaind")
@@ -39,6 +51,8 @@ class DomainServer:
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
         self.running = True
+        self.save_thread: threading.Thread | None = None
+        self.save_cancel = threading.Event()
 
     # -- requests ------------------------------------------------------------
     def op_info(self, req: dict) -> dict:
@@ -50,16 +64,23 @@ class DomainServer:
                 "timer_hz": cfg.timer_hz}
 
     def op_pause(self, req: dict) -> dict:
+        self._no_save_running("pause")
         self.domain.pause()
         return {"status": self.domain.status}
 
     def op_unpause(self, req: dict) -> dict:
+        self._no_save_running("unpause")
         self.domain.resume()
         return {"status": self.domain.status}
 
     def op_destroy(self, req: dict) -> dict:
+        self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
         return {"status": "destroyed"}
+
+    def _no_save_running(self, what: str) -> None:
+        if self.save_thread is not None and self.save_thread.is_alive():
+            raise ValueError(f"cannot {what}: a save is in progress")
 
     def op_console(self, req: dict) -> dict:
         offset = req.get("offset", 0)
@@ -103,6 +124,13 @@ class DomainServer:
     def _serve_client(self, conn: socket.socket, unpack) -> None:
         try:
             req = protocol.receive(conn, unpack)
+            if req.get("op") == "save":
+                reply = self.start_save(conn, req)
+                if reply is None:       # the save thread owns the connection now
+                    self.sel.unregister(conn)
+                    return
+                protocol.send(conn, reply)
+                return
             protocol.send(conn, self.handle(req))
         except (protocol.ProtocolError, OSError) as exc:
             if not isinstance(exc, protocol.ProtocolError) or str(exc) != "connection closed":
@@ -110,14 +138,125 @@ class DomainServer:
             self.sel.unregister(conn)
             conn.close()
 
+    # -- save ------------------------------------------------------------------
+    def start_save(self, conn: socket.socket, req: dict) -> dict | None:
+        """Check a save request and start its thread (None), or an error reply."""
+        try:
+            job = SaveJob.from_request(req)
+            self._no_save_running("save")
+            if self.domain.status not in ("running", "paused"):
+                raise ValueError(f"domain is {self.domain.status}: nothing to save")
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        self.save_cancel.clear()
+        self.save_thread = threading.Thread(target=self._run_save, args=(conn, job),
+                                            name="save", daemon=True)
+        self.save_thread.start()
+        return None
+
+    def _run_save(self, conn: socket.socket, job: "SaveJob") -> None:
+        dom = self.domain
+        was_running = dom.status == "running"
+        watch = ClientWatch(conn, self.save_cancel)
+        try:
+            stats = save_to_file(dom, job.path, compress=job.level, live=job.live,
+                                 stats_cb=watch.progress, cancel=self.save_cancel)
+        except Exception as exc:      # anything: the domain goes on as before
+            log.warning("save to %s failed: %s", job.path, exc)
+            if was_running and dom.status == "paused":
+                dom.resume()
+            watch.reply({"ok": False, "error": f"save failed: {exc}"})
+        else:
+            if job.checkpoint:
+                if was_running:
+                    dom.resume()
+            else:
+                dom.destroy()
+                self.running = False
+            log.info("saved to %s (%d bytes, %s)", job.path, stats.stream_bytes,
+                     "kept" if job.checkpoint else "destroyed")
+            watch.reply({"ok": True, "path": str(job.path), "status": dom.status,
+                         "stats": stats.as_dict()})
+        finally:
+            conn.close()
+
     def close(self) -> None:
+        if self.save_thread is not None:
+            self.save_cancel.set()
+            self.save_thread.join(30)
         self.domain.destroy()
         self.sel.close()
         self.listener.close()
 
 
+class SaveJob:
+    """A save request: ``path`` (absolute), ``mode`` ``stop`` (default: destroy after a
+    successful save), ``checkpoint`` (keep running), ``live`` (pre-copy, then stop) or
+    ``live-checkpoint``; ``compress`` None or a zstd level."""
+
+    MODES = {"stop": (False, False), "checkpoint": (False, True), "live": (True, False),
+             "live-checkpoint": (True, True)}
+
+    def __init__(self, path: Path, live: bool, checkpoint: bool, level: int | None):
+        self.path, self.live, self.checkpoint, self.level = path, live, checkpoint, level
+
+    @classmethod
+    def from_request(cls, req: dict) -> "SaveJob":
+        path, mode, level = req.get("path"), req.get("mode", "stop"), req.get("compress")
+        if not isinstance(path, str) or not os.path.isabs(path):
+            raise ValueError("save needs an absolute path")
+        if mode not in cls.MODES:
+            raise ValueError(f"save mode {mode!r} is not one of {', '.join(cls.MODES)}")
+        if level is not None and (not isinstance(level, int) or not -7 <= level <= 22):
+            raise ValueError("compress must be None or a zstd level -7..22")
+        return cls(Path(path), *cls.MODES[mode], level)
+
+
+class ClientWatch:
+    """The save's connection: progress out, and a client that went away (closed, or
+    Ctrl-C) cancels the save."""
+
+    def __init__(self, conn: socket.socket, cancel: threading.Event):
+        self.conn, self.cancel = conn, cancel
+
+    def gone(self) -> bool:
+        try:
+            readable, _, _ = select.select([self.conn], [], [], 0)
+            return bool(readable) and self.conn.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+    def progress(self, stats) -> None:
+        if self.gone():
+            self.cancel.set()
+            raise SaveError("the client went away")
+        try:
+            protocol.send(self.conn, {"progress": stats.as_dict()})
+        except OSError:
+            self.cancel.set()
+            raise SaveError("the client went away") from None
+
+    def reply(self, message: dict) -> None:
+        try:
+            protocol.send(self.conn, message)
+        except OSError as exc:
+            log.warning("save reply not delivered: %s", exc)
+
+
+def _build(argv: list[str], console: Console) -> tuple[Domain, bool]:
+    """The domain this process runs, and whether to leave it paused."""
+    if argv[1] == "--restore":
+        path, name, paused = argv[2], argv[3], argv[4] == "1"
+        domain, stats = restore(file_chunks(path), name=name or None,
+                                make_domain=lambda cfg: Domain(cfg, console))
+        log.info("restored from %s: %d pages in %.3fs", path, stats.pages_total, stats.seconds)
+        return domain, paused
+    config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
+    return Domain.boot(config, console), False
+
+
 def main(argv: list[str]) -> int:
-    directory, config_hex, ready_fd = Path(argv[0]), argv[1], int(argv[2])
+    directory, ready_fd = Path(argv[0]), int(argv[-1])
     # Double fork: the launcher reaps our parent at once and init adopts us,
     # so a domain never lingers as its launcher's zombie.
     if os.fork():
@@ -130,18 +269,26 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
     try:
-        config = DomainConfig(**msgpack.unpackb(bytes.fromhex(config_hex), raw=False))
-        domain = Domain.boot(config, Console(sink=console_log.write))
+        domain, paused = _build(argv, Console(sink=console_log.write))
+    except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
+        ready.write(f"error: {_one_line(exc)}\n")
+        ready.close()
+        return 1
+    config = domain.config
+    try:
         server = DomainServer(directory, domain, console_log)
-    except (DomainError, KvmError, OSError, ValueError) as exc:
-        ready.write(f"error: {exc}\n")
+    except OSError as exc:
+        domain.destroy()
+        ready.write(f"error: {_one_line(exc)}\n")
         ready.close()
         return 1
     try:
-        domain.resume()
+        if not paused:
+            domain.resume()
         ready.write("ok\n")
         ready.close()
-        log.info("domain %s running (%s, %d MiB)", config.name, config.workload, config.memory >> 20)
+        log.info("domain %s %s (%s, %d MiB)", config.name, "paused" if paused else "running",
+                 config.workload, config.memory >> 20)
         server.serve()
     finally:
         server.close()
@@ -152,6 +299,10 @@ def main(argv: list[str]) -> int:
         except OSError:
             pass
     return 0
+
+
+def _one_line(exc: Exception) -> str:
+    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -1,0 +1,15 @@
+"""The engine: save and restore a domain through the stream, live pre-copy, statistics.
+
+- :func:`save` / :func:`restore`: sans-file, over a ``sink_write`` callable and an
+  iterable of byte chunks;
+- :func:`save_to_file` / :func:`file_chunks`: the file side (write, fsync, rename);
+- :mod:`migrate.engine.state`: DomainState <-> stream records, in one place.
+"""
+from .files import file_chunks, partial_path, read_config, save_to_file
+from .restore import RestoreStats, restore
+from .save import Convergence, SaveCancelled, SaveError, SaveStats, save
+from .state import RestoreError
+
+__all__ = ["Convergence", "RestoreError", "RestoreStats", "SaveCancelled", "SaveError",
+           "SaveStats", "file_chunks", "partial_path", "read_config", "restore", "save",
+           "save_to_file"]

@@ -1,0 +1,166 @@
+"""Streams for people: the record table, memory statistics, decoded context
+(``hvm stream inspect|verify|dump``). Reads through the same checking reader as a
+restore, so the first problem stops it with its one-line StreamError."""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Iterator
+
+from ..stream import (
+    DONE, NEED_DATA, PAGE_SIZE, Creator, DeviceState, DomainConfig, End, HvmState, MemoryLayout,
+    PageBatch, StreamReader, Vm,
+)
+from ..stream import ZERO_PAGE as _ZERO
+from .files import file_chunks
+
+
+@dataclass
+class Entry:
+    index: int
+    offset: int
+    size: int            # bytes of the record: header, body, padding
+    record: object
+
+
+def scan(path: str | os.PathLike) -> Iterator[Entry]:
+    """Every record of a stream file with its offset and size, END last; raises
+    StreamError (or RestoreError if the file cannot be read) at the first problem."""
+    reader = StreamReader()
+    index, at = 0, None
+    for data in file_chunks(path):
+        reader.feed(data)
+        while True:
+            if at is None and reader.header is not None:
+                at = reader.offset
+            record = reader.next_record()
+            if record is NEED_DATA or record is DONE:
+                break
+            if at is None:
+                at = reader.header.header_length
+            yield Entry(index, at, reader.offset - at, record)
+            index, at = index + 1, reader.offset
+    reader.eof()
+
+
+def header_of(path) -> object:
+    reader = StreamReader()
+    for data in file_chunks(path, 4096):
+        reader.feed(data)
+        reader.next_record()
+        if reader.header is not None:
+            return reader.header
+    reader.eof()
+
+
+def summary(record) -> str:
+    """One line describing a record."""
+    if isinstance(record, PageBatch):
+        zero = sum(1 for _, data in record.pages if data is _ZERO)
+        return f"{record.space.name} {len(record.pages)} pages ({zero} zero)"
+    if isinstance(record, HvmState):
+        where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
+        return f"{record.vm.name} {where}"
+    if isinstance(record, MemoryLayout):
+        return f"{record.space.name} {record.nr_pages} pages ({record.nr_pages * PAGE_SIZE >> 20} MiB)"
+    if isinstance(record, DomainConfig):
+        return " ".join(f"{k}={v}" for k, v in record.config.items())
+    if isinstance(record, DeviceState):
+        return f"{record.device}.{record.instance} v{record.version} (min {record.min_version})"
+    if isinstance(record, Creator):
+        return record.text
+    if isinstance(record, End):
+        return f"records={record.record_count} pages={record.page_count} digest={record.digest.hex()[:16]}..."
+    return ""
+
+
+
+@dataclass
+class MemoryStats:
+    nr_pages: int = 0
+    entries: int = 0
+    data: int = 0
+    zero: int = 0
+    distinct: set = field(default_factory=set)
+    data_bytes: int = 0        # page record bytes, entries and framing included
+
+    def line(self, space: Vm) -> str:
+        resent = self.entries - len(self.distinct)
+        return (f"{space.name}: {self.nr_pages} pages ({self.nr_pages * PAGE_SIZE >> 20} MiB); "
+                f"{self.entries} page entries: {self.data} data, {self.zero} zero, {resent} resent; "
+                f"{len(self.distinct)} distinct pages, {self.nr_pages - len(self.distinct)} never sent; "
+                f"page records {self.data_bytes} bytes")
+
+
+def memory_stats(entries: list[Entry]) -> dict:
+    out: dict[Vm, MemoryStats] = {}
+    for entry in entries:
+        record = entry.record
+        if isinstance(record, MemoryLayout):
+            out.setdefault(record.space, MemoryStats()).nr_pages = record.nr_pages
+        elif isinstance(record, PageBatch):
+            stats = out.setdefault(record.space, MemoryStats())
+            stats.entries += len(record.pages)
+            zero = sum(1 for _, data in record.pages if data is _ZERO)
+            stats.zero += zero
+            stats.data += len(record.pages) - zero
+            stats.distinct.update(pfn for pfn, _ in record.pages)
+            stats.data_bytes += entry.size
+    return out
+
+
+def collapse(entries: list[Entry]) -> Iterator[tuple[Entry, int, int, int]]:
+    """Runs of page records of one type and space as (first entry, records, pages, zero)."""
+    run = None
+    for entry in entries:
+        record = entry.record
+        key = (record.TYPE, record.space) if isinstance(record, PageBatch) else None
+        if run is not None and (key is None or key != run[0]):
+            yield run[1]
+            run = None
+        if key is None:
+            yield (entry, 1, 0, 0)
+            continue
+        zero = sum(1 for _, data in record.pages if data is _ZERO)
+        if run is None:
+            run = [key, (entry, 1, len(record.pages), zero)]
+        else:
+            first, n, pages, zeros = run[1]
+            run[1] = (first, n + 1, pages + len(record.pages), zeros + zero)
+    if run is not None:
+        yield run[1]
+
+
+def describe_state(state, indent: str = "    ") -> list[str]:
+    """HVM context as readable lines: ints in hex, byte blobs summarized."""
+    lines = []
+    if isinstance(state, dict):
+        for key, value in state.items():
+            if isinstance(value, (dict, list)) and value and not all(isinstance(v, int) for v in
+                                                                        (value.values() if isinstance(value, dict) else value)):
+                lines.append(f"{indent}{key}:")
+                lines += describe_state(value, indent + "  ")
+            else:
+                lines.append(f"{indent}{key}: {_show(value)}")
+    elif isinstance(state, list):
+        for i, value in enumerate(state):
+            lines.append(f"{indent}[{i}]:")
+            lines += describe_state(value, indent + "  ")
+    else:
+        lines.append(f"{indent}{_show(state)}")
+    return lines
+
+
+def _show(value) -> str:
+    if isinstance(value, bool):
+        return str(value)
+    if isinstance(value, int):
+        return hex(value)
+    if isinstance(value, bytes):
+        nonzero = sum(1 for b in value if b)
+        return f"<{len(value)} bytes, {nonzero} nonzero>"
+    if isinstance(value, dict):
+        return "{" + ", ".join(f"{k}: {_show(v)}" for k, v in value.items()) + "}"
+    if isinstance(value, list):
+        return "[" + ", ".join(_show(v) for v in value) + "]"
+    return repr(value)

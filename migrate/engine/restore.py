@@ -1,0 +1,176 @@
+"""Restore a domain from a stream, checking it as it goes (specs/stream-format.md,
+"Reading" and "Ordering").
+
+The domain is created when DOMAIN_CONFIG and the guest's MEMORY_LAYOUT have arrived and
+agree; pages are written into its RAM as their batches arrive (the last copy of a page
+wins); HVM context records are collected and applied only after END has been read and
+validated (counts and digest). Any error destroys whatever was built and propagates:
+StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
+
+Hook for the stub (issue 3): pass ``stub=`` an object with ``layout(nr_pages)`` (called
+at the stub's MEMORY_LAYOUT; it builds the stub VM and returns a writable memoryview of
+its RAM), ``add(record)`` (each Vm.STUB HvmState and each DEVICE_STATE record),
+``finish()`` (after END, before the guest state is applied) and ``destroy()``. Without a
+stub hook, a stream that carries stub memory, stub context or device state is refused.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass
+from typing import Any, Callable, Iterable
+
+from ..domain import Domain, DomainConfig
+from ..stream import (
+    DONE, NEED_DATA, PAGE_SIZE, DeviceState, End, HvmState, MemoryLayout, PageBatch,
+    StreamReader, Vm,
+)
+from ..stream import ZERO_PAGE as _ZERO     # the reader hands out this very object for ZERO
+from ..stream import Creator
+from ..stream import DomainConfig as ConfigRecord
+from .state import RestoreError, StateCollector, config_from_record
+
+
+@dataclass
+class RestoreStats:
+    stream_bytes: int = 0
+    records: int = 0
+    pages_total: int = 0
+    pages_zero: int = 0
+    guest_bytes: int = 0
+    seconds: float = 0.0
+
+    @property
+    def throughput(self) -> float:
+        return self.guest_bytes / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        return {**asdict(self), "throughput": self.throughput}
+
+
+class _Restorer:
+    def __init__(self, name: str | None, make_domain: Callable[[DomainConfig], Any], stub):
+        self.name, self.make_domain, self.stub = name, make_domain, stub
+        self.config: DomainConfig | None = None
+        self.domain = None
+        self.memory: memoryview | None = None
+        self.stub_memory: memoryview | None = None
+        self.written: dict[Vm, bytearray] = {}
+        self.collector = StateCollector()
+        self.stats = RestoreStats()
+        self.end_seen = False
+        self._dispatch = {
+            ConfigRecord: self.on_config, MemoryLayout: self.on_layout, PageBatch: self.on_pages,
+            HvmState: self.on_hvm, DeviceState: self.on_device_state, Creator: lambda r: None,
+            End: self.on_end,
+        }
+
+    def handle(self, record) -> None:
+        self.stats.records += 1
+        self._dispatch[type(record)](record)
+
+    def on_config(self, record: ConfigRecord) -> None:
+        self.config = config_from_record(record, self.name)
+
+    def on_layout(self, record: MemoryLayout) -> None:
+        if record.space is Vm.STUB:
+            if record.nr_pages == 0:
+                if getattr(self.config, "stub", False):
+                    raise RestoreError("DOMAIN_CONFIG asks for a device-model stub but the stream "
+                                       "carries none (stub memory of 0 pages)")
+                return
+            if self.stub is None:
+                raise RestoreError(f"stream carries a stub of {record.nr_pages} pages; this build "
+                                   "cannot restore stubs yet (issue 3)")
+            self.stub_memory = self.stub.layout(record.nr_pages)
+            self.written[Vm.STUB] = bytearray(record.nr_pages)
+            return
+        if record.nr_pages * PAGE_SIZE != self.config.memory:
+            raise RestoreError(f"guest MEMORY_LAYOUT has {record.nr_pages} pages, DOMAIN_CONFIG "
+                               f"says {self.config.memory // PAGE_SIZE}")
+        self.domain = self.make_domain(self.config)
+        self.memory = self.domain.memory
+        self.written[Vm.GUEST] = bytearray(record.nr_pages)
+        self.stats.guest_bytes = self.config.memory
+
+    def on_pages(self, batch: PageBatch) -> None:
+        mem = self.memory if batch.space is Vm.GUEST else self.stub_memory
+        written = self.written[batch.space]
+        zero = 0
+        for pfn, data in batch.pages:
+            at = pfn * PAGE_SIZE
+            if data is _ZERO:
+                zero += 1
+                if written[pfn]:         # an earlier copy was data: the newest is zeroes
+                    mem[at:at + PAGE_SIZE] = _ZERO
+                    written[pfn] = 0
+                continue                  # fresh memory is zero already
+            mem[at:at + PAGE_SIZE] = data
+            written[pfn] = 1
+        self.stats.pages_total += len(batch.pages)
+        self.stats.pages_zero += zero
+
+    def on_hvm(self, record: HvmState) -> None:
+        if record.vm is Vm.GUEST:
+            self.collector.add(record)
+        elif self.stub is None:
+            raise RestoreError(f"stream carries stub context ({record.type.name}); this build "
+                               "cannot restore stubs yet (issue 3)")
+        else:
+            self.stub.add(record)
+
+    def on_device_state(self, record: DeviceState) -> None:
+        if self.stub is None:
+            raise RestoreError(f"stream carries device state {record.device}.{record.instance}; "
+                               "this build has no device model to load it into (issue 3)")
+        self.stub.add(record)
+
+    def on_end(self, record: End) -> None:
+        state = self.collector.result(self.config)
+        if self.stub is not None:
+            self.stub.finish()
+        self.domain.apply(state)
+        self.end_seen = True
+
+    def release(self) -> None:
+        """Drop our views of guest and stub RAM (a live view keeps the mapping exported,
+        and the domain could not unmap it on destroy)."""
+        for view in (self.memory, self.stub_memory):
+            if view is not None:
+                view.release()
+        self.memory = self.stub_memory = None
+
+    def discard(self) -> None:
+        self.release()
+        if self.domain is not None:
+            self.domain.destroy()
+        if self.stub is not None:
+            self.stub.destroy()
+
+
+def restore(source: Iterable[bytes], *, name: str | None = None,
+            make_domain: Callable[[DomainConfig], Any] = Domain, stub=None,
+            progress: Callable[[RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
+    """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
+    paused and never run, with its statistics. ``name`` overrides the saved name;
+    ``make_domain(config)`` builds the empty domain (default: :class:`Domain`)."""
+    t0 = time.monotonic()
+    reader = StreamReader()
+    work = _Restorer(name, make_domain, stub)
+    try:
+        for chunk in source:
+            reader.feed(chunk)
+            work.stats.stream_bytes += len(chunk)
+            while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+                work.handle(record)
+            if progress is not None:
+                work.stats.seconds = time.monotonic() - t0
+                progress(work.stats)
+        reader.eof()
+        if not work.end_seen:       # eof() passes only after END; belt and braces
+            raise RestoreError("stream ended without END")
+    except BaseException:
+        work.discard()
+        raise
+    work.release()
+    work.stats.seconds = time.monotonic() - t0
+    return work.domain, work.stats

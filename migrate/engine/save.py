@@ -1,0 +1,238 @@
+"""Save a domain as one stream: stop-and-copy or live pre-copy (specs/stream-format.md,
+"Ordering"; the records come from :mod:`migrate.engine.state`).
+
+Order written: header, CREATOR, DOMAIN_CONFIG, MEMORY_LAYOUT (guest, stub), guest pages
+(round 0 = every page, then the dirty pages of each later round), HVM context records,
+stub records, END.
+
+The engine talks to the domain through a narrow interface: ``config``, ``status``,
+``memory`` (a memoryview of guest RAM), ``pause()``, ``resume()``, ``capture()``,
+``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear, a DirtyBitmap whose
+``pfns()`` are the pages written since the last fetch; it must include the pages the stub
+wrote by DMA, merged in by the domain).
+
+Hook for the stub (issue 3): pass ``stub=`` an object with ``memory``,
+``set_dirty_logging``, ``fetch_dirty`` (its own RAM, address space Vm.STUB) and
+``records()`` returning its HVM context records (HvmState with ``vm=Vm.STUB``) and the
+device model's DEVICE_STATE records, called while the pair is paused. Its pages travel
+in the same rounds as the guest's. Without a stub the stream says so with a stub
+MEMORY_LAYOUT of 0 pages.
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Protocol
+
+from ..stream import Creator, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
+from .batches import BatchPipeline, EncodedBatch, chunks
+from .state import config_record, state_records
+
+CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
+
+
+class SaveError(Exception):
+    """A save could not complete; the message says why."""
+
+
+class SaveCancelled(SaveError):
+    pass
+
+
+class StubPart(Protocol):        # the issue-3 hook, see the module docstring
+    memory: memoryview
+
+    def set_dirty_logging(self, enabled: bool) -> None: ...
+    def fetch_dirty(self) -> Any: ...
+    def records(self) -> list: ...
+
+
+@dataclass
+class Convergence:
+    """When live pre-copy stops and pauses the guest for the last round."""
+    max_rounds: int = 30            # pre-copy rounds after round 0
+    small_pages: int = 256          # stop once a round's dirty set is at most this
+    min_shrink: float = 0.9         # stop once a round is not below this share of the last
+
+
+@dataclass
+class SaveStats:
+    phase: str = "start"            # start, precopy, final, state, done
+    round: int = 0
+    rounds: int = 0                 # page rounds written (round 0 included)
+    guest_bytes: int = 0            # guest RAM size
+    pages_total: int = 0            # page entries written, resends included
+    pages_sent: int = 0             # entries carrying data
+    pages_zero: int = 0             # ZERO entries
+    pages_round: int = 0            # pages queued in the current round
+    stream_bytes: int = 0
+    seconds: float = 0.0
+    downtime: float = 0.0           # paused part of a live save (pause to END)
+    dirty_history: list = field(default_factory=list)
+
+    @property
+    def throughput(self) -> float:
+        """Guest RAM bytes per second of the whole save."""
+        return self.guest_bytes / self.seconds if self.seconds else 0.0
+
+    def as_dict(self) -> dict:
+        out = asdict(self)
+        out["throughput"] = self.throughput
+        return out
+
+
+class _Saver:
+    def __init__(self, domain, sink_write: Callable[[bytes], Any], level: int | None,
+                 stats_cb, cancel: threading.Event | None, stub: StubPart | None):
+        self.domain, self.sink_write, self.level = domain, sink_write, level
+        self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
+        self.writer = StreamWriter()
+        self.stats = SaveStats(guest_bytes=len(domain.memory))
+        self.t0 = time.monotonic()
+        self._last_cb = 0.0
+        self.pipeline = BatchPipeline(self._emit_batch)
+
+    # -- output -----------------------------------------------------------------
+    def write(self, data: bytes) -> None:
+        self.sink_write(data)
+        self.stats.stream_bytes += len(data)
+
+    def _emit_batch(self, batch: EncodedBatch) -> None:
+        self.write(self.writer.encoded_pages(batch.space, batch.body, batch.compressed,
+                                             batch.count, batch.max_pfn))
+        s = self.stats
+        s.pages_total += batch.count
+        s.pages_zero += batch.zero
+        s.pages_sent += batch.count - batch.zero
+        self.report()
+
+    def report(self, force: bool = False) -> None:
+        if self.cancel is not None and self.cancel.is_set():
+            raise SaveCancelled("save cancelled")
+        now = time.monotonic()
+        self.stats.seconds = now - self.t0
+        if self.stats_cb is not None and (force or now - self._last_cb >= 0.1):
+            self._last_cb = now
+            self.stats_cb(self.stats)
+
+    # -- pages --------------------------------------------------------------------
+    def send_round(self, pfns_by_space: dict) -> None:
+        self.stats.round = self.stats.rounds
+        self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
+        for space, (mem, pfns) in pfns_by_space.items():
+            for part in chunks(pfns):
+                self.pipeline.submit(space, mem, part, self.level)
+                self.report()
+        self.pipeline.drain()
+        self.stats.rounds += 1
+
+    def spaces(self) -> dict:
+        out = {Vm.GUEST: self.domain}
+        if self.stub is not None:
+            out[Vm.STUB] = self.stub
+        return out
+
+    def all_pages(self) -> dict:
+        return {space: (part.memory, range(len(part.memory) // PAGE_SIZE))
+                for space, part in self.spaces().items()}
+
+    def dirty_pages(self) -> dict:
+        return {space: (part.memory, part.fetch_dirty().pfns())
+                for space, part in self.spaces().items()}
+
+    # -- the save -----------------------------------------------------------------
+    def run(self, live: bool, convergence: Convergence) -> SaveStats:
+        dom = self.domain
+        self.write(self.writer.start())
+        self.write(self.writer.record(Creator(CREATOR_TEXT)))
+        self.write(self.writer.record(config_record(dom.config)))
+        self.write(self.writer.record(MemoryLayout(Vm.GUEST, len(dom.memory) // PAGE_SIZE)))
+        stub_pages = len(self.stub.memory) // PAGE_SIZE if self.stub is not None else 0
+        self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
+        if live:
+            self.precopy(convergence)
+        else:
+            dom.pause()
+            paused_at = time.monotonic()
+            self.stats.phase = "final"
+            self.send_round(self.all_pages())
+        if live:
+            paused_at = self.pause_for_last_round()
+        self.stats.phase = "state"
+        for record in state_records(dom.capture(), Vm.GUEST):
+            self.write(self.writer.record(record))
+        if self.stub is not None:
+            for record in self.stub.records():
+                self.write(self.writer.record(record))
+        self.write(self.writer.finish())
+        self.stats.phase = "done"
+        self.stats.downtime = time.monotonic() - paused_at if live else 0.0
+        self.report(force=True)
+        return self.stats
+
+    def precopy(self, convergence: Convergence) -> None:
+        for part in self.spaces().values():
+            part.set_dirty_logging(True)
+            part.fetch_dirty()           # start clean: round 0 sends everything
+        self.stats.phase = "precopy"
+        self.send_round(self.all_pages())
+        last = None
+        for _ in range(convergence.max_rounds):
+            dirty = self.dirty_pages()
+            count = sum(len(pfns) for _, pfns in dirty.values())
+            self.stats.dirty_history.append(count)
+            if count == 0:
+                return
+            self.send_round(dirty)
+            if count <= convergence.small_pages or (last is not None and count > last * convergence.min_shrink):
+                return
+            last = count
+
+    def pause_for_last_round(self) -> float:
+        self.domain.pause()
+        paused_at = time.monotonic()
+        self.stats.phase = "final"
+        dirty = self.dirty_pages()
+        self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
+        self.send_round(dirty)
+        for part in self.spaces().values():
+            part.set_dirty_logging(False)
+        return paused_at
+
+
+def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = 3,
+         live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
+         convergence: Convergence | None = None, cancel: threading.Event | None = None,
+         stub: StubPart | None = None) -> SaveStats:
+    """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
+
+    ``compress``: zstd level for page data, or None for uncompressed PAGE_DATA.
+    ``live``: pre-copy rounds while the guest runs, then pause for the last round; else
+    pause first and copy once. Either way the domain is left *paused* on success (the
+    caller resumes or destroys it). On any error, including ``cancel`` being set or
+    ``stats_cb`` raising, dirty logging is turned off and a domain that was running when
+    the save began is resumed; the error propagates. ``stats_cb`` gets the live
+    :class:`SaveStats` about ten times a second and once at the end.
+    """
+    if domain.status not in ("running", "paused"):
+        raise SaveError(f"domain is {domain.status}: nothing to save")
+    if getattr(domain, "stub", None) is not None and stub is None:
+        raise SaveError("this domain has a device-model stub; saving a stub needs the engine's "
+                        "stub hook (issue 3), which is not wired yet")
+    was_running = domain.status == "running"
+    saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub)
+    try:
+        return saver.run(live, convergence or Convergence())
+    except BaseException:
+        saver.pipeline.close()
+        for part in saver.spaces().values():
+            try:
+                part.set_dirty_logging(False)
+            except Exception:       # the domain may be what failed; keep the first error
+                pass
+        if was_running and domain.status == "paused":
+            domain.resume()
+        raise
+    finally:
+        saver.pipeline.close()

@@ -1,0 +1,123 @@
+"""DomainState <-> stream records, in one place (specs/stream-format.md, sections
+"DOMAIN_CONFIG" and "HVM context records").
+
+Save turns a :class:`~migrate.domain.DomainState` into a DOMAIN_CONFIG record and one
+HvmState record per kind of vCPU and platform state; restore collects those records
+(in any order, as the format allows) and gives a DomainState back once every record a
+restore needs has arrived.
+"""
+from __future__ import annotations
+
+from dataclasses import fields
+
+from ..domain import DomainConfig, DomainState
+from ..kvm import PlatformState, VcpuState
+from ..stream import DomainConfig as ConfigRecord
+from ..stream import HvmState, RecordType, StreamError, Vm
+
+# vCPU record type -> VcpuState attribute. The stream has no FPU record: VCPU_XSAVE
+# carries the legacy FPU/SSE area too, and VcpuState.apply restores from xsave.
+VCPU_RECORDS = {
+    RecordType.VCPU_REGS: "regs",
+    RecordType.VCPU_SREGS: "sregs",
+    RecordType.VCPU_XSAVE: "xsave",
+    RecordType.VCPU_XCRS: "xcrs",
+    RecordType.VCPU_MSRS: "msrs",
+    RecordType.VCPU_LAPIC: "lapic",
+    RecordType.VCPU_EVENTS: "events",
+    RecordType.VCPU_MP_STATE: "mp_state",
+    RecordType.VCPU_DEBUGREGS: "debugregs",
+}
+# platform record type -> PlatformState attribute; PIC carries two attributes
+PLATFORM_RECORDS = {RecordType.IOAPIC: "ioapic", RecordType.PIT: "pit", RecordType.CLOCK: "clock"}
+
+_CONFIG_TYPES = {"name": str, "workload": str, "memory": int, "args": list, "timer_hz": int}
+
+
+class RestoreError(Exception):
+    """A stream is well formed but cannot become a domain here (missing state, a
+    configuration this build refuses, a part of the pair it cannot restore yet)."""
+
+
+def config_record(config: DomainConfig) -> ConfigRecord:
+    return ConfigRecord({f.name: getattr(config, f.name) for f in fields(DomainConfig)})
+
+
+def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainConfig:
+    """The domain configuration a DOMAIN_CONFIG record holds. Keys this build does not
+    know are ignored (new keys need no version bump); the five base keys must be there
+    with their types; other keys that name DomainConfig fields are passed on (the domain
+    validates them). A stream without a ``stub`` key was written by a build without
+    device-model stubs: it restores as a domain without one."""
+    raw = record.config
+    missing = [key for key in _CONFIG_TYPES if key not in raw]
+    if missing:
+        raise RestoreError(f"DOMAIN_CONFIG lacks {', '.join(missing)}")
+    for key, kind in _CONFIG_TYPES.items():
+        value = raw[key]
+        if not isinstance(value, kind) or isinstance(value, bool):
+            raise RestoreError(f"DOMAIN_CONFIG {key} is {type(value).__name__}, expected {kind.__name__}")
+    if not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 64 for a in raw["args"]):
+        raise RestoreError("DOMAIN_CONFIG args must be unsigned 64-bit integers")
+    known = {f.name for f in fields(DomainConfig)}
+    extra = {key: value for key, value in raw.items() if key in known and key not in _CONFIG_TYPES}
+    if "stub" in known and "stub" not in extra:
+        extra["stub"] = False
+    try:
+        config = DomainConfig(name=name or raw["name"], workload=raw["workload"], memory=raw["memory"],
+                              args=list(raw["args"]), timer_hz=raw["timer_hz"], **extra)
+        config.validate()
+    except Exception as exc:      # DomainError, TypeError: it is the stream's configuration
+        raise RestoreError(f"DOMAIN_CONFIG refused: {exc}") from None
+    return config
+
+
+def state_records(state: DomainState, vm: Vm = Vm.GUEST) -> list[HvmState]:
+    """Every HVM context record of one VM: each vCPU's, then the platform's."""
+    out = []
+    for vcpu in state.vcpus:
+        out += [HvmState(rtype, vm, vcpu.vcpu_id, getattr(vcpu, attr))
+                for rtype, attr in VCPU_RECORDS.items()]
+    platform = state.platform
+    out.append(HvmState(RecordType.PIC, vm, None,
+                        {"master": platform.pic_master, "slave": platform.pic_slave}))
+    out += [HvmState(rtype, vm, None, getattr(platform, attr)) for rtype, attr in PLATFORM_RECORDS.items()]
+    return out
+
+
+class StateCollector:
+    """Gathers one VM's HVM context records as they arrive; :meth:`result` builds the
+    DomainState once the stream is complete, naming the first record that is missing."""
+
+    def __init__(self) -> None:
+        self.vcpus: dict[int, dict[str, object]] = {}
+        self.platform: dict[str, object] = {}
+
+    def add(self, record: HvmState) -> None:
+        if record.vcpu_id is not None:
+            self.vcpus.setdefault(record.vcpu_id, {})[VCPU_RECORDS[record.type]] = record.state
+        elif record.type is RecordType.PIC:
+            self.platform["pic_master"] = record.state["master"]
+            self.platform["pic_slave"] = record.state["slave"]
+        else:
+            self.platform[PLATFORM_RECORDS[record.type]] = record.state
+
+    def result(self, config: DomainConfig) -> DomainState:
+        if not self.vcpus:
+            raise RestoreError("stream has no vCPU state for the guest")
+        vcpus = []
+        for vcpu_id in sorted(self.vcpus):
+            have = self.vcpus[vcpu_id]
+            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have]
+            if lacking:
+                raise RestoreError(f"stream lacks {', '.join(lacking)} of guest vcpu {vcpu_id}")
+            vcpus.append(VcpuState(vcpu_id=vcpu_id, fpu={}, **have))
+        wanted = {"pic_master": "PIC", **{attr: rt.name for rt, attr in PLATFORM_RECORDS.items()}}
+        lacking = [name for attr, name in wanted.items() if attr not in self.platform]
+        if lacking:
+            raise RestoreError(f"stream lacks the guest's {', '.join(lacking)} record")
+        return DomainState(config=config, vcpus=vcpus, platform=PlatformState(**self.platform))
+
+
+__all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "RestoreError", "StateCollector", "StreamError",
+           "config_from_record", "config_record", "state_records"]
