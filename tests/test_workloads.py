@@ -125,3 +125,12 @@ def test_ledger_header_describes_memory_at_any_instruction(domains):
         dom.resume()
         time.sleep(rng.uniform(0, 0.005))
     assert {p for p, _ in phases} == {0, 1}, phases     # both verify and rewrite were hit
+
+
+def test_iobench_reports_three_costs(domains):
+    dom = Domain.boot(DomainConfig("iob", "iobench", 16 << 20, args=[50], timer_hz=0))
+    domains.append(dom)
+    dom.resume()
+    m = dom.console.wait_for(r"iobench n=50 null=(\d+) host=(\d+) stub=(\d+)", 20)
+    assert all(int(x) > 0 for x in m.groups())
+    assert dom.wait_stopped(5) and dom.status == "shutdown"

@@ -22,7 +22,8 @@ WORKLOAD_BASE = 0x400000
 
 BOOT_INFO_MAGIC = 0x424D5648
 BOOT_INFO_VERSION = 1
-WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6}
+WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6,
+             "iobench": 8}
 WL_STUB = 7                 # the stub's image runs this "workload": the device model
 BOOT_F_UART = 1
 BOOT_F_VIRTIO = 2

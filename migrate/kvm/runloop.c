@@ -25,6 +25,7 @@
 #define HVM_STOPPED   0   /* kicked: guest state is consistent */
 #define HVM_CONSOLE   1   /* console buffer wants draining */
 #define HVM_EXIT      2   /* an exit for the caller: see struct hvm_exit */
+#define HVM_NULL_PORT 0xED  /* accesses complete in the run loop: no-op (reads 0) */
 
 struct hvm_exit {
     uint32_t reason;        /* KVM_EXIT_* */
@@ -185,6 +186,8 @@ int hvm_run(struct hvm_runner *r)
             }
             continue;
         }
+        if (run->exit_reason == KVM_EXIT_IO && run->io.port == HVM_NULL_PORT)
+            continue;                   /* benchmark port: the bare exit cost */
         fill_exit(r);
         ret = HVM_EXIT;
         break;

@@ -17,6 +17,7 @@ enum workload_id {
     WL_PAGESET = 5,
     WL_BENCH = 6,
     WL_STUB = 7,                /* the device-model stub's own image */
+    WL_IOBENCH = 8,
 };
 
 struct boot_info {
@@ -40,6 +41,8 @@ struct boot_info {
 #define PORT_CONSOLE   0xE9     /* out: console bytes (rep outsb: a line) */
 #define PORT_SYNC      0xEA     /* out dword: a test synchronisation point */
 #define PORT_EXIT      0xF4     /* out dword: the guest stops, with a status */
+#define PORT_NULL      0xED     /* no-op, completed in the host's C run loop */
+#define PORT_UNCLAIMED 0x80     /* nobody's: the host's Python answers all-ones */
 #define UART_PORT      0x3F8
 #define UART_GSI       4
 #define VIRTIO_GSI     5
