@@ -53,6 +53,7 @@ class DomainServer:
         self.running = True
         self.save_thread: threading.Thread | None = None
         self.save_cancel = threading.Event()
+        self.saving = False             # from a save's start until just before its reply
 
     # -- requests ------------------------------------------------------------
     def op_info(self, req: dict) -> dict:
@@ -79,7 +80,7 @@ class DomainServer:
         return {"status": "destroyed"}
 
     def _no_save_running(self, what: str) -> None:
-        if self.save_thread is not None and self.save_thread.is_alive():
+        if self.saving:
             raise ValueError(f"cannot {what}: a save is in progress")
 
     def op_console(self, req: dict) -> dict:
@@ -149,6 +150,7 @@ class DomainServer:
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         self.save_cancel.clear()
+        self.saving = True
         self.save_thread = threading.Thread(target=self._run_save, args=(conn, job),
                                             name="save", daemon=True)
         self.save_thread.start()
@@ -165,6 +167,7 @@ class DomainServer:
             log.warning("save to %s failed: %s", job.path, exc)
             if was_running and dom.status == "paused":
                 dom.resume()
+            self.saving = False
             watch.reply({"ok": False, "error": f"save failed: {exc}"})
         else:
             if job.checkpoint:
@@ -175,6 +178,7 @@ class DomainServer:
                 self.running = False
             log.info("saved to %s (%d bytes, %s)", job.path, stats.stream_bytes,
                      "kept" if job.checkpoint else "destroyed")
+            self.saving = False
             watch.reply({"ok": True, "path": str(job.path), "status": dom.status,
                          "stats": stats.as_dict()})
         finally:
