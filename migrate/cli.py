@@ -14,7 +14,7 @@ import click
 
 from .domain import MIB, DomainConfig, DomainError
 from .guest.boot import WORKLOADS
-from .host import control
+from .host import control, protocol
 from .host.control import ControlError
 
 _SIZE = re.compile(r"^(\d+)\s*([KMG]i?B?|B)?$", re.IGNORECASE)
@@ -68,20 +68,25 @@ def hvm():
 @click.option("--arg", "args", multiple=True, type=int,
               help="Workload argument (repeatable, up to 8; see specs/guest-boot.md).")
 @click.option("--timer-hz", default=100, show_default=True, help="Guest LAPIC timer rate.")
+@click.option("--disk", type=click.Path(exists=True, dir_okay=False, writable=True, resolve_path=True),
+              help="Raw disk image for the guest's virtio block device.")
+@click.option("--no-stub", is_flag=True,
+              help="No device-model stub: console on debug port 0xE9, no UART or disk.")
 @json_option
 @_fail_cleanly
-def create(workload, memory, name, args, timer_hz, as_json):
-    """Create and start a domain in its own process.
+def create(workload, memory, name, args, timer_hz, disk, no_stub, as_json):
+    """Create and start a domain (HVM guest + device-model stub) in its own process.
 
     \b
     Example:
-      hvm create --workload pagetouch --memory 64M --name pt1
+      hvm create --workload ledger --memory 256M --disk /var/lib/hvm/l1.img --arg 42
     """
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
     config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
-                          args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz)
+                          args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
+                          stub=not no_stub, disk=disk)
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
@@ -157,10 +162,12 @@ hvm.command(name="destroy")(_simple("destroy", "destroyed", "Stop a domain and f
 
 @hvm.command()
 @click.argument("name")
-@click.option("--follow", "-f", is_flag=True, help="Keep printing new output until the domain ends.")
+@click.option("--follow", "-f", is_flag=True,
+              help="Keep printing new output until the domain ends; lines typed on "
+                   "standard input go to the guest's UART.")
 @_fail_cleanly
 def console(name, follow):
-    """Print a domain's console output.
+    """Print a domain's console output (and, following, send it input).
 
     \b
     Example:
@@ -168,8 +175,15 @@ def console(name, follow):
     """
     out = sys.stdout.buffer
     offset = 0
+    typing = follow and sys.stdin is not None and not sys.stdin.closed
     with control.DomainClient(name) as client:
         while True:
+            if typing:
+                line = _stdin_readable()
+                if line == b"":
+                    typing = False          # end of input: keep following
+                elif line:
+                    client.call("input", data=line)
             try:
                 part = client.call("console", offset=offset)
             except ControlError:
@@ -186,6 +200,38 @@ def console(name, follow):
             time.sleep(0.2)
 
 
+def _stdin_readable() -> bytes | None:
+    """A line from standard input if one is ready, b"" at its end, None if
+    there is nothing to read (or no standard input)."""
+    import select
+    try:
+        ready, _, _ = select.select([sys.stdin], [], [], 0)
+    except (ValueError, OSError):
+        return None
+    if not ready:
+        return None
+    return sys.stdin.buffer.readline()[:protocol.INPUT_CHUNK]
+
+
+@hvm.command(name="input")
+@click.argument("name")
+@click.argument("text")
+@click.option("--no-newline", "-n", is_flag=True, help="Do not end the text with a newline.")
+@_fail_cleanly
+def input_(name, text, no_newline):
+    """Type TEXT on a domain's console (its UART), like a person at the keyboard.
+
+    \b
+    Example:
+      hvm input web1 "hello"
+    """
+    data = (text if no_newline else text + "\n").encode()
+    with control.DomainClient(name) as client:
+        for i in range(0, len(data), protocol.INPUT_CHUNK):
+            client.call("input", data=data[i:i + protocol.INPUT_CHUNK])
+    click.echo(f"sent {len(data)} bytes to {name}")
+
+
 @hvm.command()
 @click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), default="ledger",
               show_default=True)
@@ -199,16 +245,26 @@ def demo(workload, memory):
       hvm demo --workload pagetouch
     """
     import os
+    import signal
+    import tempfile
     name = f"demo-{os.getpid()}"
-    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
+    workdir = tempfile.TemporaryDirectory(prefix="hvm-demo-")
+    disk = os.path.join(workdir.name, "disk.img")
+    with open(disk, "wb") as f:
+        f.truncate(4 << 20)
+    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory), disk=disk,
                           args=[42, 0, 0, 0, 0, 0, 0, 0] if workload == "ledger" else [0] * 8)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))    # still clean up below
     t0 = time.monotonic()
     info = control.create_domain(config)
-    click.echo(f"== created {name}: {workload}, {info['memory'] >> 20} MiB, pid {info['pid']} "
-               f"({time.monotonic() - t0:.2f}s)")
+    click.echo(f"== created {name}: {workload}, {info['memory'] >> 20} MiB, 4 MiB disk, "
+               f"pid {info['pid']} ({time.monotonic() - t0:.2f}s)")
     try:
         with control.DomainClient(name) as client:
-            offset = _show_console(client, 0, 3.0)
+            offset = _show_console(client, 0, 2.0)
+            click.echo("== typing 'hello from the host' on its console")
+            client.call("input", data=b"hello from the host\n")
+            offset = _show_console(client, offset, 1.0)
             client.call("pause")
             offset = _show_console(client, offset, 0.0)
             before = client.call("info")
@@ -227,6 +283,7 @@ def demo(workload, memory):
         except ControlError:
             pass
         control.wait_gone(name)
+        workdir.cleanup()
     click.echo(f"== destroyed {name}")
 
 

@@ -5,6 +5,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
 
@@ -116,13 +117,21 @@ def test_hvm_entry_point_in_a_real_subprocess(state_dir):
     assert created.returncode == 0, created.stderr
     try:
         follow = subprocess.Popen(cmd + ["console", "sub", "--follow"], env=env,
-                                  stdout=subprocess.PIPE, text=True)
+                                  stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        follow.stdin.write("over the pipe\n")
+        follow.stdin.flush()
         seen = []
-        for line in follow.stdout:
-            seen.append(line)
-            if line.startswith("ledger ok gen=2 "):
-                break
+        watchdog = threading.Timer(30, follow.kill)     # a hang fails the test, not the suite
+        watchdog.start()
+        try:
+            for line in follow.stdout:
+                seen.append(line)
+                if line.startswith("ledger input: over the pipe"):
+                    break
+        finally:
+            watchdog.cancel()
         assert any(line.startswith("ledger start seed=5 ") for line in seen)
+        assert seen[-1].startswith("ledger input: over the pipe"), seen[-5:]
         follow.kill()
         follow.wait()
     finally:
@@ -139,9 +148,34 @@ def test_demo_runs(state_dir):
     assert "== paused: status paused" in out
     assert "console output while paused for 1s: 0 bytes" in out
     assert "| ledger ok gen=" in out and "== destroyed" in out
+    assert "| ledger input: hello from the host" in out and "journal=ok" in out
     assert control.list_domains() == []
 
 
 def test_state_dir_default(monkeypatch):
     monkeypatch.delenv("HVM_STATE_DIR", raising=False)
     assert statedir.state_dir().name in ("hvm",) or statedir.state_dir().name.startswith("hvm-")
+
+
+@pytest.mark.kvm
+def test_disk_and_console_input_through_the_cli(state_dir, tmp_path):
+    disk = tmp_path / "d.img"
+    disk.write_bytes(bytes(1 << 20))
+    info = json.loads(run("create", "-w", "ledger", "-m", "32M", "-n", "io", "--arg", "9",
+                          "--disk", str(disk), "--json").output)
+    try:
+        assert info["disk"] == str(disk) and info["stub"] is True
+        assert "sent 6 bytes to io" in run("input", "io", "typed").output
+        deadline = time.monotonic() + 15
+        while "ledger input: typed" not in run("console", "io").output:
+            assert time.monotonic() < deadline, run("console", "io").output
+            time.sleep(0.2)
+        assert "journal=ok" in run("console", "io").output
+        assert json.loads(run("info", "io", "--json").output)["ioreqs"] > 0
+    finally:
+        run("destroy", "io", ok=False)
+
+
+def test_create_refuses_a_missing_disk(state_dir, tmp_path):
+    result = run("create", "-w", "idle", "--disk", str(tmp_path / "nope.img"), ok=False)
+    assert result.exit_code == 2 and "does not exist" in result.output

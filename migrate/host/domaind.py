@@ -62,7 +62,8 @@ class DomainServer:
                 "vcpus": 1, "status": dom.status, "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
                 "console_bytes": self.console_log.tell(), "args": list(cfg.args),
-                "timer_hz": cfg.timer_hz}
+                "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk,
+                "ioreqs": dom.stub.requests if dom.stub else 0}
 
     def op_pause(self, req: dict) -> dict:
         self._no_save_running("pause")
@@ -92,8 +93,15 @@ class DomainServer:
             data = f.read(protocol.CONSOLE_CHUNK)
         return {"data": data, "next": offset + len(data), "status": self.domain.status}
 
+    def op_input(self, req: dict) -> dict:
+        data = req.get("data")
+        if not isinstance(data, bytes) or len(data) > protocol.INPUT_CHUNK:
+            raise ValueError(f"input must be at most {protocol.INPUT_CHUNK} bytes")
+        self.domain.send_input(data)
+        return {"queued": len(data)}
+
     OPS = {"info": op_info, "pause": op_pause, "unpause": op_unpause,
-           "destroy": op_destroy, "console": op_console}
+           "destroy": op_destroy, "console": op_console, "input": op_input}
 
     def handle(self, req: dict) -> dict:
         op = self.OPS.get(req.get("op"))

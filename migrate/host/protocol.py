@@ -12,6 +12,7 @@ import msgpack
 
 MAX_MESSAGE = 1 << 20           # bytes one message may take
 CONSOLE_CHUNK = 64 << 10        # console bytes one answer carries at most
+INPUT_CHUNK = 4096              # console input bytes one request may carry
 
 
 class ProtocolError(Exception):
