@@ -276,7 +276,7 @@ class Domain:
                 self._thread.start()
             self._cv.notify_all()
 
-    def pause(self, timeout: float = 5.0) -> None:
+    def pause(self, timeout: float = 10.0) -> None:
         """Stop the vCPU; on return guest state is consistent and still."""
         with self._cv:
             if self.status != "running":

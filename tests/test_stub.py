@@ -250,3 +250,30 @@ def test_stub_that_stops_answering_is_an_error_not_a_hang(domains, monkeypatch):
         stub._run_until_doorbell()
     assert time.monotonic() - t0 < 5
     assert mem[abi.STATE_OFFSET] == abi.NONE
+
+
+def test_newer_records_that_allow_this_loader_are_accepted(domains):
+    dom = boot(domains)
+    good = dom.stub.save_devices()
+    newer = [dict(r, version=2, min_version=1, fields={**r["fields"], "added_in_v2": 7}) for r in good]
+    dom.stub.load_devices(newer)            # unknown fields are ignored
+    assert dom.stub.save_devices() == good
+    with pytest.raises(Exception, match="cannot be loaded"):
+        dom.stub.load_devices([dict(good[0], fields={"ier": "one"})])
+    with pytest.raises(Exception, match="cannot be loaded"):
+        dom.stub.load_devices("not a list")
+
+
+@pytest.mark.parametrize("fresh_stub", [False, True], ids=["stub-image", "fresh-stub"])
+def test_restore_refuses_a_disk_of_another_size(domains, disk, tmp_path, fresh_stub):
+    dom = boot(domains, "ledger", args=[1, 16], disk=str(disk))
+    dom.resume()
+    dom.console.wait_for(r"ledger ok gen=1 ", 10)
+    dom.pause()
+    state, memory, stub_memory = dom.capture(), bytes(dom.memory), bytes(dom.stub_memory)
+    dom.destroy()
+    other = tmp_path / "other.img"
+    other.write_bytes(bytes(1 << 20))
+    state.config.disk = str(other)
+    with pytest.raises(DomainError, match="sectors"):
+        Domain.restore(state, memory, stub_memory, fresh_stub=fresh_stub)

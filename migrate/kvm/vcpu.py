@@ -114,6 +114,24 @@ class Vcpu:
     def unkick(self) -> None:
         lib.hvm_unkick(self._runner)
 
+    def settle(self) -> None:
+        """Re-enter KVM_RUN with immediate_exit set and return: completes a
+        pending port/MMIO exit so the state read next is consistent."""
+        self.kick()
+        try:
+            ex = self.run()
+            if ex.reason != "stopped":
+                raise KvmError("KVM_RUN", 4, f"settling returned {ex.reason}")
+        finally:
+            self.unkick()
+
+    def take_console(self) -> bytes:
+        """Console bytes the run loop holds back (a line without its end)."""
+        r = self._runner
+        data = bytes(ffi.buffer(r.console, r.console_len))
+        r.console_len = 0
+        return data
+
     @property
     def entries(self) -> int:
         return self._runner.n_entries

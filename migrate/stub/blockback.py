@@ -22,7 +22,6 @@ class BlockBackend:
             raise ValueError(f"disk image {path} is smaller than one sector")
         self.capacity = size // SECTOR
         self.read_only = read_only
-        self.rsp_prod = 0
         self.requests = 0
 
     def close(self) -> None:
@@ -68,7 +67,9 @@ class BlockBackend:
             else:
                 if self.read_only:
                     return abi.BLK_EIO
-                os.pwritev(self.fd, [view], sector * SECTOR)
+                if os.pwritev(self.fd, [view], sector * SECTOR) != length:
+                    log.error("block back end %s: short write at sector %d", self.path, sector)
+                    return abi.BLK_EIO
         except OSError as exc:
             log.error("block back end %s: %s", self.path, exc)
             return abi.BLK_EIO

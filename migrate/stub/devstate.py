@@ -82,16 +82,25 @@ def parse(buf: bytes | memoryview) -> list[dict]:
 
 def build(records: list[dict]) -> bytes:
     """The stub's binary form of ``records``; DeviceStateError if they do not fit."""
-    if len(records) > MAX_RECORDS:
-        raise DeviceStateError("too many device records")
+    if not isinstance(records, list) or len(records) > MAX_RECORDS:
+        raise DeviceStateError("device state must be a list of at most 64 records")
+    try:
+        return _build(records)
+    except (KeyError, TypeError, AttributeError, struct.error, OverflowError) as exc:
+        raise DeviceStateError(f"malformed device record: {exc!r}") from None
+
+
+def _build(records: list[dict]) -> bytes:
     out = bytearray(HEADER.size)
     for rec in records:
         body = bytearray()
         for name, value in rec["fields"].items():
+            if isinstance(value, bool) or not isinstance(value, (int, bytes)):
+                raise DeviceStateError(f"field {name!r}: {type(value).__name__} is neither int nor bytes")
             if isinstance(value, int):
                 kind, data = KIND_U64, value.to_bytes(8, "little")
             else:
-                kind, data = KIND_BYTES, bytes(value)
+                kind, data = KIND_BYTES, value
             body += FIELD.pack(_encode_name(name), kind, len(data)) + data + bytes(_pad8(len(data)) - len(data))
         out += REC.pack(REC.size + len(body), len(rec["fields"]), _encode_name(rec["device"]),
                         rec["instance"], rec["version"], rec["min_version"], 0) + body
@@ -102,6 +111,8 @@ def build(records: list[dict]) -> bytes:
 
 
 def _encode_name(name: str) -> bytes:
+    if not isinstance(name, str) or not name.isascii():
+        raise DeviceStateError(f"name {name!r} must be an ASCII string")
     raw = name.encode("ascii")
     if not 0 < len(raw) < NAME:
         raise DeviceStateError(f"name {name!r} must be 1 to {NAME - 1} ASCII characters")

@@ -44,6 +44,7 @@ class Stub:
         self._log_partial = b""
         self._seq = 0
         self._busy_since = 0.0
+        self._watch_lock = threading.Lock()
         self._stopped = threading.Event()
         self.requests = 0
         self.backend = BlockBackend(disk) if disk else None
@@ -106,6 +107,8 @@ class Stub:
         page with data_is_ptr set; a read returns count*size bytes there.
         """
         mem = self.ram.mem
+        if mem[abi.STATE_OFFSET] != abi.NONE:
+            raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})")
         is_ptr = payload is not None or (type_ == abi.TYPE_PIO and count > 1)
         if is_ptr:
             nbytes = len(payload) if payload is not None else size * count
@@ -114,8 +117,6 @@ class Stub:
             if payload is not None:
                 mem[abi.IOREQ_DATA:abi.IOREQ_DATA + len(payload)] = payload
             data = abi.IOREQ_DATA
-        if mem[abi.STATE_OFFSET] != abi.NONE:
-            raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})")
         self._seq = (self._seq + 1) & 0xFFFFFFFF
         abi.IOREQ.pack_into(mem, abi.IOREQ_OFFSET, addr, data, count, size, direction, type_,
                             int(is_ptr), abi.NONE, 0, 0, self._seq, 0)
@@ -132,7 +133,8 @@ class Stub:
         return result, out, reply
 
     def _run_until_doorbell(self) -> None:
-        self._busy_since = time.monotonic()
+        with self._watch_lock:
+            self._busy_since = time.monotonic()
         try:
             while True:
                 ex = self.vcpu.run()
@@ -143,13 +145,14 @@ class Stub:
                         return
                     self._hypercall(ex)
                 elif ex.reason == "stopped":
-                    self.vcpu.unkick()
                     raise StubError(f"stub did not answer within {ANSWER_TIMEOUT:g}s")
                 else:
                     raise StubError(f"stub VM exit {ex.reason} (port {ex.port:#x}, "
                                     f"address {ex.address:#x}, detail {ex.detail:#x})")
         finally:
-            self._busy_since = 0.0
+            with self._watch_lock:      # no watchdog kick can outlive this request
+                self._busy_since = 0.0
+                self.vcpu.unkick()
 
     def _hypercall(self, ex) -> None:
         if ex.port == abi.PORT_IRQ:
@@ -176,9 +179,10 @@ class Stub:
 
     def _watch(self) -> None:
         while not self._stopped.wait(0.5):
-            since = self._busy_since
-            if since and time.monotonic() - since > ANSWER_TIMEOUT and self.vm is not None:
-                self.vcpu.kick()
+            with self._watch_lock:
+                since = self._busy_since
+                if since and time.monotonic() - since > ANSWER_TIMEOUT and self.vm is not None:
+                    self.vcpu.kick()
 
     # -- guest exits ----------------------------------------------------------
     def port_io(self, ex) -> bytes | None:
@@ -223,7 +227,10 @@ class Stub:
             raise StubError(f"stub wrote malformed device state: {exc}") from None
 
     def load_devices(self, records: list[dict]) -> None:
-        blob = devstate.build(records)
+        try:
+            blob = devstate.build(records)
+        except devstate.DeviceStateError as exc:
+            raise StubError(f"device state cannot be loaded: {exc}") from None
         self.ram.mem[abi.STATE_BUF:abi.STATE_BUF + len(blob)] = blob
         result, _, _ = self.request(abi.TYPE_LOAD)
         if result != 0:
@@ -232,11 +239,20 @@ class Stub:
 
     def capture(self) -> StubState:
         devices = self.save_devices()
+        self.vcpu.settle()              # complete the doorbell exit before reading state
+        partial = self.vcpu.take_console()
+        if partial:
+            self.console.feed(partial)
         return StubState(vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
                          platform=PlatformState.capture(self.vm), devices=devices)
 
     def apply(self, state: StubState) -> None:
         """Resume from the stub's memory image as it is (filled separately)."""
+        capacity = struct.unpack_from("<Q", self.ram.mem, abi.BLK_RING + 8)[0]
+        here = self.backend.capacity if self.backend else 0
+        if capacity != here:
+            raise StubError(f"the stub image was saved with a disk of {capacity} sectors; "
+                            f"the disk here has {here}")
         state.platform.apply(self.vm)
         state.vcpus[0].apply(self.vcpu)
 

@@ -129,8 +129,9 @@ static void uart_write(uint32_t reg, uint8_t v)
     case 3: uart.lcr = v; break;
     case 4:
         uart.mcr = v & 0x1F;
-        if (uart.mcr & 0x10)            /* loopback: modem inputs follow MCR */
-            uart.msr = (uint8_t)(((uart.mcr & 0x0F) << 4) | (uart.msr & 0x0F));
+        if (uart.mcr & 0x10)            /* loopback: CTS=RTS DSR=DTR RI=OUT1 DCD=OUT2 */
+            uart.msr = (uint8_t)(((uart.mcr & 2) << 3) | ((uart.mcr & 1) << 5)
+                                 | ((uart.mcr & 0x0C) << 4) | (uart.msr & 0x0F));
         break;
     case 7: uart.scr = v; break;
     default: break;                     /* LSR and MSR are read-only */
@@ -218,8 +219,10 @@ static void vblk_update_irq(void)
 static void vblk_reset(void)
 {
     uint64_t cap = vblk.capacity;
+    uint32_t level = vblk.irq_level;
     memset(&vblk, 0, sizeof(vblk));
     vblk.capacity = cap;
+    vblk.irq_level = level;             /* so a raised line is lowered */
     vblk_update_irq();
 }
 
@@ -388,11 +391,23 @@ static uint32_t vblk_read(uint64_t off)
     case 0x060: return vblk.isr;
     case 0x070: return vblk.status;
     case 0x0FC: return vblk.config_generation;
-    case 0x100: return (uint32_t)vblk.capacity;
-    case 0x104: return (uint32_t)(vblk.capacity >> 32);
-    case 0x10C: return SEG_MAX;         /* config.seg_max */
     default: return 0;
     }
+}
+
+/* Device config space (virtio-blk): capacity u64 at 0, size_max u32 at 8,
+ * seg_max u32 at 12; any width, any offset inside it. */
+static uint64_t vblk_config_read(uint64_t off, uint32_t size)
+{
+    uint8_t cfg[16] = { 0 };
+    uint32_t seg_max = SEG_MAX;
+    memcpy(cfg, &vblk.capacity, 8);
+    memcpy(cfg + 12, &seg_max, 4);
+    uint64_t v = 0;
+    for (uint32_t i = 0; i < size; i++)
+        if (off + i < sizeof(cfg))
+            v |= (uint64_t)cfg[off + i] << (8 * i);
+    return v;
 }
 
 static void set_lo(uint64_t *p, uint32_t v) { *p = (*p & ~0xFFFFFFFFULL) | v; }
@@ -442,7 +457,7 @@ static void vblk_write(uint64_t off, uint32_t v)
 #define VBLK_FIELDS(F) \
     F(status) F(dev_features_sel) F(drv_features_sel) F(queue_sel) F(driver_features) \
     F(queue_num) F(queue_ready) F(desc) F(avail) F(used) F(last_avail) F(used_idx) \
-    F(isr) F(config_generation) F(irq_level) F(requests) F(errors)
+    F(isr) F(config_generation) F(irq_level) F(requests) F(errors) F(capacity)
 
 static int save_state(void)
 {
@@ -473,6 +488,10 @@ static int load_uart(struct ds_record *rec)
     UART_FIELDS(LOAD_U)
     if (ds_get_bytes(rec, "rx_fifo", &rx, &n) < 0 || n > FIFO_SIZE)
         return -1;
+    /* registers hold only what a write could have put there */
+    if ((u.ier & ~0x0F) || (u.mcr & ~0x1F) || (u.fcr & ~0xC9) || (u.lsr_err & ~0x02)
+        || u.thr_ipending > 1 || u.irq_level > 1)
+        return -1;
     memcpy(u.rx, rx, n);
     u.rx_count = n;
     uart = u;
@@ -486,9 +505,15 @@ static int load_vblk(struct ds_record *rec)
     memset(&b, 0, sizeof(b));
 #define LOAD_V(f) if (ds_get_u64(rec, #f, &v) < 0) return -1; b.f = v; if ((uint64_t)b.f != v) return -1;
     VBLK_FIELDS(LOAD_V)
-    if (b.queue_num > VQ_MAX || (b.queue_num & (b.queue_num - 1)))
+    if (b.queue_num > VQ_MAX || (b.queue_num & (b.queue_num - 1)) || b.queue_ready > 1
+        || (b.queue_ready && !b.queue_num) || (b.driver_features & ~vblk_features())
+        || b.irq_level > 1 || (uint16_t)(b.used_idx - b.last_avail) != 0)
         return -1;
-    b.capacity = vblk.capacity;
+    if (b.capacity != vblk.capacity) {
+        stub_log("stub: virtio-blk: saved with %lu sectors, the disk here has %lu\n",
+                 b.capacity, vblk.capacity);
+        return -1;
+    }
     vblk = b;
     return 0;
 }
@@ -501,9 +526,15 @@ static int load_state(void)
     if (ds_open(&r, (const uint8_t *)STUB_STATE_BUF, STUB_STATE_SIZE) < 0)
         return -1;
     while ((rc = ds_next(&r, &rec)) > 0) {
-        /* this build writes version 1 and reads versions 1..1 */
-        if (rec.version < 1 || rec.version > 1 || rec.min_version > 1 || rec.instance != 0)
+        /* This build writes version 1 and reads records of version >= 1 whose
+         * writer says a version-1 loader can read them (min_version <= 1);
+         * fields it does not know are ignored. */
+        if (rec.version < 1 || rec.min_version > 1 || rec.min_version > rec.version
+            || rec.instance != 0) {
+            stub_log("stub: %s: record version %u (min %u) not loadable by version 1\n",
+                     rec.device, rec.version, rec.min_version);
             return -1;
+        }
         if (ds_name_is(rec.device, "uart16550a") && !(seen & 1)) {
             if (load_uart(&rec) < 0)
                 return -1;
@@ -518,10 +549,9 @@ static int load_state(void)
     }
     if (rc < 0 || seen != 3)
         return -1;
-    /* re-assert the interrupt lines the loaded state implies */
-    uint32_t u = uart.irq_level, b = vblk.irq_level;
-    uart.irq_level = !u;
-    vblk.irq_level = !b;
+    /* drive the interrupt lines to what the loaded registers imply */
+    uart.irq_level = 2;
+    vblk.irq_level = 2;
     uart_update_irq();
     vblk_update_irq();
     return 0;
@@ -533,6 +563,8 @@ static uint64_t width_mask(uint32_t size) { return size >= 8 ? ~0ULL : (1ULL << 
 static int serve_pio(volatile struct ioreq *r)
 {
     uint64_t port = r->addr;
+    if (r->dir != IOREQ_DIR_WRITE && r->dir != IOREQ_DIR_READ)
+        return IOREQ_EINVAL;
     if (port < UART_BASE || port > UART_BASE + 7 || r->size != 1)
         return IOREQ_EUNCLAIMED;
     uint32_t reg = (uint32_t)(port - UART_BASE);
@@ -562,10 +594,14 @@ static int serve_mmio(volatile struct ioreq *r)
         return IOREQ_EUNCLAIMED;
     if (r->count != 1 || r->data_is_ptr || (r->size != 4 && off < 0x100))
         return IOREQ_EINVAL;
+    if (r->dir != IOREQ_DIR_WRITE && r->dir != IOREQ_DIR_READ)
+        return IOREQ_EINVAL;
     if (r->dir == IOREQ_DIR_WRITE)
         vblk_write(off, (uint32_t)r->data);
+    else if (off >= 0x100)
+        r->data = vblk_config_read(off - 0x100, r->size);
     else
-        r->data = vblk_read(off & ~3ULL) & width_mask(r->size);
+        r->data = vblk_read(off) & width_mask(r->size);
     return IOREQ_OK;
 }
 
