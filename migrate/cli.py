@@ -393,8 +393,8 @@ def save(name, file, checkpoint, live, compress, as_json):
 @click.option("--name", "-n", help="Name of the restored domain (default: the saved name).")
 @click.option("--paused", is_flag=True, help="Leave the restored domain paused.")
 @click.option("--fresh-stub", is_flag=True,
-              help="Boot a new device-model stub and load the device state "
-                   "(pending: arrives with the stub, issue 3).")
+              help="Boot a new device-model stub and load the saved device state, instead of "
+                   "resuming the saved stub image (automatic when the stub build differs).")
 @json_option
 @_fail_cleanly
 def restore(file, name, paused, fresh_stub, as_json):
@@ -405,11 +405,8 @@ def restore(file, name, paused, fresh_stub, as_json):
     Example:
       hvm restore /var/lib/hvm/web1.hvm --name web1b --paused
     """
-    if fresh_stub:
-        raise click.ClickException("--fresh-stub is not available yet: it arrives with the "
-                                   "device-model stub (issue 3)")
     t0 = time.monotonic()
-    info = control.restore_domain(file, name=name, paused=paused)
+    info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub)
     if as_json:
         click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
     else:

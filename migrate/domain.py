@@ -14,7 +14,7 @@ from . import guest
 from .console import Console
 from .guest import boot as gboot
 from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
-from .stub import Stub, StubError, StubState
+from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
 log = logging.getLogger(__name__)
@@ -91,6 +91,7 @@ class Domain:
         self._in_guest = False
         self._thread: threading.Thread | None = None
         self.stub: Stub | None = None
+        self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
@@ -137,6 +138,7 @@ class Domain:
         try:
             if dom.stub is not None:
                 dom.stub.boot()
+                dom.stub_build = stub_build_id()
             dom._load_image()
         except StubError as exc:
             dom.destroy()
@@ -161,7 +163,7 @@ class Domain:
 
     @classmethod
     def restore(cls, state: DomainState, memory, stub_memory=None, console: Console | None = None,
-                fresh_stub: bool = False) -> "Domain":
+                fresh_stub: bool = False, stub_build: str = "") -> "Domain":
         """A new domain from captured state and copies of RAM, paused.
 
         The stub resumes from ``stub_memory`` as it was, or, with
@@ -176,15 +178,16 @@ class Domain:
                 if stub_memory is None or len(stub_memory) != dom.stub.ram.size:
                     raise DomainError("the stub's memory image is missing or has the wrong size")
                 dom.stub.ram.mem[:] = stub_memory
-            dom.apply(state, fresh_stub=fresh_stub)
+            dom.apply(state, fresh_stub=fresh_stub, stub_build=stub_build)
         except BaseException:
             dom.destroy()
             raise
         return dom
 
-    def apply(self, state: DomainState, fresh_stub: bool = False) -> None:
+    def apply(self, state: DomainState, fresh_stub: bool = False, stub_build: str = "") -> None:
         """Apply captured state to this paused, never-run domain (its memory,
-        and unless ``fresh_stub`` the stub's memory, are filled separately)."""
+        and unless ``fresh_stub`` the stub's memory, are filled separately).
+        ``stub_build`` names the build of a stub resumed from its image."""
         if self.status != "paused" or self._thread is not None:
             raise DomainError("state can only be applied to a domain that has not run")
         if len(state.vcpus) != 1:
@@ -199,8 +202,10 @@ class Domain:
             if fresh_stub:
                 self.stub.boot()
                 self.stub.load_devices(state.stub.devices)
+                self.stub_build = stub_build_id()
             else:
                 self.stub.apply(state.stub)
+                self.stub_build = stub_build
         except StubError as exc:
             raise DomainError(str(exc)) from None
 

@@ -7,11 +7,12 @@ wins); HVM context records are collected and applied only after END has been rea
 validated (counts and digest). Any error destroys whatever was built and propagates:
 StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
 
-Hook for the stub (issue 3): pass ``stub=`` an object with ``layout(nr_pages)`` (called
-at the stub's MEMORY_LAYOUT; it builds the stub VM and returns a writable memoryview of
-its RAM), ``add(record)`` (each Vm.STUB HvmState and each DEVICE_STATE record),
-``finish()`` (after END, before the guest state is applied) and ``destroy()``. Without a
-stub hook, a stream that carries stub memory, stub context or device state is refused.
+The stub: its MEMORY_LAYOUT must match the stub RAM the domain built, its pages go
+into that RAM, its HvmState records (``vm=Vm.STUB``) and the DEVICE_STATE records are
+collected, and at END the pair resumes one of two ways (specs/device-state.md): from
+the stub's memory image as it is, or (``fresh_stub``) with a newly booted stub that
+loads the device state. ``fresh_stub=None`` chooses by itself: a fresh stub when the
+stream's ``stub_build`` is not this host's stub build.
 """
 from __future__ import annotations
 
@@ -27,7 +28,8 @@ from ..stream import (
 from ..stream import ZERO_PAGE as _ZERO     # the reader hands out this very object for ZERO
 from ..stream import Creator
 from ..stream import DomainConfig as ConfigRecord
-from .state import RestoreError, StateCollector, config_from_record
+from ..stub import StubState, stub_build_id
+from .state import RestoreError, StateCollector, config_from_record, stub_build_of
 
 
 @dataclass
@@ -48,14 +50,18 @@ class RestoreStats:
 
 
 class _Restorer:
-    def __init__(self, name: str | None, make_domain: Callable[[DomainConfig], Any], stub):
-        self.name, self.make_domain, self.stub = name, make_domain, stub
+    def __init__(self, name: str | None, make_domain: Callable[[DomainConfig], Any],
+                 fresh_stub: bool | None):
+        self.name, self.make_domain, self.fresh_stub = name, make_domain, fresh_stub
         self.config: DomainConfig | None = None
+        self.stub_build = ""
         self.domain = None
         self.memory: memoryview | None = None
         self.stub_memory: memoryview | None = None
         self.written: dict[Vm, bytearray] = {}
         self.collector = StateCollector()
+        self.stub_collector = StateCollector("stub")
+        self.devices: list[dict] = []
         self.stats = RestoreStats()
         self.end_seen = False
         self._dispatch = {
@@ -70,6 +76,9 @@ class _Restorer:
 
     def on_config(self, record: ConfigRecord) -> None:
         self.config = config_from_record(record, self.name)
+        self.stub_build = stub_build_of(record)
+        if self.fresh_stub is None:
+            self.fresh_stub = getattr(self.config, "stub", False) and self.stub_build != stub_build_id()
 
     def on_layout(self, record: MemoryLayout) -> None:
         if record.space is Vm.STUB:
@@ -78,10 +87,17 @@ class _Restorer:
                     raise RestoreError("DOMAIN_CONFIG asks for a device-model stub but the stream "
                                        "carries none (stub memory of 0 pages)")
                 return
-            if self.stub is None:
-                raise RestoreError(f"stream carries a stub of {record.nr_pages} pages; this build "
-                                   "cannot restore stubs yet (issue 3)")
-            self.stub_memory = self.stub.layout(record.nr_pages)
+            if not getattr(self.config, "stub", False):
+                raise RestoreError(f"stream carries a stub of {record.nr_pages} pages but "
+                                   "DOMAIN_CONFIG says the domain has none")
+            if self.domain is None:
+                raise RestoreError("the stub's MEMORY_LAYOUT comes before the guest's")
+            have = len(self.domain.stub_memory) // PAGE_SIZE
+            if record.nr_pages != have:
+                raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
+                                   f"stub has {have}")
+            if not self.fresh_stub:          # a fresh stub boots its own image instead
+                self.stub_memory = self.domain.stub_memory
             self.written[Vm.STUB] = bytearray(record.nr_pages)
             return
         if record.nr_pages * PAGE_SIZE != self.config.memory:
@@ -94,6 +110,9 @@ class _Restorer:
 
     def on_pages(self, batch: PageBatch) -> None:
         mem = self.memory if batch.space is Vm.GUEST else self.stub_memory
+        if mem is None:                      # stub pages, resuming with a fresh stub
+            self.stats.pages_total += len(batch.pages)
+            return
         written = self.written[batch.space]
         zero = 0
         for pfn, data in batch.pages:
@@ -112,23 +131,29 @@ class _Restorer:
     def on_hvm(self, record: HvmState) -> None:
         if record.vm is Vm.GUEST:
             self.collector.add(record)
-        elif self.stub is None:
-            raise RestoreError(f"stream carries stub context ({record.type.name}); this build "
-                               "cannot restore stubs yet (issue 3)")
+        elif not getattr(self.config, "stub", False):
+            raise RestoreError(f"stream carries stub context ({record.type.name}) for a "
+                               "domain without a stub")
         else:
-            self.stub.add(record)
+            self.stub_collector.add(record)
 
     def on_device_state(self, record: DeviceState) -> None:
-        if self.stub is None:
-            raise RestoreError(f"stream carries device state {record.device}.{record.instance}; "
-                               "this build has no device model to load it into (issue 3)")
-        self.stub.add(record)
+        if not getattr(self.config, "stub", False):
+            raise RestoreError(f"stream carries device state {record.device}.{record.instance} "
+                               "for a domain without a stub")
+        self.devices.append({"device": record.device, "instance": record.instance,
+                             "version": record.version, "min_version": record.min_version,
+                             "fields": record.fields})
 
     def on_end(self, record: End) -> None:
         state = self.collector.result(self.config)
-        if self.stub is not None:
-            self.stub.finish()
-        self.domain.apply(state)
+        if getattr(self.config, "stub", False):
+            stub = self.stub_collector.result(self.config)
+            if not self.devices:
+                raise RestoreError("stream carries a stub but no device state")
+            state.stub = StubState(vcpus=stub.vcpus, platform=stub.platform, devices=self.devices)
+        self.release()                       # the stub may boot afresh: no views held
+        self.domain.apply(state, fresh_stub=bool(self.fresh_stub), stub_build=self.stub_build)
         self.end_seen = True
 
     def release(self) -> None:
@@ -143,19 +168,19 @@ class _Restorer:
         self.release()
         if self.domain is not None:
             self.domain.destroy()
-        if self.stub is not None:
-            self.stub.destroy()
 
 
 def restore(source: Iterable[bytes], *, name: str | None = None,
-            make_domain: Callable[[DomainConfig], Any] = Domain, stub=None,
+            make_domain: Callable[[DomainConfig], Any] = Domain, fresh_stub: bool | None = None,
             progress: Callable[[RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
-    ``make_domain(config)`` builds the empty domain (default: :class:`Domain`)."""
+    ``make_domain(config)`` builds the empty domain (default: :class:`Domain`);
+    ``fresh_stub``: True boots a new stub and loads the device state, False resumes the
+    stub's memory image, None (default) decides by the stub build (module docstring)."""
     t0 = time.monotonic()
     reader = StreamReader()
-    work = _Restorer(name, make_domain, stub)
+    work = _Restorer(name, make_domain, fresh_stub)
     try:
         for chunk in source:
             reader.feed(chunk)

@@ -11,12 +11,13 @@ The engine talks to the domain through a narrow interface: ``config``, ``status`
 ``pfns()`` are the pages written since the last fetch; it must include the pages the stub
 wrote by DMA, merged in by the domain).
 
-Hook for the stub (issue 3): pass ``stub=`` an object with ``memory``,
-``set_dirty_logging``, ``fetch_dirty`` (its own RAM, address space Vm.STUB) and
-``records()`` returning its HVM context records (HvmState with ``vm=Vm.STUB``) and the
-device model's DEVICE_STATE records, called while the pair is paused. Its pages travel
-in the same rounds as the guest's. Without a stub the stream says so with a stub
-MEMORY_LAYOUT of 0 pages.
+The stub (specs/ioreq.md) travels in the same stream: its RAM as address space
+Vm.STUB (its pages in the same rounds as the guest's, its own dirty log), its vCPU and
+platform state as HvmState records with ``vm=Vm.STUB``, and its devices as
+DEVICE_STATE records. The pair is captured *before* the last page round: capturing
+asks the stub to write its device state, which changes stub memory, and the memory
+image must match the stub vCPU state it is resumed with. Without a stub the stream
+says so with a stub MEMORY_LAYOUT of 0 pages.
 """
 from __future__ import annotations
 
@@ -25,7 +26,7 @@ import time
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from ..stream import Creator, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
+from ..stream import Creator, DeviceState, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
 from .batches import BatchPipeline, EncodedBatch, chunks
 from .state import config_record, state_records
 
@@ -40,12 +41,34 @@ class SaveCancelled(SaveError):
     pass
 
 
-class StubPart(Protocol):        # the issue-3 hook, see the module docstring
+class StubPart(Protocol):        # the stub's share of the stream, see the module docstring
     memory: memoryview
 
     def set_dirty_logging(self, enabled: bool) -> None: ...
     def fetch_dirty(self) -> Any: ...
-    def records(self) -> list: ...
+    def records(self, state) -> list: ...
+
+
+class DomainStub:
+    """The stub of a :class:`~migrate.domain.Domain` as the saver sees it. The domain's
+    own ``set_dirty_logging`` already covers the stub's RAM and its window, and its
+    ``fetch_dirty`` merges the window (DMA) into the guest's pages."""
+
+    def __init__(self, domain):
+        self.domain = domain
+
+    @property
+    def memory(self) -> memoryview:
+        return self.domain.stub_memory
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        pass
+
+    def fetch_dirty(self):
+        return self.domain.fetch_stub_dirty()
+
+    def records(self, state) -> list:
+        return state_records(state.stub, Vm.STUB) + [DeviceState(**dev) for dev in state.stub.devices]
 
 
 @dataclass
@@ -146,24 +169,24 @@ class _Saver:
         dom = self.domain
         self.write(self.writer.start())
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
-        self.write(self.writer.record(config_record(dom.config)))
+        self.write(self.writer.record(config_record(dom.config, getattr(dom, "stub_build", ""))))
         self.write(self.writer.record(MemoryLayout(Vm.GUEST, len(dom.memory) // PAGE_SIZE)))
         stub_pages = len(self.stub.memory) // PAGE_SIZE if self.stub is not None else 0
         self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
         if live:
             self.precopy(convergence)
+            paused_at, state = self.pause_for_last_round()
         else:
             dom.pause()
             paused_at = time.monotonic()
+            state = dom.capture()           # before the pages: see the module docstring
             self.stats.phase = "final"
             self.send_round(self.all_pages())
-        if live:
-            paused_at = self.pause_for_last_round()
         self.stats.phase = "state"
-        for record in state_records(dom.capture(), Vm.GUEST):
+        for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
         if self.stub is not None:
-            for record in self.stub.records():
+            for record in self.stub.records(state):
                 self.write(self.writer.record(record))
         self.write(self.writer.finish())
         self.stats.phase = "done"
@@ -189,16 +212,17 @@ class _Saver:
                 return
             last = count
 
-    def pause_for_last_round(self) -> float:
+    def pause_for_last_round(self):
         self.domain.pause()
         paused_at = time.monotonic()
+        state = self.domain.capture()       # before the last round: it dirties stub pages
         self.stats.phase = "final"
         dirty = self.dirty_pages()
         self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
         self.send_round(dirty)
         for part in self.spaces().values():
             part.set_dirty_logging(False)
-        return paused_at
+        return paused_at, state
 
 
 def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = 3,
@@ -218,8 +242,7 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = 3
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
     if getattr(domain, "stub", None) is not None and stub is None:
-        raise SaveError("this domain has a device-model stub; saving a stub needs the engine's "
-                        "stub hook (issue 3), which is not wired yet")
+        stub = DomainStub(domain)
     was_running = domain.status == "running"
     saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub)
     try:

@@ -39,8 +39,20 @@ class RestoreError(Exception):
     configuration this build refuses, a part of the pair it cannot restore yet)."""
 
 
-def config_record(config: DomainConfig) -> ConfigRecord:
-    return ConfigRecord({f.name: getattr(config, f.name) for f in fields(DomainConfig)})
+def config_record(config: DomainConfig, stub_build: str = "") -> ConfigRecord:
+    """DOMAIN_CONFIG: every DomainConfig field, plus ``stub_build`` (the build id of the
+    stub image whose memory the stream carries) for a domain with a stub."""
+    raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig)}
+    if stub_build:
+        raw["stub_build"] = stub_build
+    return ConfigRecord(raw)
+
+
+def stub_build_of(record: ConfigRecord) -> str:
+    value = record.config.get("stub_build", "")
+    if not isinstance(value, str) or len(value) > 64:
+        raise RestoreError("DOMAIN_CONFIG stub_build must be a short string")
+    return value
 
 
 def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainConfig:
@@ -59,6 +71,10 @@ def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainC
             raise RestoreError(f"DOMAIN_CONFIG {key} is {type(value).__name__}, expected {kind.__name__}")
     if not all(isinstance(a, int) and not isinstance(a, bool) and 0 <= a < 1 << 64 for a in raw["args"]):
         raise RestoreError("DOMAIN_CONFIG args must be unsigned 64-bit integers")
+    if not isinstance(raw.get("stub", False), bool):
+        raise RestoreError("DOMAIN_CONFIG stub must be a boolean")
+    if raw.get("disk") is not None and (not isinstance(raw["disk"], str) or "\0" in raw["disk"]):
+        raise RestoreError("DOMAIN_CONFIG disk must be a path string or nil")
     known = {f.name for f in fields(DomainConfig)}
     extra = {key: value for key, value in raw.items() if key in known and key not in _CONFIG_TYPES}
     if "stub" in known and "stub" not in extra:
@@ -89,7 +105,8 @@ class StateCollector:
     """Gathers one VM's HVM context records as they arrive; :meth:`result` builds the
     DomainState once the stream is complete, naming the first record that is missing."""
 
-    def __init__(self) -> None:
+    def __init__(self, label: str = "guest") -> None:
+        self.label = label
         self.vcpus: dict[int, dict[str, object]] = {}
         self.platform: dict[str, object] = {}
 
@@ -104,20 +121,20 @@ class StateCollector:
 
     def result(self, config: DomainConfig) -> DomainState:
         if not self.vcpus:
-            raise RestoreError("stream has no vCPU state for the guest")
+            raise RestoreError(f"stream has no vCPU state for the {self.label}")
         vcpus = []
         for vcpu_id in sorted(self.vcpus):
             have = self.vcpus[vcpu_id]
             lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have]
             if lacking:
-                raise RestoreError(f"stream lacks {', '.join(lacking)} of guest vcpu {vcpu_id}")
+                raise RestoreError(f"stream lacks {', '.join(lacking)} of {self.label} vcpu {vcpu_id}")
             vcpus.append(VcpuState(vcpu_id=vcpu_id, fpu={}, **have))
         wanted = {"pic_master": "PIC", **{attr: rt.name for rt, attr in PLATFORM_RECORDS.items()}}
         lacking = [name for attr, name in wanted.items() if attr not in self.platform]
         if lacking:
-            raise RestoreError(f"stream lacks the guest's {', '.join(lacking)} record")
+            raise RestoreError(f"stream lacks the {self.label}'s {', '.join(lacking)} record")
         return DomainState(config=config, vcpus=vcpus, platform=PlatformState(**self.platform))
 
 
 __all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "RestoreError", "StateCollector", "StreamError",
-           "config_from_record", "config_record", "state_records"]
+           "config_from_record", "config_record", "state_records", "stub_build_of"]

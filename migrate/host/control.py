@@ -145,7 +145,7 @@ def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
 
 
 def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
-                   base: Path | None = None) -> dict:
+                   base: Path | None = None, fresh_stub: bool = False) -> dict:
     """Start a domain process restored from the stream file ``path``; its info once it
     runs (or is paused, with ``paused``). Errors come back as one line; on any error no
     process and no state are left."""
@@ -163,8 +163,8 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         raise ControlError(f"cannot restore from {path}: DOMAIN_CONFIG has no name")
     statedir.check_name(name)
     directory = _claim_directory(name, base)
-    return _spawn_process(name, directory, ["--restore", str(path), name, "1" if paused else "0"],
-                          what="restore")
+    return _spawn_process(name, directory, ["--restore", str(path), name, "1" if paused else "0",
+                                            "yes" if fresh_stub else "auto"], what="restore")
 
 
 def _claim_directory(name: str, base: Path | None) -> Path:

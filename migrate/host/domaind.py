@@ -3,7 +3,7 @@
 Started by :func:`migrate.host.control.create_domain` as
 ``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``, or by
 :func:`migrate.host.control.restore_domain` as
-``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) READY_FD``.
+``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) READY_FD``.
 It boots (or restores) the domain, reports ``ok`` or ``error: ...`` on the
 ready pipe, then serves requests until it is told to destroy the domain or
 is signalled.
@@ -258,9 +258,10 @@ class ClientWatch:
 def _build(argv: list[str], console: Console) -> tuple[Domain, bool]:
     """The domain this process runs, and whether to leave it paused."""
     if argv[1] == "--restore":
-        path, name, paused = argv[2], argv[3], argv[4] == "1"
+        path, name, paused, fresh = argv[2], argv[3], argv[4] == "1", argv[5]
         domain, stats = restore(file_chunks(path), name=name or None,
-                                make_domain=lambda cfg: Domain(cfg, console))
+                                make_domain=lambda cfg: Domain(cfg, console),
+                                fresh_stub=True if fresh == "yes" else None)
         log.info("restored from %s: %d pages in %.3fs", path, stats.pages_total, stats.seconds)
         return domain, paused
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))

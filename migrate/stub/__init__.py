@@ -5,6 +5,6 @@ Guest port/MMIO exits become ioreqs in the stub's ioreq page
 device, reaching guest RAM through a window (the guest's memfd as a second
 memory slot of the stub VM) and disk blocks through the host block back end.
 """
-from .stub import Stub, StubError, StubState
+from .stub import Stub, StubError, StubState, stub_build_id
 
-__all__ = ["Stub", "StubError", "StubState"]
+__all__ = ["Stub", "StubError", "StubState", "stub_build_id"]

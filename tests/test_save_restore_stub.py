@@ -1,0 +1,113 @@
+"""Save/restore of the pair: guest + device-model stub, with a disk, through
+stream files: both stub resume paths, the automatic choice by stub build, a
+live save while the stub does DMA, and a domain without a stub."""
+import importlib
+import re
+
+import pytest
+
+from migrate.domain import Domain, DomainConfig
+from migrate.engine import restore, save_to_file
+from migrate.engine.files import file_chunks
+from migrate.guest import check
+
+pytestmark = pytest.mark.kvm
+restore_mod = importlib.import_module("migrate.engine.restore")   # the module, not the function
+
+
+@pytest.fixture
+def disk(tmp_path):
+    path = tmp_path / "disk.img"
+    path.write_bytes(bytes(2 << 20))
+    return path
+
+
+def ledger(domains, disk, pages=0, memory=32 << 20):
+    dom = Domain.boot(DomainConfig("pair", "ledger", memory, args=[21, pages], disk=str(disk)))
+    domains.append(dom)
+    dom.resume()
+    dom.console.wait_for(r"ledger ok gen=2 .* journal=ok$", 20)
+    return dom
+
+
+def last_gen(dom) -> int:
+    line = [ln for ln in dom.console.lines() if ln.startswith("ledger ok")][-1]
+    return int(re.search(r"gen=(\d+)", line).group(1))
+
+
+def check_continues(dst, gen_before):
+    dst.resume()
+    m = dst.console.wait_for(r"ledger ok gen=(\d+) sum=([0-9a-f]+) ticks=\d+ journal=ok$", 20)
+    gen = int(m.group(1))
+    assert gen >= gen_before
+    hdr = check.ledger_header(dst.memory)
+    assert int(m.group(2), 16) == check.ledger_sum(hdr.seed, gen, hdr.npages)
+    dst.console.wait_for(rf"ledger ok gen={gen + 3} .* journal=ok$", 20)
+    dst.send_input(b"after restore\n")
+    dst.console.wait_for(r"^ledger input: after restore$", 10)
+    assert not any("CORRUPT" in ln or "JOURNAL BAD" in ln for ln in dst.console.lines())
+
+
+@pytest.mark.parametrize("fresh_stub", [False, True], ids=["stub-image", "fresh-stub"])
+def test_pair_round_trip_through_a_file(domains, disk, tmp_path, fresh_stub):
+    src = ledger(domains, disk)
+    path = tmp_path / "pair.hvm"
+    stats = save_to_file(src, path)
+    gen = last_gen(src)
+    src.destroy()
+    assert stats.pages_total == (32 << 8) + 2048           # guest pages + stub pages
+    dst, _ = restore(file_chunks(path), fresh_stub=fresh_stub)
+    domains.append(dst)
+    assert check.ledger_verify(dst.memory)[0] == -1
+    check_continues(dst, gen)
+
+
+def test_stub_build_decides_the_path(domains, disk, tmp_path, monkeypatch):
+    src = ledger(domains, disk)
+    path = tmp_path / "pair.hvm"
+    save_to_file(src, path)
+    src.destroy()
+    chosen = []
+    real_apply = Domain.apply
+
+    def spy(self, state, fresh_stub=False, stub_build=""):
+        chosen.append(fresh_stub)
+        return real_apply(self, state, fresh_stub=fresh_stub, stub_build=stub_build)
+
+    monkeypatch.setattr(Domain, "apply", spy)
+    dom, _ = restore(file_chunks(path))                     # same build: the image
+    domains.append(dom)
+    dom.destroy()
+    monkeypatch.setattr(restore_mod, "stub_build_id", lambda: "another-build")
+    dom, _ = restore(file_chunks(path))                     # other build: fresh stub
+    domains.append(dom)
+    assert chosen == [False, True]
+    check_continues(dom, 0)
+
+
+def test_live_save_while_the_stub_does_dma(domains, disk, tmp_path):
+    src = ledger(domains, disk, memory=64 << 20)
+    path = tmp_path / "live.hvm"
+    stats = save_to_file(src, path, live=True)
+    assert stats.rounds >= 2 and stats.downtime > 0
+    gen = last_gen(src)
+    src.destroy()
+    dst, _ = restore(file_chunks(path))
+    domains.append(dst)
+    assert check.ledger_verify(dst.memory)[0] == -1
+    check_continues(dst, gen)
+
+
+def test_domain_without_stub_round_trips(domains, tmp_path):
+    src = Domain.boot(DomainConfig("bare", "idle", 16 << 20, stub=False))
+    domains.append(src)
+    src.resume()
+    src.console.wait_for(r"idle ticks=100", 10)
+    path = tmp_path / "bare.hvm"
+    save_to_file(src, path)
+    src.destroy()
+    dst, _ = restore(file_chunks(path))
+    domains.append(dst)
+    assert dst.stub is None
+    dst.resume()
+    dst.console.wait_for(r"idle ticks=(2|3)00", 10)
