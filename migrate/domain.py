@@ -257,8 +257,8 @@ class Domain:
             raise DomainError("capture needs a paused domain")
         try:
             stub = self.stub.capture() if self.stub else None
-        except StubError as exc:
-            raise DomainError(str(exc)) from None
+        except (StubError, KvmError) as exc:
+            raise DomainError(f"capturing the stub failed: {exc}") from None
         return DomainState(config=self.config,
                            vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
                            platform=PlatformState.capture(self.vm), stub=stub)

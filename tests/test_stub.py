@@ -277,3 +277,18 @@ def test_restore_refuses_a_disk_of_another_size(domains, disk, tmp_path, fresh_s
     state.config.disk = str(other)
     with pytest.raises(DomainError, match="sectors"):
         Domain.restore(state, memory, stub_memory, fresh_stub=fresh_stub)
+
+
+def test_capacity_is_optional_but_checked_when_present(domains, disk):
+    dom = boot(domains, disk=str(disk))
+    good = dom.stub.save_devices()
+    vblk = next(r for r in good if r["device"] == "virtio-blk")
+    assert vblk["fields"]["capacity"] == (2 << 20) // 512
+    without = [dict(r, fields={k: v for k, v in r["fields"].items() if k != "capacity"}) for r in good]
+    dom.stub.load_devices(without)          # an older version-1 writer: accepted
+    assert dom.stub.save_devices() == good  # and the capacity stays the disk's
+    zero_min = [dict(r, min_version=0) for r in good]
+    with pytest.raises(Exception, match="refused"):
+        dom.stub.load_devices(zero_min)
+    with pytest.raises(Exception, match="cannot be loaded"):
+        dom.stub.load_devices([dict(good[0], device="ua\0rt")])

@@ -186,8 +186,12 @@ int hvm_run(struct hvm_runner *r)
             }
             continue;
         }
-        if (run->exit_reason == KVM_EXIT_IO && run->io.port == HVM_NULL_PORT)
-            continue;                   /* benchmark port: the bare exit cost */
+        if (run->exit_reason == KVM_EXIT_IO && run->io.port == HVM_NULL_PORT) {
+            if (run->io.direction == KVM_EXIT_IO_IN)    /* benchmark port: reads 0 */
+                memset((uint8_t *)run + run->io.data_offset, 0,
+                       (size_t)run->io.size * run->io.count);
+            continue;
+        }
         fill_exit(r);
         ret = HVM_EXIT;
         break;

@@ -111,7 +111,7 @@ def _build(records: list[dict]) -> bytes:
 
 
 def _encode_name(name: str) -> bytes:
-    if not isinstance(name, str) or not name.isascii():
+    if not isinstance(name, str) or not name.isascii() or "\0" in name:
         raise DeviceStateError(f"name {name!r} must be an ASCII string")
     raw = name.encode("ascii")
     if not 0 < len(raw) < NAME:

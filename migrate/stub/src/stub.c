@@ -457,7 +457,7 @@ static void vblk_write(uint64_t off, uint32_t v)
 #define VBLK_FIELDS(F) \
     F(status) F(dev_features_sel) F(drv_features_sel) F(queue_sel) F(driver_features) \
     F(queue_num) F(queue_ready) F(desc) F(avail) F(used) F(last_avail) F(used_idx) \
-    F(isr) F(config_generation) F(irq_level) F(requests) F(errors) F(capacity)
+    F(isr) F(config_generation) F(irq_level) F(requests) F(errors)
 
 static int save_state(void)
 {
@@ -474,6 +474,7 @@ static int save_state(void)
     ds_record(&w, "virtio-blk", 0, 1, 1);
 #define SAVE_V(f) ds_u64(&w, #f, vblk.f);
     VBLK_FIELDS(SAVE_V)
+    ds_u64(&w, "capacity", vblk.capacity);
     return ds_end(&w);
 }
 
@@ -509,11 +510,13 @@ static int load_vblk(struct ds_record *rec)
         || (b.queue_ready && !b.queue_num) || (b.driver_features & ~vblk_features())
         || b.irq_level > 1 || (uint16_t)(b.used_idx - b.last_avail) != 0)
         return -1;
-    if (b.capacity != vblk.capacity) {
+    /* capacity is optional (added within version 1): when present it must match */
+    if (ds_get_u64(rec, "capacity", &v) == 0 && v != vblk.capacity) {
         stub_log("stub: virtio-blk: saved with %lu sectors, the disk here has %lu\n",
-                 b.capacity, vblk.capacity);
+                 v, vblk.capacity);
         return -1;
     }
+    b.capacity = vblk.capacity;         /* the disk attached here */
     vblk = b;
     return 0;
 }
@@ -529,7 +532,7 @@ static int load_state(void)
         /* This build writes version 1 and reads records of version >= 1 whose
          * writer says a version-1 loader can read them (min_version <= 1);
          * fields it does not know are ignored. */
-        if (rec.version < 1 || rec.min_version > 1 || rec.min_version > rec.version
+        if (rec.version < 1 || rec.min_version < 1 || rec.min_version > 1 || rec.min_version > rec.version
             || rec.instance != 0) {
             stub_log("stub: %s: record version %u (min %u) not loadable by version 1\n",
                      rec.device, rec.version, rec.min_version);
