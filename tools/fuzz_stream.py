@@ -30,8 +30,12 @@ INTERESTING = [0, 1, 7, 8, 0x7F, 0x80, 0xFF, 1023, 1024, 1025, 4096, 0x7FFF_FFFF
                0x8000_0000, 0xFFFF_FFFF, (128 << 20), (128 << 20) + 1]
 
 
+REAL_STREAM = ROOT / "tests" / "fixtures" / "idle-v1.hvm"   # a real guest+stub save
+
+
 def seeds() -> list[bytes]:
-    """Writer output: the small sample pair, and a minimal stream with every page kind."""
+    """Writer output (the small sample pair, a minimal stream with every page kind) and
+    the real saved guest+stub stream checked in as a test fixture."""
     from migrate.stream import DomainConfig, MemoryLayout, StreamWriter, Vm, ZERO_PAGE
     from migrate.stream.sample import pattern, sample_stream
 
@@ -41,7 +45,10 @@ def seeds() -> list[bytes]:
     minimal.append(writer.pages(Vm.GUEST, [(0, ZERO_PAGE), (1, pattern(1, 4096))]))
     minimal.append(writer.pages(Vm.STUB, [(1, bytes([9]) * 4096)], compressed=True))
     minimal.append(writer.finish())
-    return [sample_stream(vcpus=1, guest_pages=6, stub_pages=3), b"".join(minimal)]
+    out = [sample_stream(vcpus=1, guest_pages=6, stub_pages=3), b"".join(minimal)]
+    if REAL_STREAM.exists():
+        out.append(REAL_STREAM.read_bytes())
+    return out
 
 
 def repair_crcs(data: bytes) -> bytes:
