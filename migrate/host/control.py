@@ -35,6 +35,7 @@ class DomainClient:
             if self.dir.exists() and not _remove_stale(self.dir):
                 raise ControlError(f"domain {name!r} is still starting")
             raise ControlError(f"no domain named {name!r}")
+        self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
         try:
@@ -48,15 +49,7 @@ class DomainClient:
         self._unpack = protocol.unpacker()
 
     def call(self, op: str, **args) -> dict:
-        try:
-            protocol.send(self.sock, {"op": op, **args})
-            reply = protocol.receive(self.sock, self._unpack)
-        except (protocol.ProtocolError, OSError) as exc:
-            raise ControlError(f"domain {self.name!r}: {op} failed: {exc}") from None
-        if not reply.get("ok"):
-            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}")
-        reply.pop("ok")
-        return reply
+        return self.call_with_progress(op, None, self.timeout, **args)
 
     def call_with_progress(self, op: str, progress=None, timeout: float | None = None, **args) -> dict:
         """Like :meth:`call` for operations that send ``{"progress": ...}`` messages
