@@ -32,6 +32,7 @@ class BuildExtWithGuests(build_ext):
 
 setup(
     cffi_modules=["migrate/kvm/_build.py:ffibuilder",
-                  "migrate/guest/_build_check.py:ffibuilder"],
+                  "migrate/guest/_build_check.py:ffibuilder",
+                  "migrate/engine/_build_fast.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtWithGuests},
 )

@@ -2,13 +2,18 @@
 
 The hot path of a save: gather the pages of up to MAX_PAGES_PER_BATCH pfns, find the
 all-zero ones (sent as ZERO entries, never as data), and zstd-compress the rest as one
-frame (spec "PAGE_DATA_ZSTD"). Gathering holds the GIL briefly (one copy per page or per
-contiguous run); zstd, CRC-32, BLAKE2b and file writes release it, so a small thread pool
-keeps both cores busy while the caller frames and writes batches in stream order.
+frame (spec "PAGE_DATA_ZSTD"). One C call (``_fast.hvm_gather_pages``) tests each page
+for zeroes, writes the entries and copies the non-zero pages into a buffer that each
+encoding thread reuses; zstd then reads that buffer, and the record's CRC-32 is computed
+on the same thread. The C call, zstd and CRC-32 release the GIL, so a small thread pool
+keeps both cores busy while the caller digests (BLAKE2b, also GIL-free), frames and
+writes batches in stream order, body pieces as they are (no joined copy).
+
+The engine's default zstd level is :data:`DEFAULT_LEVEL` (1): on the issue-4 mix it is
+about 1.5x faster than level 3 for a file 0.4% of guest RAM larger.
 """
 from __future__ import annotations
 
-import sys
 import threading
 from array import array
 from collections import deque
@@ -18,20 +23,28 @@ from typing import Callable, Iterable, Sequence
 
 import zstandard
 
-from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, ZERO_PAGE, PageType, Vm
+from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, PageType, RecordType, Vm
+from ..stream.framing import parts_crc
 from ..stream.pages import BATCH_HEADER
+from ._fast import ffi, lib
 
+DEFAULT_LEVEL = 1
 _LOCAL = threading.local()
 
 
 @dataclass(frozen=True)
 class EncodedBatch:
     space: Vm
-    body: bytes
+    parts: tuple            # the body, in pieces: header + entries, then the page data
     compressed: bool
-    count: int          # entries
-    zero: int           # ZERO entries
+    count: int              # entries
+    zero: int               # ZERO entries
     max_pfn: int
+    crc: int                # framing.parts_crc of the body
+
+    @property
+    def body(self) -> bytes:
+        return b"".join(self.parts)
 
 
 def _compressor(level: int) -> zstandard.ZstdCompressor:
@@ -43,35 +56,50 @@ def _compressor(level: int) -> zstandard.ZstdCompressor:
     return cache[level]
 
 
-def _pages_of(mem: memoryview, pfns: Sequence[int]) -> Iterable[bytes]:
-    first, last = pfns[0], pfns[-1]
-    if last - first == len(pfns) - 1:         # one contiguous run: one copy
-        block = bytes(mem[first * PAGE_SIZE:(last + 1) * PAGE_SIZE])
-        return (block[i:i + PAGE_SIZE] for i in range(0, len(block), PAGE_SIZE))
-    return (bytes(mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE]) for pfn in pfns)
+def _gather_buffer() -> memoryview:
+    """This thread's buffer for one batch's non-zero pages (reused: no page faults)."""
+    buf = getattr(_LOCAL, "gather", None)
+    if buf is None:
+        buf = _LOCAL.gather = memoryview(bytearray(MAX_PAGES_PER_BATCH * PAGE_SIZE))
+    return buf
+
+
+def _pfn_array(pfns: Sequence[int]) -> array:
+    if isinstance(pfns, range):
+        return array("Q", pfns)
+    return pfns if isinstance(pfns, array) and pfns.typecode == "Q" else array("Q", pfns)
 
 
 def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None) -> EncodedBatch:
     """One PAGE_DATA (``level`` None) or PAGE_DATA_ZSTD body for ``pfns`` (ascending,
-    1..MAX_PAGES_PER_BATCH of them) read from ``mem``; byte-identical to
+    1..MAX_PAGES_PER_BATCH of them, each a page of ``mem``); byte-identical to
     ``stream.pages.encode_batch`` for the same pages and level."""
+    count = len(pfns)
+    if not 1 <= count <= MAX_PAGES_PER_BATCH:
+        raise ValueError(f"a batch holds 1..{MAX_PAGES_PER_BATCH} pages, got {count}")
     data_type = PageType.NORMAL if level is None else PageType.COMPRESSED
-    entries = array("Q", bytes(16 * len(pfns)))     # pfn, then type | reserved << 32
-    data = []
-    for i, page in enumerate(_pages_of(mem, pfns)):
-        entries[2 * i] = pfns[i]
-        if page == ZERO_PAGE:
-            entries[2 * i + 1] = PageType.ZERO
-        else:
-            entries[2 * i + 1] = data_type
-            data.append(page)
-    if sys.byteorder != "little":
-        entries.byteswap()
-    payload = b"".join(data)
-    if level is not None and payload:
-        payload = _compressor(level).compress(payload)
-    body = BATCH_HEADER.pack(space, len(pfns)) + entries.tobytes() + payload
-    return EncodedBatch(space, body, level is not None, len(pfns), len(pfns) - len(data), max(pfns))
+    pfn_array = _pfn_array(pfns)
+    head = bytearray(BATCH_HEADER.size + 16 * count)
+    BATCH_HEADER.pack_into(head, 0, space, count)
+    gather = _gather_buffer()
+    n_data = lib.hvm_gather_pages(ffi.from_buffer("uint8_t[]", mem), len(mem) // PAGE_SIZE,
+                                  ffi.from_buffer("uint64_t[]", pfn_array), count, data_type,
+                                  ffi.from_buffer("uint8_t[]", head, require_writable=True) + BATCH_HEADER.size,
+                                  ffi.from_buffer("uint8_t[]", gather, require_writable=True))
+    if n_data < 0:
+        raise ValueError(f"pfn 0x{pfn_array[-1 - n_data]:x} is outside memory of "
+                         f"{len(mem) // PAGE_SIZE} pages")
+    data = gather[:n_data * PAGE_SIZE]
+    if not n_data:
+        payload = b""
+    elif level is None:
+        payload = bytes(data)           # the buffer is reused by the next batch
+    else:
+        payload = _compressor(level).compress(data)
+    parts = (bytes(head), payload) if payload else (bytes(head),)
+    record_type = RecordType.PAGE_DATA if level is None else RecordType.PAGE_DATA_ZSTD
+    return EncodedBatch(space, parts, level is not None, count, count - n_data,
+                        max(pfn_array), parts_crc(record_type, parts))
 
 
 def chunks(pfns: Sequence[int], size: int = MAX_PAGES_PER_BATCH) -> Iterable[Sequence[int]]:

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
 from ..stream import Creator, DeviceState, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
-from .batches import BatchPipeline, EncodedBatch, chunks
+from .batches import DEFAULT_LEVEL, BatchPipeline, EncodedBatch, chunks
 from .state import config_record, state_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
@@ -122,8 +122,9 @@ class _Saver:
         self.stats.stream_bytes += len(data)
 
     def _emit_batch(self, batch: EncodedBatch) -> None:
-        self.write(self.writer.encoded_pages(batch.space, batch.body, batch.compressed,
-                                             batch.count, batch.max_pfn))
+        for piece in self.writer.encoded_parts(batch.space, batch.parts, batch.compressed,
+                                               batch.count, batch.max_pfn, batch.crc):
+            self.write(piece)
         s = self.stats
         s.pages_total += batch.count
         s.pages_zero += batch.zero
@@ -225,13 +226,13 @@ class _Saver:
         return paused_at, state
 
 
-def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = 3,
+def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = DEFAULT_LEVEL,
          live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          stub: StubPart | None = None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
 
-    ``compress``: zstd level for page data, or None for uncompressed PAGE_DATA.
+    ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
     ``live``: pre-copy rounds while the guest runs, then pause for the last round; else
     pause first and copy once. Either way the domain is left *paused* on success (the
     caller resumes or destroys it). On any error, including ``cancel`` being set or

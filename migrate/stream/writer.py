@@ -8,10 +8,10 @@ produce a stream that breaks the ordering rules (ValueError).
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Iterable
+from typing import Any, Iterable, Sequence
 
 from migrate.stream.errors import StreamError
-from migrate.stream.framing import frame
+from migrate.stream.framing import frame, frame_parts
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
 from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
@@ -66,13 +66,33 @@ class StreamWriter:
             raise ValueError(f"writer refuses: {exc.msg}") from None
         return self.raw(record_type, body, count)
 
+    def encoded_parts(self, space: Vm, parts: Sequence[bytes], compressed: bool, count: int,
+                      max_pfn: int, crc: int | None = None) -> list:
+        """:meth:`encoded_pages` for a body given as pieces (``crc``: its
+        ``framing.parts_crc`` if known); returns the record as pieces to write in order."""
+        record_type = RecordType.PAGE_DATA_ZSTD if compressed else RecordType.PAGE_DATA
+        try:
+            self._order.pages(record_type.name, space, (max_pfn,))
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        self._check_body(sum(len(p) for p in parts))
+        self._records += 1
+        self._pages += count
+        pieces = frame_parts(record_type, parts, crc)
+        for piece in pieces:
+            self._emit(piece)
+        return pieces
+
+    def _check_body(self, length: int) -> None:
+        if not self._started or self._finished:
+            raise ValueError("records go between start() and finish()")
+        if length > MAX_RECORD_BODY:
+            raise ValueError(f"record body of {length} bytes exceeds {MAX_RECORD_BODY}")
+
     def raw(self, record_type: int, body: bytes, page_count: int = 0) -> bytes:
         """Frame a body as-is, without ordering checks: for tests and tools that build
         unusual streams. Counted in END like any record."""
-        if not self._started or self._finished:
-            raise ValueError("records go between start() and finish()")
-        if len(body) > MAX_RECORD_BODY:
-            raise ValueError(f"record body of {len(body)} bytes exceeds {MAX_RECORD_BODY}")
+        self._check_body(len(body))
         self._records += 1
         self._pages += page_count
         return self._emit(frame(record_type, body))
