@@ -118,14 +118,15 @@ def test_hvm_entry_point_in_a_real_subprocess(state_dir):
     try:
         follow = subprocess.Popen(cmd + ["console", "sub", "--follow"], env=env,
                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
-        follow.stdin.write("over the pipe\n")
-        follow.stdin.flush()
         seen = []
         watchdog = threading.Timer(30, follow.kill)     # a hang fails the test, not the suite
         watchdog.start()
         try:
             for line in follow.stdout:
                 seen.append(line)
+                if line.startswith("ledger start"):     # its UART driver is up: type
+                    follow.stdin.write("over the pipe\n")
+                    follow.stdin.flush()
                 if line.startswith("ledger input: over the pipe"):
                     break
         finally:
@@ -165,8 +166,11 @@ def test_disk_and_console_input_through_the_cli(state_dir, tmp_path):
                           "--disk", str(disk), "--json").output)
     try:
         assert info["disk"] == str(disk) and info["stub"] is True
+        deadline = time.monotonic() + 15       # type once its driver is up (like a person)
+        while "ledger start" not in run("console", "io").output:
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
         assert "sent 6 bytes to io" in run("input", "io", "typed").output
-        deadline = time.monotonic() + 15
         while "ledger input: typed" not in run("console", "io").output:
             assert time.monotonic() < deadline, run("console", "io").output
             time.sleep(0.2)
