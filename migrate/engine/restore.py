@@ -3,7 +3,9 @@
 
 The domain is created when DOMAIN_CONFIG and the guest's MEMORY_LAYOUT have arrived and
 agree; pages are written into its RAM as their batches arrive (the last copy of a page
-wins); HVM context records are collected and applied only after END has been read and
+wins): the reader hands each batch over as a RawPageBatch and one C call
+(``_fast.hvm_scatter_pages``, which checks every entry again before writing anything)
+copies its data pages into place; HVM context records are collected and applied only after END has been read and
 validated (counts and digest). Any error destroys whatever was built and propagates:
 StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
 
@@ -22,13 +24,14 @@ from typing import Any, Callable, Iterable
 
 from ..domain import Domain, DomainConfig
 from ..stream import (
-    DONE, NEED_DATA, PAGE_SIZE, DeviceState, End, HvmState, MemoryLayout, PageBatch,
-    StreamReader, Vm,
+    DONE, NEED_DATA, PAGE_SIZE, DeviceState, End, HvmState, MemoryLayout, PageType,
+    RecordType, StreamReader, Vm,
 )
-from ..stream import ZERO_PAGE as _ZERO     # the reader hands out this very object for ZERO
 from ..stream import Creator
+from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, stub_build_id
+from ._fast import ffi, lib
 from .state import RestoreError, StateCollector, config_from_record, stub_build_of
 
 
@@ -65,7 +68,7 @@ class _Restorer:
         self.stats = RestoreStats()
         self.end_seen = False
         self._dispatch = {
-            ConfigRecord: self.on_config, MemoryLayout: self.on_layout, PageBatch: self.on_pages,
+            ConfigRecord: self.on_config, MemoryLayout: self.on_layout, RawPageBatch: self.on_pages,
             HvmState: self.on_hvm, DeviceState: self.on_device_state, Creator: lambda r: None,
             End: self.on_end,
         }
@@ -108,24 +111,21 @@ class _Restorer:
         self.written[Vm.GUEST] = bytearray(record.nr_pages)
         self.stats.guest_bytes = self.config.memory
 
-    def on_pages(self, batch: PageBatch) -> None:
+    def on_pages(self, batch: RawPageBatch) -> None:
         mem = self.memory if batch.space is Vm.GUEST else self.stub_memory
+        self.stats.pages_total += batch.count
         if mem is None:                      # stub pages, resuming with a fresh stub
-            self.stats.pages_total += len(batch.pages)
             return
-        written = self.written[batch.space]
-        zero = 0
-        for pfn, data in batch.pages:
-            at = pfn * PAGE_SIZE
-            if data is _ZERO:
-                zero += 1
-                if written[pfn]:         # an earlier copy was data: the newest is zeroes
-                    mem[at:at + PAGE_SIZE] = _ZERO
-                    written[pfn] = 0
-                continue                  # fresh memory is zero already
-            mem[at:at + PAGE_SIZE] = data
-            written[pfn] = 1
-        self.stats.pages_total += len(batch.pages)
+        bad = ffi.new("uint32_t *")
+        zero = lib.hvm_scatter_pages(
+            ffi.from_buffer("uint8_t[]", mem, require_writable=True), len(mem) // PAGE_SIZE,
+            ffi.from_buffer("uint8_t[]", self.written[batch.space], require_writable=True),
+            ffi.from_buffer("uint8_t[]", batch.entries), batch.count,
+            batch.TYPE is RecordType.PAGE_DATA_ZSTD and PageType.COMPRESSED or PageType.NORMAL,
+            ffi.from_buffer("uint8_t[]", batch.data), len(batch.data), bad)
+        if zero < 0:                         # the reader checked all this: a bug if seen
+            raise RestoreError(f"{batch.TYPE.name} batch rejected by scatter "
+                               f"(error {-zero} at entry {bad[0]})")
         self.stats.pages_zero += zero
 
     def on_hvm(self, record: HvmState) -> None:
@@ -179,7 +179,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     ``fresh_stub``: True boots a new stub and loads the device state, False resumes the
     stub's memory image, None (default) decides by the stub build (module docstring)."""
     t0 = time.monotonic()
-    reader = StreamReader()
+    reader = StreamReader(raw_pages=True)
     work = _Restorer(name, make_domain, fresh_stub)
     try:
         for chunk in source:

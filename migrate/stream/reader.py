@@ -18,7 +18,7 @@ from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.framing import record_crc
 from migrate.stream.hvm import CODECS, HvmState
 from migrate.stream.order import StreamOrder
-from migrate.stream.pages import PageBatch
+from migrate.stream.pages import PageBatch, RawPageBatch, decode_raw_batch
 from migrate.stream.records import (
     FORMAT_VERSION, HEADER, MAGIC, MAX_HEADER_LENGTH, MAX_RECORD_BODY, MIN_READ_VERSION,
     OPTIONAL, RECORD_ALIGN, RECORD_HEADER, Creator, DeviceState, DomainConfig, End, Header,
@@ -52,13 +52,20 @@ _V1_DECODERS: dict[int, Decoder] = {
 }
 # One decoder table per readable format version (this one and the one before).
 DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS}
+# What raw_pages=True puts in place of the PageBatch decoders.
+RAW_PAGE_DECODERS: dict[int, Decoder] = {
+    RecordType.PAGE_DATA: partial(decode_raw_batch, RecordType.PAGE_DATA),
+    RecordType.PAGE_DATA_ZSTD: partial(decode_raw_batch, RecordType.PAGE_DATA_ZSTD),
+}
 
 
 class StreamReader:
-    def __init__(self, *, leave_trailing: bool = False) -> None:
+    def __init__(self, *, leave_trailing: bool = False, raw_pages: bool = False) -> None:
         """``leave_trailing``: bytes after END are left untouched in :attr:`trailing`
-        instead of being an error."""
+        instead of being an error. ``raw_pages``: page batches come out as
+        :class:`~migrate.stream.pages.RawPageBatch` (same checks, no per-page objects)."""
         self.leave_trailing = leave_trailing
+        self.raw_pages = raw_pages
         self.header: Header | None = None
         self.skipped: list[tuple[int, int]] = []  # (offset, type) of skipped optional records
         self._buf = bytearray()
@@ -155,6 +162,8 @@ class StreamReader:
             return NEED_DATA
         self.header = Header(version, length, incompat, _compat)
         self._decoders = DECODERS[version]
+        if self.raw_pages:
+            self._decoders = {**self._decoders, **RAW_PAGE_DECODERS}
         self._consume(length, digest=True)
         return self.header
 
@@ -197,6 +206,14 @@ class StreamReader:
             self.skipped.append((self._offset, record_type))
             return _SKIPPED
         record = decoder(body)
+        if isinstance(record, RawPageBatch):
+            try:        # the highest pfn decides; the exact error names the first bad one
+                self._order.pages(record.TYPE.name, record.space, (record.max_pfn,))
+            except StreamError:
+                self._order.pages(record.TYPE.name, record.space, record.pfns())
+                raise
+            self._pages += record.count
+            return record
         self._order.observe(record)
         if isinstance(record, PageBatch):
             self._pages += len(record.pages)
