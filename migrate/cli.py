@@ -508,5 +508,120 @@ def dump(file):
                 click.echo(line)
 
 
+# -- relocation (specs/relocation.md) -------------------------------------------
+
+INSECURE_HELP = ("Plain TCP: no encryption and no authentication (anyone who can reach the port "
+                 "can plant or read a guest). Only on a trusted link.")
+tls_dir_option = click.option("--tls-dir", type=click.Path(file_okay=False), envvar="HVM_TLS_DIR",
+                              help="Directory with ca.pem, cert.pem, key.pem (hvm host keygen); "
+                                   "default $HVM_TLS_DIR.")
+
+
+@hvm.group()
+def host():
+    """This host as a relocation destination: keys and the daemon."""
+
+
+@host.command()
+@click.option("--dir", "directory", required=True, type=click.Path(file_okay=False),
+              help="Where the CA (ca.pem, ca-key.pem) and one TLS directory per host go.")
+@click.option("--hosts", default=None, help="Comma-separated host names or addresses "
+              "(default: this host's name). Each becomes DIR/HOST.")
+@_fail_cleanly
+def keygen(directory, hosts):
+    """Make a small CA (or reuse the one in DIR) and a certificate and key per host.
+
+    \b
+    Example:
+      hvm host keygen --dir /etc/hvm/pki --hosts node1,node2,10.0.0.7
+      scp -r /etc/hvm/pki/node2 node2:/etc/hvm/tls    # then --tls-dir /etc/hvm/tls there
+    """
+    import socket as _socket
+    from .host import tls
+    names = [h.strip() for h in (hosts or _socket.gethostname()).split(",") if h.strip()]
+    try:
+        made = tls.keygen(directory, names)
+    except tls.TlsError as exc:
+        raise click.ClickException(str(exc)) from None
+    for path in made:
+        click.echo(f"{path}: ca.pem cert.pem key.pem")
+
+
+@host.command()
+@click.option("--listen", required=True, metavar="ADDR:PORT", help="Address to accept relocations on.")
+@tls_dir_option
+@click.option("--insecure", is_flag=True, help=INSECURE_HELP)
+@click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST",
+              help="Accept a domain whose disk is SRC on the source, using DST here (repeatable).")
+@_fail_cleanly
+def serve(listen, tls_dir, insecure, disk_map):
+    """Accept incoming relocations and run each as a local domain (runs until stopped).
+
+    \b
+    Example:
+      hvm host serve --listen 0.0.0.0:7410 --tls-dir /etc/hvm/tls
+    """
+    import logging
+    import signal
+    from .host import relocd, tls
+    from .host.relocate import parse_target
+    if not insecure and not tls_dir:
+        raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
+    addr, port = parse_target(listen)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        server = relocd.RelocationServer(relocd.ServeConfig(
+            addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map)))
+    except (tls.TlsError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
+    signal.signal(signal.SIGTERM, lambda *_: server.stop())
+    if insecure:
+        click.echo("WARNING: --insecure: " + INSECURE_HELP, err=True)
+    click.echo(f"listening on {server.address[0]}:{server.address[1]} "
+               f"({'plain TCP' if insecure else 'TLS 1.3, client certificates required'})", err=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        server.stop()
+
+
+def _migrate_summary(name: str, target: str, s: dict) -> str:
+    rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
+    return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
+            f"{s['downtime'] * 1000:.1f} ms (final {s['downtime_final'] * 1000:.1f} + restore "
+            f"{s['downtime_restore'] * 1000:.1f} + resume {s['downtime_resume'] * 1000:.1f}), "
+            f"{_mb(s['bytes'])}, {rounds}, setup {s['setup'] * 1000:.0f} ms")
+
+
+@hvm.command()
+@click.argument("name")
+@click.argument("target", metavar="HOST:PORT")
+@click.option("--offline", is_flag=True, help="Pause first and copy once (no pre-copy).")
+@tls_dir_option
+@click.option("--insecure", is_flag=True, help=INSECURE_HELP)
+@json_option
+@_fail_cleanly
+def migrate(name, target, offline, tls_dir, insecure, as_json):
+    """Relocate a running domain to the host daemon at HOST:PORT (live pre-copy, then a
+    two-phase handoff); the domain is gone here once it runs there.
+
+    \b
+    Example:
+      hvm migrate web1 node2:7410 --tls-dir /etc/hvm/tls
+    """
+    from .host.relocate import migrate_domain
+    bar = _ProgressLine(sys.stderr.isatty() and not as_json)
+    try:
+        reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir,
+                               insecure=insecure, progress=bar)
+    finally:
+        bar.done()
+    control.wait_gone(name)
+    if as_json:
+        click.echo(json.dumps({"name": name, "target": target, **reply}))
+    else:
+        click.echo(_migrate_summary(name, target, reply["stats"]))
+
+
 if __name__ == "__main__":     # python -m migrate.cli
     hvm()

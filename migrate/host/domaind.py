@@ -3,7 +3,11 @@
 Started by :func:`migrate.host.control.create_domain` as
 ``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``, or by
 :func:`migrate.host.control.restore_domain` as
-``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) READY_FD``.
+``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) READY_FD``,
+or by the relocation daemon (:mod:`migrate.host.relocd`) as
+``python -m migrate.host.domaind DIR --receive STREAM_FD OPTIONS_MSGPACK_HEX READY_FD``:
+restore from the pipe ``STREAM_FD``, stay paused, and destroy the domain if it is not
+resumed within ``resume_timeout`` seconds (specs/relocation.md, section 4).
 It boots (or restores) the domain, reports ``ok`` or ``error: ...`` on the
 ready pipe, then serves requests until it is told to destroy the domain or
 is signalled.
@@ -15,6 +19,7 @@ control loop keeps serving other clients meanwhile.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import select
@@ -54,6 +59,7 @@ class DomainServer:
         self.save_thread: threading.Thread | None = None
         self.save_cancel = threading.Event()
         self.saving = False             # from a save's start until just before its reply
+        self.resume_deadline: float | None = None     # a received domain awaiting GO
 
     # -- requests ------------------------------------------------------------
     def op_info(self, req: dict) -> dict:
@@ -73,6 +79,7 @@ class DomainServer:
     def op_unpause(self, req: dict) -> dict:
         self._no_save_running("unpause")
         self.domain.resume()
+        self.resume_deadline = None
         return {"status": self.domain.status}
 
     def op_destroy(self, req: dict) -> dict:
@@ -115,6 +122,9 @@ class DomainServer:
     # -- the loop ------------------------------------------------------------
     def serve(self) -> None:
         while self.running:
+            if self.resume_deadline is not None and time.monotonic() > self.resume_deadline:
+                log.warning("not resumed in time after a relocation: destroying the domain")
+                break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
@@ -133,8 +143,9 @@ class DomainServer:
     def _serve_client(self, conn: socket.socket, unpack) -> None:
         try:
             req = protocol.receive(conn, unpack)
-            if req.get("op") == "save":
-                reply = self.start_save(conn, req)
+            if req.get("op") in ("save", "migrate"):
+                start = self.start_save if req["op"] == "save" else self.start_migrate
+                reply = start(conn, req)
                 if reply is None:       # the save thread owns the connection now
                     self.sel.unregister(conn)
                     return
@@ -189,6 +200,42 @@ class DomainServer:
             self.saving = False
             watch.reply({"ok": True, "path": str(job.path), "status": dom.status,
                          "stats": stats.as_dict()})
+        finally:
+            conn.close()
+
+    # -- migrate (specs/relocation.md; the work is in migrate.host.relocate) -------
+    def start_migrate(self, conn: socket.socket, req: dict) -> dict | None:
+        from .relocate import MigrateJob
+        try:
+            job = MigrateJob.from_request(req)
+            self._no_save_running("migrate")
+            if self.domain.status not in ("running", "paused"):
+                raise ValueError(f"domain is {self.domain.status}: nothing to migrate")
+        except ValueError as exc:
+            return {"ok": False, "error": str(exc)}
+        self.save_cancel.clear()
+        self.saving = True
+        self.save_thread = threading.Thread(target=self._run_migrate, args=(conn, job),
+                                            name="migrate", daemon=True)
+        self.save_thread.start()
+        return None
+
+    def _run_migrate(self, conn: socket.socket, job) -> None:
+        from .relocate import RelocationError
+        watch = ClientWatch(conn, self.save_cancel)
+        try:
+            stats = job.run(self.domain, watch.progress, self.save_cancel)
+        except RelocationError as exc:      # before GO: running as before; after: paused
+            log.warning("migrate to %s:%d failed: %s", job.host, job.port, exc)
+            self.saving = False
+            watch.reply({"ok": False, "error": str(exc), "status": self.domain.status})
+        else:
+            self.domain.destroy()
+            self.running = False
+            log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
+                     stats["bytes"], stats["downtime"] * 1000)
+            self.saving = False
+            watch.reply({"ok": True, "status": "destroyed", "stats": stats})
         finally:
             conn.close()
 
@@ -264,8 +311,30 @@ def _build(argv: list[str], console: Console) -> tuple[Domain, bool]:
                                 fresh_stub=True if fresh == "yes" else None)
         log.info("restored from %s: %d pages in %.3fs", path, stats.pages_total, stats.seconds)
         return domain, paused
+    if argv[1] == "--receive":
+        return _receive(int(argv[2]), msgpack.unpackb(bytes.fromhex(argv[3]), raw=False), console), True
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
     return Domain.boot(config, console), False
+
+
+def _receive(fd: int, opts: dict, console: Console) -> Domain:
+    """Restore an incoming relocation from the pipe ``fd`` (specs/relocation.md, "The
+    stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``), the domain
+    is named ``name`` and its disk is the destination's ``disk_to``."""
+    def make(cfg: DomainConfig) -> Domain:
+        if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
+            raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
+        return Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console)
+
+    def chunks():
+        with os.fdopen(fd, "rb", buffering=0) as pipe:
+            while data := pipe.read(1 << 20):
+                yield data
+
+    domain, stats = restore(chunks(), name=opts["name"], make_domain=make)
+    log.info("received %s: %d pages, %d bytes in %.3fs", opts["name"], stats.pages_total,
+             stats.stream_bytes, stats.seconds)
+    return domain
 
 
 def main(argv: list[str]) -> int:
@@ -295,6 +364,9 @@ def main(argv: list[str]) -> int:
         ready.write(f"error: {_one_line(exc)}\n")
         ready.close()
         return 1
+    if argv[1] == "--receive":
+        opts = msgpack.unpackb(bytes.fromhex(argv[3]), raw=False)
+        server.resume_deadline = time.monotonic() + opts["resume_timeout"]
     try:
         if not paused:
             domain.resume()

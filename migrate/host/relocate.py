@@ -1,0 +1,188 @@
+"""The source side of a relocation (specs/relocation.md): runs inside the domain's own
+process (the engine's save needs the vCPU ioctls of that process), asked by
+``hvm migrate`` through the ``migrate`` operation of its control socket.
+
+Connect (TLS 1.3, mutual), HELLO / WELCOME, the engine's save into DATA frames (live
+pre-copy unless offline), STREAM_END, then the handoff: RESTORED -> GO -> RUNNING. Before
+GO every failure resumes the source (if it was running) and raises
+:class:`RelocationError`; after GO a missing RUNNING leaves the source paused and raises
+:class:`OutcomeUnknown`.
+"""
+from __future__ import annotations
+
+import os
+import socket
+import ssl
+import threading
+import time
+from pathlib import Path
+
+from ..engine import SaveError, save
+from . import tls
+from .relocation import (
+    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, WELCOME_TIMEOUT, Channel,
+    ChannelError, DataBuffer, PeerError,
+)
+
+CONNECT_TIMEOUT = 10.0
+
+
+class RelocationError(Exception):
+    """The relocation failed before GO: the source domain keeps running (or paused, as it was)."""
+
+
+class OutcomeUnknown(RelocationError):
+    """GO was sent and RUNNING did not arrive: the source stays paused."""
+
+
+def parse_target(text: str) -> tuple[str, int]:
+    """'HOST:PORT' or '[V6ADDR]:PORT'."""
+    host, sep, port = text.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536 or not host:
+        raise ValueError(f"{text!r} is not HOST:PORT")
+    return host.strip("[]"), int(port)
+
+
+class MigrateJob:
+    """A ``migrate`` request: ``host``, ``port``, ``live`` (bool), ``tls_dir`` (absolute
+    path) or ``insecure`` true."""
+
+    def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool):
+        self.host, self.port, self.live = host, port, live
+        self.tls_dir, self.insecure = tls_dir, insecure
+
+    @classmethod
+    def from_request(cls, req: dict) -> "MigrateJob":
+        host, port = req.get("host"), req.get("port")
+        live, tls_dir, insecure = req.get("live", True), req.get("tls_dir"), req.get("insecure", False)
+        if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
+            raise ValueError("migrate needs a host and a port")
+        if not isinstance(live, bool) or not isinstance(insecure, bool):
+            raise ValueError("live and insecure must be booleans")
+        if not insecure and (not isinstance(tls_dir, str) or not os.path.isabs(tls_dir)):
+            raise ValueError("migrate needs an absolute tls_dir, or insecure")
+        return cls(host, port, live, tls_dir, insecure)
+
+    # -- the steps -------------------------------------------------------------
+    def connect(self) -> Channel:
+        where = f"{self.host}:{self.port}"
+        ctx = None if self.insecure else _client_context(self.tls_dir)
+        try:
+            raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+        except OSError as exc:
+            raise RelocationError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if ctx is None:
+            return Channel(raw)
+        try:
+            return Channel(ctx.wrap_socket(raw, server_hostname=self.host))
+        except (ssl.SSLError, OSError) as exc:
+            raw.close()
+            raise RelocationError(f"TLS handshake with {where} failed: {exc}") from None
+
+    def run(self, domain, progress=None, cancel: threading.Event | None = None) -> dict:
+        """Relocate ``domain``; its statistics on success (the caller destroys the domain)."""
+        t0 = time.monotonic()
+        was_running = domain.status == "running"
+        cfg = domain.config
+        ch = self.connect()
+        try:
+            try:
+                ch.send("HELLO", proto=PROTO, stream_versions=STREAM_VERSIONS, name=cfg.name,
+                        memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live)
+                ch.expect("WELCOME", WELCOME_TIMEOUT)
+            except PeerError as exc:
+                raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
+            except ChannelError as exc:
+                raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
+            setup = time.monotonic() - t0
+            return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel)
+        finally:
+            ch.close()
+
+    def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel) -> dict:
+        where = f"{self.host}:{self.port}"
+        out = DataBuffer(ch)
+        save_start = time.monotonic()
+        try:
+            stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel)
+        except (ChannelError, SaveError) as exc:          # the engine resumed the domain
+            raise RelocationError(f"relocation to {where} failed during the stream: "
+                                  f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
+        except Exception as exc:
+            raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
+        end = time.monotonic()
+        paused_at = end - stats.downtime if self.live else save_start
+        try:
+            out.flush()
+            ch.send("STREAM_END", bytes=stats.stream_bytes)
+            final_at = time.monotonic()
+            restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
+        except ChannelError as exc:
+            if was_running:
+                domain.resume()
+            raise RelocationError(f"relocation to {where} failed before the handoff: "
+                                  f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
+        restored_at = time.monotonic()
+        try:
+            ch.send("GO")
+            ch.expect("RUNNING", RUNNING_TIMEOUT)
+        except ChannelError as exc:
+            raise OutcomeUnknown(
+                f"outcome unknown: GO was sent to {where} but RUNNING did not arrive ({exc}); "
+                f"the guest may be running on {self.host}. {domain.config.name} is kept paused "
+                f"here: check there, then either 'hvm destroy {domain.config.name}' or "
+                f"'hvm unpause {domain.config.name}' here") from None
+        running_at = time.monotonic()
+        return {
+            "seconds": running_at - t0, "setup": setup,
+            "downtime": running_at - paused_at,
+            "downtime_final": final_at - paused_at,
+            "downtime_restore": restored_at - final_at,
+            "downtime_resume": running_at - restored_at,
+            "destination_seconds": restored["seconds"],
+            "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
+            "rounds_detail": [{"round": 0, "pages": stats.guest_bytes // 4096, "kind": "all"}]
+                             * bool(self.live)
+                             + [{"round": i + 1, "pages": n, "kind": "dirty"}
+                                for i, n in enumerate(stats.dirty_history)],
+            "save": stats.as_dict(),
+        }
+
+
+def _client_context(tls_dir: str) -> ssl.SSLContext:
+    try:
+        return tls.client_context(tls_dir)
+    except tls.TlsError as exc:
+        raise RelocationError(str(exc)) from None
+
+
+def _peer_reason(ch: Channel, exc: Exception) -> str:
+    """The destination's ERROR text if it sent one before closing, else ``exc``."""
+    if isinstance(exc, PeerError):
+        return f"destination: {exc}"
+    try:
+        while True:
+            ch.receive(timeout=2.0)
+    except PeerError as peer:
+        return f"destination: {peer}"
+    except ChannelError:
+        return str(exc)
+
+
+def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | None = None,
+                   insecure: bool = False, progress=None, base: Path | None = None) -> dict:
+    """Ask domain ``name``'s process to relocate itself to ``target`` (HOST:PORT); the
+    reply (``status``, ``stats``) once the destination runs it. ControlError otherwise."""
+    from .control import DomainClient
+    host, port = parse_target(target)
+    if not insecure:
+        if not tls_dir:
+            raise ValueError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
+        tls_dir = str(Path(tls_dir).absolute())
+    with DomainClient(name, base) as client:
+        return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
+                                         tls_dir=tls_dir, insecure=insecure)
+
+
+__all__ = ["MigrateJob", "OutcomeUnknown", "RelocationError", "migrate_domain", "parse_target"]

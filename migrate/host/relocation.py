@@ -1,0 +1,170 @@
+"""The relocation channel: frames, messages and limits (specs/relocation.md, sections 2
+and 3). Both ends use :class:`Channel` over a connected (TLS or plain) socket.
+"""
+from __future__ import annotations
+
+import socket
+import struct
+
+import msgpack
+
+PROTO = 1
+STREAM_VERSIONS = [1]
+CONTROL, DATA = 1, 2
+FRAME = struct.Struct("<IHH")          # length, kind, reserved
+MAX_CONTROL = 65536
+MAX_DATA = 4 << 20
+MAX_ERROR_TEXT = 4096
+CAPS = {CONTROL: MAX_CONTROL, DATA: MAX_DATA}
+
+# timeouts, seconds (section 5)
+HANDSHAKE_TIMEOUT = 10.0
+WELCOME_TIMEOUT = 30.0
+FRAME_TIMEOUT = 60.0
+SEND_TIMEOUT = 60.0
+RESTORED_TIMEOUT = 60.0
+GO_TIMEOUT = 30.0
+RESUME_TIMEOUT = 60.0
+RUNNING_TIMEOUT = 30.0
+
+# message keys and their types (unknown keys are ignored)
+MESSAGES = {
+    "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
+              "disk": (str, type(None)), "live": bool},
+    "WELCOME": {"proto": int, "stream_version": int},
+    "STREAM_END": {"bytes": int},
+    "RESTORED": {"seconds": float},
+    "GO": {},
+    "RUNNING": {},
+    "ERROR": {"error": str},
+}
+
+
+class ChannelError(Exception):
+    """The peer broke the protocol, closed, or the link failed."""
+
+
+class PeerError(ChannelError):
+    """The peer sent ERROR; the message is its text."""
+
+
+def stream_cap(memory: int) -> int:
+    """Most stream bytes one relocation may carry (section 2)."""
+    return 64 * memory + (64 << 20)
+
+
+def _check(message: dict) -> dict:
+    kind = message.get("t")
+    spec = MESSAGES.get(kind) if isinstance(kind, str) else None
+    if spec is None:
+        raise ChannelError(f"unknown control message {kind!r}")
+    for key, types in spec.items():
+        value = message.get(key)
+        if key not in message or not isinstance(value, types) or (types is int and isinstance(value, bool)):
+            raise ChannelError(f"{kind} lacks {key} or it has the wrong type")
+    return message
+
+
+class Channel:
+    """Frames over a connected socket. ``receive()`` returns ``("control", dict)`` or
+    ``("data", bytes)``; an ERROR from the peer raises :class:`PeerError`."""
+
+    def __init__(self, sock: socket.socket):
+        self.sock = sock
+
+    def _recv_exact(self, n: int) -> bytes:
+        buf = bytearray()
+        while len(buf) < n:
+            try:
+                chunk = self.sock.recv(min(n - len(buf), 1 << 20))
+            except socket.timeout:
+                raise ChannelError("timed out waiting for the peer") from None
+            except OSError as exc:
+                raise ChannelError(f"connection failed: {exc}") from None
+            if not chunk:
+                raise ChannelError("connection closed by the peer")
+            buf += chunk
+        return bytes(buf)
+
+    def receive(self, timeout: float | None = FRAME_TIMEOUT):
+        self.sock.settimeout(timeout)
+        length, kind, reserved = FRAME.unpack(self._recv_exact(FRAME.size))
+        if kind not in CAPS or reserved:
+            raise ChannelError(f"bad frame header (kind {kind}, reserved {reserved})")
+        if length > CAPS[kind] or (kind == DATA and length == 0):
+            raise ChannelError(f"frame of {length} bytes out of bounds for kind {kind}")
+        body = self._recv_exact(length)
+        if kind == DATA:
+            return "data", body
+        try:
+            message = msgpack.unpackb(body, raw=False, strict_map_key=True, max_str_len=MAX_CONTROL,
+                                      max_bin_len=MAX_CONTROL, max_array_len=256, max_map_len=64)
+        except Exception as exc:        # msgpack raises several types for bad input
+            raise ChannelError(f"malformed control message: {exc}") from None
+        if not isinstance(message, dict):
+            raise ChannelError("control message is not a map")
+        _check(message)
+        if message["t"] == "ERROR":
+            raise PeerError(message["error"])
+        return "control", message
+
+    def expect(self, kind: str, timeout: float | None = FRAME_TIMEOUT) -> dict:
+        what, message = self.receive(timeout)
+        if what != "control" or message["t"] != kind:
+            got = "DATA" if what == "data" else message["t"]
+            raise ChannelError(f"expected {kind}, got {got}")
+        return message
+
+    def _send(self, kind: int, body: bytes) -> None:
+        self.sock.settimeout(SEND_TIMEOUT)
+        try:
+            self.sock.sendall(FRAME.pack(len(body), kind, 0))
+            self.sock.sendall(body)
+        except socket.timeout:
+            raise ChannelError("timed out sending to the peer") from None
+        except OSError as exc:
+            raise ChannelError(f"connection failed: {exc}") from None
+
+    def send(self, kind: str, **fields) -> None:
+        body = msgpack.packb({"t": kind, **fields}, use_bin_type=True)
+        if len(body) > MAX_CONTROL:
+            raise ChannelError(f"{kind} message too large")
+        self._send(CONTROL, body)
+
+    def send_error(self, text: str) -> None:
+        """Best effort: the link may be what failed."""
+        try:
+            self.send("ERROR", error=" ".join(str(text).split())[:MAX_ERROR_TEXT])
+        except ChannelError:
+            pass
+
+    def send_data(self, data) -> None:
+        view = memoryview(data)
+        for at in range(0, len(view), MAX_DATA):
+            self._send(DATA, view[at:at + MAX_DATA])
+
+    def close(self) -> None:
+        try:
+            self.sock.close()
+        except OSError:
+            pass
+
+
+class DataBuffer:
+    """Collects the engine's small writes into DATA frames of ``size`` bytes."""
+
+    def __init__(self, channel: Channel, size: int = 1 << 20):
+        self.channel, self.size = channel, size
+        self.buf = bytearray()
+        self.sent = 0
+
+    def write(self, data) -> None:
+        self.buf += data
+        if len(self.buf) >= self.size:
+            self.flush()
+
+    def flush(self) -> None:
+        if self.buf:
+            self.channel.send_data(self.buf)
+            self.sent += len(self.buf)
+            self.buf = bytearray()

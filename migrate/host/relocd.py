@@ -1,0 +1,269 @@
+"""The destination side of relocation: ``hvm host serve`` (specs/relocation.md).
+
+One thread per incoming connection: TLS handshake (client certificate from the CA
+required), HELLO checks, then a new domain process in its ``--receive`` mode (the same
+program and state directory as ``hvm create``; it restores with the ordinary stream
+reader and reports a paused pair), DATA relayed into it through a pipe, then the handoff:
+RESTORED, wait for GO, unpause, RUNNING.
+
+Why a relay into a domain process rather than a restore in the daemon: a domain's VMs,
+memfds and vCPU thread belong to the process that built them and cannot be handed to
+another process, and restored domains must be exactly like created ones (their own
+process, control socket, console log, listed by ``hvm list``) and outlive the daemon.
+TLS ends in the daemon, so the domain process reads plain stream bytes from a pipe.
+The cost is one extra copy of the stream through the pipe.
+"""
+from __future__ import annotations
+
+import dataclasses
+import fcntl
+import logging
+import os
+import shutil
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import msgpack
+
+from ..domain import MAX_MEMORY, MIB, MIN_MEMORY
+from . import control, statedir, tls
+from .relocation import (
+    GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, WELCOME_TIMEOUT,
+    Channel, ChannelError, stream_cap,
+)
+
+log = logging.getLogger("hvm.relocd")
+F_SETPIPE_SZ = 1031
+
+
+class Refused(Exception):
+    """A relocation this host will not take; the text goes to the source as ERROR."""
+
+
+@dataclasses.dataclass
+class ServeConfig:
+    host: str
+    port: int
+    tls_dir: str | None             # None: --insecure
+    disk_map: dict[str, str] = dataclasses.field(default_factory=dict)
+    base: Path | None = None        # state directory (default $HVM_STATE_DIR)
+
+
+class Incoming:
+    """A receiving domain process and the pipe that feeds it."""
+
+    def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None):
+        self.name, self.base = name, base
+        try:
+            self.dir = control._claim_directory(name, base)
+        except control.ControlError as exc:
+            raise Refused(str(exc)) from None
+        opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
+                "disk_from": hello["disk"], "disk_to": disk_to, "resume_timeout": RESUME_TIMEOUT}
+        stream_r, self.stream_w = os.pipe()
+        ready_r, ready_w = os.pipe()
+        try:
+            fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
+        except OSError:
+            pass                    # a smaller pipe only costs speed
+        try:
+            proc = subprocess.Popen(
+                [sys.executable, "-m", "migrate.host.domaind", str(self.dir), "--receive",
+                 str(stream_r), msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
+                pass_fds=(stream_r, ready_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                stderr=open(self.dir / "stderr.log", "wb"), start_new_session=True)
+        finally:
+            os.close(stream_r)
+            os.close(ready_w)
+        self.ready = os.fdopen(ready_r)
+        proc.wait(10)               # the launcher half of the double fork
+        self.bytes = 0
+        self.cap = stream_cap(hello["memory"])
+
+    def feed(self, data: bytes) -> None:
+        self.bytes += len(data)
+        if self.bytes > self.cap:
+            raise Refused(f"stream exceeds {self.cap} bytes for a domain of this size")
+        view = memoryview(data)
+        try:
+            while view:
+                view = view[os.write(self.stream_w, view):]
+        except OSError:
+            raise Refused(f"restore failed: {self.answer()}") from None
+
+    def answer(self) -> str:
+        """The domain process's ``ok`` or error text (it stops reading on an error)."""
+        self.close_stream()
+        line = control._read_ready(self.ready, None, self.dir / "stderr.log")
+        return line.removeprefix("error: ")
+
+    def finish(self) -> None:
+        """The stream is complete: wait for the restored, paused pair."""
+        answer = self.answer()
+        if answer != "ok":
+            raise Refused(f"restore failed: {answer}")
+        (self.dir / "stderr.log").unlink(missing_ok=True)
+
+    def close_stream(self) -> None:
+        if self.stream_w >= 0:
+            os.close(self.stream_w)
+            self.stream_w = -1
+
+    def resume(self) -> None:
+        with control.DomainClient(self.name, self.base) as client:
+            client.call("unpause")
+
+    def discard(self) -> None:
+        self.close_stream()
+        self.ready.close()
+        control._kill_pidfile(self.dir)
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+
+class RelocationServer:
+    def __init__(self, config: ServeConfig):
+        self.config = config
+        self.ctx = tls.server_context(config.tls_dir) if config.tls_dir else None
+        self.listener = socket.create_server((config.host, config.port), reuse_port=False)
+        self.address = self.listener.getsockname()[:2]
+        self.stopping = threading.Event()
+        self.names_lock = threading.Lock()
+        self.receiving: set[str] = set()
+
+    def serve_forever(self) -> None:
+        self.listener.settimeout(0.5)
+        while not self.stopping.is_set():
+            try:
+                conn, peer = self.listener.accept()
+            except socket.timeout:
+                continue
+            except OSError:
+                if self.stopping.is_set():
+                    break
+                raise
+            threading.Thread(target=self.handle, args=(conn, peer), daemon=True,
+                             name=f"reloc-{peer[0]}:{peer[1]}").start()
+
+    def stop(self) -> None:
+        self.stopping.set()
+        self.listener.close()
+
+    # -- one relocation -------------------------------------------------------
+    def handle(self, raw: socket.socket, peer) -> None:
+        who = f"{peer[0]}:{peer[1]}"
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if self.ctx is not None:
+            raw.settimeout(HANDSHAKE_TIMEOUT)
+            try:
+                sock = self.ctx.wrap_socket(raw, server_side=True)
+            except (ssl.SSLError, OSError) as exc:
+                log.warning("refused %s: TLS handshake failed: %s", who, exc)
+                raw.close()
+                return
+        else:
+            sock = raw
+        ch = Channel(sock)
+        try:
+            self.relocation(ch, who)
+        except ChannelError as exc:
+            log.warning("relocation from %s failed: %s", who, exc)
+        finally:
+            ch.close()
+
+    def relocation(self, ch: Channel, who: str) -> None:
+        hello = ch.expect("HELLO", WELCOME_TIMEOUT)
+        try:
+            disk_to = self.check_hello(hello)
+        except Refused as exc:
+            log.warning("refused %s: %s", who, exc)
+            ch.send_error(str(exc))
+            return
+        name = hello["name"]
+        with self.names_lock:
+            if name in self.receiving:
+                ch.send_error(f"domain {name!r} is already being received")
+                return
+            self.receiving.add(name)
+        incoming = None
+        try:
+            incoming = Incoming(name, hello, disk_to, self.config.base)
+            t0 = time.monotonic()
+            ch.send("WELCOME", proto=PROTO, stream_version=STREAM_VERSIONS[-1])
+            self.receive_stream(ch, incoming)
+            incoming.finish()
+            ch.send("RESTORED", seconds=time.monotonic() - t0)
+            ch.expect("GO", GO_TIMEOUT)
+        except (Refused, ChannelError, OSError) as exc:
+            log.warning("relocation of %s from %s failed: %s", name, who, exc)
+            if incoming is not None:
+                incoming.discard()
+            ch.send_error(str(exc))
+            return
+        finally:
+            with self.names_lock:
+                self.receiving.discard(name)
+        try:
+            incoming.resume()       # GO received: from here on the pair is ours
+        except control.ControlError as exc:
+            log.error("GO for %s from %s, but it did not resume: %s", name, who, exc)
+            ch.send_error(f"resume failed after GO: {exc}")
+            incoming.discard()
+            return
+        incoming.ready.close()
+        log.info("relocated %s from %s: running", name, who)
+        ch.send("RUNNING")
+
+    def check_hello(self, hello: dict) -> str | None:
+        """The destination disk for the domain, or Refused (specs/relocation.md, "HELLO checks")."""
+        if hello["proto"] != PROTO:
+            raise Refused(f"protocol version {hello['proto']} is not {PROTO}")
+        if not set(hello["stream_versions"]) & set(STREAM_VERSIONS):
+            raise Refused(f"no common stream version (this host reads {STREAM_VERSIONS})")
+        try:
+            statedir.check_name(hello["name"])
+        except ValueError as exc:
+            raise Refused(str(exc)) from None
+        memory = hello["memory"]
+        if not MIN_MEMORY <= memory <= MAX_MEMORY or memory % (2 * MIB):
+            raise Refused(f"memory size {memory} out of range")
+        disk = hello["disk"]
+        if disk is None:
+            return None
+        if not hello["stub"]:
+            raise Refused("a disk needs the device-model stub")
+        mapped = self.config.disk_map.get(disk)
+        if mapped is None:
+            raise Refused(f"domain {hello['name']} has a disk ({disk}) and this host maps none: "
+                          f"start hvm host serve with --disk-map {disk}=DST")
+        return mapped
+
+    def receive_stream(self, ch: Channel, incoming: Incoming) -> None:
+        while True:
+            kind, message = ch.receive()
+            if kind == "data":
+                incoming.feed(message)
+            elif message["t"] == "STREAM_END":
+                return
+            else:
+                raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")
+
+
+def parse_disk_map(items) -> dict[str, str]:
+    """['SRC=DST', ...] -> {SRC: DST}; DST must be an existing file here."""
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition("=")
+        if not sep or not src or not dst:
+            raise ValueError(f"--disk-map {item!r}: use SRC=DST")
+        if not os.path.isfile(dst):
+            raise ValueError(f"--disk-map {item!r}: {dst} is not a file on this host")
+        out[src] = os.path.abspath(dst)
+    return out
+
+
+__all__ = ["Incoming", "Refused", "RelocationServer", "ServeConfig", "parse_disk_map"]
