@@ -6,7 +6,7 @@ frame (spec "PAGE_DATA_ZSTD"). One C call (``_fast.hvm_gather_pages``) tests eac
 for zeroes, writes the entries and copies the non-zero pages into a buffer that each
 encoding thread reuses; zstd then reads that buffer, and the record's CRC-32 is computed
 on the same thread. The C call, zstd and CRC-32 release the GIL, so a small thread pool
-keeps both cores busy while the caller digests (BLAKE2b, also GIL-free), frames and
+keeps both cores busy while the caller digests (XXH3-128, also GIL-free), frames and
 writes batches in stream order, body pieces as they are (no joined copy).
 
 The engine's default zstd level is :data:`DEFAULT_LEVEL` (1): on the issue-4 mix it is

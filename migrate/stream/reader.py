@@ -10,9 +10,10 @@ after one, the reader raises the same error again.
 
 from __future__ import annotations
 
-import hashlib
 from functools import partial
 from typing import Any, Callable
+
+import xxhash
 
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.framing import record_crc
@@ -73,7 +74,7 @@ class StreamReader:
         self._offset = 0  # stream offset of _buf[_pos]
         self._index = 0  # index of the next record
         self._pages = 0
-        self._digest = hashlib.blake2b(digest_size=32)
+        self._digest = xxhash.xxh3_128()
         self._order = StreamOrder()
         self._decoders: dict[int, Decoder] = {}
         self._done = False

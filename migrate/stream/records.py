@@ -263,7 +263,7 @@ class Creator:
             raise StreamError(f"CREATOR is not UTF-8: {exc}") from None
 
 
-END = struct.Struct("<QQQ32s")  # record_count, page_count, stream_bytes, blake2b-256
+END = struct.Struct("<QQQ16s")  # record_count, page_count, stream_bytes, XXH3-128 digest
 
 
 @dataclass(frozen=True)

@@ -1,14 +1,15 @@
 """The stream writer (specs/stream-format.md, sections "Stream header", "Record framing",
 "Ordering" and "END"). It does no I/O: every method returns the bytes to send.
 
-The writer keeps the counts and the BLAKE2b-256 digest that END carries, and refuses to
+The writer keeps the counts and the XXH3-128 digest that END carries, and refuses to
 produce a stream that breaks the ordering rules (ValueError).
 """
 
 from __future__ import annotations
 
-import hashlib
 from typing import Any, Iterable, Sequence
+
+import xxhash
 
 from migrate.stream.errors import StreamError
 from migrate.stream.framing import frame, frame_parts
@@ -19,7 +20,7 @@ from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, He
 
 class StreamWriter:
     def __init__(self) -> None:
-        self._digest = hashlib.blake2b(digest_size=32)
+        self._digest = xxhash.xxh3_128()
         self._offset = 0
         self._records = 0
         self._pages = 0

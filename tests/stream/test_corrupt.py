@@ -15,7 +15,7 @@ from migrate.stream import (
 )
 from migrate.stream.framing import frame
 from migrate.stream.pages import PAGE_ENTRY, BATCH_HEADER, PageType, encode_batch
-from migrate.stream.records import MAX_RECORD_BODY, RECORD_HEADER, End, padded
+from migrate.stream.records import END, MAX_RECORD_BODY, RECORD_HEADER, End, padded
 from migrate.stream.sample import pattern, sample_state
 
 PAGE = pattern(7, 4096)
@@ -144,7 +144,7 @@ def test_longer_header_and_compat_flags_are_accepted(started) -> None:
     data += writer.record(MemoryLayout(Vm.GUEST, 1)) + writer.record(MemoryLayout(Vm.STUB, 1))
     data += writer.finish()
     records = decode_stream(data)
-    assert records[-1].stream_bytes == len(data) - 72
+    assert records[-1].stream_bytes == len(data) - 16 - END.size
 
 
 # ---- framing --------------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def test_duplicated_end(sample: bytes, spans) -> None:
 # ---- END ------------------------------------------------------------------------------------
 
 def forge_end(data: bytes, at: int, **changes) -> bytes:
-    end = End.unpack(data[at + 16:at + 16 + 56])
+    end = End.unpack(data[at + 16:at + 16 + END.size])
     fields = {**end.__dict__, **changes}
     return data[:at] + frame(RecordType.END, End(**fields).pack())
 
@@ -219,7 +219,7 @@ def test_spliced_streams_are_caught(sample: bytes, spans, started) -> None:
 
 
 def record_spans_end(data: bytes) -> int:
-    return len(data) - 16 - 56
+    return len(data) - 16 - END.size
 
 
 def test_truncated_stream_with_forged_end_is_caught(sample: bytes, spans) -> None:
@@ -233,7 +233,7 @@ def test_end_before_memory_layouts(started) -> None:
     writer = StreamWriter()
     data = writer.start() + writer.record(DomainConfig({}))
     data += frame(RecordType.END, End(1, 0, len(data), bytes(32)).pack())
-    expect(data, StreamError, "END before MEMORY_LAYOUT of GUEST, STUB", len(data) - 72, 1, 0)
+    expect(data, StreamError, "END before MEMORY_LAYOUT of GUEST, STUB", len(data) - 16 - END.size, 1, 0)
 
 
 # ---- ordering -------------------------------------------------------------------------------
@@ -241,7 +241,7 @@ def test_end_before_memory_layouts(started) -> None:
 def test_record_before_domain_config() -> None:
     writer = StreamWriter()
     data = writer.start() + writer.raw(RecordType.MEMORY_LAYOUT, MemoryLayout(Vm.GUEST, 4).pack())
-    data += writer.raw(RecordType.END, bytes(56))
+    data += writer.raw(RecordType.END, bytes(END.size))
     expect(data, StreamError, "MEMORY_LAYOUT before DOMAIN_CONFIG", 24, 0, RecordType.MEMORY_LAYOUT)
 
 
@@ -368,7 +368,7 @@ def test_bad_bodies(rtype, body, msg) -> None:
 def finish_at_config(rtype: int, body: bytes) -> tuple[bytes, int]:
     writer = StreamWriter()
     data = writer.start() + writer.record(DomainConfig({}))
-    return data + writer.raw(rtype, body) + writer.raw(RecordType.END, bytes(56)), len(data)
+    return data + writer.raw(rtype, body) + writer.raw(RecordType.END, bytes(END.size)), len(data)
 
 
 @pytest.mark.parametrize("value,msg", [
@@ -383,7 +383,7 @@ def finish_at_config(rtype: int, body: bytes) -> tuple[bytes, int]:
 ])
 def test_bad_domain_config(value: bytes, msg: str) -> None:
     writer = StreamWriter()
-    data = writer.start() + writer.raw(RecordType.DOMAIN_CONFIG, value) + writer.raw(RecordType.END, bytes(56))
+    data = writer.start() + writer.raw(RecordType.DOMAIN_CONFIG, value) + writer.raw(RecordType.END, bytes(END.size))
     expect(data, StreamError, msg, 24, 0, RecordType.DOMAIN_CONFIG)
 
 

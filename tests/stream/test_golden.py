@@ -6,6 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from migrate.stream import FORMAT_VERSION, End, StreamReader, decode_stream, encode_stream
+from migrate.stream.records import END
 from migrate.stream.sample import sample_stream
 
 GOLDEN = Path(__file__).parent / "fixtures" / "golden-v1.hvmstream"
@@ -14,7 +15,7 @@ GOLDEN = Path(__file__).parent / "fixtures" / "golden-v1.hvmstream"
 def test_golden_reads() -> None:
     records = decode_stream(GOLDEN.read_bytes())
     assert isinstance(records[-1], End)
-    assert records[-1].stream_bytes == GOLDEN.stat().st_size - 16 - 56
+    assert records[-1].stream_bytes == GOLDEN.stat().st_size - 16 - END.size
 
 
 def test_golden_reencodes_byte_identical() -> None:

@@ -12,6 +12,7 @@ from migrate.stream import (
     StreamReader, StreamWriter, Vm, decode_stream, encode_stream,
 )
 from migrate.stream.hvm import CODECS
+from migrate.stream.records import END
 from migrate.stream.io import read_stream, write_stream
 from migrate.stream.pages import decode_batch, encode_batch
 from migrate.stream.sample import sample_records, sample_state
@@ -33,7 +34,7 @@ def test_whole_input(sample: bytes) -> None:
     assert records[:-4] == sample_records()
     assert isinstance(records[-1], End)
     assert records[-1].record_count == len(records) - 1
-    assert records[-1].stream_bytes == len(sample) - 16 - 56
+    assert records[-1].stream_bytes == len(sample) - 16 - END.size
 
 
 @pytest.mark.parametrize("size", [1, 7, 8, 4095, 65536])
