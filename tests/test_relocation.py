@@ -1,0 +1,298 @@
+"""Live relocation on loopback (specs/relocation.md): the channel's framing, keys and TLS
+refusals, a ledger pair with a disk relocated there and back with its self-checks, and a
+destination daemon killed during pre-copy. Sources are real domain processes under
+$HVM_STATE_DIR; destinations are host daemons (in-process threads, and one real
+`hvm host serve` subprocess) with state directories of their own."""
+import json
+import os
+import re
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from migrate.cli import hvm
+from migrate.domain import DomainConfig
+from migrate.engine import file_chunks, restore
+from migrate.guest import check
+from migrate.host import control, relocd, tls
+from migrate.host.relocate import migrate_domain
+from migrate.host.relocation import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
+
+
+# -- the channel, without KVM ----------------------------------------------------------
+
+def pair():
+    a, b = socket.socketpair()
+    return Channel(a), Channel(b)
+
+
+def test_channel_frames_and_refusals():
+    a, b = pair()
+    a.send("HELLO", proto=1, stream_versions=[1], name="x", memory=16 << 20, stub=True, disk=None,
+           live=True, extra="ignored")
+    assert b.expect("HELLO")["name"] == "x"
+    a.send_data(b"stream bytes")
+    assert b.receive() == ("data", b"stream bytes")
+    a.send_error("no\nroom")
+    with pytest.raises(PeerError, match="^no room$"):
+        b.receive()
+    a.send("GO")
+    with pytest.raises(ChannelError, match="expected RUNNING, got GO"):
+        b.expect("RUNNING")
+    cases = [(FRAME.pack(MAX_CONTROL + 1, 1, 0), "out of bounds"), (FRAME.pack(0, 2, 0), "out of bounds"),
+             (FRAME.pack(4, 1, 1), "bad frame header"), (FRAME.pack(4, 9, 0), "bad frame header")]
+    for header, error in cases:
+        a.sock.sendall(header)
+        with pytest.raises(ChannelError, match=error):
+            b.receive()
+        a, b = pair()
+    import msgpack
+    for body, error in [(msgpack.packb({"t": "NOPE"}), "unknown control message"),
+                        (msgpack.packb({"t": "HELLO", "proto": 1}), "HELLO lacks"),
+                        (msgpack.packb({"t": "STREAM_END", "bytes": True}), "STREAM_END lacks"),
+                        (msgpack.packb([1, 2]), "not a map"), (b"\xc1", "malformed")]:
+        a.sock.sendall(FRAME.pack(len(body), 1, 0) + body)
+        with pytest.raises(ChannelError, match=error):
+            b.receive()
+        a, b = pair()
+    a.close()
+    with pytest.raises(ChannelError, match="closed by the peer"):
+        b.receive()
+
+
+# -- keys and daemons ------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    root = tmp_path_factory.mktemp("pki")
+    tls.keygen(root / "ca", ["127.0.0.1", "src"])
+    tls.keygen(root / "other", ["127.0.0.1", "src"])        # a CA nobody trusts
+    return root
+
+
+def start_daemon(pki, base, disk_map=None):
+    server = relocd.RelocationServer(relocd.ServeConfig(
+        "127.0.0.1", 0, str(pki / "ca" / "127.0.0.1"), disk_map or {}, base))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+def destroy_all(base):
+    for info in control.list_domains(base):
+        try:
+            with control.DomainClient(info["name"], base) as c:
+                c.call("destroy")
+            control.wait_gone(info["name"], base)
+        except control.ControlError:
+            pass
+
+
+@pytest.fixture
+def hosts(pki, tmp_path, state_dir):
+    """Two hosts: A (the source, $HVM_STATE_DIR) and B; each with a daemon."""
+    dst = tmp_path / "dst"
+    made = []
+
+    def daemon(base, disk_map=None):
+        server = start_daemon(pki, base, disk_map)
+        made.append(server)
+        return server
+
+    yield state_dir, dst, daemon
+    for server in made:
+        server.stop()
+    destroy_all(state_dir)
+    destroy_all(dst)
+
+
+def console(name, base) -> str:
+    out, offset = b"", 0
+    with control.DomainClient(name, base) as c:
+        while True:
+            reply = c.call("console", offset=offset)
+            out += reply["data"]
+            offset = reply["next"]
+            if not reply["data"]:
+                return out.decode(errors="replace")
+
+
+def wait_console(name, base, pattern, timeout=20.0, after=0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = console(name, base)[after:]
+        m = re.search(pattern, text, re.MULTILINE)
+        if m:
+            return m, text
+        time.sleep(0.1)
+    raise AssertionError(f"{name}: no {pattern!r} in console:\n{text[-2000:]}")
+
+
+def ledger_lines_ok(text, seed, npages):
+    lines = re.findall(r"^ledger ok gen=(\d+) sum=([0-9a-f]{16}) .* journal=\w+$", text, re.MULTILINE)
+    assert lines and "CORRUPT" not in text and "JOURNAL BAD" not in text
+    for gen, total in lines:
+        assert int(total, 16) == check.ledger_sum(seed, int(gen), npages)
+    return int(lines[-1][0])
+
+
+# -- end to end --------------------------------------------------------------------------
+
+@pytest.mark.kvm
+def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
+    src, dst, daemon = hosts
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2 << 20))
+    b = daemon(dst, {str(disk): str(disk)})           # shared storage: the same image
+    a = daemon(src, {str(disk): str(disk)})
+    control.create_domain(DomainConfig("led", "ledger", 32 << 20, args=[77, 0], disk=str(disk)))
+    m, _ = wait_console("led", src, r"^ledger start seed=77 pages=(\d+) ")
+    npages = int(m.group(1))
+    wait_console("led", src, r"^ledger ok gen=2 ")
+
+    res = CliRunner().invoke(hvm, ["migrate", "led", f"127.0.0.1:{b.address[1]}",
+                                   "--tls-dir", str(pki / "ca" / "src"), "--json"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)["stats"]
+    assert stats["live"] and stats["rounds"] >= 2 and stats["bytes"] > 16 << 20
+    assert 0 < stats["downtime"] < stats["seconds"]
+    assert control.list_domains(src) == []                 # the source copy is gone
+    [info] = control.list_domains(dst)
+    assert info["name"] == "led" and info["status"] == "running" and info["disk"] == str(disk)
+    gen = ledger_lines_ok(console("led", dst), 77, npages)
+    _, text = wait_console("led", dst, rf"^ledger ok gen={gen + 2} ")
+    ledger_lines_ok(text, 77, npages)
+    with control.DomainClient("led", dst) as c:
+        c.call("input", data=b"moved\n")
+    wait_console("led", dst, r"^ledger input: moved$")
+
+    # and back, offline this time, through the module API
+    reply = migrate_domain("led", f"127.0.0.1:{a.address[1]}", live=False,
+                           tls_dir=str(pki / "ca" / "127.0.0.1"), base=dst)
+    assert reply["stats"]["rounds"] == 1 and not reply["stats"]["live"]
+    control.wait_gone("led", dst)
+    assert control.list_domains(dst) == []
+    gen = ledger_lines_ok(console("led", src), 77, npages)
+    wait_console("led", src, rf"^ledger ok gen={gen + 2} ")
+
+    # the host check on the relocated memory: pause, checkpoint, verify every page
+    path = tmp_path / "led.hvm"
+    with control.DomainClient("led", src) as c:
+        c.call("pause")
+    control.save_domain("led", path, mode="checkpoint")
+    dom, _ = restore(file_chunks(path))
+    try:
+        assert check.ledger_verify(dom.memory)[0] == -1
+    finally:
+        dom.destroy()
+
+
+@pytest.mark.kvm
+def test_peers_outside_the_ca_are_refused_before_guest_state(hosts, pki, tmp_path):
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    control.create_domain(DomainConfig("r1", "idle", 16 << 20))
+    target = f"127.0.0.1:{b.address[1]}"
+    # the source's certificate is from another CA: the daemon refuses it
+    with pytest.raises(control.ControlError, match="did not welcome us|refused|TLS"):
+        migrate_domain("r1", target, tls_dir=str(pki / "other" / "src"))
+    # the daemon's certificate is from a CA the source does not trust
+    rogue = start_daemon(pki, tmp_path / "rogue")
+    rogue.ctx = tls.server_context(pki / "other" / "127.0.0.1")
+    try:
+        with pytest.raises(control.ControlError, match="TLS handshake .* failed.*certificate verify failed"):
+            migrate_domain("r1", f"127.0.0.1:{rogue.address[1]}", tls_dir=str(pki / "ca" / "src"))
+    finally:
+        rogue.stop()
+    # a client without any certificate: the daemon answers its first read with an alert
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.load_verify_locations(pki / "ca" / "ca.pem")
+    with socket.create_connection(("127.0.0.1", b.address[1]), timeout=5) as raw:
+        with ctx.wrap_socket(raw, server_hostname="127.0.0.1") as s:
+            try:
+                data = s.recv(1)
+            except (ssl.SSLError, ConnectionError):
+                data = b""
+            assert data == b""
+    # a plain-TCP client gets nothing either
+    res = CliRunner().invoke(hvm, ["migrate", "r1", target, "--insecure"])
+    assert res.exit_code == 1 and "did not welcome us" in res.output
+    [info] = control.list_domains(src)
+    assert info["name"] == "r1" and info["status"] == "running"
+    assert control.list_domains(dst) == [] and not any(dst.iterdir() if dst.exists() else [])
+
+
+@pytest.mark.kvm
+def test_refusals_at_hello(hosts, tmp_path, pki):
+    src, dst, daemon = hosts
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2 << 20))
+    b = daemon(dst)                                     # maps no disk
+    control.create_domain(DomainConfig("h1", "idle", 16 << 20, disk=str(disk)))
+    with pytest.raises(control.ControlError, match=r"has a disk .* maps none: start hvm host serve "
+                                                   r"with --disk-map"):
+        migrate_domain("h1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+    assert [d["status"] for d in control.list_domains(src)] == ["running"]
+    assert control.list_domains(dst) == []
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.kvm
+def test_destination_killed_during_precopy(hosts, pki, tmp_path):
+    """A real `hvm host serve` subprocess, killed -9 while the stream flows: the source
+    keeps running with its self-check, and nothing is left on the destination."""
+    src, dst, _ = hosts
+    port = free_port()
+    env = {**os.environ, "HVM_STATE_DIR": str(dst)}
+    daemon = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--listen",
+                               f"127.0.0.1:{port}", "--tls-dir", str(pki / "ca" / "127.0.0.1")],
+                              env=env, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in daemon.stderr.readline()
+        control.create_domain(DomainConfig("k1", "ledger", 192 << 20, args=[5, 0]))
+        m, _ = wait_console("k1", src, r"^ledger start seed=5 pages=(\d+) ")
+        wait_console("k1", src, r"^ledger ok gen=1 ")
+        outcome, flowing = {}, threading.Event()
+
+        def progress(stats):
+            outcome["phase"] = stats["phase"]
+            if stats["stream_bytes"] > 4 << 20:
+                flowing.set()
+
+        def run():
+            try:
+                migrate_domain("k1", f"127.0.0.1:{port}", tls_dir=str(pki / "ca" / "src"),
+                               progress=progress)
+            except control.ControlError as exc:
+                outcome["error"] = str(exc)
+
+        mover = threading.Thread(target=run)
+        mover.start()
+        assert flowing.wait(20)
+        daemon.send_signal(signal.SIGKILL)
+        mover.join(60)
+        assert "failed during the stream" in outcome.get("error", ""), outcome
+        assert "k1 keeps running here" in outcome["error"] and outcome["phase"] == "precopy"
+    finally:
+        daemon.kill()
+        daemon.wait()
+    [info] = control.list_domains(src)
+    assert info["status"] == "running"
+    text = console("k1", src)
+    gen = ledger_lines_ok(text, 5, int(m.group(1)))
+    wait_console("k1", src, rf"^ledger ok gen={gen + 1} ")
+    deadline = time.monotonic() + 15
+    while control.list_domains(dst) or any(dst.iterdir()):
+        assert time.monotonic() < deadline, list(dst.iterdir())
+        time.sleep(0.1)
