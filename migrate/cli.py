@@ -13,6 +13,7 @@ import time
 import click
 
 from .domain import MIB, DomainConfig, DomainError
+from .engine.batches import DEFAULT_LEVEL
 from .guest.boot import WORKLOADS
 from .host import control, protocol
 from .host.control import ControlError
@@ -306,13 +307,13 @@ def main():     # pragma: no cover - the console-script entry point
 # -- save, restore, stream ----------------------------------------------------
 
 def parse_compress(text: str) -> int | None:
-    """'none' -> None, 'zstd' -> 3, 'zstd:LEVEL' -> LEVEL (1..22)."""
+    """'none' -> None, 'zstd' -> the engine's default level, 'zstd:LEVEL' -> LEVEL."""
     kind, _, level = text.strip().lower().partition(":")
     if kind == "none" and not level:
         return None
     if kind == "zstd":
         if not level:
-            return 3
+            return DEFAULT_LEVEL
         if level.lstrip("-").isdigit() and -7 <= int(level) <= 22 and int(level) != 0:
             return int(level)
     raise click.BadParameter(f"{text!r}: use none, zstd or zstd:LEVEL (LEVEL 1..22, or -7..-1 for fast)")

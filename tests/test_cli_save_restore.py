@@ -14,7 +14,7 @@ from migrate.host import control
 
 def test_parse_compress():
     assert parse_compress("none") is None
-    assert parse_compress("zstd") == 3
+    assert parse_compress("zstd") == 1          # the engine's default level
     assert parse_compress("zstd:19") == 19
     for bad in ("gzip", "zstd:99", "zstd:x", "none:1"):
         with pytest.raises(Exception, match="use none, zstd"):

@@ -13,6 +13,7 @@ from pathlib import Path
 import msgpack
 
 from ..domain import DomainConfig
+from ..engine.batches import DEFAULT_LEVEL
 from ..kvm.system import DEV_KVM
 from . import protocol, statedir
 
@@ -120,7 +121,7 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
 
 
 def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
-                compress: int | None = 3, progress=None, base: Path | None = None) -> dict:
+                compress: int | None = DEFAULT_LEVEL, progress=None, base: Path | None = None) -> dict:
     """Save a domain to ``path`` from inside its process (see domaind's SaveJob for
     ``mode``); ``progress(dict)`` gets the save's statistics as it goes. Returns the
     final reply (``path``, ``status``, ``stats``). If the connection is lost (the domain
