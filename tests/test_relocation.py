@@ -165,7 +165,8 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     assert control.list_domains(src) == []                 # the source copy is gone
     [info] = control.list_domains(dst)
     assert info["name"] == "led" and info["status"] == "running" and info["disk"] == str(disk)
-    gen = ledger_lines_ok(console("led", dst), 77, npages)
+    _, text = wait_console("led", dst, r"^ledger ok gen=")      # a new console log there
+    gen = ledger_lines_ok(text, 77, npages)
     _, text = wait_console("led", dst, rf"^ledger ok gen={gen + 2} ")
     ledger_lines_ok(text, 77, npages)
     with control.DomainClient("led", dst) as c:
@@ -178,8 +179,10 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     assert reply["stats"]["rounds"] == 1 and not reply["stats"]["live"]
     control.wait_gone("led", dst)
     assert control.list_domains(dst) == []
-    gen = ledger_lines_ok(console("led", src), 77, npages)
-    wait_console("led", src, rf"^ledger ok gen={gen + 2} ")
+    _, text = wait_console("led", src, r"^ledger ok gen=")
+    gen = ledger_lines_ok(text, 77, npages)
+    _, text = wait_console("led", src, rf"^ledger ok gen={gen + 2} ")
+    ledger_lines_ok(text, 77, npages)
 
     # the host check on the relocated memory: pause, checkpoint, verify every page
     path = tmp_path / "led.hvm"
