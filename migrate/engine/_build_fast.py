@@ -5,8 +5,8 @@ Three calls, each one pass over a batch, none holding the GIL (cffi releases it)
 
 - ``hvm_gather_pages``: the save side. For each pfn, test the page for zeroes, write its
   16-byte entry (pfn, type, reserved 0; little-endian) and copy a non-zero page into one
-  data buffer. Returns the number of data pages, or -1 - i when pfn i is out of range
-  (nothing is read from guest memory for it).
+  data buffer (``data`` NULL: test and count only). Returns the number of data pages, or
+  -1 - i when pfn i is out of range (nothing is read from guest memory for it).
 - ``hvm_check_entries``: the reader side. Checks a batch's entries in stream order
   (type, reserved field, duplicate pfn) and reports the first bad entry, the number of
   data pages and the highest pfn.
@@ -92,8 +92,11 @@ int64_t hvm_gather_pages(const uint8_t *mem, uint64_t mem_pages, const uint64_t 
         int zero = page_is_zero(page);
         put64(e, pfns[i]);
         put64(e + 8, zero ? T_ZERO : data_type);
-        if (!zero)
-            memcpy(data + PAGE * (uint64_t)n_data++, page, PAGE);
+        if (!zero) {
+            if (data)                   /* NULL: test and count only */
+                memcpy(data + PAGE * (uint64_t)n_data, page, PAGE);
+            n_data++;
+        }
     }
     return n_data;
 }

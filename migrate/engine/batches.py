@@ -70,10 +70,16 @@ def _pfn_array(pfns: Sequence[int]) -> array:
     return pfns if isinstance(pfns, array) and pfns.typecode == "Q" else array("Q", pfns)
 
 
-def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None) -> EncodedBatch:
+def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
+                 stable: bool = False) -> EncodedBatch:
     """One PAGE_DATA (``level`` None) or PAGE_DATA_ZSTD body for ``pfns`` (ascending,
     1..MAX_PAGES_PER_BATCH of them, each a page of ``mem``); byte-identical to
-    ``stream.pages.encode_batch`` for the same pages and level."""
+    ``stream.pages.encode_batch`` for the same pages and level.
+
+    ``stable``: ``mem`` cannot change meanwhile (the domain is paused). Then a run of
+    consecutive non-zero pages is compressed straight from guest memory, without the
+    gather copy; a running guest's pages are always copied first, so the compressor
+    never reads memory that changes under it."""
     count = len(pfns)
     if not 1 <= count <= MAX_PAGES_PER_BATCH:
         raise ValueError(f"a batch holds 1..{MAX_PAGES_PER_BATCH} pages, got {count}")
@@ -81,15 +87,27 @@ def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | N
     pfn_array = _pfn_array(pfns)
     head = bytearray(BATCH_HEADER.size + 16 * count)
     BATCH_HEADER.pack_into(head, 0, space, count)
+    direct = (stable and level is not None and pfn_array[-1] - pfn_array[0] == count - 1)
     gather = _gather_buffer()
-    n_data = lib.hvm_gather_pages(ffi.from_buffer("uint8_t[]", mem), len(mem) // PAGE_SIZE,
-                                  ffi.from_buffer("uint64_t[]", pfn_array), count, data_type,
-                                  ffi.from_buffer("uint8_t[]", head, require_writable=True) + BATCH_HEADER.size,
-                                  ffi.from_buffer("uint8_t[]", gather, require_writable=True))
-    if n_data < 0:
-        raise ValueError(f"pfn 0x{pfn_array[-1 - n_data]:x} is outside memory of "
-                         f"{len(mem) // PAGE_SIZE} pages")
-    data = gather[:n_data * PAGE_SIZE]
+
+    def run(copy: bool) -> int:
+        n = lib.hvm_gather_pages(ffi.from_buffer("uint8_t[]", mem), len(mem) // PAGE_SIZE,
+                                 ffi.from_buffer("uint64_t[]", pfn_array), count, data_type,
+                                 ffi.from_buffer("uint8_t[]", head, require_writable=True) + BATCH_HEADER.size,
+                                 ffi.from_buffer("uint8_t[]", gather, require_writable=True) if copy
+                                 else ffi.NULL)
+        if n < 0:
+            raise ValueError(f"pfn 0x{pfn_array[-1 - n]:x} is outside memory of "
+                             f"{len(mem) // PAGE_SIZE} pages")
+        return n
+
+    n_data = run(copy=not direct)
+    if direct and n_data == count:      # every page holds data: compress it in place
+        data = mem[pfn_array[0] * PAGE_SIZE:(pfn_array[-1] + 1) * PAGE_SIZE]
+    else:
+        if direct and n_data:           # some zero pages among them: gather after all
+            run(copy=True)
+        data = gather[:n_data * PAGE_SIZE]
     if not n_data:
         payload = b""
     elif level is None:
@@ -117,10 +135,11 @@ class BatchPipeline:
         self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
         self._pending: deque = deque()
 
-    def submit(self, space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None) -> None:
+    def submit(self, space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
+               stable: bool = False) -> None:
         while len(self._pending) >= self.depth:
             self.emit(self._pending.popleft().result())
-        self._pending.append(self._pool.submit(encode_pages, space, mem, pfns, level))
+        self._pending.append(self._pool.submit(encode_pages, space, mem, pfns, level, stable))
 
     def drain(self) -> None:
         while self._pending:

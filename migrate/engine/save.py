@@ -141,12 +141,14 @@ class _Saver:
             self.stats_cb(self.stats)
 
     # -- pages --------------------------------------------------------------------
-    def send_round(self, pfns_by_space: dict) -> None:
+    def send_round(self, pfns_by_space: dict, paused: bool = False) -> None:
+        """``paused``: memory cannot change meanwhile, so batches may be compressed
+        straight from it (encode_pages' ``stable``)."""
         self.stats.round = self.stats.rounds
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
         for space, (mem, pfns) in pfns_by_space.items():
             for part in chunks(pfns):
-                self.pipeline.submit(space, mem, part, self.level)
+                self.pipeline.submit(space, mem, part, self.level, stable=paused)
                 self.report()
         self.pipeline.drain()
         self.stats.rounds += 1
@@ -182,7 +184,7 @@ class _Saver:
             paused_at = time.monotonic()
             state = dom.capture()           # before the pages: see the module docstring
             self.stats.phase = "final"
-            self.send_round(self.all_pages())
+            self.send_round(self.all_pages(), paused=True)
         self.stats.phase = "state"
         for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
@@ -220,7 +222,7 @@ class _Saver:
         self.stats.phase = "final"
         dirty = self.dirty_pages()
         self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
-        self.send_round(dirty)
+        self.send_round(dirty, paused=True)
         for part in self.spaces().values():
             part.set_dirty_logging(False)
         return paused_at, state

@@ -41,10 +41,12 @@ def pages_of(mem: memoryview, pfns) -> list:
     return [(pfn, bytes(mem[pfn * PAGE_SIZE:(pfn + 1) * PAGE_SIZE])) for pfn in pfns]
 
 
+@pytest.mark.parametrize("stable", [False, True], ids=["copied", "in-place"])
 @pytest.mark.parametrize("level", [None, 1, 3])
-@pytest.mark.parametrize("pfns", [range(PAGES), [0, 3, 4, 9, 60, 63], range(0, PAGES, 4)])
-def test_encode_pages_matches_encode_batch(memory, level, pfns) -> None:
-    batch = encode_pages(Vm.GUEST, memory, pfns, level)
+@pytest.mark.parametrize("pfns", [range(PAGES), [0, 3, 4, 9, 60, 63], range(0, PAGES, 4),
+                                  range(1, 4), range(4, 5)])
+def test_encode_pages_matches_encode_batch(memory, level, pfns, stable) -> None:
+    batch = encode_pages(Vm.GUEST, memory, pfns, level, stable=stable)
     want = encode_batch(Vm.GUEST, pages_of(memory, pfns), level is not None, level or 3)
     assert batch.body == want
     assert batch.zero == sum(1 for pfn in pfns if pfn % 4 == 0)
