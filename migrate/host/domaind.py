@@ -312,15 +312,17 @@ def _build(argv: list[str], console: Console) -> tuple[Domain, bool]:
         log.info("restored from %s: %d pages in %.3fs", path, stats.pages_total, stats.seconds)
         return domain, paused
     if argv[1] == "--receive":
-        return _receive(int(argv[2]), msgpack.unpackb(bytes.fromhex(argv[3]), raw=False), console), True
+        opts = msgpack.unpackb(bytes.fromhex(argv[3]), raw=False)
+        return _receive(int(argv[2]), opts, console, int(argv[-1])), True
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
     return Domain.boot(config, console), False
 
 
-def _receive(fd: int, opts: dict, console: Console) -> Domain:
+def _receive(fd: int, opts: dict, console: Console, ready_fd: int) -> Domain:
     """Restore an incoming relocation from the pipe ``fd`` (specs/relocation.md, "The
     stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``), the domain
-    is named ``name`` and its disk is the destination's ``disk_to``."""
+    is named ``name`` and its disk is the destination's ``disk_to``. After each chunk it
+    applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC)."""
     def make(cfg: DomainConfig) -> Domain:
         if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
             raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
@@ -331,7 +333,10 @@ def _receive(fd: int, opts: dict, console: Console) -> Domain:
             while data := pipe.read(1 << 20):
                 yield data
 
-    domain, stats = restore(chunks(), name=opts["name"], make_domain=make)
+    def progress(stats) -> None:
+        os.write(ready_fd, f"at {stats.stream_bytes}\n".encode())
+
+    domain, stats = restore(chunks(), name=opts["name"], make_domain=make, progress=progress)
     log.info("received %s: %d pages, %d bytes in %.3fs", opts["name"], stats.pages_total,
              stats.stream_bytes, stats.seconds)
     return domain

@@ -20,8 +20,8 @@ from pathlib import Path
 from ..engine import SaveError, save
 from . import tls
 from .relocation import (
-    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, WELCOME_TIMEOUT, Channel,
-    ChannelError, DataBuffer, PeerError,
+    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
+    Channel, ChannelError, DataBuffer, PeerError,
 )
 
 CONNECT_TIMEOUT = 10.0
@@ -105,7 +105,7 @@ class MigrateJob:
         out = DataBuffer(ch)
         save_start = time.monotonic()
         try:
-            stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel)
+            stats = save(_SyncBeforePause(domain, ch, out), out.write, live=self.live, stats_cb=progress, cancel=cancel)
         except (ChannelError, SaveError) as exc:          # the engine resumed the domain
             raise RelocationError(f"relocation to {where} failed during the stream: "
                                   f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
@@ -148,6 +148,25 @@ class MigrateJob:
                                 for i, n in enumerate(stats.dirty_history)],
             "save": stats.as_dict(),
         }
+
+
+class _SyncBeforePause:
+    """The domain as the engine sees it, except that ``pause()`` first waits until the
+    destination has applied everything sent so far (SYNC / SYNCED, specs/relocation.md):
+    the pause then covers only the last dirty pages and the state, not a backlog."""
+
+    def __init__(self, domain, ch: Channel, out: DataBuffer):
+        self._domain, self._ch, self._out = domain, ch, out
+
+    def __getattr__(self, name):
+        return getattr(self._domain, name)
+
+    def pause(self, *args, **kwargs):
+        if self._domain.status == "running":
+            self._out.flush()
+            self._ch.send("SYNC", bytes=self._out.sent)
+            self._ch.expect("SYNCED", SYNC_TIMEOUT)
+        return self._domain.pause(*args, **kwargs)
 
 
 def _client_context(tls_dir: str) -> ssl.SSLContext:

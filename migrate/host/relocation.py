@@ -24,6 +24,7 @@ FRAME_TIMEOUT = 60.0
 SEND_TIMEOUT = 60.0
 RESTORED_TIMEOUT = 60.0
 GO_TIMEOUT = 30.0
+SYNC_TIMEOUT = 60.0
 RESUME_TIMEOUT = 60.0
 RUNNING_TIMEOUT = 30.0
 
@@ -32,6 +33,8 @@ MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
               "disk": (str, type(None)), "live": bool},
     "WELCOME": {"proto": int, "stream_version": int},
+    "SYNC": {"bytes": int},
+    "SYNCED": {"bytes": int},
     "STREAM_END": {"bytes": int},
     "RESTORED": {"seconds": float},
     "GO": {},

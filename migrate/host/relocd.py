@@ -33,7 +33,8 @@ import msgpack
 from ..domain import MAX_MEMORY, MIB, MIN_MEMORY
 from . import control, statedir, tls
 from .relocation import (
-    GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, WELCOME_TIMEOUT,
+    GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT,
+    WELCOME_TIMEOUT,
     Channel, ChannelError, stream_cap,
 )
 
@@ -84,6 +85,40 @@ class Incoming:
         proc.wait(10)               # the launcher half of the double fork
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
+        self.applied = 0            # stream bytes the domain process has applied
+        self.final: str | None = None        # its "ok" or "error: ..." line
+        self.changed = threading.Condition()
+        threading.Thread(target=self._watch, daemon=True, name=f"ready-{name}").start()
+
+    def _watch(self) -> None:
+        """Read the domain process's ``at BYTES`` lines, then its final answer."""
+        for line in self.ready:
+            line = line.strip()
+            with self.changed:
+                if line.startswith("at ") and line[3:].isdigit():
+                    self.applied = int(line[3:])
+                else:
+                    self.final = line
+                self.changed.notify_all()
+            if self.final is not None:
+                break
+        with self.changed:
+            if self.final is None:
+                tail = _tail(self.dir / "stderr.log")
+                self.final = "error: domain process exited" + (f": {tail}" if tail else "")
+            self.changed.notify_all()
+
+    def wait(self, done, timeout: float, what: str):
+        with self.changed:
+            if not self.changed.wait_for(lambda: done() or self.final is not None, timeout):
+                raise Refused(f"no {what} from the receiving domain process within {timeout:g}s")
+
+    def sync(self) -> int:
+        """Wait until the domain process has applied every byte fed so far (SYNC)."""
+        self.wait(lambda: self.applied >= self.bytes, SYNC_TIMEOUT, "progress")
+        if self.final is not None and self.final != "ok":
+            raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+        return self.applied
 
     def feed(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -99,8 +134,8 @@ class Incoming:
     def answer(self) -> str:
         """The domain process's ``ok`` or error text (it stops reading on an error)."""
         self.close_stream()
-        line = control._read_ready(self.ready, None, self.dir / "stderr.log")
-        return line.removeprefix("error: ")
+        self.wait(lambda: False, control.CREATE_TIMEOUT, "answer")
+        return self.final.removeprefix("error: ")
 
     def finish(self) -> None:
         """The stream is complete: wait for the restored, paused pair."""
@@ -247,10 +282,22 @@ class RelocationServer:
             kind, message = ch.receive()
             if kind == "data":
                 incoming.feed(message)
+            elif message["t"] == "SYNC":
+                if message["bytes"] != incoming.bytes:
+                    raise ChannelError(f"SYNC at {message['bytes']} bytes, received {incoming.bytes}")
+                ch.send("SYNCED", bytes=incoming.sync())
             elif message["t"] == "STREAM_END":
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")
+
+
+def _tail(path: Path) -> str:
+    try:
+        lines = path.read_text(errors="replace").strip().splitlines()
+    except OSError:
+        return ""
+    return lines[-1] if lines else ""
 
 
 def parse_disk_map(items) -> dict[str, str]:
