@@ -299,3 +299,52 @@ def test_destination_killed_during_precopy(hosts, pki, tmp_path):
     while control.list_domains(dst) or any(dst.iterdir()):
         assert time.monotonic() < deadline, list(dst.iterdir())
         time.sleep(0.1)
+
+
+@pytest.mark.kvm
+def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains):
+    """A source that vanishes between RESTORED and GO: the destination had a paused pair
+    and destroys it; no copy runs there."""
+    from migrate.domain import Domain
+    from migrate.engine import save
+    from migrate.host.relocate import MigrateJob
+    from migrate.host.relocation import DataBuffer
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    dom = Domain.boot(DomainConfig("g1", "idle", 16 << 20))
+    domains.append(dom)
+    dom.resume()
+    ch = MigrateJob("127.0.0.1", b.address[1], True, str(pki / "ca" / "src"), False).connect()
+    ch.send("HELLO", proto=1, stream_versions=[1], name="g1", memory=16 << 20, stub=True,
+            disk=None, live=True)
+    ch.expect("WELCOME")
+    out = DataBuffer(ch)
+    save(dom, out.write, live=True)
+    out.flush()
+    ch.send("STREAM_END", bytes=out.sent)
+    ch.expect("RESTORED")
+    assert [d["status"] for d in control.list_domains(dst)] == ["paused"]
+    ch.close()                                          # no GO
+    deadline = time.monotonic() + 10
+    while control.list_domains(dst) or any(dst.iterdir()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
+
+
+@pytest.mark.kvm
+def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
+    """GO sent, RUNNING never comes: the source cannot know the outcome, says so, and
+    keeps its copy paused (never both running)."""
+    src, dst, daemon = hosts
+    b = daemon(dst)
+
+    def link_dies(self):
+        raise relocd.ChannelError("link died after GO")
+
+    monkeypatch.setattr(relocd.Incoming, "resume", link_dies)
+    control.create_domain(DomainConfig("u1", "idle", 16 << 20))
+    with pytest.raises(control.ControlError, match=r"outcome unknown: GO was sent .* u1 is kept "
+                                                   r"paused here.*'hvm unpause u1'"):
+        migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+    assert [d["status"] for d in control.list_domains(src)] == ["paused"]
+    assert [d["status"] for d in control.list_domains(dst)] == ["paused"]   # it never resumed
