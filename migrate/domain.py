@@ -214,6 +214,13 @@ class Domain:
     def memory(self) -> memoryview:
         return self.ram.view()
 
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """Page ranges of guest RAM that may hold data (the rest was never written)."""
+        return self.ram.data_ranges()
+
+    def stub_data_ranges(self) -> list[tuple[int, int]]:
+        return self.stub.ram.data_ranges() if self.stub else []
+
     @property
     def stub_memory(self) -> memoryview | None:
         return self.stub.memory if self.stub else None

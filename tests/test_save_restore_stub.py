@@ -111,3 +111,26 @@ def test_domain_without_stub_round_trips(domains, tmp_path):
     assert dst.stub is None
     dst.resume()
     dst.console.wait_for(r"idle ticks=(2|3)00", 10)
+
+
+def test_save_does_not_allocate_memory_the_guest_never_touched(domains, tmp_path):
+    """Holes of the memfd are sent as ZERO entries without being read: a save must not
+    make the source allocate the guest's untouched RAM (it would before)."""
+    import os
+    src = Domain.boot(DomainConfig("sparse", "idle", 256 << 20))
+    domains.append(src)
+    src.resume()
+    src.console.wait_for(r"idle ticks=100", 10)
+    before = os.fstat(src.ram.memfd).st_blocks * 512
+    assert before < 16 << 20                    # idle touched a few MiB at most
+    stats = save_to_file(src, tmp_path / "sparse.hvm")
+    after = os.fstat(src.ram.memfd).st_blocks * 512
+    assert after - before < 1 << 20, (before, after)
+    assert stats.pages_total == (256 << 8) + 2048 and stats.pages_zero > (250 << 8)
+    ranges = src.data_ranges()
+    assert ranges and all(0 <= a < b <= 256 << 8 for a, b in ranges)
+    src.destroy()
+    dst, _ = restore(file_chunks(tmp_path / "sparse.hvm"))
+    domains.append(dst)
+    dst.resume()
+    dst.console.wait_for(r"idle ticks=(2|3)00", 10)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import threading
 import time
+from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
@@ -66,6 +67,9 @@ class DomainStub:
 
     def fetch_dirty(self):
         return self.domain.fetch_stub_dirty()
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        return self.domain.stub_data_ranges()
 
     def records(self, state) -> list:
         return state_records(state.stub, Vm.STUB) + [DeviceState(**dev) for dev in state.stub.devices]
@@ -141,12 +145,17 @@ class _Saver:
             self.stats_cb(self.stats)
 
     # -- pages --------------------------------------------------------------------
-    def send_round(self, pfns_by_space: dict, paused: bool = False) -> None:
+    def send_round(self, pfns_by_space: dict, paused: bool = False, holes: dict | None = None) -> None:
         """``paused``: memory cannot change meanwhile, so batches may be compressed
-        straight from it (encode_pages' ``stable``)."""
+        straight from it (encode_pages' ``stable``). ``holes``: per space, pages known
+        to be zero (never written), sent as ZERO entries without being read."""
+        holes = holes or {}
         self.stats.round = self.stats.rounds
-        self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
+        self.stats.pages_round = sum(len(p) for p in pfns_by_space.values()) + \
+            sum(len(p) for p in holes.values())
         for space, (mem, pfns) in pfns_by_space.items():
+            for part in chunks(holes.get(space, ())):
+                self.pipeline.submit(space, mem, part, self.level, known_zero=True)
             for part in chunks(pfns):
                 self.pipeline.submit(space, mem, part, self.level, stable=paused)
                 self.report()
@@ -159,9 +168,25 @@ class _Saver:
             out[Vm.STUB] = self.stub
         return out
 
-    def all_pages(self) -> dict:
-        return {space: (part.memory, range(len(part.memory) // PAGE_SIZE))
-                for space, part in self.spaces().items()}
+    def all_pages(self) -> tuple[dict, dict]:
+        """Every page of each space, split into the ones that may hold data and the
+        holes of the memory file (never written: zero, and never read here, so a
+        save does not make the source allocate memory its guest never touched)."""
+        data, holes = {}, {}
+        for space, part in self.spaces().items():
+            npages = len(part.memory) // PAGE_SIZE
+            ranges = part.data_ranges() if hasattr(part, "data_ranges") else [(0, npages)]
+            present, absent, at = array("Q"), array("Q"), 0
+            for first, end in ranges:
+                first, end = max(first, at), min(end, npages)
+                absent.extend(range(at, first))
+                present.extend(range(first, end))
+                at = max(at, end)
+            absent.extend(range(at, npages))
+            data[space] = (part.memory, present)
+            if absent:
+                holes[space] = absent
+        return data, holes
 
     def dirty_pages(self) -> dict:
         return {space: (part.memory, part.fetch_dirty().pfns())
@@ -184,7 +209,8 @@ class _Saver:
             paused_at = time.monotonic()
             state = dom.capture()           # before the pages: see the module docstring
             self.stats.phase = "final"
-            self.send_round(self.all_pages(), paused=True)
+            data, holes = self.all_pages()
+            self.send_round(data, paused=True, holes=holes)
         self.stats.phase = "state"
         for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
@@ -202,7 +228,8 @@ class _Saver:
             part.set_dirty_logging(True)
             part.fetch_dirty()           # start clean: round 0 sends everything
         self.stats.phase = "precopy"
-        self.send_round(self.all_pages())
+        data, holes = self.all_pages()
+        self.send_round(data, holes=holes)
         last = None
         for _ in range(convergence.max_rounds):
             dirty = self.dirty_pages()

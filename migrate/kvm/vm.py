@@ -37,6 +37,21 @@ class MemorySlot:
     def view(self) -> memoryview:
         return memoryview(self.mem)
 
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """[first, end) page ranges of the memfd that hold data; the pages between
+        them are holes, zero without ever having been touched (SEEK_DATA/SEEK_HOLE,
+        so finding them reads no memory and allocates none)."""
+        ranges, offset = [], 0
+        while offset < self.size:
+            try:
+                start = os.lseek(self.memfd, offset, os.SEEK_DATA)
+            except OSError:             # ENXIO: no data after offset
+                break
+            end = min(os.lseek(self.memfd, start, os.SEEK_HOLE), self.size)
+            ranges.append((start // PAGE_SIZE, -(-end // PAGE_SIZE)))
+            offset = end
+        return ranges
+
 
 class Vm:
     def __init__(self, kvm, fd: int):
