@@ -348,3 +348,20 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
         migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
     assert [d["status"] for d in control.list_domains(src)] == ["paused"]
     assert [d["status"] for d in control.list_domains(dst)] == ["paused"]   # it never resumed
+
+
+def test_cli_keygen_and_serve_usage(tmp_path):
+    run = CliRunner().invoke
+    res = run(hvm, ["host", "keygen", "--dir", str(tmp_path / "pki"), "--hosts", "n1,10.0.0.7"])
+    assert res.exit_code == 0, res.output
+    for host in ("n1", "10.0.0.7"):
+        assert sorted(p.name for p in (tmp_path / "pki" / host).iterdir()) == ["ca.pem", "cert.pem", "key.pem"]
+        assert (tmp_path / "pki" / host / "key.pem").stat().st_mode & 0o077 == 0
+    tls.server_context(tmp_path / "pki" / "n1")
+    tls.client_context(tmp_path / "pki" / "10.0.0.7")
+    res = run(hvm, ["host", "serve", "--listen", "127.0.0.1:7999"], env={"HVM_TLS_DIR": ""})
+    assert res.exit_code == 2 and "--tls-dir" in res.output
+    res = run(hvm, ["host", "serve", "--listen", "127.0.0.1:7999", "--tls-dir", str(tmp_path)])
+    assert res.exit_code == 1 and "lacks ca.pem, cert.pem, key.pem" in res.output
+    res = run(hvm, ["migrate", "x", "nowhere"])
+    assert res.exit_code == 1 and "is not HOST:PORT" in res.output
