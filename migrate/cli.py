@@ -600,9 +600,11 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
 @click.option("--offline", is_flag=True, help="Pause first and copy once (no pre-copy).")
 @tls_dir_option
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
+@click.option("--stats-out", type=click.Path(dir_okay=False, writable=True),
+              help="Write the statistics, with one entry per round, as JSON to this file.")
 @json_option
 @_fail_cleanly
-def migrate(name, target, offline, tls_dir, insecure, as_json):
+def migrate(name, target, offline, tls_dir, insecure, stats_out, as_json):
     """Relocate a running domain to the host daemon at HOST:PORT (live pre-copy, then a
     two-phase handoff); the domain is gone here once it runs there.
 
@@ -618,6 +620,9 @@ def migrate(name, target, offline, tls_dir, insecure, as_json):
     finally:
         bar.done()
     control.wait_gone(name)
+    if stats_out:
+        with open(stats_out, "w") as f:
+            json.dump({"name": name, "target": target, **reply["stats"]}, f, indent=1)
     if as_json:
         click.echo(json.dumps({"name": name, "target": target, **reply}))
     else:

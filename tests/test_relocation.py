@@ -156,11 +156,14 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     npages = int(m.group(1))
     wait_console("led", src, r"^ledger ok gen=2 ")
 
-    res = CliRunner().invoke(hvm, ["migrate", "led", f"127.0.0.1:{b.address[1]}",
-                                   "--tls-dir", str(pki / "ca" / "src"), "--json"])
+    res = CliRunner().invoke(hvm, ["migrate", "led", f"127.0.0.1:{b.address[1]}", "--tls-dir",
+                                   str(pki / "ca" / "src"), "--json", "--stats-out", str(tmp_path / "s.json")])
     assert res.exit_code == 0, res.output
     stats = json.loads(res.output)["stats"]
     assert stats["live"] and stats["rounds"] >= 2 and stats["bytes"] > 16 << 20
+    rounds = json.loads((tmp_path / "s.json").read_text())["rounds_detail"]
+    assert len(rounds) == stats["rounds"] and rounds[0]["pages"] == (32 << 8) + 2048   # guest + stub
+    assert sum(r["bytes"] for r in rounds) == stats["bytes"] and all(r["seconds"] >= 0 for r in rounds)
     assert 0 < stats["downtime"] < stats["seconds"]
     assert control.list_domains(src) == []                 # the source copy is gone
     [info] = control.list_domains(dst)

@@ -104,8 +104,9 @@ class MigrateJob:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
         save_start = time.monotonic()
+        seen = _SyncBeforePause(domain, ch, out)
         try:
-            stats = save(_SyncBeforePause(domain, ch, out), out.write, live=self.live, stats_cb=progress, cancel=cancel)
+            stats = save(seen, out.write, live=self.live, stats_cb=progress, cancel=cancel)
         except (ChannelError, SaveError) as exc:          # the engine resumed the domain
             raise RelocationError(f"relocation to {where} failed during the stream: "
                                   f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
@@ -142,10 +143,7 @@ class MigrateJob:
             "downtime_resume": running_at - restored_at,
             "destination_seconds": restored["seconds"],
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
-            "rounds_detail": [{"round": 0, "pages": stats.guest_bytes // 4096, "kind": "all"}]
-                             * bool(self.live)
-                             + [{"round": i + 1, "pages": n, "kind": "dirty"}
-                                for i, n in enumerate(stats.dirty_history)],
+            "rounds_detail": seen.rounds(stats, save_start, final_at),
             "save": stats.as_dict(),
         }
 
@@ -157,9 +155,33 @@ class _SyncBeforePause:
 
     def __init__(self, domain, ch: Channel, out: DataBuffer):
         self._domain, self._ch, self._out = domain, ch, out
+        self._marks: list[tuple[float, int]] = []     # (time, stream bytes) at each round start
 
     def __getattr__(self, name):
         return getattr(self._domain, name)
+
+    def fetch_dirty(self):
+        """The engine fetches the guest's dirty log once before round 0 and once at the
+        start of every later round: those are the round boundaries of the statistics."""
+        self._marks.append((time.monotonic(), self._out.sent + len(self._out.buf)))
+        return self._domain.fetch_dirty()
+
+    def rounds(self, stats, start: float, end: float) -> list[dict]:
+        """Per round: pages sent, bytes, seconds, bandwidth (bytes/s) and dirty rate (pages
+        dirtied per second during the round before). The last round runs to STREAM_END and
+        includes the state records."""
+        marks = [(self._marks[0][0] if self._marks else start, 0)] + self._marks[1:]   # round 0 has the head
+        pages = [stats.pages_total - sum(stats.dirty_history)] + list(stats.dirty_history)
+        bounds = marks + [(end, stats.stream_bytes)]
+        out = []
+        for i, count in enumerate(pages[:len(marks)]):
+            seconds = bounds[i + 1][0] - bounds[i][0]
+            nbytes = bounds[i + 1][1] - bounds[i][1]
+            before = out[-1]["seconds"] if out else 0.0
+            out.append({"round": i, "pages": count, "bytes": nbytes, "seconds": seconds,
+                        "bandwidth": nbytes / seconds if seconds > 0 else 0.0,
+                        "dirty_rate": count / before if before > 0 else 0.0})
+        return out
 
     def pause(self, *args, **kwargs):
         if self._domain.status == "running":
