@@ -368,3 +368,72 @@ def test_cli_keygen_and_serve_usage(tmp_path):
     assert res.exit_code == 1 and "lacks ca.pem, cert.pem, key.pem" in res.output
     res = run(hvm, ["migrate", "x", "nowhere"])
     assert res.exit_code == 1 and "is not HOST:PORT" in res.output
+
+
+@pytest.fixture
+def netns_link():
+    """Two network namespaces joined by a veth pair limited to 1 Gbit/s each way (tbf);
+    yields (run-in-A prefix, run-in-B prefix, A's address, B's address)."""
+    import shutil
+    tag = f"{os.getpid() % 100000}"
+    ns_a, ns_b, v_a, v_b = f"hvmA{tag}", f"hvmB{tag}", f"hvA{tag}", f"hvB{tag}"
+    if shutil.which("ip") is None or shutil.which("tc") is None:
+        pytest.skip("netns test skipped: ip or tc is not installed")
+    made = []
+    try:
+        for ns in (ns_a, ns_b):
+            out = subprocess.run(["ip", "netns", "add", ns], capture_output=True, text=True)
+            if out.returncode:
+                pytest.skip(f"netns test skipped: 'ip netns add' is not permitted here: {out.stderr.strip()}")
+            made.append(ns)
+        steps = [["ip", "link", "add", v_a, "type", "veth", "peer", "name", v_b],
+                 ["ip", "link", "set", v_a, "netns", ns_a], ["ip", "link", "set", v_b, "netns", ns_b]]
+        for ns, dev, addr in ((ns_a, v_a, "10.77.0.1"), (ns_b, v_b, "10.77.0.2")):
+            steps += [["ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev],
+                      ["ip", "-n", ns, "link", "set", dev, "up"], ["ip", "-n", ns, "link", "set", "lo", "up"],
+                      ["tc", "-n", ns, "qdisc", "add", "dev", dev, "root", "tbf", "rate", "1gbit",
+                       "burst", "256kb", "latency", "50ms"]]
+        for step in steps:
+            out = subprocess.run(step, capture_output=True, text=True)
+            if out.returncode:
+                pytest.skip(f"netns test skipped: {' '.join(step)}: {out.stderr.strip()}")
+        yield ["ip", "netns", "exec", ns_a], ["ip", "netns", "exec", ns_b], "10.77.0.1", "10.77.0.2"
+    finally:
+        for ns in made:
+            subprocess.run(["ip", "netns", "del", ns], capture_output=True)
+
+
+@pytest.mark.kvm
+def test_ledger_with_disk_between_network_namespaces(netns_link, tmp_path, state_dir):
+    """Source domain process in namespace A, `hvm host serve` in namespace B, across a veth
+    link limited to 1 Gbit/s: the ledger keeps its self-check and its disk journal."""
+    in_a, in_b, addr_a, addr_b = netns_link
+    pki = tmp_path / "pki"
+    tls.keygen(pki, [addr_a, addr_b])
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2 << 20))
+    dst = tmp_path / "dst"
+    py = [sys.executable, "-m", "migrate.cli"]
+    daemon = subprocess.Popen(in_b + py + ["host", "serve", "--listen", f"{addr_b}:7410", "--tls-dir",
+                                           str(pki / addr_b), "--disk-map", f"{disk}={disk}"],
+                              env={**os.environ, "HVM_STATE_DIR": str(dst)}, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "listening on" in daemon.stderr.readline()
+        out = subprocess.run(in_a + py + ["create", "-w", "ledger", "-m", "32M", "-n", "nl", "--arg", "13",
+                                          "--disk", str(disk)], capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        m, _ = wait_console("nl", state_dir, r"^ledger start seed=13 pages=(\d+) ")
+        wait_console("nl", state_dir, r"^ledger ok gen=2 ")
+        res = CliRunner().invoke(hvm, ["migrate", "nl", f"{addr_b}:7410", "--tls-dir", str(pki / addr_a),
+                                       "--json"])
+        assert res.exit_code == 0, res.output
+        assert control.list_domains(state_dir) == []
+        _, text = wait_console("nl", dst, r"^ledger ok gen=")
+        gen = ledger_lines_ok(text, 13, int(m.group(1)))
+        _, text = wait_console("nl", dst, rf"^ledger ok gen={gen + 2} .* journal=ok$")
+        ledger_lines_ok(text, 13, int(m.group(1)))
+    finally:
+        destroy_all(dst)
+        destroy_all(state_dir)
+        daemon.terminate()
+        daemon.wait(10)
