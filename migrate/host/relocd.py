@@ -53,6 +53,7 @@ class ServeConfig:
     tls_dir: str | None             # None: --insecure
     disk_map: dict[str, str] = dataclasses.field(default_factory=dict)
     base: Path | None = None        # state directory (default $HVM_STATE_DIR)
+    max_memory: int | None = None   # guest memory this host's domains may hold in all (--max-memory)
 
 
 class Incoming:
@@ -168,7 +169,7 @@ class RelocationServer:
         self.address = self.listener.getsockname()[:2]
         self.stopping = threading.Event()
         self.names_lock = threading.Lock()
-        self.receiving: set[str] = set()
+        self.receiving: dict[str, int] = {}      # name -> guest memory, being received
 
     def serve_forever(self) -> None:
         self.listener.settimeout(0.5)
@@ -220,10 +221,15 @@ class RelocationServer:
             return
         name = hello["name"]
         with self.names_lock:
-            if name in self.receiving:
-                ch.send_error(f"domain {name!r} is already being received")
+            try:
+                if name in self.receiving:
+                    raise Refused(f"domain {name!r} is already being received")
+                self.check_room(name, hello["memory"])
+            except Refused as exc:
+                log.warning("refused %s: %s", who, exc)
+                ch.send_error(str(exc))
                 return
-            self.receiving.add(name)
+            self.receiving[name] = hello["memory"]
         incoming = None
         try:
             incoming = Incoming(name, hello, disk_to, self.config.base)
@@ -241,7 +247,7 @@ class RelocationServer:
             return
         finally:
             with self.names_lock:
-                self.receiving.discard(name)
+                self.receiving.pop(name, None)
         try:
             incoming.resume()       # GO received: from here on the pair is ours
         except control.ControlError as exc:
@@ -276,6 +282,20 @@ class RelocationServer:
             raise Refused(f"domain {hello['name']} has a disk ({disk}) and this host maps none: "
                           f"start hvm host serve with --disk-map {disk}=DST")
         return mapped
+
+    def check_room(self, name: str, memory: int) -> None:
+        """With ``max_memory``: refuse a domain that would take the guest memory of this
+        host's domains (running, paused, being received) over it. Called under names_lock."""
+        limit = self.config.max_memory
+        if limit is None:
+            return
+        held = sum(self.receiving.values()) + sum(
+            info["memory"] for info in control.list_domains(self.config.base)
+            if info["name"] not in self.receiving)
+        if held + memory > limit:
+            raise Refused(f"no room for domain {name}: it needs {memory >> 20} MiB and this host "
+                          f"has {max(limit - held, 0) >> 20} MiB of its {limit >> 20} MiB left "
+                          f"(hvm host serve --max-memory)")
 
     def receive_stream(self, ch: Channel, incoming: Incoming) -> None:
         while True:
