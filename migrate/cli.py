@@ -347,7 +347,8 @@ class _ProgressLine:
         pct = min(100, 100 * done // total) if total else 100
         bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
         click.echo(f"\r[{bar}] {s['phase']:<7} round {s['round']} {done} pages "
-                   f"{_mb(s['stream_bytes'])} {s['seconds']:.1f}s", nl=False, err=True)
+                   f"{_mb(s['stream_bytes'])} {s['seconds']:.1f}s"
+                   + (f" throttle {s['throttle']}%" if s.get("throttle") else ""), nl=False, err=True)
         self.shown = True
 
     def done(self) -> None:
@@ -588,10 +589,14 @@ def serve(listen, tls_dir, insecure, disk_map):
 
 def _migrate_summary(name: str, target: str, s: dict) -> str:
     rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
+    converged = ""
+    if s.get("reason") and s["reason"] != "offline":
+        converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
+        converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
     return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
             f"{s['downtime'] * 1000:.1f} ms (final {s['downtime_final'] * 1000:.1f} + restore "
             f"{s['downtime_restore'] * 1000:.1f} + resume {s['downtime_resume'] * 1000:.1f}), "
-            f"{_mb(s['bytes'])}, {rounds}, setup {s['setup'] * 1000:.0f} ms")
+            f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms")
 
 
 @hvm.command()
@@ -602,21 +607,39 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
 @click.option("--stats-out", type=click.Path(dir_okay=False, writable=True),
               help="Write the statistics, with one entry per round, as JSON to this file.")
+@click.option("--downtime-ms", type=click.FloatRange(min=0), default=300, show_default=True,
+              help="Switch to the final pause once its estimated time is under this.")
+@click.option("--max-bandwidth", type=click.FloatRange(min=0, min_open=True), metavar="MB/s",
+              help="Pace the stream to this many MB (10^6 bytes) per second.")
+@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+              help="Give pre-copy this long to converge; then --on-timeout applies.")
+@click.option("--on-timeout", type=click.Choice(["cancel", "force"]), default="cancel", show_default=True,
+              help="cancel: the guest keeps running here, exit 1; force: pause and send the rest.")
+@click.option("--throttle", is_flag=True,
+              help="Slow the guest's vCPU (paused 20%, 30%, ... 99% of the time) when it dirties "
+                   "memory faster than the link sends it.")
+@click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
+              help="Page compression.")
 @json_option
 @_fail_cleanly
-def migrate(name, target, offline, tls_dir, insecure, stats_out, as_json):
+def migrate(name, target, offline, tls_dir, insecure, stats_out, downtime_ms, max_bandwidth,
+            timeout, on_timeout, throttle, compress, as_json):
     """Relocate a running domain to the host daemon at HOST:PORT (live pre-copy, then a
     two-phase handoff); the domain is gone here once it runs there.
 
     \b
     Example:
       hvm migrate web1 node2:7410 --tls-dir /etc/hvm/tls
+      hvm migrate web1 node2:7410 --max-bandwidth 100 --timeout 60 --throttle
     """
     from .host.relocate import migrate_domain
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
         reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir,
-                               insecure=insecure, progress=bar)
+                               insecure=insecure, progress=bar, downtime_ms=downtime_ms,
+                               max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None,
+                               timeout=timeout, on_timeout=on_timeout, throttle=throttle,
+                               compress=parse_compress(compress))
     finally:
         bar.done()
     control.wait_gone(name)

@@ -7,9 +7,9 @@
 """
 from .files import file_chunks, partial_path, read_config, save_to_file
 from .restore import RestoreStats, restore
-from .save import Convergence, SaveCancelled, SaveError, SaveStats, save
+from .save import Convergence, SaveCancelled, SaveError, SaveStats, SaveTimeout, save
 from .state import RestoreError
 
 __all__ = ["Convergence", "RestoreError", "RestoreStats", "SaveCancelled", "SaveError",
-           "SaveStats", "file_chunks", "partial_path", "read_config", "restore", "save",
+           "SaveStats", "SaveTimeout", "file_chunks", "partial_path", "read_config", "restore", "save",
            "save_to_file"]

@@ -29,6 +29,7 @@ from typing import Any, Callable, Protocol
 
 from ..stream import Creator, DeviceState, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
 from .batches import DEFAULT_LEVEL, BatchPipeline, EncodedBatch, chunks
+from .convergence import OFFLINE, Convergence, Pacer, Round, VcpuThrottle, decide
 from .state import config_record, state_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
@@ -40,6 +41,10 @@ class SaveError(Exception):
 
 class SaveCancelled(SaveError):
     pass
+
+
+class SaveTimeout(SaveCancelled):
+    """Pre-copy did not converge within the timeout and on_timeout is cancel."""
 
 
 class StubPart(Protocol):        # the stub's share of the stream, see the module docstring
@@ -76,14 +81,6 @@ class DomainStub:
 
 
 @dataclass
-class Convergence:
-    """When live pre-copy stops and pauses the guest for the last round."""
-    max_rounds: int = 30            # pre-copy rounds after round 0
-    small_pages: int = 256          # stop once a round's dirty set is at most this
-    min_shrink: float = 0.9         # stop once a round is not below this share of the last
-
-
-@dataclass
 class SaveStats:
     phase: str = "start"            # start, precopy, final, state, done
     round: int = 0
@@ -96,7 +93,13 @@ class SaveStats:
     stream_bytes: int = 0
     seconds: float = 0.0
     downtime: float = 0.0           # paused part of a live save (pause to END)
+    downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
+    reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
+    throttle: int = 0               # vCPU throttle percent in force now
     dirty_history: list = field(default_factory=list)
+    throttle_history: list = field(default_factory=list)    # percent during each page round
+    estimate_history: list = field(default_factory=list)    # final-round estimate after each pre-copy round
+    round_starts: list = field(default_factory=list)        # (seconds since start, stream bytes) per round
 
     @property
     def throughput(self) -> float:
@@ -111,17 +114,25 @@ class SaveStats:
 
 class _Saver:
     def __init__(self, domain, sink_write: Callable[[bytes], Any], level: int | None,
-                 stats_cb, cancel: threading.Event | None, stub: StubPart | None):
+                 stats_cb, cancel: threading.Event | None, stub: StubPart | None,
+                 convergence: Convergence, throttle_domain=None):
         self.domain, self.sink_write, self.level = domain, sink_write, level
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
+        self.conv = convergence
         self.writer = StreamWriter()
         self.stats = SaveStats(guest_bytes=len(domain.memory))
         self.t0 = time.monotonic()
         self._last_cb = 0.0
+        self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
+        self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
+        self.pacer = Pacer(convergence.max_bandwidth) if convergence.max_bandwidth else None
+        self.throttle = VcpuThrottle(throttle_domain if throttle_domain is not None else domain)
         self.pipeline = BatchPipeline(self._emit_batch)
 
     # -- output -----------------------------------------------------------------
     def write(self, data: bytes) -> None:
+        if self.pacer is not None:
+            self.pacer.take(len(data), self.check)
         self.sink_write(data)
         self.stats.stream_bytes += len(data)
 
@@ -135,9 +146,24 @@ class _Saver:
         s.pages_sent += batch.count - batch.zero
         self.report()
 
-    def report(self, force: bool = False) -> None:
+    def check(self) -> None:
+        """Raise if the save is cancelled, or past its timeout with on_timeout cancel
+        (checked inside a round too: a round on a slow link may be long)."""
         if self.cancel is not None and self.cancel.is_set():
             raise SaveCancelled("save cancelled")
+        if self.deadline is not None and self.stats.phase == "precopy" and \
+                self.conv.on_timeout == "cancel" and time.monotonic() >= self.deadline:
+            raise self.timed_out()
+
+    def timed_out(self) -> SaveTimeout:
+        s = self.stats
+        estimate = f"; estimated final round {s.estimate_history[-1] * 1000:.0f} ms" if s.estimate_history else ""
+        return SaveTimeout(f"pre-copy did not converge within {self.conv.timeout:g} s ({s.rounds} rounds, "
+                           f"last dirty set {s.dirty_history[-1] if s.dirty_history else s.pages_round} pages"
+                           f"{estimate}, target {self.conv.downtime * 1000:.0f} ms): cancelled")
+
+    def report(self, force: bool = False) -> None:
+        self.check()
         now = time.monotonic()
         self.stats.seconds = now - self.t0
         if self.stats_cb is not None and (force or now - self._last_cb >= 0.1):
@@ -151,6 +177,8 @@ class _Saver:
         to be zero (never written), sent as ZERO entries without being read."""
         holes = holes or {}
         self.stats.round = self.stats.rounds
+        self.stats.throttle_history.append(self.throttle.percent)
+        self.stats.round_starts.append((time.monotonic() - self.t0, self.stats.stream_bytes))
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values()) + \
             sum(len(p) for p in holes.values())
         for space, (mem, pfns) in pfns_by_space.items():
@@ -193,7 +221,7 @@ class _Saver:
                 for space, part in self.spaces().items()}
 
     # -- the save -----------------------------------------------------------------
-    def run(self, live: bool, convergence: Convergence) -> SaveStats:
+    def run(self, live: bool) -> SaveStats:
         dom = self.domain
         self.write(self.writer.start())
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
@@ -202,9 +230,12 @@ class _Saver:
         stub_pages = len(self.stub.memory) // PAGE_SIZE if self.stub is not None else 0
         self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
         if live:
-            self.precopy(convergence)
+            self.precopy()
+            self.throttle.stop()
+            self.stats.throttle = 0
             paused_at, state = self.pause_for_last_round()
         else:
+            self.stats.reason = OFFLINE
             dom.pause()
             paused_at = time.monotonic()
             state = dom.capture()           # before the pages: see the module docstring
@@ -223,31 +254,54 @@ class _Saver:
         self.report(force=True)
         return self.stats
 
-    def precopy(self, convergence: Convergence) -> None:
+    def precopy(self) -> None:
+        """Rounds until :func:`~.convergence.decide` says switch (or cancel: SaveTimeout)."""
         for part in self.spaces().values():
             part.set_dirty_logging(True)
             part.fetch_dirty()           # start clean: round 0 sends everything
         self.stats.phase = "precopy"
+        start = time.monotonic()
+        if self.conv.timeout is not None:
+            self.deadline = start + self.conv.timeout
         data, holes = self.all_pages()
         self.send_round(data, holes=holes)
-        last = None
-        for _ in range(convergence.max_rounds):
+        # round 0's holes and zero pages cost next to nothing: time it per data page
+        last = Round(max(1, self.stats.pages_sent), self.stats.stream_bytes, time.monotonic() - start)
+        while True:
             dirty = self.dirty_pages()
             count = sum(len(pfns) for _, pfns in dirty.values())
+            decision = decide(self.conv, self.stats.dirty_history + [count], last,
+                              time.monotonic() - start, self.throttle.percent)
+            self.stats.estimate_history.append(decision.estimate)
+            if decision.action == "cancel":
+                raise self.timed_out()
+            if decision.action == "switch":
+                self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
+                self.pending = dirty     # fetched and cleared: the final round sends these too
+                return
             self.stats.dirty_history.append(count)
-            if count == 0:
-                return
+            self.throttle.set_percent(decision.throttle)
+            self.stats.throttle = self.throttle.percent
+            t, nbytes = time.monotonic(), self.stats.stream_bytes
             self.send_round(dirty)
-            if count <= convergence.small_pages or (last is not None and count > last * convergence.min_shrink):
-                return
-            last = count
+            last = Round(count, self.stats.stream_bytes - nbytes, time.monotonic() - t)
+
+    @staticmethod
+    def _merge(first: dict, second: dict) -> dict:
+        """Per space, the union of two dirty sets, in pfn order."""
+        out = {}
+        for space, (mem, pfns) in second.items():
+            before = first.get(space, (mem, ()))[1]
+            out[space] = (mem, array("Q", sorted(set(before).union(pfns))) if len(before) else pfns)
+        return out
 
     def pause_for_last_round(self):
         self.domain.pause()
         paused_at = time.monotonic()
         state = self.domain.capture()       # before the last round: it dirties stub pages
         self.stats.phase = "final"
-        dirty = self.dirty_pages()
+        dirty = self._merge(self.pending, self.dirty_pages())
+        self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
         self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
         self.send_round(dirty, paused=True)
         for part in self.spaces().values():
@@ -258,7 +312,7 @@ class _Saver:
 def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = DEFAULT_LEVEL,
          live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
-         stub: StubPart | None = None) -> SaveStats:
+         stub: StubPart | None = None, throttle_domain=None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
 
     ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
@@ -268,16 +322,23 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
     ``stats_cb`` raising, dirty logging is turned off and a domain that was running when
     the save began is resumed; the error propagates. ``stats_cb`` gets the live
     :class:`SaveStats` about ten times a second and once at the end.
+    ``convergence``: when pre-copy switches over, its pacing, timeout and throttle
+    (:mod:`.convergence`); past a timeout with on_timeout cancel it raises
+    :class:`SaveTimeout` (the domain keeps running). ``throttle_domain``: what the throttle
+    pauses and resumes (default ``domain``; a wrapper whose pause() means the final pause
+    passes the bare domain).
     """
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
     if getattr(domain, "stub", None) is not None and stub is None:
         stub = DomainStub(domain)
     was_running = domain.status == "running"
-    saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub)
+    saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub,
+                   convergence or Convergence(), throttle_domain)
     try:
-        return saver.run(live, convergence or Convergence())
+        return saver.run(live)
     except BaseException:
+        saver.throttle.stop()           # leaves the vCPU running, as it found it
         saver.pipeline.close()
         for part in saver.spaces().values():
             try:

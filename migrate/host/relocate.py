@@ -17,7 +17,7 @@ import threading
 import time
 from pathlib import Path
 
-from ..engine import SaveError, save
+from ..engine import Convergence, SaveError, SaveTimeout, save
 from . import tls
 from .relocation import (
     PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
@@ -43,13 +43,28 @@ def parse_target(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
+# the convergence keys of a migrate request: name -> (type, check)
+CONVERGENCE_KEYS = {
+    "downtime_ms": ((int, float), lambda v: v >= 0),
+    "max_bandwidth": ((int, float), lambda v: v > 0),       # bytes per second
+    "timeout": ((int, float), lambda v: v > 0),              # seconds
+    "on_timeout": (str, lambda v: v in ("cancel", "force")),
+    "throttle": (bool, lambda v: True),
+    "compress": ((int, type(None)), lambda v: v is None or -7 <= v <= 22),
+}
+
+
 class MigrateJob:
     """A ``migrate`` request: ``host``, ``port``, ``live`` (bool), ``tls_dir`` (absolute
-    path) or ``insecure`` true."""
+    path) or ``insecure`` true; optionally the CONVERGENCE_KEYS (``downtime_ms``,
+    ``max_bandwidth`` bytes/s, ``timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
 
-    def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool):
+    def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool,
+                 convergence: Convergence | None = None, compress: int | None = 1):
         self.host, self.port, self.live = host, port, live
         self.tls_dir, self.insecure = tls_dir, insecure
+        self.convergence = convergence or Convergence()
+        self.compress = compress
 
     @classmethod
     def from_request(cls, req: dict) -> "MigrateJob":
@@ -61,7 +76,18 @@ class MigrateJob:
             raise ValueError("live and insecure must be booleans")
         if not insecure and (not isinstance(tls_dir, str) or not os.path.isabs(tls_dir)):
             raise ValueError("migrate needs an absolute tls_dir, or insecure")
-        return cls(host, port, live, tls_dir, insecure)
+        opts = {}
+        for key, (types, ok) in CONVERGENCE_KEYS.items():
+            if req.get(key) is None and key != "compress":
+                continue
+            value = req.get(key, 1)
+            if isinstance(value, bool) is not (types is bool) or not isinstance(value, types) or not ok(value):
+                raise ValueError(f"migrate: bad {key} {value!r}")
+            opts[key] = value
+        conv = Convergence(downtime=opts.get("downtime_ms", 300) / 1000,
+                           max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("timeout"),
+                           on_timeout=opts.get("on_timeout", "cancel"), throttle=opts.get("throttle", False))
+        return cls(host, port, live, tls_dir, insecure, conv, opts.get("compress", 1))
 
     # -- the steps -------------------------------------------------------------
     def connect(self) -> Channel:
@@ -106,7 +132,12 @@ class MigrateJob:
         save_start = time.monotonic()
         seen = _SyncBeforePause(domain, ch, out)
         try:
-            stats = save(seen, out.write, live=self.live, stats_cb=progress, cancel=cancel)
+            stats = save(seen, out.write, live=self.live, stats_cb=progress, cancel=cancel,
+                         compress=self.compress, convergence=self.convergence, throttle_domain=domain)
+        except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
+            ch.send_error(f"the source cancelled the relocation: {exc}")
+            raise RelocationError(f"relocation to {where} cancelled: {exc}; "
+                                  f"{domain.config.name} keeps running here") from None
         except (ChannelError, SaveError) as exc:          # the engine resumed the domain
             raise RelocationError(f"relocation to {where} failed during the stream: "
                                   f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
@@ -143,7 +174,9 @@ class MigrateJob:
             "downtime_resume": running_at - restored_at,
             "destination_seconds": restored["seconds"],
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
-            "rounds_detail": seen.rounds(stats, save_start, final_at),
+            "rounds_detail": _rounds(stats, save_start, final_at),
+            "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
+            "throttle": max(stats.throttle_history, default=0),
             "save": stats.as_dict(),
         }
 
@@ -155,33 +188,9 @@ class _SyncBeforePause:
 
     def __init__(self, domain, ch: Channel, out: DataBuffer):
         self._domain, self._ch, self._out = domain, ch, out
-        self._marks: list[tuple[float, int]] = []     # (time, stream bytes) at each round start
 
     def __getattr__(self, name):
         return getattr(self._domain, name)
-
-    def fetch_dirty(self):
-        """The engine fetches the guest's dirty log once before round 0 and once at the
-        start of every later round: those are the round boundaries of the statistics."""
-        self._marks.append((time.monotonic(), self._out.sent + len(self._out.buf)))
-        return self._domain.fetch_dirty()
-
-    def rounds(self, stats, start: float, end: float) -> list[dict]:
-        """Per round: pages sent, bytes, seconds, bandwidth (bytes/s) and dirty rate (pages
-        dirtied per second during the round before). The last round runs to STREAM_END and
-        includes the state records."""
-        marks = [(self._marks[0][0] if self._marks else start, 0)] + self._marks[1:]   # round 0 has the head
-        pages = [stats.pages_total - sum(stats.dirty_history)] + list(stats.dirty_history)
-        bounds = marks + [(end, stats.stream_bytes)]
-        out = []
-        for i, count in enumerate(pages[:len(marks)]):
-            seconds = bounds[i + 1][0] - bounds[i][0]
-            nbytes = bounds[i + 1][1] - bounds[i][1]
-            before = out[-1]["seconds"] if out else 0.0
-            out.append({"round": i, "pages": count, "bytes": nbytes, "seconds": seconds,
-                        "bandwidth": nbytes / seconds if seconds > 0 else 0.0,
-                        "dirty_rate": count / before if before > 0 else 0.0})
-        return out
 
     def pause(self, *args, **kwargs):
         if self._domain.status == "running":
@@ -189,6 +198,30 @@ class _SyncBeforePause:
             self._ch.send("SYNC", bytes=self._out.sent)
             self._ch.expect("SYNCED", SYNC_TIMEOUT)
         return self._domain.pause(*args, **kwargs)
+
+
+def _rounds(stats, start: float, end: float) -> list[dict]:
+    """Per page round: pages, bytes, seconds, bandwidth (bytes/s), dirty rate (pages dirtied
+    per second during the round before), throttle percent in force and, for pre-copy rounds
+    after round 0, the final-round estimate made before it. Round 0 includes the stream head;
+    the last round runs to STREAM_END and includes the state records."""
+    marks = [(start + at, nbytes) for at, nbytes in stats.round_starts]
+    if marks:
+        marks[0] = (marks[0][0], 0)
+    pages = [stats.pages_total - sum(stats.dirty_history)] + list(stats.dirty_history)
+    bounds = marks + [(end, stats.stream_bytes)]
+    out = []
+    for i, count in enumerate(pages[:len(marks)]):
+        seconds = bounds[i + 1][0] - bounds[i][0]
+        nbytes = bounds[i + 1][1] - bounds[i][1]
+        before = out[-1]["seconds"] if out else 0.0
+        out.append({"round": i, "pages": count, "bytes": nbytes, "seconds": seconds,
+                    "bandwidth": nbytes / seconds if seconds > 0 else 0.0,
+                    "dirty_rate": count / before if before > 0 else 0.0,
+                    "throttle": stats.throttle_history[i] if i < len(stats.throttle_history) else 0,
+                    "downtime_estimate": stats.estimate_history[i - 1]
+                    if 0 < i <= len(stats.estimate_history) else None})
+    return out
 
 
 def _client_context(tls_dir: str) -> ssl.SSLContext:
@@ -212,9 +245,11 @@ def _peer_reason(ch: Channel, exc: Exception) -> str:
 
 
 def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | None = None,
-                   insecure: bool = False, progress=None, base: Path | None = None) -> dict:
+                   insecure: bool = False, progress=None, base: Path | None = None,
+                   **convergence) -> dict:
     """Ask domain ``name``'s process to relocate itself to ``target`` (HOST:PORT); the
-    reply (``status``, ``stats``) once the destination runs it. ControlError otherwise."""
+    reply (``status``, ``stats``) once the destination runs it. ControlError otherwise.
+    ``convergence``: the CONVERGENCE_KEYS (None values are left out)."""
     from .control import DomainClient
     host, port = parse_target(target)
     if not insecure:
@@ -222,8 +257,12 @@ def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | 
             raise ValueError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
         tls_dir = str(Path(tls_dir).absolute())
     with DomainClient(name, base) as client:
+        unknown = set(convergence) - set(CONVERGENCE_KEYS)
+        if unknown:
+            raise TypeError(f"unknown migrate options: {', '.join(sorted(unknown))}")
+        extra = {k: v for k, v in convergence.items() if v is not None or k == "compress"}
         return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
-                                         tls_dir=tls_dir, insecure=insecure)
+                                         tls_dir=tls_dir, insecure=insecure, **extra)
 
 
 __all__ = ["MigrateJob", "OutcomeUnknown", "RelocationError", "migrate_domain", "parse_target"]

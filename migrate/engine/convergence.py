@@ -1,0 +1,177 @@
+"""When live pre-copy stops (specs/relocation.md, "Convergence"): the parameters, the pure
+decision taken after every pre-copy round, the page-output pacer and the vCPU throttle.
+
+:func:`decide` is a pure function of the round statistics, so its rules are tested without
+a guest. The saver calls it once per round with the dirty pages just fetched (the pages the
+next round, or the final one, must send) and acts on the answer: ``continue`` (another
+round, at the answer's throttle percentage), ``switch`` (pause and send the final round) or
+``cancel`` (stop; the guest keeps running where it is).
+"""
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+
+# the reasons for leaving pre-copy (SaveStats.reason)
+SMALL, DOWNTIME, STALLED, MAX_ROUNDS, TIMEOUT_FORCE, TIMEOUT_CANCEL, OFFLINE = (
+    "small", "downtime-target", "stalled", "max-rounds", "timeout-force", "timeout-cancel", "offline")
+
+
+@dataclass
+class Convergence:
+    """When live pre-copy stops and pauses the guest for the last round."""
+    max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout)
+    small_pages: int = 256          # switch once the dirty set is at most this
+    min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
+    downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
+    state_seconds: float = 0.005    # fixed cost of the final round beyond its pages (state capture, records)
+    max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
+    timeout: float | None = None    # seconds of pre-copy before on_timeout applies
+    on_timeout: str = "cancel"      # cancel | force
+    throttle: bool = False          # duty-cycle the vCPU when dirtying outruns the link
+    throttle_initial: int = 20      # percent of each period the vCPU is held paused
+    throttle_step: int = 10
+    throttle_max: int = 99
+
+    def __post_init__(self):
+        if self.on_timeout not in ("cancel", "force"):
+            raise ValueError(f"on_timeout must be cancel or force, not {self.on_timeout!r}")
+        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
+            raise ValueError("max_bandwidth must be positive")
+        if self.timeout is not None and self.timeout <= 0:
+            raise ValueError("timeout must be positive")
+        if self.downtime < 0:
+            raise ValueError("downtime must not be negative")
+
+
+@dataclass(frozen=True)
+class Round:
+    """One finished page round: pages queued, stream bytes written, wall seconds."""
+    pages: int
+    bytes: int
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Decision:
+    action: str             # continue | switch | cancel
+    reason: str | None      # for switch and cancel: one of the reasons above
+    estimate: float         # estimated final-round seconds if we switched now
+    throttle: int           # percent for the next round (continue), else the current one
+
+
+def estimate_final(dirty: int, last: Round, state_seconds: float) -> float:
+    """Seconds the final round would take: the dirty pages at the last round's measured
+    seconds per page (its bandwidth and its bytes per page), plus the fixed state cost."""
+    per_page = last.seconds / last.pages if last.pages else 0.0
+    return dirty * per_page + state_seconds
+
+
+def _stalled(history: list[int], conv: Convergence, rounds: int = 1) -> bool:
+    """The last ``rounds`` dirty sets each failed to shrink below min_shrink of the one before."""
+    if len(history) < rounds + 1:
+        return False
+    return all(history[-i] > conv.min_shrink * history[-i - 1] for i in range(1, rounds + 1))
+
+
+def decide(conv: Convergence, history: list[int], last: Round, elapsed: float,
+           throttle: int) -> Decision:
+    """After a pre-copy round: ``history`` the dirty-page counts fetched after each round so
+    far (round 1 first; the last entry is the set now to send), ``last`` that round's
+    figures, ``elapsed`` the seconds since pre-copy began, ``throttle`` the percent in force.
+
+    In order: a small dirty set, or an estimated final round within the downtime target,
+    switches. Past the timeout: cancel, or switch (force). A stalled dirty set (not below
+    min_shrink of the last) raises the throttle when enabled (from the second stalled round
+    in a row, then every stalled round, up to throttle_max); without a throttle to raise and
+    without a timeout to wait for, it switches: further rounds do not pay off. Without a
+    timeout, max_rounds bounds the rounds.
+    """
+    dirty = history[-1]
+    estimate = estimate_final(dirty, last, conv.state_seconds)
+    if dirty <= conv.small_pages:
+        return Decision("switch", SMALL, estimate, throttle)
+    if estimate <= conv.downtime:
+        return Decision("switch", DOWNTIME, estimate, throttle)
+    if conv.timeout is not None and elapsed >= conv.timeout:
+        if conv.on_timeout == "force":
+            return Decision("switch", TIMEOUT_FORCE, estimate, throttle)
+        return Decision("cancel", TIMEOUT_CANCEL, estimate, throttle)
+    if _stalled(history, conv):
+        can_raise = conv.throttle and throttle < conv.throttle_max
+        if can_raise and (throttle > 0 or _stalled(history, conv, 2)):
+            raised = conv.throttle_initial if throttle == 0 else throttle + conv.throttle_step
+            return Decision("continue", None, estimate, min(raised, conv.throttle_max))
+        if not can_raise and conv.timeout is None:
+            return Decision("switch", STALLED, estimate, throttle)
+    if conv.timeout is None and len(history) >= conv.max_rounds:
+        return Decision("switch", MAX_ROUNDS, estimate, throttle)
+    return Decision("continue", None, estimate, throttle)
+
+
+class Pacer:
+    """A token bucket over the saver's output: ``rate`` bytes per second with a burst of
+    ``burst`` bytes; ``take(n)`` sleeps until n bytes may go. ``check`` is called between
+    sleeps (it raises to abandon the wait)."""
+
+    def __init__(self, rate: float, burst: int | None = None, clock=time.monotonic, sleep=time.sleep):
+        self.rate = float(rate)
+        self.burst = float(burst if burst is not None else max(64 << 10, int(rate / 20)))
+        self.clock, self.sleep = clock, sleep
+        self.tokens, self.at = self.burst, clock()
+
+    def take(self, n: int, check=None) -> None:
+        while True:
+            now = self.clock()
+            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
+            self.at = now
+            if self.tokens >= min(n, self.burst):
+                self.tokens -= n          # may go negative: a piece larger than the burst
+                return
+            if check is not None:
+                check()
+            self.sleep(min(0.05, (min(n, self.burst) - self.tokens) / self.rate))
+
+
+class VcpuThrottle:
+    """Duty-cycles a domain's vCPU from a thread of the saver: every ``period`` seconds it
+    pauses the domain for ``percent`` of the period (QEMU's auto-converge, done from
+    outside the guest). ``stop()`` ends the thread and leaves the domain running; it is
+    always called (also on errors). A pause or resume that fails ends the throttle and is
+    kept in ``error``."""
+
+    def __init__(self, domain, period: float = 0.05):
+        self.domain, self.period = domain, period
+        self.percent = 0
+        self.error: Exception | None = None
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def set_percent(self, percent: int) -> None:
+        self.percent = max(0, min(99, int(percent)))
+        if self.percent and self._thread is None and self.error is None:
+            self._thread = threading.Thread(target=self._loop, name="vcpu-throttle", daemon=True)
+            self._thread.start()
+
+    def _loop(self) -> None:
+        while not self._stop.is_set():
+            held = self.period * self.percent / 100
+            if held <= 0:
+                self._stop.wait(self.period)
+                continue
+            try:
+                self.domain.pause()
+                self._stop.wait(held)
+                self.domain.resume()
+            except Exception as exc:     # the domain failed; the saver sees it in its own calls
+                self.error = exc
+                return
+            self._stop.wait(self.period - held)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(10)
+            self._thread = None
+        self.percent = 0
