@@ -4,6 +4,13 @@ time, downtime and its parts, bytes and rounds per relocation, then medians.
 
     .venv/bin/python tools/bench_relocation.py --workload idle --memory 64 --runs 5
     .venv/bin/python tools/bench_relocation.py --workload ledger --memory 256 --runs 5 --json
+    .venv/bin/python tools/bench_relocation.py --workload ledger --memory 32 --runs 50 --check
+    .venv/bin/python tools/bench_relocation.py --workload dirtier --arg 67108864 --arg 20000000
+
+Bytes are compared with the guest memory actually touched: the allocated size of the
+source domain process's memfds (guest RAM and the stub's), st_blocks * 512, taken just
+before each move. ``--check`` (ledger): after each move, waits for a new self-check line on
+the destination and verifies its sum against ledger_sum (ping-pong).
 """
 from __future__ import annotations
 
@@ -22,6 +29,51 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from migrate.domain import DomainConfig  # noqa: E402
 from migrate.host import control, relocd, tls  # noqa: E402
 from migrate.host.relocate import migrate_domain  # noqa: E402
+from migrate.guest import check  # noqa: E402
+
+def touched_bytes(name: str, base: Path) -> int:
+    """Allocated bytes of the domain process's memfds (guest RAM and stub RAM)."""
+    pid = int((base / name / "pid").read_text())
+    blocks = {}                   # by inode: a memfd may be open at several fds
+    for fd in os.listdir(f"/proc/{pid}/fd"):
+        path = f"/proc/{pid}/fd/{fd}"
+        try:
+            if os.readlink(path).startswith("/memfd:"):
+                st = os.stat(path)
+                blocks[st.st_ino] = st.st_blocks * 512
+        except OSError:
+            continue
+    return sum(blocks.values())
+
+
+def console_text(name: str, base: Path) -> str:
+    out, offset = b"", 0
+    with control.DomainClient(name, base) as c:
+        while True:
+            reply = c.call("console", offset=offset)
+            out += reply["data"]
+            offset = reply["next"]
+            if not reply["data"]:
+                return out.decode(errors="replace")
+
+
+def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, timeout=20.0) -> int:
+    """Wait for a self-check line past ``after_gen`` on this host; verify every sum there."""
+    import re
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = console_text(name, base)
+        lines = re.findall(r"^ledger ok gen=(\d+) sum=([0-9a-f]{16}) ", text, re.MULTILINE)
+        if "CORRUPT" in text:
+            raise SystemExit(f"ledger CORRUPT on {base}:\n{text[-1000:]}")
+        for gen, total in lines:
+            if int(total, 16) != check.ledger_sum(seed, int(gen), npages):
+                raise SystemExit(f"ledger sum wrong at gen {gen} on {base}")
+        if lines and int(lines[-1][0]) > after_gen:
+            return int(lines[-1][0])
+        time.sleep(0.05)
+    raise SystemExit(f"no new ledger line on {base} within {timeout}s")
+
 
 KEYS = ("seconds", "setup", "downtime", "downtime_final", "downtime_restore", "downtime_resume")
 
@@ -34,6 +86,7 @@ def main() -> int:
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--offline", action="store_true")
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to run before each move")
+    ap.add_argument("--check", action="store_true", help="ledger: verify a self-check after each move")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
     with tempfile.TemporaryDirectory(prefix="hvm-bench-reloc-") as tmp:
@@ -50,20 +103,39 @@ def main() -> int:
         control.create_domain(DomainConfig("bench", opts.workload, opts.memory << 20, args=args),
                               bases[0])
         results = []
+        npages = gen = 0
+        if opts.check:
+            import re
+            deadline = time.monotonic() + 10
+            while not (m := re.search(r"^ledger start seed=\d+ pages=(\d+)", console_text("bench", bases[0]), re.M)):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the ledger did not start")
+                time.sleep(0.05)
+            npages = int(m.group(1))
         try:
             for run in range(opts.runs):
                 here, there = run % 2, 1 - run % 2
                 time.sleep(opts.settle)
+                touched = touched_bytes("bench", bases[here])
                 reply = migrate_domain("bench", f"127.0.0.1:{servers[there].address[1]}",
                                        live=not opts.offline, tls_dir=tls_dir, base=bases[here])
                 control.wait_gone("bench", bases[here])
                 s = reply["stats"]
+                s["touched"] = touched
+                last = s["rounds_detail"][-1] if s.get("rounds_detail") else {"pages": 0, "bytes": 0}
+                s["final_pages"], s["final_bytes"] = last["pages"], last["bytes"]
+                if opts.check:
+                    gen = ledger_check("bench", bases[there], opts.arg[0] if opts.arg else 0, npages, gen)
+                    s["checked_gen"] = gen
                 results.append(s)
                 if not opts.json:
                     print(f"run {run}: total {s['seconds'] * 1e3:.1f} ms, downtime {s['downtime'] * 1e3:.2f} ms "
-                          f"(final {s['downtime_final'] * 1e3:.2f} + restore {s['downtime_restore'] * 1e3:.2f}"
+                          f"(final {s['downtime_final'] * 1e3:.2f} [{last['pages']} pages, "
+                          f"{last['bytes'] / 1e3:.0f} kB] + restore {s['downtime_restore'] * 1e3:.2f}"
                           f" + resume {s['downtime_resume'] * 1e3:.2f}), setup {s['setup'] * 1e3:.1f} ms, "
-                          f"{s['bytes'] / 1e6:.2f} MB, {s['rounds']} rounds")
+                          f"{s['bytes'] / 1e6:.2f} MB for {touched / 1e6:.2f} MB touched "
+                          f"({s['bytes'] / touched:.3f}x), {s['rounds']} rounds"
+                          + (f", ledger ok gen={gen}" if opts.check else ""), flush=True)
         finally:
             for base in bases:
                 for info in control.list_domains(base):
@@ -72,7 +144,8 @@ def main() -> int:
             for server in servers:
                 server.stop()
     med = {k: statistics.median(r[k] for r in results) for k in KEYS}
-    med["bytes"] = statistics.median(r["bytes"] for r in results)
+    for key in ("bytes", "touched", "final_pages", "final_bytes"):
+        med[key] = statistics.median(r[key] for r in results)
     if opts.json:
         print(json.dumps({"workload": opts.workload, "memory_mib": opts.memory, "runs": results,
                           "median": med}))
@@ -80,7 +153,10 @@ def main() -> int:
         print(f"median of {len(results)}: total {med['seconds'] * 1e3:.1f} ms, downtime "
               f"{med['downtime'] * 1e3:.2f} ms (final {med['downtime_final'] * 1e3:.2f} + restore "
               f"{med['downtime_restore'] * 1e3:.2f} + resume {med['downtime_resume'] * 1e3:.2f}), "
-              f"{med['bytes'] / 1e6:.2f} MB")
+              f"{med['bytes'] / 1e6:.2f} MB on the wire for {med['touched'] / 1e6:.2f} MB touched "
+              f"({med['bytes'] / med['touched']:.3f}x); final round {med['final_pages']:.0f} pages; "
+              f"downtime max {max(r['downtime'] for r in results) * 1e3:.2f} ms"
+              + (f"; every ledger self-check ok ({len(results)} moves)" if opts.check else ""))
     return 0
 
 
