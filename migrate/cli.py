@@ -343,7 +343,7 @@ class _ProgressLine:
         if not self.enabled:
             return
         total = s["guest_bytes"] // 4096
-        done = s["pages_total"]
+        done = s["pages_total"] + s.get("pages_holes", 0)
         pct = min(100, 100 * done // total) if total else 100
         bar = "#" * (pct // 4) + "-" * (25 - pct // 4)
         click.echo(f"\r[{bar}] {s['phase']:<7} round {s['round']} {done} pages "

@@ -5,8 +5,7 @@ Three calls, each one pass over a batch, none holding the GIL (cffi releases it)
 
 - ``hvm_gather_pages``: the save side. For each pfn, test the page for zeroes, write its
   16-byte entry (pfn, type, reserved 0; little-endian) and copy a non-zero page into one
-  data buffer (``data`` NULL: test and count only; ``mem`` NULL: every page is known to be
-  zero, nothing is read). Returns the number of data pages, or
+  data buffer (``data`` NULL: test and count only). Returns the number of data pages, or
   -1 - i when pfn i is out of range (nothing is read from guest memory for it).
 - ``hvm_check_entries``: the reader side. Checks a batch's entries in stream order
   (type, reserved field, duplicate pfn) and reports the first bad entry, the number of
@@ -89,7 +88,7 @@ int64_t hvm_gather_pages(const uint8_t *mem, uint64_t mem_pages, const uint64_t 
             return -1 - (int64_t)i;
     for (uint32_t i = 0; i < count; i++) {
         uint8_t *e = entries + 16 * (uint64_t)i;
-        int zero = !mem || page_is_zero(mem + pfns[i] * PAGE);   /* NULL: known zero */
+        int zero = page_is_zero(mem + pfns[i] * PAGE);
         put64(e, pfns[i]);
         put64(e + 8, zero ? T_ZERO : data_type);
         if (!zero) {

@@ -71,7 +71,7 @@ def _pfn_array(pfns: Sequence[int]) -> array:
 
 
 def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
-                 stable: bool = False, known_zero: bool = False) -> EncodedBatch:
+                 stable: bool = False) -> EncodedBatch:
     """One PAGE_DATA (``level`` None) or PAGE_DATA_ZSTD body for ``pfns`` (ascending,
     1..MAX_PAGES_PER_BATCH of them, each a page of ``mem``); byte-identical to
     ``stream.pages.encode_batch`` for the same pages and level.
@@ -79,8 +79,7 @@ def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | N
     ``stable``: ``mem`` cannot change meanwhile (the domain is paused). Then a run of
     consecutive non-zero pages is compressed straight from guest memory, without the
     gather copy; a running guest's pages are always copied first, so the compressor
-    never reads memory that changes under it. ``known_zero``: the pages are holes of the
-    memory file (never written), sent as ZERO entries without reading them."""
+    never reads memory that changes under it."""
     count = len(pfns)
     if not 1 <= count <= MAX_PAGES_PER_BATCH:
         raise ValueError(f"a batch holds 1..{MAX_PAGES_PER_BATCH} pages, got {count}")
@@ -92,8 +91,7 @@ def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | N
     gather = _gather_buffer()
 
     def run(copy: bool) -> int:
-        n = lib.hvm_gather_pages(ffi.NULL if known_zero else ffi.from_buffer("uint8_t[]", mem),
-                                 len(mem) // PAGE_SIZE,
+        n = lib.hvm_gather_pages(ffi.from_buffer("uint8_t[]", mem), len(mem) // PAGE_SIZE,
                                  ffi.from_buffer("uint64_t[]", pfn_array), count, data_type,
                                  ffi.from_buffer("uint8_t[]", head, require_writable=True) + BATCH_HEADER.size,
                                  ffi.from_buffer("uint8_t[]", gather, require_writable=True) if copy
@@ -138,11 +136,10 @@ class BatchPipeline:
         self._pending: deque = deque()
 
     def submit(self, space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
-               stable: bool = False, known_zero: bool = False) -> None:
+               stable: bool = False) -> None:
         while len(self._pending) >= self.depth:
             self.emit(self._pending.popleft().result())
-        self._pending.append(self._pool.submit(encode_pages, space, mem, pfns, level, stable,
-                                               known_zero))
+        self._pending.append(self._pool.submit(encode_pages, space, mem, pfns, level, stable))
 
     def drain(self) -> None:
         while self._pending:

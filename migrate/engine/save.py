@@ -89,6 +89,7 @@ class SaveStats:
     pages_total: int = 0            # page entries written, resends included
     pages_sent: int = 0             # entries carrying data
     pages_zero: int = 0             # ZERO entries
+    pages_holes: int = 0            # never-written pages, not sent (restore memory starts zeroed)
     pages_round: int = 0            # pages queued in the current round
     stream_bytes: int = 0
     seconds: float = 0.0
@@ -173,17 +174,16 @@ class _Saver:
     # -- pages --------------------------------------------------------------------
     def send_round(self, pfns_by_space: dict, paused: bool = False, holes: dict | None = None) -> None:
         """``paused``: memory cannot change meanwhile, so batches may be compressed
-        straight from it (encode_pages' ``stable``). ``holes``: per space, pages known
-        to be zero (never written), sent as ZERO entries without being read."""
+        straight from it (encode_pages' ``stable``). ``holes``: per space, pages never
+        written (holes of the memory file): not sent at all, since a restore starts from
+        zeroed memory; only counted."""
         holes = holes or {}
+        self.stats.pages_holes += sum(len(p) for p in holes.values())
         self.stats.round = self.stats.rounds
         self.stats.throttle_history.append(self.throttle.percent)
         self.stats.round_starts.append((time.monotonic() - self.t0, self.stats.stream_bytes))
-        self.stats.pages_round = sum(len(p) for p in pfns_by_space.values()) + \
-            sum(len(p) for p in holes.values())
+        self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
         for space, (mem, pfns) in pfns_by_space.items():
-            for part in chunks(holes.get(space, ())):
-                self.pipeline.submit(space, mem, part, self.level, known_zero=True)
             for part in chunks(pfns):
                 self.pipeline.submit(space, mem, part, self.level, stable=paused)
                 self.report()

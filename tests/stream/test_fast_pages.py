@@ -164,10 +164,3 @@ def test_scatter_rejects_oversized_count() -> None:
     assert lib.hvm_scatter_pages(ffi.from_buffer("uint8_t[]", mem), 1, ffi.from_buffer("uint8_t[]", written),
                                  entries, 1025, PageType.NORMAL, ffi.NULL, 0, bad) == -lib.HVM_BAD_COUNT
 
-
-def test_known_zero_pages_become_zero_entries(memory) -> None:
-    batch = encode_pages(Vm.GUEST, memory, [1, 2, 3], 1, known_zero=True)
-    want = encode_batch(Vm.GUEST, [(p, bytes(PAGE_SIZE)) for p in (1, 2, 3)], True, 1)
-    assert batch.body == want and batch.zero == 3
-    with pytest.raises(ValueError, match="outside memory"):
-        encode_pages(Vm.GUEST, memory, [PAGES], 1, known_zero=True)
