@@ -638,7 +638,7 @@ def migrate(name, target, offline, tls_dir, insecure, stats_out, downtime_ms, ma
         reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir,
                                insecure=insecure, progress=bar, downtime_ms=downtime_ms,
                                max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None,
-                               timeout=timeout, on_timeout=on_timeout, throttle=throttle,
+                               precopy_timeout=timeout, on_timeout=on_timeout, throttle=throttle,
                                compress=parse_compress(compress))
     finally:
         bar.done()

@@ -131,7 +131,7 @@ class Pacer:
                 return
             if check is not None:
                 check()
-            self.sleep(min(0.05, (min(n, self.burst) - self.tokens) / self.rate))
+            self.sleep(min(0.05, max(0.001, (min(n, self.burst) - self.tokens) / self.rate)))
 
 
 class VcpuThrottle:

@@ -47,7 +47,7 @@ def parse_target(text: str) -> tuple[str, int]:
 CONVERGENCE_KEYS = {
     "downtime_ms": ((int, float), lambda v: v >= 0),
     "max_bandwidth": ((int, float), lambda v: v > 0),       # bytes per second
-    "timeout": ((int, float), lambda v: v > 0),              # seconds
+    "precopy_timeout": ((int, float), lambda v: v > 0),      # seconds (--timeout)
     "on_timeout": (str, lambda v: v in ("cancel", "force")),
     "throttle": (bool, lambda v: True),
     "compress": ((int, type(None)), lambda v: v is None or -7 <= v <= 22),
@@ -57,7 +57,7 @@ CONVERGENCE_KEYS = {
 class MigrateJob:
     """A ``migrate`` request: ``host``, ``port``, ``live`` (bool), ``tls_dir`` (absolute
     path) or ``insecure`` true; optionally the CONVERGENCE_KEYS (``downtime_ms``,
-    ``max_bandwidth`` bytes/s, ``timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
+    ``max_bandwidth`` bytes/s, ``precopy_timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
 
     def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool,
                  convergence: Convergence | None = None, compress: int | None = 1):
@@ -85,7 +85,7 @@ class MigrateJob:
                 raise ValueError(f"migrate: bad {key} {value!r}")
             opts[key] = value
         conv = Convergence(downtime=opts.get("downtime_ms", 300) / 1000,
-                           max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("timeout"),
+                           max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("precopy_timeout"),
                            on_timeout=opts.get("on_timeout", "cancel"), throttle=opts.get("throttle", False))
         return cls(host, port, live, tls_dir, insecure, conv, opts.get("compress", 1))
 

@@ -1,0 +1,166 @@
+"""Convergence of live pre-copy (specs/relocation.md, "Convergence"): the pure decision
+over round statistics, the token bucket, and `hvm migrate` with a dirtier that outruns a
+paced link: --timeout with cancel (the guest stays on the source, nothing on the
+destination), with force (it completes), and --throttle (it converges)."""
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from migrate.cli import hvm
+from migrate.domain import DomainConfig
+from migrate.engine.convergence import Convergence, Pacer, Round, decide, estimate_final
+from migrate.host import control
+from test_relocation import console, hosts, pki, wait_console  # noqa: F401 (fixtures)
+
+# 1000 pages took 0.5 s: 0.5 ms a page
+ROUND = Round(pages=1000, bytes=4 << 20, seconds=0.5)
+
+
+def test_estimate_is_pages_at_the_last_rounds_rate_plus_state():
+    assert estimate_final(400, ROUND, 0.005) == pytest.approx(0.205)
+    assert estimate_final(400, Round(0, 0, 0.0), 0.005) == 0.005
+
+
+def test_decide_switches_on_small_sets_and_the_downtime_target():
+    conv = Convergence()
+    d = decide(conv, [200], ROUND, 1.0, 0)
+    assert (d.action, d.reason) == ("switch", "small")
+    d = decide(conv, [590], ROUND, 1.0, 0)                 # 295 ms + 5 ms: at the target
+    assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.3)
+    d = decide(conv, [1000, 700], ROUND, 1.0, 0)           # 355 ms, shrinking: another round
+    assert (d.action, d.reason, d.throttle) == ("continue", None, 0)
+    assert decide(Convergence(downtime=0.4), [1000, 700], ROUND, 1.0, 0).reason == "downtime-target"
+
+
+def test_decide_stalled_without_timeout_or_throttle_switches():
+    conv = Convergence()
+    assert decide(conv, [1000, 950], ROUND, 1.0, 0).reason == "stalled"     # not below 0.9x
+    assert decide(conv, [1000], ROUND, 1.0, 0).action == "continue"         # nothing to compare
+    shrinking = [5000 - 100 * i for i in range(30)]        # 30 rounds, each a little smaller
+    assert decide(Convergence(min_shrink=1.0), shrinking, ROUND, 1.0, 0).reason == "max-rounds"
+
+
+def test_decide_timeout_cancel_or_force():
+    conv = Convergence(timeout=3)
+    d = decide(conv, [1000, 1000], ROUND, 2.9, 0)          # stalled, but the timeout decides
+    assert (d.action, d.reason) == ("continue", None)
+    assert decide(conv, [1000, 1000], ROUND, 30, 0).reason == "timeout-cancel"
+    assert decide(conv, [1000, 1000], ROUND, 3.0, 0).action == "cancel"
+    d = decide(Convergence(timeout=3, on_timeout="force"), [1000, 1000], ROUND, 3.0, 0)
+    assert (d.action, d.reason) == ("switch", "timeout-force")
+    # the downtime target still wins before the timeout does
+    assert decide(conv, [1000, 100], ROUND, 99, 0).reason == "small"
+    # a timeout lifts the round cap
+    assert decide(Convergence(timeout=3, min_shrink=1.0), [9000 - i for i in range(40)], ROUND, 1, 0).action == "continue"
+    with pytest.raises(ValueError):
+        Convergence(on_timeout="later")
+
+
+def test_decide_throttle_ramps_from_the_second_stalled_round():
+    conv = Convergence(throttle=True)
+    d = decide(conv, [1000, 1000], ROUND, 1, 0)            # one stalled round: wait
+    assert (d.action, d.throttle) == ("continue", 0)
+    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 0)      # two: start at 20%
+    assert (d.action, d.throttle) == ("continue", 20)
+    steps, pct = [], 20
+    while pct < 99:
+        pct = decide(conv, [1000, 1000, 1000], ROUND, 1, pct).throttle
+        steps.append(pct)
+    assert steps == [30, 40, 50, 60, 70, 80, 90, 99]
+    assert decide(conv, [1000, 1000, 800], ROUND, 1, 40).throttle == 40   # shrinking: keep it
+    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 99)     # nothing left to raise
+    assert (d.action, d.reason) == ("switch", "stalled")
+    d = decide(Convergence(throttle=True, timeout=5), [1000, 1000, 1000], ROUND, 1, 99)
+    assert (d.action, d.throttle) == ("continue", 99)     # the timeout will decide
+
+
+def test_pacer_holds_the_rate():
+    now, slept = [0.0], []
+
+    def sleep(s):
+        slept.append(s)
+        now[0] += s
+
+    pacer = Pacer(1e6, burst=100_000, clock=lambda: now[0], sleep=sleep)
+    for _ in range(50):
+        pacer.take(40_000)
+    # 2 MB at 1 MB/s less the 100 kB burst
+    assert now[0] == pytest.approx(1.9, abs=0.01)
+    pacer.take(1 << 20)                    # a piece larger than the burst still goes
+    checks = []
+    with pytest.raises(RuntimeError):
+        pacer.take(10, check=lambda: checks.append(1) or (_ for _ in ()).throw(RuntimeError("stop")))
+    assert checks
+
+
+# -- hvm migrate with a dirtier that outruns a 20 MB/s link ------------------------------
+
+def start_dirtier(name, memory_mib, ws_mib, rate_mib):
+    control.create_domain(DomainConfig(name, "dirtier", memory_mib << 20, args=[ws_mib << 20, rate_mib << 20]))
+
+
+def migrate(name, port, pki, *extra):
+    return CliRunner().invoke(hvm, ["migrate", name, f"127.0.0.1:{port}", "--tls-dir", str(pki / "ca" / "src"),
+                                    "--max-bandwidth", "20", "--compress", "none", "--json", *extra])
+
+
+def wait_empty(base, timeout=10.0):
+    import time
+    deadline = time.monotonic() + timeout
+    while control.list_domains(base) or (base.exists() and any(base.iterdir())):
+        assert time.monotonic() < deadline, list(base.iterdir())
+        time.sleep(0.1)
+
+
+@pytest.mark.kvm
+def test_timeout_cancel_keeps_the_guest_on_the_source(hosts, pki):
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    start_dirtier("d1", 48, 32, 40)
+    wait_console("d1", src, r"^dirtier writes=")
+    res = migrate("d1", b.address[1], pki, "--timeout", "3", "--on-timeout", "cancel")
+    assert res.exit_code == 1, res.output
+    assert "cancelled: pre-copy did not converge within 3 s" in res.output
+    assert "d1 keeps running here" in res.output
+    [info] = control.list_domains(src)
+    assert info["status"] == "running"
+    after = len(console("d1", src))
+    wait_console("d1", src, r"^dirtier writes=", after=after)      # and it still runs
+    wait_empty(dst)
+
+
+@pytest.mark.kvm
+def test_timeout_force_completes(hosts, pki):
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    start_dirtier("d2", 48, 32, 40)
+    wait_console("d2", src, r"^dirtier writes=")
+    res = migrate("d2", b.address[1], pki, "--timeout", "3", "--on-timeout", "force")
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)["stats"]
+    assert stats["reason"] == "timeout-force" and stats["save"]["reason"] == "timeout-force"
+    assert stats["downtime_estimate"] > 0.3 and stats["downtime"] > 0.3   # the price of forcing
+    assert control.list_domains(src) == []
+    [info] = control.list_domains(dst)
+    assert info["name"] == "d2" and info["status"] == "running"
+    wait_console("d2", dst, r"^dirtier writes=")
+
+
+@pytest.mark.kvm
+def test_throttle_converges(hosts, pki):
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    start_dirtier("d3", 16, 8, 40)        # 8 MiB at 40 MB/s: a round of it takes 0.4 s at 20 MB/s
+    wait_console("d3", src, r"^dirtier writes=")
+    res = migrate("d3", b.address[1], pki, "--throttle")
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)["stats"]
+    assert stats["reason"] in ("downtime-target", "small") and stats["throttle"] >= 20
+    per_round = [r["throttle"] for r in stats["rounds_detail"]]
+    assert per_round[0] == 0 and max(per_round) == stats["throttle"] and per_round[-1] == 0   # released
+    assert stats["save"]["throttle_history"] == per_round
+    assert control.list_domains(src) == []
+    [info] = control.list_domains(dst)
+    assert info["status"] == "running"
+    wait_console("d3", dst, r"^dirtier writes=")
