@@ -203,7 +203,8 @@ class _SyncBeforePause:
 def _rounds(stats, start: float, end: float) -> list[dict]:
     """Per page round: pages, bytes, seconds, bandwidth (bytes/s), dirty rate (pages dirtied
     per second during the round before), throttle percent in force and, for pre-copy rounds
-    after round 0, the final-round estimate made before it. Round 0 includes the stream head;
+    after round 0, the final-round estimate made before it. Round 0 includes the stream head,
+    and its ``holes`` are the never-written pages it did not need to send;
     the last round runs to STREAM_END and includes the state records."""
     marks = [(start + at, nbytes) for at, nbytes in stats.round_starts]
     if marks:
@@ -215,7 +216,8 @@ def _rounds(stats, start: float, end: float) -> list[dict]:
         seconds = bounds[i + 1][0] - bounds[i][0]
         nbytes = bounds[i + 1][1] - bounds[i][1]
         before = out[-1]["seconds"] if out else 0.0
-        out.append({"round": i, "pages": count, "bytes": nbytes, "seconds": seconds,
+        out.append({"round": i, "pages": count, "holes": stats.pages_holes if i == 0 else 0,
+                    "bytes": nbytes, "seconds": seconds,
                     "bandwidth": nbytes / seconds if seconds > 0 else 0.0,
                     "dirty_rate": count / before if before > 0 else 0.0,
                     "throttle": stats.throttle_history[i] if i < len(stats.throttle_history) else 0,
