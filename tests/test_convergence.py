@@ -9,7 +9,7 @@ from click.testing import CliRunner
 
 from migrate.cli import hvm
 from migrate.domain import DomainConfig
-from migrate.engine.convergence import Convergence, Pacer, Round, decide, estimate_final
+from migrate.engine.convergence import Convergence, Pacer, Round, VcpuThrottle, decide, estimate_final
 from migrate.host import control
 from test_relocation import console, hosts, pki, wait_console  # noqa: F401 (fixtures)
 
@@ -92,6 +92,47 @@ def test_pacer_holds_the_rate():
     with pytest.raises(RuntimeError):
         pacer.take(10, check=lambda: checks.append(1) or (_ for _ in ()).throw(RuntimeError("stop")))
     assert checks
+
+
+class FakeDomain:
+    def __init__(self):
+        self.status, self.calls = "running", []
+
+    def pause(self):
+        self.calls.append("pause")
+        self.status = "paused"
+
+    def resume(self):
+        self.calls.append("resume")
+        self.status = "running"
+
+
+def test_throttle_duty_cycles_and_always_releases():
+    import time
+    dom = FakeDomain()
+    throttle = VcpuThrottle(dom, period=0.02)
+    throttle.set_percent(0)
+    assert throttle._thread is None                       # nothing to do at 0 %
+    throttle.set_percent(90)
+    time.sleep(0.1)
+    throttle.stop()                                       # most likely while holding it paused
+    assert dom.calls.count("pause") >= 3 and dom.calls[-1] == "resume" and dom.status == "running"
+    assert throttle.percent == 0
+
+
+def test_migrate_request_keys_are_checked():
+    from migrate.host.relocate import MigrateJob
+    base = {"host": "h", "port": 1, "insecure": True}
+    job = MigrateJob.from_request({**base, "downtime_ms": 50, "max_bandwidth": 2e7, "precopy_timeout": 3,
+                                   "on_timeout": "force", "throttle": True, "compress": None})
+    c = job.convergence
+    assert (c.downtime, c.max_bandwidth, c.timeout, c.on_timeout, c.throttle, job.compress) == \
+        (0.05, 2e7, 3, "force", True, None)
+    assert MigrateJob.from_request(base).convergence == Convergence() and MigrateJob.from_request(base).compress == 1
+    for bad in ({"on_timeout": "later"}, {"throttle": 1}, {"max_bandwidth": 0}, {"precopy_timeout": True},
+                {"compress": 99}, {"downtime_ms": "300"}):
+        with pytest.raises(ValueError, match="migrate: bad"):
+            MigrateJob.from_request({**base, **bad})
 
 
 # -- hvm migrate with a dirtier that outruns a 20 MB/s link ------------------------------
