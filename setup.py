@@ -33,6 +33,6 @@ class BuildExtWithGuests(build_ext):
 setup(
     cffi_modules=["migrate/kvm/_build.py:ffibuilder",
                   "migrate/guest/_build_check.py:ffibuilder",
-                  "migrate/engine/_build_fast.py:ffibuilder"],
+                  "migrate/stream/_build_pages.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtWithGuests},
 )

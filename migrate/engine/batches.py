@@ -2,7 +2,7 @@
 
 The hot path of a save: gather the pages of up to MAX_PAGES_PER_BATCH pfns, find the
 all-zero ones (sent as ZERO entries, never as data), and zstd-compress the rest as one
-frame (spec "PAGE_DATA_ZSTD"). One C call (``_fast.hvm_gather_pages``) tests each page
+frame (spec "PAGE_DATA_ZSTD"). One C call (``migrate.stream._pages.hvm_gather_pages``) tests each page
 for zeroes, writes the entries and copies the non-zero pages into a buffer that each
 encoding thread reuses; zstd then reads that buffer, and the record's CRC-32 is computed
 on the same thread. The C call, zstd and CRC-32 release the GIL, so a small thread pool
@@ -26,7 +26,7 @@ import zstandard
 from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, PageType, RecordType, Vm
 from ..stream.framing import parts_crc
 from ..stream.pages import BATCH_HEADER
-from ._fast import ffi, lib
+from ..stream._pages import ffi, lib
 
 DEFAULT_LEVEL = 1
 _LOCAL = threading.local()

@@ -4,7 +4,7 @@
 The domain is created when DOMAIN_CONFIG and the guest's MEMORY_LAYOUT have arrived and
 agree; pages are written into its RAM as their batches arrive (the last copy of a page
 wins): the reader hands each batch over as a RawPageBatch and one C call
-(``_fast.hvm_scatter_pages``, which checks every entry again before writing anything)
+(``migrate.stream._pages.hvm_scatter_pages``, which checks every entry again before writing anything)
 copies its data pages into place; HVM context records are collected and applied only after END has been read and
 validated (counts and digest). Any error destroys whatever was built and propagates:
 StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
@@ -31,7 +31,7 @@ from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, stub_build_id
-from ._fast import ffi, lib
+from ..stream._pages import ffi, lib
 from .state import RestoreError, StateCollector, config_from_record, stub_build_of
 
 

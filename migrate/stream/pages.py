@@ -10,7 +10,7 @@ tests and the fuzzer); :class:`RawPageBatch` (``StreamReader(raw_pages=True)``) 
 batch as the stream has it, the checked entry table and one buffer of decompressed data,
 with no per-page Python objects, for the restore engine to scatter in one C call. Both
 pass the same checks with the same errors; the entry checks of the raw form run in C
-(``migrate.engine._fast.hvm_check_entries``).
+(``migrate.stream._pages.hvm_check_entries``).
 """
 
 from __future__ import annotations
@@ -22,6 +22,7 @@ from typing import Iterable
 
 import zstandard
 
+from migrate.stream._pages import ffi, lib
 from migrate.stream.errors import StreamError
 from migrate.stream.records import MAX_PAGES_PER_BATCH, PAGE_SIZE, RecordType, Vm, vm_of
 
@@ -83,8 +84,8 @@ def encode_batch(space: int, pages: Iterable[tuple[int, bytes]], compressed: boo
     return BATCH_HEADER.pack(space, len(entries)) + b"".join(entries) + payload
 
 
-def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
-    what = record_type.name
+def _batch_header(what: str, body: bytes) -> tuple[int, int, int]:
+    """(space, count, offset of the data) of a batch body, its sizes checked."""
     if len(body) < BATCH_HEADER.size:
         raise StreamError(f"{what} body is {len(body)} bytes, shorter than its header")
     space, count = BATCH_HEADER.unpack_from(body)
@@ -93,6 +94,12 @@ def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
     data_start = BATCH_HEADER.size + count * PAGE_ENTRY.size
     if len(body) < data_start:
         raise StreamError(f"{what} body is {len(body)} bytes, {count} entries need {data_start}")
+    return space, count, data_start
+
+
+def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
+    what = record_type.name
+    space, count, data_start = _batch_header(what, body)
     entries = list(PAGE_ENTRY.iter_unpack(body[BATCH_HEADER.size:data_start]))
     data_type = _DATA_TYPE[record_type]
     seen: set[int] = set()
@@ -155,17 +162,9 @@ class RawPageBatch:
 
 def decode_raw_batch(record_type: RecordType, body: bytes) -> RawPageBatch:
     """:func:`decode_batch` without splitting the pages: same checks, same errors."""
-    from migrate.engine._fast import ffi, lib     # noqa: PLC0415 - C helper, built by setup.py
 
     what = record_type.name
-    if len(body) < BATCH_HEADER.size:
-        raise StreamError(f"{what} body is {len(body)} bytes, shorter than its header")
-    space, count = BATCH_HEADER.unpack_from(body)
-    if not 1 <= count <= MAX_PAGES_PER_BATCH:
-        raise StreamError(f"{what} count {count} outside 1..{MAX_PAGES_PER_BATCH}")
-    data_start = BATCH_HEADER.size + count * PAGE_ENTRY.size
-    if len(body) < data_start:
-        raise StreamError(f"{what} body is {len(body)} bytes, {count} entries need {data_start}")
+    space, count, data_start = _batch_header(what, body)
     view = memoryview(body)
     entries = view[BATCH_HEADER.size:data_start]
     data_type = _DATA_TYPE[record_type]

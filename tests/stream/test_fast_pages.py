@@ -1,4 +1,4 @@
-"""The C page helpers (migrate.engine._fast) and the reader's raw page batches: the
+"""The C page helpers (migrate.stream._pages) and the reader's raw page batches: the
 same bytes as the Python encoder, the same errors as the Python decoder, and hostile
 batches rejected before anything is written to guest memory."""
 
@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate.engine._fast import ffi, lib
+from migrate.stream._pages import ffi, lib
 from migrate.engine.batches import encode_pages
 from migrate.stream import PAGE_SIZE, PageBatch, PageType, RecordType, StreamError, StreamReader, Vm
 from migrate.stream.pages import (

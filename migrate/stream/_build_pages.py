@@ -1,4 +1,4 @@
-"""cffi build of migrate.engine._fast: the page loops of save and restore in C
+"""cffi build of migrate.stream._pages: the page loops of save and restore in C
 (specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD").
 
 Three calls, each one pass over a batch, none holding the GIL (cffi releases it):
@@ -32,7 +32,7 @@ int64_t hvm_scatter_pages(uint8_t *mem, uint64_t mem_pages, uint8_t *written,
                           const uint8_t *entries, uint32_t count, uint32_t data_type,
                           const uint8_t *data, uint64_t data_len, uint32_t *bad);
 """)
-ffibuilder.set_source("migrate.engine._fast", r"""
+ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
 #include <string.h>
 
