@@ -555,8 +555,11 @@ def keygen(directory, hosts):
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
 @click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST",
               help="Accept a domain whose disk is SRC on the source, using DST here (repeatable).")
+@click.option("--max-memory", metavar="SIZE",
+              help="Guest memory all domains on this host may hold together (e.g. 16G); "
+                   "a relocation that would exceed it is refused at HELLO.")
 @_fail_cleanly
-def serve(listen, tls_dir, insecure, disk_map):
+def serve(listen, tls_dir, insecure, disk_map, max_memory):
     """Accept incoming relocations and run each as a local domain (runs until stopped).
 
     \b
@@ -573,7 +576,8 @@ def serve(listen, tls_dir, insecure, disk_map):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = relocd.RelocationServer(relocd.ServeConfig(
-            addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map)))
+            addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map),
+            max_memory=parse_size(max_memory) if max_memory else None))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

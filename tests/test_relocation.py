@@ -266,6 +266,7 @@ def test_destination_killed_during_precopy(hosts, pki, tmp_path):
                                f"127.0.0.1:{port}", "--tls-dir", str(pki / "ca" / "127.0.0.1")],
                               env=env, stderr=subprocess.PIPE, text=True)
     try:
+        assert "WARNING: --insecure" in daemon.stderr.readline()     # it says what it means
         assert "listening on" in daemon.stderr.readline()
         control.create_domain(DomainConfig("k1", "ledger", 192 << 20, args=[5, 0]))
         m, _ = wait_console("k1", src, r"^ledger start seed=5 pages=(\d+) ")
@@ -419,6 +420,7 @@ def test_ledger_with_disk_between_network_namespaces(netns_link, tmp_path, state
                                            str(pki / addr_b), "--disk-map", f"{disk}={disk}"],
                               env={**os.environ, "HVM_STATE_DIR": str(dst)}, stderr=subprocess.PIPE, text=True)
     try:
+        assert "WARNING: --insecure" in daemon.stderr.readline()     # it says what it means
         assert "listening on" in daemon.stderr.readline()
         out = subprocess.run(in_a + py + ["create", "-w", "ledger", "-m", "32M", "-n", "nl", "--arg", "13",
                                           "--disk", str(disk)], capture_output=True, text=True, timeout=60)
@@ -438,3 +440,28 @@ def test_ledger_with_disk_between_network_namespaces(netns_link, tmp_path, state
         destroy_all(state_dir)
         daemon.terminate()
         daemon.wait(10)
+
+
+@pytest.mark.kvm
+def test_serve_max_memory_from_the_command_line(tmp_path, state_dir):
+    """`hvm host serve --max-memory 24M` (a real daemon process) refuses a 32 MiB guest
+    at HELLO; the guest keeps running on the source."""
+    port = free_port()
+    env = {**os.environ, "HVM_STATE_DIR": str(tmp_path / "dst")}
+    daemon = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--insecure",
+                               "--listen", f"127.0.0.1:{port}", "--max-memory", "24M"],
+                              env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        assert "WARNING: --insecure" in daemon.stderr.readline()     # it says what it means
+        assert "listening on" in daemon.stderr.readline()
+        control.create_domain(DomainConfig("big", "idle", 32 << 20))
+        with pytest.raises(control.ControlError, match="no room for domain big"):
+            migrate_domain("big", f"127.0.0.1:{port}", insecure=True)
+        assert [d["status"] for d in control.list_domains(state_dir)] == ["running"]
+    finally:
+        daemon.terminate()
+        daemon.wait(10)
+        destroy_all(state_dir)
+    res = CliRunner().invoke(hvm, ["host", "serve", "--insecure", "--listen", "127.0.0.1:1",
+                                   "--max-memory", "lots"])
+    assert res.exit_code == 2 and "not a size" in res.output
