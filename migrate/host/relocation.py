@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import socket
 import struct
+import time
 
 import msgpack
 
@@ -42,6 +43,8 @@ MESSAGES = {
     "ERROR": {"error": str},
 }
 
+
+ERROR_LINGER = 30.0          # seconds send_error reads on after ERROR (section 2)
 
 class ChannelError(Exception):
     """The peer broke the protocol, closed, or the link failed."""
@@ -134,11 +137,23 @@ class Channel:
             raise ChannelError(f"{kind} message too large")
         self._send(CONTROL, body)
 
-    def send_error(self, text: str) -> None:
-        """Best effort: the link may be what failed."""
+    def send_error(self, text: str, linger: float = ERROR_LINGER) -> None:
+        """Best effort: the link may be what failed. Then half-close and read (and drop)
+        what the peer still sends until it closes, falls silent for a second, or
+        ``linger`` seconds pass: closing with unread input makes the kernel reset the
+        connection, and a reset can destroy our ERROR before the peer reads it (a source
+        still streaming would then see only a broken pipe, not the reason)."""
         try:
             self.send("ERROR", error=" ".join(str(text).split())[:MAX_ERROR_TEXT])
         except ChannelError:
+            return
+        try:
+            self.sock.shutdown(socket.SHUT_WR)
+            self.sock.settimeout(min(linger, 1.0))
+            deadline = time.monotonic() + linger
+            while time.monotonic() < deadline and self.sock.recv(1 << 16):
+                pass
+        except (OSError, ValueError):
             pass
 
     def send_data(self, data) -> None:
