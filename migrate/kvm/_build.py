@@ -17,7 +17,7 @@ typedef long long __s64;
 static const unsigned long KVM_GET_API_VERSION, KVM_CREATE_VM, KVM_CHECK_EXTENSION,
     KVM_GET_VCPU_MMAP_SIZE, KVM_GET_SUPPORTED_CPUID, KVM_GET_MSR_INDEX_LIST,
     KVM_CREATE_VCPU, KVM_SET_USER_MEMORY_REGION, KVM_SET_TSS_ADDR,
-    KVM_SET_IDENTITY_MAP_ADDR, KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE,
+KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE,
     KVM_GET_IRQCHIP, KVM_SET_IRQCHIP, KVM_GET_PIT2, KVM_SET_PIT2,
     KVM_GET_CLOCK, KVM_SET_CLOCK, KVM_GET_DIRTY_LOG,
     KVM_GET_REGS, KVM_SET_REGS, KVM_GET_SREGS, KVM_SET_SREGS,
@@ -120,8 +120,6 @@ struct hvm_runner {
     struct hvm_exit exit;
     uint32_t console_len;
     uint8_t console[4096];
-    uint64_t n_entries;
-    uint64_t n_console;
     uint32_t io_len;
     uint8_t io_data[4096];
     ...;
@@ -135,7 +133,6 @@ int hvm_run(struct hvm_runner *r);
 void hvm_complete_io_in(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 void hvm_complete_mmio_read(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base, uint64_t *out);
-size_t hvm_bitmap_count(const uint64_t *bitmap, size_t nwords);
 """
 
 SOURCE = r"""

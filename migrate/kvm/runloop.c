@@ -49,8 +49,6 @@ struct hvm_runner {
     struct hvm_exit exit;
     uint32_t console_len;
     uint8_t console[4096];
-    uint64_t n_entries;     /* KVM_RUN calls */
-    uint64_t n_console;     /* console bytes seen */
     uint32_t io_len;        /* KVM_EXIT_IO out: all size * count bytes */
     uint8_t io_data[4096];
 };
@@ -157,7 +155,6 @@ int hvm_run(struct hvm_runner *r)
     pthread_mutex_unlock(&r->lock);
 
     for (;;) {
-        r->n_entries++;
         if (ioctl(r->vcpu_fd, KVM_RUN, 0) < 0) {
             if (errno == EINTR || errno == EAGAIN) {
                 if (r->stop) {
@@ -179,7 +176,6 @@ int hvm_run(struct hvm_runner *r)
                     r->console[r->console_len++] = p[i];
                 newline |= p[i] == '\n';
             }
-            r->n_console += n;
             if (newline || r->console_len >= sizeof(r->console) - 256) {
                 ret = HVM_CONSOLE;
                 break;
@@ -231,13 +227,5 @@ size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base,
             word &= word - 1;
         }
     }
-    return n;
-}
-
-size_t hvm_bitmap_count(const uint64_t *bitmap, size_t nwords)
-{
-    size_t n = 0, w;
-    for (w = 0; w < nwords; w++)
-        n += (size_t)__builtin_popcountll(bitmap[w]);
     return n;
 }

@@ -132,10 +132,6 @@ class Vcpu:
         r.console_len = 0
         return data
 
-    @property
-    def entries(self) -> int:
-        return self._runner.n_entries
-
     # -- one method per state ioctl --------------------------------------
     def _get(self, ctype: str, name: str) -> dict:
         arg = ffi.new(ctype + " *")

@@ -85,9 +85,6 @@ class Vm:
     def set_tss_addr(self, addr: int) -> None:
         ioctl(self.fd, "KVM_SET_TSS_ADDR", addr)
 
-    def set_identity_map_addr(self, addr: int) -> None:
-        ioctl(self.fd, "KVM_SET_IDENTITY_MAP_ADDR", ffi.new("uint64_t *", addr))
-
     def create_irqchip(self) -> None:
         ioctl(self.fd, "KVM_CREATE_IRQCHIP")
 
