@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from . import guest
 from .console import Console
 from .guest import boot as gboot
-from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
+from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState, saveable_msrs
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
@@ -114,22 +114,12 @@ class Domain:
         self.ram = vm.add_memory(RAM_SLOT, 0, self.config.memory, name=f"hvm-{self.config.name}")
         self.vcpu = vm.create_vcpu(0)
         self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        self.msr_indices = self._saveable_msrs()
+        self.msr_indices = saveable_msrs(self.vcpu, kvm.get_msr_index_list())
         if self.config.stub:
             try:
                 self.stub = Stub(kvm, vm, self.ram, self.console, self.config.disk, self.config.name)
             except OSError as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
-
-    def _saveable_msrs(self) -> list[int]:
-        saveable = []
-        for index in self._kvm.get_msr_index_list():
-            try:
-                self.vcpu.get_msrs([index])
-            except KvmError:
-                continue
-            saveable.append(index)
-        return saveable
 
     @classmethod
     def boot(cls, config: DomainConfig, console: Console | None = None) -> "Domain":
@@ -157,9 +147,7 @@ class Domain:
             wl_size=self.config.memory - gboot.WORKLOAD_BASE,
             tsc_khz=self.vcpu.get_tsc_khz(), args=self.config.args,
             flags=flags, virtio_base=stub_abi.VIRTIO_BASE)
-        gboot.load_image(self.ram.mem, info, image)
-        self.vcpu.set_sregs(gboot.entry_sregs(self.vcpu.get_sregs()))
-        self.vcpu.set_regs(gboot.entry_regs())
+        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, image)
 
     @classmethod
     def restore(cls, state: DomainState, memory, stub_memory=None, console: Console | None = None,

@@ -119,6 +119,13 @@ def entry_sregs(sregs: dict) -> dict:
     return sregs
 
 
+def boot_vcpu(vcpu, mem, boot_info: BootInfo, image: bytes) -> None:
+    """Load ``image`` into RAM ``mem`` and point ``vcpu`` at its entry in long mode."""
+    load_image(mem, boot_info, image)
+    vcpu.set_sregs(entry_sregs(vcpu.get_sregs()))
+    vcpu.set_regs(entry_regs())
+
+
 def entry_regs() -> dict:
     regs = {name: 0 for name in ("rax", "rbx", "rcx", "rdx", "rsi", "rdi", "rsp", "rbp",
                                  "r8", "r9", "r10", "r11", "r12", "r13", "r14", "r15")}

@@ -10,9 +10,9 @@ from .dirty import DirtyBitmap
 from .system import Kvm
 from .vm import MemorySlot, Vm
 from .vcpu import Vcpu, VcpuExit
-from .state import PlatformState, VcpuState
+from .state import PlatformState, VcpuState, saveable_msrs
 
 __all__ = [
     "DirtyBitmap", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
-    "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm",
+    "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "saveable_msrs",
 ]

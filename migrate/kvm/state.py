@@ -18,6 +18,19 @@ MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
 
 
+def saveable_msrs(vcpu, indices: list[int]) -> list[int]:
+    """The MSRs of ``indices`` (KVM_GET_MSR_INDEX_LIST) this vCPU can read: the ones a
+    capture carries. KVM_GET_MSRS stops at the first refused index, so ask one by one."""
+    saveable = []
+    for index in indices:
+        try:
+            vcpu.get_msrs([index])
+        except KvmError:
+            continue
+        saveable.append(index)
+    return saveable
+
+
 @dataclass
 class VcpuState:
     vcpu_id: int

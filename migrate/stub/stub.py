@@ -12,7 +12,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..guest import boot as gboot
-from ..kvm import DirtyBitmap, PlatformState, VcpuState
+from ..kvm import DirtyBitmap, PlatformState, VcpuState, saveable_msrs
 from . import abi, devstate
 from .blockback import BlockBackend
 
@@ -65,19 +65,12 @@ class Stub:
                                         memfd=guest_ram.memfd)
             self.vcpu = vm.create_vcpu(0, console_port=abi.PORT_CONSOLE)
             self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            self.msr_indices = [i for i in kvm.get_msr_index_list() if self._readable(i)]
+            self.msr_indices = saveable_msrs(self.vcpu, kvm.get_msr_index_list())
         except BaseException:
             self.close()
             raise
         self._watchdog = threading.Thread(target=self._watch, daemon=True, name=f"stub-watch-{name}")
         self._watchdog.start()
-
-    def _readable(self, index: int) -> bool:
-        try:
-            self.vcpu.get_msrs([index])
-            return True
-        except OSError:
-            return False
 
     # -- lifecycle ------------------------------------------------------------
     def boot(self) -> None:
@@ -87,11 +80,9 @@ class Stub:
             wl_base=abi.IOREQ_PAGE, wl_size=abi.STUB_RAM - abi.IOREQ_PAGE,
             tsc_khz=self.vcpu.get_tsc_khz(),
             args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ])
-        gboot.load_image(self.ram.mem, info, gboot.image_path("stub").read_bytes())
+        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, gboot.image_path("stub").read_bytes())
         struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
                          self.backend.capacity if self.backend else 0)
-        self.vcpu.set_sregs(gboot.entry_sregs(self.vcpu.get_sregs()))
-        self.vcpu.set_regs(gboot.entry_regs())
         self._run_until_doorbell()
         magic, version, nr_vcpus, ready = abi.PAGE_HEADER.unpack_from(self.ram.mem, abi.IOREQ_PAGE)
         if (magic, version, ready) != (abi.IOREQ_MAGIC, abi.IOREQ_VERSION, 1):
