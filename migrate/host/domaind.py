@@ -160,18 +160,25 @@ class DomainServer:
 
     # -- save ------------------------------------------------------------------
     def start_save(self, conn: socket.socket, req: dict) -> dict | None:
-        """Check a save request and start its thread (None), or an error reply."""
+        return self._start_job(conn, req, "save", SaveJob.from_request, self._run_save)
+
+    def start_migrate(self, conn: socket.socket, req: dict) -> dict | None:
+        from .relocate import MigrateJob
+        return self._start_job(conn, req, "migrate", MigrateJob.from_request, self._run_migrate)
+
+    def _start_job(self, conn, req: dict, what: str, parse, run) -> dict | None:
+        """Check a save or migrate request and start its thread (None), or an error
+        reply. One such job at a time: they share the cancel event and the thread."""
         try:
-            job = SaveJob.from_request(req)
-            self._no_save_running("save")
+            job = parse(req)
+            self._no_save_running(what)
             if self.domain.status not in ("running", "paused"):
-                raise ValueError(f"domain is {self.domain.status}: nothing to save")
+                raise ValueError(f"domain is {self.domain.status}: nothing to {what}")
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         self.save_cancel.clear()
         self.saving = True
-        self.save_thread = threading.Thread(target=self._run_save, args=(conn, job),
-                                            name="save", daemon=True)
+        self.save_thread = threading.Thread(target=run, args=(conn, job), name=what, daemon=True)
         self.save_thread.start()
         return None
 
@@ -204,22 +211,6 @@ class DomainServer:
             conn.close()
 
     # -- migrate (specs/relocation.md; the work is in migrate.host.relocate) -------
-    def start_migrate(self, conn: socket.socket, req: dict) -> dict | None:
-        from .relocate import MigrateJob
-        try:
-            job = MigrateJob.from_request(req)
-            self._no_save_running("migrate")
-            if self.domain.status not in ("running", "paused"):
-                raise ValueError(f"domain is {self.domain.status}: nothing to migrate")
-        except ValueError as exc:
-            return {"ok": False, "error": str(exc)}
-        self.save_cancel.clear()
-        self.saving = True
-        self.save_thread = threading.Thread(target=self._run_migrate, args=(conn, job),
-                                            name="migrate", daemon=True)
-        self.save_thread.start()
-        return None
-
     def _run_migrate(self, conn: socket.socket, job) -> None:
         from .relocate import RelocationError
         watch = ClientWatch(conn, self.save_cancel)
