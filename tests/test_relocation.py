@@ -116,14 +116,8 @@ def hosts(pki, tmp_path, state_dir):
 
 
 def console(name, base) -> str:
-    out, offset = b"", 0
     with control.DomainClient(name, base) as c:
-        while True:
-            reply = c.call("console", offset=offset)
-            out += reply["data"]
-            offset = reply["next"]
-            if not reply["data"]:
-                return out.decode(errors="replace")
+        return c.console_text()
 
 
 def wait_console(name, base, pattern, timeout=20.0, after=0):

@@ -47,14 +47,8 @@ def touched_bytes(name: str, base: Path) -> int:
 
 
 def console_text(name: str, base: Path) -> str:
-    out, offset = b"", 0
     with control.DomainClient(name, base) as c:
-        while True:
-            reply = c.call("console", offset=offset)
-            out += reply["data"]
-            offset = reply["next"]
-            if not reply["data"]:
-                return out.decode(errors="replace")
+        return c.console_text()
 
 
 def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, timeout=20.0) -> int:

@@ -73,6 +73,16 @@ class DomainClient:
         reply.pop("ok")
         return reply
 
+    def console_text(self) -> str:
+        """The domain's whole console output so far."""
+        out, offset = bytearray(), 0
+        while True:
+            reply = self.call("console", offset=offset)
+            if not reply["data"]:
+                return out.decode(errors="replace")
+            out += reply["data"]
+            offset = reply["next"]
+
     def close(self) -> None:
         self.sock.close()
 
