@@ -218,16 +218,13 @@ class Domain:
         if self.stub is not None:
             self.stub.set_dirty_logging(enabled)
 
-    def fetch_dirty(self, include_dma: bool = True) -> DirtyBitmap:
+    def fetch_dirty(self) -> DirtyBitmap:
         """Fetch and clear the pages of guest RAM dirtied since the last fetch:
         the guest's own log merged with the stub's window log (its DMA), which
-        KVM keeps apart (KVM-HERE.md).  ``include_dma=False`` exists only to
-        show that the merge matters."""
+        KVM keeps apart (KVM-HERE.md)."""
         dirty = self.vm.get_dirty_log(RAM_SLOT)
         if self.stub is not None:
-            window = self.stub.fetch_window_dirty()
-            if include_dma:
-                dirty = dirty | window
+            dirty = dirty | self.stub.fetch_window_dirty()
         return dirty
 
     def fetch_stub_dirty(self) -> DirtyBitmap | None:
