@@ -3,6 +3,7 @@ into ioreqs (specs/ioreq.md), serves the stub's hypercalls (doorbell, IRQ
 lines, block ring, console), and saves/loads its device state."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import struct
@@ -24,9 +25,11 @@ ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
 STUB_LOG_LINES = 200
 
 
+@functools.cache
 def stub_build_id() -> str:
     """Identifies the stub image this host runs: a restore whose stream came
-    from another build boots a fresh stub and loads the device state."""
+    from another build boots a fresh stub and loads the device state. Read and
+    hashed once per process (every boot and restore asks)."""
     return hashlib.sha256(gboot.image_path("stub").read_bytes()).hexdigest()[:16]
 
 
