@@ -128,7 +128,7 @@ class StateCollector:
             lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have]
             if lacking:
                 raise RestoreError(f"stream lacks {', '.join(lacking)} of {self.label} vcpu {vcpu_id}")
-            vcpus.append(VcpuState(vcpu_id=vcpu_id, fpu={}, **have))
+            vcpus.append(VcpuState(vcpu_id=vcpu_id, **have))
         wanted = {"pic_master": "PIC", **{attr: rt.name for rt, attr in PLATFORM_RECORDS.items()}}
         lacking = [name for attr, name in wanted.items() if attr not in self.platform]
         if lacking:

@@ -21,7 +21,7 @@ KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE,
     KVM_GET_IRQCHIP, KVM_SET_IRQCHIP, KVM_GET_PIT2, KVM_SET_PIT2,
     KVM_GET_CLOCK, KVM_SET_CLOCK, KVM_GET_DIRTY_LOG,
     KVM_GET_REGS, KVM_SET_REGS, KVM_GET_SREGS, KVM_SET_SREGS,
-    KVM_GET_FPU, KVM_SET_FPU, KVM_GET_XSAVE, KVM_SET_XSAVE,
+    KVM_GET_XSAVE, KVM_SET_XSAVE,
     KVM_GET_XCRS, KVM_SET_XCRS, KVM_GET_MSRS, KVM_SET_MSRS,
     KVM_GET_LAPIC, KVM_SET_LAPIC, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS,
     KVM_GET_MP_STATE, KVM_SET_MP_STATE, KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS,
@@ -58,11 +58,6 @@ struct kvm_sregs {
     struct kvm_dtable gdt, idt;
     __u64 cr0, cr2, cr3, cr4, cr8, efer, apic_base;
     __u64 interrupt_bitmap[4]; ...;
-};
-struct kvm_fpu {
-    uint8_t fpr[8][16]; uint16_t fcw; uint16_t fsw; uint8_t ftwx; uint8_t pad1;
-    uint16_t last_opcode; __u64 last_ip; __u64 last_dp;
-    uint8_t xmm[16][16]; uint32_t mxcsr; uint32_t pad2; ...;
 };
 struct kvm_xsave { uint32_t region[1024]; ...; };
 struct kvm_xcr { uint32_t xcr; uint32_t reserved; __u64 value; ...; };

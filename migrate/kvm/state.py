@@ -36,8 +36,7 @@ class VcpuState:
     vcpu_id: int
     regs: dict
     sregs: dict
-    fpu: dict
-    xsave: bytes
+    xsave: bytes          # carries the legacy FPU/SSE area too: no separate KVM_GET_FPU
     xcrs: dict
     msrs: dict
     lapic: bytes
@@ -57,7 +56,6 @@ class VcpuState:
             vcpu_id=vcpu.id,
             regs=vcpu.get_regs(),
             sregs=vcpu.get_sregs(),
-            fpu=vcpu.get_fpu(),
             xsave=vcpu.get_xsave(),
             xcrs=vcpu.get_xcrs(),
             msrs=vcpu.get_msrs(msr_indices),

@@ -7,7 +7,7 @@ from dataclasses import dataclass
 
 from ._lib import ffi, ioctl, lib
 from .errors import KvmError
-from .structs import from_plain, to_plain
+from .structs import prepare, from_plain, to_plain
 
 DEBUG_CONSOLE_PORT = 0xE9
 
@@ -153,12 +153,6 @@ class Vcpu:
     def set_sregs(self, sregs: dict) -> None:
         self._set("struct kvm_sregs", "KVM_SET_SREGS", sregs)
 
-    def get_fpu(self) -> dict:
-        return self._get("struct kvm_fpu", "KVM_GET_FPU")
-
-    def set_fpu(self, fpu: dict) -> None:
-        self._set("struct kvm_fpu", "KVM_SET_FPU", fpu)
-
     def get_xsave(self) -> bytes:
         arg = ffi.new("struct kvm_xsave *")
         ioctl(self.fd, "KVM_GET_XSAVE", arg)
@@ -234,3 +228,6 @@ class Vcpu:
 
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+
+
+prepare("struct kvm_regs", "struct kvm_sregs", "struct kvm_xcrs", "struct kvm_vcpu_events", "struct kvm_mp_state", "struct kvm_debugregs")

@@ -7,7 +7,7 @@ from dataclasses import dataclass, field
 
 from ._lib import ffi, ioctl, lib
 from .dirty import DirtyBitmap
-from .structs import fill, from_plain, to_plain
+from .structs import prepare, fill, from_plain, to_plain
 
 PAGE_SIZE = 4096
 IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER",
@@ -199,3 +199,6 @@ class Vm:
         arg = ffi.new("struct kvm_clock_data *")
         arg.clock = plain["clock"]
         ioctl(self.fd, "KVM_SET_CLOCK", arg)
+
+
+prepare("struct kvm_pic_state", "struct kvm_ioapic_state", "struct kvm_pit_state2", "struct kvm_clock_data")
