@@ -49,42 +49,84 @@ def pad(name: str, count: int = 0) -> Field:
 
 
 class Layout:
-    """A kernel struct as the stream carries it: carried fields in declaration order."""
+    """A kernel struct as the stream carries it: carried fields in declaration order.
+
+    ``flatten`` and ``build`` are generated once per layout as straight-line code (they
+    are on a relocation's downtime path); their behaviour is the obvious walk over the
+    fields: ``flatten`` appends the carried values in order and raises ValueError for a
+    non-dict, an unknown key or a list of the wrong length (KeyError for a missing key);
+    ``build`` makes the dict back from a flat tuple of values, padding as zero."""
 
     def __init__(self, *fields: Field) -> None:
         self.fields = fields
         self.format = "".join(f.format() for f in fields)
-        self._names = {f.name for f in fields}
+        self.width = sum((f.nested.width if f.nested else 1) * max(f.count, 1)   # values in the format
+                         for f in fields if f.carried)
+        self._names = frozenset(f.name for f in fields)
+        self.flatten = self._make_flatten()
+        self._build_at = self._make_build()
 
     def zero(self) -> dict:
         return {f.name: f.zero() for f in self.fields}
 
-    def flatten(self, value: dict, out: list) -> None:
-        if not isinstance(value, dict):
-            raise ValueError(f"expected a dict, got {type(value).__name__}")
-        unknown = set(value) - self._names
-        if unknown:
-            raise ValueError(f"unknown fields {sorted(unknown)}")
-        for f in (f for f in self.fields if f.carried):
-            items = value[f.name] if f.count else [value[f.name]]
-            if len(items) != max(f.count, 1):
-                raise ValueError(f"{f.name} has {len(items)} items, expected {f.count}")
-            for item in items:
-                if f.nested:
-                    f.nested.flatten(item, out)
-                else:
-                    out.append(item)
+    def build(self, values: tuple, at: int = 0) -> dict:
+        """The dict for ``self.width`` values of ``values`` from index ``at``."""
+        return self._build_at(values, at)
 
-    def build(self, values: Iterator) -> dict:
-        result = {}
-        for f in self.fields:
+    def _make_flatten(self):
+        env: dict = {"_names": self._names, "_check": _check_items}
+        lines = ["if v.__class__ is not dict and not isinstance(v, dict):",
+                 "    raise ValueError(f'expected a dict, got {type(v).__name__}')",
+                 "if not _names.issuperset(v):",
+                 "    raise ValueError(f'unknown fields {sorted(set(v) - _names)}')"]
+        for i, f in enumerate(self.fields):
             if not f.carried:
-                result[f.name] = f.zero()
                 continue
-            one = f.nested.build if f.nested else next
-            items = [one(values) for _ in range(max(f.count, 1))]
-            result[f.name] = items if f.count else items[0]
-        return result
+            get = f"v[{f.name!r}]"
+            if f.nested:
+                env[f"n{i}"] = f.nested.flatten
+                if f.count:
+                    lines.append(f"for item in _check({get}, {f.count}, {f.name!r}): n{i}(item, out)")
+                else:
+                    lines.append(f"n{i}({get}, out)")
+            elif f.count:
+                lines.append(f"out.extend(_check({get}, {f.count}, {f.name!r}))")
+            else:
+                lines.append(f"out.append({get})")
+        code = "def flatten(v, out):\n" + "".join(f"    {line}\n" for line in lines)
+        exec(code, env)     # noqa: S102 - generated from the layouts declared in this module
+        return env["flatten"]
+
+    def _make_build(self):
+        env: dict = {}
+        items, at = [], 0
+        for i, f in enumerate(self.fields):
+            if not f.carried:
+                env[f"z{i}"] = f.zero
+                items.append(f"{f.name!r}: z{i}()")
+                continue
+            if f.nested:
+                env[f"b{i}"] = f.nested._build_at
+                width = f.nested.width
+                if f.count:
+                    items.append(f"{f.name!r}: [b{i}(t, o + {at} + j * {width}) for j in range({f.count})]")
+                else:
+                    items.append(f"{f.name!r}: b{i}(t, o + {at})")
+                at += width * max(f.count, 1)
+            elif f.count:
+                items.append(f"{f.name!r}: list(t[o + {at}:o + {at + f.count}])")
+                at += f.count
+            else:
+                items.append(f"{f.name!r}: t[o + {at}]")
+                at += 1
+        exec(f"def build(t, o):\n    return {{{', '.join(items)}}}\n", env)    # noqa: S102 - as above
+        return env["build"]
+
+
+def _check_items(items, count: int, name: str):
+    if len(items) != count:
+        raise ValueError(f"{name} has {len(items)} items, expected {count}")
+    return items
 
 
 def fields(code: str, *names: str) -> tuple[Field, ...]:
@@ -152,9 +194,8 @@ class StructCodec:
 
     def unpack(self, body: bytes, what: str) -> tuple[int, int, Any]:
         expect_length(body, self.struct, what)
-        values = iter(self.struct.unpack(body))
-        vm, vcpu_id = next(values), next(values)
-        return vm, vcpu_id, self.layout.build(values)
+        values = self.struct.unpack(body)
+        return values[0], values[1], self.layout.build(values, 2)
 
 
 class ScalarCodec(StructCodec):

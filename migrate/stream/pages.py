@@ -16,6 +16,7 @@ pass the same checks with the same errors; the entry checks of the raw form run 
 from __future__ import annotations
 
 import struct
+import threading
 from dataclasses import dataclass
 from enum import IntEnum
 from typing import Iterable
@@ -188,6 +189,18 @@ def decode_raw_batch(record_type: RecordType, body: bytes) -> RawPageBatch:
                         count - n_data, max_pfn[0])
 
 
+_LOCAL = threading.local()
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    """This thread's decompressor (a context per frame would be allocated and freed
+    for every batch; one is not safe to share between threads)."""
+    dctx = getattr(_LOCAL, "dctx", None)
+    if dctx is None:
+        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
 def _decompress(frame: bytes, expected: int, what: str) -> bytes:
     """Decompress one zstd frame that must hold exactly ``expected`` bytes; the declared
     size is checked before decompressing, so nothing is allocated from an unchecked length."""
@@ -203,7 +216,7 @@ def _decompress(frame: bytes, expected: int, what: str) -> bytes:
         shown = "unknown" if declared == zstandard.CONTENTSIZE_UNKNOWN else declared
         raise StreamError(f"{what} zstd frame declares {shown} bytes, expected {expected}")
     try:
-        data = zstandard.ZstdDecompressor().decompress(
+        data = _decompressor().decompress(
             frame, max_output_size=expected, allow_extra_data=False
         )
     except zstandard.ZstdError as exc:
