@@ -273,6 +273,15 @@ class Domain:
                 self._thread.start()
             self._cv.notify_all()
 
+    def park_vcpu(self) -> None:
+        """Start the vCPU thread of a paused domain without running the guest: a later
+        resume() only wakes it (a relocation's resume is on the downtime path)."""
+        with self._cv:
+            if self._thread is None and self.status == "paused":
+                self._thread = threading.Thread(target=self._vcpu_loop, daemon=True,
+                                                name=f"vcpu0-{self.config.name}")
+                self._thread.start()
+
     def pause(self, timeout: float = 10.0) -> None:
         """Stop the vCPU; on return guest state is consistent and still."""
         with self._cv:

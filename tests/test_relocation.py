@@ -163,6 +163,10 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     assert rounds[0]["pages"] + rounds[0]["holes"] == (32 << 8) + 2048   # guest + stub
     assert sum(r["bytes"] for r in rounds) == stats["bytes"] and all(r["seconds"] >= 0 for r in rounds)
     assert 0 < stats["downtime"] < stats["seconds"]
+    parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up
+    assert set(parts) == {"capture", "pages", "state", "end", "read", "apply", "answer", "resume", "link"}
+    assert all(v >= 0 for v in parts.values()) and parts["capture"] > 0 and parts["apply"] > 0
+    assert abs(sum(parts.values()) - stats["downtime"]) < 0.25 * stats["downtime"]
     assert control.list_domains(src) == []                 # the source copy is gone
     [info] = control.list_domains(dst)
     assert info["name"] == "led" and info["status"] == "running" and info["disk"] == str(disk)
@@ -349,6 +353,86 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
         migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
     assert [d["status"] for d in control.list_domains(src)] == ["paused"]
     assert [d["status"] for d in control.list_domains(dst)] == ["paused"]   # it never resumed
+
+
+@pytest.mark.kvm
+def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
+    """GO sent, and the destination answers that its pair could not be resumed and never
+    ran (ERROR with not_resumed): its copy is destroyed first, so the source resumes its
+    own; exactly one copy runs, on the source."""
+    src, dst, daemon = hosts
+    b = daemon(dst)
+
+    def refused(self):
+        raise relocd.NotResumed("KVM_RUN refused")
+
+    monkeypatch.setattr(relocd.Incoming, "resume", refused)
+    control.create_domain(DomainConfig("u2", "idle", 16 << 20))
+    wait_console("u2", src, r"tick")
+    with pytest.raises(control.ControlError, match=r"failed at the handoff: destination: resume failed "
+                                                   r"after GO: KVM_RUN refused; the copy here never ran "
+                                                   r"and is destroyed; u2 keeps running here"):
+        migrate_domain("u2", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+    assert [d["status"] for d in control.list_domains(src)] == ["running"]
+    assert control.list_domains(dst) == [] and not any(dst.iterdir())
+    wait_console("u2", src, r"tick", after=len(console("u2", src)))     # and it goes on ticking
+
+
+def test_answer_to_go_is_read_strictly(tmp_path):
+    """The daemon's reading of its receiving domain process's answer to GO: only a
+    process that says so (refused:, or error: before running) never ran; an answer
+    missing altogether leaves the outcome unknown."""
+    def incoming(lines: bytes | None):
+        inc = object.__new__(relocd.Incoming)
+        inc.dir, inc._pending = tmp_path, b""
+        inc.go_w = os.open(os.devnull, os.O_WRONLY)
+        inc.ready_r, w = os.pipe()
+        if lines:
+            os.write(w, lines)
+        os.close(w)
+        return inc
+
+    assert 0 <= incoming(b"running %.6f\n" % (time.monotonic() + 0.001)).resume() < 1
+    with pytest.raises(relocd.NotResumed, match="^no vCPU$"):
+        incoming(b"refused: no vCPU\n").resume()
+    with pytest.raises(relocd.NotResumed, match="^bad stream$"):
+        incoming(b"error: bad stream\n").resume()
+    for silent in (None, b"running"):                  # EOF, or a line cut short
+        with pytest.raises(relocd.Refused) as info:
+            incoming(silent).resume()
+        assert not isinstance(info.value, relocd.NotResumed)
+        assert "domain process exited" in str(info.value)
+
+
+@pytest.mark.kvm
+def test_bytes_after_end_are_refused(hosts, pki, domains):
+    """A source that sends more after END, in a later DATA frame: the receiving domain
+    said ok at END, and the daemon still refuses at STREAM_END ("bytes after END") and
+    cleans up."""
+    from migrate.domain import Domain
+    from migrate.engine import save
+    from migrate.host.relocate import MigrateJob
+    from migrate.host.relocation import DataBuffer
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    dom = Domain.boot(DomainConfig("g2", "idle", 16 << 20))
+    domains.append(dom)
+    ch = MigrateJob("127.0.0.1", b.address[1], True, str(pki / "ca" / "src"), False).connect()
+    ch.send("HELLO", proto=1, stream_versions=[1], name="g2", memory=16 << 20, stub=True,
+            disk=None, live=False)
+    ch.expect("WELCOME")
+    out = DataBuffer(ch)
+    save(dom, out.write)
+    out.flush()
+    time.sleep(0.5)                         # read and applied: ok said
+    ch.send_data(b"\0" * 64)
+    ch.send("STREAM_END", bytes=out.sent + 64)
+    with pytest.raises(PeerError, match="64 bytes after END"):
+        ch.expect("RESTORED")
+    deadline = time.monotonic() + 10
+    while control.list_domains(dst) or any(dst.iterdir()):
+        assert time.monotonic() < deadline
+        time.sleep(0.05)
 
 
 def test_cli_keygen_and_serve_usage(tmp_path):

@@ -6,8 +6,9 @@ frame (spec "PAGE_DATA_ZSTD"). One C call (``migrate.stream._pages.hvm_gather_pa
 for zeroes, writes the entries and copies the non-zero pages into a buffer that each
 encoding thread reuses; zstd then reads that buffer, and the record's CRC-32 is computed
 on the same thread. The C call, zstd and CRC-32 release the GIL, so a small thread pool
-keeps both cores busy while the caller digests (XXH3-128, also GIL-free), frames and
-writes batches in stream order, body pieces as they are (no joined copy).
+(one per process, shared by its saves) keeps both cores busy while the caller digests
+(XXH3-128, also GIL-free), frames and writes batches in stream order, body pieces as
+they are (no joined copy).
 
 The engine's default zstd level is :data:`DEFAULT_LEVEL` (1): on the issue-4 mix it is
 about 1.5x faster than level 3 for a file 0.4% of guest RAM larger.
@@ -125,29 +126,57 @@ def chunks(pfns: Sequence[int], size: int = MAX_PAGES_PER_BATCH) -> Iterable[Seq
         yield pfns[at:at + size]
 
 
-class BatchPipeline:
-    """Encodes batches on ``threads`` workers and hands them to ``emit`` in submission
-    order, at most ``depth`` in flight (bounded memory: depth x 4 MiB)."""
+_POOL: ThreadPoolExecutor | None = None
+_POOL_LOCK = threading.Lock()
+POOL_THREADS = 2
 
-    def __init__(self, emit: Callable[[EncodedBatch], None], threads: int = 2, depth: int = 6):
+
+def _pool() -> ThreadPoolExecutor:
+    """The process's encoding workers, made on first use and kept: every save of the
+    process shares them, so a save starts no threads and its workers' gather buffers and
+    zstd contexts are warm (a paused domain's last round is on the downtime path)."""
+    global _POOL
+    with _POOL_LOCK:
+        if _POOL is None:
+            _POOL = ThreadPoolExecutor(max_workers=POOL_THREADS, thread_name_prefix="encode")
+        return _POOL
+
+
+class BatchPipeline:
+    """Encodes batches on the process's shared workers and hands them to ``emit`` in
+    submission order, at most ``depth`` in flight (bounded memory: depth x 4 MiB)."""
+
+    def __init__(self, emit: Callable[[EncodedBatch], None], depth: int = 6):
         self.emit = emit
         self.depth = depth
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="encode")
         self._pending: deque = deque()
 
     def submit(self, space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
                stable: bool = False) -> None:
         while len(self._pending) >= self.depth:
             self.emit(self._pending.popleft().result())
-        self._pending.append(self._pool.submit(encode_pages, space, mem, pfns, level, stable))
+        self._pending.append(_pool().submit(encode_pages, space, mem, pfns, level, stable))
+
+    def encode_here(self, space: Vm, mem: memoryview, pfns: Sequence[int], level: int | None,
+                    stable: bool = False) -> None:
+        """Encode on the calling thread, after what is queued: for a few pages, handing
+        them to a worker and waiting costs more than encoding them."""
+        self.drain()
+        self.emit(encode_pages(space, mem, pfns, level, stable))
 
     def drain(self) -> None:
         while self._pending:
             self.emit(self._pending.popleft().result())
 
     def close(self) -> None:
-        """Drop what is still queued and stop the workers (after an error too)."""
+        """Drop what is still queued and wait for batches already being encoded (they
+        read guest memory the caller may release next); the workers stay for the next save."""
         for future in self._pending:
             future.cancel()
+        for future in self._pending:
+            if not future.cancelled():
+                try:
+                    future.result()
+                except Exception:   # the save already failed; its first error wins
+                    pass
         self._pending.clear()
-        self._pool.shutdown(wait=True)

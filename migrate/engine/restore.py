@@ -43,6 +43,8 @@ class RestoreStats:
     pages_zero: int = 0
     guest_bytes: int = 0
     seconds: float = 0.0
+    end_at: float = 0.0             # time.monotonic() when END had been read and checked
+    applied_at: float = 0.0         # time.monotonic() when the state had been applied
 
     @property
     def throughput(self) -> float:
@@ -146,6 +148,7 @@ class _Restorer:
                              "fields": record.fields})
 
     def on_end(self, record: End) -> None:
+        self.stats.end_at = time.monotonic()
         state = self.collector.result(self.config)
         if getattr(self.config, "stub", False):
             stub = self.stub_collector.result(self.config)
@@ -154,6 +157,7 @@ class _Restorer:
             state.stub = StubState(vcpus=stub.vcpus, platform=stub.platform, devices=self.devices)
         self.release()                       # the stub may boot afresh: no views held
         self.domain.apply(state, fresh_stub=bool(self.fresh_stub), stub_build=self.stub_build)
+        self.stats.applied_at = time.monotonic()
         self.end_seen = True
 
     def release(self) -> None:
@@ -172,12 +176,18 @@ class _Restorer:
 
 def restore(source: Iterable[bytes], *, name: str | None = None,
             make_domain: Callable[[DomainConfig], Any] = Domain, fresh_stub: bool | None = None,
-            progress: Callable[[RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
+            progress: Callable[[RestoreStats], None] | None = None,
+            on_applied: Callable[[Any, RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
     ``make_domain(config)`` builds the empty domain (default: :class:`Domain`);
     ``fresh_stub``: True boots a new stub and loads the device state, False resumes the
-    stub's memory image, None (default) decides by the stub build (module docstring)."""
+    stub's memory image, None (default) decides by the stub build (module docstring).
+    ``progress(stats)`` is called after each chunk of ``source``; ``on_applied(domain,
+    stats)`` once END has been read and checked and the state applied, before the end of
+    ``source`` is seen (``stats.stream_bytes`` is then the stream's exact length: a chunk
+    with bytes after END fails first). The restore can still fail after it, on bytes that
+    follow in a later chunk."""
     t0 = time.monotonic()
     reader = StreamReader(raw_pages=True)
     work = _Restorer(name, make_domain, fresh_stub)
@@ -187,6 +197,10 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
             work.stats.stream_bytes += len(chunk)
             while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
                 work.handle(record)
+            if work.end_seen and on_applied is not None:
+                work.stats.seconds = time.monotonic() - t0
+                on_applied(work.domain, work.stats)
+                on_applied = None
             if progress is not None:
                 work.stats.seconds = time.monotonic() - t0
                 progress(work.stats)

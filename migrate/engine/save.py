@@ -27,7 +27,7 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from ..stream import Creator, DeviceState, MemoryLayout, PAGE_SIZE, StreamWriter, Vm
+from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
 from .batches import DEFAULT_LEVEL, BatchPipeline, EncodedBatch, chunks
 from .convergence import OFFLINE, Convergence, Pacer, Round, VcpuThrottle, decide
 from .state import config_record, state_records
@@ -93,7 +93,9 @@ class SaveStats:
     pages_round: int = 0            # pages queued in the current round
     stream_bytes: int = 0
     seconds: float = 0.0
-    downtime: float = 0.0           # paused part of a live save (pause to END)
+    downtime: float = 0.0           # paused part of a live save (pause to END, on_end included)
+    downtime_parts: dict = field(default_factory=dict)      # its seconds by step: capture, pages, state, end
+    pause_offset: float = 0.0       # seconds from the save's start to the (final) pause
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
     throttle: int = 0               # vCPU throttle percent in force now
@@ -116,7 +118,8 @@ class SaveStats:
 class _Saver:
     def __init__(self, domain, sink_write: Callable[[bytes], Any], level: int | None,
                  stats_cb, cancel: threading.Event | None, stub: StubPart | None,
-                 convergence: Convergence, throttle_domain=None):
+                 convergence: Convergence, before_pause: Callable[[], Any] | None = None,
+                 on_end: Callable[["SaveStats"], Any] | None = None):
         self.domain, self.sink_write, self.level = domain, sink_write, level
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
         self.conv = convergence
@@ -127,7 +130,8 @@ class _Saver:
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
         self.pacer = Pacer(convergence.max_bandwidth) if convergence.max_bandwidth else None
-        self.throttle = VcpuThrottle(throttle_domain if throttle_domain is not None else domain)
+        self.before_pause, self.on_end = before_pause, on_end
+        self.throttle = VcpuThrottle(domain)
         self.pipeline = BatchPipeline(self._emit_batch)
 
     # -- output -----------------------------------------------------------------
@@ -183,9 +187,12 @@ class _Saver:
         self.stats.throttle_history.append(self.throttle.percent)
         self.stats.round_starts.append((time.monotonic() - self.t0, self.stats.stream_bytes))
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
+        # a round of at most one batch of pages (the usual last round) is encoded here
+        encode = (self.pipeline.encode_here if self.stats.pages_round <= MAX_PAGES_PER_BATCH
+                  else self.pipeline.submit)
         for space, (mem, pfns) in pfns_by_space.items():
             for part in chunks(pfns):
-                self.pipeline.submit(space, mem, part, self.level, stable=paused)
+                encode(space, mem, part, self.level, stable=paused)
                 self.report()
         self.pipeline.drain()
         self.stats.rounds += 1
@@ -231,6 +238,8 @@ class _Saver:
         self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
         if live:
             self.precopy()
+            if self.before_pause is not None:
+                self.before_pause()         # under the throttle still, if one holds
             self.throttle.stop()
             self.stats.throttle = 0
             paused_at, state = self.pause_for_last_round()
@@ -239,10 +248,14 @@ class _Saver:
             dom.pause()
             paused_at = time.monotonic()
             state = dom.capture()           # before the pages: see the module docstring
+            mark = self._part("capture", paused_at)
             self.stats.phase = "final"
             data, holes = self.all_pages()
             self.send_round(data, paused=True, holes=holes)
+            self._part("pages", mark)
+        self.stats.pause_offset = paused_at - self.t0
         self.stats.phase = "state"
+        mark = time.monotonic()
         for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
         if self.stub is not None:
@@ -250,9 +263,22 @@ class _Saver:
                 self.write(self.writer.record(record))
         self.write(self.writer.finish())
         self.stats.phase = "done"
-        self.stats.downtime = time.monotonic() - paused_at if live else 0.0
+        mark = self._part("state", mark)
+        if self.on_end is not None:
+            self.on_end(self.stats)
+            self._part("end", mark)
+        if live:
+            self.stats.downtime = time.monotonic() - paused_at
+            for part in self.spaces().values():     # after on_end: not on the downtime path
+                part.set_dirty_logging(False)
         self.report(force=True)
         return self.stats
+
+    def _part(self, name: str, since: float) -> float:
+        """Book the seconds since ``since`` as downtime part ``name``; returns now."""
+        now = time.monotonic()
+        self.stats.downtime_parts[name] = now - since
+        return now
 
     def precopy(self) -> None:
         """Rounds until :func:`~.convergence.decide` says switch (or cancel: SaveTimeout)."""
@@ -296,23 +322,26 @@ class _Saver:
         return out
 
     def pause_for_last_round(self):
+        """Pause, capture, send the last dirty pages; dirty logging stays on (run() turns it
+        off once the stream is out: switching it costs slot updates, not needed meanwhile)."""
         self.domain.pause()
         paused_at = time.monotonic()
         state = self.domain.capture()       # before the last round: it dirties stub pages
+        mark = self._part("capture", paused_at)
         self.stats.phase = "final"
         dirty = self._merge(self.pending, self.dirty_pages())
         self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
         self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
         self.send_round(dirty, paused=True)
-        for part in self.spaces().values():
-            part.set_dirty_logging(False)
+        self._part("pages", mark)
         return paused_at, state
 
 
 def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = DEFAULT_LEVEL,
          live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
-         stub: StubPart | None = None, throttle_domain=None) -> SaveStats:
+         stub: StubPart | None = None, before_pause: Callable[[], Any] | None = None,
+         on_end: Callable[[SaveStats], Any] | None = None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
 
     ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
@@ -324,9 +353,13 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
     :class:`SaveStats` about ten times a second and once at the end.
     ``convergence``: when pre-copy switches over, its pacing, timeout and throttle
     (:mod:`.convergence`); past a timeout with on_timeout cancel it raises
-    :class:`SaveTimeout` (the domain keeps running). ``throttle_domain``: what the throttle
-    pauses and resumes (default ``domain``; a wrapper whose pause() means the final pause
-    passes the bare domain).
+    :class:`SaveTimeout` (the domain keeps running).
+    ``before_pause()``: live only, called when pre-copy has converged, just before the
+    final pause (with the throttle, if any, still holding the guest back): a relocation
+    lets the destination catch up there. ``on_end(stats)``: called once END has been
+    written, still paused and before the engine tidies up (dirty logging off): a
+    relocation flushes its output and tells the destination there. Either may raise to
+    fail the save, with the same clean-up as any error.
     """
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
@@ -334,7 +367,7 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
         stub = DomainStub(domain)
     was_running = domain.status == "running"
     saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub,
-                   convergence or Convergence(), throttle_domain)
+                   convergence or Convergence(), before_pause, on_end)
     try:
         return saver.run(live)
     except BaseException:

@@ -5,12 +5,27 @@ Started by :func:`migrate.host.control.create_domain` as
 :func:`migrate.host.control.restore_domain` as
 ``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) READY_FD``,
 or by the relocation daemon (:mod:`migrate.host.relocd`) as
-``python -m migrate.host.domaind DIR --receive STREAM_FD OPTIONS_MSGPACK_HEX READY_FD``:
+``python -m migrate.host.domaind DIR --receive STREAM_FD GO_FD OPTIONS_MSGPACK_HEX READY_FD``:
 restore from the pipe ``STREAM_FD``, stay paused, and destroy the domain if it is not
 resumed within ``resume_timeout`` seconds (specs/relocation.md, section 4).
 It boots (or restores) the domain, reports ``ok`` or ``error: ...`` on the
 ready pipe, then serves requests until it is told to destroy the domain or
 is signalled.
+
+In receive mode the ready pipe says more (the daemon reads it): ``at BYTES`` after each
+chunk of the stream applied; ``ok BYTES END_AT APPLIED_AT`` as soon as END has been read
+and the state applied (BYTES: the stream's length; CLOCK_MONOTONIC seconds: END read,
+state applied), before the stream's own end is seen, which the daemon checks against the
+bytes it relayed; or ``error: ...``. Then the process serves its control socket (``hvm
+list`` shows the domain paused; ``unpause`` is refused) and waits for the relocation's GO,
+which the daemon gives by writing ``go`` on the pipe ``GO_FD``, and answers ``running
+RESUMED_AT``, or ``refused: ...`` when the pair could not be resumed (the guest never ran;
+the process destroys it and exits), or ``error: ...`` for a failure after ``ok`` (the
+stream went on after END). The go pipe closing without ``go``, or no GO within
+``resume_timeout`` seconds, means the relocation was given up: the paused copy is
+destroyed at once and the process exits. GO is on the downtime path, so the control
+socket is made before the stream comes (under a temporary name until the domain exists)
+and nothing but serving is left to do after ``ok``.
 
 The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
 state capture must come from this process) and answers on its connection
@@ -44,14 +59,19 @@ log = logging.getLogger("hvm.domaind")
 
 
 class DomainServer:
-    def __init__(self, directory: Path, domain: Domain, console_log):
+    """The control socket of one domain. ``hidden``: bound under a temporary name until
+    :meth:`publish` (a received domain's socket is made before its stream arrives, and
+    shown once GO has resumed it); ``domain`` may be set later, before serving."""
+
+    def __init__(self, directory: Path, domain: Domain | None, console_log, hidden: bool = False):
         self.dir = directory
         self.domain = domain
         self.console_log = console_log
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.listener.bind(str(directory / statedir.SOCKET))
+        self.hidden = directory / (statedir.SOCKET + ".new") if hidden else None
+        self.listener.bind(str(self.hidden or directory / statedir.SOCKET))
         self.listener.listen(16)
         self.listener.setblocking(False)
         self.sel.register(self.listener, selectors.EVENT_READ, None)
@@ -59,7 +79,55 @@ class DomainServer:
         self.save_thread: threading.Thread | None = None
         self.save_cancel = threading.Event()
         self.saving = False             # from a save's start until just before its reply
-        self.resume_deadline: float | None = None     # a received domain awaiting GO
+        self.go: tuple[int, int, str] | None = None     # awaiting GO: go pipe, ready pipe, log line
+        self.go_deadline: float | None = None
+
+    def publish(self) -> None:
+        if self.hidden is not None:
+            os.rename(self.hidden, self.dir / statedir.SOCKET)
+            self.hidden = None
+
+    # -- a received domain awaiting GO (receive mode, module docstring) --------
+    def await_go(self, go_fd: int, ready_fd: int, timeout: float, note: str) -> None:
+        self.go = (go_fd, ready_fd, note)
+        self.go_deadline = time.monotonic() + timeout
+        os.set_blocking(go_fd, False)
+        self.sel.register(go_fd, selectors.EVENT_READ, "go")
+
+    def _on_go(self) -> None:
+        go_fd, ready_fd, note = self.go
+        try:
+            word = os.read(go_fd, 16)
+        except BlockingIOError:
+            return
+        self._end_go_wait()
+        if not word.startswith(b"go"):
+            log.warning("the relocation was given up before GO: destroying the domain")
+            self.running = False
+            return
+        try:
+            self.domain.resume()
+        except (DomainError, KvmError) as exc:
+            log.error("resume after GO failed: %s", exc)
+            self._say(ready_fd, f"refused: {_one_line(exc)}")
+            self.running = False
+            return
+        self._say(ready_fd, f"running {time.monotonic():.6f}")
+        log.info("%s; running", note)
+
+    def _end_go_wait(self) -> None:
+        go_fd, ready_fd, _ = self.go
+        self.sel.unregister(go_fd)
+        os.close(go_fd)
+        self.go, self.go_deadline = None, None
+
+    @staticmethod
+    def _say(fd: int, line: str) -> None:
+        try:
+            os.write(fd, f"{line}\n".encode())
+        except OSError:
+            pass                # the daemon is gone
+        os.close(fd)
 
     # -- requests ------------------------------------------------------------
     def op_info(self, req: dict) -> dict:
@@ -78,8 +146,10 @@ class DomainServer:
 
     def op_unpause(self, req: dict) -> dict:
         self._no_save_running("unpause")
+        if self.go is not None:
+            raise ValueError("cannot unpause: this domain is being relocated here and awaits "
+                             "the source's GO")
         self.domain.resume()
-        self.resume_deadline = None
         return {"status": self.domain.status}
 
     def op_destroy(self, req: dict) -> dict:
@@ -122,12 +192,14 @@ class DomainServer:
     # -- the loop ------------------------------------------------------------
     def serve(self) -> None:
         while self.running:
-            if self.resume_deadline is not None and time.monotonic() > self.resume_deadline:
-                log.warning("not resumed in time after a relocation: destroying the domain")
+            if self.go_deadline is not None and time.monotonic() > self.go_deadline:
+                log.warning("no GO in time after a relocation: destroying the domain")
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
+                elif key.data == "go":
+                    self._on_go()
                 else:
                     self._serve_client(key.fileobj, key.data)
 
@@ -234,9 +306,12 @@ class DomainServer:
         if self.save_thread is not None:
             self.save_cancel.set()
             self.save_thread.join(30)
-        self.domain.destroy()
+        if self.domain is not None:
+            self.domain.destroy()
         self.sel.close()
         self.listener.close()
+        if self.hidden is not None:
+            self.hidden.unlink(missing_ok=True)
 
 
 class SaveJob:
@@ -293,27 +368,33 @@ class ClientWatch:
             log.warning("save reply not delivered: %s", exc)
 
 
-def _build(argv: list[str], console: Console) -> tuple[Domain, bool]:
-    """The domain this process runs, and whether to leave it paused."""
+def _build(argv: list[str], console: Console,
+           server: DomainServer | None) -> tuple[Domain, bool, str, str]:
+    """The domain this process runs, whether to leave it paused, the ready line and a
+    line to log once it is started. ``server``: receive mode's control socket."""
     if argv[1] == "--restore":
         path, name, paused, fresh = argv[2], argv[3], argv[4] == "1", argv[5]
         domain, stats = restore(file_chunks(path), name=name or None,
                                 make_domain=lambda cfg: Domain(cfg, console),
                                 fresh_stub=True if fresh == "yes" else None)
-        log.info("restored from %s: %d pages in %.3fs", path, stats.pages_total, stats.seconds)
-        return domain, paused
+        return domain, paused, "ok", f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
     if argv[1] == "--receive":
-        opts = msgpack.unpackb(bytes.fromhex(argv[3]), raw=False)
-        return _receive(int(argv[2]), opts, console, int(argv[-1])), True
+        opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False)
+        domain, stats = _receive(int(argv[2]), opts, console, int(argv[-1]), server)
+        return domain, True, "", (f"received {opts['name']}: {stats.pages_total} pages, "
+                                  f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
-    return Domain.boot(config, console), False
+    return Domain.boot(config, console), False, "ok", ""
 
 
-def _receive(fd: int, opts: dict, console: Console, ready_fd: int) -> Domain:
+def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: DomainServer):
     """Restore an incoming relocation from the pipe ``fd`` (specs/relocation.md, "The
     stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``), the domain
     is named ``name`` and its disk is the destination's ``disk_to``. After each chunk it
-    applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC)."""
+    applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC);
+    once the state is applied, the control socket ``server`` is shown (the paused domain is
+    listed from RESTORED on), ``ok ...`` is said (module docstring) and the vCPU thread is
+    started, parked, so that GO (:meth:`DomainServer.await_go`) only has to wake it."""
     def make(cfg: DomainConfig) -> Domain:
         if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
             raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
@@ -325,12 +406,17 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int) -> Domain:
                 yield data
 
     def progress(stats) -> None:
-        os.write(ready_fd, f"at {stats.stream_bytes}\n".encode())
+        if not stats.applied_at:
+            os.write(ready_fd, f"at {stats.stream_bytes}\n".encode())
 
-    domain, stats = restore(chunks(), name=opts["name"], make_domain=make, progress=progress)
-    log.info("received %s: %d pages, %d bytes in %.3fs", opts["name"], stats.pages_total,
-             stats.stream_bytes, stats.seconds)
-    return domain
+    def applied(domain, stats) -> None:
+        server.domain = domain
+        server.publish()
+        os.write(ready_fd, f"ok {stats.stream_bytes} {stats.end_at:.6f} {stats.applied_at:.6f}\n".encode())
+        domain.park_vcpu()
+
+    return restore(chunks(), name=opts["name"], make_domain=make, progress=progress,
+                   on_applied=applied)
 
 
 def main(argv: list[str]) -> int:
@@ -346,34 +432,48 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
+    receive = argv[1] == "--receive"
+    server = None
     try:
-        domain, paused = _build(argv, Console(sink=console_log.write))
+        if receive:     # its control socket first: after the stream, GO must not wait for it
+            server = DomainServer(directory, None, console_log, hidden=True)
+        domain, paused, ok, note = _build(argv, Console(sink=console_log.write), server)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
+        if server is not None:
+            server.close()
         ready.write(f"error: {_one_line(exc)}\n")
         ready.close()
         return 1
     config = domain.config
     try:
-        server = DomainServer(directory, domain, console_log)
+        if server is None:
+            server = DomainServer(directory, domain, console_log)
+        server.domain = domain
     except OSError as exc:
         domain.destroy()
         ready.write(f"error: {_one_line(exc)}\n")
         ready.close()
         return 1
-    if argv[1] == "--receive":
-        opts = msgpack.unpackb(bytes.fromhex(argv[3]), raw=False)
-        server.resume_deadline = time.monotonic() + opts["resume_timeout"]
     try:
-        if not paused:
-            domain.resume()
-        ready.write("ok\n")
-        ready.close()
-        log.info("domain %s %s (%s, %d MiB)", config.name, "paused" if paused else "running",
-                 config.workload, config.memory >> 20)
+        server.publish()
+        if receive:             # it said ok already; the ready pipe stays open for GO's answer
+            opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False)
+            server.await_go(int(argv[3]), os.dup(ready_fd), opts["resume_timeout"], note)
+            ready.close()
+        else:
+            if not paused:
+                domain.resume()
+            ready.write(ok + "\n")
+            ready.close()
+            if note:
+                log.info("%s", note)
+            log.info("domain %s %s (%s, %d MiB)", config.name, domain.status,
+                     config.workload, config.memory >> 20)
         server.serve()
     finally:
         server.close()
-        for leaf in (statedir.SOCKET, statedir.PIDFILE, statedir.CONSOLE, statedir.LOGFILE):
+        for leaf in (statedir.SOCKET, statedir.SOCKET + ".new", statedir.PIDFILE, statedir.CONSOLE,
+                     statedir.LOGFILE):
             (directory / leaf).unlink(missing_ok=True)
         try:
             directory.rmdir()

@@ -130,10 +130,24 @@ class MigrateJob:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
         save_start = time.monotonic()
-        seen = _SyncBeforePause(domain, ch, out)
+        at: dict[str, float] = {}
+
+        def before_pause() -> None:
+            """SYNC (specs/relocation.md): the destination applies everything sent so far,
+            so the pause covers only the last dirty pages and the state, not a backlog."""
+            out.flush()
+            ch.send("SYNC", bytes=out.sent)
+            ch.expect("SYNCED", SYNC_TIMEOUT)
+
+        def on_end(stats) -> None:
+            out.flush()
+            ch.send("STREAM_END", bytes=stats.stream_bytes)
+            at["final"] = time.monotonic()
+
         try:
-            stats = save(seen, out.write, live=self.live, stats_cb=progress, cancel=cancel,
-                         compress=self.compress, convergence=self.convergence, throttle_domain=domain)
+            stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel,
+                         compress=self.compress, convergence=self.convergence,
+                         before_pause=before_pause, on_end=on_end)
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}; "
@@ -143,12 +157,8 @@ class MigrateJob:
                                   f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
         except Exception as exc:
             raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
-        end = time.monotonic()
-        paused_at = end - stats.downtime if self.live else save_start
+        paused_at = save_start + stats.pause_offset
         try:
-            out.flush()
-            ch.send("STREAM_END", bytes=stats.stream_bytes)
-            final_at = time.monotonic()
             restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
         except ChannelError as exc:
             if was_running:
@@ -158,20 +168,27 @@ class MigrateJob:
         restored_at = time.monotonic()
         try:
             ch.send("GO")
-            ch.expect("RUNNING", RUNNING_TIMEOUT)
+            running = ch.expect("RUNNING", RUNNING_TIMEOUT)
+        except PeerError as exc:
+            if not exc.not_resumed:
+                raise self._unknown(domain, exc) from None
+            if was_running:             # the destination's copy never ran and is gone
+                domain.resume()
+            raise RelocationError(f"relocation to {where} failed at the handoff: destination: {exc}; "
+                                  f"{domain.config.name} keeps running here") from None
         except ChannelError as exc:
-            raise OutcomeUnknown(
-                f"outcome unknown: GO was sent to {where} but RUNNING did not arrive ({exc}); "
-                f"the guest may be running on {self.host}. {domain.config.name} is kept paused "
-                f"here: check there, then either 'hvm destroy {domain.config.name}' or "
-                f"'hvm unpause {domain.config.name}' here") from None
+            raise self._unknown(domain, exc) from None
         running_at = time.monotonic()
+        final_at = at["final"]
+        parts = _downtime_parts(stats.downtime_parts, restored_at - final_at, running_at - restored_at,
+                                restored, running)
         return {
             "seconds": running_at - t0, "setup": setup,
-            "downtime": running_at - paused_at,
+            "downtime": running_at - paused_at - parts.pop("return", 0.0),
             "downtime_final": final_at - paused_at,
             "downtime_restore": restored_at - final_at,
             "downtime_resume": running_at - restored_at,
+            "downtime_parts": parts,
             "destination_seconds": restored["seconds"],
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
             "rounds_detail": _rounds(stats, save_start, final_at),
@@ -181,23 +198,34 @@ class MigrateJob:
         }
 
 
-class _SyncBeforePause:
-    """The domain as the engine sees it, except that ``pause()`` first waits until the
-    destination has applied everything sent so far (SYNC / SYNCED, specs/relocation.md):
-    the pause then covers only the last dirty pages and the state, not a backlog."""
+    def _unknown(self, domain, exc: Exception) -> "OutcomeUnknown":
+        name = domain.config.name
+        return OutcomeUnknown(
+            f"outcome unknown: GO was sent to {self.host}:{self.port} but RUNNING did not arrive "
+            f"({exc}); the guest may be running on {self.host}. {name} is kept paused here: "
+            f"check there, then either 'hvm destroy {name}' or 'hvm unpause {name}' here")
 
-    def __init__(self, domain, ch: Channel, out: DataBuffer):
-        self._domain, self._ch, self._out = domain, ch, out
 
-    def __getattr__(self, name):
-        return getattr(self._domain, name)
-
-    def pause(self, *args, **kwargs):
-        if self._domain.status == "running":
-            self._out.flush()
-            self._ch.send("SYNC", bytes=self._out.sent)
-            self._ch.expect("SYNCED", SYNC_TIMEOUT)
-        return self._domain.pause(*args, **kwargs)
+def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, restored: dict,
+                    running: dict) -> dict:
+    """Where the downtime went (specs/relocation.md, section 7), in seconds: the source's
+    ``capture``, ``pages``, ``state`` and ``end`` (SaveStats.downtime_parts); the
+    destination's ``read``, ``apply`` and ``answer`` (from RESTORED) and ``resume`` (from
+    RUNNING), when it reported them; ``link``: the rest of the STREAM_END / RESTORED and
+    GO / RUNNING round trips (``restore_wait``, ``resume_wait``). ``return``, for the
+    caller to pop: half of the GO / RUNNING round trip beyond the destination's resume,
+    the estimated time RUNNING took to come back, which is not downtime."""
+    parts = {k: source[k] for k in ("capture", "pages", "state", "end") if k in source}
+    dest = {k: restored[k] for k in ("read", "apply", "answer") if isinstance(restored.get(k), float)}
+    if isinstance(running.get("resume"), float):
+        dest["resume"] = running["resume"]
+    parts.update(dest)
+    trips = restore_wait + resume_wait - sum(dest.values())
+    if "resume" in dest:
+        parts["return"] = max(0.0, resume_wait - dest["resume"]) / 2
+        trips -= parts["return"]
+    parts["link"] = max(0.0, trips)
+    return parts
 
 
 def _rounds(stats, start: float, end: float) -> list[dict]:

@@ -51,7 +51,13 @@ class ChannelError(Exception):
 
 
 class PeerError(ChannelError):
-    """The peer sent ERROR; the message is its text."""
+    """The peer sent ERROR; the message is its text. ``not_resumed``: the ERROR said
+    (key ``not_resumed`` true, after GO only) that the destination's copy never ran and
+    is destroyed."""
+
+    def __init__(self, text: str, not_resumed: bool = False):
+        super().__init__(text)
+        self.not_resumed = not_resumed
 
 
 def stream_cap(memory: int) -> int:
@@ -111,7 +117,7 @@ class Channel:
             raise ChannelError("control message is not a map")
         _check(message)
         if message["t"] == "ERROR":
-            raise PeerError(message["error"])
+            raise PeerError(message["error"], message.get("not_resumed") is True)
         return "control", message
 
     def expect(self, kind: str, timeout: float | None = FRAME_TIMEOUT) -> dict:
@@ -137,14 +143,14 @@ class Channel:
             raise ChannelError(f"{kind} message too large")
         self._send(CONTROL, body)
 
-    def send_error(self, text: str, linger: float = ERROR_LINGER) -> None:
+    def send_error(self, text: str, linger: float = ERROR_LINGER, **extra) -> None:
         """Best effort: the link may be what failed. Then half-close and read (and drop)
         what the peer still sends until it closes, falls silent for a second, or
         ``linger`` seconds pass: closing with unread input makes the kernel reset the
         connection, and a reset can destroy our ERROR before the peer reads it (a source
         still streaming would then see only a broken pipe, not the reason)."""
         try:
-            self.send("ERROR", error=" ".join(str(text).split())[:MAX_ERROR_TEXT])
+            self.send("ERROR", error=" ".join(str(text).split())[:MAX_ERROR_TEXT], **extra)
         except ChannelError:
             return
         try:

@@ -4,7 +4,7 @@ One thread per incoming connection: TLS handshake (client certificate from the C
 required), HELLO checks, then a new domain process in its ``--receive`` mode (the same
 program and state directory as ``hvm create``; it restores with the ordinary stream
 reader and reports a paused pair), DATA relayed into it through a pipe, then the handoff:
-RESTORED, wait for GO, unpause, RUNNING.
+RESTORED, wait for GO, ``go`` on the domain process's go pipe, RUNNING.
 
 Why a relay into a domain process rather than a restore in the daemon: a domain's VMs,
 memfds and vCPU thread belong to the process that built them and cannot be handed to
@@ -19,6 +19,7 @@ import dataclasses
 import fcntl
 import logging
 import os
+import select
 import shutil
 import socket
 import ssl
@@ -46,6 +47,10 @@ class Refused(Exception):
     """A relocation this host will not take; the text goes to the source as ERROR."""
 
 
+class NotResumed(Refused):
+    """After GO: the receiving domain process could not resume the pair, which never ran."""
+
+
 @dataclasses.dataclass
 class ServeConfig:
     host: str
@@ -57,7 +62,10 @@ class ServeConfig:
 
 
 class Incoming:
-    """A receiving domain process and the pipe that feeds it."""
+    """A receiving domain process, the pipe that feeds it the stream, the pipe its GO goes
+    down and the pipe it answers on (``migrate.host.domaind``, receive mode). The
+    relocation's thread reads the answers itself when it needs one (SYNC, the end of the
+    stream, GO): no thread in between on the downtime path."""
 
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None):
         self.name, self.base = name, base
@@ -68,7 +76,8 @@ class Incoming:
         opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
                 "disk_from": hello["disk"], "disk_to": disk_to, "resume_timeout": RESUME_TIMEOUT}
         stream_r, self.stream_w = os.pipe()
-        ready_r, ready_w = os.pipe()
+        go_r, self.go_w = os.pipe()
+        self.ready_r, ready_w = os.pipe()
         try:
             fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
@@ -76,50 +85,51 @@ class Incoming:
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "migrate.host.domaind", str(self.dir), "--receive",
-                 str(stream_r), msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
-                pass_fds=(stream_r, ready_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                 str(stream_r), str(go_r), msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
+                pass_fds=(stream_r, go_r, ready_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(self.dir / "stderr.log", "wb"), start_new_session=True)
         finally:
             os.close(stream_r)
+            os.close(go_r)
             os.close(ready_w)
-        self.ready = os.fdopen(ready_r)
         proc.wait(10)               # the launcher half of the double fork
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
-        self.final: str | None = None        # its "ok" or "error: ..." line
-        self.changed = threading.Condition()
-        threading.Thread(target=self._watch, daemon=True, name=f"ready-{name}").start()
+        self.final: str | None = None        # its "ok BYTES END_AT APPLIED_AT" or "error: ..." line
+        self.stream_end_at = 0.0             # when STREAM_END arrived (time.monotonic)
+        self._pending = b""
 
-    def _watch(self) -> None:
-        """Read the domain process's ``at BYTES`` lines, then its final answer."""
-        for line in self.ready:
-            line = line.strip()
-            with self.changed:
-                if line.startswith("at ") and line[3:].isdigit():
-                    self.applied = int(line[3:])
-                else:
-                    self.final = line
-                self.changed.notify_all()
-            if self.final is not None:
-                break
-        with self.changed:
-            if self.final is None:
+    def _line(self, deadline: float, what: str) -> str:
+        """The domain process's next line; on EOF, an error line naming why it exited."""
+        while b"\n" not in self._pending:
+            left = deadline - time.monotonic()
+            if left <= 0 or not select.select([self.ready_r], [], [], left)[0]:
+                raise Refused(f"no {what} from the receiving domain process within the timeout")
+            chunk = os.read(self.ready_r, 4096)
+            if not chunk:
                 tail = _tail(self.dir / "stderr.log")
-                self.final = "error: domain process exited" + (f": {tail}" if tail else "")
-            self.changed.notify_all()
+                return "error: domain process exited" + (f": {tail}" if tail else "")
+            self._pending += chunk
+        line, _, self._pending = self._pending.partition(b"\n")
+        return line.decode(errors="replace").strip()
 
-    def wait(self, done, timeout: float, what: str):
-        with self.changed:
-            if not self.changed.wait_for(lambda: done() or self.final is not None, timeout):
-                raise Refused(f"no {what} from the receiving domain process within {timeout:g}s")
+    def _until_final(self, done, timeout: float, what: str) -> None:
+        """Read ``at BYTES`` lines until ``done()`` or the final answer."""
+        deadline = time.monotonic() + timeout
+        while self.final is None and not done():
+            line = self._line(deadline, what)
+            if line.startswith("at ") and line[3:].isdigit():
+                self.applied = int(line[3:])
+            else:
+                self.final = line
 
     def sync(self) -> int:
         """Wait until the domain process has applied every byte fed so far (SYNC)."""
-        self.wait(lambda: self.applied >= self.bytes, SYNC_TIMEOUT, "progress")
-        if self.final is not None and self.final != "ok":
+        self._until_final(lambda: self.applied >= self.bytes, SYNC_TIMEOUT, "progress")
+        if self.final is not None and not self.final.startswith("ok"):
             raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
-        return self.applied
+        return self.bytes if self.final is not None else self.applied
 
     def feed(self, data: bytes) -> None:
         self.bytes += len(data)
@@ -133,32 +143,73 @@ class Incoming:
             raise Refused(f"restore failed: {self.answer()}") from None
 
     def answer(self) -> str:
-        """The domain process's ``ok`` or error text (it stops reading on an error)."""
+        """The domain process's ``ok ...`` or error text (it stops reading on an error)."""
         self.close_stream()
-        self.wait(lambda: False, control.CREATE_TIMEOUT, "answer")
+        self._until_final(lambda: False, control.CREATE_TIMEOUT, "answer")
         return self.final.removeprefix("error: ")
 
-    def finish(self) -> None:
-        """The stream is complete: wait for the restored, paused pair."""
+    def finish(self) -> dict:
+        """The stream is complete: wait for the restored, paused pair. Returns where the
+        time since STREAM_END went (RESTORED's ``read``, ``apply``, ``answer``, seconds)."""
         answer = self.answer()
-        if answer != "ok":
+        words = answer.split()
+        if not words or words[0] != "ok":
             raise Refused(f"restore failed: {answer}")
+        try:
+            length, end_at, applied_at = int(words[1]), float(words[2]), float(words[3])
+        except (IndexError, ValueError):
+            raise Refused(f"the receiving domain process answered {answer!r}") from None
+        if length != self.bytes:        # it said ok at END: nothing may follow
+            raise Refused(f"restore failed: {self.bytes - length} bytes after END")
         (self.dir / "stderr.log").unlink(missing_ok=True)
+        now, start = time.monotonic(), self.stream_end_at
+        end_at, applied_at = (min(max(t, start), now) for t in (end_at, applied_at))
+        # each step counted from STREAM_END on: the stream may have been read before it came
+        return {"read": end_at - start, "apply": max(applied_at, end_at) - end_at,
+                "answer": now - max(applied_at, end_at)}
 
     def close_stream(self) -> None:
         if self.stream_w >= 0:
             os.close(self.stream_w)
             self.stream_w = -1
 
-    def resume(self) -> None:
-        with control.DomainClient(self.name, self.base) as client:
-            client.call("unpause")
+    def resume(self) -> float:
+        """GO: tell the domain process to resume its pair; the seconds it took. NotResumed
+        when it says the guest never ran (``refused:``, or ``error:`` from before GO),
+        Refused when the outcome is not known (it exited without an answer, or none came)."""
+        go_at = time.monotonic()
+        try:
+            os.write(self.go_w, b"go\n")
+        except OSError as exc:
+            raise Refused(f"the receiving domain process is gone: {exc}") from None
+        finally:
+            os.close(self.go_w)
+            self.go_w = -1
+        line = self._line(go_at + control.CREATE_TIMEOUT, "answer to GO")
+        word, _, rest = line.partition(" ")
+        if word in ("refused:", "error:") and not line.startswith("error: domain process exited"):
+            raise NotResumed(rest)
+        if word != "running":
+            raise Refused(line.removeprefix("error: "))
+        try:
+            return max(0.0, float(rest) - go_at)
+        except ValueError:
+            return time.monotonic() - go_at
 
     def discard(self) -> None:
         self.close_stream()
-        self.ready.close()
+        for fd in (self.go_w, self.ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self.go_w = self.ready_r = -1
         control._kill_pidfile(self.dir)
         shutil.rmtree(self.dir, ignore_errors=True)
+
+    def close(self) -> None:
+        """The relocation is over and the domain runs: stop listening to it."""
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
 
 
 class RelocationServer:
@@ -236,8 +287,8 @@ class RelocationServer:
             t0 = time.monotonic()
             ch.send("WELCOME", proto=PROTO, stream_version=STREAM_VERSIONS[-1])
             self.receive_stream(ch, incoming)
-            incoming.finish()
-            ch.send("RESTORED", seconds=time.monotonic() - t0)
+            timing = incoming.finish()
+            ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
             ch.expect("GO", GO_TIMEOUT)
         except (Refused, ChannelError, OSError) as exc:
             log.warning("relocation of %s from %s failed: %s", name, who, exc)
@@ -249,15 +300,21 @@ class RelocationServer:
             with self.names_lock:
                 self.receiving.pop(name, None)
         try:
-            incoming.resume()       # GO received: from here on the pair is ours
-        except control.ControlError as exc:
+            resume = incoming.resume()       # GO received: from here on the pair is ours
+        except NotResumed as exc:       # it never ran: destroy it, then the source may resume
+            log.error("GO for %s from %s, but it could not resume: %s", name, who, exc)
+            incoming.discard()
+            ch.send_error(f"resume failed after GO: {exc}; the copy here never ran and is destroyed",
+                          not_resumed=True)
+            return
+        except Refused as exc:          # it may have run: the source must not resume by itself
             log.error("GO for %s from %s, but it did not resume: %s", name, who, exc)
             ch.send_error(f"resume failed after GO: {exc}")
             incoming.discard()
             return
-        incoming.ready.close()
+        incoming.close()
         log.info("relocated %s from %s: running", name, who)
-        ch.send("RUNNING")
+        ch.send("RUNNING", resume=resume)
 
     def check_hello(self, hello: dict) -> str | None:
         """The destination disk for the domain, or Refused (specs/relocation.md, "HELLO checks")."""
@@ -307,6 +364,7 @@ class RelocationServer:
                     raise ChannelError(f"SYNC at {message['bytes']} bytes, received {incoming.bytes}")
                 ch.send("SYNCED", bytes=incoming.sync())
             elif message["t"] == "STREAM_END":
+                incoming.stream_end_at = time.monotonic()
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")
