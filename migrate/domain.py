@@ -93,6 +93,7 @@ class Domain:
         self.stub: Stub | None = None
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
+        self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
         try:
@@ -344,7 +345,7 @@ class Domain:
     def _run_until_stopped(self) -> None:
         vcpu = self.vcpu
         while True:
-            self._deliver_input()
+            self._housekeeping()
             ex = vcpu.run()
             if ex.reason == "stopped":
                 with self._cv:
@@ -367,6 +368,28 @@ class Domain:
     # -- exit handlers: return False to stop the vCPU -----------------------
     def _on_console(self, ex) -> None:
         self.console.feed(ex.data)
+
+    def prepare_capture(self) -> None:
+        """A capture is coming soon on a downtime path (a live save's final pause): have the
+        vCPU thread, which owns the stub's vCPU, run the stub's SAVE once now, so that the
+        code and data it touches are faulted in (first touches cost about 30 us a page
+        here) before the capture needs them. Its result is dropped."""
+        if self.stub is None:
+            return
+        with self._cv:
+            self._warm_stub = True
+            if self.status == "running":
+                self.vcpu.kick()
+
+    def _housekeeping(self) -> None:
+        """In the vCPU thread, between guest runs: console input and prepare_capture."""
+        if self._warm_stub:
+            self._warm_stub = False
+            try:
+                self.stub.save_devices()
+            except StubError as exc:        # the capture itself will fail and say why
+                log.warning("%s: warming the stub's SAVE failed: %s", self.config.name, exc)
+        self._deliver_input()
 
     def _deliver_input(self) -> None:
         if not self._input or self.stub is None:

@@ -1,15 +1,19 @@
 """Save a domain as one stream: stop-and-copy or live pre-copy (specs/stream-format.md,
 "Ordering"; the records come from :mod:`migrate.engine.state`).
 
-Order written: header, CREATOR, DOMAIN_CONFIG, MEMORY_LAYOUT (guest, stub), guest pages
-(round 0 = every page, then the dirty pages of each later round), HVM context records,
-stub records, END.
+Order written: header, CREATOR, DOMAIN_CONFIG, MEMORY_LAYOUT (guest, stub); live, the
+pre-copy page rounds (round 0 = every page, then the dirty pages of each later round);
+then, paused, the guest's HVM context records, the stub's records, the last page round
+(live: the pages dirtied since the last round; stop-and-copy: every page) and END. The
+state goes before the last pages so that a reader at the other end of a link checks it
+while those pages are still being sent (``flush``).
 
 The engine talks to the domain through a narrow interface: ``config``, ``status``,
 ``memory`` (a memoryview of guest RAM), ``pause()``, ``resume()``, ``capture()``,
 ``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear, a DirtyBitmap whose
 ``pfns()`` are the pages written since the last fetch; it must include the pages the stub
-wrote by DMA, merged in by the domain).
+wrote by DMA, merged in by the domain); optionally ``prepare_capture()``, called while
+the domain still runs, just before a live save's final pause.
 
 The stub (specs/ioreq.md) travels in the same stream: its RAM as address space
 Vm.STUB (its pages in the same rounds as the guest's, its own dirty log), its vCPU and
@@ -119,7 +123,8 @@ class _Saver:
     def __init__(self, domain, sink_write: Callable[[bytes], Any], level: int | None,
                  stats_cb, cancel: threading.Event | None, stub: StubPart | None,
                  convergence: Convergence, before_pause: Callable[[], Any] | None = None,
-                 on_end: Callable[["SaveStats"], Any] | None = None):
+                 on_end: Callable[["SaveStats"], Any] | None = None,
+                 flush: Callable[[], Any] | None = None):
         self.domain, self.sink_write, self.level = domain, sink_write, level
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
         self.conv = convergence
@@ -130,7 +135,7 @@ class _Saver:
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
         self.pacer = Pacer(convergence.max_bandwidth) if convergence.max_bandwidth else None
-        self.before_pause, self.on_end = before_pause, on_end
+        self.before_pause, self.on_end, self.flush = before_pause, on_end, flush
         self.throttle = VcpuThrottle(domain)
         self.pipeline = BatchPipeline(self._emit_batch)
 
@@ -238,32 +243,40 @@ class _Saver:
         self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
         if live:
             self.precopy()
+            if hasattr(dom, "prepare_capture"):
+                dom.prepare_capture()
             if self.before_pause is not None:
                 self.before_pause()         # under the throttle still, if one holds
             self.throttle.stop()
             self.stats.throttle = 0
-            paused_at, state = self.pause_for_last_round()
         else:
             self.stats.reason = OFFLINE
-            dom.pause()
-            paused_at = time.monotonic()
-            state = dom.capture()           # before the pages: see the module docstring
-            mark = self._part("capture", paused_at)
-            self.stats.phase = "final"
-            data, holes = self.all_pages()
-            self.send_round(data, paused=True, holes=holes)
-            self._part("pages", mark)
+        dom.pause()
+        paused_at = time.monotonic()
         self.stats.pause_offset = paused_at - self.t0
+        state = dom.capture()       # before the last pages: see the module docstring
+        mark = self._part("capture", paused_at)
         self.stats.phase = "state"
-        mark = time.monotonic()
         for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
         if self.stub is not None:
             for record in self.stub.records(state):
                 self.write(self.writer.record(record))
+        if self.flush is not None:
+            self.flush()            # the reader can check these while the last pages go out
+        mark = self._part("state", mark)
+        self.stats.phase = "final"
+        if live:
+            dirty = self._merge(self.pending, self.dirty_pages())
+            self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
+            self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
+            self.send_round(dirty, paused=True)
+        else:
+            data, holes = self.all_pages()
+            self.send_round(data, paused=True, holes=holes)
         self.write(self.writer.finish())
         self.stats.phase = "done"
-        mark = self._part("state", mark)
+        mark = self._part("pages", mark)
         if self.on_end is not None:
             self.on_end(self.stats)
             self._part("end", mark)
@@ -321,27 +334,13 @@ class _Saver:
             out[space] = (mem, array("Q", sorted(set(before).union(pfns))) if len(before) else pfns)
         return out
 
-    def pause_for_last_round(self):
-        """Pause, capture, send the last dirty pages; dirty logging stays on (run() turns it
-        off once the stream is out: switching it costs slot updates, not needed meanwhile)."""
-        self.domain.pause()
-        paused_at = time.monotonic()
-        state = self.domain.capture()       # before the last round: it dirties stub pages
-        mark = self._part("capture", paused_at)
-        self.stats.phase = "final"
-        dirty = self._merge(self.pending, self.dirty_pages())
-        self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
-        self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
-        self.send_round(dirty, paused=True)
-        self._part("pages", mark)
-        return paused_at, state
-
 
 def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = DEFAULT_LEVEL,
          live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          stub: StubPart | None = None, before_pause: Callable[[], Any] | None = None,
-         on_end: Callable[[SaveStats], Any] | None = None) -> SaveStats:
+         on_end: Callable[[SaveStats], Any] | None = None,
+         flush: Callable[[], Any] | None = None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
 
     ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
@@ -358,8 +357,10 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
     final pause (with the throttle, if any, still holding the guest back): a relocation
     lets the destination catch up there. ``on_end(stats)``: called once END has been
     written, still paused and before the engine tidies up (dirty logging off): a
-    relocation flushes its output and tells the destination there. Either may raise to
-    fail the save, with the same clean-up as any error.
+    relocation flushes its output and tells the destination there. ``flush()``: for a
+    sink that buffers, called when the state records are written and the last pages are
+    next: what was written should go out now. Any of them may raise to fail the save,
+    with the same clean-up as any error.
     """
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
@@ -367,7 +368,7 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
         stub = DomainStub(domain)
     was_running = domain.status == "running"
     saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub,
-                   convergence or Convergence(), before_pause, on_end)
+                   convergence or Convergence(), before_pause, on_end, flush)
     try:
         return saver.run(live)
     except BaseException:

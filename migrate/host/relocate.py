@@ -147,7 +147,7 @@ class MigrateJob:
         try:
             stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel,
                          compress=self.compress, convergence=self.convergence,
-                         before_pause=before_pause, on_end=on_end)
+                         before_pause=before_pause, on_end=on_end, flush=out.flush)
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}; "
