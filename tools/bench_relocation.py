@@ -1,6 +1,7 @@
-"""Relocation on loopback: one domain moved back and forth between two host daemons
-(in-process, each with its own state directory, TLS 1.3 with a fresh CA), printing total
-time, downtime and its parts, bytes and rounds per relocation, then medians.
+"""Relocation on loopback: one domain moved back and forth between two host daemons (two
+`hvm host serve` processes, each with its own state directory, TLS 1.3 with a fresh CA),
+printing total time, downtime and where it went (specs/relocation.md, section 7), bytes
+and rounds per relocation, then medians.
 
     .venv/bin/python tools/bench_relocation.py --workload idle --memory 64 --runs 5
     .venv/bin/python tools/bench_relocation.py --workload ledger --memory 256 --runs 5 --json
@@ -17,17 +18,18 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import socket
 import statistics
+import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrate.domain import DomainConfig  # noqa: E402
-from migrate.host import control, relocd, tls  # noqa: E402
+from migrate.host import control, tls  # noqa: E402
 from migrate.host.relocate import migrate_domain  # noqa: E402
 from migrate.guest import check  # noqa: E402
 
@@ -70,6 +72,21 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
 
 
 KEYS = ("seconds", "setup", "downtime", "downtime_final", "downtime_restore", "downtime_resume")
+PARTS = ("capture", "state", "pages", "end", "read", "apply", "answer", "resume", "link")
+
+
+def serve(base: Path, tls_dir: str) -> tuple[subprocess.Popen, int]:
+    """An `hvm host serve` on a free loopback port, state in ``base``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--listen",
+                             f"127.0.0.1:{port}", "--tls-dir", tls_dir],
+                            env={**os.environ, "HVM_STATE_DIR": str(base)}, stderr=subprocess.PIPE, text=True)
+    for _ in range(3):
+        if "listening on" in proc.stderr.readline():
+            return proc, port
+    raise SystemExit("hvm host serve did not start")
 
 
 def main() -> int:
@@ -88,11 +105,7 @@ def main() -> int:
         tls.keygen(root / "pki", ["127.0.0.1"])
         tls_dir = str(root / "pki" / "127.0.0.1")
         bases = [root / "a", root / "b"]
-        servers = []
-        for base in bases:
-            server = relocd.RelocationServer(relocd.ServeConfig("127.0.0.1", 0, tls_dir, {}, base))
-            threading.Thread(target=server.serve_forever, daemon=True).start()
-            servers.append(server)
+        servers = [serve(base, tls_dir) for base in bases]
         args = opts.arg + [0] * (8 - len(opts.arg))
         control.create_domain(DomainConfig("bench", opts.workload, opts.memory << 20, args=args),
                               bases[0])
@@ -111,7 +124,7 @@ def main() -> int:
                 here, there = run % 2, 1 - run % 2
                 time.sleep(opts.settle)
                 touched = touched_bytes("bench", bases[here])
-                reply = migrate_domain("bench", f"127.0.0.1:{servers[there].address[1]}",
+                reply = migrate_domain("bench", f"127.0.0.1:{servers[there][1]}",
                                        live=not opts.offline, tls_dir=tls_dir, base=bases[here])
                 control.wait_gone("bench", bases[here])
                 s = reply["stats"]
@@ -122,6 +135,7 @@ def main() -> int:
                     gen = ledger_check("bench", bases[there], opts.arg[0] if opts.arg else 0, npages, gen)
                     s["checked_gen"] = gen
                 results.append(s)
+                parts = s.get("downtime_parts", {})
                 if not opts.json:
                     print(f"run {run}: total {s['seconds'] * 1e3:.1f} ms, downtime {s['downtime'] * 1e3:.2f} ms "
                           f"(final {s['downtime_final'] * 1e3:.2f} [{last['pages']} pages, "
@@ -130,16 +144,20 @@ def main() -> int:
                           f"{s['bytes'] / 1e6:.2f} MB for {touched / 1e6:.2f} MB touched "
                           f"({s['bytes'] / touched:.3f}x), {s['rounds']} rounds"
                           + (f", ledger ok gen={gen}" if opts.check else ""), flush=True)
+                    print("       parts (ms): " + " ".join(f"{k} {parts[k] * 1e3:.2f}" for k in PARTS
+                                                        if k in parts), flush=True)
         finally:
             for base in bases:
                 for info in control.list_domains(base):
                     with control.DomainClient(info["name"], base) as c:
                         c.call("destroy")
-            for server in servers:
-                server.stop()
+            for proc, _ in servers:
+                proc.terminate()
+                proc.wait(10)
     med = {k: statistics.median(r[k] for r in results) for k in KEYS}
     for key in ("bytes", "touched", "final_pages", "final_bytes"):
         med[key] = statistics.median(r[key] for r in results)
+    med["parts"] = {k: statistics.median(r["downtime_parts"].get(k, 0.0) for r in results) for k in PARTS}
     if opts.json:
         print(json.dumps({"workload": opts.workload, "memory_mib": opts.memory, "runs": results,
                           "median": med}))
@@ -151,6 +169,7 @@ def main() -> int:
               f"({med['bytes'] / med['touched']:.3f}x); final round {med['final_pages']:.0f} pages; "
               f"downtime max {max(r['downtime'] for r in results) * 1e3:.2f} ms"
               + (f"; every ledger self-check ok ({len(results)} moves)" if opts.check else ""))
+        print("median parts (ms): " + " ".join(f"{k} {v * 1e3:.2f}" for k, v in med["parts"].items()))
     return 0
 
 

@@ -393,12 +393,15 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
     is named ``name`` and its disk is the destination's ``disk_to``. After each chunk it
     applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC);
     once the state is applied, the control socket ``server`` is shown (the paused domain is
-    listed from RESTORED on), ``ok ...`` is said (module docstring) and the vCPU thread is
-    started, parked, so that GO (:meth:`DomainServer.await_go`) only has to wake it."""
+    listed from RESTORED on) and ``ok ...`` is said (module docstring). The vCPU thread is
+    started, parked, as soon as the domain is made, so that GO
+    (:meth:`DomainServer.await_go`) only has to wake it."""
     def make(cfg: DomainConfig) -> Domain:
         if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
             raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
-        return Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console)
+        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console)
+        domain.park_vcpu()
+        return domain
 
     def chunks():
         with os.fdopen(fd, "rb", buffering=0) as pipe:
@@ -413,7 +416,6 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
         server.domain = domain
         server.publish()
         os.write(ready_fd, f"ok {stats.stream_bytes} {stats.end_at:.6f} {stats.applied_at:.6f}\n".encode())
-        domain.park_vcpu()
 
     return restore(chunks(), name=opts["name"], make_domain=make, progress=progress,
                    on_applied=applied)
