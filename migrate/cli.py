@@ -326,7 +326,8 @@ def _mb(n: float) -> str:
 def _save_summary(name: str, path: str, reply: dict) -> str:
     s = reply["stats"]
     rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
-    live = f", downtime {s['downtime'] * 1000:.0f} ms" if s["downtime"] else ""
+    live = (f", downtime {s['downtime'] * 1000:.0f} ms (switched over: {s['reason']})"
+            if s["downtime"] else "")
     return (f"saved {name} to {path}: {_mb(s['stream_bytes'])}, {s['pages_total']} pages "
             f"({s['pages_sent']} sent, {s['pages_zero']} zero), {rounds}, {s['seconds']:.2f} s, "
             f"{s['throughput'] / 1e9:.2f} GB/s of guest RAM{live}; domain {reply['status']}")
@@ -356,6 +357,37 @@ class _ProgressLine:
             click.echo("", err=True)
 
 
+def convergence_options(what: str):
+    """The pre-copy options shared by ``save --live`` and ``migrate`` (specs/relocation.md,
+    section 6); ``what`` says what a cancel leaves behind."""
+    options = [
+        click.option("--downtime-ms", type=click.FloatRange(min=0), default=None,
+                     help="Switch to the final pause once its estimated time is under this "
+                          "(default 300)."),
+        click.option("--max-bandwidth", type=click.FloatRange(min=0, min_open=True), metavar="MB/s",
+                     help="Pace the stream to this many MB (10^6 bytes) per second."),
+        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
+                     help="Give pre-copy this long to converge; then --on-timeout applies."),
+        click.option("--on-timeout", type=click.Choice(["cancel", "force"]), default=None,
+                     help=f"cancel (default): stop, {what}, exit 1; force: pause and send the rest."),
+        click.option("--throttle", is_flag=True, default=None,
+                     help="Slow the guest's vCPU (paused 20%, 30%, ... 99% of the time) when it "
+                          "dirties memory faster than the stream goes out."),
+    ]
+
+    def decorate(fn):
+        for option in reversed(options):
+            fn = option(fn)
+        return fn
+    return decorate
+
+
+def _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle) -> dict:
+    """The request keys of the convergence options given (None: not given)."""
+    return {"downtime_ms": downtime_ms, "max_bandwidth": max_bandwidth * 1e6 if max_bandwidth else None,
+            "precopy_timeout": timeout, "on_timeout": on_timeout, "throttle": throttle or None}
+
+
 @hvm.command()
 @click.argument("name")
 @click.argument("file", type=click.Path(dir_okay=False))
@@ -363,23 +395,30 @@ class _ProgressLine:
 @click.option("--live", is_flag=True, help="Pre-copy while the guest runs, pause for the last round.")
 @click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
               help="Page compression.")
+@convergence_options("no file, the domain keeps running")
 @json_option
 @_fail_cleanly
-def save(name, file, checkpoint, live, compress, as_json):
+def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, timeout, on_timeout,
+         throttle, as_json):
     """Save a domain to FILE (like xl save: the domain is destroyed afterwards unless
     --checkpoint). FILE appears only when complete; a failed save leaves no file and
-    the domain as it was.
+    the domain as it was. The pre-copy options need --live.
 
     \b
     Example:
       hvm save web1 /var/lib/hvm/web1.hvm --live --compress zstd:3
+      hvm save web1 /var/lib/hvm/web1.hvm --live --max-bandwidth 200 --timeout 30 --throttle
     """
     level = parse_compress(compress)
+    convergence = _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle)
+    if not live and any(v is not None for v in convergence.values()):
+        raise click.UsageError("--downtime-ms, --max-bandwidth, --timeout, --on-timeout and "
+                               "--throttle need --live")
     mode = ("live-" if live else "") + ("checkpoint" if checkpoint else "stop")
     mode = {"live-stop": "live"}.get(mode, mode)
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
-        reply = control.save_domain(name, file, mode=mode, compress=level, progress=bar)
+        reply = control.save_domain(name, file, mode=mode, compress=level, progress=bar, **convergence)
     finally:
         bar.done()
     if reply["status"] == "destroyed":
@@ -611,17 +650,7 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
 @click.option("--stats-out", type=click.Path(dir_okay=False, writable=True),
               help="Write the statistics, with one entry per round, as JSON to this file.")
-@click.option("--downtime-ms", type=click.FloatRange(min=0), default=300, show_default=True,
-              help="Switch to the final pause once its estimated time is under this.")
-@click.option("--max-bandwidth", type=click.FloatRange(min=0, min_open=True), metavar="MB/s",
-              help="Pace the stream to this many MB (10^6 bytes) per second.")
-@click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-              help="Give pre-copy this long to converge; then --on-timeout applies.")
-@click.option("--on-timeout", type=click.Choice(["cancel", "force"]), default="cancel", show_default=True,
-              help="cancel: the guest keeps running here, exit 1; force: pause and send the rest.")
-@click.option("--throttle", is_flag=True,
-              help="Slow the guest's vCPU (paused 20%, 30%, ... 99% of the time) when it dirties "
-                   "memory faster than the link sends it.")
+@convergence_options("the guest keeps running here")
 @click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
               help="Page compression.")
 @json_option
@@ -640,10 +669,8 @@ def migrate(name, target, offline, tls_dir, insecure, stats_out, downtime_ms, ma
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
         reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir,
-                               insecure=insecure, progress=bar, downtime_ms=downtime_ms,
-                               max_bandwidth=max_bandwidth * 1e6 if max_bandwidth else None,
-                               precopy_timeout=timeout, on_timeout=on_timeout, throttle=throttle,
-                               compress=parse_compress(compress))
+                               insecure=insecure, progress=bar, compress=parse_compress(compress),
+                               **_convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle))
     finally:
         bar.done()
     control.wait_gone(name)

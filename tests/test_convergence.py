@@ -205,3 +205,41 @@ def test_throttle_converges(hosts, pki):
     [info] = control.list_domains(dst)
     assert info["status"] == "running"
     wait_console("d3", dst, r"^dirtier writes=")
+
+
+@pytest.mark.kvm
+def test_live_save_takes_the_same_convergence_options(tmp_path, state_dir):
+    """`hvm save --live` with a dirtier outrunning --max-bandwidth: --timeout with cancel
+    fails, leaves no file and the domain running; with force it writes the file and says
+    why it switched over. Without --live the options are refused."""
+    start_dirtier("d4", 48, 32, 40)
+    wait_console("d4", state_dir, r"^dirtier writes=")
+    (tmp_path / "out").mkdir()
+    path = tmp_path / "out" / "d4.hvm"
+    common = ["save", "d4", str(path), "--live", "--checkpoint", "--max-bandwidth", "20",
+              "--compress", "none", "--timeout", "2", "--json"]
+    res = CliRunner().invoke(hvm, common + ["--on-timeout", "cancel"])
+    assert res.exit_code == 1 and "pre-copy did not converge within 2 s" in res.output, res.output
+    assert not list((tmp_path / "out").iterdir())          # no file, no partial file
+    assert [d["status"] for d in control.list_domains(state_dir)] == ["running"]
+    res = CliRunner().invoke(hvm, common + ["--on-timeout", "force"])
+    assert res.exit_code == 0, res.output
+    stats = json.loads(res.output)["stats"]
+    assert stats["reason"] == "timeout-force" and stats["downtime_estimate"] > 0.3
+    assert path.stat().st_size == stats["stream_bytes"]
+    assert [d["status"] for d in control.list_domains(state_dir)] == ["running"]     # --checkpoint
+    res = CliRunner().invoke(hvm, ["save", "d4", str(tmp_path / "x.hvm"), "--throttle"])
+    assert res.exit_code == 2 and "need --live" in res.output
+
+
+def test_save_request_keys_are_checked():
+    from migrate.host.domaind import SaveJob
+    job = SaveJob.from_request({"path": "/x", "mode": "live", "precopy_timeout": 2, "on_timeout": "force",
+                                "throttle": True, "max_bandwidth": 1e6, "compress": 3})
+    c = job.convergence
+    assert (c.timeout, c.on_timeout, c.throttle, c.max_bandwidth, job.level) == (2, "force", True, 1e6, 3)
+    assert SaveJob.from_request({"path": "/x", "compress": None}).level is None
+    with pytest.raises(ValueError, match="precopy_timeout apply to a live save only"):
+        SaveJob.from_request({"path": "/x", "mode": "checkpoint", "precopy_timeout": 2})
+    with pytest.raises(ValueError, match="save: bad throttle"):
+        SaveJob.from_request({"path": "/x", "mode": "live", "throttle": "yes"})

@@ -131,17 +131,23 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
 
 
 def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
-                compress: int | None = DEFAULT_LEVEL, progress=None, base: Path | None = None) -> dict:
+                compress: int | None = DEFAULT_LEVEL, progress=None, base: Path | None = None,
+                **convergence) -> dict:
     """Save a domain to ``path`` from inside its process (see domaind's SaveJob for
     ``mode``); ``progress(dict)`` gets the save's statistics as it goes. Returns the
     final reply (``path``, ``status``, ``stats``). If the connection is lost (the domain
-    process died, or we are interrupted) the partial file is removed here too."""
+    process died, or we are interrupted) the partial file is removed here too.
+    ``convergence``: for the live modes, protocol.CONVERGENCE_KEYS (None values left out)."""
     path = Path(path).absolute()
     from ..engine import partial_path
+    unknown = set(convergence) - set(protocol.CONVERGENCE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown save options: {', '.join(sorted(unknown))}")
+    extra = {k: v for k, v in convergence.items() if v is not None}
     with DomainClient(name, base) as client:
         try:
             return client.call_with_progress("save", progress, path=str(path), mode=mode,
-                                             compress=compress)
+                                             compress=compress, **extra)
         except BaseException as exc:
             if not isinstance(exc, ControlError) or "save failed" not in str(exc):
                 partial_path(path).unlink(missing_ok=True)

@@ -50,7 +50,7 @@ import msgpack
 
 from ..console import Console
 from ..domain import Domain, DomainConfig, DomainError
-from ..engine import RestoreError, SaveError, file_chunks, restore, save_to_file
+from ..engine import Convergence, RestoreError, SaveError, file_chunks, restore, save_to_file
 from ..kvm import KvmError
 from ..stream import StreamError
 from . import protocol, statedir
@@ -260,7 +260,8 @@ class DomainServer:
         watch = ClientWatch(conn, self.save_cancel)
         try:
             stats = save_to_file(dom, job.path, compress=job.level, live=job.live,
-                                 stats_cb=watch.progress, cancel=self.save_cancel)
+                                 stats_cb=watch.progress, cancel=self.save_cancel,
+                                 convergence=job.convergence)
         except Exception as exc:      # anything: the domain goes on as before
             log.warning("save to %s failed: %s", job.path, exc)
             if was_running and dom.status == "paused":
@@ -317,24 +318,30 @@ class DomainServer:
 class SaveJob:
     """A save request: ``path`` (absolute), ``mode`` ``stop`` (default: destroy after a
     successful save), ``checkpoint`` (keep running), ``live`` (pre-copy, then stop) or
-    ``live-checkpoint``; ``compress`` None or a zstd level."""
+    ``live-checkpoint``; ``compress`` None or a zstd level; for the live modes, the
+    other convergence keys of a migrate request (protocol.CONVERGENCE_KEYS)."""
 
     MODES = {"stop": (False, False), "checkpoint": (False, True), "live": (True, False),
              "live-checkpoint": (True, True)}
 
-    def __init__(self, path: Path, live: bool, checkpoint: bool, level: int | None):
+    def __init__(self, path: Path, live: bool, checkpoint: bool, level: int | None,
+                 convergence: Convergence | None = None):
         self.path, self.live, self.checkpoint, self.level = path, live, checkpoint, level
+        self.convergence = convergence
 
     @classmethod
     def from_request(cls, req: dict) -> "SaveJob":
-        path, mode, level = req.get("path"), req.get("mode", "stop"), req.get("compress")
+        path, mode = req.get("path"), req.get("mode", "stop")
         if not isinstance(path, str) or not os.path.isabs(path):
             raise ValueError("save needs an absolute path")
         if mode not in cls.MODES:
             raise ValueError(f"save mode {mode!r} is not one of {', '.join(cls.MODES)}")
-        if level is not None and (not isinstance(level, int) or not -7 <= level <= 22):
-            raise ValueError("compress must be None or a zstd level -7..22")
-        return cls(Path(path), *cls.MODES[mode], level)
+        live, checkpoint = cls.MODES[mode]
+        asked = [k for k in protocol.CONVERGENCE_KEYS if k != "compress" and req.get(k) is not None]
+        if asked and not live:
+            raise ValueError(f"save: {', '.join(asked)} apply to a live save only")
+        convergence, level = protocol.convergence_from_request(req, "save")
+        return cls(Path(path), live, checkpoint, level, convergence)
 
 
 class ClientWatch:

@@ -10,6 +10,9 @@ import socket
 
 import msgpack
 
+from ..engine import Convergence
+from ..engine.batches import DEFAULT_LEVEL
+
 MAX_MESSAGE = 1 << 20           # bytes one message may take
 CONSOLE_CHUNK = 64 << 10        # console bytes one answer carries at most
 INPUT_CHUNK = 4096              # console input bytes one request may carry
@@ -47,3 +50,32 @@ def receive(sock: socket.socket, unpack: msgpack.Unpacker) -> dict:
             unpack.feed(data)
         except msgpack.BufferFull:
             raise ProtocolError(f"message larger than {MAX_MESSAGE} bytes") from None
+
+
+# The convergence keys of a live ``save`` or ``migrate`` request: name -> (type, check).
+CONVERGENCE_KEYS = {
+    "downtime_ms": ((int, float), lambda v: v >= 0),
+    "max_bandwidth": ((int, float), lambda v: v > 0),       # bytes per second
+    "precopy_timeout": ((int, float), lambda v: v > 0),      # seconds (--timeout)
+    "on_timeout": (str, lambda v: v in ("cancel", "force")),
+    "throttle": (bool, lambda v: True),
+    "compress": ((int, type(None)), lambda v: v is None or -7 <= v <= 22),
+}
+
+
+def convergence_from_request(req: dict, what: str) -> tuple[Convergence, int | None]:
+    """The Convergence and the zstd level (None: uncompressed) a request asks for; absent
+    keys take the defaults (``compress`` absent: the engine's level). ValueError names a
+    bad key."""
+    opts = {}
+    for key, (types, ok) in CONVERGENCE_KEYS.items():
+        if key not in req or (req[key] is None and key != "compress"):
+            continue
+        value = req[key]
+        if isinstance(value, bool) is not (types is bool) or not isinstance(value, types) or not ok(value):
+            raise ValueError(f"{what}: bad {key} {value!r}")
+        opts[key] = value
+    conv = Convergence(downtime=opts.get("downtime_ms", 300) / 1000,
+                       max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("precopy_timeout"),
+                       on_timeout=opts.get("on_timeout", "cancel"), throttle=opts.get("throttle", False))
+    return conv, opts.get("compress", DEFAULT_LEVEL)

@@ -19,6 +19,7 @@ from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
 from . import tls
+from .protocol import CONVERGENCE_KEYS, convergence_from_request
 from .relocation import (
     PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
@@ -43,17 +44,6 @@ def parse_target(text: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-# the convergence keys of a migrate request: name -> (type, check)
-CONVERGENCE_KEYS = {
-    "downtime_ms": ((int, float), lambda v: v >= 0),
-    "max_bandwidth": ((int, float), lambda v: v > 0),       # bytes per second
-    "precopy_timeout": ((int, float), lambda v: v > 0),      # seconds (--timeout)
-    "on_timeout": (str, lambda v: v in ("cancel", "force")),
-    "throttle": (bool, lambda v: True),
-    "compress": ((int, type(None)), lambda v: v is None or -7 <= v <= 22),
-}
-
-
 class MigrateJob:
     """A ``migrate`` request: ``host``, ``port``, ``live`` (bool), ``tls_dir`` (absolute
     path) or ``insecure`` true; optionally the CONVERGENCE_KEYS (``downtime_ms``,
@@ -76,18 +66,8 @@ class MigrateJob:
             raise ValueError("live and insecure must be booleans")
         if not insecure and (not isinstance(tls_dir, str) or not os.path.isabs(tls_dir)):
             raise ValueError("migrate needs an absolute tls_dir, or insecure")
-        opts = {}
-        for key, (types, ok) in CONVERGENCE_KEYS.items():
-            if req.get(key) is None and key != "compress":
-                continue
-            value = req.get(key, 1)
-            if isinstance(value, bool) is not (types is bool) or not isinstance(value, types) or not ok(value):
-                raise ValueError(f"migrate: bad {key} {value!r}")
-            opts[key] = value
-        conv = Convergence(downtime=opts.get("downtime_ms", 300) / 1000,
-                           max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("precopy_timeout"),
-                           on_timeout=opts.get("on_timeout", "cancel"), throttle=opts.get("throttle", False))
-        return cls(host, port, live, tls_dir, insecure, conv, opts.get("compress", 1))
+        conv, compress = convergence_from_request(req, "migrate")
+        return cls(host, port, live, tls_dir, insecure, conv, compress)
 
     # -- the steps -------------------------------------------------------------
     def connect(self) -> Channel:
