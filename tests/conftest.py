@@ -3,6 +3,7 @@
 skipped to .kvm-test-status, which .ci/run reads (and fails on if /dev/kvm
 exists but KVM tests skipped)."""
 import os
+import signal
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,13 @@ def domains():
 
 @pytest.fixture
 def state_dir(tmp_path, monkeypatch):
+    """$HVM_STATE_DIR for the test; any domain process left in it is killed afterwards
+    (a failed test must not leave guests running)."""
     path = tmp_path / "hvm-state"
     monkeypatch.setenv("HVM_STATE_DIR", str(path))
-    return path
+    yield path
+    for pidfile in path.glob("*/pid"):
+        try:
+            os.kill(int(pidfile.read_text()), signal.SIGKILL)
+        except (OSError, ValueError):
+            pass
