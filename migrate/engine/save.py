@@ -181,16 +181,19 @@ class _Saver:
             self.stats_cb(self.stats)
 
     # -- pages --------------------------------------------------------------------
-    def send_round(self, pfns_by_space: dict, paused: bool = False, holes: dict | None = None) -> None:
+    def send_round(self, pfns_by_space: dict, paused: bool = False, holes: dict | None = None,
+                   start: tuple[float, int] | None = None) -> None:
         """``paused``: memory cannot change meanwhile, so batches may be compressed
         straight from it (encode_pages' ``stable``). ``holes``: per space, pages never
         written (holes of the memory file): not sent at all, since a restore starts from
-        zeroed memory; only counted."""
+        zeroed memory; only counted. ``start``: where the round began (seconds since the
+        save's start, stream bytes), if before this call: the last round begins at the
+        pause and includes the state records."""
         holes = holes or {}
         self.stats.pages_holes += sum(len(p) for p in holes.values())
         self.stats.round = self.stats.rounds
         self.stats.throttle_history.append(self.throttle.percent)
-        self.stats.round_starts.append((time.monotonic() - self.t0, self.stats.stream_bytes))
+        self.stats.round_starts.append(start or (time.monotonic() - self.t0, self.stats.stream_bytes))
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
         # a round of at most one batch of pages (the usual last round) is encoded here
         encode = (self.pipeline.encode_here if self.stats.pages_round <= MAX_PAGES_PER_BATCH
@@ -254,6 +257,7 @@ class _Saver:
         dom.pause()
         paused_at = time.monotonic()
         self.stats.pause_offset = paused_at - self.t0
+        last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         state = dom.capture()       # before the last pages: see the module docstring
         mark = self._part("capture", paused_at)
         self.stats.phase = "state"
@@ -270,10 +274,10 @@ class _Saver:
             dirty = self._merge(self.pending, self.dirty_pages())
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
             self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
-            self.send_round(dirty, paused=True)
+            self.send_round(dirty, paused=True, start=last_round)
         else:
             data, holes = self.all_pages()
-            self.send_round(data, paused=True, holes=holes)
+            self.send_round(data, paused=True, holes=holes, start=last_round)
         self.write(self.writer.finish())
         self.stats.phase = "done"
         mark = self._part("pages", mark)

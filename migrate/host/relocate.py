@@ -213,7 +213,7 @@ def _rounds(stats, start: float, end: float) -> list[dict]:
     per second during the round before), throttle percent in force and, for pre-copy rounds
     after round 0, the final-round estimate made before it. Round 0 includes the stream head,
     and its ``holes`` are the never-written pages it did not need to send;
-    the last round runs to STREAM_END and includes the state records."""
+    the last round runs from the pause to STREAM_END and includes the state records."""
     marks = [(start + at, nbytes) for at, nbytes in stats.round_starts]
     if marks:
         marks[0] = (marks[0][0], 0)
