@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from dataclasses import dataclass, field
 
 from . import guest
@@ -91,6 +92,8 @@ class Domain:
         self._in_guest = False
         self._thread: threading.Thread | None = None
         self._has_run = False               # resume() was called once: state can no longer be applied
+        self.left_at = 0.0                  # time.monotonic() the vCPU last left the guest for a pause
+        self.entered_at: float | None = None    # ... and first went into it after the last resume()
         self.stub: Stub | None = None
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
@@ -270,8 +273,16 @@ class Domain:
             self._want_run = True
             self._has_run = True
             self.status = "running"
+            self.entered_at = None
             self._start_thread()
             self._cv.notify_all()
+
+    def entered(self, timeout: float = 1.0) -> float | None:
+        """After resume(): when the vCPU thread went into the guest (time.monotonic()), or
+        None if it has not within ``timeout`` (or the domain stopped meanwhile)."""
+        with self._cv:
+            self._cv.wait_for(lambda: self.entered_at is not None or self.status != "running", timeout)
+            return self.entered_at
 
     def park_vcpu(self) -> None:
         """Start the vCPU thread of a paused domain without running the guest (state may
@@ -287,11 +298,12 @@ class Domain:
                                             name=f"vcpu0-{self.config.name}")
             self._thread.start()
 
-    def pause(self, timeout: float = 10.0) -> None:
-        """Stop the vCPU; on return guest state is consistent and still."""
+    def pause(self, timeout: float = 10.0) -> float:
+        """Stop the vCPU; on return guest state is consistent and still. Returns when the
+        guest stopped running (time.monotonic(); now if it was not running)."""
         with self._cv:
             if self.status != "running":
-                return
+                return time.monotonic()
             self._want_run = False
             self.vcpu.kick()
             if not self._cv.wait_for(lambda: not self._in_guest, timeout):
@@ -302,6 +314,7 @@ class Domain:
         # so none is in flight now; make the written ones durable.
         if self.stub is not None and self.stub.backend is not None:
             self.stub.backend.flush()
+        return self.left_at
 
     def destroy(self) -> None:
         with self._cv:
@@ -348,12 +361,20 @@ class Domain:
 
     def _run_until_stopped(self) -> None:
         vcpu = self.vcpu
+        entering = True
         while True:
             self._housekeeping()
+            if entering:            # the first entry after a resume: entered() waits for it
+                with self._cv:
+                    self.entered_at = time.monotonic()
+                    self._cv.notify_all()
+                entering = False
             ex = vcpu.run()
             if ex.reason == "stopped":
+                left = time.monotonic()
                 with self._cv:
                     if not self._want_run:
+                        self.left_at = left
                         return
                     vcpu.unkick()       # kicked for housekeeping (input), not a pause
                 continue

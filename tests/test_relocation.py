@@ -164,7 +164,8 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     assert sum(r["bytes"] for r in rounds) == stats["bytes"] and all(r["seconds"] >= 0 for r in rounds)
     assert 0 < stats["downtime"] < stats["seconds"]
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up
-    assert set(parts) == {"capture", "pages", "state", "end", "read", "apply", "answer", "resume", "link"}
+    assert set(parts) == {"stop", "capture", "pages", "state", "end", "read", "apply", "answer", "resume",
+                          "link"}
     assert all(v >= 0 for v in parts.values()) and parts["capture"] > 0 and parts["apply"] > 0
     assert abs(sum(parts.values()) - stats["downtime"]) < 0.25 * stats["downtime"]
     assert control.list_domains(src) == []                 # the source copy is gone
@@ -544,3 +545,62 @@ def test_serve_max_memory_from_the_command_line(tmp_path, state_dir):
     res = CliRunner().invoke(hvm, ["host", "serve", "--insecure", "--listen", "127.0.0.1:1",
                                    "--max-memory", "lots"])
     assert res.exit_code == 2 and "not a size" in res.output
+
+
+def fake_destination(answer):
+    """A destination that takes the stream and then does what ``answer(ch)`` says;
+    returns its port."""
+    listener = socket.create_server(("127.0.0.1", 0))
+
+    def serve():
+        conn, _ = listener.accept()
+        listener.close()
+        ch = Channel(conn)
+        ch.expect("HELLO")
+        ch.send("WELCOME", proto=1, stream_version=1)
+        while True:
+            kind, message = ch.receive()
+            if kind == "control" and message["t"] == "SYNC":
+                ch.send("SYNCED", bytes=message["bytes"])
+            elif kind == "control" and message["t"] == "STREAM_END":
+                break
+        answer(ch)
+        ch.close()
+
+    threading.Thread(target=serve, daemon=True).start()
+    return listener.getsockname()[1]
+
+
+def logging_on(dom) -> list[bool]:
+    from migrate.kvm._lib import lib
+    slots = list(dom.vm.slots.values()) + list(dom.stub.vm.slots.values())
+    return [bool(slot.flags & lib.KVM_MEM_LOG_DIRTY_PAGES) for slot in slots]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("end", ["error-before-restored", "not-resumed", "no-running"])
+def test_failed_handoff_turns_dirty_logging_off(domains, end):
+    """A successful relocation leaves dirty logging on (its domain is destroyed next);
+    every failed handoff turns it off before the domain may run here again: resumed at
+    once (an ERROR instead of RESTORED, or a destination whose copy never ran), or kept
+    paused for the operator (no RUNNING)."""
+    from migrate.domain import Domain
+    from migrate.host.relocate import MigrateJob, OutcomeUnknown, RelocationError
+
+    def answer(ch):
+        if end == "error-before-restored":
+            ch.send_error("restore failed: no memory", linger=1)
+            return
+        ch.send("RESTORED", seconds=0.1)
+        ch.expect("GO")
+        if end == "not-resumed":
+            ch.send_error("resume failed after GO: test", linger=1, not_resumed=True)
+
+    dom = Domain.boot(DomainConfig("h1", "idle", 16 << 20))
+    domains.append(dom)
+    dom.resume()
+    job = MigrateJob("127.0.0.1", fake_destination(answer), True, None, True)
+    with pytest.raises(OutcomeUnknown if end == "no-running" else RelocationError) as info:
+        job.run(dom)
+    assert dom.status == ("paused" if end == "no-running" else "running"), info.value
+    assert logging_on(dom) == [False] * len(logging_on(dom))

@@ -72,7 +72,7 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
 
 
 KEYS = ("seconds", "setup", "downtime", "downtime_final", "downtime_restore", "downtime_resume")
-PARTS = ("capture", "state", "pages", "end", "read", "apply", "answer", "resume", "link")
+PARTS = ("stop", "capture", "state", "pages", "end", "read", "apply", "answer", "resume", "link")
 
 
 def serve(base: Path, tls_dir: str) -> tuple[subprocess.Popen, int]:

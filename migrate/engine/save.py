@@ -13,7 +13,8 @@ The engine talks to the domain through a narrow interface: ``config``, ``status`
 ``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear, a DirtyBitmap whose
 ``pfns()`` are the pages written since the last fetch; it must include the pages the stub
 wrote by DMA, merged in by the domain); optionally ``prepare_capture()``, called while
-the domain still runs, just before a live save's final pause.
+the domain still runs, just before a live save's final pause; ``pause()`` may return
+when the guest stopped running (time.monotonic()), where the downtime then starts.
 
 The stub (specs/ioreq.md) travels in the same stream: its RAM as address space
 Vm.STUB (its pages in the same rounds as the guest's, its own dirty log), its vCPU and
@@ -98,7 +99,7 @@ class SaveStats:
     stream_bytes: int = 0
     seconds: float = 0.0
     downtime: float = 0.0           # paused part of a live save (pause to END, on_end included)
-    downtime_parts: dict = field(default_factory=dict)      # its seconds by step: capture, pages, state, end
+    downtime_parts: dict = field(default_factory=dict)      # its seconds by step: stop, capture, state, pages, end
     pause_offset: float = 0.0       # seconds from the save's start to the (final) pause
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
@@ -124,7 +125,7 @@ class _Saver:
                  stats_cb, cancel: threading.Event | None, stub: StubPart | None,
                  convergence: Convergence, before_pause: Callable[[], Any] | None = None,
                  on_end: Callable[["SaveStats"], Any] | None = None,
-                 flush: Callable[[], Any] | None = None):
+                 flush: Callable[[], Any] | None = None, keep_dirty_logging: bool = False):
         self.domain, self.sink_write, self.level = domain, sink_write, level
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
         self.conv = convergence
@@ -136,6 +137,7 @@ class _Saver:
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
         self.pacer = Pacer(convergence.max_bandwidth) if convergence.max_bandwidth else None
         self.before_pause, self.on_end, self.flush = before_pause, on_end, flush
+        self.keep_dirty_logging = keep_dirty_logging
         self.throttle = VcpuThrottle(domain)
         self.pipeline = BatchPipeline(self._emit_batch)
 
@@ -254,12 +256,14 @@ class _Saver:
             self.stats.throttle = 0
         else:
             self.stats.reason = OFFLINE
-        dom.pause()
-        paused_at = time.monotonic()
+        stopped = dom.pause()       # the domain may say when its guest stopped running
+        mark = time.monotonic()
+        paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
         self.stats.pause_offset = paused_at - self.t0
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
+        mark = self._part("stop", paused_at)
         state = dom.capture()       # before the last pages: see the module docstring
-        mark = self._part("capture", paused_at)
+        mark = self._part("capture", mark)
         self.stats.phase = "state"
         for record in state_records(state, Vm.GUEST):
             self.write(self.writer.record(record))
@@ -286,8 +290,9 @@ class _Saver:
             self._part("end", mark)
         if live:
             self.stats.downtime = time.monotonic() - paused_at
-            for part in self.spaces().values():     # after on_end: not on the downtime path
-                part.set_dirty_logging(False)
+            if not self.keep_dirty_logging:         # after on_end: not on the downtime path
+                for part in self.spaces().values():
+                    part.set_dirty_logging(False)
         self.report(force=True)
         return self.stats
 
@@ -344,7 +349,7 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          stub: StubPart | None = None, before_pause: Callable[[], Any] | None = None,
          on_end: Callable[[SaveStats], Any] | None = None,
-         flush: Callable[[], Any] | None = None) -> SaveStats:
+         flush: Callable[[], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
 
     ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
@@ -364,7 +369,11 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
     relocation flushes its output and tells the destination there. ``flush()``: for a
     sink that buffers, called when the state records are written and the last pages are
     next: what was written should go out now. Any of them may raise to fail the save,
-    with the same clean-up as any error.
+    with the same clean-up as any error. ``keep_dirty_logging``: a live save that
+    succeeds leaves dirty logging on; the caller turns it off
+    (``domain.set_dirty_logging(False)``) before it resumes the domain. For a caller that
+    destroys the domain next (a relocation): switching it off costs slot updates, which
+    would compete with the destination for the CPU during the downtime.
     """
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
@@ -372,7 +381,7 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
         stub = DomainStub(domain)
     was_running = domain.status == "running"
     saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub,
-                   convergence or Convergence(), before_pause, on_end, flush)
+                   convergence or Convergence(), before_pause, on_end, flush, keep_dirty_logging)
     try:
         return saver.run(live)
     except BaseException:

@@ -112,7 +112,7 @@ class DomainServer:
             self._say(ready_fd, f"refused: {_one_line(exc)}")
             self.running = False
             return
-        self._say(ready_fd, f"running {time.monotonic():.6f}")
+        self._say(ready_fd, f"running {self.domain.entered() or time.monotonic():.6f}")
         log.info("%s; running", note)
 
     def _end_go_wait(self) -> None:

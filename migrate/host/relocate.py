@@ -10,6 +10,7 @@ GO every failure resumes the source (if it was running) and raises
 """
 from __future__ import annotations
 
+import logging
 import os
 import socket
 import ssl
@@ -26,6 +27,7 @@ from .relocation import (
 )
 
 CONNECT_TIMEOUT = 10.0
+log = logging.getLogger("hvm.relocate")
 
 
 class RelocationError(Exception):
@@ -127,7 +129,8 @@ class MigrateJob:
         try:
             stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel,
                          compress=self.compress, convergence=self.convergence,
-                         before_pause=before_pause, on_end=on_end, flush=out.flush)
+                         before_pause=before_pause, on_end=on_end, flush=out.flush,
+                         keep_dirty_logging=self.live)
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}; "
@@ -141,6 +144,7 @@ class MigrateJob:
         try:
             restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
         except ChannelError as exc:
+            _logging_off(domain)
             if was_running:
                 domain.resume()
             raise RelocationError(f"relocation to {where} failed before the handoff: "
@@ -150,6 +154,7 @@ class MigrateJob:
             ch.send("GO")
             running = ch.expect("RUNNING", RUNNING_TIMEOUT)
         except PeerError as exc:
+            _logging_off(domain)
             if not exc.not_resumed:
                 raise self._unknown(domain, exc) from None
             if was_running:             # the destination's copy never ran and is gone
@@ -157,6 +162,7 @@ class MigrateJob:
             raise RelocationError(f"relocation to {where} failed at the handoff: destination: {exc}; "
                                   f"{domain.config.name} keeps running here") from None
         except ChannelError as exc:
+            _logging_off(domain)
             raise self._unknown(domain, exc) from None
         running_at = time.monotonic()
         final_at = at["final"]
@@ -186,16 +192,25 @@ class MigrateJob:
             f"check there, then either 'hvm destroy {name}' or 'hvm unpause {name}' here")
 
 
+def _logging_off(domain) -> None:
+    """Dirty logging off after a failed handoff (the save left it on: a relocation that
+    succeeds destroys the domain), before the domain may run again here."""
+    try:
+        domain.set_dirty_logging(False)
+    except Exception as exc:        # the domain may be what failed; the relocation error says more
+        log.warning("turning dirty logging off failed: %s", exc)
+
+
 def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, restored: dict,
                     running: dict) -> dict:
     """Where the downtime went (specs/relocation.md, section 7), in seconds: the source's
-    ``capture``, ``pages``, ``state`` and ``end`` (SaveStats.downtime_parts); the
+    ``stop``, ``capture``, ``state``, ``pages`` and ``end`` (SaveStats.downtime_parts); the
     destination's ``read``, ``apply`` and ``answer`` (from RESTORED) and ``resume`` (from
     RUNNING), when it reported them; ``link``: the rest of the STREAM_END / RESTORED and
     GO / RUNNING round trips (``restore_wait``, ``resume_wait``). ``return``, for the
     caller to pop: half of the GO / RUNNING round trip beyond the destination's resume,
     the estimated time RUNNING took to come back, which is not downtime."""
-    parts = {k: source[k] for k in ("capture", "pages", "state", "end") if k in source}
+    parts = {k: source[k] for k in ("stop", "capture", "state", "pages", "end") if k in source}
     dest = {k: restored[k] for k in ("read", "apply", "answer") if isinstance(restored.get(k), float)}
     if isinstance(running.get("resume"), float):
         dest["resume"] = running["resume"]
