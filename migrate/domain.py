@@ -412,7 +412,7 @@ class Domain:
             self._warm_stub = False
             try:
                 self.stub.save_devices()
-            except StubError as exc:        # the capture itself will fail and say why
+            except Exception as exc:        # only a warm-up: the capture itself will fail and say why
                 log.warning("%s: warming the stub's SAVE failed: %s", self.config.name, exc)
         self._deliver_input()
 

@@ -383,10 +383,13 @@ def test_answer_to_go_is_read_strictly(tmp_path):
     """The daemon's reading of its receiving domain process's answer to GO: only a
     process that says so (refused:, or error: before running) never ran; an answer
     missing altogether leaves the outcome unknown."""
-    def incoming(lines: bytes | None):
+    def incoming(lines: bytes | None, go_reader=True):
         inc = object.__new__(relocd.Incoming)
-        inc.dir, inc._pending = tmp_path, b""
-        inc.go_w = os.open(os.devnull, os.O_WRONLY)
+        inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
+        inc.final = "ok 1 2 3"
+        go_r, inc.go_w = os.pipe()
+        if not go_reader:
+            os.close(go_r)
         inc.ready_r, w = os.pipe()
         if lines:
             os.write(w, lines)
@@ -398,6 +401,8 @@ def test_answer_to_go_is_read_strictly(tmp_path):
         incoming(b"refused: no vCPU\n").resume()
     with pytest.raises(relocd.NotResumed, match="^bad stream$"):
         incoming(b"error: bad stream\n").resume()
+    with pytest.raises(relocd.NotResumed, match="was gone before GO"):
+        incoming(b"", go_reader=False).resume()          # nobody could read GO
     for silent in (None, b"running"):                  # EOF, or a line cut short
         with pytest.raises(relocd.Refused) as info:
             incoming(silent).resume()
@@ -604,3 +609,34 @@ def test_failed_handoff_turns_dirty_logging_off(domains, end):
         job.run(dom)
     assert dom.status == ("paused" if end == "no-running" else "running"), info.value
     assert logging_on(dom) == [False] * len(logging_on(dom))
+
+
+def test_feeding_reads_the_progress_lines_meanwhile(tmp_path):
+    """The receiving domain process says `at BYTES` after each chunk it applies, on a
+    pipe of its own; the daemon must read those while it feeds the stream, or both pipes
+    fill up and each side waits for the other (a long pre-copy would hang the daemon).
+    Here a reader thread says far more than a pipe holds while it takes 4 MiB."""
+    inc = object.__new__(relocd.Incoming)
+    inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
+    inc.final, inc.bytes, inc.applied, inc.cap = None, 0, 0, 1 << 30
+    stream_r, inc.stream_w = os.pipe()
+    os.set_blocking(inc.stream_w, False)
+    inc.ready_r, ready_w = os.pipe()
+    taken = [0]
+
+    def domain_process():
+        while chunk := os.read(stream_r, 4096):
+            taken[0] += len(chunk)
+            os.write(ready_w, b"".join(b"at %d\n" % taken[0] for _ in range(100)))
+        os.close(ready_w)
+
+    threading.Thread(target=domain_process, daemon=True).start()
+    feeder = threading.Thread(target=lambda: [inc.feed(bytes(1 << 20)) for _ in range(4)], daemon=True)
+    feeder.start()
+    feeder.join(20)
+    assert not feeder.is_alive(), f"feeding hung after {taken[0]} bytes"
+    os.close(inc.stream_w)
+    deadline = time.monotonic() + 10
+    while taken[0] < 4 << 20 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert taken[0] == 4 << 20 and inc.final is None and inc.applied > 0

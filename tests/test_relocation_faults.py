@@ -105,9 +105,9 @@ def test_kill_during_handoff(hosts, victim, when):
     - daemon at GO: GO was sent, so the source cannot know and stays paused with "outcome
       unknown"; the destination copy never resumed and destroys itself; the operator's
       `hvm unpause` (as the error says) brings back exactly one copy;
-    - domain process at RESTORED: the daemon's resume after GO fails; it says so and
-      cleans up; the source stays paused ("outcome unknown", with the destination's
-      reason) and the operator unpauses it."""
+    - domain process at RESTORED: GO finds no process to read it, so the guest provably
+      never ran there; the daemon says so (not_resumed) and cleans up, and the source
+      resumes by itself."""
     src, dst, _ = hosts
     port = free_port()
     daemon = serve_subprocess(dst, port)
@@ -137,10 +137,12 @@ def test_kill_during_handoff(hosts, victim, when):
     if (victim, when) == ("daemon", "RESTORED"):
         assert "failed before the handoff" in error and f"{name} keeps running here" in error
         assert statuses(src) == [(name, "running")]
+    elif victim == "domain":
+        assert "failed at the handoff" in error and "was gone before GO" in error, error
+        assert f"{name} keeps running here" in error
+        assert statuses(src) == [(name, "running")]
     else:
         assert "outcome unknown: GO was sent" in error and f"'hvm unpause {name}'" in error
-        if victim == "domain":
-            assert "resume failed after GO" in error
         assert statuses(src) == [(name, "paused")]
         assert statuses(dst) in ([], [(name, "paused")])    # never running there
     wait_empty(dst, RESUME_TIMEOUT + 5)

@@ -60,8 +60,8 @@ log = logging.getLogger("hvm.domaind")
 
 class DomainServer:
     """The control socket of one domain. ``hidden``: bound under a temporary name until
-    :meth:`publish` (a received domain's socket is made before its stream arrives, and
-    shown once GO has resumed it); ``domain`` may be set later, before serving."""
+    :meth:`publish` (a received domain's socket is made before its stream arrives and
+    shown once its state is applied); ``domain`` may be set later, before serving."""
 
     def __init__(self, directory: Path, domain: Domain | None, console_log, hidden: bool = False):
         self.dir = directory
@@ -103,6 +103,7 @@ class DomainServer:
         self._end_go_wait()
         if not word.startswith(b"go"):
             log.warning("the relocation was given up before GO: destroying the domain")
+            os.close(ready_fd)
             self.running = False
             return
         try:
@@ -116,7 +117,7 @@ class DomainServer:
         log.info("%s; running", note)
 
     def _end_go_wait(self) -> None:
-        go_fd, ready_fd, _ = self.go
+        go_fd = self.go[0]
         self.sel.unregister(go_fd)
         os.close(go_fd)
         self.go, self.go_deadline = None, None
@@ -146,9 +147,7 @@ class DomainServer:
 
     def op_unpause(self, req: dict) -> dict:
         self._no_save_running("unpause")
-        if self.go is not None:
-            raise ValueError("cannot unpause: this domain is being relocated here and awaits "
-                             "the source's GO")
+        self._no_go_awaited("unpause")
         self.domain.resume()
         return {"status": self.domain.status}
 
@@ -156,6 +155,11 @@ class DomainServer:
         self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
         return {"status": "destroyed"}
+
+    def _no_go_awaited(self, what: str) -> None:
+        if self.go is not None:
+            raise ValueError(f"cannot {what}: this domain is being relocated here and awaits "
+                             f"the source's GO")
 
     def _no_save_running(self, what: str) -> None:
         if self.saving:
@@ -194,6 +198,8 @@ class DomainServer:
         while self.running:
             if self.go_deadline is not None and time.monotonic() > self.go_deadline:
                 log.warning("no GO in time after a relocation: destroying the domain")
+                os.close(self.go[1])
+                self._end_go_wait()
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
@@ -244,6 +250,7 @@ class DomainServer:
         try:
             job = parse(req)
             self._no_save_running(what)
+            self._no_go_awaited(what)
             if self.domain.status not in ("running", "paused"):
                 raise ValueError(f"domain is {self.domain.status}: nothing to {what}")
         except ValueError as exc:
@@ -450,6 +457,7 @@ def main(argv: list[str]) -> int:
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
+            (directory / statedir.SOCKET).unlink(missing_ok=True)     # if it was shown
         ready.write(f"error: {_one_line(exc)}\n")
         ready.close()
         return 1

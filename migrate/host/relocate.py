@@ -5,12 +5,14 @@ process (the engine's save needs the vCPU ioctls of that process), asked by
 Connect (TLS 1.3, mutual), HELLO / WELCOME, the engine's save into DATA frames (live
 pre-copy unless offline), STREAM_END, then the handoff: RESTORED -> GO -> RUNNING. Before
 GO every failure resumes the source (if it was running) and raises
-:class:`RelocationError`; after GO a missing RUNNING leaves the source paused and raises
+:class:`RelocationError`; so does an ERROR answering GO that says the destination's copy
+never ran (``not_resumed``); any other end after GO leaves the source paused and raises
 :class:`OutcomeUnknown`.
 """
 from __future__ import annotations
 
 import logging
+import math
 import os
 import socket
 import ssl
@@ -211,9 +213,14 @@ def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, resto
     caller to pop: half of the GO / RUNNING round trip beyond the destination's resume,
     the estimated time RUNNING took to come back, which is not downtime."""
     parts = {k: source[k] for k in ("stop", "capture", "state", "pages", "end") if k in source}
-    dest = {k: restored[k] for k in ("read", "apply", "answer") if isinstance(restored.get(k), float)}
-    if isinstance(running.get("resume"), float):
-        dest["resume"] = running["resume"]
+
+    def peer(message: dict, key: str, most: float) -> float | None:      # the peer's word, bounded
+        value = message.get(key)
+        return min(max(value, 0.0), most) if isinstance(value, float) and math.isfinite(value) else None
+
+    dest = {k: v for k in ("read", "apply", "answer") if (v := peer(restored, k, restore_wait)) is not None}
+    if (resume := peer(running, "resume", resume_wait)) is not None:
+        dest["resume"] = resume
     parts.update(dest)
     trips = restore_wait + resume_wait - sum(dest.values())
     if "resume" in dest:

@@ -18,6 +18,7 @@ from __future__ import annotations
 import dataclasses
 import fcntl
 import logging
+import math
 import os
 import select
 import shutil
@@ -41,6 +42,7 @@ from .relocation import (
 
 log = logging.getLogger("hvm.relocd")
 F_SETPIPE_SZ = 1031
+FEED_TIMEOUT = 60.0         # seconds the receiving domain process may take no stream
 
 
 class Refused(Exception):
@@ -64,8 +66,9 @@ class ServeConfig:
 class Incoming:
     """A receiving domain process, the pipe that feeds it the stream, the pipe its GO goes
     down and the pipe it answers on (``migrate.host.domaind``, receive mode). The
-    relocation's thread reads the answers itself when it needs one (SYNC, the end of the
-    stream, GO): no thread in between on the downtime path."""
+    relocation's thread reads the answers itself (no thread in between on the downtime
+    path), and reads its progress lines while it feeds the stream, so that neither pipe
+    fills up with the other waiting."""
 
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None):
         self.name, self.base = name, base
@@ -82,71 +85,114 @@ class Incoming:
             fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
         except OSError:
             pass                    # a smaller pipe only costs speed
+        os.set_blocking(self.stream_w, False)
         try:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "migrate.host.domaind", str(self.dir), "--receive",
                  str(stream_r), str(go_r), msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
                 pass_fds=(stream_r, go_r, ready_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                 stderr=open(self.dir / "stderr.log", "wb"), start_new_session=True)
+            proc.wait(10)           # the launcher half of the double fork
+        except (OSError, subprocess.SubprocessError) as exc:
+            self.discard()
+            raise Refused(f"cannot start a receiving domain process: {exc}") from None
         finally:
             os.close(stream_r)
             os.close(go_r)
             os.close(ready_w)
-        proc.wait(10)               # the launcher half of the double fork
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
         self.final: str | None = None        # its "ok BYTES END_AT APPLIED_AT" or "error: ..." line
         self.stream_end_at = 0.0             # when STREAM_END arrived (time.monotonic)
-        self._pending = b""
+        self._pending = b""                  # what it said, not yet taken as lines
+        self._lines: list[str] = []          # lines after its final answer, not yet taken
+        self._eof = False
 
-    def _line(self, deadline: float, what: str) -> str:
-        """The domain process's next line; on EOF, an error line naming why it exited."""
-        while b"\n" not in self._pending:
+    # -- what the domain process says -------------------------------------------
+    def _read_some(self) -> None:
+        chunk = os.read(self.ready_r, 4096)
+        if chunk:
+            self._pending += chunk
+        else:
+            self._eof = True
+
+    def _take_lines(self) -> None:
+        """Sort out the complete lines read: progress (``at BYTES``) and the final answer
+        while there is none, anything later kept in order for :meth:`_line`."""
+        while b"\n" in self._pending:
+            raw, _, self._pending = self._pending.partition(b"\n")
+            line = raw.decode(errors="replace").strip()
+            if self.final is None and line.startswith("at ") and line[3:].isdigit():
+                self.applied = int(line[3:])
+            elif self.final is None:
+                self.final = line
+            else:
+                self._lines.append(line)
+        if self._eof and self.final is None:
+            self.final = self._gone()
+
+    def _gone(self) -> str:
+        tail = _tail(self.dir / "stderr.log")
+        return "error: domain process exited" + (f": {tail}" if tail else "")
+
+    def _wait(self, done, timeout: float, what: str) -> None:
+        """Read until ``done()``, the process exits, or ``timeout`` (Refused)."""
+        deadline = time.monotonic() + timeout
+        self._take_lines()
+        while not done() and not self._eof:
             left = deadline - time.monotonic()
             if left <= 0 or not select.select([self.ready_r], [], [], left)[0]:
-                raise Refused(f"no {what} from the receiving domain process within the timeout")
-            chunk = os.read(self.ready_r, 4096)
-            if not chunk:
-                tail = _tail(self.dir / "stderr.log")
-                return "error: domain process exited" + (f": {tail}" if tail else "")
-            self._pending += chunk
-        line, _, self._pending = self._pending.partition(b"\n")
-        return line.decode(errors="replace").strip()
+                raise Refused(f"no {what} from the receiving domain process within {timeout:g}s")
+            self._read_some()
+            self._take_lines()
 
-    def _until_final(self, done, timeout: float, what: str) -> None:
-        """Read ``at BYTES`` lines until ``done()`` or the final answer."""
-        deadline = time.monotonic() + timeout
-        while self.final is None and not done():
-            line = self._line(deadline, what)
-            if line.startswith("at ") and line[3:].isdigit():
-                self.applied = int(line[3:])
-            else:
-                self.final = line
+    def _line(self, timeout: float, what: str) -> str:
+        """The next line after the final answer; an error line if the process exited."""
+        self._wait(lambda: bool(self._lines), timeout, what)
+        return self._lines.pop(0) if self._lines else self._gone()
 
+    def _failed(self) -> bool:
+        return self.final is not None and not self.final.startswith("ok")
+
+    # -- the stream ----------------------------------------------------------------
     def sync(self) -> int:
         """Wait until the domain process has applied every byte fed so far (SYNC)."""
-        self._until_final(lambda: self.applied >= self.bytes, SYNC_TIMEOUT, "progress")
-        if self.final is not None and not self.final.startswith("ok"):
+        self._wait(lambda: self.applied >= self.bytes or self.final is not None, SYNC_TIMEOUT, "progress")
+        if self._failed():
             raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
-        return self.bytes if self.final is not None else self.applied
+        return self.applied
 
     def feed(self, data: bytes) -> None:
+        """Write ``data`` into the stream pipe, reading the process's lines meanwhile;
+        Refused if it failed, exited, or took nothing for FEED_TIMEOUT seconds."""
         self.bytes += len(data)
         if self.bytes > self.cap:
             raise Refused(f"stream exceeds {self.cap} bytes for a domain of this size")
         view = memoryview(data)
-        try:
-            while view:
-                view = view[os.write(self.stream_w, view):]
-        except OSError:
-            raise Refused(f"restore failed: {self.answer()}") from None
+        while view:
+            readable, writable, _ = select.select([self.ready_r] if not self._eof else [],
+                                                  [self.stream_w], [], FEED_TIMEOUT)
+            if readable:
+                self._read_some()
+                self._take_lines()
+            if self._failed():
+                raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+            if writable:
+                try:
+                    view = view[os.write(self.stream_w, view):]
+                except BlockingIOError:
+                    pass
+                except OSError:             # it stopped reading: it failed, say why
+                    raise Refused(f"restore failed: {self.answer()}") from None
+            elif not readable:
+                raise Refused(f"the receiving domain process took no stream for {FEED_TIMEOUT:g}s")
 
     def answer(self) -> str:
         """The domain process's ``ok ...`` or error text (it stops reading on an error)."""
         self.close_stream()
-        self._until_final(lambda: False, control.CREATE_TIMEOUT, "answer")
-        return self.final.removeprefix("error: ")
+        self._wait(lambda: self.final is not None, control.CREATE_TIMEOUT, "answer")
+        return (self.final or self._gone()).removeprefix("error: ")
 
     def finish(self) -> dict:
         """The stream is complete: wait for the restored, paused pair. Returns where the
@@ -161,9 +207,12 @@ class Incoming:
             raise Refused(f"the receiving domain process answered {answer!r}") from None
         if length != self.bytes:        # it said ok at END: nothing may follow
             raise Refused(f"restore failed: {self.bytes - length} bytes after END")
+        if self._lines:                 # it failed after its ok
+            raise Refused(f"restore failed: {self._lines[0].removeprefix('error: ')}")
         (self.dir / "stderr.log").unlink(missing_ok=True)
         now, start = time.monotonic(), self.stream_end_at
-        end_at, applied_at = (min(max(t, start), now) for t in (end_at, applied_at))
+        end_at, applied_at = (min(max(t, start), now) if math.isfinite(t) else start
+                              for t in (end_at, applied_at))
         # each step counted from STREAM_END on: the stream may have been read before it came
         return {"read": end_at - start, "apply": max(applied_at, end_at) - end_at,
                 "answer": now - max(applied_at, end_at)}
@@ -175,28 +224,30 @@ class Incoming:
 
     def resume(self) -> float:
         """GO: tell the domain process to resume its pair; the seconds it took. NotResumed
-        when it says the guest never ran (``refused:``, or ``error:`` from before GO),
+        when the guest provably never ran: the process said so (``refused:``, or
+        ``error:`` from before GO) or was gone before it could read GO (the write fails);
         Refused when the outcome is not known (it exited without an answer, or none came)."""
         go_at = time.monotonic()
         try:
             os.write(self.go_w, b"go\n")
-        except OSError as exc:
-            raise Refused(f"the receiving domain process is gone: {exc}") from None
+        except OSError as exc:      # no reader left: nobody can have resumed it
+            raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
         finally:
             os.close(self.go_w)
             self.go_w = -1
-        line = self._line(go_at + control.CREATE_TIMEOUT, "answer to GO")
+        line = self._line(control.CREATE_TIMEOUT, "answer to GO")
         word, _, rest = line.partition(" ")
         if word in ("refused:", "error:") and not line.startswith("error: domain process exited"):
             raise NotResumed(rest)
         if word != "running":
             raise Refused(line.removeprefix("error: "))
         try:
-            return max(0.0, float(rest) - go_at)
+            return min(max(0.0, float(rest) - go_at), time.monotonic() - go_at)
         except ValueError:
             return time.monotonic() - go_at
 
     def discard(self) -> None:
+        """Kill the receiving domain process (whose guest never ran) and remove its state."""
         self.close_stream()
         for fd in (self.go_w, self.ready_r):
             if fd >= 0:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 from migrate.stream.errors import StreamError
 from migrate.stream.records import MAX_MSRS, MAX_VCPU_ID, RecordType, Vm, expect_length, vm_of
