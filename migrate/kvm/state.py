@@ -91,9 +91,9 @@ class VcpuState:
             step = "lapic"
             vcpu.set_lapic(self.lapic)
             step = "msrs"
-            if MSR_IA32_TSC in self.msrs:
-                vcpu.set_msrs({MSR_IA32_TSC: self.msrs[MSR_IA32_TSC]})
-            vcpu.set_msrs({i: v for i, v in self.msrs.items() if i != MSR_IA32_TSC})
+            ordered = {MSR_IA32_TSC: self.msrs[MSR_IA32_TSC]} if MSR_IA32_TSC in self.msrs else {}
+            ordered.update((i, v) for i, v in self.msrs.items() if i != MSR_IA32_TSC)
+            vcpu.set_msrs(ordered)      # KVM_SET_MSRS sets them in this order: the TSC first
             step = "mp_state"
             vcpu.set_mp_state(self.mp_state)
             step = "events"
