@@ -636,9 +636,12 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
+    parts = s.get("downtime_parts", {})
+    here = sum(parts.get(k, 0.0) for k in ("stop", "capture", "state", "pages", "end"))
+    there = sum(parts.get(k, 0.0) for k in ("read", "apply", "answer", "resume"))
     return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
-            f"{s['downtime'] * 1000:.1f} ms (final {s['downtime_final'] * 1000:.1f} + restore "
-            f"{s['downtime_restore'] * 1000:.1f} + resume {s['downtime_resume'] * 1000:.1f}), "
+            f"{s['downtime'] * 1000:.1f} ms (here {here * 1000:.1f}, there {there * 1000:.1f}, "
+            f"messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "
             f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms")
 
 

@@ -101,6 +101,7 @@ class SaveStats:
     downtime: float = 0.0           # paused part of a live save (pause to END, on_end included)
     downtime_parts: dict = field(default_factory=dict)      # its seconds by step: stop, capture, state, pages, end
     pause_offset: float = 0.0       # seconds from the save's start to the (final) pause
+    start_time: float = 0.0         # time.monotonic() at the save's start, what the offsets count from
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
     throttle: int = 0               # vCPU throttle percent in force now
@@ -131,7 +132,7 @@ class _Saver:
         self.conv = convergence
         self.writer = StreamWriter()
         self.stats = SaveStats(guest_bytes=len(domain.memory))
-        self.t0 = time.monotonic()
+        self.t0 = self.stats.start_time = time.monotonic()
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over

@@ -113,7 +113,6 @@ class MigrateJob:
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel) -> dict:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
-        save_start = time.monotonic()
         at: dict[str, float] = {}
 
         def before_pause() -> None:
@@ -142,7 +141,7 @@ class MigrateJob:
                                   f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
         except Exception as exc:
             raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
-        paused_at = save_start + stats.pause_offset
+        paused_at = stats.start_time + stats.pause_offset
         try:
             restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
         except ChannelError as exc:
@@ -179,7 +178,7 @@ class MigrateJob:
             "downtime_parts": parts,
             "destination_seconds": restored["seconds"],
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
-            "rounds_detail": _rounds(stats, save_start, final_at),
+            "rounds_detail": _rounds(stats, stats.start_time, final_at),
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
             "throttle": max(stats.throttle_history, default=0),
             "save": stats.as_dict(),
