@@ -492,9 +492,10 @@ def netns_link():
 
 
 @pytest.mark.kvm
-def test_ledger_with_disk_between_network_namespaces(netns_link, tmp_path, state_dir):
-    """Source domain process in namespace A, `hvm host serve` in namespace B, across a veth
-    link limited to 1 Gbit/s: the ledger keeps its self-check and its disk journal."""
+def test_ledger_and_pagetouch_between_network_namespaces(netns_link, tmp_path, state_dir):
+    """Source domain processes in namespace A, `hvm host serve` in namespace B, across a
+    veth link limited to 1 Gbit/s: the ledger keeps its self-check and its disk journal,
+    pagetouch its passes and QEMU's check of its memory there."""
     in_a, in_b, addr_a, addr_b = netns_link
     pki = tmp_path / "pki"
     tls.keygen(pki, [addr_a, addr_b])
@@ -520,6 +521,24 @@ def test_ledger_with_disk_between_network_namespaces(netns_link, tmp_path, state
         gen = ledger_lines_ok(text, 13, int(m.group(1)))
         _, text = wait_console("nl", dst, rf"^ledger ok gen={gen + 2} .* journal=ok$")
         ledger_lines_ok(text, 13, int(m.group(1)))
+
+        out = subprocess.run(in_a + py + ["create", "-w", "pagetouch", "-m", "32M", "-n", "np"],
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        wait_console("np", state_dir, r"^pagetouch pass=\d+ ")
+        res = CliRunner().invoke(hvm, ["migrate", "np", f"{addr_b}:7410", "--tls-dir", str(pki / addr_a)])
+        assert res.exit_code == 0, res.output
+        assert control.list_domains(state_dir) == []
+        m, _ = wait_console("np", dst, r"^pagetouch pass=(\d+) ")
+        wait_console("np", dst, rf"^pagetouch pass=(?!{m.group(1)}\b)\d+ ")     # passes go on
+        with control.DomainClient("np", dst) as c:
+            c.call("pause")
+        control.save_domain("np", tmp_path / "np.hvm", mode="checkpoint", base=dst)
+        dom, _ = restore(file_chunks(tmp_path / "np.hvm"))
+        try:
+            assert check.pagetouch_check(dom.memory) == []
+        finally:
+            dom.destroy()
     finally:
         destroy_all(dst)
         destroy_all(state_dir)
