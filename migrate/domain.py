@@ -301,20 +301,23 @@ class Domain:
     def pause(self, timeout: float = 10.0) -> float:
         """Stop the vCPU; on return guest state is consistent and still. Returns when the
         guest stopped running (time.monotonic(); now if it was not running)."""
+        asked = time.monotonic()
         with self._cv:
             if self.status != "running":
-                return time.monotonic()
+                return asked
+            in_guest = self._in_guest       # else resumed but not yet gone in: it never ran
             self._want_run = False
             self.vcpu.kick()
             if not self._cv.wait_for(lambda: not self._in_guest, timeout):
                 raise DomainError(f"vCPU did not stop within {timeout}s")
             if self.status == "running":
                 self.status = "paused"
+            stopped = self.left_at if in_guest and self.left_at >= asked else time.monotonic()
         # Quiesce: block requests complete inside the exit that issued them,
         # so none is in flight now; make the written ones durable.
         if self.stub is not None and self.stub.backend is not None:
             self.stub.backend.flush()
-        return self.left_at
+        return stopped
 
     def destroy(self) -> None:
         with self._cv:

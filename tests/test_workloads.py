@@ -137,3 +137,24 @@ def test_iobench_reports_three_costs(domains, caplog):
     # port 0x80 is nobody's: read as all-ones, logged once, the guest carries on
     unclaimed = [r for r in caplog.records if "unhandled port 0x80" in r.getMessage()]
     assert len(unclaimed) == 1
+
+
+@pytest.mark.kvm
+def test_pause_and_resume_say_when_the_guest_stopped_and_went_back_in(domains):
+    """pause() returns when the vCPU left the guest and entered() when it went back in:
+    the ends of a downtime. A pause that lands before the vCPU thread went in at all
+    returns its own time, not a stale one from an earlier pause."""
+    dom = Domain.boot(DomainConfig("pz", "idle", 16 << 20))
+    domains.append(dom)
+    asked = time.monotonic()
+    assert dom.pause() >= asked                     # never ran
+    for _ in range(3):
+        dom.resume()
+        went_in = dom.entered()
+        time.sleep(0.05)
+        asked = time.monotonic()
+        stopped = dom.pause()
+        assert went_in is not None and went_in < asked <= stopped <= time.monotonic()
+        dom.resume()
+        asked = time.monotonic()
+        assert dom.pause() >= asked                 # resumed and paused at once: not stale
