@@ -11,25 +11,21 @@ generated once from its cffi field list: straight-line attribute reads and write
 instead of a walk over the type at every call. The modules that convert state generate
 theirs at import (:func:`prepare`).
 """
+import functools
 import re
 
 from ._lib import ffi
 
 PADDING = re.compile(r"^(pad\d*|padding\d*|reserved)$")
 
-_TO_PLAIN: dict = {}        # ctype -> function(cdata) -> plain
-_FILL: dict = {}            # ctype -> function(cdata, plain)
-
 
 def _carried(ctype):
     return [(name, field.type) for name, field in ctype.fields if not PADDING.match(name)]
 
 
+@functools.cache
 def _reader(ctype):
-    """function(cdata) -> plain for a struct or array ctype."""
-    conv = _TO_PLAIN.get(ctype)
-    if conv is not None:
-        return conv
+    """function(cdata) -> plain for a struct or array ctype (made once per ctype)."""
     env: dict = {}
     if ctype.kind == "struct":
         items = []
@@ -46,16 +42,14 @@ def _reader(ctype):
     else:
         body = "list(c)"
     exec(f"def conv(c):\n    return {body}\n", env)      # noqa: S102 - generated from cffi types only
-    _TO_PLAIN[ctype] = conv = env["conv"]
-    return conv
+    return env["conv"]
 
 
+@functools.cache
 def _writer(ctype):
-    """function(cdata, plain) for a struct or array ctype: fills every carried field,
-    KeyError for a missing key, ValueError for an array of the wrong length."""
-    fill_fn = _FILL.get(ctype)
-    if fill_fn is not None:
-        return fill_fn
+    """function(cdata, plain) for a struct or array ctype (made once per ctype): fills
+    every carried field, KeyError for a missing key, ValueError for an array of the wrong
+    length."""
     env: dict = {"_length": _length}
     lines = []
     if ctype.kind == "struct":
@@ -74,8 +68,7 @@ def _writer(ctype):
             lines.append(f"c[0:{ctype.length}] = p")
     code = "def fill(c, p):\n" + "".join(f"    {line}\n" for line in lines or ["pass"])
     exec(code, env)      # noqa: S102 - generated from cffi types only
-    _FILL[ctype] = fill_fn = env["fill"]
-    return fill_fn
+    return env["fill"]
 
 
 def _length(values, length: int) -> None:
