@@ -140,10 +140,7 @@ def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
     ``convergence``: for the live modes, protocol.CONVERGENCE_KEYS (None values left out)."""
     path = Path(path).absolute()
     from ..engine import partial_path
-    unknown = set(convergence) - set(protocol.CONVERGENCE_KEYS)
-    if unknown:
-        raise TypeError(f"unknown save options: {', '.join(sorted(unknown))}")
-    extra = {k: v for k, v in convergence.items() if v is not None}
+    extra = protocol.convergence_request(convergence, "save")
     with DomainClient(name, base) as client:
         try:
             return client.call_with_progress("save", progress, path=str(path), mode=mode,

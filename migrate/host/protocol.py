@@ -63,6 +63,15 @@ CONVERGENCE_KEYS = {
 }
 
 
+def convergence_request(options: dict, what: str) -> dict:
+    """The request keys for ``options`` (CONVERGENCE_KEYS given by a caller): TypeError for
+    an unknown one; None means not given (but ``compress`` None: uncompressed)."""
+    unknown = set(options) - set(CONVERGENCE_KEYS)
+    if unknown:
+        raise TypeError(f"unknown {what} options: {', '.join(sorted(unknown))}")
+    return {k: v for k, v in options.items() if v is not None or k == "compress"}
+
+
 def convergence_from_request(req: dict, what: str) -> tuple[Convergence, int | None]:
     """The Convergence and the zstd level (None: uncompressed) a request asks for; absent
     keys take the defaults (``compress`` absent: the engine's level). ValueError names a

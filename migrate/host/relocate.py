@@ -22,7 +22,7 @@ from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
 from . import tls
-from .protocol import CONVERGENCE_KEYS, convergence_from_request
+from .protocol import convergence_from_request, convergence_request
 from .relocation import (
     PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
@@ -287,11 +287,8 @@ def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | 
         if not tls_dir:
             raise ValueError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
         tls_dir = str(Path(tls_dir).absolute())
+    extra = convergence_request(convergence, "migrate")
     with DomainClient(name, base) as client:
-        unknown = set(convergence) - set(CONVERGENCE_KEYS)
-        if unknown:
-            raise TypeError(f"unknown migrate options: {', '.join(sorted(unknown))}")
-        extra = {k: v for k, v in convergence.items() if v is not None or k == "compress"}
         return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
                                          tls_dir=tls_dir, insecure=insecure, **extra)
 
