@@ -383,22 +383,22 @@ class ClientWatch:
 
 
 def _build(argv: list[str], console: Console,
-           server: DomainServer | None) -> tuple[Domain, bool, str, str]:
-    """The domain this process runs, whether to leave it paused, the ready line and a
-    line to log once it is started. ``server``: receive mode's control socket."""
+           server: DomainServer | None) -> tuple[Domain, bool, str]:
+    """The domain this process runs, whether to leave it paused, and a line to log once
+    it is started. ``server``: receive mode's control socket."""
     if argv[1] == "--restore":
         path, name, paused, fresh = argv[2], argv[3], argv[4] == "1", argv[5]
         domain, stats = restore(file_chunks(path), name=name or None,
                                 make_domain=lambda cfg: Domain(cfg, console),
                                 fresh_stub=True if fresh == "yes" else None)
-        return domain, paused, "ok", f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
+        return domain, paused, f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
     if argv[1] == "--receive":
         opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False)
         domain, stats = _receive(int(argv[2]), opts, console, int(argv[-1]), server)
-        return domain, True, "", (f"received {opts['name']}: {stats.pages_total} pages, "
-                                  f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
+        return domain, True, (f"received {opts['name']}: {stats.pages_total} pages, "
+                              f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
-    return Domain.boot(config, console), False, "ok", ""
+    return Domain.boot(config, console), False, ""
 
 
 def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: DomainServer):
@@ -453,7 +453,7 @@ def main(argv: list[str]) -> int:
     try:
         if receive:     # its control socket first: after the stream, GO must not wait for it
             server = DomainServer(directory, None, console_log, hidden=True)
-        domain, paused, ok, note = _build(argv, Console(sink=console_log.write), server)
+        domain, paused, note = _build(argv, Console(sink=console_log.write), server)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
@@ -480,7 +480,7 @@ def main(argv: list[str]) -> int:
         else:
             if not paused:
                 domain.resume()
-            ready.write(ok + "\n")
+            ready.write("ok\n")
             ready.close()
             if note:
                 log.info("%s", note)
