@@ -11,7 +11,7 @@ from migrate.cli import hvm
 from migrate.domain import DomainConfig
 from migrate.engine.convergence import Convergence, Pacer, Round, VcpuThrottle, decide, estimate_final
 from migrate.host import control
-from test_relocation import console, hosts, pki, wait_console  # noqa: F401 (fixtures)
+from test_relocation import console, hosts, pki, wait_console, wait_empty  # noqa: F401 (fixtures)
 
 # 1000 pages took 0.5 s: 0.5 ms a page
 ROUND = Round(pages=1000, bytes=4 << 20, seconds=0.5)
@@ -144,14 +144,6 @@ def start_dirtier(name, memory_mib, ws_mib, rate_mib):
 def migrate(name, port, pki, *extra):
     return CliRunner().invoke(hvm, ["migrate", name, f"127.0.0.1:{port}", "--tls-dir", str(pki / "ca" / "src"),
                                     "--max-bandwidth", "20", "--compress", "none", "--json", *extra])
-
-
-def wait_empty(base, timeout=10.0):
-    import time
-    deadline = time.monotonic() + timeout
-    while control.list_domains(base) or (base.exists() and any(base.iterdir())):
-        assert time.monotonic() < deadline, list(base.iterdir())
-        time.sleep(0.1)
 
 
 @pytest.mark.kvm

@@ -131,6 +131,14 @@ def wait_console(name, base, pattern, timeout=20.0, after=0):
     raise AssertionError(f"{name}: no {pattern!r} in console:\n{text[-2000:]}")
 
 
+def wait_empty(base, timeout=10.0):
+    """Nothing listed and nothing left in the state directory ``base``."""
+    deadline = time.monotonic() + timeout
+    while control.list_domains(base) or (base.exists() and any(base.iterdir())):
+        assert time.monotonic() < deadline, list(base.iterdir())
+        time.sleep(0.05)
+
+
 def ledger_lines_ok(text, seed, npages):
     lines = re.findall(r"^ledger ok gen=(\d+) sum=([0-9a-f]{16}) .* journal=\w+$", text, re.MULTILINE)
     assert lines and "CORRUPT" not in text and "JOURNAL BAD" not in text
@@ -301,10 +309,7 @@ def test_destination_killed_during_precopy(hosts, pki, tmp_path):
     text = console("k1", src)
     gen = ledger_lines_ok(text, 5, int(m.group(1)))
     wait_console("k1", src, rf"^ledger ok gen={gen + 1} ")
-    deadline = time.monotonic() + 15
-    while control.list_domains(dst) or any(dst.iterdir()):
-        assert time.monotonic() < deadline, list(dst.iterdir())
-        time.sleep(0.1)
+    wait_empty(dst, 15)
 
 
 @pytest.mark.kvm
@@ -331,10 +336,7 @@ def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains)
     ch.expect("RESTORED")
     assert [d["status"] for d in control.list_domains(dst)] == ["paused"]
     ch.close()                                          # no GO
-    deadline = time.monotonic() + 10
-    while control.list_domains(dst) or any(dst.iterdir()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_empty(dst)
 
 
 @pytest.mark.kvm
@@ -435,10 +437,7 @@ def test_bytes_after_end_are_refused(hosts, pki, domains):
     ch.send("STREAM_END", bytes=out.sent + 64)
     with pytest.raises(PeerError, match="64 bytes after END"):
         ch.expect("RESTORED")
-    deadline = time.monotonic() + 10
-    while control.list_domains(dst) or any(dst.iterdir()):
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    wait_empty(dst)
 
 
 def test_cli_keygen_and_serve_usage(tmp_path):

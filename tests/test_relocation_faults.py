@@ -25,7 +25,7 @@ from migrate.host.relocate import migrate_domain
 
 from relocation_proxy import Proxy
 from test_relocation import (  # noqa: F401  (pki and hosts are fixtures)
-    console, destroy_all, free_port, hosts, ledger_lines_ok, pki, start_daemon, wait_console,
+    console, destroy_all, free_port, hosts, ledger_lines_ok, pki, start_daemon, wait_console, wait_empty,
 )
 
 RESUME_TIMEOUT = 3.0        # the receiving domain's self-destroy timeout in these daemons
@@ -56,14 +56,6 @@ def serve_subprocess(base, port):
 
 def statuses(base):
     return [(d["name"], d["status"]) for d in control.list_domains(base)]
-
-
-def wait_empty(base, timeout=10.0):
-    """Nothing listed and nothing left in the state directory."""
-    deadline = time.monotonic() + timeout
-    while control.list_domains(base) or (base.exists() and any(base.iterdir())):
-        assert time.monotonic() < deadline, list(base.iterdir())
-        time.sleep(0.1)
 
 
 def start_ledger(name, base, seed, memory=32 << 20, disk=None):
