@@ -13,14 +13,13 @@ from typing import Sequence
 
 from migrate.stream.records import CRC_COVERED_HEADER, RECORD_HEADER, padded
 
-_COVERED = struct.Struct("<III")  # type, body_length, reserved: the CRC-covered prefix
+_COVERED = struct.Struct("<III")  # type, body_length, reserved (zero): the CRC-covered prefix
+assert _COVERED.size == CRC_COVERED_HEADER
 
 
-def record_crc(record_type: int, body: bytes, reserved: int = 0) -> int:
+def record_crc(record_type: int, body: bytes) -> int:
     """CRC-32 (zlib.crc32) over type, body_length and reserved as written, then the body."""
-    covered = _COVERED.pack(record_type, len(body), reserved)
-    assert len(covered) == CRC_COVERED_HEADER
-    return zlib.crc32(body, zlib.crc32(covered))
+    return zlib.crc32(body, zlib.crc32(_COVERED.pack(record_type, len(body), 0)))
 
 
 def parts_crc(record_type: int, parts: Sequence[bytes]) -> int:
@@ -33,8 +32,7 @@ def parts_crc(record_type: int, parts: Sequence[bytes]) -> int:
 
 def frame(record_type: int, body: bytes) -> bytes:
     """A whole record: header, body, zero padding to a multiple of 8 bytes."""
-    head = RECORD_HEADER.pack(record_type, len(body), 0, record_crc(record_type, body))
-    return head + body + bytes(padded(len(body)) - len(body))
+    return b"".join(frame_parts(record_type, (body,), record_crc(record_type, body)))
 
 
 def frame_parts(record_type: int, parts: Sequence[bytes], crc: int | None = None) -> list:

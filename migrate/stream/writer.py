@@ -37,10 +37,7 @@ class StreamWriter:
 
     def record(self, record: Any) -> bytes:
         """One record (any record dataclass), after checking the ordering rules."""
-        try:
-            self._order.observe(record)
-        except StreamError as exc:
-            raise ValueError(f"writer refuses: {exc.msg}") from None
+        self._check_order(self._order.observe, record)
         pages = len(record.pages) if isinstance(record, PageBatch) else 0
         return self.raw(record.TYPE, record.pack(), pages)
 
@@ -56,26 +53,14 @@ class StreamWriter:
             out.append(self.record(PageBatch(space, tuple(batch), compressed)))
         return b"".join(out)
 
-    def encoded_pages(self, space: Vm, body: bytes, compressed: bool, count: int, max_pfn: int) -> bytes:
-        """A page batch whose body was already made by ``pages.encode_batch`` (for writers
-        that encode batches in parallel): the ordering rules are checked against its
-        highest pfn, and ``count`` entries go into END's page count."""
-        record_type = RecordType.PAGE_DATA_ZSTD if compressed else RecordType.PAGE_DATA
-        try:
-            self._order.pages(record_type.name, space, (max_pfn,))
-        except StreamError as exc:
-            raise ValueError(f"writer refuses: {exc.msg}") from None
-        return self.raw(record_type, body, count)
-
     def encoded_parts(self, space: Vm, parts: Sequence[bytes], compressed: bool, count: int,
                       max_pfn: int, crc: int | None = None) -> list:
-        """:meth:`encoded_pages` for a body given as pieces (``crc``: its
-        ``framing.parts_crc`` if known); returns the record as pieces to write in order."""
+        """A page batch whose body was already made, as pieces (for writers that encode
+        batches in parallel, ``engine.batches``; ``crc``: its ``framing.parts_crc`` if
+        known): the ordering rules are checked against its highest pfn, and ``count``
+        entries go into END's page count. Returns the record as pieces to write in order."""
         record_type = RecordType.PAGE_DATA_ZSTD if compressed else RecordType.PAGE_DATA
-        try:
-            self._order.pages(record_type.name, space, (max_pfn,))
-        except StreamError as exc:
-            raise ValueError(f"writer refuses: {exc.msg}") from None
+        self._check_order(self._order.pages, record_type.name, space, (max_pfn,))
         self._check_body(sum(len(p) for p in parts))
         self._records += 1
         self._pages += count
@@ -83,6 +68,14 @@ class StreamWriter:
         for piece in pieces:
             self._emit(piece)
         return pieces
+
+    @staticmethod
+    def _check_order(check, *args) -> None:
+        """Run an ordering check; its StreamError becomes the writer's ValueError."""
+        try:
+            check(*args)
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
 
     def _check_body(self, length: int) -> None:
         if not self._started or self._finished:
@@ -101,10 +94,7 @@ class StreamWriter:
     def finish(self) -> bytes:
         """The END record; nothing may follow it."""
         end = End(self._records, self._pages, self._offset, self._digest.digest())
-        try:
-            self._order.observe(end)
-        except StreamError as exc:
-            raise ValueError(f"writer refuses: {exc.msg}") from None
+        self._check_order(self._order.observe, end)
         data = self.raw(end.TYPE, end.pack())
         self._finished = True
         return data
