@@ -118,7 +118,7 @@ def encode_pages(space: Vm, mem: memoryview, pfns: Sequence[int], level: int | N
     parts = (bytes(head), payload) if payload else (bytes(head),)
     record_type = RecordType.PAGE_DATA if level is None else RecordType.PAGE_DATA_ZSTD
     return EncodedBatch(space, parts, level is not None, count, count - n_data,
-                        max(pfn_array), parts_crc(record_type, parts))
+                        pfn_array[-1], parts_crc(record_type, parts))
 
 
 def chunks(pfns: Sequence[int], size: int = MAX_PAGES_PER_BATCH) -> Iterable[Sequence[int]]:

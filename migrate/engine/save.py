@@ -396,5 +396,3 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
         if was_running and domain.status == "paused":
             domain.resume()
         raise
-    finally:
-        saver.pipeline.close()
