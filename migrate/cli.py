@@ -636,9 +636,10 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
+    from .host.relocate import DESTINATION_PARTS, SOURCE_PARTS
     parts = s.get("downtime_parts", {})
-    here = sum(parts.get(k, 0.0) for k in ("stop", "capture", "state", "pages", "end"))
-    there = sum(parts.get(k, 0.0) for k in ("read", "apply", "answer", "resume"))
+    here = sum(parts.get(k, 0.0) for k in SOURCE_PARTS)
+    there = sum(parts.get(k, 0.0) for k in DESTINATION_PARTS)
     return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
             f"{s['downtime'] * 1000:.1f} ms (here {here * 1000:.1f}, there {there * 1000:.1f}, "
             f"messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "

@@ -30,7 +30,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrate.domain import DomainConfig  # noqa: E402
 from migrate.host import control, tls  # noqa: E402
-from migrate.host.relocate import migrate_domain  # noqa: E402
+from migrate.host.relocate import DOWNTIME_PARTS, migrate_domain  # noqa: E402
 from migrate.guest import check  # noqa: E402
 
 def touched_bytes(name: str, base: Path) -> int:
@@ -72,7 +72,7 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
 
 
 KEYS = ("seconds", "setup", "downtime", "downtime_final", "downtime_restore", "downtime_resume")
-PARTS = ("stop", "capture", "state", "pages", "end", "read", "apply", "answer", "resume", "link")
+PARTS = DOWNTIME_PARTS
 
 
 def serve(base: Path, tls_dir: str) -> tuple[subprocess.Popen, int]:

@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
+from ..engine.batches import DEFAULT_LEVEL
 from . import tls
 from .protocol import convergence_from_request, convergence_request
 from .relocation import (
@@ -29,6 +30,10 @@ from .relocation import (
 )
 
 CONNECT_TIMEOUT = 10.0
+# the downtime parts (specs/relocation.md, section 7), in the order they happen
+SOURCE_PARTS = ("stop", "capture", "state", "pages", "end")
+DESTINATION_PARTS = ("read", "apply", "answer", "resume")
+DOWNTIME_PARTS = SOURCE_PARTS + DESTINATION_PARTS + ("link",)
 log = logging.getLogger("hvm.relocate")
 
 
@@ -54,7 +59,7 @@ class MigrateJob:
     ``max_bandwidth`` bytes/s, ``precopy_timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
 
     def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool,
-                 convergence: Convergence | None = None, compress: int | None = 1):
+                 convergence: Convergence | None = None, compress: int | None = DEFAULT_LEVEL):
         self.host, self.port, self.live = host, port, live
         self.tls_dir, self.insecure = tls_dir, insecure
         self.convergence = convergence or Convergence()
@@ -211,13 +216,13 @@ def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, resto
     GO / RUNNING round trips (``restore_wait``, ``resume_wait``). ``return``, for the
     caller to pop: half of the GO / RUNNING round trip beyond the destination's resume,
     the estimated time RUNNING took to come back, which is not downtime."""
-    parts = {k: source[k] for k in ("stop", "capture", "state", "pages", "end") if k in source}
+    parts = {k: source[k] for k in SOURCE_PARTS if k in source}
 
     def peer(message: dict, key: str, most: float) -> float | None:      # the peer's word, bounded
         value = message.get(key)
         return min(max(value, 0.0), most) if isinstance(value, float) and math.isfinite(value) else None
 
-    dest = {k: v for k in ("read", "apply", "answer") if (v := peer(restored, k, restore_wait)) is not None}
+    dest = {k: v for k in DESTINATION_PARTS[:-1] if (v := peer(restored, k, restore_wait)) is not None}
     if (resume := peer(running, "resume", resume_wait)) is not None:
         dest["resume"] = resume
     parts.update(dest)
