@@ -23,6 +23,13 @@ log = logging.getLogger(__name__)
 MIB = 1 << 20
 MIN_MEMORY = 16 * MIB
 MAX_MEMORY = 3072 * MIB     # below the 32-bit MMIO hole; one memory slot
+
+
+def memory_ok(memory: int) -> bool:
+    """A guest memory size this build runs: MIN_MEMORY to MAX_MEMORY in 2 MiB steps."""
+    return MIN_MEMORY <= memory <= MAX_MEMORY and memory % (2 * MIB) == 0
+
+
 TSS_ADDR = 0xFFFBD000
 RAM_SLOT = 0
 PORT_SYNC = 0xEA
@@ -48,7 +55,7 @@ class DomainConfig:
         if self.workload not in gboot.WORKLOADS:
             raise DomainError(f"unknown workload {self.workload!r} "
                               f"(one of: {', '.join(gboot.WORKLOADS)})")
-        if not MIN_MEMORY <= self.memory <= MAX_MEMORY or self.memory % (2 * MIB):
+        if not memory_ok(self.memory):
             raise DomainError(f"memory size {self.memory // MIB} MiB out of range: "
                               f"{MIN_MEMORY // MIB} MiB to {MAX_MEMORY // MIB} MiB in 2 MiB steps")
         if len(self.args) > 8:

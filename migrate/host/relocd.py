@@ -32,7 +32,7 @@ from pathlib import Path
 
 import msgpack
 
-from ..domain import MAX_MEMORY, MIB, MIN_MEMORY
+from ..domain import memory_ok
 from . import control, statedir, tls
 from .relocation import (
     GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT,
@@ -378,7 +378,7 @@ class RelocationServer:
         except ValueError as exc:
             raise Refused(str(exc)) from None
         memory = hello["memory"]
-        if not MIN_MEMORY <= memory <= MAX_MEMORY or memory % (2 * MIB):
+        if not memory_ok(memory):
             raise Refused(f"memory size {memory} out of range")
         disk = hello["disk"]
         if disk is None:
