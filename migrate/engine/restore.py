@@ -83,16 +83,16 @@ class _Restorer:
         self.config = config_from_record(record, self.name)
         self.stub_build = stub_build_of(record)
         if self.fresh_stub is None:
-            self.fresh_stub = getattr(self.config, "stub", False) and self.stub_build != stub_build_id()
+            self.fresh_stub = self.config.stub and self.stub_build != stub_build_id()
 
     def on_layout(self, record: MemoryLayout) -> None:
         if record.space is Vm.STUB:
             if record.nr_pages == 0:
-                if getattr(self.config, "stub", False):
+                if self.config.stub:
                     raise RestoreError("DOMAIN_CONFIG asks for a device-model stub but the stream "
                                        "carries none (stub memory of 0 pages)")
                 return
-            if not getattr(self.config, "stub", False):
+            if not self.config.stub:
                 raise RestoreError(f"stream carries a stub of {record.nr_pages} pages but "
                                    "DOMAIN_CONFIG says the domain has none")
             if self.domain is None:
@@ -133,14 +133,14 @@ class _Restorer:
     def on_hvm(self, record: HvmState) -> None:
         if record.vm is Vm.GUEST:
             self.collector.add(record)
-        elif not getattr(self.config, "stub", False):
+        elif not self.config.stub:
             raise RestoreError(f"stream carries stub context ({record.type.name}) for a "
                                "domain without a stub")
         else:
             self.stub_collector.add(record)
 
     def on_device_state(self, record: DeviceState) -> None:
-        if not getattr(self.config, "stub", False):
+        if not self.config.stub:
             raise RestoreError(f"stream carries device state {record.device}.{record.instance} "
                                "for a domain without a stub")
         self.devices.append({"device": record.device, "instance": record.instance,
@@ -150,7 +150,7 @@ class _Restorer:
     def on_end(self, record: End) -> None:
         self.stats.end_at = time.monotonic()
         state = self.collector.result(self.config)
-        if getattr(self.config, "stub", False):
+        if self.config.stub:
             stub = self.stub_collector.result(self.config)
             if not self.devices:
                 raise RestoreError("stream carries a stub but no device state")

@@ -77,8 +77,7 @@ def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainC
         raise RestoreError("DOMAIN_CONFIG disk must be a path string or nil")
     known = {f.name for f in fields(DomainConfig)}
     extra = {key: value for key, value in raw.items() if key in known and key not in _CONFIG_TYPES}
-    if "stub" in known and "stub" not in extra:
-        extra["stub"] = False
+    extra.setdefault("stub", False)       # a stream from before stubs: none
     try:
         config = DomainConfig(name=name or raw["name"], workload=raw["workload"], memory=raw["memory"],
                               args=list(raw["args"]), timer_hz=raw["timer_hz"], **extra)
