@@ -13,15 +13,14 @@ SECTOR = 512
 
 
 class BlockBackend:
-    def __init__(self, path: str, read_only: bool = False):
+    def __init__(self, path: str):
         self.path = path
-        self.fd = os.open(path, (os.O_RDONLY if read_only else os.O_RDWR) | os.O_CLOEXEC)
+        self.fd = os.open(path, os.O_RDWR | os.O_CLOEXEC)
         size = os.fstat(self.fd).st_size
         if size < SECTOR:
             os.close(self.fd)
             raise ValueError(f"disk image {path} is smaller than one sector")
         self.capacity = size // SECTOR
-        self.read_only = read_only
         self.requests = 0
 
     def close(self) -> None:
@@ -30,8 +29,7 @@ class BlockBackend:
             self.fd = -1
 
     def flush(self) -> None:
-        if not self.read_only:
-            os.fdatasync(self.fd)
+        os.fdatasync(self.fd)
 
     def serve(self, mem) -> None:
         """Answer every request between rsp_prod and the stub's req_prod."""
@@ -65,8 +63,6 @@ class BlockBackend:
                 if n < length:
                     view[n:] = bytes(length - n)
             else:
-                if self.read_only:
-                    return abi.BLK_EIO
                 if os.pwritev(self.fd, [view], sector * SECTOR) != length:
                     log.error("block back end %s: short write at sector %d", self.path, sector)
                     return abi.BLK_EIO
