@@ -26,11 +26,16 @@ STUB_LOG_LINES = 200
 
 
 @functools.cache
+def stub_image() -> bytes:
+    """The stub image this process boots, read once."""
+    return gboot.image_path("stub").read_bytes()
+
+
+@functools.cache
 def stub_build_id() -> str:
-    """Identifies the stub image this host runs: a restore whose stream came
-    from another build boots a fresh stub and loads the device state. Read and
-    hashed once per process (every boot and restore asks)."""
-    return hashlib.sha256(gboot.image_path("stub").read_bytes()).hexdigest()[:16]
+    """Identifies the stub image this host runs (of the very bytes it boots): a restore
+    whose stream came from another build boots a fresh stub and loads the device state."""
+    return hashlib.sha256(stub_image()).hexdigest()[:16]
 
 
 class StubError(Exception):
@@ -83,7 +88,7 @@ class Stub:
             wl_base=abi.IOREQ_PAGE, wl_size=abi.STUB_RAM - abi.IOREQ_PAGE,
             tsc_khz=self.vcpu.get_tsc_khz(),
             args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ])
-        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, gboot.image_path("stub").read_bytes())
+        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, stub_image())
         struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
                          self.backend.capacity if self.backend else 0)
         self._run_until_doorbell()
