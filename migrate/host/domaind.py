@@ -382,10 +382,10 @@ class ClientWatch:
             log.warning("save reply not delivered: %s", exc)
 
 
-def _build(argv: list[str], console: Console,
-           server: DomainServer | None) -> tuple[Domain, bool, str]:
+def _build(argv: list[str], console: Console, server: DomainServer | None,
+           opts: dict | None) -> tuple[Domain, bool, str]:
     """The domain this process runs, whether to leave it paused, and a line to log once
-    it is started. ``server``: receive mode's control socket."""
+    it is started. ``server`` and ``opts``: receive mode's control socket and options."""
     if argv[1] == "--restore":
         path, name, paused, fresh = argv[2], argv[3], argv[4] == "1", argv[5]
         domain, stats = restore(file_chunks(path), name=name or None,
@@ -393,7 +393,6 @@ def _build(argv: list[str], console: Console,
                                 fresh_stub=True if fresh == "yes" else None)
         return domain, paused, f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
     if argv[1] == "--receive":
-        opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False)
         domain, stats = _receive(int(argv[2]), opts, console, int(argv[-1]), server)
         return domain, True, (f"received {opts['name']}: {stats.pages_total} pages, "
                               f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
@@ -449,11 +448,12 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
     receive = argv[1] == "--receive"
+    opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False) if receive else None
     server = None
     try:
         if receive:     # its control socket first: after the stream, GO must not wait for it
             server = DomainServer(directory, None, console_log, hidden=True)
-        domain, paused, note = _build(argv, Console(sink=console_log.write), server)
+        domain, paused, note = _build(argv, Console(sink=console_log.write), server, opts)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
@@ -474,7 +474,6 @@ def main(argv: list[str]) -> int:
     try:
         server.publish()
         if receive:             # it said ok already; the ready pipe stays open for GO's answer
-            opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False)
             server.await_go(int(argv[3]), os.dup(ready_fd), opts["resume_timeout"], note)
             ready.close()
         else:
