@@ -199,38 +199,50 @@ def _spawn(config: DomainConfig, directory: Path) -> dict:
     return _spawn_process(config.name, directory, [packed], what="start")
 
 
+def launch(directory: Path, args: list[str], pass_fds: tuple[int, ...]) -> None:
+    """Start ``python -m migrate.host.domaind DIRECTORY ARGS...`` with ``pass_fds``; its
+    standard error goes to DIRECTORY/stderr.log until it runs. Returns once the launcher
+    half of its double fork has exited (the domain process itself goes on)."""
+    with open(directory / statedir.STDERR, "wb") as err:
+        proc = subprocess.Popen([sys.executable, "-m", "migrate.host.domaind", str(directory), *args],
+                                pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                stderr=err, start_new_session=True)
+    proc.wait(10)
+
+
+def exited(directory: Path) -> str:
+    """The answer of a domain process that ended without giving one: the last line it
+    wrote to its standard error."""
+    try:
+        lines = (directory / statedir.STDERR).read_text(errors="replace").strip().splitlines()
+    except OSError:
+        lines = []
+    return "error: domain process exited" + (f": {lines[-1]}" if lines else "")
+
+
 def _spawn_process(name: str, directory: Path, args: list[str], what: str) -> dict:
     read_fd, write_fd = os.pipe()
     try:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "migrate.host.domaind", str(directory), *args, str(write_fd)],
-            pass_fds=(write_fd,), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-            stderr=open(directory / "stderr.log", "wb"), start_new_session=True)
+        launch(directory, [*args, str(write_fd)], (write_fd,))
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd) as ready:
-        answer = _read_ready(ready, proc, directory / "stderr.log")
-    proc.wait(10)           # the launcher half of the double fork
+        answer = _read_ready(ready, directory)
     if answer != "ok":
         _kill_pidfile(directory)
         shutil.rmtree(directory, ignore_errors=True)
         raise ControlError(f"domain {name!r} failed to {what}: {answer.removeprefix('error: ')}")
-    (directory / "stderr.log").unlink(missing_ok=True)
+    (directory / statedir.STDERR).unlink(missing_ok=True)
     with DomainClient(name, directory.parent) as client:
         return client.call("info")
 
 
-def _read_ready(ready, proc, stderr_log: Path) -> str:
+def _read_ready(ready, directory: Path) -> str:
     deadline = time.monotonic() + CREATE_TIMEOUT
     while time.monotonic() < deadline:
         r, _, _ = select.select([ready], [], [], 0.5)
         if r:
-            line = ready.readline().strip()
-            if line:
-                return line
-            text = stderr_log.read_text(errors="replace") if stderr_log.exists() else ""
-            tail = text.strip().splitlines()[-1:]
-            return "error: domain process exited" + (f": {tail[0]}" if tail else "")
+            return ready.readline().strip() or exited(directory)
     return f"error: no answer within {CREATE_TIMEOUT:g}s"
 
 

@@ -25,7 +25,6 @@ import shutil
 import socket
 import ssl
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -87,12 +86,9 @@ class Incoming:
             pass                    # a smaller pipe only costs speed
         os.set_blocking(self.stream_w, False)
         try:
-            proc = subprocess.Popen(
-                [sys.executable, "-m", "migrate.host.domaind", str(self.dir), "--receive",
-                 str(stream_r), str(go_r), msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
-                pass_fds=(stream_r, go_r, ready_w), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                stderr=open(self.dir / "stderr.log", "wb"), start_new_session=True)
-            proc.wait(10)           # the launcher half of the double fork
+            control.launch(self.dir, ["--receive", str(stream_r), str(go_r),
+                                      msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
+                           (stream_r, go_r, ready_w))
         except (OSError, subprocess.SubprocessError) as exc:
             self.discard()
             raise Refused(f"cannot start a receiving domain process: {exc}") from None
@@ -130,11 +126,7 @@ class Incoming:
             else:
                 self._lines.append(line)
         if self._eof and self.final is None:
-            self.final = self._gone()
-
-    def _gone(self) -> str:
-        tail = _tail(self.dir / "stderr.log")
-        return "error: domain process exited" + (f": {tail}" if tail else "")
+            self.final = control.exited(self.dir)
 
     def _wait(self, done, timeout: float, what: str) -> None:
         """Read until ``done()``, the process exits, or ``timeout`` (Refused)."""
@@ -150,7 +142,7 @@ class Incoming:
     def _line(self, timeout: float, what: str) -> str:
         """The next line after the final answer; an error line if the process exited."""
         self._wait(lambda: bool(self._lines), timeout, what)
-        return self._lines.pop(0) if self._lines else self._gone()
+        return self._lines.pop(0) if self._lines else control.exited(self.dir)
 
     def _failed(self) -> bool:
         return self.final is not None and not self.final.startswith("ok")
@@ -192,7 +184,7 @@ class Incoming:
         """The domain process's ``ok ...`` or error text (it stops reading on an error)."""
         self.close_stream()
         self._wait(lambda: self.final is not None, control.CREATE_TIMEOUT, "answer")
-        return (self.final or self._gone()).removeprefix("error: ")
+        return (self.final or control.exited(self.dir)).removeprefix("error: ")
 
     def finish(self) -> dict:
         """The stream is complete: wait for the restored, paused pair. Returns where the
@@ -209,7 +201,7 @@ class Incoming:
             raise Refused(f"restore failed: {self.bytes - length} bytes after END")
         if self._lines:                 # it failed after its ok
             raise Refused(f"restore failed: {self._lines[0].removeprefix('error: ')}")
-        (self.dir / "stderr.log").unlink(missing_ok=True)
+        (self.dir / statedir.STDERR).unlink(missing_ok=True)
         now, start = time.monotonic(), self.stream_end_at
         end_at, applied_at = (min(max(t, start), now) if math.isfinite(t) else start
                               for t in (end_at, applied_at))
@@ -419,14 +411,6 @@ class RelocationServer:
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")
-
-
-def _tail(path: Path) -> str:
-    try:
-        lines = path.read_text(errors="replace").strip().splitlines()
-    except OSError:
-        return ""
-    return lines[-1] if lines else ""
 
 
 def parse_disk_map(items) -> dict[str, str]:

@@ -11,6 +11,7 @@ SOCKET = "control.sock"
 CONSOLE = "console.log"
 PIDFILE = "pid"
 LOGFILE = "domain.log"
+STDERR = "stderr.log"       # a starting domain process's standard error, until it runs
 
 
 def state_dir() -> Path:
