@@ -492,18 +492,20 @@ def inspect(file):
       hvm stream inspect web1.hvm
     """
     from .engine import inspect as insp
-    entries = list(insp.scan(file))
-    h = insp.header_of(file)
+    scan, rows, stats = insp.Scan(file), [], {}
+    for e in scan:          # all checked before anything is printed
+        rows.append(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
+                    f"{insp.summary(e.record)}")
+        insp.add_memory_stats(stats, e)
+    h = scan.header
     click.echo(f"header: version {h.version}, length {h.header_length}, "
                f"incompat 0x{h.incompat_flags:x}, compat 0x{h.compat_flags:x}")
     click.echo(f"{'#':>6} {'offset':>12} {'size':>10}  {'type':<16} summary")
-    for e in entries:
-        click.echo(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
-                   f"{insp.summary(e.record)}")
-    for space, stats in insp.memory_stats(entries).items():
-        click.echo(stats.line(space))
-    size = entries[-1].offset + entries[-1].size
-    click.echo(f"{len(entries)} records, {size} bytes; END checked (counts and digest)")
+    for row in rows:
+        click.echo(row)
+    for space, memory in stats.items():
+        click.echo(memory.line(space))
+    click.echo(f"{len(rows)} records, {e.offset + e.size} bytes; END checked (counts and digest)")
 
 
 @stream.command()
@@ -517,11 +519,10 @@ def verify(file):
       hvm stream verify web1.hvm && echo good
     """
     from .engine import inspect as insp
-    count = pages = 0
-    for e in insp.scan(file):
+    count = 0
+    for e in insp.Scan(file):
         count += 1
-        pages += len(getattr(e.record, "pages", ()))
-    click.echo(f"{file}: ok ({count} records, {pages} page entries)")
+    click.echo(f"{file}: ok ({count} records, {e.record.page_count} page entries)")
 
 
 @stream.command()
@@ -536,17 +537,20 @@ def dump(file):
       hvm stream dump web1.hvm | less
     """
     from .engine import inspect as insp
-    from .stream import HvmState, PageBatch
-    for first, n, pages, zero in insp.collapse(list(insp.scan(file))):
+    from .stream import HvmState
+    from .stream.pages import RawPageBatch
+    lines = []              # all checked before anything is printed
+    for first, n, pages, zero in insp.collapse(insp.Scan(file)):
         record = first.record
-        if isinstance(record, PageBatch):
-            click.echo(f"@{first.offset} {record.TYPE.name} x{n}: {record.space.name} "
-                       f"{pages} pages ({zero} zero)")
+        if isinstance(record, RawPageBatch):
+            lines.append(f"@{first.offset} {record.TYPE.name} x{n}: {record.space.name} "
+                         f"{pages} pages ({zero} zero)")
             continue
-        click.echo(f"@{first.offset} {record.TYPE.name} {insp.summary(record)}")
+        lines.append(f"@{first.offset} {record.TYPE.name} {insp.summary(record)}")
         if isinstance(record, HvmState):
-            for line in insp.describe_state(record.state):
-                click.echo(line)
+            lines += insp.describe_state(record.state)
+    for line in lines:
+        click.echo(line)
 
 
 # -- relocation (specs/relocation.md) -------------------------------------------

@@ -1,17 +1,19 @@
 """Streams for people: the record table, memory statistics, decoded context
 (``hvm stream inspect|verify|dump``). Reads through the same checking reader as a
-restore, so the first problem stops it with its one-line StreamError."""
+restore, so the first problem stops it with its one-line StreamError. Page batches come
+as RawPageBatch (counts and pfns, no page objects); callers keep what they print, not the
+records, so a large stream is not held in memory."""
 from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from ..stream import (
     DONE, NEED_DATA, PAGE_SIZE, Creator, DeviceState, DomainConfig, End, HvmState, MemoryLayout,
-    PageBatch, StreamReader, Vm,
+    StreamReader, Vm,
 )
-from ..stream import ZERO_PAGE as _ZERO
+from ..stream.pages import RawPageBatch
 from .files import file_chunks
 
 
@@ -23,41 +25,38 @@ class Entry:
     record: object
 
 
-def scan(path: str | os.PathLike) -> Iterator[Entry]:
-    """Every record of a stream file with its offset and size, END last; raises
-    StreamError (or RestoreError if the file cannot be read) at the first problem."""
-    reader = StreamReader()
-    index, at = 0, None
-    for data in file_chunks(path):
-        reader.feed(data)
-        while True:
-            if at is None and reader.header is not None:
-                at = reader.offset
-            record = reader.next_record()
-            if record is NEED_DATA or record is DONE:
-                break
-            if at is None:
-                at = reader.header.header_length
-            yield Entry(index, at, reader.offset - at, record)
-            index, at = index + 1, reader.offset
-    reader.eof()
+class Scan:
+    """Iterating gives every record of a stream file with its offset and size, END last;
+    raises StreamError (or RestoreError if the file cannot be read) at the first problem.
+    ``header``: the stream header, once the first record has come."""
 
+    def __init__(self, path: str | os.PathLike):
+        self.path = path
+        self.header = None
 
-def header_of(path) -> object:
-    reader = StreamReader()
-    for data in file_chunks(path, 4096):
-        reader.feed(data)
-        reader.next_record()
-        if reader.header is not None:
-            return reader.header
-    reader.eof()
+    def __iter__(self) -> Iterator[Entry]:
+        reader = StreamReader(raw_pages=True)
+        index, at = 0, None
+        for data in file_chunks(self.path):
+            reader.feed(data)
+            while True:
+                if at is None and reader.header is not None:
+                    at = reader.offset
+                record = reader.next_record()
+                if record is NEED_DATA or record is DONE:
+                    break
+                if at is None:
+                    at = reader.header.header_length
+                self.header = reader.header
+                yield Entry(index, at, reader.offset - at, record)
+                index, at = index + 1, reader.offset
+        reader.eof()
 
 
 def summary(record) -> str:
     """One line describing a record."""
-    if isinstance(record, PageBatch):
-        zero = sum(1 for _, data in record.pages if data is _ZERO)
-        return f"{record.space.name} {len(record.pages)} pages ({zero} zero)"
+    if isinstance(record, RawPageBatch):
+        return f"{record.space.name} {record.count} pages ({record.zero} zero)"
     if isinstance(record, HvmState):
         where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
         return f"{record.vm.name} {where}"
@@ -92,41 +91,36 @@ class MemoryStats:
                 f"page records {self.data_bytes} bytes")
 
 
-def memory_stats(entries: list[Entry]) -> dict:
-    out: dict[Vm, MemoryStats] = {}
-    for entry in entries:
-        record = entry.record
-        if isinstance(record, MemoryLayout):
-            out.setdefault(record.space, MemoryStats()).nr_pages = record.nr_pages
-        elif isinstance(record, PageBatch):
-            stats = out.setdefault(record.space, MemoryStats())
-            stats.entries += len(record.pages)
-            zero = sum(1 for _, data in record.pages if data is _ZERO)
-            stats.zero += zero
-            stats.data += len(record.pages) - zero
-            stats.distinct.update(pfn for pfn, _ in record.pages)
-            stats.data_bytes += entry.size
-    return out
+def add_memory_stats(stats: dict, entry: Entry) -> None:
+    """Count ``entry`` into ``stats`` (Vm -> MemoryStats)."""
+    record = entry.record
+    if isinstance(record, MemoryLayout):
+        stats.setdefault(record.space, MemoryStats()).nr_pages = record.nr_pages
+    elif isinstance(record, RawPageBatch):
+        space = stats.setdefault(record.space, MemoryStats())
+        space.entries += record.count
+        space.zero += record.zero
+        space.data += record.count - record.zero
+        space.distinct.update(record.pfns())
+        space.data_bytes += entry.size
 
 
-def collapse(entries: list[Entry]) -> Iterator[tuple[Entry, int, int, int]]:
+def collapse(entries: Iterable[Entry]) -> Iterator[tuple[Entry, int, int, int]]:
     """Runs of page records of one type and space as (first entry, records, pages, zero)."""
     run = None
     for entry in entries:
         record = entry.record
-        key = (record.TYPE, record.space) if isinstance(record, PageBatch) else None
+        key = (record.TYPE, record.space) if isinstance(record, RawPageBatch) else None
         if run is not None and (key is None or key != run[0]):
             yield run[1]
             run = None
         if key is None:
             yield (entry, 1, 0, 0)
-            continue
-        zero = sum(1 for _, data in record.pages if data is _ZERO)
-        if run is None:
-            run = [key, (entry, 1, len(record.pages), zero)]
+        elif run is None:
+            run = [key, (entry, 1, record.count, record.zero)]
         else:
             first, n, pages, zeros = run[1]
-            run[1] = (first, n + 1, pages + len(record.pages), zeros + zero)
+            run[1] = (first, n + 1, pages + record.count, zeros + record.zero)
     if run is not None:
         yield run[1]
 
