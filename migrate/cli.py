@@ -5,6 +5,7 @@ is a traceback.
 """
 from __future__ import annotations
 
+import functools
 import json
 import re
 import sys
@@ -13,10 +14,12 @@ import time
 import click
 
 from .domain import MIB, DomainConfig, DomainError
+from .engine import RestoreError
 from .engine.batches import DEFAULT_LEVEL
 from .guest.boot import WORKLOADS
 from .host import control, protocol
 from .host.control import ControlError
+from .stream import StreamError
 
 _SIZE = re.compile(r"^(\d+)\s*([KMG]i?B?|B)?$", re.IGNORECASE)
 _UNITS = {"": MIB, "B": 1, "K": 1 << 10, "M": MIB, "G": 1 << 30}
@@ -31,17 +34,20 @@ def parse_size(text: str) -> int:
     return int(m.group(1)) * _UNITS[unit]
 
 
-def _fail_cleanly(fn):
-    """Map library errors to click errors (exit 1)."""
-    import functools
+def _errors_exit_1(*errors):
+    """A decorator mapping ``errors`` to click errors: their one line, exit 1."""
+    def decorate(fn):
+        @functools.wraps(fn)
+        def wrapper(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except errors as exc:
+                raise click.ClickException(str(exc)) from None
+        return wrapper
+    return decorate
 
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ControlError, DomainError, ValueError) as exc:
-            raise click.ClickException(str(exc)) from None
-    return wrapper
+
+_fail_cleanly = _errors_exit_1(ControlError, DomainError, ValueError)      # library errors
 
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
@@ -466,19 +472,7 @@ def stream():
     """
 
 
-def _stream_errors(fn):
-    import functools
-
-    from .engine import RestoreError
-    from .stream import StreamError
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (StreamError, RestoreError) as exc:
-            raise click.ClickException(str(exc)) from None
-    return wrapper
+_stream_errors = _errors_exit_1(StreamError, RestoreError)
 
 
 @stream.command()
