@@ -120,12 +120,16 @@ def list_domains(base: Path | None = None) -> list[dict]:
     return found
 
 
+def _require_kvm() -> None:
+    if not os.path.exists(DEV_KVM):
+        raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+
+
 def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
     """Start a domain process for ``config``; return its info once running."""
     config.validate()
     statedir.check_name(config.name)
-    if not os.path.exists(DEV_KVM):
-        raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+    _require_kvm()
     directory = _claim_directory(config.name, base)
     return _spawn(config, directory)
 
@@ -159,8 +163,7 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
     from ..engine import RestoreError, read_config
     from ..stream import StreamError
     path = Path(path).absolute()
-    if not os.path.exists(DEV_KVM):
-        raise ControlError(f"{DEV_KVM} does not exist: this host cannot run KVM guests")
+    _require_kvm()
     try:
         saved = read_config(path)
     except (RestoreError, StreamError) as exc:
