@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from . import guest
 from .console import Console
 from .guest import boot as gboot
-from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState, saveable_msrs
+from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
@@ -30,8 +30,7 @@ def memory_ok(memory: int) -> bool:
     return MIN_MEMORY <= memory <= MAX_MEMORY and memory % (2 * MIB) == 0
 
 
-TSS_ADDR = 0xFFFBD000
-RAM_SLOT = 0
+RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
 
@@ -119,17 +118,11 @@ class Domain:
         kvm.require("KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IMMEDIATE_EXIT",
                     "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS",
                     "KVM_CAP_DEBUGREGS", "KVM_CAP_ADJUST_CLOCK")
-        self.vm = vm = kvm.create_vm()
-        vm.set_tss_addr(TSS_ADDR)       # before any vCPU runs
-        vm.create_irqchip()             # before vCPUs are created
-        vm.create_pit2()
-        self.ram = vm.add_memory(RAM_SLOT, 0, self.config.memory, name=f"hvm-{self.config.name}")
-        self.vcpu = vm.create_vcpu(0)
-        self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        self.msr_indices = saveable_msrs(self.vcpu, kvm.get_msr_index_list())
+        self.vm, self.ram, self.vcpu, self.msr_indices = gboot.new_machine(
+            kvm, self.config.memory, f"hvm-{self.config.name}")
         if self.config.stub:
             try:
-                self.stub = Stub(kvm, vm, self.ram, self.console, self.config.disk, self.config.name)
+                self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name)
             except OSError as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
 

@@ -10,6 +10,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..kvm import saveable_msrs
+
 PAGE_SIZE = 4096
 BOOT_INFO_ADDR = 0x1000
 PML4_ADDR = 0x2000
@@ -117,6 +119,29 @@ def entry_sregs(sregs: dict) -> dict:
     sregs["cr4"] = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT
     sregs["efer"] = EFER_LME | EFER_LMA
     return sregs
+
+
+TSS_ADDR = 0xFFFBD000       # KVM's TSS pages: below 4 GiB, above any RAM and the MMIO this uses
+RAM_SLOT = 0                # a machine's RAM, at guest physical 0
+
+
+def new_machine(kvm, memory: int, name: str, console_port: int | None = None):
+    """A VM of the shape these images boot in, for the guest and the stub alike: TSS and
+    in-kernel irqchip and PIT (all before the vCPU), ``memory`` bytes of RAM at 0 in
+    RAM_SLOT (a memfd named ``name``), one vCPU with the host's CPUID, and the MSRs that
+    vCPU can save. Returns (vm, ram, vcpu, msr_indices); the VM is closed on failure."""
+    vm = kvm.create_vm()
+    try:
+        vm.set_tss_addr(TSS_ADDR)
+        vm.create_irqchip()
+        vm.create_pit2()
+        ram = vm.add_memory(RAM_SLOT, 0, memory, name=name)
+        vcpu = vm.create_vcpu(0, console_port=console_port)
+        vcpu.set_cpuid2(kvm.get_supported_cpuid())
+        return vm, ram, vcpu, saveable_msrs(vcpu, kvm.get_msr_index_list())
+    except BaseException:
+        vm.close()
+        raise
 
 
 def boot_vcpu(vcpu, mem, boot_info: BootInfo, image: bytes) -> None:

@@ -13,14 +13,13 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..guest import boot as gboot
-from ..kvm import DirtyBitmap, PlatformState, VcpuState, saveable_msrs
+from ..kvm import DirtyBitmap, PlatformState, VcpuState
 from . import abi, devstate
 from .blockback import BlockBackend
 
 log = logging.getLogger(__name__)
 
-RAM_SLOT, WINDOW_SLOT = 0, 1
-TSS_ADDR = 0xFFFBD000
+RAM_SLOT, WINDOW_SLOT = gboot.RAM_SLOT, 1
 ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
 STUB_LOG_LINES = 200
 
@@ -63,17 +62,11 @@ class Stub:
         self._stopped = threading.Event()
         self.requests = 0
         self.backend = BlockBackend(disk) if disk else None
-        self.vm = vm = kvm.create_vm()
         try:
-            vm.set_tss_addr(TSS_ADDR)
-            vm.create_irqchip()
-            vm.create_pit2()
-            self.ram = vm.add_memory(RAM_SLOT, 0, abi.STUB_RAM, name=f"stub-{name}")
-            self.window = vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
-                                        memfd=guest_ram.memfd)
-            self.vcpu = vm.create_vcpu(0, console_port=abi.PORT_CONSOLE)
-            self.vcpu.set_cpuid2(kvm.get_supported_cpuid())
-            self.msr_indices = saveable_msrs(self.vcpu, kvm.get_msr_index_list())
+            self.vm, self.ram, self.vcpu, self.msr_indices = gboot.new_machine(
+                kvm, abi.STUB_RAM, f"stub-{name}", console_port=abi.PORT_CONSOLE)
+            self.window = self.vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
+                                             memfd=guest_ram.memfd)
         except BaseException:
             self.close()
             raise
