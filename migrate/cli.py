@@ -13,6 +13,7 @@ import time
 
 import click
 
+from .cpu import DEFAULT_MODEL, MODELS
 from .domain import MIB, DomainConfig, DomainError
 from .engine import RestoreError
 from .engine.batches import DEFAULT_LEVEL
@@ -79,21 +80,26 @@ def hvm():
               help="Raw disk image for the guest's virtio block device.")
 @click.option("--no-stub", is_flag=True,
               help="No device-model stub: console on debug port 0xE9, no UART or disk.")
+@click.option("--cpu", type=click.Choice(MODELS), default=DEFAULT_MODEL, show_default=True,
+              help="CPU model: baseline restores on any x86-64 KVM host (Intel or AMD); host "
+                   "gives everything this host has, restorable only where a host offers as much "
+                   "(specs/cpu-models.md; hvm host cpu).")
 @json_option
 @_fail_cleanly
-def create(workload, memory, name, args, timer_hz, disk, no_stub, as_json):
+def create(workload, memory, name, args, timer_hz, disk, no_stub, cpu, as_json):
     """Create and start a domain (HVM guest + device-model stub) in its own process.
 
     \b
     Example:
       hvm create --workload ledger --memory 256M --disk /var/lib/hvm/l1.img --arg 42
+      hvm create --workload idle --cpu host
     """
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
     config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
-                          stub=not no_stub, disk=disk)
+                          stub=not no_stub, disk=disk, cpu=cpu)
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
@@ -137,13 +143,15 @@ def info(name, as_json):
     if as_json:
         click.echo(json.dumps(data))
         return
-    for key in ("name", "status", "workload", "memory", "vcpus", "pid", "uptime",
-                "timer_hz", "console_bytes", "crash_reason"):
+    for key in ("name", "status", "workload", "memory", "vcpus", "cpu", "cpu_vendor", "tsc_khz",
+                "pid", "uptime", "timer_hz", "console_bytes", "crash_reason"):
         value = data.get(key)
         if key == "memory":
             value = f"{value >> 20} MiB"
         if value not in ("", None):
             click.echo(f"{key + ':':<15}{value}")
+    for note in data.get("cpu_notes", []):
+        click.echo(f"{'cpu note:':<15}{note}")
 
 
 def _simple(op: str, verb: str, doc: str):
@@ -312,6 +320,18 @@ def main():     # pragma: no cover - the console-script entry point
 
 # -- save, restore, stream ----------------------------------------------------
 
+def disk_map_option(text: str):
+    return click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST", help=text + " Repeatable.")
+
+
+def _disk_map(items) -> dict[str, str]:
+    from .host.relocd import parse_disk_map
+    try:
+        return parse_disk_map(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--disk-map") from None
+
+
 def parse_compress(text: str) -> int | None:
     """'none' -> None, 'zstd' -> the engine's default level, 'zstd:LEVEL' -> LEVEL."""
     kind, _, level = text.strip().lower().partition(":")
@@ -442,24 +462,30 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
 @click.option("--fresh-stub", is_flag=True,
               help="Boot a new device-model stub and load the saved device state, instead of "
                    "resuming the saved stub image (automatic when the stub build differs).")
+@disk_map_option("Use DST here for the disk the stream names SRC (a stream from another host).")
 @json_option
 @_fail_cleanly
-def restore(file, name, paused, fresh_stub, as_json):
+def restore(file, name, paused, fresh_stub, disk_map, as_json):
     """Restore a domain from a stream FILE, checking the stream as it goes; any error
-    destroys what was built and says why.
+    destroys what was built and says why. What this host cannot give the saved domain
+    (its CPU, its disk) is refused before anything starts (hvm stream check says it first).
 
     \b
     Example:
       hvm restore /var/lib/hvm/web1.hvm --name web1b --paused
+      hvm restore web1.hvm --disk-map /srv/a/web1.img=/var/lib/hvm/web1.img
     """
     t0 = time.monotonic()
-    info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub)
+    info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub,
+                                  disk_map=_disk_map(disk_map))
     if as_json:
         click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
-    else:
-        click.echo(f"restored {info['name']} from {file} ({info['workload']}, "
-                   f"{info['memory'] >> 20} MiB): {info['status']}, pid {info['pid']} "
-                   f"({time.monotonic() - t0:.2f} s)")
+        return
+    click.echo(f"restored {info['name']} from {file} ({info['workload']}, "
+               f"{info['memory'] >> 20} MiB, {info['cpu']} CPU): {info['status']}, pid {info['pid']} "
+               f"({time.monotonic() - t0:.2f} s)")
+    for note in info.get("cpu_notes", []):
+        click.echo(f"note: {note}")
 
 
 @hvm.group()
@@ -519,6 +545,38 @@ def verify(file):
     click.echo(f"{file}: ok ({count} records, {e.record.page_count} page entries)")
 
 
+@stream.command(name="check")
+@click.argument("file", type=click.Path(dir_okay=False))
+@disk_map_option("Check with DST here for the disk the stream names SRC.")
+@json_option
+@_stream_errors
+def check_(file, disk_map, as_json):
+    """Can this host restore FILE? Compares the saved CPUs (specs/cpu-models.md), the
+    configuration and the disk with this host, without building anything; exit 0 and what
+    the guest would notice, or exit 1 with every reason. It reads the stream's beginning
+    (the whole stream for a version-1 one): hvm stream verify checks all of it.
+
+    \b
+    Example:
+      hvm stream check web1.hvm && hvm restore web1.hvm
+    """
+    from .cpu import this_host
+    from .engine.compat import check
+    report = check(file, this_host(), _disk_map(disk_map))
+    if as_json:
+        click.echo(json.dumps({"file": file, "restorable": report.ok, "problems": report.problems,
+                               "notes": report.notes, **report.facts}))
+    else:
+        for note in report.notes:
+            click.echo(f"note: {note}")
+        if report.ok:
+            click.echo(f"{file}: this host can restore it")
+    if not report.ok:
+        if not as_json:
+            click.echo(f"{file}: this host cannot restore it: {'; '.join(report.problems)}", err=True)
+        sys.exit(1)
+
+
 @stream.command()
 @click.argument("file", type=click.Path(dir_okay=False))
 @_stream_errors
@@ -558,7 +616,38 @@ tls_dir_option = click.option("--tls-dir", type=click.Path(file_okay=False), env
 
 @hvm.group()
 def host():
-    """This host as a relocation destination: keys and the daemon."""
+    """This host: its CPU, and as a relocation destination, keys and the daemon."""
+
+
+@host.command(name="cpu")
+@json_option
+@_fail_cleanly
+def host_cpu(as_json):
+    """This host's CPU as KVM offers it: vendor, model, TSC frequency and scaling, and
+    which CPU models it can run (specs/cpu-models.md).
+
+    \b
+    Example:
+      hvm host cpu --json
+    """
+    from .cpu import this_host
+    here = this_host()
+    sig = here.signature
+    family = (sig >> 8 & 0xF) + (sig >> 20 & 0xFF if (sig >> 8 & 0xF) == 0xF else 0)
+    model = (sig >> 4 & 0xF) | ((sig >> 16 & 0xF) << 4 if (sig >> 8 & 0xF) in (6, 0xF) else 0)
+    runnable = here.runnable_models()
+    data = {"vendor": here.vendor, "signature": sig, "family": family, "model": model,
+            "stepping": sig & 0xF, "tsc_khz": here.tsc_khz, "tsc_scaling": here.tsc_scaling,
+            "msrs": len(here.msrs), "cpuid_leaves": len(here.cpuid),
+            "models": {m: {"runs": not why, "why_not": why} for m, why in runnable.items()}}
+    if as_json:
+        click.echo(json.dumps(data))
+        return
+    click.echo(f"vendor:       {here.vendor} (family {family:#x}, model {model:#x}, stepping {sig & 0xF})")
+    click.echo(f"TSC:          {here.tsc_khz} kHz, scaling {'yes' if here.tsc_scaling else 'no (KVM_CAP_TSC_CONTROL missing)'}")
+    click.echo(f"offers:       {len(here.cpuid)} CPUID leaves, {len(here.msrs)} saveable MSRs")
+    for m, why in runnable.items():
+        click.echo(f"model {m + ':':<9}{'runs here' if not why else 'cannot run here: ' + why}")
 
 
 @host.command()

@@ -6,6 +6,7 @@ ioctls; this module holds the policy (the run loop, pausing, exit handling).
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import threading
 import time
@@ -13,6 +14,10 @@ from dataclasses import dataclass, field
 
 from . import guest
 from .console import Console
+from .cpu import (
+    DEFAULT_MODEL, MODEL_NAME, STUB_MODEL, CpuModelError, CpuPolicy, HostCpu, compatibility,
+    msrs_to_apply, policy_for, this_host, tsc_differs,
+)
 from .guest import boot as gboot
 from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
 from .stub import Stub, StubError, StubState, stub_build_id
@@ -49,6 +54,7 @@ class DomainConfig:
     timer_hz: int = 100
     stub: bool = True           # devices in a stub VM; False: debug port 0xE9 only
     disk: str | None = None     # raw disk image behind the virtio block device
+    cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
 
     def validate(self) -> None:
         if self.workload not in gboot.WORKLOADS:
@@ -63,6 +69,8 @@ class DomainConfig:
             raise DomainError("timer_hz must be 0 to 1000")
         if self.disk is not None and not self.stub:
             raise DomainError("a disk needs the device-model stub")
+        if not isinstance(self.cpu, str) or not MODEL_NAME.match(self.cpu):
+            raise DomainError(f"{self.cpu!r} is not a CPU model name")
 
 
 @dataclass
@@ -81,12 +89,26 @@ class Domain:
     States: ``paused`` (built, not running), ``running``, ``shutdown`` (the
     guest stopped itself with status 0), ``crashed`` (a non-zero status, or
     KVM refused to run it), ``destroyed``.
+
+    ``cpu`` and ``stub_cpu`` are the CPUs of the guest and the stub (a restore passes the
+    saved ones); by default they are made from ``config.cpu`` and the stub's model. This
+    host's compatibility with them is checked before anything is built (DomainError
+    naming everything it lacks); what the guest will notice is kept in ``cpu_notes``.
     """
 
     def __init__(self, config: DomainConfig, console: Console | None = None,
-                 kvm: Kvm | None = None):
+                 kvm: Kvm | None = None, cpu: CpuPolicy | None = None,
+                 stub_cpu: CpuPolicy | None = None):
         config.validate()
         self.config = config
+        self.cpu_notes: list[str] = []
+        host = this_host()
+        try:
+            self.cpu = self._fit(cpu or policy_for(config.cpu, host), host, "the guest")
+            self._stub_cpu = (self._fit(stub_cpu or policy_for(STUB_MODEL, host), host, "the stub")
+                              if config.stub else None)
+        except CpuModelError as exc:
+            raise DomainError(str(exc)) from None
         self.console = console or Console()
         self.status = "paused"
         self.crash_reason = ""
@@ -118,13 +140,30 @@ class Domain:
         kvm.require("KVM_CAP_IRQCHIP", "KVM_CAP_PIT2", "KVM_CAP_IMMEDIATE_EXIT",
                     "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS",
                     "KVM_CAP_DEBUGREGS", "KVM_CAP_ADJUST_CLOCK")
-        self.vm, self.ram, self.vcpu, self.msr_indices = gboot.new_machine(
-            kvm, self.config.memory, f"hvm-{self.config.name}")
+        host = this_host()
+        self.vm, self.ram, self.vcpu = gboot.new_machine(
+            kvm, self.config.memory, f"hvm-{self.config.name}", self.cpu,
+            scale_tsc=self._scale_tsc(self.cpu, host))
         if self.config.stub:
             try:
-                self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name)
+                self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name,
+                                 self._stub_cpu, scale_tsc=self._scale_tsc(self._stub_cpu, host))
             except OSError as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
+
+    def _fit(self, policy: CpuPolicy, host: HostCpu, what: str) -> CpuPolicy:
+        """``policy`` as this host runs it: refused (CpuModelError) if the host cannot, less
+        the droppable MSRs it lacks (specs/cpu-models.md, "Compatibility")."""
+        found = compatibility(policy, host)
+        if found.problems:
+            raise CpuModelError(f"this host cannot run {what}'s CPU ({policy.model} model): "
+                                f"{'; '.join(found.problems)}")
+        self.cpu_notes += [f"{what}: {note}" for note in found.notes]
+        return policy.without_msrs(found.dropped_msrs)
+
+    @staticmethod
+    def _scale_tsc(policy: CpuPolicy, host: HostCpu) -> bool:
+        return host.tsc_scaling and not policy.legacy and tsc_differs(policy.tsc_khz, host.tsc_khz)
 
     @classmethod
     def boot(cls, config: DomainConfig, console: Console | None = None) -> "Domain":
@@ -187,8 +226,13 @@ class Domain:
             raise DomainError(f"state has {len(state.vcpus)} vCPUs, this build runs 1")
         if (state.stub is None) != (self.stub is None):
             raise DomainError("state and domain disagree on having a device-model stub")
+        vcpu = self._as_here(state.vcpus[0], self.cpu, "the guest")
+        stub = None
+        if self.stub is not None and not fresh_stub:
+            stub = dataclasses.replace(state.stub, vcpus=[
+                self._as_here(v, self.stub.cpu, "the stub") for v in state.stub.vcpus])
         state.platform.apply(self.vm)
-        state.vcpus[0].apply(self.vcpu)
+        vcpu.apply(self.vcpu)
         if self.stub is None:
             return
         try:
@@ -197,10 +241,19 @@ class Domain:
                 self.stub.load_devices(state.stub.devices)
                 self.stub_build = stub_build_id()
             else:
-                self.stub.apply(state.stub)
+                self.stub.apply(stub)
                 self.stub_build = stub_build
         except StubError as exc:
             raise DomainError(str(exc)) from None
+
+    def _as_here(self, vcpu: VcpuState, policy: CpuPolicy, what: str) -> VcpuState:
+        """A saved vCPU state with its MSRs as this host takes them (``msrs_to_apply``)."""
+        try:
+            msrs, notes = msrs_to_apply(policy, vcpu.msrs, this_host())
+        except CpuModelError as exc:
+            raise DomainError(f"{what}: {exc}") from None
+        self.cpu_notes += [f"{what}: {note}" for note in notes]
+        return dataclasses.replace(vcpu, msrs=msrs)
 
     # -- memory and dirty log ---------------------------------------------
     @property
@@ -257,7 +310,7 @@ class Domain:
         except (StubError, KvmError) as exc:
             raise DomainError(f"capturing the stub failed: {exc}") from None
         return DomainState(config=self.config,
-                           vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
+                           vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
                            platform=PlatformState.capture(self.vm), stub=stub)
 
     # -- running ------------------------------------------------------------

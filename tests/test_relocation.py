@@ -580,7 +580,7 @@ def fake_destination(answer):
         listener.close()
         ch = Channel(conn)
         ch.expect("HELLO")
-        ch.send("WELCOME", proto=1, stream_version=1)
+        ch.send("WELCOME", proto=1, stream_version=2)
         while True:
             kind, message = ch.receive()
             if kind == "control" and message["t"] == "SYNC":

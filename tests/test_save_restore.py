@@ -166,8 +166,8 @@ def test_restore_rejects_bad_streams_and_leaves_nothing(domains, monkeypatch):
     data, _ = save_bytes(src)
     built = []
 
-    def make(cfg):
-        dom = Domain(cfg)
+    def make(cfg, **cpu):
+        dom = Domain(cfg, **cpu)
         built.append(dom)
         return dom
     cases = [
@@ -181,14 +181,18 @@ def test_restore_rejects_bad_streams_and_leaves_nothing(domains, monkeypatch):
     assert built and all(d.status == "destroyed" for d in built)
 
 
-def _stream(records_fn):
-    """A stream with a guest config and layouts, made by the stream writer."""
-    from migrate.engine.state import config_record
+def _stream(records_fn, cpu=True):
+    """A stream with a guest config, the guest's CPU records (baseline) and what
+    ``records_fn`` adds, made by the stream writer."""
+    from migrate.cpu import policy_for, this_host
+    from migrate.engine.state import config_record, cpu_records
     from migrate.stream import MemoryLayout, StreamWriter, Vm
     w = StreamWriter()
     cfg = config("eng", "idle", 16, stub=False)
     out = [w.start(), w.record(config_record(cfg))]
-    out += records_fn(w, MemoryLayout, Vm)
+    if cpu:
+        out += [w.record(r) for r in cpu_records(policy_for("baseline", this_host()), Vm.GUEST)]
+    out += records_fn(w, lambda space, n: MemoryLayout.flat(space, n), Vm)
     out.append(w.finish())
     return b"".join(out)
 
@@ -198,12 +202,15 @@ def test_restore_engine_level_errors(domains):
     from migrate.stream.records import RecordType
     with pytest.raises(RestoreError, match="no vCPU state"):
         restore([_stream(lambda w, ML, Vm: [w.record(ML(Vm.GUEST, 4096)), w.record(ML(Vm.STUB, 0))])])
+    with pytest.raises(RestoreError, match="version-2 stream lacks the CPU records .* of the guest"):
+        restore([_stream(lambda w, ML, Vm: [w.record(ML(Vm.GUEST, 4096)), w.record(ML(Vm.STUB, 0))],
+                         cpu=False)])
     with pytest.raises(RestoreError, match="MEMORY_LAYOUT has 8 pages"):
         restore([_stream(lambda w, ML, Vm: [w.record(ML(Vm.GUEST, 8)), w.record(ML(Vm.STUB, 0))])])
     with pytest.raises(RestoreError, match="carries a stub of 4 pages but DOMAIN_CONFIG says the domain has none"):
         restore([_stream(lambda w, ML, Vm: [w.record(ML(Vm.GUEST, 4096)), w.record(ML(Vm.STUB, 4))])])
     beyond = BATCH_HEADER.pack(0, 1) + PAGE_ENTRY.pack(4096, 1, 0)   # a zero page past the end
-    with pytest.raises(StreamError, match="outside GUEST memory of 4096 pages"):
+    with pytest.raises(StreamError, match=r"outside GUEST memory \(4096 pages in 1 ranges\)"):
         restore([_stream(lambda w, ML, Vm: [w.record(ML(Vm.GUEST, 4096)), w.record(ML(Vm.STUB, 0)),
                                             w.raw(RecordType.PAGE_DATA, beyond, 1)])])
 

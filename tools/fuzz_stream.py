@@ -30,7 +30,7 @@ INTERESTING = [0, 1, 7, 8, 0x7F, 0x80, 0xFF, 1023, 1024, 1025, 4096, 0x7FFF_FFFF
                0x8000_0000, 0xFFFF_FFFF, (128 << 20), (128 << 20) + 1]
 
 
-REAL_STREAM = ROOT / "tests" / "fixtures" / "idle-v1.hvm"   # a real guest+stub save
+REAL_STREAM = ROOT / "tests" / "fixtures" / "idle-v2-baseline-amd.hvm"   # a real guest+stub save
 
 
 def seeds() -> list[bytes]:
@@ -41,7 +41,7 @@ def seeds() -> list[bytes]:
 
     writer = StreamWriter()
     minimal = [writer.start(), writer.record(DomainConfig({"name": "fuzz", "k": [1, b"x"]})),
-               writer.record(MemoryLayout(Vm.GUEST, 4)), writer.record(MemoryLayout(Vm.STUB, 2))]
+               writer.record(MemoryLayout.flat(Vm.GUEST, 4)), writer.record(MemoryLayout.flat(Vm.STUB, 2))]
     minimal.append(writer.pages(Vm.GUEST, [(0, ZERO_PAGE), (1, pattern(1, 4096))]))
     minimal.append(writer.pages(Vm.STUB, [(1, bytes([9]) * 4096)], compressed=True))
     minimal.append(writer.finish())

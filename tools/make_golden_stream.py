@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
-"""Write the golden version-1 stream fixture (specs/stream-format.md, section "Example").
+"""Write the golden version-2 stream fixture (specs/stream-format.md, section "Example").
 
 Usage: python tools/make_golden_stream.py [OUTPUT]
-(default: tests/stream/fixtures/golden-v1.hvmstream). The bytes depend only on the code
+(default: tests/stream/fixtures/golden-v2.hvmstream). The bytes depend only on the code
 and on libzstd's output at level 3; tests/stream/test_golden.py requires that re-encoding
 the fixture's records reproduces it byte for byte.
 """
@@ -17,7 +17,7 @@ sys.path.insert(0, str(ROOT))
 
 from migrate.stream.sample import sample_stream  # noqa: E402
 
-DEFAULT = ROOT / "tests" / "stream" / "fixtures" / "golden-v1.hvmstream"
+DEFAULT = ROOT / "tests" / "stream" / "fixtures" / "golden-v2.hvmstream"
 
 
 def main(argv: list[str]) -> int:

@@ -1,8 +1,10 @@
 """Restore a domain from a stream, checking it as it goes (specs/stream-format.md,
 "Reading" and "Ordering").
 
-The domain is created when DOMAIN_CONFIG and the guest's MEMORY_LAYOUT have arrived and
-agree; pages are written into its RAM as their batches arrive (the last copy of a page
+The domain is created when DOMAIN_CONFIG, the CPU records and the guest's MEMORY_LAYOUT
+have arrived and agree: the domain is given the saved CPUs and refuses, before it builds
+anything, a host that cannot run them (specs/cpu-models.md; a version-1 stream, which
+describes no CPU, restores with this host's); pages are written into its RAM as their batches arrive (the last copy of a page
 wins): the reader hands each batch over as a RawPageBatch and one C call
 (``migrate.stream._pages.hvm_scatter_pages``, which checks every entry again before writing anything)
 copies its data pages into place; HVM context records are collected and applied only after END has been read and
@@ -22,17 +24,18 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
+from ..cpu import legacy_policy, this_host
 from ..domain import Domain, DomainConfig
 from ..stream import (
-    DONE, NEED_DATA, PAGE_SIZE, DeviceState, End, HvmState, MemoryLayout, PageType,
-    RecordType, StreamReader, Vm,
+    DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
+    MsrPolicy, PageType, RecordType, StreamReader, Vm,
 )
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, stub_build_id
 from ..stream._pages import ffi, lib
-from .state import RestoreError, StateCollector, config_from_record, stub_build_of
+from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
 
 @dataclass
@@ -55,9 +58,10 @@ class RestoreStats:
 
 
 class _Restorer:
-    def __init__(self, name: str | None, make_domain: Callable[[DomainConfig], Any],
-                 fresh_stub: bool | None):
+    def __init__(self, name: str | None, make_domain: Callable[..., Any],
+                 fresh_stub: bool | None, reader: StreamReader):
         self.name, self.make_domain, self.fresh_stub = name, make_domain, fresh_stub
+        self.reader = reader
         self.config: DomainConfig | None = None
         self.stub_build = ""
         self.domain = None
@@ -66,12 +70,14 @@ class _Restorer:
         self.written: dict[Vm, bytearray] = {}
         self.collector = StateCollector()
         self.stub_collector = StateCollector("stub")
+        self.cpus = CpuCollector()
         self.devices: list[dict] = []
         self.stats = RestoreStats()
         self.end_seen = False
         self._dispatch = {
             ConfigRecord: self.on_config, MemoryLayout: self.on_layout, RawPageBatch: self.on_pages,
             HvmState: self.on_hvm, DeviceState: self.on_device_state, Creator: lambda r: None,
+            CpuModel: self.cpus.add, CpuidPolicy: self.cpus.add, MsrPolicy: self.cpus.add,
             End: self.on_end,
         }
 
@@ -98,20 +104,33 @@ class _Restorer:
             if self.domain is None:
                 raise RestoreError("the stub's MEMORY_LAYOUT comes before the guest's")
             have = len(self.domain.stub_memory) // PAGE_SIZE
-            if record.nr_pages != have:
+            if record != MemoryLayout.flat(Vm.STUB, have):
                 raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
                                    f"stub has {have}")
             if not self.fresh_stub:          # a fresh stub boots its own image instead
                 self.stub_memory = self.domain.stub_memory
             self.written[Vm.STUB] = bytearray(record.nr_pages)
             return
-        if record.nr_pages * PAGE_SIZE != self.config.memory:
-            raise RestoreError(f"guest MEMORY_LAYOUT has {record.nr_pages} pages, DOMAIN_CONFIG "
-                               f"says {self.config.memory // PAGE_SIZE}")
-        self.domain = self.make_domain(self.config)
+        if record != MemoryLayout.flat(Vm.GUEST, self.config.memory // PAGE_SIZE):
+            raise RestoreError(f"guest MEMORY_LAYOUT has {record.nr_pages} pages in "
+                               f"{len(record.ranges)} ranges; DOMAIN_CONFIG says "
+                               f"{self.config.memory // PAGE_SIZE} pages from pfn 0")
+        self.domain = self.make_domain(self.config, **self.cpu_policies())
         self.memory = self.domain.memory
         self.written[Vm.GUEST] = bytearray(record.nr_pages)
         self.stats.guest_bytes = self.config.memory
+
+    def cpu_policies(self) -> dict:
+        """The CPUs the domain is given: the stream's, or for a version-1 stream (it has
+        none) this host's (``legacy_policy``)."""
+        guest, stub = self.cpus.policy(Vm.GUEST), self.cpus.policy(Vm.STUB)
+        if self.reader.header.version >= 2:
+            if guest is None or (self.config.stub and stub is None):
+                raise RestoreError("version-2 stream lacks the CPU records (CPU_MODEL, CPUID_POLICY, "
+                                   f"MSR_POLICY) of the {'guest' if guest is None else 'stub'}")
+            return {"cpu": guest, "stub_cpu": stub}
+        legacy = legacy_policy(this_host())
+        return {"cpu": legacy, "stub_cpu": legacy if self.config.stub else None}
 
     def on_pages(self, batch: RawPageBatch) -> None:
         mem = self.memory if batch.space is Vm.GUEST else self.stub_memory
@@ -175,12 +194,13 @@ class _Restorer:
 
 
 def restore(source: Iterable[bytes], *, name: str | None = None,
-            make_domain: Callable[[DomainConfig], Any] = Domain, fresh_stub: bool | None = None,
+            make_domain: Callable[..., Any] = Domain, fresh_stub: bool | None = None,
             progress: Callable[[RestoreStats], None] | None = None,
             on_applied: Callable[[Any, RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
-    ``make_domain(config)`` builds the empty domain (default: :class:`Domain`);
+    ``make_domain(config, cpu=, stub_cpu=)`` builds the empty domain with those CPU
+    policies (default: :class:`Domain`);
     ``fresh_stub``: True boots a new stub and loads the device state, False resumes the
     stub's memory image, None (default) decides by the stub build (module docstring).
     ``progress(stats)`` is called after each chunk of ``source``; ``on_applied(domain,
@@ -190,7 +210,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     follow in a later chunk."""
     t0 = time.monotonic()
     reader = StreamReader(raw_pages=True)
-    work = _Restorer(name, make_domain, fresh_stub)
+    work = _Restorer(name, make_domain, fresh_stub, reader)
     try:
         for chunk in source:
             reader.feed(chunk)

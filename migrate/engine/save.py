@@ -1,14 +1,16 @@
 """Save a domain as one stream: stop-and-copy or live pre-copy (specs/stream-format.md,
 "Ordering"; the records come from :mod:`migrate.engine.state`).
 
-Order written: header, CREATOR, DOMAIN_CONFIG, MEMORY_LAYOUT (guest, stub); live, the
+Order written: header, CREATOR, DOMAIN_CONFIG, the CPU records (guest, then stub),
+MEMORY_LAYOUT (guest, stub); live, the
 pre-copy page rounds (round 0 = every page, then the dirty pages of each later round);
 then, paused, the guest's HVM context records, the stub's records, the last page round
 (live: the pages dirtied since the last round; stop-and-copy: every page) and END. The
 state goes before the last pages so that a reader at the other end of a link checks it
 while those pages are still being sent (``flush``).
 
-The engine talks to the domain through a narrow interface: ``config``, ``status``,
+The engine talks to the domain through a narrow interface: ``config``, ``cpu`` (its
+CpuPolicy), ``status``,
 ``memory`` (a memoryview of guest RAM), ``pause()``, ``resume()``, ``capture()``,
 ``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear, a DirtyBitmap whose
 ``pfns()`` are the pages written since the last fetch; it must include the pages the stub
@@ -35,7 +37,7 @@ from typing import Any, Callable, Protocol
 from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
 from .batches import DEFAULT_LEVEL, BatchPipeline, EncodedBatch, chunks
 from .convergence import OFFLINE, Convergence, Pacer, Round, VcpuThrottle, decide
-from .state import config_record, state_records
+from .state import config_record, cpu_records, state_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
 
@@ -54,6 +56,7 @@ class SaveTimeout(SaveCancelled):
 
 class StubPart(Protocol):        # the stub's share of the stream, see the module docstring
     memory: memoryview
+    cpu: Any                    # its CpuPolicy (migrate.cpu)
 
     def set_dirty_logging(self, enabled: bool) -> None: ...
     def fetch_dirty(self) -> Any: ...
@@ -71,6 +74,10 @@ class DomainStub:
     @property
     def memory(self) -> memoryview:
         return self.domain.stub_memory
+
+    @property
+    def cpu(self):
+        return self.domain.stub.cpu
 
     def set_dirty_logging(self, enabled: bool) -> None:
         pass
@@ -244,9 +251,12 @@ class _Saver:
         self.write(self.writer.start())
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
         self.write(self.writer.record(config_record(dom.config, getattr(dom, "stub_build", ""))))
-        self.write(self.writer.record(MemoryLayout(Vm.GUEST, len(dom.memory) // PAGE_SIZE)))
+        for space, part in self.spaces().items():
+            for record in cpu_records(part.cpu, space):
+                self.write(self.writer.record(record))
+        self.write(self.writer.record(MemoryLayout.flat(Vm.GUEST, len(dom.memory) // PAGE_SIZE)))
         stub_pages = len(self.stub.memory) // PAGE_SIZE if self.stub is not None else 0
-        self.write(self.writer.record(MemoryLayout(Vm.STUB, stub_pages)))
+        self.write(self.writer.record(MemoryLayout.flat(Vm.STUB, stub_pages)))
         if live:
             self.precopy()
             if hasattr(dom, "prepare_capture"):

@@ -1,5 +1,5 @@
 """DomainState <-> stream records, in one place (specs/stream-format.md, sections
-"DOMAIN_CONFIG" and "HVM context records").
+"DOMAIN_CONFIG", "CPU records" and "HVM context records").
 
 Save turns a :class:`~migrate.domain.DomainState` into a DOMAIN_CONFIG record and one
 HvmState record per kind of vCPU and platform state; restore collects those records
@@ -10,10 +10,13 @@ from __future__ import annotations
 
 from dataclasses import fields
 
+from ..cpu import CpuidEntry, CpuPolicy, MsrEntry
 from ..domain import DomainConfig, DomainState
 from ..kvm import PlatformState, VcpuState
+from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
 from ..stream import HvmState, RecordType, StreamError, Vm
+from ..stream.cpu import MSR_FEATURE
 
 # vCPU record type -> VcpuState attribute. The stream has no FPU record: VCPU_XSAVE
 # carries the legacy FPU/SSE area too, and VcpuState.apply restores from xsave.
@@ -39,10 +42,15 @@ class RestoreError(Exception):
     configuration this build refuses, a part of the pair it cannot restore yet)."""
 
 
+# DomainConfig fields the stream carries elsewhere: the CPU model is the guest's CPU_MODEL
+NOT_IN_CONFIG = {"cpu"}
+
+
 def config_record(config: DomainConfig, stub_build: str = "") -> ConfigRecord:
-    """DOMAIN_CONFIG: every DomainConfig field, plus ``stub_build`` (the build id of the
-    stub image whose memory the stream carries) for a domain with a stub."""
-    raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig)}
+    """DOMAIN_CONFIG: every DomainConfig field but the CPU model (in CPU_MODEL), plus
+    ``stub_build`` (the build id of the stub image whose memory the stream carries) for a
+    domain with a stub."""
+    raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig) if f.name not in NOT_IN_CONFIG}
     if stub_build:
         raw["stub_build"] = stub_build
     return ConfigRecord(raw)
@@ -75,7 +83,7 @@ def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainC
         raise RestoreError("DOMAIN_CONFIG stub must be a boolean")
     if raw.get("disk") is not None and (not isinstance(raw["disk"], str) or "\0" in raw["disk"]):
         raise RestoreError("DOMAIN_CONFIG disk must be a path string or nil")
-    known = {f.name for f in fields(DomainConfig)}
+    known = {f.name for f in fields(DomainConfig)} - NOT_IN_CONFIG
     extra = {key: value for key, value in raw.items() if key in known and key not in _CONFIG_TYPES}
     extra.setdefault("stub", False)       # a stream from before stubs: none
     try:
@@ -85,6 +93,77 @@ def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainC
     except Exception as exc:      # DomainError, TypeError: it is the stream's configuration
         raise RestoreError(f"DOMAIN_CONFIG refused: {exc}") from None
     return config
+
+
+def cpu_records(policy: CpuPolicy, vm: Vm) -> list:
+    """The three CPU records of one VM."""
+    return [
+        CpuModel(vm, policy.model, policy.tsc_khz, policy.strict_tsc, policy.host_vendor,
+                 policy.host_signature),
+        CpuidPolicy(vm, tuple(tuple(entry) for entry in policy.cpuid)),
+        MsrPolicy(vm, tuple((m.index, MSR_FEATURE if m.feature else 0, m.value) for m in policy.msrs)),
+    ]
+
+
+def domain_cpus(domain) -> dict[Vm, CpuPolicy]:
+    """The CPU policies of a domain's VMs, by stream VM id."""
+    out = {Vm.GUEST: domain.cpu}
+    if domain.stub is not None:
+        out[Vm.STUB] = domain.stub.cpu
+    return out
+
+
+def cpu_bodies(policies: dict[Vm, CpuPolicy]) -> dict[str, list[bytes]]:
+    """The CPU records of each VM as record bodies, keyed "guest"/"stub" (a relocation's
+    HELLO carries them: specs/relocation.md)."""
+    return {vm.name.lower(): [record.pack() for record in cpu_records(policy, vm)]
+            for vm, policy in policies.items()}
+
+
+def policies_from_bodies(value: object) -> dict[Vm, CpuPolicy]:
+    """:func:`cpu_bodies` back, every body checked as the stream reader checks it; anything
+    wrong is a StreamError."""
+    if not isinstance(value, dict) or not value:
+        raise StreamError("CPU description is not a non-empty map")
+    collector = CpuCollector()
+    for name, bodies in value.items():
+        vm = {"guest": Vm.GUEST, "stub": Vm.STUB}.get(name)
+        if vm is None or not isinstance(bodies, list) or len(bodies) != 3 or \
+                not all(isinstance(b, bytes) for b in bodies):
+            raise StreamError(f"CPU description {name!r} is not three record bodies of the guest or stub")
+        for kind, body in zip((CpuModel, CpuidPolicy, MsrPolicy), bodies):
+            record = kind.unpack(body)
+            if record.vm is not vm:
+                raise StreamError(f"CPU description {name!r} holds a {kind.TYPE.name} of {record.vm.name}")
+            collector.add(record)
+    return {vm: collector.policy(vm) for vm in collector.records}
+
+
+class CpuCollector:
+    """The CPU records of each VM as they arrive; :meth:`policy` builds a VM's CpuPolicy
+    (None if the stream has no CPU records for it, as version 1 streams have none)."""
+
+    def __init__(self) -> None:
+        self.records: dict[Vm, dict[RecordType, object]] = {}
+
+    def add(self, record) -> None:
+        self.records.setdefault(record.vm, {})[record.TYPE] = record
+
+    def policy(self, vm: Vm) -> CpuPolicy | None:
+        have = self.records.get(vm)
+        if not have:
+            return None
+        lacking = [t.name for t in (RecordType.CPU_MODEL, RecordType.CPUID_POLICY, RecordType.MSR_POLICY)
+                   if t not in have]
+        if lacking:
+            raise RestoreError(f"stream lacks the {vm.name.lower()}'s {', '.join(lacking)}")
+        model = have[RecordType.CPU_MODEL]
+        return CpuPolicy(
+            model=model.model, tsc_khz=model.tsc_khz, strict_tsc=model.strict_tsc,
+            host_vendor=model.host_vendor, host_signature=model.host_signature,
+            cpuid=tuple(CpuidEntry(*entry) for entry in have[RecordType.CPUID_POLICY].entries),
+            msrs=tuple(MsrEntry(index, bool(flags & MSR_FEATURE), value)
+                       for index, flags, value in have[RecordType.MSR_POLICY].entries))
 
 
 def state_records(state: DomainState, vm: Vm = Vm.GUEST) -> list[HvmState]:
@@ -135,5 +214,7 @@ class StateCollector:
         return DomainState(config=config, vcpus=vcpus, platform=PlatformState(**self.platform))
 
 
-__all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "RestoreError", "StateCollector", "StreamError",
-           "config_from_record", "config_record", "state_records", "stub_build_of"]
+__all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "CpuCollector", "RestoreError", "StateCollector",
+           "StreamError", "config_from_record", "config_record", "cpu_bodies", "cpu_records", "domain_cpus",
+           "policies_from_bodies", "state_records",
+           "stub_build_of"]

@@ -10,8 +10,6 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..kvm import saveable_msrs
-
 PAGE_SIZE = 4096
 BOOT_INFO_ADDR = 0x1000
 PML4_ADDR = 0x2000
@@ -125,11 +123,13 @@ TSS_ADDR = 0xFFFBD000       # KVM's TSS pages: below 4 GiB, above any RAM and th
 RAM_SLOT = 0                # a machine's RAM, at guest physical 0
 
 
-def new_machine(kvm, memory: int, name: str, console_port: int | None = None):
+def new_machine(kvm, memory: int, name: str, cpu, console_port: int | None = None,
+                scale_tsc: bool = False):
     """A VM of the shape these images boot in, for the guest and the stub alike: TSS and
     in-kernel irqchip and PIT (all before the vCPU), ``memory`` bytes of RAM at 0 in
-    RAM_SLOT (a memfd named ``name``), one vCPU with the host's CPUID, and the MSRs that
-    vCPU can save. Returns (vm, ram, vcpu, msr_indices); the VM is closed on failure."""
+    RAM_SLOT (a memfd named ``name``), one vCPU given the CPU of policy ``cpu``
+    (specs/cpu-models.md: its CPUID leaves, its feature MSR values, and with ``scale_tsc``
+    its TSC frequency), whose MSRs are checked to be readable. Returns (vm, ram, vcpu); the VM is closed on failure."""
     vm = kvm.create_vm()
     try:
         vm.set_tss_addr(TSS_ADDR)
@@ -137,8 +137,12 @@ def new_machine(kvm, memory: int, name: str, console_port: int | None = None):
         vm.create_pit2()
         ram = vm.add_memory(RAM_SLOT, 0, memory, name=name)
         vcpu = vm.create_vcpu(0, console_port=console_port)
-        vcpu.set_cpuid2(kvm.get_supported_cpuid())
-        return vm, ram, vcpu, saveable_msrs(vcpu, kvm.get_msr_index_list())
+        vcpu.set_cpuid2(cpu.cpuid)
+        if scale_tsc:
+            vcpu.set_tsc_khz(cpu.tsc_khz)
+        vcpu.set_msrs({m.index: m.value for m in cpu.msrs if m.feature})
+        vcpu.get_msrs(cpu.msr_indices)      # a capture reads them: KvmError names one it cannot
+        return vm, ram, vcpu
     except BaseException:
         vm.close()
         raise

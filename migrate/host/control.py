@@ -12,7 +12,7 @@ from pathlib import Path
 
 import msgpack
 
-from ..domain import DomainConfig
+from ..domain import DomainConfig, DomainError
 from ..engine.batches import DEFAULT_LEVEL
 from ..kvm.system import DEV_KVM
 from . import protocol, statedir
@@ -156,25 +156,32 @@ def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
 
 
 def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
-                   base: Path | None = None, fresh_stub: bool = False) -> dict:
+                   base: Path | None = None, fresh_stub: bool = False,
+                   disk_map: dict[str, str] | None = None) -> dict:
     """Start a domain process restored from the stream file ``path``; its info once it
-    runs (or is paused, with ``paused``). Errors come back as one line; on any error no
-    process and no state are left."""
-    from ..engine import RestoreError, read_config
+    runs (or is paused, with ``paused``). ``disk_map``: {saved disk path: disk here}.
+    What this host cannot restore (its CPU, a missing disk: ``engine.compat``) is refused
+    before anything is started. Errors come back as one line; on any error no process
+    and no state are left."""
+    from ..cpu import this_host
+    from ..engine import RestoreError
+    from ..engine.compat import require_restorable
     from ..stream import StreamError
     path = Path(path).absolute()
     _require_kvm()
     try:
-        saved = read_config(path)
-    except (RestoreError, StreamError) as exc:
+        report = require_restorable(path, this_host(), disk_map or {})
+    except (RestoreError, StreamError, DomainError) as exc:
         raise ControlError(f"cannot restore from {path}: {exc}") from None
+    saved = report.facts
     name = name or saved.get("name")
     if not isinstance(name, str):
         raise ControlError(f"cannot restore from {path}: DOMAIN_CONFIG has no name")
     statedir.check_name(name)
     directory = _claim_directory(name, base)
+    disk = saved.get("disk_here") or ""
     return _spawn_process(name, directory, ["--restore", str(path), name, "1" if paused else "0",
-                                            "yes" if fresh_stub else "auto"], what="restore")
+                                            "yes" if fresh_stub else "auto", disk], what="restore")
 
 
 def _claim_directory(name: str, base: Path | None) -> Path:

@@ -3,7 +3,8 @@
 Started by :func:`migrate.host.control.create_domain` as
 ``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``, or by
 :func:`migrate.host.control.restore_domain` as
-``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) READY_FD``,
+``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) DISK READY_FD``
+(DISK: the disk image to use here, "" for the saved one or none),
 or by the relocation daemon (:mod:`migrate.host.relocd`) as
 ``python -m migrate.host.domaind DIR --receive STREAM_FD GO_FD OPTIONS_MSGPACK_HEX READY_FD``:
 restore from the pipe ``STREAM_FD``, stay paused, and destroy the domain if it is not
@@ -51,8 +52,9 @@ import msgpack
 from ..console import Console
 from ..domain import Domain, DomainConfig, DomainError
 from ..engine import Convergence, RestoreError, SaveError, file_chunks, restore, save_to_file
+from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
-from ..stream import StreamError
+from ..stream import StreamError, Vm
 from . import protocol, statedir
 
 log = logging.getLogger("hvm.domaind")
@@ -138,7 +140,9 @@ class DomainServer:
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
                 "console_bytes": self.console_log.tell(), "args": list(cfg.args),
                 "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk,
-                "ioreqs": dom.stub.requests if dom.stub else 0}
+                "ioreqs": dom.stub.requests if dom.stub else 0,
+                "cpu": dom.cpu.model, "cpu_vendor": dom.cpu.vendor, "tsc_khz": dom.cpu.tsc_khz,
+                "cpu_notes": list(dom.cpu_notes)}
 
     def op_pause(self, req: dict) -> dict:
         self._no_save_running("pause")
@@ -387,9 +391,11 @@ def _build(argv: list[str], console: Console, server: DomainServer | None,
     """The domain this process runs, whether to leave it paused, and a line to log once
     it is started. ``server`` and ``opts``: receive mode's control socket and options."""
     if argv[1] == "--restore":
-        path, name, paused, fresh = argv[2], argv[3], argv[4] == "1", argv[5]
+        path, name, paused, fresh, disk = argv[2], argv[3], argv[4] == "1", argv[5], argv[6]
+        mapped = {"disk": disk} if disk else {}
         domain, stats = restore(file_chunks(path), name=name or None,
-                                make_domain=lambda cfg: Domain(cfg, console),
+                                make_domain=lambda cfg, **cpu: Domain(dataclasses.replace(cfg, **mapped),
+                                                                      console, **cpu),
                                 fresh_stub=True if fresh == "yes" else None)
         return domain, paused, f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
     if argv[1] == "--receive":
@@ -409,10 +415,14 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
     listed from RESTORED on) and ``ok ...`` is said (module docstring). The vCPU thread is
     started, parked, as soon as the domain is made, so that GO
     (:meth:`DomainServer.await_go`) only has to wake it."""
-    def make(cfg: DomainConfig) -> Domain:
+    def make(cfg: DomainConfig, **cpu) -> Domain:
         if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
             raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
-        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console)
+        if opts["cpu"] is not None:
+            hello = policies_from_bodies(opts["cpu"])
+            if (hello.get(Vm.GUEST), hello.get(Vm.STUB)) != (cpu["cpu"], cpu["stub_cpu"]):
+                raise RestoreError("stream does not match HELLO (the CPU records differ)")
+        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console, **cpu)
         domain.park_vcpu()
         return domain
 

@@ -22,10 +22,12 @@ from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
 from ..engine.batches import DEFAULT_LEVEL
+from ..engine.state import cpu_bodies, domain_cpus
+from ..stream import FORMAT_VERSION
 from . import tls
 from .protocol import convergence_from_request, convergence_request
 from .relocation import (
-    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
+    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
 )
 
@@ -103,13 +105,17 @@ class MigrateJob:
         ch = self.connect()
         try:
             try:
-                ch.send("HELLO", proto=PROTO, stream_versions=STREAM_VERSIONS, name=cfg.name,
-                        memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live)
-                ch.expect("WELCOME", WELCOME_TIMEOUT)
+                ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
+                        memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
+                        cpu=cpu_bodies(domain_cpus(domain)))
+                welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
             except PeerError as exc:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
             except ChannelError as exc:
                 raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
+            if welcome["stream_version"] != FORMAT_VERSION:
+                raise RelocationError(f"{self.host}:{self.port} asks for stream version "
+                                      f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
             setup = time.monotonic() - t0
             return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel)
         finally:

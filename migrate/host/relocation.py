@@ -10,7 +10,7 @@ import time
 import msgpack
 
 PROTO = 1
-STREAM_VERSIONS = [1]
+STREAM_VERSIONS = [1, 2]        # what a destination reads; a source sends its writer's version
 CONTROL, DATA = 1, 2
 FRAME = struct.Struct("<IHH")          # length, kind, reserved
 MAX_CONTROL = 65536
@@ -32,7 +32,7 @@ RUNNING_TIMEOUT = 30.0
 # message keys and their types (unknown keys are ignored)
 MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
-              "disk": (str, type(None)), "live": bool},
+              "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2
     "WELCOME": {"proto": int, "stream_version": int},
     "SYNC": {"bytes": int},
     "SYNCED": {"bytes": int},

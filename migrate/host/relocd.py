@@ -31,7 +31,10 @@ from pathlib import Path
 
 import msgpack
 
+from ..cpu import compatibility, this_host
 from ..domain import memory_ok
+from ..engine.state import RestoreError, policies_from_bodies
+from ..stream import StreamError, Vm
 from . import control, statedir, tls
 from .relocation import (
     GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT,
@@ -76,7 +79,8 @@ class Incoming:
         except control.ControlError as exc:
             raise Refused(str(exc)) from None
         opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
-                "disk_from": hello["disk"], "disk_to": disk_to, "resume_timeout": RESUME_TIMEOUT}
+                "disk_from": hello["disk"], "disk_to": disk_to, "resume_timeout": RESUME_TIMEOUT,
+                "cpu": hello.get("cpu")}
         stream_r, self.stream_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
@@ -308,7 +312,7 @@ class RelocationServer:
     def relocation(self, ch: Channel, who: str) -> None:
         hello = ch.expect("HELLO", WELCOME_TIMEOUT)
         try:
-            disk_to = self.check_hello(hello)
+            disk_to, version = self.check_hello(hello)
         except Refused as exc:
             log.warning("refused %s: %s", who, exc)
             ch.send_error(str(exc))
@@ -328,7 +332,7 @@ class RelocationServer:
         try:
             incoming = Incoming(name, hello, disk_to, self.config.base)
             t0 = time.monotonic()
-            ch.send("WELCOME", proto=PROTO, stream_version=STREAM_VERSIONS[-1])
+            ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
             timing = incoming.finish()
             ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
@@ -359,12 +363,17 @@ class RelocationServer:
         log.info("relocated %s from %s: running", name, who)
         ch.send("RUNNING", resume=resume)
 
-    def check_hello(self, hello: dict) -> str | None:
-        """The destination disk for the domain, or Refused (specs/relocation.md, "HELLO checks")."""
+    def check_hello(self, hello: dict) -> tuple[str | None, int]:
+        """The destination disk for the domain and the stream version to receive, or
+        Refused (specs/relocation.md, "HELLO checks")."""
         if hello["proto"] != PROTO:
             raise Refused(f"protocol version {hello['proto']} is not {PROTO}")
-        if not set(hello["stream_versions"]) & set(STREAM_VERSIONS):
+        common = set(hello["stream_versions"]) & set(STREAM_VERSIONS)
+        if not common:
             raise Refused(f"no common stream version (this host reads {STREAM_VERSIONS})")
+        version = max(common)
+        if version >= 2 or "cpu" in hello:
+            self.check_cpu(hello)
         try:
             statedir.check_name(hello["name"])
         except ValueError as exc:
@@ -374,14 +383,35 @@ class RelocationServer:
             raise Refused(f"memory size {memory} out of range")
         disk = hello["disk"]
         if disk is None:
-            return None
+            return None, version
         if not hello["stub"]:
             raise Refused("a disk needs the device-model stub")
         mapped = self.config.disk_map.get(disk)
         if mapped is None:
             raise Refused(f"domain {hello['name']} has a disk ({disk}) and this host maps none: "
                           f"start hvm host serve with --disk-map {disk}=DST")
-        return mapped
+        return mapped, version
+
+    @staticmethod
+    def check_cpu(hello: dict) -> None:
+        """The CPUs the domain was given (HELLO ``cpu``) must run here: the same check as a
+        restore's, before any page is sent (specs/cpu-models.md, "Compatibility")."""
+        if "cpu" not in hello:
+            raise Refused("HELLO lacks the CPU description (cpu) a version-2 stream needs")
+        try:
+            policies = policies_from_bodies(hello["cpu"])
+        except (StreamError, RestoreError) as exc:
+            raise Refused(f"HELLO cpu: {exc}") from None
+        if Vm.GUEST not in policies or (Vm.STUB in policies) != bool(hello["stub"]):
+            raise Refused("HELLO cpu does not describe the guest and (only with a stub) the stub")
+        problems = []
+        for vm, policy in policies.items():
+            what = vm.name.lower()
+            found = compatibility(policy, this_host())
+            problems += [f"{what}: {p}" for p in found.problems]
+        if problems:
+            raise Refused(f"this host cannot run domain {hello['name']}'s CPU "
+                          f"({policies[Vm.GUEST].model} model): {'; '.join(problems)}")
 
     def check_room(self, name: str, memory: int) -> None:
         """With ``max_memory``: refuse a domain that would take the guest memory of this

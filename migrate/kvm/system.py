@@ -50,21 +50,43 @@ class Kvm:
     def get_vcpu_mmap_size(self) -> int:
         return ioctl(self.fd, "KVM_GET_VCPU_MMAP_SIZE")
 
-    def get_supported_cpuid(self, max_entries: int = 256):
-        """A ``struct kvm_cpuid2 *`` ready for KVM_SET_CPUID2."""
+    def get_supported_cpuid(self, max_entries: int = 256) -> list[tuple]:
+        """KVM_GET_SUPPORTED_CPUID as plain data: one ``(function, index, flags, eax, ebx,
+        ecx, edx)`` tuple per entry, in KVM's order."""
         cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": max_entries})
         cpuid.nent = max_entries
         ioctl(self.fd, "KVM_GET_SUPPORTED_CPUID", cpuid)
-        return cpuid
+        return [(e.function, e.index, e.flags, e.eax, e.ebx, e.ecx, e.edx)
+                for e in (cpuid.entries[i] for i in range(cpuid.nent))]
 
     def get_msr_index_list(self) -> list[int]:
         if self._msr_index_list is None:
-            n = 512
-            lst = ffi.new("struct kvm_msr_list *", {"indices": n})
-            lst.nmsrs = n
-            ioctl(self.fd, "KVM_GET_MSR_INDEX_LIST", lst)
-            self._msr_index_list = [lst.indices[i] for i in range(lst.nmsrs)]
+            self._msr_index_list = self._msr_list("KVM_GET_MSR_INDEX_LIST")
         return list(self._msr_index_list)
+
+    def get_msr_feature_index_list(self) -> list[int]:
+        """KVM_GET_MSR_FEATURE_INDEX_LIST: the MSRs that describe the CPU (read with
+        :meth:`get_feature_msrs`); empty where KVM_CAP_GET_MSR_FEATURES is missing."""
+        if not self.check_extension(lib.KVM_CAP_GET_MSR_FEATURES):
+            return []
+        return self._msr_list("KVM_GET_MSR_FEATURE_INDEX_LIST")
+
+    def _msr_list(self, name: str) -> list[int]:
+        n = 512
+        lst = ffi.new("struct kvm_msr_list *", {"indices": n})
+        lst.nmsrs = n
+        ioctl(self.fd, name, lst)
+        return [lst.indices[i] for i in range(lst.nmsrs)]
+
+    def get_feature_msrs(self, indices: list[int]) -> dict[int, int]:
+        """KVM_GET_MSRS on the system fd: the values of feature MSRs KVM can give a guest.
+        An index KVM does not answer for is left out."""
+        arg = ffi.new("struct kvm_msrs *", {"entries": len(indices)})
+        arg.nmsrs = len(indices)
+        for i, index in enumerate(indices):
+            arg.entries[i].index = index
+        n = ioctl(self.fd, "KVM_GET_MSRS", arg) if indices else 0
+        return {arg.entries[i].index: arg.entries[i].data for i in range(n)}
 
     def create_vm(self) -> "Vm":
         from .vm import Vm

@@ -223,11 +223,20 @@ class Vcpu:
     def set_debugregs(self, debugregs: dict) -> None:
         self._set("struct kvm_debugregs", "KVM_SET_DEBUGREGS", debugregs)
 
-    def set_cpuid2(self, cpuid) -> None:
+    def set_cpuid2(self, entries: list[tuple]) -> None:
+        """KVM_SET_CPUID2 from ``(function, index, flags, eax, ebx, ecx, edx)`` tuples."""
+        cpuid = ffi.new("struct kvm_cpuid2 *", {"entries": len(entries)})
+        cpuid.nent = len(entries)
+        for slot, (function, index, flags, eax, ebx, ecx, edx) in zip(cpuid.entries, entries):
+            slot.function, slot.index, slot.flags = function, index, flags
+            slot.eax, slot.ebx, slot.ecx, slot.edx = eax, ebx, ecx, edx
         ioctl(self.fd, "KVM_SET_CPUID2", cpuid)
 
     def get_tsc_khz(self) -> int:
         return ioctl(self.fd, "KVM_GET_TSC_KHZ")
+
+    def set_tsc_khz(self, khz: int) -> None:
+        ioctl(self.fd, "KVM_SET_TSC_KHZ", khz)
 
 
 prepare("struct kvm_regs", "struct kvm_sregs", "struct kvm_xcrs", "struct kvm_vcpu_events", "struct kvm_mp_state", "struct kvm_debugregs")

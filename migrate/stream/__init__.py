@@ -4,6 +4,7 @@
 every problem with the input is a ``StreamError`` (``StreamTruncated`` when it ends early).
 """
 
+from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.hvm import HvmState
 from migrate.stream.pages import ZERO_PAGE, PageBatch, PageType
@@ -15,7 +16,7 @@ from migrate.stream.records import (
 from migrate.stream.writer import StreamWriter, encode_stream
 
 __all__ = [
-    "DONE", "FORMAT_VERSION", "MAX_PAGES_PER_BATCH", "MAX_RECORD_BODY", "NEED_DATA", "PAGE_SIZE",
+    "CpuModel", "CpuidPolicy", "MsrPolicy", "DONE", "FORMAT_VERSION", "MAX_PAGES_PER_BATCH", "MAX_RECORD_BODY", "NEED_DATA", "PAGE_SIZE",
     "ZERO_PAGE", "Creator", "DeviceState", "DomainConfig", "End", "Header", "HvmState",
     "MemoryLayout", "PageBatch", "PageType", "RecordType", "StreamError", "StreamReader",
     "StreamTruncated", "StreamWriter", "Vm", "decode_stream", "encode_stream",

@@ -6,25 +6,33 @@ StreamError at the first record that breaks a rule. The reader and the writer bo
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from bisect import bisect_right
+from typing import Any, Callable, Iterable
 
+from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError
 from migrate.stream.hvm import HvmState
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import Creator, DeviceState, DomainConfig, End, MemoryLayout, Vm
+from migrate.stream.records import Creator, DeviceState, DomainConfig, End, MemoryLayout, RecordType, Vm
 
 
 class StreamOrder:
     def __init__(self) -> None:
         self.config_seen = False
-        self.layouts: dict[Vm, int] = {}
+        self.layouts: dict[Vm, MemoryLayout] = {}
+        self._starts: dict[Vm, list[int]] = {}      # first pfn of each range, for bisect
         self.once: set[tuple] = set()
+        self.cpu_records: dict[Vm, set[RecordType]] = {}
+        self.msr_policies: dict[Vm, MsrPolicy] = {}
         self._checks: dict[type, Callable[[Any], None]] = {
             DomainConfig: self._domain_config,
             MemoryLayout: self._memory_layout,
             PageBatch: self._pages,
             HvmState: self._hvm_state,
             DeviceState: self._device_state,
+            CpuModel: self._cpu_record,
+            CpuidPolicy: self._cpu_record,
+            MsrPolicy: self._cpu_record,
             Creator: lambda record: None,
             End: self._end,
         }
@@ -48,29 +56,57 @@ class StreamOrder:
     def _memory_layout(self, record: MemoryLayout) -> None:
         if record.space in self.layouts:
             raise StreamError(f"MEMORY_LAYOUT for {record.space.name} appears twice")
-        self.layouts[record.space] = record.nr_pages
+        if not record.ranges and record.space in self.cpu_records:
+            raise StreamError(f"CPU records for {record.space.name}, whose MEMORY_LAYOUT is empty")
+        self.layouts[record.space] = record
+        self._starts[record.space] = [first for first, _ in record.ranges]
+
+    def _cpu_record(self, record: Any) -> None:
+        if self.layouts:
+            raise StreamError(f"{record.TYPE.name} after a MEMORY_LAYOUT (CPU records come before)")
+        self._once((record.TYPE, record.vm), f"{record.TYPE.name} for {record.vm.name}")
+        self.cpu_records.setdefault(record.vm, set()).add(record.TYPE)
+        if isinstance(record, MsrPolicy):
+            self.msr_policies[record.vm] = record
 
     def _pages(self, record: PageBatch) -> None:
         self.pages(record.TYPE.name, record.space, (pfn for pfn, _ in record.pages))
 
-    def pages(self, what: str, space: Vm, pfns: Any) -> None:
+    def flat(self, space: Vm) -> bool:
+        """The space's memory is one range from pfn 0 (checking the highest pfn suffices)."""
+        layout = self.layouts.get(space)
+        return layout is not None and len(layout.ranges) == 1 and layout.ranges[0][0] == 0
+
+    def pages(self, what: str, space: Vm, pfns: Iterable[int]) -> None:
         """The page rules for a batch of ``pfns`` of ``space``: its layout came first and
-        every pfn is in range."""
+        every pfn is in one of its ranges."""
         if not self.config_seen:
             raise StreamError(f"{what} before DOMAIN_CONFIG, which must come first")
-        nr_pages = self.layouts.get(space)
-        if nr_pages is None:
+        layout = self.layouts.get(space)
+        if layout is None:
             raise StreamError(f"{what} for {space.name} before its MEMORY_LAYOUT")
+        starts, ranges = self._starts[space], layout.ranges
         for pfn in pfns:
-            if pfn >= nr_pages:
-                raise StreamError(
-                    f"pfn 0x{pfn:x} outside {space.name} memory of {nr_pages} pages"
-                )
+            at = bisect_right(starts, pfn) - 1
+            if at < 0 or pfn >= ranges[at][0] + ranges[at][1]:
+                raise StreamError(f"pfn 0x{pfn:x} outside {space.name} memory "
+                                  f"({layout.nr_pages} pages in {len(ranges)} ranges)")
 
     def _hvm_state(self, record: HvmState) -> None:
         where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
         self._once((record.type, record.vm, record.vcpu_id),
                    f"{record.type.name} for {record.vm.name} {where}")
+        policy = self.msr_policies.get(record.vm)
+        if record.type is RecordType.VCPU_MSRS and policy is not None:
+            listed = [index for index, _, _ in policy.entries]
+            if sorted(record.state) != listed:
+                raise StreamError(f"VCPU_MSRS of {record.vm.name} {where} carries other MSRs than "
+                                  f"its MSR_POLICY ({len(record.state)} against {len(listed)})")
+            for index, value in policy.features().items():
+                if record.state[index] != value:
+                    raise StreamError(f"VCPU_MSRS of {record.vm.name} {where}: feature MSR "
+                                      f"0x{index:x} is 0x{record.state[index]:x}, its MSR_POLICY "
+                                      f"says 0x{value:x}")
 
     def _device_state(self, record: DeviceState) -> None:
         self._once(("device", record.device, record.instance),

@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import xxhash
 
+from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.framing import record_crc
 from migrate.stream.hvm import CODECS, HvmState
@@ -39,20 +40,28 @@ NEED_DATA = _Sentinel("NEED_DATA")
 DONE = _Sentinel("DONE")
 _SKIPPED = _Sentinel("SKIPPED")  # internal: an unknown optional record was passed over
 
-KNOWN_INCOMPAT_FLAGS = 0  # version 1 defines none
+KNOWN_INCOMPAT_FLAGS = 0  # versions 1 and 2 define none
 
 Decoder = Callable[[bytes], Any]
 _V1_DECODERS: dict[int, Decoder] = {
     RecordType.DOMAIN_CONFIG: DomainConfig.unpack,
-    RecordType.MEMORY_LAYOUT: MemoryLayout.unpack,
+    RecordType.MEMORY_LAYOUT: MemoryLayout.unpack_v1,
     RecordType.PAGE_DATA: partial(PageBatch.unpack_as, RecordType.PAGE_DATA),
     RecordType.PAGE_DATA_ZSTD: partial(PageBatch.unpack_as, RecordType.PAGE_DATA_ZSTD),
     **{record_type: partial(HvmState.unpack_as, record_type) for record_type in CODECS},
     RecordType.DEVICE_STATE: DeviceState.unpack,
     RecordType.CREATOR: Creator.unpack,
 }
+# Version 2: MEMORY_LAYOUT holds ranges; the CPU records are new.
+_V2_DECODERS: dict[int, Decoder] = {
+    **_V1_DECODERS,
+    RecordType.MEMORY_LAYOUT: MemoryLayout.unpack,
+    RecordType.CPU_MODEL: CpuModel.unpack,
+    RecordType.CPUID_POLICY: CpuidPolicy.unpack,
+    RecordType.MSR_POLICY: MsrPolicy.unpack,
+}
 # One decoder table per readable format version (this one and the one before).
-DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS}
+DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS, 2: _V2_DECODERS}
 # What raw_pages=True puts in place of the PageBatch decoders.
 RAW_PAGE_DECODERS: dict[int, Decoder] = {
     RecordType.PAGE_DATA: partial(decode_raw_batch, RecordType.PAGE_DATA),
@@ -208,10 +217,13 @@ class StreamReader:
             return _SKIPPED
         record = decoder(body)
         if isinstance(record, RawPageBatch):
-            try:        # the highest pfn decides; the exact error names the first bad one
-                self._order.pages(record.TYPE.name, record.space, (record.max_pfn,))
+            # in one range from pfn 0 the highest pfn decides; an error names the first bad pfn
+            quick = (record.max_pfn,) if self._order.flat(record.space) else None
+            try:
+                self._order.pages(record.TYPE.name, record.space, quick or record.pfns())
             except StreamError:
-                self._order.pages(record.TYPE.name, record.space, record.pfns())
+                if quick:
+                    self._order.pages(record.TYPE.name, record.space, record.pfns())
                 raise
             self._pages += record.count
             return record

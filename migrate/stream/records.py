@@ -1,6 +1,6 @@
 """Record types, framing and the small records (specs/stream-format.md, sections
 "Stream header", "Record framing", "Record types", "DOMAIN_CONFIG", "MEMORY_LAYOUT",
-"DEVICE_STATE", "CREATOR" and "END").
+"DEVICE_STATE", "CREATOR" and "END"). The CPU records of version 2 are in ``cpu.py``.
 
 Every record type is a frozen dataclass with ``TYPE``, ``pack() -> bytes`` (the body) and
 ``unpack(body)``; its explicit little-endian ``struct.Struct`` is defined once here and
@@ -20,14 +20,16 @@ import msgpack
 from migrate.stream.errors import StreamError
 
 MAGIC = b"\x89HVMPAIR"
-FORMAT_VERSION = 1
-MIN_READ_VERSION = 1  # max(1, FORMAT_VERSION - 1): version 0 never existed
+FORMAT_VERSION = 2
+MIN_READ_VERSION = 1  # this version and the one before
 PAGE_SIZE = 4096
 RECORD_ALIGN = 8
 MAX_RECORD_BODY = 128 << 20
 MAX_HEADER_LENGTH = 4096
 MAX_PAGES_PER_BATCH = 1024
 MAX_SPACE_PAGES = 1 << 36  # 256 TiB of 4 KiB pages
+PFN_LIMIT = 1 << 40  # every pfn is below this: guest physical addresses of at most 52 bits
+MAX_RANGES = 64  # memory ranges of one address space (version 2)
 MAX_VCPU_ID = 4095
 MAX_MSRS = 1024
 MAX_MSGPACK_STR = 1 << 20
@@ -60,6 +62,9 @@ class RecordType(IntEnum):
     PIT = 0x0000_0022
     CLOCK = 0x0000_0023
     DEVICE_STATE = 0x0000_0030
+    CPU_MODEL = 0x0000_0040
+    CPUID_POLICY = 0x0000_0041
+    MSR_POLICY = 0x0000_0042
     CREATOR = OPTIONAL | 0x0000_0001
 
 
@@ -221,28 +226,83 @@ class DeviceState:
 
 # ---- fixed-layout small records ---------------------------------------------------------
 
-MEMORY_LAYOUT = struct.Struct("<IIQ")  # space, page_size, nr_pages
+MEMORY_LAYOUT_V1 = struct.Struct("<IIQ")  # space, page_size, nr_pages
+MEMORY_LAYOUT = struct.Struct("<IIII")  # space, page_size, nr_ranges, reserved
+MEMORY_RANGE = struct.Struct("<QQ")  # first_pfn, nr_pages
 
 
 @dataclass(frozen=True)
 class MemoryLayout:
+    """The memory of one address space: ``ranges`` of ``(first_pfn, nr_pages)``, strictly
+    ascending, neither overlapping nor touching; none says the VM is absent. Version 1 had
+    one range from pfn 0 (``unpack_v1``)."""
+
     TYPE: ClassVar[RecordType] = RecordType.MEMORY_LAYOUT
     space: Vm
-    nr_pages: int
+    ranges: tuple[tuple[int, int], ...]
     page_size: int = PAGE_SIZE
 
+    @classmethod
+    def flat(cls, space: Vm, nr_pages: int) -> MemoryLayout:
+        """``nr_pages`` pages from pfn 0 (none: the VM is absent)."""
+        return cls(space, ((0, nr_pages),) if nr_pages else ())
+
+    @property
+    def nr_pages(self) -> int:
+        return sum(n for _, n in self.ranges)
+
     def pack(self) -> bytes:
-        return MEMORY_LAYOUT.pack(self.space, self.page_size, self.nr_pages)
+        _check_ranges(self.ranges, ValueError)
+        return MEMORY_LAYOUT.pack(self.space, self.page_size, len(self.ranges), 0) + b"".join(
+            MEMORY_RANGE.pack(first, n) for first, n in self.ranges)
 
     @classmethod
     def unpack(cls, body: bytes) -> MemoryLayout:
-        expect_length(body, MEMORY_LAYOUT, "MEMORY_LAYOUT")
-        space, page_size, nr_pages = MEMORY_LAYOUT.unpack(body)
-        if page_size != PAGE_SIZE:
-            raise StreamError(f"MEMORY_LAYOUT page size {page_size}, only {PAGE_SIZE} is defined")
+        if len(body) < MEMORY_LAYOUT.size:
+            raise StreamError(f"MEMORY_LAYOUT body is {len(body)} bytes, shorter than its header")
+        space, page_size, nr_ranges, reserved = MEMORY_LAYOUT.unpack_from(body)
+        if reserved:
+            raise StreamError(f"MEMORY_LAYOUT reserved field is 0x{reserved:x}, must be zero")
+        _check_page_size(page_size)
+        if nr_ranges > MAX_RANGES:
+            raise StreamError(f"MEMORY_LAYOUT nr_ranges {nr_ranges} exceeds {MAX_RANGES}")
+        need = MEMORY_LAYOUT.size + nr_ranges * MEMORY_RANGE.size
+        if len(body) != need:
+            raise StreamError(f"MEMORY_LAYOUT body is {len(body)} bytes, {nr_ranges} ranges need {need}")
+        ranges = tuple(MEMORY_RANGE.iter_unpack(body[MEMORY_LAYOUT.size:]))
+        _check_ranges(ranges, StreamError)
+        return cls(vm_of(space), ranges, page_size)
+
+    @classmethod
+    def unpack_v1(cls, body: bytes) -> MemoryLayout:
+        expect_length(body, MEMORY_LAYOUT_V1, "MEMORY_LAYOUT")
+        space, page_size, nr_pages = MEMORY_LAYOUT_V1.unpack(body)
+        _check_page_size(page_size)
         if not 0 <= nr_pages <= MAX_SPACE_PAGES:
             raise StreamError(f"MEMORY_LAYOUT nr_pages {nr_pages} outside 0..{MAX_SPACE_PAGES}")
-        return cls(vm_of(space), nr_pages, page_size)
+        return cls.flat(vm_of(space), nr_pages)
+
+
+def _check_page_size(page_size: int) -> None:
+    if page_size != PAGE_SIZE:
+        raise StreamError(f"MEMORY_LAYOUT page size {page_size}, only {PAGE_SIZE} is defined")
+
+
+def _check_ranges(ranges, error: type[Exception]) -> None:
+    end, total = -1, 0
+    for first, count in ranges:
+        if count == 0:
+            raise error(f"MEMORY_LAYOUT range at pfn 0x{first:x} has no pages")
+        if first <= end:
+            raise error(f"MEMORY_LAYOUT range at pfn 0x{first:x} overlaps, touches or precedes "
+                        f"the one before (ranges must be ascending and apart)")
+        if first + count > PFN_LIMIT:
+            raise error(f"MEMORY_LAYOUT range at pfn 0x{first:x} of {count} pages ends past "
+                        f"pfn limit 0x{PFN_LIMIT:x}")
+        end = first + count
+        total += count
+    if total > MAX_SPACE_PAGES:
+        raise error(f"MEMORY_LAYOUT holds {total} pages, more than {MAX_SPACE_PAGES}")
 
 
 @dataclass(frozen=True)

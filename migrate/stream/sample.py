@@ -8,6 +8,7 @@ from __future__ import annotations
 import hashlib
 from typing import Any
 
+from migrate.stream.cpu import MSR_FEATURE, CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.hvm import CODECS, PLATFORM_CODECS, HvmState
 from migrate.stream.pages import PAGE_SIZE, ZERO_PAGE
 from migrate.stream.records import (
@@ -17,6 +18,7 @@ from migrate.stream.writer import StreamWriter
 
 GUEST_PAGES = 24
 STUB_PAGES = 8
+SAMPLE_ARCH_CAPABILITIES = 0x29
 
 
 def pattern(seed: int, size: int) -> bytes:
@@ -42,7 +44,8 @@ def sample_state(record_type: RecordType, seed: int) -> Any:
     """A plausible KVM-shaped state for one HVM record type; padding stays zero."""
     codec = CODECS[record_type]
     if record_type is RecordType.VCPU_MSRS:
-        return {0x10: 0x1234 + seed, 0xC000_0080: 0x500, 0xC000_0100: 0x7FFF_0000 + seed}
+        return {0x10: 0x1234 + seed, 0x10A: SAMPLE_ARCH_CAPABILITIES, 0xC000_0080: 0x500,
+                0xC000_0100: 0x7FFF_0000 + seed}
     if record_type is RecordType.VCPU_MP_STATE:
         return seed % 5
     if record_type in (RecordType.VCPU_XSAVE, RecordType.VCPU_LAPIC):
@@ -68,8 +71,10 @@ def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: i
         DomainConfig({"name": "sample", "vcpus": vcpus, "memory_pages": guest_pages,
                       "stub": {"memory_pages": stub_pages, "devices": ["uart", "virtio-blk"]}}),
         Creator("hvm-migrate sample"),
-        MemoryLayout(Vm.GUEST, guest_pages),
-        MemoryLayout(Vm.STUB, stub_pages),
+        *sample_cpu(Vm.GUEST),
+        *sample_cpu(Vm.STUB),
+        MemoryLayout.flat(Vm.GUEST, guest_pages),
+        MemoryLayout.flat(Vm.STUB, stub_pages),
     ]
     for vcpu in range(vcpus):
         for record_type in CODECS:
@@ -81,6 +86,19 @@ def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: i
     records.append(DeviceState("uart", 0, 2, 1, {"lcr": 3, "ier": 1, "fifo": b"hello"}))
     records.append(DeviceState("virtio-blk", 0, 1, 1, {"queue": [{"avail": 7, "used": 7}], "sectors": 2048}))
     return records
+
+
+def sample_cpu(vm: Vm) -> list:
+    """A VM's three CPU records (version 2); its MSR_POLICY matches sample_state's MSRs."""
+    return [
+        CpuModel(vm, "baseline", 2_100_000 + vm, strict_tsc=False, host_vendor="GenuineIntel",
+                 host_signature=0x50654),
+        CpuidPolicy(vm, ((0, 0, 0, 7, 0x756E6547, 0x6C65746E, 0x49656E69),
+                         (1, 0, 0, 0xF61, 0x10800, 0x80202000, 0x0789FBFF),
+                         (7, 0, 1, 0, 2, 0, 0), (7, 1, 1, 0, 0, 0, 0))),
+        MsrPolicy(vm, ((0x10, 0, 0), (0x10A, MSR_FEATURE, SAMPLE_ARCH_CAPABILITIES),
+                       (0xC000_0080, 0, 0), (0xC000_0100, 0, 0))),
+    ]
 
 
 def sample_pages(space: Vm, nr_pages: int, seed: int) -> list[tuple[int, bytes]]:

@@ -50,7 +50,8 @@ class StubState:
 
 
 class Stub:
-    def __init__(self, kvm, guest_vm, guest_ram, console, disk: str | None, name: str):
+    def __init__(self, kvm, guest_vm, guest_ram, console, disk: str | None, name: str, cpu,
+                 scale_tsc: bool = False):
         self.guest_vm = guest_vm
         self.console = console
         self.name = name
@@ -61,10 +62,12 @@ class Stub:
         self._watch_lock = threading.Lock()
         self._stopped = threading.Event()
         self.requests = 0
+        self.cpu = cpu                  # the stub VM's CPU policy (migrate.cpu)
         self.backend = BlockBackend(disk) if disk else None
         try:
-            self.vm, self.ram, self.vcpu, self.msr_indices = gboot.new_machine(
-                kvm, abi.STUB_RAM, f"stub-{name}", console_port=abi.PORT_CONSOLE)
+            self.vm, self.ram, self.vcpu = gboot.new_machine(
+                kvm, abi.STUB_RAM, f"stub-{name}", cpu, console_port=abi.PORT_CONSOLE,
+                scale_tsc=scale_tsc)
             self.window = self.vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
                                              memfd=guest_ram.memfd)
         except BaseException:
@@ -242,7 +245,7 @@ class Stub:
         partial = self.vcpu.take_console()
         if partial:
             self.console.feed(partial)
-        return StubState(vcpus=[VcpuState.capture(self.vcpu, self.msr_indices)],
+        return StubState(vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
                          platform=PlatformState.capture(self.vm), devices=devices)
 
     def apply(self, state: StubState) -> None:

@@ -37,5 +37,5 @@ def started() -> tuple[StreamWriter, list[bytes]]:
     (guest 16 pages, stub 4 pages); tests append records and call finish()."""
     writer = StreamWriter()
     parts = [writer.start(), writer.record(DomainConfig({"name": "t"})),
-             writer.record(MemoryLayout(Vm.GUEST, 16)), writer.record(MemoryLayout(Vm.STUB, 4))]
+             writer.record(MemoryLayout.flat(Vm.GUEST, 16)), writer.record(MemoryLayout.flat(Vm.STUB, 4))]
     return writer, parts

@@ -119,11 +119,11 @@ def test_wrong_magic(sample: bytes) -> None:
     expect(b"GIF8", StreamError, "bad magic", 0, None, None)  # caught before the header is whole
 
 
-@pytest.mark.parametrize("version,word", [(2, "newer"), (0, "older"), (0xFFFF_FFFF, "newer")])
+@pytest.mark.parametrize("version,word", [(3, "newer"), (0, "older"), (0xFFFF_FFFF, "newer")])
 def test_unreadable_version(sample: bytes, version: int, word: str) -> None:
     data = sample[:8] + struct.pack("<I", version) + sample[12:]
     expect(data, StreamError, f"stream format version {version} is {word} than this reader reads "
-           "(versions 1..1)", 0, None, None)
+           "(versions 1..2)", 0, None, None)
 
 
 @pytest.mark.parametrize("length", [16, 28, 4104, 0xFFFF_FFF8])
@@ -141,7 +141,7 @@ def test_longer_header_and_compat_flags_are_accepted(started) -> None:
     writer = StreamWriter()
     data = writer.start(Header(header_length=40, compat_flags=0x8000_0000))
     data += writer.record(DomainConfig({}))
-    data += writer.record(MemoryLayout(Vm.GUEST, 1)) + writer.record(MemoryLayout(Vm.STUB, 1))
+    data += writer.record(MemoryLayout.flat(Vm.GUEST, 1)) + writer.record(MemoryLayout.flat(Vm.STUB, 1))
     data += writer.finish()
     records = decode_stream(data)
     assert records[-1].stream_bytes == len(data) - 16 - END.size
@@ -240,14 +240,14 @@ def test_end_before_memory_layouts(started) -> None:
 
 def test_record_before_domain_config() -> None:
     writer = StreamWriter()
-    data = writer.start() + writer.raw(RecordType.MEMORY_LAYOUT, MemoryLayout(Vm.GUEST, 4).pack())
+    data = writer.start() + writer.raw(RecordType.MEMORY_LAYOUT, MemoryLayout.flat(Vm.GUEST, 4).pack())
     data += writer.raw(RecordType.END, bytes(END.size))
     expect(data, StreamError, "MEMORY_LAYOUT before DOMAIN_CONFIG", 24, 0, RecordType.MEMORY_LAYOUT)
 
 
 @pytest.mark.parametrize("record,msg", [
     (DomainConfig({}), "DOMAIN_CONFIG appears twice"),
-    (MemoryLayout(Vm.STUB, 9), "MEMORY_LAYOUT for STUB appears twice"),
+    (MemoryLayout.flat(Vm.STUB, 9), "MEMORY_LAYOUT for STUB appears twice"),
 ])
 def test_duplicate_once_records(started, record, msg) -> None:
     data, at = finish(started, (record.TYPE, record.pack(), 0))
@@ -283,7 +283,8 @@ def test_pages_before_layout() -> None:
 def test_pfn_out_of_range(started, space, pfn) -> None:
     data, at = finish(started, (RecordType.PAGE_DATA, encode_batch(space, [(0, PAGE), (pfn, PAGE)], False), 2))
     nr = 16 if space is Vm.GUEST else 4
-    expect(data, StreamError, f"pfn 0x{pfn:x} outside {space.name} memory of {nr} pages", at, 3, RecordType.PAGE_DATA)
+    expect(data, StreamError, f"pfn 0x{pfn:x} outside {space.name} memory ({nr} pages in 1 ranges)",
+           at, 3, RecordType.PAGE_DATA)
 
 
 def batch(space: int, entries: list[tuple[int, int, int]], data: bytes = b"") -> bytes:
@@ -356,8 +357,18 @@ def test_zstd_frame_lying_about_its_size(started) -> None:
     (RecordType.VCPU_MSRS, struct.pack("<IIIIIIQ", 0, 0, 1, 0, 0x10, 1, 5), "nonzero reserved field"),
     (RecordType.VCPU_MSRS, struct.pack("<IIIIIIQIIQ", 0, 0, 2, 0, 0x10, 0, 5, 0x10, 0, 6),
      "not strictly ascending at 0x10"),
-    (RecordType.MEMORY_LAYOUT, struct.pack("<IIQ", 0, 8192, 4), "page size 8192"),
-    (RecordType.MEMORY_LAYOUT, struct.pack("<IIQ", 0, 4096, 2 ** 36 + 1), "nr_pages 68719476737 outside"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIII", 0, 8192, 0, 0), "page size 8192"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIII", 0, 4096, 0, 1), "reserved field is 0x1"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIII", 0, 4096, 65, 0), "nr_ranges 65 exceeds 64"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIII", 0, 4096, 2, 0) + bytes(16), "2 ranges need 48"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQ", 0, 4096, 1, 0, 5, 0), "range at pfn 0x5 has no pages"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQQQ", 0, 4096, 2, 0, 0, 8, 8, 1),
+     "range at pfn 0x8 overlaps, touches or precedes"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQQQ", 0, 4096, 2, 0, 9, 8, 0, 1),
+     "range at pfn 0x0 overlaps, touches or precedes"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQ", 0, 4096, 1, 0, 2 ** 40 - 1, 2), "ends past pfn limit"),
+    (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQQQ", 0, 4096, 2, 0, 0, 2 ** 35, 2 ** 35 + 1, 2 ** 35 + 1),
+     "more than 68719476736"),
     (RecordType.CREATOR, b"\xff\xfe", "CREATOR is not UTF-8"),
 ])
 def test_bad_bodies(rtype, body, msg) -> None:

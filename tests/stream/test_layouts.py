@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from migrate.stream import framing, hvm, pages, records
+from migrate.stream import cpu, framing, hvm, pages, records
 from migrate.stream.records import RecordType
 
 SPEC = (Path(__file__).resolve().parents[2] / "specs" / "stream-format.md").read_text()
@@ -35,7 +35,7 @@ def test_every_record_type_is_in_the_spec_table() -> None:
 
 FIXED_BODIES = {
     RecordType.END: records.END,
-    RecordType.MEMORY_LAYOUT: records.MEMORY_LAYOUT,
+    RecordType.CPU_MODEL: cpu.CPU_MODEL,
     **{t: codec.struct for t, codec in hvm.CODECS.items() if t is not RecordType.VCPU_MSRS},
 }
 
@@ -51,6 +51,11 @@ def test_variable_bodies_are_variable_in_spec() -> None:
         assert table[name][1] == "variable"
     assert table["VCPU_MSRS"][1] == "16 + 16 × count"
     assert hvm.MSR_HEADER.size == 16 and hvm.MSR_ENTRY.size == 16
+    assert table["MEMORY_LAYOUT"][1] == "16 + 16 × nr_ranges"
+    assert records.MEMORY_LAYOUT.size == 16 and records.MEMORY_RANGE.size == 16
+    assert table["CPUID_POLICY"][1] == "8 + 28 × count"
+    assert cpu.COUNT_HEADER.size == 8 and cpu.CPUID_ENTRY.size == 28
+    assert table["MSR_POLICY"][1] == "8 + 16 × count" and cpu.MSR_POLICY_ENTRY.size == 16
 
 
 SUB_LAYOUTS = {"segment": hvm.SEGMENT, "dtable": hvm.DTABLE, "xcr": hvm.XCR,

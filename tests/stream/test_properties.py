@@ -77,7 +77,7 @@ configs = st.dictionaries(st.text(max_size=10), json_like, max_size=6)
 def test_streams_round_trip(batches, config, context) -> None:
     writer = StreamWriter()
     parts = [writer.start(), writer.record(DomainConfig(config)),
-             writer.record(MemoryLayout(Vm.GUEST, 256)), writer.record(MemoryLayout(Vm.STUB, 256))]
+             writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
     parts += [writer.record(record) for record in context]
     parts.append(writer.record(DeviceState("dev", 1, 2, 1, config)))
     for space, batch, compressed in batches:

@@ -115,7 +115,7 @@ def test_writer_splits_batches_at_1024_pages() -> None:
     writer = StreamWriter()
     parts = [writer.start(), writer.record(sample_records()[0])]
     from migrate.stream import MemoryLayout
-    parts += [writer.record(MemoryLayout(Vm.GUEST, 3000)), writer.record(MemoryLayout(Vm.STUB, 1))]
+    parts += [writer.record(MemoryLayout.flat(Vm.GUEST, 3000)), writer.record(MemoryLayout.flat(Vm.STUB, 1))]
     parts.append(writer.pages(Vm.GUEST, ((pfn, ZERO_PAGE) for pfn in range(2500))))
     parts.append(writer.finish())
     records = decode_stream(b"".join(parts))
