@@ -589,7 +589,7 @@ def dump(file):
       hvm stream dump web1.hvm | less
     """
     from .engine import inspect as insp
-    from .stream import HvmState
+    from .stream import CpuidPolicy, HvmState, MsrPolicy
     from .stream.pages import RawPageBatch
     lines = []              # all checked before anything is printed
     for first, n, pages, zero in insp.collapse(insp.Scan(file)):
@@ -601,6 +601,12 @@ def dump(file):
         lines.append(f"@{first.offset} {record.TYPE.name} {insp.summary(record)}")
         if isinstance(record, HvmState):
             lines += insp.describe_state(record.state)
+        elif isinstance(record, CpuidPolicy):
+            lines += [f"    {f:#010x}.{i}: eax={a:08x} ebx={b:08x} ecx={c:08x} edx={d:08x}"
+                      for f, i, _, a, b, c, d in record.entries]
+        elif isinstance(record, MsrPolicy):
+            lines += [f"    {index:#x}" + (f" = {value:#x} (feature)" if flags else "")
+                      for index, flags, value in record.entries]
     for line in lines:
         click.echo(line)
 

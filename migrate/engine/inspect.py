@@ -10,8 +10,8 @@ from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
 from ..stream import (
-    DONE, NEED_DATA, PAGE_SIZE, Creator, DeviceState, DomainConfig, End, HvmState, MemoryLayout,
-    StreamReader, Vm,
+    DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, Creator, DeviceState, DomainConfig, End,
+    HvmState, MemoryLayout, MsrPolicy, StreamReader, Vm,
 )
 from ..stream.pages import RawPageBatch
 from .files import file_chunks
@@ -61,7 +61,16 @@ def summary(record) -> str:
         where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
         return f"{record.vm.name} {where}"
     if isinstance(record, MemoryLayout):
-        return f"{record.space.name} {record.nr_pages} pages ({record.nr_pages * PAGE_SIZE >> 20} MiB)"
+        return (f"{record.space.name} {record.nr_pages} pages ({record.nr_pages * PAGE_SIZE >> 20} MiB) "
+                f"in {len(record.ranges)} range{'s' if len(record.ranges) != 1 else ''}")
+    if isinstance(record, CpuModel):
+        promise = "promised" if record.strict_tsc else "not promised"
+        return (f"{record.vm.name} model {record.model}, TSC {record.tsc_khz} kHz ({promise}), saved on "
+                f"{record.host_vendor or 'an unknown host'} (signature {record.host_signature:#x})")
+    if isinstance(record, CpuidPolicy):
+        return f"{record.vm.name} {len(record.entries)} CPUID leaves"
+    if isinstance(record, MsrPolicy):
+        return f"{record.vm.name} {len(record.entries)} MSRs ({len(record.features())} feature)"
     if isinstance(record, DomainConfig):
         return " ".join(f"{k}={v}" for k, v in record.config.items())
     if isinstance(record, DeviceState):
