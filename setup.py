@@ -33,6 +33,7 @@ class BuildExtWithGuests(build_ext):
 setup(
     cffi_modules=["migrate/kvm/_build.py:ffibuilder",
                   "migrate/guest/_build_check.py:ffibuilder",
-                  "migrate/stream/_build_pages.py:ffibuilder"],
+                  "migrate/stream/_build_pages.py:ffibuilder",
+                  "migrate/dataplane/_build.py:ffibuilder"],
     cmdclass={"build_ext": BuildExtWithGuests},
 )

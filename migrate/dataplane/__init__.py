@@ -1,0 +1,270 @@
+"""The data plane: page batches between guest memory and streams, in C threads that never
+hold the GIL (``dataplane.c``; specs/stream-format.md "Channel streams", specs/relocation.md
+"Data channels").
+
+- :class:`Output`: a stream output (a file, or a socket with or without TLS) whose
+  XXH3-128 digest and record and page counts follow every byte written to it, from Python
+  (:meth:`Output.write`) or from a sender's workers;
+- :class:`Sender`: worker threads that turn rounds of pfns into page batch records on one
+  or more outputs (zero pages found, the rest compressed when that pays, CRC-32 framed);
+- :class:`Receiver`: one thread per data channel, checking every record before it writes
+  guest memory, the channels meeting at a barrier at the end of each round.
+
+Python keeps the control plane: which pages a round sends, the other records, the handoff.
+"""
+from __future__ import annotations
+
+from array import array
+from dataclasses import dataclass
+from pathlib import Path
+
+from ._dataplane import ffi, lib
+
+RAW, ZSTD, AUTO = 0, 1, 2
+MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
+ERR = 512
+MAX_CHANNELS = 64
+
+
+class DataplaneError(Exception):
+    """The data plane failed; one line saying where and why."""
+
+
+def _err() -> tuple:
+    buf = ffi.new("char[]", ERR)
+    return buf, ERR
+
+
+def _text(buf) -> str:
+    return ffi.string(buf).decode("utf-8", "replace")
+
+
+class TlsContext:
+    """An OpenSSL context from a TLS directory (ca.pem, cert.pem, key.pem: hvm host
+    keygen): TLS 1.3 only, the peer's certificate required and checked against ca.pem."""
+
+    def __init__(self, server: bool, tls_dir: str | Path):
+        d = Path(tls_dir)
+        buf, n = _err()
+        self.ptr = lib.dp_tls_context(int(server), str(d / "ca.pem").encode(), str(d / "cert.pem").encode(),
+                                      str(d / "key.pem").encode(), buf, n)
+        if self.ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.dp_tls_context_free(self.ptr)
+            self.ptr = None
+
+    __del__ = close
+
+
+@dataclass(frozen=True)
+class OutputState:
+    records: int
+    pages: int
+    offset: int
+    digest: bytes
+    write_seconds: float
+
+
+class Output:
+    """A stream written to ``fd`` (not closed here). With ``tls`` (a client
+    :class:`TlsContext`), the TLS handshake with ``host`` happens here."""
+
+    def __init__(self, fd: int, tls: TlsContext | None = None, host: str = "", timeout: float = 0.0):
+        buf, n = _err()
+        self.ptr = lib.dp_out_new(fd, tls.ptr if tls else ffi.NULL, host.encode(), timeout, buf, n)
+        if self.ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+
+    def write(self, data, records: int = 0, pages: int = 0) -> None:
+        buf, n = _err()
+        if lib.dp_out_write(self.ptr, ffi.from_buffer("uint8_t[]", data), len(data), records, pages, buf, n):
+            raise DataplaneError(_text(buf))
+
+    def state(self) -> OutputState:
+        v = ffi.new("uint64_t[3]")
+        digest = ffi.new("uint8_t[16]")
+        seconds = ffi.new("double *")
+        lib.dp_out_state(self.ptr, v, v + 1, v + 2, digest, seconds)
+        return OutputState(v[0], v[1], v[2], bytes(digest), seconds[0])
+
+    def channel_header(self, version: int, index: int, token: bytes) -> None:
+        if len(token) != 32:
+            raise ValueError("a channel token is 32 bytes")
+        buf, n = _err()
+        if lib.dp_out_channel_header(self.ptr, version, index, token, buf, n):
+            raise DataplaneError(_text(buf))
+
+    def sync(self, round_: int, final: bool = False) -> None:
+        buf, n = _err()
+        if lib.dp_out_sync(self.ptr, round_, int(final), buf, n):
+            raise DataplaneError(_text(buf))
+
+    def close(self) -> None:
+        """Ends TLS (close_notify) if any; the fd stays the caller's."""
+        if self.ptr is not None:
+            lib.dp_out_free(self.ptr)
+            self.ptr = None
+
+
+@dataclass(frozen=True)
+class RoundStats:
+    batches: int
+    pages: int
+    zero_pages: int
+    data_pages: int
+    bytes: int
+    zstd_batches: int
+    raw_batches: int
+    zstd_in: int
+    zstd_out: int
+    seconds: float
+    encode_seconds: float       # summed over workers
+    write_seconds: float        # summed over workers: time the outputs held them
+
+    @classmethod
+    def of(cls, st) -> "RoundStats":
+        return cls(*(getattr(st, f) for f in cls.__dataclass_fields__))
+
+
+def _ranges(ranges, writable: bool):
+    """(first_pfn, npages, buffer or None) -> C arrays, and the cdata keeping buffers alive."""
+    n = len(ranges)
+    first, count = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint64_t[]", max(n, 1))
+    keep = [first, count]
+    base = ffi.new("uint8_t *[]", max(n, 1))
+    keep.append(base)
+    drop = all(buf is None for _, _, buf in ranges)
+    for i, (f, c, buf) in enumerate(ranges):
+        first[i], count[i] = f, c
+        if buf is not None:
+            if len(buf) < c * 4096:
+                raise ValueError(f"range at pfn {f:#x}: buffer of {len(buf)} bytes for {c} pages")
+            cdata = ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+            keep.append(cdata)
+            base[i] = cdata
+    return n, first, count, ffi.NULL if drop else base, keep
+
+
+class Sender:
+    """``workers`` threads writing page records to ``outputs[worker % len(outputs)]``;
+    ``rate``: bytes per second over all outputs (0: as fast as they take them)."""
+
+    def __init__(self, outputs: list[Output], workers: int, rate: float = 0.0):
+        self.outputs = list(outputs)
+        arr = ffi.new("struct dp_out *[]", [o.ptr for o in self.outputs])
+        buf, n = _err()
+        self.ptr = lib.dp_sender_new(arr, len(self.outputs), workers, rate, buf, n)
+        if self.ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+        self._keep: dict[int, list] = {}
+
+    def set_space(self, space: int, ranges: list[tuple[int, int, object]]) -> None:
+        """The memory of ``space``: (first_pfn, npages, buffer) per range (read only)."""
+        n, first, count, base, keep = _ranges(ranges, writable=False)
+        buf, m = _err()
+        if lib.dp_sender_set_space(self.ptr, space, n, first, count, base, buf, m):
+            raise DataplaneError(_text(buf))
+        self._keep[space] = keep
+
+    def set_rate(self, rate: float) -> None:
+        lib.dp_sender_set_rate(self.ptr, rate)
+
+    def send(self, space: int, pfns, mode: int = RAW, level: int = 1, stable: bool = False) -> RoundStats:
+        """Send pages ``pfns`` (an array('Q') or anything giving uint64s) of ``space``."""
+        if not isinstance(pfns, array) or pfns.typecode != "Q":
+            pfns = array("Q", pfns)
+        st = ffi.new("struct dp_round_stats *")
+        buf, n = _err()
+        rc = lib.dp_sender_send(self.ptr, space, ffi.from_buffer("uint64_t[]", pfns), len(pfns), mode, level,
+                                int(stable), st, buf, n)
+        if rc:
+            raise DataplaneError(_text(buf))
+        return RoundStats.of(st)
+
+    def cancel(self, shutdown_sockets: bool = True) -> None:
+        lib.dp_sender_cancel(self.ptr, int(shutdown_sockets))
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.dp_sender_free(self.ptr)
+            self.ptr = None
+            self._keep.clear()
+
+
+@dataclass(frozen=True)
+class ChannelSummary:
+    """A channel at its last CHANNEL_SYNC: the rounds it ended, whether that was FINAL,
+    its records (syncs included), page entries, bytes and digest up to that sync."""
+    index: int
+    rounds: int
+    final: bool
+    records: int
+    pages: int
+    bytes: int
+    digest: bytes
+
+
+class Receiver:
+    """``channels`` data channels of one relocation (stream format ``version``, its 32-byte
+    ``token``), TLS with a server :class:`TlsContext` or plain; each channel's socket is
+    handed over with :meth:`add` and read by a thread of its own."""
+
+    def __init__(self, channels: int, version: int, token: bytes, tls: TlsContext | None = None,
+                 timeout: float = 60.0):
+        if len(token) != 32:
+            raise ValueError("a channel token is 32 bytes")
+        buf, n = _err()
+        self.tls = tls
+        self.channels = channels
+        self.ptr = lib.dp_receiver_new(channels, version, token, tls.ptr if tls else ffi.NULL, timeout, buf, n)
+        if self.ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+        self._keep: dict[int, list] = {}
+
+    def set_space(self, space: int, ranges: list[tuple[int, int, object]]) -> None:
+        """Where pages of ``space`` go: (first_pfn, npages, writable buffer) per range, or
+        buffers all None: pages are checked and dropped. Before any channel is added."""
+        n, first, count, base, keep = _ranges(ranges, writable=True)
+        buf, m = _err()
+        if lib.dp_receiver_set_space(self.ptr, space, n, first, count, base, buf, m):
+            raise DataplaneError(_text(buf))
+        self._keep[space] = keep
+
+    def add(self, index: int, fd: int) -> None:
+        buf, n = _err()
+        if lib.dp_receiver_add(self.ptr, index, fd, buf, n):
+            raise DataplaneError(_text(buf))
+
+    def wait(self, round_: int, final: bool = False, timeout: float = 60.0) -> bool:
+        """True once every channel has ended round ``round_`` (and with ``final``, read its
+        FINAL sync); False after ``timeout``; DataplaneError if a channel failed."""
+        buf, n = _err()
+        rc = lib.dp_receiver_wait(self.ptr, round_, int(final), timeout, buf, n)
+        if rc < 0:
+            raise DataplaneError(_text(buf))
+        return rc == 1
+
+    def error(self) -> str | None:
+        buf, n = _err()
+        return _text(buf) if lib.dp_receiver_error(self.ptr, buf, n) else None
+
+    def summary(self) -> tuple[list[ChannelSummary], float, int]:
+        out = ffi.new("struct dp_channel_summary[]", self.channels)
+        seconds, placed = ffi.new("double *"), ffi.new("uint64_t *")
+        lib.dp_receiver_summary(self.ptr, out, seconds, placed)
+        return ([ChannelSummary(s.index, s.rounds, bool(s.final), s.records, s.pages, s.bytes, bytes(s.digest))
+                 for s in out], seconds[0], placed[0])
+
+    def close(self) -> None:
+        """Stops every channel thread; the sockets stay the caller's to close."""
+        if self.ptr is not None:
+            lib.dp_receiver_free(self.ptr)
+            self.ptr = None
+            self._keep.clear()
+
+
+__all__ = ["AUTO", "MODES", "RAW", "ZSTD", "ChannelSummary", "DataplaneError", "Output", "OutputState",
+           "Receiver", "RoundStats", "Sender", "TlsContext"]

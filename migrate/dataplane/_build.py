@@ -1,0 +1,71 @@
+"""cffi (API mode) build of migrate.dataplane._dataplane: dataplane.c with OpenSSL (TLS on
+the data channels), zstd, libxxhash (XXH3-128) and zlib (CRC-32), the system's libraries
+(Debian: libssl-dev libzstd-dev libxxhash-dev zlib1g-dev; `make setup` installs them).
+cffi releases the GIL around every call: the threads dataplane.c starts never take it."""
+from pathlib import Path
+
+from cffi import FFI
+
+HERE = Path(__file__).resolve().parent
+
+CDEF = r"""
+struct dp_out;
+struct dp_sender;
+struct dp_receiver;
+struct dp_round_stats {
+    uint64_t batches, pages, zero_pages, data_pages, bytes;
+    uint64_t zstd_batches, raw_batches, zstd_in, zstd_out;
+    double seconds, encode_seconds, write_seconds;
+};
+struct dp_channel_summary {
+    uint32_t index, rounds, final, reserved;
+    uint64_t records, pages, bytes;
+    uint8_t digest[16];
+};
+
+void *dp_tls_context(int server, const char *ca, const char *cert, const char *key, char *err, size_t errlen);
+void dp_tls_context_free(void *ctx);
+
+struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, char *err, size_t errlen);
+void dp_out_free(struct dp_out *o);
+int dp_out_write(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records, uint64_t pages,
+                 char *err, size_t errlen);
+void dp_out_state(struct dp_out *o, uint64_t *records, uint64_t *pages, uint64_t *offset,
+                  uint8_t digest[16], double *write_seconds);
+int dp_out_channel_header(struct dp_out *o, uint32_t version, uint32_t index, const uint8_t token[32],
+                          char *err, size_t errlen);
+int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t errlen);
+
+struct dp_sender *dp_sender_new(struct dp_out **outs, int nouts, int nworkers, double rate,
+                                char *err, size_t errlen);
+int dp_sender_set_space(struct dp_sender *s, uint32_t space, uint32_t n, const uint64_t *first,
+                        const uint64_t *count, uint8_t *const *base, char *err, size_t errlen);
+void dp_sender_set_rate(struct dp_sender *s, double rate);
+int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
+                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen);
+void dp_sender_cancel(struct dp_sender *s, int shutdown_sockets);
+void dp_sender_free(struct dp_sender *s);
+
+struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
+                                    double timeout, char *err, size_t errlen);
+int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
+                          const uint64_t *count, uint8_t *const *base, char *err, size_t errlen);
+int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
+int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen);
+void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, double *place_seconds,
+                         uint64_t *placed_bytes);
+int dp_receiver_error(struct dp_receiver *r, char *err, size_t errlen);
+void dp_receiver_free(struct dp_receiver *r);
+"""
+
+ffibuilder = FFI()
+ffibuilder.cdef(CDEF)
+ffibuilder.set_source(
+    "migrate.dataplane._dataplane",
+    (HERE / "dataplane.c").read_text(),
+    libraries=["ssl", "crypto", "zstd", "xxhash", "z", "pthread"],
+    extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-sign-compare"],
+)
+
+if __name__ == "__main__":
+    ffibuilder.compile(tmpdir=str(HERE.parent.parent), verbose=False)

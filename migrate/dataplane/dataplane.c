@@ -1,0 +1,1380 @@
+/* The data plane: page batches between guest memory and streams, in C threads that never
+ * hold the GIL (specs/stream-format.md "PAGE_DATA", "PAGE_DATA_ZSTD", "Channel streams";
+ * specs/relocation.md "Data channels").
+ *
+ * Source side: a sender owns worker threads and one or more outputs (a file, or the data
+ * channels of a relocation, each a socket with or without TLS). A round hands the workers
+ * a list of pfns; each worker takes batches of up to 1024 pfns, finds the all-zero pages,
+ * copies the others out of guest memory, compresses them when that pays, frames the
+ * record (CRC-32) and appends it to its output, whose XXH3-128 digest and counts follow
+ * every byte written. Outputs are shared under a lock; a record is written whole.
+ *
+ * Destination side: a receiver owns one thread per data channel. Each reads its channel's
+ * records, checks everything (framing, CRC, padding, entries, pfn ranges, the zstd frame,
+ * its digest at every CHANNEL_SYNC) before it writes a byte of guest memory, and places the
+ * pages straight into it. Channels meet at a barrier at the end of every round, so a page
+ * of round r+1 never lands before every page of round r has.
+ *
+ * Every problem with input is one line in the object's error buffer; the first error
+ * wins and stops every thread of the object.
+ */
+#include <errno.h>
+#include <poll.h>
+#include <pthread.h>
+#include <stdarg.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <arpa/inet.h>
+#include <sys/socket.h>
+#include <sys/time.h>
+#include <time.h>
+#include <unistd.h>
+
+#include <openssl/err.h>
+#include <openssl/ssl.h>
+#include <openssl/x509v3.h>
+#include <xxhash.h>
+#include <zlib.h>
+#include <zstd.h>
+
+#define DP_PAGE 4096u
+#define DP_MAX_BATCH 1024u
+#define DP_REC_HDR 16u
+#define DP_BATCH_HDR 8u
+#define DP_ENTRY 16u
+#define DP_MAX_RANGES 64u
+#define DP_SPACES 2u
+#define DP_ALIGN 8u
+#define DP_CHANNEL_HDR 48u
+#define DP_SYNC_BODY 56u
+
+#define T_PAGE_DATA 3u
+#define T_PAGE_DATA_ZSTD 4u
+#define T_CHANNEL_SYNC 0x50u
+#define P_NORMAL 0u
+#define P_ZERO 1u
+#define P_COMPRESSED 2u
+#define SYNC_FINAL 1u
+
+#define DP_MODE_RAW 0
+#define DP_MODE_ZSTD 1
+#define DP_MODE_AUTO 2
+
+/* largest body a page record can have: header, 1024 entries, and a zstd frame of 4 MiB of
+ * incompressible pages (a raw batch is smaller) */
+#define DP_MAX_PAGE_BODY (DP_BATCH_HDR + DP_ENTRY * DP_MAX_BATCH + ZSTD_COMPRESSBOUND(DP_MAX_BATCH * DP_PAGE))
+#define DP_REC_CAP (DP_REC_HDR + DP_MAX_PAGE_BODY + DP_ALIGN)
+
+static const uint8_t CHANNEL_MAGIC[8] = {0x89, 'H', 'V', 'M', 'C', 'H', 'A', 'N'};
+
+static double now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
+static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (8 * i); }
+static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (8 * i); }
+static uint32_t get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = v << 8 | p[i]; return v; }
+static uint64_t get64(const uint8_t *p) { uint64_t v = 0; for (int i = 7; i >= 0; i--) v = v << 8 | p[i]; return v; }
+static uint32_t padded(uint32_t n) { return (n + DP_ALIGN - 1) & ~(DP_ALIGN - 1); }
+
+/* the record's CRC-32 (zlib): type, body_length, reserved as written, then the body */
+static uint32_t record_crc(const uint8_t *hdr, const uint8_t *body, uint32_t len)
+{
+    uLong crc = crc32(0L, hdr, 12);
+    return (uint32_t)crc32(crc, body, len);
+}
+
+static int page_is_zero(const uint8_t *page)
+{
+    const uint64_t *w = (const uint64_t *)page;
+    uint64_t acc = 0;
+    for (unsigned i = 0; i < DP_PAGE / 8; i += 8) {
+        acc |= w[i] | w[i + 1] | w[i + 2] | w[i + 3] | w[i + 4] | w[i + 5] | w[i + 6] | w[i + 7];
+        if (acc)
+            return 0;
+    }
+    return 1;
+}
+
+/* -- errors ------------------------------------------------------------------------- */
+struct dp_error {
+    pthread_mutex_t lock;
+    int failed;
+    char text[512];
+};
+
+static void set_error(struct dp_error *e, const char *fmt, ...)
+{
+    pthread_mutex_lock(&e->lock);
+    if (!e->failed) {
+        va_list ap;
+        va_start(ap, fmt);
+        vsnprintf(e->text, sizeof e->text, fmt, ap);
+        va_end(ap);
+        for (char *c = e->text; *c; c++)        /* one line, whatever went in */
+            if (*c == '\n' || *c == '\r')
+                *c = ' ';
+        e->failed = 1;
+    }
+    pthread_mutex_unlock(&e->lock);
+}
+
+static int failed(struct dp_error *e)
+{
+    return __atomic_load_n(&e->failed, __ATOMIC_ACQUIRE);
+}
+
+static const char *tls_reason(void)
+{
+    static __thread char buf[160];
+    unsigned long code = ERR_get_error();
+    if (!code)
+        return "TLS error";
+    ERR_error_string_n(code, buf, sizeof buf);
+    ERR_clear_error();
+    return buf;
+}
+
+/* -- connections: a socket or a file, with or without TLS ------------------------------ */
+struct dp_conn {
+    int fd;
+    SSL *ssl;
+};
+
+/* 0, or -1 with errno / a TLS reason in *why */
+static int conn_write(struct dp_conn *c, const uint8_t *buf, size_t len, const char **why)
+{
+    while (len) {
+        ssize_t n;
+        if (c->ssl) {
+            int chunk = len > (1u << 30) ? 1 << 30 : (int)len;
+            n = SSL_write(c->ssl, buf, chunk);
+            if (n <= 0) {
+                int err = SSL_get_error(c->ssl, (int)n);
+                *why = err == SSL_ERROR_SYSCALL && errno ? strerror(errno) : tls_reason();
+                return -1;
+            }
+        } else {
+            n = write(c->fd, buf, len);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                *why = strerror(errno);
+                return -1;
+            }
+        }
+        buf += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* 1 when len bytes were read, 0 at a clean end before the first byte, -1 otherwise */
+static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **why)
+{
+    size_t got = 0;
+    while (got < len) {
+        ssize_t n;
+        if (c->ssl) {
+            int chunk = len - got > (1u << 30) ? 1 << 30 : (int)(len - got);
+            n = SSL_read(c->ssl, buf + got, chunk);
+            if (n <= 0) {
+                int err = SSL_get_error(c->ssl, (int)n);
+                if (err == SSL_ERROR_ZERO_RETURN && got == 0)
+                    return 0;
+                if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0))
+                    *why = "the channel ended inside a record";
+                else if (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))
+                    *why = "no data within the channel timeout";
+                else
+                    *why = err == SSL_ERROR_SYSCALL ? strerror(errno) : tls_reason();
+                return -1;
+            }
+        } else {
+            n = read(c->fd, buf + got, len - got);
+            if (n < 0) {
+                if (errno == EINTR)
+                    continue;
+                *why = errno == EAGAIN || errno == EWOULDBLOCK ? "no data within the channel timeout"
+                                                                : strerror(errno);
+                return -1;
+            }
+            if (n == 0) {
+                if (got == 0)
+                    return 0;
+                *why = "the channel ended inside a record";
+                return -1;
+            }
+        }
+        got += n;
+    }
+    return 1;
+}
+
+static void set_timeouts(int fd, double seconds)
+{
+    struct timeval tv = {(time_t)seconds, (suseconds_t)((seconds - (time_t)seconds) * 1e6)};
+    setsockopt(fd, SOL_SOCKET, SO_RCVTIMEO, &tv, sizeof tv);
+    setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
+}
+
+/* -- TLS contexts --------------------------------------------------------------------- */
+void *dp_tls_context(int server, const char *ca, const char *cert, const char *key,
+                     char *err, size_t errlen)
+{
+    SSL_CTX *ctx = SSL_CTX_new(server ? TLS_server_method() : TLS_client_method());
+    if (!ctx) {
+        snprintf(err, errlen, "TLS context: %s", tls_reason());
+        return NULL;
+    }
+    SSL_CTX_set_min_proto_version(ctx, TLS1_3_VERSION);
+    SSL_CTX_set_verify(ctx, SSL_VERIFY_PEER | SSL_VERIFY_FAIL_IF_NO_PEER_CERT, NULL);
+    if (SSL_CTX_load_verify_locations(ctx, ca, NULL) != 1 ||
+        SSL_CTX_use_certificate_chain_file(ctx, cert) != 1 ||
+        SSL_CTX_use_PrivateKey_file(ctx, key, SSL_FILETYPE_PEM) != 1 ||
+        SSL_CTX_check_private_key(ctx) != 1) {
+        snprintf(err, errlen, "TLS keys: %s", tls_reason());
+        SSL_CTX_free(ctx);
+        return NULL;
+    }
+    SSL_CTX_set_mode(ctx, SSL_MODE_AUTO_RETRY);
+    return ctx;
+}
+
+void dp_tls_context_free(void *ctx)
+{
+    SSL_CTX_free(ctx);
+}
+
+/* the client side of a channel's TLS handshake; host is checked against the server's
+ * certificate (an IP address literal or a DNS name) */
+static SSL *tls_connect(SSL_CTX *ctx, int fd, const char *host, char *err, size_t errlen)
+{
+    SSL *ssl = SSL_new(ctx);
+    if (!ssl) {
+        snprintf(err, errlen, "TLS: %s", tls_reason());
+        return NULL;
+    }
+    X509_VERIFY_PARAM *param = SSL_get0_param(ssl);
+    struct in_addr a4;
+    struct in6_addr a6;
+    int ip = inet_pton(AF_INET, host, &a4) == 1 || inet_pton(AF_INET6, host, &a6) == 1;
+    if (ip ? X509_VERIFY_PARAM_set1_ip_asc(param, host) != 1
+           : X509_VERIFY_PARAM_set1_host(param, host, 0) != 1 || SSL_set_tlsext_host_name(ssl, host) != 1) {
+        snprintf(err, errlen, "TLS: cannot check the name %s", host);
+        SSL_free(ssl);
+        return NULL;
+    }
+    SSL_set_fd(ssl, fd);
+    if (SSL_connect(ssl) != 1) {
+        long verify = SSL_get_verify_result(ssl);
+        snprintf(err, errlen, "TLS handshake failed: %s",
+                 verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+        SSL_free(ssl);
+        return NULL;
+    }
+    return ssl;
+}
+
+/* -- memory: the ranges of an address space ---------------------------------------------- */
+struct dp_space {
+    uint32_t nranges;
+    uint64_t first[DP_MAX_RANGES], count[DP_MAX_RANGES], index[DP_MAX_RANGES];
+    uint8_t *base[DP_MAX_RANGES];
+    uint64_t total;             /* pages in all ranges */
+    int drop;                   /* receiver: check pages, do not place them */
+    uint8_t *written;           /* receiver: a byte per page, 1 once data was placed */
+    uint64_t *seen;             /* receiver: a bit per page, pages placed in this round */
+};
+
+/* the page's position among the space's pages, or UINT64_MAX outside every range */
+static uint64_t page_index(const struct dp_space *s, uint64_t pfn, uint8_t **addr)
+{
+    uint32_t lo = 0, hi = s->nranges;
+    while (lo < hi) {           /* the last range starting at or below pfn */
+        uint32_t mid = (lo + hi) / 2;
+        if (s->first[mid] <= pfn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0)
+        return UINT64_MAX;
+    uint32_t r = lo - 1;
+    if (pfn - s->first[r] >= s->count[r])
+        return UINT64_MAX;
+    if (addr)
+        *addr = s->base[r] ? s->base[r] + (pfn - s->first[r]) * DP_PAGE : NULL;
+    return s->index[r] + (pfn - s->first[r]);
+}
+
+static int space_set(struct dp_space *s, uint32_t n, const uint64_t *first, const uint64_t *count,
+                     uint8_t *const *base, char *err, size_t errlen)
+{
+    memset(s, 0, sizeof *s);
+    if (n > DP_MAX_RANGES) {
+        snprintf(err, errlen, "%u memory ranges, at most %u", n, DP_MAX_RANGES);
+        return -1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        if (!count[i] || (i && first[i] <= first[i - 1] + count[i - 1])) {
+            snprintf(err, errlen, "memory ranges must be ascending and apart");
+            return -1;
+        }
+        s->first[i] = first[i];
+        s->count[i] = count[i];
+        s->base[i] = base ? base[i] : NULL;
+        s->index[i] = s->total;
+        s->total += count[i];
+    }
+    s->nranges = n;
+    return 0;
+}
+
+/* ======================================================================================
+ * Source side
+ * ==================================================================================== */
+struct dp_out {
+    struct dp_conn conn;
+    pthread_mutex_t lock;
+    XXH3_state_t *xxh;
+    uint64_t records, pages, offset;
+    double write_seconds;       /* spent in writes: time the link held us */
+    int index, channel, owns_fd;
+};
+
+/* A stream output over fd: a file, or a connected socket (with host and a TLS client
+ * context: the TLS handshake happens here). Returns NULL with err set. */
+struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, char *err, size_t errlen)
+{
+    struct dp_out *o = calloc(1, sizeof *o);
+    if (!o) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    o->conn.fd = fd;
+    pthread_mutex_init(&o->lock, NULL);
+    o->xxh = XXH3_createState();
+    if (!o->xxh) {
+        snprintf(err, errlen, "out of memory");
+        free(o);
+        return NULL;
+    }
+    XXH3_128bits_reset(o->xxh);
+    if (timeout > 0)
+        set_timeouts(fd, timeout);
+    if (tls_ctx) {
+        o->conn.ssl = tls_connect(tls_ctx, fd, host, err, errlen);
+        if (!o->conn.ssl) {
+            XXH3_freeState(o->xxh);
+            free(o);
+            return NULL;
+        }
+    }
+    return o;
+}
+
+void dp_out_free(struct dp_out *o)
+{
+    if (!o)
+        return;
+    if (o->conn.ssl) {
+        SSL_shutdown(o->conn.ssl);
+        SSL_free(o->conn.ssl);
+    }
+    XXH3_freeState(o->xxh);
+    pthread_mutex_destroy(&o->lock);
+    free(o);
+}
+
+static int out_append(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records,
+                      uint64_t pages, const char **why)
+{
+    double t0 = now();
+    pthread_mutex_lock(&o->lock);
+    int rc = conn_write(&o->conn, buf, len, why);
+    if (rc == 0) {
+        XXH3_128bits_update(o->xxh, buf, len);
+        o->records += records;
+        o->pages += pages;
+        o->offset += len;
+    }
+    o->write_seconds += now() - t0;
+    pthread_mutex_unlock(&o->lock);
+    return rc;
+}
+
+/* Bytes the caller framed itself (the stream header, its records): digested and counted
+ * like the rest. 0, or -1 with the reason in err. */
+int dp_out_write(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records, uint64_t pages,
+                 char *err, size_t errlen)
+{
+    const char *why = NULL;
+    if (out_append(o, buf, len, records, pages, &why)) {
+        snprintf(err, errlen, "writing the stream failed: %s", why);
+        return -1;
+    }
+    return 0;
+}
+
+/* records, page entries and bytes so far, and the XXH3-128 digest of those bytes
+ * (canonical big-endian form, as END and CHANNEL_SYNC carry it) */
+void dp_out_state(struct dp_out *o, uint64_t *records, uint64_t *pages, uint64_t *offset,
+                  uint8_t digest[16], double *write_seconds)
+{
+    pthread_mutex_lock(&o->lock);
+    *records = o->records;
+    *pages = o->pages;
+    *offset = o->offset;
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(o->xxh));
+    memcpy(digest, c.digest, 16);
+    if (write_seconds)
+        *write_seconds = o->write_seconds;
+    pthread_mutex_unlock(&o->lock);
+}
+
+/* the channel stream header: magic, version, index, the relocation's token */
+int dp_out_channel_header(struct dp_out *o, uint32_t version, uint32_t index, const uint8_t token[32],
+                          char *err, size_t errlen)
+{
+    uint8_t hdr[DP_CHANNEL_HDR];
+    memcpy(hdr, CHANNEL_MAGIC, 8);
+    put32(hdr + 8, version);
+    put32(hdr + 12, index);
+    memcpy(hdr + 16, token, 32);
+    o->channel = 1;
+    o->index = index;
+    return dp_out_write(o, hdr, sizeof hdr, 0, 0, err, errlen);
+}
+
+/* CHANNEL_SYNC: the end of round `round` on this channel (FINAL: the channel's end) */
+int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t errlen)
+{
+    uint8_t rec[DP_REC_HDR + DP_SYNC_BODY];
+    uint8_t *b = rec + DP_REC_HDR;
+    const char *why = NULL;
+    pthread_mutex_lock(&o->lock);
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(o->xxh));
+    put32(b, round);
+    put32(b + 4, final ? SYNC_FINAL : 0);
+    put64(b + 8, o->records);
+    put64(b + 16, o->pages);
+    put64(b + 24, o->offset);
+    memcpy(b + 32, c.digest, 16);
+    put64(b + 48, 0);
+    put32(rec, T_CHANNEL_SYNC);
+    put32(rec + 4, DP_SYNC_BODY);
+    put32(rec + 8, 0);
+    put32(rec + 12, record_crc(rec, b, DP_SYNC_BODY));
+    int rc = conn_write(&o->conn, rec, sizeof rec, &why);
+    if (rc == 0) {
+        XXH3_128bits_update(o->xxh, rec, sizeof rec);
+        o->records += 1;
+        o->offset += sizeof rec;
+    }
+    pthread_mutex_unlock(&o->lock);
+    if (rc)
+        snprintf(err, errlen, "channel %d: writing CHANNEL_SYNC failed: %s", o->index, why);
+    return rc;
+}
+
+/* -- the pacer: a token bucket over every output's bytes --------------------------------- */
+struct dp_pacer {
+    pthread_mutex_t lock;
+    double rate, burst, tokens, at;
+};
+
+static void pace(struct dp_pacer *p, size_t n, volatile int *cancel)
+{
+    if (p->rate <= 0)
+        return;
+    for (;;) {
+        pthread_mutex_lock(&p->lock);
+        double t = now();
+        p->tokens += (t - p->at) * p->rate;
+        if (p->tokens > p->burst)
+            p->tokens = p->burst;
+        p->at = t;
+        double need = n < p->burst ? n : p->burst;
+        if (p->tokens >= need || *cancel) {
+            p->tokens -= n;
+            pthread_mutex_unlock(&p->lock);
+            return;
+        }
+        double wait = (need - p->tokens) / p->rate;
+        pthread_mutex_unlock(&p->lock);
+        struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+        if (wait > 0.05)
+            ts = (struct timespec){0, 50000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* -- workers ----------------------------------------------------------------------------- */
+struct dp_round_stats {
+    uint64_t batches, pages, zero_pages, data_pages, bytes;
+    uint64_t zstd_batches, raw_batches, zstd_in, zstd_out;
+    double seconds, encode_seconds, write_seconds;
+};
+
+struct dp_sender;
+
+struct dp_worker {
+    struct dp_sender *s;
+    int index;
+    pthread_t thread;
+    ZSTD_CCtx *cctx;
+    uint8_t *gather;            /* one batch's data pages */
+    uint8_t *rec;               /* one framed record */
+    uint64_t gen;               /* the job generation this worker last finished */
+    int skip;                   /* auto mode: batches to send raw before trying zstd again */
+    int misses;                 /* auto mode: batches in a row zstd did not shrink enough */
+    struct dp_round_stats st;
+};
+
+struct dp_sender {
+    struct dp_out **outs;
+    int nouts, nworkers, stop;
+    struct dp_worker *workers;
+    struct dp_space spaces[DP_SPACES];
+    pthread_mutex_t lock;
+    pthread_cond_t start_cv, done_cv;
+    uint64_t gen;               /* bumped for each job */
+    int running;                /* workers still on the current job */
+    /* the current job */
+    uint32_t space;
+    const uint64_t *pfns;
+    uint64_t npfns, next;       /* next: the first pfn no worker has taken yet (atomic) */
+    int mode, level, stable;
+    volatile int cancel;
+    struct dp_pacer pacer;
+    struct dp_error err;
+};
+
+/* One batch of pfns[0..n): entries, data, the record framed in w->rec. Returns the
+ * record's length, or 0 after set_error. */
+static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n)
+{
+    struct dp_sender *s = w->s;
+    const struct dp_space *sp = &s->spaces[s->space];
+    uint8_t *body = w->rec + DP_REC_HDR;
+    uint8_t *entries = body + DP_BATCH_HDR;
+    uint8_t *data = entries + DP_ENTRY * n;
+    const uint8_t *src[DP_MAX_BATCH];
+    uint32_t ndata = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *addr;
+        if (page_index(sp, pfns[i], &addr) == UINT64_MAX || !addr) {
+            set_error(&s->err, "pfn 0x%llx is outside the memory of space %u", (unsigned long long)pfns[i], s->space);
+            return 0;
+        }
+        int zero = page_is_zero(addr);
+        put64(entries + DP_ENTRY * i, pfns[i]);
+        put32(entries + DP_ENTRY * i + 8, zero ? P_ZERO : P_NORMAL);
+        put32(entries + DP_ENTRY * i + 12, 0);
+        if (!zero)
+            src[ndata++] = addr;
+    }
+    size_t raw = (size_t)ndata * DP_PAGE;
+    int try_zstd = ndata && (s->mode == DP_MODE_ZSTD || (s->mode == DP_MODE_AUTO && w->skip == 0));
+    if (s->mode == DP_MODE_AUTO && w->skip > 0 && ndata)
+        w->skip--;
+    uint32_t type = T_PAGE_DATA;
+    size_t datalen = raw;
+    if (try_zstd) {
+        /* gather the pages (a running guest may change them: never compress in place),
+         * compress into the record */
+        const uint8_t *in = w->gather;
+        int contiguous = s->stable;
+        for (uint32_t i = 1; contiguous && i < ndata; i++)
+            contiguous = src[i] == src[i - 1] + DP_PAGE;
+        if (contiguous)
+            in = src[0];
+        else
+            for (uint32_t i = 0; i < ndata; i++)
+                memcpy(w->gather + (size_t)i * DP_PAGE, src[i], DP_PAGE);
+        size_t z = ZSTD_compressCCtx(w->cctx, data, ZSTD_compressBound(raw), in, raw, s->level);
+        if (ZSTD_isError(z)) {
+            set_error(&s->err, "zstd: %s", ZSTD_getErrorName(z));
+            return 0;
+        }
+        w->st.zstd_in += raw;
+        w->st.zstd_out += z;
+        if (s->mode == DP_MODE_ZSTD || z < raw - raw / 8) {     /* auto: pays off at 1/8 saved */
+            type = T_PAGE_DATA_ZSTD;
+            datalen = z;
+            w->misses = 0;
+            for (uint32_t i = 0; i < n; i++)
+                if (get32(entries + DP_ENTRY * i + 8) == P_NORMAL)
+                    put32(entries + DP_ENTRY * i + 8, P_COMPRESSED);
+        } else {
+            w->misses++;
+            if (w->misses >= 2)             /* incompressible memory: stop trying for a while */
+                w->skip = 16 << (w->misses > 6 ? 4 : w->misses - 2);
+            if (contiguous)
+                memcpy(data, src[0], raw);
+            else
+                memcpy(data, w->gather, raw);
+        }
+    } else {
+        for (uint32_t i = 0; i < ndata; i++)
+            memcpy(data + (size_t)i * DP_PAGE, src[i], DP_PAGE);
+    }
+    if (type == T_PAGE_DATA_ZSTD)
+        w->st.zstd_batches++;
+    else
+        w->st.raw_batches++;
+    put32(body, s->space);
+    put32(body + 4, n);
+    uint32_t len = DP_BATCH_HDR + DP_ENTRY * n + (uint32_t)datalen;
+    put32(w->rec, type);
+    put32(w->rec + 4, len);
+    put32(w->rec + 8, 0);
+    put32(w->rec + 12, record_crc(w->rec, body, len));
+    memset(body + len, 0, padded(len) - len);
+    w->st.batches++;
+    w->st.pages += n;
+    w->st.zero_pages += n - ndata;
+    w->st.data_pages += ndata;
+    return DP_REC_HDR + padded(len);
+}
+
+static void run_job(struct dp_worker *w)
+{
+    struct dp_sender *s = w->s;
+    struct dp_out *out = s->outs[w->index % s->nouts];
+    memset(&w->st, 0, sizeof w->st);
+    for (;;) {
+        if (s->cancel || failed(&s->err))
+            return;
+        uint64_t at = __atomic_fetch_add(&s->next, DP_MAX_BATCH, __ATOMIC_RELAXED);
+        if (at >= s->npfns)
+            return;
+        uint32_t n = s->npfns - at < DP_MAX_BATCH ? (uint32_t)(s->npfns - at) : DP_MAX_BATCH;
+        double t0 = now();
+        size_t len = encode_batch(w, s->pfns + at, n);
+        w->st.encode_seconds += now() - t0;
+        if (!len)
+            return;
+        pace(&s->pacer, len, &s->cancel);
+        const char *why = NULL;
+        t0 = now();
+        if (out_append(out, w->rec, len, 1, n, &why)) {
+            set_error(&s->err, "%s %d: writing failed: %s", out->channel ? "channel" : "stream",
+                      out->index, why);
+            return;
+        }
+        w->st.write_seconds += now() - t0;
+        w->st.bytes += len;
+    }
+}
+
+static void *worker_main(void *arg)
+{
+    struct dp_worker *w = arg;
+    struct dp_sender *s = w->s;
+    pthread_mutex_lock(&s->lock);
+    for (;;) {
+        while (!s->stop && w->gen == s->gen)
+            pthread_cond_wait(&s->start_cv, &s->lock);
+        if (s->stop)
+            break;
+        w->gen = s->gen;
+        pthread_mutex_unlock(&s->lock);
+        run_job(w);
+        pthread_mutex_lock(&s->lock);
+        if (--s->running == 0)
+            pthread_cond_broadcast(&s->done_cv);
+    }
+    pthread_mutex_unlock(&s->lock);
+    return NULL;
+}
+
+void dp_sender_free(struct dp_sender *s);
+
+/* A sender with nworkers threads writing to outs[worker % nouts]; the memory of each space
+ * as ranges (first pfn, pages, host address). rate: bytes per second over all outputs (0:
+ * unpaced). */
+struct dp_sender *dp_sender_new(struct dp_out **outs, int nouts, int nworkers, double rate,
+                                char *err, size_t errlen)
+{
+    if (nouts < 1 || nworkers < 1 || nworkers > 64) {
+        snprintf(err, errlen, "a sender needs 1..64 workers and at least one output");
+        return NULL;
+    }
+    struct dp_sender *s = calloc(1, sizeof *s);
+    if (!s) {
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    s->outs = calloc(nouts, sizeof *s->outs);
+    s->workers = calloc(nworkers, sizeof *s->workers);
+    if (!s->outs || !s->workers) {
+        free(s->outs);
+        free(s->workers);
+        free(s);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    memcpy(s->outs, outs, nouts * sizeof *outs);
+    s->nouts = nouts;
+    pthread_mutex_init(&s->lock, NULL);
+    pthread_mutex_init(&s->err.lock, NULL);
+    pthread_mutex_init(&s->pacer.lock, NULL);
+    pthread_cond_init(&s->start_cv, NULL);
+    pthread_cond_init(&s->done_cv, NULL);
+    s->pacer.rate = rate;
+    s->pacer.burst = rate > 0 ? (rate / 20 > (1 << 20) ? rate / 20 : (1 << 20)) : 0;
+    s->pacer.tokens = s->pacer.burst;
+    s->pacer.at = now();
+    for (int i = 0; i < nworkers; i++) {
+        struct dp_worker *w = &s->workers[i];
+        w->s = s;
+        w->index = i;
+        w->cctx = ZSTD_createCCtx();
+        w->gather = malloc(DP_MAX_BATCH * DP_PAGE);
+        w->rec = malloc(DP_REC_CAP);
+        if (!w->cctx || !w->gather || !w->rec || pthread_create(&w->thread, NULL, worker_main, w)) {
+            snprintf(err, errlen, "cannot start a data plane worker");
+            s->nworkers = i;
+            ZSTD_freeCCtx(w->cctx);
+            free(w->gather);
+            free(w->rec);
+            dp_sender_free(s);
+            return NULL;
+        }
+        s->nworkers = i + 1;
+    }
+    return s;
+}
+
+int dp_sender_set_space(struct dp_sender *s, uint32_t space, uint32_t n, const uint64_t *first,
+                        const uint64_t *count, uint8_t *const *base, char *err, size_t errlen)
+{
+    if (space >= DP_SPACES) {
+        snprintf(err, errlen, "unknown space %u", space);
+        return -1;
+    }
+    return space_set(&s->spaces[space], n, first, count, base, err, errlen);
+}
+
+void dp_sender_set_rate(struct dp_sender *s, double rate)
+{
+    pthread_mutex_lock(&s->pacer.lock);
+    s->pacer.rate = rate;
+    s->pacer.burst = rate > 0 ? (rate / 20 > (1 << 20) ? rate / 20 : (1 << 20)) : 0;
+    s->pacer.tokens = s->pacer.burst;
+    s->pacer.at = now();
+    pthread_mutex_unlock(&s->pacer.lock);
+}
+
+/* Send the pages pfns[0..n) of `space` (each once: the caller's round), compressed per
+ * `mode` (0 raw, 1 zstd at `level`, 2 auto); `stable`: memory cannot change meanwhile
+ * (the guest is paused). Blocks until every page is written or the sender fails or is
+ * cancelled; fills `st`. 0, or -1 with the reason in err (cancelled: "cancelled"). */
+int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
+                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen)
+{
+    double t0 = now();
+    memset(st, 0, sizeof *st);
+    if (space >= DP_SPACES || mode < 0 || mode > 2) {
+        snprintf(err, errlen, "bad space or mode");
+        return -1;
+    }
+    pthread_mutex_lock(&s->lock);
+    s->space = space;
+    s->pfns = pfns;
+    s->npfns = n;
+    s->next = 0;
+    s->mode = mode;
+    s->level = level;
+    s->stable = stable;
+    s->running = s->nworkers;
+    s->gen++;
+    pthread_cond_broadcast(&s->start_cv);
+    while (s->running)
+        pthread_cond_wait(&s->done_cv, &s->lock);
+    s->pfns = NULL;
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < s->nworkers; i++) {
+        struct dp_round_stats *w = &s->workers[i].st;
+        st->batches += w->batches;
+        st->pages += w->pages;
+        st->zero_pages += w->zero_pages;
+        st->data_pages += w->data_pages;
+        st->bytes += w->bytes;
+        st->zstd_batches += w->zstd_batches;
+        st->raw_batches += w->raw_batches;
+        st->zstd_in += w->zstd_in;
+        st->zstd_out += w->zstd_out;
+        st->encode_seconds += w->encode_seconds;
+        st->write_seconds += w->write_seconds;
+    }
+    st->seconds = now() - t0;
+    if (failed(&s->err)) {
+        snprintf(err, errlen, "%s", s->err.text);
+        return -1;
+    }
+    if (s->cancel) {
+        snprintf(err, errlen, "cancelled");
+        return -1;
+    }
+    return 0;
+}
+
+/* Stop a send in progress (from any thread); the sender is unusable afterwards. Blocked
+ * writes on sockets are woken by shutting the sockets down. */
+void dp_sender_cancel(struct dp_sender *s, int shutdown_sockets)
+{
+    s->cancel = 1;
+    if (shutdown_sockets)
+        for (int i = 0; i < s->nouts; i++)
+            shutdown(s->outs[i]->conn.fd, SHUT_RDWR);
+}
+
+void dp_sender_free(struct dp_sender *s)
+{
+    if (!s)
+        return;
+    pthread_mutex_lock(&s->lock);
+    s->stop = 1;
+    pthread_cond_broadcast(&s->start_cv);
+    pthread_mutex_unlock(&s->lock);
+    for (int i = 0; i < s->nworkers; i++) {
+        pthread_join(s->workers[i].thread, NULL);
+        ZSTD_freeCCtx(s->workers[i].cctx);
+        free(s->workers[i].gather);
+        free(s->workers[i].rec);
+    }
+    free(s->workers);
+    free(s->outs);
+    free(s);
+}
+
+/* ======================================================================================
+ * Destination side
+ * ==================================================================================== */
+struct dp_channel_summary {
+    uint32_t index, rounds, final, reserved;
+    uint64_t records, pages, bytes;
+    uint8_t digest[16];
+};
+
+struct dp_receiver;
+
+struct dp_channel {
+    struct dp_receiver *r;
+    int index, started;
+    struct dp_conn conn;
+    pthread_t thread;
+    uint8_t *buf;               /* one record */
+    ZSTD_DCtx *dctx;
+    uint8_t *scratch;           /* decompressed pages of one batch */
+    XXH3_state_t *xxh;
+    uint64_t records, pages, offset;
+    uint32_t round;             /* the next round this channel reads */
+    int final;
+    struct dp_channel_summary summary;
+    double place_seconds;
+    uint64_t placed_bytes;
+};
+
+struct dp_receiver {
+    int nchannels, version;
+    uint8_t token[32];
+    void *tls_ctx;
+    double timeout;
+    struct dp_space spaces[DP_SPACES];
+    struct dp_channel *channels;
+    pthread_mutex_t lock;
+    pthread_cond_t cv;
+    uint32_t arrived;           /* channels at the barrier of round `barrier_round` */
+    uint32_t completed;         /* rounds every channel has finished */
+    uint32_t finals;            /* channels that read their FINAL sync */
+    int closing;
+    struct dp_error err;
+};
+
+void dp_receiver_free(struct dp_receiver *r);
+
+/* A receiver of nchannels data channels (stream format `version`, this relocation's
+ * token); tls_ctx: a server context, or NULL on a plain link. */
+struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
+                                    double timeout, char *err, size_t errlen)
+{
+    if (nchannels < 1 || nchannels > 64) {
+        snprintf(err, errlen, "1..64 channels");
+        return NULL;
+    }
+    struct dp_receiver *r = calloc(1, sizeof *r);
+    if (!r || !(r->channels = calloc(nchannels, sizeof *r->channels))) {
+        free(r);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    r->nchannels = nchannels;
+    r->version = version;
+    memcpy(r->token, token, 32);
+    r->tls_ctx = tls_ctx;
+    r->timeout = timeout;
+    pthread_mutex_init(&r->lock, NULL);
+    pthread_mutex_init(&r->err.lock, NULL);
+    pthread_cond_init(&r->cv, NULL);
+    return r;
+}
+
+/* The memory pages of `space` go to: ranges with host addresses (base NULL for all:
+ * checked and dropped). Before any channel starts. */
+int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
+                          const uint64_t *count, uint8_t *const *base, char *err, size_t errlen)
+{
+    if (space >= DP_SPACES) {
+        snprintf(err, errlen, "unknown space %u", space);
+        return -1;
+    }
+    struct dp_space *s = &r->spaces[space];
+    free(s->written);
+    free(s->seen);
+    if (space_set(s, n, first, count, base, err, errlen))
+        return -1;
+    s->drop = base == NULL;
+    s->written = calloc(s->total ? s->total : 1, 1);
+    s->seen = calloc((s->total + 63) / 64 + 1, 8);
+    if (!s->written || !s->seen) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+static void fail_all(struct dp_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->lock);
+    for (int i = 0; i < r->nchannels; i++)
+        if (r->channels[i].started)
+            shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+}
+
+#define CH_FAIL(ch, idx, type, ...) do {                                                     \
+        char _m[400];                                                                        \
+        snprintf(_m, sizeof _m, __VA_ARGS__);                                                \
+        set_error(&(ch)->r->err, "channel %d, record %llu at offset %llu (type 0x%08x): %s", \
+                  (ch)->index, (unsigned long long)(idx), (unsigned long long)(ch)->offset,  \
+                  (unsigned)(type), _m);                                                     \
+    } while (0)
+
+/* Check a page batch body completely, then place it. 0, or -1 after CH_FAIL. */
+static int place_batch(struct dp_channel *ch, uint32_t type, const uint8_t *body, uint32_t len)
+{
+    uint64_t idx = ch->records;
+    if (len < DP_BATCH_HDR) {
+        CH_FAIL(ch, idx, type, "body is %u bytes, shorter than its header", len);
+        return -1;
+    }
+    uint32_t space = get32(body), n = get32(body + 4);
+    if (space >= DP_SPACES) {
+        CH_FAIL(ch, idx, type, "unknown address space %u", space);
+        return -1;
+    }
+    if (n < 1 || n > DP_MAX_BATCH) {
+        CH_FAIL(ch, idx, type, "count %u outside 1..%u", n, DP_MAX_BATCH);
+        return -1;
+    }
+    if (len < DP_BATCH_HDR + (uint64_t)DP_ENTRY * n) {
+        CH_FAIL(ch, idx, type, "body is %u bytes, %u entries need %u", len, n, DP_BATCH_HDR + DP_ENTRY * n);
+        return -1;
+    }
+    struct dp_space *sp = &ch->r->spaces[space];
+    if (!sp->nranges) {
+        CH_FAIL(ch, idx, type, "pages of space %u, which has no memory", space);
+        return -1;
+    }
+    const uint8_t *entries = body + DP_BATCH_HDR;
+    uint32_t data_type = type == T_PAGE_DATA ? P_NORMAL : P_COMPRESSED, ndata = 0;
+    uint64_t pos[DP_MAX_BATCH];
+    uint8_t *dst[DP_MAX_BATCH];
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *e = entries + DP_ENTRY * i;
+        uint64_t pfn = get64(e);
+        uint32_t ptype = get32(e + 8);
+        if (ptype != P_ZERO && ptype != data_type) {
+            CH_FAIL(ch, idx, type, "pfn 0x%llx has page type %u, not allowed here", (unsigned long long)pfn, ptype);
+            return -1;
+        }
+        if (get32(e + 12)) {
+            CH_FAIL(ch, idx, type, "pfn 0x%llx entry has nonzero reserved field", (unsigned long long)pfn);
+            return -1;
+        }
+        pos[i] = page_index(sp, pfn, &dst[i]);
+        if (pos[i] == UINT64_MAX) {
+            CH_FAIL(ch, idx, type, "pfn 0x%llx outside the memory of space %u", (unsigned long long)pfn, space);
+            return -1;
+        }
+        ndata += ptype == data_type;
+    }
+    const uint8_t *data = entries + DP_ENTRY * n;
+    size_t datalen = len - DP_BATCH_HDR - DP_ENTRY * n, expect = (size_t)ndata * DP_PAGE;
+    const uint8_t *pages = data;
+    if (type == T_PAGE_DATA) {
+        if (datalen != expect) {
+            CH_FAIL(ch, idx, type, "carries %zu data bytes, %u pages need %zu", datalen, ndata, expect);
+            return -1;
+        }
+    } else if (ndata == 0) {
+        if (datalen) {
+            CH_FAIL(ch, idx, type, "has %zu data bytes but no compressed pages", datalen);
+            return -1;
+        }
+    } else {
+        if (datalen < 4 || get32(data) != ZSTD_MAGICNUMBER) {
+            CH_FAIL(ch, idx, type, "bad zstd frame: not a zstd frame (a skippable frame, or no magic)");
+            return -1;
+        }
+        unsigned long long declared = ZSTD_getFrameContentSize(data, datalen);
+        if (declared != expect) {
+            CH_FAIL(ch, idx, type, "zstd frame declares %s bytes, expected %zu",
+                    declared == ZSTD_CONTENTSIZE_UNKNOWN ? "unknown"
+                    : declared == ZSTD_CONTENTSIZE_ERROR ? "no readable number of" : "another number of", expect);
+            return -1;
+        }
+        if (ZSTD_getDictID_fromFrame(data, datalen)) {
+            CH_FAIL(ch, idx, type, "zstd frame needs dictionary %u", ZSTD_getDictID_fromFrame(data, datalen));
+            return -1;
+        }
+        size_t framelen = ZSTD_findFrameCompressedSize(data, datalen);
+        if (ZSTD_isError(framelen) || framelen != datalen) {
+            CH_FAIL(ch, idx, type, "bad zstd frame: %s", ZSTD_isError(framelen) ? ZSTD_getErrorName(framelen)
+                                                                                 : "bytes after the frame");
+            return -1;
+        }
+        size_t got = ZSTD_decompressDCtx(ch->dctx, ch->scratch, expect, data, datalen);
+        if (ZSTD_isError(got) || got != expect) {
+            CH_FAIL(ch, idx, type, "bad zstd frame: %s", ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short output");
+            return -1;
+        }
+        pages = ch->scratch;
+    }
+    /* every entry and the data checked: a pfn once per batch and once per round */
+    for (uint32_t i = 0; i < n; i++) {
+        uint64_t bit = 1ull << (pos[i] & 63);
+        uint64_t old = __atomic_fetch_or(&sp->seen[pos[i] >> 6], bit, __ATOMIC_RELAXED);
+        if (old & bit) {
+            CH_FAIL(ch, idx, type, "pfn 0x%llx sent twice in round %u",
+                    (unsigned long long)get64(entries + DP_ENTRY * i), ch->round);
+            return -1;
+        }
+    }
+    double t0 = now();
+    for (uint32_t i = 0; i < n; i++) {
+        if (get32(entries + DP_ENTRY * i + 8) == P_ZERO) {
+            if (sp->written[pos[i]]) {          /* an earlier copy held data; fresh memory is zero */
+                if (dst[i])
+                    memset(dst[i], 0, DP_PAGE);
+                sp->written[pos[i]] = 0;
+            }
+            continue;
+        }
+        if (dst[i])
+            memcpy(dst[i], pages, DP_PAGE);
+        pages += DP_PAGE;
+        sp->written[pos[i]] = 1;
+    }
+    ch->place_seconds += now() - t0;
+    ch->placed_bytes += (uint64_t)ndata * DP_PAGE;
+    ch->pages += n;
+    return 0;
+}
+
+/* wait until every channel has reached the end of round `round` (the last to arrive
+ * clears the round's seen bits); 0, or -1 if the receiver failed meanwhile */
+static int barrier(struct dp_channel *ch, uint32_t round)
+{
+    struct dp_receiver *r = ch->r;
+    pthread_mutex_lock(&r->lock);
+    if (++r->arrived == (uint32_t)r->nchannels) {
+        for (unsigned s = 0; s < DP_SPACES; s++)
+            if (r->spaces[s].seen)
+                memset(r->spaces[s].seen, 0, ((r->spaces[s].total + 63) / 64 + 1) * 8);
+        r->arrived = 0;
+        r->completed = round + 1;
+        pthread_cond_broadcast(&r->cv);
+    } else {
+        while (r->completed <= round && !failed(&r->err) && !r->closing)
+            pthread_cond_wait(&r->cv, &r->lock);
+    }
+    int rc = failed(&r->err) || r->closing ? -1 : 0;
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+static int on_sync(struct dp_channel *ch, const uint8_t *b, uint32_t len)
+{
+    uint64_t idx = ch->records;
+    if (len != DP_SYNC_BODY) {
+        CH_FAIL(ch, idx, T_CHANNEL_SYNC, "body is %u bytes, expected %u", len, DP_SYNC_BODY);
+        return -1;
+    }
+    uint32_t round = get32(b), flags = get32(b + 4);
+    XXH128_canonical_t c;
+    XXH128_canonicalFromHash(&c, XXH3_128bits_digest(ch->xxh));
+    if (flags & ~SYNC_FINAL || get64(b + 48)) {
+        CH_FAIL(ch, idx, T_CHANNEL_SYNC, "flags 0x%x or reserved field not allowed", flags);
+        return -1;
+    }
+    if (round != ch->round) {
+        CH_FAIL(ch, idx, T_CHANNEL_SYNC, "ends round %u, this channel is in round %u", round, ch->round);
+        return -1;
+    }
+    if (get64(b + 8) != ch->records || get64(b + 16) != ch->pages || get64(b + 24) != ch->offset ||
+        memcmp(b + 32, c.digest, 16)) {
+        CH_FAIL(ch, idx, T_CHANNEL_SYNC, "counts or digest differ from the channel's (records %llu, pages %llu)",
+                (unsigned long long)ch->records, (unsigned long long)ch->pages);
+        return -1;
+    }
+    pthread_mutex_lock(&ch->r->lock);
+    ch->summary = (struct dp_channel_summary){.index = ch->index, .rounds = round + 1, .final = flags & SYNC_FINAL,
+                                              .records = ch->records, .pages = ch->pages, .bytes = ch->offset};
+    memcpy(ch->summary.digest, c.digest, 16);
+    pthread_mutex_unlock(&ch->r->lock);
+    ch->final = flags & SYNC_FINAL;
+    return 0;
+}
+
+static void *channel_main(void *arg)
+{
+    struct dp_channel *ch = arg;
+    struct dp_receiver *r = ch->r;
+    const char *why = NULL;
+    if (r->tls_ctx) {
+        ch->conn.ssl = SSL_new(r->tls_ctx);
+        if (!ch->conn.ssl) {
+            set_error(&r->err, "channel %d: TLS: %s", ch->index, tls_reason());
+            goto out;
+        }
+        SSL_set_fd(ch->conn.ssl, ch->conn.fd);
+        if (SSL_accept(ch->conn.ssl) != 1) {
+            long verify = SSL_get_verify_result(ch->conn.ssl);
+            set_error(&r->err, "channel %d: TLS handshake failed: %s", ch->index,
+                      verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+            goto out;
+        }
+    }
+    uint8_t hdr[DP_CHANNEL_HDR];
+    int rc = conn_read(&ch->conn, hdr, sizeof hdr, &why);
+    if (rc != 1) {
+        set_error(&r->err, "channel %d: no channel header: %s", ch->index, rc ? why : "the channel closed");
+        goto out;
+    }
+    if (memcmp(hdr, CHANNEL_MAGIC, 8) || get32(hdr + 8) != (uint32_t)r->version ||
+        get32(hdr + 12) != (uint32_t)ch->index || memcmp(hdr + 16, r->token, 32)) {
+        set_error(&r->err, "channel %d: its header is not this relocation's (magic, version %u, index %u or token)",
+                  ch->index, get32(hdr + 8), get32(hdr + 12));
+        goto out;
+    }
+    XXH3_128bits_update(ch->xxh, hdr, sizeof hdr);
+    ch->offset = sizeof hdr;
+    while (!ch->final) {
+        uint8_t *rec = ch->buf;
+        rc = conn_read(&ch->conn, rec, DP_REC_HDR, &why);
+        if (rc != 1) {
+            set_error(&r->err, "channel %d: %s before its FINAL sync (offset %llu)", ch->index,
+                      rc ? why : "the channel ended", (unsigned long long)ch->offset);
+            goto out;
+        }
+        uint32_t type = get32(rec), len = get32(rec + 4);
+        if (get32(rec + 8)) {
+            CH_FAIL(ch, ch->records, type, "record header reserved field is nonzero");
+            goto out;
+        }
+        uint32_t cap = type == T_CHANNEL_SYNC ? DP_SYNC_BODY : (uint32_t)DP_MAX_PAGE_BODY;
+        if (len > cap) {
+            CH_FAIL(ch, ch->records, type, "record body length %u exceeds %u", len, cap);
+            goto out;
+        }
+        rc = conn_read(&ch->conn, rec + DP_REC_HDR, padded(len), &why);
+        if (rc != 1) {
+            set_error(&r->err, "channel %d: %s (offset %llu)", ch->index, rc ? why : "the channel ended inside a record",
+                      (unsigned long long)ch->offset);
+            goto out;
+        }
+        uint8_t *body = rec + DP_REC_HDR;
+        if (record_crc(rec, body, len) != get32(rec + 12)) {
+            CH_FAIL(ch, ch->records, type, "record CRC-32 mismatch");
+            goto out;
+        }
+        for (uint32_t i = len; i < padded(len); i++)
+            if (body[i]) {
+                CH_FAIL(ch, ch->records, type, "record padding is not zero");
+                goto out;
+            }
+        if (type == T_CHANNEL_SYNC) {
+            if (on_sync(ch, body, len))
+                goto out;
+            XXH3_128bits_update(ch->xxh, rec, DP_REC_HDR + padded(len));
+            ch->records++;
+            ch->offset += DP_REC_HDR + padded(len);
+            if (barrier(ch, ch->round))
+                goto out;
+            ch->round++;
+            if (ch->final) {
+                pthread_mutex_lock(&r->lock);
+                r->finals++;
+                pthread_cond_broadcast(&r->cv);
+                pthread_mutex_unlock(&r->lock);
+            }
+            continue;
+        }
+        if (type != T_PAGE_DATA && type != T_PAGE_DATA_ZSTD) {
+            CH_FAIL(ch, ch->records, type, "not a record a data channel carries");
+            goto out;
+        }
+        if (place_batch(ch, type, body, len))
+            goto out;
+        XXH3_128bits_update(ch->xxh, rec, DP_REC_HDR + padded(len));
+        ch->records++;
+        ch->offset += DP_REC_HDR + padded(len);
+    }
+    /* nothing may follow the FINAL sync */
+    uint8_t extra;
+    rc = conn_read(&ch->conn, &extra, 1, &why);
+    if (rc == 1)
+        set_error(&r->err, "channel %d: bytes after its FINAL sync", ch->index);
+out:
+    if (failed(&r->err))
+        fail_all(r);
+    return NULL;
+}
+
+/* Take channel `index`: a connected socket (TLS not yet started: its handshake runs on
+ * the channel's own thread). 0, or -1 with err. */
+int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
+{
+    if (index < 0 || index >= r->nchannels || r->channels[index].started) {
+        snprintf(err, errlen, "channel %d is not expected", index);
+        return -1;
+    }
+    struct dp_channel *ch = &r->channels[index];
+    ch->r = r;
+    ch->index = index;
+    ch->conn.fd = fd;
+    ch->buf = malloc(DP_REC_CAP);
+    ch->scratch = malloc(DP_MAX_BATCH * DP_PAGE);
+    ch->dctx = ZSTD_createDCtx();
+    ch->xxh = XXH3_createState();
+    if (!ch->buf || !ch->scratch || !ch->dctx || !ch->xxh) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    ZSTD_DCtx_setParameter(ch->dctx, ZSTD_d_windowLogMax, 23);
+    XXH3_128bits_reset(ch->xxh);
+    if (r->timeout > 0)
+        set_timeouts(fd, r->timeout);
+    if (pthread_create(&ch->thread, NULL, channel_main, ch)) {
+        snprintf(err, errlen, "cannot start a channel thread");
+        return -1;
+    }
+    ch->started = 1;
+    return 0;
+}
+
+/* Wait until every channel has finished round `round` (rounds count from 0), or, with
+ * `final`, read its FINAL sync; up to timeout seconds. 1 done, 0 timed out, -1 failed
+ * (the reason in err). */
+int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen)
+{
+    struct timespec until;
+    clock_gettime(CLOCK_REALTIME, &until);
+    until.tv_sec += (time_t)timeout;
+    until.tv_nsec += (long)((timeout - (time_t)timeout) * 1e9);
+    if (until.tv_nsec >= 1000000000L) {
+        until.tv_sec++;
+        until.tv_nsec -= 1000000000L;
+    }
+    int rc = 1;
+    pthread_mutex_lock(&r->lock);
+    for (;;) {
+        if (failed(&r->err)) {
+            rc = -1;
+            break;
+        }
+        int started = 0;
+        for (int i = 0; i < r->nchannels; i++)
+            started += r->channels[i].started;
+        if (started == r->nchannels && r->completed > round &&
+            (!final || r->finals == (uint32_t)r->nchannels))
+            break;
+        if (pthread_cond_timedwait(&r->cv, &r->lock, &until) == ETIMEDOUT) {
+            rc = 0;
+            break;
+        }
+    }
+    pthread_mutex_unlock(&r->lock);
+    if (rc < 0)
+        snprintf(err, errlen, "%s", r->err.text);
+    return rc;
+}
+
+/* what each channel said at its last sync, and the seconds spent placing pages */
+void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, double *place_seconds,
+                         uint64_t *placed_bytes)
+{
+    *place_seconds = 0;
+    *placed_bytes = 0;
+    pthread_mutex_lock(&r->lock);
+    for (int i = 0; i < r->nchannels; i++) {
+        out[i] = r->channels[i].summary;
+        *place_seconds += r->channels[i].place_seconds;
+        *placed_bytes += r->channels[i].placed_bytes;
+    }
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* stop every channel thread (shutting its socket down), wait for them, free everything;
+ * the sockets themselves are the caller's to close */
+void dp_receiver_free(struct dp_receiver *r)
+{
+    if (!r)
+        return;
+    pthread_mutex_lock(&r->lock);
+    r->closing = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->lock);
+    for (int i = 0; i < r->nchannels; i++) {
+        struct dp_channel *ch = &r->channels[i];
+        if (ch->started) {
+            shutdown(ch->conn.fd, SHUT_RDWR);
+            pthread_join(ch->thread, NULL);
+        }
+        if (ch->conn.ssl)
+            SSL_free(ch->conn.ssl);
+        free(ch->buf);
+        free(ch->scratch);
+        ZSTD_freeDCtx(ch->dctx);
+        if (ch->xxh)
+            XXH3_freeState(ch->xxh);
+    }
+    for (unsigned s = 0; s < DP_SPACES; s++) {
+        free(r->spaces[s].written);
+        free(r->spaces[s].seen);
+    }
+    free(r->channels);
+    free(r);
+}
+
+/* zero when no receiver error; the first error's text otherwise */
+int dp_receiver_error(struct dp_receiver *r, char *err, size_t errlen)
+{
+    if (!failed(&r->err))
+        return 0;
+    snprintf(err, errlen, "%s", r->err.text);
+    return -1;
+}

@@ -1,0 +1,306 @@
+"""The C data plane (migrate/dataplane): senders and receivers over real sockets, plain and
+TLS 1.3, one and several channels; the round barrier; and hostile channel streams, built
+here by an independent Python encoder of specs/stream-format.md "Channel streams", each
+refused with one line before the bad bytes reach memory."""
+from __future__ import annotations
+
+import os
+import socket
+import struct
+import threading
+from array import array
+
+import pytest
+import xxhash
+
+from migrate.dataplane import AUTO, RAW, ZSTD, DataplaneError, Output, Receiver, Sender, TlsContext
+from migrate.stream.framing import frame
+from migrate.stream.pages import encode_batch
+
+PAGE = 4096
+TOKEN = bytes(range(32))
+MAGIC = b"\x89HVMCHAN"
+
+
+def memory(pages: int, seed: int = 1) -> bytearray:
+    """Pages of three kinds: zero, repetitive text, random."""
+    rnd = __import__("random").Random(seed)
+    out = bytearray(pages * PAGE)
+    for pfn in range(pages):
+        kind = pfn % 3
+        if kind == 1:
+            out[pfn * PAGE:(pfn + 1) * PAGE] = (f"page {pfn} ".encode() * 512)[:PAGE]
+        elif kind == 2:
+            out[pfn * PAGE:(pfn + 1) * PAGE] = rnd.randbytes(PAGE)
+    return out
+
+
+@pytest.fixture(scope="module")
+def tls_dirs(tmp_path_factory):
+    from migrate.host import tls
+    root = tmp_path_factory.mktemp("pki")
+    tls.keygen(root, ["127.0.0.1", "src"])
+    return root / "127.0.0.1", root / "src"
+
+
+def link(channels: int, secure: bool, tls_dirs, pages: int, dst: bytearray, stub=None):
+    pairs = [socket.socketpair() for _ in range(channels)]
+    rx = Receiver(channels, 2, TOKEN, TlsContext(True, tls_dirs[0]) if secure else None, timeout=20)
+    rx.set_space(0, [(0, pages, dst)])
+    rx.set_space(1, stub or [(0, 8, None)])
+    for i, (_, b) in enumerate(pairs):
+        rx.add(i, b.fileno())
+    client = TlsContext(False, tls_dirs[1]) if secure else None
+    outs = [Output(a.fileno(), client, "127.0.0.1", timeout=20) for a, _ in pairs]
+    for i, out in enumerate(outs):
+        out.channel_header(2, i, TOKEN)
+    return pairs, rx, outs
+
+
+def close(pairs, rx, outs, tx=None):
+    if tx is not None:
+        tx.close()
+    for out in outs:
+        out.close()
+    rx.close()
+    for a, b in pairs:
+        a.close()
+        b.close()
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("channels", [1, 3])
+def test_rounds_arrive_whole_and_in_order(tls_dirs, secure, channels):
+    pages = 3000
+    src, dst = memory(pages), bytearray(pages * PAGE)
+    pairs, rx, outs = link(channels, secure, tls_dirs, pages, dst)
+    tx = Sender(outs, channels)
+    tx.set_space(0, [(0, pages, src)])
+    try:
+        st = tx.send(0, range(pages), mode=AUTO)
+        assert st.pages == pages and st.zero_pages == pages // 3 and st.zstd_batches >= 1
+        for out in outs:
+            out.sync(0)
+        assert rx.wait(0, timeout=20) and dst == src
+        # round 1: some pages change, one becomes zero: the newer copies win
+        src[5 * PAGE:6 * PAGE] = b"\x07" * PAGE
+        src[2 * PAGE:3 * PAGE] = bytes(PAGE)
+        for round_, mode in ((1, RAW), (2, ZSTD)):          # each page once a round
+            tx.send(0, [2, 5, pages - 1], mode=mode, stable=True)
+            for out in outs:
+                out.sync(round_, final=round_ == 2)
+        assert rx.wait(2, final=True, timeout=20) and dst == src
+        summary, _, placed = rx.summary()
+        assert [s.final for s in summary] == [True] * channels and sum(s.pages for s in summary) == pages + 6
+        for s, out in zip(summary, outs):
+            assert (s.records, s.pages, s.digest) == (out.state().records - 1, out.state().pages,
+                                                      summary[s.index].digest)
+        assert rx.error() is None
+    finally:
+        close(pairs, rx, outs, tx)
+
+
+def test_a_page_of_a_later_round_never_loses_to_an_earlier_copy(tls_dirs):
+    """Channel 1 races ahead with round 1's copy of page 7 while channel 0 still holds
+    round 0's copy: the barrier keeps round 1 waiting until round 0 is placed."""
+    dst = bytearray(16 * PAGE)
+    ch0, ch1 = ChannelWriter(0), ChannelWriter(1)
+    ch0.batch(0, [(7, b"\x01" * PAGE)])
+    ch0.sync(0)
+    ch0.sync(1, final=True)
+    ch1.sync(0)
+    ch1.batch(0, [(7, b"\x02" * PAGE)])
+    ch1.sync(1, final=True)
+    rx, socks = receive([None, bytes(ch1.data)], dst, 16)
+    try:
+        late = threading.Timer(0.3, lambda: socks[0].sendall(ch0.data))     # channel 0 comes late
+        late.start()
+        assert rx.wait(1, final=True, timeout=10), rx.error()
+        late.join()
+        assert dst[7 * PAGE:8 * PAGE] == b"\x02" * PAGE
+    finally:
+        rx.close()
+        for s in socks:
+            s.close()
+
+
+def test_sender_refuses_pages_outside_its_memory(tls_dirs):
+    pairs, rx, outs = link(1, False, tls_dirs, 4, bytearray(4 * PAGE))
+    tx = Sender(outs, 1)
+    tx.set_space(0, [(0, 4, bytearray(4 * PAGE))])
+    try:
+        with pytest.raises(DataplaneError, match="pfn 0x9 is outside the memory of space 0"):
+            tx.send(0, [1, 9])
+    finally:
+        close(pairs, rx, outs, tx)
+
+
+def test_a_client_outside_the_ca_is_refused(tls_dirs, tmp_path):
+    from migrate.host import tls
+    tls.keygen(tmp_path / "other", ["src"])
+    a, b = socket.socketpair()
+    rx = Receiver(1, 2, TOKEN, TlsContext(True, tls_dirs[0]), timeout=5)
+    rx.set_space(0, [(0, 4, bytearray(4 * PAGE))])
+    rx.add(0, b.fileno())
+    try:
+        with pytest.raises(DataplaneError, match="TLS handshake failed"):
+            Output(a.fileno(), TlsContext(False, tmp_path / "other" / "src"), "127.0.0.1", timeout=5)
+        with pytest.raises(DataplaneError, match="channel 0: TLS handshake failed"):
+            rx.wait(0, timeout=5)
+    finally:
+        rx.close()
+        a.close()
+        b.close()
+
+
+# -- an independent encoder of channel streams, for hostile ones ------------------------------
+
+class ChannelWriter:
+    def __init__(self, index: int, version: int = 2, token: bytes = TOKEN, magic: bytes = MAGIC):
+        self.data = bytearray(magic + struct.pack("<II", version, index) + token)
+        self.records = self.pages = 0
+
+    def record(self, rtype: int, body: bytes, pages: int = 0) -> None:
+        self.data += frame(rtype, body)
+        self.records += 1
+        self.pages += pages
+
+    def batch(self, space: int, pages, compressed: bool = False) -> None:
+        self.record(4 if compressed else 3, encode_batch(space, pages, compressed), len(pages))
+
+    def sync(self, round_: int, final: bool = False, **lie) -> None:
+        values = {"records": self.records, "pages": self.pages, "offset": len(self.data),
+                  "digest": xxhash.xxh3_128(bytes(self.data)).digest(), "flags": int(final), "reserved": 0}
+        values.update(lie)
+        body = struct.pack("<IIQQQ16sQ", round_, values["flags"], values["records"], values["pages"],
+                           values["offset"], values["digest"], values["reserved"])
+        self.record(0x50, body)
+
+
+def feed(sock, data: bytes) -> None:
+    try:
+        sock.sendall(data)
+        sock.shutdown(socket.SHUT_WR)
+    except OSError:         # the receiver gave up first and the test closed the socket
+        pass
+
+
+def receive(streams: list, dst: bytearray, pages: int):
+    rx = Receiver(len(streams), 2, TOKEN, None, timeout=5)
+    rx.set_space(0, [(0, pages, dst)])
+    socks = []
+    for i, data in enumerate(streams):
+        a, b = socket.socketpair()
+        rx.add(i, b.fileno())
+        if data is not None:
+            threading.Thread(target=feed, args=(a, data), daemon=True).start()
+        socks += [a, b]
+    return rx, socks[::2] + socks[1::2]
+
+
+def refused(streams: list, pages: int = 16) -> tuple[str, bytearray]:
+    dst = bytearray(pages * PAGE)
+    rx, socks = receive(streams, dst, pages)
+    try:
+        with pytest.raises(DataplaneError) as info:
+            rx.wait(1 << 20, final=True, timeout=10)
+        message = str(info.value)
+        assert "\n" not in message
+        return message, dst
+    finally:
+        rx.close()
+        for s in socks:
+            s.close()
+
+
+def one(fn) -> bytes:
+    w = ChannelWriter(0)
+    fn(w)
+    return bytes(w.data)
+
+
+DATA = b"\x5a" * PAGE
+
+
+@pytest.mark.parametrize("build,message", [
+    (lambda w: None, "before its FINAL sync"),
+    (lambda w: w.record(3, encode_batch(0, [(16, DATA)], False), 1), "pfn 0x10 outside the memory of space 0"),
+    (lambda w: w.record(3, encode_batch(2, [(1, DATA)], False), 1), "unknown address space 2"),
+    (lambda w: w.record(3, encode_batch(0, [(1, DATA)], False)[:-1], 1), "carries 4095 data bytes, 1 pages need 4096"),
+    (lambda w: w.record(3, encode_batch(0, [(1, DATA), (1, DATA)], False), 2), "pfn 0x1 sent twice in round 0"),
+    (lambda w: w.record(4, encode_batch(0, [(1, DATA)], False), 1), "has page type 0, not allowed here"),
+    (lambda w: w.record(0x30, b"\x80"), "not a record a data channel carries"),
+    (lambda w: w.sync(0, records=99), "counts or digest differ"),
+    (lambda w: w.sync(3), "ends round 3, this channel is in round 0"),
+    (lambda w: w.sync(0, flags=2), "flags 0x2 or reserved field not allowed"),
+    (lambda w: (w.sync(0, final=True), w.data.extend(b"\0" * 8)), "bytes after its FINAL sync"),
+    (lambda w: w.data.extend(struct.pack("<IIII", 3, 1 << 30, 0, 0)), "record body length 1073741824 exceeds"),
+    (lambda w: w.data.extend(struct.pack("<IIII", 3, 0, 1, 0)), "record header reserved field is nonzero"),
+])
+def test_hostile_channel_records(build, message):
+    text, dst = refused([one(build)])
+    assert message in text and text.startswith("channel 0")
+    assert dst == bytes(len(dst)), "nothing of a refused record reaches memory"
+
+
+def test_hostile_framing_and_headers():
+    w = ChannelWriter(0)
+    w.batch(0, [(3, DATA)])
+    bad_crc = bytearray(w.data)
+    bad_crc[60] ^= 1
+    assert "record CRC-32 mismatch" in refused([bytes(bad_crc)])[0]
+    w = ChannelWriter(0)
+    w.batch(0, [(3, DATA)], compressed=True)        # a zstd frame: its body needs padding
+    body_len = struct.unpack_from("<I", w.data, 52)[0]
+    assert body_len % 8
+    padded = bytearray(w.data)
+    padded[48 + 16 + body_len] = 1                  # the first padding byte
+    assert "padding is not zero" in refused([bytes(padded)])[0]
+    for writer, what in [(ChannelWriter(0, token=bytes(32)), "token"), (ChannelWriter(0, version=1), "version"),
+                         (ChannelWriter(1), "index"), (ChannelWriter(0, magic=b"\x89HVMPAIR"), "magic")]:
+        text, _ = refused([bytes(writer.data)])
+        assert "its header is not this relocation's" in text, what
+
+
+def test_the_same_page_on_two_channels_in_one_round_is_refused():
+    ch0, ch1 = ChannelWriter(0), ChannelWriter(1)
+    for w in (ch0, ch1):
+        w.batch(0, [(4, DATA)])
+        w.sync(0, final=True)
+    assert "pfn 0x4 sent twice in round 0" in refused([bytes(ch0.data), bytes(ch1.data)])[0]
+
+
+def test_zstd_frames_are_checked_before_decompressing():
+    import zstandard
+    data = zstandard.ZstdCompressor(write_content_size=False).compress(DATA)
+    body = struct.pack("<II", 0, 1) + struct.pack("<QII", 1, 2, 0) + data
+    assert "zstd frame declares unknown bytes" in refused([one(lambda w: w.record(4, body, 1))])[0]
+    skippable = struct.pack("<II", 0x184D2A50, 4) + b"abcd"
+    body = struct.pack("<II", 0, 1) + struct.pack("<QII", 1, 2, 0) + skippable
+    assert "not a zstd frame" in refused([one(lambda w: w.record(4, body, 1))])[0]
+    good = zstandard.ZstdCompressor(write_content_size=True).compress(DATA)
+    body = struct.pack("<II", 0, 1) + struct.pack("<QII", 1, 2, 0) + good + b"\0"
+    assert "bytes after the frame" in refused([one(lambda w: w.record(4, body, 1))])[0]
+
+
+def test_a_well_formed_stream_from_the_independent_encoder_is_placed():
+    import random
+    rnd = random.Random(3)
+    pages = {pfn: rnd.randbytes(PAGE) for pfn in (1, 2, 9)}
+    w = ChannelWriter(0)
+    w.batch(0, list(pages.items()), compressed=True)
+    w.sync(0)
+    w.batch(0, [(9, bytes(PAGE)), (2, b"\x11" * PAGE)])
+    w.sync(1, final=True)
+    dst = bytearray(16 * PAGE)
+    rx, socks = receive([bytes(w.data)], dst, 16)
+    try:
+        assert rx.wait(1, final=True, timeout=10), rx.error()
+        assert dst[PAGE:2 * PAGE] == pages[1] and dst[2 * PAGE:3 * PAGE] == b"\x11" * PAGE
+        assert dst[9 * PAGE:10 * PAGE] == bytes(PAGE)
+        summary = rx.summary()[0][0]
+        assert (summary.rounds, summary.final, summary.pages) == (2, True, 5)
+    finally:
+        rx.close()
+        for s in socks:
+            s.close()
