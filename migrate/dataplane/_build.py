@@ -23,6 +23,7 @@ struct dp_channel_summary {
     uint8_t digest[16];
 };
 
+uint32_t dp_crc32(uint32_t crc, const uint8_t *p, size_t len);
 void *dp_tls_context(int server, const char *ca, const char *cert, const char *key, char *err, size_t errlen);
 void dp_tls_context_free(void *ctx);
 
