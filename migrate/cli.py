@@ -16,7 +16,7 @@ import click
 from .cpu import DEFAULT_MODEL, MODELS
 from .domain import MIB, DomainConfig, DomainError
 from .engine import RestoreError
-from .engine.batches import DEFAULT_LEVEL
+from .engine.sinks import DEFAULT_LEVEL
 from .guest.boot import WORKLOADS
 from .host import control, protocol
 from .host.control import ControlError

@@ -40,6 +40,10 @@ PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
 
 
+def _range_of(slot) -> tuple:
+    return (slot.base_pfn, slot.npages, slot.view(), slot.memfd, 0)
+
+
 class DomainError(Exception):
     """A domain cannot be built or operated; the message says why."""
 
@@ -259,6 +263,14 @@ class Domain:
     @property
     def memory(self) -> memoryview:
         return self.ram.view()
+
+    def memory_ranges(self) -> list[tuple]:
+        """Guest RAM as ranges of guest page frames: (first_pfn, npages, memory view,
+        memory file descriptor, offset of the range in that file)."""
+        return [_range_of(self.ram)]
+
+    def stub_memory_ranges(self) -> list[tuple]:
+        return [_range_of(self.stub.ram)] if self.stub else []
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Page ranges of guest RAM that may hold data (the rest was never written)."""

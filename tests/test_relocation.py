@@ -313,11 +313,29 @@ def test_destination_killed_during_precopy(hosts, pki, tmp_path):
 
 
 @pytest.mark.kvm
+def hello(ch, dom, live: bool) -> None:
+    """HELLO and WELCOME for ``dom``, as a source of this build says them."""
+    from migrate.engine.state import cpu_bodies, domain_cpus
+    ch.send("HELLO", proto=1, stream_versions=[2], name=dom.config.name, memory=dom.config.memory,
+            stub=True, disk=None, live=live, cpu=cpu_bodies(domain_cpus(dom)))
+    ch.expect("WELCOME")
+
+
+def save_to(dom, out, **options) -> None:
+    """The engine's save of ``dom`` into a relocation's DATA frames, flushed."""
+    from migrate.engine import save
+    from migrate.engine.sinks import RelaySink
+    sink = RelaySink(out.write, out.flush)
+    try:
+        save(dom, sink, **options)
+    finally:
+        sink.close()
+
+
 def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains):
     """A source that vanishes between RESTORED and GO: the destination had a paused pair
     and destroys it; no copy runs there."""
     from migrate.domain import Domain
-    from migrate.engine import save
     from migrate.host.relocate import MigrateJob
     from migrate.host.relocation import DataBuffer
     src, dst, daemon = hosts
@@ -326,12 +344,9 @@ def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains)
     domains.append(dom)
     dom.resume()
     ch = MigrateJob("127.0.0.1", b.address[1], True, str(pki / "ca" / "src"), False).connect()
-    ch.send("HELLO", proto=1, stream_versions=[1], name="g1", memory=16 << 20, stub=True,
-            disk=None, live=True)
-    ch.expect("WELCOME")
+    hello(ch, dom, live=True)
     out = DataBuffer(ch)
-    save(dom, out.write, live=True)
-    out.flush()
+    save_to(dom, out, live=True)
     ch.send("STREAM_END", bytes=out.sent)
     ch.expect("RESTORED")
     assert [d["status"] for d in control.list_domains(dst)] == ["paused"]
@@ -418,7 +433,6 @@ def test_bytes_after_end_are_refused(hosts, pki, domains):
     said ok at END, and the daemon still refuses at STREAM_END ("bytes after END") and
     cleans up."""
     from migrate.domain import Domain
-    from migrate.engine import save
     from migrate.host.relocate import MigrateJob
     from migrate.host.relocation import DataBuffer
     src, dst, daemon = hosts
@@ -426,12 +440,9 @@ def test_bytes_after_end_are_refused(hosts, pki, domains):
     dom = Domain.boot(DomainConfig("g2", "idle", 16 << 20))
     domains.append(dom)
     ch = MigrateJob("127.0.0.1", b.address[1], True, str(pki / "ca" / "src"), False).connect()
-    ch.send("HELLO", proto=1, stream_versions=[1], name="g2", memory=16 << 20, stub=True,
-            disk=None, live=False)
-    ch.expect("WELCOME")
+    hello(ch, dom, live=False)
     out = DataBuffer(ch)
-    save(dom, out.write)
-    out.flush()
+    save_to(dom, out)
     time.sleep(0.5)                         # read and applied: ok said
     ch.send_data(b"\0" * 64)
     ch.send("STREAM_END", bytes=out.sent + 64)

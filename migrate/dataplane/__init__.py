@@ -17,6 +17,7 @@ from __future__ import annotations
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 from ._dataplane import ffi, lib
 
@@ -129,23 +130,37 @@ class RoundStats:
         return cls(*(getattr(st, f) for f in cls.__dataclass_fields__))
 
 
+class Range(NamedTuple):
+    """Pages ``first_pfn`` .. ``first_pfn + npages - 1`` of an address space, held by
+    ``memory`` (a buffer; None on a destination that checks the pages and drops them),
+    which is the part of memory file ``fd`` from ``offset`` (-1: none). A destination
+    writes through the file where there is one (see dataplane.c, put_pages)."""
+    first_pfn: int
+    npages: int
+    memory: object = None
+    fd: int = -1
+    offset: int = 0
+
+
 def _ranges(ranges, writable: bool):
-    """(first_pfn, npages, buffer or None) -> C arrays, and the cdata keeping buffers alive."""
+    """Ranges -> C arrays, and the cdata keeping the buffers alive."""
+    ranges = [Range(*r) for r in ranges]
     n = len(ranges)
     first, count = ffi.new("uint64_t[]", max(n, 1)), ffi.new("uint64_t[]", max(n, 1))
-    keep = [first, count]
+    fds, offs = ffi.new("int[]", max(n, 1)), ffi.new("uint64_t[]", max(n, 1))
     base = ffi.new("uint8_t *[]", max(n, 1))
-    keep.append(base)
-    drop = all(buf is None for _, _, buf in ranges)
-    for i, (f, c, buf) in enumerate(ranges):
-        first[i], count[i] = f, c
-        if buf is not None:
-            if len(buf) < c * 4096:
-                raise ValueError(f"range at pfn {f:#x}: buffer of {len(buf)} bytes for {c} pages")
-            cdata = ffi.from_buffer("uint8_t[]", buf, require_writable=writable)
+    keep = [first, count, fds, offs, base]
+    drop = all(r.memory is None for r in ranges)
+    for i, r in enumerate(ranges):
+        first[i], count[i], fds[i], offs[i] = r.first_pfn, r.npages, r.fd, r.offset
+        if r.memory is not None:
+            if len(r.memory) < r.npages * 4096:
+                raise ValueError(f"range at pfn {r.first_pfn:#x}: buffer of {len(r.memory)} bytes "
+                                 f"for {r.npages} pages")
+            cdata = ffi.from_buffer("uint8_t[]", r.memory, require_writable=writable)
             keep.append(cdata)
             base[i] = cdata
-    return n, first, count, ffi.NULL if drop else base, keep
+    return n, first, count, ffi.NULL if drop else base, fds, offs, keep
 
 
 class Sender:
@@ -163,7 +178,7 @@ class Sender:
 
     def set_space(self, space: int, ranges: list[tuple[int, int, object]]) -> None:
         """The memory of ``space``: (first_pfn, npages, buffer) per range (read only)."""
-        n, first, count, base, keep = _ranges(ranges, writable=False)
+        n, first, count, base, _, _, keep = _ranges(ranges, writable=False)
         buf, m = _err()
         if lib.dp_sender_set_space(self.ptr, space, n, first, count, base, buf, m):
             raise DataplaneError(_text(buf))
@@ -224,12 +239,12 @@ class Receiver:
             raise DataplaneError(_text(buf))
         self._keep: dict[int, list] = {}
 
-    def set_space(self, space: int, ranges: list[tuple[int, int, object]]) -> None:
-        """Where pages of ``space`` go: (first_pfn, npages, writable buffer) per range, or
-        buffers all None: pages are checked and dropped. Before any channel is added."""
-        n, first, count, base, keep = _ranges(ranges, writable=True)
+    def set_space(self, space: int, ranges: list) -> None:
+        """Where pages of ``space`` go (:class:`Range`; memory all None: pages are checked
+        and dropped). Before any channel is added."""
+        n, first, count, base, fds, offs, keep = _ranges(ranges, writable=True)
         buf, m = _err()
-        if lib.dp_receiver_set_space(self.ptr, space, n, first, count, base, buf, m):
+        if lib.dp_receiver_set_space(self.ptr, space, n, first, count, base, fds, offs, buf, m):
             raise DataplaneError(_text(buf))
         self._keep[space] = keep
 
@@ -266,5 +281,42 @@ class Receiver:
             self._keep.clear()
 
 
+class Target:
+    """Where the page batches of a stream read by the caller go (a file's restore): each
+    :meth:`place` checks a PAGE_DATA or PAGE_DATA_ZSTD body completely before it writes
+    a byte, then places its pages (the last copy of a page wins)."""
+
+    def __init__(self):
+        buf, n = _err()
+        self.ptr = lib.dp_target_new(buf, n)
+        if self.ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+        self._keep: dict[int, list] = {}
+        self._counts = ffi.new("uint32_t[2]")
+        self._err = _err()
+
+    def set_space(self, space: int, ranges: list) -> None:
+        n, first, count, base, fds, offs, keep = _ranges(ranges, writable=True)
+        buf, m = _err()
+        if lib.dp_target_set_space(self.ptr, space, n, first, count, base, fds, offs, buf, m):
+            raise DataplaneError(_text(buf))
+        self._keep[space] = keep
+
+    def place(self, record_type: int, body) -> tuple[int, int]:
+        """(pages, zero pages) of the batch; DataplaneError with the reason if it is bad."""
+        buf, n = self._err
+        c = self._counts
+        if lib.dp_target_place(self.ptr, record_type, ffi.from_buffer("uint8_t[]", body), len(body),
+                               c, c + 1, buf, n):
+            raise DataplaneError(_text(buf))
+        return c[0], c[1]
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.dp_target_free(self.ptr)
+            self.ptr = None
+            self._keep.clear()
+
+
 __all__ = ["AUTO", "MODES", "RAW", "ZSTD", "ChannelSummary", "DataplaneError", "Output", "OutputState",
-           "Receiver", "RoundStats", "Sender", "TlsContext"]
+           "Range", "Receiver", "RoundStats", "Sender", "Target", "TlsContext"]

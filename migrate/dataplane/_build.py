@@ -50,7 +50,16 @@ void dp_sender_free(struct dp_sender *s);
 struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
                                     double timeout, char *err, size_t errlen);
 int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
-                          const uint64_t *count, uint8_t *const *base, char *err, size_t errlen);
+                          const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
+                          char *err, size_t errlen);
+struct dp_target;
+struct dp_target *dp_target_new(char *err, size_t errlen);
+int dp_target_set_space(struct dp_target *t, uint32_t space, uint32_t n, const uint64_t *first,
+                        const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
+                        char *err, size_t errlen);
+int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uint32_t len,
+                    uint32_t *npages, uint32_t *nzero, char *err, size_t errlen);
+void dp_target_free(struct dp_target *t);
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
 int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen);
 void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, double *place_seconds,

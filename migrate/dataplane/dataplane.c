@@ -19,6 +19,7 @@
  * wins and stops every thread of the object.
  */
 #include <errno.h>
+#include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
 #include <stdarg.h>
@@ -381,11 +382,29 @@ struct dp_space {
     uint32_t nranges;
     uint64_t first[DP_MAX_RANGES], count[DP_MAX_RANGES], index[DP_MAX_RANGES];
     uint8_t *base[DP_MAX_RANGES];
+    int fd[DP_MAX_RANGES];      /* the memory file behind a range (a memfd), or -1 */
+    uint64_t fd_off[DP_MAX_RANGES];
     uint64_t total;             /* pages in all ranges */
-    int drop;                   /* receiver: check pages, do not place them */
-    uint8_t *written;           /* receiver: a byte per page, 1 once data was placed */
-    uint64_t *seen;             /* receiver: a bit per page, pages placed in this round */
+    int drop;                   /* destination: check pages, do not place them */
+    uint8_t *written;           /* destination: a byte per page, 1 once data was placed */
+    uint64_t *seen;             /* channels: a bit per page, pages placed in this round */
 };
+
+/* the range holding pfn, or -1 */
+static int range_of(const struct dp_space *s, uint64_t pfn)
+{
+    uint32_t lo = 0, hi = s->nranges;
+    while (lo < hi) {           /* the last range starting at or below pfn */
+        uint32_t mid = (lo + hi) / 2;
+        if (s->first[mid] <= pfn)
+            lo = mid + 1;
+        else
+            hi = mid;
+    }
+    if (lo == 0 || pfn - s->first[lo - 1] >= s->count[lo - 1])
+        return -1;
+    return (int)lo - 1;
+}
 
 /* the page's position among the space's pages, or UINT64_MAX outside every range */
 static uint64_t page_index(const struct dp_space *s, uint64_t pfn, uint8_t **addr)
@@ -409,7 +428,7 @@ static uint64_t page_index(const struct dp_space *s, uint64_t pfn, uint8_t **add
 }
 
 static int space_set(struct dp_space *s, uint32_t n, const uint64_t *first, const uint64_t *count,
-                     uint8_t *const *base, char *err, size_t errlen)
+                     uint8_t *const *base, const int *fds, const uint64_t *fd_offs, char *err, size_t errlen)
 {
     memset(s, 0, sizeof *s);
     if (n > DP_MAX_RANGES) {
@@ -424,6 +443,8 @@ static int space_set(struct dp_space *s, uint32_t n, const uint64_t *first, cons
         s->first[i] = first[i];
         s->count[i] = count[i];
         s->base[i] = base ? base[i] : NULL;
+        s->fd[i] = fds ? fds[i] : -1;
+        s->fd_off[i] = fd_offs ? fd_offs[i] : 0;
         s->index[i] = s->total;
         s->total += count[i];
     }
@@ -487,17 +508,62 @@ void dp_out_free(struct dp_out *o)
     free(o);
 }
 
+/* -- the pacer: a token bucket over every output's bytes ---------------------------------
+ * Records are paced in slices of PACE_SLICE bytes, so that a record never runs far ahead
+ * of the rate on credit: a round then takes its bytes at the rate, within a slice, which
+ * is what the convergence estimate learns from. */
+#define PACE_SLICE (256u << 10)
+
+struct dp_pacer {
+    pthread_mutex_t lock;
+    double rate, burst, tokens, at;
+};
+
+static void pace(struct dp_pacer *p, size_t n, volatile int *cancel)
+{
+    if (!p || p->rate <= 0)
+        return;
+    for (;;) {
+        pthread_mutex_lock(&p->lock);
+        double t = now();
+        p->tokens += (t - p->at) * p->rate;
+        if (p->tokens > p->burst)
+            p->tokens = p->burst;
+        p->at = t;
+        double need = n < p->burst ? n : p->burst;
+        if (p->tokens >= need || *cancel) {
+            p->tokens -= n;
+            pthread_mutex_unlock(&p->lock);
+            return;
+        }
+        double wait = (need - p->tokens) / p->rate;
+        pthread_mutex_unlock(&p->lock);
+        struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
+        if (wait > 0.05)
+            ts = (struct timespec){0, 50000000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* append a whole record (or the caller's bytes) to the output, paced if `pacer` */
 static int out_append(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records,
-                      uint64_t pages, const char **why)
+                      uint64_t pages, struct dp_pacer *pacer, volatile int *cancel, const char **why)
 {
     double t0 = now();
+    int rc = 0;
     pthread_mutex_lock(&o->lock);
-    int rc = conn_write(&o->conn, buf, len, why);
+    for (size_t at = 0; at < len && rc == 0;) {
+        size_t piece = pacer && pacer->rate > 0 && len - at > PACE_SLICE ? PACE_SLICE : len - at;
+        pace(pacer, piece, cancel);
+        rc = conn_write(&o->conn, buf + at, piece, why);
+        if (rc == 0)
+            XXH3_128bits_update(o->xxh, buf + at, piece);
+        at += piece;
+        o->offset += rc == 0 ? piece : 0;
+    }
     if (rc == 0) {
-        XXH3_128bits_update(o->xxh, buf, len);
         o->records += records;
         o->pages += pages;
-        o->offset += len;
     }
     o->write_seconds += now() - t0;
     pthread_mutex_unlock(&o->lock);
@@ -510,7 +576,7 @@ int dp_out_write(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t reco
                  char *err, size_t errlen)
 {
     const char *why = NULL;
-    if (out_append(o, buf, len, records, pages, &why)) {
+    if (out_append(o, buf, len, records, pages, NULL, NULL, &why)) {
         snprintf(err, errlen, "writing the stream failed: %s", why);
         return -1;
     }
@@ -580,38 +646,6 @@ int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t e
     return rc;
 }
 
-/* -- the pacer: a token bucket over every output's bytes --------------------------------- */
-struct dp_pacer {
-    pthread_mutex_t lock;
-    double rate, burst, tokens, at;
-};
-
-static void pace(struct dp_pacer *p, size_t n, volatile int *cancel)
-{
-    if (p->rate <= 0)
-        return;
-    for (;;) {
-        pthread_mutex_lock(&p->lock);
-        double t = now();
-        p->tokens += (t - p->at) * p->rate;
-        if (p->tokens > p->burst)
-            p->tokens = p->burst;
-        p->at = t;
-        double need = n < p->burst ? n : p->burst;
-        if (p->tokens >= need || *cancel) {
-            p->tokens -= n;
-            pthread_mutex_unlock(&p->lock);
-            return;
-        }
-        double wait = (need - p->tokens) / p->rate;
-        pthread_mutex_unlock(&p->lock);
-        struct timespec ts = {(time_t)wait, (long)((wait - (time_t)wait) * 1e9)};
-        if (wait > 0.05)
-            ts = (struct timespec){0, 50000000};
-        nanosleep(&ts, NULL);
-    }
-}
-
 /* -- workers ----------------------------------------------------------------------------- */
 struct dp_round_stats {
     uint64_t batches, pages, zero_pages, data_pages, bytes;
@@ -629,8 +663,11 @@ struct dp_worker {
     uint8_t *gather;            /* one batch's data pages */
     uint8_t *rec;               /* one framed record */
     uint64_t gen;               /* the job generation this worker last finished */
-    int skip;                   /* auto mode: batches to send raw before trying zstd again */
-    int misses;                 /* auto mode: batches in a row zstd did not shrink enough */
+    /* auto mode: what compressing costs and gains here, learned from the batches so far */
+    double zstd_rate;           /* input bytes per second of zstd on this worker (EWMA; 0: unknown) */
+    double zstd_ratio;          /* output / input (EWMA) */
+    double link_rate;           /* bytes per second its output took them at (EWMA; 0: unknown) */
+    int since_probe;            /* batches sent raw since zstd was last tried */
     struct dp_round_stats st;
 };
 
@@ -652,6 +689,29 @@ struct dp_sender {
     struct dp_pacer pacer;
     struct dp_error err;
 };
+
+static void learn(double *avg, double sample)
+{
+    *avg = *avg == 0 ? sample : 0.75 * *avg + 0.25 * sample;
+}
+
+/* Auto mode: compress a batch when that gets it out sooner. Sending raw takes raw/L (L:
+ * the rate the output takes bytes); compressing takes raw/C on one of the N workers, which
+ * work side by side, and then raw*ratio/L; so it pays while N*C*(1-ratio) > L (L of all the
+ * outputs together, or the pacer's rate if lower). The worker
+ * learns C and the ratio from the batches it compresses, L from its writes (and the pacer's
+ * rate, when pacing is on), and tries zstd again every 32 raw batches, since memory changes. */
+#define AUTO_PROBE 32
+static int auto_compress(struct dp_worker *w)
+{
+    struct dp_sender *s = w->s;
+    if (w->zstd_rate == 0 || w->link_rate == 0 || w->since_probe >= AUTO_PROBE)
+        return 1;
+    double link = w->link_rate * s->nouts;      /* all outputs together */
+    if (s->pacer.rate > 0 && s->pacer.rate < link)
+        link = s->pacer.rate;
+    return s->nworkers * w->zstd_rate * (1 - w->zstd_ratio) > link;
+}
 
 /* One batch of pfns[0..n): entries, data, the record framed in w->rec. Returns the
  * record's length, or 0 after set_error. */
@@ -678,9 +738,7 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
             src[ndata++] = addr;
     }
     size_t raw = (size_t)ndata * DP_PAGE;
-    int try_zstd = ndata && (s->mode == DP_MODE_ZSTD || (s->mode == DP_MODE_AUTO && w->skip == 0));
-    if (s->mode == DP_MODE_AUTO && w->skip > 0 && ndata)
-        w->skip--;
+    int try_zstd = ndata && (s->mode == DP_MODE_ZSTD || (s->mode == DP_MODE_AUTO && auto_compress(w)));
     uint32_t type = T_PAGE_DATA;
     size_t datalen = raw;
     if (try_zstd) {
@@ -695,30 +753,28 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
         else
             for (uint32_t i = 0; i < ndata; i++)
                 memcpy(w->gather + (size_t)i * DP_PAGE, src[i], DP_PAGE);
+        double t0 = now();
         size_t z = ZSTD_compressCCtx(w->cctx, data, ZSTD_compressBound(raw), in, raw, s->level);
         if (ZSTD_isError(z)) {
             set_error(&s->err, "zstd: %s", ZSTD_getErrorName(z));
             return 0;
         }
+        learn(&w->zstd_rate, raw / (now() - t0 + 1e-9));
+        learn(&w->zstd_ratio, (double)z / raw);
+        w->since_probe = 0;
         w->st.zstd_in += raw;
         w->st.zstd_out += z;
-        if (s->mode == DP_MODE_ZSTD || z < raw - raw / 8) {     /* auto: pays off at 1/8 saved */
+        if (s->mode == DP_MODE_ZSTD || z < raw - raw / 8) {     /* auto: only if it shrinks */
             type = T_PAGE_DATA_ZSTD;
             datalen = z;
-            w->misses = 0;
             for (uint32_t i = 0; i < n; i++)
                 if (get32(entries + DP_ENTRY * i + 8) == P_NORMAL)
                     put32(entries + DP_ENTRY * i + 8, P_COMPRESSED);
         } else {
-            w->misses++;
-            if (w->misses >= 2)             /* incompressible memory: stop trying for a while */
-                w->skip = 16 << (w->misses > 6 ? 4 : w->misses - 2);
-            if (contiguous)
-                memcpy(data, src[0], raw);
-            else
-                memcpy(data, w->gather, raw);
+            memcpy(data, in, raw);
         }
     } else {
+        w->since_probe++;
         for (uint32_t i = 0; i < ndata; i++)
             memcpy(data + (size_t)i * DP_PAGE, src[i], DP_PAGE);
     }
@@ -758,15 +814,16 @@ static void run_job(struct dp_worker *w)
         w->st.encode_seconds += now() - t0;
         if (!len)
             return;
-        pace(&s->pacer, len, &s->cancel);
         const char *why = NULL;
         t0 = now();
-        if (out_append(out, w->rec, len, 1, n, &why)) {
+        if (out_append(out, w->rec, len, 1, n, &s->pacer, &s->cancel, &why)) {
             set_error(&s->err, "%s %d: writing failed: %s", out->channel ? "channel" : "stream",
                       out->index, why);
             return;
         }
-        w->st.write_seconds += now() - t0;
+        double took = now() - t0;
+        w->st.write_seconds += took;
+        learn(&w->link_rate, len / (took + 1e-9));
         w->st.bytes += len;
     }
 }
@@ -826,7 +883,7 @@ struct dp_sender *dp_sender_new(struct dp_out **outs, int nouts, int nworkers, d
     pthread_cond_init(&s->start_cv, NULL);
     pthread_cond_init(&s->done_cv, NULL);
     s->pacer.rate = rate;
-    s->pacer.burst = rate > 0 ? (rate / 20 > (1 << 20) ? rate / 20 : (1 << 20)) : 0;
+    s->pacer.burst = rate > 0 ? (rate / 50 > PACE_SLICE ? rate / 50 : PACE_SLICE) : 0;
     s->pacer.tokens = s->pacer.burst;
     s->pacer.at = now();
     for (int i = 0; i < nworkers; i++) {
@@ -857,14 +914,14 @@ int dp_sender_set_space(struct dp_sender *s, uint32_t space, uint32_t n, const u
         snprintf(err, errlen, "unknown space %u", space);
         return -1;
     }
-    return space_set(&s->spaces[space], n, first, count, base, err, errlen);
+    return space_set(&s->spaces[space], n, first, count, base, NULL, NULL, err, errlen);
 }
 
 void dp_sender_set_rate(struct dp_sender *s, double rate)
 {
     pthread_mutex_lock(&s->pacer.lock);
     s->pacer.rate = rate;
-    s->pacer.burst = rate > 0 ? (rate / 20 > (1 << 20) ? rate / 20 : (1 << 20)) : 0;
+    s->pacer.burst = rate > 0 ? (rate / 50 > PACE_SLICE ? rate / 50 : PACE_SLICE) : 0;
     s->pacer.tokens = s->pacer.burst;
     s->pacer.at = now();
     pthread_mutex_unlock(&s->pacer.lock);
@@ -954,7 +1011,291 @@ void dp_sender_free(struct dp_sender *s)
 }
 
 /* ======================================================================================
- * Destination side
+ * Destination side: placing page batches in memory
+ * ==================================================================================== */
+static int destination_space(struct dp_space *s, int rounds, uint32_t n, const uint64_t *first,
+                             const uint64_t *count, uint8_t *const *base, const int *fds,
+                             const uint64_t *fd_offs, char *err, size_t errlen)
+{
+    free(s->written);
+    free(s->seen);
+    if (space_set(s, n, first, count, base, fds, fd_offs, err, errlen))
+        return -1;
+    s->drop = base == NULL;
+    s->written = calloc(s->total ? s->total : 1, 1);
+    s->seen = rounds ? calloc((s->total + 63) / 64 + 1, 8) : NULL;
+    if (!s->written || (rounds && !s->seen)) {
+        snprintf(err, errlen, "out of memory");
+        return -1;
+    }
+    return 0;
+}
+
+/* Write `pages` consecutive pages at pfn of range r: through the memory file where there
+ * is one (pwrite allocates the pages without faulting them into this process, about twice
+ * as fast into fresh memory here as a copy through the mapping), else by copying. */
+static int put_pages(const struct dp_space *sp, int r, uint64_t pfn, const uint8_t *src, uint32_t pages)
+{
+    uint64_t off = (pfn - sp->first[r]) * DP_PAGE;
+    size_t len = (size_t)pages * DP_PAGE;
+    if (sp->fd[r] < 0) {
+        memcpy(sp->base[r] + off, src, len);
+        return 0;
+    }
+    off += sp->fd_off[r];
+    while (len) {
+        ssize_t n = pwrite(sp->fd[r], src, len, (off_t)off);
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0)
+            return -1;
+        src += n;
+        off += n;
+        len -= n;
+    }
+    return 0;
+}
+
+/* Zero `pages` consecutive pages that held data: punch them out of the memory file (they
+ * read as zero and their memory is freed), or clear them through the mapping. */
+static int zero_pages(const struct dp_space *sp, int r, uint64_t pfn, uint32_t pages)
+{
+    uint64_t off = (pfn - sp->first[r]) * DP_PAGE;
+    if (sp->fd[r] < 0) {
+        memset(sp->base[r] + off, 0, (size_t)pages * DP_PAGE);
+        return 0;
+    }
+    return fallocate(sp->fd[r], FALLOC_FL_PUNCH_HOLE | FALLOC_FL_KEEP_SIZE, (off_t)(off + sp->fd_off[r]),
+                     (off_t)pages * DP_PAGE);
+}
+
+struct placer {
+    ZSTD_DCtx *dctx;
+    uint8_t *scratch;           /* one batch's decompressed pages */
+};
+
+static int placer_init(struct placer *p)
+{
+    p->dctx = ZSTD_createDCtx();
+    p->scratch = malloc(DP_MAX_BATCH * DP_PAGE);
+    if (!p->dctx || !p->scratch)
+        return -1;
+    ZSTD_DCtx_setParameter(p->dctx, ZSTD_d_windowLogMax, 23);
+    return 0;
+}
+
+static void placer_free(struct placer *p)
+{
+    ZSTD_freeDCtx(p->dctx);
+    free(p->scratch);
+}
+
+/* Check a PAGE_DATA or PAGE_DATA_ZSTD body completely, then place its pages in
+ * spaces[space] (the last copy of a page wins; a ZERO page over data is zeroed). With
+ * `round` >= 0, a pfn may come once in that round (the space's `seen` bits). Returns
+ * 0 (and the batch's pages and zero pages), or -1 with one line in why. */
+static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, const uint8_t *body, uint32_t len,
+                 long round, uint32_t *npages, uint32_t *nzero, char *why, size_t whylen)
+{
+    if (len < DP_BATCH_HDR) {
+        snprintf(why, whylen, "body is %u bytes, shorter than its header", len);
+        return -1;
+    }
+    uint32_t space = get32(body), n = get32(body + 4);
+    if (space >= DP_SPACES) {
+        snprintf(why, whylen, "unknown address space %u", space);
+        return -1;
+    }
+    if (n < 1 || n > DP_MAX_BATCH) {
+        snprintf(why, whylen, "count %u outside 1..%u", n, DP_MAX_BATCH);
+        return -1;
+    }
+    if (len < DP_BATCH_HDR + (uint64_t)DP_ENTRY * n) {
+        snprintf(why, whylen, "body is %u bytes, %u entries need %u", len, n, DP_BATCH_HDR + DP_ENTRY * n);
+        return -1;
+    }
+    struct dp_space *sp = &spaces[space];
+    if (!sp->nranges) {
+        snprintf(why, whylen, "pages of space %u, which has no memory", space);
+        return -1;
+    }
+    const uint8_t *entries = body + DP_BATCH_HDR;
+    uint32_t data_type = type == T_PAGE_DATA ? P_NORMAL : P_COMPRESSED, ndata = 0;
+    uint64_t pos[DP_MAX_BATCH];
+    int rng[DP_MAX_BATCH];
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *e = entries + DP_ENTRY * i;
+        uint64_t pfn = get64(e);
+        uint32_t ptype = get32(e + 8);
+        if (ptype != P_ZERO && ptype != data_type) {
+            snprintf(why, whylen, "pfn 0x%llx has page type %u, not allowed here", (unsigned long long)pfn, ptype);
+            return -1;
+        }
+        if (get32(e + 12)) {
+            snprintf(why, whylen, "pfn 0x%llx entry has nonzero reserved field", (unsigned long long)pfn);
+            return -1;
+        }
+        rng[i] = range_of(sp, pfn);
+        if (rng[i] < 0) {
+            snprintf(why, whylen, "pfn 0x%llx outside the memory of space %u", (unsigned long long)pfn, space);
+            return -1;
+        }
+        pos[i] = sp->index[rng[i]] + (pfn - sp->first[rng[i]]);
+        ndata += ptype == data_type;
+    }
+    const uint8_t *data = entries + DP_ENTRY * n;
+    size_t datalen = len - DP_BATCH_HDR - DP_ENTRY * n, expect = (size_t)ndata * DP_PAGE;
+    const uint8_t *pages = data;
+    if (type == T_PAGE_DATA) {
+        if (datalen != expect) {
+            snprintf(why, whylen, "carries %zu data bytes, %u pages need %zu", datalen, ndata, expect);
+            return -1;
+        }
+    } else if (ndata == 0) {
+        if (datalen) {
+            snprintf(why, whylen, "has %zu data bytes but no compressed pages", datalen);
+            return -1;
+        }
+    } else {
+        if (datalen < 4 || get32(data) != ZSTD_MAGICNUMBER) {
+            snprintf(why, whylen, "bad zstd frame: not a zstd frame (a skippable frame, or no magic)");
+            return -1;
+        }
+        unsigned long long declared = ZSTD_getFrameContentSize(data, datalen);
+        if (declared != expect) {
+            snprintf(why, whylen, "zstd frame declares %s bytes, expected %zu",
+                     declared == ZSTD_CONTENTSIZE_UNKNOWN ? "unknown"
+                     : declared == ZSTD_CONTENTSIZE_ERROR ? "no readable number of" : "another number of", expect);
+            return -1;
+        }
+        if (ZSTD_getDictID_fromFrame(data, datalen)) {
+            snprintf(why, whylen, "zstd frame needs dictionary %u", ZSTD_getDictID_fromFrame(data, datalen));
+            return -1;
+        }
+        size_t framelen = ZSTD_findFrameCompressedSize(data, datalen);
+        if (ZSTD_isError(framelen) || framelen != datalen) {
+            snprintf(why, whylen, "bad zstd frame: %s", ZSTD_isError(framelen) ? ZSTD_getErrorName(framelen)
+                                                                                : "bytes after the frame");
+            return -1;
+        }
+        size_t got = ZSTD_decompressDCtx(pl->dctx, pl->scratch, expect, data, datalen);
+        if (ZSTD_isError(got) || got != expect) {
+            snprintf(why, whylen, "bad zstd frame: %s", ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short output");
+            return -1;
+        }
+        pages = pl->scratch;
+    }
+    /* every entry and the data checked; a pfn once per batch (and once per round) */
+    uint64_t local[DP_MAX_BATCH];
+    for (uint32_t i = 0; i < n; i++) {
+        int dup = 0;
+        if (round >= 0) {
+            uint64_t bit = 1ull << (pos[i] & 63);
+            dup = (__atomic_fetch_or(&sp->seen[pos[i] >> 6], bit, __ATOMIC_RELAXED) & bit) != 0;
+        } else if (i && pos[i] <= pos[i - 1]) {     /* not ascending: look back (rare) */
+            for (uint32_t j = 0; j < i && !dup; j++)
+                dup = local[j] == pos[i];
+        }
+        local[i] = pos[i];
+        if (dup) {
+            uint64_t pfn = get64(entries + DP_ENTRY * i);
+            if (round >= 0)
+                snprintf(why, whylen, "pfn 0x%llx sent twice in round %ld", (unsigned long long)pfn, round);
+            else
+                snprintf(why, whylen, "pfn 0x%llx appears twice in one batch", (unsigned long long)pfn);
+            return -1;
+        }
+    }
+    uint32_t zero = 0;
+    for (uint32_t i = 0; i < n;) {
+        uint64_t pfn = get64(entries + DP_ENTRY * i);
+        int is_zero = get32(entries + DP_ENTRY * i + 8) == P_ZERO;
+        uint32_t j = i + 1;             /* a run: same kind, same range, consecutive pfns */
+        while (j < n && rng[j] == rng[i] && get64(entries + DP_ENTRY * j) == pfn + (j - i) &&
+               (get32(entries + DP_ENTRY * j + 8) == P_ZERO) == is_zero)
+            j++;
+        uint32_t run = j - i;
+        if (is_zero) {
+            zero += run;
+            int held = 0;
+            for (uint32_t k = i; k < j; k++) {
+                held |= sp->written[pos[k]];
+                sp->written[pos[k]] = 0;
+            }
+            if (held && !sp->drop && zero_pages(sp, rng[i], pfn, run)) {   /* fresh memory is zero */
+                snprintf(why, whylen, "zeroing pages failed: %s", strerror(errno));
+                return -1;
+            }
+        } else {
+            if (!sp->drop && put_pages(sp, rng[i], pfn, pages, run)) {
+                snprintf(why, whylen, "writing guest memory failed: %s", strerror(errno));
+                return -1;
+            }
+            for (uint32_t k = i; k < j; k++)
+                sp->written[pos[k]] = 1;
+            pages += (size_t)run * DP_PAGE;
+        }
+        i = j;
+    }
+    *npages = n;
+    *nzero = zero;
+    return 0;
+}
+
+/* A destination for the page batches of one stream read by the caller (a file's
+ * restore), pages placed in the order the caller hands them over. */
+struct dp_target {
+    struct dp_space spaces[DP_SPACES];
+    struct placer pl;
+};
+
+struct dp_target *dp_target_new(char *err, size_t errlen)
+{
+    struct dp_target *t = calloc(1, sizeof *t);
+    if (!t || placer_init(&t->pl)) {
+        if (t)
+            placer_free(&t->pl);
+        free(t);
+        snprintf(err, errlen, "out of memory");
+        return NULL;
+    }
+    return t;
+}
+
+int dp_target_set_space(struct dp_target *t, uint32_t space, uint32_t n, const uint64_t *first,
+                        const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
+                        char *err, size_t errlen)
+{
+    if (space >= DP_SPACES) {
+        snprintf(err, errlen, "unknown space %u", space);
+        return -1;
+    }
+    return destination_space(&t->spaces[space], 0, n, first, count, base, fds, fd_offs, err, errlen);
+}
+
+/* place one page batch body (record type 3 or 4); 0 with its page and zero counts, or -1 */
+int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uint32_t len,
+                    uint32_t *npages, uint32_t *nzero, char *err, size_t errlen)
+{
+    if (type != T_PAGE_DATA && type != T_PAGE_DATA_ZSTD) {
+        snprintf(err, errlen, "record type 0x%x is not a page batch", type);
+        return -1;
+    }
+    return place(t->spaces, &t->pl, type, body, len, -1, npages, nzero, err, errlen);
+}
+
+void dp_target_free(struct dp_target *t)
+{
+    if (!t)
+        return;
+    for (unsigned s = 0; s < DP_SPACES; s++)
+        free(t->spaces[s].written);
+    placer_free(&t->pl);
+    free(t);
+}
+
+/* ======================================================================================
+ * Destination side: data channels
  * ==================================================================================== */
 struct dp_channel_summary {
     uint32_t index, rounds, final, reserved;
@@ -970,8 +1311,7 @@ struct dp_channel {
     struct dp_conn conn;
     pthread_t thread;
     uint8_t *buf;               /* one record */
-    ZSTD_DCtx *dctx;
-    uint8_t *scratch;           /* decompressed pages of one batch */
+    struct placer pl;
     XXH3_state_t *xxh;
     uint64_t records, pages, offset;
     uint32_t round;             /* the next round this channel reads */
@@ -1028,25 +1368,14 @@ struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8
 /* The memory pages of `space` go to: ranges with host addresses (base NULL for all:
  * checked and dropped). Before any channel starts. */
 int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
-                          const uint64_t *count, uint8_t *const *base, char *err, size_t errlen)
+                          const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
+                          char *err, size_t errlen)
 {
     if (space >= DP_SPACES) {
         snprintf(err, errlen, "unknown space %u", space);
         return -1;
     }
-    struct dp_space *s = &r->spaces[space];
-    free(s->written);
-    free(s->seen);
-    if (space_set(s, n, first, count, base, err, errlen))
-        return -1;
-    s->drop = base == NULL;
-    s->written = calloc(s->total ? s->total : 1, 1);
-    s->seen = calloc((s->total + 63) / 64 + 1, 8);
-    if (!s->written || !s->seen) {
-        snprintf(err, errlen, "out of memory");
-        return -1;
-    }
-    return 0;
+    return destination_space(&r->spaces[space], 1, n, first, count, base, fds, fd_offs, err, errlen);
 }
 
 static void fail_all(struct dp_receiver *r)
@@ -1067,125 +1396,19 @@ static void fail_all(struct dp_receiver *r)
                   (unsigned)(type), _m);                                                     \
     } while (0)
 
-/* Check a page batch body completely, then place it. 0, or -1 after CH_FAIL. */
+/* place a page batch of this channel's current round; 0, or -1 after CH_FAIL */
 static int place_batch(struct dp_channel *ch, uint32_t type, const uint8_t *body, uint32_t len)
 {
-    uint64_t idx = ch->records;
-    if (len < DP_BATCH_HDR) {
-        CH_FAIL(ch, idx, type, "body is %u bytes, shorter than its header", len);
-        return -1;
-    }
-    uint32_t space = get32(body), n = get32(body + 4);
-    if (space >= DP_SPACES) {
-        CH_FAIL(ch, idx, type, "unknown address space %u", space);
-        return -1;
-    }
-    if (n < 1 || n > DP_MAX_BATCH) {
-        CH_FAIL(ch, idx, type, "count %u outside 1..%u", n, DP_MAX_BATCH);
-        return -1;
-    }
-    if (len < DP_BATCH_HDR + (uint64_t)DP_ENTRY * n) {
-        CH_FAIL(ch, idx, type, "body is %u bytes, %u entries need %u", len, n, DP_BATCH_HDR + DP_ENTRY * n);
-        return -1;
-    }
-    struct dp_space *sp = &ch->r->spaces[space];
-    if (!sp->nranges) {
-        CH_FAIL(ch, idx, type, "pages of space %u, which has no memory", space);
-        return -1;
-    }
-    const uint8_t *entries = body + DP_BATCH_HDR;
-    uint32_t data_type = type == T_PAGE_DATA ? P_NORMAL : P_COMPRESSED, ndata = 0;
-    uint64_t pos[DP_MAX_BATCH];
-    uint8_t *dst[DP_MAX_BATCH];
-    for (uint32_t i = 0; i < n; i++) {
-        const uint8_t *e = entries + DP_ENTRY * i;
-        uint64_t pfn = get64(e);
-        uint32_t ptype = get32(e + 8);
-        if (ptype != P_ZERO && ptype != data_type) {
-            CH_FAIL(ch, idx, type, "pfn 0x%llx has page type %u, not allowed here", (unsigned long long)pfn, ptype);
-            return -1;
-        }
-        if (get32(e + 12)) {
-            CH_FAIL(ch, idx, type, "pfn 0x%llx entry has nonzero reserved field", (unsigned long long)pfn);
-            return -1;
-        }
-        pos[i] = page_index(sp, pfn, &dst[i]);
-        if (pos[i] == UINT64_MAX) {
-            CH_FAIL(ch, idx, type, "pfn 0x%llx outside the memory of space %u", (unsigned long long)pfn, space);
-            return -1;
-        }
-        ndata += ptype == data_type;
-    }
-    const uint8_t *data = entries + DP_ENTRY * n;
-    size_t datalen = len - DP_BATCH_HDR - DP_ENTRY * n, expect = (size_t)ndata * DP_PAGE;
-    const uint8_t *pages = data;
-    if (type == T_PAGE_DATA) {
-        if (datalen != expect) {
-            CH_FAIL(ch, idx, type, "carries %zu data bytes, %u pages need %zu", datalen, ndata, expect);
-            return -1;
-        }
-    } else if (ndata == 0) {
-        if (datalen) {
-            CH_FAIL(ch, idx, type, "has %zu data bytes but no compressed pages", datalen);
-            return -1;
-        }
-    } else {
-        if (datalen < 4 || get32(data) != ZSTD_MAGICNUMBER) {
-            CH_FAIL(ch, idx, type, "bad zstd frame: not a zstd frame (a skippable frame, or no magic)");
-            return -1;
-        }
-        unsigned long long declared = ZSTD_getFrameContentSize(data, datalen);
-        if (declared != expect) {
-            CH_FAIL(ch, idx, type, "zstd frame declares %s bytes, expected %zu",
-                    declared == ZSTD_CONTENTSIZE_UNKNOWN ? "unknown"
-                    : declared == ZSTD_CONTENTSIZE_ERROR ? "no readable number of" : "another number of", expect);
-            return -1;
-        }
-        if (ZSTD_getDictID_fromFrame(data, datalen)) {
-            CH_FAIL(ch, idx, type, "zstd frame needs dictionary %u", ZSTD_getDictID_fromFrame(data, datalen));
-            return -1;
-        }
-        size_t framelen = ZSTD_findFrameCompressedSize(data, datalen);
-        if (ZSTD_isError(framelen) || framelen != datalen) {
-            CH_FAIL(ch, idx, type, "bad zstd frame: %s", ZSTD_isError(framelen) ? ZSTD_getErrorName(framelen)
-                                                                                 : "bytes after the frame");
-            return -1;
-        }
-        size_t got = ZSTD_decompressDCtx(ch->dctx, ch->scratch, expect, data, datalen);
-        if (ZSTD_isError(got) || got != expect) {
-            CH_FAIL(ch, idx, type, "bad zstd frame: %s", ZSTD_isError(got) ? ZSTD_getErrorName(got) : "short output");
-            return -1;
-        }
-        pages = ch->scratch;
-    }
-    /* every entry and the data checked: a pfn once per batch and once per round */
-    for (uint32_t i = 0; i < n; i++) {
-        uint64_t bit = 1ull << (pos[i] & 63);
-        uint64_t old = __atomic_fetch_or(&sp->seen[pos[i] >> 6], bit, __ATOMIC_RELAXED);
-        if (old & bit) {
-            CH_FAIL(ch, idx, type, "pfn 0x%llx sent twice in round %u",
-                    (unsigned long long)get64(entries + DP_ENTRY * i), ch->round);
-            return -1;
-        }
-    }
+    char why[300];
+    uint32_t npages, nzero;
     double t0 = now();
-    for (uint32_t i = 0; i < n; i++) {
-        if (get32(entries + DP_ENTRY * i + 8) == P_ZERO) {
-            if (sp->written[pos[i]]) {          /* an earlier copy held data; fresh memory is zero */
-                if (dst[i])
-                    memset(dst[i], 0, DP_PAGE);
-                sp->written[pos[i]] = 0;
-            }
-            continue;
-        }
-        if (dst[i])
-            memcpy(dst[i], pages, DP_PAGE);
-        pages += DP_PAGE;
-        sp->written[pos[i]] = 1;
+    if (place(ch->r->spaces, &ch->pl, type, body, len, ch->round, &npages, &nzero, why, sizeof why)) {
+        CH_FAIL(ch, ch->records, type, "%s", why);
+        return -1;
     }
     ch->place_seconds += now() - t0;
-    ch->placed_bytes += (uint64_t)ndata * DP_PAGE;
-    ch->pages += n;
+    ch->placed_bytes += (uint64_t)(npages - nzero) * DP_PAGE;
+    ch->pages += npages;
     return 0;
 }
 
@@ -1362,14 +1585,11 @@ int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t 
     ch->index = index;
     ch->conn.fd = fd;
     ch->buf = malloc(DP_REC_CAP);
-    ch->scratch = malloc(DP_MAX_BATCH * DP_PAGE);
-    ch->dctx = ZSTD_createDCtx();
     ch->xxh = XXH3_createState();
-    if (!ch->buf || !ch->scratch || !ch->dctx || !ch->xxh) {
+    if (!ch->buf || !ch->xxh || placer_init(&ch->pl)) {
         snprintf(err, errlen, "out of memory");
         return -1;
     }
-    ZSTD_DCtx_setParameter(ch->dctx, ZSTD_d_windowLogMax, 23);
     XXH3_128bits_reset(ch->xxh);
     if (r->timeout > 0)
         set_timeouts(fd, r->timeout);
@@ -1452,8 +1672,7 @@ void dp_receiver_free(struct dp_receiver *r)
         if (ch->conn.ssl)
             SSL_free(ch->conn.ssl);
         free(ch->buf);
-        free(ch->scratch);
-        ZSTD_freeDCtx(ch->dctx);
+        placer_free(&ch->pl);
         if (ch->xxh)
             XXH3_freeState(ch->xxh);
     }

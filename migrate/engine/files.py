@@ -8,11 +8,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import BinaryIO, Iterator
+from typing import Iterator
 
 from ..stream import DONE, NEED_DATA, StreamReader
 from ..stream import DomainConfig as ConfigRecord
 from .save import SaveError, SaveStats, save
+from .sinks import FileSink
 from .state import RestoreError
 
 CHUNK = 1 << 20
@@ -34,25 +35,23 @@ def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
         fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     except OSError as exc:
         raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
+    sink = FileSink(fd)
     try:
-        with os.fdopen(fd, "wb", buffering=0) as out:
-            stats = save(domain, _writer(out), **options)
-            os.fsync(out.fileno())
+        try:
+            stats = save(domain, sink, **options)
+        finally:
+            sink.close()
+        os.fsync(fd)
+        os.close(fd)
+        fd = -1
         os.rename(partial, path)
         _fsync_dir(path.parent)
     except BaseException:
+        if fd >= 0:
+            os.close(fd)
         partial.unlink(missing_ok=True)
         raise
     return stats
-
-
-def _writer(out: BinaryIO):
-    def write(data: bytes) -> None:
-        try:
-            out.write(data)
-        except OSError as exc:
-            raise SaveError(f"writing the stream failed: {exc.strerror or exc}") from None
-    return write
 
 
 def _fsync_dir(directory: Path) -> None:

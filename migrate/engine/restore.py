@@ -25,16 +25,16 @@ from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
 from ..cpu import legacy_policy, this_host
+from ..dataplane import DataplaneError, Range, Target
 from ..domain import Domain, DomainConfig
 from ..stream import (
     DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
-    MsrPolicy, PageType, RecordType, StreamReader, Vm,
+    MsrPolicy, StreamReader, Vm,
 )
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, stub_build_id
-from ..stream._pages import ffi, lib
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
 
@@ -65,9 +65,7 @@ class _Restorer:
         self.config: DomainConfig | None = None
         self.stub_build = ""
         self.domain = None
-        self.memory: memoryview | None = None
-        self.stub_memory: memoryview | None = None
-        self.written: dict[Vm, bytearray] = {}
+        self.target: Target | None = Target()       # where page batches go (the data plane)
         self.collector = StateCollector()
         self.stub_collector = StateCollector("stub")
         self.cpus = CpuCollector()
@@ -107,17 +105,17 @@ class _Restorer:
             if record != MemoryLayout.flat(Vm.STUB, have):
                 raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
                                    f"stub has {have}")
-            if not self.fresh_stub:          # a fresh stub boots its own image instead
-                self.stub_memory = self.domain.stub_memory
-            self.written[Vm.STUB] = bytearray(record.nr_pages)
+            ranges = [Range(*r) for r in self.domain.stub_memory_ranges()]
+            if self.fresh_stub:              # a fresh stub boots its own image: check and drop
+                ranges = [Range(r.first_pfn, r.npages) for r in ranges]
+            self.target.set_space(Vm.STUB, ranges)
             return
         if record != MemoryLayout.flat(Vm.GUEST, self.config.memory // PAGE_SIZE):
             raise RestoreError(f"guest MEMORY_LAYOUT has {record.nr_pages} pages in "
                                f"{len(record.ranges)} ranges; DOMAIN_CONFIG says "
                                f"{self.config.memory // PAGE_SIZE} pages from pfn 0")
         self.domain = self.make_domain(self.config, **self.cpu_policies())
-        self.memory = self.domain.memory
-        self.written[Vm.GUEST] = bytearray(record.nr_pages)
+        self.target.set_space(Vm.GUEST, [Range(*r) for r in self.domain.memory_ranges()])
         self.stats.guest_bytes = self.config.memory
 
     def cpu_policies(self) -> dict:
@@ -133,20 +131,13 @@ class _Restorer:
         return {"cpu": legacy, "stub_cpu": legacy if self.config.stub else None}
 
     def on_pages(self, batch: RawPageBatch) -> None:
-        mem = self.memory if batch.space is Vm.GUEST else self.stub_memory
+        """The data plane checks the batch's data (its length, the zstd frame) and places
+        its pages, in C; a stub's pages are checked and dropped when the stub is fresh."""
+        try:
+            _, zero = self.target.place(batch.TYPE, batch.body)
+        except DataplaneError as exc:
+            raise StreamError(f"{batch.TYPE.name} {exc}", *self.reader.last) from None
         self.stats.pages_total += batch.count
-        if mem is None:                      # stub pages, resuming with a fresh stub
-            return
-        bad = ffi.new("uint32_t *")
-        zero = lib.hvm_scatter_pages(
-            ffi.from_buffer("uint8_t[]", mem, require_writable=True), len(mem) // PAGE_SIZE,
-            ffi.from_buffer("uint8_t[]", self.written[batch.space], require_writable=True),
-            ffi.from_buffer("uint8_t[]", batch.entries), batch.count,
-            batch.TYPE is RecordType.PAGE_DATA_ZSTD and PageType.COMPRESSED or PageType.NORMAL,
-            ffi.from_buffer("uint8_t[]", batch.data), len(batch.data), bad)
-        if zero < 0:                         # the reader checked all this: a bug if seen
-            raise RestoreError(f"{batch.TYPE.name} batch rejected by scatter "
-                               f"(error {-zero} at entry {bad[0]})")
         self.stats.pages_zero += zero
 
     def on_hvm(self, record: HvmState) -> None:
@@ -180,12 +171,11 @@ class _Restorer:
         self.end_seen = True
 
     def release(self) -> None:
-        """Drop our views of guest and stub RAM (a live view keeps the mapping exported,
-        and the domain could not unmap it on destroy)."""
-        for view in (self.memory, self.stub_memory):
-            if view is not None:
-                view.release()
-        self.memory = self.stub_memory = None
+        """Drop the data plane and its views of guest and stub RAM (a live view keeps the
+        mapping exported, and the domain could not unmap it on destroy)."""
+        if self.target is not None:
+            self.target.close()
+            self.target = None
 
     def discard(self) -> None:
         self.release()
@@ -209,7 +199,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     with bytes after END fails first). The restore can still fail after it, on bytes that
     follow in a later chunk."""
     t0 = time.monotonic()
-    reader = StreamReader(raw_pages=True)
+    reader = StreamReader(raw_pages="bodies")
     work = _Restorer(name, make_domain, fresh_stub, reader)
     try:
         for chunk in source:

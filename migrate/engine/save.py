@@ -34,9 +34,10 @@ from array import array
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Protocol
 
-from ..stream import MAX_PAGES_PER_BATCH, PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
-from .batches import DEFAULT_LEVEL, BatchPipeline, EncodedBatch, chunks
-from .convergence import OFFLINE, Convergence, Pacer, Round, VcpuThrottle, decide
+from ..dataplane import DataplaneError, RoundStats
+from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
+from .convergence import OFFLINE, Convergence, Round, VcpuThrottle, decide
+from .sinks import Compression, Sink, memory_ranges
 from .state import config_record, cpu_records, state_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
@@ -50,6 +51,11 @@ class SaveCancelled(SaveError):
     pass
 
 
+CHUNK_PAGES = 16384         # the first data plane call of a round: 64 MiB
+MIN_CHUNK, MAX_CHUNK = 1024, 1 << 20
+CHUNK_SECONDS = 0.1         # later calls are sized to last about this long
+
+
 class SaveTimeout(SaveCancelled):
     """Pre-copy did not converge within the timeout and on_timeout is cancel."""
 
@@ -58,6 +64,7 @@ class StubPart(Protocol):        # the stub's share of the stream, see the modul
     memory: memoryview
     cpu: Any                    # its CpuPolicy (migrate.cpu)
 
+    def memory_ranges(self) -> list[tuple]: ...
     def set_dirty_logging(self, enabled: bool) -> None: ...
     def fetch_dirty(self) -> Any: ...
     def records(self, state) -> list: ...
@@ -78,6 +85,9 @@ class DomainStub:
     @property
     def cpu(self):
         return self.domain.stub.cpu
+
+    def memory_ranges(self) -> list[tuple]:
+        return self.domain.stub_memory_ranges()
 
     def set_dirty_logging(self, enabled: bool) -> None:
         pass
@@ -116,6 +126,7 @@ class SaveStats:
     throttle_history: list = field(default_factory=list)    # percent during each page round
     estimate_history: list = field(default_factory=list)    # final-round estimate after each pre-copy round
     round_starts: list = field(default_factory=list)        # (seconds since start, stream bytes) per round
+    round_pages: list = field(default_factory=list)         # per round: the data plane's figures (see _send)
 
     @property
     def throughput(self) -> float:
@@ -129,12 +140,11 @@ class SaveStats:
 
 
 class _Saver:
-    def __init__(self, domain, sink_write: Callable[[bytes], Any], level: int | None,
-                 stats_cb, cancel: threading.Event | None, stub: StubPart | None,
-                 convergence: Convergence, before_pause: Callable[[], Any] | None = None,
-                 on_end: Callable[["SaveStats"], Any] | None = None,
-                 flush: Callable[[], Any] | None = None, keep_dirty_logging: bool = False):
-        self.domain, self.sink_write, self.level = domain, sink_write, level
+    def __init__(self, domain, sink: Sink, compression: Compression, stats_cb,
+                 cancel: threading.Event | None, stub: StubPart | None, convergence: Convergence,
+                 before_pause: Callable[[], Any] | None = None,
+                 on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False):
+        self.domain, self.sink, self.compression = domain, sink, compression
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
         self.conv = convergence
         self.writer = StreamWriter()
@@ -143,28 +153,15 @@ class _Saver:
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
-        self.pacer = Pacer(convergence.max_bandwidth) if convergence.max_bandwidth else None
-        self.before_pause, self.on_end, self.flush = before_pause, on_end, flush
+        self.before_pause, self.on_end = before_pause, on_end
         self.keep_dirty_logging = keep_dirty_logging
         self.throttle = VcpuThrottle(domain)
-        self.pipeline = BatchPipeline(self._emit_batch)
+        self.chunk = CHUNK_PAGES                # pages per data plane call (see _send)
 
     # -- output -----------------------------------------------------------------
-    def write(self, data: bytes) -> None:
-        if self.pacer is not None:
-            self.pacer.take(len(data), self.check)
-        self.sink_write(data)
-        self.stats.stream_bytes += len(data)
-
-    def _emit_batch(self, batch: EncodedBatch) -> None:
-        for piece in self.writer.encoded_parts(batch.space, batch.parts, batch.compressed,
-                                               batch.count, batch.max_pfn, batch.crc):
-            self.write(piece)
-        s = self.stats
-        s.pages_total += batch.count
-        s.pages_zero += batch.zero
-        s.pages_sent += batch.count - batch.zero
-        self.report()
+    def write(self, data: bytes, records: int = 1) -> None:
+        self.sink.write(data, records)
+        self.stats.stream_bytes = self.sink.bytes
 
     def check(self) -> None:
         """Raise if the save is cancelled, or past its timeout with on_timeout cancel
@@ -193,27 +190,61 @@ class _Saver:
     # -- pages --------------------------------------------------------------------
     def send_round(self, pfns_by_space: dict, paused: bool = False, holes: dict | None = None,
                    start: tuple[float, int] | None = None) -> None:
-        """``paused``: memory cannot change meanwhile, so batches may be compressed
-        straight from it (encode_pages' ``stable``). ``holes``: per space, pages never
-        written (holes of the memory file): not sent at all, since a restore starts from
-        zeroed memory; only counted. ``start``: where the round began (seconds since the
-        save's start, stream bytes), if before this call: the last round begins at the
-        pause and includes the state records."""
+        """Send a round: ``pfns_by_space`` maps each space to its ascending pfns (an
+        array('Q')). ``paused``: memory cannot change meanwhile, so the data plane may
+        compress straight from it, and this is the last round. ``holes``: per space,
+        pages never written (holes of the memory file): not sent at all, since a restore
+        starts from zeroed memory; only counted. ``start``: where the round began (seconds
+        since the save's start, stream bytes), if before this call: the last round begins
+        at the pause and includes the state records."""
         holes = holes or {}
         self.stats.pages_holes += sum(len(p) for p in holes.values())
         self.stats.round = self.stats.rounds
         self.stats.throttle_history.append(self.throttle.percent)
         self.stats.round_starts.append(start or (time.monotonic() - self.t0, self.stats.stream_bytes))
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
-        # a round of at most one batch of pages (the usual last round) is encoded here
-        encode = (self.pipeline.encode_here if self.stats.pages_round <= MAX_PAGES_PER_BATCH
-                  else self.pipeline.submit)
-        for space, (mem, pfns) in pfns_by_space.items():
-            for part in chunks(pfns):
-                encode(space, mem, part, self.level, stable=paused)
-                self.report()
-        self.pipeline.drain()
+        figures = {"zstd_batches": 0, "raw_batches": 0, "zstd_in": 0, "zstd_out": 0, "encode_seconds": 0.0,
+                   "write_seconds": 0.0}
+        for space, pfns in pfns_by_space.items():
+            if len(pfns):
+                self._send(space, pfns, paused, figures)
+        self.sink.end_round(final=paused)
+        figures["compression"] = str(self.compression)
+        figures["zstd_ratio"] = figures["zstd_out"] / figures["zstd_in"] if figures["zstd_in"] else None
+        self.stats.round_pages.append(figures)
+        self.stats.stream_bytes = self.sink.bytes
         self.stats.rounds += 1
+
+    def _send(self, space: Vm, pfns: array, stable: bool, figures: dict) -> None:
+        """Pages of one space through the sink's data plane, in calls of ``self.chunk``
+        pages sized to last about CHUNK_SECONDS each, so that a cancel, a timeout and the
+        progress reports are seen between them."""
+        self.writer.check_pages(space, (pfns[0], pfns[-1]))
+        at = 0
+        while at < len(pfns):
+            piece = pfns[at:at + self.chunk]
+            t = time.monotonic()
+            try:
+                st = self.sink.send_pages(space, piece, self.compression, stable)
+            except DataplaneError as exc:
+                self.check()                    # a cancel says so rather than the data plane's error
+                raise SaveError(f"sending pages failed: {exc}") from None
+            took = time.monotonic() - t
+            self._account(st, figures)
+            at += len(piece)
+            if took > 0:
+                self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(len(piece) * CHUNK_SECONDS / took)))
+            self.report()
+
+    def _account(self, st: RoundStats, figures: dict) -> None:
+        s = self.stats
+        s.pages_total += st.pages
+        s.pages_zero += st.zero_pages
+        s.pages_sent += st.data_pages
+        s.stream_bytes = self.sink.bytes
+        for key in figures:
+            if key in ("zstd_batches", "raw_batches", "zstd_in", "zstd_out", "encode_seconds", "write_seconds"):
+                figures[key] += getattr(st, key)
 
     def spaces(self) -> dict:
         out = {Vm.GUEST: self.domain}
@@ -236,19 +267,19 @@ class _Saver:
                 present.extend(range(first, end))
                 at = max(at, end)
             absent.extend(range(at, npages))
-            data[space] = (part.memory, present)
+            data[space] = present
             if absent:
                 holes[space] = absent
         return data, holes
 
     def dirty_pages(self) -> dict:
-        return {space: (part.memory, part.fetch_dirty().pfns())
-                for space, part in self.spaces().items()}
+        return {space: array("Q", part.fetch_dirty().pfns()) for space, part in self.spaces().items()}
 
     # -- the save -----------------------------------------------------------------
     def run(self, live: bool) -> SaveStats:
         dom = self.domain
-        self.write(self.writer.start())
+        self.sink.open(memory_ranges(self.spaces()), self.conv.max_bandwidth or 0.0)
+        self.write(self.writer.start(), records=0)
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
         self.write(self.writer.record(config_record(dom.config, getattr(dom, "stub_build", ""))))
         for space, part in self.spaces().items():
@@ -281,19 +312,19 @@ class _Saver:
         if self.stub is not None:
             for record in self.stub.records(state):
                 self.write(self.writer.record(record))
-        if self.flush is not None:
-            self.flush()            # the reader can check these while the last pages go out
+        self.sink.flush()           # the reader can check these while the last pages go out
         mark = self._part("state", mark)
         self.stats.phase = "final"
         if live:
             dirty = self._merge(self.pending, self.dirty_pages())
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
-            self.stats.dirty_history.append(sum(len(p) for _, p in dirty.values()))
+            self.stats.dirty_history.append(sum(len(p) for p in dirty.values()))
             self.send_round(dirty, paused=True, start=last_round)
         else:
             data, holes = self.all_pages()
             self.send_round(data, paused=True, holes=holes, start=last_round)
-        self.write(self.writer.finish())
+        self.sink.end(self.writer)
+        self.stats.stream_bytes = self.sink.bytes
         self.stats.phase = "done"
         mark = self._part("pages", mark)
         if self.on_end is not None:
@@ -328,7 +359,7 @@ class _Saver:
         last = Round(max(1, self.stats.pages_sent), self.stats.stream_bytes, time.monotonic() - start)
         while True:
             dirty = self.dirty_pages()
-            count = sum(len(pfns) for _, pfns in dirty.values())
+            count = sum(len(pfns) for pfns in dirty.values())
             decision = decide(self.conv, self.stats.dirty_history + [count], last,
                               time.monotonic() - start, self.throttle.percent)
             self.stats.estimate_history.append(decision.estimate)
@@ -349,21 +380,22 @@ class _Saver:
     def _merge(first: dict, second: dict) -> dict:
         """Per space, the union of two dirty sets, in pfn order."""
         out = {}
-        for space, (mem, pfns) in second.items():
-            before = first.get(space, (mem, ()))[1]
-            out[space] = (mem, array("Q", sorted(set(before).union(pfns))) if len(before) else pfns)
+        for space, pfns in second.items():
+            before = first.get(space, ())
+            out[space] = array("Q", sorted(set(before).union(pfns))) if len(before) else pfns
         return out
 
 
-def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = DEFAULT_LEVEL,
-         live: bool = False, stats_cb: Callable[[SaveStats], None] | None = None,
+def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
+         stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          stub: StubPart | None = None, before_pause: Callable[[], Any] | None = None,
-         on_end: Callable[[SaveStats], Any] | None = None,
-         flush: Callable[[], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
-    """Write a complete stream of ``domain`` through ``sink_write(bytes)``.
+         on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
+    """Write a complete stream of ``domain`` through ``sink`` (:mod:`.sinks`: a file, or a
+    relocation's link), whose data plane sends the pages.
 
-    ``compress``: zstd level for page data (default 1, see :mod:`.batches`), or None for uncompressed PAGE_DATA.
+    ``compress``: how page data goes (:class:`~.sinks.Compression`, or what
+    ``Compression.of`` takes: None is no compression, an int a zstd level; default auto).
     ``live``: pre-copy rounds while the guest runs, then pause for the last round; else
     pause first and copy once. Either way the domain is left *paused* on success (the
     caller resumes or destroys it). On any error, including ``cancel`` being set or
@@ -377,27 +409,26 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
     final pause (with the throttle, if any, still holding the guest back): a relocation
     lets the destination catch up there. ``on_end(stats)``: called once END has been
     written, still paused and before the engine tidies up (dirty logging off): a
-    relocation flushes its output and tells the destination there. ``flush()``: for a
-    sink that buffers, called when the state records are written and the last pages are
-    next: what was written should go out now. Any of them may raise to fail the save,
-    with the same clean-up as any error. ``keep_dirty_logging``: a live save that
-    succeeds leaves dirty logging on; the caller turns it off
-    (``domain.set_dirty_logging(False)``) before it resumes the domain. For a caller that
-    destroys the domain next (a relocation): switching it off costs slot updates, which
-    would compete with the destination for the CPU during the downtime.
+    relocation tells the destination there. Either may raise to fail the save, with the
+    same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
+    dirty logging on; the caller turns it off (``domain.set_dirty_logging(False)``) before
+    it resumes the domain. For a caller that destroys the domain next (a relocation):
+    switching it off costs slot updates, which would compete with the destination for
+    the CPU during the downtime.
     """
     if domain.status not in ("running", "paused"):
         raise SaveError(f"domain is {domain.status}: nothing to save")
     if getattr(domain, "stub", None) is not None and stub is None:
         stub = DomainStub(domain)
     was_running = domain.status == "running"
-    saver = _Saver(domain, sink_write, compress, stats_cb, cancel, stub,
-                   convergence or Convergence(), before_pause, on_end, flush, keep_dirty_logging)
+    saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel, stub,
+                   convergence or Convergence(), before_pause, on_end, keep_dirty_logging)
+    watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
     try:
         return saver.run(live)
     except BaseException:
         saver.throttle.stop()           # leaves the vCPU running, as it found it
-        saver.pipeline.close()
+        sink.cancel()                   # no worker reads guest memory after this returns
         for part in saver.spaces().values():
             try:
                 part.set_dirty_logging(False)
@@ -406,3 +437,28 @@ def save(domain, sink_write: Callable[[bytes], Any], *, compress: int | None = D
         if was_running and domain.status == "paused":
             domain.resume()
         raise
+    finally:
+        if watcher is not None:
+            watcher.stop()
+
+
+class _CancelWatcher:
+    """Stops the sink's data plane as soon as ``cancel`` is set, so that a cancel does
+    not wait for a round (on a slow link, a long one) to end."""
+
+    def __init__(self, cancel: threading.Event, sink: Sink):
+        self.cancel, self.sink = cancel, sink
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._watch, name="save-cancel", daemon=True)
+        self.thread.start()
+
+    def _watch(self) -> None:
+        while not self.done.is_set():
+            if self.cancel.wait(0.1):
+                if not self.done.is_set():
+                    self.sink.cancel()
+                return
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()

@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 
 from ..domain import DomainConfig, DomainError
-from ..engine.batches import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_LEVEL
 from ..kvm.system import DEV_KVM
 from . import protocol, statedir
 

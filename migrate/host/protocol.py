@@ -11,7 +11,7 @@ import socket
 import msgpack
 
 from ..engine import Convergence
-from ..engine.batches import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_LEVEL
 
 MAX_MESSAGE = 1 << 20           # bytes one message may take
 CONSOLE_CHUNK = 64 << 10        # console bytes one answer carries at most

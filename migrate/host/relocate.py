@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
-from ..engine.batches import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_LEVEL
+from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
 from ..stream import FORMAT_VERSION
 from . import tls
@@ -124,12 +125,13 @@ class MigrateJob:
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel) -> dict:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
+        sink = RelaySink(out.write, out.flush)
         at: dict[str, float] = {}
 
         def before_pause() -> None:
             """SYNC (specs/relocation.md): the destination applies everything sent so far,
             so the pause covers only the last dirty pages and the state, not a backlog."""
-            out.flush()
+            sink.flush()
             ch.send("SYNC", bytes=out.sent)
             ch.expect("SYNCED", SYNC_TIMEOUT)
 
@@ -139,10 +141,12 @@ class MigrateJob:
             at["final"] = time.monotonic()
 
         try:
-            stats = save(domain, out.write, live=self.live, stats_cb=progress, cancel=cancel,
-                         compress=self.compress, convergence=self.convergence,
-                         before_pause=before_pause, on_end=on_end, flush=out.flush,
-                         keep_dirty_logging=self.live)
+            try:
+                stats = save(domain, sink, live=self.live, stats_cb=progress, cancel=cancel,
+                             compress=self.compress, convergence=self.convergence,
+                             before_pause=before_pause, on_end=on_end, keep_dirty_logging=self.live)
+            finally:
+                sink.close()
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}; "

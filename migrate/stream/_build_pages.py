@@ -1,12 +1,9 @@
 """cffi build of migrate.stream._pages: the page loops of save and restore in C
 (specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD").
 
-Three calls, each one pass over a batch, none holding the GIL (cffi releases it):
+Two calls, each one pass over a batch, none holding the GIL (cffi releases it); the
+save side's page loop is the data plane's (migrate/dataplane):
 
-- ``hvm_gather_pages``: the save side. For each pfn, test the page for zeroes, write its
-  16-byte entry (pfn, type, reserved 0; little-endian) and copy a non-zero page into one
-  data buffer (``data`` NULL: test and count only). Returns the number of data pages, or
-  -1 - i when pfn i is out of range (nothing is read from guest memory for it).
 - ``hvm_check_entries``: the reader side. Checks a batch's entries in stream order
   (type, reserved field, duplicate pfn) and reports the first bad entry, the number of
   data pages and the highest pfn.
@@ -24,8 +21,6 @@ ffibuilder.cdef("""
 #define HVM_BAD_PFN ...
 #define HVM_BAD_LENGTH ...
 #define HVM_BAD_COUNT ...
-int64_t hvm_gather_pages(const uint8_t *mem, uint64_t mem_pages, const uint64_t *pfns,
-                         uint32_t count, uint32_t data_type, uint8_t *entries, uint8_t *data);
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 int64_t hvm_scatter_pages(uint8_t *mem, uint64_t mem_pages, uint8_t *written,
@@ -60,44 +55,6 @@ static uint64_t get64(const uint8_t *p)
 static uint32_t get32(const uint8_t *p)
 {
     return (uint32_t)p[0] | (uint32_t)p[1] << 8 | (uint32_t)p[2] << 16 | (uint32_t)p[3] << 24;
-}
-
-static void put64(uint8_t *p, uint64_t v)
-{
-    for (int i = 0; i < 8; i++, v >>= 8)
-        p[i] = (uint8_t)v;
-}
-
-static int page_is_zero(const uint8_t *page)
-{
-    uint64_t w[8];
-    for (int at = 0; at < PAGE; at += 64) {
-        memcpy(w, page + at, 64);
-        if (w[0] | w[1] | w[2] | w[3] | w[4] | w[5] | w[6] | w[7])
-            return 0;
-    }
-    return 1;
-}
-
-int64_t hvm_gather_pages(const uint8_t *mem, uint64_t mem_pages, const uint64_t *pfns,
-                         uint32_t count, uint32_t data_type, uint8_t *entries, uint8_t *data)
-{
-    int64_t n_data = 0;
-    for (uint32_t i = 0; i < count; i++)
-        if (pfns[i] >= mem_pages)
-            return -1 - (int64_t)i;
-    for (uint32_t i = 0; i < count; i++) {
-        uint8_t *e = entries + 16 * (uint64_t)i;
-        int zero = page_is_zero(mem + pfns[i] * PAGE);
-        put64(e, pfns[i]);
-        put64(e + 8, zero ? T_ZERO : data_type);
-        if (!zero) {
-            if (data)                   /* NULL: test and count only */
-                memcpy(data + PAGE * (uint64_t)n_data, mem + pfns[i] * PAGE, PAGE);
-            n_data++;
-        }
-    }
-    return n_data;
 }
 
 /* Duplicate pfns: none while the pfns ascend (the writer's order); otherwise an

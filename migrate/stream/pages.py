@@ -130,9 +130,11 @@ def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
 
 @dataclass(frozen=True)
 class RawPageBatch:
-    """A checked batch without per-page objects: ``entries`` is the entry table as
-    written (16 bytes per page, spec "PAGE_DATA"), ``data`` the data pages in entry order,
-    decompressed; ``zero`` counts the ZERO entries, ``max_pfn`` is the highest pfn."""
+    """A checked batch without per-page objects: ``body`` is the record body as written,
+    ``entries`` its entry table (16 bytes per page, spec "PAGE_DATA"), ``data`` the data
+    pages in entry order, decompressed (or, from ``decode_raw_batch(data=False)``, the
+    data as written, not yet checked); ``zero`` counts the ZERO entries, ``max_pfn`` is
+    the highest pfn."""
 
     space: Vm
     count: int
@@ -141,6 +143,7 @@ class RawPageBatch:
     compressed: bool
     zero: int
     max_pfn: int
+    body: memoryview
 
     @property
     def TYPE(self) -> RecordType:  # noqa: N802 - records expose TYPE
@@ -150,7 +153,7 @@ class RawPageBatch:
         return [pfn for pfn, _, _ in PAGE_ENTRY.iter_unpack(self.entries)]
 
     def batch(self) -> PageBatch:
-        """The same pages as a :class:`PageBatch`."""
+        """The same pages as a :class:`PageBatch` (of a batch decoded with its data)."""
         pages, at = [], 0
         for pfn, page_type, _ in PAGE_ENTRY.iter_unpack(self.entries):
             if page_type == PageType.ZERO:
@@ -161,8 +164,9 @@ class RawPageBatch:
         return PageBatch(self.space, tuple(pages), self.compressed)
 
 
-def decode_raw_batch(record_type: RecordType, body: bytes) -> RawPageBatch:
-    """:func:`decode_batch` without splitting the pages: same checks, same errors."""
+def decode_raw_batch(record_type: RecordType, body: bytes, data: bool = True) -> RawPageBatch:
+    """:func:`decode_batch` without splitting the pages: same checks, same errors.
+    ``data`` False: the entries only; the page data is left as written, unchecked."""
 
     what = record_type.name
     space, count, data_start = _batch_header(what, body)
@@ -180,13 +184,15 @@ def decode_raw_batch(record_type: RecordType, body: bytes) -> RawPageBatch:
                   lib.HVM_DUPLICATE: "appears twice in one batch"}[err]
         raise StreamError(f"{what} pfn 0x{pfn:x} {reason}")
     n_data = out[1]
-    data = view[data_start:]
-    if record_type is RecordType.PAGE_DATA_ZSTD:
-        data = memoryview(_decompress(data, n_data * PAGE_SIZE, what))
-    elif len(data) != n_data * PAGE_SIZE:
-        raise StreamError(f"{what} carries {len(data)} data bytes, {n_data} pages need {n_data * PAGE_SIZE}")
-    return RawPageBatch(vm_of(space), count, entries, data, record_type is RecordType.PAGE_DATA_ZSTD,
-                        count - n_data, max_pfn[0])
+    pages = view[data_start:]
+    if not data:
+        pass
+    elif record_type is RecordType.PAGE_DATA_ZSTD:
+        pages = memoryview(_decompress(pages, n_data * PAGE_SIZE, what))
+    elif len(pages) != n_data * PAGE_SIZE:
+        raise StreamError(f"{what} carries {len(pages)} data bytes, {n_data} pages need {n_data * PAGE_SIZE}")
+    return RawPageBatch(vm_of(space), count, entries, pages, record_type is RecordType.PAGE_DATA_ZSTD,
+                        count - n_data, max_pfn[0], view)
 
 
 _LOCAL = threading.local()

@@ -62,18 +62,22 @@ _V2_DECODERS: dict[int, Decoder] = {
 }
 # One decoder table per readable format version (this one and the one before).
 DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS, 2: _V2_DECODERS}
-# What raw_pages=True puts in place of the PageBatch decoders.
-RAW_PAGE_DECODERS: dict[int, Decoder] = {
-    RecordType.PAGE_DATA: partial(decode_raw_batch, RecordType.PAGE_DATA),
-    RecordType.PAGE_DATA_ZSTD: partial(decode_raw_batch, RecordType.PAGE_DATA_ZSTD),
-}
+# What raw_pages=True puts in place of the PageBatch decoders ("bodies": without looking
+# at the page data, which the caller's placement checks, as the data plane's Target does).
+RAW_PAGE_DECODERS: dict[str, dict[int, Decoder]] = {
+    mode: {record_type: partial(decode_raw_batch, record_type, data=mode == "decoded")
+           for record_type in (RecordType.PAGE_DATA, RecordType.PAGE_DATA_ZSTD)}
+    for mode in ("decoded", "bodies")}
 
 
 class StreamReader:
-    def __init__(self, *, leave_trailing: bool = False, raw_pages: bool = False) -> None:
+    def __init__(self, *, leave_trailing: bool = False, raw_pages: bool | str = False) -> None:
         """``leave_trailing``: bytes after END are left untouched in :attr:`trailing`
         instead of being an error. ``raw_pages``: page batches come out as
-        :class:`~migrate.stream.pages.RawPageBatch` (same checks, no per-page objects)."""
+        :class:`~migrate.stream.pages.RawPageBatch` (same checks, no per-page objects);
+        ``raw_pages="bodies"``: the same, except that the page data is left as it is, for
+        a caller that checks it when it places the pages (the data plane's Target: its
+        length, and the zstd frame by the rules of "PAGE_DATA_ZSTD")."""
         self.leave_trailing = leave_trailing
         self.raw_pages = raw_pages
         self.header: Header | None = None
@@ -88,6 +92,7 @@ class StreamReader:
         self._decoders: dict[int, Decoder] = {}
         self._done = False
         self._failed: StreamError | None = None
+        self.last: tuple = (0, None, None)  # offset, index and type of the last record returned
 
     @property
     def offset(self) -> int:
@@ -173,7 +178,8 @@ class StreamReader:
         self.header = Header(version, length, incompat, _compat)
         self._decoders = DECODERS[version]
         if self.raw_pages:
-            self._decoders = {**self._decoders, **RAW_PAGE_DECODERS}
+            mode = "bodies" if self.raw_pages == "bodies" else "decoded"
+            self._decoders = {**self._decoders, **RAW_PAGE_DECODERS[mode]}
         self._consume(length, digest=True)
         return self.header
 
@@ -204,6 +210,7 @@ class StreamReader:
             record = self._decode(record_type, body)
         except StreamError as exc:
             raise exc.at(start, index, record_type) from None
+        self.last = (start, index, record_type)
         self._consume(total, digest=True)
         self._index += 1
         return record

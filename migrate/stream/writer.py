@@ -12,7 +12,7 @@ from typing import Any, Iterable, Sequence
 import xxhash
 
 from migrate.stream.errors import StreamError
-from migrate.stream.framing import frame, frame_parts
+from migrate.stream.framing import frame
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
 from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
@@ -53,22 +53,6 @@ class StreamWriter:
             out.append(self.record(PageBatch(space, tuple(batch), compressed)))
         return b"".join(out)
 
-    def encoded_parts(self, space: Vm, parts: Sequence[bytes], compressed: bool, count: int,
-                      max_pfn: int, crc: int | None = None) -> list:
-        """A page batch whose body was already made, as pieces (for writers that encode
-        batches in parallel, ``engine.batches``; ``crc``: its ``framing.parts_crc`` if
-        known): the ordering rules are checked against its highest pfn, and ``count``
-        entries go into END's page count. Returns the record as pieces to write in order."""
-        record_type = RecordType.PAGE_DATA_ZSTD if compressed else RecordType.PAGE_DATA
-        self._check_order(self._order.pages, record_type.name, space, (max_pfn,))
-        self._check_body(sum(len(p) for p in parts))
-        self._records += 1
-        self._pages += count
-        pieces = frame_parts(record_type, parts, crc)
-        for piece in pieces:
-            self._emit(piece)
-        return pieces
-
     @staticmethod
     def _check_order(check, *args) -> None:
         """Run an ordering check; its StreamError becomes the writer's ValueError."""
@@ -90,6 +74,20 @@ class StreamWriter:
         self._records += 1
         self._pages += page_count
         return self._emit(frame(record_type, body))
+
+    def check_pages(self, space: Vm, pfns) -> None:
+        """The ordering rules for pages written without this writer (a data plane's):
+        the space's layout came first and ``pfns`` lie in it."""
+        self._check_order(self._order.pages, "page batch", space, pfns)
+
+    def end(self, records: int, pages: int, offset: int, digest: bytes) -> bytes:
+        """The END record of a stream whose bytes were written and counted elsewhere (the
+        data plane's Output): ``records`` before END, ``pages`` entries, END's ``offset``,
+        the XXH3-128 ``digest`` of everything before it. Nothing may follow it."""
+        end = End(records, pages, offset, digest)
+        self._check_order(self._order.observe, end)
+        self._finished = True
+        return frame(end.TYPE, end.pack())
 
     def finish(self) -> bytes:
         """The END record; nothing may follow it."""
