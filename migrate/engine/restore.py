@@ -4,11 +4,11 @@
 The domain is created when DOMAIN_CONFIG, the CPU records and the guest's MEMORY_LAYOUT
 have arrived and agree: the domain is given the saved CPUs and refuses, before it builds
 anything, a host that cannot run them (specs/cpu-models.md; a version-1 stream, which
-describes no CPU, restores with this host's); pages are written into its RAM as their batches arrive (the last copy of a page
-wins): the reader hands each batch over as a RawPageBatch and one C call
-(``migrate.stream._pages.hvm_scatter_pages``, which checks every entry again before writing anything)
-copies its data pages into place; HVM context records are collected and applied only after END has been read and
-validated (counts and digest). Any error destroys whatever was built and propagates:
+describes no CPU, restores with this host's). Pages are written into its RAM as their
+batches arrive (the last copy of a page wins): the reader hands each batch's body over
+and the data plane (``migrate.dataplane.Target``) checks all of it, its data included,
+before it writes the pages into the guest's memory file. HVM context records are
+collected and applied only after END has been read and validated (counts and digest). Any error destroys whatever was built and propagates:
 StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
 
 The stub: its MEMORY_LAYOUT must match the stub RAM the domain built, its pages go

@@ -1,15 +1,10 @@
-"""cffi build of migrate.stream._pages: the page loops of save and restore in C
+"""cffi build of migrate.stream._pages: the reader's check of page entries in C
 (specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD").
 
-Two calls, each one pass over a batch, none holding the GIL (cffi releases it); the
-save side's page loop is the data plane's (migrate/dataplane):
-
-- ``hvm_check_entries``: the reader side. Checks a batch's entries in stream order
-  (type, reserved field, duplicate pfn) and reports the first bad entry, the number of
-  data pages and the highest pfn.
-- ``hvm_scatter_pages``: the restore side. Checks every entry and the data length
-  first, then writes the data pages into guest memory and zeroes pages that earlier
-  copies had written; nothing is written unless the whole batch is valid.
+One call, a pass over a batch without the GIL (cffi releases it): ``hvm_check_entries``,
+the reader's check of a batch's entries in stream order (type, reserved field, duplicate
+pfn), reporting the first bad entry, the number of data pages and the highest pfn. The
+page loops of save and restore are the data plane's (migrate/dataplane).
 """
 from cffi import FFI
 
@@ -18,30 +13,20 @@ ffibuilder.cdef("""
 #define HVM_BAD_TYPE ...
 #define HVM_BAD_RESERVED ...
 #define HVM_DUPLICATE ...
-#define HVM_BAD_PFN ...
-#define HVM_BAD_LENGTH ...
 #define HVM_BAD_COUNT ...
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
-int64_t hvm_scatter_pages(uint8_t *mem, uint64_t mem_pages, uint8_t *written,
-                          const uint8_t *entries, uint32_t count, uint32_t data_type,
-                          const uint8_t *data, uint64_t data_len, uint32_t *bad);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
 #include <string.h>
 
-#define PAGE 4096
 #define MAX_COUNT 1024          /* MAX_PAGES_PER_BATCH */
-#define T_NORMAL 0
 #define T_ZERO 1
-#define T_COMPRESSED 2
 
 #define HVM_BAD_TYPE 1
 #define HVM_BAD_RESERVED 2
 #define HVM_DUPLICATE 3
-#define HVM_BAD_PFN 4
-#define HVM_BAD_LENGTH 5
 #define HVM_BAD_COUNT 6
 
 static uint64_t get64(const uint8_t *p)
@@ -112,47 +97,4 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
     return 0;
 }
 
-int64_t hvm_scatter_pages(uint8_t *mem, uint64_t mem_pages, uint8_t *written,
-                          const uint8_t *entries, uint32_t count, uint32_t data_type,
-                          const uint8_t *data, uint64_t data_len, uint32_t *bad)
-{
-    uint32_t n_data, zero = 0;
-    uint64_t max_pfn;
-    int err;
-    if (data_type != T_NORMAL && data_type != T_COMPRESSED) {
-        *bad = 0;
-        return -HVM_BAD_TYPE;
-    }
-    err = hvm_check_entries(entries, count, data_type, bad, &n_data, &max_pfn);
-    if (err)
-        return -err;
-    if (count && max_pfn >= mem_pages) {
-        for (uint32_t i = 0; i < count; i++)
-            if (get64(entries + 16 * (uint64_t)i) >= mem_pages) {
-                *bad = i;
-                break;
-            }
-        return -HVM_BAD_PFN;
-    }
-    if ((uint64_t)n_data * PAGE != data_len) {
-        *bad = 0;
-        return -HVM_BAD_LENGTH;
-    }
-    for (uint32_t i = 0; i < count; i++) {
-        const uint8_t *e = entries + 16 * (uint64_t)i;
-        uint64_t pfn = get64(e);
-        if (get32(e + 8) == T_ZERO) {
-            zero++;
-            if (written[pfn]) {         /* an earlier copy was data: the newest is zeroes */
-                memset(mem + pfn * PAGE, 0, PAGE);
-                written[pfn] = 0;
-            }
-            continue;                   /* fresh memory is zero already */
-        }
-        memcpy(mem + pfn * PAGE, data, PAGE);
-        data += PAGE;
-        written[pfn] = 1;
-    }
-    return zero;
-}
 """, extra_compile_args=["-O3"])

@@ -12,7 +12,6 @@ import pytest
 
 from array import array
 
-from migrate.stream._pages import ffi, lib
 from migrate.stream import PAGE_SIZE, PageBatch, PageType, RecordType, StreamError, StreamReader, Vm
 from migrate.stream.pages import (
     BATCH_HEADER, PAGE_ENTRY, RawPageBatch, decode_batch, decode_raw_batch, encode_batch,
@@ -129,46 +128,70 @@ def test_reader_raw_pages_on_golden() -> None:
     assert raw == plain and plain
 
 
-def scatter(mem: bytearray, written: bytearray, body: bytes, data_type: int = PageType.NORMAL):
-    count = BATCH_HEADER.unpack_from(body)[1]
-    entries = body[BATCH_HEADER.size:BATCH_HEADER.size + 16 * count]
-    data = body[BATCH_HEADER.size + 16 * count:]
-    bad = ffi.new("uint32_t *")
-    n = lib.hvm_scatter_pages(ffi.from_buffer("uint8_t[]", mem), len(mem) // PAGE_SIZE,
-                              ffi.from_buffer("uint8_t[]", written), ffi.from_buffer("uint8_t[]", entries),
-                              count, data_type, ffi.from_buffer("uint8_t[]", data), len(data), bad)
-    return n, bad[0]
+def place(mem: bytearray, body: bytes, record_type: int = RecordType.PAGE_DATA, fd: int = -1):
+    """The data plane's placement (the restore's) of one batch body into ``mem``."""
+    from migrate.dataplane import Range, Target
+    target = Target()
+    try:
+        target.set_space(Vm.GUEST, [Range(0, len(mem) // PAGE_SIZE, mem, fd)])
+        return target.place(record_type, body)
+    finally:
+        target.close()
 
 
-def test_scatter_writes_and_zeroes() -> None:
-    mem, written = bytearray(4 * PAGE_SIZE), bytearray(4)
-    assert scatter(mem, written, raw_body([(0, 0, 0), (2, 0, 0), (3, 1, 0)], PAGE_A + PAGE_B))[0] == 1
-    assert mem == PAGE_A + bytes(PAGE_SIZE) + PAGE_B + bytes(PAGE_SIZE) and written == b"\1\0\1\0"
-    assert scatter(mem, written, raw_body([(2, 1, 0)]))[0] == 1    # the newest copy is zero
-    assert mem == PAGE_A + bytes(3 * PAGE_SIZE) and written == b"\1\0\0\0"
+@pytest.mark.parametrize("through_file", [False, True], ids=["mapping", "memfd"])
+def test_placement_writes_and_zeroes(through_file) -> None:
+    """Data pages land, a ZERO page over a page that held data zeroes it (through the
+    memory file: a hole punched), a ZERO page never written stays untouched."""
+    import mmap
+    from migrate.dataplane import Range, Target
+    fd = os.memfd_create("guest")
+    os.ftruncate(fd, 4 * PAGE_SIZE)
+    mapping = mmap.mmap(fd, 4 * PAGE_SIZE)
+    mem = memoryview(mapping)
+    target = Target()
+    allocated = lambda: os.fstat(fd).st_blocks * 512 // PAGE_SIZE     # noqa: E731
+    try:
+        target.set_space(Vm.GUEST, [Range(0, 4, mem, fd if through_file else -1)])
+        assert target.place(RecordType.PAGE_DATA, raw_body([(0, 0, 0), (2, 0, 0), (3, 1, 0)], PAGE_A + PAGE_B)) == (3, 1)
+        assert allocated() == 2                                  # pages 0 and 2; the ZERO page 3 untouched
+        assert os.pread(fd, 4 * PAGE_SIZE, 0) == PAGE_A + bytes(PAGE_SIZE) + PAGE_B + bytes(PAGE_SIZE)
+        assert target.place(RecordType.PAGE_DATA, raw_body([(2, 1, 0)])) == (1, 1)   # the newest copy is zero
+        assert os.pread(fd, 4 * PAGE_SIZE, 0) == PAGE_A + bytes(3 * PAGE_SIZE)
+        assert allocated() == (1 if through_file else 2)         # through the file: page 2 given back
+        assert mem == PAGE_A + bytes(3 * PAGE_SIZE)              # and the mapping sees the same
+    finally:
+        target.close()
+        mem.release()
+        mapping.close()
+        os.close(fd)
 
 
-@pytest.mark.parametrize("entries, data_type, code, bad", [
-    ([(0, 0, 0), (4, 0, 0)], PageType.NORMAL, lib.HVM_BAD_PFN, 1),         # pfn == pages
-    ([(0, 0, 0), (1 << 63, 0, 0)], PageType.NORMAL, lib.HVM_BAD_PFN, 1),   # pfn * 4096 wraps
-    ([(0, 0, 0), (1, 3, 0)], PageType.NORMAL, lib.HVM_BAD_TYPE, 1),
-    ([(0, 2, 0), (1, 0, 0)], PageType.NORMAL, lib.HVM_BAD_TYPE, 0),
-    ([(0, 0, 0), (1, 0, 0)], PageType.COMPRESSED, lib.HVM_BAD_TYPE, 0),
-    ([(0, 0, 0), (1, 0, 0)], PageType.ZERO, lib.HVM_BAD_TYPE, 0),          # not a data type
-    ([(0, 0, 0), (1, 0, 2)], PageType.NORMAL, lib.HVM_BAD_RESERVED, 1),
-    ([(1, 0, 0), (1, 0, 0)], PageType.NORMAL, lib.HVM_DUPLICATE, 1),
-    ([(0, 0, 0)], PageType.NORMAL, lib.HVM_BAD_LENGTH, 0),                 # two pages of data
+@pytest.mark.parametrize("entries, record_type, message", [
+    ([(0, 0, 0), (4, 0, 0)], RecordType.PAGE_DATA, "pfn 0x4 outside the memory of space 0"),      # pfn == pages
+    ([(0, 0, 0), (1 << 63, 0, 0)], RecordType.PAGE_DATA, "pfn 0x8000000000000000 outside"),        # wraps
+    ([(0, 0, 0), (1, 3, 0)], RecordType.PAGE_DATA, "pfn 0x1 has page type 3, not allowed here"),
+    ([(0, 2, 0), (1, 0, 0)], RecordType.PAGE_DATA, "pfn 0x0 has page type 2, not allowed here"),
+    ([(0, 0, 0), (1, 0, 0)], RecordType.PAGE_DATA_ZSTD, "pfn 0x0 has page type 0, not allowed here"),
+    ([(0, 0, 0), (1, 0, 2)], RecordType.PAGE_DATA, "pfn 0x1 entry has nonzero reserved field"),
+    ([(1, 0, 0), (1, 0, 0)], RecordType.PAGE_DATA, "pfn 0x1 appears twice in one batch"),
+    ([(1, 0, 0), (3, 0, 0), (1, 1, 0)], RecordType.PAGE_DATA, "pfn 0x1 appears twice in one batch"),
+    ([(0, 0, 0)], RecordType.PAGE_DATA, "carries 8192 data bytes, 1 pages need 4096"),
 ])
-def test_scatter_rejects_before_writing(entries, data_type, code, bad) -> None:
-    mem, written = bytearray(4 * PAGE_SIZE), bytearray(4)
-    assert scatter(mem, written, raw_body(entries, PAGE_A + PAGE_B), data_type) == (-code, bad)
-    assert mem == bytes(4 * PAGE_SIZE) and written == bytes(4)
+def test_placement_rejects_before_writing(entries, record_type, message) -> None:
+    from migrate.dataplane import DataplaneError
+    mem = bytearray(4 * PAGE_SIZE)
+    with pytest.raises(DataplaneError, match=message.replace("(", r"\(")):
+        place(mem, raw_body(entries, PAGE_A + PAGE_B), record_type)
+    assert mem == bytes(4 * PAGE_SIZE)
 
 
-def test_scatter_rejects_oversized_count() -> None:
-    mem, written = bytearray(PAGE_SIZE), bytearray(1)
-    bad = ffi.new("uint32_t *")
-    entries = ffi.new("uint8_t[]", 16 * 1025)
-    assert lib.hvm_scatter_pages(ffi.from_buffer("uint8_t[]", mem), 1, ffi.from_buffer("uint8_t[]", written),
-                                 entries, 1025, PageType.NORMAL, ffi.NULL, 0, bad) == -lib.HVM_BAD_COUNT
-
+def test_placement_rejects_oversized_counts_and_short_bodies() -> None:
+    from migrate.dataplane import DataplaneError
+    mem = bytearray(PAGE_SIZE)
+    with pytest.raises(DataplaneError, match="count 1025 outside 1..1024"):
+        place(mem, BATCH_HEADER.pack(0, 1025) + bytes(16 * 1025))
+    with pytest.raises(DataplaneError, match="body is 4 bytes, shorter than its header"):
+        place(mem, b"\0" * 4)
+    with pytest.raises(DataplaneError, match="2 entries need 40"):
+        place(mem, BATCH_HEADER.pack(0, 2) + bytes(16))
