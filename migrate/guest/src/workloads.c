@@ -36,6 +36,49 @@ static void pagetouch(void)
     }
 }
 
+/* The dirtier's working set starts with content as compressible as asked (args[2]):
+ * 0 mixed (of every four pages one zero, two text-like, one random: about 2.3x with
+ * zstd-1, like real memory), 1 zero, 2 text-like, 3 random. */
+#define CONTENT_MIXED 0
+#define CONTENT_ZERO 1
+#define CONTENT_TEXT 2
+#define CONTENT_RANDOM 3
+
+static const char *const WORDS[16] = {
+    "the ", "page ", "memory ", "guest ", "host ", "stream ", "record ", "kernel ",
+    "save ", "dirty ", "round ", "batch ", "clock ", "value ", "status ", "device ",
+};
+
+static void fill_page(uint8_t *page, int kind, uint64_t *x)
+{
+    if (kind == CONTENT_RANDOM) {
+        for (unsigned i = 0; i < PAGE_SIZE / 8; i++)
+            ((uint64_t *)page)[i] = *x = ledger_next(*x);
+        return;
+    }
+    unsigned at = 0;                /* text: words and five-digit numbers */
+    while (at < PAGE_SIZE) {
+        *x = ledger_next(*x);
+        const char *w = (*x & 0x30) ? WORDS[*x & 15] : 0;
+        char num[8] = {'0' + (*x >> 8) % 10, '0' + (*x >> 16) % 10, '0' + (*x >> 24) % 10,
+                       '0' + (*x >> 32) % 10, '0' + (*x >> 40) % 10, '\n', 0, 0};
+        for (const char *c = w ? w : num; *c && at < PAGE_SIZE; c++)
+            page[at++] = (uint8_t)*c;
+    }
+}
+
+static void fill_content(uint8_t *base, uint64_t pages, uint64_t content)
+{
+    uint64_t x = 0x9E3779B97F4A7C15ULL;
+    for (uint64_t p = 0; p < pages && content != CONTENT_ZERO; p++) {
+        int kind = content == CONTENT_MIXED ? (p % 4 == 0 ? CONTENT_ZERO : p % 4 == 3 ? CONTENT_RANDOM
+                                                                                       : CONTENT_TEXT)
+                                            : (int)content;
+        if (kind != CONTENT_ZERO)
+            fill_page(base + p * PAGE_SIZE, kind, &x);
+    }
+}
+
 /* dirtier: write one word into one page after another of a working set,
  * paced by the TSC at args[1] bytes per second (0: as fast as it can). */
 static void dirtier(void)
@@ -46,8 +89,10 @@ static void dirtier(void)
         ws = boot->wl_size;
     uint64_t pages = ws / PAGE_SIZE ? ws / PAGE_SIZE : 1, hz = tsc_hz();
     uint64_t rate = boot->args[1] < (4ULL << 30) ? boot->args[1] : (4ULL << 30);
+    uint64_t content = boot->args[2] <= CONTENT_RANDOM ? boot->args[2] : CONTENT_MIXED;
+    fill_content((uint8_t *)boot->wl_base, pages, content);
     uint64_t written = 0, pos = 0, start = rdtsc(), last = start, last_written = 0;
-    printk("dirtier start pages=%lu rate=%lu\n", pages, rate);
+    printk("dirtier start pages=%lu rate=%lu content=%lu\n", pages, rate, content);
     for (;;) {
         uint64_t now = rdtsc();
         uint64_t el = now - start;
