@@ -43,10 +43,11 @@ TUNSETVNETHDRSZ = 0x400454D8
 IFF_TAP, IFF_NO_PI, IFF_VNET_HDR = 0x0002, 0x1000, 0x4000
 TUN_F_CSUM = 0x01
 SIOCGIFFLAGS, SIOCSIFFLAGS, SIOCSIFMTU = 0x8913, 0x8914, 0x8922
-SIOCGIFINDEX, SIOCBRADDIF = 0x8933, 0x89A2
+SIOCGIFINDEX, SIOCBRADDIF, SIOCSIFHWADDR = 0x8933, 0x89A2, 0x8924
 IFF_UP = 0x1
 IFREQ = struct.Struct("16sH22x")            # name, flags (or the first half of an int)
 IFREQ_INT = struct.Struct("16si20x")        # name, an int (index, MTU)
+IFREQ_HWADDR = struct.Struct("16sH6s16x")   # name, sa_family (ARPHRD_ETHER), address
 
 MTU_MIN, MTU_MAX, MTU_DEFAULT = 68, 9000, 1500
 LINKS = ("tap", "bridge")
@@ -151,6 +152,10 @@ def open_tap(net: dict) -> tuple[int, str]:
         fcntl.ioctl(fd, TUNSETOFFLOAD, 0)
         _sock_ioctl(SIOCSIFMTU, IFREQ_INT.pack(_ifreq(name), net["mtu"]))
         if net["link"] == "bridge":
+            # fe:... like libvirt: the highest address on the bridge never becomes the bridge's
+            # own, so the bridge keeps its address when this device goes away
+            own = b"\xfe" + mac_bytes(net["mac"])[1:]
+            _sock_ioctl(SIOCSIFHWADDR, IFREQ_HWADDR.pack(_ifreq(name), 1, own))
             index = IFREQ_INT.unpack(_sock_ioctl(SIOCGIFINDEX, IFREQ_INT.pack(_ifreq(name), 0)))[1]
             try:
                 _sock_ioctl(SIOCBRADDIF, IFREQ_INT.pack(_ifreq(net["name"]), index))
