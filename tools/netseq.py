@@ -12,7 +12,10 @@ for late answers and reports (one JSON object with --json):
   corrupted (an answer that is not the datagram sent);
 - the longest gap: the longest time without any echo while datagrams were going out, and
   the longest run of consecutive lost sequence numbers; ``gaps``: every silence longer
-  than ten send intervals and 50 ms (start in seconds from the first send, length, lost in it);
+  than ten send intervals and --gap-ms (start in seconds from the first send, ``t0`` in
+  CLOCK_MONOTONIC seconds; its length; the datagrams lost in it); ``lost_runs``: each run
+  of consecutive lost datagrams (the first, how many, the seconds from the echo before it
+  to the echo after it); datagram s went out at t0 + s / rate;
 - pings: ICMP echo requests sent and answered (needs a raw socket: root).
 """
 from __future__ import annotations
@@ -82,14 +85,15 @@ class Pinger:
 
 
 class Sequence:
-    def __init__(self, host: str, port: int, rate: float, size: int):
+    def __init__(self, host: str, port: int, rate: float, size: int, gap: float = 0.05):
         self.addr = (host, port)
+        self.gap = gap
         self.rate, self.size = rate, max(size, HEAD.size)
         self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
         self.sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4 << 20)
         self.sock.setblocking(False)
         self.sent = 0
-        self.seen: set[int] = set()
+        self.seen: dict[int, float] = {}     # sequence number -> when its echo came
         self.duplicates = self.reordered = self.corrupted = self.send_errors = 0
         self.highest = -1
         self.t0 = 0.0
@@ -125,7 +129,7 @@ class Sequence:
             if seq in self.seen:
                 self.duplicates += 1
                 continue
-            self.seen.add(seq)
+            self.seen[seq] = now
             if seq < self.highest:
                 self.reordered += 1
             self.highest = max(self.highest, seq)
@@ -136,24 +140,34 @@ class Sequence:
         since, prev = self.last_rx if self.last_rx else (self.t0, -1)
         silence = now - since
         self.longest_gap = max(self.longest_gap, silence)
-        if silence > max(10 / self.rate, 0.05):
+        if silence > max(10 / self.rate, self.gap):
             self.gaps.append({"start": round(since - self.t0, 4), "seconds": round(silence, 4),
                               "lost": max(0, seq - prev - 1)})
 
     def report(self) -> dict:
-        missing = sorted(set(range(self.sent)) - self.seen)
+        missing = sorted(set(range(self.sent)) - self.seen.keys())
         run = best = 0
+        runs: list[list] = []               # [first lost, how many, the silence around them]
         for i, seq in enumerate(missing):
             run = run + 1 if i and seq == missing[i - 1] + 1 else 1
             best = max(best, run)
+            if run == 1:
+                runs.append([seq, 1, None])
+            else:
+                runs[-1][1] += 1
+        for item in runs:                   # from the echo before the run to the one after it
+            before, after = self.seen.get(item[0] - 1), self.seen.get(item[0] + item[1])
+            if before is not None and after is not None:
+                item[2] = round(after - before, 4)
         return {"sent": self.sent, "received": len(self.seen), "lost": self.sent - len(self.seen),
                 "duplicates": self.duplicates, "reordered": self.reordered, "corrupted": self.corrupted,
                 "send_errors": self.send_errors, "rate": self.rate, "size": self.size,
-                "longest_gap": round(self.longest_gap, 4), "longest_loss_run": best, "gaps": self.gaps}
+                "longest_gap": round(self.longest_gap, 4), "longest_loss_run": best, "gaps": self.gaps,
+                "lost_runs": runs[:1000], "t0": self.t0}
 
 
 def run(args) -> dict:
-    seq = Sequence(args.host, args.port, args.rate, args.size)
+    seq = Sequence(args.host, args.port, args.rate, args.size, args.gap_ms / 1000)
     pinger = Pinger(args.host) if args.ping_rate else None
     stop = {"now": False}
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -205,6 +219,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seconds", type=float, default=0.0, help="0: until SIGTERM or SIGINT")
     ap.add_argument("--ping-rate", type=float, default=0.0, help="pings per second (0: none)")
     ap.add_argument("--drain", type=float, default=1.0, help="seconds to wait for late answers")
+    ap.add_argument("--gap-ms", type=float, default=50.0,
+                    help="report silences longer than this (and than ten send intervals)")
     ap.add_argument("--json", action="store_true")
     args = ap.parse_args(argv)
     if args.rate <= 0 or not 20 <= args.size <= 8972:
