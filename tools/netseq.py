@@ -222,7 +222,15 @@ def main(argv=None) -> int:
     ap.add_argument("--gap-ms", type=float, default=50.0,
                     help="report silences longer than this (and than ten send intervals)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--status", action="store_true",
+                    help="only ask the guest's status port (10) and print its line of counters")
     args = ap.parse_args(argv)
+    if args.status:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.settimeout(5)
+            s.sendto(b"", (args.host, 10))
+            print(s.recv(4096).decode(errors="replace"))
+        return 0
     if args.rate <= 0 or not 20 <= args.size <= 8972:
         ap.error("--rate must be positive and --size 20 to 8972")
     out = run(args)
