@@ -96,13 +96,15 @@ def create(workload, memory, name, args, timer_hz, disk, net, no_stub, cpu, as_j
     Example:
       hvm create --workload ledger --memory 256M --disk /var/lib/hvm/l1.img --arg 42
       hvm create --workload idle --cpu host
+      hvm create --workload netecho --arg 167772162 --net bridge=br0,mtu=9000
     """
+    net = _parse_net(net)
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
     config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
-                          stub=not no_stub, disk=disk, cpu=cpu, net=_parse_net(net))
+                          stub=not no_stub, disk=disk, cpu=cpu, net=net)
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
