@@ -78,33 +78,46 @@ def hvm():
 @click.option("--timer-hz", default=100, show_default=True, help="Guest LAPIC timer rate.")
 @click.option("--disk", type=click.Path(exists=True, dir_okay=False, writable=True, resolve_path=True),
               help="Raw disk image for the guest's virtio block device.")
+@click.option("--net", metavar="tap=NAME|bridge=BR[,mac=MAC][,mtu=N]",
+              help="A virtio network card on TAP device NAME, or on a new TAP device added to "
+                   "bridge BR (default MAC: random 52:54:00:xx:xx:xx, MTU 1500, at most 9000).")
 @click.option("--no-stub", is_flag=True,
-              help="No device-model stub: console on debug port 0xE9, no UART or disk.")
+              help="No device-model stub: console on debug port 0xE9, no UART, disk or NIC.")
 @click.option("--cpu", type=click.Choice(MODELS), default=DEFAULT_MODEL, show_default=True,
               help="CPU model: baseline restores on any x86-64 KVM host (Intel or AMD); host "
                    "gives everything this host has, restorable only where a host offers as much "
                    "(specs/cpu-models.md; hvm host cpu).")
 @json_option
 @_fail_cleanly
-def create(workload, memory, name, args, timer_hz, disk, no_stub, cpu, as_json):
+def create(workload, memory, name, args, timer_hz, disk, net, no_stub, cpu, as_json):
     """Create and start a domain (HVM guest + device-model stub) in its own process.
 
     \b
     Example:
       hvm create --workload ledger --memory 256M --disk /var/lib/hvm/l1.img --arg 42
       hvm create --workload idle --cpu host
+      hvm create --workload netecho --arg 167772162 --net bridge=br0,mtu=9000
     """
+    net = _parse_net(net)
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
     config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
-                          stub=not no_stub, disk=disk, cpu=cpu)
+                          stub=not no_stub, disk=disk, cpu=cpu, net=net)
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
     else:
         click.echo(f"created {info['name']} ({workload}, {info['memory'] >> 20} MiB, pid {info['pid']})")
+
+
+def _parse_net(text: str | None) -> dict | None:
+    from .stub.netback import NetError, parse_net
+    try:
+        return parse_net(text) if text is not None else None
+    except NetError as exc:
+        raise click.BadParameter(str(exc), param_hint="--net") from None
 
 
 @hvm.command(name="list")
@@ -144,10 +157,14 @@ def info(name, as_json):
         click.echo(json.dumps(data))
         return
     for key in ("name", "status", "workload", "memory", "vcpus", "cpu", "cpu_vendor", "tsc_khz",
-                "pid", "uptime", "timer_hz", "console_bytes", "crash_reason"):
+                "pid", "uptime", "timer_hz", "console_bytes", "crash_reason", "nic"):
         value = data.get(key)
         if key == "memory":
             value = f"{value >> 20} MiB"
+        elif key == "nic" and value:
+            net = data["net"]
+            value = (f"{value['ifname']} ({net['link']} {net['name']}, {net['mac']}, MTU {net['mtu']}): "
+                     f"rx {value['rx_packets']} tx {value['tx_packets']} packets")
         if value not in ("", None):
             click.echo(f"{key + ':':<15}{value}")
     for note in data.get("cpu_notes", []):
@@ -687,11 +704,14 @@ def keygen(directory, hosts):
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
 @click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST",
               help="Accept a domain whose disk is SRC on the source, using DST here (repeatable).")
+@click.option("--net-map", "net_map", multiple=True, metavar="SRC=DST",
+              help="Accept a domain whose NIC is on bridge (or TAP device) SRC on the source, "
+                   "putting it on bridge (or TAP device) DST here (repeatable).")
 @click.option("--max-memory", metavar="SIZE",
               help="Guest memory all domains on this host may hold together (e.g. 16G); "
                    "a relocation that would exceed it is refused at HELLO.")
 @_fail_cleanly
-def serve(listen, tls_dir, insecure, disk_map, max_memory):
+def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory):
     """Accept incoming relocations and run each as a local domain (runs until stopped).
 
     \b
@@ -709,6 +729,7 @@ def serve(listen, tls_dir, insecure, disk_map, max_memory):
     try:
         server = relocd.RelocationServer(relocd.ServeConfig(
             addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map),
+            net_map=relocd.parse_net_map(net_map),
             max_memory=parse_size(max_memory) if max_memory else None))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None

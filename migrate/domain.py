@@ -22,6 +22,7 @@ from .guest import boot as gboot
 from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
+from .stub.netback import NetError, check_net
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +60,7 @@ class DomainConfig:
     stub: bool = True           # devices in a stub VM; False: debug port 0xE9 only
     disk: str | None = None     # raw disk image behind the virtio block device
     cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
+    net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (stub/netback.py)
 
     def validate(self) -> None:
         if self.workload not in gboot.WORKLOADS:
@@ -75,6 +77,13 @@ class DomainConfig:
             raise DomainError("a disk needs the device-model stub")
         if not isinstance(self.cpu, str) or not MODEL_NAME.match(self.cpu):
             raise DomainError(f"{self.cpu!r} is not a CPU model name")
+        if self.net is not None:
+            if not self.stub:
+                raise DomainError("a NIC needs the device-model stub")
+            try:
+                check_net(self.net)
+            except NetError as exc:
+                raise DomainError(str(exc)) from None
 
 
 @dataclass
@@ -130,6 +139,7 @@ class Domain:
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
+        self._announce = False              # restored: the NIC announces itself at the first resume
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
         try:
@@ -151,8 +161,9 @@ class Domain:
         if self.config.stub:
             try:
                 self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name,
-                                 self._stub_cpu, scale_tsc=self._scale_tsc(self._stub_cpu, host))
-            except OSError as exc:
+                                 self._stub_cpu, scale_tsc=self._scale_tsc(self._stub_cpu, host),
+                                 net=self.config.net)
+            except (OSError, StubError) as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
 
     def _fit(self, policy: CpuPolicy, host: HostCpu, what: str) -> CpuPolicy:
@@ -188,13 +199,15 @@ class Domain:
 
     def _load_image(self) -> None:
         image = guest.image_path().read_bytes()
-        flags = (gboot.BOOT_F_UART if self.stub else 0) | (gboot.BOOT_F_VIRTIO if self.config.disk else 0)
+        flags = ((gboot.BOOT_F_UART if self.stub else 0) | (gboot.BOOT_F_VIRTIO if self.config.disk else 0)
+                 | (gboot.BOOT_F_NET if self.config.net else 0))
         info = gboot.BootInfo(
             workload=gboot.WORKLOADS[self.config.workload], timer_hz=self.config.timer_hz,
             mem_size=self.config.memory, wl_base=gboot.WORKLOAD_BASE,
             wl_size=self.config.memory - gboot.WORKLOAD_BASE,
             tsc_khz=self.vcpu.get_tsc_khz(), args=self.config.args,
-            flags=flags, virtio_base=stub_abi.VIRTIO_BASE)
+            flags=flags, virtio_base=stub_abi.VIRTIO_BASE,
+            net_base=stub_abi.NET_BASE if self.config.net else 0)
         gboot.boot_vcpu(self.vcpu, self.ram.mem, info, image)
 
     @classmethod
@@ -249,6 +262,7 @@ class Domain:
                 self.stub_build = stub_build
         except StubError as exc:
             raise DomainError(str(exc)) from None
+        self._announce = self.stub.net is not None
 
     def _as_here(self, vcpu: VcpuState, policy: CpuPolicy, what: str) -> VcpuState:
         """A saved vCPU state with its MSRs as this host takes them (``msrs_to_apply``)."""
@@ -341,6 +355,12 @@ class Domain:
             self.entered_at = None
             self._start_thread()
             self._cv.notify_all()
+        net = self.stub.net if self.stub is not None else None
+        if net is not None:
+            net.resume_rx()
+            if self._announce:          # the first run after a restore: the NIC may have moved
+                self._announce = False
+                net.announce()
 
     def entered(self, timeout: float = 1.0) -> float | None:
         """After resume(): when the vCPU thread went into the guest (time.monotonic()), or
@@ -379,7 +399,10 @@ class Domain:
                 self.status = "paused"
             stopped = self.left_at if in_guest and self.left_at >= asked else time.monotonic()
         # Quiesce: block requests complete inside the exit that issued them,
-        # so none is in flight now; make the written ones durable.
+        # so none is in flight now; make the written ones durable. Received
+        # packets: no NET_RX after this (they wait in the TAP device).
+        if self.stub is not None and self.stub.net is not None:
+            self.stub.net.pause_rx()
         if self.stub is not None and self.stub.backend is not None:
             self.stub.backend.flush()
         return stopped
@@ -518,8 +541,11 @@ class Domain:
         return None
 
     def _on_mmio(self, ex) -> None:
-        if (self.stub is not None and self.config.disk is not None
-                and stub_abi.VIRTIO_BASE <= ex.address < stub_abi.VIRTIO_BASE + stub_abi.VIRTIO_SIZE):
+        if self.stub is not None and (
+                (self.config.disk is not None
+                 and stub_abi.VIRTIO_BASE <= ex.address < stub_abi.VIRTIO_BASE + stub_abi.VIRTIO_SIZE)
+                or (self.stub.net is not None
+                    and stub_abi.NET_BASE <= ex.address < stub_abi.NET_BASE + stub_abi.NET_SIZE)):
             reply = self.stub.mmio(ex)
             if reply is not None:
                 self.vcpu.complete_mmio_read(reply)

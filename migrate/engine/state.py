@@ -83,6 +83,8 @@ def config_from_record(record: ConfigRecord, name: str | None = None) -> DomainC
         raise RestoreError("DOMAIN_CONFIG stub must be a boolean")
     if raw.get("disk") is not None and (not isinstance(raw["disk"], str) or "\0" in raw["disk"]):
         raise RestoreError("DOMAIN_CONFIG disk must be a path string or nil")
+    if raw.get("net") is not None and not isinstance(raw["net"], dict):
+        raise RestoreError("DOMAIN_CONFIG net must be a map or nil")
     known = {f.name for f in fields(DomainConfig)} - NOT_IN_CONFIG
     extra = {key: value for key, value in raw.items() if key in known and key not in _CONFIG_TYPES}
     extra.setdefault("stub", False)       # a stream from before stubs: none

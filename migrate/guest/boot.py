@@ -23,10 +23,11 @@ WORKLOAD_BASE = 0x400000
 BOOT_INFO_MAGIC = 0x424D5648
 BOOT_INFO_VERSION = 1
 WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6,
-             "iobench": 8}
+             "iobench": 8, "netecho": 9}
 WL_STUB = 7                 # the stub's image runs this "workload": the device model
 BOOT_F_UART = 1
 BOOT_F_VIRTIO = 2
+BOOT_F_NET = 4
 
 # P | RW | US | A, and D | PS for the 2 MiB leaves: the accessed and dirty
 # bits are preset so the CPU never writes page tables (which would show in
@@ -60,15 +61,16 @@ class BootInfo:
     args: list[int] = field(default_factory=lambda: [0] * 8)
     flags: int = 0
     virtio_base: int = 0
+    net_base: int = 0
 
-    LAYOUT = struct.Struct("<IIIIQQQQ8QQQ")   # 128 bytes
+    LAYOUT = struct.Struct("<IIIIQQQQ8QQQQ")   # 136 bytes
 
     def pack(self) -> bytes:
         args = list(self.args) + [0] * (8 - len(self.args))
         return self.LAYOUT.pack(BOOT_INFO_MAGIC, BOOT_INFO_VERSION, self.workload,
                                 self.timer_hz, self.mem_size, self.wl_base,
                                 self.wl_size, self.tsc_khz, *args, self.flags,
-                                self.virtio_base)
+                                self.virtio_base, self.net_base)
 
 
 def _page_tables() -> bytes:

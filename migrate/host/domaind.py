@@ -139,10 +139,10 @@ class DomainServer:
                 "vcpus": 1, "status": dom.status, "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
                 "console_bytes": self.console_log.tell(), "args": list(cfg.args),
-                "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk,
+                "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk, "net": cfg.net,
                 "ioreqs": dom.stub.requests if dom.stub else 0,
                 "cpu": dom.cpu.model, "cpu_vendor": dom.cpu.vendor, "tsc_khz": dom.cpu.tsc_khz,
-                "cpu_notes": list(dom.cpu_notes)}
+                "cpu_notes": list(dom.cpu_notes), "nic": _nic_info(dom)}
 
     def op_pause(self, req: dict) -> dict:
         self._no_save_running("pause")
@@ -326,6 +326,14 @@ class DomainServer:
             self.hidden.unlink(missing_ok=True)
 
 
+def _nic_info(dom: Domain) -> dict | None:
+    """The NIC's TAP device and counters, for info."""
+    net = dom.stub.net if dom.stub is not None else None
+    if net is None:
+        return None
+    return {"ifname": net.ifname, **net.stats, "guest_exits": dom.vcpu.exits}
+
+
 class SaveJob:
     """A save request: ``path`` (absolute), ``mode`` ``stop`` (default: destroy after a
     successful save), ``checkpoint`` (keep running), ``live`` (pre-copy, then stop) or
@@ -408,21 +416,25 @@ def _build(argv: list[str], console: Console, server: DomainServer | None,
 
 def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: DomainServer):
     """Restore an incoming relocation from the pipe ``fd`` (specs/relocation.md, "The
-    stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``), the domain
-    is named ``name`` and its disk is the destination's ``disk_to``. After each chunk it
+    stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``, ``net_from``),
+    the domain is named ``name``, its disk is the destination's ``disk_to`` and its NIC hangs
+    on the destination's ``net_to``. After each chunk it
     applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC);
     once the state is applied, the control socket ``server`` is shown (the paused domain is
     listed from RESTORED on) and ``ok ...`` is said (module docstring). The vCPU thread is
     started, parked, as soon as the domain is made, so that GO
     (:meth:`DomainServer.await_go`) only has to wake it."""
     def make(cfg: DomainConfig, **cpu) -> Domain:
-        if (cfg.memory, bool(cfg.stub), cfg.disk) != (opts["memory"], opts["stub"], opts["disk_from"]):
-            raise RestoreError("stream does not match HELLO (memory, stub or disk differ)")
+        net_from = {"link": cfg.net["link"], "name": cfg.net["name"]} if cfg.net else None
+        if ((cfg.memory, bool(cfg.stub), cfg.disk, net_from)
+                != (opts["memory"], opts["stub"], opts["disk_from"], opts.get("net_from"))):
+            raise RestoreError("stream does not match HELLO (memory, stub, disk or NIC differ)")
         if opts["cpu"] is not None:
             hello = policies_from_bodies(opts["cpu"])
             if (hello.get(Vm.GUEST), hello.get(Vm.STUB)) != (cpu["cpu"], cpu["stub_cpu"]):
                 raise RestoreError("stream does not match HELLO (the CPU records differ)")
-        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"]), console, **cpu)
+        net = dict(cfg.net, name=opts["net_to"]) if cfg.net else None
+        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"], net=net), console, **cpu)
         domain.park_vcpu()
         return domain
 

@@ -48,6 +48,11 @@ class OutcomeUnknown(RelocationError):
     """GO was sent and RUNNING did not arrive: the source stays paused."""
 
 
+def net_attachment(net: dict | None) -> dict | None:
+    """What HELLO says of a NIC: its link kind and the name of what it hangs on here."""
+    return None if net is None else {"link": net["link"], "name": net["name"]}
+
+
 def parse_target(text: str) -> tuple[str, int]:
     """'HOST:PORT' or '[V6ADDR]:PORT'."""
     host, sep, port = text.rpartition(":")
@@ -108,7 +113,7 @@ class MigrateJob:
             try:
                 ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
                         memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
-                        cpu=cpu_bodies(domain_cpus(domain)))
+                        cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net))
                 welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
             except PeerError as exc:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None

@@ -32,7 +32,8 @@ RUNNING_TIMEOUT = 30.0
 # message keys and their types (unknown keys are ignored)
 MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
-              "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2
+              "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2;
+                                                            # optional "net": {"link", "name"} or nil
     "WELCOME": {"proto": int, "stream_version": int},
     "SYNC": {"bytes": int},
     "SYNCED": {"bytes": int},

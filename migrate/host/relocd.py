@@ -35,6 +35,7 @@ from ..cpu import compatibility, this_host
 from ..domain import memory_ok
 from ..engine.state import RestoreError, policies_from_bodies
 from ..stream import StreamError, Vm
+from ..stub.netback import NetError, check_ifname
 from . import control, statedir, tls
 from .relocation import (
     GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT,
@@ -63,6 +64,7 @@ class ServeConfig:
     disk_map: dict[str, str] = dataclasses.field(default_factory=dict)
     base: Path | None = None        # state directory (default $HVM_STATE_DIR)
     max_memory: int | None = None   # guest memory this host's domains may hold in all (--max-memory)
+    net_map: dict[str, str] = dataclasses.field(default_factory=dict)     # --net-map: source bridge/tap -> here
 
 
 class Incoming:
@@ -72,15 +74,16 @@ class Incoming:
     path), and reads its progress lines while it feeds the stream, so that neither pipe
     fills up with the other waiting."""
 
-    def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None):
+    def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None,
+                 net_to: str | None = None):
         self.name, self.base = name, base
         try:
             self.dir = control._claim_directory(name, base)
         except control.ControlError as exc:
             raise Refused(str(exc)) from None
         opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
-                "disk_from": hello["disk"], "disk_to": disk_to, "resume_timeout": RESUME_TIMEOUT,
-                "cpu": hello.get("cpu")}
+                "disk_from": hello["disk"], "disk_to": disk_to, "net_from": hello.get("net"),
+                "net_to": net_to, "resume_timeout": RESUME_TIMEOUT, "cpu": hello.get("cpu")}
         stream_r, self.stream_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
@@ -313,6 +316,7 @@ class RelocationServer:
         hello = ch.expect("HELLO", WELCOME_TIMEOUT)
         try:
             disk_to, version = self.check_hello(hello)
+            net_to = self.check_net(hello)
         except Refused as exc:
             log.warning("refused %s: %s", who, exc)
             ch.send_error(str(exc))
@@ -330,7 +334,7 @@ class RelocationServer:
             self.receiving[name] = hello["memory"]
         incoming = None
         try:
-            incoming = Incoming(name, hello, disk_to, self.config.base)
+            incoming = Incoming(name, hello, disk_to, self.config.base, net_to)
             t0 = time.monotonic()
             ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
@@ -413,6 +417,29 @@ class RelocationServer:
             raise Refused(f"this host cannot run domain {hello['name']}'s CPU "
                           f"({policies[Vm.GUEST].model} model): {'; '.join(problems)}")
 
+    def check_net(self, hello: dict) -> str | None:
+        """The bridge or TAP device here for the domain's NIC (the same kind as on the
+        source), or Refused (specs/relocation.md, "HELLO checks"). An interface name from
+        the wire is only a key into --net-map."""
+        net = hello.get("net")
+        if net is None:
+            return None
+        if not isinstance(net, dict) or set(net) != {"link", "name"} or net["link"] not in ("tap", "bridge"):
+            raise Refused("HELLO net must be nil or a map of link (tap or bridge) and name")
+        try:
+            check_ifname(net["name"])
+        except NetError as exc:
+            raise Refused(f"HELLO net: {exc}") from None
+        if not hello["stub"]:
+            raise Refused("a NIC needs the device-model stub")
+        mapped = self.config.net_map.get(net["name"])
+        if mapped is None:
+            raise Refused(f"domain {hello['name']} has a NIC on {net['link']} {net['name']} and this host "
+                          f"maps none: start hvm host serve with --net-map {net['name']}=DST")
+        if net["link"] == "bridge" and not os.path.isdir(f"/sys/class/net/{mapped}/bridge"):
+            raise Refused(f"--net-map {net['name']}={mapped}: there is no bridge {mapped} on this host")
+        return mapped
+
     def check_room(self, name: str, memory: int) -> None:
         """With ``max_memory``: refuse a domain that would take the guest memory of this
         host's domains (running, paused, being received) over it. Called under names_lock."""
@@ -456,4 +483,21 @@ def parse_disk_map(items) -> dict[str, str]:
     return out
 
 
-__all__ = ["Incoming", "Refused", "RelocationServer", "ServeConfig", "parse_disk_map"]
+def parse_net_map(items) -> dict[str, str]:
+    """['SRC=DST', ...] -> {SRC: DST}: a NIC on bridge (or TAP device) SRC on the source
+    hangs on bridge (or TAP device) DST here."""
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition("=")
+        try:
+            if not sep:
+                raise NetError("use SRC=DST")
+            check_ifname(src)
+            check_ifname(dst)
+        except NetError as exc:
+            raise ValueError(f"--net-map {item!r}: {exc}") from None
+        out[src] = dst
+    return out
+
+
+__all__ = ["Incoming", "Refused", "RelocationServer", "ServeConfig", "parse_disk_map", "parse_net_map"]

@@ -117,6 +117,7 @@ struct hvm_runner {
     uint8_t console[4096];
     uint32_t io_len;
     uint8_t io_data[4096];
+    uint64_t exits;
     ...;
 };
 int hvm_init_signals(void);

@@ -51,6 +51,7 @@ struct hvm_runner {
     uint8_t console[4096];
     uint32_t io_len;        /* KVM_EXIT_IO out: all size * count bytes */
     uint8_t io_data[4096];
+    uint64_t exits;         /* KVM_RUN returns with an exit, those finished here included */
 };
 
 static int hvm_kick_signal(void) { return SIGRTMIN + 3; }
@@ -166,6 +167,7 @@ int hvm_run(struct hvm_runner *r)
             ret = -errno;
             break;
         }
+        r->exits++;
         if (run->exit_reason == KVM_EXIT_IO && run->io.port == r->console_port
             && run->io.direction == KVM_EXIT_IO_OUT && run->io.size == 1) {
             const uint8_t *p = (const uint8_t *)run + run->io.data_offset;

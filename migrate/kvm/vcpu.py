@@ -101,6 +101,11 @@ class Vcpu:
                             size=e.size, data=bytes(e.data)[:e.size] if e.direction else b"")
         return VcpuExit(reason, e.reason, detail=e.hw_reason)
 
+    @property
+    def exits(self) -> int:
+        """KVM exits of this vCPU so far (interruptions by a kick not counted)."""
+        return self._runner.exits
+
     def complete_io_in(self, data: bytes) -> None:
         lib.hvm_complete_io_in(self._runner, data, len(data))
 

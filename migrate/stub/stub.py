@@ -1,6 +1,10 @@
 """The stub VM, host side: boots the device-model image, turns guest exits
 into ioreqs (specs/ioreq.md), serves the stub's hypercalls (doorbell, IRQ
-lines, block ring, console), and saves/loads its device state."""
+lines, block ring, net ring, console), and saves/loads its device state.
+
+Every ioreq is made under ``Stub.lock``: the guest's vCPU thread makes them for
+its exits, and a NIC's receive thread (migrate/stub/netback.py) for NET_RX while
+the guest runs."""
 from __future__ import annotations
 
 import functools
@@ -16,6 +20,7 @@ from ..guest import boot as gboot
 from ..kvm import DirtyBitmap, PlatformState, VcpuState
 from . import abi, devstate
 from .blockback import BlockBackend
+from .netback import NetBackend, NetError
 
 log = logging.getLogger(__name__)
 
@@ -51,7 +56,7 @@ class StubState:
 
 class Stub:
     def __init__(self, kvm, guest_vm, guest_ram, console, disk: str | None, name: str, cpu,
-                 scale_tsc: bool = False):
+                 scale_tsc: bool = False, net: dict | None = None):
         self.guest_vm = guest_vm
         self.console = console
         self.name = name
@@ -61,15 +66,23 @@ class Stub:
         self._busy_since = 0.0
         self._watch_lock = threading.Lock()
         self._stopped = threading.Event()
+        self.lock = threading.RLock()       # one ioreq (or capture) at a time, whatever the thread
         self.requests = 0
         self.cpu = cpu                  # the stub VM's CPU policy (migrate.cpu)
+        self.hypercalls = 0
         self.backend = BlockBackend(disk) if disk else None
+        self.net: NetBackend | None = None
         try:
+            if net is not None:
+                self.net = NetBackend(net, name)
             self.vm, self.ram, self.vcpu = gboot.new_machine(
                 kvm, abi.STUB_RAM, f"stub-{name}", cpu, console_port=abi.PORT_CONSOLE,
                 scale_tsc=scale_tsc)
             self.window = self.vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
                                              memfd=guest_ram.memfd)
+        except NetError as exc:
+            self.close()
+            raise StubError(str(exc)) from None
         except BaseException:
             self.close()
             raise
@@ -83,17 +96,28 @@ class Stub:
             workload=gboot.WL_STUB, timer_hz=0, mem_size=abi.STUB_RAM,
             wl_base=abi.IOREQ_PAGE, wl_size=abi.STUB_RAM - abi.IOREQ_PAGE,
             tsc_khz=self.vcpu.get_tsc_khz(),
-            args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ])
+            args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ,
+                  abi.NET_BASE if self.net else 0, abi.NET_IRQ if self.net else 0])
         gboot.boot_vcpu(self.vcpu, self.ram.mem, info, stub_image())
         struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
                          self.backend.capacity if self.backend else 0)
+        if self.net:
+            abi.NET_HEADER.pack_into(self.ram.mem, abi.NET_RING, 0, 0, self.net.mac, self.net.net["mtu"])
         self._run_until_doorbell()
         magic, version, nr_vcpus, ready = abi.PAGE_HEADER.unpack_from(self.ram.mem, abi.IOREQ_PAGE)
         if (magic, version, ready) != (abi.IOREQ_MAGIC, abi.IOREQ_VERSION, 1):
             raise StubError(f"stub did not come up (ioreq page magic {magic:#x} version {version})")
+        self._start_net()
+
+    def _start_net(self) -> None:
+        if self.net is not None:
+            self.net.start(self.ram.mem, self.net_rx, self.lock)
 
     def close(self) -> None:
         self._stopped.set()
+        if getattr(self, "net", None) is not None:
+            self.net.close()        # its receive thread first: it makes ioreqs
+            self.net = None
         if getattr(self, "vm", None) is not None:
             self.vm.close()
             self.vm = None
@@ -108,6 +132,10 @@ class Stub:
         ``payload`` (string I/O, console input) travels in the ioreq data
         page with data_is_ptr set; a read returns count*size bytes there.
         """
+        with self.lock:
+            return self._request(type_, addr, size, direction, data, count, payload)
+
+    def _request(self, type_, addr, size, direction, data, count, payload) -> tuple[int, int, bytes]:
         mem = self.ram.mem
         if mem[abi.STATE_OFFSET] != abi.NONE:
             raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})")
@@ -157,12 +185,20 @@ class Stub:
                 self.vcpu.unkick()
 
     def _hypercall(self, ex) -> None:
+        self.hypercalls += 1
         if ex.port == abi.PORT_IRQ:
             value = int.from_bytes(ex.data[:4], "little")
             irq = value & 0x7FFFFFFF
-            if irq not in (abi.UART_IRQ, abi.VIRTIO_IRQ):
+            if irq not in (abi.UART_IRQ, abi.VIRTIO_IRQ) and not (irq == abi.NET_IRQ and self.net):
                 raise StubError(f"stub asked for guest IRQ {irq}, which it does not own")
             self.guest_vm.irq_line(irq, value >> 31)
+        elif ex.port in (abi.PORT_NET_TX, abi.PORT_NET_RXBUF):
+            if self.net is None:
+                raise StubError("stub used the net ring but the domain has no NIC")
+            if ex.port == abi.PORT_NET_TX:
+                self.net.serve_tx(self.ram.mem)
+            else:
+                self.net.rx_wanted()
         elif ex.port == abi.PORT_BLK:
             if self.backend is None:
                 raise StubError("stub kicked the block ring but the domain has no disk")
@@ -211,6 +247,13 @@ class Stub:
             out = (1 << 64) - 1
         return None if ex.is_write else out.to_bytes(8, "little")[:ex.size]
 
+    def net_rx(self, first: int, count: int) -> int:
+        """NET_RX: ``count`` packets in the RX slots from ``first``; how many it took."""
+        result, taken, _ = self.request(abi.TYPE_NET_RX, first, 1, abi.DIR_WRITE, 0, count)
+        if result != 0:
+            raise StubError(f"stub refused received packets: {abi.RESULTS.get(result)}")
+        return taken
+
     def input(self, data: bytes) -> int:
         """Offer console input to the UART; returns how many bytes it took."""
         result, taken, _ = self.request(abi.TYPE_INPUT, count=len(data), payload=data)
@@ -240,13 +283,14 @@ class Stub:
                             f"(see the stub log: {list(self.log_lines)[-1:]})")
 
     def capture(self) -> StubState:
-        devices = self.save_devices()
-        self.vcpu.settle()              # complete the doorbell exit before reading state
-        partial = self.vcpu.take_console()
-        if partial:
-            self.console.feed(partial)
-        return StubState(vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
-                         platform=PlatformState.capture(self.vm), devices=devices)
+        with self.lock:
+            devices = self.save_devices()
+            self.vcpu.settle()              # complete the doorbell exit before reading state
+            partial = self.vcpu.take_console()
+            if partial:
+                self.console.feed(partial)
+            return StubState(vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
+                             platform=PlatformState.capture(self.vm), devices=devices)
 
     def apply(self, state: StubState) -> None:
         """Resume from the stub's memory image as it is (filled separately)."""
@@ -255,8 +299,17 @@ class Stub:
         if capacity != here:
             raise StubError(f"the stub image was saved with a disk of {capacity} sectors; "
                             f"the disk here has {here}")
+        net_base = struct.unpack_from("<Q", self.ram.mem, gboot.BOOT_INFO_ADDR + 48 + 8 * 4)[0]
+        if net_base != (abi.NET_BASE if self.net else 0):
+            raise StubError("the stub image and this domain disagree on having a NIC")
+        if self.net:
+            _, _, mac, mtu = abi.NET_HEADER.unpack_from(self.ram.mem, abi.NET_RING)
+            if (mac, mtu) != (self.net.mac, self.net.net["mtu"]):
+                raise StubError(f"the stub image's NIC has MAC {mac.hex(':')} and MTU {mtu}; this "
+                                f"domain's has {self.net.net['mac']} and {self.net.net['mtu']}")
         state.platform.apply(self.vm)
         state.vcpus[0].apply(self.vcpu)
+        self._start_net()
 
     # -- memory and dirty logs ------------------------------------------------
     @property

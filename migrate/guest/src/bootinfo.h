@@ -18,6 +18,7 @@ enum workload_id {
     WL_BENCH = 6,
     WL_STUB = 7,                /* the device-model stub's own image */
     WL_IOBENCH = 8,
+    WL_NETECHO = 9,
 };
 
 struct boot_info {
@@ -32,10 +33,12 @@ struct boot_info {
     uint64_t args[BOOT_INFO_NARGS];
     uint64_t flags;             /* BOOT_F_* */
     uint64_t virtio_base;       /* guest physical base of the virtio-mmio block device */
+    uint64_t net_base;          /* guest physical base of the virtio-mmio network device */
 };
 
 #define BOOT_F_UART     1       /* console on the 16550A at 0x3F8 (else port 0xE9) */
 #define BOOT_F_VIRTIO   2       /* a virtio-mmio block device at virtio_base, IRQ 5 */
+#define BOOT_F_NET      4       /* a virtio-mmio network device at net_base, IRQ 6 */
 
 /* Ports (specs/guest-boot.md, "Ports") */
 #define PORT_CONSOLE   0xE9     /* out: console bytes (rep outsb: a line) */
@@ -46,5 +49,6 @@ struct boot_info {
 #define UART_PORT      0x3F8
 #define UART_GSI       4
 #define VIRTIO_GSI     5
+#define NET_GSI        6
 
 #endif

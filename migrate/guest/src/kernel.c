@@ -17,6 +17,7 @@
 #define VEC_TIMER    32
 #define VEC_UART     36
 #define VEC_VIRTIO   37
+#define VEC_NET      38
 #define IOAPIC_BASE  0xFEC00000UL
 #define VEC_SPURIOUS 255
 
@@ -65,7 +66,7 @@ volatile uint64_t timer_ticks;
 const struct boot_info *boot;
 
 extern void *isr_table[21];
-extern void isr32(void), isr36(void), isr37(void), isr255(void);
+extern void isr32(void), isr36(void), isr37(void), isr38(void), isr255(void);
 extern void enter_user(void (*entry)(const struct boot_info *), void *stack, const void *arg);
 
 static inline void lapic_write(uint32_t reg, uint32_t v)
@@ -113,6 +114,7 @@ static void load_tables(void)
     set_gate(VEC_TIMER, isr32, 0);
     set_gate(VEC_UART, isr36, 0);
     set_gate(VEC_VIRTIO, isr37, 0);
+    set_gate(VEC_NET, isr38, 0);
     set_gate(VEC_SPURIOUS, isr255, 0);
     struct dtr i = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" :: "m"(i));
@@ -158,7 +160,7 @@ static void uart_init(void)
 /* Console input: the receive interrupt appends to a line buffer. */
 static char input_line[128];
 static volatile uint32_t input_len, input_done;
-volatile uint64_t uart_irqs, virtio_irqs;
+volatile uint64_t uart_irqs, virtio_irqs, net_irqs;
 
 static void uart_rx_interrupt(void)
 {
@@ -195,6 +197,13 @@ static void virtio_interrupt(void)
     regs[0x064 / 4] = regs[0x060 / 4];  /* acknowledge what is pending */
 }
 
+static void net_interrupt(void)
+{
+    volatile uint32_t *regs = (volatile uint32_t *)boot->net_base;
+    net_irqs++;
+    regs[0x064 / 4] = regs[0x060 / 4];
+}
+
 static void __attribute__((noreturn)) guest_stop(uint32_t status)
 {
     for (;;) {
@@ -216,6 +225,10 @@ void trap(struct trap_frame *f)
         return;
     case VEC_VIRTIO:
         virtio_interrupt();
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_NET:
+        net_interrupt();
         lapic_write(LAPIC_EOI, 0);
         return;
     case VEC_SPURIOUS:
@@ -259,6 +272,8 @@ void kmain(const struct boot_info *bi)
         uart_init();
     if (bi->flags & BOOT_F_VIRTIO)
         ioapic_route(VIRTIO_GSI, VEC_VIRTIO);
+    if (bi->flags & BOOT_F_NET)
+        ioapic_route(NET_GSI, VEC_NET);
     if (bi->workload == WL_IDLE)
         idle_loop();
     enter_user(workload_main, user_stack + sizeof(user_stack), bi);

@@ -120,6 +120,15 @@ void console_write(const char *s, size_t n)
     __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"(PORT_CONSOLE) : "memory");
 }
 
+int snprintf(char *buf, size_t size, const char *fmt, ...)
+{
+    va_list ap;
+    va_start(ap, fmt);
+    int n = vsnprintf(buf, size, fmt, ap);
+    va_end(ap);
+    return n;
+}
+
 void printk(const char *fmt, ...)
 {
     char buf[256];

@@ -84,6 +84,7 @@ isr_common:
     STUB 32, 0
     STUB 36, 0
     STUB 37, 0
+    STUB 38, 0
     STUB 255, 0
 
     .section .rodata

@@ -114,6 +114,15 @@ static void dirtier(void)
     }
 }
 
+/* "<who> net ip=A.B.C.D mac=.. mtu=N features=HEX" once the NIC is up. */
+static void print_net(const char *who)
+{
+    uint32_t ip = (uint32_t)(boot->flags & BOOT_F_NET ? boot->args[who[0] == 'l' ? 2 : 0] : 0);
+    printk("%s net ip=%u.%u.%u.%u mac=%02x:%02x:%02x:%02x:%02x:%02x mtu=%u features=%lx\n", who,
+           ip >> 24, (ip >> 16) & 255, (ip >> 8) & 255, ip & 255, vnet_mac[0], vnet_mac[1], vnet_mac[2],
+           vnet_mac[3], vnet_mac[4], vnet_mac[5], vnet_mtu, vnet_features);
+}
+
 /* The ledger's disk journal: generation g writes one 512-byte block at
  * sector g % nsect (magic, seed, gen, sum, then a pattern), reads it back,
  * and reads back one older generation's block. */
@@ -188,9 +197,12 @@ static void ledger(void)
         journal_sectors = vblk_capacity < 4096 ? vblk_capacity : 4096;
     printk("ledger start seed=%lu pages=%lu gen=%lu journal=%lu\n", h->seed, h->npages, h->gen,
            journal_sectors);
+    if ((boot->flags & BOOT_F_NET) && net_init((uint32_t)boot->args[2], 0) == 0)
+        print_net("ledger");
     for (;;) {
         uint64_t sum = 0;
         for (uint64_t i = 0; i < h->npages; i++) {
+            net_poll();                 /* a NIC is served between pages */
             h->cursor = i;
             int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &sum);
             if (bad >= 0) {
@@ -218,6 +230,7 @@ static void ledger(void)
         barrier();
         h->phase = 1;
         for (uint64_t i = 0; i < h->npages; i++) {
+            net_poll();
             ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->target, i);
             barrier();
             h->cursor = i + 1;
@@ -290,6 +303,39 @@ static void iobench(void)
     guest_exit(0);
 }
 
+/* netecho: answers ARP, ping and UDP (netstack.c) from a polling loop, with
+ * a line of counters every five seconds (each byte of a console line is an
+ * exit and an ioreq here: a line stalls the loop for tens of milliseconds;
+ * the status port answers at once).  args: IPv4 address (as a number), the
+ * driver's VNET_OPT_* options. */
+static void netecho(void)
+{
+    uint64_t t0, null_exit, hz = tsc_hz(), last;
+    (void)inb(PORT_NULL);
+    t0 = rdtsc();
+    for (int i = 0; i < 1000; i++)
+        (void)inb(PORT_NULL);
+    null_exit = (rdtsc() - t0) / 1000;
+    if (net_init((uint32_t)boot->args[0], boot->args[1]) < 0) {
+        for (;;) {
+            printk("netecho NO NIC (flags=%lx ip=%lx)\n", boot->flags, boot->args[0]);
+            delay_ms(1000);
+        }
+    }
+    print_net("netecho");
+    printk("netecho start null_exit=%lu\n", null_exit);
+    last = rdtsc();
+    for (;;) {
+        net_poll();
+        uint64_t now = rdtsc();
+        if (now - last >= 5 * hz) {
+            net_report("netecho");
+            echo_input("netecho");
+            last = now;
+        }
+    }
+}
+
 void workload_main(const struct boot_info *bi)
 {
     (void)bi;
@@ -300,6 +346,7 @@ void workload_main(const struct boot_info *bi)
     case WL_PAGESET: pageset(); break;
     case WL_BENCH: bench(); break;
     case WL_IOBENCH: iobench(); break;
+    case WL_NETECHO: netecho(); break;
     }
     printk("PANIC: unknown workload %u\n", boot->workload);
     guest_exit(0xdead0200);

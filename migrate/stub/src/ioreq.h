@@ -12,6 +12,9 @@
 #define STUB_STATE_SIZE    0x8000UL
 #define STUB_BOUNCE        0x410000UL   /* block data bounce buffers */
 #define STUB_BOUNCE_SIZE   0x80000UL
+#define STUB_NET_RING      0x490000UL   /* struct net_ring (specs/ioreq.md, "Net ring") */
+#define STUB_NET_TX        0x4A0000UL   /* NET_SLOTS transmit slots of NET_SLOT_SIZE bytes */
+#define STUB_NET_RX        0x530000UL   /* NET_SLOTS receive slots of NET_SLOT_SIZE bytes */
 #define STUB_WINDOW_BASE   0x10000000UL /* guest RAM, mapped at this stub address */
 
 #define IOREQ_MAGIC        0x51524f49u  /* "IORQ" */
@@ -29,6 +32,7 @@ enum {
     IOREQ_TYPE_SAVE = 2,        /* write device state records to STUB_STATE_BUF */
     IOREQ_TYPE_LOAD = 3,        /* load device state records from STUB_STATE_BUF */
     IOREQ_TYPE_INPUT = 4,       /* console input: `count` bytes at STUB_IOREQ_DATA */
+    IOREQ_TYPE_NET_RX = 5,      /* `count` received packets in the net ring's RX slots from `addr` */
 };
 enum { IOREQ_DIR_WRITE = 0, IOREQ_DIR_READ = 1 };
 
@@ -71,6 +75,8 @@ _Static_assert(__builtin_offsetof(struct ioreq, state) == 24, "ioreq.state at 24
 #define STUB_PORT_IRQ       0xE1    /* out dword: (level << 31) | guest irq */
 #define STUB_PORT_BLK       0xE2    /* out: block requests queued in the ring */
 #define STUB_PORT_CONSOLE   0xE3    /* rep outsb: guest console output bytes */
+#define STUB_PORT_NET_TX    0xE4    /* out: net_ring.tx_count packets are in the TX slots */
+#define STUB_PORT_NET_RXBUF 0xE5    /* out: the driver added receive buffers after a shortage */
 
 /* The block back end ring (front: stub, back: host), in stub memory */
 #define BLK_RING_SIZE 32
@@ -101,5 +107,24 @@ struct blk_ring {
     struct blk_rsp rsp[BLK_RING_SIZE];
 };
 _Static_assert(__builtin_offsetof(struct blk_ring, req) == 64, "block requests at 64");
+
+/* The network back end ring (specs/ioreq.md, "Net ring"), in stub memory.
+ * Slot i of each direction is NET_SLOT_SIZE bytes at STUB_NET_TX/RX + i *
+ * NET_SLOT_SIZE: a 12-byte virtio-net header, then the Ethernet frame. */
+#define NET_SLOTS       64
+#define NET_SLOT_SIZE   0x2400u
+#define NET_HDR_SIZE    12u
+
+struct net_ring {
+    uint32_t tx_count;      /* stub, at a TX kick: packets in TX slots 0..tx_count-1 */
+    uint32_t guest_csum;    /* stub: 1 while the driver accepts partial checksums */
+    uint8_t mac[6];         /* host, before the stub boots */
+    uint16_t mtu;           /* host, before the stub boots */
+    uint32_t pad[12];
+    uint32_t tx_len[NET_SLOTS];     /* stub: bytes in each TX slot (header included) */
+    uint32_t rx_len[NET_SLOTS];     /* host: bytes in each RX slot (header included) */
+};
+_Static_assert(__builtin_offsetof(struct net_ring, tx_len) == 64, "tx_len at 64");
+_Static_assert(sizeof(struct net_ring) == 576, "net_ring is 576 bytes");
 
 #endif

@@ -1,10 +1,12 @@
 /* The device-model stub: a Mini-OS-like image whose ring-3 loop serves the
  * guest's port and MMIO accesses (specs/ioreq.md) with a 16550A UART at
- * 0x3F8/IRQ 4 and a virtio-mmio block device (specs/device-state.md for
- * their saved state).  All of its state lives in this VM's memory. */
+ * 0x3F8/IRQ 4, a virtio-mmio block device and, if the domain has one, a
+ * virtio-mmio network device (netdev.c) (specs/device-state.md for their
+ * saved state).  All of its state lives in this VM's memory. */
 #include "rt.h"
 #include "ioreq.h"
 #include "devstate.h"
+#include "netdev.h"
 
 #define UART_BASE   0x3F8
 #define UART_IRQ    4
@@ -17,6 +19,8 @@ static volatile struct blk_ring *const ring = (volatile struct blk_ring *)STUB_B
 static uint64_t window_size;        /* bytes of guest RAM behind STUB_WINDOW_BASE */
 static uint64_t virtio_base;        /* guest physical base of the virtio-mmio registers */
 static uint32_t virtio_irq;
+static uint64_t net_base;           /* guest physical base of the network device's registers; 0: none */
+static uint32_t net_irq;
 
 /* The stub's own log: its boot info has no UART flag, so printk goes to the
  * host's debug port 0xE9 (the domain log), never to the guest's console. */
@@ -468,6 +472,8 @@ static int save_state(void)
 #define SAVE_V(f) ds_u64(&w, #f, vblk.f);
     VBLK_FIELDS(SAVE_V)
     ds_u64(&w, "capacity", vblk.capacity);
+    if (net_base)
+        netdev_save(&w);
     return ds_end(&w);
 }
 
@@ -539,17 +545,23 @@ static int load_state(void)
             if (load_vblk(&rec) < 0)
                 return -1;
             seen |= 2;
+        } else if (net_base && ds_name_is(rec.device, "virtio-net") && !(seen & 4)) {
+            if (netdev_load(&rec) < 0)
+                return -1;
+            seen |= 4;
         } else {
             return -1;
         }
     }
-    if (rc < 0 || seen != 3)
+    if (rc < 0 || seen != (net_base ? 7 : 3))
         return -1;
     /* drive the interrupt lines to what the loaded registers imply */
     uart.irq_level = 2;
     vblk.irq_level = 2;
     uart_update_irq();
     vblk_update_irq();
+    if (net_base)
+        netdev_sync_irq();
     return 0;
 }
 
@@ -586,12 +598,22 @@ static int serve_pio(volatile struct ioreq *r)
 static int serve_mmio(volatile struct ioreq *r)
 {
     uint64_t off = r->addr - virtio_base;
-    if (r->addr < virtio_base || off >= 0x200)
+    int net = net_base && r->addr >= net_base && r->addr - net_base < 0x200;
+    if (net)
+        off = r->addr - net_base;
+    else if (r->addr < virtio_base || off >= 0x200)
         return IOREQ_EUNCLAIMED;
     if (r->count != 1 || r->data_is_ptr || (r->size != 4 && off < 0x100))
         return IOREQ_EINVAL;
     if (r->dir != IOREQ_DIR_WRITE && r->dir != IOREQ_DIR_READ)
         return IOREQ_EINVAL;
+    if (net) {
+        if (r->dir == IOREQ_DIR_WRITE)
+            netdev_mmio_write(off, (uint32_t)r->data);
+        else
+            r->data = netdev_mmio_read(off, r->size) & width_mask(r->size);
+        return IOREQ_OK;
+    }
     if (r->dir == IOREQ_DIR_WRITE)
         vblk_write(off, (uint32_t)r->data);
     else if (off >= 0x100)
@@ -618,9 +640,25 @@ static int serve(volatile struct ioreq *r)
         uart_update_irq();
         return IOREQ_OK;
     }
+    case IOREQ_TYPE_NET_RX: {
+        int taken = net_base && r->addr < NET_SLOTS ? netdev_rx((uint32_t)r->addr, r->count) : -1;
+        if (taken < 0)
+            return IOREQ_EINVAL;
+        r->data = (uint64_t)taken;
+        return IOREQ_OK;
+    }
     default:
         return IOREQ_EINVAL;
     }
+}
+
+/* The network device's hooks (netdev.h): its line, and its two hypercalls. */
+static void net_set_irq(int level) { set_irq(net_irq, level); }
+static void net_tx_kick(void) { outb(STUB_PORT_NET_TX, 0); }
+static void net_rx_wanted(void) { outb(STUB_PORT_NET_RXBUF, 0); }
+static void net_log(const char *msg, uint64_t value, int failed)
+{
+    stub_log("stub: virtio-net: %s (%lx)%s\n", msg, value, failed ? ": device needs reset" : "");
 }
 
 void workload_main(const struct boot_info *bi)
@@ -628,16 +666,29 @@ void workload_main(const struct boot_info *bi)
     window_size = bi->args[1];
     virtio_base = bi->args[2];
     virtio_irq = (uint32_t)bi->args[3];
+    net_base = bi->args[4];
+    net_irq = (uint32_t)bi->args[5];
     if (iopage->magic != IOREQ_MAGIC) {         /* a fresh boot, not a resumed image */
         uart_reset();
         vblk.capacity = ring->capacity;
         vblk_reset();
+        if (net_base) {
+            struct netdev_env env = {
+                .guest = (uint8_t *)STUB_WINDOW_BASE, .guest_size = window_size,
+                .ring = (volatile struct net_ring *)STUB_NET_RING,
+                .tx_slots = (uint8_t *)STUB_NET_TX, .rx_slots = (uint8_t *)STUB_NET_RX,
+                .set_irq = net_set_irq, .tx_kick = net_tx_kick, .rx_wanted = net_rx_wanted,
+                .log = net_log,
+            };
+            netdev_init(&env);
+        }
         iopage->version = IOREQ_VERSION;
         iopage->nr_vcpus = 1;
         barrier();
         iopage->magic = IOREQ_MAGIC;
     }
-    stub_log("stub: ready window=%lx virtio=%lx capacity=%lu\n", window_size, virtio_base, vblk.capacity);
+    stub_log("stub: ready window=%lx virtio=%lx capacity=%lu net=%lx\n", window_size, virtio_base,
+             vblk.capacity, net_base);
     iopage->ready = 1;
     outb(STUB_PORT_DOORBELL, 0);
     for (;;) {
