@@ -47,16 +47,21 @@ def text_blocks(count: int, seed: int = 1) -> list[bytes]:
     return blocks
 
 
-def fill(mem: memoryview) -> None:
-    """Stripes of 1 MiB: untouched, untouched, text, random (the holes stay holes)."""
+def stripes(size: int):
+    """(offset, 1 MiB) of the touched stripes: of every four, the third text-like and the
+    fourth random; the first two stay untouched."""
     texts = text_blocks(16)
     rnd = random.Random(2)
-    for i in range(len(mem) // MIB):
-        at = i * MIB
+    for i in range(size // MIB):
         if i % 4 == 2:
-            mem[at:at + MIB] = texts[i // 4 % len(texts)]
+            yield i * MIB, texts[i // 4 % len(texts)]
         elif i % 4 == 3:
-            mem[at:at + MIB] = rnd.randbytes(MIB)
+            yield i * MIB, rnd.randbytes(MIB)
+
+
+def fill(mem: memoryview) -> None:
+    for at, block in stripes(len(mem)):
+        mem[at:at + MIB] = block
 
 
 def gbps(nbytes: int, seconds: float) -> str:
@@ -145,10 +150,7 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     args = ap.parse_args()
     size = args.memory_mib * MIB
-    probe = bytearray(size // 2)
-    fill(memoryview(probe))
-    touched = b"".join(bytes(probe[i:i + MIB]) for i in range(0, len(probe), MIB) if i // MIB % 4 >= 2)
-    del probe
+    touched = b"".join(block for _, block in stripes(size))
     limits = machine_limits(touched, args.dir)
     print(f"guest RAM {size >> 20} MiB: half untouched, a quarter text-like, a quarter random "
           f"({len(touched) >> 20} MiB touched)")
