@@ -28,7 +28,7 @@ from ..cpu import legacy_policy, this_host
 from ..dataplane import DataplaneError, Range, Target
 from ..domain import Domain, DomainConfig
 from ..stream import (
-    DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
+    DONE, NEED_DATA, PAGE_SIZE, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
     MsrPolicy, StreamReader, Vm,
 )
 from ..stream import Creator
@@ -36,6 +36,9 @@ from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, stub_build_id
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
+
+
+CHANNELS_TIMEOUT = 60.0     # seconds the data channels may take to end after the main stream's END
 
 
 @dataclass
@@ -59,9 +62,11 @@ class RestoreStats:
 
 class _Restorer:
     def __init__(self, name: str | None, make_domain: Callable[..., Any],
-                 fresh_stub: bool | None, reader: StreamReader):
+                 fresh_stub: bool | None, reader: StreamReader, channels=None):
         self.name, self.make_domain, self.fresh_stub = name, make_domain, fresh_stub
         self.reader = reader
+        self.channels = channels            # a ChannelIntake: the pages on data channels
+        self.channels_record: Channels | None = None
         self.config: DomainConfig | None = None
         self.stub_build = ""
         self.domain = None
@@ -76,7 +81,7 @@ class _Restorer:
             ConfigRecord: self.on_config, MemoryLayout: self.on_layout, RawPageBatch: self.on_pages,
             HvmState: self.on_hvm, DeviceState: self.on_device_state, Creator: lambda r: None,
             CpuModel: self.cpus.add, CpuidPolicy: self.cpus.add, MsrPolicy: self.cpus.add,
-            End: self.on_end,
+            Channels: self.on_channels, End: self.on_end,
         }
 
     def handle(self, record) -> None:
@@ -116,6 +121,8 @@ class _Restorer:
                                f"{self.config.memory // PAGE_SIZE} pages from pfn 0")
         self.domain = self.make_domain(self.config, **self.cpu_policies())
         self.target.set_space(Vm.GUEST, [Range(*r) for r in self.domain.memory_ranges()])
+        if self.channels is not None:
+            self.channels.attach(self.domain, bool(self.fresh_stub))
         self.stats.guest_bytes = self.config.memory
 
     def cpu_policies(self) -> dict:
@@ -157,7 +164,17 @@ class _Restorer:
                              "version": record.version, "min_version": record.min_version,
                              "fields": record.fields})
 
+    def on_channels(self, record: Channels) -> None:
+        if self.channels is None:
+            raise RestoreError("the stream's pages came on data channels, which this restore "
+                               "did not receive (CHANNELS)")
+        self.channels_record = record
+
     def on_end(self, record: End) -> None:
+        if self.channels is not None:
+            if self.channels_record is None:
+                raise RestoreError("data channels were opened but the stream has no CHANNELS")
+            self.channels.finish(self.channels_record, CHANNELS_TIMEOUT)
         self.stats.end_at = time.monotonic()
         state = self.collector.result(self.config)
         if self.config.stub:
@@ -176,6 +193,9 @@ class _Restorer:
         if self.target is not None:
             self.target.close()
             self.target = None
+        if self.channels is not None:
+            self.channels.close()
+            self.channels = None
 
     def discard(self) -> None:
         self.release()
@@ -186,7 +206,8 @@ class _Restorer:
 def restore(source: Iterable[bytes], *, name: str | None = None,
             make_domain: Callable[..., Any] = Domain, fresh_stub: bool | None = None,
             progress: Callable[[RestoreStats], None] | None = None,
-            on_applied: Callable[[Any, RestoreStats], None] | None = None) -> tuple[Any, RestoreStats]:
+            on_applied: Callable[[Any, RestoreStats], None] | None = None,
+            channels=None) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
     ``make_domain(config, cpu=, stub_cpu=)`` builds the empty domain with those CPU
@@ -197,10 +218,11 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     stats)`` once END has been read and checked and the state applied, before the end of
     ``source`` is seen (``stats.stream_bytes`` is then the stream's exact length: a chunk
     with bytes after END fails first). The restore can still fail after it, on bytes that
-    follow in a later chunk."""
+    follow in a later chunk. ``channels``: a :class:`~.channels.ChannelIntake`, when the
+    stream's pages come on data channels (it is closed when the restore ends)."""
     t0 = time.monotonic()
     reader = StreamReader(raw_pages="bodies")
-    work = _Restorer(name, make_domain, fresh_stub, reader)
+    work = _Restorer(name, make_domain, fresh_stub, reader, channels)
     try:
         for chunk in source:
             reader.feed(chunk)

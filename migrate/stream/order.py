@@ -13,7 +13,9 @@ from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError
 from migrate.stream.hvm import HvmState
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import Creator, DeviceState, DomainConfig, End, MemoryLayout, RecordType, Vm
+from migrate.stream.records import (
+    Channels, Creator, DeviceState, DomainConfig, End, MemoryLayout, RecordType, Vm,
+)
 
 
 class StreamOrder:
@@ -24,6 +26,7 @@ class StreamOrder:
         self.once: set[tuple] = set()
         self.cpu_records: dict[Vm, set[RecordType]] = {}
         self.msr_policies: dict[Vm, MsrPolicy] = {}
+        self.channels_seen = False
         self._checks: dict[type, Callable[[Any], None]] = {
             DomainConfig: self._domain_config,
             MemoryLayout: self._memory_layout,
@@ -33,6 +36,7 @@ class StreamOrder:
             CpuModel: self._cpu_record,
             CpuidPolicy: self._cpu_record,
             MsrPolicy: self._cpu_record,
+            Channels: self._channels,
             Creator: lambda record: None,
             End: self._end,
         }
@@ -41,6 +45,8 @@ class StreamOrder:
         check = self._checks[type(record)]
         if not self.config_seen and not isinstance(record, (DomainConfig, Creator)):
             raise StreamError(f"{record.TYPE.name} before DOMAIN_CONFIG, which must come first")
+        if self.channels_seen and not isinstance(record, (End, Creator)):
+            raise StreamError(f"{record.TYPE.name} after CHANNELS, which only END may follow")
         check(record)
 
     def _once(self, key: tuple, what: str) -> None:
@@ -69,6 +75,9 @@ class StreamOrder:
         if isinstance(record, MsrPolicy):
             self.msr_policies[record.vm] = record
 
+    def _channels(self, record: Channels) -> None:
+        self.channels_seen = True          # once: anything after it but END is refused above
+
     def _pages(self, record: PageBatch) -> None:
         self.pages(record.TYPE.name, record.space, (pfn for pfn, _ in record.pages))
 
@@ -82,6 +91,8 @@ class StreamOrder:
         every pfn is in one of its ranges."""
         if not self.config_seen:
             raise StreamError(f"{what} before DOMAIN_CONFIG, which must come first")
+        if self.channels_seen:
+            raise StreamError(f"{what} after CHANNELS, which only END may follow")
         layout = self.layouts.get(space)
         if layout is None:
             raise StreamError(f"{what} for {space.name} before its MEMORY_LAYOUT")

@@ -23,7 +23,7 @@ from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch, RawPageBatch, decode_raw_batch
 from migrate.stream.records import (
     FORMAT_VERSION, HEADER, MAGIC, MAX_HEADER_LENGTH, MAX_RECORD_BODY, MIN_READ_VERSION,
-    OPTIONAL, RECORD_ALIGN, RECORD_HEADER, Creator, DeviceState, DomainConfig, End, Header,
+    OPTIONAL, RECORD_ALIGN, RECORD_HEADER, Channels, Creator, DeviceState, DomainConfig, End, Header,
     MemoryLayout, RecordType, padded,
 )
 
@@ -59,6 +59,7 @@ _V2_DECODERS: dict[int, Decoder] = {
     RecordType.CPU_MODEL: CpuModel.unpack,
     RecordType.CPUID_POLICY: CpuidPolicy.unpack,
     RecordType.MSR_POLICY: MsrPolicy.unpack,
+    RecordType.CHANNELS: Channels.unpack,
 }
 # One decoder table per readable format version (this one and the one before).
 DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS, 2: _V2_DECODERS}

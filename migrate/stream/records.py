@@ -65,6 +65,8 @@ class RecordType(IntEnum):
     CPU_MODEL = 0x0000_0040
     CPUID_POLICY = 0x0000_0041
     MSR_POLICY = 0x0000_0042
+    CHANNEL_SYNC = 0x0000_0050  # in channel streams only (section "Channel streams")
+    CHANNELS = 0x0000_0051
     CREATOR = OPTIONAL | 0x0000_0001
 
 
@@ -324,6 +326,46 @@ class Creator:
 
 
 END = struct.Struct("<QQQ16s")  # record_count, page_count, stream_bytes, XXH3-128 digest
+
+
+CHANNELS_HEADER = struct.Struct("<II")  # count, reserved
+CHANNEL_ENTRY = struct.Struct("<IIQQQ16s")  # index, rounds, records, pages, bytes, digest
+MAX_CHANNELS = 64
+
+
+@dataclass(frozen=True)
+class Channels:
+    """The data channels that carried this stream's pages (a relocation's: specs/
+    stream-format.md, "Channel streams"): each one's last CHANNEL_SYNC, in index order:
+    ``(rounds, records, pages, bytes, digest)``."""
+
+    TYPE: ClassVar[RecordType] = RecordType.CHANNELS
+    channels: tuple[tuple[int, int, int, int, bytes], ...]
+
+    def pack(self) -> bytes:
+        if not 1 <= len(self.channels) <= MAX_CHANNELS:
+            raise ValueError(f"{len(self.channels)} channels, 1..{MAX_CHANNELS}")
+        return CHANNELS_HEADER.pack(len(self.channels), 0) + b"".join(
+            CHANNEL_ENTRY.pack(i, *entry) for i, entry in enumerate(self.channels))
+
+    @classmethod
+    def unpack(cls, body: bytes) -> Channels:
+        if len(body) < CHANNELS_HEADER.size:
+            raise StreamError(f"CHANNELS body is {len(body)} bytes, shorter than its header")
+        count, reserved = CHANNELS_HEADER.unpack_from(body)
+        if reserved:
+            raise StreamError(f"CHANNELS reserved field is 0x{reserved:x}, must be zero")
+        if not 1 <= count <= MAX_CHANNELS:
+            raise StreamError(f"CHANNELS count {count} outside 1..{MAX_CHANNELS}")
+        need = CHANNELS_HEADER.size + count * CHANNEL_ENTRY.size
+        if len(body) != need:
+            raise StreamError(f"CHANNELS body is {len(body)} bytes, {count} channels need {need}")
+        out = []
+        for i, (index, *entry) in enumerate(CHANNEL_ENTRY.iter_unpack(body[CHANNELS_HEADER.size:])):
+            if index != i:
+                raise StreamError(f"CHANNELS entry {i} is for channel {index}")
+            out.append(tuple(entry))
+        return cls(tuple(out))
 
 
 @dataclass(frozen=True)

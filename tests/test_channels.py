@@ -1,0 +1,153 @@
+"""A save whose pages go on data channels and its restore (migrate/engine/channels.py),
+end to end in one process: a live ledger guest, the main stream through a queue, two
+channels over socket pairs (their sockets handed over by SCM_RIGHTS as the relocation
+daemon does), a restore taking both at once; then the guest checks itself on, and so
+does the host. And what the restore refuses: a CHANNELS record that does not match."""
+from __future__ import annotations
+
+import os
+import queue
+import socket
+import threading
+
+import pytest
+
+from migrate import dataplane
+from migrate.domain import Domain, DomainConfig
+from migrate.engine import RestoreError, restore, save
+from migrate.engine.channels import ChannelIntake, ChannelSink
+from migrate.guest import check
+from migrate.stream import FORMAT_VERSION
+
+TOKEN = os.urandom(32)
+
+
+def channel_pairs(count: int):
+    """Socket pairs for the channels, and the unix socket the receiving side takes their
+    far ends from (each with its index), as the daemon passes them."""
+    pairs = [socket.socketpair() for _ in range(count)]
+    give, take = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    for i, (_, far) in enumerate(pairs):
+        socket.send_fds(give, [i.to_bytes(4, "little")], [far.fileno()])
+        far.close()
+    give.close()
+    return [near for near, _ in pairs], take
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("fresh_stub", [False, True], ids=["stub-image", "fresh-stub"])
+def test_a_live_save_on_two_channels_restores_whole(domains, fresh_stub):
+    src = Domain.boot(DomainConfig("ch", "ledger", 32 << 20, args=[5, 0] + [0] * 6))
+    domains.append(src)
+    src.resume()
+    src.console.wait_for(r"ledger ok gen=2 ", 20)
+    near, take = channel_pairs(2)
+    outputs = [dataplane.Output(s.fileno(), timeout=20) for s in near]
+    for i, out in enumerate(outputs):
+        out.channel_header(FORMAT_VERSION, i, TOKEN)
+    main: queue.Queue = queue.Queue()
+    intake = ChannelIntake(dataplane.Receiver(2, FORMAT_VERSION, TOKEN, timeout=20), take)
+    result: dict = {}
+
+    def receive():
+        try:
+            result["domain"], _ = restore(iter(main.get, None), channels=intake, fresh_stub=fresh_stub)
+            domains.append(result["domain"])
+        except Exception as exc:        # the assertion below says what
+            result["error"] = exc
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    sink = ChannelSink(main.put, lambda: None, outputs)
+    try:
+        stats = save(src, sink, live=True, compress="auto")
+    finally:
+        sink.close()
+        main.put(None)
+        for s in near:
+            s.close()
+    receiver.join(30)
+    assert "error" not in result, result.get("error")
+    assert stats.rounds >= 2 and stats.pages_total >= 32 << 20 >> 12 >> 1
+    dom = result["domain"]
+    src.destroy()
+    dom.resume()
+    m = dom.console.wait_for(r"ledger ok gen=(\d+) sum=([0-9a-f]{16})", 20, start=dom.console.next_index)
+    assert int(m.group(2), 16) == check.ledger_sum(5, int(m.group(1)), check.ledger_header(dom.memory).npages)
+    dom.pause()
+    assert check.ledger_verify(dom.memory)[0] == -1
+
+
+@pytest.mark.kvm
+def test_channels_that_do_not_match_their_record_are_refused(domains):
+    src = Domain.boot(DomainConfig("ch2", "idle", 16 << 20))
+    domains.append(src)
+    near, take = channel_pairs(1)
+    out = dataplane.Output(near[0].fileno(), timeout=10)
+    out.channel_header(FORMAT_VERSION, 0, TOKEN)
+    main: queue.Queue = queue.Queue()
+    intake = ChannelIntake(dataplane.Receiver(1, FORMAT_VERSION, TOKEN, timeout=10), take)
+    result: dict = {}
+
+    def receive():
+        try:
+            restore(iter(main.get, None), channels=intake, make_domain=lambda cfg, **cpu: remember(Domain(cfg, **cpu)))
+        except Exception as exc:
+            result["error"] = exc
+
+    built = []
+
+    def remember(dom):
+        built.append(dom)
+        return dom
+
+    receiver = threading.Thread(target=receive)
+    receiver.start()
+    sink = ChannelSink(main.put, lambda: None, [out])
+    real_end_round = sink.end_round
+
+    def lying_end_round(final):             # CHANNELS will claim one record more
+        real_end_round(final)
+        if final:
+            rounds, records, pages, nbytes, digest = sink.finals[0]
+            sink.finals[0] = (rounds, records + 1, pages, nbytes, digest)
+    sink.end_round = lying_end_round
+    try:
+        save(src, sink)
+    finally:
+        sink.close()
+        main.put(None)
+        near[0].close()
+    receiver.join(30)
+    assert isinstance(result.get("error"), RestoreError), result
+    assert "channel 0 ended with rounds 1, records" in str(result["error"])
+    assert built and all(d.status == "destroyed" for d in built)
+
+
+@pytest.mark.kvm
+def test_a_channel_stream_without_its_channels_is_refused(domains):
+    """The main stream alone (as if saved to a file) names channels it does not carry."""
+    src = Domain.boot(DomainConfig("ch3", "idle", 16 << 20))
+    domains.append(src)
+    near, take = channel_pairs(1)
+    out = dataplane.Output(near[0].fileno(), timeout=10)
+    out.channel_header(FORMAT_VERSION, 0, TOKEN)
+    chunks: list = []
+
+    def drop_channel():              # the far end of the channel, read and thrown away
+        _, fds, _, _ = socket.recv_fds(take, 16, 1)
+        with socket.socket(fileno=fds[0]) as far:
+            while far.recv(1 << 20):
+                pass
+    drain = threading.Thread(target=drop_channel)
+    drain.start()
+    sink = ChannelSink(chunks.append, lambda: None, [out])
+    try:
+        save(src, sink)
+    finally:
+        sink.close()
+        near[0].close()
+    drain.join()
+    take.close()
+    with pytest.raises(RestoreError, match="came on data channels, which this restore did not receive"):
+        restore([b"".join(chunks)])
