@@ -16,7 +16,7 @@ import click
 from .cpu import DEFAULT_MODEL, MODELS
 from .domain import MIB, DomainConfig, DomainError
 from .engine import RestoreError
-from .engine.sinks import DEFAULT_LEVEL
+from .engine.sinks import DEFAULT_COMPRESSION, Compression
 from .guest.boot import WORKLOADS
 from .host import control, protocol
 from .host.control import ControlError
@@ -349,17 +349,13 @@ def _disk_map(items) -> dict[str, str]:
         raise click.BadParameter(str(exc), param_hint="--disk-map") from None
 
 
-def parse_compress(text: str) -> int | None:
-    """'none' -> None, 'zstd' -> the engine's default level, 'zstd:LEVEL' -> LEVEL."""
-    kind, _, level = text.strip().lower().partition(":")
-    if kind == "none" and not level:
-        return None
-    if kind == "zstd":
-        if not level:
-            return DEFAULT_LEVEL
-        if level.lstrip("-").isdigit() and -7 <= int(level) <= 22 and int(level) != 0:
-            return int(level)
-    raise click.BadParameter(f"{text!r}: use none, zstd or zstd:LEVEL (LEVEL 1..22, or -7..-1 for fast)")
+def parse_compress(text: str) -> str:
+    """'auto', 'none', 'zstd' or 'zstd:LEVEL', checked (engine.sinks.Compression)."""
+    try:
+        return str(Compression.of(text.strip().lower()))
+    except ValueError:
+        raise click.BadParameter(f"{text!r}: use auto, none, zstd or zstd:LEVEL (LEVEL 1..22, "
+                                 "or -7..-1 for fast)", param_hint="--compress") from None
 
 
 def _mb(n: float) -> str:
@@ -436,8 +432,9 @@ def _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle) -> d
 @click.argument("file", type=click.Path(dir_okay=False))
 @click.option("--checkpoint", is_flag=True, help="Keep the domain running after the save.")
 @click.option("--live", is_flag=True, help="Pre-copy while the guest runs, pause for the last round.")
-@click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
-              help="Page compression.")
+@click.option("--compress", "compress", default=DEFAULT_COMPRESSION, show_default=True,
+              metavar="auto|none|zstd[:LEVEL]",
+              help="Page compression; auto compresses the batches where that gets them out sooner.")
 @convergence_options("no file, the domain keeps running")
 @json_option
 @_fail_cleanly
@@ -764,16 +761,20 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
 @click.argument("name")
 @click.argument("target", metavar="HOST:PORT")
 @click.option("--offline", is_flag=True, help="Pause first and copy once (no pre-copy).")
+@click.option("--channels", type=click.IntRange(0, 8), default=2, show_default=True,
+              help="Data channels for the pages, each its own TLS connection (0: all on the "
+                   "main connection).")
 @tls_dir_option
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
 @click.option("--stats-out", type=click.Path(dir_okay=False, writable=True),
               help="Write the statistics, with one entry per round, as JSON to this file.")
 @convergence_options("the guest keeps running here")
-@click.option("--compress", "compress", default="zstd", show_default=True, metavar="none|zstd[:LEVEL]",
-              help="Page compression.")
+@click.option("--compress", "compress", default=DEFAULT_COMPRESSION, show_default=True,
+              metavar="auto|none|zstd[:LEVEL]",
+              help="Page compression; auto compresses the batches where that gets them out sooner.")
 @json_option
 @_fail_cleanly
-def migrate(name, target, offline, tls_dir, insecure, stats_out, downtime_ms, max_bandwidth,
+def migrate(name, target, offline, channels, tls_dir, insecure, stats_out, downtime_ms, max_bandwidth,
             timeout, on_timeout, throttle, compress, as_json):
     """Relocate a running domain to the host daemon at HOST:PORT (live pre-copy, then a
     two-phase handoff); the domain is gone here once it runs there.
@@ -786,7 +787,7 @@ def migrate(name, target, offline, tls_dir, insecure, stats_out, downtime_ms, ma
     from .host.relocate import migrate_domain
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
-        reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir,
+        reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir, channels=channels,
                                insecure=insecure, progress=bar, compress=parse_compress(compress),
                                **_convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle))
     finally:

@@ -13,11 +13,12 @@ from migrate.host import control
 
 
 def test_parse_compress():
-    assert parse_compress("none") is None
-    assert parse_compress("zstd") == 1          # the engine's default level
-    assert parse_compress("zstd:19") == 19
-    for bad in ("gzip", "zstd:99", "zstd:x", "none:1"):
-        with pytest.raises(Exception, match="use none, zstd"):
+    assert parse_compress("none") == "none"
+    assert parse_compress("Auto") == "auto"
+    assert parse_compress("zstd") == "zstd:1"       # the engine's default level
+    assert parse_compress("zstd:19") == "zstd:19"
+    for bad in ("gzip", "zstd:99", "zstd:x", "none:1", "auto:3"):
+        with pytest.raises(Exception, match="use auto, none, zstd"):
             parse_compress(bad)
 
 

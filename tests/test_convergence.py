@@ -128,9 +128,9 @@ def test_migrate_request_keys_are_checked():
     c = job.convergence
     assert (c.downtime, c.max_bandwidth, c.timeout, c.on_timeout, c.throttle, job.compress) == \
         (0.05, 2e7, 3, "force", True, None)
-    assert MigrateJob.from_request(base).convergence == Convergence() and MigrateJob.from_request(base).compress == 1
+    assert MigrateJob.from_request(base).convergence == Convergence() and MigrateJob.from_request(base).compress == "auto"
     for bad in ({"on_timeout": "later"}, {"throttle": 1}, {"max_bandwidth": 0}, {"precopy_timeout": True},
-                {"compress": 99}, {"downtime_ms": "300"}):
+                {"compress": 99}, {"compress": "lz4"}, {"downtime_ms": "300"}, {"channels": 9}):
         with pytest.raises(ValueError, match="migrate: bad"):
             MigrateJob.from_request({**base, **bad})
 

@@ -48,6 +48,7 @@ def link(channels: int, secure: bool, tls_dirs, pages: int, dst: bytearray, stub
     rx = Receiver(channels, 2, TOKEN, TlsContext(True, tls_dirs[0]) if secure else None, timeout=20)
     rx.set_space(0, [(0, pages, dst)])
     rx.set_space(1, stub or [(0, 8, None)])
+    rx.open()
     for i, (_, b) in enumerate(pairs):
         rx.add(i, b.fileno())
     client = TlsContext(False, tls_dirs[1]) if secure else None
@@ -124,6 +125,28 @@ def test_a_page_of_a_later_round_never_loses_to_an_earlier_copy(tls_dirs):
             s.close()
 
 
+def test_channels_wait_for_the_memory_before_they_place_pages():
+    """The channels start (TLS, headers) before the destination's memory exists; their
+    pages wait until it is set and the receiver opened."""
+    dst = bytearray(16 * PAGE)
+    w = ChannelWriter(0)
+    w.batch(0, [(3, DATA)])
+    w.sync(0, final=True)
+    rx = Receiver(1, 2, TOKEN, None, timeout=5)
+    a, b = socket.socketpair()
+    try:
+        rx.add(0, b.fileno())
+        feed(a, bytes(w.data))
+        assert not rx.wait(0, final=True, timeout=0.3)         # no memory yet: nothing placed
+        rx.set_space(0, [(0, 16, dst)])
+        rx.open()
+        assert rx.wait(0, final=True, timeout=5) and dst[3 * PAGE:4 * PAGE] == DATA
+    finally:
+        rx.close()
+        a.close()
+        b.close()
+
+
 def test_sender_refuses_pages_outside_its_memory(tls_dirs):
     pairs, rx, outs = link(1, False, tls_dirs, 4, bytearray(4 * PAGE))
     tx = Sender(outs, 1)
@@ -141,6 +164,7 @@ def test_a_client_outside_the_ca_is_refused(tls_dirs, tmp_path):
     a, b = socket.socketpair()
     rx = Receiver(1, 2, TOKEN, TlsContext(True, tls_dirs[0]), timeout=5)
     rx.set_space(0, [(0, 4, bytearray(4 * PAGE))])
+    rx.open()
     rx.add(0, b.fileno())
     try:
         with pytest.raises(DataplaneError, match="TLS handshake failed"):
@@ -188,6 +212,7 @@ def feed(sock, data: bytes) -> None:
 def receive(streams: list, dst: bytearray, pages: int):
     rx = Receiver(len(streams), 2, TOKEN, None, timeout=5)
     rx.set_space(0, [(0, pages, dst)])
+    rx.open()
     socks = []
     for i, data in enumerate(streams):
         a, b = socket.socketpair()

@@ -234,14 +234,17 @@ class Receiver:
         buf, n = _err()
         self.tls = tls
         self.channels = channels
-        self.ptr = lib.dp_receiver_new(channels, version, token, tls.ptr if tls else ffi.NULL, timeout, buf, n)
-        if self.ptr == ffi.NULL:
+        ptr = lib.dp_receiver_new(channels, version, token, tls.ptr if tls else ffi.NULL, timeout, buf, n)
+        if ptr == ffi.NULL:
             raise DataplaneError(_text(buf))
+        # freed when the last reference goes (a thread may still be in wait() when another
+        # closes it: close() stops everything, the memory stays until then)
+        self.ptr = ffi.gc(ptr, lib.dp_receiver_free)
         self._keep: dict[int, list] = {}
 
     def set_space(self, space: int, ranges: list) -> None:
         """Where pages of ``space`` go (:class:`Range`; memory all None: pages are checked
-        and dropped). Before any channel is added."""
+        and dropped). Before :meth:`open`."""
         n, first, count, base, fds, offs, keep = _ranges(ranges, writable=True)
         buf, m = _err()
         if lib.dp_receiver_set_space(self.ptr, space, n, first, count, base, fds, offs, buf, m):
@@ -249,13 +252,20 @@ class Receiver:
         self._keep[space] = keep
 
     def add(self, index: int, fd: int) -> None:
+        """Take channel ``index``'s socket: its thread starts TLS and reads the channel
+        header at once, and places pages once :meth:`open` has been called."""
         buf, n = _err()
         if lib.dp_receiver_add(self.ptr, index, fd, buf, n):
             raise DataplaneError(_text(buf))
 
+    def open(self) -> None:
+        """The memory is set (:meth:`set_space`): the channels may place pages."""
+        lib.dp_receiver_open(self.ptr)
+
     def wait(self, round_: int, final: bool = False, timeout: float = 60.0) -> bool:
         """True once every channel has ended round ``round_`` (and with ``final``, read its
-        FINAL sync); False after ``timeout``; DataplaneError if a channel failed."""
+        FINAL sync); False after ``timeout`` or once closed (from another thread);
+        DataplaneError if a channel failed."""
         buf, n = _err()
         rc = lib.dp_receiver_wait(self.ptr, round_, int(final), timeout, buf, n)
         if rc < 0:
@@ -274,11 +284,11 @@ class Receiver:
                  for s in out], seconds[0], placed[0])
 
     def close(self) -> None:
-        """Stops every channel thread; the sockets stay the caller's to close."""
-        if self.ptr is not None:
-            lib.dp_receiver_free(self.ptr)
-            self.ptr = None
-            self._keep.clear()
+        """Stops every channel thread (and waits, from any thread, return at once); the
+        sockets stay the caller's to close. Guest memory is no longer touched after it, and
+        its buffers are let go."""
+        lib.dp_receiver_close(self.ptr)
+        self._keep.clear()
 
 
 class Target:

@@ -61,10 +61,12 @@ int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uin
                     uint32_t *npages, uint32_t *nzero, char *err, size_t errlen);
 void dp_target_free(struct dp_target *t);
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
+void dp_receiver_open(struct dp_receiver *r);
 int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen);
 void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, double *place_seconds,
                          uint64_t *placed_bytes);
 int dp_receiver_error(struct dp_receiver *r, char *err, size_t errlen);
+void dp_receiver_close(struct dp_receiver *r);
 void dp_receiver_free(struct dp_receiver *r);
 """
 

@@ -312,6 +312,15 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
     return 1;
 }
 
+/* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
+ * implements its socket timeouts that way), which blocking TLS cannot use. */
+static void set_blocking(int fd)
+{
+    int flags = fcntl(fd, F_GETFL);
+    if (flags >= 0 && flags & O_NONBLOCK)
+        fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+}
+
 static void set_timeouts(int fd, double seconds)
 {
     struct timeval tv = {(time_t)seconds, (suseconds_t)((seconds - (time_t)seconds) * 1e6)};
@@ -482,6 +491,7 @@ struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeou
         return NULL;
     }
     XXH3_128bits_reset(o->xxh);
+    set_blocking(fd);
     if (timeout > 0)
         set_timeouts(fd, timeout);
     if (tls_ctx) {
@@ -1333,7 +1343,9 @@ struct dp_receiver {
     uint32_t arrived;           /* channels at the barrier of round `barrier_round` */
     uint32_t completed;         /* rounds every channel has finished */
     uint32_t finals;            /* channels that read their FINAL sync */
-    int closing;
+    int open;                   /* its memory is set: channels may place pages */
+    int waiters;                /* threads in dp_receiver_wait: closing waits for them to leave */
+    int closing, closed;
     struct dp_error err;
 };
 
@@ -1500,7 +1512,11 @@ static void *channel_main(void *arg)
     }
     XXH3_128bits_update(ch->xxh, hdr, sizeof hdr);
     ch->offset = sizeof hdr;
-    while (!ch->final) {
+    pthread_mutex_lock(&r->lock);           /* TLS and the header done: wait for the memory */
+    while (!r->open && !r->closing && !failed(&r->err))
+        pthread_cond_wait(&r->cv, &r->lock);
+    pthread_mutex_unlock(&r->lock);
+    while (!ch->final && !r->closing) {
         uint8_t *rec = ch->buf;
         rc = conn_read(&ch->conn, rec, DP_REC_HDR, &why);
         if (rc != 1) {
@@ -1572,6 +1588,16 @@ out:
     return NULL;
 }
 
+/* The memory is set (dp_receiver_set_space): the channels may place pages. Until then
+ * they do their TLS handshakes and read their headers, and wait. */
+void dp_receiver_open(struct dp_receiver *r)
+{
+    pthread_mutex_lock(&r->lock);
+    r->open = 1;
+    pthread_cond_broadcast(&r->cv);
+    pthread_mutex_unlock(&r->lock);
+}
+
 /* Take channel `index`: a connected socket (TLS not yet started: its handshake runs on
  * the channel's own thread). 0, or -1 with err. */
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
@@ -1591,6 +1617,7 @@ int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t 
         return -1;
     }
     XXH3_128bits_reset(ch->xxh);
+    set_blocking(fd);
     if (r->timeout > 0)
         set_timeouts(fd, r->timeout);
     if (pthread_create(&ch->thread, NULL, channel_main, ch)) {
@@ -1616,9 +1643,14 @@ int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double ti
     }
     int rc = 1;
     pthread_mutex_lock(&r->lock);
+    r->waiters++;
     for (;;) {
         if (failed(&r->err)) {
             rc = -1;
+            break;
+        }
+        if (r->closing) {
+            rc = 0;
             break;
         }
         int started = 0;
@@ -1632,6 +1664,8 @@ int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double ti
             break;
         }
     }
+    if (--r->waiters == 0)
+        pthread_cond_broadcast(&r->cv);
     pthread_mutex_unlock(&r->lock);
     if (rc < 0)
         snprintf(err, errlen, "%s", r->err.text);
@@ -1653,22 +1687,42 @@ void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, 
     pthread_mutex_unlock(&r->lock);
 }
 
-/* stop every channel thread (shutting its socket down), wait for them, free everything;
- * the sockets themselves are the caller's to close */
-void dp_receiver_free(struct dp_receiver *r)
+/* Stop every channel thread (shutting its socket down) and wait for them, and for any
+ * thread in dp_receiver_wait to leave; later waits return at once. Idempotent. The
+ * sockets themselves are the caller's to close. */
+void dp_receiver_close(struct dp_receiver *r)
 {
-    if (!r)
-        return;
     pthread_mutex_lock(&r->lock);
+    if (r->closed) {
+        pthread_mutex_unlock(&r->lock);
+        return;
+    }
     r->closing = 1;
     pthread_cond_broadcast(&r->cv);
+    while (r->waiters)
+        pthread_cond_wait(&r->cv, &r->lock);
     pthread_mutex_unlock(&r->lock);
     for (int i = 0; i < r->nchannels; i++) {
         struct dp_channel *ch = &r->channels[i];
         if (ch->started) {
             shutdown(ch->conn.fd, SHUT_RDWR);
             pthread_join(ch->thread, NULL);
+            ch->started = 0;
         }
+    }
+    pthread_mutex_lock(&r->lock);
+    r->closed = 1;
+    pthread_mutex_unlock(&r->lock);
+}
+
+/* close, then free everything (no thread may use the receiver any more) */
+void dp_receiver_free(struct dp_receiver *r)
+{
+    if (!r)
+        return;
+    dp_receiver_close(r);
+    for (int i = 0; i < r->nchannels; i++) {
+        struct dp_channel *ch = &r->channels[i];
         if (ch->conn.ssl)
             SSL_free(ch->conn.ssl);
         free(ch->buf);

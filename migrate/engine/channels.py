@@ -18,7 +18,7 @@ from typing import Callable
 
 from .. import dataplane
 from ..stream import Channels, StreamWriter, Vm
-from .sinks import ENCODE_WORKERS, Compression, memory_ranges
+from .sinks import ENCODE_WORKERS, Compression
 from .state import RestoreError
 
 
@@ -46,6 +46,7 @@ class ChannelSink:
         self.main_bytes += len(data)
 
     def send_pages(self, space: Vm, pfns: array, compression: Compression, stable: bool) -> dataplane.RoundStats:
+        self.flush_link()           # the destination places pages only once the main stream built the domain
         return self.sender.send(space, pfns, compression.code, compression.level, stable)
 
     def end_round(self, final: bool) -> None:
@@ -89,26 +90,27 @@ class ChannelSink:
 class ChannelIntake:
     """The receiving end of ``count`` data channels: ``receiver`` (a data plane Receiver
     made with the relocation's token) gets each channel's socket as it arrives from
-    ``fds`` (a unix socket on which each comes with its index, SCM_RIGHTS), once
-    :meth:`attach` has told it where the domain's memory is."""
+    ``fds`` (a unix socket on which each comes with its index, SCM_RIGHTS), at once: the
+    channels start TLS and read their headers while the domain is built, and place pages
+    once :meth:`attach` has told the receiver where the domain's memory is."""
 
     def __init__(self, receiver: dataplane.Receiver, fds: socket.socket):
         self.receiver, self.fds = receiver, fds
-        self.thread: threading.Thread | None = None
         self.sockets: list[socket.socket] = []
         self.error: str | None = None
+        self.thread = threading.Thread(target=self._take, name="channel-intake", daemon=True)
+        self.thread.start()
 
     def attach(self, domain, fresh_stub: bool) -> None:
         """Place pages into ``domain`` (the stub's are checked and dropped when the stub
-        boots fresh), then start taking channels."""
+        boots fresh)."""
         self.receiver.set_space(Vm.GUEST, [dataplane.Range(*r) for r in domain.memory_ranges()])
         stub = [dataplane.Range(*r) for r in domain.stub_memory_ranges()]
         if fresh_stub:
             stub = [dataplane.Range(r.first_pfn, r.npages) for r in stub]
         if stub:
             self.receiver.set_space(Vm.STUB, stub)
-        self.thread = threading.Thread(target=self._take, name="channel-intake", daemon=True)
-        self.thread.start()
+        self.receiver.open()
 
     def _take(self) -> None:
         try:
@@ -153,6 +155,8 @@ class ChannelIntake:
 
     def close(self) -> None:
         self.receiver.close()
+        self.fds.shutdown(socket.SHUT_RDWR)     # the taking thread, if still waiting, ends
+        self.thread.join(5)
         for sock in self.sockets:
             sock.close()
         self.fds.close()

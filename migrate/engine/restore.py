@@ -29,7 +29,7 @@ from ..dataplane import DataplaneError, Range, Target
 from ..domain import Domain, DomainConfig
 from ..stream import (
     DONE, NEED_DATA, PAGE_SIZE, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
-    MsrPolicy, StreamReader, Vm,
+    MsrPolicy, StreamError, StreamReader, Vm,
 )
 from ..stream import Creator
 from ..stream.pages import RawPageBatch

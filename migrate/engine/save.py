@@ -448,17 +448,21 @@ class _CancelWatcher:
 
     def __init__(self, cancel: threading.Event, sink: Sink):
         self.cancel, self.sink = cancel, sink
-        self.done = threading.Event()
+        self.lock = threading.Lock()
+        self.done = False
         self.thread = threading.Thread(target=self._watch, name="save-cancel", daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
-        while not self.done.is_set():
+        while not self.done:
             if self.cancel.wait(0.1):
-                if not self.done.is_set():
-                    self.sink.cancel()
+                with self.lock:
+                    if not self.done:
+                        self.sink.cancel()
                 return
 
     def stop(self) -> None:
-        self.done.set()
-        self.thread.join()
+        """No cancel reaches the sink after this returns. It does not wait for the thread,
+        which ends within 0.1 s: the end of a save is on a relocation's downtime path."""
+        with self.lock:
+            self.done = True

@@ -20,6 +20,7 @@ from ..stream import StreamWriter, Vm
 
 ENCODE_WORKERS = 2          # the machines this runs on have two cores
 DEFAULT_LEVEL = 1           # the zstd level when compressing: fastest at nearly the same size
+DEFAULT_COMPRESSION = "auto"
 
 
 @dataclass(frozen=True)

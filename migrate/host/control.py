@@ -13,7 +13,7 @@ from pathlib import Path
 import msgpack
 
 from ..domain import DomainConfig, DomainError
-from ..engine.sinks import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_COMPRESSION
 from ..kvm.system import DEV_KVM
 from . import protocol, statedir
 
@@ -135,7 +135,7 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
 
 
 def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
-                compress: int | None = DEFAULT_LEVEL, progress=None, base: Path | None = None,
+                compress: int | str | None = DEFAULT_COMPRESSION, progress=None, base: Path | None = None,
                 **convergence) -> dict:
     """Save a domain to ``path`` from inside its process (see domaind's SaveJob for
     ``mode``); ``progress(dict)`` gets the save's statistics as it goes. Returns the

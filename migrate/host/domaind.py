@@ -50,12 +50,15 @@ from pathlib import Path
 import msgpack
 
 from ..console import Console
+from ..dataplane import Receiver, TlsContext
 from ..domain import Domain, DomainConfig, DomainError
 from ..engine import Convergence, RestoreError, SaveError, file_chunks, restore, save_to_file
+from ..engine.channels import ChannelIntake
 from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
-from ..stream import StreamError, Vm
+from ..stream import FORMAT_VERSION, StreamError, Vm
 from . import protocol, statedir
+from .relocation import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
 
@@ -447,13 +450,71 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
         if not stats.applied_at:
             os.write(ready_fd, f"at {stats.stream_bytes}\n".encode())
 
+    intake, rounds = _channel_intake(opts, ready_fd)
+
     def applied(domain, stats) -> None:
+        if rounds is not None:
+            rounds.stop()               # its lines come before ok, none after
         server.domain = domain
         server.publish()
         os.write(ready_fd, f"ok {stats.stream_bytes} {stats.end_at:.6f} {stats.applied_at:.6f}\n".encode())
 
-    return restore(chunks(), name=opts["name"], make_domain=make, progress=progress,
-                   on_applied=applied)
+    try:
+        return restore(chunks(), name=opts["name"], make_domain=make, progress=progress,
+                       on_applied=applied, channels=intake)
+    finally:
+        if rounds is not None:
+            rounds.stop()
+
+
+def _channel_intake(opts: dict, ready_fd: int):
+    """With data channels (specs/relocation.md, "Data channels"): the intake that receives
+    them (their sockets come from the daemon on the unix socket ``channel_fd``; TLS with
+    the daemon's keys), and the reporter of the rounds they end (``round N`` lines, for
+    SYNC). Without: (None, None)."""
+    if not opts.get("channels"):
+        return None, None
+    tls_ctx = TlsContext(True, opts["tls_dir"]) if opts.get("tls_dir") else None
+    receiver = Receiver(opts["channels"], FORMAT_VERSION, opts["token"], tls_ctx, timeout=FRAME_TIMEOUT)
+    intake = ChannelIntake(receiver, socket.socket(fileno=opts["channel_fd"]))
+    return intake, _RoundReporter(intake, ready_fd)
+
+
+class _RoundReporter:
+    """Says ``round N`` on the ready pipe each time every data channel has ended another
+    page round (N rounds ended), until stopped; and ``error: ...`` as soon as a channel
+    fails, since the daemon may otherwise not hear of it before the source's next frame."""
+
+    def __init__(self, intake, ready_fd: int):
+        self.intake, self.ready_fd = intake, ready_fd
+        self.lock = threading.Lock()        # a line is said whole, and never after stop()
+        self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="channel-rounds", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        done = 0
+        while not self.stopped:
+            try:
+                if self.intake.wait_round(done, timeout=0.2):
+                    done += 1
+                    with self.lock:
+                        if not self.stopped:
+                            os.write(self.ready_fd, f"round {done}\n".encode())
+            except RestoreError as exc:
+                with self.lock:
+                    if not self.stopped:
+                        self.stopped = True
+                        os.write(self.ready_fd, f"error: {_one_line(exc)}\n".encode())
+                return
+            except OSError:
+                return
+
+    def stop(self) -> None:
+        """No line after this returns (it does not wait for the thread: ok is on the
+        downtime path)."""
+        with self.lock:
+            self.stopped = True
 
 
 def main(argv: list[str]) -> int:

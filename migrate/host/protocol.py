@@ -11,7 +11,7 @@ import socket
 import msgpack
 
 from ..engine import Convergence
-from ..engine.sinks import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_COMPRESSION, Compression
 
 MAX_MESSAGE = 1 << 20           # bytes one message may take
 CONSOLE_CHUNK = 64 << 10        # console bytes one answer carries at most
@@ -59,8 +59,17 @@ CONVERGENCE_KEYS = {
     "precopy_timeout": ((int, float), lambda v: v > 0),      # seconds (--timeout)
     "on_timeout": (str, lambda v: v in ("cancel", "force")),
     "throttle": (bool, lambda v: True),
-    "compress": ((int, type(None)), lambda v: v is None or -7 <= v <= 22),
+    "compress": ((int, str, type(None)), lambda v: _compression_ok(v)),
 }
+
+
+def _compression_ok(value) -> bool:
+    """None (uncompressed), a zstd level, or the text Compression.of takes."""
+    try:
+        Compression.of(value)
+    except ValueError:
+        return False
+    return True
 
 
 def convergence_request(options: dict, what: str) -> dict:
@@ -72,10 +81,10 @@ def convergence_request(options: dict, what: str) -> dict:
     return {k: v for k, v in options.items() if v is not None or k == "compress"}
 
 
-def convergence_from_request(req: dict, what: str) -> tuple[Convergence, int | None]:
-    """The Convergence and the zstd level (None: uncompressed) a request asks for; absent
-    keys take the defaults (``compress`` absent: the engine's level). ValueError names a
-    bad key."""
+def convergence_from_request(req: dict, what: str) -> tuple[Convergence, int | str | None]:
+    """The Convergence and the compression (None: uncompressed; a zstd level; "auto",
+    "none", "zstd[:LEVEL]") a request asks for; absent keys take the defaults (``compress``
+    absent: auto). ValueError names a bad key."""
     opts = {}
     for key, (types, ok) in CONVERGENCE_KEYS.items():
         if key not in req or (req[key] is None and key != "compress"):
@@ -87,4 +96,4 @@ def convergence_from_request(req: dict, what: str) -> tuple[Convergence, int | N
     conv = Convergence(downtime=opts.get("downtime_ms", 300) / 1000,
                        max_bandwidth=opts.get("max_bandwidth"), timeout=opts.get("precopy_timeout"),
                        on_timeout=opts.get("on_timeout", "cancel"), throttle=opts.get("throttle", False))
-    return conv, opts.get("compress", DEFAULT_LEVEL)
+    return conv, opts.get("compress", DEFAULT_COMPRESSION)

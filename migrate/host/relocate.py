@@ -11,8 +11,10 @@ never ran (``not_resumed``); any other end after GO leaves the source paused and
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import select
 import os
 import socket
 import ssl
@@ -21,14 +23,17 @@ import time
 from pathlib import Path
 
 from ..engine import Convergence, SaveError, SaveTimeout, save
-from ..engine.sinks import DEFAULT_LEVEL
+from ..engine.sinks import DEFAULT_COMPRESSION
+from .. import dataplane
+from ..engine.channels import ChannelSink
 from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
 from ..stream import FORMAT_VERSION
 from . import tls
 from .protocol import convergence_from_request, convergence_request
 from .relocation import (
-    PROTO, RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
+    RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
 )
 
@@ -67,11 +72,13 @@ class MigrateJob:
     ``max_bandwidth`` bytes/s, ``precopy_timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
 
     def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool,
-                 convergence: Convergence | None = None, compress: int | None = DEFAULT_LEVEL):
+                 convergence: Convergence | None = None, compress: int | str | None = DEFAULT_COMPRESSION,
+                 channels: int = DEFAULT_CHANNELS):
         self.host, self.port, self.live = host, port, live
         self.tls_dir, self.insecure = tls_dir, insecure
         self.convergence = convergence or Convergence()
         self.compress = compress
+        self.channels = channels
 
     @classmethod
     def from_request(cls, req: dict) -> "MigrateJob":
@@ -84,7 +91,10 @@ class MigrateJob:
         if not insecure and (not isinstance(tls_dir, str) or not os.path.isabs(tls_dir)):
             raise ValueError("migrate needs an absolute tls_dir, or insecure")
         conv, compress = convergence_from_request(req, "migrate")
-        return cls(host, port, live, tls_dir, insecure, conv, compress)
+        channels = req.get("channels", DEFAULT_CHANNELS)
+        if not isinstance(channels, int) or isinstance(channels, bool) or not 0 <= channels <= MAX_CHANNELS:
+            raise ValueError(f"migrate: bad channels (0..{MAX_CHANNELS})")
+        return cls(host, port, live, tls_dir, insecure, conv, compress, channels)
 
     # -- the steps -------------------------------------------------------------
     def connect(self) -> Channel:
@@ -113,7 +123,8 @@ class MigrateJob:
             try:
                 ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
                         memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
-                        cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net))
+                        cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
+                        channels=self.channels)
                 welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
             except PeerError as exc:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
@@ -122,25 +133,83 @@ class MigrateJob:
             if welcome["stream_version"] != FORMAT_VERSION:
                 raise RelocationError(f"{self.host}:{self.port} asks for stream version "
                                       f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
+            links, token = self.open_channels(welcome)
             setup = time.monotonic() - t0
-            return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel)
+            try:
+                return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
+                                                links, token)
+            finally:
+                for sock in links:
+                    sock.close()
         finally:
             ch.close()
 
-    def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel) -> dict:
+    def open_channels(self, welcome: dict) -> tuple[list[socket.socket], bytes]:
+        """The data channels WELCOME granted (specs/relocation.md, "Data channels"): TCP
+        connections to the daemon's address, each opening with its preamble; their TLS
+        handshakes happen in the data plane. Refusals and failures are RelocationError."""
+        granted = welcome.get("channels", 0)
+        if not granted:
+            return [], b""
+        channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
+        if not (isinstance(granted, int) and 0 < granted <= self.channels and isinstance(channel_id, bytes)
+                and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32):
+            raise RelocationError(f"{self.host}:{self.port} granted channels badly: {granted!r}")
+        links = []
+        try:
+            for index in range(granted):
+                sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
+                links.append(sock)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                sock.sendall(CHANNEL_PREAMBLE.pack(CHANNEL_MAGIC, channel_id, index, 0))
+                sock.settimeout(None)       # the data plane sets its own timeouts
+        except OSError as exc:
+            for sock in links:
+                sock.close()
+            raise RelocationError(f"cannot open data channel {len(links)} to {self.host}:{self.port}: "
+                                  f"{exc.strerror or exc}") from None
+        return links, token
+
+    def channel_outputs(self, links: list[socket.socket], token: bytes) -> list:
+        """A data plane Output per channel, TLS started and the channel header written."""
+        tls_ctx = None if self.insecure else dataplane.TlsContext(False, self.tls_dir)
+        outputs = []
+        try:
+            for index, sock in enumerate(links):
+                out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT)
+                outputs.append(out)
+                out.channel_header(FORMAT_VERSION, index, token)
+        except dataplane.DataplaneError as exc:
+            for out in outputs:
+                out.close()
+            raise RelocationError(f"data channel {len(outputs)} to {self.host}:{self.port}: {exc}") from None
+        finally:
+            if tls_ctx is not None:
+                tls_ctx.close()
+        return outputs
+
+    def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
+                            token) -> dict:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
-        sink = RelaySink(out.write, out.flush)
+        sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links else \
+            RelaySink(out.write, out.flush)
+        watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
 
         def before_pause() -> None:
             """SYNC (specs/relocation.md): the destination applies everything sent so far,
             so the pause covers only the last dirty pages and the state, not a backlog."""
             sink.flush()
-            ch.send("SYNC", bytes=out.sent)
-            ch.expect("SYNCED", SYNC_TIMEOUT)
+            with watch.held():              # SYNCED is the answer, not a failure
+                if links:
+                    ch.send("SYNC", bytes=out.sent, round=sink.round)
+                else:
+                    ch.send("SYNC", bytes=out.sent)
+                ch.expect("SYNCED", SYNC_TIMEOUT)
 
         def on_end(stats) -> None:
+            watch.stop()                    # RESTORED or ERROR comes next: the main thread reads it
             out.flush()
             ch.send("STREAM_END", bytes=stats.stream_bytes)
             at["final"] = time.monotonic()
@@ -151,6 +220,7 @@ class MigrateJob:
                              compress=self.compress, convergence=self.convergence,
                              before_pause=before_pause, on_end=on_end, keep_dirty_logging=self.live)
             finally:
+                watch.stop()
                 sink.close()
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
@@ -282,13 +352,56 @@ def _client_context(tls_dir: str) -> ssl.SSLContext:
         raise RelocationError(str(exc)) from None
 
 
+class _LinkWatch:
+    """While the pages go out (on data channels, the control connection is otherwise
+    quiet), anything the destination says on the control connection (an ERROR) or its
+    closing stops the sink at once: the save fails at once, and then reads what was
+    said, instead of blocking in writes to channels nobody reads."""
+
+    def __init__(self, ch: Channel, sink):
+        self.ch, self.sink = ch, sink
+        self.lock = threading.Lock()
+        self.holding = self.stopped = False
+        self.thread = threading.Thread(target=self._run, name="link-watch", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.stopped:
+            try:
+                readable = select.select([self.ch.sock], [], [], 0.2)[0]
+            except (OSError, ValueError):
+                readable = True
+            if readable:
+                with self.lock:
+                    if self.stopped:
+                        return
+                    if not self.holding:
+                        self.sink.cancel()
+                        return
+                time.sleep(0.05)        # held: the main thread reads the answer
+
+    @contextlib.contextmanager
+    def held(self):
+        with self.lock:
+            self.holding = True
+        try:
+            yield
+        finally:
+            with self.lock:
+                self.holding = False
+
+    def stop(self) -> None:
+        with self.lock:
+            self.stopped = True
+
+
 def _peer_reason(ch: Channel, exc: Exception) -> str:
     """The destination's ERROR text if it sent one before closing, else ``exc``."""
     if isinstance(exc, PeerError):
         return f"destination: {exc}"
     try:
         while True:
-            ch.receive(timeout=2.0)
+            ch.receive(timeout=5.0)
     except PeerError as peer:
         return f"destination: {peer}"
     except ChannelError:
@@ -297,7 +410,7 @@ def _peer_reason(ch: Channel, exc: Exception) -> str:
 
 def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | None = None,
                    insecure: bool = False, progress=None, base: Path | None = None,
-                   **convergence) -> dict:
+                   channels: int = DEFAULT_CHANNELS, **convergence) -> dict:
     """Ask domain ``name``'s process to relocate itself to ``target`` (HOST:PORT); the
     reply (``status``, ``stats``) once the destination runs it. ControlError otherwise.
     ``convergence``: the CONVERGENCE_KEYS (None values are left out)."""
@@ -310,7 +423,7 @@ def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | 
     extra = convergence_request(convergence, "migrate")
     with DomainClient(name, base) as client:
         return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
-                                         tls_dir=tls_dir, insecure=insecure, **extra)
+                                         tls_dir=tls_dir, insecure=insecure, channels=channels, **extra)
 
 
 __all__ = ["MigrateJob", "OutcomeUnknown", "RelocationError", "migrate_domain", "parse_target"]

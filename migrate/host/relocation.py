@@ -11,6 +11,10 @@ import msgpack
 
 PROTO = 1
 STREAM_VERSIONS = [1, 2]        # what a destination reads; a source sends its writer's version
+DEFAULT_CHANNELS = 2            # data channels a source asks for (section "Data channels")
+MAX_CHANNELS = 8                # the most a destination grants
+CHANNEL_MAGIC = b"HVMCHAN1"
+CHANNEL_PREAMBLE = struct.Struct("<8s16sII")     # magic, channel_id, index, reserved
 CONTROL, DATA = 1, 2
 FRAME = struct.Struct("<IHH")          # length, kind, reserved
 MAX_CONTROL = 65536
@@ -34,8 +38,8 @@ MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
               "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2;
                                                             # optional "net": {"link", "name"} or nil
-    "WELCOME": {"proto": int, "stream_version": int},
-    "SYNC": {"bytes": int},
+    "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token
+    "SYNC": {"bytes": int},      # optional "round": page rounds the data channels ended
     "SYNCED": {"bytes": int},
     "STREAM_END": {"bytes": int},
     "RESTORED": {"seconds": float},

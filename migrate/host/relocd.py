@@ -38,14 +38,38 @@ from ..stream import StreamError, Vm
 from ..stub.netback import NetError, check_ifname
 from . import control, statedir, tls
 from .relocation import (
-    GO_TIMEOUT, HANDSHAKE_TIMEOUT, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT,
-    WELCOME_TIMEOUT,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
+    RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, stream_cap,
 )
 
 log = logging.getLogger("hvm.relocd")
 F_SETPIPE_SZ = 1031
 FEED_TIMEOUT = 60.0         # seconds the receiving domain process may take no stream
+
+
+def _peek(sock: socket.socket, n: int) -> bytes:
+    """The first ``n`` bytes the peer sends (fewer if it closes first), left unread."""
+    head = b""
+    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
+    while len(head) < n:
+        head = sock.recv(n, socket.MSG_PEEK)
+        if not head or len(head) >= n:
+            break
+        if time.monotonic() > deadline:
+            raise OSError("the peer sent too little within the handshake timeout")
+        time.sleep(0.005)
+    return head
+
+
+def _read_exact(sock: socket.socket, n: int) -> bytes:
+    data = b""
+    while len(data) < n:
+        part = sock.recv(n - len(data))
+        if not part:
+            raise OSError("the channel closed inside its preamble")
+        data += part
+    return data
 
 
 class Refused(Exception):
@@ -75,15 +99,22 @@ class Incoming:
     fills up with the other waiting."""
 
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None,
-                 net_to: str | None = None):
+                 net_to: str | None = None, channels: int = 0, tls_dir: str | None = None):
         self.name, self.base = name, base
+        self.channels = channels
+        self.channel_id, self.token = os.urandom(16), os.urandom(32)
+        self.given: set[int] = set()            # channels handed to the domain process
+        self.rounds = 0                         # page rounds it says every channel has ended
         try:
             self.dir = control._claim_directory(name, base)
         except control.ControlError as exc:
             raise Refused(str(exc)) from None
+        self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
                 "disk_from": hello["disk"], "disk_to": disk_to, "net_from": hello.get("net"),
-                "net_to": net_to, "resume_timeout": RESUME_TIMEOUT, "cpu": hello.get("cpu")}
+                "net_to": net_to, "resume_timeout": RESUME_TIMEOUT, "cpu": hello.get("cpu"),
+                "channels": channels, "token": self.token, "tls_dir": tls_dir,
+                "channel_fd": take_fds.fileno()}
         stream_r, self.stream_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
@@ -95,7 +126,7 @@ class Incoming:
         try:
             control.launch(self.dir, ["--receive", str(stream_r), str(go_r),
                                       msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
-                           (stream_r, go_r, ready_w))
+                           (stream_r, go_r, ready_w, take_fds.fileno()))
         except (OSError, subprocess.SubprocessError) as exc:
             self.discard()
             raise Refused(f"cannot start a receiving domain process: {exc}") from None
@@ -103,6 +134,7 @@ class Incoming:
             os.close(stream_r)
             os.close(go_r)
             os.close(ready_w)
+            take_fds.close()
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
@@ -128,6 +160,8 @@ class Incoming:
             line = raw.decode(errors="replace").strip()
             if self.final is None and line.startswith("at ") and line[3:].isdigit():
                 self.applied = int(line[3:])
+            elif self.final is None and line.startswith("round ") and line[6:].isdigit():
+                self.rounds = int(line[6:])
             elif self.final is None:
                 self.final = line
             else:
@@ -155,9 +189,33 @@ class Incoming:
         return self.final is not None and not self.final.startswith("ok")
 
     # -- the stream ----------------------------------------------------------------
-    def sync(self) -> int:
-        """Wait until the domain process has applied every byte fed so far (SYNC)."""
-        self._wait(lambda: self.applied >= self.bytes or self.final is not None, SYNC_TIMEOUT, "progress")
+    def watch(self, ch: Channel) -> None:
+        """Until the source's next frame: read what the domain process says, and raise
+        Refused if it failed (with data channels the control connection is quiet for whole
+        rounds, while the channels' pages may already have failed the restore)."""
+        deadline = time.monotonic() + FRAME_TIMEOUT
+        while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
+            readable = select.select([ch.sock] + ([self.ready_r] if not self._eof else []), [], [],
+                                     max(0.0, deadline - time.monotonic()))[0]
+            if ch.sock in readable or not readable:
+                return                  # a frame (or the timeout: receive() says so)
+            self._read_some()
+            self._take_lines()
+            if self._failed():
+                raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+
+    def give_channel(self, index: int, sock: socket.socket) -> None:
+        """Hand a data channel's socket (its preamble read) to the domain process."""
+        if not 0 <= index < self.channels or index in self.given:
+            raise Refused(f"channel {index} is not one this relocation expects")
+        self.given.add(index)
+        socket.send_fds(self.give_fds, [index.to_bytes(4, "little")], [sock.fileno()])
+
+    def sync(self, rounds: int = 0) -> int:
+        """Wait until the domain process has applied every byte fed so far and, with data
+        channels, every channel has ended ``rounds`` page rounds (SYNC)."""
+        self._wait(lambda: (self.applied >= self.bytes and self.rounds >= rounds) or self.final is not None,
+                   SYNC_TIMEOUT, "progress")
         if self._failed():
             raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
         return self.applied
@@ -248,6 +306,7 @@ class Incoming:
     def discard(self) -> None:
         """Kill the receiving domain process (whose guest never ran) and remove its state."""
         self.close_stream()
+        self.give_fds.close()
         for fd in (self.go_w, self.ready_r):
             if fd >= 0:
                 os.close(fd)
@@ -257,6 +316,7 @@ class Incoming:
 
     def close(self) -> None:
         """The relocation is over and the domain runs: stop listening to it."""
+        self.give_fds.close()
         if self.ready_r >= 0:
             os.close(self.ready_r)
             self.ready_r = -1
@@ -271,6 +331,7 @@ class RelocationServer:
         self.stopping = threading.Event()
         self.names_lock = threading.Lock()
         self.receiving: dict[str, int] = {}      # name -> guest memory, being received
+        self.routes: dict[bytes, Incoming] = {}  # channel id -> its relocation (data channels)
 
     def serve_forever(self) -> None:
         self.listener.settimeout(0.5)
@@ -294,6 +355,16 @@ class RelocationServer:
     def handle(self, raw: socket.socket, peer) -> None:
         who = f"{peer[0]}:{peer[1]}"
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        raw.settimeout(HANDSHAKE_TIMEOUT)
+        try:
+            head = _peek(raw, len(CHANNEL_MAGIC))
+        except OSError as exc:
+            log.warning("refused %s: %s", who, exc)
+            raw.close()
+            return
+        if head == CHANNEL_MAGIC:
+            self.channel(raw, who)
+            return
         if self.ctx is not None:
             raw.settimeout(HANDSHAKE_TIMEOUT)
             try:
@@ -311,6 +382,22 @@ class RelocationServer:
             log.warning("relocation from %s failed: %s", who, exc)
         finally:
             ch.close()
+
+    def channel(self, raw: socket.socket, who: str) -> None:
+        """A data channel (specs/relocation.md, "Data channels"): its plain preamble names
+        the relocation; the socket goes to that relocation's domain process, which starts
+        TLS on it and checks, inside TLS, the relocation's token."""
+        try:
+            magic, channel_id, index, reserved = CHANNEL_PREAMBLE.unpack(_read_exact(raw, CHANNEL_PREAMBLE.size))
+            with self.names_lock:
+                incoming = self.routes.get(channel_id)
+                if incoming is None or reserved:
+                    raise Refused("no relocation under way has this channel id")
+                incoming.give_channel(index, raw)
+        except (OSError, Refused) as exc:
+            log.warning("refused data channel from %s: %s", who, exc)
+        finally:
+            raw.close()
 
     def relocation(self, ch: Channel, who: str) -> None:
         hello = ch.expect("HELLO", WELCOME_TIMEOUT)
@@ -333,10 +420,17 @@ class RelocationServer:
                 return
             self.receiving[name] = hello["memory"]
         incoming = None
+        channels = min(hello.get("channels", 0), MAX_CHANNELS) if version >= 2 else 0
         try:
-            incoming = Incoming(name, hello, disk_to, self.config.base, net_to)
+            incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir)
             t0 = time.monotonic()
-            ch.send("WELCOME", proto=PROTO, stream_version=version)
+            if channels:
+                with self.names_lock:
+                    self.routes[incoming.channel_id] = incoming
+                ch.send("WELCOME", proto=PROTO, stream_version=version, channels=channels,
+                        channel_id=incoming.channel_id, channel_token=incoming.token)
+            else:
+                ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
             timing = incoming.finish()
             ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
@@ -350,6 +444,8 @@ class RelocationServer:
         finally:
             with self.names_lock:
                 self.receiving.pop(name, None)
+                if incoming is not None:
+                    self.routes.pop(incoming.channel_id, None)
         try:
             resume = incoming.resume()       # GO received: from here on the pair is ours
         except NotResumed as exc:       # it never ran: destroy it, then the source may resume
@@ -456,13 +552,17 @@ class RelocationServer:
 
     def receive_stream(self, ch: Channel, incoming: Incoming) -> None:
         while True:
+            incoming.watch(ch)          # the domain process may fail while the source is quiet
             kind, message = ch.receive()
             if kind == "data":
                 incoming.feed(message)
             elif message["t"] == "SYNC":
                 if message["bytes"] != incoming.bytes:
                     raise ChannelError(f"SYNC at {message['bytes']} bytes, received {incoming.bytes}")
-                ch.send("SYNCED", bytes=incoming.sync())
+                rounds = message.get("round", 0)
+                if not isinstance(rounds, int) or isinstance(rounds, bool) or not 0 <= rounds < 1 << 32:
+                    raise ChannelError("SYNC round must be a round count")
+                ch.send("SYNCED", bytes=incoming.sync(rounds))
             elif message["t"] == "STREAM_END":
                 incoming.stream_end_at = time.monotonic()
                 return

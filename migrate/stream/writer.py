@@ -7,7 +7,7 @@ produce a stream that breaks the ordering rules (ValueError).
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Sequence
+from typing import Any, Iterable
 
 import xxhash
 
@@ -15,7 +15,7 @@ from migrate.stream.errors import StreamError
 from migrate.stream.framing import frame
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
+from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, Vm
 
 
 class StreamWriter:
