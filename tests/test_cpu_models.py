@@ -17,7 +17,7 @@ from click.testing import CliRunner
 
 from migrate import cpu
 from migrate.cpu import (
-    BIT, CpuidEntry, CpuModelError, CpuPolicy, HostCpu, MsrEntry, baseline_cpuid, compatibility,
+    BIT, CpuidEntry, CpuModelError, HostCpu, MsrEntry, baseline_cpuid, compatibility,
     msrs_to_apply, policy_for,
 )
 from migrate.engine.state import cpu_bodies, cpu_records, policies_from_bodies

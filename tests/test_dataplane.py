@@ -4,11 +4,9 @@ here by an independent Python encoder of specs/stream-format.md "Channel streams
 refused with one line before the bad bytes reach memory."""
 from __future__ import annotations
 
-import os
 import socket
 import struct
 import threading
-from array import array
 
 import pytest
 import xxhash
