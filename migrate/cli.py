@@ -747,6 +747,10 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
+    missed = ""
+    if s.get("over_target"):
+        missed = (f"; the downtime MISSED the {s['downtime_target'] * 1000:.0f} ms target by "
+                  f"{s['over_target'] * 1000:.1f} ms")
     from .host.relocate import DESTINATION_PARTS, SOURCE_PARTS
     parts = s.get("downtime_parts", {})
     here = sum(parts.get(k, 0.0) for k in SOURCE_PARTS)
@@ -754,7 +758,7 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
             f"{s['downtime'] * 1000:.1f} ms (here {here * 1000:.1f}, there {there * 1000:.1f}, "
             f"messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "
-            f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms")
+            f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms{missed}")
 
 
 @hvm.command()

@@ -17,61 +17,79 @@ from test_relocation import console, hosts, pki, wait_console, wait_empty  # noq
 ROUND = Round(pages=1000, bytes=4 << 20, seconds=0.5)
 
 
-def test_estimate_is_pages_at_the_last_rounds_rate_plus_state():
-    assert estimate_final(400, ROUND, 0.005) == pytest.approx(0.205)
-    assert estimate_final(400, Round(0, 0, 0.0), 0.005) == 0.005
+def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
+    conv = Convergence()
+    assert estimate_final(400, [ROUND], conv) == pytest.approx(0.205)
+    assert estimate_final(400, [Round(0, 0, 0.0)], conv) == 0.005
+    assert estimate_final(400, [], conv) == 0.005
+    # the slower of the last two rounds (1 ms a page), not the last one alone
+    slow, fast = Round(1000, 4 << 20, 1.0), Round(1000, 4 << 20, 0.25)
+    assert estimate_final(100, [slow, fast], conv) == pytest.approx(0.105)
+    assert estimate_final(100, [slow, ROUND, fast], conv) == pytest.approx(0.055)
+    # a tiny round says little: the one before it sets the rate; the last lag is added
+    tiny = Round(10, 40960, 0.5, lag=0.003)
+    assert estimate_final(100, [fast, tiny], conv) == pytest.approx(0.025 + 0.003 + 0.005)
+    assert estimate_final(100, [tiny], conv) == pytest.approx(5.0 + 0.003 + 0.005)
 
 
 def test_decide_switches_on_small_sets_and_the_downtime_target():
     conv = Convergence()
-    d = decide(conv, [200], ROUND, 1.0, 0)
+    d = decide(conv, [200], [ROUND], 1.0, 0)
     assert (d.action, d.reason) == ("switch", "small")
-    d = decide(conv, [590], ROUND, 1.0, 0)                 # 295 ms + 5 ms: at the target
-    assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.3)
-    d = decide(conv, [1000, 700], ROUND, 1.0, 0)           # 355 ms, shrinking: another round
+    d = decide(conv, [460], [ROUND], 1.0, 0)                 # (230 ms + 5 ms) x 1.25 fits 300 ms
+    assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.235)
+    d = decide(conv, [590], [ROUND], 1.0, 0)                 # 300 ms fits, but not with headroom
+    assert (d.action, d.reason) == ("continue", None)
+    assert decide(Convergence(headroom=1.0), [590], [ROUND], 1.0, 0).reason == "downtime-target"
+    d = decide(conv, [1000, 700], [ROUND], 1.0, 0)           # 355 ms, shrinking: another round
     assert (d.action, d.reason, d.throttle) == ("continue", None, 0)
-    assert decide(Convergence(downtime=0.4), [1000, 700], ROUND, 1.0, 0).reason == "downtime-target"
+    assert decide(Convergence(downtime=0.5), [1000, 700], [ROUND], 1.0, 0).reason == "downtime-target"
+    # the destination's lag counts: 40 ms more and the same set no longer fits
+    lagging = Round(1000, 4 << 20, 0.5, lag=0.04)
+    assert decide(conv, [460], [lagging], 1.0, 0).action == "continue"
+    with pytest.raises(ValueError):
+        Convergence(headroom=0.9)
 
 
 def test_decide_stalled_without_timeout_or_throttle_switches():
     conv = Convergence()
-    assert decide(conv, [1000, 950], ROUND, 1.0, 0).reason == "stalled"     # not below 0.9x
-    assert decide(conv, [1000], ROUND, 1.0, 0).action == "continue"         # nothing to compare
+    assert decide(conv, [1000, 950], [ROUND], 1.0, 0).reason == "stalled"     # not below 0.9x
+    assert decide(conv, [1000], [ROUND], 1.0, 0).action == "continue"         # nothing to compare
     shrinking = [5000 - 100 * i for i in range(30)]        # 30 rounds, each a little smaller
-    assert decide(Convergence(min_shrink=1.0), shrinking, ROUND, 1.0, 0).reason == "max-rounds"
+    assert decide(Convergence(min_shrink=1.0), shrinking, [ROUND], 1.0, 0).reason == "max-rounds"
 
 
 def test_decide_timeout_cancel_or_force():
     conv = Convergence(timeout=3)
-    d = decide(conv, [1000, 1000], ROUND, 2.9, 0)          # stalled, but the timeout decides
+    d = decide(conv, [1000, 1000], [ROUND], 2.9, 0)          # stalled, but the timeout decides
     assert (d.action, d.reason) == ("continue", None)
-    assert decide(conv, [1000, 1000], ROUND, 30, 0).reason == "timeout-cancel"
-    assert decide(conv, [1000, 1000], ROUND, 3.0, 0).action == "cancel"
-    d = decide(Convergence(timeout=3, on_timeout="force"), [1000, 1000], ROUND, 3.0, 0)
+    assert decide(conv, [1000, 1000], [ROUND], 30, 0).reason == "timeout-cancel"
+    assert decide(conv, [1000, 1000], [ROUND], 3.0, 0).action == "cancel"
+    d = decide(Convergence(timeout=3, on_timeout="force"), [1000, 1000], [ROUND], 3.0, 0)
     assert (d.action, d.reason) == ("switch", "timeout-force")
     # the downtime target still wins before the timeout does
-    assert decide(conv, [1000, 100], ROUND, 99, 0).reason == "small"
+    assert decide(conv, [1000, 100], [ROUND], 99, 0).reason == "small"
     # a timeout lifts the round cap
-    assert decide(Convergence(timeout=3, min_shrink=1.0), [9000 - i for i in range(40)], ROUND, 1, 0).action == "continue"
+    assert decide(Convergence(timeout=3, min_shrink=1.0), [9000 - i for i in range(40)], [ROUND], 1, 0).action == "continue"
     with pytest.raises(ValueError):
         Convergence(on_timeout="later")
 
 
 def test_decide_throttle_ramps_from_the_second_stalled_round():
     conv = Convergence(throttle=True)
-    d = decide(conv, [1000, 1000], ROUND, 1, 0)            # one stalled round: wait
+    d = decide(conv, [1000, 1000], [ROUND], 1, 0)            # one stalled round: wait
     assert (d.action, d.throttle) == ("continue", 0)
-    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 0)      # two: start at 20%
+    d = decide(conv, [1000, 1000, 1000], [ROUND], 1, 0)      # two: start at 20%
     assert (d.action, d.throttle) == ("continue", 20)
     steps, pct = [], 20
     while pct < 99:
-        pct = decide(conv, [1000, 1000, 1000], ROUND, 1, pct).throttle
+        pct = decide(conv, [1000, 1000, 1000], [ROUND], 1, pct).throttle
         steps.append(pct)
     assert steps == [30, 40, 50, 60, 70, 80, 90, 99]
-    assert decide(conv, [1000, 1000, 800], ROUND, 1, 40).throttle == 40   # shrinking: keep it
-    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 99)     # nothing left to raise
+    assert decide(conv, [1000, 1000, 800], [ROUND], 1, 40).throttle == 40   # shrinking: keep it
+    d = decide(conv, [1000, 1000, 1000], [ROUND], 1, 99)     # nothing left to raise
     assert (d.action, d.reason) == ("switch", "stalled")
-    d = decide(Convergence(throttle=True, timeout=5), [1000, 1000, 1000], ROUND, 1, 99)
+    d = decide(Convergence(throttle=True, timeout=5), [1000, 1000, 1000], [ROUND], 1, 99)
     assert (d.action, d.throttle) == ("continue", 99)     # the timeout will decide
 
 

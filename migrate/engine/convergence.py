@@ -25,7 +25,9 @@ class Convergence:
     small_pages: int = 256          # switch once the dirty set is at most this
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
-    state_seconds: float = 0.005    # fixed cost of the final round beyond its pages (state capture, records)
+    headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
+    state_seconds: float = 0.005    # fixed cost of the downtime beyond the pages: state capture and
+                                    # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
     timeout: float | None = None    # seconds of pre-copy before on_timeout applies
     on_timeout: str = "cancel"      # cancel | force
@@ -43,29 +45,45 @@ class Convergence:
             raise ValueError("timeout must be positive")
         if self.downtime < 0:
             raise ValueError("downtime must not be negative")
+        if self.headroom < 1:
+            raise ValueError("headroom must be at least 1")
 
 
 @dataclass(frozen=True)
 class Round:
-    """One finished page round: pages queued, stream bytes written, wall seconds."""
+    """One finished page round: pages queued, stream bytes written, wall seconds to send
+    them, and ``lag``: the seconds the receiver still needed once they had left (a
+    relocation's SYNC round trip after the round; 0 for a file, written when sent)."""
     pages: int
     bytes: int
     seconds: float
+    lag: float = 0.0
+
+
+RATE_MIN_PAGES = 64     # a round smaller than this says little about seconds per page
 
 
 @dataclass(frozen=True)
 class Decision:
     action: str             # continue | switch | cancel
     reason: str | None      # for switch and cancel: one of the reasons above
-    estimate: float         # estimated final-round seconds if we switched now
+    estimate: float         # estimated downtime seconds if we switched now
     throttle: int           # percent for the next round (continue), else the current one
 
 
-def estimate_final(dirty: int, last: Round, state_seconds: float) -> float:
-    """Seconds the final round would take: the dirty pages at the last round's measured
-    seconds per page (its bandwidth and its bytes per page), plus the fixed state cost."""
-    per_page = last.seconds / last.pages if last.pages else 0.0
-    return dirty * per_page + state_seconds
+def estimate_final(dirty: int, rounds: list[Round], conv: Convergence) -> float:
+    """Seconds the downtime would take if the guest paused now, from the rounds so far
+    (``rounds``, oldest first): the ``dirty`` pages at the slower seconds per page of the
+    last two rounds (those of at least RATE_MIN_PAGES pages; the source's encode and send,
+    and the receiver's placing as far as it held the source back), the receiver's lag
+    after the last round (what it still had to place when the source was done, and the
+    message round trip), and the fixed ``state_seconds``. The paused final round competes
+    with no running guest and takes no write-protect faults, so it is rarely slower."""
+    if not rounds:
+        return conv.state_seconds
+    recent = [r for r in rounds[-2:] if r.pages >= RATE_MIN_PAGES] or [rounds[-1]]
+    per_page = max(r.seconds / r.pages if r.pages else 0.0 for r in recent)
+    return dirty * per_page + rounds[-1].lag + conv.state_seconds
 
 
 def _stalled(history: list[int], conv: Convergence, rounds: int = 1) -> bool:
@@ -75,24 +93,25 @@ def _stalled(history: list[int], conv: Convergence, rounds: int = 1) -> bool:
     return all(history[-i] > conv.min_shrink * history[-i - 1] for i in range(1, rounds + 1))
 
 
-def decide(conv: Convergence, history: list[int], last: Round, elapsed: float,
+def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: float,
            throttle: int) -> Decision:
     """After a pre-copy round: ``history`` the dirty-page counts fetched after each round so
-    far (round 1 first; the last entry is the set now to send), ``last`` that round's
-    figures, ``elapsed`` the seconds since pre-copy began, ``throttle`` the percent in force.
+    far (round 1 first; the last entry is the set now to send), ``rounds`` the figures of
+    the rounds sent so far (round 0 first), ``elapsed`` the seconds since pre-copy began,
+    ``throttle`` the percent in force.
 
-    In order: a small dirty set, or an estimated final round within the downtime target,
-    switches. Past the timeout: cancel, or switch (force). A stalled dirty set (not below
-    min_shrink of the last) raises the throttle when enabled (from the second stalled round
-    in a row, then every stalled round, up to throttle_max); without a throttle to raise and
-    without a timeout to wait for, it switches: further rounds do not pay off. Without a
-    timeout, max_rounds bounds the rounds.
+    In order: a small dirty set, or an estimated downtime within the target with headroom
+    to spare (estimate * headroom <= target), switches. Past the timeout: cancel, or switch
+    (force). A stalled dirty set (not below min_shrink of the last) raises the throttle
+    when enabled (from the second stalled round in a row, then every stalled round, up to
+    throttle_max); without a throttle to raise and without a timeout to wait for, it
+    switches: further rounds do not pay off. Without a timeout, max_rounds bounds the rounds.
     """
     dirty = history[-1]
-    estimate = estimate_final(dirty, last, conv.state_seconds)
+    estimate = estimate_final(dirty, rounds, conv)
     if dirty <= conv.small_pages:
         return Decision("switch", SMALL, estimate, throttle)
-    if estimate <= conv.downtime:
+    if estimate * conv.headroom <= conv.downtime:
         return Decision("switch", DOWNTIME, estimate, throttle)
     if conv.timeout is not None and elapsed >= conv.timeout:
         if conv.on_timeout == "force":

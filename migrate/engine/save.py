@@ -31,7 +31,7 @@ from __future__ import annotations
 import threading
 import time
 from array import array
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Callable, Protocol
 
 from ..dataplane import DataplaneError, RoundStats
@@ -124,7 +124,8 @@ class SaveStats:
     throttle: int = 0               # vCPU throttle percent in force now
     dirty_history: list = field(default_factory=list)
     throttle_history: list = field(default_factory=list)    # percent during each page round
-    estimate_history: list = field(default_factory=list)    # final-round estimate after each pre-copy round
+    estimate_history: list = field(default_factory=list)    # downtime estimate after each pre-copy round
+    lag_history: list = field(default_factory=list)         # the receiver's lag after each pre-copy round (after_round)
     round_starts: list = field(default_factory=list)        # (seconds since start, stream bytes) per round
     round_pages: list = field(default_factory=list)         # per round: the data plane's figures (see _send)
 
@@ -142,7 +143,7 @@ class SaveStats:
 class _Saver:
     def __init__(self, domain, sink: Sink, compression: Compression, stats_cb,
                  cancel: threading.Event | None, stub: StubPart | None, convergence: Convergence,
-                 before_pause: Callable[[], Any] | None = None,
+                 after_round: Callable[[], float | None] | None = None,
                  on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False):
         self.domain, self.sink, self.compression = domain, sink, compression
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
@@ -153,7 +154,7 @@ class _Saver:
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
-        self.before_pause, self.on_end = before_pause, on_end
+        self.after_round, self.on_end = after_round, on_end
         self.keep_dirty_logging = keep_dirty_logging
         self.throttle = VcpuThrottle(domain)
         self.chunk = CHUNK_PAGES                # pages per data plane call (see _send)
@@ -292,8 +293,6 @@ class _Saver:
             self.precopy()
             if hasattr(dom, "prepare_capture"):
                 dom.prepare_capture()
-            if self.before_pause is not None:
-                self.before_pause()         # under the throttle still, if one holds
             self.throttle.stop()
             self.stats.throttle = 0
         else:
@@ -356,11 +355,12 @@ class _Saver:
         data, holes = self.all_pages()
         self.send_round(data, holes=holes)
         # round 0's holes and zero pages cost next to nothing: time it per data page
-        last = Round(max(1, self.stats.pages_sent), self.stats.stream_bytes, time.monotonic() - start)
+        sent = Round(max(1, self.stats.pages_sent), self.stats.stream_bytes, time.monotonic() - start)
+        rounds = [replace(sent, lag=self._lag())]
         while True:
             dirty = self.dirty_pages()
             count = sum(len(pfns) for pfns in dirty.values())
-            decision = decide(self.conv, self.stats.dirty_history + [count], last,
+            decision = decide(self.conv, self.stats.dirty_history + [count], rounds,
                               time.monotonic() - start, self.throttle.percent)
             self.stats.estimate_history.append(decision.estimate)
             if decision.action == "cancel":
@@ -374,7 +374,14 @@ class _Saver:
             self.stats.throttle = self.throttle.percent
             t, nbytes = time.monotonic(), self.stats.stream_bytes
             self.send_round(dirty)
-            last = Round(count, self.stats.stream_bytes - nbytes, time.monotonic() - t)
+            sent = Round(count, self.stats.stream_bytes - nbytes, time.monotonic() - t)
+            rounds.append(replace(sent, lag=self._lag()))
+
+    def _lag(self) -> float:
+        """after_round's answer, the receiver's lag behind the round just sent (0 without)."""
+        lag = self.after_round() if self.after_round is not None else None
+        self.stats.lag_history.append(lag or 0.0)
+        return lag or 0.0
 
     @staticmethod
     def _merge(first: dict, second: dict) -> dict:
@@ -389,7 +396,7 @@ class _Saver:
 def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
          stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
-         stub: StubPart | None = None, before_pause: Callable[[], Any] | None = None,
+         stub: StubPart | None = None, after_round: Callable[[], float | None] | None = None,
          on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink`` (:mod:`.sinks`: a file, or a
     relocation's link), whose data plane sends the pages.
@@ -405,9 +412,10 @@ def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
     ``convergence``: when pre-copy switches over, its pacing, timeout and throttle
     (:mod:`.convergence`); past a timeout with on_timeout cancel it raises
     :class:`SaveTimeout` (the domain keeps running).
-    ``before_pause()``: live only, called when pre-copy has converged, just before the
-    final pause (with the throttle, if any, still holding the guest back): a relocation
-    lets the destination catch up there. ``on_end(stats)``: called once END has been
+    ``after_round()``: live only, called after each pre-copy round's pages have gone out;
+    it returns the seconds the receiver lagged behind them (or None), which the downtime
+    estimate adds: a relocation lets the destination catch up there (SYNC), so the pause
+    covers only the last dirty pages and the state, not a backlog. ``on_end(stats)``: called once END has been
     written, still paused and before the engine tidies up (dirty logging off): a
     relocation tells the destination there. Either may raise to fail the save, with the
     same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
@@ -422,7 +430,7 @@ def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
         stub = DomainStub(domain)
     was_running = domain.status == "running"
     saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel, stub,
-                   convergence or Convergence(), before_pause, on_end, keep_dirty_logging)
+                   convergence or Convergence(), after_round, on_end, keep_dirty_logging)
     watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
     try:
         return saver.run(live)

@@ -197,16 +197,19 @@ class MigrateJob:
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
 
-        def before_pause() -> None:
-            """SYNC (specs/relocation.md): the destination applies everything sent so far,
-            so the pause covers only the last dirty pages and the state, not a backlog."""
+        def after_round() -> float:
+            """SYNC after each pre-copy round (specs/relocation.md): the destination places
+            everything sent so far, so the pause covers only the last dirty pages and the
+            state, not a backlog; how long that took is the lag the downtime estimate adds."""
             sink.flush()
+            t = time.monotonic()
             with watch.held():              # SYNCED is the answer, not a failure
                 if links:
                     ch.send("SYNC", bytes=out.sent, round=sink.round)
                 else:
                     ch.send("SYNC", bytes=out.sent)
                 ch.expect("SYNCED", SYNC_TIMEOUT)
+            return time.monotonic() - t
 
         def on_end(stats) -> None:
             watch.stop()                    # RESTORED or ERROR comes next: the main thread reads it
@@ -218,7 +221,7 @@ class MigrateJob:
             try:
                 stats = save(domain, sink, live=self.live, stats_cb=progress, cancel=cancel,
                              compress=self.compress, convergence=self.convergence,
-                             before_pause=before_pause, on_end=on_end, keep_dirty_logging=self.live)
+                             after_round=after_round, on_end=on_end, keep_dirty_logging=self.live)
             finally:
                 watch.stop()
                 sink.close()
@@ -259,9 +262,12 @@ class MigrateJob:
         final_at = at["final"]
         parts = _downtime_parts(stats.downtime_parts, restored_at - final_at, running_at - restored_at,
                                 restored, running)
+        downtime = running_at - paused_at - parts.pop("return", 0.0)
+        target = self.convergence.downtime if self.live else None
         return {
             "seconds": running_at - t0, "setup": setup,
-            "downtime": running_at - paused_at - parts.pop("return", 0.0),
+            "downtime": downtime, "downtime_target": target,
+            "over_target": max(0.0, downtime - target) if target is not None else 0.0,
             "downtime_final": final_at - paused_at,
             "downtime_restore": restored_at - final_at,
             "downtime_resume": running_at - restored_at,
@@ -321,8 +327,9 @@ def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, resto
 
 def _rounds(stats, start: float, end: float) -> list[dict]:
     """Per page round: pages, bytes, seconds, bandwidth (bytes/s), dirty rate (pages dirtied
-    per second during the round before), throttle percent in force and, for pre-copy rounds
-    after round 0, the final-round estimate made before it. Round 0 includes the stream head,
+    per second during the round before), throttle percent in force, for pre-copy rounds the
+    destination's lag behind it (the SYNC round trip after it; its seconds include it) and,
+    after round 0, the downtime estimate made before it. Round 0 includes the stream head,
     and its ``holes`` are the never-written pages it did not need to send;
     the last round runs from the pause to STREAM_END and includes the state records."""
     marks = [(start + at, nbytes) for at, nbytes in stats.round_starts]
@@ -340,6 +347,7 @@ def _rounds(stats, start: float, end: float) -> list[dict]:
                     "bandwidth": nbytes / seconds if seconds > 0 else 0.0,
                     "dirty_rate": count / before if before > 0 else 0.0,
                     "throttle": stats.throttle_history[i] if i < len(stats.throttle_history) else 0,
+                    "lag": stats.lag_history[i] if i < len(stats.lag_history) else None,
                     "downtime_estimate": stats.estimate_history[i - 1]
                     if 0 < i <= len(stats.estimate_history) else None})
     return out
