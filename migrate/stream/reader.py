@@ -43,6 +43,7 @@ DONE = _Sentinel("DONE")
 _SKIPPED = _Sentinel("SKIPPED")  # internal: an unknown optional record was passed over
 
 KNOWN_INCOMPAT_FLAGS = 0  # versions 1 and 2 define none
+MAX_SKIPPED_KEPT = 64
 
 Decoder = Callable[[bytes], Any]
 _V1_DECODERS: dict[int, Decoder] = {
@@ -101,7 +102,8 @@ class StreamReader:
         self.leave_trailing = leave_trailing
         self.raw_pages = raw_pages
         self.header: Header | None = None
-        self.skipped: list[tuple[int, int]] = []  # (offset, type) of skipped optional records
+        self.skipped: list[tuple[int, int]] = []  # (offset, type) of the first skipped optional records
+        self.skipped_count = 0                     # all of them (the list keeps MAX_SKIPPED_KEPT)
         self._buf = bytearray()
         self._pos = 0  # read position in _buf
         self._offset = 0  # stream offset of _buf[_pos]
@@ -249,7 +251,9 @@ class StreamReader:
             if reserved_optional(record_type, (RecordType.END, *self._decoders)):
                 raise StreamError("the optional bit is set on a mandatory record type "
                                   "(reserved: refused, never skipped)")
-            self.skipped.append((self._offset, record_type))
+            self.skipped_count += 1
+            if len(self.skipped) < MAX_SKIPPED_KEPT:       # memory: a stream may skip millions
+                self.skipped.append((self._offset, record_type))
             return _SKIPPED
         record = decoder(body)
         if isinstance(record, RawPageBatch):
