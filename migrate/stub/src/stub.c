@@ -45,9 +45,7 @@ static struct uart uart;
 static void uart_flush(void)
 {
     if (uart.tx_len) {
-        const uint8_t *p = uart.tx;
-        uint64_t n = uart.tx_len;
-        __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"(STUB_PORT_CONSOLE) : "memory");
+        outsb(STUB_PORT_CONSOLE, uart.tx, uart.tx_len);
         uart.tx_len = 0;
     }
 }
