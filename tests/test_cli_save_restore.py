@@ -95,7 +95,7 @@ def test_real_subprocess_save_and_restore(state_dir, tmp_path):
 
 
 def _hostile_copies(tmp_path):
-    """The saved pair of tests/fixtures/idle-v1.hvm with one body made hostile, reframed
+    """The saved pair of tests/fixtures/idle-v2-baseline-amd.hvm with one body made hostile, reframed
     (CRCs and END recomputed): the cases issue 13 found."""
     import importlib.util
     from pathlib import Path
@@ -103,7 +103,7 @@ def _hostile_copies(tmp_path):
     spec = importlib.util.spec_from_file_location("fuzz_stream", root / "tools" / "fuzz_stream.py")
     fuzz = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fuzz)
-    base = (root / "tests" / "fixtures" / "idle-v1.hvm").read_bytes()
+    base = (root / "tests" / "fixtures" / "idle-v2-baseline-amd.hvm").read_bytes()
     deep = b"\x81\xa1a" + b"\x91" * 1000 + b"\xc0"
     dup_memory = b"\x83\xa4name\xa1x\xa6memory\xce\x01\x00\x00\x00\xa6memory\xce\xc0\x00\x00\x00"
     cases = {"deep-config": (1, deep, "nested deeper than 32 levels"),

@@ -72,8 +72,9 @@ def test_decode_stream_raises_only_stream_errors(data: bytes) -> None:
 @given(hostile_streams(), st.booleans())
 def test_restore_raises_only_stream_or_restore_errors(data: bytes, fresh_stub: bool) -> None:
     try:
-        restore([data[:len(data) // 2], data[len(data) // 2:]], make_domain=FUZZ.FakeDomain,
-                fresh_stub=fresh_stub)
+        with FUZZ.fake_host():
+            restore([data[:len(data) // 2], data[len(data) // 2:]], make_domain=FUZZ.FakeDomain,
+                    fresh_stub=fresh_stub)
     except (StreamError, RestoreError) as exc:
         one_line(exc)
     except DeviceStateError:
@@ -104,8 +105,10 @@ def test_deep_nesting_is_one_line_everywhere(tmp_path, depth: int) -> None:
         records[i][1] = b"\x81\xa1a" + b"\x91" * depth + b"\xc0"
         data = FUZZ.reframe(header, records)
         refused = depth + 1 > 32
-        for run in (lambda: decode_stream(data),
-                    lambda: restore([data], make_domain=FUZZ.FakeDomain, fresh_stub=True)):
+        def restore_it():
+            with FUZZ.fake_host():
+                restore([data], make_domain=FUZZ.FakeDomain, fresh_stub=True)
+        for run in (lambda: decode_stream(data), restore_it):
             try:
                 run()
                 assert not refused
