@@ -4,6 +4,7 @@
     python tools/fuzz_c.py build                      # all harnesses into build/fuzz/
     python tools/fuzz_c.py run stub --runs 1000000    # or --seconds N; extra args go to libFuzzer
     python tools/fuzz_c.py run pages --seconds 60 -jobs=2
+    python tools/fuzz_c.py coverage stub [DIR ...]    # line/region coverage of stub.c by a corpus
 
 Harnesses (tools/fuzz/*.c):
 
@@ -132,6 +133,40 @@ def run(name: str, runs: int | None, seconds: int | None, extra: list[str], grow
             shutil.rmtree(scratch, ignore_errors=True)
 
 
+# The files whose coverage `coverage` reports (the code under test, not the harness)
+COVERED = {
+    "stub": [ROOT / "migrate" / "stub" / "src" / "stub.c", ROOT / "migrate" / "stub" / "src" / "devstate.h"],
+    "pages": [BUILD / "pages_impl.c"],
+    "runloop": [ROOT / "migrate" / "kvm" / "runloop.c"],
+}
+
+
+def coverage(name: str, dirs: list[Path]) -> str:
+    """Line and region coverage of the code under test by the inputs in ``dirs`` (default:
+    the corpus kept in the repo), from a build with clang's source-based coverage."""
+    cc = clang()
+    if cc is None:
+        raise SystemExit("fuzz_c: no clang found")
+    version = cc.partition("-")[2]
+    tools = [shutil.which(f"{tool}-{version}" if version else tool) or shutil.which(tool)
+             for tool in ("llvm-profdata", "llvm-cov")]
+    if not all(tools):
+        raise SystemExit("fuzz_c: llvm-profdata and llvm-cov are needed (Debian: llvm)")
+    build([name])                           # writes pages_impl.c
+    out = BUILD / f"{name}_cov"
+    flags = ["-g", "-O0", "-fprofile-instr-generate", "-fcoverage-mapping", "-fsanitize=fuzzer"]
+    sources = [str(HARNESSES / f"{name}_fuzz.c"), *map(str, UNDER_TEST.get(name, []))]
+    _compile([cc, *flags, *[f"-I{d}" for d in INCLUDES[name]], *sources, "-o", str(out)], name)
+    raw, data = BUILD / f"{name}.profraw", BUILD / f"{name}.profdata"
+    dirs = dirs or [CORPORA / name]
+    subprocess.run([str(out), "-runs=0", *map(str, dirs)], env={**os.environ, "LLVM_PROFILE_FILE": str(raw)},
+                   capture_output=True, check=True)
+    subprocess.run([tools[0], "merge", "-sparse", str(raw), "-o", str(data)], check=True)
+    report = subprocess.run([tools[1], "report", str(out), f"-instr-profile={data}",
+                             *map(str, COVERED[name])], capture_output=True, text=True, check=True)
+    return report.stdout
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -141,7 +176,13 @@ def main() -> int:
     runner.add_argument("--runs", type=int)
     runner.add_argument("--seconds", type=int)
     runner.add_argument("--grow-corpus", action="store_true", help="keep new inputs in the repo corpus")
+    cov = sub.add_parser("coverage", help="line/region coverage of the code under test by a corpus")
+    cov.add_argument("name", choices=NAMES)
+    cov.add_argument("dirs", nargs="*", type=Path, help="input directories (default: the repo corpus)")
     args, extra = parser.parse_known_args()
+    if args.command == "coverage":
+        print(coverage(args.name, args.dirs), end="")
+        return 0
     if args.command == "build":
         for name, path in build().items():
             print(f"{name}: {path}")
