@@ -109,3 +109,21 @@ def test_decode_stream_holds_the_stream_about_twice(streams) -> None:
     assert int(out) == 4096 + 4          # the unknown record is skipped
     # the input, its records (16 bytes per ZERO entry: about the input again), one record
     assert used - base < 2 * size + 1.25 * 32 * MIB + SLACK, f"{(used - base) / MIB:.0f} MiB over the base"
+
+
+def test_inspect_counts_distinct_pages_of_ranges_in_a_byte_each(tmp_path) -> None:
+    """The tools' page count is one byte per page of the layout's ranges, whatever the pfns."""
+    from click.testing import CliRunner
+    from migrate.cli import hvm
+    from migrate.stream import StreamWriter, ZERO_PAGE
+    from migrate.stream.sample import sample_cpu
+    w = StreamWriter()
+    parts = [w.start(), w.record(DomainConfig({"name": "r"})), *[w.record(r) for r in sample_cpu(Vm.GUEST)],
+             w.record(MemoryLayout(Vm.GUEST, ((0, 16), (1 << 39, 16)))), w.record(MemoryLayout.flat(Vm.STUB, 0)),
+             w.pages(Vm.GUEST, [(3, ZERO_PAGE), ((1 << 39) + 5, b"x" * 4096), ((1 << 39) + 15, ZERO_PAGE)]),
+             w.pages(Vm.GUEST, [((1 << 39) + 5, ZERO_PAGE)]), w.finish()]
+    path = tmp_path / "ranges.hvm"
+    path.write_bytes(b"".join(parts))
+    res = CliRunner().invoke(hvm, ["stream", "inspect", str(path)])
+    assert res.exit_code == 0, res.output
+    assert "4 page entries: 1 data, 3 zero, 1 resent; 3 distinct pages, 29 never sent" in res.output
