@@ -6,7 +6,7 @@
 (specs/stream-format.md): the reader, its page-batch C checks and the restore engine with
 its C scatter, on a fake domain (no KVM).
 
-    python tools/fuzz_stream.py --runs 1000000 [-seed=1] [CORPUS_DIR ...]   # atheris (libFuzzer)
+    python tools/fuzz_stream.py --runs 1000000 [-seed=1] NEW_DIR tests/stream/fuzz-corpus   # atheris
     python tools/fuzz_stream.py --random --iterations 100000 [--seed 1]     # no engine: speed check
     python tools/fuzz_stream.py --write-corpus DIR                          # the seed streams
 
@@ -449,6 +449,8 @@ def run_atheris(argv: list[str], runs: int | None) -> None:
     import atheris
 
     corpus_dirs = [Path(a) for a in argv if not a.startswith("-")]
+    if corpus_dirs:
+        corpus_dirs[0].mkdir(parents=True, exist_ok=True)     # libFuzzer writes new inputs there
     corpus = corpus_inputs([d for d in corpus_dirs if d.is_dir()])
     with atheris.instrument_imports(include=["migrate"]):
         import migrate.engine.restore  # noqa: F401  (instrumented for coverage)
