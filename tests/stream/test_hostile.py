@@ -121,3 +121,31 @@ def test_deep_nesting_is_one_line_everywhere(tmp_path, depth: int) -> None:
         res = CliRunner().invoke(hvm, ["stream", "verify", str(path)])
         assert res.exit_code == (1 if refused or target == 0x30 else 0), res.output
         assert len(res.output.splitlines()) == 1
+
+
+def test_restore_refuses_page_batches_as_the_reader_does() -> None:
+    """One reading of PAGE_DATA_ZSTD: the data plane's placement (a restore) refuses every
+    frame the reader refuses (skippable, a dictionary, a window over 4 MiB, a bad
+    checksum, bytes after the frame), with the stream error, not another exception."""
+    import struct
+    import zstandard
+    page = bytes(range(256)) * 16
+    frame = zstandard.ZstdCompressor(write_content_size=True).compress(page)
+    checked = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(page)
+    frames = {
+        "skippable": b"\x50\x2a\x4d\x18" + struct.pack("<I", 4096) + page,
+        "dictionary": frame[:4] + bytes([frame[4] | 1, 7]) + frame[5:],
+        "window": frame[:4] + bytes([frame[4] & ~0x20, 0x68]) + frame[5:],
+        "checksum": checked[:-1] + bytes([checked[-1] ^ 1]),
+        "after": frame + b"\0",
+    }
+    for name, bad in frames.items():
+        header, records = FUZZ.split(SEEDS[1])             # a guest without a stub
+        i = next(n for n, r in enumerate(records) if r[0] == 4)
+        records[i][1] = struct.pack("<II", 0, 1) + struct.pack("<QII", 7, 2, 0) + bad
+        data = FUZZ.reframe(header, records)
+        with pytest.raises(StreamError):
+            decode_stream(data)
+        with FUZZ.fake_host(), pytest.raises(StreamError) as info:
+            restore([data], make_domain=FUZZ.FakeDomain)
+        assert "PAGE_DATA_ZSTD" in str(info.value), (name, info.value)
