@@ -264,6 +264,13 @@ class FakeDomain:
         self.memory = memoryview(self._maps[0])          # zero pages until written, like a memfd
         self.stub_memory = memoryview(self._maps[1]) if config.stub else None
 
+    def memory_ranges(self) -> list[tuple]:
+        """(first_pfn, npages, memory, fd, offset): the data plane copies into the mapping."""
+        return [(0, len(self.memory) // 4096, self.memory, -1, 0)]
+
+    def stub_memory_ranges(self) -> list[tuple]:
+        return [(0, len(self.stub_memory) // 4096, self.stub_memory, -1, 0)] if self.stub_memory else []
+
     def apply(self, state, fresh_stub: bool, stub_build: str) -> None:
         from migrate.stub import devstate
         if state.stub is not None:
