@@ -34,7 +34,7 @@ def binaries():
     return tool.build()
 
 
-@pytest.mark.parametrize("name", ["stub", "pages", "runloop"])
+@pytest.mark.parametrize("name", ["stub", "pages", "placement", "runloop"])
 def test_harness_short_run(binaries, name, tmp_path) -> None:
     corpus = ROOT / "tests" / "fuzz-corpus" / name
     assert corpus.is_dir() and any(corpus.iterdir()), f"no corpus for {name}"

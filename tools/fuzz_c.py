@@ -10,8 +10,11 @@ Harnesses (tools/fuzz/*.c):
 
 - ``stub``: the stub's device model (migrate/stub/src: UART, virtio-blk, device state),
   with a fake guest-RAM window and block back end;
-- ``pages``: the page helpers of migrate/stream/_build_pages.py (check, scatter, gather),
+- ``pages``: the reader's C check of page entries (migrate/stream/_build_pages.py),
   against a reference;
+- ``placement``: the data plane's placement of page batches into guest memory
+  (migrate/dataplane/dataplane.c, dp_target_place: what a restore does with each batch),
+  against a model of guest memory;
 - ``runloop``: the vCPU run loop's exit decoding (migrate/kvm/runloop.c) with a fake KVM_RUN.
 
 Each has a small corpus in tests/fuzz-corpus/NAME (new inputs of a run go to a scratch
@@ -34,16 +37,24 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESSES = ROOT / "tools" / "fuzz"
 BUILD = ROOT / "build" / "fuzz"
 CORPORA = ROOT / "tests" / "fuzz-corpus"
-NAMES = ("stub", "pages", "runloop")
+NAMES = ("stub", "pages", "placement", "runloop")
 FLAGS = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=fuzzer,address,undefined",
          "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
          "-Wno-unused-parameter"]
 # Code under test compiled apart, with coverage; the harness file itself without it
-UNDER_TEST = {"pages": [BUILD / "pages_impl.c"]}
+UNDER_TEST = {"pages": [BUILD / "pages_impl.c"], "stub": [ROOT / "migrate" / "stub" / "src" / "netdev.c"],
+              "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"]}
+LIBS = {"placement": ["-lssl", "-lcrypto", "-lzstd", "-lxxhash", "-lz", "-lpthread"]}
+# as cffi builds them (Python.h defines _GNU_SOURCE; dataplane/_build.py's warning flags)
+EXTRA = {"placement": ["-D_GNU_SOURCE", "-Wno-sign-compare"]}
+# Harnesses that compile code under test into their own file (the stub's statics): they
+# keep coverage instrumentation
+WHOLE = {"stub"}
 INCLUDES = {
     "stub": [HARNESSES, ROOT / "migrate" / "stub" / "src", ROOT / "migrate" / "guest" / "src"],
     "pages": [BUILD],
     "runloop": [ROOT / "migrate" / "kvm"],
+    "placement": [],
 }
 
 
@@ -87,19 +98,19 @@ def build(names=NAMES) -> dict[str, Path]:
     out = {}
     for name in names:
         target = BUILD / f"{name}_fuzz"
-        includes = [f"-I{d}" for d in INCLUDES[name]]
+        includes = [f"-I{d}" for d in INCLUDES[name]] + EXTRA.get(name, [])
         objects = []
         for source in UNDER_TEST.get(name, []):
             obj = BUILD / f"{source.stem}.o"
             _compile([cc, *FLAGS, "-fsanitize=fuzzer-no-link", *includes, "-c", str(source), "-o", str(obj)], name)
             objects.append(str(obj))
         harness = [*FLAGS, *includes, str(HARNESSES / f"{name}_fuzz.c")]
-        if objects:                         # the harness's own checks without coverage
+        if objects and name not in WHOLE:   # the harness's own checks without coverage
             harness = [f.replace("-fsanitize=fuzzer,", "-fsanitize=") for f in harness]
             harness_obj = BUILD / f"{name}_fuzz.o"
             _compile([cc, *harness, "-c", "-o", str(harness_obj)], name)
             harness = [*FLAGS, str(harness_obj)]
-        _compile([cc, *harness, *objects, "-o", str(target)], name)
+        _compile([cc, *harness, *objects, "-o", str(target), *LIBS.get(name, [])], name)
         out[name] = target
     return out
 
@@ -135,9 +146,11 @@ def run(name: str, runs: int | None, seconds: int | None, extra: list[str], grow
 
 # The files whose coverage `coverage` reports (the code under test, not the harness)
 COVERED = {
-    "stub": [ROOT / "migrate" / "stub" / "src" / "stub.c", ROOT / "migrate" / "stub" / "src" / "devstate.h"],
+    "stub": [ROOT / "migrate" / "stub" / "src" / "stub.c", ROOT / "migrate" / "stub" / "src" / "devstate.h",
+             ROOT / "migrate" / "stub" / "src" / "netdev.c"],
     "pages": [BUILD / "pages_impl.c"],
     "runloop": [ROOT / "migrate" / "kvm" / "runloop.c"],
+    "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"],
 }
 
 
@@ -156,7 +169,7 @@ def coverage(name: str, dirs: list[Path]) -> str:
     out = BUILD / f"{name}_cov"
     flags = ["-g", "-O0", "-fprofile-instr-generate", "-fcoverage-mapping", "-fsanitize=fuzzer"]
     sources = [str(HARNESSES / f"{name}_fuzz.c"), *map(str, UNDER_TEST.get(name, []))]
-    _compile([cc, *flags, *[f"-I{d}" for d in INCLUDES[name]], *sources, "-o", str(out)], name)
+    _compile([cc, *flags, *[f"-I{d}" for d in INCLUDES[name]], *EXTRA.get(name, []), *sources, "-o", str(out), *LIBS.get(name, [])], name)
     raw, data = BUILD / f"{name}.profraw", BUILD / f"{name}.profdata"
     dirs = dirs or [CORPORA / name]
     subprocess.run([str(out), "-runs=0", *map(str, dirs)], env={**os.environ, "LLVM_PROFILE_FILE": str(raw)},

@@ -16,9 +16,15 @@
  * request taken is in the used ring; IRQ hypercalls name the device's line; SAVE then LOAD
  * then SAVE gives the same bytes.
  *
- * A new device (virtio-net, issue 15) adds: its registers to OP_MMIO's address choice,
- * its queues to OP_SETUP / OP_NOTIFY, its IRQ to fuzz_out's check, its invariants to
- * check_invariants(); the rest (memory map, back end, ops) is shared. */
+ * The virtio-net device (netdev.c, compiled apart by tools/fuzz_c.py) is present in
+ * inputs whose first byte says so: its registers, a driver's queue set-up, transmit
+ * chains, receive buffers and packets the host delivers (NET_RX) are operations too, and
+ * the fake back end checks each transmit kick (count and lengths of the TX slots).
+ *
+ * Adding a device: map its memory in LLVMFuzzerInitialize, set it up in
+ * LLVMFuzzerTestOneInput, give it operations (its registers, its queues, what its back end
+ * delivers), check its hypercalls in fuzz_out and its invariants in check_invariants();
+ * SAVE/LOAD/SAVE identity covers its saved state. The rest is shared. */
 #define _GNU_SOURCE
 #include <stdint.h>
 #include <stdio.h>
@@ -31,9 +37,11 @@
 #define WINDOW      0x10000UL           /* bytes of guest RAM in the window */
 #define GUARD       0x100000UL
 #define LOW_BASE    STUB_IOREQ_PAGE
-#define LOW_SIZE    (STUB_BOUNCE + STUB_BOUNCE_SIZE - STUB_IOREQ_PAGE)
+#define LOW_SIZE    (STUB_NET_RX + NET_SLOTS * (uint64_t)NET_SLOT_SIZE - STUB_IOREQ_PAGE)
 #define VIRTIO_BASE 0xD0000000UL
 #define VIRTIO_IRQ  5
+#define NET_BASE    0xD0001000UL
+#define NET_IRQ     6
 #define MAX_DISK    256                 /* sectors */
 
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "stub_fuzz: invariant broken: %s (line %d)\n", \
@@ -53,6 +61,8 @@ static uint8_t disk[MAX_DISK * 512];
 static uint8_t backend_mode;           /* 0 answer, 1 EIO, 2 no answer, 3 wrong id */
 static uint32_t irq_levels;
 static uint8_t saved[STUB_STATE_SIZE], again[STUB_STATE_SIZE];
+static uint32_t tx_kicks;
+static struct { uint64_t desc, avail, used; uint32_t num; } netq[2];   /* the harness's driver's queues */
 
 int LLVMFuzzerInitialize(int *argc, char ***argv)
 {
@@ -102,11 +112,19 @@ void fuzz_out(uint16_t port, uint32_t value, int width)
 {
     if (port == STUB_PORT_IRQ) {
         uint32_t irq = value & 0x7FFFFFFFu;
-        CHECK(width == 4 && (irq == UART_IRQ || irq == VIRTIO_IRQ));
+        CHECK(width == 4 && (irq == UART_IRQ || irq == VIRTIO_IRQ || (net_base && irq == NET_IRQ)));
         irq_levels = (irq_levels & ~(1u << irq)) | ((value >> 31) << irq);
     } else if (port == STUB_PORT_BLK) {
         CHECK(width == 1);
         serve_block();
+    } else if (port == STUB_PORT_NET_TX) {             /* as migrate/stub/netback.py takes them */
+        volatile struct net_ring *nr = (volatile struct net_ring *)STUB_NET_RING;
+        CHECK(net_base && width == 1 && nr->tx_count >= 1 && nr->tx_count <= NET_SLOTS);
+        for (uint32_t i = 0; i < nr->tx_count; i++)
+            CHECK(nr->tx_len[i] >= NET_HDR_SIZE + 14 && nr->tx_len[i] <= NET_SLOT_SIZE);
+        tx_kicks++;
+    } else if (port == STUB_PORT_NET_RXBUF) {
+        CHECK(net_base && width == 1);
     } else {
         CHECK(!"a hypercall on an unknown port");
     }
@@ -345,6 +363,128 @@ static void op_raw(struct input *in)            /* every field from the input */
     CHECK(r->result <= IOREQ_ESTATE);
 }
 
+/* ---- virtio-net ---------------------------------------------------------------------- */
+static void net_write(uint64_t off, uint32_t value)
+{
+    if (!net_base)
+        return;                                 /* no network device in this input */
+    volatile struct ioreq *r = slot();
+    r->type = IOREQ_TYPE_MMIO;
+    r->addr = NET_BASE + off;
+    r->size = 4;
+    r->count = 1;
+    r->dir = IOREQ_DIR_WRITE;
+    r->data = value;
+    CHECK(serve(r) == IOREQ_OK);
+}
+
+static void op_net_mmio(struct input *in)
+{
+    volatile struct ioreq *r = slot();
+    uint8_t b = (uint8_t)take(in, 1);
+    r->type = IOREQ_TYPE_MMIO;
+    r->addr = NET_BASE + take(in, 2) % 0x240;
+    r->size = b & 0x40 ? pick_size(in) : 4;
+    r->dir = (uint8_t)(take(in, 1) % 3);
+    r->count = 1;
+    r->data = b & 0x08 ? take(in, 8) : take(in, 4);
+    r->result = (uint8_t)serve(r);
+    CHECK(r->result <= IOREQ_ESTATE);
+}
+
+static void op_net_setup(struct input *in)      /* a driver: features, both queues, DRIVER_OK */
+{
+    uint8_t b = (uint8_t)take(in, 1);
+    net_write(0x070, 0);
+    net_write(0x070, 1 | 2);
+    net_write(0x024, 0);
+    net_write(0x020, (uint32_t)take(in, 4));
+    net_write(0x024, 1);
+    net_write(0x020, b & 1 ? 1 : (uint32_t)take(in, 1));       /* VERSION_1, mostly */
+    net_write(0x070, 1 | 2 | 8);
+    for (uint32_t q = 0; q < 2; q++) {
+        netq[q].num = b & 0x80 ? (uint32_t)take(in, 2) : 1u << (take(in, 1) % 9);
+        netq[q].desc = b & 0x40 ? take(in, 8) : 0x1000 + 0x4000ULL * q + (take(in, 1) % 4) * 0x10;
+        netq[q].avail = netq[q].desc + 0x1000;
+        netq[q].used = netq[q].desc + 0x2000 + (b & 0x20 ? take(in, 1) : 0);
+        net_write(0x030, q);
+        net_write(0x038, netq[q].num);
+        net_write(0x080, (uint32_t)netq[q].desc);
+        net_write(0x084, (uint32_t)(netq[q].desc >> 32));
+        net_write(0x090, (uint32_t)netq[q].avail);
+        net_write(0x094, (uint32_t)(netq[q].avail >> 32));
+        net_write(0x0A0, (uint32_t)netq[q].used);
+        net_write(0x0A4, (uint32_t)(netq[q].used >> 32));
+        net_write(0x044, 1);
+    }
+    net_write(0x070, 1 | 2 | 4 | 8);
+}
+
+static void net_chain(struct input *in, uint32_t q, int write)  /* one chain, made available */
+{
+    uint32_t num = netq[q].num ? netq[q].num : 1, n = 1 + (uint32_t)take(in, 1) % 3;
+    uint32_t head = (uint32_t)take(in, 1) % num;
+    uint64_t buf = 0xA000 + 0x1800ULL * q;
+    if (!write) {                               /* a packet: header, then an Ethernet frame */
+        uint8_t pkt[96] = { 0 };
+        for (size_t i = 0; i < sizeof(pkt) && in->n; i++)
+            pkt[i] = i < 12 && !(in->p[0] & 1) ? 0 : (uint8_t)take(in, 1);
+        put(buf, pkt, sizeof(pkt));
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        struct vdesc d;
+        d.addr = buf + 0x200ULL * i;
+        d.len = (uint32_t)(take(in, 1) & 0x80 ? take(in, 4) : (write ? 0x600 : 12 + 14 + take(in, 1) % 80));
+        d.flags = (uint16_t)((write ? DESC_F_WRITE : 0) | (i + 1 < n ? DESC_F_NEXT : 0));
+        d.next = (uint16_t)((head + i + 1) % num);
+        if (take(in, 1) == 0xA5)
+            d.flags ^= DESC_F_INDIRECT;
+        put(netq[q].desc + 16ULL * ((head + i) % num), &d, sizeof(d));
+    }
+    uint16_t idx = 0, entry = (uint16_t)head;
+    if (netq[q].avail + 4 < WINDOW)
+        memcpy(&idx, (uint8_t *)STUB_WINDOW_BASE + netq[q].avail + 2, 2);
+    put(netq[q].avail + 4 + 2ULL * (idx % num), &entry, 2);
+    idx++;
+    put(netq[q].avail + 2, &idx, 2);
+}
+
+static void op_net_tx(struct input *in)
+{
+    net_chain(in, 1, 0);
+    net_write(0x050, 1);
+}
+
+static void op_net_rxbuf(struct input *in)
+{
+    net_chain(in, 0, 1);
+    net_write(0x050, 0);
+}
+
+static void op_net_rx(struct input *in)         /* the host delivers packets (NET_RX) */
+{
+    volatile struct net_ring *nr = (volatile struct net_ring *)STUB_NET_RING;
+    uint8_t b = (uint8_t)take(in, 1);
+    uint32_t first = b & 0x80 ? (uint32_t)take(in, 1) : (uint32_t)take(in, 1) % NET_SLOTS;
+    uint32_t count = b & 0x40 ? (uint32_t)take(in, 2) : 1 + (uint32_t)take(in, 1) % 4;
+    for (uint32_t i = 0; i < count && i < NET_SLOTS; i++) {
+        uint32_t s = (first + i) % NET_SLOTS;
+        nr->rx_len[s] = b & 0x20 ? (uint32_t)take(in, 4) : 12 + 14 + (uint32_t)take(in, 1) % 100;
+        uint8_t *pkt = (uint8_t *)STUB_NET_RX + (uint64_t)s * NET_SLOT_SIZE;
+        for (uint32_t j = 0; j < 48 && in->n; j++)
+            pkt[j] = j < 12 && !(b & 0x10) ? 0 : (uint8_t)take(in, 1);
+    }
+    volatile struct ioreq *r = slot();
+    r->type = IOREQ_TYPE_NET_RX;
+    r->size = 1;
+    r->addr = first;
+    r->count = count;
+    r->result = (uint8_t)serve(r);
+    CHECK(r->result == IOREQ_OK || r->result == IOREQ_EINVAL);
+    CHECK(r->result != IOREQ_OK || r->data <= count);
+    CHECK(r->result == IOREQ_EINVAL || net_base);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct input in = { data, size };
@@ -353,15 +493,34 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     window_size = WINDOW;
     virtio_base = VIRTIO_BASE;
     virtio_irq = VIRTIO_IRQ;
+    memset((void *)STUB_NET_RING, 0, sizeof(struct net_ring));
+    uint8_t setup = (uint8_t)take(&in, 1);
     ring->capacity = take(&in, 1);
     irq_levels = 0;
+    tx_kicks = 0;
+    memset(netq, 0, sizeof(netq));
     uart_reset();
     vblk.irq_level = 0;
     vblk.capacity = ring->capacity;
     vblk_reset();
     backend_mode = 0;
+    net_base = setup & 1 ? NET_BASE : 0;
+    net_irq = NET_IRQ;
+    if (net_base) {                             /* as workload_main boots it */
+        volatile struct net_ring *nr = (volatile struct net_ring *)STUB_NET_RING;
+        static const uint8_t mac[6] = { 0x52, 0x54, 0, 0x12, 0x34, 0x56 };
+        for (int i = 0; i < 6; i++)
+            nr->mac[i] = mac[i];
+        nr->mtu = setup & 2 ? 9000 : 1500;
+        struct netdev_env env = {
+            .guest = (uint8_t *)STUB_WINDOW_BASE, .guest_size = window_size,
+            .ring = nr, .tx_slots = (uint8_t *)STUB_NET_TX, .rx_slots = (uint8_t *)STUB_NET_RX,
+            .set_irq = net_set_irq, .tx_kick = net_tx_kick, .rx_wanted = net_rx_wanted, .log = net_log,
+        };
+        netdev_init(&env);
+    }
     for (int ops = 0; in.n && ops < 64; ops++) {
-        switch (take(&in, 1) % 13) {
+        switch (take(&in, 1) % 18) {
         case 0: case 1: op_pio(&in); break;
         case 2: op_mmio(&in); break;
         case 3: op_setup(&in); break;
@@ -373,7 +532,12 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         case 9: op_load_bytes(&in); break;
         case 10: op_input(&in); break;
         case 11: op_raw(&in); break;
-        default: backend_mode = (uint8_t)(take(&in, 1) % 4); break;
+        case 12: backend_mode = (uint8_t)(take(&in, 1) % 4); break;
+        case 13: op_net_mmio(&in); break;
+        case 14: op_net_setup(&in); break;
+        case 15: op_net_tx(&in); break;
+        case 16: op_net_rxbuf(&in); break;
+        default: op_net_rx(&in); break;
         }
         check_invariants();
     }
