@@ -78,9 +78,19 @@ def split(data: bytes) -> tuple[bytes, list[list]]:
     return bytes(header), records
 
 
+_FRAMED: dict = {}      # (type, body) -> framed record: most records of a mutant are unchanged
+
+
 def frame(rtype: int, body: bytes) -> bytes:
-    crc = zlib.crc32(body, zlib.crc32(struct.pack("<III", rtype, len(body), 0)))
-    return RECORD_HEADER.pack(rtype, len(body), 0, crc) + body + bytes(-len(body) % 8)
+    key = (rtype, body)
+    framed = _FRAMED.get(key)
+    if framed is None:
+        crc = zlib.crc32(body, zlib.crc32(struct.pack("<III", rtype, len(body), 0)))
+        framed = RECORD_HEADER.pack(rtype, len(body), 0, crc) + body + bytes(-len(body) % 8)
+        if len(_FRAMED) > 4096:
+            _FRAMED.clear()
+        _FRAMED[key] = framed
+    return framed
 
 
 def page_count(rtype: int, body: bytes) -> int:
@@ -93,7 +103,7 @@ def reframe(header: bytes, records: list[list]) -> bytes:
     out = bytearray(header)
     body_records = [r for r in records if r[0] != END_TYPE]
     for rtype, body in body_records:
-        out += frame(rtype, body)
+        out += frame(rtype, bytes(body))
     pages = sum(page_count(rtype, body) for rtype, body in body_records)
     digest = xxhash.xxh3_128(bytes(out)).digest()
     out += frame(END_TYPE, struct.pack("<QQQ16s", len(body_records), pages, len(out), digest))
