@@ -526,7 +526,7 @@ def inspect(file):
       hvm stream inspect web1.hvm
     """
     from .engine import inspect as insp
-    scan, rows, stats = insp.Scan(file), [], {}
+    scan, rows, stats = insp.Scan(file), insp.Spool(), {}
     for e in scan:          # all checked before anything is printed
         rows.append(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
                     f"{insp.summary(e.record)}")
@@ -605,7 +605,7 @@ def dump(file):
     from .engine import inspect as insp
     from .stream import CpuidPolicy, HvmState, MsrPolicy
     from .stream.pages import RawPageBatch
-    lines = []              # all checked before anything is printed
+    lines = insp.Spool()    # all checked before anything is printed
     for first, n, pages, zero in insp.collapse(insp.Scan(file)):
         record = first.record
         if isinstance(record, RawPageBatch):

@@ -2,6 +2,7 @@
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -91,3 +92,45 @@ def test_real_subprocess_save_and_restore(state_dir, tmp_path):
             control.wait_gone("s1")
         except control.ControlError:
             pass
+
+
+def _hostile_copies(tmp_path):
+    """The saved pair of tests/fixtures/idle-v2-baseline-amd.hvm with one body made hostile, reframed
+    (CRCs and END recomputed): the cases issue 13 found."""
+    import importlib.util
+    from pathlib import Path
+    root = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("fuzz_stream", root / "tools" / "fuzz_stream.py")
+    fuzz = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    base = (root / "tests" / "fixtures" / "idle-v2-baseline-amd.hvm").read_bytes()
+    deep = b"\x81\xa1a" + b"\x91" * 1000 + b"\xc0"
+    dup_memory = b"\x83\xa4name\xa1x\xa6memory\xce\x01\x00\x00\x00\xa6memory\xce\xc0\x00\x00\x00"
+    cases = {"deep-config": (1, deep, "nested deeper than 32 levels"),
+             "deep-device": (0x30, deep, "nested deeper than 32 levels"),
+             "duplicate-key": (1, dup_memory, "map key 'memory' appears twice")}
+    for name, (rtype, body, msg) in cases.items():
+        header, records = fuzz.split(base)
+        i = next(n for n, r in enumerate(records) if r[0] == rtype)
+        records[i][1] = body
+        path = tmp_path / f"{name}.hvm"
+        path.write_bytes(fuzz.reframe(header, records))
+        yield name, path, msg
+
+
+@pytest.mark.kvm
+def test_hvm_restore_refuses_hostile_streams_in_one_line(state_dir, tmp_path):
+    for name, path, msg in _hostile_copies(tmp_path):
+        if name == "deep-device":       # the real console script, in its own process
+            res = subprocess.run([str(Path(sys.executable).parent / "hvm-restore"), str(path), "--name", name],
+                                 capture_output=True, text=True, timeout=120)
+            output, code = res.stdout + res.stderr, res.returncode
+        else:
+            res = CliRunner().invoke(hvm, ["restore", str(path), "--name", name])
+            output, code = res.output, res.exit_code
+        assert code == 1 and msg in output, output
+        assert len(output.strip().splitlines()) == 1, output
+        assert not (state_dir / name).exists()
+        for verb in ("verify", "inspect", "dump"):
+            res = CliRunner().invoke(hvm, ["stream", verb, str(path)])
+            assert res.exit_code == 1 and msg in res.output and len(res.output.splitlines()) == 1, res.output

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -426,6 +427,34 @@ def test_answer_to_go_is_read_strictly(tmp_path):
             incoming(silent).resume()
         assert not isinstance(info.value, relocd.NotResumed)
         assert "domain process exited" in str(info.value)
+
+
+@pytest.mark.kvm
+def test_hostile_stream_is_refused_in_one_line(hosts, pki):
+    """The relocation daemon as an entry point (issue 13): a stream whose DEVICE_STATE is
+    nested 1000 deep (once a RecursionError after the domain was built) ends the restore
+    with the stream error's one line, and the destination keeps nothing."""
+    from migrate.host.relocate import MigrateJob
+    spec = __import__("importlib.util").util.spec_from_file_location(
+        "fuzz_stream", Path(__file__).resolve().parents[1] / "tools" / "fuzz_stream.py")
+    fuzz = __import__("importlib.util").util.module_from_spec(spec)
+    spec.loader.exec_module(fuzz)
+    header, records = fuzz.split((Path(__file__).parent / "fixtures" / "idle-v2-baseline-amd.hvm").read_bytes())
+    next(r for r in records if r[0] == 0x30)[1] = b"\x81\xa1a" + b"\x91" * 1000 + b"\xc0"
+    data = fuzz.reframe(header, records)
+    cpu = [body for rtype, body in records if rtype in (0x40, 0x41, 0x42)]     # guest's, then stub's
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    ch = MigrateJob("127.0.0.1", b.address[1], True, str(pki / "ca" / "src"), False).connect()
+    ch.send("HELLO", proto=1, stream_versions=[2], name="h1", memory=16 << 20, stub=True,
+            disk=None, live=False, cpu={"guest": cpu[:3], "stub": cpu[3:]})
+    ch.expect("WELCOME")
+    ch.send_data(data)
+    ch.send("STREAM_END", bytes=len(data))
+    with pytest.raises(PeerError) as info:
+        ch.expect("RESTORED")
+    assert "nested deeper than 32 levels" in str(info.value) and "\n" not in str(info.value), info.value
+    wait_empty(dst)
 
 
 @pytest.mark.kvm

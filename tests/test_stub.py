@@ -283,14 +283,16 @@ def test_restore_refuses_a_disk_of_another_size(domains, disk, tmp_path, fresh_s
         Domain.restore(state, memory, stub_memory, fresh_stub=fresh_stub)
 
 
-def test_capacity_is_optional_but_checked_when_present(domains, disk):
+def test_capacity_is_required_and_checked(domains, disk):
     dom = boot(domains, disk=str(disk))
     good = dom.stub.save_devices()
     vblk = next(r for r in good if r["device"] == "virtio-blk")
     assert vblk["fields"]["capacity"] == (2 << 20) // 512
     without = [dict(r, fields={k: v for k, v in r["fields"].items() if k != "capacity"}) for r in good]
-    dom.stub.load_devices(without)          # an older version-1 writer: accepted
-    assert dom.stub.save_devices() == good  # and the capacity stays the disk's
+    with pytest.raises(Exception, match="refused"):     # specs/device-state.md: a required field
+        dom.stub.load_devices(without)
+    dom.stub.load_devices(good)
+    assert dom.stub.save_devices() == good
     zero_min = [dict(r, min_version=0) for r in good]
     with pytest.raises(Exception, match="refused"):
         dom.stub.load_devices(zero_min)

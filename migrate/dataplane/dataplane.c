@@ -1090,7 +1090,7 @@ static int placer_init(struct placer *p)
     p->scratch = malloc(DP_MAX_BATCH * DP_PAGE);
     if (!p->dctx || !p->scratch)
         return -1;
-    ZSTD_DCtx_setParameter(p->dctx, ZSTD_d_windowLogMax, 23);
+    ZSTD_DCtx_setParameter(p->dctx, ZSTD_d_windowLogMax, 22);   /* MAX_ZSTD_WINDOW, 4 MiB (specs/stream-format.md) */
     return 0;
 }
 
@@ -1181,6 +1181,16 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
         if (ZSTD_getDictID_fromFrame(data, datalen)) {
             snprintf(why, whylen, "zstd frame needs dictionary %u", ZSTD_getDictID_fromFrame(data, datalen));
             return -1;
+        }
+        /* the window (RFC 8878 3.1.1.1.2) at most MAX_ZSTD_WINDOW, as the reader checks it:
+         * windowLogMax binds only streaming decompression, not this one-shot call */
+        if (!(data[4] & 0x20) && datalen > 5) {
+            uint64_t base = 1ull << (10 + (data[5] >> 3)), window = base + base / 8 * (data[5] & 7);
+            if (window > (uint64_t)DP_MAX_BATCH * DP_PAGE) {
+                snprintf(why, whylen, "zstd frame asks for a %llu-byte window, more than %u",
+                         (unsigned long long)window, DP_MAX_BATCH * DP_PAGE);
+                return -1;
+            }
         }
         size_t framelen = ZSTD_findFrameCompressedSize(data, datalen);
         if (ZSTD_isError(framelen) || framelen != datalen) {

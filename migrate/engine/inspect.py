@@ -2,10 +2,15 @@
 (``hvm stream inspect|verify|dump``). Reads through the same checking reader as a
 restore, so the first problem stops it with its one-line StreamError. Page batches come
 as RawPageBatch (counts and pfns, no page objects); callers keep what they print, not the
-records, so a large stream is not held in memory."""
+records, in a :class:`Spool` (memory up to a small size, then a temporary file), and every
+value shown is cut short, so memory stays O(one record) whatever the stream holds
+(specs/stream-format.md, "Memory")."""
 from __future__ import annotations
 
 import os
+import reprlib
+import tempfile
+from bisect import bisect_right
 from dataclasses import dataclass, field
 from typing import Iterable, Iterator
 
@@ -13,8 +18,14 @@ from ..stream import (
     DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, Creator, DeviceState, DomainConfig, End,
     HvmState, MemoryLayout, MsrPolicy, StreamReader, Vm,
 )
+from ..stream.errors import one_line
 from ..stream.pages import RawPageBatch
 from .files import file_chunks
+
+MAX_SHOWN = 80                 # characters of one value shown in a summary
+MAX_LINE = 1000                # characters of one summary line
+MAX_COUNTED_PAGES = 1 << 24    # distinct pages are counted for spaces up to 64 GiB
+SPOOL_IN_MEMORY = 1 << 20      # output lines kept in memory before they go to a file
 
 
 @dataclass
@@ -72,15 +83,58 @@ def summary(record) -> str:
     if isinstance(record, MsrPolicy):
         return f"{record.vm.name} {len(record.entries)} MSRs ({len(record.features())} feature)"
     if isinstance(record, DomainConfig):
-        return " ".join(f"{k}={v}" for k, v in record.config.items())
+        return one_line(" ".join(f"{short(k)}={short(v)}" for k, v in record.config.items()), MAX_LINE)
     if isinstance(record, DeviceState):
         return f"{record.device}.{record.instance} v{record.version} (min {record.min_version})"
     if isinstance(record, Creator):
-        return record.text
+        return one_line(record.text, MAX_SHOWN)
     if isinstance(record, End):
         return f"records={record.record_count} pages={record.page_count} digest={record.digest.hex()[:16]}..."
     return ""
 
+
+
+_SHORT = reprlib.Repr()
+_SHORT.maxstring = _SHORT.maxother = MAX_SHOWN
+_SHORT.maxlevel, _SHORT.maxlist, _SHORT.maxdict = 3, 8, 8
+
+
+def short(value) -> str:
+    """A value of a msgpack body for a person, cut short (a str without quotes)."""
+    if isinstance(value, str):
+        return one_line(value, MAX_SHOWN) if len(value) <= 4 * MAX_SHOWN \
+            else one_line(value[:MAX_SHOWN] + f"...({len(value)} characters)")
+    if isinstance(value, bytes) and len(value) > MAX_SHOWN:
+        return f"<{len(value)} bytes>"
+    return one_line(_SHORT.repr(value), MAX_SHOWN * 2)
+
+
+class Spool:
+    """Output lines kept until the stream has been checked: in memory up to
+    SPOOL_IN_MEMORY bytes, then in a temporary file (a stream of many records must not
+    grow this process)."""
+
+    def __init__(self) -> None:
+        self._file = tempfile.SpooledTemporaryFile(SPOOL_IN_MEMORY, mode="w+", encoding="utf-8",
+                                                   errors="replace")
+        self._count = 0
+
+    def append(self, line: str) -> None:
+        self._file.write(line.replace("\n", " ") + "\n")
+        self._count += 1
+
+    def __iadd__(self, lines) -> Spool:
+        for line in lines:
+            self.append(line)
+        return self
+
+    def __len__(self) -> int:
+        return self._count
+
+    def __iter__(self) -> Iterator[str]:
+        self._file.seek(0)
+        for line in self._file:
+            yield line[:-1]
 
 
 @dataclass
@@ -89,14 +143,20 @@ class MemoryStats:
     entries: int = 0
     data: int = 0
     zero: int = 0
-    distinct: set = field(default_factory=set)
+    distinct: int = 0
+    sent: bytearray | None = None  # one byte per page of the space, when it is not too large
+    starts: list = field(default_factory=list)     # first pfn of each range
+    slots: list = field(default_factory=list)      # add to a pfn of that range: its byte in sent
     data_bytes: int = 0        # page record bytes, entries and framing included
 
     def line(self, space: Vm) -> str:
-        resent = self.entries - len(self.distinct)
+        if self.sent is None and self.entries:
+            counted = "distinct pages not counted (space too large)"
+        else:
+            counted = (f"{self.entries - self.distinct} resent; {self.distinct} distinct pages, "
+                       f"{self.nr_pages - self.distinct} never sent")
         return (f"{space.name}: {self.nr_pages} pages ({self.nr_pages * PAGE_SIZE >> 20} MiB); "
-                f"{self.entries} page entries: {self.data} data, {self.zero} zero, {resent} resent; "
-                f"{len(self.distinct)} distinct pages, {self.nr_pages - len(self.distinct)} never sent; "
+                f"{self.entries} page entries: {self.data} data, {self.zero} zero, {counted}; "
                 f"page records {self.data_bytes} bytes")
 
 
@@ -104,13 +164,25 @@ def add_memory_stats(stats: dict, entry: Entry) -> None:
     """Count ``entry`` into ``stats`` (Vm -> MemoryStats)."""
     record = entry.record
     if isinstance(record, MemoryLayout):
-        stats.setdefault(record.space, MemoryStats()).nr_pages = record.nr_pages
+        space = stats.setdefault(record.space, MemoryStats())
+        space.nr_pages = record.nr_pages
+        if record.nr_pages <= MAX_COUNTED_PAGES:
+            space.sent = bytearray(record.nr_pages)
+            space.starts = [first for first, _ in record.ranges]
+            space.slots = [sum(n for _, n in record.ranges[:i]) - first
+                           for i, (first, _) in enumerate(record.ranges)]
     elif isinstance(record, RawPageBatch):
         space = stats.setdefault(record.space, MemoryStats())
         space.entries += record.count
         space.zero += record.zero
         space.data += record.count - record.zero
-        space.distinct.update(record.pfns())
+        if space.sent is not None:          # the reader checked every pfn against the layout
+            sent, starts, slots = space.sent, space.starts, space.slots
+            for pfn in record.pfns():
+                slot = pfn + slots[bisect_right(starts, pfn) - 1]     # its place in the ranges
+                if not sent[slot]:
+                    sent[slot] = 1
+                    space.distinct += 1
         space.data_bytes += entry.size
 
 

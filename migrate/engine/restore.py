@@ -34,7 +34,7 @@ from ..stream import (
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
-from ..stub import StubState, stub_build_id
+from ..stub import StubState, abi, devstate, stub_build_id
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
 
@@ -75,6 +75,7 @@ class _Restorer:
         self.stub_collector = StateCollector("stub")
         self.cpus = CpuCollector()
         self.devices: list[dict] = []
+        self.device_bytes = 0                # their size in the stub's binary form
         self.stats = RestoreStats()
         self.end_seen = False
         self._dispatch = {
@@ -160,9 +161,16 @@ class _Restorer:
         if not self.config.stub:
             raise RestoreError(f"stream carries device state {record.device}.{record.instance} "
                                "for a domain without a stub")
-        self.devices.append({"device": record.device, "instance": record.instance,
-                             "version": record.version, "min_version": record.min_version,
-                             "fields": record.fields})
+        device = {"device": record.device, "instance": record.instance,
+                  "version": record.version, "min_version": record.min_version,
+                  "fields": record.fields}
+        self.device_bytes += devstate.binary_size(device)
+        if len(self.devices) == devstate.MAX_RECORDS or \
+                self.device_bytes > abi.STATE_SIZE - devstate.HEADER.size:
+            raise RestoreError(f"device state {record.device}.{record.instance} does not fit the "
+                               f"stub's state buffer ({devstate.MAX_RECORDS} records, "
+                               f"{abi.STATE_SIZE} bytes)")
+        self.devices.append(device)
 
     def on_channels(self, record: Channels) -> None:
         if self.channels is None:

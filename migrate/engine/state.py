@@ -191,6 +191,9 @@ class StateCollector:
         self.platform: dict[str, object] = {}
 
     def add(self, record: HvmState) -> None:
+        if record.vcpu_id not in (None, 0):     # refused at once: nothing piles up
+            raise RestoreError(f"stream has {record.type.name} of {self.label} vcpu {record.vcpu_id}; "
+                               "this build runs one vCPU (id 0) per VM")
         if record.vcpu_id is not None:
             self.vcpus.setdefault(record.vcpu_id, {})[VCPU_RECORDS[record.type]] = record.state
         elif record.type is RecordType.PIC:

@@ -121,7 +121,8 @@ struct hvm_runner {
     ...;
 };
 int hvm_init_signals(void);
-int hvm_runner_init(struct hvm_runner *r, int vcpu_fd, struct kvm_run *run, uint16_t console_port);
+int hvm_runner_init(struct hvm_runner *r, int vcpu_fd, struct kvm_run *run, uint32_t run_size,
+                    uint16_t console_port);
 void hvm_runner_destroy(struct hvm_runner *r);
 void hvm_kick(struct hvm_runner *r);
 void hvm_unkick(struct hvm_runner *r);

@@ -41,6 +41,7 @@ struct hvm_exit {
 struct hvm_runner {
     int vcpu_fd;
     struct kvm_run *run;
+    uint32_t run_size;      /* bytes mapped at run (KVM_GET_VCPU_MMAP_SIZE) */
     uint16_t console_port;
     pthread_mutex_t lock;
     int in_run;
@@ -70,11 +71,12 @@ int hvm_init_signals(void)
 }
 
 int hvm_runner_init(struct hvm_runner *r, int vcpu_fd, struct kvm_run *run,
-                    uint16_t console_port)
+                    uint32_t run_size, uint16_t console_port)
 {
     memset(r, 0, sizeof(*r));
     r->vcpu_fd = vcpu_fd;
     r->run = run;
+    r->run_size = run_size;
     r->console_port = console_port;
     return -pthread_mutex_init(&r->lock, NULL);
 }
@@ -101,6 +103,18 @@ void hvm_unkick(struct hvm_runner *r)
     r->stop = 0;
     __atomic_store_n(&r->run->immediate_exit, 0, __ATOMIC_SEQ_CST);
     pthread_mutex_unlock(&r->lock);
+}
+
+/* A port exit's data (size * count bytes at data_offset) lies inside the mapped kvm_run
+ * area, after the struct, and its size is one KVM uses: nothing is read or written
+ * outside the mapping whatever the exit says (tools/fuzz/runloop_fuzz.c). */
+static int io_fits(const struct hvm_runner *r)
+{
+    const struct kvm_run *run = r->run;
+    uint64_t n = (uint64_t)run->io.size * run->io.count;
+    return (run->io.size == 1 || run->io.size == 2 || run->io.size == 4)
+        && run->io.data_offset >= sizeof(*run) && run->io.data_offset <= r->run_size
+        && n <= r->run_size - run->io.data_offset;
 }
 
 static void fill_exit(struct hvm_runner *r)
@@ -168,6 +182,10 @@ int hvm_run(struct hvm_runner *r)
             break;
         }
         r->exits++;
+        if (run->exit_reason == KVM_EXIT_IO && !io_fits(r)) {
+            ret = -EPROTO;              /* a port exit this loop cannot decode */
+            break;
+        }
         if (run->exit_reason == KVM_EXIT_IO && run->io.port == r->console_port
             && run->io.direction == KVM_EXIT_IO_OUT && run->io.size == 1) {
             const uint8_t *p = (const uint8_t *)run + run->io.data_offset;
@@ -206,7 +224,10 @@ int hvm_run(struct hvm_runner *r)
 void hvm_complete_io_in(struct hvm_runner *r, const uint8_t *data, uint32_t len)
 {
     struct kvm_run *run = r->run;
-    uint32_t want = (uint32_t)run->io.size * run->io.count;
+    uint32_t want;
+    if (run->exit_reason != KVM_EXIT_IO || !io_fits(r))
+        return;
+    want = (uint32_t)run->io.size * run->io.count;
     memset((uint8_t *)run + run->io.data_offset, 0, want);
     memcpy((uint8_t *)run + run->io.data_offset, data, len < want ? len : want);
 }

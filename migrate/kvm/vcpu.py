@@ -63,7 +63,7 @@ class Vcpu:
         self._run_buf = ffi.from_buffer(self._run_map)
         self._run_ptr = ffi.cast("struct kvm_run *", self._run_buf)
         self._runner = ffi.new("struct hvm_runner *")
-        rc = lib.hvm_runner_init(self._runner, fd, self._run_ptr, console_port)
+        rc = lib.hvm_runner_init(self._runner, fd, self._run_ptr, size, console_port)
         if rc:
             raise KvmError("pthread_mutex_init", -rc)
 

@@ -20,6 +20,7 @@ from migrate.stream.errors import StreamError
 from migrate.stream.records import MAX_MSRS, MAX_VCPU_ID, RecordType, Vm, expect_length, vm_of
 
 PREFIX = "<II"  # vm, vcpu_id (reserved, zero, for platform records)
+MAX_XCRS = 16  # entries of kvm_xcrs.xcrs (KVM_MAX_XCRS)
 
 
 @dataclass(frozen=True)
@@ -293,7 +294,12 @@ class HvmState:
         if not 0 <= vcpu_id <= MAX_VCPU_ID:
             raise ValueError(f"vcpu_id {vcpu_id} outside 0..{MAX_VCPU_ID}")
         try:
-            return CODECS[self.type].pack(self.vm, vcpu_id, self.state)
+            body = CODECS[self.type].pack(self.vm, vcpu_id, self.state)
+            if self.type is RecordType.VCPU_XCRS:
+                _check_xcrs(self.state)     # a writer makes only what readers accept
+            return body
+        except StreamError as exc:
+            raise ValueError(f"{self.type.name}: {exc.msg}") from None
         except (struct.error, KeyError, TypeError) as exc:
             raise ValueError(f"{self.type.name}: {exc!r}") from None
 
@@ -306,4 +312,19 @@ class HvmState:
             return cls(record_type, vm_of(vm), None, state)
         if vcpu_id > MAX_VCPU_ID:
             raise StreamError(f"{record_type.name} vcpu_id {vcpu_id} exceeds {MAX_VCPU_ID}")
+        if record_type is RecordType.VCPU_XCRS:
+            _check_xcrs(state)
         return cls(record_type, vm_of(vm), vcpu_id, state)
+
+
+def _check_xcrs(state: dict) -> None:
+    """VCPU_XCRS: ``nr_xcrs`` at most 16, ``flags`` zero, the entries from ``nr_xcrs``
+    on all zero (spec "HVM context records", VCPU_XCRS): one meaning per body."""
+    nr = state["nr_xcrs"]
+    if nr > MAX_XCRS:
+        raise StreamError(f"VCPU_XCRS nr_xcrs {nr} exceeds {MAX_XCRS}")
+    if state["flags"]:
+        raise StreamError(f"VCPU_XCRS flags 0x{state['flags']:x}, must be zero")
+    for i, xcr in enumerate(state["xcrs"][nr:], nr):
+        if xcr["xcr"] or xcr["value"]:
+            raise StreamError(f"VCPU_XCRS entry {i} is not zero but nr_xcrs is {nr}")

@@ -79,7 +79,7 @@ class StreamOrder:
         self.channels_seen = True          # once: anything after it but END is refused above
 
     def _pages(self, record: PageBatch) -> None:
-        self.pages(record.TYPE.name, record.space, (pfn for pfn, _ in record.pages))
+        self.pages(record.TYPE.name, record.space, record.pfns())
 
     def flat(self, space: Vm) -> bool:
         """The space's memory is one range from pfn 0 (checking the highest pfn suffices)."""
@@ -103,7 +103,17 @@ class StreamOrder:
                 raise StreamError(f"pfn 0x{pfn:x} outside {space.name} memory "
                                   f"({layout.nr_pages} pages in {len(ranges)} ranges)")
 
+    def _present(self, what: str, vm: Vm) -> None:
+        """Context of ``vm`` comes after its MEMORY_LAYOUT, which must not say the VM
+        is absent (no pages)."""
+        layout = self.layouts.get(vm)
+        if layout is None:
+            raise StreamError(f"{what} for {vm.name} before its MEMORY_LAYOUT")
+        if not layout.ranges:
+            raise StreamError(f"{what} for {vm.name}, whose MEMORY_LAYOUT says it is absent (0 pages)")
+
     def _hvm_state(self, record: HvmState) -> None:
+        self._present(record.type.name, record.vm)
         where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
         self._once((record.type, record.vm, record.vcpu_id),
                    f"{record.type.name} for {record.vm.name} {where}")
@@ -120,6 +130,7 @@ class StreamOrder:
                                       f"says 0x{value:x}")
 
     def _device_state(self, record: DeviceState) -> None:
+        self._present("DEVICE_STATE", Vm.STUB)      # the devices live in the stub
         self._once(("device", record.device, record.instance),
                    f"DEVICE_STATE {record.device}.{record.instance}")
 

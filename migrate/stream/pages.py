@@ -19,7 +19,7 @@ import struct
 import threading
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import zstandard
 
@@ -32,6 +32,8 @@ PAGE_ENTRY = struct.Struct("<QII")  # pfn, page type, reserved (zero)
 ZERO_PAGE = bytes(PAGE_SIZE)
 ZSTD_LEVEL = 3
 MAX_PFN = (1 << 64) - 1
+ZSTD_MAGIC = b"\x28\xb5\x2f\xfd"  # a zstd frame (RFC 8878); skippable frames are refused
+MAX_ZSTD_WINDOW = MAX_PAGES_PER_BATCH * PAGE_SIZE  # largest window a frame may ask for
 
 
 class PageType(IntEnum):
@@ -43,10 +45,53 @@ class PageType(IntEnum):
 _DATA_TYPE = {RecordType.PAGE_DATA: PageType.NORMAL, RecordType.PAGE_DATA_ZSTD: PageType.COMPRESSED}
 
 
+class PageList(Sequence):
+    """The pages of a decoded batch as ``(pfn, data)`` pairs, made when asked for from
+    the batch's entry table and data: a decoded batch holds 16 bytes per entry plus its
+    data pages, not a Python tuple per page (spec "Memory": a stream of 4M ZERO entries
+    must not cost hundreds of bytes per entry). Compares equal to a tuple of the pairs."""
+
+    __slots__ = ("_entries", "_data")
+
+    def __init__(self, entries: bytes, data) -> None:
+        self._entries = entries         # checked entry table, 16 bytes per page
+        self._data = data               # the data pages in entry order (bytes or a view)
+
+    def __len__(self) -> int:
+        return len(self._entries) // PAGE_ENTRY.size
+
+    def __iter__(self):
+        at = 0
+        for pfn, page_type, _ in PAGE_ENTRY.iter_unpack(self._entries):
+            if page_type == PageType.ZERO:
+                yield pfn, ZERO_PAGE
+            else:
+                yield pfn, bytes(self._data[at:at + PAGE_SIZE])
+                at += PAGE_SIZE
+
+    def __getitem__(self, index):
+        return tuple(self)[index]
+
+    def __eq__(self, other) -> bool:
+        if isinstance(other, (PageList, tuple, list)):
+            return len(self) == len(other) and tuple(self) == tuple(other)
+        return NotImplemented
+
+    def __hash__(self) -> int:
+        return hash(tuple(self))
+
+    def __repr__(self) -> str:
+        return f"PageList({len(self)} pages)"
+
+    def pfns(self) -> list[int]:
+        return [pfn for pfn, _, _ in PAGE_ENTRY.iter_unpack(self._entries)]
+
+
 @dataclass(frozen=True)
 class PageBatch:
     """Pages of one address space. ``pages`` holds ``(pfn, data)`` pairs; a zero page's
-    data is the shared :data:`ZERO_PAGE`."""
+    data is the shared :data:`ZERO_PAGE`. A decoded batch's ``pages`` is a
+    :class:`PageList`, which makes the pairs when asked."""
 
     space: Vm
     pages: tuple[tuple[int, bytes], ...]
@@ -58,6 +103,11 @@ class PageBatch:
 
     def pack(self) -> bytes:
         return encode_batch(self.space, self.pages, self.compressed)
+
+    def pfns(self) -> list[int]:
+        if isinstance(self.pages, PageList):
+            return self.pages.pfns()
+        return [pfn for pfn, _ in self.pages]
 
     @classmethod
     def unpack_as(cls, record_type: RecordType, body: bytes) -> PageBatch:
@@ -113,19 +163,13 @@ def decode_batch(record_type: RecordType, body: bytes) -> PageBatch:
             raise StreamError(f"{what} pfn 0x{pfn:x} appears twice in one batch")
         seen.add(pfn)
     n_data = sum(1 for entry in entries if entry[1] == data_type)
-    data = body[data_start:]
+    data = memoryview(body)[data_start:]
     if record_type is RecordType.PAGE_DATA_ZSTD:
         data = _decompress(data, n_data * PAGE_SIZE, what)
     elif len(data) != n_data * PAGE_SIZE:
         raise StreamError(f"{what} carries {len(data)} data bytes, {n_data} pages need {n_data * PAGE_SIZE}")
-    pages, at = [], 0
-    for pfn, page_type, _ in entries:
-        if page_type == PageType.ZERO:
-            pages.append((pfn, ZERO_PAGE))
-        else:
-            pages.append((pfn, data[at:at + PAGE_SIZE]))
-            at += PAGE_SIZE
-    return PageBatch(vm_of(space), tuple(pages), record_type is RecordType.PAGE_DATA_ZSTD)
+    pages = PageList(memoryview(body)[BATCH_HEADER.size:data_start], data)   # views: body held once
+    return PageBatch(vm_of(space), pages, record_type is RecordType.PAGE_DATA_ZSTD)
 
 
 @dataclass(frozen=True)
@@ -203,7 +247,7 @@ def _decompressor() -> zstandard.ZstdDecompressor:
     for every batch; one is not safe to share between threads)."""
     dctx = getattr(_LOCAL, "dctx", None)
     if dctx is None:
-        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
+        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor(max_window_size=MAX_ZSTD_WINDOW)
     return dctx
 
 
@@ -214,10 +258,19 @@ def _decompress(frame: bytes, expected: int, what: str) -> bytes:
         if frame:
             raise StreamError(f"{what} has {len(frame)} data bytes but no compressed pages")
         return b""
+    if bytes(frame[:4]) != ZSTD_MAGIC:
+        raise StreamError(f"{what} bad zstd frame: magic {bytes(frame[:4]).hex() or '(none)'} is not "
+                          f"{ZSTD_MAGIC.hex()} (skippable frames are refused)")
     try:
-        declared = zstandard.get_frame_parameters(frame).content_size
+        params = zstandard.get_frame_parameters(frame)
     except zstandard.ZstdError as exc:
         raise StreamError(f"{what} bad zstd frame: {exc}") from None
+    if params.dict_id:
+        raise StreamError(f"{what} zstd frame names dictionary {params.dict_id}; none may be used")
+    if params.window_size > MAX_ZSTD_WINDOW:
+        raise StreamError(f"{what} zstd frame asks for a {params.window_size}-byte window, "
+                          f"more than {MAX_ZSTD_WINDOW}")
+    declared = params.content_size
     if declared != expected:
         shown = "unknown" if declared == zstandard.CONTENTSIZE_UNKNOWN else declared
         raise StreamError(f"{what} zstd frame declares {shown} bytes, expected {expected}")

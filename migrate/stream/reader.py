@@ -15,6 +15,7 @@ from typing import Any, Callable
 
 import xxhash
 
+from migrate.stream import cpu
 from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.framing import record_crc
@@ -22,9 +23,10 @@ from migrate.stream.hvm import CODECS, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch, RawPageBatch, decode_raw_batch
 from migrate.stream.records import (
-    FORMAT_VERSION, HEADER, MAGIC, MAX_HEADER_LENGTH, MAX_RECORD_BODY, MIN_READ_VERSION,
-    OPTIONAL, RECORD_ALIGN, RECORD_HEADER, Channels, Creator, DeviceState, DomainConfig, End, Header,
-    MemoryLayout, RecordType, padded,
+    BODY_CAPS, CHANNEL_ENTRY, CHANNELS_HEADER, END, FORMAT_VERSION, HEADER, MAGIC, MAX_CHANNELS, MAX_HEADER_LENGTH, MAX_MSRS, MAX_RANGES,
+    MAX_RECORD_BODY, MEMORY_LAYOUT, MEMORY_LAYOUT_V1, MEMORY_RANGE, MIN_READ_VERSION, OPTIONAL,
+    RECORD_ALIGN, RECORD_HEADER, Channels, Creator, DeviceState, DomainConfig, End, Header,
+    MemoryLayout, RecordType, padded, reserved_optional,
 )
 
 
@@ -41,6 +43,7 @@ DONE = _Sentinel("DONE")
 _SKIPPED = _Sentinel("SKIPPED")  # internal: an unknown optional record was passed over
 
 KNOWN_INCOMPAT_FLAGS = 0  # versions 1 and 2 define none
+MAX_SKIPPED_KEPT = 64
 
 Decoder = Callable[[bytes], Any]
 _V1_DECODERS: dict[int, Decoder] = {
@@ -63,6 +66,23 @@ _V2_DECODERS: dict[int, Decoder] = {
 }
 # One decoder table per readable format version (this one and the one before).
 DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS, 2: _V2_DECODERS}
+# Largest body of each known type, per version (spec "Caps", "Body caps"): fixed sizes and
+# BODY_CAPS; a type the version does not know may be up to MAX_RECORD_BODY. Checked before
+# the body is waited for.
+_V1_CAPS: dict[int, int] = {
+    RecordType.END: END.size, RecordType.MEMORY_LAYOUT: MEMORY_LAYOUT_V1.size,
+    **{record_type: codec.struct.size for record_type, codec in CODECS.items()},
+    **BODY_CAPS,
+}
+_V2_CAPS: dict[int, int] = {
+    **_V1_CAPS,
+    RecordType.MEMORY_LAYOUT: MEMORY_LAYOUT.size + MAX_RANGES * MEMORY_RANGE.size,
+    RecordType.CPU_MODEL: cpu.CPU_MODEL.size,
+    RecordType.CPUID_POLICY: cpu.COUNT_HEADER.size + cpu.MAX_CPUID_ENTRIES * cpu.CPUID_ENTRY.size,
+    RecordType.MSR_POLICY: cpu.COUNT_HEADER.size + MAX_MSRS * cpu.MSR_POLICY_ENTRY.size,
+    RecordType.CHANNELS: CHANNELS_HEADER.size + MAX_CHANNELS * CHANNEL_ENTRY.size,
+}
+CAPS: dict[int, dict[int, int]] = {1: _V1_CAPS, 2: _V2_CAPS}
 # What raw_pages=True puts in place of the PageBatch decoders ("bodies": without looking
 # at the page data, which the caller's placement checks, as the data plane's Target does).
 RAW_PAGE_DECODERS: dict[str, dict[int, Decoder]] = {
@@ -82,7 +102,8 @@ class StreamReader:
         self.leave_trailing = leave_trailing
         self.raw_pages = raw_pages
         self.header: Header | None = None
-        self.skipped: list[tuple[int, int]] = []  # (offset, type) of skipped optional records
+        self.skipped: list[tuple[int, int]] = []  # (offset, type) of the first skipped optional records
+        self.skipped_count = 0                     # all of them (the list keeps MAX_SKIPPED_KEPT)
         self._buf = bytearray()
         self._pos = 0  # read position in _buf
         self._offset = 0  # stream offset of _buf[_pos]
@@ -91,6 +112,7 @@ class StreamReader:
         self._digest = xxhash.xxh3_128()
         self._order = StreamOrder()
         self._decoders: dict[int, Decoder] = {}
+        self._caps: dict[int, int] = {}
         self._done = False
         self._failed: StreamError | None = None
         self.last: tuple = (0, None, None)  # offset, index and type of the last record returned
@@ -178,6 +200,7 @@ class StreamReader:
             return NEED_DATA
         self.header = Header(version, length, incompat, _compat)
         self._decoders = DECODERS[version]
+        self._caps = CAPS[version]
         if self.raw_pages:
             mode = "bodies" if self.raw_pages == "bodies" else "decoded"
             self._decoders = {**self._decoders, **RAW_PAGE_DECODERS[mode]}
@@ -194,18 +217,22 @@ class StreamReader:
         try:
             if reserved:
                 raise StreamError(f"record header reserved field is 0x{reserved:x}, must be zero")
-            if length > MAX_RECORD_BODY:
-                raise StreamError(f"record body length {length} exceeds {MAX_RECORD_BODY}")
+            cap = self._caps.get(record_type, MAX_RECORD_BODY)
+            if length > cap:
+                kind = "this type's cap" if cap < MAX_RECORD_BODY else "MAX_RECORD_BODY"
+                raise StreamError(f"record body length {length} exceeds {cap} ({kind})")
             total = RECORD_HEADER.size + padded(length)
             if len(self._buf) - self._pos < total:
                 return NEED_DATA
             body_at = self._pos + RECORD_HEADER.size
-            with memoryview(self._buf) as view:
-                body = bytes(view[body_at:body_at + length])
-            if record_crc(record_type, body) != crc:
-                raise StreamError(f"record CRC-32 mismatch (stored 0x{crc:08x})")
-            if any(self._buf[body_at + length:self._pos + total]):
-                raise StreamError("record padding is not zero")
+            with memoryview(self._buf) as view, view[body_at:body_at + length] as body_view:
+                if record_crc(record_type, body_view) != crc:
+                    raise StreamError(f"record CRC-32 mismatch (stored 0x{crc:08x})")
+                if any(view[body_at + length:self._pos + total]):
+                    raise StreamError("record padding is not zero")
+                # an unknown record is skipped without copying its body (spec "Memory")
+                body = bytes(body_view) if record_type in self._decoders \
+                    or record_type == RecordType.END else b""
             if record_type == RecordType.END:
                 return self._end(body, total)
             record = self._decode(record_type, body)
@@ -221,7 +248,12 @@ class StreamReader:
         if decoder is None:
             if not record_type & OPTIONAL:
                 raise StreamError("unknown mandatory record type")
-            self.skipped.append((self._offset, record_type))
+            if reserved_optional(record_type, (RecordType.END, *self._decoders)):
+                raise StreamError("the optional bit is set on a mandatory record type "
+                                  "(reserved: refused, never skipped)")
+            self.skipped_count += 1
+            if len(self.skipped) < MAX_SKIPPED_KEPT:       # memory: a stream may skip millions
+                self.skipped.append((self._offset, record_type))
             return _SKIPPED
         record = decoder(body)
         if isinstance(record, RawPageBatch):
@@ -268,13 +300,29 @@ class StreamReader:
         self._offset += size
 
 
+FEED_CHUNK = 1 << 20
+
+
 def decode_stream(data: bytes, *, leave_trailing: bool = False) -> list:
-    """Every record of a complete stream held in memory, END last."""
+    """Every record of a complete stream held in memory, END last. The input is fed in
+    pieces, so the reader's buffer holds one record at a time; the records returned hold
+    about the bytes of the stream (page batches as :class:`~migrate.stream.pages.PageList`,
+    16 bytes per entry), whatever the stream holds (spec "Memory")."""
     reader = StreamReader(leave_trailing=leave_trailing)
-    reader.feed(data)
     records = []
-    while (record := reader.next_record()) is not DONE:
-        if record is NEED_DATA:
-            reader.eof()
-        records.append(record)
-    return records
+    with memoryview(data) as view:
+        at = 0
+        while True:
+            record = reader.next_record()
+            if record is DONE:
+                if at < len(view):              # the rest: an error or trailing bytes
+                    reader.feed(view[at:])
+                    reader.next_record()
+                return records
+            if record is NEED_DATA:
+                if at >= len(view):
+                    reader.eof()
+                reader.feed(view[at:at + FEED_CHUNK])
+                at += FEED_CHUNK
+                continue
+            records.append(record)

@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Iterable
 
 import msgpack
 
@@ -33,7 +33,11 @@ MAX_RANGES = 64  # memory ranges of one address space (version 2)
 MAX_VCPU_ID = 4095
 MAX_MSRS = 1024
 MAX_MSGPACK_STR = 1 << 20
-MAX_MSGPACK_ITEMS = 1 << 16
+MAX_MSGPACK_ITEMS = 1 << 16  # elements of an array, key-value pairs of a map
+MAX_MSGPACK_BODY = 1 << 20  # DOMAIN_CONFIG and DEVICE_STATE bodies
+MAX_MSGPACK_DEPTH = 32  # arrays and maps nested in each other, the body's map included
+MAX_CREATOR_TEXT = 4096  # bytes of a CREATOR body a reader keeps (the rest is not read)
+MAX_NAME = 23  # bytes of a device or field name (specs/device-state.md)
 
 OPTIONAL = 0x8000_0000
 
@@ -75,6 +79,27 @@ class Vm(IntEnum):
 
     GUEST = 0
     STUB = 1
+
+
+# Largest body_length of each known type, checked as soon as the record header is in,
+# before the body is waited for (spec "Caps", "Reading" step 2). Fixed-size types are
+# added by the reader from their layouts; an unknown type may have MAX_RECORD_BODY.
+MAX_BATCH_BODY = 5 << 20  # 8 + 16 x 1024 entries + 4 MiB of pages, or a zstd frame of them
+BODY_CAPS: dict[int, int] = {
+    RecordType.DOMAIN_CONFIG: MAX_MSGPACK_BODY,
+    RecordType.DEVICE_STATE: MAX_MSGPACK_BODY,
+    RecordType.PAGE_DATA: MAX_BATCH_BODY,
+    RecordType.PAGE_DATA_ZSTD: MAX_BATCH_BODY,
+    RecordType.VCPU_MSRS: 16 + 16 * MAX_MSRS,
+}
+
+
+def reserved_optional(value: int, mandatory: Iterable[int]) -> bool:
+    """True for 0x80000000 | T where T is a mandatory type of ``mandatory`` (CREATOR,
+    0x80000001, is defined and excepted): a known record with the optional bit set is
+    refused, never skipped (spec "Record framing", "Optional records")."""
+    return (bool(value & OPTIONAL) and value != RecordType.CREATOR
+            and (value & ~OPTIONAL) in mandatory)
 
 
 def type_name(value: int) -> str:
@@ -125,21 +150,44 @@ class Header:
 _PLAIN = (type(None), bool, int, float, str, bytes)
 
 
+def _map_of_pairs(pairs: list) -> dict:
+    """msgpack's object_pairs_hook: a map with str keys, each key once (spec "msgpack
+    bodies": a duplicate key would give two readers two different values)."""
+    value = dict(pairs)
+    if len(value) != len(pairs):
+        seen: set = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise StreamError(f"map key {key!r} appears twice")
+            seen.add(key)
+    for key in value:
+        if not isinstance(key, str):
+            raise StreamError(f"map key {key!r} is not a string")
+    return value
+
+
 def unpack_msgpack(body: bytes, what: str) -> dict:
     """Decode a msgpack map under strict limits; anything else is a StreamError."""
+    if len(body) > MAX_MSGPACK_BODY:
+        raise StreamError(f"{what} body is {len(body)} bytes, more than {MAX_MSGPACK_BODY}")
     try:
         value = msgpack.unpackb(
             body,
             raw=False,
-            strict_map_key=True,
-            max_bin_len=MAX_RECORD_BODY,
+            strict_map_key=False,       # _map_of_pairs names a key that is not a str
+            object_pairs_hook=_map_of_pairs,
+            max_bin_len=MAX_MSGPACK_BODY,
             max_str_len=MAX_MSGPACK_STR,
             max_array_len=MAX_MSGPACK_ITEMS,
             max_map_len=MAX_MSGPACK_ITEMS,
             max_ext_len=0,
         )
+    except StreamError as exc:
+        raise StreamError(f"{what}: {exc.msg}") from None
+    except msgpack.StackError:
+        raise StreamError(f"{what}: msgpack nested deeper than {MAX_MSGPACK_DEPTH} levels") from None
     except (ValueError, TypeError, msgpack.UnpackException) as exc:
-        raise StreamError(f"{what}: bad msgpack: {exc}") from None
+        raise StreamError(f"{what}: bad msgpack: {type(exc).__name__}: {exc}") from None
     if not isinstance(value, dict):
         raise StreamError(f"{what}: msgpack body is {type(value).__name__}, expected a map")
     _check_plain(value, what)
@@ -147,21 +195,32 @@ def unpack_msgpack(body: bytes, what: str) -> dict:
 
 
 def _check_plain(value: Any, what: str) -> None:
-    """Only nil, bool, int, float, str, bin, arrays and maps with str keys."""
-    if isinstance(value, dict):
-        for key, item in value.items():
-            if not isinstance(key, str):
-                raise StreamError(f"{what}: map key {key!r} is not a string")
-            _check_plain(item, what)
-    elif isinstance(value, list):
-        for item in value:
-            _check_plain(item, what)
-    elif not isinstance(value, _PLAIN):
-        raise StreamError(f"{what}: unsupported msgpack value {type(value).__name__}")
+    """Only nil, bool, int, float, str, bin, arrays and maps (their keys were checked as
+    they were read), nested at most MAX_MSGPACK_DEPTH deep. Iterative: no input can
+    exhaust the Python stack."""
+    stack = [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            if depth > MAX_MSGPACK_DEPTH:
+                raise StreamError(f"{what}: msgpack nested deeper than {MAX_MSGPACK_DEPTH} levels")
+            items = item.values() if isinstance(item, dict) else item
+            stack.extend((child, depth + 1) for child in items if isinstance(child, (dict, list))
+                         or not isinstance(child, _PLAIN))
+        elif not isinstance(item, _PLAIN):
+            raise StreamError(f"{what}: unsupported msgpack value {type(item).__name__}")
 
 
-def pack_msgpack(value: dict) -> bytes:
-    return msgpack.packb(value, use_bin_type=True, strict_types=False)
+def pack_msgpack(value: dict, what: str = "msgpack body") -> bytes:
+    """The body of a msgpack record; ValueError unless a reader would accept it."""
+    try:
+        body = msgpack.packb(value, use_bin_type=True, strict_types=False)
+        unpack_msgpack(body, what)
+    except StreamError as exc:
+        raise ValueError(f"writer refuses: {exc.msg}") from None
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ValueError(f"writer refuses: {what}: {exc}") from None
+    return body
 
 
 @dataclass(frozen=True)
@@ -170,11 +229,18 @@ class DomainConfig:
     config: dict
 
     def pack(self) -> bytes:
-        return pack_msgpack(self.config)
+        return pack_msgpack(self.config, "DOMAIN_CONFIG")
 
     @classmethod
     def unpack(cls, body: bytes) -> DomainConfig:
         return cls(unpack_msgpack(body, "DOMAIN_CONFIG"))
+
+
+def check_name(name: str, what: str) -> None:
+    """A device or field name: 1 to MAX_NAME ASCII characters, none of them NUL
+    (specs/device-state.md, "Conventions")."""
+    if not 1 <= len(name) <= MAX_NAME or not name.isascii() or "\0" in name:
+        raise StreamError(f"{what} {name!r} is not 1 to {MAX_NAME} ASCII characters without NUL")
 
 
 _DEVICE_KEYS = {"device": str, "instance": int, "version": int, "min_version": int, "fields": dict}
@@ -192,7 +258,12 @@ class DeviceState:
     fields: dict
 
     def pack(self) -> bytes:
-        return pack_msgpack({key: getattr(self, key) for key in _DEVICE_KEYS})
+        body = pack_msgpack({key: getattr(self, key) for key in _DEVICE_KEYS}, "DEVICE_STATE")
+        try:
+            self.unpack(body)           # a writer makes only what readers accept
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        return body
 
     @classmethod
     def unpack(cls, body: bytes) -> DeviceState:
@@ -202,6 +273,7 @@ class DeviceState:
         for key, kind in _DEVICE_KEYS.items():
             if not isinstance(value[key], kind) or isinstance(value[key], bool):
                 raise StreamError(f"DEVICE_STATE {key} is {type(value[key]).__name__}, expected {kind.__name__}")
+        check_name(value["device"], "DEVICE_STATE device name")
         if not 0 <= value["instance"] <= 0xFFFF_FFFF:
             raise StreamError(f"DEVICE_STATE instance {value['instance']} out of range")
         if not 1 <= value["min_version"] <= value["version"] <= 0xFFFF_FFFF:
@@ -209,6 +281,14 @@ class DeviceState:
                 f"DEVICE_STATE versions must satisfy 1 <= min_version <= version, got "
                 f"min_version {value['min_version']}, version {value['version']}"
             )
+        for name, field in value["fields"].items():
+            check_name(name, f"DEVICE_STATE {value['device']} field name")
+            if isinstance(field, bool) or not isinstance(field, (int, bytes)):
+                raise StreamError(f"DEVICE_STATE {value['device']} field {name} is "
+                                  f"{type(field).__name__}, expected an int or bin")
+            if isinstance(field, int) and not 0 <= field < 1 << 64:
+                raise StreamError(f"DEVICE_STATE {value['device']} field {name} is {field}, "
+                                  "outside 0..2^64-1")
         return cls(**value)
 
     def check_loadable(self, loader_version: int, loader_min_version: int) -> None:
@@ -319,10 +399,10 @@ class Creator:
 
     @classmethod
     def unpack(cls, body: bytes) -> Creator:
-        try:
-            return cls(body.decode("utf-8"))
-        except UnicodeDecodeError as exc:
-            raise StreamError(f"CREATOR is not UTF-8: {exc}") from None
+        """Never refuses (spec "CREATOR": a reader that does not know the type skips it,
+        so one that knows it must not be stricter): the first MAX_CREATOR_TEXT bytes,
+        invalid UTF-8 shown as U+FFFD."""
+        return cls(bytes(body[:MAX_CREATOR_TEXT]).decode("utf-8", "replace"))
 
 
 END = struct.Struct("<QQQ16s")  # record_count, page_count, stream_bytes, XXH3-128 digest

@@ -51,6 +51,10 @@ def sample_state(record_type: RecordType, seed: int) -> Any:
     if record_type in (RecordType.VCPU_XSAVE, RecordType.VCPU_LAPIC):
         return pattern(seed, codec.struct.size - 8)
     state = numbered(codec.layout.zero(), seed)
+    if record_type is RecordType.VCPU_XCRS:     # nr_xcrs used entries, the rest zero, no flags
+        state["nr_xcrs"], state["flags"] = 1 + seed % 3, 0
+        for xcr in state["xcrs"][state["nr_xcrs"]:]:
+            xcr["xcr"] = xcr["value"] = 0
     return _zero_padding(state, codec.layout)
 
 
@@ -65,16 +69,38 @@ def _zero_padding(state: Any, layout: Any) -> Any:
     return state
 
 
+GUEST_MEMORY = 16 << 20        # the smallest guest a restore accepts
+STUB_MEMORY_PAGES = 2048       # the stub's RAM (specs/stream-format.md, "Restore")
+
+
+def sample_config() -> dict:
+    """A DOMAIN_CONFIG map that follows the key table of the spec."""
+    return {"name": "sample", "workload": "idle", "memory": GUEST_MEMORY, "args": [42, 0, 0, 0, 0, 0, 0, 0],
+            "timer_hz": 100, "stub": True, "disk": None, "stub_build": "0123456789abcdef"}
+
+
+def sample_devices() -> list[DeviceState]:
+    """The stub's two devices, with the fields of specs/device-state.md, version 1."""
+    uart = {"ier": 1, "lcr": 3, "mcr": 11, "lsr_err": 0, "msr": 0, "scr": 0, "dll": 1, "dlm": 0,
+            "fcr": 1, "thr_ipending": 1, "irq_level": 0, "rx_fifo": b"hello"}
+    blk = {"status": 15, "dev_features_sel": 1, "drv_features_sel": 1, "queue_sel": 0,
+           "driver_features": (1 << 32) | (1 << 9), "queue_num": 64, "queue_ready": 1,
+           "desc": 0x7000, "avail": 0x7400, "used": 0x8000, "last_avail": 7, "used_idx": 7, "isr": 0,
+           "config_generation": 0, "irq_level": 0, "requests": 7, "errors": 0, "capacity": 2048}
+    return [DeviceState("uart16550a", 0, 1, 1, uart), DeviceState("virtio-blk", 0, 1, 1, blk)]
+
+
 def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: int = STUB_PAGES) -> list:
-    """The records of the sample stream before its pages, in order."""
+    """The records of the sample stream before its pages, in order (``guest_pages`` and
+    ``stub_pages`` are the pages sent; the layouts are those of the configuration)."""
+    config = sample_config()
     records: list = [
-        DomainConfig({"name": "sample", "vcpus": vcpus, "memory_pages": guest_pages,
-                      "stub": {"memory_pages": stub_pages, "devices": ["uart", "virtio-blk"]}}),
+        DomainConfig(config),
         Creator("hvm-migrate sample"),
         *sample_cpu(Vm.GUEST),
         *sample_cpu(Vm.STUB),
-        MemoryLayout.flat(Vm.GUEST, guest_pages),
-        MemoryLayout.flat(Vm.STUB, stub_pages),
+        MemoryLayout.flat(Vm.GUEST, max(config["memory"] // PAGE_SIZE, guest_pages)),
+        MemoryLayout.flat(Vm.STUB, max(STUB_MEMORY_PAGES, stub_pages)),
     ]
     for vcpu in range(vcpus):
         for record_type in CODECS:
@@ -83,8 +109,7 @@ def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: i
     for record_type in PLATFORM_CODECS:
         records.append(HvmState(record_type, Vm.GUEST, None, sample_state(record_type, record_type)))
     records.append(HvmState(RecordType.VCPU_REGS, Vm.STUB, 0, sample_state(RecordType.VCPU_REGS, 99)))
-    records.append(DeviceState("uart", 0, 2, 1, {"lcr": 3, "ier": 1, "fifo": b"hello"}))
-    records.append(DeviceState("virtio-blk", 0, 1, 1, {"queue": [{"avail": 7, "used": 7}], "sectors": 2048}))
+    records += sample_devices()
     return records
 
 

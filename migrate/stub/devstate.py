@@ -80,6 +80,12 @@ def parse(buf: bytes | memoryview) -> list[dict]:
     return records
 
 
+def binary_size(record: dict) -> int:
+    """Bytes ``record`` (fields already int or bytes) takes in the binary form."""
+    return REC.size + sum(FIELD.size + _pad8(len(v) if isinstance(v, bytes) else 8)
+                          for v in record["fields"].values())
+
+
 def build(records: list[dict]) -> bytes:
     """The stub's binary form of ``records``; DeviceStateError if they do not fit."""
     if not isinstance(records, list) or len(records) > MAX_RECORDS:

@@ -10,7 +10,7 @@ import pytest
 import zstandard
 
 from migrate.stream import (
-    DONE, NEED_DATA, DeviceState, DomainConfig, HvmState, MemoryLayout, RecordType, StreamError,
+    DONE, NEED_DATA, Creator, DeviceState, DomainConfig, HvmState, MemoryLayout, PageBatch, RecordType, StreamError,
     StreamReader, StreamTruncated, StreamWriter, Vm, decode_stream,
 )
 from migrate.stream.framing import frame
@@ -154,10 +154,25 @@ def test_oversized_length_fails_before_the_body_arrives(sample: bytes, spans) ->
     head = struct.pack("<IIII", rtype, MAX_RECORD_BODY + 1, 0, 0)
     reader = StreamReader()
     reader.feed(sample[:at] + head)
-    with pytest.raises(StreamError, match="exceeds 134217728") as info:
+    with pytest.raises(StreamError, match=r"exceeds 48 \(this type's cap\)") as info:
         while reader.next_record() is not NEED_DATA:
             pass
     assert (info.value.offset, info.value.record_index, info.value.record_type) == (at, 2, rtype)
+
+
+def test_unknown_type_may_have_the_largest_body_but_no_more(sample: bytes, spans) -> None:
+    at = spans[2][0]
+    for rtype in (0x8000_7777, 0x7777):
+        head = struct.pack("<IIII", rtype, MAX_RECORD_BODY + 1, 0, 0)
+        reader = StreamReader()
+        reader.feed(sample[:at] + head)
+        with pytest.raises(StreamError, match=r"exceeds 134217728 \(MAX_RECORD_BODY\)"):
+            while reader.next_record() is not NEED_DATA:
+                pass
+        reader = StreamReader()
+        reader.feed(sample[:at] + struct.pack("<IIII", rtype, MAX_RECORD_BODY, 0, 0))
+        while (record := reader.next_record()) is not NEED_DATA:
+            pass                        # waits for the body: within the cap
 
 
 def test_nonzero_record_reserved(sample: bytes, spans) -> None:
@@ -269,6 +284,41 @@ def test_duplicate_device_state(started) -> None:
            RecordType.DEVICE_STATE)
 
 
+def test_context_before_its_layout_and_for_an_absent_vm() -> None:
+    regs = HvmState(RecordType.VCPU_REGS, Vm.STUB, 0, sample_state(RecordType.VCPU_REGS, 1))
+    dev = DeviceState("uart16550a", 0, 1, 1, {"ier": 1})
+    for record, what in ((regs, "VCPU_REGS"), (dev, "DEVICE_STATE")):
+        writer = StreamWriter()
+        data = writer.start() + writer.record(DomainConfig({})) + writer.record(MemoryLayout.flat(Vm.GUEST, 4))
+        at = len(data)
+        expect(data + writer.raw(record.TYPE, record.pack()) + writer.raw(RecordType.END, bytes(END.size)),
+               StreamError, f"{what} for STUB before its MEMORY_LAYOUT", at, 2, record.TYPE)
+        writer = StreamWriter()
+        data = writer.start() + writer.record(DomainConfig({})) + writer.record(MemoryLayout.flat(Vm.GUEST, 4))
+        data += writer.record(MemoryLayout.flat(Vm.STUB, 0))
+        at = len(data)
+        expect(data + writer.raw(record.TYPE, record.pack()) + writer.raw(RecordType.END, bytes(END.size)),
+               StreamError, f"{what} for STUB, whose MEMORY_LAYOUT says it is absent", at, 3, record.TYPE)
+
+
+@pytest.mark.parametrize("fields,msg", [
+    ({"a" * 24: 1}, "field name 'aaaaaaaaaaaaaaaaaaaaaaaa' is not 1 to 23 ASCII"),
+    ({"\u00e9": 1}, "field name '\u00e9' is not 1 to 23 ASCII"),
+    ({"a\0": 1}, "is not 1 to 23 ASCII"),
+    ({"q": [{"avail": 7}]}, "field q is list, expected an int or bin"),
+    ({"q": True}, "field q is bool"),
+    ({"q": "text"}, "field q is str"),
+    ({"q": -1}, "field q is -1, outside 0..2^64-1"),
+])
+def test_device_state_fields(started, fields, msg) -> None:
+    body = msgpack.packb({"device": "uart16550a", "instance": 0, "version": 1, "min_version": 1,
+                          "fields": fields}, use_bin_type=True)
+    data, at = finish(started, (RecordType.DEVICE_STATE, body, 0))
+    expect(data, StreamError, msg, at, 3, RecordType.DEVICE_STATE)
+    with pytest.raises(ValueError, match="writer refuses"):
+        DeviceState("uart16550a", 0, 1, 1, fields).pack()
+
+
 def test_pages_before_layout() -> None:
     writer = StreamWriter()
     data = writer.start() + writer.record(DomainConfig({}))
@@ -313,6 +363,30 @@ def zstd_frame(payload: bytes, content_size: bool = True) -> bytes:
     return zstandard.ZstdCompressor(write_content_size=content_size).compress(payload)
 
 
+def with_dictionary_id(frame: bytes) -> bytes:
+    """The frame with a 1-byte Dictionary_ID (7) added to its header (RFC 8878 3.1.1.1)."""
+    assert frame[4] & 0x20 and not frame[4] & 3            # single segment, no dictionary
+    return frame[:4] + bytes([frame[4] | 1, 7]) + frame[5:]
+
+
+def with_window(frame: bytes, descriptor: int) -> bytes:
+    """The frame made multi-segment with the given Window_Descriptor byte."""
+    assert frame[4] & 0x20
+    return frame[:4] + bytes([frame[4] & ~0x20, descriptor]) + frame[5:]
+
+
+def bad_checksum(page: bytes) -> bytes:
+    frame = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(page)
+    return frame[:-1] + bytes([frame[-1] ^ 1])
+
+
+def test_zstd_checksum_is_allowed(started) -> None:
+    frame = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(PAGE)
+    body = batch(0, [(3, PageType.COMPRESSED, 0)], frame)
+    data, _ = finish(started, (RecordType.PAGE_DATA_ZSTD, body, 1))
+    assert [r for r in decode_stream(data) if isinstance(r, PageBatch)][0].pages == ((3, PAGE),)
+
+
 @pytest.mark.parametrize("frame_bytes,msg", [
     (b"not a zstd frame at all", "bad zstd frame"),
     (zstd_frame(PAGE)[:-4], "bad zstd frame"),
@@ -321,6 +395,10 @@ def zstd_frame(payload: bytes, content_size: bool = True) -> bytes:
     (zstd_frame(PAGE[:100]), "zstd frame declares 100 bytes, expected 4096"),
     (zstd_frame(PAGE, content_size=False), "zstd frame declares unknown bytes, expected 4096"),
     (b"", "bad zstd frame"),
+    (b"\x50\x2a\x4d\x18" + struct.pack("<I", 4096) + PAGE, "bad zstd frame: magic 502a4d18"),   # skippable
+    (with_dictionary_id(zstd_frame(PAGE)), "zstd frame names dictionary 7"),
+    (with_window(zstd_frame(PAGE), 0x68), "asks for a 8388608-byte window, more than 4194304"),
+    (bad_checksum(PAGE), "bad zstd frame"),
 ])
 def test_bad_zstd_batches(started, frame_bytes: bytes, msg: str) -> None:
     body = batch(0, [(3, PageType.COMPRESSED, 0)], frame_bytes)
@@ -347,7 +425,16 @@ def test_zstd_frame_lying_about_its_size(started) -> None:
 
 @pytest.mark.parametrize("rtype,body,msg", [
     (RecordType.VCPU_REGS, bytes(151), "VCPU_REGS body is 151 bytes, expected 152"),
-    (RecordType.VCPU_XSAVE, bytes(4105), "VCPU_XSAVE body is 4105 bytes, expected 4104"),
+    (RecordType.VCPU_XSAVE, bytes(4105), "record body length 4105 exceeds 4104 (this type's cap)"),
+    (RecordType.VCPU_XSAVE, bytes(4103), "VCPU_XSAVE body is 4103 bytes, expected 4104"),
+    (RecordType.VCPU_XCRS, struct.pack("<IIII", 0, 0, 17, 0) + bytes(192), "VCPU_XCRS nr_xcrs 17 exceeds 16"),
+    (RecordType.VCPU_XCRS, struct.pack("<IIII", 0, 0, 1, 2) + bytes(192), "VCPU_XCRS flags 0x2, must be zero"),
+    (RecordType.VCPU_XCRS, struct.pack("<IIII", 0, 0, 1, 0) + bytes(12) + struct.pack("<IQ", 0, 1) + bytes(168),
+     "VCPU_XCRS entry 1 is not zero but nr_xcrs is 1"),
+    (0x8000_0003, bytes(8), "the optional bit is set on a mandatory record type"),
+    (0x8000_0000, bytes(40), "the optional bit is set on a mandatory record type"),
+    (RecordType.DEVICE_STATE, DeviceState("d", 0, 1, 1, {}).pack().replace(b"\xa1d", b"\xa0"),
+     "DEVICE_STATE device name '' is not 1 to 23 ASCII"),
     (RecordType.VCPU_REGS, struct.pack("<II", 0, 4096) + bytes(144), "vcpu_id 4096 exceeds 4095"),
     (RecordType.PIT, struct.pack("<II", 0, 1) + bytes(76), "PIT reserved vcpu_id field is 1"),
     (RecordType.CLOCK, struct.pack("<II", 7, 0) + bytes(28), "unknown VM / address space id 7"),
@@ -369,7 +456,6 @@ def test_zstd_frame_lying_about_its_size(started) -> None:
     (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQ", 0, 4096, 1, 0, 2 ** 40 - 1, 2), "ends past pfn limit"),
     (RecordType.MEMORY_LAYOUT, struct.pack("<IIIIQQQQ", 0, 4096, 2, 0, 0, 2 ** 35, 2 ** 35 + 1, 2 ** 35 + 1),
      "more than 68719476736"),
-    (RecordType.CREATOR, b"\xff\xfe", "CREATOR is not UTF-8"),
 ])
 def test_bad_bodies(rtype, body, msg) -> None:
     data, at = finish_at_config(rtype, body)
@@ -382,15 +468,46 @@ def finish_at_config(rtype: int, body: bytes) -> tuple[bytes, int]:
     return data + writer.raw(rtype, body) + writer.raw(RecordType.END, bytes(END.size)), len(data)
 
 
+def test_msgpack_nesting_up_to_the_cap_is_read() -> None:
+    deepest = b"\x81\xa1a" + b"\x91" * 31 + b"\xc0"          # 32 levels, the map included
+    writer = StreamWriter()
+    data = writer.start() + writer.raw(RecordType.DOMAIN_CONFIG, deepest)
+    reader = StreamReader()
+    reader.feed(data)
+    value = reader.next_record().config["a"]
+    for _ in range(30):
+        value = value[0]
+    assert value == [None]
+
+
+def test_creator_is_never_refused_and_kept_short(started) -> None:
+    writer, parts = started
+    bad = b"\xff\xfehvm\n" + b"x" * 100_000
+    parts = [*parts[:1], writer.raw(RecordType.CREATOR, bad), *parts[1:]]
+    data = b"".join(parts)
+    reader = StreamReader()
+    reader.feed(data)
+    creator = reader.next_record()
+    assert isinstance(creator, Creator)
+    assert creator.text.startswith("\ufffd\ufffdhvm\n") and len(creator.text.encode()) <= 4096 + 8
+
+
 @pytest.mark.parametrize("value,msg", [
     (msgpack.packb([1, 2]), "msgpack body is list, expected a map"),
-    (msgpack.packb({1: 2}), "bad msgpack"),
+    (msgpack.packb({1: 2}), "map key 1 is not a string"),
+    (msgpack.packb({"a": [{b"k": 1}]}), "map key b'k' is not a string"),
+    (b"\x82\xa1a\x01\xa1a\x02", "map key 'a' appears twice"),
+    (b"\x81\xa1a\x81\xa1b\x82\xa1c\xc0\xa1c\xc3", "map key 'c' appears twice"),
     (msgpack.packb({"a": msgpack.ExtType(5, b"x")}), "bad msgpack"),
+    (b"\x81\xa1a\xc7\x00\x05", "unsupported msgpack value ExtType"),   # ext of 0 bytes
     (msgpack.packb({"a": 1}) + b"\x00", "bad msgpack"),
     (b"\xc1", "bad msgpack"),
     (b"\xdd\xff\xff\xff\xff", "bad msgpack"),  # array32 of 4 G items: refused, not allocated
     (b"\xdb\x7f\xff\xff\xff", "bad msgpack"),  # str32 of 2 GiB
-    (b"\x81\xa1a" * 2000 + b"\xc0", "bad msgpack"),  # nested too deep
+    (b"\x81\xa1a" * 2000 + b"\xc0", "msgpack nested deeper than 32 levels"),  # past msgpack's own stack
+    (b"\x81\xa1a" + b"\x91" * 1000 + b"\xc0", "msgpack nested deeper than 32 levels"),  # was a RecursionError
+    (b"\x81\xa1a" + b"\x91" * 32 + b"\xc0", "msgpack nested deeper than 32 levels"),
+    (b"\x81\xa1a\xc6" + (1 << 20).to_bytes(4, "big") + bytes(1 << 20), "exceeds 1048576 (this type's cap)"),
 ])
 def test_bad_domain_config(value: bytes, msg: str) -> None:
     writer = StreamWriter()

@@ -50,5 +50,5 @@ def test_version_1_golden_still_reads() -> None:
     assert isinstance(records[-1], End)
     assert records[-1].stream_bytes == GOLDEN_V1.stat().st_size - 16 - END.size
     layouts = {r.space: r for r in records if isinstance(r, MemoryLayout)}
-    assert layouts[Vm.GUEST] == MemoryLayout.flat(Vm.GUEST, 24)       # one range from pfn 0
+    assert layouts[Vm.GUEST] == MemoryLayout.flat(Vm.GUEST, 4096)     # one range from pfn 0
     assert not any(isinstance(r, CpuModel) for r in records)

@@ -38,7 +38,20 @@ def states(record_type: RecordType) -> st.SearchStrategy:
         code = codec.layout.fields[0].code
         return st.binary(min_size=codec.struct.size - 8, max_size=codec.struct.size - 8) \
             if code.endswith("s") else st.integers(0, 2**32 - 1)
+    if record_type is RecordType.VCPU_XCRS:
+        return xcrs_states()
     return layout_states(codec.layout)
+
+
+@st.composite
+def xcrs_states(draw) -> dict:
+    """VCPU_XCRS as readers accept it: nr_xcrs 0..16, flags 0, unused entries zero."""
+    state = draw(layout_states(CODECS[RecordType.VCPU_XCRS].layout))
+    nr = draw(st.integers(0, 16))
+    state["nr_xcrs"], state["flags"] = nr, 0
+    for xcr in state["xcrs"][nr:]:
+        xcr["xcr"] = xcr["value"] = 0
+    return state
 
 
 @st.composite
@@ -70,16 +83,19 @@ json_like = st.recursive(
     max_leaves=20,
 )
 configs = st.dictionaries(st.text(max_size=10), json_like, max_size=6)
+names = st.text(st.characters(min_codepoint=1, max_codepoint=127), min_size=1, max_size=23)
+device_fields = st.dictionaries(names, st.integers(0, 2**64 - 1) | st.binary(max_size=40), max_size=6)
 
 
 @FAST
-@given(st.lists(page_batches(), max_size=4), configs, st.lists(hvm_records(), max_size=6, unique_by=lambda r: (r.type, r.vm, r.vcpu_id)))
-def test_streams_round_trip(batches, config, context) -> None:
+@given(st.lists(page_batches(), max_size=4), configs, st.lists(hvm_records(), max_size=6, unique_by=lambda r: (r.type, r.vm, r.vcpu_id)),
+       device_fields)
+def test_streams_round_trip(batches, config, context, fields) -> None:
     writer = StreamWriter()
     parts = [writer.start(), writer.record(DomainConfig(config)),
              writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
     parts += [writer.record(record) for record in context]
-    parts.append(writer.record(DeviceState("dev", 1, 2, 1, config)))
+    parts.append(writer.record(DeviceState("dev", 1, 2, 1, fields)))
     for space, batch, compressed in batches:
         parts.append(writer.pages(space, batch, compressed))
     parts.append(writer.finish())

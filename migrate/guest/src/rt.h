@@ -10,6 +10,10 @@
 
 static inline void outb(uint16_t port, uint8_t v) { __asm__ volatile("outb %0, %1" :: "a"(v), "Nd"(port)); }
 static inline void outl(uint16_t port, uint32_t v) { __asm__ volatile("outl %0, %1" :: "a"(v), "Nd"(port)); }
+static inline void outsb(uint16_t port, const void *p, uint64_t n)
+{
+    __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"(port) : "memory");
+}
 static inline uint8_t inb(uint16_t port)
 {
     uint8_t v;

@@ -45,9 +45,7 @@ static struct uart uart;
 static void uart_flush(void)
 {
     if (uart.tx_len) {
-        const uint8_t *p = uart.tx;
-        uint64_t n = uart.tx_len;
-        __asm__ volatile("rep outsb" : "+S"(p), "+c"(n) : "d"(STUB_PORT_CONSOLE) : "memory");
+        outsb(STUB_PORT_CONSOLE, uart.tx, uart.tx_len);
         uart.tx_len = 0;
     }
 }
@@ -509,8 +507,10 @@ static int load_vblk(struct ds_record *rec)
         || (b.queue_ready && !b.queue_num) || (b.driver_features & ~vblk_features())
         || b.irq_level > 1 || (uint16_t)(b.used_idx - b.last_avail) != 0)
         return -1;
-    /* capacity is optional (added within version 1): when present it must match */
-    if (ds_get_u64(rec, "capacity", &v) == 0 && v != vblk.capacity) {
+    /* capacity is required (specs/device-state.md) and must be this disk's */
+    if (ds_get_u64(rec, "capacity", &v) < 0)
+        return -1;
+    if (v != vblk.capacity) {
         stub_log("stub: virtio-blk: saved with %lu sectors, the disk here has %lu\n",
                  v, vblk.capacity);
         return -1;
