@@ -71,7 +71,10 @@ def hvm():
 @click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), required=True,
               help="Guest image workload to run.")
 @click.option("--memory", "-m", default="256M", show_default=True,
-              help="Guest RAM (16M to 3G, 2 MiB steps).")
+              help="Guest RAM (16M to 240G, 2 MiB steps): up to 3G below the 32-bit MMIO hole, "
+                   "the rest from 4 GiB.")
+@click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True,
+              help="vCPUs, each a thread of the domain's process (LAPIC ids 0..N-1).")
 @click.option("--name", "-n", help="Domain name (default: the workload plus a number).")
 @click.option("--arg", "args", multiple=True, type=int,
               help="Workload argument (repeatable, up to 8; see specs/guest-boot.md).")
@@ -89,7 +92,7 @@ def hvm():
                    "(specs/cpu-models.md; hvm host cpu).")
 @json_option
 @_fail_cleanly
-def create(workload, memory, name, args, timer_hz, disk, net, no_stub, cpu, as_json):
+def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cpu, as_json):
     """Create and start a domain (HVM guest + device-model stub) in its own process.
 
     \b
@@ -97,6 +100,7 @@ def create(workload, memory, name, args, timer_hz, disk, net, no_stub, cpu, as_j
       hvm create --workload ledger --memory 256M --disk /var/lib/hvm/l1.img --arg 42
       hvm create --workload idle --cpu host
       hvm create --workload netecho --arg 167772162 --net bridge=br0,mtu=9000
+      hvm create --workload smp --vcpus 4 --memory 8G
     """
     net = _parse_net(net)
     if name is None:
@@ -104,12 +108,13 @@ def create(workload, memory, name, args, timer_hz, disk, net, no_stub, cpu, as_j
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
     config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
-                          stub=not no_stub, disk=disk, cpu=cpu, net=net)
+                          stub=not no_stub, disk=disk, cpu=cpu, net=net, vcpus=vcpus)
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
     else:
-        click.echo(f"created {info['name']} ({workload}, {info['memory'] >> 20} MiB, pid {info['pid']})")
+        click.echo(f"created {info['name']} ({workload}, {info['memory'] >> 20} MiB, "
+                   f"{info.get('vcpus', 1)} vCPU{'s' if info.get('vcpus', 1) != 1 else ''}, pid {info['pid']})")
 
 
 def _parse_net(text: str | None) -> dict | None:
@@ -156,11 +161,13 @@ def info(name, as_json):
     if as_json:
         click.echo(json.dumps(data))
         return
-    for key in ("name", "status", "workload", "memory", "vcpus", "cpu", "cpu_vendor", "tsc_khz",
-                "pid", "uptime", "timer_hz", "console_bytes", "crash_reason", "nic"):
+    for key in ("name", "status", "workload", "memory", "memory_ranges", "vcpus", "cpu", "cpu_vendor",
+                "tsc_khz", "pid", "uptime", "timer_hz", "console_bytes", "crash_reason", "nic"):
         value = data.get(key)
         if key == "memory":
             value = f"{value >> 20} MiB"
+        elif key == "memory_ranges" and value:
+            value = ", ".join(f"{size >> 20} MiB at {base:#x}" for base, size in value)
         elif key == "nic" and value:
             net = data["net"]
             value = (f"{value['ifname']} ({net['link']} {net['name']}, {net['mac']}, MTU {net['mtu']}): "
@@ -367,6 +374,8 @@ def _save_summary(name: str, path: str, reply: dict) -> str:
     rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
     live = (f", downtime {s['downtime'] * 1000:.0f} ms (switched over: {s['reason']})"
             if s["downtime"] else "")
+    if s.get("vcpus", 1) > 1:
+        live += f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
     return (f"saved {name} to {path}: {_mb(s['stream_bytes'])}, {s['pages_total']} pages "
             f"({s['pages_sent']} sent, {s['pages_zero']} zero), {rounds}, {s['seconds']:.2f} s, "
             f"{s['throughput'] / 1e9:.2f} GB/s of guest RAM{live}; domain {reply['status']}")
@@ -526,11 +535,12 @@ def inspect(file):
       hvm stream inspect web1.hvm
     """
     from .engine import inspect as insp
-    scan, rows, stats = insp.Scan(file), insp.Spool(), {}
+    scan, rows, stats, vcpus = insp.Scan(file), insp.Spool(), {}, {}
     for e in scan:          # all checked before anything is printed
         rows.append(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
                     f"{insp.summary(e.record)}")
         insp.add_memory_stats(stats, e)
+        insp.add_vcpu(vcpus, e)
     h = scan.header
     click.echo(f"header: version {h.version}, length {h.header_length}, "
                f"incompat 0x{h.incompat_flags:x}, compat 0x{h.compat_flags:x}")
@@ -539,6 +549,7 @@ def inspect(file):
         click.echo(row)
     for space, memory in stats.items():
         click.echo(memory.line(space))
+    click.echo(insp.vcpus_line(vcpus))
     click.echo(f"{len(rows)} records, {e.offset + e.size} bytes; END checked (counts and digest)")
 
 
@@ -758,7 +769,9 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
             f"{s['downtime'] * 1000:.1f} ms (here {here * 1000:.1f}, there {there * 1000:.1f}, "
             f"messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "
-            f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms{missed}")
+            f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms"
+            + (f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
+               if s.get("vcpus", 1) > 1 else "") + missed)
 
 
 @hvm.command()

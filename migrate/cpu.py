@@ -232,6 +232,25 @@ class HostCpu:
         return out
 
 
+def cpuid_for_vcpu(entries, apic_id: int) -> tuple[CpuidEntry, ...]:
+    """A policy's CPUID leaves as vCPU ``apic_id`` is given them (specs/cpu-models.md,
+    "Per-vCPU fields"): the initial APIC id in leaf 1 EBX[31:24], and the x2APIC id in EDX of
+    every sub-leaf of the topology leaves 0xB and 0x1F if the policy has them, whatever the
+    policy holds there. Nothing else differs between the vCPUs of a VM; a baseline policy
+    holds APIC id 0, so vCPU 0 gets its leaves exactly as they are."""
+    if not 0 <= apic_id <= 0xFF:
+        raise ValueError(f"APIC id {apic_id} does not fit CPUID leaf 1")
+    out = []
+    for e in entries:
+        e = CpuidEntry(*e)
+        if e.function == 1:
+            e = e._replace(ebx=(e.ebx & 0x00FFFFFF) | apic_id << 24)
+        elif e.function in (0xB, 0x1F):
+            e = e._replace(edx=apic_id)
+        out.append(e)
+    return tuple(out)
+
+
 def _order(entry: CpuidEntry) -> tuple[int, int]:
     return entry.function, entry.index
 
@@ -446,5 +465,5 @@ def implied_vendor(msr_indices) -> str:
 
 
 __all__ = ["CpuModelError", "CpuPolicy", "CpuidEntry", "Compatibility", "DEFAULT_MODEL", "HostCpu",
-           "MODELS", "MsrEntry", "STUB_MODEL", "compatibility", "implied_vendor", "legacy_policy",
+           "MODELS", "MsrEntry", "STUB_MODEL", "compatibility", "cpuid_for_vcpu", "implied_vendor", "legacy_policy",
            "msrs_to_apply", "policy_for", "this_host"]

@@ -19,7 +19,8 @@ from .cpu import (
     msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
-from .kvm import DirtyBitmap, Kvm, KvmError, PlatformState, VcpuState
+from .kvm import DirtyLog, Kvm, KvmError, PlatformState, VcpuState
+from .memory import RamRange
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 from .stub.netback import NetError, check_net
@@ -28,7 +29,8 @@ log = logging.getLogger(__name__)
 
 MIB = 1 << 20
 MIN_MEMORY = 16 * MIB
-MAX_MEMORY = 3072 * MIB     # below the 32-bit MMIO hole; one memory slot
+MAX_MEMORY = 240 * gboot.GIB     # 3 GiB below the 32-bit MMIO hole, the rest from 4 GiB
+MAX_VCPUS = gboot.MAX_VCPUS
 
 
 def memory_ok(memory: int) -> bool:
@@ -36,13 +38,15 @@ def memory_ok(memory: int) -> bool:
     return MIN_MEMORY <= memory <= MAX_MEMORY and memory % (2 * MIB) == 0
 
 
+def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
+    """The guest's RAM as ``(first_pfn, pages)`` ranges (its MEMORY_LAYOUT): below the
+    32-bit MMIO hole, and from 4 GiB on for the rest (specs/guest-boot.md, "Memory")."""
+    return tuple((gpa // gboot.PAGE_SIZE, size // gboot.PAGE_SIZE) for gpa, size in gboot.ram_layout(memory))
+
+
 RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
-
-
-def _range_of(slot) -> tuple:
-    return (slot.base_pfn, slot.npages, slot.view(), slot.memfd, 0)
 
 
 class DomainError(Exception):
@@ -61,6 +65,7 @@ class DomainConfig:
     disk: str | None = None     # raw disk image behind the virtio block device
     cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
     net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (stub/netback.py)
+    vcpus: int = 1              # vCPUs, 1..MAX_VCPUS (LAPIC ids 0..vcpus-1)
 
     def validate(self) -> None:
         if self.workload not in gboot.WORKLOADS:
@@ -84,6 +89,8 @@ class DomainConfig:
                 check_net(self.net)
             except NetError as exc:
                 raise DomainError(str(exc)) from None
+        if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
+            raise DomainError(f"vcpus must be 1 to {MAX_VCPUS}")
 
 
 @dataclass
@@ -96,12 +103,26 @@ class DomainState:
     stub: StubState | None = None
 
 
+@dataclass(eq=False)
+class _VcpuRun:
+    """One vCPU and the thread that runs it. ``in_guest``: the thread is in its run loop
+    (asked to run, not yet back to waiting); ``left_at``: time.monotonic() it last left the
+    guest for a pause; ``entered_at``: when it first went into the guest after the last
+    resume() (None: not yet)."""
+    vcpu: object
+    thread: threading.Thread | None = None
+    in_guest: bool = False
+    left_at: float = 0.0
+    entered_at: float | None = None
+
+
 class Domain:
-    """One HVM guest on KVM with one vCPU, run by a thread of its own.
+    """One HVM guest on KVM with ``config.vcpus`` vCPUs, each run by a thread of its own.
 
     States: ``paused`` (built, not running), ``running``, ``shutdown`` (the
     guest stopped itself with status 0), ``crashed`` (a non-zero status, or
-    KVM refused to run it), ``destroyed``.
+    KVM refused to run it), ``destroyed``. Pausing stops every vCPU; the state is
+    captured only when all of them are out of the guest.
 
     ``cpu`` and ``stub_cpu`` are the CPUs of the guest and the stub (a restore passes the
     saved ones); by default they are made from ``config.cpu`` and the stub's model. This
@@ -130,11 +151,9 @@ class Domain:
         self._own_kvm = kvm is None
         self._cv = threading.Condition()
         self._want_run = False
-        self._in_guest = False
-        self._thread: threading.Thread | None = None
+        self._runs: list[_VcpuRun] = []
         self._has_run = False               # resume() was called once: state can no longer be applied
-        self.left_at = 0.0                  # time.monotonic() the vCPU last left the guest for a pause
-        self.entered_at: float | None = None    # ... and first went into it after the last resume()
+        self.pause_skew = 0.0               # the last pause: seconds from the first vCPU's stop to the last's
         self.stub: Stub | None = None
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
@@ -155,9 +174,10 @@ class Domain:
                     "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS",
                     "KVM_CAP_DEBUGREGS", "KVM_CAP_ADJUST_CLOCK")
         host = this_host()
-        self.vm, self.ram, self.vcpu = gboot.new_machine(
-            kvm, self.config.memory, f"hvm-{self.config.name}", self.cpu,
-            scale_tsc=self._scale_tsc(self.cpu, host))
+        self.vm, self.ram, self.vcpus = gboot.new_machine(
+            kvm, gboot.ram_layout(self.config.memory), f"hvm-{self.config.name}", self.cpu,
+            scale_tsc=self._scale_tsc(self.cpu, host), vcpus=self.config.vcpus)
+        self._runs = [_VcpuRun(vcpu) for vcpu in self.vcpus]
         if self.config.stub:
             try:
                 self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name,
@@ -197,23 +217,32 @@ class Domain:
             raise
         return dom
 
+    @property
+    def vcpu(self):
+        """vCPU 0 (the bootstrap processor)."""
+        return self.vcpus[0]
+
     def _load_image(self) -> None:
         image = guest.image_path().read_bytes()
         flags = ((gboot.BOOT_F_UART if self.stub else 0) | (gboot.BOOT_F_VIRTIO if self.config.disk else 0)
                  | (gboot.BOOT_F_NET if self.config.net else 0))
+        layout = gboot.ram_layout(self.config.memory)
+        wl_base, wl_size = gboot.workload_region(layout)
         info = gboot.BootInfo(
             workload=gboot.WORKLOADS[self.config.workload], timer_hz=self.config.timer_hz,
-            mem_size=self.config.memory, wl_base=gboot.WORKLOAD_BASE,
-            wl_size=self.config.memory - gboot.WORKLOAD_BASE,
+            mem_size=layout[0][1], wl_base=wl_base, wl_size=wl_size,
             tsc_khz=self.vcpu.get_tsc_khz(), args=self.config.args,
             flags=flags, virtio_base=stub_abi.VIRTIO_BASE,
-            net_base=stub_abi.NET_BASE if self.config.net else 0)
-        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, image)
+            net_base=stub_abi.NET_BASE if self.config.net else 0, nr_cpus=len(self.vcpus),
+            high_size=sum(size for base, size in layout if base >= gboot.HIGH_RAM_BASE))
+        top = max(base + size for base, size in layout)
+        gboot.boot_vcpus(self.vcpus, self.ram.mem, info, image, map_top=top)
 
     @classmethod
     def restore(cls, state: DomainState, memory, stub_memory=None, console: Console | None = None,
                 fresh_stub: bool = False, stub_build: str = "") -> "Domain":
-        """A new domain from captured state and copies of RAM, paused.
+        """A new domain from captured state and copies of RAM, paused. ``memory`` holds the
+        bytes of every RAM range in address order.
 
         The stub resumes from ``stub_memory`` as it was, or, with
         ``fresh_stub``, boots anew and loads the device state records.
@@ -222,7 +251,11 @@ class Domain:
         try:
             if len(memory) != dom.ram.size:
                 raise DomainError(f"memory image is {len(memory)} bytes, domain has {dom.ram.size}")
-            dom.ram.mem[:] = memory
+            at = 0
+            for ram in dom.memory_ranges():
+                ram.view[:] = memoryview(memory)[at:at + len(ram.view)]
+                at += len(ram.view)
+                ram.view.release()
             if dom.stub is not None and not fresh_stub:
                 if stub_memory is None or len(stub_memory) != dom.stub.ram.size:
                     raise DomainError("the stub's memory image is missing or has the wrong size")
@@ -239,17 +272,19 @@ class Domain:
         ``stub_build`` names the build of a stub resumed from its image."""
         if self.status != "paused" or self._has_run:
             raise DomainError("state can only be applied to a domain that has not run")
-        if len(state.vcpus) != 1:
-            raise DomainError(f"state has {len(state.vcpus)} vCPUs, this build runs 1")
+        if [v.vcpu_id for v in state.vcpus] != [v.id for v in self.vcpus]:
+            raise DomainError(f"state has vCPUs {[v.vcpu_id for v in state.vcpus]}, "
+                              f"the domain {[v.id for v in self.vcpus]}")
         if (state.stub is None) != (self.stub is None):
             raise DomainError("state and domain disagree on having a device-model stub")
-        vcpu = self._as_here(state.vcpus[0], self.cpu, "the guest")
+        vcpus = [self._as_here(v, self.cpu, "the guest") for v in state.vcpus]
         stub = None
         if self.stub is not None and not fresh_stub:
             stub = dataclasses.replace(state.stub, vcpus=[
                 self._as_here(v, self.stub.cpu, "the stub") for v in state.stub.vcpus])
         state.platform.apply(self.vm)
-        vcpu.apply(self.vcpu)
+        for saved, vcpu in zip(vcpus, self.vcpus):
+            saved.apply(vcpu)
         if self.stub is None:
             return
         try:
@@ -270,21 +305,28 @@ class Domain:
             msrs, notes = msrs_to_apply(policy, vcpu.msrs, this_host())
         except CpuModelError as exc:
             raise DomainError(f"{what}: {exc}") from None
-        self.cpu_notes += [f"{what}: {note}" for note in notes]
+        self.cpu_notes += [f"{what}: {note}" for note in notes if f"{what}: {note}" not in self.cpu_notes]
         return dataclasses.replace(vcpu, msrs=msrs)
 
     # -- memory and dirty log ---------------------------------------------
     @property
     def memory(self) -> memoryview:
-        return self.ram.view()
+        """Guest RAM from physical address 0 (below the 32-bit MMIO hole): all of it for a
+        guest of at most 3 GiB; see memory_ranges() for all RAM."""
+        return self.ram.low.view()
 
-    def memory_ranges(self) -> list[tuple]:
-        """Guest RAM as ranges of guest page frames: (first_pfn, npages, memory view,
-        memory file descriptor, offset of the range in that file)."""
-        return [_range_of(self.ram)]
+    def memory_ranges(self) -> list[RamRange]:
+        """Guest RAM as ranges of guest page frames, one per memory slot, ascending:
+        (first_pfn, npages, memory view, memory file descriptor, offset of the range in
+        that file)."""
+        return self.ram.ranges()
 
-    def stub_memory_ranges(self) -> list[tuple]:
-        return [_range_of(self.stub.ram)] if self.stub else []
+    def stub_memory_ranges(self) -> list[RamRange]:
+        return self.stub.ram.ranges() if self.stub else []
+
+    def guest_view(self, address: int, size: int) -> memoryview:
+        """Guest RAM ``[address, address + size)``, inside one RAM range."""
+        return self.ram.view(address, size)
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Page ranges of guest RAM that may hold data (the rest was never written)."""
@@ -298,20 +340,20 @@ class Domain:
         return self.stub.memory if self.stub else None
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        self.vm.set_dirty_logging(RAM_SLOT, enabled)
+        self.ram.set_dirty_logging(enabled)
         if self.stub is not None:
             self.stub.set_dirty_logging(enabled)
 
-    def fetch_dirty(self) -> DirtyBitmap:
-        """Fetch and clear the pages of guest RAM dirtied since the last fetch:
-        the guest's own log merged with the stub's window log (its DMA), which
+    def fetch_dirty(self) -> DirtyLog:
+        """Fetch and clear the pages of guest RAM dirtied since the last fetch, in every
+        RAM slot: the guest's own log merged with the stub's window log (its DMA), which
         KVM keeps apart (KVM-HERE.md)."""
-        dirty = self.vm.get_dirty_log(RAM_SLOT)
+        dirty = self.ram.fetch_dirty()
         if self.stub is not None:
             dirty = dirty | self.stub.fetch_window_dirty()
         return dirty
 
-    def fetch_stub_dirty(self) -> DirtyBitmap | None:
+    def fetch_stub_dirty(self) -> DirtyLog | None:
         """Fetch and clear the stub's own memory pages dirtied since the last fetch."""
         return self.stub.fetch_ram_dirty() if self.stub else None
 
@@ -325,7 +367,7 @@ class Domain:
                 raise DomainError("console input backlog is full")
             self._input += data
             if self.status == "running":
-                self.vcpu.kick()        # the vCPU thread hands it to the stub
+                self.vcpu.kick()        # vCPU 0's thread hands it to the stub
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
@@ -336,7 +378,7 @@ class Domain:
         except (StubError, KvmError) as exc:
             raise DomainError(f"capturing the stub failed: {exc}") from None
         return DomainState(config=self.config,
-                           vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
+                           vcpus=[VcpuState.capture(vcpu, self.cpu.msr_indices) for vcpu in self.vcpus],
                            platform=PlatformState.capture(self.vm), stub=stub)
 
     # -- running ------------------------------------------------------------
@@ -348,12 +390,13 @@ class Domain:
                 raise DomainError(f"domain {self.status}: {self.crash_reason}")
             if self.status == "running":
                 return
-            self.vcpu.unkick()
+            for run in self._runs:
+                run.vcpu.unkick()
+                run.entered_at = None
             self._want_run = True
             self._has_run = True
             self.status = "running"
-            self.entered_at = None
-            self._start_thread()
+            self._start_threads()
             self._cv.notify_all()
         net = self.stub.net if self.stub is not None else None
         if net is not None:
@@ -362,42 +405,57 @@ class Domain:
                 self._announce = False
                 net.announce()
 
+    @property
+    def entered_at(self) -> float | None:
+        """After resume(): when the last vCPU went into the guest (time.monotonic()), from
+        when the whole guest runs; None until all of them have."""
+        times = [run.entered_at for run in self._runs]
+        return None if None in times else max(times)
+
     def entered(self, timeout: float = 1.0) -> float | None:
-        """After resume(): when the vCPU thread went into the guest (time.monotonic()), or
-        None if it has not within ``timeout`` (or the domain stopped meanwhile)."""
+        """After resume(): when every vCPU thread had gone into the guest (time.monotonic()
+        of the last one), or None if they have not within ``timeout`` (or the domain
+        stopped meanwhile)."""
         with self._cv:
             self._cv.wait_for(lambda: self.entered_at is not None or self.status != "running", timeout)
             return self.entered_at
 
     def park_vcpu(self) -> None:
-        """Start the vCPU thread of a paused domain without running the guest (state may
-        still be applied): a later resume() only wakes it. A relocation's resume is on the
-        downtime path, and starting a thread there costs a fraction of a millisecond."""
+        """Start the vCPU threads of a paused domain without running the guest (state may
+        still be applied): a later resume() only wakes them. A relocation's resume is on the
+        downtime path, and starting threads there costs a fraction of a millisecond each."""
         with self._cv:
             if self.status == "paused":
-                self._start_thread()
+                self._start_threads()
 
-    def _start_thread(self) -> None:
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._vcpu_loop, daemon=True,
-                                            name=f"vcpu0-{self.config.name}")
-            self._thread.start()
+    def _start_threads(self) -> None:
+        for run in self._runs:
+            if run.thread is None:
+                run.thread = threading.Thread(target=self._vcpu_loop, args=(run,), daemon=True,
+                                              name=f"vcpu{run.vcpu.id}-{self.config.name}")
+                run.thread.start()
 
     def pause(self, timeout: float = 10.0) -> float:
-        """Stop the vCPU; on return guest state is consistent and still. Returns when the
-        guest stopped running (time.monotonic(); now if it was not running)."""
+        """Stop every vCPU; on return all of them are out of the guest and its state is
+        consistent and still. Returns when the guest began to stop (time.monotonic() of the
+        first vCPU's stop; now if it was not running); ``pause_skew`` is then the seconds
+        from the first vCPU's stop to the last one's."""
         asked = time.monotonic()
         with self._cv:
             if self.status != "running":
                 return asked
-            in_guest = self._in_guest       # else resumed but not yet gone in: it never ran
+            running = [run.in_guest for run in self._runs]   # else resumed, not yet gone in: never ran
             self._want_run = False
-            self.vcpu.kick()
-            if not self._cv.wait_for(lambda: not self._in_guest, timeout):
-                raise DomainError(f"vCPU did not stop within {timeout}s")
+            for run in self._runs:
+                run.vcpu.kick()
+            if not self._cv.wait_for(lambda: not any(run.in_guest for run in self._runs), timeout):
+                raise DomainError(f"vCPUs did not stop within {timeout}s")
             if self.status == "running":
                 self.status = "paused"
-            stopped = self.left_at if in_guest and self.left_at >= asked else time.monotonic()
+            now = time.monotonic()
+            stops = [run.left_at if was_in and run.left_at >= asked else now
+                     for run, was_in in zip(self._runs, running)]
+            self.pause_skew = max(stops) - min(stops)
         # Quiesce: block requests complete inside the exit that issued them,
         # so none is in flight now; make the written ones durable. Received
         # packets: no NET_RX after this (they wait in the TAP device).
@@ -405,7 +463,11 @@ class Domain:
             self.stub.net.pause_rx()
         if self.stub is not None and self.stub.backend is not None:
             self.stub.backend.flush()
-        return stopped
+        return min(stops)
+
+    def _kick_all(self) -> None:
+        for run in self._runs:
+            run.vcpu.kick()
 
     def destroy(self) -> None:
         with self._cv:
@@ -413,11 +475,13 @@ class Domain:
                 return
             self._want_run = False
             self.status = "destroyed"
-            if self._thread is not None:
-                self.vcpu.kick()
+            for run in self._runs:
+                if run.thread is not None:
+                    run.vcpu.kick()
             self._cv.notify_all()
-        if self._thread is not None and self._thread is not threading.current_thread():
-            self._thread.join(10)
+        for run in self._runs:
+            if run.thread is not None and run.thread is not threading.current_thread():
+                run.thread.join(10)
         self._close_vm()
 
     def _close_vm(self) -> None:
@@ -435,29 +499,31 @@ class Domain:
             return self._cv.wait_for(
                 lambda: self.status in ("crashed", "shutdown", "destroyed"), timeout)
 
-    def _vcpu_loop(self) -> None:
+    def _vcpu_loop(self, run: _VcpuRun) -> None:
         while True:
             with self._cv:
-                self._in_guest = False
+                run.in_guest = False
                 self._cv.notify_all()
                 self._cv.wait_for(lambda: self._want_run or self.status == "destroyed")
                 if self.status == "destroyed":
                     return
-                self._in_guest = True
+                run.in_guest = True
             try:
-                self._run_until_stopped()
+                self._run_until_stopped(run)
             except Exception as exc:    # the guest is gone; say why
-                log.exception("vCPU loop of %s failed", self.config.name)
-                self._crash(str(exc))
+                log.exception("vCPU %d loop of %s failed", run.vcpu.id, self.config.name)
+                self._crash(f"vCPU {run.vcpu.id}: {exc}")
 
-    def _run_until_stopped(self) -> None:
-        vcpu = self.vcpu
+    def _run_until_stopped(self, run: _VcpuRun) -> None:
+        vcpu = run.vcpu
+        bsp = vcpu.id == 0
         entering = True
         while True:
-            self._housekeeping()
+            if bsp:
+                self._housekeeping()
             if entering:            # the first entry after a resume: entered() waits for it
                 with self._cv:
-                    self.entered_at = time.monotonic()
+                    run.entered_at = time.monotonic()
                     self._cv.notify_all()
                 entering = False
             ex = vcpu.run()
@@ -465,24 +531,28 @@ class Domain:
                 left = time.monotonic()
                 with self._cv:
                     if not self._want_run:
-                        self.left_at = left
+                        run.left_at = left
                         return
                     vcpu.unkick()       # kicked for housekeeping (input), not a pause
                 continue
             handler = self._EXIT_HANDLERS.get(ex.reason, Domain._on_fatal_exit)
-            if handler(self, ex) is False:
+            if handler(self, vcpu, ex) is False:
                 return
 
     def _crash(self, reason: str, status: str = "crashed") -> None:
+        """The guest stopped (or cannot go on): every vCPU leaves it."""
         with self._cv:
+            if self.status in ("crashed", "shutdown"):      # another vCPU said it first
+                return
             self.crash_reason = reason
             if self.status != "destroyed":
                 self.status = status
             self._want_run = False
+            self._kick_all()
             self._cv.notify_all()
 
     # -- exit handlers: return False to stop the vCPU -----------------------
-    def _on_console(self, ex) -> None:
+    def _on_console(self, vcpu, ex) -> None:
         self.console.feed(ex.data)
 
     def prepare_capture(self) -> None:
@@ -495,7 +565,7 @@ class Domain:
         with self._cv:
             self._warm_stub = True
             if self.status == "running":
-                self.vcpu.kick()
+                self.vcpu.kick()        # vCPU 0's thread runs it
 
     def _housekeeping(self) -> None:
         """In the vCPU thread, between guest runs: console input and prepare_capture."""
@@ -516,12 +586,13 @@ class Domain:
         with self._cv:
             del self._input[:taken]
 
-    def _on_io(self, ex):
+    def _on_io(self, vcpu, ex):
         if self.stub is not None and ex.port in stub_abi.UART_PORTS:
             reply = self.stub.port_io(ex)
             if reply is not None:
-                self.vcpu.complete_io_in(reply)
-            self._deliver_input()
+                vcpu.complete_io_in(reply)
+            if vcpu.id == 0:
+                self._deliver_input()
             return None
         if ex.is_write and ex.port == PORT_SYNC:
             if self.on_sync is not None:
@@ -537,10 +608,10 @@ class Domain:
             log.warning("%s: %s of unhandled port %#x ignored", self.config.name,
                         "write" if ex.is_write else "read", ex.port)
         if not ex.is_write:
-            self.vcpu.complete_io_in(b"\xff" * (ex.size * ex.count))
+            vcpu.complete_io_in(b"\xff" * (ex.size * ex.count))
         return None
 
-    def _on_mmio(self, ex) -> None:
+    def _on_mmio(self, vcpu, ex) -> None:
         if self.stub is not None and (
                 (self.config.disk is not None
                  and stub_abi.VIRTIO_BASE <= ex.address < stub_abi.VIRTIO_BASE + stub_abi.VIRTIO_SIZE)
@@ -548,7 +619,7 @@ class Domain:
                     and stub_abi.NET_BASE <= ex.address < stub_abi.NET_BASE + stub_abi.NET_SIZE)):
             reply = self.stub.mmio(ex)
             if reply is not None:
-                self.vcpu.complete_mmio_read(reply)
+                vcpu.complete_mmio_read(reply)
             return
         page = ex.address & ~0xFFF
         if page not in self._unknown_mmio and len(self._unknown_mmio) < 1024:
@@ -556,10 +627,11 @@ class Domain:
             log.warning("%s: %s of unhandled MMIO %#x ignored", self.config.name,
                         "write" if ex.is_write else "read", ex.address)
         if not ex.is_write:
-            self.vcpu.complete_mmio_read(b"\xff" * ex.size)
+            vcpu.complete_mmio_read(b"\xff" * ex.size)
 
-    def _on_fatal_exit(self, ex):
-        self._crash(f"KVM exit {ex.reason} (code {ex.code}, detail {ex.detail:#x})")
+    def _on_fatal_exit(self, vcpu, ex):
+        where = f"vCPU {vcpu.id}: " if len(self.vcpus) > 1 else ""
+        self._crash(f"{where}KVM exit {ex.reason} (code {ex.code}, detail {ex.detail:#x})")
         return False
 
     _EXIT_HANDLERS = {"console": _on_console, "io": _on_io, "mmio": _on_mmio}

@@ -8,6 +8,7 @@ beside the guest memory touched, the bulk round's stream rate, then medians.
     .venv/bin/python tools/bench_relocation.py --case flat511 --insecure --compress none
     .venv/bin/python tools/bench_relocation.py --case stream --runs 3   # incompressible pages
     .venv/bin/python tools/bench_relocation.py --workload ledger --memory 256 --check --runs 20
+    .venv/bin/python tools/bench_relocation.py --workload smp --vcpus 4 --memory 64 --check
 
 Cases (a 1 GiB guest, a 30 ms downtime target): ``idle``; ``flat63`` and ``flat511``: the
 dirtier as fast as it can over 63 / 511 MiB (one word into every page in turn); ``paced63``:
@@ -19,8 +20,10 @@ The limits are measured in the same run on a sample of the source guest's own me
 (tools/machine_limits.py): memcpy, TCP loopback, one core's AES-256-GCM, zstd-1.
 Bytes are compared with the guest memory actually touched: the allocated size of the
 source domain process's memfds (guest RAM and the stub's), taken just before each move.
-``--check`` (ledger): after each move, waits for a new self-check line on the destination
-and verifies its sum against ledger_sum (ping-pong).
+``--check`` (ledger, smp): after each move, waits for a new self-check line on the
+destination and verifies it (the ledger's sum against ledger_sum; smp: no BAD or STALL).
+A move that fails with the guest still running on its source is reported and counted,
+and the runs go on.
 """
 from __future__ import annotations
 
@@ -70,7 +73,7 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         text = console_text(name, base)
-        lines = re.findall(r"^ledger ok gen=(\d+) sum=([0-9a-f]{16}) ", text, re.MULTILINE)
+        lines = re.findall(r"^ledger ok (?:cpu=0 )?gen=(\d+) sum=([0-9a-f]{16}) ", text, re.MULTILINE)
         if "CORRUPT" in text:
             raise SystemExit(f"ledger CORRUPT on {base}:\n{text[-1000:]}")
         for gen, total in lines:
@@ -96,6 +99,21 @@ def serve(base: Path, tls_dir: str | None) -> tuple[subprocess.Popen, int]:
         if "listening on" in proc.stderr.readline():
             return proc, port
     raise SystemExit("hvm host serve did not start")
+
+
+def smp_check(name: str, base: Path, after_round: int, timeout=60.0) -> int:
+    """Wait for a round checked past ``after_round`` on this host; no BAD or STALL line."""
+    import re
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        text = console_text(name, base)
+        if re.search(r"^smp (BAD|STALL)", text, re.MULTILINE):
+            raise SystemExit(f"smp check failed on {base}:\n{text[-1500:]}")
+        rounds = [int(r) for r in re.findall(r"^smp ok round=(\d+) ", text, re.MULTILINE)]
+        if rounds and rounds[-1] > after_round:
+            return rounds[-1]
+        time.sleep(0.05)
+    raise SystemExit(f"no new smp round on {base} within {timeout}s")
 
 
 MIB = 1 << 20
@@ -141,8 +159,10 @@ def limits(sample: bytes) -> dict:
     return out
 
 
-def one_move(opts, run: int, bases, servers, tls_dir, npages: int, gen: int) -> dict:
-    here, there = run % 2, 1 - run % 2
+def one_move(opts, here: int, bases, servers, tls_dir, check) -> dict:
+    """Move the domain from bases[here] to the other daemon; its statistics. ControlError
+    when the move failed (the message says where the guest is)."""
+    there = 1 - here
     touched = touched_bytes("bench", bases[here])
     reply = migrate_domain("bench", f"127.0.0.1:{servers[there][1]}", live=not opts.offline,
                            tls_dir=None if opts.insecure else tls_dir, insecure=opts.insecure,
@@ -151,14 +171,15 @@ def one_move(opts, run: int, bases, servers, tls_dir, npages: int, gen: int) -> 
     control.wait_gone("bench", bases[here])
     s = reply["stats"]
     s["touched"] = touched
+    s.setdefault("pause_skew", 0.0)
     rounds = s.get("rounds_detail") or [{"pages": 0, "bytes": 0, "seconds": 0.0}]
     first = rounds[0]
     s["final_pages"], s["final_bytes"] = rounds[-1]["pages"], rounds[-1]["bytes"]
     s["first_stream_rate"] = first["bytes"] / first["seconds"] if first["seconds"] else 0.0
     s["first_ram_rate"] = (first["pages"] * 4096 / first["seconds"]) if first["seconds"] else 0.0
     s["ratio"] = s["downtime"] / s["downtime_estimate"] if s.get("downtime_estimate") else None
-    if opts.check:
-        s["checked_gen"] = ledger_check("bench", bases[there], opts.arg[0] if opts.arg else 0, npages, gen)
+    if check is not None:
+        s["checked"] = check(bases[there])
     return s
 
 
@@ -170,7 +191,8 @@ def show_move(run: int, s: dict, check: bool) -> None:
           f"{s['rounds']} rounds, final {s['final_pages']} pages; {s['bytes'] / 1e6:.1f} MB sent for "
           f"{s['touched'] / 1e6:.1f} MB touched ({s['bytes'] / s['touched']:.2f}x); round 0 "
           f"{s['first_stream_rate'] / 1e9:.2f} GB/s stream, {s['first_ram_rate'] / 1e9:.2f} GB/s RAM"
-          + (f"; ledger ok gen={s['checked_gen']}" if check else ""), flush=True)
+          + (f", pause skew {s['pause_skew'] * 1e3:.3f} ms" if s.get("vcpus", 1) > 1 else "")
+          + (f"; self-check ok ({s['checked']})" if check else ""), flush=True)
     print("       parts (ms): " + " ".join(f"{k} {parts[k] * 1e3:.2f}" for k in PARTS if k in parts), flush=True)
 
 
@@ -198,35 +220,72 @@ def summary(label: str, results: list[dict], lim: dict, target: float) -> dict:
 
 
 def run_case(opts, label: str, workload: str, args: list[int], root: Path, tls_dir: str,
-             servers, bases) -> tuple[list[dict], bytes]:
+             servers, bases) -> tuple[list[dict], list[str], bytes]:
+    """``opts.runs`` moves of a new domain; the statistics of those that completed, the
+    errors of those that failed with the guest still running where it was, and a sample
+    of the guest's memory."""
     args = (args + [0] * 8)[:8]
-    control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args), bases[0])
-    results, npages, gen = [], 0, 0
+    control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args, vcpus=opts.vcpus),
+                          bases[0])
+    results, failed, here = [], [], 0
     try:
-        if opts.check:
-            import re
-            deadline = time.monotonic() + 10
-            while not (m := re.search(r"^ledger start seed=\d+ pages=(\d+)", console_text("bench", bases[0]), re.M)):
-                if time.monotonic() > deadline:
-                    raise SystemExit("the ledger did not start")
-                time.sleep(0.05)
-            npages = int(m.group(1))
+        check = self_check(opts, workload, args, bases[0])
         time.sleep(opts.settle)
         sample = memory_sample("bench", bases[0])
         for run in range(opts.runs):
             if run:
                 time.sleep(opts.settle)
-            s = one_move(opts, run, bases, servers, tls_dir, npages, gen)
-            gen = s.get("checked_gen", gen)
+            try:
+                s = one_move(opts, here, bases, servers, tls_dir, check)
+            except control.ControlError as exc:
+                if "keeps running here" not in str(exc):
+                    raise
+                failed.append(str(exc))         # the guest is still here: say so, go on
+                print(f"run {run}: FAILED, the guest stays where it was: {exc}", flush=True)
+                continue
+            here = 1 - here
             results.append(s)
             if not opts.json:
-                show_move(run, s, opts.check)
+                show_move(run, s, check is not None)
     finally:
         for base in bases:
             for info in control.list_domains(base):
                 with control.DomainClient(info["name"], base) as c:
                     c.call("destroy")
-    return results, sample
+            for info in control.list_domains(base):
+                control.wait_gone(info["name"], base)
+    if failed:
+        print(f"{len(failed)} of {opts.runs} moves failed (the guest kept running where it was)", flush=True)
+    return results, failed, sample
+
+
+def self_check(opts, workload: str, args: list[int], base: Path):
+    """With --check: a function of a host's base that waits for the guest's next
+    self-check there and verifies it (ledger, smp); None without."""
+    import re
+    if not opts.check:
+        return None
+    if workload == "ledger":
+        deadline = time.monotonic() + 30
+        while not (m := re.search(r"^ledger start (?:cpu=0 )?seed=\d+ pages=(\d+)",
+                                  console_text("bench", base), re.M)):
+            if time.monotonic() > deadline:
+                raise SystemExit("the ledger did not start")
+            time.sleep(0.05)
+        npages, last = int(m.group(1)), [0]
+
+        def check(where: Path) -> int:
+            last[0] = ledger_check("bench", where, args[0], npages, last[0])
+            return last[0]
+        return check
+    if workload == "smp":
+        last = [smp_check("bench", base, 0)]
+
+        def check(where: Path) -> int:
+            last[0] = smp_check("bench", where, last[0])
+            return last[0]
+        return check
+    raise SystemExit(f"--check knows ledger and smp, not {workload}")
 
 
 def main() -> int:
@@ -237,6 +296,7 @@ def main() -> int:
     ap.add_argument("--arg", type=int, action="append", default=[])
     ap.add_argument("--content", choices=sorted(CONTENT), default="mixed", help="the dirtier's pages")
     ap.add_argument("--memory", type=int, default=1024, help="MiB")
+    ap.add_argument("--vcpus", type=int, default=1)
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--offline", action="store_true")
     ap.add_argument("--insecure", action="store_true", help="plain TCP instead of TLS")
@@ -271,7 +331,7 @@ def main() -> int:
                     print(f"== {label}: {workload} {args}, {opts.memory} MiB, {opts.channels} channels, "
                           f"{'plain TCP' if opts.insecure else 'TLS'}, compress {opts.compress}, "
                           f"target {opts.downtime_ms} ms", flush=True)
-                results, sample = run_case(opts, label, workload, args, root, tls_dir, servers, bases)
+                results, failed, sample = run_case(opts, label, workload, args, root, tls_dir, servers, bases)
                 if lim is None:          # measured once, on the first case's guest memory
                     lim = limits(sample if len(sample) >= 16 * MIB else os.urandom(64 * MIB))
                     report["limits"] = lim
@@ -279,8 +339,11 @@ def main() -> int:
                         print("machine, now: " + ", ".join(
                             f"{k} {v:.2f}x" if k.endswith("ratio") else f"{k} {machine_limits.gbps(v)}"
                             for k, v in lim.items()), flush=True)
-                out = summary(label, results, lim, opts.downtime_ms / 1000) if not opts.json else {"case": label}
-                out["moves"] = results
+                if results and not opts.json:
+                    out = summary(label, results, lim, opts.downtime_ms / 1000)
+                else:
+                    out = {"case": label}
+                out["moves"], out["failed"] = results, failed
                 report["cases"].append(out)
         finally:
             for proc, _ in servers:

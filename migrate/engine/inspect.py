@@ -73,7 +73,9 @@ def summary(record) -> str:
         return f"{record.vm.name} {where}"
     if isinstance(record, MemoryLayout):
         return (f"{record.space.name} {record.nr_pages} pages ({record.nr_pages * PAGE_SIZE >> 20} MiB) "
-                f"in {len(record.ranges)} range{'s' if len(record.ranges) != 1 else ''}")
+                f"in {len(record.ranges)} range{'s' if len(record.ranges) != 1 else ''}"
+                + "".join(f"{', ' if i else ': '}{n} from pfn {first:#x}"
+                          for i, (first, n) in enumerate(record.ranges)))
     if isinstance(record, CpuModel):
         promise = "promised" if record.strict_tsc else "not promised"
         return (f"{record.vm.name} model {record.model}, TSC {record.tsc_khz} kHz ({promise}), saved on "
@@ -158,6 +160,29 @@ class MemoryStats:
         return (f"{space.name}: {self.nr_pages} pages ({self.nr_pages * PAGE_SIZE >> 20} MiB); "
                 f"{self.entries} page entries: {self.data} data, {self.zero} zero, {counted}; "
                 f"page records {self.data_bytes} bytes")
+
+
+def add_vcpu(vcpus: dict, entry: Entry) -> None:
+    """Note the vCPU whose context ``entry`` holds, if it does (Vm -> set of vCPU ids)."""
+    record = entry.record
+    if isinstance(record, HvmState) and record.vcpu_id is not None:
+        vcpus.setdefault(record.vm, set()).add(record.vcpu_id)
+
+
+def vcpus_line(vcpus: dict) -> str:
+    return "vCPUs: " + ", ".join(f"{vm.name} {len(ids)} ({_id_ranges(sorted(ids))})"
+                                 for vm, ids in sorted(vcpus.items()))
+
+
+def _id_ranges(ids: list[int]) -> str:
+    out, start = [], None
+    for i, n in enumerate(ids):
+        if start is None:
+            start = n
+        if i + 1 == len(ids) or ids[i + 1] != n + 1:
+            out.append(f"{start}" if start == n else f"{start}-{n}")
+            start = None
+    return ", ".join(out)
 
 
 def add_memory_stats(stats: dict, entry: Entry) -> None:

@@ -26,15 +26,16 @@ from typing import Any, Callable, Iterable
 
 from ..cpu import legacy_policy, this_host
 from ..dataplane import DataplaneError, Range, Target
-from ..domain import Domain, DomainConfig
+from ..domain import Domain, DomainConfig, guest_layout
 from ..stream import (
-    DONE, NEED_DATA, PAGE_SIZE, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
+    DONE, NEED_DATA, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
     MsrPolicy, StreamError, StreamReader, Vm,
 )
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, abi, devstate, stub_build_id
+from .save import layout_of
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
 
@@ -107,19 +108,19 @@ class _Restorer:
                                    "DOMAIN_CONFIG says the domain has none")
             if self.domain is None:
                 raise RestoreError("the stub's MEMORY_LAYOUT comes before the guest's")
-            have = len(self.domain.stub_memory) // PAGE_SIZE
-            if record != MemoryLayout.flat(Vm.STUB, have):
-                raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
-                                   f"stub has {have}")
             ranges = [Range(*r) for r in self.domain.stub_memory_ranges()]
+            if record.ranges != layout_of(ranges):
+                raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
+                                   f"stub has {sum(r.npages for r in ranges)}")
             if self.fresh_stub:              # a fresh stub boots its own image: check and drop
                 ranges = [Range(r.first_pfn, r.npages) for r in ranges]
             self.target.set_space(Vm.STUB, ranges)
             return
-        if record != MemoryLayout.flat(Vm.GUEST, self.config.memory // PAGE_SIZE):
+        want = guest_layout(self.config.memory)
+        if record.ranges != want:
             raise RestoreError(f"guest MEMORY_LAYOUT has {record.nr_pages} pages in "
-                               f"{len(record.ranges)} ranges; DOMAIN_CONFIG says "
-                               f"{self.config.memory // PAGE_SIZE} pages from pfn 0")
+                               f"{len(record.ranges)} ranges ({_ranges_text(record.ranges)}); "
+                               f"DOMAIN_CONFIG's {self.config.memory >> 20} MiB are {_ranges_text(want)}")
         self.domain = self.make_domain(self.config, **self.cpu_policies())
         self.target.set_space(Vm.GUEST, [Range(*r) for r in self.domain.memory_ranges()])
         if self.channels is not None:
@@ -209,6 +210,10 @@ class _Restorer:
         self.release()
         if self.domain is not None:
             self.domain.destroy()
+
+
+def _ranges_text(ranges) -> str:
+    return ", ".join(f"{n} pages from pfn 0x{first:x}" for first, n in ranges) or "no pages"
 
 
 def restore(source: Iterable[bytes], *, name: str | None = None,

@@ -10,13 +10,18 @@ state goes before the last pages so that a reader at the other end of a link che
 while those pages are still being sent (``flush``).
 
 The engine talks to the domain through a narrow interface: ``config``, ``cpu`` (its
-CpuPolicy), ``status``,
-``memory`` (a memoryview of guest RAM), ``pause()``, ``resume()``, ``capture()``,
-``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear, a DirtyBitmap whose
-``pfns()`` are the pages written since the last fetch; it must include the pages the stub
-wrote by DMA, merged in by the domain); optionally ``prepare_capture()``, called while
-the domain still runs, just before a live save's final pause; ``pause()`` may return
-when the guest stopped running (time.monotonic()), where the downtime then starts.
+CpuPolicy), ``status``, ``pause()``, ``resume()``, ``capture()``, and the guest's memory
+space: ``memory_ranges()`` (its RAM ranges, ascending and apart: ``(first_pfn, npages,
+view, fd, offset)``, see :class:`migrate.memory.RamRange`; their pfns make MEMORY_LAYOUT's
+ranges, and the data plane reads pages from them),
+``data_ranges()`` (the pfn ranges that may hold data: the rest was never written and is
+not sent), ``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear: an object
+whose ``pfns()`` are the pages written since the last fetch, ascending, over all ranges;
+it must include the pages the stub wrote by DMA, merged in by the domain); optionally
+``prepare_capture()``, called while the domain still runs, just before a live save's
+final pause; ``pause()`` may return when the guest began to stop (time.monotonic()),
+where the downtime then starts, and ``pause_skew`` may then say how long its vCPUs took
+to stop, first to last.
 
 The stub (specs/ioreq.md) travels in the same stream: its RAM as address space
 Vm.STUB (its pages in the same rounds as the guest's, its own dirty log), its vCPU and
@@ -61,10 +66,10 @@ class SaveTimeout(SaveCancelled):
 
 
 class StubPart(Protocol):        # the stub's share of the stream, see the module docstring
-    memory: memoryview
     cpu: Any                    # its CpuPolicy (migrate.cpu)
 
     def memory_ranges(self) -> list[tuple]: ...
+    def data_ranges(self) -> list[tuple[int, int]]: ...
     def set_dirty_logging(self, enabled: bool) -> None: ...
     def fetch_dirty(self) -> Any: ...
     def records(self, state) -> list: ...
@@ -77,10 +82,6 @@ class DomainStub:
 
     def __init__(self, domain):
         self.domain = domain
-
-    @property
-    def memory(self) -> memoryview:
-        return self.domain.stub_memory
 
     @property
     def cpu(self):
@@ -118,6 +119,8 @@ class SaveStats:
     downtime: float = 0.0           # paused part of a live save (pause to END, on_end included)
     downtime_parts: dict = field(default_factory=dict)      # its seconds by step: stop, capture, state, pages, end
     pause_offset: float = 0.0       # seconds from the save's start to the (final) pause
+    pause_skew: float = 0.0         # seconds from the first vCPU's stop to the last one's at that pause
+    vcpus: int = 1                  # vCPUs of the guest
     start_time: float = 0.0         # time.monotonic() at the save's start, what the offsets count from
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
@@ -149,7 +152,8 @@ class _Saver:
         self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
         self.conv = convergence
         self.writer = StreamWriter()
-        self.stats = SaveStats(guest_bytes=len(domain.memory))
+        self.stats = SaveStats(guest_bytes=sum(r[1] for r in domain.memory_ranges()) * PAGE_SIZE,
+                               vcpus=getattr(domain.config, "vcpus", 1))
         self.t0 = self.stats.start_time = time.monotonic()
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
@@ -259,15 +263,17 @@ class _Saver:
         save does not make the source allocate memory its guest never touched)."""
         data, holes = {}, {}
         for space, part in self.spaces().items():
-            npages = len(part.memory) // PAGE_SIZE
-            ranges = part.data_ranges() if hasattr(part, "data_ranges") else [(0, npages)]
-            present, absent, at = array("Q"), array("Q"), 0
-            for first, end in ranges:
-                first, end = max(first, at), min(end, npages)
-                absent.extend(range(at, first))
-                present.extend(range(first, end))
-                at = max(at, end)
-            absent.extend(range(at, npages))
+            present, absent = array("Q"), array("Q")
+            found = sorted(part.data_ranges())
+            for first_pfn, npages, *_ in part.memory_ranges():
+                at, end = first_pfn, first_pfn + npages
+                for first, last in found:
+                    first, last = max(first, at), min(last, end)
+                    if first < last:
+                        absent.extend(range(at, first))
+                        present.extend(range(first, last))
+                        at = last
+                absent.extend(range(at, end))
             data[space] = present
             if absent:
                 holes[space] = absent
@@ -286,9 +292,10 @@ class _Saver:
         for space, part in self.spaces().items():
             for record in cpu_records(part.cpu, space):
                 self.write(self.writer.record(record))
-        self.write(self.writer.record(MemoryLayout.flat(Vm.GUEST, len(dom.memory) // PAGE_SIZE)))
-        stub_pages = len(self.stub.memory) // PAGE_SIZE if self.stub is not None else 0
-        self.write(self.writer.record(MemoryLayout.flat(Vm.STUB, stub_pages)))
+        for space in (Vm.GUEST, Vm.STUB):
+            part = self.spaces().get(space)
+            ranges = layout_of(part.memory_ranges()) if part is not None else ()
+            self.write(self.writer.record(MemoryLayout(space, ranges)))
         if live:
             self.precopy()
             if hasattr(dom, "prepare_capture"):
@@ -297,10 +304,11 @@ class _Saver:
             self.stats.throttle = 0
         else:
             self.stats.reason = OFFLINE
-        stopped = dom.pause()       # the domain may say when its guest stopped running
+        stopped = dom.pause()       # the domain may say when its guest began to stop
         mark = time.monotonic()
         paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
         self.stats.pause_offset = paused_at - self.t0
+        self.stats.pause_skew = getattr(dom, "pause_skew", 0.0)
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         mark = self._part("stop", paused_at)
         state = dom.capture()       # before the last pages: see the module docstring
@@ -391,6 +399,18 @@ class _Saver:
             before = first.get(space, ())
             out[space] = array("Q", sorted(set(before).union(pfns))) if len(before) else pfns
         return out
+
+
+def layout_of(ranges) -> tuple[tuple[int, int], ...]:
+    """MEMORY_LAYOUT's ranges for RAM ranges (first_pfn, npages, ...), ascending: touching
+    ones merged."""
+    out: list[list[int]] = []
+    for first_pfn, npages, *_ in ranges:
+        if out and out[-1][0] + out[-1][1] == first_pfn:
+            out[-1][1] += npages
+        else:
+            out.append([first_pfn, npages])
+    return tuple((first, n) for first, n in out)
 
 
 def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,

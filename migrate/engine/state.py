@@ -205,6 +205,10 @@ class StateCollector:
     def result(self, config: DomainConfig) -> DomainState:
         if not self.vcpus:
             raise RestoreError(f"stream has no vCPU state for the {self.label}")
+        want = getattr(config, "vcpus", 1) if self.label == "guest" else 1
+        if sorted(self.vcpus) != list(range(want)):
+            raise RestoreError(f"stream has state of {self.label} vCPUs {sorted(self.vcpus)}; "
+                               f"the {self.label} has {want} (ids 0..{want - 1})")
         vcpus = []
         for vcpu_id in sorted(self.vcpus):
             have = self.vcpus[vcpu_id]

@@ -6,7 +6,7 @@ import struct
 from dataclasses import dataclass
 
 from ._check import ffi, lib
-from .boot import PAGE_SIZE, WORKLOAD_BASE
+from .boot import PAGE_SIZE, WORKLOAD_BASE, ram_layout, workload_region
 
 _LEDGER_HEADER = struct.Struct("<9Q")
 
@@ -29,11 +29,37 @@ def ledger_header(memory) -> LedgerHeader:
 
 
 def ledger_verify(memory) -> tuple[int, int]:
-    """(first bad page or -1 when consistent (-2: bad header), sum)."""
-    region = memoryview(memory)[WORKLOAD_BASE:]
+    """(first bad page or -1 when consistent (-2: bad header), sum) of the ledger of a
+    one-vCPU guest without RAM above 4 GiB: ``memory`` is its RAM from address 0."""
+    return ledger_verify_region(memoryview(memory)[WORKLOAD_BASE:])
+
+
+def ledger_verify_region(region) -> tuple[int, int]:
+    """(first bad page or -1 when consistent (-2: bad header), sum) of one ledger region."""
     sum_out = ffi.new("uint64_t *")
     bad = lib.hvm_ledger_verify(ffi.from_buffer(region), len(region), sum_out)
     return bad, sum_out[0]
+
+
+def ledger_region_bounds(memory: int, vcpus: int) -> list[tuple[int, int]]:
+    """(guest address, bytes) of each vCPU's ledger region of a guest of ``memory`` bytes
+    (specs/guest-boot.md, "ledger")."""
+    base, size = workload_region(ram_layout(memory))
+    share = size // vcpus // PAGE_SIZE * PAGE_SIZE
+    return [(base + k * share, share) for k in range(vcpus)]
+
+
+def verify_ledgers(domain) -> list[tuple[int, int]]:
+    """``ledger_verify_region`` of every vCPU's ledger region of a paused domain, in vCPU
+    order: a consistent guest gives ``(-1, sum)`` for each."""
+    out = []
+    for address, size in ledger_region_bounds(domain.config.memory, domain.config.vcpus):
+        view = domain.guest_view(address, size)
+        try:
+            out.append(ledger_verify_region(view))
+        finally:
+            view.release()
+    return out
 
 
 def ledger_sum(seed: int, gen: int, npages: int) -> int:

@@ -139,7 +139,8 @@ class DomainServer:
     def op_info(self, req: dict) -> dict:
         dom, cfg = self.domain, self.domain.config
         return {"name": cfg.name, "workload": cfg.workload, "memory": cfg.memory,
-                "vcpus": 1, "status": dom.status, "crash_reason": dom.crash_reason,
+                "memory_ranges": [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()],
+                "vcpus": cfg.vcpus, "status": dom.status, "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
                 "console_bytes": self.console_log.tell(), "args": list(cfg.args),
                 "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk, "net": cfg.net,
@@ -429,9 +430,9 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
     (:meth:`DomainServer.await_go`) only has to wake it."""
     def make(cfg: DomainConfig, **cpu) -> Domain:
         net_from = {"link": cfg.net["link"], "name": cfg.net["name"]} if cfg.net else None
-        if ((cfg.memory, bool(cfg.stub), cfg.disk, net_from)
-                != (opts["memory"], opts["stub"], opts["disk_from"], opts.get("net_from"))):
-            raise RestoreError("stream does not match HELLO (memory, stub, disk or NIC differ)")
+        if ((cfg.memory, bool(cfg.stub), cfg.disk, net_from, cfg.vcpus)
+                != (opts["memory"], opts["stub"], opts["disk_from"], opts.get("net_from"), opts.get("vcpus", 1))):
+            raise RestoreError("stream does not match HELLO (memory, stub, disk, NIC or vCPUs differ)")
         if opts["cpu"] is not None:
             hello = policies_from_bodies(opts["cpu"])
             if (hello.get(Vm.GUEST), hello.get(Vm.STUB)) != (cpu["cpu"], cpu["stub_cpu"]):

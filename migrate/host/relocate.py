@@ -124,7 +124,7 @@ class MigrateJob:
                 ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
                         memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
                         cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
-                        channels=self.channels)
+                        channels=self.channels, vcpus=cfg.vcpus)
                 welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
             except PeerError as exc:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
@@ -277,6 +277,7 @@ class MigrateJob:
             "rounds_detail": _rounds(stats, stats.start_time, final_at),
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
             "throttle": max(stats.throttle_history, default=0),
+            "vcpus": stats.vcpus, "pause_skew": stats.pause_skew,
             "save": stats.as_dict(),
         }
 

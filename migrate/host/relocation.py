@@ -37,7 +37,8 @@ RUNNING_TIMEOUT = 30.0
 MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
               "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2;
-                                                            # optional "net": {"link", "name"} or nil
+                                                            # optional "net": {"link", "name"} or nil,
+                                                            # optional "vcpus" (int)
     "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token
     "SYNC": {"bytes": int},      # optional "round": page rounds the data channels ended
     "SYNCED": {"bytes": int},

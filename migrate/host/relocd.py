@@ -32,7 +32,7 @@ from pathlib import Path
 import msgpack
 
 from ..cpu import compatibility, this_host
-from ..domain import memory_ok
+from ..domain import MAX_VCPUS, memory_ok
 from ..engine.state import RestoreError, policies_from_bodies
 from ..stream import StreamError, Vm
 from ..stub.netback import NetError, check_ifname
@@ -114,7 +114,7 @@ class Incoming:
                 "disk_from": hello["disk"], "disk_to": disk_to, "net_from": hello.get("net"),
                 "net_to": net_to, "resume_timeout": RESUME_TIMEOUT, "cpu": hello.get("cpu"),
                 "channels": channels, "token": self.token, "tls_dir": tls_dir,
-                "channel_fd": take_fds.fileno()}
+                "channel_fd": take_fds.fileno(), "vcpus": hello.get("vcpus", 1)}
         stream_r, self.stream_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
@@ -481,6 +481,9 @@ class RelocationServer:
         memory = hello["memory"]
         if not memory_ok(memory):
             raise Refused(f"memory size {memory} out of range")
+        vcpus = hello.get("vcpus", 1)
+        if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
+            raise Refused(f"vcpus {vcpus!r} out of range (1 to {MAX_VCPUS})")
         disk = hello["disk"]
         if disk is None:
             return None, version

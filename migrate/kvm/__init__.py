@@ -6,13 +6,13 @@ children; one method per ioctl, named after it, holding no policy.  Policy
 (run loops, pausing, dirty merging) lives in :mod:`migrate.domain`.
 """
 from .errors import KvmError, KvmUnavailable
-from .dirty import DirtyBitmap
+from .dirty import DirtyBitmap, DirtyLog
 from .system import Kvm
 from .vm import MemorySlot, Vm
 from .vcpu import Vcpu, VcpuExit
 from .state import PlatformState, VcpuState, saveable_msrs
 
 __all__ = [
-    "DirtyBitmap", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+    "DirtyBitmap", "DirtyLog", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
     "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "saveable_msrs",
 ]

@@ -1,6 +1,7 @@
-"""A dirty-page bitmap as KVM hands it out, with fast iteration.
+"""Dirty-page bitmaps as KVM hands them out, with fast iteration.
 
-Bit i of the bitmap is page ``base_pfn + i``.  Counting and union work on the
+Bit i of a :class:`DirtyBitmap` is page ``base_pfn + i`` (one memory slot); a
+:class:`DirtyLog` is the bitmaps of several slots as one set of pages.  Counting and union work on the
 whole bitmap as one Python int (linear, in C inside CPython); listing the set
 pages uses a C loop over 64-bit words (ctz), which runs at the speed of the
 number of words plus the number of dirty pages (tools/bench_dirty_bitmap.py).
@@ -81,3 +82,51 @@ class DirtyBitmap:
 
     def __repr__(self) -> str:
         return f"DirtyBitmap({self.count()} of {self.npages} pages from pfn {self.base_pfn:#x})"
+
+
+class DirtyLog:
+    """The dirty pages of several memory slots as one set: ``parts`` are the slots'
+    DirtyBitmaps, in ascending pfn order, apart (a VM's RAM in several slots, e.g. below the
+    32-bit MMIO hole and above 4 GiB)."""
+    __slots__ = ("parts",)
+
+    def __init__(self, parts):
+        self.parts = tuple(parts)
+        for a, b in zip(self.parts, self.parts[1:]):
+            if a.base_pfn + a.npages > b.base_pfn:
+                raise ValueError(f"dirty bitmaps out of order or overlapping at pfn {b.base_pfn:#x}")
+
+    def count(self) -> int:
+        return sum(part.count() for part in self.parts)
+
+    def __len__(self) -> int:
+        return self.count()
+
+    def __bool__(self) -> bool:
+        return any(self.parts)
+
+    def pfns(self) -> array:
+        """The dirty page numbers of all parts, ascending, as an ``array('Q')``."""
+        if len(self.parts) == 1:
+            return self.parts[0].pfns()
+        out = array("Q")
+        for part in self.parts:
+            out.extend(part.pfns())
+        return out
+
+    def __iter__(self):
+        return iter(self.pfns())
+
+    def __contains__(self, pfn: int) -> bool:
+        return any(pfn in part for part in self.parts)
+
+    def __or__(self, other: "DirtyLog") -> "DirtyLog":
+        if len(self.parts) != len(other.parts):
+            raise ValueError("dirty logs of different slots")
+        return DirtyLog(a | b for a, b in zip(self.parts, other.parts))
+
+    def __eq__(self, other) -> bool:
+        return isinstance(other, DirtyLog) and self.parts == other.parts
+
+    def __repr__(self) -> str:
+        return f"DirtyLog({self.count()} pages in {len(self.parts)} slots)"

@@ -2,9 +2,9 @@
 into ioreqs (specs/ioreq.md), serves the stub's hypercalls (doorbell, IRQ
 lines, block ring, net ring, console), and saves/loads its device state.
 
-Every ioreq is made under ``Stub.lock``: the guest's vCPU thread makes them for
-its exits, and a NIC's receive thread (migrate/stub/netback.py) for NET_RX while
-the guest runs."""
+Every ioreq is made under ``Stub.lock``: each of the guest's vCPU threads makes them for
+its own exits (the stub has one vCPU and one ioreq slot), and a NIC's receive thread
+(migrate/stub/netback.py) for NET_RX while the guest runs."""
 from __future__ import annotations
 
 import functools
@@ -17,14 +17,14 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..guest import boot as gboot
-from ..kvm import DirtyBitmap, PlatformState, VcpuState
+from ..kvm import DirtyLog, PlatformState, VcpuState
 from . import abi, devstate
 from .blockback import BlockBackend
 from .netback import NetBackend, NetError
 
 log = logging.getLogger(__name__)
 
-RAM_SLOT, WINDOW_SLOT = gboot.RAM_SLOT, 1
+RAM_SLOT, WINDOW_SLOT = gboot.RAM_SLOT, 1     # the window: slots 1.., one per slot of guest RAM
 ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
 STUB_LOG_LINES = 200
 
@@ -75,11 +75,10 @@ class Stub:
         try:
             if net is not None:
                 self.net = NetBackend(net, name)
-            self.vm, self.ram, self.vcpu = gboot.new_machine(
-                kvm, abi.STUB_RAM, f"stub-{name}", cpu, console_port=abi.PORT_CONSOLE,
+            self.vm, self.ram, (self.vcpu,) = gboot.new_machine(
+                kvm, [(0, abi.STUB_RAM)], f"stub-{name}", cpu, console_port=abi.PORT_CONSOLE,
                 scale_tsc=scale_tsc)
-            self.window = self.vm.add_memory(WINDOW_SLOT, abi.WINDOW_BASE, guest_ram.size,
-                                             memfd=guest_ram.memfd)
+            self.window = guest_ram.mirror(self.vm, abi.WINDOW_BASE, WINDOW_SLOT)
         except NetError as exc:
             self.close()
             raise StubError(str(exc)) from None
@@ -90,20 +89,28 @@ class Stub:
         self._watchdog.start()
 
     # -- lifecycle ------------------------------------------------------------
+    def window_sizes(self) -> tuple[int, int]:
+        """Bytes of guest RAM the window shows from guest address 0 and from 4 GiB."""
+        low = sum(s.size for s in self.window.slots if s.guest_phys_addr < abi.WINDOW_BASE + gboot.HIGH_RAM_BASE)
+        return low, self.window.size - low
+
     def boot(self) -> None:
         """Load the stub image and run it until it serves requests."""
+        low, high = self.window_sizes()
         info = gboot.BootInfo(
             workload=gboot.WL_STUB, timer_hz=0, mem_size=abi.STUB_RAM,
             wl_base=abi.IOREQ_PAGE, wl_size=abi.STUB_RAM - abi.IOREQ_PAGE,
             tsc_khz=self.vcpu.get_tsc_khz(),
-            args=[0, self.window.size, abi.VIRTIO_BASE, abi.VIRTIO_IRQ,
-                  abi.NET_BASE if self.net else 0, abi.NET_IRQ if self.net else 0])
-        gboot.boot_vcpu(self.vcpu, self.ram.mem, info, stub_image())
-        struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
-                         self.backend.capacity if self.backend else 0)
-        if self.net:
-            abi.NET_HEADER.pack_into(self.ram.mem, abi.NET_RING, 0, 0, self.net.mac, self.net.net["mtu"])
-        self._run_until_doorbell()
+            args=[0, low, abi.VIRTIO_BASE, abi.VIRTIO_IRQ,
+                  abi.NET_BASE if self.net else 0, abi.NET_IRQ if self.net else 0, high])
+        top = max(s.guest_phys_addr + s.size for s in self.window.slots)
+        with self.lock:
+            gboot.boot_vcpus([self.vcpu], self.ram.mem, info, stub_image(), map_top=top)
+            struct.pack_into("<Q", self.ram.mem, abi.BLK_RING + 8,
+                             self.backend.capacity if self.backend else 0)
+            if self.net:
+                abi.NET_HEADER.pack_into(self.ram.mem, abi.NET_RING, 0, 0, self.net.mac, self.net.net["mtu"])
+            self._run_until_doorbell()
         magic, version, nr_vcpus, ready = abi.PAGE_HEADER.unpack_from(self.ram.mem, abi.IOREQ_PAGE)
         if (magic, version, ready) != (abi.IOREQ_MAGIC, abi.IOREQ_VERSION, 1):
             raise StubError(f"stub did not come up (ioreq page magic {magic:#x} version {version})")
@@ -267,7 +274,7 @@ class Stub:
         if result != 0:
             raise StubError(f"stub could not save device state: {abi.RESULTS.get(result)}")
         try:
-            return devstate.parse(self.ram.view()[abi.STATE_BUF:abi.STATE_BUF + abi.STATE_SIZE])
+            return devstate.parse(self.ram.view(abi.STATE_BUF, abi.STATE_SIZE))
         except devstate.DeviceStateError as exc:
             raise StubError(f"stub wrote malformed device state: {exc}") from None
 
@@ -314,16 +321,16 @@ class Stub:
     # -- memory and dirty logs ------------------------------------------------
     @property
     def memory(self) -> memoryview:
-        return self.ram.view()
+        return self.ram.low.view()
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        self.vm.set_dirty_logging(RAM_SLOT, enabled)
-        self.vm.set_dirty_logging(WINDOW_SLOT, enabled)
+        self.ram.set_dirty_logging(enabled)
+        self.window.set_dirty_logging(enabled)
 
-    def fetch_window_dirty(self) -> DirtyBitmap:
-        """Guest pages the stub wrote through its window, as guest pfns."""
-        bits = self.vm.get_dirty_log(WINDOW_SLOT)
-        return DirtyBitmap(bits.tobytes(), bits.npages, 0)
+    def fetch_window_dirty(self) -> DirtyLog:
+        """Guest pages the stub wrote through its window, as guest pfns (one bitmap per slot
+        of guest RAM, like the guest's own log)."""
+        return self.window.fetch_dirty()
 
-    def fetch_ram_dirty(self) -> DirtyBitmap:
-        return self.vm.get_dirty_log(RAM_SLOT)
+    def fetch_ram_dirty(self) -> DirtyLog:
+        return self.ram.fetch_dirty()

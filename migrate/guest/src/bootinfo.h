@@ -19,6 +19,7 @@ enum workload_id {
     WL_STUB = 7,                /* the device-model stub's own image */
     WL_IOBENCH = 8,
     WL_NETECHO = 9,
+    WL_SMP = 10,                /* vCPUs pass tokens around a ring (smp.c) */
 };
 
 struct boot_info {
@@ -34,6 +35,9 @@ struct boot_info {
     uint64_t flags;             /* BOOT_F_* */
     uint64_t virtio_base;       /* guest physical base of the virtio-mmio block device */
     uint64_t net_base;          /* guest physical base of the virtio-mmio network device */
+    uint32_t nr_cpus;           /* vCPUs, LAPIC ids 0..nr_cpus-1 */
+    uint32_t reserved;
+    uint64_t high_size;         /* bytes of RAM from 4 GiB; 0: none */
 };
 
 #define BOOT_F_UART     1       /* console on the 16550A at 0x3F8 (else port 0xE9) */

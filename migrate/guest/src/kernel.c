@@ -1,5 +1,5 @@
-/* Ring 0: descriptor tables, the TSS with an open I/O bitmap, the LAPIC
- * timer, trap handling and the ring-0 idle loop.  Compiled with
+/* Ring 0: descriptor tables, a TSS per vCPU with an open I/O bitmap, the
+ * LAPIC timers, IPIs, trap handling and the ring-0 idle loop.  Compiled with
  * -mgeneral-regs-only so handlers never touch the workload's SSE state.
  *
  * Ring 0 is slow on this host (specs/guest-boot.md), so everything here
@@ -8,6 +8,8 @@
 
 #define LAPIC_BASE      0xFEE00000UL
 #define LAPIC_EOI       0x0B0
+#define LAPIC_ICR_LOW   0x300
+#define LAPIC_ICR_HIGH  0x310
 #define LAPIC_SVR       0x0F0
 #define LAPIC_LVT_TIMER 0x320
 #define LAPIC_TIMER_ICR 0x380
@@ -26,15 +28,14 @@ struct trap_frame {
     uint64_t vector, error, rip, cs, rflags, rsp, ss;
 };
 
-struct tss {
+struct tss {                    /* the 104-byte 64-bit TSS */
     uint32_t reserved0;
     uint64_t rsp[3];
     uint64_t reserved1;
     uint64_t ist[7];
     uint64_t reserved2;
     uint16_t reserved3;
-    uint16_t iomap_base;
-    uint8_t iomap[8192 + 1];    /* all ports open to ring 3, then 0xFF */
+    uint16_t iomap_base;        /* from this TSS to the shared I/O permission bitmap */
 } __attribute__((packed));
 
 struct idt_gate {
@@ -46,27 +47,35 @@ struct idt_gate {
 
 struct dtr { uint16_t limit; uint64_t base; } __attribute__((packed));
 
-static struct tss tss __attribute__((aligned(16))) = {
-    .iomap_base = __builtin_offsetof(struct tss, iomap),
-    .iomap[8192] = 0xFF,
-};
-static uint64_t gdt[7] __attribute__((aligned(16))) = {
+/* One TSS per vCPU (RSP0 differs), set up at run time (.bss); after the last
+ * one, the I/O permission bitmap they all share: every TSS's limit reaches it. */
+static struct {
+    struct tss tss[MAX_CPUS];
+    uint8_t iomap[8192 + 1];    /* all ports open to ring 3, then 0xFF */
+} __attribute__((packed)) tss_block __attribute__((aligned(16)));
+static uint64_t gdt[5 + 2 * MAX_CPUS] __attribute__((aligned(16))) = {
     0,
     0x00AF9A000000FFFFULL,      /* 0x08 kernel code, 64-bit */
     0x00CF92000000FFFFULL,      /* 0x10 kernel data */
     0x00CFF2000000FFFFULL,      /* 0x18 user data, DPL 3 */
     0x00AFFA000000FFFFULL,      /* 0x20 user code, 64-bit, DPL 3 */
-    0, 0,                       /* 0x28 TSS (16 bytes) */
+                                /* 0x28 + 16 * k: vCPU k's TSS (16 bytes) */
 };
 static struct idt_gate idt[256] __attribute__((aligned(16)));
 
-uint8_t kernel_stack[16384] __attribute__((aligned(16)));
+uint8_t kernel_stack[BSP_KSTACK] __attribute__((aligned(16)));
 static uint8_t user_stack[65536] __attribute__((aligned(16)));
+#if MAX_CPUS > 1
+uint8_t ap_kernel_stacks[MAX_CPUS - 1][AP_KSTACK] __attribute__((aligned(16)));
+static uint8_t ap_user_stacks[MAX_CPUS - 1][AP_USTACK] __attribute__((aligned(16)));
+#endif
+struct cpu cpus[MAX_CPUS];
+static volatile uint32_t tables_ready;  /* vCPU 0 has built the GDT and IDT */
 volatile uint64_t timer_ticks;
 const struct boot_info *boot;
 
 extern void *isr_table[21];
-extern void isr32(void), isr36(void), isr37(void), isr38(void), isr255(void);
+extern void isr32(void), isr36(void), isr37(void), isr38(void), isr40(void), isr41(void), isr255(void);
 extern void enter_user(void (*entry)(const struct boot_info *), void *stack, const void *arg);
 
 static inline void lapic_write(uint32_t reg, uint32_t v)
@@ -84,13 +93,55 @@ static void set_gate(int vec, void *handler, int dpl)
     };
 }
 
-static void load_tables(void)
+/* vCPU 0, once: a TSS descriptor per vCPU and the IDT, shared by all. */
+static void build_tables(void)
 {
-    uint64_t base = (uint64_t)&tss, limit = sizeof(tss) - 1;
-    gdt[5] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40)
-           | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
-    gdt[6] = base >> 32;
-    tss.rsp[0] = (uint64_t)(kernel_stack + sizeof(kernel_stack));
+    for (int k = 0; k < MAX_CPUS; k++) {
+        uint64_t base = (uint64_t)&tss_block.tss[k];
+        uint64_t limit = (uint64_t)&tss_block.iomap[8192] - base;
+        gdt[5 + 2 * k] = (limit & 0xFFFF) | ((base & 0xFFFFFF) << 16) | (0x89ULL << 40)
+                       | (((limit >> 16) & 0xF) << 48) | (((base >> 24) & 0xFF) << 56);
+        gdt[6 + 2 * k] = base >> 32;
+    }
+    for (int v = 0; v < 21; v++)
+        set_gate(v, isr_table[v], 0);
+    set_gate(VEC_TIMER, isr32, 0);
+    set_gate(VEC_UART, isr36, 0);
+    set_gate(VEC_VIRTIO, isr37, 0);
+    set_gate(VEC_NET, isr38, 0);
+    set_gate(VEC_TOKEN, isr40, 0);
+    set_gate(VEC_KICK, isr41, 0);
+    set_gate(VEC_SPURIOUS, isr255, 0);
+}
+
+static void *kernel_stack_top(uint32_t cpu)
+{
+#if MAX_CPUS > 1
+    if (cpu)
+        return ap_kernel_stacks[cpu - 1] + AP_KSTACK;
+#endif
+    (void)cpu;
+    return kernel_stack + sizeof(kernel_stack);
+}
+
+static void *user_stack_top(uint32_t cpu)
+{
+#if MAX_CPUS > 1
+    if (cpu)
+        return ap_user_stacks[cpu - 1] + AP_USTACK;
+#endif
+    (void)cpu;
+    return user_stack + sizeof(user_stack);
+}
+
+/* Every vCPU: its TSS, the shared GDT (its own TSS selector) and IDT, its GS base. */
+static void load_tables(uint32_t cpu)
+{
+    struct tss *t = &tss_block.tss[cpu];
+    t->iomap_base = (uint16_t)((uint64_t)tss_block.iomap - (uint64_t)t);
+    tss_block.iomap[8192] = 0xFF;
+    t->rsp[0] = (uint64_t)kernel_stack_top(cpu);
+    uint32_t tr = 0x28 + 16 * cpu;
 
     struct dtr g = { sizeof(gdt) - 1, (uint64_t)gdt };
     __asm__ volatile(
@@ -106,24 +157,26 @@ static void load_tables(void)
         "xor %%eax, %%eax\n\t"
         "mov %%eax, %%fs\n\t"
         "mov %%eax, %%gs\n\t"
-        "mov $0x28, %%eax\n\t"
-        "ltr %%ax" :: "m"(g) : "rax", "memory");
+        "ltr %w1" :: "m"(g), "r"(tr) : "rax", "memory");
 
-    for (int v = 0; v < 21; v++)
-        set_gate(v, isr_table[v], 0);
-    set_gate(VEC_TIMER, isr32, 0);
-    set_gate(VEC_UART, isr36, 0);
-    set_gate(VEC_VIRTIO, isr37, 0);
-    set_gate(VEC_NET, isr38, 0);
-    set_gate(VEC_SPURIOUS, isr255, 0);
     struct dtr i = { sizeof(idt) - 1, (uint64_t)idt };
     __asm__ volatile("lidt %0" :: "m"(i));
+
+    struct cpu *c = &cpus[cpu];
+    c->self = c;
+    c->index = cpu;
+    uint64_t gs = (uint64_t)c;          /* IA32_GS_BASE, after GS was loaded */
+    __asm__ volatile("wrmsr" :: "c"(0xC0000101), "a"((uint32_t)gs), "d"((uint32_t)(gs >> 32)));
+}
+
+void send_ipi(uint32_t apic_id, uint32_t vector)
+{
+    lapic_write(LAPIC_ICR_HIGH, apic_id << 24);
+    lapic_write(LAPIC_ICR_LOW, 0x4000 | vector);   /* fixed, physical, assert */
 }
 
 static void start_timer(uint32_t hz)
 {
-    outb(0x21, 0xFF);           /* mask the 8259s: the LAPIC is the timer */
-    outb(0xA1, 0xFF);
     lapic_write(LAPIC_SVR, 0x100 | VEC_SPURIOUS);
     if (!hz)
         return;
@@ -204,6 +257,22 @@ static void net_interrupt(void)
     regs[0x064 / 4] = regs[0x060 / 4];
 }
 
+static const char *cpu_tag(void)
+{
+    static char tags[MAX_CPUS][12];
+    uint32_t k = cpu_index();
+    if (!boot || boot->nr_cpus <= 1)
+        return "";
+    char *t = tags[k];
+    int n = 0;
+    t[n++] = ' '; t[n++] = 'c'; t[n++] = 'p'; t[n++] = 'u'; t[n++] = '=';
+    if (k >= 10)
+        t[n++] = (char)('0' + k / 10);
+    t[n++] = (char)('0' + k % 10);
+    t[n] = 0;
+    return t;
+}
+
 static void __attribute__((noreturn)) guest_stop(uint32_t status)
 {
     for (;;) {
@@ -216,7 +285,17 @@ void trap(struct trap_frame *f)
 {
     switch (f->vector) {
     case VEC_TIMER:
-        timer_ticks++;
+        this_cpu()->ticks++;
+        if (this_cpu()->index == 0)
+            timer_ticks++;
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_TOKEN:
+        this_cpu()->tokens++;
+        lapic_write(LAPIC_EOI, 0);
+        return;
+    case VEC_KICK:
+        this_cpu()->kicks++;
         lapic_write(LAPIC_EOI, 0);
         return;
     case VEC_UART:
@@ -234,8 +313,8 @@ void trap(struct trap_frame *f)
     case VEC_SPURIOUS:
         return;
     default:
-        printk("PANIC: exception %lu error=%lx rip=%lx cs=%lx rsp=%lx\n",
-               f->vector, f->error, f->rip, f->cs, f->rsp);
+        printk("PANIC: exception %lu error=%lx rip=%lx cs=%lx rsp=%lx%s\n",
+               f->vector, f->error, f->rip, f->cs, f->rsp, cpu_tag());
         guest_stop(0xdead0000u | (uint32_t)f->vector);
     }
 }
@@ -259,22 +338,55 @@ void idle_loop(void)
     }
 }
 
-void kmain(const struct boot_info *bi)
+/* Any vCPU with nothing to do: halted, taking its interrupts. */
+void halt_forever(void)
 {
-    if (bi->magic != BOOT_INFO_MAGIC || bi->version != BOOT_INFO_VERSION) {
-        printk("PANIC: bad boot info magic=%x version=%u\n", bi->magic, bi->version);
-        guest_stop(0xdead0100u);
+    for (;;)
+        __asm__ volatile("sti; hlt; cli");
+}
+
+/* Every vCPU enters here with its own kernel stack (start.S).  vCPU 0 checks
+ * the boot info and builds the shared tables; the others wait for them. */
+void kmain(const struct boot_info *bi, uint32_t cpu)
+{
+    if (cpu == 0) {
+        if (bi->magic != BOOT_INFO_MAGIC || bi->version != BOOT_INFO_VERSION) {
+            printk("PANIC: bad boot info magic=%x version=%u\n", bi->magic, bi->version);
+            guest_stop(0xdead0100u);
+        }
+        boot = bi;
+        build_tables();
+        __atomic_store_n(&tables_ready, 1, __ATOMIC_RELEASE);
+    } else {
+        while (!__atomic_load_n(&tables_ready, __ATOMIC_ACQUIRE))
+            cpu_relax();
     }
-    boot = bi;
-    load_tables();
+    load_tables(cpu);
+    uint32_t ebx, eax = 1, ecx = 0, edx;
+    __asm__ volatile("cpuid" : "+a"(eax), "=b"(ebx), "+c"(ecx), "=d"(edx));
+    if (ebx >> 24 != cpu) {
+        printk("PANIC: vCPU with LAPIC id %u has CPUID initial APIC id %u\n", cpu, ebx >> 24);
+        guest_stop(0xdead0400u);
+    }
+    if (cpu && cpu >= bi->nr_cpus)
+        halt_forever();                 /* a vCPU the boot info does not count: idle */
+    if (cpu == 0) {
+        outb(0x21, 0xFF);               /* mask the 8259s: the LAPICs are the timers */
+        outb(0xA1, 0xFF);
+    }
     start_timer(bi->timer_hz);
-    if (bi->flags & BOOT_F_UART)
+    if (cpu == 0 && (bi->flags & BOOT_F_UART))
         uart_init();
-    if (bi->flags & BOOT_F_VIRTIO)
+    if (cpu == 0 && (bi->flags & BOOT_F_VIRTIO))
         ioapic_route(VIRTIO_GSI, VEC_VIRTIO);
-    if (bi->flags & BOOT_F_NET)
+    if (cpu == 0 && (bi->flags & BOOT_F_NET))
         ioapic_route(NET_GSI, VEC_NET);
+    if (bi->workload == WL_SMP && smp_main)
+        smp_main(cpu);
     if (bi->workload == WL_IDLE)
-        idle_loop();
-    enter_user(workload_main, user_stack + sizeof(user_stack), bi);
+        cpu == 0 ? idle_loop() : halt_forever();
+    if (cpu != 0 && bi->workload != WL_LEDGER)
+        halt_forever();                 /* the other workloads run on vCPU 0 */
+    /* as if called: RSP = 8 mod 16 at the entry (the ABI's alignment; SSE code needs it) */
+    enter_user(workload_main, (uint8_t *)user_stack_top(cpu) - 8, bi);
 }

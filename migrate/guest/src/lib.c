@@ -111,13 +111,29 @@ static void uart_write(const char *s, size_t n)
     }
 }
 
+/* One line at a time on the console, whichever vCPU (and ring) prints: the
+ * owner is a vCPU index, -1 when free.  A vCPU that already owns it (an
+ * exception while printing) goes on without waiting. */
+static volatile int32_t console_owner = -1;
+
 void console_write(const char *s, size_t n)
 {
-    if (boot && (boot->flags & BOOT_F_UART)) {
-        uart_write(s, n);
-        return;
+    int32_t me = (int32_t)cpu_index(), free = -1;
+    int taken = 0;
+    if (console_owner != me) {
+        while (!__atomic_compare_exchange_n(&console_owner, &free, me, 0, __ATOMIC_ACQUIRE,
+                                            __ATOMIC_RELAXED)) {
+            free = -1;
+            cpu_relax();
+        }
+        taken = 1;
     }
-    __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"(PORT_CONSOLE) : "memory");
+    if (boot && (boot->flags & BOOT_F_UART))
+        uart_write(s, n);
+    else
+        __asm__ volatile("rep outsb" : "+S"(s), "+c"(n) : "d"(PORT_CONSOLE) : "memory");
+    if (taken)
+        __atomic_store_n(&console_owner, -1, __ATOMIC_RELEASE);
 }
 
 int snprintf(char *buf, size_t size, const char *fmt, ...)

@@ -5,6 +5,7 @@
 #include <stddef.h>
 #include <stdint.h>
 #include "bootinfo.h"
+#include "smp.h"
 
 #define PAGE_SIZE 4096UL
 
@@ -52,9 +53,10 @@ static inline void __attribute__((noreturn)) guest_exit(uint32_t status)
 /* Busy-wait for `ms` milliseconds of TSC time. */
 void delay_ms(uint64_t ms);
 
-extern volatile uint64_t timer_ticks;
+extern volatile uint64_t timer_ticks;     /* vCPU 0's */
 extern const struct boot_info *boot;
 
+/* Ring 3, on every vCPU that runs a ring-3 workload (cpu_index() says which). */
 void workload_main(const struct boot_info *bi);
 
 /* Console input (the UART's receive interrupt fills a line buffer): copies
@@ -67,6 +69,7 @@ int vblk_init(void);
 int vblk_io(int write, uint64_t sector, void *buf, uint32_t len);
 extern uint64_t vblk_capacity;
 void idle_loop(void) __attribute__((noreturn));
+void halt_forever(void) __attribute__((noreturn));     /* ring 0: sti; hlt, for ever */
 
 /* The virtio-mmio network driver (vnet.c), polled from ring 3.  A packet is a
  * 12-byte virtio-net header followed by the Ethernet frame. */

@@ -1,14 +1,35 @@
-/* Entry and interrupt stubs.  The host enters at _start in 64-bit mode with
- * paging on (specs/guest-boot.md, "Entry state"); RDI = boot-info address. */
+/* Entry and interrupt stubs.  The host enters every vCPU at _start in 64-bit
+ * mode with paging on (specs/guest-boot.md, "Entry state"); RDI = boot-info
+ * address.  A vCPU takes its index from its LAPIC id, picks its own kernel
+ * stack, and calls kmain(boot_info, index). */
+#include "smp.h"
     .section .text.start, "ax"
     .globl _start
 _start:
-    lea     kernel_stack+16384(%rip), %rsp
-    xor     %ebp, %ebp
+    mov     $LAPIC_ID_REG, %eax
+    mov     (%rax), %eax
+    shr     $24, %eax
+    cmp     $MAX_CPUS, %eax
+    jae     2f
+    mov     %eax, %esi
+    lea     kernel_stack+BSP_KSTACK(%rip), %rsp
+#if MAX_CPUS > 1
+    test    %eax, %eax
+    jz      3f
+    lea     ap_kernel_stacks(%rip), %rsp        /* vCPU k >= 1: the top of stack k - 1 */
+    imul    $AP_KSTACK, %rax, %rax
+    add     %rax, %rsp
+#endif
+3:  xor     %ebp, %ebp
     call    kmain
 1:  cli
     hlt
     jmp     1b
+2:  mov     $STATUS_BAD_CPU, %eax               /* more vCPUs than this image was built for */
+    outl    %eax, $0xF4
+    cli
+    hlt
+    jmp     2b
 
 /* Each stub pushes a vector number (and a zero error code where the CPU
  * pushes none), saves the general registers, calls trap(frame). */
@@ -85,6 +106,8 @@ isr_common:
     STUB 36, 0
     STUB 37, 0
     STUB 38, 0
+    STUB 40, 0
+    STUB 41, 0
     STUB 255, 0
 
     .section .rodata

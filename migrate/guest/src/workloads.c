@@ -175,17 +175,33 @@ static const char *journal_step(const struct ledger_header *h, uint64_t sum)
 /* ledger: self-checking memory.  Every pass verifies that each data page
  * holds generation gen's pattern (summing what it reads), then rewrites
  * every page with generation gen + 1.  The header says where it is, so the
- * host can check memory of a paused guest too. */
-static void ledger(void)
+ * host can check memory of a paused guest too.  With several vCPUs each runs
+ * its own ledger on its own slice of the workload region, and says which it
+ * is on every line ("cpu=K "); only vCPU 0 keeps the disk journal, serves a
+ * NIC and echoes console input. */
+static void ledger(uint32_t cpu)
 {
-    struct ledger_header *h = (struct ledger_header *)boot->wl_base;
-    uint64_t *data = (uint64_t *)(boot->wl_base + PAGE_SIZE);
-    uint64_t max_pages = boot->wl_size / PAGE_SIZE - 1;
+    uint64_t ncpus = boot->nr_cpus > 1 ? boot->nr_cpus : 1;
+    uint64_t slice = boot->wl_size / ncpus / PAGE_SIZE * PAGE_SIZE;
+    uint64_t base = boot->wl_base + cpu * slice;
+    struct ledger_header *h = (struct ledger_header *)base;
+    uint64_t *data = (uint64_t *)(base + PAGE_SIZE);
+    uint64_t max_pages = slice / PAGE_SIZE - 1;
     uint64_t npages = boot->args[1] && boot->args[1] < max_pages ? boot->args[1] : max_pages;
+    char tag[16] = "";
+    if (ncpus > 1) {
+        tag[0] = 'c'; tag[1] = 'p'; tag[2] = 'u'; tag[3] = '=';
+        int n = 4;
+        if (cpu >= 10)
+            tag[n++] = (char)('0' + cpu / 10);
+        tag[n++] = (char)('0' + cpu % 10);
+        tag[n++] = ' ';
+        tag[n] = 0;
+    }
 
     if (h->magic != LEDGER_MAGIC) {
         /* the magic goes in last: until then a host check says "no ledger" */
-        h->seed = boot->args[0];
+        h->seed = boot->args[0] + cpu;     /* each vCPU's pages differ from the others' */
         h->npages = npages;
         h->gen = h->target = h->phase = h->cursor = 0;
         for (uint64_t i = 0; i < npages; i++)
@@ -193,36 +209,39 @@ static void ledger(void)
         barrier();
         h->magic = LEDGER_MAGIC;
     }
-    if (vblk_init() == 0 && vblk_capacity)
+    if (cpu == 0 && vblk_init() == 0 && vblk_capacity)
         journal_sectors = vblk_capacity < 4096 ? vblk_capacity : 4096;
-    printk("ledger start seed=%lu pages=%lu gen=%lu journal=%lu\n", h->seed, h->npages, h->gen,
-           journal_sectors);
-    if ((boot->flags & BOOT_F_NET) && net_init((uint32_t)boot->args[2], 0) == 0)
-        print_net("ledger");
+    printk("ledger start %sseed=%lu pages=%lu gen=%lu journal=%lu\n", tag, h->seed, h->npages, h->gen,
+           cpu == 0 ? journal_sectors : 0);
+    if (cpu == 0 && (boot->flags & BOOT_F_NET) && net_init((uint32_t)boot->args[2], 0) == 0)
+        print_net("ledger");            /* vCPU 0 alone serves the NIC */
     for (;;) {
         uint64_t sum = 0;
         for (uint64_t i = 0; i < h->npages; i++) {
-            net_poll();                 /* a NIC is served between pages */
+            if (cpu == 0)
+                net_poll();             /* a NIC is served between pages */
             h->cursor = i;
             int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &sum);
             if (bad >= 0) {
                 for (;;) {
-                    printk("ledger CORRUPT page=%lu word=%d gen=%lu\n", i, bad, h->gen);
+                    printk("ledger CORRUPT %spage=%lu word=%d gen=%lu\n", tag, i, bad, h->gen);
                     delay_ms(1000);
                 }
             }
         }
         h->sum = sum;
         h->passes++;
-        const char *journal = journal_step(h, sum);
+        const char *journal = cpu == 0 ? journal_step(h, sum) : "off";
         if (journal[0] != 'o') {
             for (;;) {
                 printk("ledger JOURNAL BAD %s gen=%lu\n", journal, h->gen);
                 delay_ms(1000);
             }
         }
-        printk("ledger ok gen=%lu sum=%016lx ticks=%lu journal=%s\n", h->gen, sum, timer_ticks, journal);
-        echo_input("ledger");
+        printk("ledger ok %sgen=%lu sum=%016lx ticks=%lu journal=%s\n", tag, h->gen, sum,
+               this_cpu()->ticks, journal);
+        if (cpu == 0)
+            echo_input("ledger");
         /* Every store below leaves the header describing memory exactly
          * (specs/guest-boot.md, "ledger"): a paused guest always checks. */
         h->target = h->gen + 1;
@@ -230,7 +249,8 @@ static void ledger(void)
         barrier();
         h->phase = 1;
         for (uint64_t i = 0; i < h->npages; i++) {
-            net_poll();
+            if (cpu == 0)
+                net_poll();
             ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->target, i);
             barrier();
             h->cursor = i + 1;
@@ -342,7 +362,7 @@ void workload_main(const struct boot_info *bi)
     switch (boot->workload) {
     case WL_PAGETOUCH: pagetouch(); break;
     case WL_DIRTIER: dirtier(); break;
-    case WL_LEDGER: ledger(); break;
+    case WL_LEDGER: ledger(cpu_index()); break;
     case WL_PAGESET: pageset(); break;
     case WL_BENCH: bench(); break;
     case WL_IOBENCH: iobench(); break;

@@ -15,7 +15,8 @@
 #define STUB_NET_RING      0x490000UL   /* struct net_ring (specs/ioreq.md, "Net ring") */
 #define STUB_NET_TX        0x4A0000UL   /* NET_SLOTS transmit slots of NET_SLOT_SIZE bytes */
 #define STUB_NET_RX        0x530000UL   /* NET_SLOTS receive slots of NET_SLOT_SIZE bytes */
-#define STUB_WINDOW_BASE   0x10000000UL /* guest RAM, mapped at this stub address */
+#define STUB_WINDOW_BASE   0x10000000UL /* guest address g is stub address STUB_WINDOW_BASE + g */
+#define STUB_GUEST_HIGH    0x100000000UL /* guest RAM above the 32-bit MMIO hole starts here */
 
 #define IOREQ_MAGIC        0x51524f49u  /* "IORQ" */
 #define IOREQ_VERSION      1u

@@ -111,12 +111,16 @@ void netdev_init(const struct netdev_env *e)
     publish_offloads();
 }
 
-/* A guest range as a device pointer, or 0 if it leaves guest RAM. */
+/* A guest range as a device pointer, or 0 unless it lies inside one range of
+ * guest RAM (below the 32-bit MMIO hole, or from 4 GiB on). */
 static uint8_t *gptr(uint64_t gpa, uint64_t len)
 {
-    if (gpa > env.guest_size || len > env.guest_size - gpa)
-        return 0;
-    return env.guest + gpa;
+    const uint64_t high = 1ULL << 32;
+    if (gpa <= env.guest_size && len <= env.guest_size - gpa)
+        return env.guest + gpa;
+    if (gpa >= high && gpa - high <= env.guest_high_size && len <= env.guest_high_size - (gpa - high))
+        return env.guest + gpa;
+    return 0;
 }
 
 static void fail(const char *why, uint64_t what)

@@ -17,6 +17,7 @@
 struct netdev_env {
     uint8_t *guest;                 /* guest RAM [0, guest_size) as the device reaches it */
     uint64_t guest_size;
+    uint64_t guest_high_size;       /* and guest RAM [4 GiB, 4 GiB + this) at guest + 4 GiB */
     volatile struct net_ring *ring; /* the back end ring, and its slots */
     uint8_t *tx_slots, *rx_slots;   /* NET_SLOTS x NET_SLOT_SIZE bytes each */
     void (*set_irq)(int level);     /* drive the device's interrupt line */

@@ -16,7 +16,8 @@
 static volatile struct ioreq_page *const iopage = (volatile struct ioreq_page *)STUB_IOREQ_PAGE;
 static uint8_t *const io_data = (uint8_t *)STUB_IOREQ_DATA;
 static volatile struct blk_ring *const ring = (volatile struct blk_ring *)STUB_BLK_RING;
-static uint64_t window_size;        /* bytes of guest RAM behind STUB_WINDOW_BASE */
+static uint64_t window_size;        /* bytes of guest RAM from guest address 0 ... */
+static uint64_t window_high;        /* ... and from STUB_GUEST_HIGH (4 GiB) */
 static uint64_t virtio_base;        /* guest physical base of the virtio-mmio registers */
 static uint32_t virtio_irq;
 static uint64_t net_base;           /* guest physical base of the network device's registers; 0: none */
@@ -221,12 +222,16 @@ static void vblk_reset(void)
     vblk_update_irq();
 }
 
-/* A guest physical range as a stub pointer, or 0 if it leaves guest RAM. */
+/* A guest physical range as a stub pointer, or 0 unless it lies inside one range of
+ * guest RAM (below the 32-bit MMIO hole, or from 4 GiB on). */
 static void *guest_ptr(uint64_t gpa, uint64_t len)
 {
-    if (gpa > window_size || len > window_size - gpa)
-        return 0;
-    return (void *)(STUB_WINDOW_BASE + gpa);
+    if (gpa <= window_size && len <= window_size - gpa)
+        return (void *)(STUB_WINDOW_BASE + gpa);
+    if (gpa >= STUB_GUEST_HIGH && gpa - STUB_GUEST_HIGH <= window_high
+        && len <= window_high - (gpa - STUB_GUEST_HIGH))
+        return (void *)(STUB_WINDOW_BASE + gpa);
+    return 0;
 }
 
 static void vblk_fail(const char *why, uint64_t what)
@@ -664,6 +669,7 @@ static void net_log(const char *msg, uint64_t value, int failed)
 void workload_main(const struct boot_info *bi)
 {
     window_size = bi->args[1];
+    window_high = bi->args[6];
     virtio_base = bi->args[2];
     virtio_irq = (uint32_t)bi->args[3];
     net_base = bi->args[4];
@@ -675,6 +681,7 @@ void workload_main(const struct boot_info *bi)
         if (net_base) {
             struct netdev_env env = {
                 .guest = (uint8_t *)STUB_WINDOW_BASE, .guest_size = window_size,
+                .guest_high_size = window_high,
                 .ring = (volatile struct net_ring *)STUB_NET_RING,
                 .tx_slots = (uint8_t *)STUB_NET_TX, .rx_slots = (uint8_t *)STUB_NET_RX,
                 .set_irq = net_set_irq, .tx_kick = net_tx_kick, .rx_wanted = net_rx_wanted,
@@ -687,8 +694,8 @@ void workload_main(const struct boot_info *bi)
         barrier();
         iopage->magic = IOREQ_MAGIC;
     }
-    stub_log("stub: ready window=%lx virtio=%lx capacity=%lu net=%lx\n", window_size, virtio_base,
-             vblk.capacity, net_base);
+    stub_log("stub: ready window=%lx high=%lx virtio=%lx capacity=%lu net=%lx\n", window_size, window_high,
+             virtio_base, vblk.capacity, net_base);
     iopage->ready = 1;
     outb(STUB_PORT_DOORBELL, 0);
     for (;;) {
