@@ -33,12 +33,24 @@ def test_decide_switches_on_small_sets_and_the_downtime_target():
     assert decide(Convergence(downtime=0.4), [1000, 700], ROUND, 1.0, 0).reason == "downtime-target"
 
 
-def test_decide_stalled_without_timeout_or_throttle_switches():
+def test_decide_never_blows_the_target_by_itself():
+    """Without a timeout, a dirty set that stalls two rounds in a row (not below 0.9x)
+    with no throttle to raise, or the round cap, gives up: on_timeout decides, and by
+    default that is cancel (the guest stays where it is), never a switch over the target."""
     conv = Convergence()
-    assert decide(conv, [1000, 950], ROUND, 1.0, 0).reason == "stalled"     # not below 0.9x
+    assert decide(conv, [1000, 950], ROUND, 1.0, 0).action == "continue"    # one stalled round
+    d = decide(conv, [1000, 950, 940], ROUND, 1.0, 0)                       # two: give up
+    assert (d.action, d.reason) == ("cancel", "stalled")
     assert decide(conv, [1000], ROUND, 1.0, 0).action == "continue"         # nothing to compare
+    d = decide(Convergence(on_timeout="force"), [1000, 950, 940], ROUND, 1.0, 0)
+    assert (d.action, d.reason) == ("switch", "stalled") and d.estimate > 0.3
     shrinking = [5000 - 100 * i for i in range(30)]        # 30 rounds, each a little smaller
-    assert decide(Convergence(min_shrink=1.0), shrinking, ROUND, 1.0, 0).reason == "max-rounds"
+    d = decide(Convergence(min_shrink=1.0), shrinking, ROUND, 1.0, 0)
+    assert (d.action, d.reason) == ("cancel", "max-rounds")
+    d = decide(Convergence(min_shrink=1.0, on_timeout="force"), shrinking, ROUND, 1.0, 0)
+    assert (d.action, d.reason) == ("switch", "max-rounds")
+    # with a timeout, a stall goes on until it passes
+    assert decide(Convergence(timeout=60), [1000, 1000, 1000, 1000], ROUND, 5.0, 0).action == "continue"
 
 
 def test_decide_timeout_cancel_or_force():
@@ -69,8 +81,8 @@ def test_decide_throttle_ramps_from_the_second_stalled_round():
         steps.append(pct)
     assert steps == [30, 40, 50, 60, 70, 80, 90, 99]
     assert decide(conv, [1000, 1000, 800], ROUND, 1, 40).throttle == 40   # shrinking: keep it
-    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 99)     # nothing left to raise
-    assert (d.action, d.reason) == ("switch", "stalled")
+    d = decide(conv, [1000, 1000, 1000], ROUND, 1, 99)     # nothing left to raise: give up
+    assert (d.action, d.reason) == ("cancel", "stalled")
     d = decide(Convergence(throttle=True, timeout=5), [1000, 1000, 1000], ROUND, 1, 99)
     assert (d.action, d.throttle) == ("continue", 99)     # the timeout will decide
 
