@@ -183,9 +183,11 @@ def test_timeout_force_completes(hosts, pki):
     wait_console("d2", src, r"^dirtier writes=")
     res = migrate("d2", b.address[1], pki, "--timeout", "3", "--on-timeout", "force")
     assert res.exit_code == 0, res.output
-    stats = json.loads(res.output)["stats"]
+    stats = json.loads(res.stdout)["stats"]
     assert stats["reason"] == "timeout-force" and stats["save"]["reason"] == "timeout-force"
     assert stats["downtime_estimate"] > 0.3 and stats["downtime"] > 0.3   # the price of forcing
+    assert stats["over_target"] and stats["downtime_target"] == 0.3      # said, never silent
+    assert "warning: migrate downtime" in res.stderr and "exceeded the 300 ms target" in res.stderr
     assert control.list_domains(src) == []
     [info] = control.list_domains(dst)
     assert info["name"] == "d2" and info["status"] == "running"
@@ -200,7 +202,7 @@ def test_throttle_converges(hosts, pki):
     wait_console("d3", src, r"^dirtier writes=")
     res = migrate("d3", b.address[1], pki, "--throttle")
     assert res.exit_code == 0, res.output
-    stats = json.loads(res.output)["stats"]
+    stats = json.loads(res.stdout)["stats"]
     assert stats["reason"] in ("downtime-target", "small") and stats["throttle"] >= 20
     per_round = [r["throttle"] for r in stats["rounds_detail"]]
     assert per_round[0] == 0 and max(per_round) == stats["throttle"] and per_round[-1] == 0   # released
@@ -228,7 +230,7 @@ def test_live_save_takes_the_same_convergence_options(tmp_path, state_dir):
     assert [d["status"] for d in control.list_domains(state_dir)] == ["running"]
     res = CliRunner().invoke(hvm, common + ["--on-timeout", "force"])
     assert res.exit_code == 0, res.output
-    stats = json.loads(res.output)["stats"]
+    stats = json.loads(res.stdout)["stats"]
     assert stats["reason"] == "timeout-force" and stats["downtime_estimate"] > 0.3
     assert path.stat().st_size == stats["stream_bytes"]
     assert [d["status"] for d in control.list_domains(state_dir)] == ["running"]     # --checkpoint
