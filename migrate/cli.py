@@ -465,7 +465,7 @@ def _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle) -> d
             "throttle": throttle or None}
 
 
-@hvm.command(context_settings=exits.HELP_OPTIONS, epilog=exits.EPILOG)
+@hvm.command(context_settings=exits.HELP_OPTIONS)
 @version_option
 @click.argument("name")
 @click.argument("file", metavar="FILE|-")
@@ -523,7 +523,7 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
         click.echo(_save_summary(name, "standard output" if to_stdout else file, reply), err=to_stdout)
 
 
-@hvm.command(context_settings=exits.HELP_OPTIONS, epilog=exits.EPILOG)
+@hvm.command(context_settings=exits.HELP_OPTIONS)
 @version_option
 @click.argument("file", metavar="FILE|-")
 @click.option("--name", "-n", help="Name of the restored domain (default: the saved name).")
@@ -831,7 +831,7 @@ def _writable_file(ctx, param, value):
     return path
 
 
-@hvm.command(epilog=exits.EPILOG)
+@hvm.command()
 @click.argument("name")
 @click.argument("target", metavar="HOST:PORT")
 @click.option("--offline", is_flag=True, help="Pause first and copy once (no pre-copy).")

@@ -82,7 +82,12 @@ class Command(_JsonUsage, click.Command):
 
 
 class Group(_JsonUsage, click.Group):
+    """The commands of a Group say the exit statuses in their --help (the epilog)."""
     command_class = Command
+
+    def command(self, *args, **kwargs):
+        kwargs.setdefault("epilog", EPILOG)
+        return super().command(*args, **kwargs)
 
 
 Group.group_class = Group

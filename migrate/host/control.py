@@ -97,8 +97,8 @@ class DomainClient:
         if not reply.get("ok"):
             guest = reply.get("guest") if isinstance(reply.get("guest"), str) else None
             if interrupted:
-                raise ControlError(f"interrupted: {op} cancelled; {self.name} is {guest or 'in an unknown state'}",
-                                   INTERRUPTED, guest)
+                raise ControlError(f"interrupted: {op} cancelled; {self.name} is "
+                                   f"{guest or 'in an unknown state'}", INTERRUPTED, guest)
             kind = reply.get("kind") if reply.get("kind") in (FAILED, UNKNOWN) else FAILED
             raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}", kind, guest)
         reply.pop("ok")

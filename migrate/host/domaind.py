@@ -325,7 +325,8 @@ class DomainServer:
         try:
             run(conn, job)
         except BaseException:
-            log.exception("%s job failed unexpectedly: the domain process ends", threading.current_thread().name)
+            log.exception("%s job failed unexpectedly: the domain process ends",
+                          threading.current_thread().name)
             self.failed = True          # its directory stays: listed crashed, logs kept
             self.saving = False
             self.running = False
