@@ -414,7 +414,9 @@ class _LinkWatch:
                 with self.lock:
                     if self.stopped:
                         return
-                    if not self.holding:
+                    # readable may be stale: the main thread can have read the answer (SYNCED)
+                    # and left held() since the select; only what is unread now counts
+                    if not self.holding and _readable_now(self.ch.sock):
                         self.sink.cancel()
                         return
                 time.sleep(0.05)        # held: the main thread reads the answer
@@ -432,6 +434,13 @@ class _LinkWatch:
     def stop(self) -> None:
         with self.lock:
             self.stopped = True
+
+
+def _readable_now(sock) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) or bool(getattr(sock, "pending", lambda: 0)())
+    except (OSError, ValueError):
+        return True
 
 
 def _peer_reason(ch: Channel, exc: Exception) -> str:
