@@ -95,8 +95,11 @@ Group.group_class = Group
 
 def failure(exc: BaseException) -> Failure | None:
     """The Failure an exception stands for; None for a bug (it propagates as a traceback)."""
+    from .cpu import CpuModelError
+    from .dataplane import DataplaneError
     from .domain import DomainError
     from .engine import RestoreError, SaveError
+    from .kvm import KvmError
     from .host import control
     from .host.control import ControlError
     from .host.statedir import StateDirError
@@ -111,7 +114,8 @@ def failure(exc: BaseException) -> Failure | None:
         return Failure(str(exc), USAGE)
     if isinstance(exc, KeyboardInterrupt):
         return Failure("interrupted", INTERRUPTED)
-    if isinstance(exc, (DomainError, RestoreError, SaveError, StreamError, TlsError, ValueError)):
+    if isinstance(exc, (CpuModelError, DataplaneError, DomainError, KvmError, RestoreError, SaveError,
+                        StreamError, TlsError, ValueError)):
         return Failure(str(exc), FAILED)
     return None
 
