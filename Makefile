@@ -4,7 +4,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup demo test bench clean
+.PHONY: setup demo test bench chaos clean
 
 # C libraries the data plane links (migrate/dataplane/_build.py), as Debian packages
 DEB_DEPS := libssl-dev libzstd-dev libxxhash-dev zlib1g-dev
@@ -24,6 +24,9 @@ demo: setup
 
 test: setup
 	$(PY) -m pytest -q
+
+chaos: setup    # fault injection: 200 relocations and saves, one fault each (tools/chaos.py)
+	$(PY) tools/chaos.py --trials 200
 
 clean:
 	rm -rf $(VENV) build *.egg-info migrate/kvm/_kvm.*.so migrate/kvm/_kvm.c migrate/kvm/_kvm.o migrate/stream/_pages.*.so migrate/stream/_pages.c migrate/stream/_pages.o migrate/dataplane/_dataplane.*.so migrate/dataplane/_dataplane.c migrate/dataplane/_dataplane.o

@@ -1,64 +1,41 @@
 """The `hvm` command: thin click commands over migrate.host and migrate.domain.
 
-Library errors become one-line messages (exit 1), usage errors exit 2, a bug
-is a traceback.
+Errors leave through migrate.exits (one line, or JSON with --json; exit 1 for a failure,
+2 for usage, 3 for an unknown outcome, 130 for an interrupt); a bug is a traceback.
+Sizes, rates and durations are read by the option types of migrate.units.
 """
 from __future__ import annotations
 
-import functools
 import json
-import re
 import sys
 import time
 
 import click
 
+from . import exits
 from .cpu import DEFAULT_MODEL, MODELS
-from .domain import MIB, DomainConfig, DomainError
-from .engine import RestoreError
+from .domain import DomainConfig
 from .engine.sinks import DEFAULT_COMPRESSION, Compression
 from .guest.boot import WORKLOADS
 from .host import control, protocol
 from .host.control import ControlError
-from .stream import StreamError
+from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: for callers)
 
-_SIZE = re.compile(r"^(\d+)\s*([KMG]i?B?|B)?$", re.IGNORECASE)
-_UNITS = {"": MIB, "B": 1, "K": 1 << 10, "M": MIB, "G": 1 << 30}
+_fail_cleanly = exits.handled       # every command: errors to exit statuses (migrate.exits)
 
-
-def parse_size(text: str) -> int:
-    """'256M', '1G', '512MiB', '65536K'; a bare number is MiB (like xl's memory=)."""
-    m = _SIZE.match(text.strip())
-    if not m:
-        raise click.BadParameter(f"{text!r} is not a size (examples: 256M, 1G)")
-    unit = (m.group(2) or "").upper()[:1]
-    return int(m.group(1)) * _UNITS[unit]
+json_option = click.option("--json", "as_json", is_flag=True,
+                           help="Machine-readable output (errors too: {\"error\", \"outcome\", \"guest\"}).")
+version_option = click.version_option(package_name="hvm-migrate", message="%(prog)s %(version)s")
+SIZE = Size()                       # a guest memory size: 256M, 1G, 1T; a bare number is MiB
 
 
-def _errors_exit_1(*errors):
-    """A decorator mapping ``errors`` to click errors: their one line, exit 1."""
-    def decorate(fn):
-        @functools.wraps(fn)
-        def wrapper(*args, **kwargs):
-            try:
-                return fn(*args, **kwargs)
-            except errors as exc:
-                raise click.ClickException(str(exc)) from None
-        return wrapper
-    return decorate
-
-
-_fail_cleanly = _errors_exit_1(ControlError, DomainError, ValueError)      # library errors
-
-
-json_option = click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
-
-
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.group(cls=exits.Group, context_settings=exits.HELP_OPTIONS, epilog=exits.EPILOG)
+@version_option
 def hvm():
     """Run, save, restore and relocate HVM guests on KVM.
 
-    Domains live under $HVM_STATE_DIR (default /run/hvm for root).
+    Domains live under $HVM_STATE_DIR (default /run/hvm for root). Sizes take units
+    (256M, 1G), rates too (100M = 100 MB/s, 800Mbit/s) and durations (30s, 500ms).
 
     \b
     Example:
@@ -70,7 +47,7 @@ def hvm():
 @hvm.command()
 @click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), required=True,
               help="Guest image workload to run.")
-@click.option("--memory", "-m", default="256M", show_default=True,
+@click.option("--memory", "-m", type=SIZE, default="256M", show_default=True,
               help="Guest RAM (16M to 240G, 2 MiB steps): up to 3G below the 32-bit MMIO hole, "
                    "the rest from 4 GiB.")
 @click.option("--vcpus", type=click.IntRange(1, 64), default=1, show_default=True,
@@ -106,7 +83,7 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
-    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory),
+    config = DomainConfig(name=name, workload=workload, memory=memory,
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
                           stub=not no_stub, disk=disk, cpu=cpu, net=net, vcpus=vcpus)
     info = control.create_domain(config)
@@ -129,7 +106,8 @@ def _parse_net(text: str | None) -> dict | None:
 @json_option
 @_fail_cleanly
 def list_(as_json):
-    """List domains (stale ones are cleaned up).
+    """List domains. One whose process was killed is shown as crashed, its console and
+    process logs kept, until 'hvm destroy NAME' clears it.
 
     \b
     Example:
@@ -156,13 +134,20 @@ def info(name, as_json):
     Example:
       hvm info web1
     """
-    with control.DomainClient(name) as client:
-        data = client.call("info")
+    try:
+        with control.DomainClient(name) as client:
+            data = client.call("info")
+    except ControlError as exc:
+        if exc.kind != control.CRASHED:
+            raise
+        data = control.dead_info(control.statedir.domain_dir(name)) or {}
+        if not data:
+            raise
     if as_json:
         click.echo(json.dumps(data))
         return
     for key in ("name", "status", "workload", "memory", "memory_ranges", "vcpus", "cpu", "cpu_vendor",
-                "tsc_khz", "pid", "uptime", "timer_hz", "console_bytes", "crash_reason", "nic"):
+                "tsc_khz", "pid", "uptime", "timer_hz", "console_bytes", "crash_reason", "nic", "logs", "note"):
         value = data.get(key)
         if key == "memory":
             value = f"{value >> 20} MiB"
@@ -172,6 +157,8 @@ def info(name, as_json):
             net = data["net"]
             value = (f"{value['ifname']} ({net['link']} {net['name']}, {net['mac']}, MTU {net['mtu']}): "
                      f"rx {value['rx_packets']} tx {value['tx_packets']} packets")
+        elif key == "logs" and value:
+            value = " ".join(value)
         if value not in ("", None):
             click.echo(f"{key + ':':<15}{value}")
     for note in data.get("cpu_notes", []):
@@ -182,10 +169,13 @@ def _simple(op: str, verb: str, doc: str):
     @click.argument("name")
     @_fail_cleanly
     def command(name):
+        if op == "destroy":
+            done = control.destroy_domain(name)
+            click.echo(f"{verb} {name}" if done == "destroyed" else
+                       f"cleared {name} (it had crashed; its logs are removed)")
+            return
         with control.DomainClient(name) as client:
             client.call(op)
-        if op == "destroy":
-            control.wait_gone(name)
         click.echo(f"{verb} {name}")
     command.__doc__ = doc
     return command
@@ -195,7 +185,8 @@ hvm.command(name="pause")(_simple("pause", "paused", "Pause a domain (its vCPU s
                                   "\b\nExample:\n  hvm pause web1"))
 hvm.command(name="unpause")(_simple("unpause", "unpaused", "Resume a paused domain.\n\n"
                                     "\b\nExample:\n  hvm unpause web1"))
-hvm.command(name="destroy")(_simple("destroy", "destroyed", "Stop a domain and free it.\n\n"
+hvm.command(name="destroy")(_simple("destroy", "destroyed", "Stop a domain and free it (a crashed "
+                                    "one is cleared, its logs with it).\n\n"
                                     "\b\nExample:\n  hvm destroy web1"))
 
 
@@ -215,7 +206,18 @@ def console(name, follow):
     out = sys.stdout.buffer
     offset = 0
     typing = follow and sys.stdin is not None and not sys.stdin.closed
-    with control.DomainClient(name) as client:
+    try:
+        client = control.DomainClient(name)
+    except ControlError as exc:
+        if exc.kind != control.CRASHED:
+            raise
+        try:        # a crashed domain: its console log, kept for a post-mortem
+            out.write((control.statedir.domain_dir(name) / control.statedir.CONSOLE).read_bytes())
+        except OSError:
+            raise exc from None
+        out.flush()
+        return
+    with client:
         while True:
             if typing:
                 line = _stdin_readable()
@@ -274,7 +276,7 @@ def input_(name, text, no_newline):
 @hvm.command()
 @click.option("--workload", "-w", type=click.Choice(sorted(WORKLOADS)), default="ledger",
               show_default=True)
-@click.option("--memory", "-m", default="256M", show_default=True)
+@click.option("--memory", "-m", type=SIZE, default="256M", show_default=True)
 @_fail_cleanly
 def demo(workload, memory):
     """Boot a demo guest, show its console, pause, resume and destroy it.
@@ -291,7 +293,7 @@ def demo(workload, memory):
     disk = os.path.join(workdir.name, "disk.img")
     with open(disk, "wb") as f:
         f.truncate(4 << 20)
-    config = DomainConfig(name=name, workload=workload, memory=parse_size(memory), disk=disk,
+    config = DomainConfig(name=name, workload=workload, memory=memory, disk=disk,
                           args=[42, 0, 0, 0, 0, 0, 0, 0] if workload == "ledger" else [0] * 8)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(1))    # still clean up below
     t0 = time.monotonic()
@@ -338,8 +340,6 @@ def _show_console(client, offset: int, seconds: float) -> int:
         time.sleep(0.2)
 
 
-def main():     # pragma: no cover - the console-script entry point
-    hvm()
 
 
 # -- save, restore, stream ----------------------------------------------------
@@ -365,14 +365,46 @@ def parse_compress(text: str) -> str:
                                  "or -7..-1 for fast)", param_hint="--compress") from None
 
 
+class _Compression(click.ParamType):
+    name = "compression"
+
+    def convert(self, value, param, ctx):
+        try:
+            return parse_compress(value) if isinstance(value, str) else value
+        except click.BadParameter as exc:
+            self.fail(exc.message, param, ctx)
+
+
+compress_option = click.option("--compress", "compress", type=_Compression(), default=DEFAULT_COMPRESSION,
+                               show_default=True, metavar="auto|none|zstd[:LEVEL]",
+                               help="Page compression; auto compresses the batches where that gets them "
+                                    "out sooner.")
+
+
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
+
+
+def _over_target(s: dict) -> str:
+    """A live downtime's words about its target: always said when it was exceeded."""
+    target = s.get("downtime_target")
+    if target is None:
+        return ""
+    if s.get("over_target"):
+        return f", OVER the {target * 1000:.0f} ms target by {(s['downtime'] - target) * 1000:.1f} ms"
+    return f", within the {target * 1000:.0f} ms target"
+
+
+def _warn_over_target(s: dict, what: str) -> None:
+    if s.get("over_target"):
+        exits.warn(f"{what} downtime {s['downtime'] * 1000:.0f} ms exceeded the "
+                   f"{s['downtime_target'] * 1000:.0f} ms target (switched over: {s.get('reason')})")
 
 
 def _save_summary(name: str, path: str, reply: dict) -> str:
     s = reply["stats"]
     rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
-    live = (f", downtime {s['downtime'] * 1000:.0f} ms (switched over: {s['reason']})"
+    live = (f", downtime {s['downtime'] * 1000:.0f} ms{_over_target(s)} (switched over: {s['reason']})"
             if s["downtime"] else "")
     if s.get("vcpus", 1) > 1:
         live += f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
@@ -409,15 +441,19 @@ def convergence_options(what: str):
     """The pre-copy options shared by ``save --live`` and ``migrate`` (specs/relocation.md,
     section 6); ``what`` says what a cancel leaves behind."""
     options = [
-        click.option("--downtime-ms", type=click.FloatRange(min=0), default=None,
+        click.option("--downtime-ms", type=Duration(1e-3, minimum=0, metavar="DURATION"), default=None,
                      help="Switch to the final pause once its estimated time is under this "
-                          "(default 300)."),
-        click.option("--max-bandwidth", type=click.FloatRange(min=0, min_open=True), metavar="MB/s",
-                     help="Pace the stream to this many MB (10^6 bytes) per second."),
-        click.option("--timeout", type=click.FloatRange(min=0, min_open=True), metavar="SECONDS",
-                     help="Give pre-copy this long to converge; then --on-timeout applies."),
+                          "(default 300; a bare number is milliseconds: 300, 300ms, 0.3s)."),
+        click.option("--max-bandwidth", type=Rate(1e6, minimum=0, min_open=True, metavar="RATE"),
+                     help="Pace the stream (a bare number is MB/s of 10^6 bytes: 100, 100M, "
+                          "100MB/s, 800Mbit/s, 100MiB/s)."),
+        click.option("--timeout", type=Duration(1.0, minimum=0, min_open=True, metavar="DURATION"),
+                     help="Give pre-copy this long to converge (a bare number is seconds: 30, "
+                          "30s, 2m); then --on-timeout applies."),
         click.option("--on-timeout", type=click.Choice(["cancel", "force"]), default=None,
-                     help=f"cancel (default): stop, {what}, exit 1; force: pause and send the rest."),
+                     help=f"When pre-copy gives up (at --timeout; without one, when it stalls with "
+                          f"nothing left to try): cancel (default): stop, {what}, exit 1; force: "
+                          f"pause and send the rest, over the downtime target (a warning says so)."),
         click.option("--throttle", is_flag=True, default=None,
                      help="Slow the guest's vCPU (paused 20%, 30%, ... 99% of the time) when it "
                           "dirties memory faster than the stream goes out."),
@@ -431,19 +467,20 @@ def convergence_options(what: str):
 
 
 def _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle) -> dict:
-    """The request keys of the convergence options given (None: not given)."""
-    return {"downtime_ms": downtime_ms, "max_bandwidth": max_bandwidth * 1e6 if max_bandwidth else None,
-            "precopy_timeout": timeout, "on_timeout": on_timeout, "throttle": throttle or None}
+    """The request keys of the convergence options given (None: not given); the option
+    types gave seconds and bytes per second."""
+    return {"downtime_ms": downtime_ms * 1000 if downtime_ms is not None else None,
+            "max_bandwidth": max_bandwidth, "precopy_timeout": timeout, "on_timeout": on_timeout,
+            "throttle": throttle or None}
 
 
-@hvm.command()
+@hvm.command(context_settings=exits.HELP_OPTIONS)
+@version_option
 @click.argument("name")
-@click.argument("file", type=click.Path(dir_okay=False))
+@click.argument("file", metavar="FILE|-")
 @click.option("--checkpoint", is_flag=True, help="Keep the domain running after the save.")
 @click.option("--live", is_flag=True, help="Pre-copy while the guest runs, pause for the last round.")
-@click.option("--compress", "compress", default=DEFAULT_COMPRESSION, show_default=True,
-              metavar="auto|none|zstd[:LEVEL]",
-              help="Page compression; auto compresses the batches where that gets them out sooner.")
+@compress_option
 @convergence_options("no file, the domain keeps running")
 @json_option
 @_fail_cleanly
@@ -451,14 +488,24 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
          throttle, as_json):
     """Save a domain to FILE (like xl save: the domain is destroyed afterwards unless
     --checkpoint). FILE appears only when complete; a failed save leaves no file and
-    the domain as it was. The pre-copy options need --live.
+    the domain as it was. FILE is a regular file the save creates (an existing one is
+    replaced; a device, FIFO, symlink or directory is refused); '-' writes the stream to
+    standard output (a pipe or a file, not a terminal) and the summary to standard error.
+    The pre-copy options need --live; a downtime over the target is always reported
+    (a warning line, and "over_target" with --json).
 
     \b
     Example:
       hvm save web1 /var/lib/hvm/web1.hvm --live --compress zstd:3
-      hvm save web1 /var/lib/hvm/web1.hvm --live --max-bandwidth 200 --timeout 30 --throttle
+      hvm save web1 /var/lib/hvm/web1.hvm --live --max-bandwidth 200M --timeout 30s --throttle
+      hvm save web1 - --checkpoint | ssh node2 hvm restore -
     """
-    level = parse_compress(compress)
+    to_stdout = file == "-"
+    if to_stdout:
+        click.get_current_context().meta[exits.JSON_TO_STDERR] = True
+        if sys.stdout.isatty():
+            raise click.UsageError("refusing to write a stream to a terminal: redirect standard output "
+                                   "(or name a FILE)")
     convergence = _convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle)
     if not live and any(v is not None for v in convergence.values()):
         raise click.UsageError("--downtime-ms, --max-bandwidth, --timeout, --on-timeout and "
@@ -467,19 +514,27 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
     mode = {"live-stop": "live"}.get(mode, mode)
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
-        reply = control.save_domain(name, file, mode=mode, compress=level, progress=bar, **convergence)
+        if to_stdout:
+            sys.stdout.flush()
+        reply = control.save_domain(name, None if to_stdout else file, mode=mode, compress=compress,
+                                    progress=bar, fd=sys.stdout.fileno() if to_stdout else None,
+                                    **convergence)
     finally:
         bar.done()
     if reply["status"] == "destroyed":
         control.wait_gone(name)
+    if reply.get("interrupted"):
+        exits.warn("interrupted too late to cancel: the save had completed")
+    _warn_over_target(reply["stats"], "save")
     if as_json:
-        click.echo(json.dumps({"name": name, **reply}))
+        exits.echo_json({"name": name, **reply})
     else:
-        click.echo(_save_summary(name, file, reply))
+        click.echo(_save_summary(name, "standard output" if to_stdout else file, reply), err=to_stdout)
 
 
-@hvm.command()
-@click.argument("file", type=click.Path(dir_okay=False))
+@hvm.command(context_settings=exits.HELP_OPTIONS)
+@version_option
+@click.argument("file", metavar="FILE|-")
 @click.option("--name", "-n", help="Name of the restored domain (default: the saved name).")
 @click.option("--paused", is_flag=True, help="Leave the restored domain paused.")
 @click.option("--fresh-stub", is_flag=True,
@@ -489,14 +544,16 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
 @json_option
 @_fail_cleanly
 def restore(file, name, paused, fresh_stub, disk_map, as_json):
-    """Restore a domain from a stream FILE, checking the stream as it goes; any error
-    destroys what was built and says why. What this host cannot give the saved domain
-    (its CPU, its disk) is refused before anything starts (hvm stream check says it first).
+    """Restore a domain from a stream FILE ('-': standard input; a pipe is read once),
+    checking the stream as it goes; any error destroys what was built and says why. What
+    this host cannot give the saved domain (its CPU, its disk) is refused before anything
+    starts (hvm stream check says it first).
 
     \b
     Example:
       hvm restore /var/lib/hvm/web1.hvm --name web1b --paused
       hvm restore web1.hvm --disk-map /srv/a/web1.img=/var/lib/hvm/web1.img
+      ssh node1 hvm save web1 - | hvm restore -
     """
     t0 = time.monotonic()
     info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub,
@@ -504,9 +561,9 @@ def restore(file, name, paused, fresh_stub, disk_map, as_json):
     if as_json:
         click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
         return
-    click.echo(f"restored {info['name']} from {file} ({info['workload']}, "
-               f"{info['memory'] >> 20} MiB, {info['cpu']} CPU): {info['status']}, pid {info['pid']} "
-               f"({time.monotonic() - t0:.2f} s)")
+    click.echo(f"restored {info['name']} from {'standard input' if file == '-' else file} "
+               f"({info['workload']}, {info['memory'] >> 20} MiB, {info['cpu']} CPU): {info['status']}, "
+               f"pid {info['pid']} ({time.monotonic() - t0:.2f} s)")
     for note in info.get("cpu_notes", []):
         click.echo(f"note: {note}")
 
@@ -521,7 +578,7 @@ def stream():
     """
 
 
-_stream_errors = _errors_exit_1(StreamError, RestoreError)
+_stream_errors = _fail_cleanly
 
 
 @stream.command()
@@ -715,7 +772,7 @@ def keygen(directory, hosts):
 @click.option("--net-map", "net_map", multiple=True, metavar="SRC=DST",
               help="Accept a domain whose NIC is on bridge (or TAP device) SRC on the source, "
                    "putting it on bridge (or TAP device) DST here (repeatable).")
-@click.option("--max-memory", metavar="SIZE",
+@click.option("--max-memory", type=SIZE, metavar="SIZE",
               help="Guest memory all domains on this host may hold together (e.g. 16G); "
                    "a relocation that would exceed it is refused at HELLO.")
 @_fail_cleanly
@@ -737,8 +794,7 @@ def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory):
     try:
         server = relocd.RelocationServer(relocd.ServeConfig(
             addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map),
-            net_map=relocd.parse_net_map(net_map),
-            max_memory=parse_size(max_memory) if max_memory else None))
+            net_map=relocd.parse_net_map(net_map), max_memory=max_memory))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -758,20 +814,34 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
-    missed = ""
-    if s.get("over_target"):
-        missed = (f"; the downtime MISSED the {s['downtime_target'] * 1000:.0f} ms target by "
-                  f"{s['over_target'] * 1000:.1f} ms")
     from .host.relocate import DESTINATION_PARTS, SOURCE_PARTS
     parts = s.get("downtime_parts", {})
     here = sum(parts.get(k, 0.0) for k in SOURCE_PARTS)
     there = sum(parts.get(k, 0.0) for k in DESTINATION_PARTS)
-    return (f"migrated {name} to {target}: {s['seconds']:.2f} s total, downtime "
-            f"{s['downtime'] * 1000:.1f} ms (here {here * 1000:.1f}, there {there * 1000:.1f}, "
-            f"messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "
+    arrived = ", paused there" if s.get("arrived") == "paused" else ""
+    return (f"migrated {name} to {target}{arrived}: {s['seconds']:.2f} s total, downtime "
+            f"{s['downtime'] * 1000:.1f} ms{_over_target(s)} (here {here * 1000:.1f}, there "
+            f"{there * 1000:.1f}, messages {parts.get('link', 0.0) * 1000:.1f}; --json has the parts), "
             f"{_mb(s['bytes'])}, {rounds}{converged}, setup {s['setup'] * 1000:.0f} ms"
             + (f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
-               if s.get("vcpus", 1) > 1 else "") + missed)
+               if s.get("vcpus", 1) > 1 else ""))
+
+
+def _writable_file(ctx, param, value):
+    """A file the command will write at its end: checked before anything starts (its
+    directory exists and is writable, and it is not a directory)."""
+    if value is None:
+        return None
+    import os
+    path = os.path.abspath(value)
+    if os.path.isdir(path):
+        raise click.BadParameter(f"{value!r} is a directory", ctx, param)
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise click.BadParameter(f"directory {parent} does not exist", ctx, param)
+    if not os.access(parent, os.W_OK | os.X_OK) or (os.path.exists(path) and not os.access(path, os.W_OK)):
+        raise click.BadParameter(f"{value!r} is not writable", ctx, param)
+    return path
 
 
 @hvm.command()
@@ -781,38 +851,54 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
 @click.option("--channels", type=click.IntRange(0, 8), default=2, show_default=True,
               help="Data channels for the pages, each its own TLS connection (0: all on the "
                    "main connection).")
+@click.option("--paused", is_flag=True,
+              help="Leave the guest paused on the destination (like xl migrate -p); a guest "
+                   "paused here always arrives paused.")
 @tls_dir_option
 @click.option("--insecure", is_flag=True, help=INSECURE_HELP)
-@click.option("--stats-out", type=click.Path(dir_okay=False, writable=True),
+@click.option("--stats-out", callback=_writable_file, metavar="FILE",
               help="Write the statistics, with one entry per round, as JSON to this file.")
 @convergence_options("the guest keeps running here")
-@click.option("--compress", "compress", default=DEFAULT_COMPRESSION, show_default=True,
-              metavar="auto|none|zstd[:LEVEL]",
-              help="Page compression; auto compresses the batches where that gets them out sooner.")
+@compress_option
 @json_option
 @_fail_cleanly
-def migrate(name, target, offline, channels, tls_dir, insecure, stats_out, downtime_ms, max_bandwidth,
-            timeout, on_timeout, throttle, compress, as_json):
-    """Relocate a running domain to the host daemon at HOST:PORT (live pre-copy, then a
-    two-phase handoff); the domain is gone here once it runs there.
+def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_out, downtime_ms,
+            max_bandwidth, timeout, on_timeout, throttle, compress, as_json):
+    """Relocate a domain to the host daemon at HOST:PORT (live pre-copy, then a two-phase
+    handoff); the domain is gone here once it runs there. It arrives in the state it
+    left (running, or paused). A downtime over the target is always reported (a warning
+    line, and "over_target" with --json). Exit 3 when the outcome is unknown: the guest
+    is then kept paused here, and the message says what to do.
 
     \b
     Example:
       hvm migrate web1 node2:7410 --tls-dir /etc/hvm/tls
-      hvm migrate web1 node2:7410 --max-bandwidth 100 --timeout 60 --throttle
+      hvm migrate web1 node2:7410 --max-bandwidth 100M --timeout 60s --throttle
     """
-    from .host.relocate import migrate_domain
+    from .host.relocate import migrate_domain, parse_target
+    if not insecure and not tls_dir:
+        raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
+    try:
+        parse_target(target)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="HOST:PORT") from None
     bar = _ProgressLine(sys.stderr.isatty() and not as_json)
     try:
         reply = migrate_domain(name, target, live=not offline, tls_dir=tls_dir, channels=channels,
-                               insecure=insecure, progress=bar, compress=parse_compress(compress),
+                               paused=paused, insecure=insecure, progress=bar, compress=compress,
                                **_convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle))
     finally:
         bar.done()
     control.wait_gone(name)
+    if reply.get("interrupted"):
+        exits.warn(f"interrupted too late to cancel: {name} had moved to {target}")
+    _warn_over_target(reply["stats"], "migrate")
     if stats_out:
-        with open(stats_out, "w") as f:
-            json.dump({"name": name, "target": target, **reply["stats"]}, f, indent=1)
+        try:
+            with open(stats_out, "w") as f:
+                json.dump({"name": name, "target": target, **reply["stats"]}, f, indent=1)
+        except OSError as exc:      # the move is done: a statistics file does not undo it
+            exits.warn(f"could not write the statistics to {stats_out}: {exc.strerror or exc}")
     if as_json:
         click.echo(json.dumps({"name": name, "target": target, **reply}))
     else:

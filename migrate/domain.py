@@ -44,6 +44,16 @@ def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
     return tuple((gpa // gboot.PAGE_SIZE, size // gboot.PAGE_SIZE) for gpa, size in gboot.ram_layout(memory))
 
 
+def memory_problem(memory: int) -> str:
+    """What is wrong with a guest memory size memory_ok refuses, in one line."""
+    size = f"{memory // MIB} MiB" if memory % MIB == 0 else f"{memory / MIB:.2f} MiB"
+    if not MIN_MEMORY <= memory <= MAX_MEMORY:
+        return f"memory size {size} out of range: {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // MIB} MiB"
+    below = memory // (2 * MIB) * 2
+    return (f"memory size {size} is not a multiple of 2 MiB (the guest maps its memory in 2 MiB "
+            f"pages): try {below} MiB or {below + 2} MiB")
+
+
 RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
@@ -72,8 +82,7 @@ class DomainConfig:
             raise DomainError(f"unknown workload {self.workload!r} "
                               f"(one of: {', '.join(gboot.WORKLOADS)})")
         if not memory_ok(self.memory):
-            raise DomainError(f"memory size {self.memory // MIB} MiB out of range: "
-                              f"{MIN_MEMORY // MIB} MiB to {MAX_MEMORY // MIB} MiB in 2 MiB steps")
+            raise DomainError(memory_problem(self.memory))
         if len(self.args) > 8:
             raise DomainError("at most 8 workload arguments")
         if not 0 <= self.timer_hz <= 1000:

@@ -37,11 +37,11 @@ class StreamHead:
     cpus: dict[Vm, CpuPolicy]            # empty for version 1
 
 
-def read_head(path: str | os.PathLike) -> StreamHead:
-    """The header, DOMAIN_CONFIG and CPU records of a stream file, read (and checked) up to
-    its first MEMORY_LAYOUT."""
+def read_head(path: str | os.PathLike | bytes) -> StreamHead:
+    """The header, DOMAIN_CONFIG and CPU records of a stream file (or of the bytes a
+    stream from a pipe began with), read (and checked) up to its first MEMORY_LAYOUT."""
     reader, config, cpus = StreamReader(), None, CpuCollector()
-    for data in file_chunks(path, 64 << 10):
+    for data in [path] if isinstance(path, bytes) else file_chunks(path, 64 << 10):
         reader.feed(data)
         while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
             if isinstance(record, ConfigRecord):
@@ -70,8 +70,9 @@ class Report:
         return not self.problems
 
 
-def check(path: str | os.PathLike, host: HostCpu, disk_map: dict[str, str] | None = None) -> Report:
-    """Everything this host can know about restoring ``path`` without building anything."""
+def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, str] | None = None) -> Report:
+    """Everything this host can know about restoring ``path`` without building anything
+    (``path`` bytes: a stream's head read from a pipe, which cannot be read again)."""
     head = read_head(path)
     report = Report(facts={"version": head.version, "host_vendor": host.vendor,
                            "host_tsc_khz": host.tsc_khz, "tsc_scaling": host.tsc_scaling})
@@ -96,7 +97,9 @@ def check(path: str | os.PathLike, host: HostCpu, disk_map: dict[str, str] | Non
             report.problems += found.problems
             report.notes += found.notes
             settled = settled and not found.dropped_msrs
-    if head.version < 2 or not settled:
+    if (head.version < 2 or not settled) and isinstance(path, bytes):
+        report.notes.append("read from a pipe: the saved MSRs (at its end) are checked as it is restored")
+    elif head.version < 2 or not settled:
         _check_saved_msrs(path, head, host, vms, report)
     return report
 

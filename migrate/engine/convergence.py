@@ -6,6 +6,11 @@ a guest. The saver calls it once per round with the dirty pages just fetched (th
 next round, or the final one, must send) and acts on the answer: ``continue`` (another
 round, at the answer's throttle percentage), ``switch`` (pause and send the final round) or
 ``cancel`` (stop; the guest keeps running where it is).
+
+Pre-copy never gives up on the downtime target by itself: when it cannot converge (the
+timeout passed; or, without a timeout, the dirty set stalled with no throttle left to
+raise, or the round cap was reached) ``on_timeout`` decides: ``cancel`` (the default) or
+``force`` (switch anyway; the downtime will exceed the target, and the saver says so).
 """
 from __future__ import annotations
 
@@ -21,7 +26,7 @@ SMALL, DOWNTIME, STALLED, MAX_ROUNDS, TIMEOUT_FORCE, TIMEOUT_CANCEL, OFFLINE = (
 @dataclass
 class Convergence:
     """When live pre-copy stops and pauses the guest for the last round."""
-    max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout)
+    max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout): then give up
     small_pages: int = 256          # switch once the dirty set is at most this
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
@@ -30,7 +35,7 @@ class Convergence:
                                     # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
     timeout: float | None = None    # seconds of pre-copy before on_timeout applies
-    on_timeout: str = "cancel"      # cancel | force
+    on_timeout: str = "cancel"      # cancel | force: what giving up does (timeout, stall, round cap)
     throttle: bool = False          # duty-cycle the vCPU when dirtying outruns the link
     throttle_initial: int = 20      # percent of each period the vCPU is held paused
     throttle_step: int = 10
@@ -101,11 +106,13 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     ``throttle`` the percent in force.
 
     In order: a small dirty set, or an estimated downtime within the target with headroom
-    to spare (estimate * headroom <= target), switches. Past the timeout: cancel, or switch
-    (force). A stalled dirty set (not below min_shrink of the last) raises the throttle
-    when enabled (from the second stalled round in a row, then every stalled round, up to
-    throttle_max); without a throttle to raise and without a timeout to wait for, it
-    switches: further rounds do not pay off. Without a timeout, max_rounds bounds the rounds.
+    to spare (estimate * headroom <= target), switches. Past the timeout: give up. A
+    stalled dirty set (not below min_shrink of the last) raises the throttle when enabled
+    (from the second stalled round in a row, then every stalled round, up to
+    throttle_max); with a timeout, rounds go on until it passes. Without a timeout, two
+    stalled rounds in a row with no throttle left to raise give up (further rounds do not
+    pay off), and so does reaching max_rounds. Giving up is ``on_timeout``: cancel, or
+    switch (force) with the reason it gave up for.
     """
     dirty = history[-1]
     estimate = estimate_final(dirty, rounds, conv)
@@ -114,19 +121,23 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     if estimate * conv.headroom <= conv.downtime:
         return Decision("switch", DOWNTIME, estimate, throttle)
     if conv.timeout is not None and elapsed >= conv.timeout:
-        if conv.on_timeout == "force":
-            return Decision("switch", TIMEOUT_FORCE, estimate, throttle)
-        return Decision("cancel", TIMEOUT_CANCEL, estimate, throttle)
+        return _give_up(conv, TIMEOUT_FORCE, TIMEOUT_CANCEL, estimate, throttle)
     if _stalled(history, conv):
         can_raise = conv.throttle and throttle < conv.throttle_max
         if can_raise and (throttle > 0 or _stalled(history, conv, 2)):
             raised = conv.throttle_initial if throttle == 0 else throttle + conv.throttle_step
             return Decision("continue", None, estimate, min(raised, conv.throttle_max))
-        if not can_raise and conv.timeout is None:
-            return Decision("switch", STALLED, estimate, throttle)
+        if not can_raise and conv.timeout is None and _stalled(history, conv, 2):
+            return _give_up(conv, STALLED, STALLED, estimate, throttle)
     if conv.timeout is None and len(history) >= conv.max_rounds:
-        return Decision("switch", MAX_ROUNDS, estimate, throttle)
+        return _give_up(conv, MAX_ROUNDS, MAX_ROUNDS, estimate, throttle)
     return Decision("continue", None, estimate, throttle)
+
+
+def _give_up(conv: Convergence, forced: str, cancelled: str, estimate: float, throttle: int) -> Decision:
+    if conv.on_timeout == "force":
+        return Decision("switch", forced, estimate, throttle)
+    return Decision("cancel", cancelled, estimate, throttle)
 
 
 class Pacer:

@@ -1,15 +1,23 @@
 """Streams in files: the only module of the engine that opens one.
 
-A save writes ``FILE.partial`` in the target's directory, fsyncs it, renames it to
-``FILE`` and fsyncs the directory, so ``FILE`` appears only when complete; on any
-failure the partial file is removed and the error propagates.
+A save writes only a regular file it creates: ``FILE.partial`` in the target's directory
+(created exclusively, never through a symlink, and locked while the save writes it),
+fsynced, renamed to ``FILE`` and the directory fsynced, so ``FILE`` appears only when
+complete; on any failure the partial file is removed and the error propagates. A
+``FILE`` that exists must be a regular file (it is replaced): a device, FIFO, socket,
+symlink or directory is refused before anything is written. A partial file left by a
+save that was killed (no lock on it) is removed; one being written is refused. A save to
+a stream (``hvm save NAME -``) writes to a descriptor it is given.
 """
 from __future__ import annotations
 
+import errno
 import os
+import stat
 from pathlib import Path
 from typing import Iterator
 
+from ..locks import try_lock
 from ..stream import DONE, NEED_DATA, StreamReader
 from ..stream import DomainConfig as ConfigRecord
 from .save import SaveError, SaveStats, save
@@ -17,24 +25,38 @@ from .sinks import FileSink
 from .state import RestoreError
 
 CHUNK = 1 << 20
+_KINDS = {stat.S_IFDIR: "a directory", stat.S_IFLNK: "a symbolic link", stat.S_IFCHR: "a character device",
+          stat.S_IFBLK: "a block device", stat.S_IFIFO: "a FIFO", stat.S_IFSOCK: "a socket"}
 
 
 def partial_path(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
 
 
+def check_target(path: str | os.PathLike) -> None:
+    """SaveError unless ``path`` may be a save's target: it does not exist, or it is a
+    regular file (a symlink is not followed: it is refused), in an existing directory."""
+    path = Path(path)
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        if not path.parent.is_dir():
+            raise SaveError(f"cannot save to {path}: directory {path.parent} does not exist") from None
+        return
+    except OSError as exc:
+        raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
+    if not stat.S_ISREG(st.st_mode):
+        kind = _KINDS.get(stat.S_IFMT(st.st_mode), "not a regular file")
+        raise SaveError(f"cannot save to {path}: it is {kind}; a save writes only a regular file "
+                        f"(or '-' for standard output)")
+
+
 def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
     """:func:`save` into ``path`` atomically (see the module docstring)."""
     path = Path(path)
-    if not path.parent.is_dir():
-        raise SaveError(f"cannot save to {path}: directory {path.parent} does not exist")
-    if path.is_dir():
-        raise SaveError(f"cannot save to {path}: it is a directory")
+    check_target(path)
     partial = partial_path(path)
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    except OSError as exc:
-        raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
+    fd = _create_partial(path, partial)
     sink = FileSink(fd)
     try:
         try:
@@ -42,15 +64,62 @@ def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
         finally:
             sink.close()
         os.fsync(fd)
+        check_target(path)          # still nothing but a regular file (or nothing) there
+        os.rename(partial, path)    # under the partial file's lock still
         os.close(fd)
         fd = -1
-        os.rename(partial, path)
         _fsync_dir(path.parent)
     except BaseException:
         if fd >= 0:
             os.close(fd)
         partial.unlink(missing_ok=True)
         raise
+    return stats
+
+
+def _create_partial(path: Path, partial: Path) -> int:
+    """``partial`` created exclusively (never through a symlink) and locked; a stale one
+    (a killed save's: nobody holds its lock) is replaced; one being written is refused."""
+    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+    for attempt in (1, 2):
+        try:
+            fd = os.open(partial, flags, 0o600)
+        except FileExistsError:
+            if attempt == 2 or not _stale(partial):
+                raise SaveError(f"cannot save to {path}: {partial.name} is being written by another "
+                                f"save (or is not a regular file)") from None
+            partial.unlink(missing_ok=True)
+            continue
+        except OSError as exc:
+            raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
+        try_lock(fd, 0, 0)       # whole file: tells another save this one is alive
+        return fd
+    raise AssertionError("unreachable")
+
+
+def _stale(partial: Path) -> bool:
+    """A regular file no save holds a lock on."""
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        return exc.errno == errno.ENOENT
+    try:
+        return stat.S_ISREG(os.fstat(fd).st_mode) and try_lock(fd, 0, 0)
+    finally:
+        os.close(fd)
+
+
+def save_to_stream(domain, fd: int, **options) -> SaveStats:
+    """:func:`save` into the descriptor ``fd`` (a pipe, a terminal-less standard output,
+    a file opened by someone else); fsynced at the end when it is a regular file. A
+    failed save leaves a stream without END there, which any reader refuses."""
+    sink = FileSink(fd)
+    try:
+        stats = save(domain, sink, **options)
+    finally:
+        sink.close()
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fsync(fd)
     return stats
 
 

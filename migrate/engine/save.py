@@ -41,7 +41,9 @@ from typing import Any, Callable, Protocol
 
 from ..dataplane import DataplaneError, RoundStats
 from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
-from .convergence import OFFLINE, Convergence, Round, VcpuThrottle, decide
+from .convergence import (
+    MAX_ROUNDS, OFFLINE, STALLED, TIMEOUT_CANCEL, Convergence, Round, VcpuThrottle, decide,
+)
 from .sinks import Compression, Sink, memory_ranges
 from .state import config_record, cpu_records, state_records
 
@@ -123,6 +125,8 @@ class SaveStats:
     vcpus: int = 1                  # vCPUs of the guest
     start_time: float = 0.0         # time.monotonic() at the save's start, what the offsets count from
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
+    downtime_target: float | None = None    # live: the target it was to stay under (seconds)
+    over_target: bool = False       # live: the measured downtime exceeded the target
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
     throttle: int = 0               # vCPU throttle percent in force now
     dirty_history: list = field(default_factory=list)
@@ -177,12 +181,22 @@ class _Saver:
                 self.conv.on_timeout == "cancel" and time.monotonic() >= self.deadline:
             raise self.timed_out()
 
-    def timed_out(self) -> SaveTimeout:
+    def timed_out(self, reason: str = TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
+        """The error of pre-copy given up with on_timeout cancel, saying why (``reason``:
+        the timeout, a stall, the round cap) and how far it got."""
         s = self.stats
+        if reason == STALLED:
+            why = "pre-copy is not converging: the dirty set stopped shrinking"
+        elif reason == MAX_ROUNDS:
+            why = f"pre-copy did not converge in {self.conv.max_rounds} rounds"
+        else:
+            why = f"pre-copy did not converge within {self.conv.timeout:g} s"
+        if dirty is None:
+            dirty = s.dirty_history[-1] if s.dirty_history else s.pages_round
         estimate = f"; estimated final round {s.estimate_history[-1] * 1000:.0f} ms" if s.estimate_history else ""
-        return SaveTimeout(f"pre-copy did not converge within {self.conv.timeout:g} s ({s.rounds} rounds, "
-                           f"last dirty set {s.dirty_history[-1] if s.dirty_history else s.pages_round} pages"
-                           f"{estimate}, target {self.conv.downtime * 1000:.0f} ms): cancelled")
+        return SaveTimeout(f"{why} ({s.rounds} rounds, last dirty set {dirty} pages{estimate}, target "
+                           f"{self.conv.downtime * 1000:.0f} ms): cancelled (a higher --downtime-ms, "
+                           f"--throttle, a --timeout to keep trying, or --on-timeout force can help)")
 
     def report(self, force: bool = False) -> None:
         self.check()
@@ -339,6 +353,8 @@ class _Saver:
             self._part("end", mark)
         if live:
             self.stats.downtime = time.monotonic() - paused_at
+            self.stats.downtime_target = self.conv.downtime
+            self.stats.over_target = self.stats.downtime > self.conv.downtime
             if not self.keep_dirty_logging:         # after on_end: not on the downtime path
                 for part in self.spaces().values():
                     part.set_dirty_logging(False)
@@ -372,7 +388,7 @@ class _Saver:
                               time.monotonic() - start, self.throttle.percent)
             self.stats.estimate_history.append(decision.estimate)
             if decision.action == "cancel":
-                raise self.timed_out()
+                raise self.timed_out(decision.reason, count)
             if decision.action == "switch":
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
                 self.pending = dirty     # fetched and cleared: the final round sends these too

@@ -1,6 +1,7 @@
 """Client side of domain processes: create, find, list, and talk to them."""
 from __future__ import annotations
 
+import json
 import os
 import select
 import shutil
@@ -15,14 +16,30 @@ import msgpack
 from ..domain import DomainConfig, DomainError
 from ..engine.sinks import DEFAULT_COMPRESSION
 from ..kvm.system import DEV_KVM
+from ..locks import DiskBusy, DiskLock
 from . import protocol, statedir
 
 CREATE_TIMEOUT = 60.0
 MAX_SOCKET_PATH = 107
 
 
+# what a ControlError is (its ``kind``; migrate.exits maps kinds to exit statuses)
+FAILED = "failed"               # the operation failed; the guest is where it was
+UNKNOWN = "unknown"             # a relocation's outcome is not known (the message says what to do)
+INTERRUPTED = "interrupted"     # cancelled by the user (Ctrl-C)
+LOST = "lost"                   # the domain process gave no answer: it died, or the socket broke
+NO_DOMAIN = "no-domain"         # no domain of that name here
+CRASHED = "crashed"             # the domain's process is gone; its logs are kept
+
+
 class ControlError(Exception):
-    """A clear, one-line reason an operation on a domain failed."""
+    """A clear, one-line reason an operation on a domain failed. ``kind``: one of the
+    kinds above; ``guest``: the guest's state as the domain process reported it (for
+    example ``"running here"``), None when it did not say."""
+
+    def __init__(self, message: str, kind: str = FAILED, guest: str | None = None):
+        super().__init__(message)
+        self.kind, self.guest = kind, guest
 
 
 class DomainClient:
@@ -33,9 +50,10 @@ class DomainClient:
         self.dir = statedir.domain_dir(name, base)
         path = self.dir / statedir.SOCKET
         if not path.exists():
-            if self.dir.exists() and not _remove_stale(self.dir):
+            if self.dir.exists():
+                _check_dead(self.dir)
                 raise ControlError(f"domain {name!r} is still starting")
-            raise ControlError(f"no domain named {name!r}")
+            raise ControlError(f"no domain named {name!r}", NO_DOMAIN)
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -43,35 +61,59 @@ class DomainClient:
             self.sock.connect(str(path))
         except (ConnectionRefusedError, FileNotFoundError):
             self.sock.close()
-            if not _remove_stale(self.dir):
-                raise ControlError(f"domain {name!r} does not answer on its control socket") from None
-            raise ControlError(f"domain {name!r} is not running: its process is gone "
-                               "(stale state removed)") from None
+            _check_dead(self.dir)
+            raise ControlError(f"domain {name!r} does not answer on its control socket") from None
         self._unpack = protocol.unpacker()
 
     def call(self, op: str, **args) -> dict:
         return self.call_with_progress(op, None, self.timeout, **args)
 
-    def call_with_progress(self, op: str, progress=None, timeout: float | None = None, **args) -> dict:
+    def call_with_progress(self, op: str, progress=None, timeout: float | None = None,
+                           fds: tuple[int, ...] = (), **args) -> dict:
         """Like :meth:`call` for operations that send ``{"progress": ...}`` messages
         before their reply; each is handed to ``progress(dict)``. ``timeout`` bounds the
-        wait for each message (None: wait as long as it takes)."""
+        wait for each message (None: wait as long as it takes). ``fds`` go with the
+        request (SCM_RIGHTS). Ctrl-C (KeyboardInterrupt) cancels the operation: the
+        connection is half-closed, which the domain process takes as a cancel, and its
+        final answer is awaited; a failure then is a ControlError of kind INTERRUPTED
+        saying the guest's state, a success is returned with ``interrupted`` true."""
         self.sock.settimeout(timeout)
+        interrupted = False
         try:
-            protocol.send(self.sock, {"op": op, **args})
+            protocol.send(self.sock, {"op": op, **args}, fds)
             while True:
-                reply = protocol.receive(self.sock, self._unpack)
-                if "progress" in reply and "ok" not in reply:
-                    if progress is not None:
-                        progress(reply["progress"])
-                    continue
-                break
+                try:
+                    reply = self._next_reply(progress if not interrupted else None)
+                    break
+                except KeyboardInterrupt:
+                    if interrupted:
+                        raise ControlError(f"interrupted twice: {op} of {self.name!r} abandoned; its "
+                                           f"state is unknown: see 'hvm list'", INTERRUPTED) from None
+                    interrupted = True
+                    self.sock.shutdown(socket.SHUT_WR)
+                    self.sock.settimeout(CANCEL_TIMEOUT)
         except (protocol.ProtocolError, OSError) as exc:
-            raise ControlError(f"domain {self.name!r}: {op} failed: {exc}") from None
+            raise ControlError(f"domain {self.name!r}: {op} failed: {exc}", LOST) from None
         if not reply.get("ok"):
-            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}")
+            guest = reply.get("guest") if isinstance(reply.get("guest"), str) else None
+            if interrupted:
+                raise ControlError(f"interrupted: {op} cancelled; {self.name} is "
+                                   f"{guest or 'in an unknown state'}", INTERRUPTED, guest)
+            kind = reply.get("kind") if reply.get("kind") in (FAILED, UNKNOWN) else FAILED
+            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}", kind, guest)
         reply.pop("ok")
+        if interrupted:
+            reply["interrupted"] = True
         return reply
+
+    def _next_reply(self, progress) -> dict:
+        while True:
+            reply = protocol.receive(self.sock, self._unpack)
+            if "progress" in reply and "ok" not in reply:
+                if progress is not None:
+                    progress(reply["progress"])
+                continue
+            return reply
 
     def console_text(self) -> str:
         """The domain's whole console output so far."""
@@ -93,30 +135,125 @@ class DomainClient:
         self.close()
 
 
-def _remove_stale(directory: Path) -> bool:
-    """Remove a dead domain's files; False if its process still lives."""
+CANCEL_TIMEOUT = 60.0       # seconds to wait for a cancelled job's last answer
+
+
+def process_alive(directory: Path) -> bool | None:
+    """Whether the domain process of ``directory`` lives: None when it has written no
+    pid yet (still starting), True while a process of that pid runs that domain
+    directory (a reused pid does not count) or is on its way out (its memory gone, its
+    files, and so its locks, not yet), False once it is gone or a zombie."""
     try:
-        os.kill(int((directory / statedir.PIDFILE).read_text()), 0)
+        pid = int((directory / statedir.PIDFILE).read_text())
     except (OSError, ValueError):
-        shutil.rmtree(directory, ignore_errors=True)
-        return True
-    return False
+        return None
+    return _runs(pid, directory)
+
+
+def _runs(pid: int, directory: Path | None = None) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rpartition(b")")[2].split()[0]
+        with open(f"/proc/{pid}/cmdline", "rb") as f:
+            argv = f.read().split(b"\0")
+    except (OSError, IndexError):
+        return False
+    if state in (b"Z", b"X"):
+        return False
+    if argv in ([b""], []):
+        return True                 # exiting: no memory left to read its arguments from
+    return directory is None or os.fsencode(str(directory)) in argv
+
+
+def dead_info(directory: Path) -> dict | None:
+    """What ``hvm list`` shows of a domain whose process is gone (killed, or crashed
+    without cleaning up): status ``crashed``, its configuration as it saved it, and where
+    its logs are. None if its process lives, or it is still starting. A directory left
+    without a pid for longer than a start may take (its starter was killed) is removed."""
+    alive = process_alive(directory)
+    if alive:
+        return None
+    if alive is None:
+        try:
+            young = time.time() - directory.stat().st_mtime < CREATE_TIMEOUT
+        except OSError:
+            return None
+        if not young:
+            shutil.rmtree(directory, ignore_errors=True)
+        return None
+    try:
+        config = json.loads((directory / statedir.CONFIG).read_text())
+        config = config if isinstance(config, dict) else {}
+    except (OSError, ValueError):
+        config = {}
+    pid = int((directory / statedir.PIDFILE).read_text())
+    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()]
+    return {"name": directory.name, "workload": str(config.get("workload", "?")),
+            "memory": config.get("memory", 0) if isinstance(config.get("memory"), int) else 0,
+            "vcpus": 1, "status": "crashed", "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
+            "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
+            "logs": [str(directory / leaf) for leaf in logs]}
+
+
+def _check_dead(directory: Path) -> None:
+    """ControlError (CRASHED) if the domain of ``directory`` is dead; returns otherwise."""
+    info = dead_info(directory)
+    if info is not None:
+        raise ControlError(f"domain {directory.name!r} crashed: {info['crash_reason']}; its logs are "
+                           f"kept in {directory} ('hvm destroy {directory.name}' clears it)", CRASHED,
+                           "crashed here")
+
+
+def clear_crashed(name: str, base: Path | None = None) -> bool:
+    """Remove a crashed domain's directory (and its logs); False if it is not crashed."""
+    directory = statedir.domain_dir(name, base)
+    if dead_info(directory) is None:
+        return False
+    shutil.rmtree(directory, ignore_errors=True)
+    return True
+
+
+def destroy_domain(name: str, base: Path | None = None) -> str:
+    """Destroy a domain and wait until it is gone; a crashed one is cleared (its logs
+    go with it). Returns ``"destroyed"`` or ``"cleared"``."""
+    try:
+        with DomainClient(name, base, timeout=DESTROY_TIMEOUT) as client:
+            reply = client.call("destroy")
+    except ControlError as exc:
+        if exc.kind != CRASHED or not clear_crashed(name, base):
+            raise
+        return "cleared"
+    wait_gone(name, base)
+    if reply.get("status") == "moved":      # a relocation past its GO: the guest runs there
+        raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
+                           f"(its relocation was past the handoff) and runs there",
+                           guest=f"running on {reply.get('moved_to')}")
+    return "destroyed"
+
+
+DESTROY_TIMEOUT = 75.0      # a destroy waits for a save or relocation in progress to be cancelled
 
 
 def list_domains(base: Path | None = None) -> list[dict]:
-    """Info of every live domain; stale ones are cleaned up on the way."""
+    """Info of every domain: live ones, and crashed ones (their process is gone; see
+    dead_info) until ``hvm destroy`` clears them."""
     root = base or statedir.state_dir()
     if not root.is_dir():
         return []
     found = []
     for entry in sorted(root.iterdir()):
+        if entry.name.startswith(".") and ".discarded-" in entry.name and \
+                time.time() - entry.stat().st_mtime > CREATE_TIMEOUT:
+            shutil.rmtree(entry, ignore_errors=True)      # its discarder died before it was done
         if not entry.is_dir() or not statedir.NAME_RE.match(entry.name):
             continue
         try:
             with DomainClient(entry.name, root) as client:
                 found.append(client.call("info"))
-        except ControlError:
-            continue
+        except ControlError as exc:
+            info = dead_info(entry) if exc.kind == CRASHED else None
+            if info is not None:
+                found.append(info)
     return found
 
 
@@ -126,62 +263,167 @@ def _require_kvm() -> None:
 
 
 def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
-    """Start a domain process for ``config``; return its info once running."""
+    """Start a domain process for ``config``; return its info once running. A disk
+    image is locked first (migrate.locks): one in use is refused, naming its holder."""
     config.validate()
     statedir.check_name(config.name)
     _require_kvm()
-    directory = _claim_directory(config.name, base)
-    return _spawn(config, directory)
+    lock = _lock_disk(config.disk)
+    try:
+        directory = _claim_directory(config.name, base)
+        return _spawn(config, directory, lock)
+    finally:
+        if lock is not None:
+            lock.close()            # the domain process holds its own descriptor of it
 
 
-def save_domain(name: str, path: str | os.PathLike, *, mode: str = "stop",
+def _lock_disk(disk: str | None) -> DiskLock | None:
+    if disk is None:
+        return None
+    try:
+        return DiskLock.for_domain(disk)
+    except DiskBusy as exc:
+        raise ControlError(str(exc)) from None
+
+
+def save_domain(name: str, path: str | os.PathLike | None, *, mode: str = "stop",
                 compress: int | str | None = DEFAULT_COMPRESSION, progress=None, base: Path | None = None,
-                **convergence) -> dict:
+                fd: int | None = None, **convergence) -> dict:
     """Save a domain to ``path`` from inside its process (see domaind's SaveJob for
-    ``mode``); ``progress(dict)`` gets the save's statistics as it goes. Returns the
-    final reply (``path``, ``status``, ``stats``). If the connection is lost (the domain
-    process died, or we are interrupted) the partial file is removed here too.
-    ``convergence``: for the live modes, protocol.CONVERGENCE_KEYS (None values left out)."""
-    path = Path(path).absolute()
-    from ..engine import partial_path
+    ``mode``), or with ``path`` None into the file descriptor ``fd`` (passed to the
+    domain process: ``hvm save NAME -``); ``progress(dict)`` gets the save's statistics
+    as it goes. Returns the final reply (``path``, ``status``, ``stats``). A target that
+    is not a regular file (a device, FIFO, symlink, directory) is refused before anything
+    starts. If the domain process gives no answer (it died) the partial file is removed
+    here. ``convergence``: for the live modes, protocol.CONVERGENCE_KEYS (None values left out)."""
+    from ..engine import SaveError, check_target, partial_path
     extra = protocol.convergence_request(convergence, "save")
+    if path is None:
+        where = {"to_fd": True}
+    else:
+        path = Path(path).absolute()
+        try:
+            check_target(path)
+        except SaveError as exc:
+            raise ControlError(str(exc)) from None
+        where = {"path": str(path)}
+    before = _identity(path)
     with DomainClient(name, base) as client:
         try:
-            return client.call_with_progress("save", progress, path=str(path), mode=mode,
-                                             compress=compress, **extra)
-        except BaseException as exc:
-            if not isinstance(exc, ControlError) or "save failed" not in str(exc):
-                partial_path(path).unlink(missing_ok=True)
-            raise
+            return client.call_with_progress("save", progress, fds=(fd,) if path is None else (),
+                                             mode=mode, compress=compress, **where, **extra)
+        except ControlError as exc:
+            if exc.kind != LOST or path is None:
+                raise
+            partial_path(path).unlink(missing_ok=True)      # nobody left to clean up but us
+            written = _identity(path) not in (None, before)
+            raise ControlError(
+                f"the domain process of {name} ended during the save ({exc}): " +
+                (f"{path} was written before it did: 'hvm stream verify {path}' checks it, "
+                 f"'hvm restore {path}' brings the guest back" if written else "no file was written"),
+                LOST) from None
+
+
+def _identity(path: Path | None) -> tuple | None:
+    """What tells one file at ``path`` from the next (None: nothing there)."""
+    try:
+        st = os.stat(path) if path is not None else None
+    except OSError:
+        return None
+    return (st.st_dev, st.st_ino, st.st_mtime_ns) if st else None
+
+
+HEAD_LIMIT = 16 << 20       # stream bytes a restore from a pipe may read to find DOMAIN_CONFIG
 
 
 def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
                    base: Path | None = None, fresh_stub: bool = False,
                    disk_map: dict[str, str] | None = None) -> dict:
-    """Start a domain process restored from the stream file ``path``; its info once it
-    runs (or is paused, with ``paused``). ``disk_map``: {saved disk path: disk here}.
-    What this host cannot restore (its CPU, a missing disk: ``engine.compat``) is refused
-    before anything is started. Errors come back as one line; on any error no process
-    and no state are left."""
+    """Start a domain process restored from the stream ``path`` ("-": standard input;
+    a pipe or FIFO works too, and is read once); its info once it runs (or is paused,
+    with ``paused``). ``disk_map``: {saved disk path: disk here}. What this host cannot
+    restore (its CPU, a missing disk: ``engine.compat``) is refused before anything is
+    started, and the disk is locked (migrate.locks). The stream is opened here and handed
+    to the domain process; the bytes read here to check it (up to its first
+    MEMORY_LAYOUT) go with it in a memfd when the stream cannot be read again. Errors
+    come back as one line; on any error no process and no state are left."""
+    _require_kvm()
+    label = "standard input" if str(path) == "-" else str(Path(path).absolute())
+    try:
+        fd = os.dup(0) if str(path) == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ControlError(f"cannot restore from {label}: {exc.strerror}") from None
+    head_fd, lock = -1, None
+    try:
+        saved = _restorable(path, fd, label, disk_map or {})
+        if not _seekable(fd):       # the head read to check it goes along
+            head_fd = os.memfd_create("hvm-stream-head", os.MFD_CLOEXEC)
+            os.write(head_fd, saved.pop("head"))
+            os.lseek(head_fd, 0, os.SEEK_SET)
+        name = name or saved.get("name")
+        if not isinstance(name, str):
+            raise ControlError(f"cannot restore from {label}: DOMAIN_CONFIG has no name")
+        statedir.check_name(name)
+        disk = saved.get("disk_here") or ""
+        lock = _lock_disk(disk or None)
+        directory = _claim_directory(name, base)
+        return _spawn_process(name, directory, ["--restore", str(fd), str(head_fd), name,
+                                                "1" if paused else "0", "yes" if fresh_stub else "auto", disk],
+                              what="restore", lock=lock, pass_fds=(fd,) + ((head_fd,) if head_fd >= 0 else ()))
+    finally:
+        for one in (fd, head_fd):
+            if one >= 0:
+                os.close(one)
+        if lock is not None:
+            lock.close()
+
+
+def _seekable(fd: int) -> bool:
+    import stat
+    return stat.S_ISREG(os.fstat(fd).st_mode)
+
+
+def _restorable(path, fd: int, label: str, disk_map: dict[str, str]) -> dict:
+    """engine.compat's facts about the stream on ``fd``; ControlError with every problem.
+    A file is checked by its path (and ``fd`` rewound); a pipe by the head read from it
+    (returned as ``head``): its end, and the saved MSRs there, are the restore's to check."""
     from ..cpu import this_host
     from ..engine import RestoreError
-    from ..engine.compat import require_restorable
+    from ..engine.compat import check
     from ..stream import StreamError
-    path = Path(path).absolute()
-    _require_kvm()
     try:
-        report = require_restorable(path, this_host(), disk_map or {})
-    except (RestoreError, StreamError, DomainError) as exc:
-        raise ControlError(f"cannot restore from {path}: {exc}") from None
-    saved = report.facts
-    name = name or saved.get("name")
-    if not isinstance(name, str):
-        raise ControlError(f"cannot restore from {path}: DOMAIN_CONFIG has no name")
-    statedir.check_name(name)
-    directory = _claim_directory(name, base)
-    disk = saved.get("disk_here") or ""
-    return _spawn_process(name, directory, ["--restore", str(path), name, "1" if paused else "0",
-                                            "yes" if fresh_stub else "auto", disk], what="restore")
+        if _seekable(fd):
+            report = check(f"/proc/self/fd/{fd}", this_host(), disk_map)
+            os.lseek(fd, 0, os.SEEK_SET)
+        else:
+            head = _read_head(fd)
+            report = check(head, this_host(), disk_map)
+            report.facts["head"] = head
+    except (RestoreError, StreamError, DomainError, OSError) as exc:
+        raise ControlError(f"cannot restore from {label}: {getattr(exc, 'strerror', None) or exc}") from None
+    if report.problems:
+        raise ControlError(f"cannot restore from {label}: this host cannot restore it: "
+                           f"{'; '.join(report.problems)}")
+    return report.facts
+
+
+def _read_head(fd: int) -> bytes:
+    """The bytes of the stream on ``fd`` up to its first MEMORY_LAYOUT (what compat reads),
+    at most HEAD_LIMIT."""
+    from ..engine import RestoreError
+    from ..stream import DONE, NEED_DATA, MemoryLayout, StreamReader
+    reader, head = StreamReader(), bytearray()
+    while len(head) < HEAD_LIMIT:
+        data = os.read(fd, 64 << 10)
+        if not data:
+            reader.eof()
+            break
+        head += data
+        reader.feed(data)
+        while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+            if isinstance(record, MemoryLayout):
+                return bytes(head)
+    raise RestoreError(f"no MEMORY_LAYOUT in its first {min(len(head), HEAD_LIMIT)} bytes")
 
 
 def _claim_directory(name: str, base: Path | None) -> Path:
@@ -192,11 +434,13 @@ def _claim_directory(name: str, base: Path | None) -> Path:
     if directory.exists():
         try:
             DomainClient(name, root).close()
-        except ControlError:
-            pass            # was stale, now removed
+        except ControlError as exc:
+            if exc.kind == CRASHED:
+                raise ControlError(f"domain name {name!r} is in use by a crashed domain (its logs "
+                                   f"are kept in {directory}): 'hvm destroy {name}' clears it") from None
         else:
             raise ControlError(f"domain name {name!r} is already in use")
-    root.mkdir(parents=True, exist_ok=True)
+    statedir.make(root)
     try:
         directory.mkdir()
     except FileExistsError:
@@ -204,15 +448,19 @@ def _claim_directory(name: str, base: Path | None) -> Path:
     return directory
 
 
-def _spawn(config: DomainConfig, directory: Path) -> dict:
+def _spawn(config: DomainConfig, directory: Path, lock: DiskLock | None) -> dict:
     packed = msgpack.packb(vars(config), use_bin_type=True).hex()
-    return _spawn_process(config.name, directory, [packed], what="start")
+    return _spawn_process(config.name, directory, [packed], what="start", lock=lock)
 
 
-def launch(directory: Path, args: list[str], pass_fds: tuple[int, ...]) -> None:
-    """Start ``python -m migrate.host.domaind DIRECTORY ARGS...`` with ``pass_fds``; its
-    standard error goes to DIRECTORY/stderr.log until it runs. Returns once the launcher
-    half of its double fork has exited (the domain process itself goes on)."""
+def launch(directory: Path, args: list[str], pass_fds: tuple[int, ...],
+           lock: DiskLock | None = None) -> None:
+    """Start ``python -m migrate.host.domaind DIRECTORY [--lock FD] ARGS...`` with
+    ``pass_fds`` (and the disk image ``lock``'s descriptor, which the domain process holds
+    from then on); its standard error goes to DIRECTORY/stderr.log until it runs. Returns
+    once the launcher half of its double fork has exited (the domain process itself goes on)."""
+    if lock is not None:
+        args, pass_fds = ["--lock", str(lock.fd), *args], (*pass_fds, lock.fd)
     with open(directory / statedir.STDERR, "wb") as err:
         proc = subprocess.Popen([sys.executable, "-m", "migrate.host.domaind", str(directory), *args],
                                 pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
@@ -230,17 +478,17 @@ def exited(directory: Path) -> str:
     return "error: domain process exited" + (f": {lines[-1]}" if lines else "")
 
 
-def _spawn_process(name: str, directory: Path, args: list[str], what: str) -> dict:
+def _spawn_process(name: str, directory: Path, args: list[str], what: str,
+                   lock: DiskLock | None = None, pass_fds: tuple[int, ...] = ()) -> dict:
     read_fd, write_fd = os.pipe()
     try:
-        launch(directory, [*args, str(write_fd)], (write_fd,))
+        launch(directory, [*args, str(write_fd)], (*pass_fds, write_fd), lock)
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd) as ready:
         answer = _read_ready(ready, directory)
     if answer != "ok":
-        _kill_pidfile(directory)
-        shutil.rmtree(directory, ignore_errors=True)
+        discard(directory)
         raise ControlError(f"domain {name!r} failed to {what}: {answer.removeprefix('error: ')}")
     (directory / statedir.STDERR).unlink(missing_ok=True)
     with DomainClient(name, directory.parent) as client:
@@ -256,11 +504,30 @@ def _read_ready(ready, directory: Path) -> str:
     return f"error: no answer within {CREATE_TIMEOUT:g}s"
 
 
-def _kill_pidfile(directory: Path) -> None:
+def discard(directory: Path) -> None:
+    """Remove the directory of a domain that never ran, killing its process: first out of
+    sight (renamed to a hidden name ``hvm list`` does not read, so it is never seen as a
+    crashed domain), then the process, then the files."""
+    hidden = directory.with_name(f".{directory.name}.discarded-{os.getpid()}-{time.monotonic_ns()}")
     try:
-        os.kill(int((directory / statedir.PIDFILE).read_text()), 9)
+        os.rename(directory, hidden)
+    except OSError:
+        hidden = directory
+    _kill_pidfile(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def _kill_pidfile(directory: Path, timeout: float = 5.0) -> None:
+    """SIGKILL the domain process of ``directory`` and wait until it is gone (its files,
+    and the disk image lock among them, closed)."""
+    try:
+        pid = int((directory / statedir.PIDFILE).read_text())
+        os.kill(pid, 9)
     except (OSError, ValueError):
-        pass
+        return
+    deadline = time.monotonic() + timeout
+    while _runs(pid) and time.monotonic() < deadline:
+        time.sleep(0.01)
 
 
 def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:
@@ -271,5 +538,5 @@ def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> boo
     return not directory.exists()
 
 
-__all__ = ["ControlError", "DomainClient", "create_domain", "list_domains",
+__all__ = ["ControlError", "DomainClient", "create_domain", "destroy_domain", "list_domains",
            "restore_domain", "save_domain", "wait_gone"]

@@ -1,17 +1,22 @@
 """The domain process: owns one domain, serves its control socket.
 
 Started by :func:`migrate.host.control.create_domain` as
-``python -m migrate.host.domaind DIR CONFIG_MSGPACK_HEX READY_FD``, or by
+``python -m migrate.host.domaind DIR [--lock FD] CONFIG_MSGPACK_HEX READY_FD``, or by
 :func:`migrate.host.control.restore_domain` as
-``python -m migrate.host.domaind DIR --restore STREAM_FILE NAME PAUSED(0|1) FRESH(auto|yes) DISK READY_FD``
-(DISK: the disk image to use here, "" for the saved one or none),
-or by the relocation daemon (:mod:`migrate.host.relocd`) as
-``python -m migrate.host.domaind DIR --receive STREAM_FD GO_FD OPTIONS_MSGPACK_HEX READY_FD``:
+``python -m migrate.host.domaind DIR [--lock FD] --restore STREAM_FD HEAD_FD NAME PAUSED(0|1) FRESH(auto|yes) DISK READY_FD``
+(the stream is read once from STREAM_FD, after the bytes of the memfd HEAD_FD, -1 for
+none, that the launcher read to check it; DISK: the disk image to use here, "" for the
+saved one or none), or by the relocation daemon (:mod:`migrate.host.relocd`) as
+``python -m migrate.host.domaind DIR [--lock FD] --receive STREAM_FD GO_FD OPTIONS_MSGPACK_HEX READY_FD``:
 restore from the pipe ``STREAM_FD``, stay paused, and destroy the domain if it is not
 resumed within ``resume_timeout`` seconds (specs/relocation.md, section 4).
-It boots (or restores) the domain, reports ``ok`` or ``error: ...`` on the
+``--lock FD``: the disk image lock (:mod:`migrate.locks`) its launcher took, held for as
+long as the process lives (WRITER; in receive mode INCOMING, WRITER from GO on). It boots
+(or restores) the domain, writes its configuration to DIR/config.json (what ``hvm list``
+shows of it should the process be killed), reports ``ok`` or ``error: ...`` on the
 ready pipe, then serves requests until it is told to destroy the domain or
-is signalled.
+is signalled. A process that ends removes its directory; one that is killed leaves it,
+with its console log and process log, and the domain is listed as crashed.
 
 In receive mode the ready pipe says more (the daemon reads it): ``at BYTES`` after each
 chunk of the stream applied; ``ok BYTES END_AT APPLIED_AT`` as soon as END has been read
@@ -20,7 +25,9 @@ state applied), before the stream's own end is seen, which the daemon checks aga
 bytes it relayed; or ``error: ...``. Then the process serves its control socket (``hvm
 list`` shows the domain paused; ``unpause`` is refused) and waits for the relocation's GO,
 which the daemon gives by writing ``go`` on the pipe ``GO_FD``, and answers ``running
-RESUMED_AT``, or ``refused: ...`` when the pair could not be resumed (the guest never ran;
+RESUMED_AT``, or with ``go paused`` (the guest was paused at the source, or ``hvm migrate
+--paused``), leaves it paused and answers ``paused``; or ``refused: ...`` when the pair could
+not be resumed or its disk image could not be taken over (the guest never ran;
 the process destroys it and exits), or ``error: ...`` for a failure after ``ok`` (the
 stream went on after END). The go pipe closing without ``go``, or no GO within
 ``resume_timeout`` seconds, means the relocation was given up: the paused copy is
@@ -36,6 +43,8 @@ control loop keeps serving other clients meanwhile.
 from __future__ import annotations
 
 import dataclasses
+import faulthandler
+import json
 import logging
 import os
 import select
@@ -52,15 +61,20 @@ import msgpack
 from ..console import Console
 from ..dataplane import Receiver, TlsContext
 from ..domain import Domain, DomainConfig, DomainError
-from ..engine import Convergence, RestoreError, SaveError, file_chunks, restore, save_to_file
+from ..engine import (
+    Convergence, RestoreError, SaveCancelled, SaveError, restore, save_to_file, save_to_stream,
+)
 from ..engine.channels import ChannelIntake
 from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
+from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
 from . import protocol, statedir
 from .relocation import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
+GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
+DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
 
 
 class DomainServer:
@@ -86,6 +100,11 @@ class DomainServer:
         self.saving = False             # from a save's start until just before its reply
         self.go: tuple[int, int, str] | None = None     # awaiting GO: go pipe, ready pipe, log line
         self.go_deadline: float | None = None
+        self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
+        self.destroying = False                     # hvm destroy came: a job in progress ends with it
+        self.moved_to: str | None = None            # HOST:PORT a relocation moved the guest to
+        self.note = ""                              # what an operator must know (outcome unknown)
+        self.failed = False                         # a bug ended it: keep the directory and logs
 
     def publish(self) -> None:
         if self.hidden is not None:
@@ -112,8 +131,15 @@ class DomainServer:
             self.running = False
             return
         try:
+            if self.disk_lock is not None:      # the source let go of it just before GO
+                self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
+                self.disk_lock.release_incoming()
+            if word.split()[1:2] == [b"paused"]:
+                self._say(ready_fd, "paused")
+                log.info("%s; left paused, as it was at the source", note)
+                return
             self.domain.resume()
-        except (DomainError, KvmError) as exc:
+        except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
             self._say(ready_fd, f"refused: {_one_line(exc)}")
             self.running = False
@@ -146,7 +172,10 @@ class DomainServer:
                 "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk, "net": cfg.net,
                 "ioreqs": dom.stub.requests if dom.stub else 0,
                 "cpu": dom.cpu.model, "cpu_vendor": dom.cpu.vendor, "tsc_khz": dom.cpu.tsc_khz,
-                "cpu_notes": list(dom.cpu_notes), "nic": _nic_info(dom)}
+                "cpu_notes": list(dom.cpu_notes), "nic": _nic_info(dom),
+                "awaiting_go": self.go is not None,
+                "job": self.save_thread.name if self.saving else None,     # save | migrate
+                "note": self.note}
 
     def op_pause(self, req: dict) -> dict:
         self._no_save_running("pause")
@@ -156,13 +185,31 @@ class DomainServer:
     def op_unpause(self, req: dict) -> dict:
         self._no_save_running("unpause")
         self._no_go_awaited("unpause")
+        if self.disk_lock is not None and not self.disk_lock.writer:    # a relocation let it go
+            try:
+                self.disk_lock.take_writer()
+            except DiskBusy as exc:
+                raise ValueError(f"cannot unpause: {exc}") from None
         self.domain.resume()
+        self.note = ""
         return {"status": self.domain.status}
 
     def op_destroy(self, req: dict) -> dict:
+        """Destroy the domain. A save or relocation in progress is cancelled first and
+        awaited: a relocation past its GO cannot be, and then the guest has moved."""
+        self.destroying = True
         self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
+        if self.save_thread is not None and self.save_thread is not threading.current_thread():
+            self.save_thread.join(DESTROY_JOB_WAIT)
+        if self.moved_to:
+            return {"status": "moved", "moved_to": self.moved_to}
         return {"status": "destroyed"}
+
+    def guest(self) -> str:
+        """Where the guest is, as a job's answer says it: "running here", "paused here", ...
+        ("being destroyed here" once hvm destroy came)."""
+        return "being destroyed here" if self.destroying else f"{self.domain.status} here"
 
     def _no_go_awaited(self, what: str) -> None:
         if self.go is not None:
@@ -227,11 +274,12 @@ class DomainServer:
         self.sel.register(conn, selectors.EVENT_READ, protocol.unpacker())
 
     def _serve_client(self, conn: socket.socket, unpack) -> None:
+        fds: list[int] = []         # only a save to standard output sends one (SaveJob)
         try:
-            req = protocol.receive(conn, unpack)
+            req = protocol.receive(conn, unpack, fds)
             if req.get("op") in ("save", "migrate"):
                 start = self.start_save if req["op"] == "save" else self.start_migrate
-                reply = start(conn, req)
+                reply = start(conn, req, fds)
                 if reply is None:       # the save thread owns the connection now
                     self.sel.unregister(conn)
                     return
@@ -243,12 +291,15 @@ class DomainServer:
                 log.warning("control connection dropped: %s", exc)
             self.sel.unregister(conn)
             conn.close()
+        finally:
+            for fd in fds:          # a job that took one removed it from the list
+                os.close(fd)
 
     # -- save ------------------------------------------------------------------
-    def start_save(self, conn: socket.socket, req: dict) -> dict | None:
-        return self._start_job(conn, req, "save", SaveJob.from_request, self._run_save)
+    def start_save(self, conn: socket.socket, req: dict, fds: list[int]) -> dict | None:
+        return self._start_job(conn, req, "save", lambda r: SaveJob.from_request(r, fds), self._run_save)
 
-    def start_migrate(self, conn: socket.socket, req: dict) -> dict | None:
+    def start_migrate(self, conn: socket.socket, req: dict, fds: list[int]) -> dict | None:
         from .relocate import MigrateJob
         return self._start_job(conn, req, "migrate", MigrateJob.from_request, self._run_migrate)
 
@@ -256,33 +307,50 @@ class DomainServer:
         """Check a save or migrate request and start its thread (None), or an error
         reply. One such job at a time: they share the cancel event and the thread."""
         try:
-            job = parse(req)
             self._no_save_running(what)
             self._no_go_awaited(what)
             if self.domain.status not in ("running", "paused"):
                 raise ValueError(f"domain is {self.domain.status}: nothing to {what}")
+            job = parse(req)            # last: a job may own a descriptor from here on
         except ValueError as exc:
             return {"ok": False, "error": str(exc)}
         self.save_cancel.clear()
         self.saving = True
-        self.save_thread = threading.Thread(target=run, args=(conn, job), name=what, daemon=True)
+        self.save_thread = threading.Thread(target=self._job, args=(run, conn, job), name=what, daemon=True)
         self.save_thread.start()
         return None
+
+    def _job(self, run, conn: socket.socket, job) -> None:
+        """A job's thread: a bug in it is logged with its traceback, and the domain process
+        then ends (its domain in an unknown state is not left for more requests)."""
+        try:
+            run(conn, job)
+        except BaseException:
+            log.exception("%s job failed unexpectedly: the domain process ends",
+                          threading.current_thread().name)
+            self.failed = True          # its directory stays: listed crashed, logs kept
+            self.saving = False
+            self.running = False
+            conn.close()
 
     def _run_save(self, conn: socket.socket, job: "SaveJob") -> None:
         dom = self.domain
         was_running = dom.status == "running"
         watch = ClientWatch(conn, self.save_cancel)
+        options = dict(compress=job.level, live=job.live, stats_cb=watch.progress,
+                       cancel=self.save_cancel, convergence=job.convergence)
         try:
-            stats = save_to_file(dom, job.path, compress=job.level, live=job.live,
-                                 stats_cb=watch.progress, cancel=self.save_cancel,
-                                 convergence=job.convergence)
+            if job.fd is not None:
+                stats = save_to_stream(dom, job.fd, **options)
+            else:
+                stats = save_to_file(dom, job.path, **options)
         except Exception as exc:      # anything: the domain goes on as before
-            log.warning("save to %s failed: %s", job.path, exc)
+            log.warning("save to %s failed: %s", job.target, exc)
             if was_running and dom.status == "paused":
                 dom.resume()
             self.saving = False
-            watch.reply({"ok": False, "error": f"save failed: {exc}"})
+            watch.reply({"ok": False, "error": f"save failed: {exc}; {self.where('save')}",
+                         "kind": "failed", "guest": self.guest()})
         else:
             if job.checkpoint:
                 if was_running:
@@ -290,25 +358,44 @@ class DomainServer:
             else:
                 dom.destroy()
                 self.running = False
-            log.info("saved to %s (%d bytes, %s)", job.path, stats.stream_bytes,
+            log.info("saved to %s (%d bytes, %s)", job.target, stats.stream_bytes,
                      "kept" if job.checkpoint else "destroyed")
             self.saving = False
-            watch.reply({"ok": True, "path": str(job.path), "status": dom.status,
+            watch.reply({"ok": True, "path": job.target, "status": dom.status,
                          "stats": stats.as_dict()})
         finally:
+            if job.fd is not None:
+                os.close(job.fd)
             conn.close()
+
+    def where(self, job: str) -> str:
+        """The end of a failed job's message: where the guest is now."""
+        name, status = self.domain.config.name, self.domain.status
+        if self.destroying:
+            return f"{name} was destroyed here by 'hvm destroy' during the {job}"
+        return {"running": f"{name} keeps running here", "paused": f"{name} stays paused here"}.get(
+            status, f"{name} is {status} here")
 
     # -- migrate (specs/relocation.md; the work is in migrate.host.relocate) -------
     def _run_migrate(self, conn: socket.socket, job) -> None:
-        from .relocate import RelocationError
+        from .relocate import OutcomeUnknown, RelocationError
         watch = ClientWatch(conn, self.save_cancel)
+        job.disk_lock = self.disk_lock
         try:
-            stats = job.run(self.domain, watch.progress, self.save_cancel)
-        except RelocationError as exc:      # before GO: running as before; after: paused
+            stats = job.run(self.domain, watch.progress, self.save_cancel, before_go=watch.check)
+        except OutcomeUnknown as exc:       # after GO: kept paused, the message says what to do
+            log.warning("migrate to %s:%d: %s", job.host, job.port, exc)
+            self.note = str(exc)            # hvm info says it too, should the client be gone
+            self.saving = False
+            watch.reply({"ok": False, "error": str(exc), "status": self.domain.status, "kind": "unknown",
+                         "guest": f"paused here, perhaps running on {job.host}"})
+        except RelocationError as exc:      # running as before, or paused as before
             log.warning("migrate to %s:%d failed: %s", job.host, job.port, exc)
             self.saving = False
-            watch.reply({"ok": False, "error": str(exc), "status": self.domain.status})
+            watch.reply({"ok": False, "error": f"{exc}; {self.where('relocation')}",
+                         "status": self.domain.status, "kind": "failed", "guest": self.guest()})
         else:
+            self.moved_to = f"{job.host}:{job.port}"
             self.domain.destroy()
             self.running = False
             log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
@@ -339,24 +426,30 @@ def _nic_info(dom: Domain) -> dict | None:
 
 
 class SaveJob:
-    """A save request: ``path`` (absolute), ``mode`` ``stop`` (default: destroy after a
-    successful save), ``checkpoint`` (keep running), ``live`` (pre-copy, then stop) or
-    ``live-checkpoint``; ``compress`` None or a zstd level; for the live modes, the
-    other convergence keys of a migrate request (protocol.CONVERGENCE_KEYS)."""
+    """A save request: ``path`` (absolute), or ``to_fd`` true with one file descriptor
+    passed with the request (``hvm save NAME -``: the client's standard output); ``mode``
+    ``stop`` (default: destroy after a successful save), ``checkpoint`` (keep running),
+    ``live`` (pre-copy, then stop) or ``live-checkpoint``; ``compress`` None or a zstd
+    level; for the live modes, the other convergence keys of a migrate request
+    (protocol.CONVERGENCE_KEYS). ``fd``: this job's own copy of the passed descriptor."""
 
     MODES = {"stop": (False, False), "checkpoint": (False, True), "live": (True, False),
              "live-checkpoint": (True, True)}
 
-    def __init__(self, path: Path, live: bool, checkpoint: bool, level: int | None,
-                 convergence: Convergence | None = None):
+    def __init__(self, path: Path | None, live: bool, checkpoint: bool, level: int | None,
+                 convergence: Convergence | None = None, fd: int | None = None):
         self.path, self.live, self.checkpoint, self.level = path, live, checkpoint, level
         self.convergence = convergence
+        self.fd = fd
+        self.target = str(path) if path is not None else "standard output"
 
     @classmethod
-    def from_request(cls, req: dict) -> "SaveJob":
-        path, mode = req.get("path"), req.get("mode", "stop")
-        if not isinstance(path, str) or not os.path.isabs(path):
+    def from_request(cls, req: dict, fds=()) -> "SaveJob":
+        path, mode, to_fd = req.get("path"), req.get("mode", "stop"), req.get("to_fd", False)
+        if to_fd is not True and (not isinstance(path, str) or not os.path.isabs(path)):
             raise ValueError("save needs an absolute path")
+        if to_fd is True and len(fds) != 1:
+            raise ValueError("a save to a descriptor needs one passed with the request")
         if mode not in cls.MODES:
             raise ValueError(f"save mode {mode!r} is not one of {', '.join(cls.MODES)}")
         live, checkpoint = cls.MODES[mode]
@@ -364,6 +457,8 @@ class SaveJob:
         if asked and not live:
             raise ValueError(f"save: {', '.join(asked)} apply to a live save only")
         convergence, level = protocol.convergence_from_request(req, "save")
+        if to_fd is True:       # last: from here on the job owns a descriptor
+            return cls(None, live, checkpoint, level, convergence, fd=os.dup(fds[0]))
         return cls(Path(path), live, checkpoint, level, convergence)
 
 
@@ -380,6 +475,12 @@ class ClientWatch:
             return bool(readable) and self.conn.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
+
+    def check(self) -> None:
+        """SaveCancelled if the job is cancelled, or its client went away (Ctrl-C)."""
+        if self.cancel.is_set() or self.gone():
+            self.cancel.set()
+            raise SaveCancelled("cancelled")
 
     def progress(self, stats) -> None:
         if self.gone():
@@ -403,19 +504,30 @@ def _build(argv: list[str], console: Console, server: DomainServer | None,
     """The domain this process runs, whether to leave it paused, and a line to log once
     it is started. ``server`` and ``opts``: receive mode's control socket and options."""
     if argv[1] == "--restore":
-        path, name, paused, fresh, disk = argv[2], argv[3], argv[4] == "1", argv[5], argv[6]
+        fd, head_fd, name, paused, fresh, disk = (int(argv[2]), int(argv[3]), argv[4], argv[5] == "1",
+                                                  argv[6], argv[7])
         mapped = {"disk": disk} if disk else {}
-        domain, stats = restore(file_chunks(path), name=name or None,
+        domain, stats = restore(_stream_chunks(fd, head_fd), name=name or None,
                                 make_domain=lambda cfg, **cpu: Domain(dataclasses.replace(cfg, **mapped),
                                                                       console, **cpu),
                                 fresh_stub=True if fresh == "yes" else None)
-        return domain, paused, f"restored from {path}: {stats.pages_total} pages in {stats.seconds:.3f}s"
+        return domain, paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
+                                f"in {stats.seconds:.3f}s")
     if argv[1] == "--receive":
         domain, stats = _receive(int(argv[2]), opts, console, int(argv[-1]), server)
         return domain, True, (f"received {opts['name']}: {stats.pages_total} pages, "
                               f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
     config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
     return Domain.boot(config, console), False, ""
+
+
+def _stream_chunks(fd: int, head_fd: int):
+    """The stream a restore reads once: the bytes in the memfd ``head_fd`` (-1: none; what
+    the launcher read from a pipe to learn the domain's name), then the rest from ``fd``."""
+    for source in ([head_fd] if head_fd >= 0 else []) + [fd]:
+        with os.fdopen(source, "rb", buffering=0) as f:
+            while data := f.read(1 << 20):
+                yield data
 
 
 def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: DomainServer):
@@ -520,6 +632,9 @@ class _RoundReporter:
 
 def main(argv: list[str]) -> int:
     directory, ready_fd = Path(argv[0]), int(argv[-1])
+    lock_fd = None
+    if argv[1] == "--lock":
+        lock_fd, argv = int(argv[2]), [argv[0], *argv[3:]]
     # Double fork: the launcher reaps our parent at once and init adopts us,
     # so a domain never lingers as its launcher's zombie.
     if os.fork():
@@ -528,11 +643,18 @@ def main(argv: list[str]) -> int:
     logging.basicConfig(filename=directory / statedir.LOGFILE, level=logging.INFO,
                         format="%(asctime)s %(name)s %(levelname)s %(message)s")
     ready = os.fdopen(ready_fd, "w")
+    crash_log = open(directory / statedir.LOGFILE, "a")
+    faulthandler.enable(crash_log)      # a fatal signal's traceback, into the process log
+    sys.excepthook = lambda *info: log.critical("uncaught exception", exc_info=info)
+    threading.excepthook = lambda a: log.critical("uncaught exception in thread %s", a.thread,
+                                                  exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
     receive = argv[1] == "--receive"
     opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False) if receive else None
+    disk_lock = DiskLock.from_fd(os.readlink(f"/proc/self/fd/{lock_fd}"), lock_fd, receive) \
+        if lock_fd is not None else None
     server = None
     try:
         if receive:     # its control socket first: after the stream, GO must not wait for it
@@ -541,19 +663,20 @@ def main(argv: list[str]) -> int:
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
-            (directory / statedir.SOCKET).unlink(missing_ok=True)     # if it was shown
-        ready.write(f"error: {_one_line(exc)}\n")
-        ready.close()
+        _answer(ready, f"error: {_one_line(exc)}")
+        _remove_directory(directory, disk_lock)     # it never ran: nothing to keep
         return 1
     config = domain.config
     try:
         if server is None:
             server = DomainServer(directory, domain, console_log)
         server.domain = domain
+        server.disk_lock = disk_lock
+        (directory / statedir.CONFIG).write_text(json.dumps(dataclasses.asdict(config)))
     except OSError as exc:
         domain.destroy()
-        ready.write(f"error: {_one_line(exc)}\n")
-        ready.close()
+        _answer(ready, f"error: {_one_line(exc)}")
+        _remove_directory(directory, disk_lock)
         return 1
     try:
         server.publish()
@@ -572,14 +695,37 @@ def main(argv: list[str]) -> int:
         server.serve()
     finally:
         server.close()
-        for leaf in (statedir.SOCKET, statedir.SOCKET + ".new", statedir.PIDFILE, statedir.CONSOLE,
-                     statedir.LOGFILE):
-            (directory / leaf).unlink(missing_ok=True)
-        try:
-            directory.rmdir()
-        except OSError:
-            pass
+        if server.failed:           # like a killed process: listed crashed, its logs kept
+            if disk_lock is not None:
+                disk_lock.close()
+            (directory / statedir.SOCKET).unlink(missing_ok=True)
+        else:
+            _remove_directory(directory, disk_lock)
     return 0
+
+
+def _answer(ready, line: str) -> None:
+    """The last word on the ready pipe; its reader may be gone (a killed daemon)."""
+    try:
+        ready.write(line + "\n")
+        ready.close()
+    except OSError:
+        pass
+
+
+def _remove_directory(directory: Path, disk_lock: DiskLock | None) -> None:
+    """The domain ended (or never began): its disk image lock is let go, then its
+    directory goes (so a domain whose directory is gone holds no lock). Only a process
+    that is killed leaves its directory, with its logs, for ``hvm list`` to show as crashed."""
+    if disk_lock is not None:
+        disk_lock.close()
+    for leaf in (statedir.SOCKET, statedir.SOCKET + ".new", statedir.PIDFILE, statedir.CONFIG,
+                 statedir.STDERR, *statedir.LOGS):
+        (directory / leaf).unlink(missing_ok=True)
+    try:
+        directory.rmdir()
+    except OSError:
+        pass
 
 
 def _one_line(exc: Exception) -> str:

@@ -6,6 +6,7 @@ a msgpack stream (no extra framing); both sides bound what they buffer.
 """
 from __future__ import annotations
 
+import os
 import socket
 
 import msgpack
@@ -26,12 +27,21 @@ def unpacker() -> msgpack.Unpacker:
     return msgpack.Unpacker(raw=False, max_buffer_size=MAX_MESSAGE, strict_map_key=True)
 
 
-def send(sock: socket.socket, message: dict) -> None:
-    sock.sendall(msgpack.packb(message, use_bin_type=True))
+MAX_FDS = 2                     # file descriptors one request may carry (SCM_RIGHTS)
 
 
-def receive(sock: socket.socket, unpack: msgpack.Unpacker) -> dict:
-    """The next message from ``sock``; ProtocolError on EOF or garbage."""
+def send(sock: socket.socket, message: dict, fds=()) -> None:
+    """Send ``message``; ``fds`` (file descriptors) go with its first bytes."""
+    data = msgpack.packb(message, use_bin_type=True)
+    if fds:
+        data = data[socket.send_fds(sock, [data], list(fds)):]
+    sock.sendall(data)
+
+
+def receive(sock: socket.socket, unpack: msgpack.Unpacker, fds: list | None = None) -> dict:
+    """The next message from ``sock``; ProtocolError on EOF or garbage. File descriptors
+    that come with it are appended to ``fds``, or closed when ``fds`` is None (nobody
+    asked for them)."""
     while True:
         try:
             message = next(unpack)
@@ -43,7 +53,12 @@ def receive(sock: socket.socket, unpack: msgpack.Unpacker) -> dict:
             if not isinstance(message, dict):
                 raise ProtocolError("message is not a map")
             return message
-        data = sock.recv(65536)
+        data, passed, _, _ = socket.recv_fds(sock, 65536, MAX_FDS)
+        for fd in passed:
+            if fds is None:
+                os.close(fd)
+            else:
+                fds.append(fd)
         if not data:
             raise ProtocolError("connection closed")
         try:

@@ -7,7 +7,10 @@ pre-copy unless offline), STREAM_END, then the handoff: RESTORED -> GO -> RUNNIN
 GO every failure resumes the source (if it was running) and raises
 :class:`RelocationError`; so does an ERROR answering GO that says the destination's copy
 never ran (``not_resumed``); any other end after GO leaves the source paused and raises
-:class:`OutcomeUnknown`.
+:class:`OutcomeUnknown`. The errors say what failed; the caller (the domain process) adds
+where the guest is. A guest paused at the source arrives paused (GO ``paused``), as does
+any with ``paused`` asked. A disk image's lock (:mod:`migrate.locks`) is let go just
+before GO and taken back if the source resumes after all.
 """
 from __future__ import annotations
 
@@ -22,12 +25,13 @@ import threading
 import time
 from pathlib import Path
 
-from ..engine import Convergence, SaveError, SaveTimeout, save
+from ..engine import Convergence, SaveCancelled, SaveError, SaveTimeout, save
 from ..engine.sinks import DEFAULT_COMPRESSION
 from .. import dataplane
 from ..engine.channels import ChannelSink
 from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
+from ..locks import DiskBusy
 from ..stream import FORMAT_VERSION
 from . import tls
 from .protocol import convergence_from_request, convergence_request
@@ -68,33 +72,38 @@ def parse_target(text: str) -> tuple[str, int]:
 
 class MigrateJob:
     """A ``migrate`` request: ``host``, ``port``, ``live`` (bool), ``tls_dir`` (absolute
-    path) or ``insecure`` true; optionally the CONVERGENCE_KEYS (``downtime_ms``,
-    ``max_bandwidth`` bytes/s, ``precopy_timeout`` s, ``on_timeout``, ``throttle``, ``compress``)."""
+    path) or ``insecure`` true, ``paused`` (bool: leave the guest paused there); optionally
+    the CONVERGENCE_KEYS (``downtime_ms``, ``max_bandwidth`` bytes/s, ``precopy_timeout`` s,
+    ``on_timeout``, ``throttle``, ``compress``). ``disk_lock``: the domain's disk image lock,
+    set by the domain process that runs the job."""
 
     def __init__(self, host: str, port: int, live: bool, tls_dir: str | None, insecure: bool,
                  convergence: Convergence | None = None, compress: int | str | None = DEFAULT_COMPRESSION,
-                 channels: int = DEFAULT_CHANNELS):
+                 channels: int = DEFAULT_CHANNELS, paused: bool = False):
         self.host, self.port, self.live = host, port, live
         self.tls_dir, self.insecure = tls_dir, insecure
         self.convergence = convergence or Convergence()
         self.compress = compress
         self.channels = channels
+        self.paused = paused
+        self.disk_lock = None
 
     @classmethod
     def from_request(cls, req: dict) -> "MigrateJob":
         host, port = req.get("host"), req.get("port")
         live, tls_dir, insecure = req.get("live", True), req.get("tls_dir"), req.get("insecure", False)
+        paused = req.get("paused", False)
         if not isinstance(host, str) or not host or not isinstance(port, int) or not 0 < port < 65536:
             raise ValueError("migrate needs a host and a port")
-        if not isinstance(live, bool) or not isinstance(insecure, bool):
-            raise ValueError("live and insecure must be booleans")
+        if not isinstance(live, bool) or not isinstance(insecure, bool) or not isinstance(paused, bool):
+            raise ValueError("live, insecure and paused must be booleans")
         if not insecure and (not isinstance(tls_dir, str) or not os.path.isabs(tls_dir)):
             raise ValueError("migrate needs an absolute tls_dir, or insecure")
         conv, compress = convergence_from_request(req, "migrate")
         channels = req.get("channels", DEFAULT_CHANNELS)
         if not isinstance(channels, int) or isinstance(channels, bool) or not 0 <= channels <= MAX_CHANNELS:
             raise ValueError(f"migrate: bad channels (0..{MAX_CHANNELS})")
-        return cls(host, port, live, tls_dir, insecure, conv, compress, channels)
+        return cls(host, port, live, tls_dir, insecure, conv, compress, channels, paused)
 
     # -- the steps -------------------------------------------------------------
     def connect(self) -> Channel:
@@ -111,10 +120,14 @@ class MigrateJob:
             return Channel(ctx.wrap_socket(raw, server_hostname=self.host))
         except (ssl.SSLError, OSError) as exc:
             raw.close()
-            raise RelocationError(f"TLS handshake with {where} failed: {exc}") from None
+            hint = (" (the peer closed the connection during the handshake: does it run with "
+                    "--insecure?)" if isinstance(exc, ssl.SSLEOFError) else "")
+            raise RelocationError(f"TLS handshake with {where} failed: {exc}{hint}") from None
 
-    def run(self, domain, progress=None, cancel: threading.Event | None = None) -> dict:
-        """Relocate ``domain``; its statistics on success (the caller destroys the domain)."""
+    def run(self, domain, progress=None, cancel: threading.Event | None = None,
+            before_go=None) -> dict:
+        """Relocate ``domain``; its statistics on success (the caller destroys the domain).
+        ``before_go()``, called just before GO, may raise (SaveError) to cancel there."""
         t0 = time.monotonic()
         was_running = domain.status == "running"
         cfg = domain.config
@@ -137,7 +150,7 @@ class MigrateJob:
             setup = time.monotonic() - t0
             try:
                 return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
-                                                links, token)
+                                                links, token, before_go)
             finally:
                 for sock in links:
                     sock.close()
@@ -189,7 +202,7 @@ class MigrateJob:
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
-                            token) -> dict:
+                            token, before_go) -> dict:
         where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
         sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links else \
@@ -227,38 +240,49 @@ class MigrateJob:
                 sink.close()
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
-            raise RelocationError(f"relocation to {where} cancelled: {exc}; "
-                                  f"{domain.config.name} keeps running here") from None
+            raise RelocationError(f"relocation to {where} cancelled: {exc}") from None
+        except SaveCancelled as exc:        # the user, or hvm destroy: the engine resumed the domain
+            ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
+            raise RelocationError(f"relocation to {where} cancelled during the stream") from None
         except (ChannelError, SaveError) as exc:          # the engine resumed the domain
             raise RelocationError(f"relocation to {where} failed during the stream: "
-                                  f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
+                                  f"{_peer_reason(ch, exc)}") from None
         except Exception as exc:
             raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
         paused_at = stats.start_time + stats.pause_offset
         try:
             restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
-        except ChannelError as exc:
+            if before_go is not None:
+                before_go()
+        except (ChannelError, SaveError) as exc:
             _logging_off(domain)
             if was_running:
                 domain.resume()
+            if isinstance(exc, SaveError):          # cancelled: the destination drops its copy
+                ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
+                raise RelocationError(f"relocation to {where} cancelled before the handoff") from None
             raise RelocationError(f"relocation to {where} failed before the handoff: "
-                                  f"{_peer_reason(ch, exc)}; {domain.config.name} keeps running here") from None
+                                  f"{_peer_reason(ch, exc)}") from None
         restored_at = time.monotonic()
+        stay_paused = self.paused or not was_running
         try:
-            ch.send("GO")
+            if self.disk_lock is not None:      # the destination takes it on GO
+                self.disk_lock.release_writer()
+            ch.send("GO", paused=stay_paused)
             running = ch.expect("RUNNING", RUNNING_TIMEOUT)
         except PeerError as exc:
             _logging_off(domain)
             if not exc.not_resumed:
                 raise self._unknown(domain, exc) from None
-            if was_running:             # the destination's copy never ran and is gone
+            self._take_disk_back(exc)   # the destination's copy never ran and is gone
+            if was_running:
                 domain.resume()
-            raise RelocationError(f"relocation to {where} failed at the handoff: destination: {exc}; "
-                                  f"{domain.config.name} keeps running here") from None
+            raise RelocationError(f"relocation to {where} failed at the handoff: destination: {exc}") from None
         except ChannelError as exc:
             _logging_off(domain)
             raise self._unknown(domain, exc) from None
         running_at = time.monotonic()
+        arrived = "paused" if running.get("paused") is True else "running"
         final_at = at["final"]
         parts = _downtime_parts(stats.downtime_parts, restored_at - final_at, running_at - restored_at,
                                 restored, running)
@@ -267,7 +291,7 @@ class MigrateJob:
         return {
             "seconds": running_at - t0, "setup": setup,
             "downtime": downtime, "downtime_target": target,
-            "over_target": max(0.0, downtime - target) if target is not None else 0.0,
+            "over_target": target is not None and downtime > target,
             "downtime_final": final_at - paused_at,
             "downtime_restore": restored_at - final_at,
             "downtime_resume": running_at - restored_at,
@@ -278,8 +302,20 @@ class MigrateJob:
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
             "throttle": max(stats.throttle_history, default=0),
             "vcpus": stats.vcpus, "pause_skew": stats.pause_skew,
+            "arrived": arrived,
             "save": stats.as_dict(),
         }
+
+    def _take_disk_back(self, exc: Exception) -> None:
+        """After GO, the destination's copy never ran: take the disk image lock back
+        before resuming here; if someone else took the image meanwhile, stay paused."""
+        if self.disk_lock is None:
+            return
+        try:
+            self.disk_lock.take_writer(wait=1.0)
+        except DiskBusy as busy:
+            raise RelocationError(f"relocation to {self.host}:{self.port} failed at the handoff "
+                                  f"(destination: {exc}), and the guest cannot resume here: {busy}") from None
 
 
     def _unknown(self, domain, exc: Exception) -> "OutcomeUnknown":
@@ -384,7 +420,9 @@ class _LinkWatch:
                 with self.lock:
                     if self.stopped:
                         return
-                    if not self.holding:
+                    # readable may be stale: the main thread can have read the answer (SYNCED)
+                    # and left held() since the select; only what is unread now counts
+                    if not self.holding and _readable_now(self.ch.sock):
                         self.sink.cancel()
                         return
                 time.sleep(0.05)        # held: the main thread reads the answer
@@ -404,6 +442,13 @@ class _LinkWatch:
             self.stopped = True
 
 
+def _readable_now(sock) -> bool:
+    try:
+        return bool(select.select([sock], [], [], 0)[0]) or bool(getattr(sock, "pending", lambda: 0)())
+    except (OSError, ValueError):
+        return True
+
+
 def _peer_reason(ch: Channel, exc: Exception) -> str:
     """The destination's ERROR text if it sent one before closing, else ``exc``."""
     if isinstance(exc, PeerError):
@@ -419,11 +464,13 @@ def _peer_reason(ch: Channel, exc: Exception) -> str:
 
 def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | None = None,
                    insecure: bool = False, progress=None, base: Path | None = None,
-                   channels: int = DEFAULT_CHANNELS, **convergence) -> dict:
+                   channels: int = DEFAULT_CHANNELS, paused: bool = False, **convergence) -> dict:
     """Ask domain ``name``'s process to relocate itself to ``target`` (HOST:PORT); the
-    reply (``status``, ``stats``) once the destination runs it. ControlError otherwise.
-    ``convergence``: the CONVERGENCE_KEYS (None values are left out)."""
-    from .control import DomainClient
+    reply (``status``, ``stats``) once the destination runs it (or holds it paused:
+    ``paused``, or it was paused here). ControlError otherwise (kind UNKNOWN when GO was
+    sent and RUNNING did not come). ``convergence``: the CONVERGENCE_KEYS (None values
+    are left out)."""
+    from .control import LOST, UNKNOWN, ControlError, DomainClient
     host, port = parse_target(target)
     if not insecure:
         if not tls_dir:
@@ -431,8 +478,19 @@ def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | 
         tls_dir = str(Path(tls_dir).absolute())
     extra = convergence_request(convergence, "migrate")
     with DomainClient(name, base) as client:
-        return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
-                                         tls_dir=tls_dir, insecure=insecure, channels=channels, **extra)
+        try:
+            return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
+                                             tls_dir=tls_dir, insecure=insecure, channels=channels,
+                                             paused=paused, **extra)
+        except ControlError as exc:
+            if exc.kind != LOST:
+                raise
+            raise ControlError(             # it may have died before GO, or after
+                f"outcome unknown: the domain process of {name} ended during its relocation to "
+                f"{target} ({exc}); the guest may be running on {host}. Check there: if it runs there, "
+                f"'hvm destroy {name}' here clears what is left here; if not, the guest is lost "
+                f"('hvm list' shows it crashed here, its logs kept)", UNKNOWN,
+                f"crashed here, perhaps running on {host}") from None
 
 
 __all__ = ["MigrateJob", "OutcomeUnknown", "RelocationError", "migrate_domain", "parse_target"]

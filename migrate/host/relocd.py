@@ -21,7 +21,6 @@ import logging
 import math
 import os
 import select
-import shutil
 import socket
 import ssl
 import subprocess
@@ -32,8 +31,9 @@ from pathlib import Path
 import msgpack
 
 from ..cpu import compatibility, this_host
-from ..domain import MAX_VCPUS, memory_ok
+from ..domain import MAX_VCPUS, memory_ok, memory_problem
 from ..engine.state import RestoreError, policies_from_bodies
+from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
 from ..stub.netback import NetError, check_ifname
 from . import control, statedir, tls
@@ -101,13 +101,19 @@ class Incoming:
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None,
                  net_to: str | None = None, channels: int = 0, tls_dir: str | None = None):
         self.name, self.base = name, base
+        try:        # the disk image's INCOMING lock, for the receiving process to hold
+            lock = DiskLock.for_incoming(disk_to) if disk_to is not None else None
+        except DiskBusy as exc:
+            raise Refused(str(exc)) from None
         self.channels = channels
         self.channel_id, self.token = os.urandom(16), os.urandom(32)
         self.given: set[int] = set()            # channels handed to the domain process
         self.rounds = 0                         # page rounds it says every channel has ended
         try:
             self.dir = control._claim_directory(name, base)
-        except control.ControlError as exc:
+        except (control.ControlError, ValueError) as exc:
+            if lock is not None:
+                lock.close()
             raise Refused(str(exc)) from None
         self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
@@ -126,7 +132,7 @@ class Incoming:
         try:
             control.launch(self.dir, ["--receive", str(stream_r), str(go_r),
                                       msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
-                           (stream_r, go_r, ready_w, take_fds.fileno()))
+                           (stream_r, go_r, ready_w, take_fds.fileno()), lock)
         except (OSError, subprocess.SubprocessError) as exc:
             self.discard()
             raise Refused(f"cannot start a receiving domain process: {exc}") from None
@@ -135,6 +141,8 @@ class Incoming:
             os.close(go_r)
             os.close(ready_w)
             take_fds.close()
+            if lock is not None:
+                lock.close()        # the receiving process holds it now
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
@@ -279,14 +287,15 @@ class Incoming:
             os.close(self.stream_w)
             self.stream_w = -1
 
-    def resume(self) -> float:
-        """GO: tell the domain process to resume its pair; the seconds it took. NotResumed
-        when the guest provably never ran: the process said so (``refused:``, or
-        ``error:`` from before GO) or was gone before it could read GO (the write fails);
-        Refused when the outcome is not known (it exited without an answer, or none came)."""
+    def resume(self, paused: bool = False) -> float | None:
+        """GO: tell the domain process to resume its pair (``paused``: to keep it paused);
+        the seconds it took (None when it stays paused). NotResumed when the guest
+        provably never ran: the process said so (``refused:``, or ``error:`` from before
+        GO) or was gone before it could read GO (the write fails); Refused when the
+        outcome is not known (it exited without an answer, or none came)."""
         go_at = time.monotonic()
         try:
-            os.write(self.go_w, b"go\n")
+            os.write(self.go_w, b"go paused\n" if paused else b"go\n")
         except OSError as exc:      # no reader left: nobody can have resumed it
             raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
         finally:
@@ -296,6 +305,8 @@ class Incoming:
         word, _, rest = line.partition(" ")
         if word in ("refused:", "error:") and not line.startswith("error: domain process exited"):
             raise NotResumed(rest)
+        if paused and line == "paused":
+            return None
         if word != "running":
             raise Refused(line.removeprefix("error: "))
         try:
@@ -311,8 +322,19 @@ class Incoming:
             if fd >= 0:
                 os.close(fd)
         self.go_w = self.ready_r = -1
+        control.discard(self.dir)
+
+    def abandon(self) -> None:
+        """After GO, with no answer: the receiving domain process may have run the guest.
+        Kill it if it still lives, and keep its directory, so it is listed as crashed with
+        its logs (the source, told the outcome is unknown, is to look here)."""
+        self.close_stream()
+        self.give_fds.close()
+        for fd in (self.go_w, self.ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self.go_w = self.ready_r = -1
         control._kill_pidfile(self.dir)
-        shutil.rmtree(self.dir, ignore_errors=True)
 
     def close(self) -> None:
         """The relocation is over and the domain runs: stop listening to it."""
@@ -364,6 +386,15 @@ class RelocationServer:
             return
         if head == CHANNEL_MAGIC:
             self.channel(raw, who)
+            return
+        if (self.ctx is not None) != (head[:2] == b"\x16\x03"):     # the two sides disagree on TLS
+            if self.ctx is not None:        # a plain client can read a plain ERROR
+                log.warning("refused %s: it does not speak TLS (an --insecure source?)", who)
+                Channel(raw).send_error("this host requires TLS with client certificates: run hvm "
+                                        "migrate with --tls-dir, not --insecure", linger=1.0)
+            else:
+                log.warning("refused %s: it speaks TLS, and this daemon runs --insecure", who)
+            raw.close()
             return
         if self.ctx is not None:
             raw.settimeout(HANDSHAKE_TIMEOUT)
@@ -434,7 +465,7 @@ class RelocationServer:
             self.receive_stream(ch, incoming)
             timing = incoming.finish()
             ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
-            ch.expect("GO", GO_TIMEOUT)
+            go = ch.expect("GO", GO_TIMEOUT)
         except (Refused, ChannelError, OSError) as exc:
             log.warning("relocation of %s from %s failed: %s", name, who, exc)
             if incoming is not None:
@@ -447,7 +478,7 @@ class RelocationServer:
                 if incoming is not None:
                     self.routes.pop(incoming.channel_id, None)
         try:
-            resume = incoming.resume()       # GO received: from here on the pair is ours
+            resume = incoming.resume(go.get("paused") is True)      # GO: from here on the pair is ours
         except NotResumed as exc:       # it never ran: destroy it, then the source may resume
             log.error("GO for %s from %s, but it could not resume: %s", name, who, exc)
             incoming.discard()
@@ -457,9 +488,13 @@ class RelocationServer:
         except Refused as exc:          # it may have run: the source must not resume by itself
             log.error("GO for %s from %s, but it did not resume: %s", name, who, exc)
             ch.send_error(f"resume failed after GO: {exc}")
-            incoming.discard()
+            incoming.abandon()          # its directory stays: listed crashed, logs kept
             return
         incoming.close()
+        if resume is None:
+            log.info("relocated %s from %s: paused, as asked", name, who)
+            ch.send("RUNNING", paused=True)
+            return
         log.info("relocated %s from %s: running", name, who)
         ch.send("RUNNING", resume=resume)
 
@@ -480,7 +515,7 @@ class RelocationServer:
             raise Refused(str(exc)) from None
         memory = hello["memory"]
         if not memory_ok(memory):
-            raise Refused(f"memory size {memory} out of range")
+            raise Refused(memory_problem(memory))
         vcpus = hello.get("vcpus", 1)
         if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
             raise Refused(f"vcpus {vcpus!r} out of range (1 to {MAX_VCPUS})")

@@ -12,19 +12,39 @@ CONSOLE = "console.log"
 PIDFILE = "pid"
 LOGFILE = "domain.log"
 STDERR = "stderr.log"       # a starting domain process's standard error, until it runs
+CONFIG = "config.json"      # the domain's configuration: what `hvm list` shows of it once crashed
+LOGS = (CONSOLE, LOGFILE, STDERR)   # what a crashed domain leaves for a post-mortem
+
+
+class StateDirError(ValueError):
+    """The state directory cannot hold domains (a file, or not writable); one line."""
 
 
 def state_dir() -> Path:
     """$HVM_STATE_DIR, else /run/hvm for root, else $XDG_RUNTIME_DIR/hvm or /tmp/hvm-UID."""
     env = os.environ.get("HVM_STATE_DIR")
     if env:
-        return Path(env)
-    if os.geteuid() == 0 and os.access("/run", os.W_OK):
-        return Path("/run/hvm")
-    runtime = os.environ.get("XDG_RUNTIME_DIR")
-    if runtime:
-        return Path(runtime) / "hvm"
-    return Path(f"/tmp/hvm-{os.getuid()}")
+        path = Path(env)
+    elif os.geteuid() == 0 and os.access("/run", os.W_OK):
+        path = Path("/run/hvm")
+    elif os.environ.get("XDG_RUNTIME_DIR"):
+        path = Path(os.environ["XDG_RUNTIME_DIR"]) / "hvm"
+    else:
+        path = Path(f"/tmp/hvm-{os.getuid()}")
+    if path.exists() and not path.is_dir():
+        raise StateDirError(f"the state directory {path} is not a directory"
+                            + (" (HVM_STATE_DIR)" if env else ""))
+    return path
+
+
+def make(root: Path) -> None:
+    """Create the state directory ``root`` if needed; StateDirError if it cannot be."""
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise StateDirError(f"cannot make the state directory {root}: {exc.strerror or exc}") from None
+    if not os.access(root, os.W_OK | os.X_OK):
+        raise StateDirError(f"the state directory {root} is not writable")
 
 
 def check_name(name: str) -> str:
