@@ -48,7 +48,7 @@ def memory_problem(memory: int) -> str:
     """What is wrong with a guest memory size memory_ok refuses, in one line."""
     size = f"{memory // MIB} MiB" if memory % MIB == 0 else f"{memory / MIB:.2f} MiB"
     if not MIN_MEMORY <= memory <= MAX_MEMORY:
-        return f"memory size {size} out of range: {MIN_MEMORY // MIB} MiB to {MAX_MEMORY // MIB} MiB"
+        return f"memory size {size} out of range: {MIN_MEMORY // MIB} MiB to {MAX_MEMORY >> 30} GiB"
     below = memory // (2 * MIB) * 2
     return (f"memory size {size} is not a multiple of 2 MiB (the guest maps its memory in 2 MiB "
             f"pages): try {below} MiB or {below + 2} MiB")

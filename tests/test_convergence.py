@@ -25,7 +25,7 @@ def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
     # the slower of the last two rounds (1 ms a page), not the last one alone
     slow, fast = Round(1000, 4 << 20, 1.0), Round(1000, 4 << 20, 0.25)
     assert estimate_final(100, [slow, fast], conv) == pytest.approx(0.105)
-    assert estimate_final(100, [slow, [ROUND], fast], conv) == pytest.approx(0.055)
+    assert estimate_final(100, [slow, ROUND, fast], conv) == pytest.approx(0.055)
     # a tiny round says little: the one before it sets the rate; the last lag is added
     tiny = Round(10, 40960, 0.5, lag=0.003)
     assert estimate_final(100, [fast, tiny], conv) == pytest.approx(0.025 + 0.003 + 0.005)

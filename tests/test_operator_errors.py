@@ -392,7 +392,7 @@ def test_memory_sizes_say_the_real_reason(state_dir):
     res = run("create", "-w", "idle", "-m", "1T", "-n", "a", ok=False)
     assert res.exit_code == 1 and "memory size 1048576 MiB out of range" in res.output, res.output
     res = run("create", "-w", "idle", "-m", "8M", "-n", "a", ok=False)
-    assert res.exit_code == 1 and "8 MiB out of range: 16 MiB to 3072 MiB" in res.output
+    assert res.exit_code == 1 and "8 MiB out of range: 16 MiB to 240 GiB" in res.output
 
 
 def test_sizes_rates_and_durations_take_units_everywhere(state_dir):

@@ -92,6 +92,7 @@ class _Restorer:
 
     def on_config(self, record: ConfigRecord) -> None:
         self.config = config_from_record(record, self.name)
+        self.collector.max_vcpus = self.config.vcpus
         self.stub_build = stub_build_of(record)
         if self.fresh_stub is None:
             self.fresh_stub = self.config.stub and self.stub_build != stub_build_id()

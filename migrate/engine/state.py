@@ -185,15 +185,16 @@ class StateCollector:
     """Gathers one VM's HVM context records as they arrive; :meth:`result` builds the
     DomainState once the stream is complete, naming the first record that is missing."""
 
-    def __init__(self, label: str = "guest") -> None:
+    def __init__(self, label: str = "guest", vcpus: int = 1) -> None:
         self.label = label
+        self.max_vcpus = vcpus      # ids 0..vcpus-1; the restorer sets it from DOMAIN_CONFIG
         self.vcpus: dict[int, dict[str, object]] = {}
         self.platform: dict[str, object] = {}
 
     def add(self, record: HvmState) -> None:
-        if record.vcpu_id not in (None, 0):     # refused at once: nothing piles up
+        if record.vcpu_id is not None and record.vcpu_id >= self.max_vcpus:   # refused at once: nothing piles up
             raise RestoreError(f"stream has {record.type.name} of {self.label} vcpu {record.vcpu_id}; "
-                               "this build runs one vCPU (id 0) per VM")
+                               f"the {self.label} has {self.max_vcpus} (ids 0..{self.max_vcpus - 1})")
         if record.vcpu_id is not None:
             self.vcpus.setdefault(record.vcpu_id, {})[VCPU_RECORDS[record.type]] = record.state
         elif record.type is RecordType.PIC:
