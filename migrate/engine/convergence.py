@@ -31,7 +31,7 @@ class Convergence:
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
     headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
-    state_seconds: float = 0.005    # fixed cost of the downtime beyond the pages: state capture and
+    state_seconds: float = 0.007    # fixed cost of the downtime beyond the pages: state capture and
                                     # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
     timeout: float | None = None    # seconds of pre-copy before on_timeout applies
