@@ -19,7 +19,7 @@ from .cpu import (
     msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
-from .kvm import DirtyLog, Kvm, KvmError, PlatformState, VcpuState
+from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
 from .memory import RamRange
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
@@ -76,6 +76,7 @@ class DomainConfig:
     cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
     net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (stub/netback.py)
     vcpus: int = 1              # vCPUs, 1..MAX_VCPUS (LAPIC ids 0..vcpus-1)
+    hugepages: bool = False     # guest RAM of 2 MiB huge pages (a host choice: not in the stream)
 
     def validate(self) -> None:
         if self.workload not in gboot.WORKLOADS:
@@ -100,6 +101,8 @@ class DomainConfig:
                 raise DomainError(str(exc)) from None
         if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
             raise DomainError(f"vcpus must be 1 to {MAX_VCPUS}")
+        if not isinstance(self.hugepages, bool):
+            raise DomainError("hugepages must be true or false")
 
 
 @dataclass
@@ -183,9 +186,13 @@ class Domain:
                     "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS",
                     "KVM_CAP_DEBUGREGS", "KVM_CAP_ADJUST_CLOCK")
         host = this_host()
-        self.vm, self.ram, self.vcpus = gboot.new_machine(
-            kvm, gboot.ram_layout(self.config.memory), f"hvm-{self.config.name}", self.cpu,
-            scale_tsc=self._scale_tsc(self.cpu, host), vcpus=self.config.vcpus)
+        try:
+            self.vm, self.ram, self.vcpus = gboot.new_machine(
+                kvm, gboot.ram_layout(self.config.memory), f"hvm-{self.config.name}", self.cpu,
+                scale_tsc=self._scale_tsc(self.cpu, host), vcpus=self.config.vcpus,
+                huge=self.config.hugepages)
+        except HugePagesError as exc:
+            raise DomainError(f"cannot give domain {self.config.name} its RAM: {exc.strerror}") from None
         self._runs = [_VcpuRun(vcpu) for vcpu in self.vcpus]
         if self.config.stub:
             try:

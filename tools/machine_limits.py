@@ -107,3 +107,29 @@ def zstd(sample: bytes, level: int = 1) -> tuple[float, float]:
 
 def gbps(rate: float | None) -> str:
     return "n/a" if rate is None else f"{rate / 1e9:.2f} GB/s"
+
+
+class HugePagePool:
+    """Context manager: at least ``n`` free 2 MiB huge pages for its duration (the pool
+    raised through sysctl vm.nr_hugepages, as root, and put back after)."""
+    PATH = "/proc/sys/vm/nr_hugepages"
+
+    def __init__(self, n: int):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        from migrate.kvm import huge_pages_free
+        free, total = huge_pages_free()
+        if free < self.n:
+            self.before = total
+            with open(self.PATH, "w") as f:
+                f.write(str(total + self.n - free))
+            free, _ = huge_pages_free()
+            if free < self.n:
+                raise SystemExit(f"the kernel gave {free} free huge pages of the {self.n} asked for")
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            with open(self.PATH, "w") as f:
+                f.write(str(self.before))

@@ -166,7 +166,8 @@ class DomainServer:
         dom, cfg = self.domain, self.domain.config
         return {"name": cfg.name, "workload": cfg.workload, "memory": cfg.memory,
                 "memory_ranges": [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()],
-                "vcpus": cfg.vcpus, "status": dom.status, "crash_reason": dom.crash_reason,
+                "hugepages": cfg.hugepages, "vcpus": cfg.vcpus, "status": dom.status,
+                "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
                 "console_bytes": self.console_log.tell(), "args": list(cfg.args),
                 "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk, "net": cfg.net,
@@ -550,7 +551,8 @@ def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: Domai
             if (hello.get(Vm.GUEST), hello.get(Vm.STUB)) != (cpu["cpu"], cpu["stub_cpu"]):
                 raise RestoreError("stream does not match HELLO (the CPU records differ)")
         net = dict(cfg.net, name=opts["net_to"]) if cfg.net else None
-        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"], net=net), console, **cpu)
+        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"], net=net,
+                                            hugepages=bool(opts.get("hugepages"))), console, **cpu)
         domain.park_vcpu()
         return domain
 
