@@ -111,7 +111,10 @@ def gbps(rate: float | None) -> str:
 
 class HugePagePool:
     """Context manager: at least ``n`` free 2 MiB huge pages for its duration (the pool
-    raised through sysctl vm.nr_hugepages, as root, and put back after)."""
+    raised through sysctl vm.nr_hugepages, as root, and put back after), each written
+    once first: on these hosts (themselves virtual machines) memory never touched before
+    costs the outer hypervisor's faults on first use (a fresh pool filled at 0.4 GB/s, a
+    used one at 5.7 GB/s), and a host's reserved pool is a used one after its first guest."""
     PATH = "/proc/sys/vm/nr_hugepages"
 
     def __init__(self, n: int):
@@ -127,6 +130,16 @@ class HugePagePool:
             free, _ = huge_pages_free()
             if free < self.n:
                 raise SystemExit(f"the kernel gave {free} free huge pages of the {self.n} asked for")
+        if self.n:
+            size = self.n * (2 << 20)
+            fd = os.memfd_create("warm", os.MFD_HUGETLB)
+            try:
+                os.ftruncate(fd, size)
+                with mmap.mmap(fd, size) as mem:
+                    for at in range(0, size, 2 << 20):
+                        mem[at] = 1
+            finally:
+                os.close(fd)
         return self
 
     def __exit__(self, *exc):
