@@ -22,6 +22,7 @@ from migrate.guest import check
 from migrate.host import control, relocd
 from migrate.kvm import huge_pages_free
 from test_relocation import hosts, pki, wait_console  # noqa: F401 (fixtures)
+from test_smp import ledger_bytes
 
 NR = Path("/proc/sys/vm/nr_hugepages")
 
@@ -45,15 +46,6 @@ def huge_pool():
     NR.write_text(str(before))
 
 
-def ledger_regions(dom) -> list[bytes]:
-    out = []
-    for address, size in check.ledger_region_bounds(dom.config.memory, dom.config.vcpus):
-        view = dom.guest_view(address, size)
-        out.append(bytes(view))
-        view.release()
-    return out
-
-
 @pytest.mark.kvm
 @pytest.mark.parametrize("onto_huge", [True, False], ids=["onto-huge", "onto-4k"])
 def test_a_huge_page_guest_saves_live_and_restores(tmp_path, huge_pool, onto_huge):
@@ -70,13 +62,13 @@ def test_a_huge_page_guest_saves_live_and_restores(tmp_path, huge_pool, onto_hug
         path = tmp_path / "h1.hvm"
         stats = save_to_file(src, path, live=True)
         assert stats.pages_holes > 0
-        at_pause = ledger_regions(src)
+        at_pause = ledger_bytes(src)
         assert all(bad == -1 for bad, _ in check.verify_ledgers(src))
         src.destroy()
         dom, _ = restore(file_chunks(path), make_domain=lambda cfg, **cpu: Domain(
             DomainConfig(**{**cfg.__dict__, "hugepages": onto_huge}), **cpu))
         assert dom.ram.huge is onto_huge and dom.config.hugepages is onto_huge
-        assert ledger_regions(dom) == at_pause          # every page, to the last round's
+        assert ledger_bytes(dom) == at_pause          # every page, to the last round's
         mark = dom.console.next_index
         dom.resume()
         dom.console.wait_for(r"^ledger ok gen=\d+ ", timeout=30, start=mark)

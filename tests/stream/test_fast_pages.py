@@ -196,22 +196,3 @@ def test_placement_rejects_oversized_counts_and_short_bodies() -> None:
     with pytest.raises(DataplaneError, match="2 entries need 40"):
         place(mem, BATCH_HEADER.pack(0, 2) + bytes(16))
 
-
-def test_the_record_crc_is_zlibs():
-    """The reader's and writer's CRC-32 (framing.crc32, in C: carry-less multiplication
-    where the CPU has it) gives zlib's value for every length, alignment and seed, from
-    bytes, bytearrays and memoryviews alike."""
-    import random
-    import zlib
-    from migrate.stream.framing import crc32, record_crc
-    rnd = random.Random(6)
-    data = rnd.randbytes(70000)
-    for n in list(range(0, 200)) + [4095, 4096, 4097, 65536, 69997]:
-        for start in (0, 1, 13):
-            piece = data[start:start + n]
-            for crc in (0, 0xFFFFFFFF, rnd.getrandbits(32)):
-                want = zlib.crc32(piece, crc)
-                assert crc32(piece, crc) == want, (n, start, crc)
-                assert crc32(memoryview(bytearray(piece)), crc) == want
-    body = data[:5000]
-    assert record_crc(4, body) == zlib.crc32(body, zlib.crc32(struct.pack("<III", 4, 5000, 0)))
