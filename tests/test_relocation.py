@@ -179,7 +179,9 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up
     assert set(parts) == {"stop", "capture", "pages", "state", "end", "read", "apply", "answer", "resume",
                           "link"}
-    assert all(v >= 0 for v in parts.values()) and parts["capture"] > 0 and parts["apply"] > 0
+    # apply is 0 when the domain process had applied the state before STREAM_END's arrival
+    # (the data channels can outrun the control channel): the parts count downtime, not work
+    assert all(v >= 0 for v in parts.values()) and parts["capture"] > 0 and parts["resume"] > 0
     assert abs(sum(parts.values()) - stats["downtime"]) < 0.25 * stats["downtime"]
     assert control.list_domains(src) == []                 # the source copy is gone
     [info] = control.list_domains(dst)

@@ -142,7 +142,8 @@ def process_alive(directory: Path) -> bool | None:
     """Whether the domain process of ``directory`` lives: None when it has written no
     pid yet (still starting), True while a process of that pid runs that domain
     directory (a reused pid does not count) or is on its way out (its memory gone, its
-    files, and so its locks, not yet), False once it is gone or a zombie."""
+    files, and so its locks, not yet), False once it is gone or a zombie with no thread
+    left."""
     try:
         pid = int((directory / statedir.PIDFILE).read_text())
     except (OSError, ValueError):
@@ -159,7 +160,12 @@ def _runs(pid: int, directory: Path | None = None) -> bool:
     except (OSError, IndexError):
         return False
     if state in (b"Z", b"X"):
-        return False
+        # a zombie leader whose other threads still exit holds the process's files (and
+        # so its image locks) until the last of them is gone
+        try:
+            return len(os.listdir(f"/proc/{pid}/task")) > 1
+        except OSError:
+            return False
     if argv in ([b""], []):
         return True                 # exiting: no memory left to read its arguments from
     return directory is None or os.fsencode(str(directory)) in argv
