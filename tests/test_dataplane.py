@@ -293,6 +293,26 @@ def test_the_same_page_on_two_channels_in_one_round_is_refused():
     assert "pfn 0x4 sent twice in round 0" in refused([bytes(ch0.data), bytes(ch1.data)])[0]
 
 
+@pytest.mark.parametrize("finals", [(0, 1), (1, 0)])
+def test_channels_that_end_different_rounds_are_refused_at_once(finals):
+    """One channel's FINAL sync ends round 0, the other's sync of round 0 is not FINAL: the
+    receiver refuses at that round's barrier (it used to wait forever for the channel that
+    had ended, until its caller's timeout). Found by tools/fuzz/channels_fuzz.c."""
+    import time
+    writers = [ChannelWriter(0), ChannelWriter(1)]
+    for index, last in enumerate(finals):
+        w = writers[index]
+        w.batch(0, [(index, DATA)])
+        w.sync(0, final=last == 0)
+        if last == 1:
+            w.sync(1, final=True)
+    t0 = time.monotonic()
+    text, _ = refused([bytes(w.data) for w in writers])
+    ended = finals.index(0)
+    assert f"channel {ended} ends round 0 with its FINAL sync, channel {1 - ended} does not" in text
+    assert time.monotonic() - t0 < 3
+
+
 def test_zstd_frames_are_checked_before_decompressing():
     import zstandard
     data = zstandard.ZstdCompressor(write_content_size=False).compress(DATA)

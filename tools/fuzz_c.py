@@ -5,6 +5,7 @@
     python tools/fuzz_c.py run stub --runs 1000000    # or --seconds N; extra args go to libFuzzer
     python tools/fuzz_c.py run pages --seconds 60 -jobs=2
     python tools/fuzz_c.py coverage stub [DIR ...]    # line/region coverage of stub.c by a corpus
+    python tools/fuzz_c.py coverage channels DIR --functions   # function by function
 
 Harnesses (tools/fuzz/*.c):
 
@@ -15,7 +16,11 @@ Harnesses (tools/fuzz/*.c):
 - ``placement``: the data plane's placement of page batches into guest memory
   (migrate/dataplane/dataplane.c, dp_target_place: what a restore does with each batch),
   against a model of guest memory;
-- ``runloop``: the vCPU run loop's exit decoding (migrate/kvm/runloop.c) with a fake KVM_RUN.
+- ``runloop``: the vCPU run loop's exit decoding (migrate/kvm/runloop.c) with a fake KVM_RUN;
+- ``channels``: the data plane's channel receiver (migrate/dataplane/dataplane.c,
+  dp_receiver_*: what a relocation's destination does with the bytes of its data channels),
+  one to three plain channels over socketpairs into a model of guest memory, its verdict
+  against a checker written from the spec.
 
 Each has a small corpus in tests/fuzz-corpus/NAME (new inputs of a run go to a scratch
 directory unless --grow-corpus). Needs clang with libFuzzer (Debian: clang and
@@ -37,17 +42,19 @@ ROOT = Path(__file__).resolve().parent.parent
 HARNESSES = ROOT / "tools" / "fuzz"
 BUILD = ROOT / "build" / "fuzz"
 CORPORA = ROOT / "tests" / "fuzz-corpus"
-NAMES = ("stub", "pages", "placement", "runloop")
+NAMES = ("stub", "pages", "placement", "runloop", "channels")
 FLAGS = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=fuzzer,address,undefined",
          "-fno-sanitize-recover=all", "-Wall", "-Wextra", "-Werror", "-Wno-unused-function",
          "-Wno-unused-parameter"]
 # Code under test compiled apart, with coverage; the harness file itself without it
 UNDER_TEST = {"pages": [BUILD / "pages_impl.c"], "stub": [ROOT / "migrate" / "stub" / "src" / "netdev.c"],
-              "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"]}
+              "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"],
+              "channels": [ROOT / "migrate" / "dataplane" / "dataplane.c"]}
 LIBS = {"placement": ["-lssl", "-lcrypto", "-lzstd", "-lxxhash", "-lz", "-lpthread"],
+        "channels": ["-lssl", "-lcrypto", "-lzstd", "-lxxhash", "-lz", "-lpthread"],
         "pages": ["-lz", "-lpthread"]}             # crc32_fold.h: zlib for short tails
 # as cffi builds them (Python.h defines _GNU_SOURCE; dataplane/_build.py's warning flags)
-EXTRA = {"placement": ["-D_GNU_SOURCE", "-Wno-sign-compare"]}
+EXTRA = {"placement": ["-D_GNU_SOURCE", "-Wno-sign-compare"], "channels": ["-D_GNU_SOURCE", "-Wno-sign-compare"]}
 # Harnesses that compile code under test into their own file (the stub's statics): they
 # keep coverage instrumentation
 WHOLE = {"stub"}
@@ -56,6 +63,7 @@ INCLUDES = {
     "pages": [BUILD, ROOT / "migrate" / "stream"],     # crc32_fold.h
     "runloop": [ROOT / "migrate" / "kvm"],
     "placement": [],
+    "channels": [],
 }
 
 
@@ -152,12 +160,14 @@ COVERED = {
     "pages": [BUILD / "pages_impl.c"],
     "runloop": [ROOT / "migrate" / "kvm" / "runloop.c"],
     "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"],
+    "channels": [ROOT / "migrate" / "dataplane" / "dataplane.c"],
 }
 
 
-def coverage(name: str, dirs: list[Path]) -> str:
+def coverage(name: str, dirs: list[Path], functions: bool = False) -> str:
     """Line and region coverage of the code under test by the inputs in ``dirs`` (default:
-    the corpus kept in the repo), from a build with clang's source-based coverage."""
+    the corpus kept in the repo), from a build with clang's source-based coverage; with
+    ``functions``, function by function."""
     cc = clang()
     if cc is None:
         raise SystemExit("fuzz_c: no clang found")
@@ -177,7 +187,8 @@ def coverage(name: str, dirs: list[Path]) -> str:
                    capture_output=True, check=True)
     subprocess.run([tools[0], "merge", "-sparse", str(raw), "-o", str(data)], check=True)
     report = subprocess.run([tools[1], "report", str(out), f"-instr-profile={data}",
-                             *map(str, COVERED[name])], capture_output=True, text=True, check=True)
+                             *(["-show-functions"] if functions else []), *map(str, COVERED[name])],
+                            capture_output=True, text=True, check=True)
     return report.stdout
 
 
@@ -193,9 +204,12 @@ def main() -> int:
     cov = sub.add_parser("coverage", help="line/region coverage of the code under test by a corpus")
     cov.add_argument("name", choices=NAMES)
     cov.add_argument("dirs", nargs="*", type=Path, help="input directories (default: the repo corpus)")
+    cov.add_argument("--functions", action="store_true", help="per function")
     args, extra = parser.parse_known_args()
+    if extra and args.command != "run":     # only run passes arguments on (to libFuzzer)
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
     if args.command == "coverage":
-        print(coverage(args.name, args.dirs), end="")
+        print(coverage(args.name, args.dirs, args.functions), end="")
         return 0
     if args.command == "build":
         for name, path in build().items():

@@ -1347,12 +1347,20 @@ static int place_batch(struct dp_channel *ch, uint32_t type, const uint8_t *body
 }
 
 /* wait until every channel has reached the end of round `round` (the last to arrive
- * clears the round's seen bits); 0, or -1 if the receiver failed meanwhile */
+ * clears the round's seen bits, and refuses syncs of that round FINAL on some channels
+ * only: the others would wait for them forever); 0, or -1 if the receiver failed meanwhile */
 static int barrier(struct dp_channel *ch, uint32_t round)
 {
     struct dp_receiver *r = ch->r;
     pthread_mutex_lock(&r->lock);
     if (++r->arrived == (uint32_t)r->nchannels) {
+        for (int i = 1; i < r->nchannels; i++)
+            if (r->channels[i].final != r->channels[0].final) {
+                int with = r->channels[0].final ? 0 : i;
+                set_error(&r->err, "channel %d ends round %u with its FINAL sync, channel %d does not "
+                          "(every channel ends the same rounds)", with, round, with ? 0 : i);
+                break;
+            }
         for (unsigned s = 0; s < DP_SPACES; s++)
             if (r->spaces[s].seen)
                 memset(r->spaces[s].seen, 0, ((r->spaces[s].total + 63) / 64 + 1) * 8);
