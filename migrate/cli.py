@@ -13,10 +13,7 @@ import time
 import click
 
 from . import exits
-from .cpu import DEFAULT_MODEL, MODELS
-from .domain import DomainConfig
-from .engine.sinks import DEFAULT_COMPRESSION, Compression
-from .guest.boot import WORKLOADS
+from .config import DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig
 from .host import control, protocol
 from .host.control import ControlError
 from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: for callers)
@@ -95,7 +92,7 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
 
 
 def _parse_net(text: str | None) -> dict | None:
-    from .stub.netback import NetError, parse_net
+    from .config import NetError, parse_net
     try:
         return parse_net(text) if text is not None else None
     except NetError as exc:

@@ -14,28 +14,20 @@ from dataclasses import dataclass, field
 
 from . import guest
 from .console import Console
+from .config import (  # noqa: F401  (DomainConfig, DomainError and the memory checks: re-exported)
+    MAX_MEMORY, MAX_VCPUS, MIN_MEMORY, MIB, STUB_MODEL, DomainConfig, DomainError, DomainStatus,
+    memory_ok, memory_problem,
+)
 from .cpu import (
-    DEFAULT_MODEL, MODEL_NAME, STUB_MODEL, CpuModelError, CpuPolicy, HostCpu, compatibility,
-    msrs_to_apply, policy_for, this_host, tsc_differs,
+    CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
 from .kvm import DirtyLog, Kvm, KvmError, PlatformState, VcpuState
 from .memory import RamRange
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
-from .stub.netback import NetError, check_net
 
 log = logging.getLogger(__name__)
-
-MIB = 1 << 20
-MIN_MEMORY = 16 * MIB
-MAX_MEMORY = 240 * gboot.GIB     # 3 GiB below the 32-bit MMIO hole, the rest from 4 GiB
-MAX_VCPUS = gboot.MAX_VCPUS
-
-
-def memory_ok(memory: int) -> bool:
-    """A guest memory size this build runs: MIN_MEMORY to MAX_MEMORY in 2 MiB steps."""
-    return MIN_MEMORY <= memory <= MAX_MEMORY and memory % (2 * MIB) == 0
 
 
 def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
@@ -44,62 +36,9 @@ def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
     return tuple((gpa // gboot.PAGE_SIZE, size // gboot.PAGE_SIZE) for gpa, size in gboot.ram_layout(memory))
 
 
-def memory_problem(memory: int) -> str:
-    """What is wrong with a guest memory size memory_ok refuses, in one line."""
-    size = f"{memory // MIB} MiB" if memory % MIB == 0 else f"{memory / MIB:.2f} MiB"
-    if not MIN_MEMORY <= memory <= MAX_MEMORY:
-        return f"memory size {size} out of range: {MIN_MEMORY // MIB} MiB to {MAX_MEMORY >> 30} GiB"
-    below = memory // (2 * MIB) * 2
-    return (f"memory size {size} is not a multiple of 2 MiB (the guest maps its memory in 2 MiB "
-            f"pages): try {below} MiB or {below + 2} MiB")
-
-
 RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
-
-
-class DomainError(Exception):
-    """A domain cannot be built or operated; the message says why."""
-
-
-@dataclass
-class DomainConfig:
-    """What a domain is, as plain data (it travels in the stream)."""
-    name: str
-    workload: str
-    memory: int
-    args: list[int] = field(default_factory=lambda: [0] * 8)
-    timer_hz: int = 100
-    stub: bool = True           # devices in a stub VM; False: debug port 0xE9 only
-    disk: str | None = None     # raw disk image behind the virtio block device
-    cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
-    net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (stub/netback.py)
-    vcpus: int = 1              # vCPUs, 1..MAX_VCPUS (LAPIC ids 0..vcpus-1)
-
-    def validate(self) -> None:
-        if self.workload not in gboot.WORKLOADS:
-            raise DomainError(f"unknown workload {self.workload!r} "
-                              f"(one of: {', '.join(gboot.WORKLOADS)})")
-        if not memory_ok(self.memory):
-            raise DomainError(memory_problem(self.memory))
-        if len(self.args) > 8:
-            raise DomainError("at most 8 workload arguments")
-        if not 0 <= self.timer_hz <= 1000:
-            raise DomainError("timer_hz must be 0 to 1000")
-        if self.disk is not None and not self.stub:
-            raise DomainError("a disk needs the device-model stub")
-        if not isinstance(self.cpu, str) or not MODEL_NAME.match(self.cpu):
-            raise DomainError(f"{self.cpu!r} is not a CPU model name")
-        if self.net is not None:
-            if not self.stub:
-                raise DomainError("a NIC needs the device-model stub")
-            try:
-                check_net(self.net)
-            except NetError as exc:
-                raise DomainError(str(exc)) from None
-        if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
-            raise DomainError(f"vcpus must be 1 to {MAX_VCPUS}")
 
 
 @dataclass

@@ -42,7 +42,7 @@ from typing import Any, Callable, Protocol
 from ..dataplane import DataplaneError, RoundStats
 from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
 from .convergence import (
-    MAX_ROUNDS, OFFLINE, STALLED, TIMEOUT_CANCEL, Convergence, Round, VcpuThrottle, decide,
+    Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide,
 )
 from .sinks import Compression, Sink, memory_ranges
 from .state import config_record, cpu_records, state_records
@@ -178,16 +178,16 @@ class _Saver:
         if self.cancel is not None and self.cancel.is_set():
             raise SaveCancelled("save cancelled")
         if self.deadline is not None and self.stats.phase == "precopy" and \
-                self.conv.on_timeout == "cancel" and time.monotonic() >= self.deadline:
+                self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline:
             raise self.timed_out()
 
-    def timed_out(self, reason: str = TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
+    def timed_out(self, reason: Reason = Reason.TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
         """The error of pre-copy given up with on_timeout cancel, saying why (``reason``:
         the timeout, a stall, the round cap) and how far it got."""
         s = self.stats
-        if reason == STALLED:
+        if reason is Reason.STALLED:
             why = "pre-copy is not converging: the dirty set stopped shrinking"
-        elif reason == MAX_ROUNDS:
+        elif reason is Reason.MAX_ROUNDS:
             why = f"pre-copy did not converge in {self.conv.max_rounds} rounds"
         else:
             why = f"pre-copy did not converge within {self.conv.timeout:g} s"
@@ -317,7 +317,7 @@ class _Saver:
             self.throttle.stop()
             self.stats.throttle = 0
         else:
-            self.stats.reason = OFFLINE
+            self.stats.reason = Reason.OFFLINE
         stopped = dom.pause()       # the domain may say when its guest began to stop
         mark = time.monotonic()
         paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
@@ -387,9 +387,9 @@ class _Saver:
             decision = decide(self.conv, self.stats.dirty_history + [count], rounds,
                               time.monotonic() - start, self.throttle.percent)
             self.stats.estimate_history.append(decision.estimate)
-            if decision.action == "cancel":
+            if decision.action is Action.CANCEL:
                 raise self.timed_out(decision.reason, count)
-            if decision.action == "switch":
+            if decision.action is Action.SWITCH:
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
                 self.pending = dirty     # fetched and cleared: the final round sends these too
                 return

@@ -13,9 +13,7 @@ from pathlib import Path
 
 import msgpack
 
-from ..domain import DomainConfig, DomainError
-from ..engine.sinks import DEFAULT_COMPRESSION
-from ..kvm.system import DEV_KVM
+from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError
 from ..locks import DiskBusy, DiskLock
 from . import protocol, statedir
 

@@ -31,11 +31,10 @@ from pathlib import Path
 import msgpack
 
 from ..cpu import compatibility, this_host
-from ..domain import MAX_VCPUS, memory_ok, memory_problem
+from ..config import MAX_VCPUS, NetError, check_ifname, memory_ok, memory_problem
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
-from ..stub.netback import NetError, check_ifname
 from . import control, statedir, tls
 from .relocation import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,

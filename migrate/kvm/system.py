@@ -4,11 +4,11 @@ from __future__ import annotations
 import errno
 import os
 
+from ..config import DEV_KVM
 from ._lib import ffi, ioctl, lib
 from .errors import KvmError, KvmUnavailable
 
 KVM_API_VERSION = 12
-DEV_KVM = "/dev/kvm"
 
 
 class Kvm:
