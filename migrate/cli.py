@@ -13,7 +13,9 @@ import time
 import click
 
 from . import exits
-from .config import DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig
+from .config import (
+    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus,
+)
 from .host import control, protocol
 from .host.control import ControlError
 from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: for callers)
@@ -233,7 +235,7 @@ def console(name, follow):
             offset = part["next"]
             if part["data"]:
                 continue
-            if not follow or part["status"] in ("crashed", "shutdown", "destroyed"):
+            if not follow or part["status"] in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN, DomainStatus.DESTROYED):
                 return
             time.sleep(0.2)
 
@@ -518,7 +520,7 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
                                     **convergence)
     finally:
         bar.done()
-    if reply["status"] == "destroyed":
+    if reply["status"] == DomainStatus.DESTROYED:
         control.wait_gone(name)
     if reply.get("interrupted"):
         exits.warn("interrupted too late to cancel: the save had completed")

@@ -23,7 +23,8 @@ from .cpu import (
 )
 from .guest import boot as gboot
 from .kvm import DirtyLog, Kvm, KvmError, PlatformState, VcpuState
-from .memory import RamRange
+from .memory import Ram, RamRange
+from .stream.records import Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
@@ -49,6 +50,43 @@ class DomainState:
     vcpus: list[VcpuState]
     platform: PlatformState
     stub: StubState | None = None
+
+    @property
+    def devices(self) -> tuple:
+        """The guest's own device-model records: none (its devices live in the stub)."""
+        return ()
+
+
+class VmSpace:
+    """One VM of the pair as the engine moves it (:class:`migrate.engine.contract.VmPart`):
+    the guest and the stub are both one of these. ``ram``: its RAM; ``also_writes``: RAM of
+    another VM mapped onto the same pages (the stub's window onto guest RAM), whose dirty
+    log is merged into this one's, since KVM keeps them apart (KVM-HERE.md); ``share``:
+    its part of a captured DomainState."""
+
+    def __init__(self, vm: Vm, ram: Ram, cpu: CpuPolicy, share, also_writes: Ram | None = None):
+        self.vm, self.ram, self.cpu = vm, ram, cpu
+        self.share, self.also_writes = share, also_writes
+
+    def memory_ranges(self) -> list[RamRange]:
+        return self.ram.ranges()
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        return self.ram.data_ranges()
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        self.ram.set_dirty_logging(enabled)
+        if self.also_writes is not None:
+            self.also_writes.set_dirty_logging(enabled)
+
+    def fetch_dirty(self) -> DirtyLog:
+        dirty = self.ram.fetch_dirty()
+        if self.also_writes is not None:
+            dirty = dirty | self.also_writes.fetch_dirty()
+        return dirty
+
+    def state_of(self, state: DomainState):
+        return self.share(state)
 
 
 @dataclass(eq=False)
@@ -92,7 +130,7 @@ class Domain:
         except CpuModelError as exc:
             raise DomainError(str(exc)) from None
         self.console = console or Console()
-        self.status = "paused"
+        self.status = DomainStatus.PAUSED
         self.crash_reason = ""
         self.on_sync = None             # called in the vCPU thread: on_sync(value)
         self._kvm = kvm or Kvm()
@@ -103,6 +141,7 @@ class Domain:
         self._has_run = False               # resume() was called once: state can no longer be applied
         self.pause_skew = 0.0               # the last pause: seconds from the first vCPU's stop to the last's
         self.stub: Stub | None = None
+        self._parts: list[VmSpace] = []
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
@@ -133,6 +172,10 @@ class Domain:
                                  net=self.config.net)
             except (OSError, StubError) as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
+        window = self.stub.window if self.stub is not None else None
+        self._parts = [VmSpace(Vm.GUEST, self.ram, self.cpu, lambda state: state, also_writes=window)]
+        if self.stub is not None:
+            self._parts.append(VmSpace(Vm.STUB, self.stub.ram, self.stub.cpu, lambda state: state.stub))
 
     def _fit(self, policy: CpuPolicy, host: HostCpu, what: str) -> CpuPolicy:
         """``policy`` as this host runs it: refused (CpuModelError) if the host cannot, less
@@ -218,7 +261,7 @@ class Domain:
         """Apply captured state to this paused, never-run domain (its memory,
         and unless ``fresh_stub`` the stub's memory, are filled separately).
         ``stub_build`` names the build of a stub resumed from its image."""
-        if self.status != "paused" or self._has_run:
+        if self.status is not DomainStatus.PAUSED or self._has_run:
             raise DomainError("state can only be applied to a domain that has not run")
         if [v.vcpu_id for v in state.vcpus] != [v.id for v in self.vcpus]:
             raise DomainError(f"state has vCPUs {[v.vcpu_id for v in state.vcpus]}, "
@@ -257,6 +300,10 @@ class Domain:
         return dataclasses.replace(vcpu, msrs=msrs)
 
     # -- memory and dirty log ---------------------------------------------
+    def parts(self) -> list["VmSpace"]:
+        """The guest, then the stub (if any): what the engine moves (engine/contract.py)."""
+        return list(self._parts)
+
     @property
     def memory(self) -> memoryview:
         """Guest RAM from physical address 0 (below the 32-bit MMIO hole): all of it for a
@@ -267,10 +314,7 @@ class Domain:
         """Guest RAM as ranges of guest page frames, one per memory slot, ascending:
         (first_pfn, npages, memory view, memory file descriptor, offset of the range in
         that file)."""
-        return self.ram.ranges()
-
-    def stub_memory_ranges(self) -> list[RamRange]:
-        return self.stub.ram.ranges() if self.stub else []
+        return self._parts[0].memory_ranges()
 
     def guest_view(self, address: int, size: int) -> memoryview:
         """Guest RAM ``[address, address + size)``, inside one RAM range."""
@@ -278,32 +322,23 @@ class Domain:
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Page ranges of guest RAM that may hold data (the rest was never written)."""
-        return self.ram.data_ranges()
-
-    def stub_data_ranges(self) -> list[tuple[int, int]]:
-        return self.stub.ram.data_ranges() if self.stub else []
+        return self._parts[0].data_ranges()
 
     @property
     def stub_memory(self) -> memoryview | None:
         return self.stub.memory if self.stub else None
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        self.ram.set_dirty_logging(enabled)
-        if self.stub is not None:
-            self.stub.set_dirty_logging(enabled)
+        """Dirty logging of every part (the guest's RAM, the stub's window onto it, the
+        stub's RAM) on or off."""
+        for part in self._parts:
+            part.set_dirty_logging(enabled)
 
     def fetch_dirty(self) -> DirtyLog:
         """Fetch and clear the pages of guest RAM dirtied since the last fetch, in every
         RAM slot: the guest's own log merged with the stub's window log (its DMA), which
         KVM keeps apart (KVM-HERE.md)."""
-        dirty = self.ram.fetch_dirty()
-        if self.stub is not None:
-            dirty = dirty | self.stub.fetch_window_dirty()
-        return dirty
-
-    def fetch_stub_dirty(self) -> DirtyLog | None:
-        """Fetch and clear the stub's own memory pages dirtied since the last fetch."""
-        return self.stub.fetch_ram_dirty() if self.stub else None
+        return self._parts[0].fetch_dirty()
 
     # -- console input ----------------------------------------------------------
     def send_input(self, data: bytes) -> None:
@@ -314,12 +349,12 @@ class Domain:
             if len(self._input) + len(data) > 65536:
                 raise DomainError("console input backlog is full")
             self._input += data
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 self.vcpu.kick()        # vCPU 0's thread hands it to the stub
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
-        if self.status == "running":
+        if self.status is DomainStatus.RUNNING:
             raise DomainError("capture needs a paused domain")
         try:
             stub = self.stub.capture() if self.stub else None
@@ -332,18 +367,18 @@ class Domain:
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
         with self._cv:
-            if self.status == "destroyed":
+            if self.status is DomainStatus.DESTROYED:
                 raise DomainError("domain is destroyed")
-            if self.status in ("crashed", "shutdown"):
+            if self.status in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN):
                 raise DomainError(f"domain {self.status}: {self.crash_reason}")
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 return
             for run in self._runs:
                 run.vcpu.unkick()
                 run.entered_at = None
             self._want_run = True
             self._has_run = True
-            self.status = "running"
+            self.status = DomainStatus.RUNNING
             self._start_threads()
             self._cv.notify_all()
         net = self.stub.net if self.stub is not None else None
@@ -365,7 +400,7 @@ class Domain:
         of the last one), or None if they have not within ``timeout`` (or the domain
         stopped meanwhile)."""
         with self._cv:
-            self._cv.wait_for(lambda: self.entered_at is not None or self.status != "running", timeout)
+            self._cv.wait_for(lambda: self.entered_at is not None or self.status is not DomainStatus.RUNNING, timeout)
             return self.entered_at
 
     def park_vcpu(self) -> None:
@@ -373,7 +408,7 @@ class Domain:
         still be applied): a later resume() only wakes them. A relocation's resume is on the
         downtime path, and starting threads there costs a fraction of a millisecond each."""
         with self._cv:
-            if self.status == "paused":
+            if self.status is DomainStatus.PAUSED:
                 self._start_threads()
 
     def _start_threads(self) -> None:
@@ -390,7 +425,7 @@ class Domain:
         from the first vCPU's stop to the last one's."""
         asked = time.monotonic()
         with self._cv:
-            if self.status != "running":
+            if self.status is not DomainStatus.RUNNING:
                 return asked
             running = [run.in_guest for run in self._runs]   # else resumed, not yet gone in: never ran
             self._want_run = False
@@ -398,8 +433,8 @@ class Domain:
                 run.vcpu.kick()
             if not self._cv.wait_for(lambda: not any(run.in_guest for run in self._runs), timeout):
                 raise DomainError(f"vCPUs did not stop within {timeout}s")
-            if self.status == "running":
-                self.status = "paused"
+            if self.status is DomainStatus.RUNNING:
+                self.status = DomainStatus.PAUSED
             now = time.monotonic()
             stops = [run.left_at if was_in and run.left_at >= asked else now
                      for run, was_in in zip(self._runs, running)]
@@ -419,10 +454,10 @@ class Domain:
 
     def destroy(self) -> None:
         with self._cv:
-            if self.status == "destroyed":
+            if self.status is DomainStatus.DESTROYED:
                 return
             self._want_run = False
-            self.status = "destroyed"
+            self.status = DomainStatus.DESTROYED
             for run in self._runs:
                 if run.thread is not None:
                     run.vcpu.kick()
@@ -445,15 +480,15 @@ class Domain:
     def wait_stopped(self, timeout: float) -> bool:
         with self._cv:
             return self._cv.wait_for(
-                lambda: self.status in ("crashed", "shutdown", "destroyed"), timeout)
+                lambda: self.status.stopped, timeout)
 
     def _vcpu_loop(self, run: _VcpuRun) -> None:
         while True:
             with self._cv:
                 run.in_guest = False
                 self._cv.notify_all()
-                self._cv.wait_for(lambda: self._want_run or self.status == "destroyed")
-                if self.status == "destroyed":
+                self._cv.wait_for(lambda: self._want_run or self.status is DomainStatus.DESTROYED)
+                if self.status is DomainStatus.DESTROYED:
                     return
                 run.in_guest = True
             try:
@@ -487,13 +522,13 @@ class Domain:
             if handler(self, vcpu, ex) is False:
                 return
 
-    def _crash(self, reason: str, status: str = "crashed") -> None:
+    def _crash(self, reason: str, status: DomainStatus = DomainStatus.CRASHED) -> None:
         """The guest stopped (or cannot go on): every vCPU leaves it."""
         with self._cv:
-            if self.status in ("crashed", "shutdown"):      # another vCPU said it first
+            if self.status in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN):      # another vCPU said it first
                 return
             self.crash_reason = reason
-            if self.status != "destroyed":
+            if self.status is not DomainStatus.DESTROYED:
                 self.status = status
             self._want_run = False
             self._kick_all()
@@ -512,7 +547,7 @@ class Domain:
             return
         with self._cv:
             self._warm_stub = True
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 self.vcpu.kick()        # vCPU 0's thread runs it
 
     def _housekeeping(self) -> None:
@@ -549,7 +584,7 @@ class Domain:
         if ex.is_write and ex.port == PORT_EXIT:
             status = int.from_bytes(ex.data, "little")
             self._crash(f"guest stopped itself with status {status:#x}",
-                        "shutdown" if status == 0 else "crashed")
+                        DomainStatus.SHUTDOWN if status == 0 else DomainStatus.CRASHED)
             return False
         if ex.port not in self._unknown_ports:
             self._unknown_ports.add(ex.port)

@@ -15,7 +15,7 @@ from ..domain import DomainConfig, DomainState
 from ..kvm import PlatformState, VcpuState
 from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
-from ..stream import HvmState, RecordType, StreamError, Vm
+from ..stream import DeviceState, HvmState, RecordType, StreamError, Vm
 from ..stream.cpu import MSR_FEATURE
 
 # vCPU record type -> VcpuState attribute. The stream has no FPU record: VCPU_XSAVE
@@ -168,7 +168,7 @@ class CpuCollector:
                        for index, flags, value in have[RecordType.MSR_POLICY].entries))
 
 
-def state_records(state: DomainState, vm: Vm = Vm.GUEST) -> list[HvmState]:
+def state_records(state, vm: Vm = Vm.GUEST) -> list[HvmState]:
     """Every HVM context record of one VM: each vCPU's, then the platform's."""
     out = []
     for vcpu in state.vcpus:
@@ -179,6 +179,12 @@ def state_records(state: DomainState, vm: Vm = Vm.GUEST) -> list[HvmState]:
                         {"master": platform.pic_master, "slave": platform.pic_slave}))
     out += [HvmState(rtype, vm, None, getattr(platform, attr)) for rtype, attr in PLATFORM_RECORDS.items()]
     return out
+
+
+def vm_records(state, vm: Vm) -> list:
+    """Every record of one VM's share of a captured state (a contract.VmState): its HVM
+    context records, then its device-model records (DEVICE_STATE; only the stub has some)."""
+    return state_records(state, vm) + [DeviceState(**dev) for dev in state.devices]
 
 
 class StateCollector:
@@ -226,5 +232,5 @@ class StateCollector:
 
 __all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "CpuCollector", "RestoreError", "StateCollector",
            "StreamError", "config_from_record", "config_record", "cpu_bodies", "cpu_records", "domain_cpus",
-           "policies_from_bodies", "state_records",
+           "policies_from_bodies", "state_records", "vm_records",
            "stub_build_of"]

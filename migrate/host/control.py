@@ -13,7 +13,7 @@ from pathlib import Path
 
 import msgpack
 
-from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError
+from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError, DomainStatus
 from ..locks import DiskBusy, DiskLock
 from . import protocol, statedir
 
@@ -188,7 +188,7 @@ def dead_info(directory: Path) -> dict | None:
     logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()]
     return {"name": directory.name, "workload": str(config.get("workload", "?")),
             "memory": config.get("memory", 0) if isinstance(config.get("memory"), int) else 0,
-            "vcpus": 1, "status": "crashed", "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
+            "vcpus": 1, "status": DomainStatus.CRASHED, "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
             "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
             "logs": [str(directory / leaf) for leaf in logs]}
 
@@ -222,7 +222,7 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
             raise
         return "cleared"
     wait_gone(name, base)
-    if reply.get("status") == "moved":      # a relocation past its GO: the guest runs there
+    if reply.get("status") == DomainStatus.MOVED:      # a relocation past its GO: the guest runs there
         raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
                            f"(its relocation was past the handoff) and runs there",
                            guest=f"running on {reply.get('moved_to')}")

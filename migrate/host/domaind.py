@@ -60,6 +60,7 @@ import msgpack
 
 from ..console import Console
 from ..dataplane import Receiver, TlsContext
+from ..config import DomainStatus
 from ..domain import Domain, DomainConfig, DomainError
 from ..engine import (
     Convergence, RestoreError, SaveCancelled, SaveError, restore, save_to_file, save_to_stream,
@@ -203,8 +204,8 @@ class DomainServer:
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
         if self.moved_to:
-            return {"status": "moved", "moved_to": self.moved_to}
-        return {"status": "destroyed"}
+            return {"status": DomainStatus.MOVED, "moved_to": self.moved_to}
+        return {"status": DomainStatus.DESTROYED}
 
     def guest(self) -> str:
         """Where the guest is, as a job's answer says it: "running here", "paused here", ...
@@ -309,7 +310,7 @@ class DomainServer:
         try:
             self._no_save_running(what)
             self._no_go_awaited(what)
-            if self.domain.status not in ("running", "paused"):
+            if not self.domain.status.live:
                 raise ValueError(f"domain is {self.domain.status}: nothing to {what}")
             job = parse(req)            # last: a job may own a descriptor from here on
         except ValueError as exc:
@@ -335,7 +336,7 @@ class DomainServer:
 
     def _run_save(self, conn: socket.socket, job: "SaveJob") -> None:
         dom = self.domain
-        was_running = dom.status == "running"
+        was_running = dom.status is DomainStatus.RUNNING
         watch = ClientWatch(conn, self.save_cancel)
         options = dict(compress=job.level, live=job.live, stats_cb=watch.progress,
                        cancel=self.save_cancel, convergence=job.convergence)
@@ -346,7 +347,7 @@ class DomainServer:
                 stats = save_to_file(dom, job.path, **options)
         except Exception as exc:      # anything: the domain goes on as before
             log.warning("save to %s failed: %s", job.target, exc)
-            if was_running and dom.status == "paused":
+            if was_running and dom.status is DomainStatus.PAUSED:
                 dom.resume()
             self.saving = False
             watch.reply({"ok": False, "error": f"save failed: {exc}; {self.where('save')}",
@@ -401,7 +402,7 @@ class DomainServer:
             log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
                      stats["bytes"], stats["downtime"] * 1000)
             self.saving = False
-            watch.reply({"ok": True, "status": "destroyed", "stats": stats})
+            watch.reply({"ok": True, "status": DomainStatus.DESTROYED, "stats": stats})
         finally:
             conn.close()
 

@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..config import DomainStatus
 from ..engine import Convergence, SaveCancelled, SaveError, SaveTimeout, save
 from ..engine.sinks import DEFAULT_COMPRESSION
 from .. import dataplane
@@ -129,7 +130,7 @@ class MigrateJob:
         """Relocate ``domain``; its statistics on success (the caller destroys the domain).
         ``before_go()``, called just before GO, may raise (SaveError) to cancel there."""
         t0 = time.monotonic()
-        was_running = domain.status == "running"
+        was_running = domain.status is DomainStatus.RUNNING
         cfg = domain.config
         ch = self.connect()
         try:
