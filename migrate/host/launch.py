@@ -29,8 +29,8 @@ ERROR       ``error: REASON``                       it failed (before GO: nothin
 
 A reader that finds the pipe closed with no answer makes a line of kind EXITED itself
 (:func:`exited`: the last line the process wrote to its standard error); a line that is
-not one of these is kind ERROR with the line as its text (a bug of the sender, reported
-as what it said). The relocation daemon says GO on the *go pipe*: ``go`` or ``go
+not one of these is kind UNKNOWN with the line as its text (a bug of the sender: reported
+as what it said, and after GO it does not say whether the guest ran). The relocation daemon says GO on the *go pipe*: ``go`` or ``go
 paused`` (:class:`Go`).
 """
 from __future__ import annotations
@@ -168,6 +168,7 @@ class Say(StrEnum):
     REFUSED = "refused"
     ERROR = "error"
     EXITED = "exited"       # made by the reader: the pipe closed without an answer
+    UNKNOWN = "unknown"     # made by the reader: a line that is none of the above
 
 
 # kind -> its fields, in order (name, type); None: free text after "KIND: "
@@ -180,8 +181,9 @@ LINES: dict[Say, tuple[tuple[str, type], ...] | None] = {
     Say.REFUSED: None,
     Say.ERROR: None,
     Say.EXITED: None,
+    Say.UNKNOWN: None,
 }
-FAILURES = (Say.REFUSED, Say.ERROR, Say.EXITED)
+FAILURES = (Say.REFUSED, Say.ERROR, Say.EXITED, Say.UNKNOWN)
 PROGRESS = (Say.AT, Say.ROUND)
 
 
@@ -205,6 +207,8 @@ class Line:
 
     def format(self) -> str:
         """The line as written (without its newline)."""
+        if self.kind is Say.UNKNOWN:
+            return self.text
         if LINES[self.kind] is None:
             return f"{'error' if self.kind is Say.EXITED else self.kind}: {' '.join(self.text.split())}"
         words = [str(self.kind)] + [f"{v:.6f}" if isinstance(v, float) else str(v) for v in self.values]
@@ -227,14 +231,14 @@ def parse(raw: str) -> Line:
     head, colon, rest = line.partition(":")
     if colon and head in (Say.ERROR, Say.REFUSED) and " " not in head:
         return Line(Say(head), text=rest.strip())
-    word, *words = line.split()
-    fields = LINES.get(word) if word in tuple(Say) and word != Say.EXITED else None
+    word, *words = line.split() or [""]
+    fields = LINES.get(word) if word in tuple(Say) else None
     if fields is not None and (len(words) == len(fields) or (word == Say.OK and not words)):
         try:
             return Line(Say(word), tuple(kind(w) for (_, kind), w in zip(fields, words)))
         except ValueError:
             pass
-    return Line(Say.ERROR, text=line)
+    return Line(Say.UNKNOWN, text=line)
 
 
 def exited(stderr: str) -> Line:
