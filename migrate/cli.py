@@ -348,7 +348,7 @@ def disk_map_option(text: str):
 
 
 def _disk_map(items) -> dict[str, str]:
-    from .host.relocd import parse_disk_map
+    from .host.destination import parse_disk_map
     try:
         return parse_disk_map(items)
     except ValueError as exc:
@@ -784,16 +784,16 @@ def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory):
     """
     import logging
     import signal
-    from .host import relocd, tls
-    from .host.relocate import parse_target
+    from .host import destination, tls
+    from .host.source import parse_target
     if not insecure and not tls_dir:
         raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
     addr, port = parse_target(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        server = relocd.RelocationServer(relocd.ServeConfig(
-            addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map),
-            net_map=relocd.parse_net_map(net_map), max_memory=max_memory))
+        server = destination.RelocationServer(destination.ServeConfig(
+            addr, port, None if insecure else tls_dir, destination.parse_disk_map(disk_map),
+            net_map=destination.parse_net_map(net_map), max_memory=max_memory))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -813,7 +813,7 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
-    from .host.relocate import DESTINATION_PARTS, SOURCE_PARTS
+    from .host.source import DESTINATION_PARTS, SOURCE_PARTS
     parts = s.get("downtime_parts", {})
     here = sum(parts.get(k, 0.0) for k in SOURCE_PARTS)
     there = sum(parts.get(k, 0.0) for k in DESTINATION_PARTS)
@@ -874,7 +874,7 @@ def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_ou
       hvm migrate web1 node2:7410 --tls-dir /etc/hvm/tls
       hvm migrate web1 node2:7410 --max-bandwidth 100M --timeout 60s --throttle
     """
-    from .host.relocate import migrate_domain, parse_target
+    from .host.source import migrate_domain, parse_target
     if not insecure and not tls_dir:
         raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
     try:

@@ -5,7 +5,7 @@ writer) and hands each round of pages to the sink, whose data plane (migrate.dat
 encodes and writes them from C threads. A :class:`FileSink` puts both into one stream on
 one file descriptor, whose digest and counts the data plane keeps, so END is taken from
 it. (A relocation's sink keeps the records on its control connection and sends the pages
-on data channels: migrate.host.relocate.)
+on data channels: migrate.host.source.)
 """
 from __future__ import annotations
 

@@ -62,7 +62,7 @@ from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
 from . import launch, protocol, statedir
 from .launch import Create, Go, Launch, LaunchError, Receive, Restore, Say, say
-from .relocation import FRAME_TIMEOUT
+from .channel import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
@@ -293,7 +293,7 @@ class DomainServer:
         return self._start_job(conn, req, "save", lambda r: SaveJob.from_request(r, fds), self._run_save)
 
     def start_migrate(self, conn: socket.socket, req: dict, fds: list[int]) -> dict | None:
-        from .relocate import MigrateJob
+        from .source import MigrateJob
         return self._start_job(conn, req, "migrate", MigrateJob.from_request, self._run_migrate)
 
     def _start_job(self, conn, req: dict, what: str, parse, run) -> dict | None:
@@ -369,9 +369,9 @@ class DomainServer:
         return {"running": f"{name} keeps running here", "paused": f"{name} stays paused here"}.get(
             status, f"{name} is {status} here")
 
-    # -- migrate (specs/relocation.md; the work is in migrate.host.relocate) -------
+    # -- migrate (specs/relocation.md; the work is in migrate.host.source) -------
     def _run_migrate(self, conn: socket.socket, job) -> None:
-        from .relocate import OutcomeUnknown, RelocationError
+        from .source import OutcomeUnknown, RelocationError
         watch = ClientWatch(conn, self.save_cancel)
         job.disk_lock = self.disk_lock
         try:

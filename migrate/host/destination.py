@@ -35,7 +35,7 @@ from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
 from . import control, statedir, tls
 from .launch import Go, Launch, Line, Receive, Say, parse
-from .relocation import (
+from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
     RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, stream_cap,

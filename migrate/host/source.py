@@ -36,7 +36,7 @@ from ..locks import DiskBusy
 from ..stream import FORMAT_VERSION
 from . import tls
 from .protocol import convergence_from_request, convergence_request
-from .relocation import (
+from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
     RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
