@@ -156,6 +156,7 @@ class DomainConfig:
     cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
     net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (check_net)
     vcpus: int = 1              # vCPUs, 1..MAX_VCPUS (LAPIC ids 0..vcpus-1)
+    hugepages: bool = False     # guest RAM of 2 MiB huge pages (a host choice: not in the stream)
 
     def validate(self) -> None:
         if self.workload not in WORKLOADS:
@@ -180,6 +181,8 @@ class DomainConfig:
                 raise DomainError(str(exc)) from None
         if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
             raise DomainError(f"vcpus must be 1 to {MAX_VCPUS}")
+        if not isinstance(self.hugepages, bool):
+            raise DomainError("hugepages must be true or false")
 
 
 # -- how a save sends pages ----------------------------------------------------------------
@@ -241,7 +244,7 @@ class Convergence:
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
     headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
-    state_seconds: float = 0.005    # fixed cost of the downtime beyond the pages: state capture and
+    state_seconds: float = 0.007    # fixed cost of the downtime beyond the pages: state capture and
                                     # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
     timeout: float | None = None    # seconds of pre-copy before on_timeout applies

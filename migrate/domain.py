@@ -22,7 +22,7 @@ from .cpu import (
     CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
-from .kvm import DirtyLog, Kvm, KvmError, PlatformState, VcpuState
+from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
 from .memory import Ram, RamRange
 from .stream.records import Vm
 from .stub import Stub, StubError, StubState, stub_build_id
@@ -161,9 +161,13 @@ class Domain:
                     "KVM_CAP_XSAVE", "KVM_CAP_XCRS", "KVM_CAP_VCPU_EVENTS",
                     "KVM_CAP_DEBUGREGS", "KVM_CAP_ADJUST_CLOCK")
         host = this_host()
-        self.vm, self.ram, self.vcpus = gboot.new_machine(
-            kvm, gboot.ram_layout(self.config.memory), f"hvm-{self.config.name}", self.cpu,
-            scale_tsc=self._scale_tsc(self.cpu, host), vcpus=self.config.vcpus)
+        try:
+            self.vm, self.ram, self.vcpus = gboot.new_machine(
+                kvm, gboot.ram_layout(self.config.memory), f"hvm-{self.config.name}", self.cpu,
+                scale_tsc=self._scale_tsc(self.cpu, host), vcpus=self.config.vcpus,
+                huge=self.config.hugepages)
+        except HugePagesError as exc:
+            raise DomainError(f"cannot give domain {self.config.name} its RAM: {exc.strerror}") from None
         self._runs = [_VcpuRun(vcpu) for vcpu in self.vcpus]
         if self.config.stub:
             try:

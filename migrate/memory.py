@@ -44,17 +44,19 @@ class Ram:
         self.offset = offset
 
     @classmethod
-    def create(cls, vm, layout: list[tuple[int, int]], name: str, first_slot: int = 0) -> "Ram":
+    def create(cls, vm, layout: list[tuple[int, int]], name: str, first_slot: int = 0,
+               huge: bool = False) -> "Ram":
         """New RAM for ``vm``: one memfd-backed slot per ``(guest physical address, bytes)``
-        of ``layout``, numbered from ``first_slot``. The caller closes the VM on failure
-        (that closes the slots made so far)."""
-        return cls(vm, [vm.add_memory(first_slot + i, gpa, size, name=name)
+        of ``layout``, numbered from ``first_slot``; ``huge``: of 2 MiB huge pages. The
+        caller closes the VM on failure (that closes the slots made so far)."""
+        return cls(vm, [vm.add_memory(first_slot + i, gpa, size, name=name, huge=huge)
                         for i, (gpa, size) in enumerate(layout)])
 
     def mirror(self, vm, base: int, first_slot: int) -> "Ram":
         """This RAM as slots of another VM ``vm`` at ``base`` + each slot's address, the same
         pages (each slot's memfd mapped again; ``vm`` does not own them)."""
-        return Ram(vm, [vm.add_memory(first_slot + i, base + s.guest_phys_addr, s.size, memfd=s.memfd)
+        return Ram(vm, [vm.add_memory(first_slot + i, base + s.guest_phys_addr, s.size, memfd=s.memfd,
+                                      huge=s.huge)
                         for i, s in enumerate(self.slots)], offset=base)
 
     # -- shape ---------------------------------------------------------------------------
@@ -87,9 +89,17 @@ class Ram:
     def _first_pfn(self, slot: MemorySlot) -> int:
         return (slot.guest_phys_addr - self.offset) // PAGE_SIZE
 
+    @property
+    def huge(self) -> bool:
+        """Of 2 MiB huge pages."""
+        return any(s.huge for s in self.slots)
+
     def ranges(self) -> list[RamRange]:
-        """Each slot as a range (a view and its memfd from offset 0), ascending."""
-        return [RamRange(self._first_pfn(s), s.npages, s.view(), s.memfd, 0) for s in self.slots]
+        """Each slot as a range (a view and its memfd from offset 0), ascending. A slot of
+        huge pages comes without its memfd (fd -1): hugetlbfs takes no write() and punches
+        only whole huge pages, so the data plane copies into the view instead."""
+        return [RamRange(self._first_pfn(s), s.npages, s.view(), -1 if s.huge else s.memfd, 0)
+                for s in self.slots]
 
     def view(self, address: int, size: int) -> memoryview:
         """The bytes ``[address, address + size)``, which must lie in one slot."""

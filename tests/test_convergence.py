@@ -18,7 +18,7 @@ ROUND = Round(pages=1000, bytes=4 << 20, seconds=0.5)
 
 
 def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
-    conv = Convergence()
+    conv = Convergence(state_seconds=0.005)
     assert estimate_final(400, [ROUND], conv) == pytest.approx(0.205)
     assert estimate_final(400, [Round(0, 0, 0.0)], conv) == 0.005
     assert estimate_final(400, [], conv) == 0.005
@@ -33,14 +33,14 @@ def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
 
 
 def test_decide_switches_on_small_sets_and_the_downtime_target():
-    conv = Convergence()
+    conv = Convergence(state_seconds=0.005)
     d = decide(conv, [200], [ROUND], 1.0, 0)
     assert (d.action, d.reason) == ("switch", "small")
     d = decide(conv, [460], [ROUND], 1.0, 0)                 # (230 ms + 5 ms) x 1.25 fits 300 ms
     assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.235)
     d = decide(conv, [590], [ROUND], 1.0, 0)                 # 300 ms fits, but not with headroom
     assert (d.action, d.reason) == ("continue", None)
-    assert decide(Convergence(headroom=1.0), [590], [ROUND], 1.0, 0).reason == "downtime-target"
+    assert decide(Convergence(headroom=1.0, state_seconds=0.005), [590], [ROUND], 1.0, 0).reason == "downtime-target"
     d = decide(conv, [1000, 700], [ROUND], 1.0, 0)           # 355 ms, shrinking: another round
     assert (d.action, d.reason, d.throttle) == ("continue", None, 0)
     assert decide(Convergence(downtime=0.5), [1000, 700], [ROUND], 1.0, 0).reason == "downtime-target"

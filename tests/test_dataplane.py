@@ -330,16 +330,22 @@ def test_a_well_formed_stream_from_the_independent_encoder_is_placed():
 
 
 def test_the_fast_crc_is_zlibs():
-    """Record CRCs are folded with carry-less multiplication where the CPU has it; every
-    length and alignment (the 64-byte main loop, the 16-byte folds, the tail) must give
-    zlib's value."""
+    """Record CRCs are folded with carry-less multiplication where the CPU has it (the data
+    plane's, and the stream reader's and writer's framing.crc32: crc32_fold.h in both);
+    every length and alignment (the 64-byte main loop, the 16-byte folds, the tail) and
+    seed must give zlib's value, from bytes and memoryviews alike."""
     import random
     import zlib
     from migrate.dataplane._dataplane import lib
+    from migrate.stream.framing import crc32, record_crc
     rnd = random.Random(5)
     data = rnd.randbytes(70000)
     for n in list(range(0, 200)) + [4095, 4096, 4097, 65536, 69997]:
         for start in (0, 1, 13):
             piece = data[start:start + n]
             for crc in (0, 0xFFFFFFFF, rnd.getrandbits(32)):
-                assert lib.dp_crc32(crc, piece, len(piece)) == zlib.crc32(piece, crc), (n, start, crc)
+                want = zlib.crc32(piece, crc)
+                assert lib.dp_crc32(crc, piece, len(piece)) == want, (n, start, crc)
+                assert crc32(memoryview(bytearray(piece)), crc) == want, (n, start, crc)
+    body = data[:5000]
+    assert record_crc(4, body) == zlib.crc32(body, zlib.crc32(struct.pack("<III", 4, 5000, 0)))

@@ -21,6 +21,7 @@ from migrate.engine.files import file_chunks
 from migrate.guest import boot as gboot
 from migrate.guest import check
 from test_relocation import hosts, pki  # noqa: F401 (fixtures)
+from test_save_restore import save_bytes
 
 GIB = 1 << 30
 SMP_LINE = re.compile(r"^smp (ok round=(\d+) |BAD |STALL )")
@@ -69,18 +70,6 @@ def test_cpuid_names_each_vcpu_and_nothing_else():
 
 
 # -- real guests ---------------------------------------------------------------------
-
-def save_bytes(dom, **options):
-    """The stream of a save, in memory (relayed out of the data plane)."""
-    from migrate.engine.sinks import RelaySink
-    out = io.BytesIO()
-    sink = RelaySink(out.write, lambda: None)
-    try:
-        stats = save(dom, sink, **options)
-    finally:
-        sink.close()
-    return out.getvalue(), stats
-
 
 def smp_rounds(dom, start: int, count: int, timeout: float) -> list[int]:
     """The next ``count`` `smp ok` rounds after console line ``start``; fails on BAD or STALL."""

@@ -8,7 +8,8 @@ the same run (tools/machine_limits.py).
 
 ``--content``: random (incompressible), mixed (a quarter zero, a quarter text-like, half
 random) or text. The destination memory file is fresh (every page faults in as it is
-placed, as on a real destination) unless ``--prefault`` populates it first. Each figure
+placed, as on a real destination) unless ``--prefault`` populates it first; ``--hugepages``
+makes it of 2 MiB huge pages (a fault per 2 MiB; the pages are copied in). Each figure
 is the median of ``--runs``.
 """
 from __future__ import annotations
@@ -53,23 +54,23 @@ def fill(mem: mmap.mmap, content: str) -> None:
         # kind 0 (mixed): left zero
 
 
-def memfd(size: int, name: str) -> tuple[int, mmap.mmap]:
-    fd = os.memfd_create(name)
+def memfd(size: int, name: str, huge: bool = False) -> tuple[int, mmap.mmap]:
+    fd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
     os.ftruncate(fd, size)
     return fd, mmap.mmap(fd, size)
 
 
 def one(src: mmap.mmap, pages: int, channels: int, secure: bool, tls_dirs, mode: int,
-        prefault: bool) -> float:
+        prefault: bool, huge: bool) -> float:
     """Seconds to send every page and have it placed."""
-    dfd, dst = memfd(pages * PAGE, "dst")
+    dfd, dst = memfd(pages * PAGE, "dst", huge)
     if prefault:
         os.posix_fallocate(dfd, 0, pages * PAGE)
         dst.madvise(mmap.MADV_POPULATE_WRITE) if hasattr(mmap, "MADV_POPULATE_WRITE") else None
     server_tls = TlsContext(True, tls_dirs[0]) if secure else None
     client_tls = TlsContext(False, tls_dirs[1]) if secure else None
     rx = Receiver(channels, 2, TOKEN, server_tls, timeout=60)
-    rx.set_space(0, [Range(0, pages, dst, dfd, 0)])
+    rx.set_space(0, [Range(0, pages, dst, -1 if huge else dfd, 0)])     # huge: copied, no write()
     rx.set_space(1, [Range(0, 8, None)])
     rx.open()
     listener = socket.create_server(("127.0.0.1", 0))
@@ -123,6 +124,8 @@ def main() -> int:
     ap.add_argument("--channels", default="1,2", help="comma-separated channel counts")
     ap.add_argument("--compress", choices=sorted(MODES), default="none")
     ap.add_argument("--prefault", action="store_true", help="populate the destination file first")
+    ap.add_argument("--hugepages", action="store_true",
+                    help="the destination of 2 MiB huge pages (the pool is raised as needed, as root)")
     ap.add_argument("--runs", type=int, default=3)
     opts = ap.parse_args()
     size = opts.mib * MIB
@@ -133,14 +136,15 @@ def main() -> int:
            "TCP loopback": machine_limits.tcp_loopback(sample), "AES-256-GCM, one core": machine_limits.aes_gcm()}
     lim["zstd-1"], ratio = machine_limits.zstd(sample)
     print(f"{opts.mib} MiB {opts.content}, compress {opts.compress}, destination "
-          f"{'prefaulted' if opts.prefault else 'fresh'}; machine, now: "
+          f"{'prefaulted' if opts.prefault else 'fresh'}{' huge pages' if opts.hugepages else ''}; machine, now: "
           + ", ".join(f"{k} {machine_limits.gbps(v)}" for k, v in lim.items()) + f" (zstd-1 ratio {ratio:.2f}x)")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as tmp, machine_limits.HugePagePool(opts.mib // 2 + 8 if opts.hugepages else 0):
         tls.keygen(Path(tmp), ["127.0.0.1", "src"])
         tls_dirs = (Path(tmp) / "127.0.0.1", Path(tmp) / "src")
         for channels in (int(c) for c in opts.channels.split(",")):
             for secure in (False, True):
-                times = [one(src, size // PAGE, channels, secure, tls_dirs, MODES[opts.compress], opts.prefault)
+                times = [one(src, size // PAGE, channels, secure, tls_dirs, MODES[opts.compress], opts.prefault,
+                             opts.hugepages)
                          for _ in range(opts.runs)]
                 rate = size / statistics.median(times)
                 print(f"{channels} channel{'s' if channels > 1 else ''}, {'TLS  ' if secure else 'plain'}: "

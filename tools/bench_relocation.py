@@ -85,13 +85,13 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
     raise SystemExit(f"no new ledger line on {base} within {timeout}s")
 
 
-def serve(base: Path, tls_dir: str | None) -> tuple[subprocess.Popen, int]:
+def serve(base: Path, tls_dir: str | None, hugepages: bool = False) -> tuple[subprocess.Popen, int]:
     """An `hvm host serve` on a free loopback port, state in ``base`` (plain TCP without
-    ``tls_dir``)."""
+    ``tls_dir``; ``hugepages``: incoming guests on huge pages)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    security = ["--tls-dir", tls_dir] if tls_dir else ["--insecure"]
+    security = (["--tls-dir", tls_dir] if tls_dir else ["--insecure"]) + (["--hugepages"] if hugepages else [])
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--listen",
                              f"127.0.0.1:{port}", *security],
                             env={**os.environ, "HVM_STATE_DIR": str(base)}, stderr=subprocess.PIPE, text=True)
@@ -225,11 +225,17 @@ def run_case(opts, label: str, workload: str, args: list[int], root: Path, tls_d
     errors of those that failed with the guest still running where it was, and a sample
     of the guest's memory."""
     args = (args + [0] * 8)[:8]
-    control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args, vcpus=opts.vcpus),
-                          bases[0])
+    control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args, vcpus=opts.vcpus,
+                                       hugepages=opts.hugepages), bases[0])
     results, failed, here = [], [], 0
     try:
         check = self_check(opts, workload, args, bases[0])
+        if workload == "dirtier":           # its working set filled: it starts dirtying
+            deadline = time.monotonic() + 120
+            while "dirtier start" not in console_text("bench", bases[0]):
+                if time.monotonic() > deadline:
+                    raise SystemExit("the dirtier did not start")
+                time.sleep(0.1)
         time.sleep(opts.settle)
         sample = memory_sample("bench", bases[0])
         for run in range(opts.runs):
@@ -297,6 +303,8 @@ def main() -> int:
     ap.add_argument("--content", choices=sorted(CONTENT), default="mixed", help="the dirtier's pages")
     ap.add_argument("--memory", type=int, default=1024, help="MiB")
     ap.add_argument("--vcpus", type=int, default=1)
+    ap.add_argument("--hugepages", action="store_true",
+                    help="guest RAM of 2 MiB huge pages on both hosts (the pool is raised as needed)")
     ap.add_argument("--runs", type=int, default=5)
     ap.add_argument("--offline", action="store_true")
     ap.add_argument("--insecure", action="store_true", help="plain TCP instead of TLS")
@@ -324,11 +332,14 @@ def main() -> int:
         tls.keygen(root / "pki", ["127.0.0.1"])
         tls_dir = str(root / "pki" / "127.0.0.1")
         bases = [root / "a", root / "b"]
-        servers = [serve(base, None if opts.insecure else tls_dir) for base in bases]
+        pool = machine_limits.HugePagePool(2 * opts.memory // 2 + 8 if opts.hugepages else 0)
+        pool.__enter__()
+        servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages) for base in bases]
         try:
             for label, workload, args in cases:
                 if not opts.json:
-                    print(f"== {label}: {workload} {args}, {opts.memory} MiB, {opts.channels} channels, "
+                    print(f"== {label}: {workload} {args}, {opts.memory} MiB"
+                          f"{' of huge pages' if opts.hugepages else ''}, {opts.channels} channels, "
                           f"{'plain TCP' if opts.insecure else 'TLS'}, compress {opts.compress}, "
                           f"target {opts.downtime_ms} ms", flush=True)
                 results, failed, sample = run_case(opts, label, workload, args, root, tls_dir, servers, bases)
@@ -349,6 +360,7 @@ def main() -> int:
             for proc, _ in servers:
                 proc.terminate()
                 proc.wait(10)
+            pool.__exit__(None, None, None)
     if opts.json:
         print(json.dumps(report))
     return 0

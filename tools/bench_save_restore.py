@@ -7,7 +7,7 @@ stripes: half of it (512 MiB) stays untouched, a quarter is text-like, a quarter
 `save_to_file` and a restore until the guest runs again (`restore`, then resume and the
 vCPU's first entry), with the file in the page cache.
 
-    .venv/bin/python tools/bench_save_restore.py [--memory-mib 1024] [--modes none,auto,zstd:1]
+    .venv/bin/python tools/bench_save_restore.py [--memory-mib 1024] [--modes none,auto,zstd:1] [--hugepages]
 
 Limits printed first, measured now: memcpy into memory already faulted in and into fresh
 memory (a page fault per 4 KiB here), pwrite into a fresh memfd (how restores place pages),
@@ -18,6 +18,7 @@ of guest RAM each way.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import mmap
 import os
 import random
@@ -28,6 +29,8 @@ import zstandard
 
 from migrate.domain import Domain, DomainConfig
 from migrate.engine import file_chunks, restore, save_to_file
+
+import machine_limits  # noqa: E402  (tools/)
 
 MIB = 1 << 20
 WORDS = ("the of and to in is page memory guest host stream record domain kernel save "
@@ -74,7 +77,7 @@ def timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def machine_limits(touched: bytes, directory: str) -> dict:
+def measure_limits(touched: bytes, directory: str) -> dict:
     """What this machine does, now, with the bytes a save moves."""
     n = len(touched)
     out = {}
@@ -121,8 +124,9 @@ def machine_limits(touched: bytes, directory: str) -> dict:
     return out
 
 
-def run_mode(mode: str, size: int, directory: str) -> tuple[float, int, float]:
-    src = Domain.boot(DomainConfig("bench", "idle", size, stub=False))
+def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[float, int, float]:
+    config = DomainConfig("bench", "idle", size, stub=False, hugepages=huge)
+    src = Domain.boot(config)
     path = os.path.join(directory, f"bench-{os.getpid()}.hvm")
     try:
         fill(src.memory)
@@ -130,7 +134,8 @@ def run_mode(mode: str, size: int, directory: str) -> tuple[float, int, float]:
         src.destroy()
         file_size = os.path.getsize(path)
         t0 = time.perf_counter()
-        dom, _ = restore(file_chunks(path), make_domain=Domain)
+        dom, _ = restore(file_chunks(path), make_domain=lambda cfg, **cpu: Domain(
+            dataclasses.replace(cfg, hugepages=huge), **cpu))
         dom.resume()
         dom.entered(5.0)
         restored = time.perf_counter() - t0
@@ -148,16 +153,20 @@ def main() -> None:
     ap.add_argument("--memory-mib", type=int, default=1024)
     ap.add_argument("--modes", default="none,auto,zstd:1", help="compression modes to run, comma-separated")
     ap.add_argument("--dir", default=tempfile.gettempdir())
+    ap.add_argument("--hugepages", action="store_true",
+                    help="guest RAM of 2 MiB huge pages (the pool is raised as needed, as root)")
     args = ap.parse_args()
     size = args.memory_mib * MIB
     touched = b"".join(block for _, block in stripes(size))
-    limits = machine_limits(touched, args.dir)
+    limits = measure_limits(touched, args.dir)
     print(f"guest RAM {size >> 20} MiB: half untouched, a quarter text-like, a quarter random "
           f"({len(touched) >> 20} MiB touched)")
     print("machine, now: " + ", ".join(f"{k} {v:.2f}x" if k.endswith("ratio") else f"{k} {gbps(v, 1)}"
                                         for k, v in limits.items()))
-    for mode in args.modes.split(","):
-        save_s, file_size, restore_s = run_mode(mode.strip(), size, args.dir)
+    pool = machine_limits.HugePagePool(2 * size // (2 << 20) + 8 if args.hugepages else 0)
+    with pool:
+        runs = [(mode, *run_mode(mode.strip(), size, args.dir, args.hugepages)) for mode in args.modes.split(",")]
+    for mode, save_s, file_size, restore_s in runs:
         print(f"{mode:>7}: save {save_s:.3f} s ({gbps(size, save_s)} of RAM, {gbps(file_size, save_s)} of file, "
               f"{file_size / (limits['file write (page cache)'] * save_s):.2f}x the file write limit); "
               f"file {file_size / MIB:.0f} MiB = {100 * file_size / size:.0f}% of RAM; "

@@ -44,7 +44,8 @@ FLAGS = ["-g", "-O1", "-fno-omit-frame-pointer", "-fsanitize=fuzzer,address,unde
 # Code under test compiled apart, with coverage; the harness file itself without it
 UNDER_TEST = {"pages": [BUILD / "pages_impl.c"], "stub": [ROOT / "migrate" / "stub" / "src" / "netdev.c"],
               "placement": [ROOT / "migrate" / "dataplane" / "dataplane.c"]}
-LIBS = {"placement": ["-lssl", "-lcrypto", "-lzstd", "-lxxhash", "-lz", "-lpthread"]}
+LIBS = {"placement": ["-lssl", "-lcrypto", "-lzstd", "-lxxhash", "-lz", "-lpthread"],
+        "pages": ["-lz", "-lpthread"]}             # crc32_fold.h: zlib for short tails
 # as cffi builds them (Python.h defines _GNU_SOURCE; dataplane/_build.py's warning flags)
 EXTRA = {"placement": ["-D_GNU_SOURCE", "-Wno-sign-compare"]}
 # Harnesses that compile code under test into their own file (the stub's statics): they
@@ -52,7 +53,7 @@ EXTRA = {"placement": ["-D_GNU_SOURCE", "-Wno-sign-compare"]}
 WHOLE = {"stub"}
 INCLUDES = {
     "stub": [HARNESSES, ROOT / "migrate" / "stub" / "src", ROOT / "migrate" / "guest" / "src"],
-    "pages": [BUILD],
+    "pages": [BUILD, ROOT / "migrate" / "stream"],     # crc32_fold.h
     "runloop": [ROOT / "migrate" / "kvm"],
     "placement": [],
 }

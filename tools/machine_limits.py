@@ -107,3 +107,42 @@ def zstd(sample: bytes, level: int = 1) -> tuple[float, float]:
 
 def gbps(rate: float | None) -> str:
     return "n/a" if rate is None else f"{rate / 1e9:.2f} GB/s"
+
+
+class HugePagePool:
+    """Context manager: at least ``n`` free 2 MiB huge pages for its duration (the pool
+    raised through sysctl vm.nr_hugepages, as root, and put back after), each written
+    once first: on these hosts (themselves virtual machines) memory never touched before
+    costs the outer hypervisor's faults on first use (a fresh pool filled at 0.4 GB/s, a
+    used one at 5.7 GB/s), and a host's reserved pool is a used one after its first guest."""
+    PATH = "/proc/sys/vm/nr_hugepages"
+
+    def __init__(self, n: int):
+        self.n, self.before = n, None
+
+    def __enter__(self):
+        from migrate.kvm import huge_pages_free
+        free, total = huge_pages_free()
+        if free < self.n:
+            self.before = total
+            with open(self.PATH, "w") as f:
+                f.write(str(total + self.n - free))
+            free, _ = huge_pages_free()
+            if free < self.n:
+                raise SystemExit(f"the kernel gave {free} free huge pages of the {self.n} asked for")
+        if self.n:
+            size = self.n * (2 << 20)
+            fd = os.memfd_create("warm", os.MFD_HUGETLB)
+            try:
+                os.ftruncate(fd, size)
+                with mmap.mmap(fd, size) as mem:
+                    for at in range(0, size, 2 << 20):
+                        mem[at] = 1
+            finally:
+                os.close(fd)
+        return self
+
+    def __exit__(self, *exc):
+        if self.before is not None:
+            with open(self.PATH, "w") as f:
+                f.write(str(self.before))

@@ -76,6 +76,7 @@ ffibuilder.set_source(
     "migrate.dataplane._dataplane",
     (HERE / "dataplane.c").read_text(),
     libraries=["ssl", "crypto", "zstd", "xxhash", "z", "pthread"],
+    include_dirs=[str(HERE)],           # dataplane.c's "../stream/crc32_fold.h", from the build dir
     extra_compile_args=["-O2", "-Wall", "-Wextra", "-Wno-unused-parameter", "-Wno-sign-compare"],
 )
 

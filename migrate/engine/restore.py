@@ -20,6 +20,8 @@ stream's ``stub_build`` is not this host's stub build.
 """
 from __future__ import annotations
 
+import queue
+import threading
 import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
@@ -62,6 +64,61 @@ class RestoreStats:
         return {**asdict(self), "throughput": self.throughput}
 
 
+class _Placer:
+    """Places a stream's page batches on a thread of its own, in stream order, while the
+    caller reads and checks the records that follow: the data plane's placement runs
+    without the GIL, so reading and writing guest memory overlap. At most DEPTH batches
+    wait. A batch the data plane refuses fails the restore with the stream error at its
+    position, raised at the next :meth:`put`, :meth:`settle` or :meth:`stop`; the batches
+    after it are not placed."""
+    DEPTH = 4
+
+    def __init__(self, target: Target):
+        self.target = target
+        self.work: queue.Queue = queue.Queue(self.DEPTH)
+        self.error: StreamError | None = None
+        self.zero = 0                       # zero pages placed (holes punched or cleared)
+        self.thread = threading.Thread(target=self._run, name="page-placer", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self.work.get()
+            try:
+                if item is None:
+                    return
+                record_type, body, where = item
+                if self.error is None:
+                    try:
+                        self.zero += self.target.place(record_type, body)[1]
+                    except DataplaneError as exc:
+                        self.error = StreamError(f"{record_type.name} {exc}", *where)
+            finally:
+                self.work.task_done()
+
+    def _raise(self) -> None:
+        if self.error is not None:
+            raise self.error
+
+    def put(self, record_type, body: bytes, where: tuple) -> None:
+        self._raise()
+        self.work.put((record_type, body, where))
+
+    def settle(self) -> None:
+        """Wait until every batch put so far is placed (before the target changes, and at
+        the end of the stream)."""
+        self.work.join()
+        self._raise()
+
+    def stop(self) -> None:
+        """Place nothing more and end the thread (idempotent); the target is free after."""
+        if self.thread.is_alive():
+            if self.error is None:
+                self.error = StreamError("the restore stopped")     # skip what still waits
+            self.work.put(None)
+            self.thread.join()
+
+
 class _Restorer:
     def __init__(self, name: str | None, make_domain: Callable[..., Any],
                  fresh_stub: bool | None, reader: StreamReader, channels=None):
@@ -73,6 +130,7 @@ class _Restorer:
         self.stub_build = ""
         self.domain: RestorableDomain | None = None
         self.target: Target | None = Target()       # where page batches go (the data plane)
+        self.placer: _Placer | None = None          # its thread, from the first batch on
         self.collector = StateCollector()
         self.stub_collector = StateCollector("stub")
         self.cpus = CpuCollector()
@@ -116,6 +174,7 @@ class _Restorer:
                                    f"stub has {sum(r.npages for r in ranges)}")
             if self.fresh_stub:              # a fresh stub boots its own image: check and drop
                 ranges = [Range(r.first_pfn, r.npages) for r in ranges]
+            self.settle()
             self.target.set_space(Vm.STUB, ranges)
             return
         want = guest_layout(self.config.memory)
@@ -124,6 +183,7 @@ class _Restorer:
                                f"{len(record.ranges)} ranges ({_ranges_text(record.ranges)}); "
                                f"DOMAIN_CONFIG's {self.config.memory >> 20} MiB are {_ranges_text(want)}")
         self.domain = self.make_domain(self.config, **self.cpu_policies())
+        self.settle()
         self.target.set_space(Vm.GUEST, [Range(*r) for r in part_of(self.domain, Vm.GUEST).memory_ranges()])
         if self.channels is not None:
             self.channels.attach(self.domain, bool(self.fresh_stub))
@@ -143,13 +203,18 @@ class _Restorer:
 
     def on_pages(self, batch: RawPageBatch) -> None:
         """The data plane checks the batch's data (its length, the zstd frame) and places
-        its pages, in C; a stub's pages are checked and dropped when the stub is fresh."""
-        try:
-            _, zero = self.target.place(batch.TYPE, batch.body)
-        except DataplaneError as exc:
-            raise StreamError(f"{batch.TYPE.name} {exc}", *self.reader.last) from None
+        its pages, in C, on the placer's thread; a stub's pages are checked and dropped
+        when the stub is fresh."""
+        if self.placer is None:
+            self.placer = _Placer(self.target)
+        self.placer.put(batch.TYPE, batch.body, self.reader.last)
         self.stats.pages_total += batch.count
-        self.stats.pages_zero += zero
+
+    def settle(self) -> None:
+        """Every batch so far placed (or its error raised)."""
+        if self.placer is not None:
+            self.placer.settle()
+            self.stats.pages_zero = self.placer.zero
 
     def on_hvm(self, record: HvmState) -> None:
         if record.vm is Vm.GUEST:
@@ -182,6 +247,7 @@ class _Restorer:
         self.channels_record = record
 
     def on_end(self, record: End) -> None:
+        self.settle()
         if self.channels is not None:
             if self.channels_record is None:
                 raise RestoreError("data channels were opened but the stream has no CHANNELS")
@@ -201,6 +267,9 @@ class _Restorer:
     def release(self) -> None:
         """Drop the data plane and its views of guest and stub RAM (a live view keeps the
         mapping exported, and the domain could not unmap it on destroy)."""
+        if self.placer is not None:
+            self.placer.stop()
+            self.placer = None
         if self.target is not None:
             self.target.close()
             self.target = None

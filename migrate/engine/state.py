@@ -42,8 +42,9 @@ class RestoreError(Exception):
     configuration this build refuses, a part of the pair it cannot restore yet)."""
 
 
-# DomainConfig fields the stream carries elsewhere: the CPU model is the guest's CPU_MODEL
-NOT_IN_CONFIG = {"cpu"}
+# DomainConfig fields not in DOMAIN_CONFIG: the CPU model (the guest's CPU_MODEL carries it) and
+# the backing of guest RAM (huge pages or not: each host chooses its own)
+NOT_IN_CONFIG = {"cpu", "hugepages"}
 
 
 def config_record(config: DomainConfig, stub_build: str = "") -> ConfigRecord:

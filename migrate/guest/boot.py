@@ -167,14 +167,15 @@ RAM_SLOT = 0                # a machine's RAM at guest physical 0; more slots fo
 
 
 def new_machine(kvm, layout: list[tuple[int, int]], name: str, cpu, console_port: int | None = None,
-                scale_tsc: bool = False, vcpus: int = 1):
+                scale_tsc: bool = False, vcpus: int = 1, huge: bool = False):
     """A VM of the shape these images boot in, for the guest and the stub alike: TSS and
     in-kernel irqchip and PIT (all before the vCPUs), RAM of ``layout`` (``(address,
     bytes)`` ranges, one memfd-backed slot each, from RAM_SLOT, named ``name``), ``vcpus``
     vCPUs with ids 0.. (their LAPIC ids), each given the CPU of policy ``cpu``
     (specs/cpu-models.md: its CPUID leaves with the vCPU's own APIC id, its feature MSR
     values, and with ``scale_tsc`` its TSC frequency), whose MSRs are checked to be
-    readable. Returns (vm, ram, [vcpu, ...]); the VM is closed on failure."""
+    readable; ``huge``: RAM of 2 MiB huge pages. Returns (vm, ram, [vcpu, ...]); the VM is
+    closed on failure."""
     from ..cpu import cpuid_for_vcpu
     from ..memory import Ram
     vm = kvm.create_vm()
@@ -182,7 +183,7 @@ def new_machine(kvm, layout: list[tuple[int, int]], name: str, cpu, console_port
         vm.set_tss_addr(TSS_ADDR)
         vm.create_irqchip()
         vm.create_pit2()
-        ram = Ram.create(vm, layout, name, RAM_SLOT)
+        ram = Ram.create(vm, layout, name, RAM_SLOT, huge=huge)
         made = []
         for vcpu_id in range(vcpus):
             vcpu = vm.create_vcpu(vcpu_id, console_port=console_port)

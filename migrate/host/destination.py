@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..cpu import compatibility, this_host
 from ..config import MAX_VCPUS, NetError, check_ifname, memory_ok, memory_problem
+from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
@@ -87,6 +88,7 @@ class ServeConfig:
     base: Path | None = None        # state directory (default $HVM_STATE_DIR)
     max_memory: int | None = None   # guest memory this host's domains may hold in all (--max-memory)
     net_map: dict[str, str] = dataclasses.field(default_factory=dict)     # --net-map: source bridge/tap -> here
+    hugepages: bool = False         # --hugepages: incoming guests' RAM of 2 MiB huge pages
 
 
 class Incoming:
@@ -97,7 +99,8 @@ class Incoming:
     fills up with the other waiting."""
 
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None,
-                 net_to: str | None = None, channels: int = 0, tls_dir: str | None = None):
+                 net_to: str | None = None, channels: int = 0, tls_dir: str | None = None,
+                 hugepages: bool = False):
         self.name, self.base = name, base
         try:        # the disk image's INCOMING lock, for the receiving process to hold
             lock = DiskLock.for_incoming(disk_to) if disk_to is not None else None
@@ -125,7 +128,8 @@ class Incoming:
         job = Receive(stream_fd=stream_r, go_fd=go_r, name=name, memory=hello["memory"], stub=hello["stub"],
                       disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
                       resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
-                      tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1))
+                      tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
+                      hugepages=hugepages)
         try:
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except (OSError, subprocess.SubprocessError) as exc:
@@ -435,6 +439,7 @@ class RelocationServer:
                 if name in self.receiving:
                     raise Refused(f"domain {name!r} is already being received")
                 self.check_room(name, hello["memory"])
+                self.check_huge_pages(name, hello["memory"])
             except Refused as exc:
                 log.warning("refused %s: %s", who, exc)
                 ch.send_error(str(exc))
@@ -443,7 +448,8 @@ class RelocationServer:
         incoming = None
         channels = min(hello.get("channels", 0), MAX_CHANNELS) if version >= 2 else 0
         try:
-            incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir)
+            incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir,
+                                self.config.hugepages)
             t0 = time.monotonic()
             if channels:
                 with self.names_lock:
@@ -563,6 +569,18 @@ class RelocationServer:
         if net["link"] == "bridge" and not os.path.isdir(f"/sys/class/net/{mapped}/bridge"):
             raise Refused(f"--net-map {net['name']}={mapped}: there is no bridge {mapped} on this host")
         return mapped
+
+    def check_huge_pages(self, name: str, memory: int) -> None:
+        """With ``hugepages``: refuse a domain whose RAM the free 2 MiB huge pages cannot hold
+        now (a guest being received has reserved its pages once its domain is made; one made
+        meanwhile by another relocation fails there, saying so)."""
+        if not self.config.hugepages:
+            return
+        free, total = huge_pages_free()
+        if memory > free * HUGE_PAGE:
+            raise Refused(f"no room for domain {name} in huge pages: it needs {memory >> 20} MiB and "
+                          f"this host has {free} of {total} 2 MiB pages free (sysctl vm.nr_hugepages; "
+                          f"hvm host serve --hugepages)")
 
     def check_room(self, name: str, memory: int) -> None:
         """With ``max_memory``: refuse a domain that would take the guest memory of this

@@ -77,7 +77,8 @@ class Receive:
     ``net_from`` and ``vcpus``; the domain is named ``name``, its disk is ``disk_to`` and its
     NIC hangs on ``net_to``; ``cpu``: HELLO's CPU records (or None); ``channels`` data
     channels arrive on the unix socket ``channel_fd`` with ``token`` (TLS with the keys in
-    ``tls_dir``); no GO within ``resume_timeout`` seconds destroys the copy."""
+    ``tls_dir``); no GO within ``resume_timeout`` seconds destroys the copy; ``hugepages``:
+    the guest's RAM of 2 MiB huge pages (this host's choice, ``hvm host serve --hugepages``)."""
     stream_fd: int
     go_fd: int
     name: str
@@ -94,6 +95,7 @@ class Receive:
     tls_dir: str | None
     channel_fd: int
     vcpus: int
+    hugepages: bool
 
 
 MODES: dict[str, type] = {"create": Create, "restore": Restore, "receive": Receive}

@@ -8,11 +8,12 @@ children; one method per ioctl, named after it, holding no policy.  Policy
 from .errors import KvmError, KvmUnavailable
 from .dirty import DirtyBitmap, DirtyLog
 from .system import Kvm
-from .vm import MemorySlot, Vm
+from .vm import HugePagesError, MemorySlot, Vm, huge_pages_free
 from .vcpu import Vcpu, VcpuExit
 from .state import PlatformState, VcpuState, saveable_msrs
 
 __all__ = [
-    "DirtyBitmap", "DirtyLog", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+    "DirtyBitmap", "DirtyLog", "HugePagesError", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
+    "huge_pages_free",
     "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "saveable_msrs",
 ]

@@ -1,8 +1,10 @@
 """The VM file descriptor: memory slots, irqchips, PIT, clock, dirty logs."""
 from __future__ import annotations
 
+import ctypes
 import mmap
 import os
+import re
 from dataclasses import dataclass, field
 
 from ._lib import ffi, ioctl, lib
@@ -15,9 +17,25 @@ IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER",
             "ioapic": "KVM_IRQCHIP_IOAPIC"}
 
 
+HUGE_PAGE = 2 << 20          # hugetlbfs' default page size on x86-64
+_libc = ctypes.CDLL(None, use_errno=True)
+_libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
+
+
+class HugePagesError(OSError):
+    """Huge pages asked for and the host has too few free (sysctl vm.nr_hugepages)."""
+
+
+def huge_pages_free() -> tuple[int, int]:
+    """(free, total) 2 MiB huge pages of this host (/proc/meminfo)."""
+    info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
+    return int(info.get("HugePages_Free", "0").split()[0]), int(info.get("HugePages_Total", "0").split()[0])
+
+
 @dataclass
 class MemorySlot:
-    """Guest RAM backed by a memfd, so other processes and VMs can map it."""
+    """Guest RAM backed by a memfd, so other processes and VMs can map it; ``huge``: a
+    hugetlbfs memfd of 2 MiB pages (no write(), holes found by residency, not SEEK_DATA)."""
     slot: int
     guest_phys_addr: int
     size: int
@@ -25,6 +43,7 @@ class MemorySlot:
     mem: mmap.mmap = field(repr=False)
     flags: int = 0
     owns_memfd: bool = True
+    huge: bool = False
 
     @property
     def npages(self) -> int:
@@ -40,7 +59,10 @@ class MemorySlot:
     def data_ranges(self) -> list[tuple[int, int]]:
         """[first, end) page ranges of the memfd that hold data; the pages between
         them are holes, zero without ever having been touched (SEEK_DATA/SEEK_HOLE,
-        so finding them reads no memory and allocates none)."""
+        so finding them reads no memory and allocates none; for huge pages, which
+        hugetlbfs does not report that way, the mapping's residency: mincore)."""
+        if self.huge:
+            return self._resident_ranges()
         ranges, offset = [], 0
         while offset < self.size:
             try:
@@ -51,6 +73,16 @@ class MemorySlot:
             ranges.append((start // PAGE_SIZE, -(-end // PAGE_SIZE)))
             offset = end
         return ranges
+
+    def _resident_ranges(self) -> list[tuple[int, int]]:
+        vec = ctypes.create_string_buffer(self.npages)
+        anchor = ctypes.c_char.from_buffer(self.mem)
+        try:
+            if _libc.mincore(ctypes.addressof(anchor), self.size, vec) != 0:
+                raise OSError(ctypes.get_errno(), "mincore")
+        finally:
+            del anchor                  # the mapping must not stay exported
+        return [(m.start(), m.end()) for m in re.finditer(rb"[^\x00]+", vec.raw)]
 
 
 class Vm:
@@ -93,22 +125,28 @@ class Vm:
 
     # -- memory -----------------------------------------------------------
     def add_memory(self, slot: int, guest_phys_addr: int, size: int,
-                   memfd: int | None = None, name: str = "guest-ram") -> MemorySlot:
+                   memfd: int | None = None, name: str = "guest-ram", huge: bool = False) -> MemorySlot:
         """Map a memfd as memory slot ``slot``: a new one, or ``memfd`` (another
-        VM's RAM, e.g. the stub's window onto guest RAM; not closed here)."""
-        if size <= 0 or size % PAGE_SIZE or guest_phys_addr % PAGE_SIZE:
-            raise ValueError(f"slot {slot}: size and address must be page multiples")
+        VM's RAM, e.g. the stub's window onto guest RAM; not closed here). ``huge``: of
+        2 MiB huge pages (a new one: reserved now, HugePagesError if the host has too few)."""
+        unit = HUGE_PAGE if huge else PAGE_SIZE
+        if size <= 0 or size % unit or guest_phys_addr % unit:
+            raise ValueError(f"slot {slot}: size and address must be multiples of {unit >> 10} KiB")
         own = memfd is None
         if own:
-            memfd = os.memfd_create(name, os.MFD_CLOEXEC)
+            memfd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
             os.ftruncate(memfd, size)
         try:
             mem = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-        except BaseException:
+        except BaseException as exc:
             if own:
                 os.close(memfd)
+            if huge and own and isinstance(exc, OSError):
+                free, total = huge_pages_free()
+                raise HugePagesError(exc.errno, f"{size >> 20} MiB of 2 MiB huge pages are not available "
+                                     f"here ({free} of {total} free; sysctl vm.nr_hugepages)") from None
             raise
-        region = MemorySlot(slot, guest_phys_addr, size, memfd, mem, owns_memfd=own)
+        region = MemorySlot(slot, guest_phys_addr, size, memfd, mem, owns_memfd=own, huge=huge)
         try:
             self._set_region(region)
         except BaseException:

@@ -1,11 +1,15 @@
 """cffi build of migrate.stream._pages: the reader's check of page entries in C
-(specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD").
+(specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD"), and the record CRC.
 
-One call, a pass over a batch without the GIL (cffi releases it): ``hvm_check_entries``,
-the reader's check of a batch's entries in stream order (type, reserved field, duplicate
-pfn), reporting the first bad entry, the number of data pages and the highest pfn. The
-page loops of save and restore are the data plane's (migrate/dataplane).
+Calls that run without the GIL (cffi releases it): ``hvm_check_entries``, the reader's
+check of a batch's entries in stream order (type, reserved field, duplicate pfn),
+reporting the first bad entry, the number of data pages and the highest pfn; and
+``hvm_crc32``, zlib's CRC-32 by carry-less multiplication where the CPU has it (about 4x
+zlib's speed here; crc32_fold.h, shared with the data plane). The page loops of save
+and restore are the data plane's (migrate/dataplane).
 """
+from pathlib import Path
+
 from cffi import FFI
 
 ffibuilder = FFI()
@@ -16,10 +20,18 @@ ffibuilder.cdef("""
 #define HVM_BAD_COUNT ...
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
+uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
 #include <string.h>
+#include "crc32_fold.h"
+
+/* zlib's crc32, by carry-less multiplication where the CPU has it (the record CRC) */
+uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len)
+{
+    return crc32_update(crc, p, len);
+}
 
 #define MAX_COUNT 1024          /* MAX_PAGES_PER_BATCH */
 #define T_ZERO 1
@@ -97,4 +109,5 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
     return 0;
 }
 
-""", extra_compile_args=["-O3"])
+""", extra_compile_args=["-O3"], include_dirs=[str(Path(__file__).resolve().parent)],
+    libraries=["z", "pthread"])

@@ -5,17 +5,23 @@ plane frames its page records in C, migrate/dataplane/dataplane.c, by the same r
 from __future__ import annotations
 
 import struct
-import zlib
 
+from migrate.stream._pages import ffi, lib
 from migrate.stream.records import CRC_COVERED_HEADER, RECORD_HEADER, padded
 
 _COVERED = struct.Struct("<III")  # type, body_length, reserved (zero): the CRC-covered prefix
 assert _COVERED.size == CRC_COVERED_HEADER
 
 
+def crc32(data, crc: int = 0) -> int:
+    """zlib.crc32(data, crc), computed in C (by carry-less multiplication where the CPU
+    has it, several times zlib's speed), without the GIL."""
+    return lib.hvm_crc32(crc, ffi.from_buffer("uint8_t[]", data), len(data)) if len(data) else crc
+
+
 def record_crc(record_type: int, body: bytes) -> int:
-    """CRC-32 (zlib.crc32) over type, body_length and reserved as written, then the body."""
-    return zlib.crc32(body, zlib.crc32(_COVERED.pack(record_type, len(body), 0)))
+    """CRC-32 (zlib's) over type, body_length and reserved as written, then the body."""
+    return crc32(body, crc32(_COVERED.pack(record_type, len(body), 0)))
 
 
 def frame(record_type: int, body: bytes) -> bytes:

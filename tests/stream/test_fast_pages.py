@@ -195,3 +195,4 @@ def test_placement_rejects_oversized_counts_and_short_bodies() -> None:
         place(mem, b"\0" * 4)
     with pytest.raises(DataplaneError, match="2 entries need 40"):
         place(mem, BATCH_HEADER.pack(0, 2) + bytes(16))
+
