@@ -17,20 +17,11 @@ from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
 from ..stream import DeviceState, HvmState, RecordType, StreamError, Vm
 from ..stream.cpu import MSR_FEATURE
+from ..stream.hvm import VCPU_FIELDS
+from ..stream.records import OPTIONAL
 
-# vCPU record type -> VcpuState attribute. The stream has no FPU record: VCPU_XSAVE
-# carries the legacy FPU/SSE area too, and VcpuState.apply restores from xsave.
-VCPU_RECORDS = {
-    RecordType.VCPU_REGS: "regs",
-    RecordType.VCPU_SREGS: "sregs",
-    RecordType.VCPU_XSAVE: "xsave",
-    RecordType.VCPU_XCRS: "xcrs",
-    RecordType.VCPU_MSRS: "msrs",
-    RecordType.VCPU_LAPIC: "lapic",
-    RecordType.VCPU_EVENTS: "events",
-    RecordType.VCPU_MP_STATE: "mp_state",
-    RecordType.VCPU_DEBUGREGS: "debugregs",
-}
+# vCPU record type -> VcpuState attribute, declared with the records (stream/hvm.py)
+VCPU_RECORDS = VCPU_FIELDS
 # platform record type -> PlatformState attribute; PIC carries two attributes
 PLATFORM_RECORDS = {RecordType.IOAPIC: "ioapic", RecordType.PIT: "pit", RecordType.CLOCK: "clock"}
 
@@ -174,7 +165,7 @@ def state_records(state, vm: Vm = Vm.GUEST) -> list[HvmState]:
     out = []
     for vcpu in state.vcpus:
         out += [HvmState(rtype, vm, vcpu.vcpu_id, getattr(vcpu, attr))
-                for rtype, attr in VCPU_RECORDS.items()]
+                for rtype, attr in VCPU_RECORDS.items() if getattr(vcpu, attr) is not None]
     platform = state.platform
     out.append(HvmState(RecordType.PIC, vm, None,
                         {"master": platform.pic_master, "slave": platform.pic_slave}))
@@ -220,7 +211,7 @@ class StateCollector:
         vcpus = []
         for vcpu_id in sorted(self.vcpus):
             have = self.vcpus[vcpu_id]
-            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have]
+            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have and not rt & OPTIONAL]
             if lacking:
                 raise RestoreError(f"stream lacks {', '.join(lacking)} of {self.label} vcpu {vcpu_id}")
             vcpus.append(VcpuState(vcpu_id=vcpu_id, **have))

@@ -264,6 +264,21 @@ VCPU_CODECS: dict[RecordType, Any] = {
     RecordType.VCPU_MP_STATE: ScalarCodec("I"),
     RecordType.VCPU_DEBUGREGS: StructCodec(DEBUGREGS),
 }
+# vCPU record type -> the field of the KVM layer's vCPU state it carries (migrate.kvm.VcpuState,
+# each named after its ioctl): the one place a vCPU record is tied to the state it holds. An
+# optional type (bit 31) is one a restore can do without (its field is then None). The stream
+# has no FPU record: VCPU_XSAVE carries the legacy FPU/SSE area too.
+VCPU_FIELDS: dict[RecordType, str] = {
+    RecordType.VCPU_REGS: "regs",
+    RecordType.VCPU_SREGS: "sregs",
+    RecordType.VCPU_XSAVE: "xsave",
+    RecordType.VCPU_XCRS: "xcrs",
+    RecordType.VCPU_MSRS: "msrs",
+    RecordType.VCPU_LAPIC: "lapic",
+    RecordType.VCPU_EVENTS: "events",
+    RecordType.VCPU_MP_STATE: "mp_state",
+    RecordType.VCPU_DEBUGREGS: "debugregs",
+}
 PLATFORM_CODECS: dict[RecordType, Any] = {
     RecordType.PIC: StructCodec(PIC),
     RecordType.IOAPIC: StructCodec(IOAPIC),
