@@ -245,7 +245,8 @@ class MigrateJob:
         except SaveCancelled as exc:        # the user, or hvm destroy: the engine resumed the domain
             ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
             raise RelocationError(f"relocation to {where} cancelled during the stream") from None
-        except (ChannelError, SaveError) as exc:          # the engine resumed the domain
+        except (ChannelError, SaveError, dataplane.DataplaneError) as exc:      # the engine resumed the domain
+            # a data channel broken by the destination: its ERROR on the control connection says why
             raise RelocationError(f"relocation to {where} failed during the stream: "
                                   f"{_peer_reason(ch, exc)}") from None
         except Exception as exc:
