@@ -13,10 +13,9 @@ import time
 import click
 
 from . import exits
-from .cpu import DEFAULT_MODEL, MODELS
-from .domain import DomainConfig
-from .engine.sinks import DEFAULT_COMPRESSION, Compression
-from .guest.boot import WORKLOADS
+from .config import (
+    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus,
+)
 from .host import control, protocol
 from .host.control import ControlError
 from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: for callers)
@@ -98,7 +97,7 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
 
 
 def _parse_net(text: str | None) -> dict | None:
-    from .stub.netback import NetError, parse_net
+    from .config import NetError, parse_net
     try:
         return parse_net(text) if text is not None else None
     except NetError as exc:
@@ -240,7 +239,7 @@ def console(name, follow):
             offset = part["next"]
             if part["data"]:
                 continue
-            if not follow or part["status"] in ("crashed", "shutdown", "destroyed"):
+            if not follow or part["status"] in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN, DomainStatus.DESTROYED):
                 return
             time.sleep(0.2)
 
@@ -353,7 +352,7 @@ def disk_map_option(text: str):
 
 
 def _disk_map(items) -> dict[str, str]:
-    from .host.relocd import parse_disk_map
+    from .host.destination import parse_disk_map
     try:
         return parse_disk_map(items)
     except ValueError as exc:
@@ -525,7 +524,7 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
                                     **convergence)
     finally:
         bar.done()
-    if reply["status"] == "destroyed":
+    if reply["status"] == DomainStatus.DESTROYED:
         control.wait_gone(name)
     if reply.get("interrupted"):
         exits.warn("interrupted too late to cancel: the save had completed")
@@ -792,16 +791,16 @@ def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory, hugepages):
     """
     import logging
     import signal
-    from .host import relocd, tls
-    from .host.relocate import parse_target
+    from .host import destination, tls
+    from .host.source import parse_target
     if not insecure and not tls_dir:
         raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
     addr, port = parse_target(listen)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
-        server = relocd.RelocationServer(relocd.ServeConfig(
-            addr, port, None if insecure else tls_dir, relocd.parse_disk_map(disk_map),
-            net_map=relocd.parse_net_map(net_map), max_memory=max_memory, hugepages=hugepages))
+        server = destination.RelocationServer(destination.ServeConfig(
+            addr, port, None if insecure else tls_dir, destination.parse_disk_map(disk_map),
+            net_map=destination.parse_net_map(net_map), max_memory=max_memory, hugepages=hugepages))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -821,7 +820,7 @@ def _migrate_summary(name: str, target: str, s: dict) -> str:
     if s.get("reason") and s["reason"] != "offline":
         converged = f" (switched over: {s['reason']}, estimated {s['downtime_estimate'] * 1000:.1f} ms"
         converged += f", throttle up to {s['throttle']}%)" if s.get("throttle") else ")"
-    from .host.relocate import DESTINATION_PARTS, SOURCE_PARTS
+    from .host.source import DESTINATION_PARTS, SOURCE_PARTS
     parts = s.get("downtime_parts", {})
     here = sum(parts.get(k, 0.0) for k in SOURCE_PARTS)
     there = sum(parts.get(k, 0.0) for k in DESTINATION_PARTS)
@@ -882,7 +881,7 @@ def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_ou
       hvm migrate web1 node2:7410 --tls-dir /etc/hvm/tls
       hvm migrate web1 node2:7410 --max-bandwidth 100M --timeout 60s --throttle
     """
-    from .host.relocate import migrate_domain, parse_target
+    from .host.source import migrate_domain, parse_target
     if not insecure and not tls_dir:
         raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
     try:

@@ -19,10 +19,8 @@ import struct
 from dataclasses import dataclass, field, replace
 from typing import NamedTuple
 
-MODELS = ("baseline", "host")
-DEFAULT_MODEL = "baseline"
-STUB_MODEL = "baseline"            # the stub runs our own image: it needs nothing more
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,14}$")
+from .config import DEFAULT_MODEL, MODEL_NAME, MODELS, STUB_MODEL  # noqa: F401  (re-exported)
+
 TSC_TOLERANCE_PPM = 250            # KVM's own tolerance before it needs TSC scaling
 
 SIGNIFICANT_INDEX = 1              # KVM_CPUID_FLAG_SIGNIFCANT_INDEX

@@ -14,28 +14,21 @@ from dataclasses import dataclass, field
 
 from . import guest
 from .console import Console
+from .config import (  # noqa: F401  (DomainConfig, DomainError and the memory checks: re-exported)
+    MAX_MEMORY, MAX_VCPUS, MIN_MEMORY, MIB, STUB_MODEL, DomainConfig, DomainError, DomainStatus,
+    memory_ok, memory_problem,
+)
 from .cpu import (
-    DEFAULT_MODEL, MODEL_NAME, STUB_MODEL, CpuModelError, CpuPolicy, HostCpu, compatibility,
-    msrs_to_apply, policy_for, this_host, tsc_differs,
+    CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
 from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
-from .memory import RamRange
+from .memory import Ram, RamRange
+from .stream.records import Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
-from .stub.netback import NetError, check_net
 
 log = logging.getLogger(__name__)
-
-MIB = 1 << 20
-MIN_MEMORY = 16 * MIB
-MAX_MEMORY = 240 * gboot.GIB     # 3 GiB below the 32-bit MMIO hole, the rest from 4 GiB
-MAX_VCPUS = gboot.MAX_VCPUS
-
-
-def memory_ok(memory: int) -> bool:
-    """A guest memory size this build runs: MIN_MEMORY to MAX_MEMORY in 2 MiB steps."""
-    return MIN_MEMORY <= memory <= MAX_MEMORY and memory % (2 * MIB) == 0
 
 
 def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
@@ -44,65 +37,9 @@ def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
     return tuple((gpa // gboot.PAGE_SIZE, size // gboot.PAGE_SIZE) for gpa, size in gboot.ram_layout(memory))
 
 
-def memory_problem(memory: int) -> str:
-    """What is wrong with a guest memory size memory_ok refuses, in one line."""
-    size = f"{memory // MIB} MiB" if memory % MIB == 0 else f"{memory / MIB:.2f} MiB"
-    if not MIN_MEMORY <= memory <= MAX_MEMORY:
-        return f"memory size {size} out of range: {MIN_MEMORY // MIB} MiB to {MAX_MEMORY >> 30} GiB"
-    below = memory // (2 * MIB) * 2
-    return (f"memory size {size} is not a multiple of 2 MiB (the guest maps its memory in 2 MiB "
-            f"pages): try {below} MiB or {below + 2} MiB")
-
-
 RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
-
-
-class DomainError(Exception):
-    """A domain cannot be built or operated; the message says why."""
-
-
-@dataclass
-class DomainConfig:
-    """What a domain is, as plain data (it travels in the stream)."""
-    name: str
-    workload: str
-    memory: int
-    args: list[int] = field(default_factory=lambda: [0] * 8)
-    timer_hz: int = 100
-    stub: bool = True           # devices in a stub VM; False: debug port 0xE9 only
-    disk: str | None = None     # raw disk image behind the virtio block device
-    cpu: str = DEFAULT_MODEL    # the guest's CPU model (specs/cpu-models.md)
-    net: dict | None = None     # the NIC: {"link": "tap"|"bridge", "name", "mac", "mtu"} (stub/netback.py)
-    vcpus: int = 1              # vCPUs, 1..MAX_VCPUS (LAPIC ids 0..vcpus-1)
-    hugepages: bool = False     # guest RAM of 2 MiB huge pages (a host choice: not in the stream)
-
-    def validate(self) -> None:
-        if self.workload not in gboot.WORKLOADS:
-            raise DomainError(f"unknown workload {self.workload!r} "
-                              f"(one of: {', '.join(gboot.WORKLOADS)})")
-        if not memory_ok(self.memory):
-            raise DomainError(memory_problem(self.memory))
-        if len(self.args) > 8:
-            raise DomainError("at most 8 workload arguments")
-        if not 0 <= self.timer_hz <= 1000:
-            raise DomainError("timer_hz must be 0 to 1000")
-        if self.disk is not None and not self.stub:
-            raise DomainError("a disk needs the device-model stub")
-        if not isinstance(self.cpu, str) or not MODEL_NAME.match(self.cpu):
-            raise DomainError(f"{self.cpu!r} is not a CPU model name")
-        if self.net is not None:
-            if not self.stub:
-                raise DomainError("a NIC needs the device-model stub")
-            try:
-                check_net(self.net)
-            except NetError as exc:
-                raise DomainError(str(exc)) from None
-        if not isinstance(self.vcpus, int) or isinstance(self.vcpus, bool) or not 1 <= self.vcpus <= MAX_VCPUS:
-            raise DomainError(f"vcpus must be 1 to {MAX_VCPUS}")
-        if not isinstance(self.hugepages, bool):
-            raise DomainError("hugepages must be true or false")
 
 
 @dataclass
@@ -113,6 +50,43 @@ class DomainState:
     vcpus: list[VcpuState]
     platform: PlatformState
     stub: StubState | None = None
+
+    @property
+    def devices(self) -> tuple:
+        """The guest's own device-model records: none (its devices live in the stub)."""
+        return ()
+
+
+class VmSpace:
+    """One VM of the pair as the engine moves it (:class:`migrate.engine.contract.VmPart`):
+    the guest and the stub are both one of these. ``ram``: its RAM; ``also_writes``: RAM of
+    another VM mapped onto the same pages (the stub's window onto guest RAM), whose dirty
+    log is merged into this one's, since KVM keeps them apart (KVM-HERE.md); ``share``:
+    its part of a captured DomainState."""
+
+    def __init__(self, vm: Vm, ram: Ram, cpu: CpuPolicy, share, also_writes: Ram | None = None):
+        self.vm, self.ram, self.cpu = vm, ram, cpu
+        self.share, self.also_writes = share, also_writes
+
+    def memory_ranges(self) -> list[RamRange]:
+        return self.ram.ranges()
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        return self.ram.data_ranges()
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        self.ram.set_dirty_logging(enabled)
+        if self.also_writes is not None:
+            self.also_writes.set_dirty_logging(enabled)
+
+    def fetch_dirty(self) -> DirtyLog:
+        dirty = self.ram.fetch_dirty()
+        if self.also_writes is not None:
+            dirty = dirty | self.also_writes.fetch_dirty()
+        return dirty
+
+    def state_of(self, state: DomainState):
+        return self.share(state)
 
 
 @dataclass(eq=False)
@@ -156,7 +130,7 @@ class Domain:
         except CpuModelError as exc:
             raise DomainError(str(exc)) from None
         self.console = console or Console()
-        self.status = "paused"
+        self.status = DomainStatus.PAUSED
         self.crash_reason = ""
         self.on_sync = None             # called in the vCPU thread: on_sync(value)
         self._kvm = kvm or Kvm()
@@ -167,6 +141,7 @@ class Domain:
         self._has_run = False               # resume() was called once: state can no longer be applied
         self.pause_skew = 0.0               # the last pause: seconds from the first vCPU's stop to the last's
         self.stub: Stub | None = None
+        self._parts: list[VmSpace] = []
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
@@ -201,6 +176,10 @@ class Domain:
                                  net=self.config.net)
             except (OSError, StubError) as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
+        window = self.stub.window if self.stub is not None else None
+        self._parts = [VmSpace(Vm.GUEST, self.ram, self.cpu, lambda state: state, also_writes=window)]
+        if self.stub is not None:
+            self._parts.append(VmSpace(Vm.STUB, self.stub.ram, self.stub.cpu, lambda state: state.stub))
 
     def _fit(self, policy: CpuPolicy, host: HostCpu, what: str) -> CpuPolicy:
         """``policy`` as this host runs it: refused (CpuModelError) if the host cannot, less
@@ -286,7 +265,7 @@ class Domain:
         """Apply captured state to this paused, never-run domain (its memory,
         and unless ``fresh_stub`` the stub's memory, are filled separately).
         ``stub_build`` names the build of a stub resumed from its image."""
-        if self.status != "paused" or self._has_run:
+        if self.status is not DomainStatus.PAUSED or self._has_run:
             raise DomainError("state can only be applied to a domain that has not run")
         if [v.vcpu_id for v in state.vcpus] != [v.id for v in self.vcpus]:
             raise DomainError(f"state has vCPUs {[v.vcpu_id for v in state.vcpus]}, "
@@ -325,6 +304,10 @@ class Domain:
         return dataclasses.replace(vcpu, msrs=msrs)
 
     # -- memory and dirty log ---------------------------------------------
+    def parts(self) -> list["VmSpace"]:
+        """The guest, then the stub (if any): what the engine moves (engine/contract.py)."""
+        return list(self._parts)
+
     @property
     def memory(self) -> memoryview:
         """Guest RAM from physical address 0 (below the 32-bit MMIO hole): all of it for a
@@ -335,10 +318,7 @@ class Domain:
         """Guest RAM as ranges of guest page frames, one per memory slot, ascending:
         (first_pfn, npages, memory view, memory file descriptor, offset of the range in
         that file)."""
-        return self.ram.ranges()
-
-    def stub_memory_ranges(self) -> list[RamRange]:
-        return self.stub.ram.ranges() if self.stub else []
+        return self._parts[0].memory_ranges()
 
     def guest_view(self, address: int, size: int) -> memoryview:
         """Guest RAM ``[address, address + size)``, inside one RAM range."""
@@ -346,32 +326,23 @@ class Domain:
 
     def data_ranges(self) -> list[tuple[int, int]]:
         """Page ranges of guest RAM that may hold data (the rest was never written)."""
-        return self.ram.data_ranges()
-
-    def stub_data_ranges(self) -> list[tuple[int, int]]:
-        return self.stub.ram.data_ranges() if self.stub else []
+        return self._parts[0].data_ranges()
 
     @property
     def stub_memory(self) -> memoryview | None:
         return self.stub.memory if self.stub else None
 
     def set_dirty_logging(self, enabled: bool) -> None:
-        self.ram.set_dirty_logging(enabled)
-        if self.stub is not None:
-            self.stub.set_dirty_logging(enabled)
+        """Dirty logging of every part (the guest's RAM, the stub's window onto it, the
+        stub's RAM) on or off."""
+        for part in self._parts:
+            part.set_dirty_logging(enabled)
 
     def fetch_dirty(self) -> DirtyLog:
         """Fetch and clear the pages of guest RAM dirtied since the last fetch, in every
         RAM slot: the guest's own log merged with the stub's window log (its DMA), which
         KVM keeps apart (KVM-HERE.md)."""
-        dirty = self.ram.fetch_dirty()
-        if self.stub is not None:
-            dirty = dirty | self.stub.fetch_window_dirty()
-        return dirty
-
-    def fetch_stub_dirty(self) -> DirtyLog | None:
-        """Fetch and clear the stub's own memory pages dirtied since the last fetch."""
-        return self.stub.fetch_ram_dirty() if self.stub else None
+        return self._parts[0].fetch_dirty()
 
     # -- console input ----------------------------------------------------------
     def send_input(self, data: bytes) -> None:
@@ -382,12 +353,12 @@ class Domain:
             if len(self._input) + len(data) > 65536:
                 raise DomainError("console input backlog is full")
             self._input += data
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 self.vcpu.kick()        # vCPU 0's thread hands it to the stub
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
-        if self.status == "running":
+        if self.status is DomainStatus.RUNNING:
             raise DomainError("capture needs a paused domain")
         try:
             stub = self.stub.capture() if self.stub else None
@@ -400,18 +371,18 @@ class Domain:
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
         with self._cv:
-            if self.status == "destroyed":
+            if self.status is DomainStatus.DESTROYED:
                 raise DomainError("domain is destroyed")
-            if self.status in ("crashed", "shutdown"):
+            if self.status in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN):
                 raise DomainError(f"domain {self.status}: {self.crash_reason}")
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 return
             for run in self._runs:
                 run.vcpu.unkick()
                 run.entered_at = None
             self._want_run = True
             self._has_run = True
-            self.status = "running"
+            self.status = DomainStatus.RUNNING
             self._start_threads()
             self._cv.notify_all()
         net = self.stub.net if self.stub is not None else None
@@ -433,7 +404,7 @@ class Domain:
         of the last one), or None if they have not within ``timeout`` (or the domain
         stopped meanwhile)."""
         with self._cv:
-            self._cv.wait_for(lambda: self.entered_at is not None or self.status != "running", timeout)
+            self._cv.wait_for(lambda: self.entered_at is not None or self.status is not DomainStatus.RUNNING, timeout)
             return self.entered_at
 
     def park_vcpu(self) -> None:
@@ -441,7 +412,7 @@ class Domain:
         still be applied): a later resume() only wakes them. A relocation's resume is on the
         downtime path, and starting threads there costs a fraction of a millisecond each."""
         with self._cv:
-            if self.status == "paused":
+            if self.status is DomainStatus.PAUSED:
                 self._start_threads()
 
     def _start_threads(self) -> None:
@@ -458,7 +429,7 @@ class Domain:
         from the first vCPU's stop to the last one's."""
         asked = time.monotonic()
         with self._cv:
-            if self.status != "running":
+            if self.status is not DomainStatus.RUNNING:
                 return asked
             running = [run.in_guest for run in self._runs]   # else resumed, not yet gone in: never ran
             self._want_run = False
@@ -466,8 +437,8 @@ class Domain:
                 run.vcpu.kick()
             if not self._cv.wait_for(lambda: not any(run.in_guest for run in self._runs), timeout):
                 raise DomainError(f"vCPUs did not stop within {timeout}s")
-            if self.status == "running":
-                self.status = "paused"
+            if self.status is DomainStatus.RUNNING:
+                self.status = DomainStatus.PAUSED
             now = time.monotonic()
             stops = [run.left_at if was_in and run.left_at >= asked else now
                      for run, was_in in zip(self._runs, running)]
@@ -487,10 +458,10 @@ class Domain:
 
     def destroy(self) -> None:
         with self._cv:
-            if self.status == "destroyed":
+            if self.status is DomainStatus.DESTROYED:
                 return
             self._want_run = False
-            self.status = "destroyed"
+            self.status = DomainStatus.DESTROYED
             for run in self._runs:
                 if run.thread is not None:
                     run.vcpu.kick()
@@ -513,15 +484,15 @@ class Domain:
     def wait_stopped(self, timeout: float) -> bool:
         with self._cv:
             return self._cv.wait_for(
-                lambda: self.status in ("crashed", "shutdown", "destroyed"), timeout)
+                lambda: self.status.stopped, timeout)
 
     def _vcpu_loop(self, run: _VcpuRun) -> None:
         while True:
             with self._cv:
                 run.in_guest = False
                 self._cv.notify_all()
-                self._cv.wait_for(lambda: self._want_run or self.status == "destroyed")
-                if self.status == "destroyed":
+                self._cv.wait_for(lambda: self._want_run or self.status is DomainStatus.DESTROYED)
+                if self.status is DomainStatus.DESTROYED:
                     return
                 run.in_guest = True
             try:
@@ -555,13 +526,13 @@ class Domain:
             if handler(self, vcpu, ex) is False:
                 return
 
-    def _crash(self, reason: str, status: str = "crashed") -> None:
+    def _crash(self, reason: str, status: DomainStatus = DomainStatus.CRASHED) -> None:
         """The guest stopped (or cannot go on): every vCPU leaves it."""
         with self._cv:
-            if self.status in ("crashed", "shutdown"):      # another vCPU said it first
+            if self.status in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN):      # another vCPU said it first
                 return
             self.crash_reason = reason
-            if self.status != "destroyed":
+            if self.status is not DomainStatus.DESTROYED:
                 self.status = status
             self._want_run = False
             self._kick_all()
@@ -580,7 +551,7 @@ class Domain:
             return
         with self._cv:
             self._warm_stub = True
-            if self.status == "running":
+            if self.status is DomainStatus.RUNNING:
                 self.vcpu.kick()        # vCPU 0's thread runs it
 
     def _housekeeping(self) -> None:
@@ -617,7 +588,7 @@ class Domain:
         if ex.is_write and ex.port == PORT_EXIT:
             status = int.from_bytes(ex.data, "little")
             self._crash(f"guest stopped itself with status {status:#x}",
-                        "shutdown" if status == 0 else "crashed")
+                        DomainStatus.SHUTDOWN if status == 0 else DomainStatus.CRASHED)
             return False
         if ex.port not in self._unknown_ports:
             self._unknown_ports.add(ex.port)

@@ -151,7 +151,7 @@ def test_throttle_duty_cycles_and_always_releases():
 
 
 def test_migrate_request_keys_are_checked():
-    from migrate.host.relocate import MigrateJob
+    from migrate.host.source import MigrateJob
     base = {"host": "h", "port": 1, "insecure": True}
     job = MigrateJob.from_request({**base, "downtime_ms": 50, "max_bandwidth": 2e7, "precopy_timeout": 3,
                                    "on_timeout": "force", "throttle": True, "compress": None})

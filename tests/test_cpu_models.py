@@ -306,10 +306,10 @@ def test_relocation_refuses_an_incompatible_cpu_at_hello(tmp_path, pki_dir, doma
     before a single page is sent, and starts nothing."""
     import threading
     from migrate.domain import Domain, DomainConfig
-    from migrate.host import control, relocd
-    from migrate.host.relocate import MigrateJob, RelocationError
+    from migrate.host import control, destination
+    from migrate.host.source import MigrateJob, RelocationError
     dst = tmp_path / "dst"
-    server = relocd.RelocationServer(relocd.ServeConfig("127.0.0.1", 0, str(pki_dir / "127.0.0.1"), {}, dst))
+    server = destination.RelocationServer(destination.ServeConfig("127.0.0.1", 0, str(pki_dir / "127.0.0.1"), {}, dst))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:
         dom = Domain.boot(DomainConfig("rc", "idle", 16 << 20, cpu="host"))

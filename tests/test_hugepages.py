@@ -19,7 +19,7 @@ from migrate.domain import Domain, DomainConfig, DomainError
 from migrate.engine import restore, save_to_file
 from migrate.engine.files import file_chunks
 from migrate.guest import check
-from migrate.host import control, relocd
+from migrate.host import control, destination
 from migrate.kvm import huge_pages_free
 from test_relocation import hosts, pki, wait_console  # noqa: F401 (fixtures)
 from test_smp import ledger_bytes
@@ -96,7 +96,7 @@ def test_too_few_huge_pages_is_one_line(huge_pool, state_dir):
 def test_relocation_onto_huge_pages(hosts, pki, huge_pool):
     src, dst, _ = hosts
     huge_pool(64 // 2 + 4)
-    server = relocd.RelocationServer(relocd.ServeConfig(
+    server = destination.RelocationServer(destination.ServeConfig(
         "127.0.0.1", 0, str(pki / "ca" / "127.0.0.1"), {}, dst, hugepages=True))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     try:

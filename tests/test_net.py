@@ -19,7 +19,7 @@ from migrate.cli import hvm
 from migrate.domain import Domain, DomainConfig, DomainError
 from migrate.engine import file_chunks, restore, save_to_file
 from migrate.engine.state import RestoreError, config_from_record
-from migrate.host import relocd
+from migrate.host import destination
 from migrate.stream import DomainConfig as ConfigRecord
 from migrate.stub import abi
 from migrate.stub.netback import NetError, check_net, parse_net, rarp_frame
@@ -485,8 +485,8 @@ def test_domain_config_net_from_a_stream_is_checked():
 
 
 def test_hello_nic_needs_a_net_map(tmp_path):
-    server = object.__new__(relocd.RelocationServer)
-    server.config = relocd.ServeConfig("127.0.0.1", 0, None, net_map=relocd.parse_net_map(["brA=lo", "t1=t9"]))
+    server = object.__new__(destination.RelocationServer)
+    server.config = destination.ServeConfig("127.0.0.1", 0, None, net_map=destination.parse_net_map(["brA=lo", "t1=t9"]))
     hello = {"name": "g", "stub": True}
     assert server.check_net(dict(hello, net=None)) is None
     assert server.check_net(dict(hello, net={"link": "tap", "name": "t1"})) == "t9"
@@ -494,12 +494,12 @@ def test_hello_nic_needs_a_net_map(tmp_path):
                        ({"link": "bridge", "name": "brA"}, "there is no bridge lo"),
                        ({"link": "wifi", "name": "t1"}, "nil or a map"), ("t1", "nil or a map"),
                        ({"link": "tap", "name": "a b"}, "interface name")):
-        with pytest.raises(relocd.Refused, match=error):
+        with pytest.raises(destination.Refused, match=error):
             server.check_net(dict(hello, net=net))
     with pytest.raises(ValueError, match="SRC=DST"):
-        relocd.parse_net_map(["brA"])
+        destination.parse_net_map(["brA"])
     with pytest.raises(ValueError, match="interface name"):
-        relocd.parse_net_map(["brA=x/y"])
+        destination.parse_net_map(["brA=x/y"])
 
 
 def test_rarp_frame_is_what_qemu_announces():

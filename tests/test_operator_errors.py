@@ -20,8 +20,8 @@ from click.testing import CliRunner
 
 from migrate.cli import hvm
 from migrate.domain import DomainConfig
-from migrate.host import control, relocd
-from migrate.host.relocate import migrate_domain
+from migrate.host import control, destination
+from migrate.host.source import migrate_domain
 from test_relocation import (  # noqa: F401  (pki and hosts are fixtures)
     console, hosts, ledger_lines_ok, pki, wait_console, wait_empty,
 )
@@ -172,8 +172,8 @@ def test_an_incoming_relocation_holds_its_disk_image(hosts, pki, tmp_path, domai
     it too. When the relocation is given up, the image is free again."""
     from migrate.domain import Domain
     from migrate.engine.state import cpu_bodies, domain_cpus
-    from migrate.host.relocate import MigrateJob
-    from migrate.host.relocation import DataBuffer, PeerError
+    from migrate.host.source import MigrateJob
+    from migrate.host.channel import DataBuffer, PeerError
     from test_relocation import save_to
     src, dst, daemon = hosts
     disk, there = tmp_path / "disk.img", tmp_path / "there.img"
@@ -450,9 +450,9 @@ def test_outcome_unknown_exits_3_and_says_what_to_do(hosts, pki, monkeypatch):
     b = daemon(dst)
 
     def link_dies(self, paused=False):
-        raise relocd.ChannelError("link died after GO")
+        raise destination.ChannelError("link died after GO")
 
-    monkeypatch.setattr(relocd.Incoming, "resume", link_dies)
+    monkeypatch.setattr(destination.Incoming, "resume", link_dies)
     control.create_domain(DomainConfig("u3", "idle", 16 << 20))
     res = run("migrate", "u3", f"127.0.0.1:{b.address[1]}", "--tls-dir", str(pki / "ca" / "src"),
               "--json", ok=False)

@@ -23,9 +23,9 @@ from migrate.cli import hvm
 from migrate.domain import DomainConfig
 from migrate.engine import file_chunks, restore
 from migrate.guest import check
-from migrate.host import control, relocd, tls
-from migrate.host.relocate import migrate_domain
-from migrate.host.relocation import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
+from migrate.host import control, destination, tls
+from migrate.host.source import migrate_domain
+from migrate.host.channel import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
 
 
 # -- the channel, without KVM ----------------------------------------------------------
@@ -83,7 +83,7 @@ def pki(tmp_path_factory):
 
 
 def start_daemon(pki, base, disk_map=None):
-    server = relocd.RelocationServer(relocd.ServeConfig(
+    server = destination.RelocationServer(destination.ServeConfig(
         "127.0.0.1", 0, str(pki / "ca" / "127.0.0.1"), disk_map or {}, base))
     threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
@@ -344,8 +344,8 @@ def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains)
     """A source that vanishes between RESTORED and GO: the destination had a paused pair
     and destroys it; no copy runs there."""
     from migrate.domain import Domain
-    from migrate.host.relocate import MigrateJob
-    from migrate.host.relocation import DataBuffer
+    from migrate.host.source import MigrateJob
+    from migrate.host.channel import DataBuffer
     src, dst, daemon = hosts
     b = daemon(dst)
     dom = Domain.boot(DomainConfig("g1", "idle", 16 << 20))
@@ -370,9 +370,9 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
     b = daemon(dst)
 
     def link_dies(self, paused=False):
-        raise relocd.ChannelError("link died after GO")
+        raise destination.ChannelError("link died after GO")
 
-    monkeypatch.setattr(relocd.Incoming, "resume", link_dies)
+    monkeypatch.setattr(destination.Incoming, "resume", link_dies)
     control.create_domain(DomainConfig("u1", "idle", 16 << 20))
     with pytest.raises(control.ControlError, match=r"outcome unknown: GO was sent .* u1 is kept "
                                                    r"paused here.*'hvm unpause u1'"):
@@ -390,9 +390,9 @@ def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
     b = daemon(dst)
 
     def refused(self, paused=False):
-        raise relocd.NotResumed("KVM_RUN refused")
+        raise destination.NotResumed("KVM_RUN refused")
 
-    monkeypatch.setattr(relocd.Incoming, "resume", refused)
+    monkeypatch.setattr(destination.Incoming, "resume", refused)
     control.create_domain(DomainConfig("u2", "idle", 16 << 20))
     wait_console("u2", src, r"tick")
     with pytest.raises(control.ControlError, match=r"failed at the handoff: destination: resume failed "
@@ -409,7 +409,7 @@ def test_answer_to_go_is_read_strictly(tmp_path):
     process that says so (refused:, or error: before running) never ran; an answer
     missing altogether leaves the outcome unknown."""
     def incoming(lines: bytes | None, go_reader=True):
-        inc = object.__new__(relocd.Incoming)
+        inc = object.__new__(destination.Incoming)
         inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
         inc.final = "ok 1 2 3"
         go_r, inc.go_w = os.pipe()
@@ -422,16 +422,16 @@ def test_answer_to_go_is_read_strictly(tmp_path):
         return inc
 
     assert 0 <= incoming(b"running %.6f\n" % (time.monotonic() + 0.001)).resume() < 1
-    with pytest.raises(relocd.NotResumed, match="^no vCPU$"):
+    with pytest.raises(destination.NotResumed, match="^no vCPU$"):
         incoming(b"refused: no vCPU\n").resume()
-    with pytest.raises(relocd.NotResumed, match="^bad stream$"):
+    with pytest.raises(destination.NotResumed, match="^bad stream$"):
         incoming(b"error: bad stream\n").resume()
-    with pytest.raises(relocd.NotResumed, match="was gone before GO"):
+    with pytest.raises(destination.NotResumed, match="was gone before GO"):
         incoming(b"", go_reader=False).resume()          # nobody could read GO
     for silent in (None, b"running"):                  # EOF, or a line cut short
-        with pytest.raises(relocd.Refused) as info:
+        with pytest.raises(destination.Refused) as info:
             incoming(silent).resume()
-        assert not isinstance(info.value, relocd.NotResumed)
+        assert not isinstance(info.value, destination.NotResumed)
         assert "domain process exited" in str(info.value)
 
 
@@ -440,7 +440,7 @@ def test_hostile_stream_is_refused_in_one_line(hosts, pki):
     """The relocation daemon as an entry point (issue 13): a stream whose DEVICE_STATE is
     nested 1000 deep (once a RecursionError after the domain was built) ends the restore
     with the stream error's one line, and the destination keeps nothing."""
-    from migrate.host.relocate import MigrateJob
+    from migrate.host.source import MigrateJob
     spec = __import__("importlib.util").util.spec_from_file_location(
         "fuzz_stream", Path(__file__).resolve().parents[1] / "tools" / "fuzz_stream.py")
     fuzz = __import__("importlib.util").util.module_from_spec(spec)
@@ -469,8 +469,8 @@ def test_bytes_after_end_are_refused(hosts, pki, domains):
     said ok at END, and the daemon still refuses at STREAM_END ("bytes after END") and
     cleans up."""
     from migrate.domain import Domain
-    from migrate.host.relocate import MigrateJob
-    from migrate.host.relocation import DataBuffer
+    from migrate.host.source import MigrateJob
+    from migrate.host.channel import DataBuffer
     src, dst, daemon = hosts
     b = daemon(dst)
     dom = Domain.boot(DomainConfig("g2", "idle", 16 << 20))
@@ -655,7 +655,7 @@ def test_failed_handoff_turns_dirty_logging_off(domains, end):
     once (an ERROR instead of RESTORED, or a destination whose copy never ran), or kept
     paused for the operator (no RUNNING)."""
     from migrate.domain import Domain
-    from migrate.host.relocate import MigrateJob, OutcomeUnknown, RelocationError
+    from migrate.host.source import MigrateJob, OutcomeUnknown, RelocationError
 
     def answer(ch):
         if end == "error-before-restored":
@@ -681,7 +681,7 @@ def test_feeding_reads_the_progress_lines_meanwhile(tmp_path):
     pipe of its own; the daemon must read those while it feeds the stream, or both pipes
     fill up and each side waits for the other (a long pre-copy would hang the daemon).
     Here a reader thread says far more than a pipe holds while it takes 4 MiB."""
-    inc = object.__new__(relocd.Incoming)
+    inc = object.__new__(destination.Incoming)
     inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
     inc.final, inc.bytes, inc.applied, inc.cap = None, 0, 0, 1 << 30
     stream_r, inc.stream_w = os.pipe()

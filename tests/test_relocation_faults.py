@@ -20,8 +20,8 @@ from migrate.cli import hvm
 from migrate.domain import DomainConfig
 from migrate.engine import file_chunks, restore
 from migrate.guest import check
-from migrate.host import control, relocd
-from migrate.host.relocate import migrate_domain
+from migrate.host import control, destination
+from migrate.host.source import migrate_domain
 
 from relocation_proxy import Proxy
 from test_relocation import (  # noqa: F401  (pki and hosts are fixtures)
@@ -32,7 +32,7 @@ RESUME_TIMEOUT = 3.0        # the receiving domain's self-destroy timeout in the
 
 
 def insecure_daemon(base, *, max_memory=None, disk_map=None):
-    server = relocd.RelocationServer(relocd.ServeConfig(
+    server = destination.RelocationServer(destination.ServeConfig(
         "127.0.0.1", 0, None, disk_map or {}, base, max_memory=max_memory))
     import threading
     threading.Thread(target=server.serve_forever, daemon=True).start()
@@ -42,7 +42,7 @@ def insecure_daemon(base, *, max_memory=None, disk_map=None):
 def serve_subprocess(base, port):
     """A real `hvm host serve --insecure` whose received domains destroy themselves
     RESUME_TIMEOUT s after RESTORED if GO never resumes them (60 s in production)."""
-    code = ("import sys, migrate.host.relocd as r; r.RESUME_TIMEOUT = %r; "
+    code = ("import sys, migrate.host.destination as r; r.RESUME_TIMEOUT = %r; "
             "from migrate.cli import hvm; hvm(sys.argv[1:])" % RESUME_TIMEOUT)
     proc = subprocess.Popen([sys.executable, "-c", code, "host", "serve", "--listen",
                              f"127.0.0.1:{port}", "--insecure"],

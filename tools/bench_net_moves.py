@@ -75,7 +75,7 @@ def main() -> int:
     args = ap.parse_args()
 
     from migrate.host import control, tls
-    from migrate.host.relocate import migrate_domain
+    from migrate.host.source import migrate_domain
 
     tag = str(os.getpid() % 100000)
     work = Path(tempfile.mkdtemp(prefix="hvm-netmoves-"))

@@ -42,7 +42,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrate.domain import DomainConfig  # noqa: E402
 from migrate.host import control, tls  # noqa: E402
-from migrate.host.relocate import DOWNTIME_PARTS, migrate_domain  # noqa: E402
+from migrate.host.source import DOWNTIME_PARTS, migrate_domain  # noqa: E402
 from migrate.guest import check  # noqa: E402
 
 import machine_limits  # noqa: E402  (tools/)

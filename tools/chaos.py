@@ -148,7 +148,7 @@ class Host:
         return {**os.environ, "HVM_STATE_DIR": str(self.base), "HVM_TLS_DIR": self.tls_dir}
 
     def start(self) -> None:
-        code = (f"import sys, migrate.host.relocd as r; r.RESUME_TIMEOUT = {RESUME_TIMEOUT}; "
+        code = (f"import sys, migrate.host.destination as r; r.RESUME_TIMEOUT = {RESUME_TIMEOUT}; "
                 "from migrate.cli import hvm; hvm(sys.argv[1:])")
         log = open(self.base.parent / f"daemon-{self.label}.log", "a")
         self.proc = subprocess.Popen(

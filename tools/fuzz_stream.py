@@ -28,8 +28,8 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import importlib
-import mmap
 import random
 import struct
 import sys
@@ -264,34 +264,24 @@ def mutate(data: bytes, max_size: int, rng: random.Random, corpus: list[bytes], 
 
 # ---- the target --------------------------------------------------------------------------
 
-class FakeDomain:
-    """What restore() needs of a domain, without KVM: guest and stub RAM as bytearrays,
-    apply() that builds the stub's device buffer as a fresh stub's LOAD would."""
+@functools.cache
+def _fake_domain_class():
+    from migrate.engine import fake
+    from migrate.stub import devstate
 
-    def __init__(self, config, cpu=None, stub_cpu=None) -> None:
-        self.config, self.cpu, self.stub_cpu = config, cpu, stub_cpu
-        self._maps = [mmap.mmap(-1, config.memory)] + ([mmap.mmap(-1, 2048 * 4096)] if config.stub else [])
-        self.memory = memoryview(self._maps[0])          # zero pages until written, like a memfd
-        self.stub_memory = memoryview(self._maps[1]) if config.stub else None
+    class FakeDomain(fake.FakeDomain):
+        def apply(self, state, fresh_stub: bool = False, stub_build: str = "") -> None:
+            if state.stub is not None:
+                devstate.build(state.stub.devices)     # DeviceStateError: a DomainError-like refusal
+            super().apply(state, fresh_stub, stub_build)
+    return FakeDomain
 
-    def memory_ranges(self) -> list[tuple]:
-        """(first_pfn, npages, memory, fd, offset): the data plane copies into the mapping."""
-        return [(0, len(self.memory) // 4096, self.memory, -1, 0)]
 
-    def stub_memory_ranges(self) -> list[tuple]:
-        return [(0, len(self.stub_memory) // 4096, self.stub_memory, -1, 0)] if self.stub_memory else []
-
-    def apply(self, state, fresh_stub: bool, stub_build: str) -> None:
-        from migrate.stub import devstate
-        if state.stub is not None:
-            devstate.build(state.stub.devices)         # DeviceStateError is a DomainError-like refusal
-
-    def destroy(self) -> None:
-        for view in (self.memory, self.stub_memory):
-            if view is not None:
-                view.release()
-        for m in self._maps:
-            m.close()
+def fake_domain(config, **cpu):
+    """What restore() needs of a domain, without KVM (migrate.engine.fake.FakeDomain), with
+    apply() building the stub's device buffer as a fresh stub's LOAD would. The class is
+    made on first use: migrate is imported only once atheris instruments imports."""
+    return _fake_domain_class()(config, **cpu)
 
 
 def host_without_kvm():
@@ -339,7 +329,7 @@ def one_input(data: bytes) -> None:
     try:
         if data[-1] & 1:        # the restore engine: raw batches, the C scatter, the collectors
             with fake_host():
-                restore(pieces, make_domain=FakeDomain, fresh_stub=bool(data[-1] & 2))
+                restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2))
         else:                   # the reader alone, decoding page batches in Python
             reader = StreamReader()
             for piece in pieces:

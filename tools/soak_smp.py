@@ -42,7 +42,7 @@ from migrate.engine import file_chunks, restore, save_to_file  # noqa: E402
 from migrate.guest import boot as gboot  # noqa: E402
 from migrate.guest import check  # noqa: E402
 from migrate.host import control, tls  # noqa: E402
-from migrate.host.relocate import migrate_domain  # noqa: E402
+from migrate.host.source import migrate_domain  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_relocation import console_text, serve  # noqa: E402

@@ -104,8 +104,9 @@ class ChannelIntake:
     def attach(self, domain, fresh_stub: bool) -> None:
         """Place pages into ``domain`` (the stub's are checked and dropped when the stub
         boots fresh)."""
-        self.receiver.set_space(Vm.GUEST, [dataplane.Range(*r) for r in domain.memory_ranges()])
-        stub = [dataplane.Range(*r) for r in domain.stub_memory_ranges()]
+        parts = {part.vm: part for part in domain.parts()}
+        self.receiver.set_space(Vm.GUEST, [dataplane.Range(*r) for r in parts[Vm.GUEST].memory_ranges()])
+        stub = [dataplane.Range(*r) for r in parts[Vm.STUB].memory_ranges()] if Vm.STUB in parts else []
         if fresh_stub:
             stub = [dataplane.Range(r.first_pfn, r.npages) for r in stub]
         if stub:

@@ -17,41 +17,31 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass
+from enum import StrEnum
 
-# the reasons for leaving pre-copy (SaveStats.reason)
-SMALL, DOWNTIME, STALLED, MAX_ROUNDS, TIMEOUT_FORCE, TIMEOUT_CANCEL, OFFLINE = (
-    "small", "downtime-target", "stalled", "max-rounds", "timeout-force", "timeout-cancel", "offline")
+from ..config import Convergence, OnTimeout  # noqa: F401  (re-exported)
 
 
-@dataclass
-class Convergence:
-    """When live pre-copy stops and pauses the guest for the last round."""
-    max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout): then give up
-    small_pages: int = 256          # switch once the dirty set is at most this
-    min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
-    downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
-    headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
-    state_seconds: float = 0.007    # fixed cost of the downtime beyond the pages: state capture and
-                                    # records, the receiver's apply, the handoff and resume
-    max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
-    timeout: float | None = None    # seconds of pre-copy before on_timeout applies
-    on_timeout: str = "cancel"      # cancel | force: what giving up does (timeout, stall, round cap)
-    throttle: bool = False          # duty-cycle the vCPU when dirtying outruns the link
-    throttle_initial: int = 20      # percent of each period the vCPU is held paused
-    throttle_step: int = 10
-    throttle_max: int = 99
 
-    def __post_init__(self):
-        if self.on_timeout not in ("cancel", "force"):
-            raise ValueError(f"on_timeout must be cancel or force, not {self.on_timeout!r}")
-        if self.max_bandwidth is not None and self.max_bandwidth <= 0:
-            raise ValueError("max_bandwidth must be positive")
-        if self.timeout is not None and self.timeout <= 0:
-            raise ValueError("timeout must be positive")
-        if self.downtime < 0:
-            raise ValueError("downtime must not be negative")
-        if self.headroom < 1:
-            raise ValueError("headroom must be at least 1")
+class Reason(StrEnum):
+    """Why pre-copy ended (SaveStats.reason; the value is what statistics show)."""
+    SMALL = "small"
+    DOWNTIME = "downtime-target"
+    STALLED = "stalled"
+    MAX_ROUNDS = "max-rounds"
+    TIMEOUT_FORCE = "timeout-force"
+    TIMEOUT_CANCEL = "timeout-cancel"
+    OFFLINE = "offline"
+
+
+SMALL, DOWNTIME, STALLED, MAX_ROUNDS, TIMEOUT_FORCE, TIMEOUT_CANCEL, OFFLINE = tuple(Reason)
+
+
+class Action(StrEnum):
+    """What the saver does after a pre-copy round (:func:`decide`)."""
+    CONTINUE = "continue"       # another round, at the decision's throttle
+    SWITCH = "switch"           # pause and send the final round
+    CANCEL = "cancel"           # stop; the guest keeps running where it is
 
 
 @dataclass(frozen=True)
@@ -70,8 +60,8 @@ RATE_MIN_PAGES = 64     # a round smaller than this says little about seconds pe
 
 @dataclass(frozen=True)
 class Decision:
-    action: str             # continue | switch | cancel
-    reason: str | None      # for switch and cancel: one of the reasons above
+    action: Action
+    reason: Reason | None   # for switch and cancel
     estimate: float         # estimated downtime seconds if we switched now
     throttle: int           # percent for the next round (continue), else the current one
 
@@ -117,27 +107,27 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     dirty = history[-1]
     estimate = estimate_final(dirty, rounds, conv)
     if dirty <= conv.small_pages:
-        return Decision("switch", SMALL, estimate, throttle)
+        return Decision(Action.SWITCH, SMALL, estimate, throttle)
     if estimate * conv.headroom <= conv.downtime:
-        return Decision("switch", DOWNTIME, estimate, throttle)
+        return Decision(Action.SWITCH, DOWNTIME, estimate, throttle)
     if conv.timeout is not None and elapsed >= conv.timeout:
         return _give_up(conv, TIMEOUT_FORCE, TIMEOUT_CANCEL, estimate, throttle)
     if _stalled(history, conv):
         can_raise = conv.throttle and throttle < conv.throttle_max
         if can_raise and (throttle > 0 or _stalled(history, conv, 2)):
             raised = conv.throttle_initial if throttle == 0 else throttle + conv.throttle_step
-            return Decision("continue", None, estimate, min(raised, conv.throttle_max))
+            return Decision(Action.CONTINUE, None, estimate, min(raised, conv.throttle_max))
         if not can_raise and conv.timeout is None and _stalled(history, conv, 2):
             return _give_up(conv, STALLED, STALLED, estimate, throttle)
     if conv.timeout is None and len(history) >= conv.max_rounds:
         return _give_up(conv, MAX_ROUNDS, MAX_ROUNDS, estimate, throttle)
-    return Decision("continue", None, estimate, throttle)
+    return Decision(Action.CONTINUE, None, estimate, throttle)
 
 
-def _give_up(conv: Convergence, forced: str, cancelled: str, estimate: float, throttle: int) -> Decision:
-    if conv.on_timeout == "force":
-        return Decision("switch", forced, estimate, throttle)
-    return Decision("cancel", cancelled, estimate, throttle)
+def _give_up(conv: Convergence, forced: Reason, cancelled: Reason, estimate: float, throttle: int) -> Decision:
+    if conv.on_timeout is OnTimeout.FORCE:
+        return Decision(Action.SWITCH, forced, estimate, throttle)
+    return Decision(Action.CANCEL, cancelled, estimate, throttle)
 
 
 class Pacer:

@@ -37,6 +37,7 @@ from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import StubState, abi, devstate, stub_build_id
+from .contract import RestorableDomain, part_of
 from .save import layout_of
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
@@ -127,7 +128,7 @@ class _Restorer:
         self.channels_record: Channels | None = None
         self.config: DomainConfig | None = None
         self.stub_build = ""
-        self.domain = None
+        self.domain: RestorableDomain | None = None
         self.target: Target | None = Target()       # where page batches go (the data plane)
         self.placer: _Placer | None = None          # its thread, from the first batch on
         self.collector = StateCollector()
@@ -167,7 +168,7 @@ class _Restorer:
                                    "DOMAIN_CONFIG says the domain has none")
             if self.domain is None:
                 raise RestoreError("the stub's MEMORY_LAYOUT comes before the guest's")
-            ranges = [Range(*r) for r in self.domain.stub_memory_ranges()]
+            ranges = [Range(*r) for r in part_of(self.domain, Vm.STUB).memory_ranges()]
             if record.ranges != layout_of(ranges):
                 raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
                                    f"stub has {sum(r.npages for r in ranges)}")
@@ -183,7 +184,7 @@ class _Restorer:
                                f"DOMAIN_CONFIG's {self.config.memory >> 20} MiB are {_ranges_text(want)}")
         self.domain = self.make_domain(self.config, **self.cpu_policies())
         self.settle()
-        self.target.set_space(Vm.GUEST, [Range(*r) for r in self.domain.memory_ranges()])
+        self.target.set_space(Vm.GUEST, [Range(*r) for r in part_of(self.domain, Vm.GUEST).memory_ranges()])
         if self.channels is not None:
             self.channels.attach(self.domain, bool(self.fresh_stub))
         self.stats.guest_bytes = self.config.memory

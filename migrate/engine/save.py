@@ -9,19 +9,14 @@ then, paused, the guest's HVM context records, the stub's records, the last page
 state goes before the last pages so that a reader at the other end of a link checks it
 while those pages are still being sent (``flush``).
 
-The engine talks to the domain through a narrow interface: ``config``, ``cpu`` (its
-CpuPolicy), ``status``, ``pause()``, ``resume()``, ``capture()``, and the guest's memory
-space: ``memory_ranges()`` (its RAM ranges, ascending and apart: ``(first_pfn, npages,
-view, fd, offset)``, see :class:`migrate.memory.RamRange`; their pfns make MEMORY_LAYOUT's
-ranges, and the data plane reads pages from them),
-``data_ranges()`` (the pfn ranges that may hold data: the rest was never written and is
-not sent), ``set_dirty_logging(bool)`` and ``fetch_dirty()`` (fetch-and-clear: an object
-whose ``pfns()`` are the pages written since the last fetch, ascending, over all ranges;
-it must include the pages the stub wrote by DMA, merged in by the domain); optionally
-``prepare_capture()``, called while the domain still runs, just before a live save's
-final pause; ``pause()`` may return when the guest began to stop (time.monotonic()),
-where the downtime then starts, and ``pause_skew`` may then say how long its vCPUs took
-to stop, first to last.
+The engine talks to the domain through its contract (:mod:`.contract`,
+:class:`~.contract.SaveableDomain`): ``config``, ``status``, ``pause()``, ``resume()``,
+``prepare_capture()`` (called while the domain still runs, just before a live save's final
+pause), ``capture()`` and ``parts()``: the guest and, if it has one, the stub, each a
+:class:`~.contract.VmPart` (its address space, CPU, memory ranges, data ranges, dirty log
+and share of the captured state). ``pause()`` returns when the guest began to stop
+(time.monotonic()), where the downtime starts, and ``pause_skew`` then says how long its
+vCPUs took to stop, first to last.
 
 The stub (specs/ioreq.md) travels in the same stream: its RAM as address space
 Vm.STUB (its pages in the same rounds as the guest's, its own dirty log), its vCPU and
@@ -36,16 +31,19 @@ from __future__ import annotations
 import threading
 import time
 from array import array
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any, Callable, Protocol
+from copy import deepcopy
+from dataclasses import dataclass, field, fields, replace
+from typing import Any, Callable
 
+from ..config import DomainStatus
 from ..dataplane import DataplaneError, RoundStats
-from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
+from ..stream import PAGE_SIZE, Creator, MemoryLayout, StreamWriter, Vm
 from .convergence import (
-    MAX_ROUNDS, OFFLINE, STALLED, TIMEOUT_CANCEL, Convergence, Round, VcpuThrottle, decide,
+    Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide,
 )
 from .sinks import Compression, Sink, memory_ranges
-from .state import config_record, cpu_records, state_records
+from .contract import SaveableDomain, VmPart
+from .state import config_record, cpu_records, vm_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
 
@@ -67,42 +65,19 @@ class SaveTimeout(SaveCancelled):
     """Pre-copy did not converge within the timeout and on_timeout is cancel."""
 
 
-class StubPart(Protocol):        # the stub's share of the stream, see the module docstring
-    cpu: Any                    # its CpuPolicy (migrate.cpu)
-
-    def memory_ranges(self) -> list[tuple]: ...
-    def data_ranges(self) -> list[tuple[int, int]]: ...
-    def set_dirty_logging(self, enabled: bool) -> None: ...
-    def fetch_dirty(self) -> Any: ...
-    def records(self, state) -> list: ...
-
-
-class DomainStub:
-    """The stub of a :class:`~migrate.domain.Domain` as the saver sees it. The domain's
-    own ``set_dirty_logging`` already covers the stub's RAM and its window, and its
-    ``fetch_dirty`` merges the window (DMA) into the guest's pages."""
-
-    def __init__(self, domain):
-        self.domain = domain
-
-    @property
-    def cpu(self):
-        return self.domain.stub.cpu
-
-    def memory_ranges(self) -> list[tuple]:
-        return self.domain.stub_memory_ranges()
-
-    def set_dirty_logging(self, enabled: bool) -> None:
-        pass
-
-    def fetch_dirty(self):
-        return self.domain.fetch_stub_dirty()
-
-    def data_ranges(self) -> list[tuple[int, int]]:
-        return self.domain.stub_data_ranges()
-
-    def records(self, state) -> list:
-        return state_records(state.stub, Vm.STUB) + [DeviceState(**dev) for dev in state.stub.devices]
+@dataclass
+class PageRound:
+    """One page round of a save (round 0 first; a live save's last round is the paused one)."""
+    index: int
+    start: float                    # seconds from the save's start to the round's start
+    start_bytes: int                # stream bytes written before it
+    pages: int                      # pages it queued (holes not counted)
+    throttle: int                   # vCPU throttle percent in force during it
+    figures: dict                   # the data plane's figures (see _Saver.send_round)
+    # pre-copy rounds only, filled in once the round is out:
+    lag: float | None = None        # the receiver's lag behind it (after_round)
+    estimate: float | None = None   # the downtime estimate made after it
+    dirty_after: int | None = None  # pages dirtied during it: the next round's pages
 
 
 @dataclass
@@ -129,35 +104,67 @@ class SaveStats:
     over_target: bool = False       # live: the measured downtime exceeded the target
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
     throttle: int = 0               # vCPU throttle percent in force now
-    dirty_history: list = field(default_factory=list)
-    throttle_history: list = field(default_factory=list)    # percent during each page round
-    estimate_history: list = field(default_factory=list)    # downtime estimate after each pre-copy round
-    lag_history: list = field(default_factory=list)         # the receiver's lag after each pre-copy round (after_round)
-    round_starts: list = field(default_factory=list)        # (seconds since start, stream bytes) per round
-    round_pages: list = field(default_factory=list)         # per round: the data plane's figures (see _send)
+    history: list[PageRound] = field(default_factory=list)  # every page round so far
 
     @property
     def throughput(self) -> float:
         """Guest RAM bytes per second of the whole save."""
         return self.guest_bytes / self.seconds if self.seconds else 0.0
 
+    # the per-round figures as lists, one entry per round of the kind each names
+    @property
+    def dirty_history(self) -> list[int]:
+        """The dirty set each round after round 0 sent (a live save's)."""
+        return [r.dirty_after for r in self.history if r.dirty_after is not None]
+
+    @property
+    def throttle_history(self) -> list[int]:
+        """Throttle percent during each page round."""
+        return [r.throttle for r in self.history]
+
+    @property
+    def estimate_history(self) -> list[float]:
+        """The downtime estimate after each pre-copy round."""
+        return [r.estimate for r in self.history if r.estimate is not None]
+
+    @property
+    def lag_history(self) -> list[float]:
+        """The receiver's lag after each pre-copy round (after_round; 0 without)."""
+        return [r.lag for r in self.history if r.lag is not None]
+
+    @property
+    def round_starts(self) -> list[tuple[float, int]]:
+        """(seconds since start, stream bytes) at each round's start."""
+        return [(r.start, r.start_bytes) for r in self.history]
+
+    @property
+    def round_pages(self) -> list[dict]:
+        """Per round: the data plane's figures."""
+        return [r.figures for r in self.history]
+
     def as_dict(self) -> dict:
-        out = asdict(self)
+        """Plain data, for progress messages and replies: the fields, the per-round lists
+        (not the PageRound objects) and the throughput."""
+        out = {f.name: deepcopy(getattr(self, f.name)) for f in fields(self) if f.name != "history"}
+        for name in ("dirty_history", "throttle_history", "estimate_history", "lag_history",
+                     "round_starts", "round_pages"):
+            out[name] = deepcopy(getattr(self, name))
         out["throughput"] = self.throughput
         return out
 
 
 class _Saver:
-    def __init__(self, domain, sink: Sink, compression: Compression, stats_cb,
-                 cancel: threading.Event | None, stub: StubPart | None, convergence: Convergence,
+    def __init__(self, domain: SaveableDomain, sink: Sink, compression: Compression, stats_cb,
+                 cancel: threading.Event | None, convergence: Convergence,
                  after_round: Callable[[], float | None] | None = None,
                  on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False):
         self.domain, self.sink, self.compression = domain, sink, compression
-        self.stats_cb, self.cancel, self.stub = stats_cb, cancel, stub
+        self.stats_cb, self.cancel = stats_cb, cancel
+        self.parts: dict[Vm, VmPart] = {part.vm: part for part in domain.parts()}   # guest first
         self.conv = convergence
         self.writer = StreamWriter()
-        self.stats = SaveStats(guest_bytes=sum(r[1] for r in domain.memory_ranges()) * PAGE_SIZE,
-                               vcpus=getattr(domain.config, "vcpus", 1))
+        self.stats = SaveStats(guest_bytes=sum(r.npages for r in self.parts[Vm.GUEST].memory_ranges()) * PAGE_SIZE,
+                               vcpus=domain.config.vcpus)
         self.t0 = self.stats.start_time = time.monotonic()
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
@@ -178,22 +185,23 @@ class _Saver:
         if self.cancel is not None and self.cancel.is_set():
             raise SaveCancelled("save cancelled")
         if self.deadline is not None and self.stats.phase == "precopy" and \
-                self.conv.on_timeout == "cancel" and time.monotonic() >= self.deadline:
+                self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline:
             raise self.timed_out()
 
-    def timed_out(self, reason: str = TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
+    def timed_out(self, reason: Reason = Reason.TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
         """The error of pre-copy given up with on_timeout cancel, saying why (``reason``:
         the timeout, a stall, the round cap) and how far it got."""
         s = self.stats
-        if reason == STALLED:
+        if reason is Reason.STALLED:
             why = "pre-copy is not converging: the dirty set stopped shrinking"
-        elif reason == MAX_ROUNDS:
+        elif reason is Reason.MAX_ROUNDS:
             why = f"pre-copy did not converge in {self.conv.max_rounds} rounds"
         else:
             why = f"pre-copy did not converge within {self.conv.timeout:g} s"
         if dirty is None:
             dirty = s.dirty_history[-1] if s.dirty_history else s.pages_round
-        estimate = f"; estimated final round {s.estimate_history[-1] * 1000:.0f} ms" if s.estimate_history else ""
+        estimates = s.estimate_history
+        estimate = f"; estimated final round {estimates[-1] * 1000:.0f} ms" if estimates else ""
         return SaveTimeout(f"{why} ({s.rounds} rounds, last dirty set {dirty} pages{estimate}, target "
                            f"{self.conv.downtime * 1000:.0f} ms): cancelled (a higher --downtime-ms, "
                            f"--throttle, a --timeout to keep trying, or --on-timeout force can help)")
@@ -219,18 +227,18 @@ class _Saver:
         holes = holes or {}
         self.stats.pages_holes += sum(len(p) for p in holes.values())
         self.stats.round = self.stats.rounds
-        self.stats.throttle_history.append(self.throttle.percent)
-        self.stats.round_starts.append(start or (time.monotonic() - self.t0, self.stats.stream_bytes))
         self.stats.pages_round = sum(len(p) for p in pfns_by_space.values())
         figures = {"zstd_batches": 0, "raw_batches": 0, "zstd_in": 0, "zstd_out": 0, "encode_seconds": 0.0,
                    "write_seconds": 0.0}
+        at, nbytes = start or (time.monotonic() - self.t0, self.stats.stream_bytes)
+        self.stats.history.append(PageRound(self.stats.rounds, at, nbytes, self.stats.pages_round,
+                                            self.throttle.percent, figures))
         for space, pfns in pfns_by_space.items():
             if len(pfns):
                 self._send(space, pfns, paused, figures)
         self.sink.end_round(final=paused)
         figures["compression"] = str(self.compression)
         figures["zstd_ratio"] = figures["zstd_out"] / figures["zstd_in"] if figures["zstd_in"] else None
-        self.stats.round_pages.append(figures)
         self.stats.stream_bytes = self.sink.bytes
         self.stats.rounds += 1
 
@@ -265,18 +273,12 @@ class _Saver:
             if key in ("zstd_batches", "raw_batches", "zstd_in", "zstd_out", "encode_seconds", "write_seconds"):
                 figures[key] += getattr(st, key)
 
-    def spaces(self) -> dict:
-        out = {Vm.GUEST: self.domain}
-        if self.stub is not None:
-            out[Vm.STUB] = self.stub
-        return out
-
     def all_pages(self) -> tuple[dict, dict]:
         """Every page of each space, split into the ones that may hold data and the
         holes of the memory file (never written: zero, and never read here, so a
         save does not make the source allocate memory its guest never touched)."""
         data, holes = {}, {}
-        for space, part in self.spaces().items():
+        for space, part in self.parts.items():
             present, absent = array("Q"), array("Q")
             found = sorted(part.data_ranges())
             for first_pfn, npages, *_ in part.memory_ranges():
@@ -294,44 +296,41 @@ class _Saver:
         return data, holes
 
     def dirty_pages(self) -> dict:
-        return {space: array("Q", part.fetch_dirty().pfns()) for space, part in self.spaces().items()}
+        return {space: array("Q", part.fetch_dirty().pfns()) for space, part in self.parts.items()}
 
     # -- the save -----------------------------------------------------------------
     def run(self, live: bool) -> SaveStats:
         dom = self.domain
-        self.sink.open(memory_ranges(self.spaces()), self.conv.max_bandwidth or 0.0)
+        self.sink.open(memory_ranges(self.parts), self.conv.max_bandwidth or 0.0)
         self.write(self.writer.start(), records=0)
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
-        self.write(self.writer.record(config_record(dom.config, getattr(dom, "stub_build", ""))))
-        for space, part in self.spaces().items():
+        self.write(self.writer.record(config_record(dom.config, dom.stub_build)))
+        for space, part in self.parts.items():
             for record in cpu_records(part.cpu, space):
                 self.write(self.writer.record(record))
-        for space in (Vm.GUEST, Vm.STUB):
-            part = self.spaces().get(space)
+        for space in (Vm.GUEST, Vm.STUB):       # a domain without a stub says so: 0 pages
+            part = self.parts.get(space)
             ranges = layout_of(part.memory_ranges()) if part is not None else ()
             self.write(self.writer.record(MemoryLayout(space, ranges)))
         if live:
             self.precopy()
-            if hasattr(dom, "prepare_capture"):
-                dom.prepare_capture()
+            dom.prepare_capture()
             self.throttle.stop()
             self.stats.throttle = 0
         else:
-            self.stats.reason = OFFLINE
+            self.stats.reason = Reason.OFFLINE
         stopped = dom.pause()       # the domain may say when its guest began to stop
         mark = time.monotonic()
         paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
         self.stats.pause_offset = paused_at - self.t0
-        self.stats.pause_skew = getattr(dom, "pause_skew", 0.0)
+        self.stats.pause_skew = dom.pause_skew
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         mark = self._part("stop", paused_at)
         state = dom.capture()       # before the last pages: see the module docstring
         mark = self._part("capture", mark)
         self.stats.phase = "state"
-        for record in state_records(state, Vm.GUEST):
-            self.write(self.writer.record(record))
-        if self.stub is not None:
-            for record in self.stub.records(state):
+        for space, part in self.parts.items():
+            for record in vm_records(part.state_of(state), space):
                 self.write(self.writer.record(record))
         self.sink.flush()           # the reader can check these while the last pages go out
         mark = self._part("state", mark)
@@ -339,7 +338,7 @@ class _Saver:
         if live:
             dirty = self._merge(self.pending, self.dirty_pages())
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
-            self.stats.dirty_history.append(sum(len(p) for p in dirty.values()))
+            self.stats.history[-1].dirty_after = sum(len(p) for p in dirty.values())
             self.send_round(dirty, paused=True, start=last_round)
         else:
             data, holes = self.all_pages()
@@ -356,7 +355,7 @@ class _Saver:
             self.stats.downtime_target = self.conv.downtime
             self.stats.over_target = self.stats.downtime > self.conv.downtime
             if not self.keep_dirty_logging:         # after on_end: not on the downtime path
-                for part in self.spaces().values():
+                for part in self.parts.values():
                     part.set_dirty_logging(False)
         self.report(force=True)
         return self.stats
@@ -369,7 +368,7 @@ class _Saver:
 
     def precopy(self) -> None:
         """Rounds until :func:`~.convergence.decide` says switch (or cancel: SaveTimeout)."""
-        for part in self.spaces().values():
+        for part in self.parts.values():
             part.set_dirty_logging(True)
             part.fetch_dirty()           # start clean: round 0 sends everything
         self.stats.phase = "precopy"
@@ -386,14 +385,14 @@ class _Saver:
             count = sum(len(pfns) for pfns in dirty.values())
             decision = decide(self.conv, self.stats.dirty_history + [count], rounds,
                               time.monotonic() - start, self.throttle.percent)
-            self.stats.estimate_history.append(decision.estimate)
-            if decision.action == "cancel":
+            self.stats.history[-1].estimate = decision.estimate
+            if decision.action is Action.CANCEL:
                 raise self.timed_out(decision.reason, count)
-            if decision.action == "switch":
+            if decision.action is Action.SWITCH:
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
                 self.pending = dirty     # fetched and cleared: the final round sends these too
                 return
-            self.stats.dirty_history.append(count)
+            self.stats.history[-1].dirty_after = count
             self.throttle.set_percent(decision.throttle)
             self.stats.throttle = self.throttle.percent
             t, nbytes = time.monotonic(), self.stats.stream_bytes
@@ -404,7 +403,7 @@ class _Saver:
     def _lag(self) -> float:
         """after_round's answer, the receiver's lag behind the round just sent (0 without)."""
         lag = self.after_round() if self.after_round is not None else None
-        self.stats.lag_history.append(lag or 0.0)
+        self.stats.history[-1].lag = lag or 0.0
         return lag or 0.0
 
     @staticmethod
@@ -429,10 +428,10 @@ def layout_of(ranges) -> tuple[tuple[int, int], ...]:
     return tuple((first, n) for first, n in out)
 
 
-def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
+def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bool = False,
          stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
-         stub: StubPart | None = None, after_round: Callable[[], float | None] | None = None,
+         after_round: Callable[[], float | None] | None = None,
          on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink`` (:mod:`.sinks`: a file, or a
     relocation's link), whose data plane sends the pages.
@@ -460,12 +459,10 @@ def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
     switching it off costs slot updates, which would compete with the destination for
     the CPU during the downtime.
     """
-    if domain.status not in ("running", "paused"):
+    if not domain.status.live:
         raise SaveError(f"domain is {domain.status}: nothing to save")
-    if getattr(domain, "stub", None) is not None and stub is None:
-        stub = DomainStub(domain)
-    was_running = domain.status == "running"
-    saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel, stub,
+    was_running = domain.status is DomainStatus.RUNNING
+    saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel,
                    convergence or Convergence(), after_round, on_end, keep_dirty_logging)
     watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
     try:
@@ -473,12 +470,12 @@ def save(domain, sink: Sink, *, compress=Compression(), live: bool = False,
     except BaseException:
         saver.throttle.stop()           # leaves the vCPU running, as it found it
         sink.cancel()                   # no worker reads guest memory after this returns
-        for part in saver.spaces().values():
+        for part in saver.parts.values():
             try:
                 part.set_dirty_logging(False)
             except Exception:       # the domain may be what failed; keep the first error
                 pass
-        if was_running and domain.status == "paused":
+        if was_running and domain.status is DomainStatus.PAUSED:
             domain.resume()
         raise
     finally:

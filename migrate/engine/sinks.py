@@ -5,61 +5,21 @@ writer) and hands each round of pages to the sink, whose data plane (migrate.dat
 encodes and writes them from C threads. A :class:`FileSink` puts both into one stream on
 one file descriptor, whose digest and counts the data plane keeps, so END is taken from
 it. (A relocation's sink keeps the records on its control connection and sends the pages
-on data channels: migrate.host.relocate.)
+on data channels: migrate.host.source.)
 """
 from __future__ import annotations
 
 import socket
 import threading
 from array import array
-from dataclasses import dataclass
 from typing import Callable, Protocol
 
 from .. import dataplane
+from ..config import DEFAULT_COMPRESSION, Compression  # noqa: F401  (re-exported)
 from ..stream import StreamWriter, Vm
 
 ENCODE_WORKERS = 2          # the machines this runs on have two cores
 DEFAULT_LEVEL = 1           # the zstd level when compressing: fastest at nearly the same size
-DEFAULT_COMPRESSION = "auto"
-
-
-@dataclass(frozen=True)
-class Compression:
-    """How page data is sent: ``none``, ``zstd`` at ``level``, or ``auto`` (zstd at
-    ``level`` for the batches where that gets them out sooner: dataplane.c,
-    ``auto_compress``)."""
-    mode: str = "auto"
-    level: int = 1
-
-    def __post_init__(self):
-        if self.mode not in dataplane.MODES:
-            raise ValueError(f"compression {self.mode!r}: one of {', '.join(dataplane.MODES)}")
-        if not (-7 <= self.level <= 22 and self.level != 0):
-            raise ValueError(f"zstd level {self.level}: 1..22, or -7..-1 for fast")
-
-    @property
-    def code(self) -> int:
-        return dataplane.MODES[self.mode]
-
-    @classmethod
-    def of(cls, value) -> "Compression":
-        """From what callers pass: a Compression, None (no compression), an int (zstd at
-        that level) or text ("none", "auto", "zstd", "zstd:LEVEL")."""
-        if isinstance(value, Compression):
-            return value
-        if value is None:
-            return cls("none")
-        if isinstance(value, int) and not isinstance(value, bool):
-            return cls("zstd", value)
-        if isinstance(value, str):
-            mode, _, level = value.strip().lower().partition(":")
-            if level and mode != "zstd" or level and not level.lstrip("-").isdigit():
-                raise ValueError(f"compression {value!r}: none, auto, zstd or zstd:LEVEL")
-            return cls(mode, int(level) if level else 1)
-        raise ValueError(f"compression {value!r}: none, auto, zstd or zstd:LEVEL")
-
-    def __str__(self) -> str:
-        return self.mode if self.mode != "zstd" else f"zstd:{self.level}"
 
 
 class Sink(Protocol):

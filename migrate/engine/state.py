@@ -15,22 +15,13 @@ from ..domain import DomainConfig, DomainState
 from ..kvm import PlatformState, VcpuState
 from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
-from ..stream import HvmState, RecordType, StreamError, Vm
+from ..stream import DeviceState, HvmState, RecordType, StreamError, Vm
 from ..stream.cpu import MSR_FEATURE
+from ..stream.hvm import VCPU_FIELDS
+from ..stream.records import OPTIONAL
 
-# vCPU record type -> VcpuState attribute. The stream has no FPU record: VCPU_XSAVE
-# carries the legacy FPU/SSE area too, and VcpuState.apply restores from xsave.
-VCPU_RECORDS = {
-    RecordType.VCPU_REGS: "regs",
-    RecordType.VCPU_SREGS: "sregs",
-    RecordType.VCPU_XSAVE: "xsave",
-    RecordType.VCPU_XCRS: "xcrs",
-    RecordType.VCPU_MSRS: "msrs",
-    RecordType.VCPU_LAPIC: "lapic",
-    RecordType.VCPU_EVENTS: "events",
-    RecordType.VCPU_MP_STATE: "mp_state",
-    RecordType.VCPU_DEBUGREGS: "debugregs",
-}
+# vCPU record type -> VcpuState attribute, declared with the records (stream/hvm.py)
+VCPU_RECORDS = VCPU_FIELDS
 # platform record type -> PlatformState attribute; PIC carries two attributes
 PLATFORM_RECORDS = {RecordType.IOAPIC: "ioapic", RecordType.PIT: "pit", RecordType.CLOCK: "clock"}
 
@@ -169,17 +160,23 @@ class CpuCollector:
                        for index, flags, value in have[RecordType.MSR_POLICY].entries))
 
 
-def state_records(state: DomainState, vm: Vm = Vm.GUEST) -> list[HvmState]:
+def state_records(state, vm: Vm = Vm.GUEST) -> list[HvmState]:
     """Every HVM context record of one VM: each vCPU's, then the platform's."""
     out = []
     for vcpu in state.vcpus:
         out += [HvmState(rtype, vm, vcpu.vcpu_id, getattr(vcpu, attr))
-                for rtype, attr in VCPU_RECORDS.items()]
+                for rtype, attr in VCPU_RECORDS.items() if getattr(vcpu, attr) is not None]
     platform = state.platform
     out.append(HvmState(RecordType.PIC, vm, None,
                         {"master": platform.pic_master, "slave": platform.pic_slave}))
     out += [HvmState(rtype, vm, None, getattr(platform, attr)) for rtype, attr in PLATFORM_RECORDS.items()]
     return out
+
+
+def vm_records(state, vm: Vm) -> list:
+    """Every record of one VM's share of a captured state (a contract.VmState): its HVM
+    context records, then its device-model records (DEVICE_STATE; only the stub has some)."""
+    return state_records(state, vm) + [DeviceState(**dev) for dev in state.devices]
 
 
 class StateCollector:
@@ -214,7 +211,7 @@ class StateCollector:
         vcpus = []
         for vcpu_id in sorted(self.vcpus):
             have = self.vcpus[vcpu_id]
-            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have]
+            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have and not rt & OPTIONAL]
             if lacking:
                 raise RestoreError(f"stream lacks {', '.join(lacking)} of {self.label} vcpu {vcpu_id}")
             vcpus.append(VcpuState(vcpu_id=vcpu_id, **have))
@@ -227,5 +224,5 @@ class StateCollector:
 
 __all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "CpuCollector", "RestoreError", "StateCollector",
            "StreamError", "config_from_record", "config_record", "cpu_bodies", "cpu_records", "domain_cpus",
-           "policies_from_bodies", "state_records",
+           "policies_from_bodies", "state_records", "vm_records",
            "stub_build_of"]

@@ -10,6 +10,8 @@ import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..config import GIB, MAX_VCPUS, WORKLOADS  # noqa: F401  (re-exported)
+
 PAGE_SIZE = 4096
 BOOT_INFO_ADDR = 0x1000
 PML4_ADDR = 0x2000
@@ -21,16 +23,12 @@ BOOT_GDT_ADDR = 0x8000
 IMAGE_BASE = 0x100000
 IMAGE_END = 0x300000        # the image and its bss end below this (link.ld asserts it)
 WORKLOAD_BASE = 0x400000
-GIB = 1 << 30
 LOW_RAM_MAX = 3 * GIB       # RAM below the 32-bit MMIO hole: at most 3 GiB from address 0
 HIGH_RAM_BASE = 4 * GIB     # the rest of a guest's RAM, from 4 GiB on
 MAP_MAX = 4 * GIB + (HIGH_PD_END - HIGH_PD_ADDR) // PAGE_SIZE * GIB   # the most page tables can map
-MAX_VCPUS = 64
 
 BOOT_INFO_MAGIC = 0x424D5648
 BOOT_INFO_VERSION = 1
-WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5, "bench": 6,
-             "iobench": 8, "netecho": 9, "smp": 10}
 WL_STUB = 7                 # the stub's image runs this "workload": the device model
 BOOT_F_UART = 1
 BOOT_F_VIRTIO = 2

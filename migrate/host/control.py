@@ -11,13 +11,12 @@ import sys
 import time
 from pathlib import Path
 
-import msgpack
-
-from ..domain import DomainConfig, DomainError
-from ..engine.sinks import DEFAULT_COMPRESSION
-from ..kvm.system import DEV_KVM
+from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError, DomainStatus
 from ..locks import DiskBusy, DiskLock
 from . import protocol, statedir
+from .launch import Create, Launch, Line, Restore, Say, parse
+from .launch import argv as launch_argv
+from .launch import exited as exited_line
 
 CREATE_TIMEOUT = 60.0
 MAX_SOCKET_PATH = 107
@@ -196,7 +195,7 @@ def dead_info(directory: Path) -> dict | None:
     logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()]
     return {"name": directory.name, "workload": str(config.get("workload", "?")),
             "memory": config.get("memory", 0) if isinstance(config.get("memory"), int) else 0,
-            "vcpus": 1, "status": "crashed", "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
+            "vcpus": 1, "status": DomainStatus.CRASHED, "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
             "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
             "logs": [str(directory / leaf) for leaf in logs]}
 
@@ -230,7 +229,7 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
             raise
         return "cleared"
     wait_gone(name, base)
-    if reply.get("status") == "moved":      # a relocation past its GO: the guest runs there
+    if reply.get("status") == DomainStatus.MOVED:      # a relocation past its GO: the guest runs there
         raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
                            f"(its relocation was past the handoff) and runs there",
                            guest=f"running on {reply.get('moved_to')}")
@@ -276,7 +275,7 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
     _require_kvm()
     lock = _lock_disk(config.disk)
     try:
-        directory = _claim_directory(config.name, base)
+        directory = claim_directory(config.name, base)
         return _spawn(config, directory, lock)
     finally:
         if lock is not None:
@@ -372,10 +371,9 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         statedir.check_name(name)
         disk = saved.get("disk_here") or ""
         lock = _lock_disk(disk or None)
-        directory = _claim_directory(name, base)
-        return _spawn_process(name, directory, ["--restore", str(fd), str(head_fd), name,
-                                                "1" if paused else "0", "yes" if fresh_stub else "auto", disk],
-                              what="restore", lock=lock, pass_fds=(fd,) + ((head_fd,) if head_fd >= 0 else ()))
+        directory = claim_directory(name, base)
+        return _spawn_process(name, directory, Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk),
+                              what="restore", lock=lock)
     finally:
         for one in (fd, head_fd):
             if one >= 0:
@@ -432,7 +430,7 @@ def _read_head(fd: int) -> bytes:
     raise RestoreError(f"no MEMORY_LAYOUT in its first {min(len(head), HEAD_LIMIT)} bytes")
 
 
-def _claim_directory(name: str, base: Path | None) -> Path:
+def claim_directory(name: str, base: Path | None) -> Path:
     root = base or statedir.state_dir()
     directory = root / name
     if len(str(directory / statedir.SOCKET)) > MAX_SOCKET_PATH:
@@ -455,59 +453,56 @@ def _claim_directory(name: str, base: Path | None) -> Path:
 
 
 def _spawn(config: DomainConfig, directory: Path, lock: DiskLock | None) -> dict:
-    packed = msgpack.packb(vars(config), use_bin_type=True).hex()
-    return _spawn_process(config.name, directory, [packed], what="start", lock=lock)
+    return _spawn_process(config.name, directory, Create(vars(config)), what="start", lock=lock)
 
 
-def launch(directory: Path, args: list[str], pass_fds: tuple[int, ...],
-           lock: DiskLock | None = None) -> None:
-    """Start ``python -m migrate.host.domaind DIRECTORY [--lock FD] ARGS...`` with
-    ``pass_fds`` (and the disk image ``lock``'s descriptor, which the domain process holds
-    from then on); its standard error goes to DIRECTORY/stderr.log until it runs. Returns
-    once the launcher half of its double fork has exited (the domain process itself goes on)."""
-    if lock is not None:
-        args, pass_fds = ["--lock", str(lock.fd), *args], (*pass_fds, lock.fd)
+def launch(directory: Path, spec: Launch) -> None:
+    """Start ``python -m migrate.host.domaind DIRECTORY SPEC`` (migrate.host.launch) with
+    the descriptors of ``spec`` (the disk image lock's among them, which the domain process
+    holds from then on); its standard error goes to DIRECTORY/stderr.log until it runs.
+    Returns once the launcher half of its double fork has exited (the domain process itself
+    goes on)."""
     with open(directory / statedir.STDERR, "wb") as err:
-        proc = subprocess.Popen([sys.executable, "-m", "migrate.host.domaind", str(directory), *args],
-                                pass_fds=pass_fds, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+        proc = subprocess.Popen([sys.executable, "-m", "migrate.host.domaind", *launch_argv(directory, spec)],
+                                pass_fds=spec.fds(), stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
                                 stderr=err, start_new_session=True)
     proc.wait(10)
 
 
-def exited(directory: Path) -> str:
-    """The answer of a domain process that ended without giving one: the last line it
-    wrote to its standard error."""
+def exited(directory: Path) -> Line:
+    """The answer of a domain process that ended without giving one (kind EXITED): the last
+    line it wrote to its standard error."""
     try:
-        lines = (directory / statedir.STDERR).read_text(errors="replace").strip().splitlines()
+        text = (directory / statedir.STDERR).read_text(errors="replace")
     except OSError:
-        lines = []
-    return "error: domain process exited" + (f": {lines[-1]}" if lines else "")
+        text = ""
+    return exited_line(text)
 
 
-def _spawn_process(name: str, directory: Path, args: list[str], what: str,
-                   lock: DiskLock | None = None, pass_fds: tuple[int, ...] = ()) -> dict:
+def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | None = None) -> dict:
     read_fd, write_fd = os.pipe()
     try:
-        launch(directory, [*args, str(write_fd)], (*pass_fds, write_fd), lock)
+        launch(directory, Launch(job, write_fd, lock.fd if lock is not None else None))
     finally:
         os.close(write_fd)
     with os.fdopen(read_fd) as ready:
         answer = _read_ready(ready, directory)
-    if answer != "ok":
+    if answer.kind is not Say.OK:
         discard(directory)
-        raise ControlError(f"domain {name!r} failed to {what}: {answer.removeprefix('error: ')}")
+        raise ControlError(f"domain {name!r} failed to {what}: {answer.reason}")
     (directory / statedir.STDERR).unlink(missing_ok=True)
     with DomainClient(name, directory.parent) as client:
         return client.call("info")
 
 
-def _read_ready(ready, directory: Path) -> str:
+def _read_ready(ready, directory: Path) -> Line:
     deadline = time.monotonic() + CREATE_TIMEOUT
     while time.monotonic() < deadline:
         r, _, _ = select.select([ready], [], [], 0.5)
         if r:
-            return ready.readline().strip() or exited(directory)
-    return f"error: no answer within {CREATE_TIMEOUT:g}s"
+            line = ready.readline().strip()
+            return parse(line) if line else exited(directory)
+    return Line(Say.ERROR, text=f"no answer within {CREATE_TIMEOUT:g}s")
 
 
 def discard(directory: Path) -> None:
@@ -519,11 +514,11 @@ def discard(directory: Path) -> None:
         os.rename(directory, hidden)
     except OSError:
         hidden = directory
-    _kill_pidfile(hidden)
+    kill_pidfile(hidden)
     shutil.rmtree(hidden, ignore_errors=True)
 
 
-def _kill_pidfile(directory: Path, timeout: float = 5.0) -> None:
+def kill_pidfile(directory: Path, timeout: float = 5.0) -> None:
     """SIGKILL the domain process of ``directory`` and wait until it is gone (its files,
     and the disk image lock among them, closed)."""
     try:

@@ -1,39 +1,30 @@
 """The domain process: owns one domain, serves its control socket.
 
-Started by :func:`migrate.host.control.create_domain` as
-``python -m migrate.host.domaind DIR [--lock FD] CONFIG_MSGPACK_HEX READY_FD``, or by
-:func:`migrate.host.control.restore_domain` as
-``python -m migrate.host.domaind DIR [--lock FD] --restore STREAM_FD HEAD_FD NAME PAUSED(0|1) FRESH(auto|yes) DISK READY_FD``
-(the stream is read once from STREAM_FD, after the bytes of the memfd HEAD_FD, -1 for
-none, that the launcher read to check it; DISK: the disk image to use here, "" for the
-saved one or none), or by the relocation daemon (:mod:`migrate.host.relocd`) as
-``python -m migrate.host.domaind DIR [--lock FD] --receive STREAM_FD GO_FD OPTIONS_MSGPACK_HEX READY_FD``:
-restore from the pipe ``STREAM_FD``, stay paused, and destroy the domain if it is not
-resumed within ``resume_timeout`` seconds (specs/relocation.md, section 4).
-``--lock FD``: the disk image lock (:mod:`migrate.locks`) its launcher took, held for as
-long as the process lives (WRITER; in receive mode INCOMING, WRITER from GO on). It boots
-(or restores) the domain, writes its configuration to DIR/config.json (what ``hvm list``
-shows of it should the process be killed), reports ``ok`` or ``error: ...`` on the
-ready pipe, then serves requests until it is told to destroy the domain or
-is signalled. A process that ends removes its directory; one that is killed leaves it,
-with its console log and process log, and the domain is listed as crashed.
+Started as ``python -m migrate.host.domaind DIR SPEC`` in one of three modes, by
+:func:`migrate.host.control.create_domain` (create), :func:`migrate.host.control.restore_domain`
+(restore) or the relocation daemon, :mod:`migrate.host.destination` (receive); SPEC and the
+lines the process says on its ready pipe are declared in :mod:`migrate.host.launch`. The disk
+image lock its launcher took (:mod:`migrate.locks`) is held for as long as the process lives
+(WRITER; in receive mode INCOMING, WRITER from GO on). It boots (or restores) the domain,
+writes its configuration to DIR/config.json (what ``hvm list`` shows of it should the process
+be killed), says OK or ERROR on the ready pipe, then serves requests until it is told to
+destroy the domain or is signalled. A process that ends removes its directory; one that is
+killed leaves it, with its console log and process log, and the domain is listed as crashed.
 
-In receive mode the ready pipe says more (the daemon reads it): ``at BYTES`` after each
-chunk of the stream applied; ``ok BYTES END_AT APPLIED_AT`` as soon as END has been read
-and the state applied (BYTES: the stream's length; CLOCK_MONOTONIC seconds: END read,
-state applied), before the stream's own end is seen, which the daemon checks against the
-bytes it relayed; or ``error: ...``. Then the process serves its control socket (``hvm
-list`` shows the domain paused; ``unpause`` is refused) and waits for the relocation's GO,
-which the daemon gives by writing ``go`` on the pipe ``GO_FD``, and answers ``running
-RESUMED_AT``, or with ``go paused`` (the guest was paused at the source, or ``hvm migrate
---paused``), leaves it paused and answers ``paused``; or ``refused: ...`` when the pair could
-not be resumed or its disk image could not be taken over (the guest never ran;
-the process destroys it and exits), or ``error: ...`` for a failure after ``ok`` (the
-stream went on after END). The go pipe closing without ``go``, or no GO within
-``resume_timeout`` seconds, means the relocation was given up: the paused copy is
-destroyed at once and the process exits. GO is on the downtime path, so the control
-socket is made before the stream comes (under a temporary name until the domain exists)
-and nothing but serving is left to do after ``ok``.
+In receive mode (specs/relocation.md, section 4) it restores from the stream pipe, says AT
+after each chunk of the stream applied (and ROUND as the data channels end page rounds), and
+OK (with the stream's length and the times END was read and the state applied) as soon as END
+has been read and the state applied, before the stream's own end is seen, which the daemon
+checks against the bytes it relayed; or ERROR. Then the process serves its control socket
+(``hvm list`` shows the domain paused; ``unpause`` is refused) and waits for the relocation's
+GO on the go pipe, answers RUNNING, or with ``go paused`` (the guest was paused at the source,
+or ``hvm migrate --paused``) leaves it paused and answers PAUSED; or REFUSED when the pair
+could not be resumed or its disk image could not be taken over (the guest never ran; the
+process destroys it and exits), or ERROR for a failure after OK (the stream went on after
+END). The go pipe closing without GO, or no GO within ``resume_timeout`` seconds, means the
+relocation was given up: the paused copy is destroyed at once and the process exits. GO is
+on the downtime path, so the control socket is made before the stream comes (under a
+temporary name until the domain exists) and nothing but serving is left to do after OK.
 
 The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
 state capture must come from this process) and answers on its connection
@@ -56,10 +47,10 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
 
 from ..console import Console
 from ..dataplane import Receiver, TlsContext
+from ..config import DomainStatus
 from ..domain import Domain, DomainConfig, DomainError
 from ..engine import (
     Convergence, RestoreError, SaveCancelled, SaveError, restore, save_to_file, save_to_stream,
@@ -69,8 +60,9 @@ from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
-from . import protocol, statedir
-from .relocation import FRAME_TIMEOUT
+from . import launch, protocol, statedir
+from .launch import Create, Go, Launch, LaunchError, Receive, Restore, Say, say
+from .channel import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
@@ -125,7 +117,8 @@ class DomainServer:
         except BlockingIOError:
             return
         self._end_go_wait()
-        if not word.startswith(b"go"):
+        go = Go.decode(word)
+        if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
             os.close(ready_fd)
             self.running = False
@@ -134,17 +127,17 @@ class DomainServer:
             if self.disk_lock is not None:      # the source let go of it just before GO
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
                 self.disk_lock.release_incoming()
-            if word.split()[1:2] == [b"paused"]:
-                self._say(ready_fd, "paused")
+            if go.paused:
+                self._say(ready_fd, say(Say.PAUSED))
                 log.info("%s; left paused, as it was at the source", note)
                 return
             self.domain.resume()
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
-            self._say(ready_fd, f"refused: {_one_line(exc)}")
+            self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
             self.running = False
             return
-        self._say(ready_fd, f"running {self.domain.entered() or time.monotonic():.6f}")
+        self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
         log.info("%s; running", note)
 
     def _end_go_wait(self) -> None:
@@ -154,9 +147,9 @@ class DomainServer:
         self.go, self.go_deadline = None, None
 
     @staticmethod
-    def _say(fd: int, line: str) -> None:
+    def _say(fd: int, line: bytes) -> None:
         try:
-            os.write(fd, f"{line}\n".encode())
+            os.write(fd, line)
         except OSError:
             pass                # the daemon is gone
         os.close(fd)
@@ -204,8 +197,8 @@ class DomainServer:
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
         if self.moved_to:
-            return {"status": "moved", "moved_to": self.moved_to}
-        return {"status": "destroyed"}
+            return {"status": DomainStatus.MOVED, "moved_to": self.moved_to}
+        return {"status": DomainStatus.DESTROYED}
 
     def guest(self) -> str:
         """Where the guest is, as a job's answer says it: "running here", "paused here", ...
@@ -301,7 +294,7 @@ class DomainServer:
         return self._start_job(conn, req, "save", lambda r: SaveJob.from_request(r, fds), self._run_save)
 
     def start_migrate(self, conn: socket.socket, req: dict, fds: list[int]) -> dict | None:
-        from .relocate import MigrateJob
+        from .source import MigrateJob
         return self._start_job(conn, req, "migrate", MigrateJob.from_request, self._run_migrate)
 
     def _start_job(self, conn, req: dict, what: str, parse, run) -> dict | None:
@@ -310,7 +303,7 @@ class DomainServer:
         try:
             self._no_save_running(what)
             self._no_go_awaited(what)
-            if self.domain.status not in ("running", "paused"):
+            if not self.domain.status.live:
                 raise ValueError(f"domain is {self.domain.status}: nothing to {what}")
             job = parse(req)            # last: a job may own a descriptor from here on
         except ValueError as exc:
@@ -336,7 +329,7 @@ class DomainServer:
 
     def _run_save(self, conn: socket.socket, job: "SaveJob") -> None:
         dom = self.domain
-        was_running = dom.status == "running"
+        was_running = dom.status is DomainStatus.RUNNING
         watch = ClientWatch(conn, self.save_cancel)
         options = dict(compress=job.level, live=job.live, stats_cb=watch.progress,
                        cancel=self.save_cancel, convergence=job.convergence)
@@ -347,7 +340,7 @@ class DomainServer:
                 stats = save_to_file(dom, job.path, **options)
         except Exception as exc:      # anything: the domain goes on as before
             log.warning("save to %s failed: %s", job.target, exc)
-            if was_running and dom.status == "paused":
+            if was_running and dom.status is DomainStatus.PAUSED:
                 dom.resume()
             self.saving = False
             watch.reply({"ok": False, "error": f"save failed: {exc}; {self.where('save')}",
@@ -377,9 +370,9 @@ class DomainServer:
         return {"running": f"{name} keeps running here", "paused": f"{name} stays paused here"}.get(
             status, f"{name} is {status} here")
 
-    # -- migrate (specs/relocation.md; the work is in migrate.host.relocate) -------
+    # -- migrate (specs/relocation.md; the work is in migrate.host.source) -------
     def _run_migrate(self, conn: socket.socket, job) -> None:
-        from .relocate import OutcomeUnknown, RelocationError
+        from .source import OutcomeUnknown, RelocationError
         watch = ClientWatch(conn, self.save_cancel)
         job.disk_lock = self.disk_lock
         try:
@@ -402,7 +395,7 @@ class DomainServer:
             log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
                      stats["bytes"], stats["downtime"] * 1000)
             self.saving = False
-            watch.reply({"ok": True, "status": "destroyed", "stats": stats})
+            watch.reply({"ok": True, "status": DomainStatus.DESTROYED, "stats": stats})
         finally:
             conn.close()
 
@@ -500,26 +493,23 @@ class ClientWatch:
             log.warning("save reply not delivered: %s", exc)
 
 
-def _build(argv: list[str], console: Console, server: DomainServer | None,
-           opts: dict | None) -> tuple[Domain, bool, str]:
+def _build(job: Create | Restore | Receive, console: Console, server: DomainServer | None,
+           ready_fd: int) -> tuple[Domain, bool, str]:
     """The domain this process runs, whether to leave it paused, and a line to log once
-    it is started. ``server`` and ``opts``: receive mode's control socket and options."""
-    if argv[1] == "--restore":
-        fd, head_fd, name, paused, fresh, disk = (int(argv[2]), int(argv[3]), argv[4], argv[5] == "1",
-                                                  argv[6], argv[7])
-        mapped = {"disk": disk} if disk else {}
-        domain, stats = restore(_stream_chunks(fd, head_fd), name=name or None,
+    it is started. ``server``: receive mode's control socket."""
+    if isinstance(job, Restore):
+        mapped = {"disk": job.disk} if job.disk else {}
+        domain, stats = restore(_stream_chunks(job.stream_fd, job.head_fd), name=job.name or None,
                                 make_domain=lambda cfg, **cpu: Domain(dataclasses.replace(cfg, **mapped),
                                                                       console, **cpu),
-                                fresh_stub=True if fresh == "yes" else None)
-        return domain, paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
-                                f"in {stats.seconds:.3f}s")
-    if argv[1] == "--receive":
-        domain, stats = _receive(int(argv[2]), opts, console, int(argv[-1]), server)
-        return domain, True, (f"received {opts['name']}: {stats.pages_total} pages, "
+                                fresh_stub=job.fresh_stub)
+        return domain, job.paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
+                                    f"in {stats.seconds:.3f}s")
+    if isinstance(job, Receive):
+        domain, stats = _receive(job, console, ready_fd, server)
+        return domain, True, (f"received {job.name}: {stats.pages_total} pages, "
                               f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
-    config = DomainConfig(**msgpack.unpackb(bytes.fromhex(argv[1]), raw=False))
-    return Domain.boot(config, console), False, ""
+    return Domain.boot(DomainConfig(**job.config), console), False, ""
 
 
 def _stream_chunks(fd: int, head_fd: int):
@@ -531,73 +521,74 @@ def _stream_chunks(fd: int, head_fd: int):
                 yield data
 
 
-def _receive(fd: int, opts: dict, console: Console, ready_fd: int, server: DomainServer):
-    """Restore an incoming relocation from the pipe ``fd`` (specs/relocation.md, "The
-    stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``, ``net_from``),
-    the domain is named ``name``, its disk is the destination's ``disk_to`` and its NIC hangs
-    on the destination's ``net_to``. After each chunk it
-    applies, a line ``at BYTES`` on the ready pipe tells the daemon how far it is (SYNC);
-    once the state is applied, the control socket ``server`` is shown (the paused domain is
-    listed from RESTORED on) and ``ok ...`` is said (module docstring). The vCPU thread is
+def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer):
+    """Restore an incoming relocation (``job``: launch.Receive; specs/relocation.md, "The
+    stream"): the stream must match HELLO (``memory``, ``stub``, ``disk_from``, ``net_from``,
+    ``vcpus``), the domain is named ``name``, its disk is the destination's ``disk_to`` and
+    its NIC hangs on the destination's ``net_to``. After each chunk it applies, an AT line
+    on the ready pipe tells the daemon how far it is (SYNC); once the state is applied, the
+    control socket ``server`` is shown (the paused domain is listed from RESTORED on) and OK
+    is said (module docstring). The vCPU thread is
     started, parked, as soon as the domain is made, so that GO
     (:meth:`DomainServer.await_go`) only has to wake it."""
     def make(cfg: DomainConfig, **cpu) -> Domain:
         net_from = {"link": cfg.net["link"], "name": cfg.net["name"]} if cfg.net else None
         if ((cfg.memory, bool(cfg.stub), cfg.disk, net_from, cfg.vcpus)
-                != (opts["memory"], opts["stub"], opts["disk_from"], opts.get("net_from"), opts.get("vcpus", 1))):
+                != (job.memory, job.stub, job.disk_from, job.net_from, job.vcpus)):
             raise RestoreError("stream does not match HELLO (memory, stub, disk, NIC or vCPUs differ)")
-        if opts["cpu"] is not None:
-            hello = policies_from_bodies(opts["cpu"])
+        if job.cpu is not None:
+            hello = policies_from_bodies(job.cpu)
             if (hello.get(Vm.GUEST), hello.get(Vm.STUB)) != (cpu["cpu"], cpu["stub_cpu"]):
                 raise RestoreError("stream does not match HELLO (the CPU records differ)")
-        net = dict(cfg.net, name=opts["net_to"]) if cfg.net else None
-        domain = Domain(dataclasses.replace(cfg, disk=opts["disk_to"], net=net,
-                                            hugepages=bool(opts.get("hugepages"))), console, **cpu)
+        net = dict(cfg.net, name=job.net_to) if cfg.net else None
+        domain = Domain(dataclasses.replace(cfg, disk=job.disk_to, net=net, hugepages=job.hugepages),
+                        console, **cpu)
         domain.park_vcpu()
         return domain
 
     def chunks():
-        with os.fdopen(fd, "rb", buffering=0) as pipe:
+        with os.fdopen(job.stream_fd, "rb", buffering=0) as pipe:
             while data := pipe.read(1 << 20):
                 yield data
 
     def progress(stats) -> None:
         if not stats.applied_at:
-            os.write(ready_fd, f"at {stats.stream_bytes}\n".encode())
+            os.write(ready_fd, say(Say.AT, stats.stream_bytes))
 
-    intake, rounds = _channel_intake(opts, ready_fd)
+    intake, rounds = _channel_intake(job, ready_fd)
 
     def applied(domain, stats) -> None:
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
         server.domain = domain
         server.publish()
-        os.write(ready_fd, f"ok {stats.stream_bytes} {stats.end_at:.6f} {stats.applied_at:.6f}\n".encode())
+        os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
 
     try:
-        return restore(chunks(), name=opts["name"], make_domain=make, progress=progress,
+        return restore(chunks(), name=job.name, make_domain=make, progress=progress,
                        on_applied=applied, channels=intake)
     finally:
         if rounds is not None:
             rounds.stop()
 
 
-def _channel_intake(opts: dict, ready_fd: int):
+def _channel_intake(job: Receive, ready_fd: int):
     """With data channels (specs/relocation.md, "Data channels"): the intake that receives
     them (their sockets come from the daemon on the unix socket ``channel_fd``; TLS with
     the daemon's keys), and the reporter of the rounds they end (``round N`` lines, for
     SYNC). Without: (None, None)."""
-    if not opts.get("channels"):
+    if not job.channels:
+        os.close(job.channel_fd)
         return None, None
-    tls_ctx = TlsContext(True, opts["tls_dir"]) if opts.get("tls_dir") else None
-    receiver = Receiver(opts["channels"], FORMAT_VERSION, opts["token"], tls_ctx, timeout=FRAME_TIMEOUT)
-    intake = ChannelIntake(receiver, socket.socket(fileno=opts["channel_fd"]))
+    tls_ctx = TlsContext(True, job.tls_dir) if job.tls_dir else None
+    receiver = Receiver(job.channels, FORMAT_VERSION, job.token, tls_ctx, timeout=FRAME_TIMEOUT)
+    intake = ChannelIntake(receiver, socket.socket(fileno=job.channel_fd))
     return intake, _RoundReporter(intake, ready_fd)
 
 
 class _RoundReporter:
-    """Says ``round N`` on the ready pipe each time every data channel has ended another
-    page round (N rounds ended), until stopped; and ``error: ...`` as soon as a channel
+    """Says ROUND on the ready pipe each time every data channel has ended another
+    page round (N rounds ended), until stopped; and ERROR as soon as a channel
     fails, since the daemon may otherwise not hear of it before the source's next frame."""
 
     def __init__(self, intake, ready_fd: int):
@@ -615,12 +606,12 @@ class _RoundReporter:
                     done += 1
                     with self.lock:
                         if not self.stopped:
-                            os.write(self.ready_fd, f"round {done}\n".encode())
+                            os.write(self.ready_fd, say(Say.ROUND, done))
             except RestoreError as exc:
                 with self.lock:
                     if not self.stopped:
                         self.stopped = True
-                        os.write(self.ready_fd, f"error: {_one_line(exc)}\n".encode())
+                        os.write(self.ready_fd, say(Say.ERROR, text=str(exc)))
                 return
             except OSError:
                 return
@@ -633,10 +624,12 @@ class _RoundReporter:
 
 
 def main(argv: list[str]) -> int:
-    directory, ready_fd = Path(argv[0]), int(argv[-1])
-    lock_fd = None
-    if argv[1] == "--lock":
-        lock_fd, argv = int(argv[2]), [argv[0], *argv[3:]]
+    try:
+        directory, spec = launch.decode(argv)
+    except LaunchError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    ready_fd, lock_fd, job = spec.ready_fd, spec.lock_fd, spec.job
     # Double fork: the launcher reaps our parent at once and init adopts us,
     # so a domain never lingers as its launcher's zombie.
     if os.fork():
@@ -657,19 +650,18 @@ def main(argv: list[str]) -> int:
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
     console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
-    receive = argv[1] == "--receive"
-    opts = msgpack.unpackb(bytes.fromhex(argv[4]), raw=False) if receive else None
+    receive = isinstance(job, Receive)
     disk_lock = DiskLock.from_fd(os.readlink(f"/proc/self/fd/{lock_fd}"), lock_fd, receive) \
         if lock_fd is not None else None
     server = None
     try:
         if receive:     # its control socket first: after the stream, GO must not wait for it
             server = DomainServer(directory, None, console_log, hidden=True)
-        domain, paused, note = _build(argv, Console(sink=console_log.write), server, opts)
+        domain, paused, note = _build(job, Console(sink=console_log.write), server, ready_fd)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
-        _answer(ready, f"error: {_one_line(exc)}")
+        _answer(ready, say(Say.ERROR, text=str(exc)))
         _remove_directory(directory, disk_lock)     # it never ran: nothing to keep
         return 1
     config = domain.config
@@ -681,18 +673,18 @@ def main(argv: list[str]) -> int:
         (directory / statedir.CONFIG).write_text(json.dumps(dataclasses.asdict(config)))
     except OSError as exc:
         domain.destroy()
-        _answer(ready, f"error: {_one_line(exc)}")
+        _answer(ready, say(Say.ERROR, text=str(exc)))
         _remove_directory(directory, disk_lock)
         return 1
     try:
         server.publish()
         if receive:             # it said ok already; the ready pipe stays open for GO's answer
-            server.await_go(int(argv[3]), os.dup(ready_fd), opts["resume_timeout"], note)
+            server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout, note)
             ready.close()
         else:
             if not paused:
                 domain.resume()
-            ready.write("ok\n")
+            ready.write(say(Say.OK).decode())
             ready.close()
             if note:
                 log.info("%s", note)
@@ -710,10 +702,10 @@ def main(argv: list[str]) -> int:
     return 0
 
 
-def _answer(ready, line: str) -> None:
+def _answer(ready, line: bytes) -> None:
     """The last word on the ready pipe; its reader may be gone (a killed daemon)."""
     try:
-        ready.write(line + "\n")
+        ready.write(line.decode())
         ready.close()
     except OSError:
         pass
@@ -732,10 +724,6 @@ def _remove_directory(directory: Path, disk_lock: DiskLock | None) -> None:
         directory.rmdir()
     except OSError:
         pass
-
-
-def _one_line(exc: Exception) -> str:
-    return " ".join(str(exc).split())
 
 
 if __name__ == "__main__":

@@ -11,8 +11,7 @@ import socket
 
 import msgpack
 
-from ..engine import Convergence
-from ..engine.sinks import DEFAULT_COMPRESSION, Compression
+from ..config import DEFAULT_COMPRESSION, Compression, Convergence
 
 MAX_MESSAGE = 1 << 20           # bytes one message may take
 CONSOLE_CHUNK = 64 << 10        # console bytes one answer carries at most

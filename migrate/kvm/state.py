@@ -16,6 +16,7 @@ from .errors import KvmError
 # the restored TSC.
 MSR_IA32_TSC = 0x10
 MSR_IA32_TSC_DEADLINE = 0x6E0
+PDPTRS_VALID = 1            # KVM_SREGS2_FLAGS_PDPTRS_VALID
 
 
 def saveable_msrs(vcpu, indices: list[int]) -> list[int]:
@@ -43,6 +44,10 @@ class VcpuState:
     events: dict
     mp_state: int
     debugregs: dict
+    # the PAE page-directory pointers KVM holds ({"flags", "pdptrs"}: KVM_GET_SREGS2; flags
+    # PDPTRS_VALID when the vCPU is in PAE paging); None: not known (KVM without
+    # KVM_CAP_SREGS2, or a stream without the record)
+    pdptrs: dict | None = None
 
     @classmethod
     def capture(cls, vcpu, msr_indices: list[int]) -> "VcpuState":
@@ -63,6 +68,7 @@ class VcpuState:
             events=vcpu.get_vcpu_events(),
             mp_state=vcpu.get_mp_state(),
             debugregs=vcpu.get_debugregs(),
+            pdptrs=_pdptrs(vcpu.get_sregs2()) if vcpu.vm.kvm.has("KVM_CAP_SREGS2") else None,
         )
 
     def apply(self, vcpu) -> None:
@@ -70,6 +76,10 @@ class VcpuState:
 
         Order (each step depends on the ones before it):
           1. sregs      - CR0/CR4/EFER decide how the rest is interpreted
+          1a. pdptrs    - in PAE paging, KVM_SET_SREGS loaded the PDPTRs from guest memory at
+                          CR3, which the guest may have changed since it loaded CR3: the ones
+                          it was using, if known and valid (KVM_SET_SREGS2 with the sregs
+                          just set); else left as loaded
           2. regs       - RFLAGS/RIP after the mode is known
           3. xsave      - FPU/SSE/AVX (supersedes KVM_SET_FPU where present)
           4. xcrs       - XCR0 after the xsave image it describes
@@ -82,6 +92,9 @@ class VcpuState:
         step = "sregs"
         try:
             vcpu.set_sregs(self.sregs)
+            if self.pdptrs is not None and self.pdptrs["flags"] & PDPTRS_VALID                     and vcpu.vm.kvm.has("KVM_CAP_SREGS2"):
+                step = "pdptrs"
+                vcpu.set_sregs2({**vcpu.get_sregs2(), **self.pdptrs})
             step = "regs"
             vcpu.set_regs(self.regs)
             step = "xsave"
@@ -102,6 +115,10 @@ class VcpuState:
             vcpu.set_debugregs(self.debugregs)
         except KvmError as exc:
             raise KvmError(exc.ioctl, exc.errno, f"applying vCPU {self.vcpu_id} state, step {step}") from exc
+
+
+def _pdptrs(sregs2: dict) -> dict:
+    return {"flags": sregs2["flags"], "pdptrs": list(sregs2["pdptrs"])}
 
 
 @dataclass

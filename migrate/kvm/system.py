@@ -4,11 +4,11 @@ from __future__ import annotations
 import errno
 import os
 
+from ..config import DEV_KVM
 from ._lib import ffi, ioctl, lib
 from .errors import KvmError, KvmUnavailable
 
 KVM_API_VERSION = 12
-DEV_KVM = "/dev/kvm"
 
 
 class Kvm:
@@ -29,6 +29,7 @@ class Kvm:
             raise KvmUnavailable("KVM_GET_API_VERSION", errno.EINVAL,
                                  f"API version {version}, expected {KVM_API_VERSION}")
         self._msr_index_list: list[int] | None = None
+        self._caps: dict[str, bool] = {}
 
     def close(self) -> None:
         if self.fd >= 0:
@@ -91,6 +92,12 @@ class Kvm:
     def create_vm(self) -> "Vm":
         from .vm import Vm
         return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
+
+    def has(self, cap: str) -> bool:
+        """Whether KVM has capability ``cap`` (a KVM_CAP_* name), asked once."""
+        if cap not in self._caps:
+            self._caps[cap] = bool(self.check_extension(getattr(lib, cap)))
+        return self._caps[cap]
 
     def require(self, *caps: str) -> None:
         """Raise KvmUnavailable naming the first missing capability."""

@@ -158,6 +158,12 @@ class Vcpu:
     def set_sregs(self, sregs: dict) -> None:
         self._set("struct kvm_sregs", "KVM_SET_SREGS", sregs)
 
+    def get_sregs2(self) -> dict:
+        return self._get("struct kvm_sregs2", "KVM_GET_SREGS2")
+
+    def set_sregs2(self, sregs2: dict) -> None:
+        self._set("struct kvm_sregs2", "KVM_SET_SREGS2", sregs2)
+
     def get_xsave(self) -> bytes:
         arg = ffi.new("struct kvm_xsave *")
         ioctl(self.fd, "KVM_GET_XSAVE", arg)
@@ -244,4 +250,4 @@ class Vcpu:
         ioctl(self.fd, "KVM_SET_TSC_KHZ", khz)
 
 
-prepare("struct kvm_regs", "struct kvm_sregs", "struct kvm_xcrs", "struct kvm_vcpu_events", "struct kvm_mp_state", "struct kvm_debugregs")
+prepare("struct kvm_regs", "struct kvm_sregs", "struct kvm_sregs2", "struct kvm_xcrs", "struct kvm_vcpu_events", "struct kvm_mp_state", "struct kvm_debugregs")

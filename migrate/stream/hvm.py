@@ -177,6 +177,7 @@ PIT_CHANNEL = Layout(
     Field("count_load_time", "q"),
 )
 PIT = Layout(Field("channels", nested=PIT_CHANNEL, count=3), Field("flags", "I"), pad("reserved", 9))
+PDPTRS = Layout(Field("flags", "Q"), Field("pdptrs", "Q", count=4))
 CLOCK = Layout(Field("clock", "Q"), Field("flags", "I"), pad("pad0"), Field("realtime", "Q"),
                Field("host_tsc", "Q"), pad("pad", 4))
 
@@ -263,6 +264,23 @@ VCPU_CODECS: dict[RecordType, Any] = {
     RecordType.VCPU_EVENTS: StructCodec(EVENTS),
     RecordType.VCPU_MP_STATE: ScalarCodec("I"),
     RecordType.VCPU_DEBUGREGS: StructCodec(DEBUGREGS),
+    RecordType.VCPU_PDPTRS: StructCodec(PDPTRS),
+}
+# vCPU record type -> the field of the KVM layer's vCPU state it carries (migrate.kvm.VcpuState,
+# each named after its ioctl): the one place a vCPU record is tied to the state it holds. An
+# optional type (bit 31) is one a restore can do without (its field is then None). The stream
+# has no FPU record: VCPU_XSAVE carries the legacy FPU/SSE area too.
+VCPU_FIELDS: dict[RecordType, str] = {
+    RecordType.VCPU_REGS: "regs",
+    RecordType.VCPU_SREGS: "sregs",
+    RecordType.VCPU_XSAVE: "xsave",
+    RecordType.VCPU_XCRS: "xcrs",
+    RecordType.VCPU_MSRS: "msrs",
+    RecordType.VCPU_LAPIC: "lapic",
+    RecordType.VCPU_EVENTS: "events",
+    RecordType.VCPU_MP_STATE: "mp_state",
+    RecordType.VCPU_DEBUGREGS: "debugregs",
+    RecordType.VCPU_PDPTRS: "pdptrs",
 }
 PLATFORM_CODECS: dict[RecordType, Any] = {
     RecordType.PIC: StructCodec(PIC),
@@ -295,8 +313,8 @@ class HvmState:
             raise ValueError(f"vcpu_id {vcpu_id} outside 0..{MAX_VCPU_ID}")
         try:
             body = CODECS[self.type].pack(self.vm, vcpu_id, self.state)
-            if self.type is RecordType.VCPU_XCRS:
-                _check_xcrs(self.state)     # a writer makes only what readers accept
+            if self.type in _CHECKS:
+                _CHECKS[self.type](self.state)      # a writer makes only what readers accept
             return body
         except StreamError as exc:
             raise ValueError(f"{self.type.name}: {exc.msg}") from None
@@ -312,8 +330,8 @@ class HvmState:
             return cls(record_type, vm_of(vm), None, state)
         if vcpu_id > MAX_VCPU_ID:
             raise StreamError(f"{record_type.name} vcpu_id {vcpu_id} exceeds {MAX_VCPU_ID}")
-        if record_type is RecordType.VCPU_XCRS:
-            _check_xcrs(state)
+        if record_type in _CHECKS:
+            _CHECKS[record_type](state)
         return cls(record_type, vm_of(vm), vcpu_id, state)
 
 
@@ -328,3 +346,12 @@ def _check_xcrs(state: dict) -> None:
     for i, xcr in enumerate(state["xcrs"][nr:], nr):
         if xcr["xcr"] or xcr["value"]:
             raise StreamError(f"VCPU_XCRS entry {i} is not zero but nr_xcrs is {nr}")
+
+
+def _check_pdptrs(state: dict) -> None:
+    """VCPU_PDPTRS: ``flags`` is 0 or 1 (PDPTRS_VALID); a reader MUST refuse other bits."""
+    if state["flags"] & ~1:
+        raise StreamError(f"VCPU_PDPTRS flags 0x{state['flags']:x}: only bit 0 is defined")
+
+
+_CHECKS = {RecordType.VCPU_XCRS: _check_xcrs, RecordType.VCPU_PDPTRS: _check_pdptrs}

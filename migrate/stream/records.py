@@ -72,6 +72,7 @@ class RecordType(IntEnum):
     CHANNEL_SYNC = 0x0000_0050  # in channel streams only (section "Channel streams")
     CHANNELS = 0x0000_0051
     CREATOR = OPTIONAL | 0x0000_0001
+    VCPU_PDPTRS = OPTIONAL | 0x0001_0000     # section "HVM context records"
 
 
 class Vm(IntEnum):

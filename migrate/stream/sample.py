@@ -12,7 +12,7 @@ from migrate.stream.cpu import MSR_FEATURE, CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.hvm import CODECS, PLATFORM_CODECS, HvmState
 from migrate.stream.pages import PAGE_SIZE, ZERO_PAGE
 from migrate.stream.records import (
-    Creator, DeviceState, DomainConfig, MemoryLayout, RecordType, Vm,
+    OPTIONAL, Creator, DeviceState, DomainConfig, MemoryLayout, RecordType, Vm,
 )
 from migrate.stream.writer import StreamWriter
 
@@ -55,6 +55,8 @@ def sample_state(record_type: RecordType, seed: int) -> Any:
         state["nr_xcrs"], state["flags"] = 1 + seed % 3, 0
         for xcr in state["xcrs"][state["nr_xcrs"]:]:
             xcr["xcr"] = xcr["value"] = 0
+    if record_type is RecordType.VCPU_PDPTRS:   # only bit 0 is defined
+        state["flags"] = seed & 1
     return _zero_padding(state, codec.layout)
 
 
@@ -103,8 +105,8 @@ def sample_records(vcpus: int = 2, guest_pages: int = GUEST_PAGES, stub_pages: i
         MemoryLayout.flat(Vm.STUB, max(STUB_MEMORY_PAGES, stub_pages)),
     ]
     for vcpu in range(vcpus):
-        for record_type in CODECS:
-            if record_type not in PLATFORM_CODECS:
+        for record_type in CODECS:      # the mandatory ones: the golden stream predates the optional
+            if record_type not in PLATFORM_CODECS and not record_type & OPTIONAL:
                 records.append(HvmState(record_type, Vm.GUEST, vcpu, sample_state(record_type, vcpu + record_type)))
     for record_type in PLATFORM_CODECS:
         records.append(HvmState(record_type, Vm.GUEST, None, sample_state(record_type, record_type)))

@@ -24,14 +24,15 @@ import errno
 import fcntl
 import logging
 import os
-import random
-import re
 import select
 import socket
 import struct
 import threading
 import time
 
+from ..config import (  # noqa: F401  (the NIC's configuration, re-exported)
+    LINKS, MTU_DEFAULT, MTU_MAX, MTU_MIN, NetError, check_ifname, check_net, parse_net, random_mac,
+)
 from . import abi
 
 log = logging.getLogger(__name__)
@@ -49,74 +50,8 @@ IFREQ = struct.Struct("16sH22x")            # name, flags (or the first half of 
 IFREQ_INT = struct.Struct("16si20x")        # name, an int (index, MTU)
 IFREQ_HWADDR = struct.Struct("16sH6s16x")   # name, sa_family (ARPHRD_ETHER), address
 
-MTU_MIN, MTU_MAX, MTU_DEFAULT = 68, 9000, 1500
-LINKS = ("tap", "bridge")
 STARVED_RETRY = 1.0         # seconds before held packets are offered again without NET_RXBUF
 ANNOUNCE_DELAYS = (0.0, 0.05, 0.15, 0.25, 0.35)     # at once, then QEMU's announce-self steps
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
-
-
-class NetError(ValueError):
-    """A NIC configuration or TAP device this host cannot use; the message says why."""
-
-
-# -- the configuration ------------------------------------------------------------
-
-def random_mac() -> str:
-    """A locally administered unicast address in QEMU's 52:54:00 range."""
-    return "52:54:00:" + ":".join(f"{random.randrange(256):02x}" for _ in range(3))
-
-
-def parse_net(text: str) -> dict:
-    """``tap=NAME[,mac=MAC][,mtu=N]`` or ``bridge=NAME[,...]`` -> a NIC config (a random
-    MAC if none is given)."""
-    net = {"mac": None, "mtu": MTU_DEFAULT}
-    for part in text.split(","):
-        key, sep, value = part.strip().partition("=")
-        if not sep or not value:
-            raise NetError(f"--net {text!r}: {part!r} is not KEY=VALUE (tap=NAME or bridge=NAME, "
-                           "then mac=MAC, mtu=N)")
-        if key in LINKS:
-            if "link" in net:
-                raise NetError(f"--net {text!r}: give tap= or bridge= once")
-            net["link"], net["name"] = key, value
-        elif key == "mac":
-            net["mac"] = value.lower()
-        elif key == "mtu":
-            if not value.isdigit():
-                raise NetError(f"--net {text!r}: mtu must be a number")
-            net["mtu"] = int(value)
-        else:
-            raise NetError(f"--net {text!r}: unknown key {key!r} (tap, bridge, mac, mtu)")
-    if "link" not in net:
-        raise NetError(f"--net {text!r}: say tap=NAME or bridge=NAME")
-    net["mac"] = net["mac"] or random_mac()
-    net = {k: net[k] for k in ("link", "name", "mac", "mtu")}
-    check_net(net)
-    return net
-
-
-def check_net(net) -> None:
-    """NetError unless ``net`` is a NIC config this build runs (it may come from a stream)."""
-    if not isinstance(net, dict) or set(net) != {"link", "name", "mac", "mtu"}:
-        raise NetError("a NIC config is a map of link, name, mac and mtu")
-    if net["link"] not in LINKS:
-        raise NetError(f"NIC link {net['link']!r} is not tap or bridge")
-    check_ifname(net["name"])
-    mac = net["mac"]
-    if not isinstance(mac, str) or not _MAC.match(mac):
-        raise NetError(f"MAC address {mac!r} is not six hex bytes separated by colons")
-    if int(mac[:2], 16) & 1 or mac == "00:00:00:00:00:00":
-        raise NetError(f"MAC address {mac} is not a unicast address")
-    mtu = net["mtu"]
-    if not isinstance(mtu, int) or isinstance(mtu, bool) or not MTU_MIN <= mtu <= MTU_MAX:
-        raise NetError(f"MTU {mtu!r} out of range: {MTU_MIN} to {MTU_MAX}")
-
-
-def check_ifname(name) -> None:
-    if not isinstance(name, str) or not _IFNAME.match(name) or name in (".", ".."):
-        raise NetError(f"interface name {name!r} is not 1 to 15 letters, digits, '_', '.' or '-'")
 
 
 def mac_bytes(mac: str) -> bytes:

@@ -431,6 +431,8 @@ def test_zstd_frame_lying_about_its_size(started) -> None:
     (RecordType.VCPU_XCRS, struct.pack("<IIII", 0, 0, 1, 2) + bytes(192), "VCPU_XCRS flags 0x2, must be zero"),
     (RecordType.VCPU_XCRS, struct.pack("<IIII", 0, 0, 1, 0) + bytes(12) + struct.pack("<IQ", 0, 1) + bytes(168),
      "VCPU_XCRS entry 1 is not zero but nr_xcrs is 1"),
+    (RecordType.VCPU_PDPTRS, struct.pack("<IIQ", 0, 0, 2) + bytes(32), "VCPU_PDPTRS flags 0x2: only bit 0 is defined"),
+    (RecordType.VCPU_PDPTRS, bytes(40), "VCPU_PDPTRS body is 40 bytes, expected 48"),
     (0x8000_0003, bytes(8), "the optional bit is set on a mandatory record type"),
     (0x8000_0000, bytes(40), "the optional bit is set on a mandatory record type"),
     (RecordType.DEVICE_STATE, DeviceState("d", 0, 1, 1, {}).pack().replace(b"\xa1d", b"\xa0"),

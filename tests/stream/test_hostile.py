@@ -73,7 +73,7 @@ def test_decode_stream_raises_only_stream_errors(data: bytes) -> None:
 def test_restore_raises_only_stream_or_restore_errors(data: bytes, fresh_stub: bool) -> None:
     try:
         with FUZZ.fake_host():
-            restore([data[:len(data) // 2], data[len(data) // 2:]], make_domain=FUZZ.FakeDomain,
+            restore([data[:len(data) // 2], data[len(data) // 2:]], make_domain=FUZZ.fake_domain,
                     fresh_stub=fresh_stub)
     except (StreamError, RestoreError) as exc:
         one_line(exc)
@@ -107,7 +107,7 @@ def test_deep_nesting_is_one_line_everywhere(tmp_path, depth: int) -> None:
         refused = depth + 1 > 32
         def restore_it():
             with FUZZ.fake_host():
-                restore([data], make_domain=FUZZ.FakeDomain, fresh_stub=True)
+                restore([data], make_domain=FUZZ.fake_domain, fresh_stub=True)
         for run in (lambda: decode_stream(data), restore_it):
             try:
                 run()
@@ -147,5 +147,5 @@ def test_restore_refuses_page_batches_as_the_reader_does() -> None:
         with pytest.raises(StreamError):
             decode_stream(data)
         with FUZZ.fake_host(), pytest.raises(StreamError) as info:
-            restore([data], make_domain=FUZZ.FakeDomain)
+            restore([data], make_domain=FUZZ.fake_domain)
         assert "PAGE_DATA_ZSTD" in str(info.value), (name, info.value)

@@ -40,6 +40,8 @@ def states(record_type: RecordType) -> st.SearchStrategy:
             if code.endswith("s") else st.integers(0, 2**32 - 1)
     if record_type is RecordType.VCPU_XCRS:
         return xcrs_states()
+    if record_type is RecordType.VCPU_PDPTRS:      # flags: only bit 0 is defined
+        return layout_states(codec.layout).map(lambda state: {**state, "flags": state["flags"] & 1})
     return layout_states(codec.layout)
 
 

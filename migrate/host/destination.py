@@ -28,17 +28,15 @@ import threading
 import time
 from pathlib import Path
 
-import msgpack
-
 from ..cpu import compatibility, this_host
-from ..domain import MAX_VCPUS, memory_ok, memory_problem
+from ..config import MAX_VCPUS, NetError, check_ifname, memory_ok, memory_problem
 from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
-from ..stub.netback import NetError, check_ifname
 from . import control, statedir, tls
-from .relocation import (
+from .launch import Go, Launch, Line, Receive, Say, parse
+from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
     RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, stream_cap,
@@ -113,17 +111,12 @@ class Incoming:
         self.given: set[int] = set()            # channels handed to the domain process
         self.rounds = 0                         # page rounds it says every channel has ended
         try:
-            self.dir = control._claim_directory(name, base)
+            self.dir = control.claim_directory(name, base)
         except (control.ControlError, ValueError) as exc:
             if lock is not None:
                 lock.close()
             raise Refused(str(exc)) from None
         self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        opts = {"name": name, "memory": hello["memory"], "stub": hello["stub"],
-                "disk_from": hello["disk"], "disk_to": disk_to, "net_from": hello.get("net"),
-                "net_to": net_to, "resume_timeout": RESUME_TIMEOUT, "cpu": hello.get("cpu"),
-                "channels": channels, "token": self.token, "tls_dir": tls_dir,
-                "channel_fd": take_fds.fileno(), "vcpus": hello.get("vcpus", 1), "hugepages": hugepages}
         stream_r, self.stream_w = os.pipe()
         go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
@@ -132,10 +125,13 @@ class Incoming:
         except OSError:
             pass                    # a smaller pipe only costs speed
         os.set_blocking(self.stream_w, False)
+        job = Receive(stream_fd=stream_r, go_fd=go_r, name=name, memory=hello["memory"], stub=hello["stub"],
+                      disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
+                      resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
+                      tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
+                      hugepages=hugepages)
         try:
-            control.launch(self.dir, ["--receive", str(stream_r), str(go_r),
-                                      msgpack.packb(opts, use_bin_type=True).hex(), str(ready_w)],
-                           (stream_r, go_r, ready_w, take_fds.fileno()), lock)
+            control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except (OSError, subprocess.SubprocessError) as exc:
             self.discard()
             raise Refused(f"cannot start a receiving domain process: {exc}") from None
@@ -149,10 +145,10 @@ class Incoming:
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
-        self.final: str | None = None        # its "ok BYTES END_AT APPLIED_AT" or "error: ..." line
+        self.final: Line | None = None       # its answer to the stream: OK or a failure (launch.Say)
         self.stream_end_at = 0.0             # when STREAM_END arrived (time.monotonic)
         self._pending = b""                  # what it said, not yet taken as lines
-        self._lines: list[str] = []          # lines after its final answer, not yet taken
+        self._lines: list[Line] = []         # lines after its final answer, not yet taken
         self._eof = False
 
     # -- what the domain process says -------------------------------------------
@@ -164,15 +160,15 @@ class Incoming:
             self._eof = True
 
     def _take_lines(self) -> None:
-        """Sort out the complete lines read: progress (``at BYTES``) and the final answer
+        """Sort out the complete lines read: progress (AT, ROUND) and the final answer
         while there is none, anything later kept in order for :meth:`_line`."""
         while b"\n" in self._pending:
             raw, _, self._pending = self._pending.partition(b"\n")
-            line = raw.decode(errors="replace").strip()
-            if self.final is None and line.startswith("at ") and line[3:].isdigit():
-                self.applied = int(line[3:])
-            elif self.final is None and line.startswith("round ") and line[6:].isdigit():
-                self.rounds = int(line[6:])
+            line = parse(raw.decode(errors="replace"))
+            if self.final is None and line.kind is Say.AT:
+                self.applied = line.bytes
+            elif self.final is None and line.kind is Say.ROUND:
+                self.rounds = line.rounds
             elif self.final is None:
                 self.final = line
             else:
@@ -191,13 +187,13 @@ class Incoming:
             self._read_some()
             self._take_lines()
 
-    def _line(self, timeout: float, what: str) -> str:
+    def _line(self, timeout: float, what: str) -> Line:
         """The next line after the final answer; an error line if the process exited."""
         self._wait(lambda: bool(self._lines), timeout, what)
         return self._lines.pop(0) if self._lines else control.exited(self.dir)
 
     def _failed(self) -> bool:
-        return self.final is not None and not self.final.startswith("ok")
+        return self.final is not None and self.final.kind is not Say.OK
 
     # -- the stream ----------------------------------------------------------------
     def watch(self, ch: Channel) -> None:
@@ -213,7 +209,7 @@ class Incoming:
             self._read_some()
             self._take_lines()
             if self._failed():
-                raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+                raise Refused(f"restore failed: {self.final.reason}")
 
     def give_channel(self, index: int, sock: socket.socket) -> None:
         """Hand a data channel's socket (its preamble read) to the domain process."""
@@ -228,7 +224,7 @@ class Incoming:
         self._wait(lambda: (self.applied >= self.bytes and self.rounds >= rounds) or self.final is not None,
                    SYNC_TIMEOUT, "progress")
         if self._failed():
-            raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+            raise Refused(f"restore failed: {self.final.reason}")
         return self.applied
 
     def feed(self, data: bytes) -> None:
@@ -245,38 +241,37 @@ class Incoming:
                 self._read_some()
                 self._take_lines()
             if self._failed():
-                raise Refused(f"restore failed: {self.final.removeprefix('error: ')}")
+                raise Refused(f"restore failed: {self.final.reason}")
             if writable:
                 try:
                     view = view[os.write(self.stream_w, view):]
                 except BlockingIOError:
                     pass
                 except OSError:             # it stopped reading: it failed, say why
-                    raise Refused(f"restore failed: {self.answer()}") from None
+                    raise Refused(f"restore failed: {self.answer().reason}") from None
             elif not readable:
                 raise Refused(f"the receiving domain process took no stream for {FEED_TIMEOUT:g}s")
 
-    def answer(self) -> str:
-        """The domain process's ``ok ...`` or error text (it stops reading on an error)."""
+    def answer(self) -> Line:
+        """The domain process's answer to the stream: OK, or a failure (it stops reading on
+        an error)."""
         self.close_stream()
         self._wait(lambda: self.final is not None, control.CREATE_TIMEOUT, "answer")
-        return (self.final or control.exited(self.dir)).removeprefix("error: ")
+        return self.final or control.exited(self.dir)
 
     def finish(self) -> dict:
         """The stream is complete: wait for the restored, paused pair. Returns where the
         time since STREAM_END went (RESTORED's ``read``, ``apply``, ``answer``, seconds)."""
         answer = self.answer()
-        words = answer.split()
-        if not words or words[0] != "ok":
-            raise Refused(f"restore failed: {answer}")
-        try:
-            length, end_at, applied_at = int(words[1]), float(words[2]), float(words[3])
-        except (IndexError, ValueError):
-            raise Refused(f"the receiving domain process answered {answer!r}") from None
+        if answer.kind is not Say.OK:
+            raise Refused(f"restore failed: {answer.reason}")
+        if len(answer.values) != 3:
+            raise Refused(f"the receiving domain process answered {answer.format()!r}")
+        length, end_at, applied_at = answer.values
         if length != self.bytes:        # it said ok at END: nothing may follow
             raise Refused(f"restore failed: {self.bytes - length} bytes after END")
         if self._lines:                 # it failed after its ok
-            raise Refused(f"restore failed: {self._lines[0].removeprefix('error: ')}")
+            raise Refused(f"restore failed: {self._lines[0].reason}")
         (self.dir / statedir.STDERR).unlink(missing_ok=True)
         now, start = time.monotonic(), self.stream_end_at
         end_at, applied_at = (min(max(t, start), now) if math.isfinite(t) else start
@@ -293,29 +288,25 @@ class Incoming:
     def resume(self, paused: bool = False) -> float | None:
         """GO: tell the domain process to resume its pair (``paused``: to keep it paused);
         the seconds it took (None when it stays paused). NotResumed when the guest
-        provably never ran: the process said so (``refused:``, or ``error:`` from before
-        GO) or was gone before it could read GO (the write fails); Refused when the
-        outcome is not known (it exited without an answer, or none came)."""
+        provably never ran: the process said so (REFUSED, or ERROR from before GO) or was
+        gone before it could read GO (the write fails); Refused when the outcome is not
+        known (it exited without an answer: EXITED, or none came)."""
         go_at = time.monotonic()
         try:
-            os.write(self.go_w, b"go paused\n" if paused else b"go\n")
+            os.write(self.go_w, Go(paused).encode())
         except OSError as exc:      # no reader left: nobody can have resumed it
             raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
         finally:
             os.close(self.go_w)
             self.go_w = -1
         line = self._line(control.CREATE_TIMEOUT, "answer to GO")
-        word, _, rest = line.partition(" ")
-        if word in ("refused:", "error:") and not line.startswith("error: domain process exited"):
-            raise NotResumed(rest)
-        if paused and line == "paused":
+        if line.kind in (Say.REFUSED, Say.ERROR):
+            raise NotResumed(line.reason)
+        if paused and line.kind is Say.PAUSED:
             return None
-        if word != "running":
-            raise Refused(line.removeprefix("error: "))
-        try:
-            return min(max(0.0, float(rest) - go_at), time.monotonic() - go_at)
-        except ValueError:
-            return time.monotonic() - go_at
+        if line.kind is not Say.RUNNING:
+            raise Refused(line.reason)
+        return min(max(0.0, line.resumed_at - go_at), time.monotonic() - go_at)
 
     def discard(self) -> None:
         """Kill the receiving domain process (whose guest never ran) and remove its state."""
@@ -337,7 +328,7 @@ class Incoming:
             if fd >= 0:
                 os.close(fd)
         self.go_w = self.ready_r = -1
-        control._kill_pidfile(self.dir)
+        control.kill_pidfile(self.dir)
 
     def close(self) -> None:
         """The relocation is over and the domain runs: stop listening to it."""

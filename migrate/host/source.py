@@ -25,6 +25,7 @@ import threading
 import time
 from pathlib import Path
 
+from ..config import DomainStatus
 from ..engine import Convergence, SaveCancelled, SaveError, SaveTimeout, save
 from ..engine.sinks import DEFAULT_COMPRESSION
 from .. import dataplane
@@ -35,7 +36,7 @@ from ..locks import DiskBusy
 from ..stream import FORMAT_VERSION
 from . import tls
 from .protocol import convergence_from_request, convergence_request
-from .relocation import (
+from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
     RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
@@ -129,7 +130,7 @@ class MigrateJob:
         """Relocate ``domain``; its statistics on success (the caller destroys the domain).
         ``before_go()``, called just before GO, may raise (SaveError) to cancel there."""
         t0 = time.monotonic()
-        was_running = domain.status == "running"
+        was_running = domain.status is DomainStatus.RUNNING
         cfg = domain.config
         ch = self.connect()
         try:
@@ -244,7 +245,8 @@ class MigrateJob:
         except SaveCancelled as exc:        # the user, or hvm destroy: the engine resumed the domain
             ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
             raise RelocationError(f"relocation to {where} cancelled during the stream") from None
-        except (ChannelError, SaveError) as exc:          # the engine resumed the domain
+        except (ChannelError, SaveError, dataplane.DataplaneError) as exc:      # the engine resumed the domain
+            # a data channel broken by the destination: its ERROR on the control connection says why
             raise RelocationError(f"relocation to {where} failed during the stream: "
                                   f"{_peer_reason(ch, exc)}") from None
         except Exception as exc:

@@ -1,0 +1,118 @@
+"""What the engine moves, as types: the contract between the engine and a domain.
+
+A domain is a pair of VMs, the guest and its stub (specs/ioreq.md); to the engine each is a
+:class:`VmPart` of the same kind: an address space of the stream (``vm``), the CPU it was
+given, its memory (a :class:`MemorySpace`: RAM ranges, the ranges that may hold data, and
+a dirty log) and its share of the domain's captured state (:class:`VmState`: vCPUs, the
+platform's devices, and the device-model records, which only the stub has). A domain
+without a stub has one part. Nothing in the engine asks which part is which beyond
+``vm``, the address space its records and pages carry.
+
+:class:`SaveableDomain` is what :func:`migrate.engine.save` needs of a domain,
+:class:`RestorableDomain` what :func:`migrate.engine.restore` builds and fills. Two
+implementations exist: :class:`migrate.domain.Domain` (KVM) and
+:class:`migrate.engine.fake.FakeDomain` (pure Python, for the tests of the engine's paths
+on machines without ``/dev/kvm``).
+"""
+from __future__ import annotations
+
+from typing import Iterable, Protocol, Sequence, runtime_checkable
+
+from ..config import DomainConfig, DomainStatus
+from ..cpu import CpuPolicy
+from ..memory import RamRange
+from ..stream import Vm
+
+
+class DirtyPages(Protocol):
+    """The pages written since the last fetch (a :class:`migrate.kvm.DirtyLog`)."""
+
+    def pfns(self) -> Iterable[int]:
+        """Their pfns, ascending."""
+
+
+@runtime_checkable
+class MemorySpace(Protocol):
+    """The RAM of one VM as the engine reads and writes it."""
+
+    def memory_ranges(self) -> list[RamRange]:
+        """Its RAM ranges, ascending and apart (:class:`migrate.memory.RamRange`): their
+        pfns make MEMORY_LAYOUT's ranges, and the data plane reads or writes their pages."""
+
+    def data_ranges(self) -> list[tuple[int, int]]:
+        """``[first, end)`` pfn ranges that may hold data: the rest was never written (a
+        save does not send it; a restore starts from zeroed memory)."""
+
+    def set_dirty_logging(self, enabled: bool) -> None:
+        """Start or stop tracking writes (a live save's pre-copy)."""
+
+    def fetch_dirty(self) -> DirtyPages:
+        """Fetch and clear the pages written since the last fetch, over all ranges, by
+        anyone: a VM whose memory another VM can write merges that VM's log in."""
+
+
+class VmState(Protocol):
+    """One VM's share of a captured domain state: what its records carry."""
+    vcpus: list             # migrate.kvm.VcpuState, by vCPU id
+    platform: object        # migrate.kvm.PlatformState
+
+    @property
+    def devices(self) -> Sequence[dict]:
+        """Its device-model records (DEVICE_STATE): the stub's devices; none for the guest."""
+
+
+@runtime_checkable
+class VmPart(MemorySpace, Protocol):
+    """One VM of the pair: the guest or the stub, the same kind of thing."""
+    vm: Vm                  # the stream's address space for its pages and records
+    cpu: CpuPolicy          # the CPU it was given (its CPU records)
+
+    def state_of(self, state) -> VmState:
+        """Its share of ``state``, a state the domain captured (``capture()``)."""
+
+
+class SaveableDomain(Protocol):
+    """What a save needs of a domain."""
+    config: DomainConfig
+    status: DomainStatus
+    stub_build: str         # build id of the stub image its memory holds ("" without a stub)
+    pause_skew: float       # the last pause: seconds from the first vCPU's stop to the last one's
+
+    def parts(self) -> list[VmPart]:
+        """The guest, then the stub if there is one."""
+
+    def pause(self) -> float:
+        """Stop every vCPU; when the guest began to stop (time.monotonic())."""
+
+    def resume(self) -> None: ...
+
+    def capture(self):
+        """The state of a paused domain (a :class:`migrate.domain.DomainState`)."""
+
+    def prepare_capture(self) -> None:
+        """A capture is coming soon, on a downtime path: warm up what it will touch."""
+
+
+class RestorableDomain(Protocol):
+    """What a restore builds (``make_domain(config, cpu=, stub_cpu=)``) and fills."""
+    config: DomainConfig
+
+    def parts(self) -> list[VmPart]:
+        """Where pages go: the guest, then the stub if there is one."""
+
+    def apply(self, state, fresh_stub: bool = False, stub_build: str = "") -> None:
+        """Apply the collected state (a never-run domain); ``fresh_stub``: the stub boots
+        anew and loads the device records instead of resuming from its memory."""
+
+    def destroy(self) -> None: ...
+
+
+def part_of(domain: RestorableDomain | SaveableDomain, vm: Vm) -> VmPart | None:
+    """The part of ``domain`` whose address space is ``vm`` (None: it has none)."""
+    for part in domain.parts():
+        if part.vm is vm:
+            return part
+    return None
+
+
+__all__ = ["DirtyPages", "MemorySpace", "RestorableDomain", "SaveableDomain", "VmPart", "VmState", "part_of"]

@@ -1,0 +1,254 @@
+"""The engine's paths on a domain without KVM (migrate.engine.fake.FakeDomain): stop-and-copy,
+live pre-copy, cancel and the clean-up after a failure, then restore. Not marked kvm: these
+run on any machine, and KVM is made unavailable while they do."""
+import os
+import threading
+
+import pytest
+
+from migrate.config import Convergence, DomainConfig, DomainStatus
+from migrate.dataplane import DataplaneError
+from migrate.engine import (
+    SaveCancelled, SaveError, SaveTimeout, file_chunks, restore, save, save_to_file, save_to_stream,
+)
+from migrate.engine.contract import MemorySpace, VmPart
+from migrate.engine.fake import STUB_PAGES, FakeDomain
+from migrate.engine.sinks import FileSink
+from migrate.kvm import system
+from migrate.stream import (
+    DONE, NEED_DATA, DeviceState, HvmState, MemoryLayout, PageBatch, StreamReader, StreamTruncated, Vm,
+)
+
+MIB = 1 << 20
+
+
+@pytest.fixture(autouse=True)
+def no_kvm(monkeypatch):
+    """Any use of /dev/kvm fails the test."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("the engine opened /dev/kvm for a fake domain")
+    monkeypatch.setattr(system.Kvm, "__init__", refuse)
+
+
+def fake(stub=True, memory=32 * MIB, vcpus=1, running=True):
+    dom = FakeDomain(DomainConfig("fake", "idle", memory, stub=stub, vcpus=vcpus))
+    if running:
+        dom.resume()
+    return dom
+
+
+def records(path):
+    """Every record of the stream file ``path`` (its pages decoded)."""
+    reader, out = StreamReader(), []
+    for chunk in file_chunks(path):
+        reader.feed(chunk)
+        while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+            out.append(record)
+    reader.eof()
+    return out
+
+
+def pages_in(recs, space=Vm.GUEST):
+    """pfn -> data of the last copy of each page of ``space`` the stream sends."""
+    out = {}
+    for record in recs:
+        if isinstance(record, PageBatch) and record.space is space:
+            out.update(record.pages)
+    return out
+
+
+def test_both_vms_of_the_pair_are_the_same_kind_of_part():
+    dom = fake()
+    guest, stub = dom.parts()
+    assert (guest.vm, stub.vm) == (Vm.GUEST, Vm.STUB) and type(guest) is type(stub)
+    assert all(isinstance(p, VmPart) and isinstance(p, MemorySpace) for p in dom.parts())
+    assert [p.vm for p in fake(stub=False).parts()] == [Vm.GUEST]
+
+
+def test_stop_and_copy_round_trip(tmp_path):
+    src = fake(vcpus=2)
+    for pfn in (0, 1, 7, 4000):
+        src.guest.write(pfn, bytes([pfn % 251 + 1]) * 4096)
+    src.guest.write(9, bytes(4096))                 # written, but zero: a ZERO entry
+    src.stub.write(2, b"device model")
+    path = tmp_path / "f.hvm"
+    stats = save_to_file(src, path)
+    assert src.status is DomainStatus.PAUSED and src.pauses == 1 and src.captures == 1
+    assert src.prepared == 0                        # only a live save warms the capture up
+    assert stats.reason == "offline" and stats.rounds == 1
+    assert stats.pages_sent == 5 and stats.pages_zero == 1        # guest 4 + stub 1; the zero page
+    assert stats.pages_holes == (32 * MIB >> 12) - 5 + STUB_PAGES - 1     # never written: not sent
+    recs = records(path)
+    layouts = {r.space: r.ranges for r in recs if isinstance(r, MemoryLayout)}
+    assert layouts == {Vm.GUEST: ((0, 8192),), Vm.STUB: ((0, STUB_PAGES),)}
+    sent = pages_in(recs)
+    assert sorted(sent) == [0, 1, 7, 9, 4000] and sent[7] == bytes([8]) * 4096
+    assert pages_in(recs, Vm.STUB)[2][:12] == b"device model"
+    hvm = [r for r in recs if isinstance(r, HvmState)]
+    assert {(r.vm, r.vcpu_id) for r in hvm if r.vcpu_id is not None} == {(Vm.GUEST, 0), (Vm.GUEST, 1), (Vm.STUB, 0)}
+    assert [r.device for r in recs if isinstance(r, DeviceState)] == ["fake-uart"]
+
+    dst, rstats = restore(file_chunks(path), make_domain=FakeDomain, fresh_stub=False)
+    assert rstats.guest_bytes == 32 * MIB and dst.fresh_stub is False
+    for pfn in range(8192):
+        assert dst.guest.page(pfn) == src.guest.page(pfn), pfn
+    assert dst.stub.page(2) == src.stub.page(2)
+    assert [v.regs["rip"] for v in dst.applied.vcpus] == [1, 1]         # capture 1, both vCPUs
+    assert dst.applied.stub.devices[0]["fields"] == {"lcr": 3, "scratch": b"\x01\x02"}
+
+
+def test_a_domain_without_stub_says_so(tmp_path):
+    src = fake(stub=False)
+    src.guest.write(3, b"x")
+    save_to_file(src, tmp_path / "n.hvm")
+    recs = records(tmp_path / "n.hvm")
+    assert [(r.space, r.nr_pages) for r in recs if isinstance(r, MemoryLayout)] == [(Vm.GUEST, 8192), (Vm.STUB, 0)]
+    assert not [r for r in recs if isinstance(r, DeviceState) or getattr(r, "vm", None) is Vm.STUB]
+    dst, _ = restore(file_chunks(tmp_path / "n.hvm"), make_domain=FakeDomain)
+    assert dst.stub is None and bytes(dst.guest.page(3)[:1]) == b"x"
+
+
+def shrinking_writer(dom, counts, cancel_at=None, cancel=None):
+    """An after_round that writes counts[k] pages after pre-copy round k (fresh data each
+    time, so a stale copy shows) and reports no lag; sets ``cancel`` after round cancel_at."""
+    calls = []
+
+    def after_round():
+        k = len(calls)
+        calls.append(k)
+        for i in range(counts[k] if k < len(counts) else 0):
+            dom.guest.write(100 + i, f"round {k} page {i}".encode())
+        if cancel is not None and k == cancel_at:
+            cancel.set()
+        return 0.0
+    return after_round, calls
+
+
+def test_live_precopy_resends_what_the_guest_dirtied(tmp_path):
+    src = fake()
+    for pfn in range(100, 140):
+        src.guest.write(pfn, b"before")
+    after_round, calls = shrinking_writer(src, [40, 30, 20, 2])
+    conv = Convergence(small_pages=5, downtime=0.0)         # switch only on a small dirty set
+    stats = save_to_file(src, tmp_path / "l.hvm", live=True, convergence=conv, after_round=after_round)
+    assert len(calls) == 4 and stats.rounds == 5 and stats.reason == "small"
+    assert stats.dirty_history == [40, 30, 20, 2]           # the rounds after round 0, the last paused
+    assert len(stats.history) == 5 and [r.index for r in stats.history] == [0, 1, 2, 3, 4]
+    assert stats.history[-1].lag is None and stats.history[0].lag == 0.0
+    assert len(stats.estimate_history) == 4 and len(stats.lag_history) == 4
+    assert stats.as_dict()["dirty_history"] == [40, 30, 20, 2]
+    assert stats.as_dict()["round_starts"] == [(r.start, r.start_bytes) for r in stats.history]
+    assert src.prepared == 1 and src.status is DomainStatus.PAUSED
+    assert src.guest.calls[0] == "logging on" and src.guest.calls[-1] == "logging off"
+    assert src.stub.calls[-1] == "logging off"
+    dst, _ = restore(file_chunks(tmp_path / "l.hvm"), make_domain=FakeDomain, fresh_stub=False)
+    for pfn in range(100, 140):         # the last copy of each page, the one at the pause
+        assert dst.guest.page(pfn) == src.guest.page(pfn), pfn
+    assert bytes(dst.guest.page(100)[:14]) == b"round 3 page 0"
+
+
+def test_live_save_may_keep_dirty_logging_on(tmp_path):
+    src = fake()
+    save_to_file(src, tmp_path / "k.hvm", live=True, keep_dirty_logging=True)
+    assert all(p.calls[-1] != "logging off" for p in src.parts())
+    src.guest.write(5, b"after")
+    assert 5 in src.guest.fetch_dirty()
+
+
+def assert_clean(dom, tmp_path, status=DomainStatus.RUNNING):
+    """After a failed save: the domain as it was, dirty logging off, no file left."""
+    assert dom.status is status
+    assert all(p.calls[-1] == "logging off" for p in dom.parts()), [p.calls[-3:] for p in dom.parts()]
+    assert os.listdir(tmp_path) == []
+
+
+def test_cancel_during_precopy_resumes_the_guest(tmp_path):
+    src = fake()
+    cancel = threading.Event()
+    after_round, calls = shrinking_writer(src, [40, 30, 20, 10], cancel_at=1, cancel=cancel)
+    with pytest.raises(SaveCancelled):
+        save_to_file(src, tmp_path / "c.hvm", live=True, cancel=cancel, after_round=after_round,
+                     convergence=Convergence(small_pages=5, downtime=0.0))
+    assert len(calls) == 2 and src.pauses == 0 and src.captures == 0
+    assert_clean(src, tmp_path)
+
+
+def test_timeout_cancel_leaves_the_guest_running(tmp_path):
+    src = fake()
+    after_round, _ = shrinking_writer(src, [50] * 40)         # never converges
+    with pytest.raises(SaveTimeout, match="not converging: the dirty set stopped shrinking"):
+        save_to_file(src, tmp_path / "t.hvm", live=True, after_round=after_round,
+                     convergence=Convergence(small_pages=5, downtime=0.0))
+    assert_clean(src, tmp_path)
+
+
+def test_a_failing_progress_callback_fails_the_save_and_cleans_up(tmp_path):
+    src = fake()
+    src.guest.write(1, b"x")
+
+    def stats_cb(stats):
+        if stats.phase == "precopy":
+            raise SaveError("the client went away")
+    with pytest.raises(SaveError, match="the client went away"):
+        save_to_file(src, tmp_path / "p.hvm", live=True, stats_cb=stats_cb)
+    assert_clean(src, tmp_path)
+
+
+def test_a_failure_after_the_pause_resumes_a_running_guest(tmp_path):
+    src = fake()
+
+    def on_end(stats):
+        assert src.status is DomainStatus.PAUSED
+        raise SaveError("the destination refused")
+    with pytest.raises(SaveError, match="the destination refused"):
+        save_to_file(src, tmp_path / "e.hvm", live=True, on_end=on_end)
+    assert src.pauses == 1
+    assert_clean(src, tmp_path)
+
+
+def test_a_paused_guest_stays_paused_after_a_failure(tmp_path):
+    src = fake(running=False)
+    with pytest.raises(SaveError, match="refused"):
+        save_to_file(src, tmp_path / "q.hvm", on_end=lambda stats: (_ for _ in ()).throw(SaveError("refused")))
+    assert src.status is DomainStatus.PAUSED and os.listdir(tmp_path) == []
+
+
+def test_a_broken_output_fails_the_save_and_resumes(tmp_path):
+    src = fake()
+    for pfn in range(64):
+        src.guest.write(pfn, os.urandom(4096))
+    read, write = os.pipe()
+    os.close(read)                      # nobody reads: every write fails (EPIPE)
+    try:
+        with pytest.raises((SaveError, DataplaneError), match="Broken pipe"):
+            save_to_stream(src, write, live=True)
+    finally:
+        os.close(write)
+    assert src.status is DomainStatus.RUNNING
+    assert all(p.calls[-1] == "logging off" for p in src.parts())
+
+
+def test_nothing_to_save_from_a_destroyed_domain(tmp_path):
+    src = fake()
+    src.destroy()
+    sink = FileSink(os.open(tmp_path / "d", os.O_WRONLY | os.O_CREAT))
+    try:
+        with pytest.raises(SaveError, match="domain is destroyed: nothing to save"):
+            save(src, sink)
+    finally:
+        os.close(sink.fd)
+
+
+def test_restore_refuses_a_stream_cut_short_and_destroys_what_it_built(tmp_path):
+    src = fake()
+    src.guest.write(1, b"x")
+    save_to_file(src, tmp_path / "s.hvm")
+    data = (tmp_path / "s.hvm").read_bytes()
+    built = []
+
+    def make(config, **cpu):
+        built.append(FakeDomain(config, **cpu))
+        return built[-1]
+    with pytest.raises(StreamTruncated):
+        restore([data[:-100]], make_domain=make, fresh_stub=False)
+    assert built and built[0].status is DomainStatus.DESTROYED

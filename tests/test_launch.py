@@ -1,0 +1,74 @@
+"""The domain process's launch spec and pipe lines (migrate.host.launch): declared once,
+written and read by the same code, and anything else refused or marked."""
+from pathlib import Path
+
+import pytest
+
+from migrate.host import launch
+from migrate.host.launch import Create, Go, Launch, LaunchError, Line, Receive, Restore, Say, parse, say
+
+
+def receive_job(**changes):
+    job = dict(stream_fd=5, go_fd=6, name="web1", memory=64 << 20, stub=True, disk_from=None, disk_to=None,
+               net_from={"link": "tap", "name": "t0"}, net_to="t9", resume_timeout=60.0, cpu=None, channels=2,
+               token=b"t" * 32, tls_dir="/etc/hvm", channel_fd=7, vcpus=2, hugepages=False)
+    return Receive(**{**job, **changes})
+
+
+@pytest.mark.parametrize("job", [Create({"name": "a", "workload": "idle", "memory": 16 << 20}),
+                                 Restore(3, -1, "a", True, None, ""), Restore(3, 4, "", False, True, "/d.img"),
+                                 receive_job(), receive_job(disk_to="/x", tls_dir=None, cpu={"guest": []})])
+def test_a_launch_spec_round_trips(job):
+    spec = Launch(job, ready_fd=9, lock_fd=11 if isinstance(job, Restore) else None)
+    args = launch.argv(Path("/run/hvm/a"), spec)
+    assert args[0] == "/run/hvm/a"              # hvm list and the locks find the process by it
+    assert launch.decode(args) == (Path("/run/hvm/a"), spec)
+    assert 9 in spec.fds() and -1 not in spec.fds()
+
+
+def test_a_bad_launch_spec_is_refused():
+    good = launch.argv(Path("/d"), Launch(Restore(3, -1, "a", True, None, ""), 9))
+    with pytest.raises(LaunchError, match="not hex msgpack"):
+        launch.decode(["/d", "zz"])
+    with pytest.raises(LaunchError, match="usage"):
+        launch.decode(["/d"])
+    import msgpack
+    spec = msgpack.unpackb(bytes.fromhex(good[1]))
+    for change, error in [({"mode": "boot"}, "known mode"), ({"paused": 1}, "paused is int"),
+                          ({"stream_fd": "3"}, "stream_fd is str"), ({"extra": 1}, "keys"),
+                          ({"ready_fd": None}, "lacks ready_fd"), ({"name": None}, "lacks name")]:
+        with pytest.raises(LaunchError, match=error):
+            launch.decode(["/d", msgpack.packb({**spec, **change}).hex()])
+
+
+def test_every_line_is_read_back_as_it_was_said():
+    said = [say(Say.AT, 4096), say(Say.ROUND, 3), say(Say.OK), say(Say.OK, 123, 10.5, 10.75),
+            say(Say.RUNNING, 99.25), say(Say.PAUSED), say(Say.REFUSED, text="disk busy:\nheld"),
+            say(Say.ERROR, text="stream does not match HELLO")]
+    lines = [parse(raw.decode()) for raw in said]
+    assert [line.kind for line in lines] == [Say.AT, Say.ROUND, Say.OK, Say.OK, Say.RUNNING, Say.PAUSED,
+                                             Say.REFUSED, Say.ERROR]
+    assert lines[0].bytes == 4096 and lines[1].rounds == 3 and lines[2].values == ()
+    assert (lines[3].bytes, lines[3].end_at, lines[3].applied_at) == (123, 10.5, 10.75)
+    assert lines[4].resumed_at == 99.25
+    assert lines[6].reason == "disk busy: held" and lines[6].failed      # one line, kind and text
+    assert said[6] == b"refused: disk busy: held\n" and said[0] == b"at 4096\n"
+    assert not any(line.failed for line in lines[:6])
+
+
+@pytest.mark.parametrize("raw", ["", "at", "at x", "ok 1 2", "running", "running soon", "go", "OK",
+                                 "exited: no"])
+def test_anything_else_is_unknown_not_a_failure_of_a_kind(raw):
+    line = parse(raw)
+    assert line.kind is Say.UNKNOWN and line.failed and line.reason == raw.strip()
+
+
+def test_exited_is_made_by_the_reader():
+    line = launch.exited("Traceback...\nValueError: boom\n")
+    assert line.kind is Say.EXITED and line.reason == "domain process exited: ValueError: boom"
+    assert launch.exited("").reason == "domain process exited"
+
+
+def test_go():
+    assert Go.decode(Go().encode()) == Go(False) and Go.decode(Go(True).encode()) == Go(True)
+    assert [Go.decode(b) for b in (b"", b"gone\n", b"go later\n", b"stop\n")] == [None] * 4
