@@ -1,12 +1,19 @@
 """KVM tests are marked ``kvm``; they skip with a visible reason where
 /dev/kvm is missing.  At the end the session writes how many ran and how many
 skipped to .kvm-test-status, which .ci/run reads (and fails on if /dev/kvm
-exists but KVM tests skipped)."""
+exists but KVM tests skipped).
+
+No test may leave a domain process behind: after each test (its fixtures torn down) any
+``migrate.host.domaind`` process whose state directory is under this session's temporary
+directory is killed, and the test errors naming it."""
 import os
 import signal
+import time
 from pathlib import Path
 
 import pytest
+
+from leftovers import domain_processes, kill_domain_processes
 
 KVM_PRESENT = os.path.exists("/dev/kvm")
 STATUS_FILE = Path(__file__).resolve().parent.parent / ".kvm-test-status"
@@ -48,6 +55,29 @@ def pytest_terminal_summary(terminalreporter):
         f"(/dev/kvm {'present' if KVM_PRESENT else 'missing'})")
 
 
+LEFT_GRACE = 10.0       # seconds a domain process told to end may take to be gone
+
+
+@pytest.fixture(autouse=True)
+def no_domain_process_left(tmp_path_factory):
+    """Autouse, so set up first and torn down last: once a test and its fixtures are done,
+    no domain process of this session may live on (a relocation's receiving process, say,
+    that no teardown destroyed keeps its guest running after the suite)."""
+    yield
+    root = str(tmp_path_factory.getbasetemp())
+    deadline = time.monotonic() + LEFT_GRACE
+    while (left := domain_processes(root)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    for pid in left:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except OSError:
+            pass
+    if left:
+        pytest.fail("domain processes left behind (killed now): " +
+                    ", ".join(f"pid {pid} in {d}" for pid, d in sorted(left.items())), pytrace=False)
+
+
 @pytest.fixture
 def domains():
     """Domains a test makes; destroyed however the test ends."""
@@ -64,8 +94,4 @@ def state_dir(tmp_path, monkeypatch):
     path = tmp_path / "hvm-state"
     monkeypatch.setenv("HVM_STATE_DIR", str(path))
     yield path
-    for pidfile in path.glob("*/pid"):
-        try:
-            os.kill(int(pidfile.read_text()), signal.SIGKILL)
-        except (OSError, ValueError):
-            pass
+    kill_domain_processes(path)

@@ -27,6 +27,8 @@ from migrate.host import control, destination, tls
 from migrate.host.source import migrate_domain
 from migrate.host.channel import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
 
+from leftovers import kill_domain_processes
+
 
 # -- the channel, without KVM ----------------------------------------------------------
 
@@ -115,6 +117,7 @@ def hosts(pki, tmp_path, state_dir):
         server.stop()
     destroy_all(state_dir)
     destroy_all(dst)
+    kill_domain_processes(dst)      # what was not listed: a copy still being received
 
 
 def console(name, base) -> str:
