@@ -455,9 +455,12 @@ def run_random(iterations: int, seed: int = 0, corpus: list[bytes] | None = None
 def run_atheris(argv: list[str], runs: int | None) -> None:
     import atheris
 
-    corpus_dirs = [Path(a) for a in argv if not a.startswith("-")]
-    if corpus_dirs:
-        corpus_dirs[0].mkdir(parents=True, exist_ok=True)     # libFuzzer writes new inputs there
+    # Files named on the command line are inputs to replay (libFuzzer runs each once, as a
+    # crash reproducer); otherwise the first path is the directory libFuzzer writes to.
+    paths = [Path(a) for a in argv if not a.startswith("-")]
+    corpus_dirs = [p for p in paths if not p.is_file()]
+    if corpus_dirs and not any(p.is_file() for p in paths):
+        corpus_dirs[0].mkdir(parents=True, exist_ok=True)
     corpus = corpus_inputs([d for d in corpus_dirs if d.is_dir()])
     with atheris.instrument_imports(include=["migrate"]):
         import migrate.engine.restore  # noqa: F401  (instrumented for coverage)
