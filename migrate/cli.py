@@ -351,6 +351,18 @@ def disk_map_option(text: str):
     return click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST", help=text + " Repeatable.")
 
 
+def net_map_option(text: str):
+    return click.option("--net-map", "net_map", multiple=True, metavar="SRC=DST", help=text + " Repeatable.")
+
+
+def _net_map(items) -> dict[str, str]:
+    from .host.destination import parse_net_map
+    try:
+        return parse_net_map(items)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--net-map") from None
+
+
 def _disk_map(items) -> dict[str, str]:
     from .host.destination import parse_disk_map
     try:
@@ -544,9 +556,11 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
               help="Boot a new device-model stub and load the saved device state, instead of "
                    "resuming the saved stub image (automatic when the stub build differs).")
 @disk_map_option("Use DST here for the disk the stream names SRC (a stream from another host).")
+@net_map_option("Attach the NIC the stream puts on bridge (or TAP device) SRC to bridge (or TAP "
+                "device) DST here.")
 @json_option
 @_fail_cleanly
-def restore(file, name, paused, fresh_stub, disk_map, as_json):
+def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
     """Restore a domain from a stream FILE ('-': standard input; a pipe is read once),
     checking the stream as it goes; any error destroys what was built and says why. What
     this host cannot give the saved domain (its CPU, its disk) is refused before anything
@@ -555,12 +569,12 @@ def restore(file, name, paused, fresh_stub, disk_map, as_json):
     \b
     Example:
       hvm restore /var/lib/hvm/web1.hvm --name web1b --paused
-      hvm restore web1.hvm --disk-map /srv/a/web1.img=/var/lib/hvm/web1.img
+      hvm restore web1.hvm --disk-map /srv/a/web1.img=/var/lib/hvm/web1.img --net-map br0=br1
       ssh node1 hvm save web1 - | hvm restore -
     """
     t0 = time.monotonic()
     info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub,
-                                  disk_map=_disk_map(disk_map))
+                                  disk_map=_disk_map(disk_map), net_map=_net_map(net_map))
     if as_json:
         click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
         return
@@ -633,9 +647,10 @@ def verify(file):
 @stream.command(name="check")
 @click.argument("file", type=click.Path(dir_okay=False))
 @disk_map_option("Check with DST here for the disk the stream names SRC.")
+@net_map_option("Check with bridge (or TAP device) DST here for the NIC's SRC.")
 @json_option
 @_stream_errors
-def check_(file, disk_map, as_json):
+def check_(file, disk_map, net_map, as_json):
     """Can this host restore FILE? Compares the saved CPUs (specs/cpu-models.md), the
     configuration and the disk with this host, without building anything; exit 0 and what
     the guest would notice, or exit 1 with every reason. It reads the stream's beginning
@@ -647,7 +662,7 @@ def check_(file, disk_map, as_json):
     """
     from .cpu import this_host
     from .engine.compat import check
-    report = check(file, this_host(), _disk_map(disk_map))
+    report = check(file, this_host(), _disk_map(disk_map), _net_map(net_map))
     if as_json:
         click.echo(json.dumps({"file": file, "restorable": report.ok, "problems": report.problems,
                                "notes": report.notes, **report.facts}))

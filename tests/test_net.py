@@ -7,6 +7,7 @@ The other end of the wire is an AF_PACKET socket on the NIC's TAP device (class 
 the test speaks Ethernet frames to the guest directly, so no address is configured on
 the host and nothing but the TAP device (named with this process id, gone with its
 domain) is made."""
+import json
 import os
 import socket
 import struct
@@ -517,3 +518,47 @@ def test_cli_net_options():
     assert res.exit_code == 1 and "a NIC needs the device-model stub" in res.output
     res = CliRunner().invoke(hvm, ["host", "serve", "--insecure", "--listen", "127.0.0.1:1", "--net-map", "x"])
     assert res.exit_code == 1 and "SRC=DST" in res.output
+
+
+@pytest.mark.kvm
+def test_restore_maps_the_nic_with_net_map(state_dir, tmp_path):
+    """hvm restore --net-map SRC=DST attaches the saved NIC to DST here (a stream names
+    interfaces of the host that saved it); a map entry the stream does not use is refused
+    in one line before anything starts, and hvm stream check says the same."""
+    from migrate.host import control
+    need_tap()
+    base = f"hvt{os.getpid() % 100000}m"
+    net = parse_net(f"tap={base}a")
+    mac = bytes.fromhex(net["mac"].replace(":", ""))
+    control.create_domain(DomainConfig("nm", "netecho", 32 << 20, args=[ip_number(GUEST_IP), 0], net=net))
+    path = tmp_path / "nm.hvm"
+    try:
+        deadline = time.monotonic() + 20
+        while "netecho start" not in control.DomainClient("nm").console_text():
+            assert time.monotonic() < deadline, "netecho did not start"
+            time.sleep(0.1)
+        run = CliRunner().invoke
+        assert run(hvm, ["save", "nm", str(path)]).exit_code == 0
+        res = run(hvm, ["restore", str(path), "--net-map", f"{base}x={base}b"])
+        assert res.exit_code == 1 and res.output.count("\n") == 1, res.output
+        assert f"--net-map {base}x: the stream's NIC is on tap {base}a" in res.output
+        assert control.list_domains() == []
+        res = run(hvm, ["stream", "check", str(path), "--net-map", f"{base}a={base}b", "--json"])
+        assert res.exit_code == 0 and json.loads(res.output)["net_here"] == f"{base}b", res.output
+
+        res = run(hvm, ["restore", str(path), "--net-map", f"{base}a={base}b"])
+        assert res.exit_code == 0, res.output
+        wire = Wire(f"{base}b")          # the restored NIC answers there
+        try:
+            frame = eth(mac, 0x0800, ipv4(17, udp(b"mapped", sport=40000)))
+            wire.send(frame)
+            [reply] = wire.expect(lambda f: is_udp_reply(f, 40000), 5)
+            assert udp_payload(reply) == b"mapped"
+        finally:
+            wire.close()
+        assert not os.path.exists(f"/sys/class/net/{base}a")
+    finally:
+        try:
+            control.destroy_domain("nm")
+        except control.ControlError:
+            pass

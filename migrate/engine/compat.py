@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from ..cpu import (
     CpuModelError, CpuPolicy, HostCpu, compatibility, implied_vendor, legacy_policy, msrs_to_apply,
 )
-from ..domain import DomainError
 from ..stream import (
     DONE, NEED_DATA, CpuidPolicy, CpuModel, HvmState, MemoryLayout, MsrPolicy, RecordType,
     StreamReader, Vm,
@@ -70,9 +69,12 @@ class Report:
         return not self.problems
 
 
-def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, str] | None = None) -> Report:
+def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, str] | None = None,
+          net_map: dict[str, str] | None = None) -> Report:
     """Everything this host can know about restoring ``path`` without building anything
-    (``path`` bytes: a stream's head read from a pipe, which cannot be read again)."""
+    (``path`` bytes: a stream's head read from a pipe, which cannot be read again).
+    ``disk_map``: {saved disk path: disk here}; ``net_map``: {saved bridge or TAP device:
+    the one here}."""
     head = read_head(path)
     report = Report(facts={"version": head.version, "host_vendor": host.vendor,
                            "host_tsc_khz": host.tsc_khz, "tsc_scaling": host.tsc_scaling})
@@ -84,6 +86,7 @@ def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, st
     report.facts.update(name=config.name, workload=config.workload, memory=config.memory,
                         stub=config.stub, disk=config.disk)
     check_disk(config.disk, disk_map or {}, report)
+    check_net(config.net, net_map or {}, report)
     vms = {Vm.GUEST: "guest"} | ({Vm.STUB: "stub"} if config.stub else {})
     settled = True          # nothing depends on the saved MSR values
     if head.version >= 2:
@@ -121,6 +124,21 @@ def check_disk(disk: str | None, disk_map: dict[str, str], report: Report) -> st
             report.problems.append(f"--disk-map {disk}={target}: {target} is not a file")
     report.facts["disk_here"] = target
     return target
+
+
+def check_net(net: dict | None, net_map: dict[str, str], report: Report) -> str | None:
+    """The bridge or TAP device a restore here would attach the NIC to: the mapped one,
+    else the saved name (whether it exists is the NIC back end's to say when it opens it:
+    a TAP device may be made then)."""
+    saved = net["name"] if net else None
+    unused = set(net_map) - {saved}
+    if unused:
+        nic = f"on {net['link']} {saved}" if net else "none"
+        report.problems.append(f"--net-map {', '.join(sorted(unused))}: the stream's NIC is {nic}")
+    if net is None:
+        return None
+    report.facts["net_here"] = net_map.get(saved, saved)
+    return report.facts["net_here"]
 
 
 def _cpu_facts(policy: CpuPolicy) -> dict:
@@ -168,10 +186,3 @@ def _check_saved_msrs(path, head: StreamHead, host: HostCpu, vms: dict, report: 
             report.problems.append(f"{what}: its XSAVE state holds components {extra:#x} this "
                                    "host does not offer")
 
-
-def require_restorable(path: str | os.PathLike, host: HostCpu, disk_map: dict[str, str]) -> Report:
-    """:func:`check`, raising DomainError with every problem in one line if there is one."""
-    report = check(path, host, disk_map)
-    if report.problems:
-        raise DomainError(f"this host cannot restore {path}: {'; '.join(report.problems)}")
-    return report

@@ -343,10 +343,11 @@ HEAD_LIMIT = 16 << 20       # stream bytes a restore from a pipe may read to fin
 
 def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
                    base: Path | None = None, fresh_stub: bool = False,
-                   disk_map: dict[str, str] | None = None) -> dict:
+                   disk_map: dict[str, str] | None = None, net_map: dict[str, str] | None = None) -> dict:
     """Start a domain process restored from the stream ``path`` ("-": standard input;
     a pipe or FIFO works too, and is read once); its info once it runs (or is paused,
-    with ``paused``). ``disk_map``: {saved disk path: disk here}. What this host cannot
+    with ``paused``). ``disk_map``: {saved disk path: disk here}; ``net_map``: {saved
+    bridge or TAP device: the one here}. What this host cannot
     restore (its CPU, a missing disk: ``engine.compat``) is refused before anything is
     started, and the disk is locked (migrate.locks). The stream is opened here and handed
     to the domain process; the bytes read here to check it (up to its first
@@ -360,7 +361,7 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         raise ControlError(f"cannot restore from {label}: {exc.strerror}") from None
     head_fd, lock = -1, None
     try:
-        saved = _restorable(path, fd, label, disk_map or {})
+        saved = _restorable(path, fd, label, disk_map or {}, net_map or {})
         if not _seekable(fd):       # the head read to check it goes along
             head_fd = os.memfd_create("hvm-stream-head", os.MFD_CLOEXEC)
             os.write(head_fd, saved.pop("head"))
@@ -372,7 +373,8 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         disk = saved.get("disk_here") or ""
         lock = _lock_disk(disk or None)
         directory = claim_directory(name, base)
-        return _spawn_process(name, directory, Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk),
+        job = Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk, saved.get("net_here") or "")
+        return _spawn_process(name, directory, job,
                               what="restore", lock=lock)
     finally:
         for one in (fd, head_fd):
@@ -387,7 +389,7 @@ def _seekable(fd: int) -> bool:
     return stat.S_ISREG(os.fstat(fd).st_mode)
 
 
-def _restorable(path, fd: int, label: str, disk_map: dict[str, str]) -> dict:
+def _restorable(path, fd: int, label: str, disk_map: dict[str, str], net_map: dict[str, str]) -> dict:
     """engine.compat's facts about the stream on ``fd``; ControlError with every problem.
     A file is checked by its path (and ``fd`` rewound); a pipe by the head read from it
     (returned as ``head``): its end, and the saved MSRs there, are the restore's to check."""
@@ -397,11 +399,11 @@ def _restorable(path, fd: int, label: str, disk_map: dict[str, str]) -> dict:
     from ..stream import StreamError
     try:
         if _seekable(fd):
-            report = check(f"/proc/self/fd/{fd}", this_host(), disk_map)
+            report = check(f"/proc/self/fd/{fd}", this_host(), disk_map, net_map)
             os.lseek(fd, 0, os.SEEK_SET)
         else:
             head = _read_head(fd)
-            report = check(head, this_host(), disk_map)
+            report = check(head, this_host(), disk_map, net_map)
             report.facts["head"] = head
     except (RestoreError, StreamError, DomainError, OSError) as exc:
         raise ControlError(f"cannot restore from {label}: {getattr(exc, 'strerror', None) or exc}") from None

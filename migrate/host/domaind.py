@@ -61,7 +61,7 @@ from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
 from . import launch, protocol, statedir
-from .launch import Create, Go, Launch, LaunchError, Receive, Restore, Say, say
+from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
 from .channel import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
@@ -498,11 +498,14 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
     """The domain this process runs, whether to leave it paused, and a line to log once
     it is started. ``server``: receive mode's control socket."""
     if isinstance(job, Restore):
-        mapped = {"disk": job.disk} if job.disk else {}
+        def make(cfg: DomainConfig, **cpu) -> Domain:
+            mapped = {"disk": job.disk} if job.disk else {}
+            if job.net and cfg.net:
+                mapped["net"] = dict(cfg.net, name=job.net)
+            return Domain(dataclasses.replace(cfg, **mapped), console, **cpu)
+
         domain, stats = restore(_stream_chunks(job.stream_fd, job.head_fd), name=job.name or None,
-                                make_domain=lambda cfg, **cpu: Domain(dataclasses.replace(cfg, **mapped),
-                                                                      console, **cpu),
-                                fresh_stub=job.fresh_stub)
+                                make_domain=make, fresh_stub=job.fresh_stub)
         return domain, job.paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
                                     f"in {stats.seconds:.3f}s")
     if isinstance(job, Receive):

@@ -60,13 +60,15 @@ class Restore:
     """Restore from the stream on ``stream_fd``, read once, after the bytes of the memfd
     ``head_fd`` (-1: none) that the launcher read to check it. ``name``: the domain's name;
     ``paused``: leave it paused; ``fresh_stub``: True boots a fresh stub, None decides by the
-    stub build (migrate.engine.restore); ``disk``: the disk image here ("": the saved one)."""
+    stub build (migrate.engine.restore); ``disk``: the disk image here ("": the saved one);
+    ``net``: the bridge or TAP device here for the NIC ("": the saved one)."""
     stream_fd: int
     head_fd: int
     name: str
     paused: bool
     fresh_stub: bool | None
     disk: str
+    net: str = ""
 
 
 @dataclass
