@@ -295,8 +295,9 @@ static void op_request(struct input *in)        /* a whole well-formed chain, th
         }
         put(vblk.desc + 16ULL * ((head + i) % 64), &d, sizeof(d));
     }
-    uint16_t idx;
-    memcpy(&idx, (uint8_t *)STUB_WINDOW_BASE + (vblk.avail + 2 < WINDOW ? vblk.avail + 2 : 0), 2);
+    uint16_t idx = 0;                           /* the ring's idx, where it lies in the window */
+    if (vblk.avail <= WINDOW - 4)
+        memcpy(&idx, (uint8_t *)STUB_WINDOW_BASE + vblk.avail + 2, 2);
     uint16_t entry = (uint16_t)head;
     if (vblk.queue_num)
         put(vblk.avail + 4 + 2ULL * (idx % vblk.queue_num), &entry, 2);
@@ -442,7 +443,7 @@ static void net_chain(struct input *in, uint32_t q, int write)  /* one chain, ma
         put(netq[q].desc + 16ULL * ((head + i) % num), &d, sizeof(d));
     }
     uint16_t idx = 0, entry = (uint16_t)head;
-    if (netq[q].avail + 4 < WINDOW)
+    if (netq[q].avail <= WINDOW - 4)            /* (no overflow: avail is the guest's) */
         memcpy(&idx, (uint8_t *)STUB_WINDOW_BASE + netq[q].avail + 2, 2);
     put(netq[q].avail + 4 + 2ULL * (idx % num), &entry, 2);
     idx++;
