@@ -165,7 +165,8 @@ def _ranges(ranges, writable: bool):
 
 class Sender:
     """``workers`` threads writing page records to ``outputs[worker % len(outputs)]``;
-    ``rate``: bytes per second over all outputs (0: as fast as they take them)."""
+    ``rate``: bytes per second over all outputs (0: as fast as they take them). A send of
+    one batch or less runs on the calling thread (to the first output) instead."""
 
     def __init__(self, outputs: list[Output], workers: int, rate: float = 0.0):
         self.outputs = list(outputs)

@@ -862,6 +862,10 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
         snprintf(err, errlen, "bad space or mode");
         return -1;
     }
+    /* One batch or less (a small dirty set, the final round of an idle guest) is encoded
+     * and written on the calling thread, with worker 0's buffers while it is parked:
+     * waking every worker and waiting for each to be scheduled cost more than the work. */
+    int inline_job = n <= DP_MAX_BATCH;
     pthread_mutex_lock(&s->lock);
     s->space = space;
     s->pfns = pfns;
@@ -870,14 +874,20 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
     s->mode = mode;
     s->level = level;
     s->stable = stable;
-    s->running = s->nworkers;
-    s->gen++;
-    pthread_cond_broadcast(&s->start_cv);
-    while (s->running)
-        pthread_cond_wait(&s->done_cv, &s->lock);
+    if (inline_job) {
+        pthread_mutex_unlock(&s->lock);
+        run_job(&s->workers[0]);
+        pthread_mutex_lock(&s->lock);
+    } else {
+        s->running = s->nworkers;
+        s->gen++;
+        pthread_cond_broadcast(&s->start_cv);
+        while (s->running)
+            pthread_cond_wait(&s->done_cv, &s->lock);
+    }
     s->pfns = NULL;
     pthread_mutex_unlock(&s->lock);
-    for (int i = 0; i < s->nworkers; i++) {
+    for (int i = 0; i < (inline_job ? 1 : s->nworkers); i++) {
         struct dp_round_stats *w = &s->workers[i].st;
         st->batches += w->batches;
         st->pages += w->pages;
