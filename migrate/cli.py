@@ -347,28 +347,20 @@ def _show_console(client, offset: int, seconds: float) -> int:
 
 # -- save, restore, stream ----------------------------------------------------
 
-def disk_map_option(text: str):
-    return click.option("--disk-map", "disk_map", multiple=True, metavar="SRC=DST", help=text + " Repeatable.")
+def map_option(kind: str, text: str):
+    """--disk-map or --net-map (``kind``: disk, net): SRC=DST, repeatable."""
+    return click.option(f"--{kind}-map", f"{kind}_map", multiple=True, metavar="SRC=DST",
+                        help=text + " Repeatable.")
 
 
-def net_map_option(text: str):
-    return click.option("--net-map", "net_map", multiple=True, metavar="SRC=DST", help=text + " Repeatable.")
-
-
-def _net_map(items) -> dict[str, str]:
-    from .host.destination import parse_net_map
+def _map(kind: str, items) -> dict[str, str]:
+    """--disk-map or --net-map values, checked as the relocation daemon checks its own."""
+    from .host import destination
+    parse = destination.parse_disk_map if kind == "disk" else destination.parse_net_map
     try:
-        return parse_net_map(items)
+        return parse(items)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--net-map") from None
-
-
-def _disk_map(items) -> dict[str, str]:
-    from .host.destination import parse_disk_map
-    try:
-        return parse_disk_map(items)
-    except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--disk-map") from None
+        raise click.BadParameter(str(exc), param_hint=f"--{kind}-map") from None
 
 
 def parse_compress(text: str) -> str:
@@ -555,9 +547,9 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
 @click.option("--fresh-stub", is_flag=True,
               help="Boot a new device-model stub and load the saved device state, instead of "
                    "resuming the saved stub image (automatic when the stub build differs).")
-@disk_map_option("Use DST here for the disk the stream names SRC (a stream from another host).")
-@net_map_option("Attach the NIC the stream puts on bridge (or TAP device) SRC to bridge (or TAP "
-                "device) DST here.")
+@map_option("disk", "Use DST here for the disk the stream names SRC (a stream from another host).")
+@map_option("net", "Attach the NIC the stream puts on bridge (or TAP device) SRC to bridge (or TAP "
+            "device) DST here.")
 @json_option
 @_fail_cleanly
 def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
@@ -574,7 +566,7 @@ def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
     """
     t0 = time.monotonic()
     info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub,
-                                  disk_map=_disk_map(disk_map), net_map=_net_map(net_map))
+                                  disk_map=_map("disk", disk_map), net_map=_map("net", net_map))
     if as_json:
         click.echo(json.dumps({**info, "seconds": time.monotonic() - t0}))
         return
@@ -646,8 +638,8 @@ def verify(file):
 
 @stream.command(name="check")
 @click.argument("file", type=click.Path(dir_okay=False))
-@disk_map_option("Check with DST here for the disk the stream names SRC.")
-@net_map_option("Check with bridge (or TAP device) DST here for the NIC's SRC.")
+@map_option("disk", "Check with DST here for the disk the stream names SRC.")
+@map_option("net", "Check with bridge (or TAP device) DST here for the NIC's SRC.")
 @json_option
 @_stream_errors
 def check_(file, disk_map, net_map, as_json):
@@ -662,7 +654,7 @@ def check_(file, disk_map, net_map, as_json):
     """
     from .cpu import this_host
     from .engine.compat import check
-    report = check(file, this_host(), _disk_map(disk_map), _net_map(net_map))
+    report = check(file, this_host(), _map("disk", disk_map), _map("net", net_map))
     if as_json:
         click.echo(json.dumps({"file": file, "restorable": report.ok, "problems": report.problems,
                                "notes": report.notes, **report.facts}))

@@ -16,7 +16,7 @@ def receive_job(**changes):
 
 
 @pytest.mark.parametrize("job", [Create({"name": "a", "workload": "idle", "memory": 16 << 20}),
-                                 Restore(3, -1, "a", True, None, ""), Restore(3, 4, "", False, True, "/d.img"),
+                                 Restore(3, -1, "a", True, None, "", ""), Restore(3, 4, "", False, True, "/d.img", "br1"),
                                  receive_job(), receive_job(disk_to="/x", tls_dir=None, cpu={"guest": []})])
 def test_a_launch_spec_round_trips(job):
     spec = Launch(job, ready_fd=9, lock_fd=11 if isinstance(job, Restore) else None)
@@ -27,7 +27,7 @@ def test_a_launch_spec_round_trips(job):
 
 
 def test_a_bad_launch_spec_is_refused():
-    good = launch.argv(Path("/d"), Launch(Restore(3, -1, "a", True, None, ""), 9))
+    good = launch.argv(Path("/d"), Launch(Restore(3, -1, "a", True, None, "", ""), 9))
     with pytest.raises(LaunchError, match="not hex msgpack"):
         launch.decode(["/d", "zz"])
     with pytest.raises(LaunchError, match="usage"):

@@ -20,7 +20,7 @@ from migrate.cli import hvm
 from migrate.domain import Domain, DomainConfig, DomainError
 from migrate.engine import file_chunks, restore, save_to_file
 from migrate.engine.state import RestoreError, config_from_record
-from migrate.host import destination
+from migrate.host import control, destination
 from migrate.stream import DomainConfig as ConfigRecord
 from migrate.stub import abi
 from migrate.stub.netback import NetError, check_net, parse_net, rarp_frame
@@ -525,7 +525,7 @@ def test_restore_maps_the_nic_with_net_map(state_dir, tmp_path):
     """hvm restore --net-map SRC=DST attaches the saved NIC to DST here (a stream names
     interfaces of the host that saved it); a map entry the stream does not use is refused
     in one line before anything starts, and hvm stream check says the same."""
-    from migrate.host import control
+    from test_relocation import wait_console
     need_tap()
     base = f"hvt{os.getpid() % 100000}m"
     net = parse_net(f"tap={base}a")
@@ -533,10 +533,7 @@ def test_restore_maps_the_nic_with_net_map(state_dir, tmp_path):
     control.create_domain(DomainConfig("nm", "netecho", 32 << 20, args=[ip_number(GUEST_IP), 0], net=net))
     path = tmp_path / "nm.hvm"
     try:
-        deadline = time.monotonic() + 20
-        while "netecho start" not in control.DomainClient("nm").console_text():
-            assert time.monotonic() < deadline, "netecho did not start"
-            time.sleep(0.1)
+        wait_console("nm", state_dir, r"^netecho start ")
         run = CliRunner().invoke
         assert run(hvm, ["save", "nm", str(path)]).exit_code == 0
         res = run(hvm, ["restore", str(path), "--net-map", f"{base}x={base}b"])

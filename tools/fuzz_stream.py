@@ -458,8 +458,9 @@ def run_atheris(argv: list[str], runs: int | None) -> None:
     # Files named on the command line are inputs to replay (libFuzzer runs each once, as a
     # crash reproducer); otherwise the first path is the directory libFuzzer writes to.
     paths = [Path(a) for a in argv if not a.startswith("-")]
-    corpus_dirs = [p for p in paths if not p.is_file()]
-    if corpus_dirs and not any(p.is_file() for p in paths):
+    replays = [p for p in paths if p.is_file()]
+    corpus_dirs = [p for p in paths if p not in replays]
+    if corpus_dirs and not replays:
         corpus_dirs[0].mkdir(parents=True, exist_ok=True)
     corpus = corpus_inputs([d for d in corpus_dirs if d.is_dir()])
     with atheris.instrument_imports(include=["migrate"]):

@@ -86,7 +86,7 @@ def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, st
     report.facts.update(name=config.name, workload=config.workload, memory=config.memory,
                         stub=config.stub, disk=config.disk)
     check_disk(config.disk, disk_map or {}, report)
-    check_net(config.net, net_map or {}, report)
+    check_nic(config.net, net_map or {}, report)
     vms = {Vm.GUEST: "guest"} | ({Vm.STUB: "stub"} if config.stub else {})
     settled = True          # nothing depends on the saved MSR values
     if head.version >= 2:
@@ -126,19 +126,17 @@ def check_disk(disk: str | None, disk_map: dict[str, str], report: Report) -> st
     return target
 
 
-def check_net(net: dict | None, net_map: dict[str, str], report: Report) -> str | None:
-    """The bridge or TAP device a restore here would attach the NIC to: the mapped one,
-    else the saved name (whether it exists is the NIC back end's to say when it opens it:
-    a TAP device may be made then)."""
+def check_nic(net: dict | None, net_map: dict[str, str], report: Report) -> None:
+    """``net_here``: the bridge or TAP device a restore here would attach the NIC to, the
+    mapped one, else the saved name (whether it exists is the NIC back end's to say when
+    it opens it: a TAP device may be made then)."""
     saved = net["name"] if net else None
     unused = set(net_map) - {saved}
     if unused:
         nic = f"on {net['link']} {saved}" if net else "none"
         report.problems.append(f"--net-map {', '.join(sorted(unused))}: the stream's NIC is {nic}")
-    if net is None:
-        return None
-    report.facts["net_here"] = net_map.get(saved, saved)
-    return report.facts["net_here"]
+    if net is not None:
+        report.facts["net_here"] = net_map.get(saved, saved)
 
 
 def _cpu_facts(policy: CpuPolicy) -> dict:

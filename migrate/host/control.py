@@ -374,8 +374,7 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         lock = _lock_disk(disk or None)
         directory = claim_directory(name, base)
         job = Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk, saved.get("net_here") or "")
-        return _spawn_process(name, directory, job,
-                              what="restore", lock=lock)
+        return _spawn_process(name, directory, job, what="restore", lock=lock)
     finally:
         for one in (fd, head_fd):
             if one >= 0:

@@ -68,7 +68,7 @@ class Restore:
     paused: bool
     fresh_stub: bool | None
     disk: str
-    net: str = ""
+    net: str
 
 
 @dataclass
