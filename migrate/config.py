@@ -244,6 +244,7 @@ class Convergence:
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
     headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
+    min_gain: float = 0.67          # ... and no further round is expected to cut the estimate to this share
     state_seconds: float = 0.007    # fixed cost of the downtime beyond the pages: state capture and
                                     # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced
@@ -264,6 +265,8 @@ class Convergence:
             raise ValueError("timeout must be positive")
         if self.downtime < 0:
             raise ValueError("downtime must not be negative")
+        if not 0 <= self.min_gain <= 1:
+            raise ValueError("min_gain must be between 0 and 1")
         if self.headroom < 1:
             raise ValueError("headroom must be at least 1")
 

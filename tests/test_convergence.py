@@ -9,7 +9,8 @@ from click.testing import CliRunner
 
 from migrate.cli import hvm
 from migrate.domain import DomainConfig
-from migrate.engine.convergence import Convergence, Pacer, Round, VcpuThrottle, decide, estimate_final
+from migrate.engine.convergence import (Convergence, Pacer, Round, VcpuThrottle, decide, estimate_final,
+                                        estimate_next)
 from migrate.host import control
 from test_relocation import console, hosts, pki, wait_console, wait_empty  # noqa: F401 (fixtures)
 
@@ -33,22 +34,52 @@ def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
 
 
 def test_decide_switches_on_small_sets_and_the_downtime_target():
-    conv = Convergence(state_seconds=0.005)
+    conv = Convergence(state_seconds=0.005, min_gain=0)     # no round taken for a smaller downtime
     d = decide(conv, [200], [ROUND], 1.0, 0)
     assert (d.action, d.reason) == ("switch", "small")
     d = decide(conv, [460], [ROUND], 1.0, 0)                 # (230 ms + 5 ms) x 1.25 fits 300 ms
     assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.235)
     d = decide(conv, [590], [ROUND], 1.0, 0)                 # 300 ms fits, but not with headroom
     assert (d.action, d.reason) == ("continue", None)
-    assert decide(Convergence(headroom=1.0, state_seconds=0.005), [590], [ROUND], 1.0, 0).reason == "downtime-target"
+    assert decide(Convergence(headroom=1.0, state_seconds=0.005, min_gain=0), [590], [ROUND], 1.0, 0).reason \
+        == "downtime-target"
     d = decide(conv, [1000, 700], [ROUND], 1.0, 0)           # 355 ms, shrinking: another round
     assert (d.action, d.reason, d.throttle) == ("continue", None, 0)
-    assert decide(Convergence(downtime=0.5), [1000, 700], [ROUND], 1.0, 0).reason == "downtime-target"
+    assert decide(Convergence(downtime=0.5, min_gain=0), [1000, 700], [ROUND], 1.0, 0).reason == "downtime-target"
     # the destination's lag counts: 40 ms more and the same set no longer fits
     lagging = Round(1000, 4 << 20, 0.5, lag=0.04)
     assert decide(conv, [460], [lagging], 1.0, 0).action == "continue"
     with pytest.raises(ValueError):
         Convergence(headroom=0.9)
+
+
+def test_decide_takes_another_round_while_it_cuts_the_downtime():
+    """Within the target, one more round is taken when it is expected to bring the estimate
+    to min_gain (0.67) of it or less: a guest dirtying slower than the rounds go."""
+    conv = Convergence(state_seconds=0.005)
+    # 460 pages dirtied in 0.5 s; sending them takes 0.23 s, when some 212 get dirtied:
+    # 106 + 5 ms against 230 + 5 ms
+    assert estimate_next(460, [ROUND], conv) == pytest.approx(0.005 + 212 * 0.0005)
+    d = decide(conv, [460], [ROUND], 1.0, 0)
+    assert (d.action, d.reason, round(d.estimate, 3)) == ("continue", None, 0.235)
+    # a guest that dirties the pages as fast as they go: no gain, switch
+    redirtied = Round(460, 2 << 20, 0.23)
+    assert estimate_next(460, [ROUND, redirtied], conv) == pytest.approx(estimate_final(460, [ROUND], conv))
+    assert decide(conv, [460, 460], [ROUND, redirtied], 1.0, 0).reason == "downtime-target"
+    # a gain just short of min_gain is not worth a round
+    half = Round(1000, 4 << 20, 0.5, lag=0.0)
+    assert decide(Convergence(state_seconds=0.005, min_gain=0.4), [460], [half], 1.0, 0).action == "switch"
+    # a stalled last round, the timeout or the round cap: switch on the target
+    assert decide(conv, [500, 460], [ROUND], 1.0, 0).reason == "downtime-target"
+    assert decide(Convergence(state_seconds=0.005, timeout=3), [460], [ROUND], 3.0, 0).reason == "downtime-target"
+    assert decide(Convergence(state_seconds=0.005, timeout=3), [460], [ROUND], 2.0, 0).action == "continue"
+    capped = [5000 - 100 * i for i in range(29)] + [460]
+    assert decide(conv, capped, [ROUND], 1.0, 0).reason == "downtime-target"
+    # a round that took no time gives no rate
+    assert estimate_next(460, [Round(460, 0, 0.0)], conv) == float("inf")
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError):
+            Convergence(min_gain=bad)
 
 
 def test_decide_never_blows_the_target_by_itself():

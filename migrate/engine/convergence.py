@@ -81,6 +81,21 @@ def estimate_final(dirty: int, rounds: list[Round], conv: Convergence) -> float:
     return dirty * per_page + rounds[-1].lag + conv.state_seconds
 
 
+def estimate_next(dirty: int, rounds: list[Round], conv: Convergence) -> float:
+    """The downtime estimate after one more round: that round sends the ``dirty`` pages
+    (at the rate :func:`estimate_final` uses, plus the last lag), and the guest dirties
+    pages during it as fast as it dirtied ``dirty`` during the last round (its send and
+    lag). Infinite when the last round gives no rate."""
+    if not rounds:
+        return float("inf")
+    last = rounds[-1]
+    interval = last.seconds + last.lag
+    if interval <= 0:
+        return float("inf")
+    next_seconds = estimate_final(dirty, rounds, conv) - conv.state_seconds
+    return estimate_final(round(dirty / interval * next_seconds), rounds, conv)
+
+
 def _stalled(history: list[int], conv: Convergence, rounds: int = 1) -> bool:
     """The last ``rounds`` dirty sets each failed to shrink below min_shrink of the one before."""
     if len(history) < rounds + 1:
@@ -95,8 +110,11 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     the rounds sent so far (round 0 first), ``elapsed`` the seconds since pre-copy began,
     ``throttle`` the percent in force.
 
-    In order: a small dirty set, or an estimated downtime within the target with headroom
-    to spare (estimate * headroom <= target), switches. Past the timeout: give up. A
+    In order: a small dirty set switches. An estimated downtime within the target with
+    headroom to spare (estimate * headroom <= target) switches too, unless one more round
+    is expected to cut the estimate to min_gain of it or less (:func:`estimate_next`) and
+    the last round did not stall, the timeout has not passed and the round cap is not
+    reached: then another round. Past the timeout: give up. A
     stalled dirty set (not below min_shrink of the last) raises the throttle when enabled
     (from the second stalled round in a row, then every stalled round, up to
     throttle_max); with a timeout, rounds go on until it passes. Without a timeout, two
@@ -108,9 +126,13 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     estimate = estimate_final(dirty, rounds, conv)
     if dirty <= conv.small_pages:
         return Decision(Action.SWITCH, SMALL, estimate, throttle)
+    past_timeout = conv.timeout is not None and elapsed >= conv.timeout
     if estimate * conv.headroom <= conv.downtime:
+        if (not past_timeout and len(history) < conv.max_rounds and not _stalled(history, conv)
+                and estimate_next(dirty, rounds, conv) <= conv.min_gain * estimate):
+            return Decision(Action.CONTINUE, None, estimate, throttle)
         return Decision(Action.SWITCH, DOWNTIME, estimate, throttle)
-    if conv.timeout is not None and elapsed >= conv.timeout:
+    if past_timeout:
         return _give_up(conv, TIMEOUT_FORCE, TIMEOUT_CANCEL, estimate, throttle)
     if _stalled(history, conv):
         can_raise = conv.throttle and throttle < conv.throttle_max
