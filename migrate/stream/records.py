@@ -13,7 +13,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
-from typing import Any, ClassVar, Iterable
+from typing import Any, Callable, ClassVar, Iterable
 
 import msgpack
 
@@ -212,11 +212,15 @@ def _check_plain(value: Any, what: str) -> None:
             raise StreamError(f"{what}: unsupported msgpack value {type(item).__name__}")
 
 
-def pack_msgpack(value: dict, what: str = "msgpack body") -> bytes:
-    """The body of a msgpack record; ValueError unless a reader would accept it."""
+def pack_msgpack(value: dict, what: str = "msgpack body", check: Callable[[bytes], Any] | None = None) -> bytes:
+    """The body of a msgpack record; ValueError unless a reader would accept it: the plain
+    msgpack rules, or ``check(body)``, the record's own decoder (which applies them too)."""
     try:
         body = msgpack.packb(value, use_bin_type=True, strict_types=False)
-        unpack_msgpack(body, what)
+        if check is None:
+            unpack_msgpack(body, what)
+        else:
+            check(body)
     except StreamError as exc:
         raise ValueError(f"writer refuses: {exc.msg}") from None
     except (TypeError, ValueError, OverflowError) as exc:
@@ -259,12 +263,8 @@ class DeviceState:
     fields: dict
 
     def pack(self) -> bytes:
-        body = pack_msgpack({key: getattr(self, key) for key in _DEVICE_KEYS}, "DEVICE_STATE")
-        try:
-            self.unpack(body)           # a writer makes only what readers accept
-        except StreamError as exc:
-            raise ValueError(f"writer refuses: {exc.msg}") from None
-        return body
+        # a writer makes only what readers accept: decoded once, as a reader would
+        return pack_msgpack({key: getattr(self, key) for key in _DEVICE_KEYS}, "DEVICE_STATE", self.unpack)
 
     @classmethod
     def unpack(cls, body: bytes) -> DeviceState:
