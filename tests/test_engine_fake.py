@@ -272,3 +272,37 @@ def test_restore_refuses_a_stream_cut_short_and_destroys_what_it_built(tmp_path)
     with pytest.raises(StreamTruncated):
         restore([data[:-100]], make_domain=make, fresh_stub=False)
     assert built and built[0].status is DomainStatus.DESTROYED
+
+
+def test_restore_hands_over_the_domain_once_the_whole_stream_is_checked(tmp_path):
+    """on_applied comes at END; on_complete only once nothing follows END (a relocation
+    takes GO there, so nothing may fail the restore after it), and from then on the domain
+    is the caller's: an error in on_complete does not destroy it."""
+    src = fake()
+    src.guest.write(1, b"x")
+    save_to_file(src, tmp_path / "s.hvm")
+    data = (tmp_path / "s.hvm").read_bytes()
+    built, calls = [], []
+
+    def make(config, **cpu):
+        built.append(FakeDomain(config, **cpu))
+        return built[-1]
+
+    def seen(what):
+        return lambda dom, stats: calls.append((what, dom.status, stats.end_at > 0))
+    dom, _ = restore([data[:-64], data[-64:]], make_domain=make, fresh_stub=False,
+                     on_applied=seen("applied"), on_complete=seen("complete"))
+    assert calls == [("applied", DomainStatus.PAUSED, True), ("complete", DomainStatus.PAUSED, True)]
+    assert dom.guest.views[0][4096:4097] == b"x"
+
+    calls.clear()                               # bytes after END: applied, never complete
+    with pytest.raises(Exception, match="after END"):
+        restore([data, b"\0" * 64], make_domain=make, fresh_stub=False,
+                on_applied=seen("applied"), on_complete=seen("complete"))
+    assert [c[0] for c in calls] == ["applied"] and built[-1].status is DomainStatus.DESTROYED
+
+    def fails(dom, stats):
+        raise OSError("no room for config.json")
+    with pytest.raises(OSError):
+        restore([data], make_domain=make, fresh_stub=False, on_complete=fails)
+    assert built[-1].status is DomainStatus.PAUSED       # the caller's to destroy

@@ -262,9 +262,9 @@ class _Restorer:
         if self.fresh_stub:
             self.release()                   # the stub boots afresh: no views of it held
         # Otherwise the data plane is released when the stream ends (restore()), after
-        # on_applied: closing channels joins their threads, which may take milliseconds
-        # to be scheduled, and that is no part of the downtime. Nothing is placed after
-        # a channel's FINAL sync, and every batch so far has been placed (settle).
+        # on_applied and on_complete: closing channels joins their threads, which may take
+        # milliseconds to be scheduled, and that is no part of the downtime. Nothing is
+        # placed after a channel's FINAL sync, and every batch so far has been placed (settle).
         self.domain.apply(state, fresh_stub=bool(self.fresh_stub), stub_build=self.stub_build)
         self.stats.applied_at = time.monotonic()
         self.end_seen = True
@@ -296,6 +296,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
             make_domain: Callable[..., Any] = Domain, fresh_stub: bool | None = None,
             progress: Callable[[RestoreStats], None] | None = None,
             on_applied: Callable[[Any, RestoreStats], None] | None = None,
+            on_complete: Callable[[Any, RestoreStats], None] | None = None,
             channels=None) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
@@ -307,7 +308,10 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     stats)`` once END has been read and checked and the state applied, before the end of
     ``source`` is seen (``stats.stream_bytes`` is then the stream's exact length: a chunk
     with bytes after END fails first). The restore can still fail after it, on bytes that
-    follow in a later chunk. ``channels``: a :class:`~.channels.ChannelIntake`, when the
+    follow in a later chunk. ``on_complete(domain, stats)`` once the whole stream has been
+    read and checked, when nothing can fail the restore any more, before the data plane is
+    released (a relocation's GO may resume the domain there, with no clean-up in its way).
+    ``channels``: a :class:`~.channels.ChannelIntake`, when the
     stream's pages come on data channels (it is closed when the restore ends)."""
     t0 = time.monotonic()
     reader = StreamReader(raw_pages="bodies")
@@ -331,6 +335,11 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     except BaseException:
         work.discard()
         raise
-    work.release()
+    try:
+        if on_complete is not None:     # from here on the domain is the caller's, failing or not
+            work.stats.seconds = time.monotonic() - t0
+            on_complete(work.domain, work.stats)
+    finally:
+        work.release()
     work.stats.seconds = time.monotonic() - t0
     return work.domain, work.stats

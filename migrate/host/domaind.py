@@ -24,7 +24,10 @@ process destroys it and exits), or ERROR for a failure after OK (the stream went
 END). The go pipe closing without GO, or no GO within ``resume_timeout`` seconds, means the
 relocation was given up: the paused copy is destroyed at once and the process exits. GO is
 on the downtime path, so the control socket is made before the stream comes (under a
-temporary name until the domain exists) and nothing but serving is left to do after OK.
+temporary name until the domain exists), config.json is written before GO can come, and
+GO is awaited as soon as the stream has been read to its end: if it comes within
+EARLY_GO_WAIT (it normally follows OK by about a millisecond) it is taken there and then,
+before the data plane is released and the process settles into serving.
 
 The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
 state capture must come from this process) and answers on its connection
@@ -66,6 +69,7 @@ from .channel import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
+EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its clean-up (_receive)
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
 
 
@@ -109,6 +113,11 @@ class DomainServer:
         self.go_deadline = time.monotonic() + timeout
         os.set_blocking(go_fd, False)
         self.sel.register(go_fd, selectors.EVENT_READ, "go")
+
+    def take_go(self, wait: float) -> None:
+        """Handle GO at once if it comes within ``wait`` seconds (else serve() will)."""
+        if self.go is not None and select.select([self.go[0]], [], [], wait)[0]:
+            self._on_go()
 
     def _on_go(self) -> None:
         go_fd, ready_fd, note = self.go
@@ -508,10 +517,8 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
                                 make_domain=make, fresh_stub=job.fresh_stub)
         return domain, job.paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
                                     f"in {stats.seconds:.3f}s")
-    if isinstance(job, Receive):
-        domain, stats = _receive(job, console, ready_fd, server)
-        return domain, True, (f"received {job.name}: {stats.pages_total} pages, "
-                              f"{stats.stream_bytes} bytes in {stats.seconds:.3f}s")
+    if isinstance(job, Receive):        # its line is logged at GO (_receive)
+        return _receive(job, console, ready_fd, server)[0], True, ""
     return Domain.boot(DomainConfig(**job.config), console), False, ""
 
 
@@ -567,9 +574,19 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         server.publish()
         os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
 
+    def complete(domain, stats) -> None:
+        # GO comes about a millisecond after OK: await it now that nothing can fail the
+        # restore, and take it at once if it comes soon, before the clean-up (the data
+        # plane's release) rather than after it
+        _write_config(server.dir, domain.config)
+        server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout,
+                        f"received {job.name}: {stats.pages_total} pages, {stats.stream_bytes} bytes "
+                        f"in {stats.seconds:.3f}s")
+        server.take_go(EARLY_GO_WAIT)
+
     try:
         return restore(chunks(), name=job.name, make_domain=make, progress=progress,
-                       on_applied=applied, channels=intake)
+                       on_applied=applied, on_complete=complete, channels=intake)
     finally:
         if rounds is not None:
             rounds.stop()
@@ -660,6 +677,7 @@ def main(argv: list[str]) -> int:
     try:
         if receive:     # its control socket first: after the stream, GO must not wait for it
             server = DomainServer(directory, None, console_log, hidden=True)
+            server.disk_lock = disk_lock        # GO takes it over (DomainServer.take_go)
         domain, paused, note = _build(job, Console(sink=console_log.write), server, ready_fd)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
@@ -673,7 +691,8 @@ def main(argv: list[str]) -> int:
             server = DomainServer(directory, domain, console_log)
         server.domain = domain
         server.disk_lock = disk_lock
-        (directory / statedir.CONFIG).write_text(json.dumps(dataclasses.asdict(config)))
+        if not receive:         # receive mode wrote it before GO could come (_receive)
+            _write_config(directory, config)
     except OSError as exc:
         domain.destroy()
         _answer(ready, say(Say.ERROR, text=str(exc)))
@@ -681,8 +700,7 @@ def main(argv: list[str]) -> int:
         return 1
     try:
         server.publish()
-        if receive:             # it said ok already; the ready pipe stays open for GO's answer
-            server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout, note)
+        if receive:             # it said ok and awaits GO (or took it) already: _receive
             ready.close()
         else:
             if not paused:
@@ -703,6 +721,11 @@ def main(argv: list[str]) -> int:
         else:
             _remove_directory(directory, disk_lock)
     return 0
+
+
+def _write_config(directory: Path, config: DomainConfig) -> None:
+    """DIR/config.json: what ``hvm list`` shows of the domain should the process be killed."""
+    (directory / statedir.CONFIG).write_text(json.dumps(dataclasses.asdict(config)))
 
 
 def _answer(ready, line: bytes) -> None:
