@@ -24,7 +24,7 @@ from migrate.domain import DomainConfig
 from migrate.engine import file_chunks, restore
 from migrate.guest import check
 from migrate.host import control, destination, tls
-from migrate.host.source import migrate_domain
+from migrate.host.source import _downtime_parts, migrate_domain
 from migrate.host.channel import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
 
 from leftovers import kill_domain_processes
@@ -407,6 +407,25 @@ def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
     wait_console("u2", src, r"tick", after=len(console("u2", src)))     # and it goes on ticking
 
 
+def test_the_downtime_ends_when_the_destination_guest_ran():
+    """What RUNNING took to come back is no downtime: the destination's ``after`` (how long
+    its guest had run when RUNNING left) and half of the rest of the GO / RUNNING round
+    trip beyond its ``resume``; the peer's figures are clamped to the round trips."""
+    source = {"stop": 0.0001, "capture": 0.001, "state": 0.001, "pages": 0.001, "end": 0.0001}
+    restored = {"read": 0.0005, "apply": 0.0006, "answer": 0.0002}
+    # GO to RUNNING took 4 ms here: 0.5 ms to resume, then RUNNING left 2.5 ms later
+    parts = _downtime_parts(source, 0.002, 0.004, restored, {"resume": 0.0005, "after": 0.0025})
+    assert parts["return"] == pytest.approx(0.0025 + 0.0005)
+    assert parts["link"] == pytest.approx(0.002 - 0.0013 + 0.004 - 0.0005 - 0.003)
+    # without ``after`` (an older destination): half of the round trip beyond the resume
+    assert _downtime_parts(source, 0.002, 0.004, restored, {"resume": 0.0005})["return"] == pytest.approx(0.00175)
+    # a lying peer cannot push the downtime below the source's own part, nor make it negative
+    parts = _downtime_parts(source, 0.002, 0.004, restored, {"resume": 1.0, "after": 9.0})
+    assert parts["resume"] == 0.004 and parts["return"] == 0.0
+    parts = _downtime_parts(source, 0.002, 0.004, restored, {"resume": 0.0005, "after": 9.0})
+    assert parts["return"] == pytest.approx(0.0035) and parts["link"] >= 0
+
+
 def test_answer_to_go_is_read_strictly(tmp_path):
     """The daemon's reading of its receiving domain process's answer to GO: only a
     process that says so (refused:, or error: before running) never ran; an answer
@@ -424,7 +443,9 @@ def test_answer_to_go_is_read_strictly(tmp_path):
         os.close(w)
         return inc
 
-    assert 0 <= incoming(b"running %.6f\n" % (time.monotonic() + 0.001)).resume() < 1
+    inc = incoming(b"running %.6f\n" % (time.monotonic() + 0.001))
+    took = inc.resume()
+    assert 0 <= took < 1 and inc.ran_at <= time.monotonic()
     with pytest.raises(destination.NotResumed, match="^no vCPU$"):
         incoming(b"refused: no vCPU\n").resume()
     with pytest.raises(destination.NotResumed, match="^bad stream$"):

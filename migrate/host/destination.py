@@ -147,6 +147,7 @@ class Incoming:
         self.applied = 0            # stream bytes the domain process has applied
         self.final: Line | None = None       # its answer to the stream: OK or a failure (launch.Say)
         self.stream_end_at = 0.0             # when STREAM_END arrived (time.monotonic)
+        self.ran_at = 0.0                    # when the guest ran after GO (time.monotonic)
         self._pending = b""                  # what it said, not yet taken as lines
         self._lines: list[Line] = []         # lines after its final answer, not yet taken
         self._eof = False
@@ -287,7 +288,8 @@ class Incoming:
 
     def resume(self, paused: bool = False) -> float | None:
         """GO: tell the domain process to resume its pair (``paused``: to keep it paused);
-        the seconds it took (None when it stays paused). NotResumed when the guest
+        the seconds it took (None when it stays paused), and ``ran_at`` is then when the
+        guest ran (time.monotonic()). NotResumed when the guest
         provably never ran: the process said so (REFUSED, or ERROR from before GO) or was
         gone before it could read GO (the write fails); Refused when the outcome is not
         known (it exited without an answer: EXITED, or none came)."""
@@ -306,7 +308,9 @@ class Incoming:
             return None
         if line.kind is not Say.RUNNING:
             raise Refused(line.reason)
-        return min(max(0.0, line.resumed_at - go_at), time.monotonic() - go_at)
+        took = min(max(0.0, line.resumed_at - go_at), time.monotonic() - go_at)
+        self.ran_at = go_at + took
+        return took
 
     def discard(self) -> None:
         """Kill the receiving domain process (whose guest never ran) and remove its state."""
@@ -491,8 +495,9 @@ class RelocationServer:
             log.info("relocated %s from %s: paused, as asked", name, who)
             ch.send("RUNNING", paused=True)
             return
+        # ``after``: how long the guest had run here when RUNNING left (it is no downtime)
+        ch.send("RUNNING", resume=resume, after=time.monotonic() - incoming.ran_at)
         log.info("relocated %s from %s: running", name, who)
-        ch.send("RUNNING", resume=resume)
 
     def check_hello(self, hello: dict) -> tuple[str | None, int]:
         """The destination disk for the domain and the stream version to receive, or

@@ -344,8 +344,10 @@ def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, resto
     destination's ``read``, ``apply`` and ``answer`` (from RESTORED) and ``resume`` (from
     RUNNING), when it reported them; ``link``: the rest of the STREAM_END / RESTORED and
     GO / RUNNING round trips (``restore_wait``, ``resume_wait``). ``return``, for the
-    caller to pop: half of the GO / RUNNING round trip beyond the destination's resume,
-    the estimated time RUNNING took to come back, which is not downtime."""
+    caller to pop: the estimated time from the destination's guest running to RUNNING
+    here, which is not downtime: RUNNING's ``after`` (how long the guest had run when
+    RUNNING left there) and half of the rest of the GO / RUNNING round trip beyond the
+    destination's resume."""
     parts = {k: source[k] for k in SOURCE_PARTS if k in source}
 
     def peer(message: dict, key: str, most: float) -> float | None:      # the peer's word, bounded
@@ -358,7 +360,8 @@ def _downtime_parts(source: dict, restore_wait: float, resume_wait: float, resto
     parts.update(dest)
     trips = restore_wait + resume_wait - sum(dest.values())
     if "resume" in dest:
-        parts["return"] = max(0.0, resume_wait - dest["resume"]) / 2
+        after = peer(running, "after", resume_wait - dest["resume"]) or 0.0
+        parts["return"] = after + (resume_wait - dest["resume"] - after) / 2
         trips -= parts["return"]
     parts["link"] = max(0.0, trips)
     return parts
