@@ -42,6 +42,7 @@
 
 #define DP_PAGE 4096u
 #define DP_MAX_BATCH 1024u
+#define DP_INLINE_MAX 256u      /* pages a send encodes and writes on the calling thread */
 #define DP_REC_HDR 16u
 #define DP_BATCH_HDR 8u
 #define DP_ENTRY 16u
@@ -606,6 +607,7 @@ struct dp_sender {
     uint32_t space;
     const uint64_t *pfns;
     uint64_t npfns, next;       /* next: the first pfn no worker has taken yet (atomic) */
+    uint32_t chunk;             /* pages a worker takes at a time (a batch), at most DP_MAX_BATCH */
     int mode, level, stable;
     volatile int cancel;
     struct dp_pacer pacer;
@@ -727,10 +729,10 @@ static void run_job(struct dp_worker *w)
     for (;;) {
         if (s->cancel || failed(&s->err))
             return;
-        uint64_t at = __atomic_fetch_add(&s->next, DP_MAX_BATCH, __ATOMIC_RELAXED);
+        uint64_t at = __atomic_fetch_add(&s->next, s->chunk, __ATOMIC_RELAXED);
         if (at >= s->npfns)
             return;
-        uint32_t n = s->npfns - at < DP_MAX_BATCH ? (uint32_t)(s->npfns - at) : DP_MAX_BATCH;
+        uint32_t n = s->npfns - at < s->chunk ? (uint32_t)(s->npfns - at) : s->chunk;
         double t0 = now();
         size_t len = encode_batch(w, s->pfns + at, n);
         w->st.encode_seconds += now() - t0;
@@ -862,10 +864,14 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
         snprintf(err, errlen, "bad space or mode");
         return -1;
     }
-    /* One batch or less (a small dirty set, the final round of an idle guest) is encoded
-     * and written on the calling thread, with worker 0's buffers while it is parked:
-     * waking every worker and waiting for each to be scheduled cost more than the work. */
-    int inline_job = n <= DP_MAX_BATCH;
+    /* A small set (the final round of an idle guest) is encoded and written on the
+     * calling thread, with worker 0's buffers while it is parked: waking every worker and
+     * waiting for each to be scheduled cost more than the work. A larger one is shared
+     * out in batches of at most DP_MAX_BATCH pages, and at least one batch per worker, so
+     * that a set of a few batches (a flat-out guest's final round) goes out on every
+     * channel side by side instead of in one or two batches on one or two of them. */
+    int inline_job = n <= DP_INLINE_MAX;
+    uint64_t share = (n + (uint64_t)s->nworkers - 1) / (uint64_t)s->nworkers;
     pthread_mutex_lock(&s->lock);
     s->space = space;
     s->pfns = pfns;
@@ -874,6 +880,7 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
     s->mode = mode;
     s->level = level;
     s->stable = stable;
+    s->chunk = inline_job || share >= DP_MAX_BATCH ? DP_MAX_BATCH : (uint32_t)share;
     if (inline_job) {
         pthread_mutex_unlock(&s->lock);
         run_job(&s->workers[0]);
