@@ -204,10 +204,18 @@ class MigrateJob:
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
                             token, before_go) -> dict:
-        where = f"{self.host}:{self.port}"
         out = DataBuffer(ch)
         sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links else \
             RelaySink(out.write, out.flush)
+        try:
+            return self._relocate(domain, ch, t0, setup, was_running, progress, cancel, before_go,
+                                  links, out, sink)
+        finally:
+            sink.close()        # after the handoff: freeing the data plane is no downtime
+
+    def _relocate(self, domain, ch, t0, setup, was_running, progress, cancel, before_go, links,
+                  out, sink) -> dict:
+        where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
 
@@ -238,7 +246,6 @@ class MigrateJob:
                              after_round=after_round, on_end=on_end, keep_dirty_logging=self.live)
             finally:
                 watch.stop()
-                sink.close()
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}") from None
