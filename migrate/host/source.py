@@ -149,10 +149,16 @@ class MigrateJob:
                                       f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
             links, token = self.open_channels(welcome)
             setup = time.monotonic() - t0
+            sink = None
             try:
+                out = DataBuffer(ch)
+                sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links \
+                    else RelaySink(out.write, out.flush)
                 return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
-                                                links, token, before_go)
+                                                links, out, sink, before_go)
             finally:
+                if sink is not None:
+                    sink.close()        # after the handoff: freeing the data plane is no downtime
                 for sock in links:
                     sock.close()
         finally:
@@ -203,18 +209,7 @@ class MigrateJob:
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
-                            token, before_go) -> dict:
-        out = DataBuffer(ch)
-        sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links else \
-            RelaySink(out.write, out.flush)
-        try:
-            return self._relocate(domain, ch, t0, setup, was_running, progress, cancel, before_go,
-                                  links, out, sink)
-        finally:
-            sink.close()        # after the handoff: freeing the data plane is no downtime
-
-    def _relocate(self, domain, ch, t0, setup, was_running, progress, cancel, before_go, links,
-                  out, sink) -> dict:
+                            out, sink, before_go) -> dict:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
