@@ -9,7 +9,7 @@ STAMP := $(VENV)/.installed
 # C libraries the data plane links (migrate/dataplane/_build.py), as Debian packages
 DEB_DEPS := libssl-dev libzstd-dev libxxhash-dev zlib1g-dev
 
-$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_check.py migrate/stream/_build_pages.py migrate/stream/crc32_fold.h migrate/kvm/runloop.c migrate/dataplane/_build.py migrate/dataplane/dataplane.c $(wildcard migrate/guest/src/* migrate/stub/src/*)
+$(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_check.py migrate/stream/_build_pages.py migrate/stream/crc32_fold.h migrate/kvm/runloop.c migrate/kvm/capture.c migrate/dataplane/_build.py migrate/dataplane/dataplane.c $(wildcard migrate/guest/src/* migrate/stub/src/*)
 	dpkg -s $(DEB_DEPS) >/dev/null 2>&1 || (apt-get update -qq && apt-get install -y -qq $(DEB_DEPS) >/dev/null) || \
 		{ echo "setup: install $(DEB_DEPS) (Debian packages) and run make again"; exit 1; }
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)

@@ -22,8 +22,10 @@ from .cpu import (
     CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
+from .capture import StateCapture
 from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
 from .memory import Ram, RamRange
+from .stream.hvm import HvmBodies
 from .stream.records import Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
@@ -145,6 +147,7 @@ class Domain:
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
+        self._capture: StateCapture | None = None       # the guest's, made at the first capture_records
         self._announce = False              # restored: the NIC announces itself at the first resume
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
@@ -368,6 +371,31 @@ class Domain:
                            vcpus=[VcpuState.capture(vcpu, self.cpu.msr_indices) for vcpu in self.vcpus],
                            platform=PlatformState.capture(self.vm), stub=stub)
 
+    def capture_records(self) -> dict[Vm, tuple[HvmBodies, list[dict]]]:
+        """The state of a paused domain as the stream's records, captured in C
+        (migrate/capture.py): per VM, its HVM context records and its device records
+        (the stub's DEVICE_STATE; none for the guest). The same records as
+        :meth:`capture`'s state gives (``engine.state``), for a save's downtime path."""
+        if self.status is DomainStatus.RUNNING:
+            raise DomainError("capture needs a paused domain")
+        try:
+            stub = self.stub.capture_records() if self.stub else None
+        except (StubError, KvmError) as exc:
+            raise DomainError(f"capturing the stub failed: {exc}") from None
+        try:
+            guest = self._state_capture().capture()
+        except KvmError as exc:
+            raise DomainError(f"capturing the guest failed: {exc}") from None
+        out = {Vm.GUEST: (guest, [])}
+        if stub is not None:
+            out[Vm.STUB] = stub
+        return out
+
+    def _state_capture(self) -> StateCapture:
+        if self._capture is None:
+            self._capture = StateCapture(Vm.GUEST, self.vm, self.vcpus, self.cpu.msr_indices)
+        return self._capture
+
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
         with self._cv:
@@ -546,9 +574,12 @@ class Domain:
         """A capture is coming soon on a downtime path (a live save's final pause): have the
         vCPU thread, which owns the stub's vCPU, run the stub's SAVE once now, so that the
         code and data it touches are faulted in (first touches cost about 30 us a page
-        here) before the capture needs them. Its result is dropped."""
+        here) before the capture needs them. Its result is dropped. The C captures of the
+        records (migrate/capture.py) are made now too, if not yet."""
+        self._state_capture()
         if self.stub is None:
             return
+        self.stub.state_capture()
         with self._cv:
             self._warm_stub = True
             if self.status is DomainStatus.RUNNING:

@@ -89,6 +89,12 @@ class SaveableDomain(Protocol):
     def capture(self):
         """The state of a paused domain (a :class:`migrate.domain.DomainState`)."""
 
+    def capture_records(self) -> dict:
+        """The state of a paused domain as records, by stream VM id: each VM's HVM context
+        records (a :class:`migrate.stream.hvm.HvmBodies`) and its device records (DEVICE_STATE
+        dicts; only the stub has some): what ``capture()``'s state makes
+        (:func:`migrate.engine.state.state_bodies`), on a save's downtime path."""
+
     def prepare_capture(self) -> None:
         """A capture is coming soon, on a downtime path: warm up what it will touch."""
 

@@ -26,6 +26,7 @@ from ..memory import RamRange
 from ..stream import Vm
 from ..stream import hvm as layouts
 from ..stub import StubState
+from .state import state_bodies
 
 PAGE_SIZE = 4096
 STUB_PAGES = 2048           # the fake stub's RAM, 8 MiB from pfn 0 (the real stub's size)
@@ -190,6 +191,11 @@ class FakeDomain:
             stub = StubState(vcpus=[_vcpu(0, n, self.stub.cpu)], platform=_platform(),
                              devices=[dict(dev) for dev in STUB_DEVICES])
         return DomainState(config=self.config, vcpus=vcpus, platform=_platform(), stub=stub)
+
+    def capture_records(self) -> dict:
+        """capture(), as records (the Python encoding a KVM domain's C capture matches)."""
+        state = self.capture()
+        return {part.vm: state_bodies(part.state_of(state), part.vm) for part in self.parts()}
 
     def apply(self, state: DomainState, fresh_stub: bool = False, stub_build: str = "") -> None:
         if self.status is not DomainStatus.PAUSED or self.applied is not None:

@@ -12,7 +12,8 @@ while those pages are still being sent (``flush``).
 The engine talks to the domain through its contract (:mod:`.contract`,
 :class:`~.contract.SaveableDomain`): ``config``, ``status``, ``pause()``, ``resume()``,
 ``prepare_capture()`` (called while the domain still runs, just before a live save's final
-pause), ``capture()`` and ``parts()``: the guest and, if it has one, the stub, each a
+pause), ``capture_records()`` (the paused domain's state as records; a KVM domain
+captures them in C) and ``parts()``: the guest and, if it has one, the stub, each a
 :class:`~.contract.VmPart` (its address space, CPU, memory ranges, data ranges, dirty log
 and share of the captured state). ``pause()`` returns when the guest began to stop
 (time.monotonic()), where the downtime starts, and ``pause_skew`` then says how long its
@@ -37,13 +38,13 @@ from typing import Any, Callable
 
 from ..config import DomainStatus
 from ..dataplane import DataplaneError, RoundStats
-from ..stream import PAGE_SIZE, Creator, MemoryLayout, StreamWriter, Vm
+from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
 from .convergence import (
     Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide,
 )
 from .sinks import Compression, Sink, memory_ranges
 from .contract import SaveableDomain, VmPart
-from .state import config_record, cpu_records, vm_records
+from .state import config_record, cpu_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
 
@@ -326,12 +327,14 @@ class _Saver:
         self.stats.pause_skew = dom.pause_skew
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         mark = self._part("stop", paused_at)
-        state = dom.capture()       # before the last pages: see the module docstring
+        state = dom.capture_records()       # before the last pages: see the module docstring
         mark = self._part("capture", mark)
         self.stats.phase = "state"
-        for space, part in self.parts.items():
-            for record in vm_records(part.state_of(state), space):
-                self.write(self.writer.record(record))
+        for space in self.parts:
+            hvm, devices = state[space]
+            self.write(self.writer.hvm_bodies(hvm), records=len(hvm.types))
+            for device in devices:
+                self.write(self.writer.record(DeviceState(**device)))
         self.sink.flush()           # the reader can check these while the last pages go out
         mark = self._part("state", mark)
         self.stats.phase = "final"

@@ -15,7 +15,8 @@ from ..domain import DomainConfig, DomainState
 from ..kvm import PlatformState, VcpuState
 from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
-from ..stream import DeviceState, HvmState, RecordType, StreamError, Vm
+from ..stream import HvmState, RecordType, StreamError, Vm
+from ..stream.hvm import HvmBodies
 from ..stream.cpu import MSR_FEATURE
 from ..stream.hvm import VCPU_FIELDS
 from ..stream.records import OPTIONAL
@@ -173,10 +174,11 @@ def state_records(state, vm: Vm = Vm.GUEST) -> list[HvmState]:
     return out
 
 
-def vm_records(state, vm: Vm) -> list:
-    """Every record of one VM's share of a captured state (a contract.VmState): its HVM
-    context records, then its device-model records (DEVICE_STATE; only the stub has some)."""
-    return state_records(state, vm) + [DeviceState(**dev) for dev in state.devices]
+def state_bodies(state, vm: Vm) -> tuple[HvmBodies, list[dict]]:
+    """One VM's share of a captured state (a contract.VmState) as
+    ``SaveableDomain.capture_records`` gives it: its HVM context records as bodies, and
+    its device-model records (DEVICE_STATE; only the stub has some)."""
+    return HvmBodies.of(vm, state_records(state, vm)), list(state.devices)
 
 
 class StateCollector:
@@ -224,5 +226,5 @@ class StateCollector:
 
 __all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "CpuCollector", "RestoreError", "StateCollector",
            "StreamError", "config_from_record", "config_record", "cpu_bodies", "cpu_records", "domain_cpus",
-           "policies_from_bodies", "state_records", "vm_records",
+           "policies_from_bodies", "state_bodies", "state_records",
            "stub_build_of"]

@@ -138,6 +138,16 @@ int hvm_run(struct hvm_runner *r);
 void hvm_complete_io_in(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 void hvm_complete_mmio_read(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base, uint64_t *out);
+
+#define HVM_CAP_ZERO ...
+struct hvm_cap_step {
+    int32_t fd; uint32_t size; unsigned long request; int32_t expect_rc;
+    uint32_t type; uint32_t vm; uint32_t vcpu_id;
+    uint32_t prefill_len; const uint8_t *prefill; uint32_t nseg; const uint32_t *seg;
+};
+long hvm_capture(const struct hvm_cap_step *steps, uint32_t n, uint8_t *scratch,
+                 uint32_t scratch_len, uint8_t *out, uint64_t cap, uint32_t *lens,
+                 uint32_t *failed);
 """
 
 SOURCE = r"""
@@ -147,7 +157,7 @@ SOURCE = r"""
 static const int HVM_IRQCHIP_CHIP_OFFSET = offsetof(struct kvm_irqchip, chip);
 static const int HVM_IOAPIC_REDIRTBL_OFFSET = offsetof(struct kvm_ioapic_state, redirtbl);
 static const int HVM_IOAPIC_NUM_PINS = KVM_IOAPIC_NUM_PINS;
-""" + (HERE / "runloop.c").read_text()
+""" + (HERE / "runloop.c").read_text() + (HERE / "capture.c").read_text()
 
 ffibuilder = FFI()
 ffibuilder.cdef(CDEF)

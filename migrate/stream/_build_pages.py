@@ -21,6 +21,8 @@ ffibuilder.cdef("""
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len);
+size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n,
+                         const uint8_t *bodies, uint8_t *out);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
@@ -31,6 +33,26 @@ ffibuilder.set_source("migrate.stream._pages", r"""
 uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len)
 {
     return crc32_update(crc, p, len);
+}
+
+/* n records framed (header, body, zero padding to 8 bytes; framing.frame's rule) one
+ * after another into out, from their bodies laid end to end; returns the bytes written
+ * (the caller sizes out: 16 + length rounded up to 8, for each) */
+size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n,
+                         const uint8_t *bodies, uint8_t *out)
+{
+    uint8_t *at = out;
+    for (uint32_t i = 0; i < n; i++) {
+        uint32_t head[4] = {types[i], lens[i], 0, 0};
+        uint32_t padded = (lens[i] + 7) & ~7u;
+        head[3] = crc32_update(crc32_update(0, (const uint8_t *)head, 12), bodies, lens[i]);
+        memcpy(at, head, 16);
+        memcpy(at + 16, bodies, lens[i]);
+        memset(at + 16 + lens[i], 0, padded - lens[i]);
+        at += 16 + padded;
+        bodies += lens[i];
+    }
+    return (size_t)(at - out);
 }
 
 #define MAX_COUNT 1024          /* MAX_PAGES_PER_BATCH */

@@ -29,3 +29,16 @@ def frame(record_type: int, body: bytes) -> bytes:
     length = len(body)
     return (RECORD_HEADER.pack(record_type, length, 0, record_crc(record_type, body)) + body
             + bytes(padded(length) - length))
+
+
+def frame_many(types, lengths, bodies: bytes) -> bytes:
+    """Records of these ``types`` whose bodies (of these ``lengths``) lie end to end in
+    ``bodies``, each framed as :func:`frame` does, in one C call."""
+    n = len(types)
+    if len(lengths) != n or sum(lengths) != len(bodies):
+        raise ValueError("frame_many: types, lengths and bodies disagree")
+    out = ffi.new("uint8_t[]", sum(RECORD_HEADER.size + padded(length) for length in lengths))
+    size = lib.hvm_frame_records(ffi.new("uint32_t[]", [int(t) for t in types]),
+                                 ffi.new("uint32_t[]", list(lengths)), n,
+                                 ffi.from_buffer("uint8_t[]", bodies), out)
+    return ffi.buffer(out, size)[:]

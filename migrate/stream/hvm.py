@@ -335,6 +335,37 @@ class HvmState:
         return cls(record_type, vm_of(vm), vcpu_id, state)
 
 
+@dataclass(frozen=True)
+class HvmBodies:
+    """One VM's HVM context records as bodies laid end to end in ``data`` (the record
+    ``types``, ``vcpu_ids`` (None for platform records) and body ``lengths``, in the
+    stream's order). A capture in C makes them (migrate/capture.py) without building the
+    state as Python data; :meth:`of` makes the same from HvmState records, and
+    :meth:`records` decodes them as a reader would."""
+
+    vm: Vm
+    types: tuple
+    vcpu_ids: tuple
+    lengths: tuple
+    data: bytes
+
+    @classmethod
+    def of(cls, vm: Vm, records: list[HvmState]) -> HvmBodies:
+        bodies = [record.pack() for record in records]
+        return cls(vm, tuple(r.type for r in records), tuple(r.vcpu_id for r in records),
+                   tuple(len(b) for b in bodies), b"".join(bodies))
+
+    def bodies(self):
+        """(type, vcpu_id, body) of each record."""
+        at = 0
+        for rtype, vcpu_id, length in zip(self.types, self.vcpu_ids, self.lengths):
+            yield rtype, vcpu_id, self.data[at:at + length]
+            at += length
+
+    def records(self) -> list[HvmState]:
+        return [HvmState.unpack_as(rtype, body) for rtype, _, body in self.bodies()]
+
+
 def _check_xcrs(state: dict) -> None:
     """VCPU_XCRS: ``nr_xcrs`` at most 16, ``flags`` zero, the entries from ``nr_xcrs``
     on all zero (spec "HVM context records", VCPU_XCRS): one meaning per body."""

@@ -12,10 +12,11 @@ from typing import Any, Iterable
 import xxhash
 
 from migrate.stream.errors import StreamError
-from migrate.stream.framing import frame
+from migrate.stream.framing import frame, frame_many
+from migrate.stream.hvm import HvmBodies, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, Vm
+from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
 
 
 class StreamWriter:
@@ -40,6 +41,20 @@ class StreamWriter:
         self._check_order(self._order.observe, record)
         pages = len(record.pages) if isinstance(record, PageBatch) else 0
         return self.raw(record.TYPE, record.pack(), pages)
+
+    def hvm_bodies(self, bodies: HvmBodies) -> bytes:
+        """One VM's HVM context records from their bodies (a capture in C made them), after
+        the ordering checks. Of the bodies only VCPU_MSRS is decoded, for the rule that ties
+        it to MSR_POLICY; the rest come straight from KVM (``HvmState.pack``'s own checks of
+        VCPU_XCRS and VCPU_PDPTRS hold for what KVM returns, and every reader makes them)."""
+        for rtype, vcpu_id, body in bodies.bodies():
+            record = HvmState.unpack_as(rtype, body) if rtype is RecordType.VCPU_MSRS \
+                else HvmState(rtype, bodies.vm, vcpu_id, None)
+            self._check_order(self._order.observe, record)
+        for length in bodies.lengths:
+            self._check_body(length)
+        self._records += len(bodies.types)
+        return self._emit(frame_many(bodies.types, bodies.lengths, bodies.data))
 
     def pages(self, space: Vm, pages: Iterable[tuple[int, bytes]], compressed: bool = False) -> bytes:
         """Any number of pages, split into batches of at most MAX_PAGES_PER_BATCH."""

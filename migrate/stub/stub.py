@@ -16,8 +16,11 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
+from ..capture import StateCapture
 from ..guest import boot as gboot
 from ..kvm import DirtyLog, PlatformState, VcpuState
+from ..stream.hvm import HvmBodies
+from ..stream.records import Vm
 from . import abi, devstate
 from .blockback import BlockBackend
 from .netback import NetBackend, NetError
@@ -67,6 +70,7 @@ class Stub:
         self._watch_lock = threading.Lock()
         self._stopped = threading.Event()
         self.lock = threading.RLock()       # one ioreq (or capture) at a time, whatever the thread
+        self._state_capture: StateCapture | None = None     # made at the first capture_records
         self.requests = 0
         self.cpu = cpu                  # the stub VM's CPU policy (migrate.cpu)
         self.hypercalls = 0
@@ -291,13 +295,32 @@ class Stub:
 
     def capture(self) -> StubState:
         with self.lock:
-            devices = self.save_devices()
-            self.vcpu.settle()              # complete the doorbell exit before reading state
-            partial = self.vcpu.take_console()
-            if partial:
-                self.console.feed(partial)
+            devices = self._quiesce()
             return StubState(vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
                              platform=PlatformState.capture(self.vm), devices=devices)
+
+    def capture_records(self) -> tuple[HvmBodies, list[dict]]:
+        """The stub's HVM context records (captured in C: migrate/capture.py) and its device
+        records, as :meth:`capture` has them."""
+        with self.lock:
+            devices = self._quiesce()
+            return self.state_capture().capture(), devices
+
+    def state_capture(self) -> StateCapture:
+        """What captures the stub's records (made once, at the first call)."""
+        if self._state_capture is None:
+            self._state_capture = StateCapture(Vm.STUB, self.vm, [self.vcpu], self.cpu.msr_indices)
+        return self._state_capture
+
+    def _quiesce(self) -> list[dict]:
+        """The devices' state (SAVE), the doorbell exit completed before the vCPU's state
+        is read, and its partial console line passed on."""
+        devices = self.save_devices()
+        self.vcpu.settle()
+        partial = self.vcpu.take_console()
+        if partial:
+            self.console.feed(partial)
+        return devices
 
     def apply(self, state: StubState) -> None:
         """Resume from the stub's memory image as it is (filled separately)."""

@@ -15,9 +15,11 @@
  * coverage, so libFuzzer's comparison tracing is spent on them, not on the checks here. */
 #define hvm_check_entries harness_unused_check
 #define hvm_crc32 harness_unused_crc32
+#define hvm_frame_records harness_unused_frame_records
 #include "pages_impl.c"
 #undef hvm_check_entries
 #undef hvm_crc32
+#undef hvm_frame_records
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 
