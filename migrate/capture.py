@@ -20,6 +20,7 @@ import struct
 
 from .kvm._lib import ffi, lib
 from .kvm.errors import KvmError
+from .kvm.state import set_msrs
 from .stream.hvm import (
     CLOCK, DEBUGREGS, EVENTS, IOAPIC, PDPTRS, PIC_CHIP, PIT, REGS, SREGS, XCRS, HvmBodies, Layout,
 )
@@ -201,3 +202,128 @@ def _pairs(step: _Step) -> list[tuple[int, int]]:
 
 
 __all__ = ["StateCapture", "segments"]
+
+
+# -- applying ------------------------------------------------------------------------------------
+class _Apply:
+    """One set ioctl of an apply, its segments as (struct offset, body offset, length)
+    triples (capture.c, hvm_apply)."""
+
+    def __init__(self, name: str, fd: int, ctype: str, ioctl: str, segs: list[tuple[int, int]],
+                 body_at: int = 8, get: str | None = None, prefill: bytes = b""):
+        self.name, self.ioctl, self.fd = name, ioctl, fd
+        self.size = ffi.sizeof(ctype)
+        self.request = getattr(lib, ioctl)
+        self.get_request = getattr(lib, get) if get else 0
+        triples, at = [], body_at
+        for offset, length in segs:
+            triples += [offset, at, length]
+            at += length
+        self.body_end = at
+        self.seg = ffi.new("uint32_t[]", triples or [0])
+        self.nseg = len(segs)
+        self.prefill = ffi.new("uint8_t[]", prefill or b"\0")
+        self.prefill_len = len(prefill)
+
+    def fill(self, slot) -> None:
+        slot.fd, slot.size, slot.request, slot.get_request = self.fd, self.size, self.request, self.get_request
+        slot.prefill_len, slot.prefill, slot.nseg, slot.seg = self.prefill_len, self.prefill, self.nseg, self.seg
+
+
+class _Program:
+    """Apply steps made once, run with each call's bodies."""
+
+    def __init__(self, steps: list[tuple[RecordType, _Apply]]):
+        self.steps = steps
+        self.c_steps = ffi.new("struct hvm_apply_step[]", max(len(steps), 1))
+        for (_, step), slot in zip(steps, self.c_steps):
+            step.fill(slot)
+        self.scratch = ffi.new("uint8_t[]", max([s.size for _, s in steps] or [1]))
+        self.failed = ffi.new("uint32_t *")
+
+    def run(self, bodies: dict, what: str) -> None:
+        keep = []
+        for (rtype, step), slot in zip(self.steps, self.c_steps):
+            body = bodies[rtype]
+            if len(body) < step.body_end:
+                raise ValueError(f"{rtype.name} body of {len(body)} bytes, {step.body_end} needed")
+            buf = ffi.from_buffer("uint8_t[]", body)
+            keep.append(buf)
+            slot.body, slot.body_len = buf, len(body)
+        rc = lib.hvm_apply(self.c_steps, len(self.steps), self.scratch, len(self.scratch), self.failed)
+        if rc < 0:
+            step = self.steps[self.failed[0]][1]
+            raise KvmError(step.ioctl, -rc, f"{what}, step {step.name}")
+
+
+class StateApply:
+    """Applies one VM's HVM context records, from their bodies, to the never-run VM; in
+    the order and with the rules of ``VcpuState.apply`` and ``PlatformState.apply``
+    (migrate/kvm/state.py), whose docstrings say why: per vCPU sregs, PDPTRs (when KVM
+    has KVM_CAP_SREGS2 and the record says they are valid), regs, xsave, xcrs, lapic,
+    then the MSRs (in Python: which to set is the CPU policy's business), mp_state,
+    events, debugregs; the platform's irqchips, PIT, and of kvmclock only the clock."""
+
+    def __init__(self, vm, vcpus: list):
+        self.vm, self.vcpus = vm, vcpus
+        self.sregs2 = vm.kvm.has("KVM_CAP_SREGS2")
+        self.before: list[tuple[_Program, _Program]] = []      # per vCPU: without, with the PDPTRs
+        self.after: list[_Program] = []
+        for vcpu in vcpus:
+            fd = vcpu.fd
+
+            def step(rtype, name, ctype, ioctl, layout=None, **kw):
+                segs = segments(layout, ffi.typeof(ctype)) if layout is not None else [(0, ffi.sizeof(ctype))]
+                return rtype, _Apply(name, fd, ctype, ioctl, segs, **kw)
+            sregs = step(RecordType.VCPU_SREGS, "sregs", "struct kvm_sregs", "KVM_SET_SREGS", SREGS)
+            rest = [step(RecordType.VCPU_REGS, "regs", "struct kvm_regs", "KVM_SET_REGS", REGS),
+                    step(RecordType.VCPU_XSAVE, "xsave", "struct kvm_xsave", "KVM_SET_XSAVE"),
+                    step(RecordType.VCPU_XCRS, "xcrs", "struct kvm_xcrs", "KVM_SET_XCRS", XCRS),
+                    step(RecordType.VCPU_LAPIC, "lapic", "struct kvm_lapic_state", "KVM_SET_LAPIC")]
+            pdptrs = [step(RecordType.VCPU_PDPTRS, "pdptrs", "struct kvm_sregs2", "KVM_SET_SREGS2", PDPTRS,
+                           get="KVM_GET_SREGS2")] if self.sregs2 else []
+            self.before.append((_Program([sregs] + rest), _Program([sregs] + pdptrs + rest)))
+            self.after.append(_Program([
+                step(RecordType.VCPU_MP_STATE, "mp_state", "struct kvm_mp_state", "KVM_SET_MP_STATE"),
+                step(RecordType.VCPU_EVENTS, "events", "struct kvm_vcpu_events", "KVM_SET_VCPU_EVENTS", EVENTS),
+                step(RecordType.VCPU_DEBUGREGS, "debugregs", "struct kvm_debugregs", "KVM_SET_DEBUGREGS",
+                     DEBUGREGS)]))
+        payload, fd = lib.HVM_IRQCHIP_CHIP_OFFSET, vm.fd
+        pic = segments(PIC_CHIP, ffi.typeof("struct kvm_pic_state"), payload)
+        chip_bytes = sum(n for _, n in pic)
+
+        def chip(name, which, segs, at=8):
+            return _Apply(name, fd, "struct kvm_irqchip", "KVM_SET_IRQCHIP", segs, body_at=at,
+                          prefill=_U32.pack(getattr(lib, which)))
+        self.platform = _Program([
+            (RecordType.PIC, chip("pic_master", "KVM_IRQCHIP_PIC_MASTER", pic)),
+            (RecordType.PIC, chip("pic_slave", "KVM_IRQCHIP_PIC_SLAVE", pic, 8 + chip_bytes)),
+            (RecordType.IOAPIC, chip("ioapic", "KVM_IRQCHIP_IOAPIC", segments(
+                IOAPIC, ffi.typeof("struct kvm_ioapic_state"), payload,
+                {"redirtbl": lib.HVM_IOAPIC_REDIRTBL_OFFSET}))),
+            (RecordType.PIT, _Apply("pit", fd, "struct kvm_pit_state2", "KVM_SET_PIT2",
+                                    segments(PIT, ffi.typeof("struct kvm_pit_state2")))),
+            # only the clock value: realtime and host_tsc would need KVM_CLOCK_REALTIME on
+            # both hosts and the same time base (PlatformState.apply)
+            (RecordType.CLOCK, _Apply("clock", fd, "struct kvm_clock_data", "KVM_SET_CLOCK",
+                                      [(ffi.offsetof("struct kvm_clock_data", "clock"), 8)])),
+        ])
+
+    def apply_platform(self, bodies: dict) -> None:
+        """``bodies``: the platform records' bodies by type."""
+        self.platform.run(bodies, "applying platform state")
+
+    def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int], pdptrs_valid: bool) -> None:
+        """The vCPU ``index``'s records (bodies by type) and the MSRs to set (decoded, as the
+        CPU policy lets them be set here: ``msrs_to_apply``)."""
+        what = f"applying vCPU {self.vcpus[index].id} state"
+        without, with_pdptrs = self.before[index]
+        (with_pdptrs if pdptrs_valid and self.sregs2 else without).run(bodies, what)
+        try:
+            set_msrs(self.vcpus[index], msrs)
+        except KvmError as exc:
+            raise KvmError(exc.ioctl, exc.errno, f"{what}, step msrs") from exc
+        self.after[index].run(bodies, what)
+
+
+__all__ += ["StateApply"]

@@ -22,11 +22,12 @@ from .cpu import (
     CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
 )
 from .guest import boot as gboot
-from .capture import StateCapture
+from .capture import StateApply, StateCapture
 from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
+from .kvm.state import PDPTRS_VALID
 from .memory import Ram, RamRange
-from .stream.hvm import HvmBodies
-from .stream.records import Vm
+from .stream.hvm import HvmBodies, HvmState
+from .stream.records import RecordType, Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
@@ -57,6 +58,24 @@ class DomainState:
     def devices(self) -> tuple:
         """The guest's own device-model records: none (its devices live in the stub)."""
         return ()
+
+
+def _by_vcpu(bodies: HvmBodies) -> tuple[dict[int, dict[RecordType, bytes]], dict[RecordType, bytes]]:
+    """A VM's record bodies: by vCPU id and type, and the platform's by type."""
+    vcpus: dict[int, dict[RecordType, bytes]] = {}
+    platform: dict[RecordType, bytes] = {}
+    for rtype, vcpu_id, body in bodies.bodies():
+        (platform if vcpu_id is None else vcpus.setdefault(vcpu_id, {}))[rtype] = body
+    return vcpus, platform
+
+
+def _decoded(bodies: dict[RecordType, bytes], rtype: RecordType):
+    return HvmState.unpack_as(rtype, bodies[rtype]).state
+
+
+def _pdptrs_valid(bodies: dict[RecordType, bytes]) -> bool:
+    """The vCPU's VCPU_PDPTRS (optional) says the PDPTRs it holds are the ones in use."""
+    return RecordType.VCPU_PDPTRS in bodies and bool(_decoded(bodies, RecordType.VCPU_PDPTRS)["flags"] & PDPTRS_VALID)
 
 
 class VmSpace:
@@ -147,7 +166,6 @@ class Domain:
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
         self._warm_stub = False             # prepare_capture() asked for a SAVE in the vCPU thread
-        self._capture: StateCapture | None = None       # the guest's, made at the first capture_records
         self._announce = False              # restored: the NIC announces itself at the first resume
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
@@ -179,6 +197,9 @@ class Domain:
                                  net=self.config.net)
             except (OSError, StubError) as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
+        # made now, not at the first capture or apply, which may be inside a downtime
+        self._capture = StateCapture(Vm.GUEST, self.vm, self.vcpus, self.cpu.msr_indices)
+        self._applier = StateApply(self.vm, self.vcpus)
         window = self.stub.window if self.stub is not None else None
         self._parts = [VmSpace(Vm.GUEST, self.ram, self.cpu, lambda state: state, also_writes=window)]
         if self.stub is not None:
@@ -299,12 +320,56 @@ class Domain:
 
     def _as_here(self, vcpu: VcpuState, policy: CpuPolicy, what: str) -> VcpuState:
         """A saved vCPU state with its MSRs as this host takes them (``msrs_to_apply``)."""
+        return dataclasses.replace(vcpu, msrs=self._msrs_here(vcpu.msrs, policy, what))
+
+    def _msrs_here(self, msrs: dict[int, int], policy: CpuPolicy, what: str) -> dict[int, int]:
         try:
-            msrs, notes = msrs_to_apply(policy, vcpu.msrs, this_host())
+            msrs, notes = msrs_to_apply(policy, msrs, this_host())
         except CpuModelError as exc:
             raise DomainError(f"{what}: {exc}") from None
         self.cpu_notes += [f"{what}: {note}" for note in notes if f"{what}: {note}" not in self.cpu_notes]
-        return dataclasses.replace(vcpu, msrs=msrs)
+        return msrs
+
+    def apply_records(self, records: dict[Vm, HvmBodies], devices: list[dict], fresh_stub: bool = False,
+                      stub_build: str = "") -> None:
+        """:meth:`apply` from the records a restore collected (``records``: each VM's HVM
+        context records, complete; ``devices``: the stub's DEVICE_STATE records), applied
+        from their bodies in C (migrate/capture.py) by the same rules and in the same order."""
+        if self.status is not DomainStatus.PAUSED or self._has_run:
+            raise DomainError("state can only be applied to a domain that has not run")
+        if (Vm.STUB in records) != (self.stub is not None):
+            raise DomainError("state and domain disagree on having a device-model stub")
+        guest = _by_vcpu(records[Vm.GUEST])
+        if sorted(guest[0]) != [v.id for v in self.vcpus]:
+            raise DomainError(f"state has vCPUs {sorted(guest[0])}, the domain {[v.id for v in self.vcpus]}")
+        msrs = [self._msrs_here(_decoded(guest[0][v.id], RecordType.VCPU_MSRS), self.cpu, "the guest")
+                for v in self.vcpus]
+        stub = None
+        if self.stub is not None and not fresh_stub:
+            stub = _by_vcpu(records[Vm.STUB])
+            if sorted(stub[0]) != [0]:
+                raise DomainError(f"state has stub vCPUs {sorted(stub[0])}, the stub [0]")
+            stub_msrs = self._msrs_here(_decoded(stub[0][0], RecordType.VCPU_MSRS), self.stub.cpu, "the stub")
+        try:
+            self._applier.apply_platform(guest[1])
+            for index, vcpu in enumerate(self.vcpus):
+                self._applier.apply_vcpu(index, guest[0][vcpu.id], msrs[index], _pdptrs_valid(guest[0][vcpu.id]))
+        except ValueError as exc:       # a body shorter than its program: the caller checked lengths
+            raise DomainError(f"applying the guest's state: {exc}") from None
+        if self.stub is None:
+            return
+        try:
+            if fresh_stub:
+                self.stub.boot()
+                self.stub.load_devices(devices)
+                self.stub_build = stub_build_id()
+            else:
+                self.stub.apply_records(stub[1], stub[0][0], stub_msrs, _pdptrs_valid(stub[0][0]))
+                self.stub_build = stub_build
+        except StubError as exc:
+            raise DomainError(str(exc)) from None
+        self._announce = self.stub.net is not None
+
 
     # -- memory and dirty log ---------------------------------------------
     def parts(self) -> list["VmSpace"]:
@@ -383,18 +448,13 @@ class Domain:
         except (StubError, KvmError) as exc:
             raise DomainError(f"capturing the stub failed: {exc}") from None
         try:
-            guest = self._state_capture().capture()
+            guest = self._capture.capture()
         except KvmError as exc:
             raise DomainError(f"capturing the guest failed: {exc}") from None
         out = {Vm.GUEST: (guest, [])}
         if stub is not None:
             out[Vm.STUB] = stub
         return out
-
-    def _state_capture(self) -> StateCapture:
-        if self._capture is None:
-            self._capture = StateCapture(Vm.GUEST, self.vm, self.vcpus, self.cpu.msr_indices)
-        return self._capture
 
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
@@ -574,12 +634,9 @@ class Domain:
         """A capture is coming soon on a downtime path (a live save's final pause): have the
         vCPU thread, which owns the stub's vCPU, run the stub's SAVE once now, so that the
         code and data it touches are faulted in (first touches cost about 30 us a page
-        here) before the capture needs them. Its result is dropped. The C captures of the
-        records (migrate/capture.py) are made now too, if not yet."""
-        self._state_capture()
+        here) before the capture needs them. Its result is dropped."""
         if self.stub is None:
             return
-        self.stub.state_capture()
         with self._cv:
             self._warm_stub = True
             if self.status is DomainStatus.RUNNING:

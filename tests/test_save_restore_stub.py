@@ -68,13 +68,13 @@ def test_stub_build_decides_the_path(domains, disk, tmp_path, monkeypatch):
     save_to_file(src, path)
     src.destroy()
     chosen = []
-    real_apply = Domain.apply
+    real_apply = Domain.apply_records
 
-    def spy(self, state, fresh_stub=False, stub_build=""):
+    def spy(self, records, devices, fresh_stub=False, stub_build=""):
         chosen.append(fresh_stub)
-        return real_apply(self, state, fresh_stub=fresh_stub, stub_build=stub_build)
+        return real_apply(self, records, devices, fresh_stub=fresh_stub, stub_build=stub_build)
 
-    monkeypatch.setattr(Domain, "apply", spy)
+    monkeypatch.setattr(Domain, "apply_records", spy)
     dom, _ = restore(file_chunks(path))                     # same build: the image
     domains.append(dom)
     dom.destroy()

@@ -106,9 +106,13 @@ class RestorableDomain(Protocol):
     def parts(self) -> list[VmPart]:
         """Where pages go: the guest, then the stub if there is one."""
 
-    def apply(self, state, fresh_stub: bool = False, stub_build: str = "") -> None:
-        """Apply the collected state (a never-run domain); ``fresh_stub``: the stub boots
-        anew and loads the device records instead of resuming from its memory."""
+    def apply_records(self, records: dict, devices: list[dict], fresh_stub: bool = False,
+                      stub_build: str = "") -> None:
+        """Apply the collected state (a never-run domain): ``records``, by stream VM id, each
+        VM's HVM context records (a :class:`migrate.stream.hvm.HvmBodies`, complete, each
+        body checked as the reader checks it), and ``devices``, the stub's DEVICE_STATE
+        records; ``fresh_stub``: the stub boots anew and loads the device records instead of
+        resuming from its memory."""
 
     def destroy(self) -> None: ...
 

@@ -26,7 +26,7 @@ from ..memory import RamRange
 from ..stream import Vm
 from ..stream import hvm as layouts
 from ..stub import StubState
-from .state import state_bodies
+from .state import apply_bodies, state_bodies
 
 PAGE_SIZE = 4096
 STUB_PAGES = 2048           # the fake stub's RAM, 8 MiB from pfn 0 (the real stub's size)
@@ -196,6 +196,10 @@ class FakeDomain:
         """capture(), as records (the Python encoding a KVM domain's C capture matches)."""
         state = self.capture()
         return {part.vm: state_bodies(part.state_of(state), part.vm) for part in self.parts()}
+
+    def apply_records(self, records: dict, devices: list[dict], fresh_stub: bool = False,
+                      stub_build: str = "") -> None:
+        apply_bodies(self, self.config, records, devices, fresh_stub, stub_build)
 
     def apply(self, state: DomainState, fresh_stub: bool = False, stub_build: str = "") -> None:
         if self.status is not DomainStatus.PAUSED or self.applied is not None:

@@ -36,7 +36,7 @@ from ..stream import (
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
-from ..stub import StubState, abi, devstate, stub_build_id
+from ..stub import abi, devstate, stub_build_id
 from .contract import RestorableDomain, part_of
 from .save import layout_of
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
@@ -253,19 +253,19 @@ class _Restorer:
                 raise RestoreError("data channels were opened but the stream has no CHANNELS")
             self.channels.finish(self.channels_record, CHANNELS_TIMEOUT)
         self.stats.end_at = time.monotonic()
-        state = self.collector.result(self.config)
+        records = {Vm.GUEST: self.collector.records(self.config, Vm.GUEST)}
         if self.config.stub:
-            stub = self.stub_collector.result(self.config)
+            records[Vm.STUB] = self.stub_collector.records(self.config, Vm.STUB)
             if not self.devices:
                 raise RestoreError("stream carries a stub but no device state")
-            state.stub = StubState(vcpus=stub.vcpus, platform=stub.platform, devices=self.devices)
         if self.fresh_stub:
             self.release()                   # the stub boots afresh: no views of it held
         # Otherwise the data plane is released when the stream ends (restore()), after
         # on_applied and on_complete: closing channels joins their threads, which may take
         # milliseconds to be scheduled, and that is no part of the downtime. Nothing is
         # placed after a channel's FINAL sync, and every batch so far has been placed (settle).
-        self.domain.apply(state, fresh_stub=bool(self.fresh_stub), stub_build=self.stub_build)
+        self.domain.apply_records(records, self.devices, fresh_stub=bool(self.fresh_stub),
+                                  stub_build=self.stub_build)
         self.stats.applied_at = time.monotonic()
         self.end_seen = True
 
@@ -314,7 +314,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     ``channels``: a :class:`~.channels.ChannelIntake`, when the
     stream's pages come on data channels (it is closed when the restore ends)."""
     t0 = time.monotonic()
-    reader = StreamReader(raw_pages="bodies")
+    reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
     work = _Restorer(name, make_domain, fresh_stub, reader, channels)
     try:
         for chunk in source:

@@ -17,6 +17,7 @@ from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
 from ..stream import HvmState, RecordType, StreamError, Vm
 from ..stream.hvm import HvmBodies
+from ..stub import StubState
 from ..stream.cpu import MSR_FEATURE
 from ..stream.hvm import VCPU_FIELDS
 from ..stream.records import OPTIONAL
@@ -182,49 +183,79 @@ def state_bodies(state, vm: Vm) -> tuple[HvmBodies, list[dict]]:
 
 
 class StateCollector:
-    """Gathers one VM's HVM context records as they arrive; :meth:`result` builds the
-    DomainState once the stream is complete, naming the first record that is missing."""
+    """Gathers one VM's HVM context records as they arrive; :meth:`records` gives them back
+    once the stream is complete, as the domain applies them, and :meth:`result` as a
+    DomainState; both name the first record that is missing."""
 
     def __init__(self, label: str = "guest", vcpus: int = 1) -> None:
         self.label = label
         self.max_vcpus = vcpus      # ids 0..vcpus-1; the restorer sets it from DOMAIN_CONFIG
-        self.vcpus: dict[int, dict[str, object]] = {}
-        self.platform: dict[str, object] = {}
+        self.vcpus: dict[int, dict[RecordType, HvmState]] = {}
+        self.platform: dict[RecordType, HvmState] = {}
 
     def add(self, record: HvmState) -> None:
         if record.vcpu_id is not None and record.vcpu_id >= self.max_vcpus:   # refused at once: nothing piles up
             raise RestoreError(f"stream has {record.type.name} of {self.label} vcpu {record.vcpu_id}; "
                                f"the {self.label} has {self.max_vcpus} (ids 0..{self.max_vcpus - 1})")
         if record.vcpu_id is not None:
-            self.vcpus.setdefault(record.vcpu_id, {})[VCPU_RECORDS[record.type]] = record.state
-        elif record.type is RecordType.PIC:
-            self.platform["pic_master"] = record.state["master"]
-            self.platform["pic_slave"] = record.state["slave"]
+            self.vcpus.setdefault(record.vcpu_id, {})[record.type] = record
         else:
-            self.platform[PLATFORM_RECORDS[record.type]] = record.state
+            self.platform[record.type] = record
 
-    def result(self, config: DomainConfig) -> DomainState:
+    def _complete(self, config: DomainConfig) -> list[int]:
         if not self.vcpus:
             raise RestoreError(f"stream has no vCPU state for the {self.label}")
         want = getattr(config, "vcpus", 1) if self.label == "guest" else 1
         if sorted(self.vcpus) != list(range(want)):
             raise RestoreError(f"stream has state of {self.label} vCPUs {sorted(self.vcpus)}; "
                                f"the {self.label} has {want} (ids 0..{want - 1})")
-        vcpus = []
         for vcpu_id in sorted(self.vcpus):
-            have = self.vcpus[vcpu_id]
-            lacking = [rt.name for rt, attr in VCPU_RECORDS.items() if attr not in have and not rt & OPTIONAL]
+            lacking = [rt.name for rt in VCPU_RECORDS if rt not in self.vcpus[vcpu_id] and not rt & OPTIONAL]
             if lacking:
                 raise RestoreError(f"stream lacks {', '.join(lacking)} of {self.label} vcpu {vcpu_id}")
-            vcpus.append(VcpuState(vcpu_id=vcpu_id, **have))
-        wanted = {"pic_master": "PIC", **{attr: rt.name for rt, attr in PLATFORM_RECORDS.items()}}
-        lacking = [name for attr, name in wanted.items() if attr not in self.platform]
+        lacking = [rt.name for rt in (RecordType.PIC, *PLATFORM_RECORDS) if rt not in self.platform]
         if lacking:
             raise RestoreError(f"stream lacks the {self.label}'s {', '.join(lacking)} record")
-        return DomainState(config=config, vcpus=vcpus, platform=PlatformState(**self.platform))
+        return sorted(self.vcpus)
+
+    def records(self, config: DomainConfig, vm: Vm) -> HvmBodies:
+        """The records as bodies, in the order a save writes them (a reader with
+        ``hvm_bodies`` kept them)."""
+        ordered = [self.vcpus[i][rt] for i in self._complete(config) for rt in VCPU_RECORDS
+                   if rt in self.vcpus[i]]
+        ordered += [self.platform[rt] for rt in (RecordType.PIC, *PLATFORM_RECORDS)]
+        bodies = [r.body if r.body is not None else r.pack() for r in ordered]
+        return HvmBodies(vm, tuple(r.type for r in ordered), tuple(r.vcpu_id for r in ordered),
+                         tuple(len(b) for b in bodies), b"".join(bodies))
+
+    def result(self, config: DomainConfig) -> DomainState:
+        vcpus = [VcpuState(vcpu_id=vcpu_id, **{VCPU_RECORDS[rt]: r.decoded().state
+                                                for rt, r in self.vcpus[vcpu_id].items()})
+                 for vcpu_id in self._complete(config)]
+        pic = self.platform[RecordType.PIC].decoded().state
+        platform = {attr: self.platform[rt].decoded().state for rt, attr in PLATFORM_RECORDS.items()}
+        return DomainState(config=config, vcpus=vcpus,
+                           platform=PlatformState(pic_master=pic["master"], pic_slave=pic["slave"], **platform))
+
+
+def apply_bodies(domain, config: DomainConfig, records: dict, devices: list[dict], fresh_stub: bool,
+                 stub_build: str) -> None:
+    """``RestorableDomain.apply_records`` for a domain that applies DomainStates (the fake):
+    the records decoded, as a reader would, then ``apply``."""
+    collectors = {}
+    for vm, bodies in records.items():
+        collector = collectors[vm] = StateCollector("guest" if vm is Vm.GUEST else "stub",
+                                                    config.vcpus if vm is Vm.GUEST else 1)
+        for record in bodies.records():
+            collector.add(record)
+    state = collectors[Vm.GUEST].result(config)
+    if Vm.STUB in collectors:
+        stub = collectors[Vm.STUB].result(config)
+        state.stub = StubState(vcpus=stub.vcpus, platform=stub.platform, devices=devices)
+    domain.apply(state, fresh_stub=fresh_stub, stub_build=stub_build)
 
 
 __all__ = ["PLATFORM_RECORDS", "VCPU_RECORDS", "CpuCollector", "RestoreError", "StateCollector",
            "StreamError", "config_from_record", "config_record", "cpu_bodies", "cpu_records", "domain_cpus",
-           "policies_from_bodies", "state_bodies", "state_records",
+           "apply_bodies", "policies_from_bodies", "state_bodies", "state_records",
            "stub_build_of"]

@@ -90,3 +90,52 @@ long hvm_capture(const struct hvm_cap_step *steps, uint32_t n, uint8_t *scratch,
         lens[record] = (uint32_t)(at - body);
     return (long)at;
 }
+
+/*
+ * The other way: record bodies into a never-run VM (migrate/capture.py builds the steps).
+ * Each step zeroes a scratch buffer of `size` bytes, or fills it with the VM's current
+ * values through get_request when that is nonzero (KVM_SET_SREGS2 of the PDPTRs keeps the
+ * rest of the registers as KVM_SET_SREGS left them), sets its first prefill_len bytes
+ * from prefill (the irqchip id), copies each segment, (struct offset, body offset,
+ * length) triples, from the body, and makes the set ioctl. Returns 0, or -errno with
+ * *failed the index of the step (EINVAL: a segment outside the body or the buffer).
+ */
+struct hvm_apply_step {
+    int32_t fd;
+    uint32_t size;
+    unsigned long request;
+    unsigned long get_request;  /* 0: start from zeroes */
+    uint32_t prefill_len;
+    const uint8_t *prefill;
+    const uint8_t *body;
+    uint32_t body_len;
+    uint32_t nseg;
+    const uint32_t *seg;        /* nseg (struct offset, body offset, length) triples */
+};
+
+int hvm_apply(const struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
+              uint32_t scratch_len, uint32_t *failed)
+{
+    for (uint32_t i = 0; i < n; i++) {
+        const struct hvm_apply_step *s = &steps[i];
+        *failed = i;
+        if (s->size > scratch_len || s->prefill_len > s->size)
+            return -ENOSPC;
+        if (s->get_request) {
+            if (ioctl(s->fd, s->get_request, scratch) < 0)
+                return -errno;
+        } else {
+            memset(scratch, 0, s->size);
+        }
+        memcpy(scratch, s->prefill, s->prefill_len);
+        for (uint32_t k = 0; k < s->nseg; k++) {
+            uint32_t to = s->seg[3 * k], from = s->seg[3 * k + 1], len = s->seg[3 * k + 2];
+            if ((uint64_t)to + len > s->size || (uint64_t)from + len > s->body_len)
+                return -EINVAL;
+            memcpy(scratch + to, s->body + from, len);
+        }
+        if (ioctl(s->fd, s->request, scratch) < 0)
+            return -errno;
+    }
+    return 0;
+}

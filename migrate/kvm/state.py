@@ -104,9 +104,7 @@ class VcpuState:
             step = "lapic"
             vcpu.set_lapic(self.lapic)
             step = "msrs"
-            ordered = {MSR_IA32_TSC: self.msrs[MSR_IA32_TSC]} if MSR_IA32_TSC in self.msrs else {}
-            ordered.update((i, v) for i, v in self.msrs.items() if i != MSR_IA32_TSC)
-            vcpu.set_msrs(ordered)      # KVM_SET_MSRS sets them in this order: the TSC first
+            set_msrs(vcpu, self.msrs)
             step = "mp_state"
             vcpu.set_mp_state(self.mp_state)
             step = "events"
@@ -115,6 +113,13 @@ class VcpuState:
             vcpu.set_debugregs(self.debugregs)
         except KvmError as exc:
             raise KvmError(exc.ioctl, exc.errno, f"applying vCPU {self.vcpu_id} state, step {step}") from exc
+
+
+def set_msrs(vcpu, msrs: dict[int, int]) -> None:
+    """KVM_SET_MSRS, the TSC first (KVM sets them in the order given)."""
+    ordered = {MSR_IA32_TSC: msrs[MSR_IA32_TSC]} if MSR_IA32_TSC in msrs else {}
+    ordered.update((i, v) for i, v in msrs.items() if i != MSR_IA32_TSC)
+    vcpu.set_msrs(ordered)
 
 
 def _pdptrs(sregs2: dict) -> dict:

@@ -13,7 +13,7 @@ CLOCK) ``vcpu_id`` is reserved and must be zero, and the dataclass holds ``None`
 from __future__ import annotations
 
 import struct
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from migrate.stream.errors import StreamError
@@ -300,6 +300,7 @@ class HvmState:
     vm: Vm
     vcpu_id: int | None
     state: Any
+    body: bytes | None = field(default=None, compare=False, repr=False)    # as read (check_body)
 
     @property
     def TYPE(self) -> RecordType:  # noqa: N802 - same spelling as the class attribute elsewhere
@@ -334,6 +335,30 @@ class HvmState:
             _CHECKS[record_type](state)
         return cls(record_type, vm_of(vm), vcpu_id, state)
 
+    @classmethod
+    def check_body(cls, record_type: RecordType, body: bytes) -> HvmState:
+        """What :meth:`unpack_as` refuses, refused, without decoding what no rule looks at:
+        the record with its ``body`` kept, and ``state`` decoded only for the types with
+        rules on their values (VCPU_XCRS, VCPU_PDPTRS, VCPU_MSRS); None for the rest, whose
+        only rules are the body's length, the VM and the vCPU id. For a restore that applies
+        the bodies as they are (migrate/capture.py)."""
+        if record_type in _DECODED:
+            record = cls.unpack_as(record_type, body)
+            return cls(record.type, record.vm, record.vcpu_id, record.state, bytes(body))
+        expect_length(body, CODECS[record_type].struct, record_type.name)
+        vm, vcpu_id = _PREFIX.unpack_from(body)
+        if record_type in PLATFORM_CODECS:
+            if vcpu_id:
+                raise StreamError(f"{record_type.name} reserved vcpu_id field is {vcpu_id}, must be 0")
+            return cls(record_type, vm_of(vm), None, None, bytes(body))
+        if vcpu_id > MAX_VCPU_ID:
+            raise StreamError(f"{record_type.name} vcpu_id {vcpu_id} exceeds {MAX_VCPU_ID}")
+        return cls(record_type, vm_of(vm), vcpu_id, None, bytes(body))
+
+    def decoded(self) -> HvmState:
+        """This record with its state (decoded from its body if check_body left it out)."""
+        return self if self.state is not None else HvmState.unpack_as(self.type, self.body)
+
 
 @dataclass(frozen=True)
 class HvmBodies:
@@ -364,6 +389,10 @@ class HvmBodies:
 
     def records(self) -> list[HvmState]:
         return [HvmState.unpack_as(rtype, body) for rtype, _, body in self.bodies()]
+
+
+_PREFIX = struct.Struct(PREFIX)
+_DECODED = {RecordType.VCPU_XCRS, RecordType.VCPU_PDPTRS, RecordType.VCPU_MSRS}
 
 
 def _check_xcrs(state: dict) -> None:

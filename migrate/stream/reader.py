@@ -89,18 +89,27 @@ RAW_PAGE_DECODERS: dict[str, dict[int, Decoder]] = {
     mode: {record_type: partial(decode_raw_batch, record_type, data=mode == "decoded")
            for record_type in (RecordType.PAGE_DATA, RecordType.PAGE_DATA_ZSTD)}
     for mode in ("decoded", "bodies")}
+# What hvm_bodies=True puts in place of the HVM context decoders: the same checks, the
+# bodies kept and decoded only where a rule needs their values (HvmState.check_body).
+HVM_BODY_DECODERS: dict[int, Decoder] = {record_type: partial(HvmState.check_body, record_type)
+                                         for record_type in CODECS}
 
 
 class StreamReader:
-    def __init__(self, *, leave_trailing: bool = False, raw_pages: bool | str = False) -> None:
+    def __init__(self, *, leave_trailing: bool = False, raw_pages: bool | str = False,
+                 hvm_bodies: bool = False) -> None:
         """``leave_trailing``: bytes after END are left untouched in :attr:`trailing`
         instead of being an error. ``raw_pages``: page batches come out as
         :class:`~migrate.stream.pages.RawPageBatch` (same checks, no per-page objects);
         ``raw_pages="bodies"``: the same, except that the page data is left as it is, for
         a caller that checks it when it places the pages (the data plane's Target: its
-        length, and the zstd frame by the rules of "PAGE_DATA_ZSTD")."""
+        length, and the zstd frame by the rules of "PAGE_DATA_ZSTD"). ``hvm_bodies``: HVM
+        context records keep their bodies and are decoded only where a rule needs their
+        values (:meth:`~migrate.stream.hvm.HvmState.check_body`: same checks), for a
+        restore that applies the bodies as they are."""
         self.leave_trailing = leave_trailing
         self.raw_pages = raw_pages
+        self.hvm_bodies = hvm_bodies
         self.header: Header | None = None
         self.skipped: list[tuple[int, int]] = []  # (offset, type) of the first skipped optional records
         self.skipped_count = 0                     # all of them (the list keeps MAX_SKIPPED_KEPT)
@@ -204,6 +213,8 @@ class StreamReader:
         if self.raw_pages:
             mode = "bodies" if self.raw_pages == "bodies" else "decoded"
             self._decoders = {**self._decoders, **RAW_PAGE_DECODERS[mode]}
+        if self.hvm_bodies:
+            self._decoders = {**self._decoders, **HVM_BODY_DECODERS}
         self._consume(length, digest=True)
         return self.header
 

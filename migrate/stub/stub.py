@@ -16,9 +16,9 @@ import time
 from collections import deque
 from dataclasses import dataclass
 
-from ..capture import StateCapture
+from ..capture import StateApply, StateCapture
 from ..guest import boot as gboot
-from ..kvm import DirtyLog, PlatformState, VcpuState
+from ..kvm import DirtyLog, KvmError, PlatformState, VcpuState
 from ..stream.hvm import HvmBodies
 from ..stream.records import Vm
 from . import abi, devstate
@@ -70,7 +70,6 @@ class Stub:
         self._watch_lock = threading.Lock()
         self._stopped = threading.Event()
         self.lock = threading.RLock()       # one ioreq (or capture) at a time, whatever the thread
-        self._state_capture: StateCapture | None = None     # made at the first capture_records
         self.requests = 0
         self.cpu = cpu                  # the stub VM's CPU policy (migrate.cpu)
         self.hypercalls = 0
@@ -83,6 +82,9 @@ class Stub:
                 kvm, [(0, abi.STUB_RAM)], f"stub-{name}", cpu, console_port=abi.PORT_CONSOLE,
                 scale_tsc=scale_tsc)
             self.window = guest_ram.mirror(self.vm, abi.WINDOW_BASE, WINDOW_SLOT)
+            # made now, not at the first capture or apply, which may be inside a downtime
+            self._capture = StateCapture(Vm.STUB, self.vm, [self.vcpu], cpu.msr_indices)
+            self._applier = StateApply(self.vm, [self.vcpu])
         except NetError as exc:
             self.close()
             raise StubError(str(exc)) from None
@@ -304,13 +306,7 @@ class Stub:
         records, as :meth:`capture` has them."""
         with self.lock:
             devices = self._quiesce()
-            return self.state_capture().capture(), devices
-
-    def state_capture(self) -> StateCapture:
-        """What captures the stub's records (made once, at the first call)."""
-        if self._state_capture is None:
-            self._state_capture = StateCapture(Vm.STUB, self.vm, [self.vcpu], self.cpu.msr_indices)
-        return self._state_capture
+            return self._capture.capture(), devices
 
     def _quiesce(self) -> list[dict]:
         """The devices' state (SAVE), the doorbell exit completed before the vCPU's state
@@ -324,6 +320,24 @@ class Stub:
 
     def apply(self, state: StubState) -> None:
         """Resume from the stub's memory image as it is (filled separately)."""
+        self._check_image()
+        state.platform.apply(self.vm)
+        state.vcpus[0].apply(self.vcpu)
+        self._start_net()
+
+    def apply_records(self, platform: dict, vcpu: dict, msrs: dict[int, int], pdptrs_valid: bool) -> None:
+        """:meth:`apply` from record bodies (by type: the platform's, the vCPU's) and the
+        MSRs to set, in C (migrate/capture.py)."""
+        self._check_image()
+        try:
+            self._applier.apply_platform(platform)
+            self._applier.apply_vcpu(0, vcpu, msrs, pdptrs_valid)
+        except (KvmError, ValueError) as exc:
+            raise StubError(f"applying the stub's state: {exc}") from None
+        self._start_net()
+
+    def _check_image(self) -> None:
+        """The stub's memory image fits this domain: its disk, its NIC."""
         capacity = struct.unpack_from("<Q", self.ram.mem, abi.BLK_RING + 8)[0]
         here = self.backend.capacity if self.backend else 0
         if capacity != here:
@@ -337,9 +351,6 @@ class Stub:
             if (mac, mtu) != (self.net.mac, self.net.net["mtu"]):
                 raise StubError(f"the stub image's NIC has MAC {mac.hex(':')} and MTU {mtu}; this "
                                 f"domain's has {self.net.net['mac']} and {self.net.net['mtu']}")
-        state.platform.apply(self.vm)
-        state.vcpus[0].apply(self.vcpu)
-        self._start_net()
 
     # -- memory and dirty logs ------------------------------------------------
     @property
