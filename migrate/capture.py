@@ -1,18 +1,24 @@
-"""A paused VM's HVM context records, captured and encoded in one C call.
+"""A VM's HVM context records, captured from a paused VM and applied to a never-run one,
+in one C call each (migrate/kvm/capture.c).
 
-On a live relocation the capture sits inside the downtime. Capturing through the KVM
-layer (``VcpuState.capture``: each struct to a dict, then each dict flattened and packed
-by ``HvmState.pack``) runs a few thousand lines of Python; in a process that has just
-spent seconds on pre-copy that code is cold, and the capture and its records took
-1.5-1.7 ms of an idle guest's 4.5-5 ms pause (traced). Here the ioctls and the copies run
-in C (migrate/kvm/capture.c) and give the same bytes as ``HvmState.pack``.
+On a live relocation both sit inside the downtime. Through the KVM layer
+(``VcpuState.capture``: each struct to a dict, each dict flattened and packed by
+``HvmState.pack``; on the destination the reverse, then ``VcpuState.apply``) they run a few
+thousand lines of Python, cold in processes that have just spent seconds on pre-copy:
+capture and records took 1.5-1.7 ms of an idle guest's 4.5-5 ms pause, decoding and
+applying them at the destination 1.3-1.5 ms (traced). Here the ioctls and the copies run in
+C and give, and take, the same bytes as ``HvmState.pack``.
 
 The copy program of each record is derived here, once per VM, from the two declarations
 that already exist: the stream's layout of the record (``migrate.stream.hvm``: the
 carried fields, in order) and the kernel struct as cffi compiled it from <linux/kvm.h>
 (each field's offset and size). A carried field whose size differs between the two is an
-error at build time, not a wrong byte in a stream. tests/test_capture.py compares the
-C capture with the Python one, record by record, on real VMs.
+error when the program is made, not a wrong byte in a stream. tests/test_capture.py
+compares both directions with the KVM layer's, record by record, on real VMs.
+
+Applying from bodies checks nothing about their values: a restore's reader has checked
+them first (``HvmState.check_body``: the rules of "HVM context records"), and the
+destination's KVM refuses what it cannot take, as it does for the Python apply.
 """
 from __future__ import annotations
 
@@ -127,8 +133,7 @@ def _entry(index: int, entry: int, index_at: int) -> bytes:
 def _irqchip_step(fd, rtype, vm, chip: str, layout: Layout, at: dict | None = None) -> _Step:
     payload = lib.HVM_IRQCHIP_CHIP_OFFSET
     ctype = "struct kvm_ioapic_state" if chip == "KVM_IRQCHIP_IOAPIC" else "struct kvm_pic_state"
-    prefill = _U32.pack(getattr(lib, chip))        # chip_id, the struct's first field
-    assert ffi.offsetof("struct kvm_irqchip", "chip_id") == 0
+    prefill = _U32.pack(getattr(lib, chip))        # chip_id, the struct's first field (offset 0)
     return _Step(fd, "struct kvm_irqchip", "KVM_GET_IRQCHIP", rtype, vm, 0,
                  segments(layout, ffi.typeof(ctype), payload, at), prefill=prefill)
 
