@@ -298,3 +298,15 @@ def test_save_request_keys_are_checked():
         SaveJob.from_request({"path": "/x", "mode": "checkpoint", "precopy_timeout": 2})
     with pytest.raises(ValueError, match="save: bad throttle"):
         SaveJob.from_request({"path": "/x", "mode": "live", "throttle": "yes"})
+
+
+def test_the_lag_counts_in_proportion_to_the_pages_left():
+    """A backlog grows with the pages behind it: after a round of 1000 pages that left the
+    receiver 40 ms behind, 100 dirty pages carry 4 ms of it; more pages than the round
+    sent carry all of it, no more."""
+    conv = Convergence(state_seconds=0.005)
+    big = Round(1000, 4 << 20, 0.5, lag=0.04)
+    assert estimate_final(100, [big], conv) == pytest.approx(100 * 0.0005 + 0.004 + 0.005)
+    assert estimate_final(3000, [big], conv) == pytest.approx(3000 * 0.0005 + 0.04 + 0.005)
+    assert estimate_final(100, [Round(0, 0, 0.0, lag=0.002)], conv) == pytest.approx(0.002 + 0.005)
+

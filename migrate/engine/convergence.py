@@ -72,13 +72,19 @@ def estimate_final(dirty: int, rounds: list[Round], conv: Convergence) -> float:
     last two rounds (those of at least RATE_MIN_PAGES pages; the source's encode and send,
     and the receiver's placing as far as it held the source back), the receiver's lag
     after the last round (what it still had to place when the source was done, and the
-    message round trip), and the fixed ``state_seconds``. The paused final round competes
-    with no running guest and takes no write-protect faults, so it is rarely slower."""
+    message round trip) in proportion to the pages, at most all of it, and the fixed
+    ``state_seconds``. The paused final round competes with no running guest and takes no
+    write-protect faults, so it is rarely slower. The lag scales because a backlog does:
+    after round 0 (every page, into memory the receiver touches first) a paced 63 MiB
+    guest's lag made the estimate of a 700-page final round 19-24 ms, and such rounds took
+    6.4-8.4 ms in all (bench_relocation, 2026-12-05)."""
     if not rounds:
         return conv.state_seconds
     recent = [r for r in rounds[-2:] if r.pages >= RATE_MIN_PAGES] or [rounds[-1]]
     per_page = max(r.seconds / r.pages if r.pages else 0.0 for r in recent)
-    return dirty * per_page + rounds[-1].lag + conv.state_seconds
+    last = rounds[-1]
+    lag = last.lag * min(1.0, dirty / last.pages) if last.pages else last.lag
+    return dirty * per_page + lag + conv.state_seconds
 
 
 def estimate_next(dirty: int, rounds: list[Round], conv: Convergence) -> float:
