@@ -247,13 +247,23 @@ def test_smp_checks_catch_an_ipi_taken_twice(domains):
 def test_smp_checks_catch_a_lost_page(domains):
     """A queue page whose write was lost (a token gone from it): BAD, never a silent skip."""
     dom = _paused_smp(domains)
-    tokens = dom.guest_view(_smp_base(dom) + 4096, 4 * 16)
-    hops = struct.unpack_from("<Q", tokens, 0)[0]
-    struct.pack_into("<Q", tokens, 0, hops + 1)         # token 0's last hop as if one was repeated
-    tokens.release()
-    mark = dom.console.next_index
-    dom.resume()
-    m = dom.console.wait_for(r"^smp (STALL|BAD.*)", 30, start=mark)
+    for attempt in range(3):
+        tokens = dom.guest_view(_smp_base(dom) + 4096, 4 * 16)
+        hops = struct.unpack_from("<Q", tokens, 0)[0]
+        struct.pack_into("<Q", tokens, 0, hops + 1)         # token 0's last hop as if one was repeated
+        tokens.release()
+        mark = dom.console.next_index
+        dom.resume()
+        try:
+            m = dom.console.wait_for(r"^smp (STALL|BAD.*)", 10, start=mark)
+            break
+        except TimeoutError:
+            # A vCPU paused between its check of token 0's hop and its write of it writes
+            # the same value over ours (smp.c, receive): the page is whole again, nothing
+            # to catch. Seen twice in full suite runs (2026-12-05); tamper again.
+            dom.pause()
+    else:
+        pytest.fail("the guest never caught token 0's repeated hop in 3 tries")
     assert re.search(r"hop \d+ after hop \d+|made \d+ hops|reached the wrong cpu", m.group(0)), m.string
 
 
