@@ -370,7 +370,6 @@ class Domain:
             raise DomainError(str(exc)) from None
         self._announce = self.stub.net is not None
 
-
     # -- memory and dirty log ---------------------------------------------
     def parts(self) -> list["VmSpace"]:
         """The guest, then the stub (if any): what the engine moves (engine/contract.py)."""
