@@ -22,18 +22,37 @@ destination's KVM refuses what it cannot take, as it does for the Python apply.
 """
 from __future__ import annotations
 
+import errno
 import struct
 
 from .kvm._lib import ffi, lib
 from .kvm.errors import KvmError
 from .kvm.state import set_msrs
 from .stream.hvm import (
-    CLOCK, DEBUGREGS, EVENTS, IOAPIC, PDPTRS, PIC_CHIP, PIT, REGS, SREGS, XCRS, HvmBodies, Layout,
+    CLOCK, DEBUGREGS, EVENTS, IOAPIC, PDPTRS, PIC_CHIP, PIT, PLATFORM_CODECS, REGS, SREGS, VCPU_FIELDS, XCRS,
+    HvmBodies, Layout,
 )
 from .stream.records import RecordType, Vm
 
 ZERO = lib.HVM_CAP_ZERO
 _U32 = struct.Struct("<I")
+
+# Each record kept as one kernel struct: the struct, the suffix of its KVM_GET_/KVM_SET_
+# ioctls, and the stream's layout of it (None: the record carries the whole struct).
+# VCPU_MSRS and the irqchips (PIC, IOAPIC) are built apart: _msrs_step, _irqchip_step.
+STRUCTS: dict[RecordType, tuple[str, str, Layout | None]] = {
+    RecordType.VCPU_REGS: ("struct kvm_regs", "REGS", REGS),
+    RecordType.VCPU_SREGS: ("struct kvm_sregs", "SREGS", SREGS),
+    RecordType.VCPU_XSAVE: ("struct kvm_xsave", "XSAVE", None),
+    RecordType.VCPU_XCRS: ("struct kvm_xcrs", "XCRS", XCRS),
+    RecordType.VCPU_LAPIC: ("struct kvm_lapic_state", "LAPIC", None),
+    RecordType.VCPU_EVENTS: ("struct kvm_vcpu_events", "VCPU_EVENTS", EVENTS),
+    RecordType.VCPU_MP_STATE: ("struct kvm_mp_state", "MP_STATE", None),
+    RecordType.VCPU_DEBUGREGS: ("struct kvm_debugregs", "DEBUGREGS", DEBUGREGS),
+    RecordType.VCPU_PDPTRS: ("struct kvm_sregs2", "SREGS2", PDPTRS),
+    RecordType.PIT: ("struct kvm_pit_state2", "PIT2", PIT),
+    RecordType.CLOCK: ("struct kvm_clock_data", "CLOCK", CLOCK),
+}
 
 
 def _field(ctype, name: str):
@@ -78,6 +97,13 @@ def segments(layout: Layout, ctype, base: int = 0, at: dict | None = None) -> li
     return merged
 
 
+def _struct_segments(rtype: RecordType) -> tuple[str, str, list[tuple[int, int]]]:
+    """The struct, ioctl suffix and segments of a record in STRUCTS."""
+    ctype, suffix, layout = STRUCTS[rtype]
+    segs = segments(layout, ffi.typeof(ctype)) if layout is not None else [(0, ffi.sizeof(ctype))]
+    return ctype, suffix, segs
+
+
 class _Step:
     """One ioctl of a capture and what it adds to a record body (capture.c)."""
 
@@ -92,6 +118,7 @@ class _Step:
         self.prefill_len = len(prefill)
         self.seg = ffi.new("uint32_t[]", [v for pair in segs for v in pair] or [0])
         self.nseg = len(segs)
+        self.length = (8 if self.rtype else 0) + sum(n for _, n in segs)    # what it adds to the bodies
 
     def fill(self, slot) -> None:
         slot.fd, slot.size, slot.request, slot.expect_rc = self.fd, self.size, self.request, self.expect_rc
@@ -99,13 +126,9 @@ class _Step:
         slot.prefill_len, slot.prefill, slot.nseg, slot.seg = self.prefill_len, self.prefill, self.nseg, self.seg
 
 
-def _struct_step(fd, ctype: str, ioctl: str, rtype, vm, vcpu_id, layout: Layout) -> _Step:
-    return _Step(fd, ctype, ioctl, rtype, vm, vcpu_id, segments(layout, ffi.typeof(ctype)))
-
-
-def _whole_step(fd, ctype: str, ioctl: str, rtype, vm, vcpu_id) -> _Step:
-    """A record that carries the whole struct (XSAVE, LAPIC, MP_STATE)."""
-    return _Step(fd, ctype, ioctl, rtype, vm, vcpu_id, [(0, ffi.sizeof(ctype))])
+def _struct_step(fd, rtype: RecordType, vm, vcpu_id) -> _Step:
+    ctype, suffix, segs = _struct_segments(rtype)
+    return _Step(fd, ctype, "KVM_GET_" + suffix, rtype, vm, vcpu_id, segs)
 
 
 def _msrs_step(fd, vm, vcpu_id, indices: list[int]) -> _Step:
@@ -130,12 +153,19 @@ def _entry(index: int, entry: int, index_at: int) -> bytes:
     return bytes(out)
 
 
-def _irqchip_step(fd, rtype, vm, chip: str, layout: Layout, at: dict | None = None) -> _Step:
+def _irqchip_segments(chip: str) -> list[tuple[int, int]]:
+    """Segments of an irqchip's record (PIC: one chip of the two) in struct kvm_irqchip."""
     payload = lib.HVM_IRQCHIP_CHIP_OFFSET
-    ctype = "struct kvm_ioapic_state" if chip == "KVM_IRQCHIP_IOAPIC" else "struct kvm_pic_state"
+    if chip == "KVM_IRQCHIP_IOAPIC":
+        return segments(IOAPIC, ffi.typeof("struct kvm_ioapic_state"), payload,
+                        {"redirtbl": lib.HVM_IOAPIC_REDIRTBL_OFFSET})
+    return segments(PIC_CHIP, ffi.typeof("struct kvm_pic_state"), payload)
+
+
+def _irqchip_step(fd, rtype, vm, chip: str) -> _Step:
     prefill = _U32.pack(getattr(lib, chip))        # chip_id, the struct's first field (offset 0)
-    return _Step(fd, "struct kvm_irqchip", "KVM_GET_IRQCHIP", rtype, vm, 0,
-                 segments(layout, ffi.typeof(ctype), payload, at), prefill=prefill)
+    return _Step(fd, "struct kvm_irqchip", "KVM_GET_IRQCHIP", rtype, vm, 0, _irqchip_segments(chip),
+                 prefill=prefill)
 
 
 class StateCapture:
@@ -145,35 +175,22 @@ class StateCapture:
     :meth:`capture` may run any number of times, on the paused VM."""
 
     def __init__(self, space: Vm, vm, vcpus: list, msr_indices: list[int]):
-        steps: list[_Step] = []
-        sregs2 = vm.kvm.has("KVM_CAP_SREGS2")
-        for vcpu in vcpus:
-            fd, i = vcpu.fd, vcpu.id
-            steps += [
-                _struct_step(fd, "struct kvm_regs", "KVM_GET_REGS", RecordType.VCPU_REGS, space, i, REGS),
-                _struct_step(fd, "struct kvm_sregs", "KVM_GET_SREGS", RecordType.VCPU_SREGS, space, i, SREGS),
-                _whole_step(fd, "struct kvm_xsave", "KVM_GET_XSAVE", RecordType.VCPU_XSAVE, space, i),
-                _struct_step(fd, "struct kvm_xcrs", "KVM_GET_XCRS", RecordType.VCPU_XCRS, space, i, XCRS),
-                _msrs_step(fd, space, i, msr_indices),
-                _whole_step(fd, "struct kvm_lapic_state", "KVM_GET_LAPIC", RecordType.VCPU_LAPIC, space, i),
-                _struct_step(fd, "struct kvm_vcpu_events", "KVM_GET_VCPU_EVENTS", RecordType.VCPU_EVENTS,
-                             space, i, EVENTS),
-                _whole_step(fd, "struct kvm_mp_state", "KVM_GET_MP_STATE", RecordType.VCPU_MP_STATE, space, i),
-                _struct_step(fd, "struct kvm_debugregs", "KVM_GET_DEBUGREGS", RecordType.VCPU_DEBUGREGS,
-                             space, i, DEBUGREGS),
-            ]
-            if sregs2:
-                steps.append(_struct_step(fd, "struct kvm_sregs2", "KVM_GET_SREGS2", RecordType.VCPU_PDPTRS,
-                                          space, i, PDPTRS))
         if lib.HVM_IOAPIC_NUM_PINS != 24:
             raise ValueError(f"this kernel's IOAPIC has {lib.HVM_IOAPIC_NUM_PINS} pins; the stream carries 24")
+        sregs2 = vm.kvm.has("KVM_CAP_SREGS2")
+        steps: list[_Step] = []
+        for vcpu in vcpus:
+            for rtype in VCPU_FIELDS:
+                if rtype is RecordType.VCPU_MSRS:
+                    steps.append(_msrs_step(vcpu.fd, space, vcpu.id, msr_indices))
+                elif rtype is not RecordType.VCPU_PDPTRS or sregs2:
+                    steps.append(_struct_step(vcpu.fd, rtype, space, vcpu.id))
         steps += [
-            _irqchip_step(vm.fd, RecordType.PIC, space, "KVM_IRQCHIP_PIC_MASTER", PIC_CHIP),
-            _irqchip_step(vm.fd, 0, space, "KVM_IRQCHIP_PIC_SLAVE", PIC_CHIP),
-            _irqchip_step(vm.fd, RecordType.IOAPIC, space, "KVM_IRQCHIP_IOAPIC", IOAPIC,
-                          at={"redirtbl": lib.HVM_IOAPIC_REDIRTBL_OFFSET}),
-            _struct_step(vm.fd, "struct kvm_pit_state2", "KVM_GET_PIT2", RecordType.PIT, space, 0, PIT),
-            _struct_step(vm.fd, "struct kvm_clock_data", "KVM_GET_CLOCK", RecordType.CLOCK, space, 0, CLOCK),
+            _irqchip_step(vm.fd, RecordType.PIC, space, "KVM_IRQCHIP_PIC_MASTER"),
+            _irqchip_step(vm.fd, 0, space, "KVM_IRQCHIP_PIC_SLAVE"),
+            _irqchip_step(vm.fd, RecordType.IOAPIC, space, "KVM_IRQCHIP_IOAPIC"),
+            _struct_step(vm.fd, RecordType.PIT, space, 0),
+            _struct_step(vm.fd, RecordType.CLOCK, space, 0),
         ]
         self.space = space
         self.steps = steps
@@ -182,9 +199,9 @@ class StateCapture:
             step.fill(slot)
         records = [s for s in steps if s.rtype is not None]
         self.types = tuple(s.rtype for s in records)
-        self.vcpu_ids = tuple(None if s.rtype in _PLATFORM else s.vcpu_id for s in records)
+        self.vcpu_ids = tuple(None if s.rtype in PLATFORM_CODECS else s.vcpu_id for s in records)
         self.scratch = ffi.new("uint8_t[]", max(s.size for s in steps))
-        self.out_size = sum(8 + sum(n for _, n in _pairs(s)) for s in steps)
+        self.out_size = sum(s.length for s in steps)
         self.out = ffi.new("uint8_t[]", self.out_size)
         self.lens = ffi.new("uint32_t[]", len(records))
         self.failed = ffi.new("uint32_t *")
@@ -195,18 +212,8 @@ class StateCapture:
                             self.out_size, self.lens, self.failed)
         if n < 0:
             step = self.steps[self.failed[0]]
-            raise KvmError(step.ioctl, -n, "capturing state" if -n != 5 else "capturing state: short read")
+            raise KvmError(step.ioctl, -n, "capturing state: short read" if -n == errno.EIO else "capturing state")
         return HvmBodies(self.space, self.types, self.vcpu_ids, tuple(self.lens), ffi.buffer(self.out, n)[:])
-
-
-_PLATFORM = {RecordType.PIC, RecordType.IOAPIC, RecordType.PIT, RecordType.CLOCK}
-
-
-def _pairs(step: _Step) -> list[tuple[int, int]]:
-    return [(step.seg[2 * k], step.seg[2 * k + 1]) for k in range(step.nseg)]
-
-
-__all__ = ["StateCapture", "segments"]
 
 
 # -- applying ------------------------------------------------------------------------------------
@@ -233,6 +240,12 @@ class _Apply:
     def fill(self, slot) -> None:
         slot.fd, slot.size, slot.request, slot.get_request = self.fd, self.size, self.request, self.get_request
         slot.prefill_len, slot.prefill, slot.nseg, slot.seg = self.prefill_len, self.prefill, self.nseg, self.seg
+
+
+def _struct_apply(fd: int, rtype: RecordType, get: str | None = None) -> tuple[RecordType, _Apply]:
+    ctype, suffix, segs = _struct_segments(rtype)
+    return rtype, _Apply(VCPU_FIELDS.get(rtype, rtype.name.lower()), fd, ctype, "KVM_SET_" + suffix, segs,
+                         get=get)
 
 
 class _Program:
@@ -276,41 +289,26 @@ class StateApply:
         self.after: list[_Program] = []
         for vcpu in vcpus:
             fd = vcpu.fd
-
-            def step(rtype, name, ctype, ioctl, layout=None, **kw):
-                segs = segments(layout, ffi.typeof(ctype)) if layout is not None else [(0, ffi.sizeof(ctype))]
-                return rtype, _Apply(name, fd, ctype, ioctl, segs, **kw)
-            sregs = step(RecordType.VCPU_SREGS, "sregs", "struct kvm_sregs", "KVM_SET_SREGS", SREGS)
-            rest = [step(RecordType.VCPU_REGS, "regs", "struct kvm_regs", "KVM_SET_REGS", REGS),
-                    step(RecordType.VCPU_XSAVE, "xsave", "struct kvm_xsave", "KVM_SET_XSAVE"),
-                    step(RecordType.VCPU_XCRS, "xcrs", "struct kvm_xcrs", "KVM_SET_XCRS", XCRS),
-                    step(RecordType.VCPU_LAPIC, "lapic", "struct kvm_lapic_state", "KVM_SET_LAPIC")]
-            pdptrs = [step(RecordType.VCPU_PDPTRS, "pdptrs", "struct kvm_sregs2", "KVM_SET_SREGS2", PDPTRS,
-                           get="KVM_GET_SREGS2")] if self.sregs2 else []
+            sregs = _struct_apply(fd, RecordType.VCPU_SREGS)
+            rest = [_struct_apply(fd, rt) for rt in (RecordType.VCPU_REGS, RecordType.VCPU_XSAVE,
+                                                     RecordType.VCPU_XCRS, RecordType.VCPU_LAPIC)]
+            pdptrs = [_struct_apply(fd, RecordType.VCPU_PDPTRS, get="KVM_GET_SREGS2")] if self.sregs2 else []
             self.before.append((_Program([sregs] + rest), _Program([sregs] + pdptrs + rest)))
-            self.after.append(_Program([
-                step(RecordType.VCPU_MP_STATE, "mp_state", "struct kvm_mp_state", "KVM_SET_MP_STATE"),
-                step(RecordType.VCPU_EVENTS, "events", "struct kvm_vcpu_events", "KVM_SET_VCPU_EVENTS", EVENTS),
-                step(RecordType.VCPU_DEBUGREGS, "debugregs", "struct kvm_debugregs", "KVM_SET_DEBUGREGS",
-                     DEBUGREGS)]))
-        payload, fd = lib.HVM_IRQCHIP_CHIP_OFFSET, vm.fd
-        pic = segments(PIC_CHIP, ffi.typeof("struct kvm_pic_state"), payload)
-        chip_bytes = sum(n for _, n in pic)
+            self.after.append(_Program([_struct_apply(fd, rt) for rt in (
+                RecordType.VCPU_MP_STATE, RecordType.VCPU_EVENTS, RecordType.VCPU_DEBUGREGS)]))
+        pic_bytes = sum(n for _, n in _irqchip_segments("KVM_IRQCHIP_PIC_MASTER"))
 
-        def chip(name, which, segs, at=8):
-            return _Apply(name, fd, "struct kvm_irqchip", "KVM_SET_IRQCHIP", segs, body_at=at,
-                          prefill=_U32.pack(getattr(lib, which)))
+        def chip(name, which, at=8):
+            return _Apply(name, vm.fd, "struct kvm_irqchip", "KVM_SET_IRQCHIP", _irqchip_segments(which),
+                          body_at=at, prefill=_U32.pack(getattr(lib, which)))
         self.platform = _Program([
-            (RecordType.PIC, chip("pic_master", "KVM_IRQCHIP_PIC_MASTER", pic)),
-            (RecordType.PIC, chip("pic_slave", "KVM_IRQCHIP_PIC_SLAVE", pic, 8 + chip_bytes)),
-            (RecordType.IOAPIC, chip("ioapic", "KVM_IRQCHIP_IOAPIC", segments(
-                IOAPIC, ffi.typeof("struct kvm_ioapic_state"), payload,
-                {"redirtbl": lib.HVM_IOAPIC_REDIRTBL_OFFSET}))),
-            (RecordType.PIT, _Apply("pit", fd, "struct kvm_pit_state2", "KVM_SET_PIT2",
-                                    segments(PIT, ffi.typeof("struct kvm_pit_state2")))),
+            (RecordType.PIC, chip("pic_master", "KVM_IRQCHIP_PIC_MASTER")),
+            (RecordType.PIC, chip("pic_slave", "KVM_IRQCHIP_PIC_SLAVE", 8 + pic_bytes)),
+            (RecordType.IOAPIC, chip("ioapic", "KVM_IRQCHIP_IOAPIC")),
+            _struct_apply(vm.fd, RecordType.PIT),
             # only the clock value: realtime and host_tsc would need KVM_CLOCK_REALTIME on
             # both hosts and the same time base (PlatformState.apply)
-            (RecordType.CLOCK, _Apply("clock", fd, "struct kvm_clock_data", "KVM_SET_CLOCK",
+            (RecordType.CLOCK, _Apply("clock", vm.fd, "struct kvm_clock_data", "KVM_SET_CLOCK",
                                       [(ffi.offsetof("struct kvm_clock_data", "clock"), 8)])),
         ])
 
@@ -331,4 +329,4 @@ class StateApply:
         self.after[index].run(bodies, what)
 
 
-__all__ += ["StateApply"]
+__all__ = ["STRUCTS", "StateApply", "StateCapture", "segments"]
