@@ -289,13 +289,7 @@ class Domain:
         """Apply captured state to this paused, never-run domain (its memory,
         and unless ``fresh_stub`` the stub's memory, are filled separately).
         ``stub_build`` names the build of a stub resumed from its image."""
-        if self.status is not DomainStatus.PAUSED or self._has_run:
-            raise DomainError("state can only be applied to a domain that has not run")
-        if [v.vcpu_id for v in state.vcpus] != [v.id for v in self.vcpus]:
-            raise DomainError(f"state has vCPUs {[v.vcpu_id for v in state.vcpus]}, "
-                              f"the domain {[v.id for v in self.vcpus]}")
-        if (state.stub is None) != (self.stub is None):
-            raise DomainError("state and domain disagree on having a device-model stub")
+        self._check_applicable([v.vcpu_id for v in state.vcpus], state.stub is not None)
         vcpus = [self._as_here(v, self.cpu, "the guest") for v in state.vcpus]
         stub = None
         if self.stub is not None and not fresh_stub:
@@ -304,15 +298,30 @@ class Domain:
         state.platform.apply(self.vm)
         for saved, vcpu in zip(vcpus, self.vcpus):
             saved.apply(vcpu)
+        self._apply_stub(fresh_stub, state.stub.devices if state.stub else [], stub_build,
+                         lambda: self.stub.apply(stub))
+
+    def _check_applicable(self, vcpu_ids: list[int], has_stub: bool) -> None:
+        """State of these vCPUs, with or without a stub's, can be applied to this domain."""
+        if self.status is not DomainStatus.PAUSED or self._has_run:
+            raise DomainError("state can only be applied to a domain that has not run")
+        if vcpu_ids != [v.id for v in self.vcpus]:
+            raise DomainError(f"state has vCPUs {vcpu_ids}, the domain {[v.id for v in self.vcpus]}")
+        if has_stub != (self.stub is not None):
+            raise DomainError("state and domain disagree on having a device-model stub")
+
+    def _apply_stub(self, fresh_stub: bool, devices: list[dict], stub_build: str, resume) -> None:
+        """The stub's share of an apply, after the guest's: a fresh stub boots and loads the
+        device records; otherwise ``resume()`` applies its saved state to its memory image."""
         if self.stub is None:
             return
         try:
             if fresh_stub:
                 self.stub.boot()
-                self.stub.load_devices(state.stub.devices)
+                self.stub.load_devices(devices)
                 self.stub_build = stub_build_id()
             else:
-                self.stub.apply(stub)
+                resume()
                 self.stub_build = stub_build
         except StubError as exc:
             raise DomainError(str(exc)) from None
@@ -335,13 +344,8 @@ class Domain:
         """:meth:`apply` from the records a restore collected (``records``: each VM's HVM
         context records, complete; ``devices``: the stub's DEVICE_STATE records), applied
         from their bodies in C (migrate/capture.py) by the same rules and in the same order."""
-        if self.status is not DomainStatus.PAUSED or self._has_run:
-            raise DomainError("state can only be applied to a domain that has not run")
-        if (Vm.STUB in records) != (self.stub is not None):
-            raise DomainError("state and domain disagree on having a device-model stub")
         guest = _by_vcpu(records[Vm.GUEST])
-        if sorted(guest[0]) != [v.id for v in self.vcpus]:
-            raise DomainError(f"state has vCPUs {sorted(guest[0])}, the domain {[v.id for v in self.vcpus]}")
+        self._check_applicable(sorted(guest[0]), Vm.STUB in records)
         msrs = [self._msrs_here(_decoded(guest[0][v.id], RecordType.VCPU_MSRS), self.cpu, "the guest")
                 for v in self.vcpus]
         stub = None
@@ -356,19 +360,8 @@ class Domain:
                 self._applier.apply_vcpu(index, guest[0][vcpu.id], msrs[index], _pdptrs_valid(guest[0][vcpu.id]))
         except ValueError as exc:       # a body shorter than its program: the caller checked lengths
             raise DomainError(f"applying the guest's state: {exc}") from None
-        if self.stub is None:
-            return
-        try:
-            if fresh_stub:
-                self.stub.boot()
-                self.stub.load_devices(devices)
-                self.stub_build = stub_build_id()
-            else:
-                self.stub.apply_records(stub[1], stub[0][0], stub_msrs, _pdptrs_valid(stub[0][0]))
-                self.stub_build = stub_build
-        except StubError as exc:
-            raise DomainError(str(exc)) from None
-        self._announce = self.stub.net is not None
+        self._apply_stub(fresh_stub, devices, stub_build,
+                         lambda: self.stub.apply_records(stub[1], stub[0][0], stub_msrs, _pdptrs_valid(stub[0][0])))
 
     # -- memory and dirty log ---------------------------------------------
     def parts(self) -> list["VmSpace"]:
@@ -425,12 +418,7 @@ class Domain:
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
-        if self.status is DomainStatus.RUNNING:
-            raise DomainError("capture needs a paused domain")
-        try:
-            stub = self.stub.capture() if self.stub else None
-        except (StubError, KvmError) as exc:
-            raise DomainError(f"capturing the stub failed: {exc}") from None
+        stub = self._capture_stub(Stub.capture)
         return DomainState(config=self.config,
                            vcpus=[VcpuState.capture(vcpu, self.cpu.msr_indices) for vcpu in self.vcpus],
                            platform=PlatformState.capture(self.vm), stub=stub)
@@ -440,12 +428,7 @@ class Domain:
         (migrate/capture.py): per VM, its HVM context records and its device records
         (the stub's DEVICE_STATE; none for the guest). The same records as
         :meth:`capture`'s state gives (``engine.state``), for a save's downtime path."""
-        if self.status is DomainStatus.RUNNING:
-            raise DomainError("capture needs a paused domain")
-        try:
-            stub = self.stub.capture_records() if self.stub else None
-        except (StubError, KvmError) as exc:
-            raise DomainError(f"capturing the stub failed: {exc}") from None
+        stub = self._capture_stub(Stub.capture_records)
         try:
             guest = self._capture.capture()
         except KvmError as exc:
@@ -454,6 +437,16 @@ class Domain:
         if stub is not None:
             out[Vm.STUB] = stub
         return out
+
+    def _capture_stub(self, how):
+        """``how(stub)`` for a paused domain's stub (None without one): the stub's share of a
+        capture, which comes first (its SAVE changes stub memory)."""
+        if self.status is DomainStatus.RUNNING:
+            raise DomainError("capture needs a paused domain")
+        try:
+            return how(self.stub) if self.stub else None
+        except (StubError, KvmError) as exc:
+            raise DomainError(f"capturing the stub failed: {exc}") from None
 
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
