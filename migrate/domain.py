@@ -100,11 +100,16 @@ class VmSpace:
         if self.also_writes is not None:
             self.also_writes.set_dirty_logging(enabled)
 
-    def fetch_dirty(self) -> DirtyLog:
-        dirty = self.ram.fetch_dirty()
+    def fetch_dirty(self, clear: bool = True) -> DirtyLog:
+        dirty = self.ram.fetch_dirty(clear)
         if self.also_writes is not None:
-            dirty = dirty | self.also_writes.fetch_dirty()
+            dirty = dirty | self.also_writes.fetch_dirty(clear)
         return dirty
+
+    def clear_dirty(self, pfns) -> None:
+        self.ram.clear_dirty(pfns)
+        if self.also_writes is not None:
+            self.also_writes.clear_dirty(pfns)
 
     def state_of(self, state: DomainState):
         return self.share(state)

@@ -8,9 +8,11 @@ holes and dirty bitmaps are put together. The ioctls stay in :mod:`migrate.kvm`.
 """
 from __future__ import annotations
 
+from array import array
+from bisect import bisect_left
 from typing import NamedTuple
 
-from .kvm import DirtyLog, MemorySlot
+from .kvm import DirtyLog, MemorySlot, pfns_bitmap
 
 PAGE_SIZE = 4096
 
@@ -120,15 +122,35 @@ class Ram:
         for slot in self.slots:
             self.vm.set_dirty_logging(slot.slot, enabled)
 
-    def fetch_dirty(self) -> DirtyLog:
-        """Fetch and clear the dirty bitmap of every slot: one log, in this RAM's pfns."""
+    def fetch_dirty(self, clear: bool = True) -> DirtyLog:
+        """Fetch the dirty bitmap of every slot: one log, in this RAM's pfns; and clear it,
+        or with ``clear=False`` leave that to :meth:`clear_dirty` (where KVM has manual
+        dirty-log protection; elsewhere the fetch clears)."""
         parts = []
         for slot in self.slots:
-            bits = self.vm.get_dirty_log(slot.slot)
+            bits = self.vm.get_dirty_log(slot.slot, clear)
             if self.offset:
                 bits = type(bits)(bits.tobytes(), bits.npages, self._first_pfn(slot))
             parts.append(bits)
         return DirtyLog(parts)
+
+    def clear_dirty(self, pfns: array) -> None:
+        """Clear the dirty bits of ``pfns`` (ascending, this RAM's pfns) and track writes
+        to those pages again: a write from now on shows at the next fetch. Called just
+        before the pages are read, after a fetch with ``clear=False``, so that a page
+        written between that fetch and its reading is not sent again in the next round
+        (the reading took the write). A no-op where the fetch clears."""
+        if not self.vm.manual_protect or not len(pfns):
+            return
+        for slot in self.slots:
+            first = self._first_pfn(slot)
+            lo, hi = bisect_left(pfns, first), bisect_left(pfns, first + slot.npages)
+            if lo == hi:
+                continue
+            start = (pfns[lo] - first) & ~63
+            end = min(slot.npages, ((pfns[hi - 1] - first) // 64 + 1) * 64)
+            bits = pfns_bitmap(pfns, lo, hi, first + start, end - start)
+            self.vm.clear_dirty_log(slot.slot, start, end - start, bits)
 
 
 __all__ = ["PAGE_SIZE", "Ram", "RamRange"]

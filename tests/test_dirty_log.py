@@ -3,6 +3,7 @@ pageset workload, between two sync points, timer off) produces that set."""
 import random
 import struct
 import threading
+import time
 
 import pytest
 
@@ -53,3 +54,32 @@ def test_dirty_log_sees_a_single_page(domains):
     pfn = (WORKLOAD_BASE + 100 * PAGE_SIZE) // PAGE_SIZE
     logs = _run_pageset(domains, [pfn])
     assert list(logs[2].pfns()) == [pfn]
+
+
+def test_a_fetch_that_leaves_the_log_and_clears_piece_by_piece(domains):
+    """Manual protection (a pre-copy round's way, engine/save.py _send): a fetch with
+    clear=False leaves the log as it was; clear_dirty clears exactly the pages named; a
+    cleared page is tracked again (the guest's next write to it shows)."""
+    dom = Domain.boot(DomainConfig("lazy", "dirtier", MEMORY, args=[4 << 20, 0]))
+    domains.append(dom)
+    assert dom.ram.vm.manual_protect, "KVM here lacks KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2"
+    dom.resume()
+    dom.console.wait_for("dirtier start", 20)
+    guest = dom.parts()[0]          # what the engine fetches and clears: the guest's RAM
+    guest.set_dirty_logging(True)
+    time.sleep(0.2)
+    dom.pause()
+    first = guest.fetch_dirty(clear=False).pfns()
+    assert len(first) > 64
+    assert guest.fetch_dirty(clear=False).pfns() == first        # paused, nothing cleared
+    half = len(first) // 2
+    guest.clear_dirty(first[:half])
+    assert guest.fetch_dirty(clear=False).pfns() == first[half:]
+    guest.clear_dirty(first[half:])
+    assert len(guest.fetch_dirty(clear=False).pfns()) == 0
+    dom.resume()                    # it goes on writing its working set, cleared pages too
+    time.sleep(0.2)
+    dom.pause()
+    again = set(guest.fetch_dirty().pfns())
+    assert len(again & set(first)) > half
+    assert len(guest.fetch_dirty().pfns()) == 0                   # the plain fetch cleared

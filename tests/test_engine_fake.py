@@ -147,6 +147,43 @@ def test_live_precopy_resends_what_the_guest_dirtied(tmp_path):
     assert bytes(dst.guest.page(100)[:14]) == b"round 3 page 0"
 
 
+def test_a_round_clears_each_piece_just_before_it_goes(tmp_path):
+    """Pre-copy fetches a round's pages without clearing them and clears each piece as it
+    sends it: a page the guest writes between the fetch and its piece goes once (with that
+    write), not again in the next round; a page written after its piece went goes again."""
+    src = fake()
+    for pfn in range(100, 140):
+        src.guest.write(pfn, b"before")
+    rounds = []
+
+    def after_round():
+        rounds.append(None)
+        if len(rounds) == 1:            # after round 0: round 1 sends 100..109
+            for pfn in range(100, 110):
+                src.guest.write(pfn, b"round 1")
+        elif len(rounds) == 2:          # round 1 went: 101 again
+            src.guest.write(101, b"after round 1")
+        return 0.0
+
+    fetch = src.guest.fetch_dirty
+
+    def fetch_then_write(clear=True):
+        dirty = fetch(clear)
+        if len(rounds) == 1:            # round 1's pages fetched, not yet sent: 100 written
+            src.guest.write(100, b"late in round 1")
+        return dirty
+
+    src.guest.fetch_dirty = fetch_then_write
+    conv = Convergence(small_pages=5, downtime=0.0)
+    stats = save_to_file(src, tmp_path / "p.hvm", live=True, convergence=conv, after_round=after_round)
+    assert stats.dirty_history == [10, 1] and stats.reason == "small"     # not 100 again
+    dst, _ = restore(file_chunks(tmp_path / "p.hvm"), make_domain=FakeDomain, fresh_stub=False)
+    assert bytes(dst.guest.page(100)[:15]) == b"late in round 1"
+    assert bytes(dst.guest.page(101)[:13]) == b"after round 1"
+    for pfn in range(100, 140):
+        assert dst.guest.page(pfn) == src.guest.page(pfn), pfn
+
+
 def test_a_receiver_still_being_built_after_round_0_is_asked_again(tmp_path):
     """Round 0 of a nearly empty guest goes out before the destination's domain exists: the
     SYNC after it waits for that build, which no later round pays. A lag longer than round

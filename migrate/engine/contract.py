@@ -46,9 +46,16 @@ class MemorySpace(Protocol):
     def set_dirty_logging(self, enabled: bool) -> None:
         """Start or stop tracking writes (a live save's pre-copy)."""
 
-    def fetch_dirty(self) -> DirtyPages:
-        """Fetch and clear the pages written since the last fetch, over all ranges, by
-        anyone: a VM whose memory another VM can write merges that VM's log in."""
+    def fetch_dirty(self, clear: bool = True) -> DirtyPages:
+        """Fetch the pages written since they were last cleared, over all ranges, by
+        anyone (a VM whose memory another VM can write merges that VM's log in), and clear
+        them. ``clear=False``: leave them set for :meth:`clear_dirty`; a space that cannot
+        clear later clears now."""
+
+    def clear_dirty(self, pfns) -> None:
+        """Clear the pages ``pfns`` (ascending) of a fetch with ``clear=False``, just
+        before the caller reads them: a write from now on shows at the next fetch, one
+        before it was read with them."""
 
 
 class VmState(Protocol):

@@ -91,13 +91,21 @@ class FakeSpace:
             self.logging = enabled
             self.dirty.clear()
 
-    def fetch_dirty(self) -> FakeDirty:
-        self.calls.append("fetch")
+    def fetch_dirty(self, clear: bool = True) -> FakeDirty:
+        self.calls.append("fetch" if clear else "peek")
         with self.lock:
             if not self.logging:
                 raise DomainError("dirty logging is off")
-            dirty, self.dirty = self.dirty, set()
+            dirty = set(self.dirty)
+            if clear:
+                self.dirty.clear()
         return FakeDirty(dirty)
+
+    def clear_dirty(self, pfns) -> None:
+        with self.lock:
+            if not self.logging:
+                raise DomainError("dirty logging is off")
+            self.dirty.difference_update(pfns)
 
     def state_of(self, state: DomainState):
         return self.share(state)

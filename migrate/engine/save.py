@@ -246,11 +246,17 @@ class _Saver:
     def _send(self, space: Vm, pfns: array, stable: bool, figures: dict) -> None:
         """Pages of one space through the sink's data plane, in calls of ``self.chunk``
         pages sized to last about CHUNK_SECONDS each, so that a cancel, a timeout and the
-        progress reports are seen between them."""
+        progress reports are seen between them. While the guest runs (not ``stable``),
+        each piece's dirty bits are cleared just before it goes: a page written after
+        the round's fetch but before its piece was read goes once, not again in the next
+        round (what a guest writes over its memory in order while a round sweeps it)."""
         self.writer.check_pages(space, (pfns[0], pfns[-1]))
+        part = self.parts[space]
         at = 0
         while at < len(pfns):
             piece = pfns[at:at + self.chunk]
+            if not stable:
+                part.clear_dirty(piece)
             t = time.monotonic()
             try:
                 st = self.sink.send_pages(space, piece, self.compression, stable)
@@ -296,8 +302,11 @@ class _Saver:
                 holes[space] = absent
         return data, holes
 
-    def dirty_pages(self) -> dict:
-        return {space: array("Q", part.fetch_dirty().pfns()) for space, part in self.parts.items()}
+    def dirty_pages(self, clear: bool = True) -> dict:
+        """Per space, the pages dirtied since they were last cleared, fetched and cleared;
+        ``clear=False``: for a pre-copy round, which clears each piece just before it
+        sends it (_send)."""
+        return {space: array("Q", part.fetch_dirty(clear).pfns()) for space, part in self.parts.items()}
 
     # -- the save -----------------------------------------------------------------
     def run(self, live: bool) -> SaveStats:
@@ -373,7 +382,7 @@ class _Saver:
         """Rounds until :func:`~.convergence.decide` says switch (or cancel: SaveTimeout)."""
         for part in self.parts.values():
             part.set_dirty_logging(True)
-            part.fetch_dirty()           # start clean: round 0 sends everything
+            part.fetch_dirty()           # start clean (logging may have been on): round 0 sends everything
         self.stats.phase = "precopy"
         start = time.monotonic()
         if self.conv.timeout is not None:
@@ -390,7 +399,7 @@ class _Saver:
             lag = self._lag()
         rounds = [replace(sent, lag=lag)]
         while True:
-            dirty = self.dirty_pages()
+            dirty = self.dirty_pages(clear=False)     # each piece is cleared as it goes (_send)
             count = sum(len(pfns) for pfns in dirty.values())
             decision = decide(self.conv, self.stats.dirty_history + [count], rounds,
                               time.monotonic() - start, self.throttle.percent)
@@ -399,7 +408,7 @@ class _Saver:
                 raise self.timed_out(decision.reason, count)
             if decision.action is Action.SWITCH:
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
-                self.pending = dirty     # fetched and cleared: the final round sends these too
+                self.pending = dirty     # the final round sends these too
                 return
             self.stats.history[-1].dirty_after = count
             self.throttle.set_percent(decision.throttle)

@@ -6,13 +6,14 @@ children; one method per ioctl, named after it, holding no policy.  Policy
 (run loops, pausing, dirty merging) lives in :mod:`migrate.domain`.
 """
 from .errors import KvmError, KvmUnavailable
-from .dirty import DirtyBitmap, DirtyLog
+from .dirty import DirtyBitmap, DirtyLog, pfns_bitmap
 from .system import Kvm
 from .vm import HugePagesError, MemorySlot, Vm, huge_pages_free
 from .vcpu import Vcpu, VcpuExit
 from .state import PlatformState, VcpuState, saveable_msrs
 
 __all__ = [
+    "pfns_bitmap",
     "DirtyBitmap", "DirtyLog", "HugePagesError", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
     "huge_pages_free",
     "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "saveable_msrs",

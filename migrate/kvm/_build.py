@@ -26,16 +26,16 @@ KVM_CREATE_IRQCHIP, KVM_CREATE_PIT2, KVM_IRQ_LINE,
     KVM_GET_LAPIC, KVM_SET_LAPIC, KVM_GET_VCPU_EVENTS, KVM_SET_VCPU_EVENTS,
     KVM_GET_MP_STATE, KVM_SET_MP_STATE, KVM_GET_DEBUGREGS, KVM_SET_DEBUGREGS,
     KVM_SET_CPUID2, KVM_GET_TSC_KHZ, KVM_SET_TSC_KHZ, KVM_GET_MSR_FEATURE_INDEX_LIST,
-    KVM_GET_SREGS2, KVM_SET_SREGS2;
+    KVM_GET_SREGS2, KVM_SET_SREGS2, KVM_CLEAR_DIRTY_LOG, KVM_ENABLE_CAP;
 
 static const int KVM_CAP_IRQCHIP, KVM_CAP_PIT2, KVM_CAP_XSAVE, KVM_CAP_XCRS,
     KVM_CAP_VCPU_EVENTS, KVM_CAP_DEBUGREGS, KVM_CAP_ADJUST_CLOCK,
     KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_NR_MEMSLOTS, KVM_CAP_USER_MEMORY,
     KVM_CAP_SET_TSS_ADDR, KVM_CAP_EXT_CPUID, KVM_CAP_GET_TSC_KHZ,
     KVM_CAP_MP_STATE, KVM_CAP_IRQ_ROUTING, KVM_CAP_TSC_CONTROL, KVM_CAP_GET_MSR_FEATURES,
-    KVM_CAP_SREGS2;
+    KVM_CAP_SREGS2, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2;
 
-static const int KVM_MEM_LOG_DIRTY_PAGES, KVM_PIT_SPEAKER_DUMMY,
+static const int KVM_MEM_LOG_DIRTY_PAGES, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVM_PIT_SPEAKER_DUMMY,
     KVM_IRQCHIP_PIC_MASTER, KVM_IRQCHIP_PIC_SLAVE, KVM_IRQCHIP_IOAPIC,
     KVM_EXIT_IO, KVM_EXIT_MMIO, KVM_EXIT_HLT, KVM_EXIT_SHUTDOWN,
     KVM_EXIT_FAIL_ENTRY, KVM_EXIT_INTERNAL_ERROR, KVM_EXIT_SYSTEM_EVENT,
@@ -102,6 +102,8 @@ struct kvm_pit_config { uint32_t flags; uint32_t pad[15]; ...; };
 struct kvm_clock_data { __u64 clock; uint32_t flags; uint32_t pad0; __u64 realtime; __u64 host_tsc; uint32_t pad[4]; ...; };
 struct kvm_irq_level { uint32_t irq; uint32_t level; ...; };
 struct kvm_dirty_log { uint32_t slot; uint32_t padding1; void *dirty_bitmap; ...; };
+struct kvm_clear_dirty_log { uint32_t slot; uint32_t num_pages; __u64 first_page; void *dirty_bitmap; ...; };
+struct kvm_enable_cap { uint32_t cap; uint32_t flags; __u64 args[4]; ...; };
 struct kvm_cpuid_entry2 { uint32_t function, index, flags, eax, ebx, ecx, edx; uint32_t padding[3]; ...; };
 struct kvm_cpuid2 { uint32_t nent; uint32_t padding; struct kvm_cpuid_entry2 entries[]; ...; };
 struct kvm_run { uint8_t request_interrupt_window; uint8_t immediate_exit; uint32_t exit_reason; ...; };
@@ -138,6 +140,7 @@ int hvm_run(struct hvm_runner *r);
 void hvm_complete_io_in(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 void hvm_complete_mmio_read(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base, uint64_t *out);
+size_t hvm_pfns_bitmap(const uint64_t *pfns, size_t n, uint64_t base, uint64_t *bitmap, size_t nwords);
 
 #define HVM_CAP_ZERO ...
 struct hvm_cap_step {

@@ -84,6 +84,17 @@ class DirtyBitmap:
         return f"DirtyBitmap({self.count()} of {self.npages} pages from pfn {self.base_pfn:#x})"
 
 
+def pfns_bitmap(pfns: array, lo: int, hi: int, base_pfn: int, npages: int) -> bytearray:
+    """A bitmap of ``npages`` pages from ``base_pfn`` (bit i: page ``base_pfn + i``) with
+    the bits of ``pfns[lo:hi]`` set (an ``array('Q')``; pfns outside are skipped)."""
+    nwords = (npages + 63) // 64
+    bits = bytearray(nwords * 8)
+    if hi > lo:
+        lib.hvm_pfns_bitmap(ffi.from_buffer("uint64_t[]", pfns) + lo, hi - lo, base_pfn,
+                            ffi.from_buffer("uint64_t[]", bits), nwords)
+    return bits
+
+
 class DirtyLog:
     """The dirty pages of several memory slots as one set: ``parts`` are the slots'
     DirtyBitmaps, in ascending pfn order, apart (a VM's RAM in several slots, e.g. below the

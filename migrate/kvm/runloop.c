@@ -252,3 +252,19 @@ size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base,
     }
     return n;
 }
+
+/* The reverse: set the bit of each of the n pfns that falls in the bitmap's nwords * 64
+   pages from base (the others are skipped); how many bits were set. */
+size_t hvm_pfns_bitmap(const uint64_t *pfns, size_t n, uint64_t base, uint64_t *bitmap,
+                       size_t nwords)
+{
+    size_t set = 0, i;
+    for (i = 0; i < n; i++) {
+        uint64_t at = pfns[i] - base;
+        if (pfns[i] < base || at >= (uint64_t)nwords * 64)
+            continue;
+        bitmap[at / 64] |= 1ull << (at % 64);
+        set++;
+    }
+    return set;
+}

@@ -91,6 +91,20 @@ class Vm:
         self.fd = fd
         self.slots: dict[int, MemorySlot] = {}
         self.vcpus = []
+        self.manual_protect = self._enable_manual_protect()
+
+    def _enable_manual_protect(self) -> bool:
+        """KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2 on, where KVM has it: KVM_GET_DIRTY_LOG then
+        leaves the log as it is, and pages are re-armed (write-protected again, their bits
+        cleared) by KVM_CLEAR_DIRTY_LOG, range by range (:meth:`clear_dirty_log`). Set
+        before any slot logs."""
+        if not self.kvm.check_extension(lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2) & 1:
+            return False
+        cap = ffi.new("struct kvm_enable_cap *")
+        cap.cap = lib.KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2
+        cap.args[0] = lib.KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE
+        ioctl(self.fd, "KVM_ENABLE_CAP", cap)
+        return True
 
     def close(self) -> None:
         for vcpu in self.vcpus:
@@ -172,15 +186,32 @@ class Vm:
         region.flags = (region.flags | flag) if enabled else (region.flags & ~flag)
         self._set_region(region)
 
-    def get_dirty_log(self, slot: int) -> DirtyBitmap:
-        """Fetch and clear the slot's dirty bitmap (KVM_GET_DIRTY_LOG)."""
+    def get_dirty_log(self, slot: int, clear: bool = True) -> DirtyBitmap:
+        """The slot's dirty bitmap (KVM_GET_DIRTY_LOG), cleared: the pages in it are
+        tracked again from now on. ``clear=False``, with manual protection
+        (``manual_protect``): left as it is, for the caller to clear range by range
+        (:meth:`clear_dirty_log`) just before it reads those pages; without manual
+        protection KVM clears it anyway."""
         region = self.slots[slot]
         bits = bytearray((region.npages + 63) // 64 * 8)
         arg = ffi.new("struct kvm_dirty_log *")
         arg.slot = slot
         arg.dirty_bitmap = ffi.from_buffer(bits)
         ioctl(self.fd, "KVM_GET_DIRTY_LOG", arg)
+        if clear and self.manual_protect and any(bits):
+            self.clear_dirty_log(slot, 0, region.npages, bits)
         return DirtyBitmap(bytes(bits), region.npages, region.base_pfn)
+
+    def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bits) -> None:
+        """KVM_CLEAR_DIRTY_LOG: clear and track again the pages of the slot from
+        ``first_page`` (a multiple of 64) whose bits are set in ``bits`` (a bitmap of
+        ``num_pages`` pages: a multiple of 64, or up to the slot's end). Only bits KVM has
+        set are touched, so a page written since the last fetch that ``bits`` does not
+        name stays dirty. Needs ``manual_protect``."""
+        arg = ffi.new("struct kvm_clear_dirty_log *")
+        arg.slot, arg.first_page, arg.num_pages = slot, first_page, num_pages
+        arg.dirty_bitmap = ffi.from_buffer(bits)
+        ioctl(self.fd, "KVM_CLEAR_DIRTY_LOG", arg)
 
     # -- interrupts and platform devices ---------------------------------
     def irq_line(self, irq: int, level: int) -> None:
