@@ -348,7 +348,9 @@ class _Saver:
         mark = self._part("state", mark)
         self.stats.phase = "final"
         if live:
-            dirty = self._merge(self.pending, self.dirty_pages())
+            # not cleared: the guest is paused, and a later save starts with a clearing
+            # fetch (precopy); clearing write-protects again, 0.2 ms of downtime here
+            dirty = self._merge(self.pending, self.dirty_pages(clear=False))
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
             self.stats.history[-1].dirty_after = sum(len(p) for p in dirty.values())
             self.send_round(dirty, paused=True, start=last_round)

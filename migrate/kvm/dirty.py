@@ -48,7 +48,7 @@ class DirtyBitmap:
         return self.count()
 
     def __bool__(self) -> bool:
-        return any(self._bits)
+        return self._bits.count(0) != len(self._bits)      # in C: any() walks it in Python
 
     def pfns(self) -> array:
         """The dirty page numbers, ascending, as an ``array('Q')``."""
@@ -73,6 +73,10 @@ class DirtyBitmap:
 
     def __or__(self, other: "DirtyBitmap") -> "DirtyBitmap":
         self._check_same_shape(other)
+        if not other:           # the common case (a stub's window log), without the int round trip
+            return self
+        if not self:
+            return other
         value = int.from_bytes(self._bits, "little") | int.from_bytes(other._bits, "little")
         return DirtyBitmap(value.to_bytes(len(self._bits), "little"), self.npages, self.base_pfn)
 
