@@ -404,8 +404,8 @@ class Domain:
             part.set_dirty_logging(enabled)
 
     def fetch_dirty(self) -> DirtyLog:
-        """Fetch and clear the pages of guest RAM dirtied since the last fetch, in every
-        RAM slot: the guest's own log merged with the stub's window log (its DMA), which
+        """Fetch and clear the pages of guest RAM written since their bits were last
+        cleared, in every RAM slot: the guest's own log merged with the stub's window log (its DMA), which
         KVM keeps apart (KVM-HERE.md)."""
         return self._parts[0].fetch_dirty()
 

@@ -88,8 +88,9 @@ class FakeSpace:
     def set_dirty_logging(self, enabled: bool) -> None:
         self.calls.append(f"logging {'on' if enabled else 'off'}")
         with self.lock:
+            if enabled != self.logging:     # as KVM: turning it on again keeps the log
+                self.dirty.clear()
             self.logging = enabled
-            self.dirty.clear()
 
     def fetch_dirty(self, clear: bool = True) -> FakeDirty:
         self.calls.append("fetch" if clear else "peek")

@@ -57,7 +57,7 @@ class SaveCancelled(SaveError):
     pass
 
 
-CHUNK_PAGES = 16384         # the first data plane call of a round: 64 MiB
+CHUNK_PAGES = 16384         # the first data plane call of a save: 64 MiB
 MIN_CHUNK, MAX_CHUNK = 1024, 1 << 20
 CHUNK_SECONDS = 0.1         # later calls are sized to last about this long
 
@@ -304,8 +304,8 @@ class _Saver:
 
     def dirty_pages(self, clear: bool = True) -> dict:
         """Per space, the pages dirtied since they were last cleared, fetched and cleared;
-        ``clear=False``: for a pre-copy round, which clears each piece just before it
-        sends it (_send)."""
+        ``clear=False``: left set, for a pre-copy round, which clears each piece just before
+        it sends it (_send), and for the final round (paused: nothing to track after it)."""
         return {space: array("Q", part.fetch_dirty(clear).pfns()) for space, part in self.parts.items()}
 
     # -- the save -----------------------------------------------------------------
@@ -474,7 +474,7 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     written, still paused and before the engine tidies up (dirty logging off): a
     relocation tells the destination there. Either may raise to fail the save, with the
     same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
-    dirty logging on; the caller turns it off (``domain.set_dirty_logging(False)``) before
+    dirty logging on (its log still holding the final round's pages); the caller turns it off (``domain.set_dirty_logging(False)``) before
     it resumes the domain. For a caller that destroys the domain next (a relocation):
     switching it off costs slot updates, which would compete with the destination for
     the CPU during the downtime.

@@ -91,7 +91,12 @@ class Kvm:
 
     def create_vm(self) -> "Vm":
         from .vm import Vm
-        return Vm(self, ioctl(self.fd, "KVM_CREATE_VM", 0))
+        fd = ioctl(self.fd, "KVM_CREATE_VM", 0)
+        try:
+            return Vm(self, fd)
+        except BaseException:
+            os.close(fd)
+            raise
 
     def has(self, cap: str) -> bool:
         """Whether KVM has capability ``cap`` (a KVM_CAP_* name), asked once."""

@@ -187,8 +187,8 @@ class Vm:
         self._set_region(region)
 
     def get_dirty_log(self, slot: int, clear: bool = True) -> DirtyBitmap:
-        """The slot's dirty bitmap (KVM_GET_DIRTY_LOG), cleared: the pages in it are
-        tracked again from now on. ``clear=False``, with manual protection
+        """The slot's dirty bitmap (KVM_GET_DIRTY_LOG): the pages written since their bits
+        were last cleared; cleared, so that those pages are tracked again from now on. ``clear=False``, with manual protection
         (``manual_protect``): left as it is, for the caller to clear range by range
         (:meth:`clear_dirty_log`) just before it reads those pages; without manual
         protection KVM clears it anyway."""
@@ -198,7 +198,7 @@ class Vm:
         arg.slot = slot
         arg.dirty_bitmap = ffi.from_buffer(bits)
         ioctl(self.fd, "KVM_GET_DIRTY_LOG", arg)
-        if clear and self.manual_protect and any(bits):
+        if clear and self.manual_protect and bits.count(0) != len(bits):
             self.clear_dirty_log(slot, 0, region.npages, bits)
         return DirtyBitmap(bytes(bits), region.npages, region.base_pfn)
 
