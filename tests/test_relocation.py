@@ -20,10 +20,11 @@ import pytest
 from click.testing import CliRunner
 
 from migrate.cli import hvm
+from migrate.config import Convergence
 from migrate.domain import DomainConfig
 from migrate.engine import file_chunks, restore
 from migrate.guest import check
-from migrate.host import control, destination, tls
+from migrate.host import control, destination, learned, tls
 from migrate.host.source import _downtime_parts, migrate_domain
 from migrate.host.channel import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
 
@@ -179,6 +180,10 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     assert rounds[0]["pages"] + rounds[0]["holes"] == (32 << 8) + 2048   # guest + stub
     assert sum(r["bytes"] for r in rounds) == stats["bytes"] and all(r["seconds"] >= 0 for r in rounds)
     assert 0 < stats["downtime"] < stats["seconds"]
+    # nothing learned of this destination yet: the default fixed part; now its measure is kept
+    assert stats["downtime_fixed"] == Convergence().state_seconds
+    kept = learned.load(src / learned.FILE, f"127.0.0.1:{b.address[1]}")
+    assert kept == stats["downtime_fixed_measured"] and 0 < kept < stats["downtime"]
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up
     assert set(parts) == {"stop", "capture", "pages", "state", "end", "read", "apply", "answer", "resume",
                           "link"}

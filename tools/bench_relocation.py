@@ -186,7 +186,8 @@ def one_move(opts, here: int, bases, servers, tls_dir, check) -> dict:
 def show_move(run: int, s: dict, check: bool) -> None:
     parts = s.get("downtime_parts", {})
     est = s.get("downtime_estimate") or 0.0
-    print(f"run {run}: pause {s['downtime'] * 1e3:.2f} ms (estimate {est * 1e3:.2f} ms"
+    print(f"run {run}: pause {s['downtime'] * 1e3:.2f} ms (estimate {est * 1e3:.2f} ms, "
+          f"fixed part {s.get('downtime_fixed', 0.0) * 1e3:.2f}"
           + (f", {s['ratio']:.2f}x" if s["ratio"] else "") + f", {s['reason']}), total {s['seconds']:.2f} s, "
           f"{s['rounds']} rounds, final {s['final_pages']} pages; {s['bytes'] / 1e6:.1f} MB sent for "
           f"{s['touched'] / 1e6:.1f} MB touched ({s['bytes'] / s['touched']:.2f}x); round 0 "

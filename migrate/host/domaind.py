@@ -64,7 +64,7 @@ from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
-from . import launch, protocol, statedir
+from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
 from .channel import FRAME_TIMEOUT
 
@@ -385,6 +385,7 @@ class DomainServer:
         from .source import OutcomeUnknown, RelocationError
         watch = ClientWatch(conn, self.save_cancel)
         job.disk_lock = self.disk_lock
+        job.learned = self.dir.parent / learned.FILE
         try:
             stats = job.run(self.domain, watch.progress, self.save_cancel, before_go=watch.check)
         except OutcomeUnknown as exc:       # after GO: kept paused, the message says what to do

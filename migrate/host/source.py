@@ -15,6 +15,7 @@ before GO and taken back if the source resumes after all.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import math
 import select
@@ -34,7 +35,7 @@ from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
 from ..locks import DiskBusy
 from ..stream import FORMAT_VERSION
-from . import tls
+from . import learned, tls
 from .protocol import convergence_from_request, convergence_request
 from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
@@ -88,6 +89,7 @@ class MigrateJob:
         self.channels = channels
         self.paused = paused
         self.disk_lock = None
+        self.learned: Path | None = None     # where past moves' fixed parts are kept (learned.py)
 
     @classmethod
     def from_request(cls, req: dict) -> "MigrateJob":
@@ -213,6 +215,10 @@ class MigrateJob:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
+        conv = self.convergence
+        fixed = learned.load(self.learned, where) if self.learned is not None and self.live else None
+        if fixed is not None:               # what the state and the handoff took on the last moves there
+            conv = dataclasses.replace(conv, state_seconds=fixed)
 
         def after_round() -> float:
             """SYNC after each pre-copy round (specs/relocation.md): the destination places
@@ -237,7 +243,7 @@ class MigrateJob:
         try:
             try:
                 stats = save(domain, sink, live=self.live, stats_cb=progress, cancel=cancel,
-                             compress=self.compress, convergence=self.convergence,
+                             compress=self.compress, convergence=conv,
                              after_round=after_round, on_end=on_end, keep_dirty_logging=self.live)
             finally:
                 watch.stop()
@@ -292,6 +298,9 @@ class MigrateJob:
                                 restored, running)
         downtime = running_at - paused_at - parts.pop("return", 0.0)
         target = self.convergence.downtime if self.live else None
+        measured = learned.fixed_part(downtime, stats.downtime_estimate, conv.state_seconds) if self.live else None
+        if self.live and self.learned is not None and measured is not None:
+            learned.record(self.learned, where, measured)
         return {
             "seconds": running_at - t0, "setup": setup,
             "downtime": downtime, "downtime_target": target,
@@ -304,6 +313,7 @@ class MigrateJob:
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
             "rounds_detail": _rounds(stats, stats.start_time, final_at),
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
+            "downtime_fixed": conv.state_seconds, "downtime_fixed_measured": measured,
             "throttle": max(stats.throttle_history, default=0),
             "vcpus": stats.vcpus, "pause_skew": stats.pause_skew,
             "arrived": arrived,

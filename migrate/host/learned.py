@@ -1,0 +1,78 @@
+"""What past relocations from this host measured of the downtime's fixed part, per
+destination (specs/relocation.md, section 6): the state's capture, records, check and apply
+and the handoff, the part of a pause that does not grow with the last dirty pages (measured
+as what the estimate's other terms leave of the downtime: :func:`fixed_part`). The
+convergence estimate's ``state_seconds`` is a constant measured on one kind of host (7 ms);
+a slower host, or a slower link to one destination, pays more, and the estimate then falls
+short. So after each live relocation the source keeps what that part took, and the next move
+to the same destination starts from the largest of the last KEEP of them.
+
+The record is a small JSON file in the state directory (``downtime.json``), written whole
+and renamed into place; anything unreadable in it is ignored (it only tunes an estimate).
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+FILE = "downtime.json"
+KEEP = 5                    # measurements kept per destination
+MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
+MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not kept
+
+
+def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
+    """What the fixed part of a relocation's downtime turned out to be: the measured
+    ``downtime`` less the estimate's other terms (``estimate`` made with fixed part
+    ``fixed``: the last pages at the rounds' rate and the destination's lag). So it also
+    takes in what those terms missed on this path: the last round's own costs (the dirty
+    log's fetch, the channels' barrier, END), whatever the guest dirtied between the
+    switch and the pause. None without an estimate."""
+    if not estimate > 0:
+        return None
+    value = downtime - (estimate - fixed)
+    return value if math.isfinite(value) else None
+
+
+def load(path: Path, destination: str) -> float | None:
+    """The fixed part to expect on a move to ``destination`` (HOST:PORT): the largest of
+    the last KEEP measured, or None (no record, or an unreadable one)."""
+    values = _read(path).get(destination)
+    return max(values) if values else None
+
+
+def record(path: Path, destination: str, seconds: float) -> None:
+    """Keep ``seconds``, measured on a move to ``destination``. Errors writing are ignored:
+    the record only tunes an estimate."""
+    if not MIN_SECONDS <= seconds <= MAX_SECONDS:
+        return
+    table = _read(path)
+    values = table.pop(destination, [])[-(KEEP - 1):] + [seconds]
+    table[destination] = values             # the most recent last
+    while len(table) > MAX_DESTINATIONS:
+        table.pop(next(iter(table)))
+    tmp = path.with_name(f".{path.name}.{os.getpid()}")
+    try:
+        tmp.write_text(json.dumps({"version": 1, "destinations": table}))
+        os.replace(tmp, path)
+    except OSError:
+        tmp.unlink(missing_ok=True)
+
+
+def _read(path: Path) -> dict[str, list[float]]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    table = data.get("destinations") if isinstance(data, dict) and data.get("version") == 1 else None
+    if not isinstance(table, dict):
+        return {}
+    out = {}
+    for key, values in list(table.items())[-MAX_DESTINATIONS:]:
+        if isinstance(key, str) and isinstance(values, list):
+            kept = [v for v in values[-KEEP:] if isinstance(v, float) and MIN_SECONDS <= v <= MAX_SECONDS]
+            if kept:
+                out[key] = kept
+    return out

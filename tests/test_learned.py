@@ -1,0 +1,43 @@
+"""The fixed part of the downtime learned per destination (migrate/host/learned.py)."""
+import json
+
+from migrate.host import learned
+
+
+def test_the_largest_of_the_last_five_per_destination(tmp_path):
+    path = tmp_path / learned.FILE
+    assert learned.load(path, "a:1") is None                    # nothing kept yet
+    for ms in (9, 5, 6, 7, 4, 3):
+        learned.record(path, "a:1", ms / 1000)
+    learned.record(path, "b:2", 0.002)
+    assert learned.load(path, "a:1") == 0.007                   # 9 ms was the sixth from last
+    assert learned.load(path, "b:2") == 0.002
+    assert json.loads(path.read_text())["destinations"]["a:1"] == [0.005, 0.006, 0.007, 0.004, 0.003]
+
+
+def test_what_is_kept_stays_bounded(tmp_path):
+    path = tmp_path / learned.FILE
+    learned.record(path, "a:1", 5.0)                            # out of bounds: not kept
+    learned.record(path, "a:1", float("nan"))
+    assert learned.load(path, "a:1") is None
+    for i in range(learned.MAX_DESTINATIONS + 3):
+        learned.record(path, f"h{i}:1", 0.004)
+    table = json.loads(path.read_text())["destinations"]
+    assert len(table) == learned.MAX_DESTINATIONS and "h0:1" not in table and f"h{i}:1" in table
+
+
+def test_an_unreadable_record_is_ignored_and_replaced(tmp_path):
+    path = tmp_path / learned.FILE
+    for text in ("not json", '{"version": 2, "destinations": {}}', '{"version": 1, "destinations": []}',
+                 '{"version": 1, "destinations": {"a:1": ["x", -1, 2.0]}}'):
+        path.write_text(text)
+        assert learned.load(path, "a:1") is None
+    learned.record(path, "a:1", 0.004)
+    assert learned.load(path, "a:1") == 0.004
+    learned.record(tmp_path / "missing" / learned.FILE, "a:1", 0.004)     # cannot write: ignored
+
+
+def test_the_fixed_part_is_what_the_estimates_other_terms_leave():
+    # estimated 9 ms with a fixed part of 7 (2 ms of pages and lag), measured 10 ms
+    assert abs(learned.fixed_part(0.010, 0.009, 0.007) - 0.008) < 1e-12
+    assert learned.fixed_part(0.010, 0.0, 0.007) is None        # no estimate (offline)
