@@ -50,7 +50,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from migrate.guest import check  # noqa: E402
-from migrate.host import control, tls  # noqa: E402
+from migrate.host import control, learned, tls  # noqa: E402
 from migrate.locks import INCOMING, WRITER, holders  # noqa: E402
 
 NAME = "chaos"
@@ -481,7 +481,8 @@ class Chaos:
             for name, info in h.domains().items():
                 if info["status"] != "crashed":
                     live[info["pid"]] = f"{h.label}/{name}"
-            dirs |= {f"{h.label}/{p.name}" for p in h.base.iterdir()} if h.base.exists() else set()
+            dirs |= {f"{h.label}/{p.name}" for p in h.base.iterdir()
+                     if p.name != learned.FILE} if h.base.exists() else set()     # a host's, not a domain's
         procs = {}
         for pid in filter(str.isdigit, os.listdir("/proc")):
             try:

@@ -7,7 +7,7 @@ a slower host, or a slower link to one destination, pays more, and the estimate 
 short. So after each live relocation the source keeps what that part took, and the next move
 to the same destination starts from the largest of the last KEEP of them.
 
-The record is a small JSON file in the state directory (``downtime.json``), written whole
+The record is a small JSON file in the state directory (``.downtime.json``), written whole
 and renamed into place; anything unreadable in it is ignored (it only tunes an estimate).
 """
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import os
 from pathlib import Path
 
-FILE = "downtime.json"
+FILE = ".downtime.json"      # a dot: never a domain's name (statedir.NAME_RE), and not listed as one
 KEEP = 5                    # measurements kept per destination
 MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
 MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not kept
