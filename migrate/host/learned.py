@@ -7,8 +7,9 @@ a slower host, or a slower link to one destination, pays more, and the estimate 
 short. So after each live relocation the source keeps what that part took, and the next move
 to the same destination starts from the largest of the last KEEP of them.
 
-The record is a small JSON file in the state directory (``.downtime.json``), written whole
-and renamed into place; anything unreadable in it is ignored (it only tunes an estimate).
+The record is a small JSON file in the state directory (``.downtime.json``), rewritten in
+one write (no temporary file to leave behind); anything unreadable in it, a torn write
+included, is ignored and replaced (it only tunes an estimate).
 """
 from __future__ import annotations
 
@@ -53,12 +54,15 @@ def record(path: Path, destination: str, seconds: float) -> None:
     table[destination] = values             # the most recent last
     while len(table) > MAX_DESTINATIONS:
         table.pop(next(iter(table)))
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    try:
-        tmp.write_text(json.dumps({"version": 1, "destinations": table}))
-        os.replace(tmp, path)
+    data = json.dumps({"version": 1, "destinations": table}).encode()
+    try:        # in place, in one write: a process killed in it leaves at worst a torn file,
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)    # read as none
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
     except OSError:
-        tmp.unlink(missing_ok=True)
+        pass
 
 
 def _read(path: Path) -> dict[str, list[float]]:
