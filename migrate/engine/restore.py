@@ -26,6 +26,7 @@ import time
 from dataclasses import asdict, dataclass
 from typing import Any, Callable, Iterable
 
+from .. import trace
 from ..cpu import legacy_policy, this_host
 from ..dataplane import DataplaneError, Range, Target
 from ..domain import Domain, DomainConfig, guest_layout
@@ -247,12 +248,14 @@ class _Restorer:
         self.channels_record = record
 
     def on_end(self, record: End) -> None:
+        trace.mark("R END read")
         self.settle()
         if self.channels is not None:
             if self.channels_record is None:
                 raise RestoreError("data channels were opened but the stream has no CHANNELS")
             self.channels.finish(self.channels_record, CHANNELS_TIMEOUT)
         self.stats.end_at = time.monotonic()
+        trace.mark("R pages all placed")
         records = {Vm.GUEST: self.collector.records(self.config, Vm.GUEST)}
         if self.config.stub:
             records[Vm.STUB] = self.stub_collector.records(self.config, Vm.STUB)
@@ -267,6 +270,7 @@ class _Restorer:
         self.domain.apply_records(records, self.devices, fresh_stub=bool(self.fresh_stub),
                                   stub_build=self.stub_build)
         self.stats.applied_at = time.monotonic()
+        trace.mark("R state applied")
         self.end_seen = True
 
     def release(self) -> None:

@@ -37,6 +37,7 @@ from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
 from ..config import DomainStatus
+from .. import trace
 from ..dataplane import DataplaneError, RoundStats
 from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
 from .convergence import (
@@ -329,6 +330,7 @@ class _Saver:
             self.stats.throttle = 0
         else:
             self.stats.reason = Reason.OFFLINE
+        trace.mark("S pause asked")
         stopped = dom.pause()       # the domain may say when its guest began to stop
         mark = time.monotonic()
         paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
@@ -336,8 +338,10 @@ class _Saver:
         self.stats.pause_skew = dom.pause_skew
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         mark = self._part("stop", paused_at)
+        trace.mark("S paused")
         state = dom.capture_records()       # before the last pages: see the module docstring
         mark = self._part("capture", mark)
+        trace.mark("S captured")
         self.stats.phase = "state"
         for space in self.parts:
             hvm, devices = state[space]
@@ -346,11 +350,13 @@ class _Saver:
                 self.write(self.writer.record(DeviceState(**device)))
         self.sink.flush()           # the reader can check these while the last pages go out
         mark = self._part("state", mark)
+        trace.mark("S state sent")
         self.stats.phase = "final"
         if live:
             # not cleared: the guest is paused, and a later save starts with a clearing
             # fetch (precopy); clearing write-protects again, 0.2 ms of downtime here
             dirty = self._merge(self.pending, self.dirty_pages(clear=False))
+            trace.mark("S last dirty pages fetched")
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
             self.stats.history[-1].dirty_after = sum(len(p) for p in dirty.values())
             self.send_round(dirty, paused=True, start=last_round)
@@ -361,9 +367,11 @@ class _Saver:
         self.stats.stream_bytes = self.sink.bytes
         self.stats.phase = "done"
         mark = self._part("pages", mark)
+        trace.mark("S last pages and END sent")
         if self.on_end is not None:
             self.on_end(self.stats)
             self._part("end", mark)
+            trace.mark("S STREAM_END sent")
         if live:
             self.stats.downtime = time.monotonic() - paused_at
             self.stats.downtime_target = self.conv.downtime

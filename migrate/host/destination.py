@@ -34,6 +34,7 @@ from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
 from ..stream import StreamError, Vm
+from .. import trace
 from . import control, statedir, tls
 from .launch import Go, Launch, Line, Receive, Say, parse
 from .channel import (
@@ -296,12 +297,14 @@ class Incoming:
         go_at = time.monotonic()
         try:
             os.write(self.go_w, Go(paused).encode())
+            trace.mark("D GO passed on")
         except OSError as exc:      # no reader left: nobody can have resumed it
             raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
         finally:
             os.close(self.go_w)
             self.go_w = -1
         line = self._line(control.CREATE_TIMEOUT, "answer to GO")
+        trace.mark("D answer to GO read")
         if line.kind in (Say.REFUSED, Say.ERROR):
             raise NotResumed(line.reason)
         if paused and line.kind is Say.PAUSED:
@@ -464,8 +467,11 @@ class RelocationServer:
                 ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
             timing = incoming.finish()
+            trace.mark("D OK read")
             ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
+            trace.mark("D RESTORED sent")
             go = ch.expect("GO", GO_TIMEOUT)
+            trace.mark("D GO read")
         except (Refused, ChannelError, OSError) as exc:
             log.warning("relocation of %s from %s failed: %s", name, who, exc)
             if incoming is not None:
@@ -497,6 +503,7 @@ class RelocationServer:
             return
         # ``after``: how long the guest had run here when RUNNING left (it is no downtime)
         ch.send("RUNNING", resume=resume, after=time.monotonic() - incoming.ran_at)
+        trace.mark("D RUNNING sent")
         log.info("relocated %s from %s: running", name, who)
 
     def check_hello(self, hello: dict) -> tuple[str | None, int]:
@@ -616,6 +623,7 @@ class RelocationServer:
                 ch.send("SYNCED", bytes=incoming.sync(rounds))
             elif message["t"] == "STREAM_END":
                 incoming.stream_end_at = time.monotonic()
+                trace.mark("D STREAM_END read")
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")

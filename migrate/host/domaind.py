@@ -64,6 +64,7 @@ from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
+from .. import trace
 from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
 from .channel import FRAME_TIMEOUT
@@ -126,6 +127,7 @@ class DomainServer:
             word = os.read(go_fd, 16)
         except BlockingIOError:
             return
+        trace.mark("R GO read")
         self._end_go_wait()
         go = Go.decode(word)
         if go is None:
@@ -142,12 +144,14 @@ class DomainServer:
                 log.info("%s; left paused, as it was at the source", note)
                 return
             self.domain.resume()
+            trace.mark("R resumed")
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
             self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
             self.running = False
             return
         self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
+        trace.mark("R RUNNING said")
         log.info("%s; running", note)
 
     def _end_go_wait(self) -> None:
@@ -577,6 +581,7 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         server.domain = domain
         server.publish()
         os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
+        trace.mark("R OK said")
 
     def complete(domain, stats) -> None:
         # GO comes about a millisecond after OK: await it now that nothing can fail the

@@ -29,7 +29,7 @@ from pathlib import Path
 from ..config import DomainStatus
 from ..engine import Convergence, SaveCancelled, SaveError, SaveTimeout, save
 from ..engine.sinks import DEFAULT_COMPRESSION
-from .. import dataplane
+from .. import dataplane, trace
 from ..engine.channels import ChannelSink
 from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
@@ -262,6 +262,7 @@ class MigrateJob:
         paused_at = stats.start_time + stats.pause_offset
         try:
             restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
+            trace.mark("S RESTORED read")
             if before_go is not None:
                 before_go()
         except (ChannelError, SaveError) as exc:
@@ -279,7 +280,9 @@ class MigrateJob:
             if self.disk_lock is not None:      # the destination takes it on GO
                 self.disk_lock.release_writer()
             ch.send("GO", paused=stay_paused)
+            trace.mark("S GO sent")
             running = ch.expect("RUNNING", RUNNING_TIMEOUT)
+            trace.mark("S RUNNING read")
         except PeerError as exc:
             _logging_off(domain)
             if not exc.not_resumed:
