@@ -548,6 +548,8 @@ def main() -> int:
         faults = [(f, op) for f, op in faults if f in opts.faults.split(",")]
     chaos = None
     t0 = time.monotonic()
+    # killed with SIGTERM: clean up as on any other exit (the daemons, the tmpfs, the files)
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     try:
         chaos = Chaos(root, seed, opts.memory, save_dir)
         order = list(range(len(faults)))
