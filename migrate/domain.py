@@ -405,8 +405,8 @@ class Domain:
 
     def fetch_dirty(self) -> DirtyLog:
         """Fetch and clear the pages of guest RAM written since their bits were last
-        cleared, in every RAM slot: the guest's own log merged with the stub's window log (its DMA), which
-        KVM keeps apart (KVM-HERE.md)."""
+        cleared, in every RAM slot: the guest's own log merged with the stub's window log
+        (its DMA), which KVM keeps apart (KVM-HERE.md)."""
         return self._parts[0].fetch_dirty()
 
     # -- console input ----------------------------------------------------------

@@ -303,11 +303,11 @@ class _Saver:
                 holes[space] = absent
         return data, holes
 
-    def dirty_pages(self, clear: bool = True) -> dict:
-        """Per space, the pages dirtied since they were last cleared, fetched and cleared;
-        ``clear=False``: left set, for a pre-copy round, which clears each piece just before
-        it sends it (_send), and for the final round (paused: nothing to track after it)."""
-        return {space: array("Q", part.fetch_dirty(clear).pfns()) for space, part in self.parts.items()}
+    def dirty_pages(self) -> dict:
+        """Per space, the pages dirtied since they were last cleared, their bits left set: a
+        pre-copy round clears each piece just before it sends it (_send), and the final
+        round, the guest paused, has nothing to track after it."""
+        return {space: array("Q", part.fetch_dirty(clear=False).pfns()) for space, part in self.parts.items()}
 
     # -- the save -----------------------------------------------------------------
     def run(self, live: bool) -> SaveStats:
@@ -355,7 +355,7 @@ class _Saver:
         if live:
             # not cleared: the guest is paused, and a later save starts with a clearing
             # fetch (precopy); clearing write-protects again, 0.2 ms of downtime here
-            dirty = self._merge(self.pending, self.dirty_pages(clear=False))
+            dirty = self._merge(self.pending, self.dirty_pages())
             trace.mark("S last dirty pages fetched")
             self.pending = {}       # the saver lives on in a cycle: hold no views of guest memory
             self.stats.history[-1].dirty_after = sum(len(p) for p in dirty.values())
@@ -409,7 +409,7 @@ class _Saver:
             lag = self._lag()
         rounds = [replace(sent, lag=lag)]
         while True:
-            dirty = self.dirty_pages(clear=False)     # each piece is cleared as it goes (_send)
+            dirty = self.dirty_pages()     # each piece is cleared as it goes (_send)
             count = sum(len(pfns) for pfns in dirty.values())
             decision = decide(self.conv, self.stats.dirty_history + [count], rounds,
                               time.monotonic() - start, self.throttle.percent)
@@ -482,10 +482,10 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     written, still paused and before the engine tidies up (dirty logging off): a
     relocation tells the destination there. Either may raise to fail the save, with the
     same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
-    dirty logging on (its log still holding the final round's pages); the caller turns it off (``domain.set_dirty_logging(False)``) before
-    it resumes the domain. For a caller that destroys the domain next (a relocation):
-    switching it off costs slot updates, which would compete with the destination for
-    the CPU during the downtime.
+    dirty logging on (its log still holding the final round's pages); the caller turns it
+    off (``domain.set_dirty_logging(False)``) before it resumes the domain. For a caller
+    that destroys the domain next (a relocation): switching it off costs slot updates,
+    which would compete with the destination for the CPU during the downtime.
     """
     if not domain.status.live:
         raise SaveError(f"domain is {domain.status}: nothing to save")

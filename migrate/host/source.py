@@ -301,8 +301,8 @@ class MigrateJob:
                                 restored, running)
         downtime = running_at - paused_at - parts.pop("return", 0.0)
         target = self.convergence.downtime if self.live else None
-        measured = learned.fixed_part(downtime, stats.downtime_estimate, conv.state_seconds) if self.live else None
-        if self.live and self.learned is not None and measured is not None:
+        measured = learned.fixed_part(downtime, stats.downtime_estimate, conv.state_seconds)
+        if self.learned is not None and measured is not None:      # None offline: no estimate
             learned.record(self.learned, where, measured)
         return {
             "seconds": running_at - t0, "setup": setup,

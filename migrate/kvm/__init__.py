@@ -13,8 +13,7 @@ from .vcpu import Vcpu, VcpuExit
 from .state import PlatformState, VcpuState, saveable_msrs
 
 __all__ = [
-    "pfns_bitmap",
     "DirtyBitmap", "DirtyLog", "HugePagesError", "Kvm", "KvmError", "KvmUnavailable", "MemorySlot",
     "huge_pages_free",
-    "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "saveable_msrs",
+    "PlatformState", "Vcpu", "VcpuExit", "VcpuState", "Vm", "pfns_bitmap", "saveable_msrs",
 ]

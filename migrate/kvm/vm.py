@@ -188,19 +188,20 @@ class Vm:
 
     def get_dirty_log(self, slot: int, clear: bool = True) -> DirtyBitmap:
         """The slot's dirty bitmap (KVM_GET_DIRTY_LOG): the pages written since their bits
-        were last cleared; cleared, so that those pages are tracked again from now on. ``clear=False``, with manual protection
-        (``manual_protect``): left as it is, for the caller to clear range by range
-        (:meth:`clear_dirty_log`) just before it reads those pages; without manual
-        protection KVM clears it anyway."""
+        were last cleared; cleared, so that those pages are tracked again from now on.
+        ``clear=False``, with manual protection (``manual_protect``): left as it is, for
+        the caller to clear range by range (:meth:`clear_dirty_log`) just before it reads
+        those pages; without manual protection KVM clears it anyway."""
         region = self.slots[slot]
         bits = bytearray((region.npages + 63) // 64 * 8)
         arg = ffi.new("struct kvm_dirty_log *")
         arg.slot = slot
         arg.dirty_bitmap = ffi.from_buffer(bits)
         ioctl(self.fd, "KVM_GET_DIRTY_LOG", arg)
-        if clear and self.manual_protect and bits.count(0) != len(bits):
-            self.clear_dirty_log(slot, 0, region.npages, bits)
-        return DirtyBitmap(bytes(bits), region.npages, region.base_pfn)
+        dirty = DirtyBitmap(bytes(bits), region.npages, region.base_pfn)
+        if clear and self.manual_protect and dirty:
+            self.clear_dirty_log(slot, 0, region.npages, dirty.tobytes())
+        return dirty
 
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bits) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear and track again the pages of the slot from
