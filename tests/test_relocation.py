@@ -186,7 +186,7 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     # term alone exceed the downtime, and then what is left for the fixed part is below 1 ms)
     kept = learned.load(src / learned.FILE, f"127.0.0.1:{b.address[1]}")
     measured = stats["downtime_fixed_measured"]
-    assert measured is not None and measured < stats["downtime"]
+    assert measured is not None and measured <= stats["downtime"]
     assert kept == (measured if learned.MIN_SECONDS <= measured <= learned.MAX_SECONDS else None)
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up
     assert set(parts) == {"stop", "capture", "pages", "state", "end", "read", "apply", "answer", "resume",
