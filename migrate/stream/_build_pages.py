@@ -21,6 +21,7 @@ ffibuilder.cdef("""
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len);
+uint32_t hvm_record_crc(uint32_t type, const uint8_t *body, uint32_t len);
 size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n,
                          const uint8_t *bodies, uint8_t *out);
 """)
@@ -35,6 +36,13 @@ uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len)
     return crc32_update(crc, p, len);
 }
 
+/* a record's CRC: over type, body_length and a zero reserved field, then the body */
+uint32_t hvm_record_crc(uint32_t type, const uint8_t *body, uint32_t len)
+{
+    uint32_t head[3] = {type, len, 0};
+    return crc32_update(crc32_update(0, (const uint8_t *)head, 12), body, len);
+}
+
 /* n records framed (header, body, zero padding to 8 bytes; framing.frame's rule) one
  * after another into out, from their bodies laid end to end; returns the bytes written
  * (the caller sizes out: 16 + length rounded up to 8, for each) */
@@ -43,9 +51,8 @@ size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n
 {
     uint8_t *at = out;
     for (uint32_t i = 0; i < n; i++) {
-        uint32_t head[4] = {types[i], lens[i], 0, 0};
+        uint32_t head[4] = {types[i], lens[i], 0, hvm_record_crc(types[i], bodies, lens[i])};
         uint32_t padded = (lens[i] + 7) & ~7u;
-        head[3] = crc32_update(crc32_update(0, (const uint8_t *)head, 12), bodies, lens[i]);
         memcpy(at, head, 16);
         memcpy(at + 16, bodies, lens[i]);
         memset(at + 16 + lens[i], 0, padded - lens[i]);

@@ -49,9 +49,11 @@ class StreamOrder:
             raise StreamError(f"{record.TYPE.name} after CHANNELS, which only END may follow")
         check(record)
 
-    def _once(self, key: tuple, what: str) -> None:
+    def _once(self, key: tuple, what: Callable[[], str]) -> None:
+        """``key`` seen for the first time; ``what()`` names the record in the error (made
+        only then: names of enums cost more than the check, which runs once per record)."""
         if key in self.once:
-            raise StreamError(f"{what} appears twice")
+            raise StreamError(f"{what()} appears twice")
         self.once.add(key)
 
     def _domain_config(self, record: DomainConfig) -> None:
@@ -70,7 +72,7 @@ class StreamOrder:
     def _cpu_record(self, record: Any) -> None:
         if self.layouts:
             raise StreamError(f"{record.TYPE.name} after a MEMORY_LAYOUT (CPU records come before)")
-        self._once((record.TYPE, record.vm), f"{record.TYPE.name} for {record.vm.name}")
+        self._once((record.TYPE, record.vm), lambda: f"{record.TYPE.name} for {record.vm.name}")
         self.cpu_records.setdefault(record.vm, set()).add(record.TYPE)
         if isinstance(record, MsrPolicy):
             self.msr_policies[record.vm] = record
@@ -113,28 +115,33 @@ class StreamOrder:
             raise StreamError(f"{what} for {vm.name}, whose MEMORY_LAYOUT says it is absent (0 pages)")
 
     def _hvm_state(self, record: HvmState) -> None:
-        self._present(record.type.name, record.vm)
-        where = "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
+        layout = self.layouts.get(record.vm)
+        if layout is None or not layout.ranges:
+            self._present(record.type.name, record.vm)      # raises
         self._once((record.type, record.vm, record.vcpu_id),
-                   f"{record.type.name} for {record.vm.name} {where}")
+                   lambda: f"{record.type.name} for {record.vm.name} {_where(record)}")
         policy = self.msr_policies.get(record.vm)
         if record.type is RecordType.VCPU_MSRS and policy is not None:
             listed = [index for index, _, _ in policy.entries]
             if sorted(record.state) != listed:
-                raise StreamError(f"VCPU_MSRS of {record.vm.name} {where} carries other MSRs than "
-                                  f"its MSR_POLICY ({len(record.state)} against {len(listed)})")
+                raise StreamError(f"VCPU_MSRS of {record.vm.name} {_where(record)} carries other MSRs "
+                                  f"than its MSR_POLICY ({len(record.state)} against {len(listed)})")
             for index, value in policy.features().items():
                 if record.state[index] != value:
-                    raise StreamError(f"VCPU_MSRS of {record.vm.name} {where}: feature MSR "
+                    raise StreamError(f"VCPU_MSRS of {record.vm.name} {_where(record)}: feature MSR "
                                       f"0x{index:x} is 0x{record.state[index]:x}, its MSR_POLICY "
                                       f"says 0x{value:x}")
 
     def _device_state(self, record: DeviceState) -> None:
         self._present("DEVICE_STATE", Vm.STUB)      # the devices live in the stub
         self._once(("device", record.device, record.instance),
-                   f"DEVICE_STATE {record.device}.{record.instance}")
+                   lambda: f"DEVICE_STATE {record.device}.{record.instance}")
 
     def _end(self, record: End) -> None:
         missing = [vm.name for vm in Vm if vm not in self.layouts]
         if missing:
             raise StreamError(f"END before MEMORY_LAYOUT of {', '.join(missing)}")
+
+
+def _where(record: HvmState) -> str:
+    return "platform" if record.vcpu_id is None else f"vcpu {record.vcpu_id}"
