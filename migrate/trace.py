@@ -1,7 +1,9 @@
 """Where a pause goes, on one clock across processes: with ``HVM_TRACE=DIR`` in the
 environment of the processes of a move (the CLI, ``hvm host serve``, the domain processes
-they start inherit it), each :func:`mark` appends ``<time.monotonic()> <pid> <label>`` to
-``DIR/<pid>``. CLOCK_MONOTONIC is one clock for every process of a host, so the files of
+they start inherit it), each :func:`mark` appends ``<time.monotonic()> <pid> <tid>
+<thread CPU seconds> <label>`` to ``DIR/<pid>``: the thread's CPU time (``time.thread_time()``)
+tells a step that computes from one that waits (for a peer, or for a core: two cores are
+shared by both ends of a loopback move). CLOCK_MONOTONIC is one clock for every process of a host, so the files of
 both ends of a move on one host (or a loopback benchmark) sort into one timeline:
 ``tools/trace_show.py DIR`` prints it, move by move, with each step's share.
 
@@ -13,6 +15,7 @@ daemon, ``R`` the receiving domain process.
 from __future__ import annotations
 
 import os
+import threading
 import time
 
 _dir: str | None = os.environ.get("HVM_TRACE") or None
@@ -32,7 +35,8 @@ def mark(label: str) -> None:
         except OSError:
             return                  # tracing must never fail what it watches
     try:
-        os.write(_out[1], f"{time.monotonic():.6f} {pid} {label}\n".encode())
+        os.write(_out[1], f"{time.monotonic():.6f} {pid} {threading.get_native_id()} "
+                          f"{time.thread_time():.6f} {label}\n".encode())
     except OSError:
         pass
 

@@ -27,10 +27,12 @@ def test_marks_of_two_processes_make_one_timeline(tmp_path, monkeypatch, capsys)
         trace.enable(None)
     assert len(list(out.iterdir())) == 2                               # a file per process
     marks = trace_show.read(out)
-    assert [m[2] for m in marks] == ["S pause asked", "R state applied", "S RUNNING read", "S after the pause"]
+    assert [m[4] for m in marks] == ["S pause asked", "R state applied", "S RUNNING read", "S after the pause"]
+    assert marks[0][2] == marks[2][2] != marks[1][2]                   # the thread that marked
+    assert 0 <= marks[0][3] <= marks[2][3]                              # its CPU time, which only grows
     [pause] = trace_show.pauses(marks)
-    assert [m[2] for m in pause] == ["S pause asked", "R state applied", "S RUNNING read"]
-    (out / "torn").write_text("12.5 77 fine\nnot a mark\n")             # a torn line is skipped
+    assert [m[4] for m in pause] == ["S pause asked", "R state applied", "S RUNNING read"]
+    (out / "torn").write_text("12.5 77 77 0.25 fine\nnot a mark\n12.6 77 x\n")    # a torn line is skipped
     assert len(trace_show.read(out)) == 5
     assert trace_show.main([str(out), "--summary"]) == 0
     text = capsys.readouterr().out
