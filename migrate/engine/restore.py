@@ -39,6 +39,7 @@ from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
 from ..stub import abi, devstate, stub_build_id
 from .contract import RestorableDomain, part_of
+from . import warm
 from .save import layout_of
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
@@ -122,8 +123,9 @@ class _Placer:
 
 class _Restorer:
     def __init__(self, name: str | None, make_domain: Callable[..., Any],
-                 fresh_stub: bool | None, reader: StreamReader, channels=None):
+                 fresh_stub: bool | None, reader: StreamReader, channels=None, warm: bool = False):
         self.name, self.make_domain, self.fresh_stub = name, make_domain, fresh_stub
+        self.warm = warm
         self.reader = reader
         self.channels = channels            # a ChannelIntake: the pages on data channels
         self.channels_record: Channels | None = None
@@ -189,6 +191,8 @@ class _Restorer:
         if self.channels is not None:
             self.channels.attach(self.domain, bool(self.fresh_stub))
         self.stats.guest_bytes = self.config.memory
+        if self.warm:           # the downtime reads the state: run its paths now (warm.py)
+            warm.restore_paths()
 
     def cpu_policies(self) -> dict:
         """The CPUs the domain is given: the stream's, or for a version-1 stream (it has
@@ -301,7 +305,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
             progress: Callable[[RestoreStats], None] | None = None,
             on_applied: Callable[[Any, RestoreStats], None] | None = None,
             on_complete: Callable[[Any, RestoreStats], None] | None = None,
-            channels=None) -> tuple[Any, RestoreStats]:
+            channels=None, warm: bool = False) -> tuple[Any, RestoreStats]:
     """Build a domain from the stream whose bytes ``source`` yields; returns the domain,
     paused and never run, with its statistics. ``name`` overrides the saved name;
     ``make_domain(config, cpu=, stub_cpu=)`` builds the empty domain with those CPU
@@ -316,10 +320,12 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     read and checked, when nothing can fail the restore any more, before the data plane is
     released (a relocation's GO may resume the domain there, with no clean-up in its way).
     ``channels``: a :class:`~.channels.ChannelIntake`, when the
-    stream's pages come on data channels (it is closed when the restore ends)."""
+    stream's pages come on data channels (it is closed when the restore ends). ``warm``:
+    the state comes inside a downtime (a relocation): once the domain is built, run the
+    paths that read it on sample records first (:mod:`.warm`)."""
     t0 = time.monotonic()
     reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
-    work = _Restorer(name, make_domain, fresh_stub, reader, channels)
+    work = _Restorer(name, make_domain, fresh_stub, reader, channels, warm)
     try:
         for chunk in source:
             reader.feed(chunk)

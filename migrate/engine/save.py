@@ -45,6 +45,7 @@ from .convergence import (
 )
 from .sinks import Compression, Sink, memory_ranges
 from .contract import SaveableDomain, VmPart
+from . import warm
 from .state import config_record, cpu_records
 
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
@@ -324,6 +325,7 @@ class _Saver:
             ranges = layout_of(part.memory_ranges()) if part is not None else ()
             self.write(self.writer.record(MemoryLayout(space, ranges)))
         if live:
+            warm.save_paths()       # the pause writes the state: run its paths now (warm.py)
             self.precopy()
             dom.prepare_capture()
             self.throttle.stop()

@@ -594,7 +594,8 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
 
     try:
         return restore(chunks(), name=job.name, make_domain=make, progress=progress,
-                       on_applied=applied, on_complete=complete, channels=intake)
+                       on_applied=applied, on_complete=complete, channels=intake,
+                       warm=True)
     finally:
         if rounds is not None:
             rounds.stop()

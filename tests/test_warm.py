@@ -1,0 +1,69 @@
+"""Warming a pause's state paths before the pause (migrate/engine/warm.py): what it runs
+covers every record type a pause writes and reads, it touches no real stream or domain,
+and it runs where a downtime follows (a live save, a relocation's restore) and not
+elsewhere. Not marked kvm: a fake domain."""
+import pytest
+
+from migrate.config import Convergence, DomainConfig
+from migrate.engine import file_chunks, restore, save_to_file, warm
+from migrate.engine.fake import FakeDomain
+from migrate.kvm import system
+from migrate.stream import DONE, DeviceState, HvmState, StreamReader, Vm
+from migrate.stream.hvm import CODECS
+
+
+@pytest.fixture(autouse=True)
+def no_kvm(monkeypatch):
+    def refuse(*args, **kwargs):
+        raise AssertionError("warming opened /dev/kvm")
+    monkeypatch.setattr(system.Kvm, "__init__", refuse)
+
+
+def test_the_sample_state_covers_every_record_type_of_both_vms():
+    reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
+    reader.feed(warm._stream())
+    seen, devices = {Vm.GUEST: set(), Vm.STUB: set()}, []
+    while (record := reader.next_record()) is not DONE:
+        if isinstance(record, HvmState):
+            seen[record.vm].add(record.type)
+        elif isinstance(record, DeviceState):
+            devices.append(record.device)
+    assert seen == {Vm.GUEST: set(CODECS), Vm.STUB: set(CODECS)}
+    assert devices == ["uart16550a", "virtio-blk"]
+    warm.save_paths(runs=2)             # and both paths run through (each raises on a bad record)
+    warm.restore_paths(runs=2)
+
+
+def counting(monkeypatch):
+    calls = []
+    monkeypatch.setattr(warm, "save_paths", lambda: calls.append("save"))
+    monkeypatch.setattr(warm, "restore_paths", lambda: calls.append("restore"))
+    return calls
+
+
+def test_a_live_save_warms_before_its_pause_and_an_offline_one_does_not(tmp_path, monkeypatch):
+    calls = counting(monkeypatch)
+    dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    dom.resume()
+    save_to_file(dom, tmp_path / "live.hvm", live=True, convergence=Convergence(downtime=1.0))
+    assert calls == ["save"]
+    save_to_file(dom, tmp_path / "off.hvm")
+    assert calls == ["save"]
+
+
+def test_a_restore_warms_only_when_asked_and_once_its_domain_is_built(tmp_path, monkeypatch):
+    dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    dom.guest.write(3, b"warm")
+    save_to_file(dom, tmp_path / "s.hvm")
+    calls = counting(monkeypatch)
+    built = []
+
+    def make(config, **cpu):
+        calls.append("built")
+        built.append(FakeDomain(config, **cpu))
+        return built[-1]
+    restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False)
+    assert calls == ["built"]
+    back, _ = restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False, warm=True)
+    assert calls == ["built", "built", "restore"]
+    assert bytes(back.guest.page(3)[:4]) == b"warm"         # and the restore is the same
