@@ -627,26 +627,32 @@ class Domain:
     def _on_console(self, vcpu, ex) -> None:
         self.console.feed(ex.data)
 
-    def prepare_capture(self) -> None:
+    def prepare_capture(self, timeout: float = 1.0) -> None:
         """A capture is coming soon on a downtime path (a live save's final pause): have the
         vCPU thread, which owns the stub's vCPU, run the stub's SAVE once now, so that the
         code and data it touches are faulted in (first touches cost about 30 us a page
-        here) before the capture needs them. Its result is dropped."""
+        here) before the capture needs them. Its result is dropped. Returns once it has run
+        (or after ``timeout``): a pause asked meanwhile would wait for it with the guest
+        already stopped, and it took 1-1.5 ms on the Intel hosts here."""
         if self.stub is None:
             return
         with self._cv:
             self._warm_stub = True
             if self.status is DomainStatus.RUNNING:
                 self.vcpu.kick()        # vCPU 0's thread runs it
+                self._cv.wait_for(lambda: not self._warm_stub or self.status is not DomainStatus.RUNNING,
+                                  timeout)
 
     def _housekeeping(self) -> None:
         """In the vCPU thread, between guest runs: console input and prepare_capture."""
         if self._warm_stub:
-            self._warm_stub = False
             try:
                 self.stub.save_devices()
             except Exception as exc:        # only a warm-up: the capture itself will fail and say why
                 log.warning("%s: warming the stub's SAVE failed: %s", self.config.name, exc)
+            with self._cv:
+                self._warm_stub = False
+                self._cv.notify_all()
         self._deliver_input()
 
     def _deliver_input(self) -> None:
