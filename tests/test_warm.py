@@ -8,7 +8,7 @@ from migrate.config import Convergence, DomainConfig
 from migrate.engine import file_chunks, restore, save_to_file, warm
 from migrate.engine.fake import FakeDomain
 from migrate.kvm import system
-from migrate.stream import DONE, DeviceState, HvmState, StreamReader, Vm
+from migrate.stream import DONE, Channels, DeviceState, End, HvmState, StreamReader, Vm
 from migrate.stream.hvm import CODECS
 
 
@@ -22,14 +22,16 @@ def no_kvm(monkeypatch):
 def test_the_sample_state_covers_every_record_type_of_both_vms():
     reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
     reader.feed(warm._stream())
-    seen, devices = {Vm.GUEST: set(), Vm.STUB: set()}, []
+    seen, devices, last = {Vm.GUEST: set(), Vm.STUB: set()}, [], []
     while (record := reader.next_record()) is not DONE:
         if isinstance(record, HvmState):
             seen[record.vm].add(record.type)
         elif isinstance(record, DeviceState):
             devices.append(record.device)
+        last = [*last[-1:], type(record)]
     assert seen == {Vm.GUEST: set(CODECS), Vm.STUB: set(CODECS)}
     assert devices == ["uart16550a", "virtio-blk"]
+    assert last == [Channels, End]                  # a relocation's stream ends so
     warm.save_paths(runs=2)             # and both paths run through (each raises on a bad record)
     warm.restore_paths(runs=2)
 
