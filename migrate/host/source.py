@@ -51,6 +51,8 @@ DOWNTIME_PARTS = SOURCE_PARTS + DESTINATION_PARTS + ("link",)
 log = logging.getLogger("hvm.relocate")
 
 
+PAUSED_PHASES = ("state", "final", "done")     # a save's phases from its pause on (SaveStats.phase)
+
 class RelocationError(Exception):
     """The relocation failed before GO: the source domain keeps running (or paused, as it was)."""
 
@@ -240,9 +242,18 @@ class MigrateJob:
             ch.send("STREAM_END", bytes=stats.stream_bytes)
             at["final"] = time.monotonic()
 
+        def report(stats) -> None:
+            # Live, none from the pause on: a report inside the downtime, or the save's last one
+            # right after STREAM_END, took CPU (its statistics, and their reader, the client)
+            # that the destination needed then (a loopback move shares two cores); the
+            # relocation's answer carries the statistics, and the check that the client is
+            # still there is made just before GO (before_go)
+            if progress is not None and not (self.live and stats.phase in PAUSED_PHASES):
+                progress(stats)
+
         try:
             try:
-                stats = save(domain, sink, live=self.live, stats_cb=progress, cancel=cancel,
+                stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
                              compress=self.compress, convergence=conv,
                              after_round=after_round, on_end=on_end, keep_dirty_logging=self.live)
             finally:
