@@ -103,7 +103,9 @@ class SaveableDomain(Protocol):
         (:func:`migrate.engine.state.state_bodies`), on a save's downtime path."""
 
     def prepare_capture(self) -> None:
-        """A capture is coming soon, on a downtime path: warm up what it will touch."""
+        """A capture is coming soon, on a downtime path: warm up what it will touch, and
+        return once that is done (the pause comes next: warming left to run into it would
+        be downtime)."""
 
 
 class RestorableDomain(Protocol):

@@ -16,10 +16,12 @@
 #define hvm_check_entries harness_unused_check
 #define hvm_crc32 harness_unused_crc32
 #define hvm_frame_records harness_unused_frame_records
+#define hvm_record_crc harness_unused_record_crc
 #include "pages_impl.c"
 #undef hvm_check_entries
 #undef hvm_crc32
 #undef hvm_frame_records
+#undef hvm_record_crc
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 
