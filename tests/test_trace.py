@@ -1,5 +1,6 @@
 """Marks on one clock across processes (migrate/trace.py) and their timeline
 (tools/trace_show.py)."""
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,6 +38,7 @@ def test_marks_of_two_processes_make_one_timeline(tmp_path, monkeypatch, capsys)
     assert trace_show.main([str(out), "--summary"]) == 0
     text = capsys.readouterr().out
     assert "over 1 pauses" in text and text.index("R state applied") < text.index("S RUNNING read")
+    assert re.search(r"by side in a pause .*: S \d+\.\d{3}$", text, re.M)     # S's one step with a CPU figure
 
 
 def test_no_pause_says_so(tmp_path):

@@ -3,8 +3,8 @@
 mark from a source's "S pause asked" to its "S RUNNING read" (or to the next pause), with
 the milliseconds since the pause was asked and since the mark before, and the CPU time the
 marking thread used since its own mark before (in this pause: "cpu"), then the median of
-each over all the pauses. Wall time well above CPU time is waiting: for a peer, or for a
-core.
+each over all the pauses, and the CPU each side (S, D, R) used in a pause. Wall time well
+above CPU time is waiting: for a peer, or for a core.
 
     HVM_TRACE=/tmp/tr .venv/bin/python tools/bench_relocation.py --case idle --runs 5
     .venv/bin/python tools/trace_show.py /tmp/tr
@@ -63,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     steps: dict[str, list[float]] = {}
     cpus: dict[str, list[float]] = {}
+    sides: dict[str, list[float]] = {}          # per side, the CPU of its steps in each pause
     for n, marks in enumerate(found):
         t0, last = marks[0][0], marks[0][0]
         before: dict[int, float] = {}           # per thread, its CPU time at its mark before
+        spent: dict[str, float] = {}
         if not opts.summary:
             print(f"-- pause {n}: ms since the pause was asked, since the mark before, cpu")
         for stamp, pid, tid, cpu, label in marks:
@@ -77,12 +79,19 @@ def main(argv: list[str] | None = None) -> int:
             steps.setdefault(label, []).append((stamp - t0) * 1e3)
             if used is not None:
                 cpus.setdefault(label, []).append(used)
+                spent[label[:1]] = spent.get(label[:1], 0.0) + used
             last = stamp
+        for side, used in spent.items():
+            sides.setdefault(side, []).append(used)
+        if not opts.summary:
+            print("   cpu ms by side: " + ", ".join(f"{side} {used:.3f}" for side, used in sorted(spent.items())))
     print(f"-- median ms since {START!r} over {len(found)} pauses, and the median cpu ms of the "
           "step to each mark (its thread's since its mark before)")
     for label, values in sorted(steps.items(), key=lambda kv: statistics.median(kv[1])):
         cpu = f"{statistics.median(cpus[label]):7.3f}" if label in cpus else "      -"
         print(f"{statistics.median(values):8.3f} {cpu}  {label} ({len(values)})")
+    print("-- median cpu ms by side in a pause (each thread from its first mark in the pause on): " +
+          ", ".join(f"{side} {statistics.median(values):.3f}" for side, values in sorted(sides.items())))
     return 0
 
 
