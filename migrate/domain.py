@@ -524,6 +524,7 @@ class Domain:
                 raise DomainError(f"vCPUs did not stop within {timeout}s")
             if self.status is DomainStatus.RUNNING:
                 self.status = DomainStatus.PAUSED
+                self._cv.notify_all()   # prepare_capture waits on the status too
             now = time.monotonic()
             stops = [run.left_at if was_in and run.left_at >= asked else now
                      for run, was_in in zip(self._runs, running)]
@@ -637,11 +638,13 @@ class Domain:
         if self.stub is None:
             return
         with self._cv:
+            if self.status is not DomainStatus.RUNNING:
+                return                  # else it would run at the next resume, for nothing
             self._warm_stub = True
-            if self.status is DomainStatus.RUNNING:
-                self.vcpu.kick()        # vCPU 0's thread runs it
-                self._cv.wait_for(lambda: not self._warm_stub or self.status is not DomainStatus.RUNNING,
-                                  timeout)
+            self.vcpu.kick()            # vCPU 0's thread runs it
+            if not self._cv.wait_for(lambda: not self._warm_stub or self.status is not DomainStatus.RUNNING,
+                                     timeout):
+                log.warning("%s: the stub's warm-up SAVE did not run within %gs", self.config.name, timeout)
 
     def _housekeeping(self) -> None:
         """In the vCPU thread, between guest runs: console input and prepare_capture."""

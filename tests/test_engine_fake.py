@@ -1,8 +1,10 @@
 """The engine's paths on a domain without KVM (migrate.engine.fake.FakeDomain): stop-and-copy,
 live pre-copy, cancel and the clean-up after a failure, then restore. Not marked kvm: these
 run on any machine, and KVM is made unavailable while they do."""
+import importlib
 import os
 import threading
+import time
 
 import pytest
 
@@ -343,3 +345,21 @@ def test_restore_hands_over_the_domain_once_the_whole_stream_is_checked(tmp_path
     with pytest.raises(OSError):
         restore([data], make_domain=make, fresh_stub=False, on_complete=fails)
     assert built[-1].status is DomainStatus.PAUSED       # the caller's to destroy
+
+
+def test_the_throttle_lets_go_before_the_capture_is_prepared(tmp_path, monkeypatch):
+    """A throttled guest is held paused for most of each period: prepare_capture must come
+    after the throttle stops, or it finds the guest paused and warms nothing."""
+    save_mod = importlib.import_module("migrate.engine.save")     # the module, not the function
+    real = save_mod._Saver.precopy
+
+    def throttled(self):
+        real(self)
+        self.throttle.set_percent(99)       # as a stalled pre-copy with --throttle ends
+        time.sleep(0.12)
+    monkeypatch.setattr(save_mod._Saver, "precopy", throttled)
+    src = fake()
+    seen = []
+    monkeypatch.setattr(src, "prepare_capture", lambda: seen.append(src.status))
+    save_to_file(src, tmp_path / "t.hvm", live=True, convergence=Convergence(downtime=1.0))
+    assert seen == [DomainStatus.RUNNING]

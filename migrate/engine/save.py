@@ -327,9 +327,9 @@ class _Saver:
         if live:
             warm.save_paths()       # the pause writes the state: run its paths now (warm.py)
             self.precopy()
-            dom.prepare_capture()
-            self.throttle.stop()
+            self.throttle.stop()    # first: a throttled guest may be held paused, and not warmed
             self.stats.throttle = 0
+            dom.prepare_capture()
         else:
             self.stats.reason = Reason.OFFLINE
         trace.mark("S pause asked")
