@@ -4,7 +4,7 @@ and it runs where a downtime follows (a live save, a relocation's restore) and n
 elsewhere. Not marked kvm: a fake domain."""
 import pytest
 
-from migrate.config import Convergence, DomainConfig
+from migrate.config import Convergence, DomainConfig, DomainStatus
 from migrate.engine import file_chunks, restore, save_to_file, warm
 from migrate.engine.fake import FakeDomain
 from migrate.kvm import system
@@ -36,21 +36,33 @@ def test_the_sample_state_covers_every_record_type_of_both_vms():
     warm.restore_paths(runs=2)
 
 
-def counting(monkeypatch):
+def counting(monkeypatch, dom=None):
     calls = []
-    monkeypatch.setattr(warm, "save_paths", lambda: calls.append("save"))
+    monkeypatch.setattr(warm, "save_paths", lambda: calls.append(("save", dom.status if dom else None)))
     monkeypatch.setattr(warm, "restore_paths", lambda: calls.append("restore"))
     return calls
 
 
 def test_a_live_save_warms_before_its_pause_and_an_offline_one_does_not(tmp_path, monkeypatch):
-    calls = counting(monkeypatch)
     dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    calls = counting(monkeypatch, dom)
     dom.resume()
     save_to_file(dom, tmp_path / "live.hvm", live=True, convergence=Convergence(downtime=1.0))
-    assert calls == ["save"]
+    assert calls == [("save", DomainStatus.RUNNING)]        # while the guest still ran
     save_to_file(dom, tmp_path / "off.hvm")
-    assert calls == ["save"]
+    assert len(calls) == 1
+
+
+def test_warming_never_fails_what_it_warms(monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise ValueError("no sample today")
+    monkeypatch.setattr(warm, "_write", broken)
+    monkeypatch.setattr(warm, "_read", broken)
+    warm.save_paths()
+    warm.restore_paths()
+    assert [r.message for r in caplog.records] == [
+        "warming a save's state paths failed: no sample today",
+        "warming a restore's state paths failed: no sample today"]
 
 
 def test_a_restore_warms_only_when_asked_and_once_its_domain_is_built(tmp_path, monkeypatch):

@@ -130,7 +130,7 @@ class Incoming:
                       disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
                       resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
                       tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
-                      hugepages=hugepages)
+                      hugepages=hugepages, live=hello["live"])
         try:
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except (OSError, subprocess.SubprocessError) as exc:

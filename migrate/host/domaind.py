@@ -595,7 +595,7 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
     try:
         return restore(chunks(), name=job.name, make_domain=make, progress=progress,
                        on_applied=applied, on_complete=complete, channels=intake,
-                       warm=True)
+                       warm=job.live)      # offline, the source is paused already
     finally:
         if rounds is not None:
             rounds.stop()

@@ -98,6 +98,7 @@ class Receive:
     channel_fd: int
     vcpus: int
     hugepages: bool
+    live: bool
 
 
 MODES: dict[str, type] = {"create": Create, "restore": Restore, "receive": Receive}
