@@ -3,8 +3,10 @@
 mark from a source's "S pause asked" to its "S RUNNING read" (or to the next pause), with
 the milliseconds since the pause was asked and since the mark before, and the CPU time the
 marking thread used since its own mark before (in this pause: "cpu"), then the median of
-each over all the pauses, and the CPU each side (S, D, R) used in a pause. Wall time well
-above CPU time is waiting: for a peer, or for a core.
+each over all the pauses, and the CPU each side (S, D, R) used in a pause: a lower bound,
+as each thread counts from its first mark in the pause on, and threads without marks (the
+data plane's, the vCPUs') not at all. Wall time well above CPU time is waiting: for a
+peer, or for a core.
 
     HVM_TRACE=/tmp/tr .venv/bin/python tools/bench_relocation.py --case idle --runs 5
     .venv/bin/python tools/trace_show.py /tmp/tr
