@@ -36,6 +36,10 @@ uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len)
     return crc32_update(crc, p, len);
 }
 
+/* the record header's fields are little-endian on the wire; these helpers build it in
+ * memory as uint32s */
+_Static_assert(__BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__, "the record CRC assumes a little-endian host");
+
 /* a record's CRC: over type, body_length and a zero reserved field, then the body */
 uint32_t hvm_record_crc(uint32_t type, const uint8_t *body, uint32_t len)
 {
