@@ -105,19 +105,18 @@ class StreamOrder:
                 raise StreamError(f"pfn 0x{pfn:x} outside {space.name} memory "
                                   f"({layout.nr_pages} pages in {len(ranges)} ranges)")
 
-    def _present(self, what: str, vm: Vm) -> None:
-        """Context of ``vm`` comes after its MEMORY_LAYOUT, which must not say the VM
-        is absent (no pages)."""
+    def _present(self, record_type: RecordType, vm: Vm) -> None:
+        """Context of ``vm`` (a record of ``record_type``, named only in an error) comes
+        after its MEMORY_LAYOUT, which must not say the VM is absent (no pages)."""
         layout = self.layouts.get(vm)
         if layout is None:
-            raise StreamError(f"{what} for {vm.name} before its MEMORY_LAYOUT")
+            raise StreamError(f"{record_type.name} for {vm.name} before its MEMORY_LAYOUT")
         if not layout.ranges:
-            raise StreamError(f"{what} for {vm.name}, whose MEMORY_LAYOUT says it is absent (0 pages)")
+            raise StreamError(f"{record_type.name} for {vm.name}, whose MEMORY_LAYOUT says it is absent "
+                              "(0 pages)")
 
     def _hvm_state(self, record: HvmState) -> None:
-        layout = self.layouts.get(record.vm)
-        if layout is None or not layout.ranges:
-            self._present(record.type.name, record.vm)      # raises
+        self._present(record.type, record.vm)
         self._once((record.type, record.vm, record.vcpu_id),
                    lambda: f"{record.type.name} for {record.vm.name} {_where(record)}")
         policy = self.msr_policies.get(record.vm)
@@ -133,7 +132,7 @@ class StreamOrder:
                                       f"says 0x{value:x}")
 
     def _device_state(self, record: DeviceState) -> None:
-        self._present("DEVICE_STATE", Vm.STUB)      # the devices live in the stub
+        self._present(RecordType.DEVICE_STATE, Vm.STUB)      # the devices live in the stub
         self._once(("device", record.device, record.instance),
                    lambda: f"DEVICE_STATE {record.device}.{record.instance}")
 
