@@ -7,9 +7,9 @@
 """
 from .files import check_target, file_chunks, partial_path, read_config, save_to_file, save_to_stream
 from .restore import RestoreStats, restore
-from .save import Convergence, SaveCancelled, SaveError, SaveStats, SaveTimeout, save
+from .save import PAUSED_PHASES, Convergence, SaveCancelled, SaveError, SaveStats, SaveTimeout, save
 from .state import RestoreError
 
-__all__ = ["Convergence", "RestoreError", "RestoreStats", "SaveCancelled", "SaveError",
-           "SaveStats", "SaveTimeout", "check_target", "file_chunks", "partial_path", "read_config",
-           "restore", "save", "save_to_file", "save_to_stream"]
+__all__ = ["PAUSED_PHASES", "Convergence", "RestoreError", "RestoreStats", "SaveCancelled",
+           "SaveError", "SaveStats", "SaveTimeout", "check_target", "file_chunks", "partial_path",
+           "read_config", "restore", "save", "save_to_file", "save_to_stream"]

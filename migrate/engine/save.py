@@ -59,6 +59,8 @@ class SaveCancelled(SaveError):
     pass
 
 
+PAUSED_PHASES = ("state", "final", "done")     # SaveStats.phase from the pause on
+
 CHUNK_PAGES = 16384         # the first data plane call of a save: 64 MiB
 MIN_CHUNK, MAX_CHUNK = 1024, 1 << 20
 CHUNK_SECONDS = 0.1         # later calls are sized to last about this long

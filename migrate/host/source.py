@@ -27,7 +27,7 @@ import time
 from pathlib import Path
 
 from ..config import DomainStatus
-from ..engine import Convergence, SaveCancelled, SaveError, SaveTimeout, save
+from ..engine import PAUSED_PHASES, Convergence, SaveCancelled, SaveError, SaveTimeout, save
 from ..engine.sinks import DEFAULT_COMPRESSION
 from .. import dataplane, trace
 from ..engine.channels import ChannelSink
@@ -50,8 +50,6 @@ DESTINATION_PARTS = ("read", "apply", "answer", "resume")
 DOWNTIME_PARTS = SOURCE_PARTS + DESTINATION_PARTS + ("link",)
 log = logging.getLogger("hvm.relocate")
 
-
-PAUSED_PHASES = ("state", "final", "done")     # a save's phases from its pause on (SaveStats.phase)
 
 class RelocationError(Exception):
     """The relocation failed before GO: the source domain keeps running (or paused, as it was)."""
