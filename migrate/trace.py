@@ -1,11 +1,12 @@
 """Where a pause goes, on one clock across processes: with ``HVM_TRACE=DIR`` in the
 environment of the processes of a move (the CLI, ``hvm host serve``, the domain processes
-they start inherit it), each :func:`mark` appends ``<time.monotonic()> <pid> <tid>
-<thread CPU seconds> <label>`` to ``DIR/<pid>``: the thread's CPU time (``time.thread_time()``)
+they start inherit it), each :func:`mark` appends ``<time.monotonic()> <pid> <tid> <thread
+CPU seconds> <label>`` to ``DIR/<pid>``: the thread's CPU time (``time.thread_time()``)
 tells a step that computes from one that waits (for a peer, or for a core: two cores are
-shared by both ends of a loopback move). CLOCK_MONOTONIC is one clock for every process of a host, so the files of
-both ends of a move on one host (or a loopback benchmark) sort into one timeline:
-``tools/trace_show.py DIR`` prints it, move by move, with each step's share.
+shared by both ends of a loopback move). CLOCK_MONOTONIC is one clock for every process of
+a host, so the files of both ends of a move on one host (or a loopback benchmark) sort
+into one timeline: ``tools/trace_show.py DIR`` prints it, move by move, with each step's
+share.
 
 Off (the variable unset), a mark is one test of a module global. On, it costs one
 ``write`` (about 5 us here), so marks sit at the steps of a pause, not per page or record.

@@ -2,17 +2,17 @@
 
 A live save writes the state records (every HVM context record of the guest and the stub,
 the stub's DEVICE_STATE, a relocation's CHANNELS, END) once per move, with the guest
-paused; the receiving side reads and checks them once, inside the same downtime. A domain process does that at most a
-few times in its life, so without this each pause paid CPython's first-call costs: on the
-Intel hosts here the first DeviceState pack took 560 us against 70 warm, the first framing
-of a VM's records 190 against 16-60, the first check of their bodies 170 against 50-90
-(lazy set-ups, caches and the interpreter's specialisation of hot code, which comes after a
-code object's first runs). So a live save (:func:`save_paths`, before its pre-copy) and a
-relocation's receiving process (:func:`restore_paths`, once its domain is built) first run
-those paths on sample records (:mod:`migrate.stream.sample`) through a writer and a reader
-of their own: nothing of it reaches a stream or a domain. It costs 1-3 ms per call here,
-outside the downtime (an offline move's receiver, whose source is paused before it sends
-anything, does not warm).
+paused; the receiving side reads and checks them once, inside the same downtime. A domain
+process does that at most a few times in its life, so without this each pause paid
+CPython's first-call costs: on the Intel hosts here the first DeviceState pack took 560 us
+against 70 warm, the first framing of a VM's records 190 against 16-60, the first check of
+their bodies 170 against 50-90 (lazy set-ups, caches and the interpreter's specialisation
+of hot code, which comes after a code object's first runs). So a live save
+(:func:`save_paths`, before its pre-copy) and a relocation's receiving process
+(:func:`restore_paths`, once its domain is built) first run those paths on sample records
+(:mod:`migrate.stream.sample`) through a writer and a reader of their own: nothing of it
+reaches a stream or a domain. It costs 1-3 ms per call here, outside the downtime (an
+offline move's receiver, whose source is paused before it sends anything, does not warm).
 """
 from __future__ import annotations
 

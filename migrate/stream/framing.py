@@ -4,10 +4,8 @@ plane frames its page records in C, migrate/dataplane/dataplane.c, by the same r
 
 from __future__ import annotations
 
-
 from migrate.stream._pages import ffi, lib
 from migrate.stream.records import RECORD_HEADER, padded
-
 
 
 def crc32(data, crc: int = 0) -> int:
