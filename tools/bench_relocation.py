@@ -255,12 +255,9 @@ def run_case(opts, label: str, workload: str, args: list[int], root: Path, tls_d
             if not opts.json:
                 show_move(run, s, check is not None)
     finally:
-        for base in bases:
-            for info in control.list_domains(base):
-                with control.DomainClient(info["name"], base) as c:
-                    c.call("destroy")
-            for info in control.list_domains(base):
-                control.wait_gone(info["name"], base)
+        for base in bases:          # destroy_domain waits until its directory is gone: the
+            for info in control.list_domains(base):         # next case reuses the name
+                control.destroy_domain(info["name"], base)
     if failed:
         print(f"{len(failed)} of {opts.runs} moves failed (the guest kept running where it was)", flush=True)
     return results, failed, sample
