@@ -2,6 +2,8 @@
 import json
 import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -134,3 +136,74 @@ def test_hvm_restore_refuses_hostile_streams_in_one_line(state_dir, tmp_path):
         for verb in ("verify", "inspect", "dump"):
             res = CliRunner().invoke(hvm, ["stream", verb, str(path)])
             assert res.exit_code == 1 and msg in res.output and len(res.output.splitlines()) == 1, res.output
+
+
+def console_text(name: str) -> str:
+    with control.DomainClient(name) as c:
+        return c.console_text()
+
+
+SLOW_FSYNC = r"""
+#define _GNU_SOURCE
+#include <fcntl.h>
+#include <stdlib.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+/* fsync(2), slowed: first touches the file named by $SLOW_FSYNC_MARK, then sleeps 1.5 s */
+int fsync(int fd)
+{
+    const char *mark = getenv("SLOW_FSYNC_MARK");
+    if (mark) {
+        int m = open(mark, O_WRONLY | O_CREAT | O_APPEND | O_CLOEXEC, 0600);
+        if (m >= 0)
+            close(m);
+        usleep(1500000);
+    }
+    return syscall(SYS_fsync, fd);
+}
+"""
+
+
+@pytest.mark.kvm
+def test_a_checkpoints_guest_runs_while_its_file_is_synced(state_dir, tmp_path, monkeypatch):
+    """hvm save --live --checkpoint: the guest runs again once the stream is written, not
+    once the disk has it (a slow disk would add its fsync to the pause, in no downtime).
+    The domain process runs with an fsync slowed by LD_PRELOAD: while it sleeps, the
+    domain is running and its guest prints new passes."""
+    shim = tmp_path / "slow_fsync.so"
+    src = tmp_path / "slow_fsync.c"
+    src.write_text(SLOW_FSYNC)
+    subprocess.run(["gcc", "-shared", "-fPIC", "-O2", "-o", str(shim), str(src)], check=True)
+    mark = tmp_path / "fsync-entered"
+    monkeypatch.setenv("LD_PRELOAD", str(shim))
+    monkeypatch.setenv("SLOW_FSYNC_MARK", str(mark))
+    control.create_domain(DomainConfig("ck", "pagetouch", 16 << 20))
+    monkeypatch.delenv("LD_PRELOAD")
+    path = tmp_path / "ck.hvm"
+    try:
+        wait = time.monotonic() + 20
+        while "pagetouch pass=" not in console_text("ck"):
+            assert time.monotonic() < wait, "pagetouch did not start"
+            time.sleep(0.05)
+        result = {}
+        saver = threading.Thread(target=lambda: result.update(
+            control.save_domain("ck", path, mode="live-checkpoint", compress=None)))
+        saver.start()
+        wait = time.monotonic() + 60
+        while not mark.exists():
+            assert time.monotonic() < wait and saver.is_alive(), "the save never synced its file"
+            time.sleep(0.01)
+        with control.DomainClient("ck") as c:
+            status = c.call("info")["status"]
+        before = console_text("ck").count("pagetouch pass=")
+        time.sleep(1.0)                         # the first fsync sleeps 1.5 s
+        after = console_text("ck").count("pagetouch pass=")
+        assert saver.is_alive()                 # still syncing
+        saver.join(30)
+        assert status == "running"
+        assert after > before                   # the guest ran meanwhile
+        stats = result["stats"]
+        assert result["status"] == "running" and path.stat().st_size == stats["stream_bytes"]
+        assert stats["synced"] >= stats["seconds"] + 3.0    # the file's fsync and its directory's
+    finally:
+        control.destroy_domain("ck")

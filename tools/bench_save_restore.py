@@ -5,7 +5,9 @@ Guest RAM (default 1 GiB) of a paused `idle` domain is written from the host in 
 stripes: half of it (512 MiB) stays untouched, a quarter is text-like, a quarter random
 (so the touched half compresses about 2x with zstd-1). Then, for each compression mode,
 `save_to_file` and a restore until the guest runs again (`restore`, then resume and the
-vCPU's first entry), with the file in the page cache.
+vCPU's first entry), with the file in the page cache. The save's time is until its stream
+is written (into the page cache: what a checkpoint's guest waits for); "on disk after" adds
+the fsync of the file and of its directory.
 
     .venv/bin/python tools/bench_save_restore.py [--memory-mib 1024] [--modes none,auto,zstd:1] [--hugepages]
 
@@ -124,7 +126,7 @@ def measure_limits(touched: bytes, directory: str) -> dict:
     return out
 
 
-def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[float, int, float]:
+def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[float, float, int, float]:
     config = DomainConfig("bench", "idle", size, stub=False, hugepages=huge)
     src = Domain.boot(config)
     path = os.path.join(directory, f"bench-{os.getpid()}.hvm")
@@ -140,7 +142,7 @@ def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[
         dom.entered(5.0)
         restored = time.perf_counter() - t0
         dom.destroy()
-        return stats.seconds, file_size, restored
+        return stats.seconds, stats.synced, file_size, restored
     finally:
         if src.status != "destroyed":
             src.destroy()
@@ -166,9 +168,10 @@ def main() -> None:
     pool = machine_limits.HugePagePool(2 * size // (2 << 20) + 8 if args.hugepages else 0)
     with pool:
         runs = [(mode, *run_mode(mode.strip(), size, args.dir, args.hugepages)) for mode in args.modes.split(",")]
-    for mode, save_s, file_size, restore_s in runs:
+    for mode, save_s, synced_s, file_size, restore_s in runs:
         print(f"{mode:>7}: save {save_s:.3f} s ({gbps(size, save_s)} of RAM, {gbps(file_size, save_s)} of file, "
-              f"{file_size / (limits['file write (page cache)'] * save_s):.2f}x the file write limit); "
+              f"{file_size / (limits['file write (page cache)'] * save_s):.2f}x the file write limit), "
+              f"on disk after {synced_s:.3f} s; "
               f"file {file_size / MIB:.0f} MiB = {100 * file_size / size:.0f}% of RAM; "
               f"restore until running {restore_s:.3f} s ({gbps(size, restore_s)} of RAM)")
 

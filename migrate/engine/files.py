@@ -14,8 +14,9 @@ from __future__ import annotations
 import errno
 import os
 import stat
+import time
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from ..locks import try_lock
 from ..stream import DONE, NEED_DATA, StreamReader
@@ -51,8 +52,13 @@ def check_target(path: str | os.PathLike) -> None:
                         f"(or '-' for standard output)")
 
 
-def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
-    """:func:`save` into ``path`` atomically (see the module docstring)."""
+def save_to_file(domain, path: str | os.PathLike, *, on_written: Callable[[], None] | None = None,
+                 **options) -> SaveStats:
+    """:func:`save` into ``path`` atomically (see the module docstring). ``on_written()``
+    is called once the whole stream is in the file, before it is made durable: a
+    checkpoint's guest can run again there, without waiting for the disk (the stream
+    holds the state of the pause whatever the guest does next; a failure to sync still
+    fails the save and removes the file)."""
     path = Path(path)
     check_target(path)
     partial = partial_path(path)
@@ -61,6 +67,8 @@ def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
     try:
         try:
             stats = save(domain, sink, **options)
+            if on_written is not None:
+                on_written()
         finally:
             sink.close()
         os.fsync(fd)
@@ -69,6 +77,7 @@ def save_to_file(domain, path: str | os.PathLike, **options) -> SaveStats:
         os.close(fd)
         fd = -1
         _fsync_dir(path.parent)
+        stats.synced = time.monotonic() - stats.start_time
     except BaseException:
         if fd >= 0:
             os.close(fd)
@@ -109,17 +118,22 @@ def _stale(partial: Path) -> bool:
         os.close(fd)
 
 
-def save_to_stream(domain, fd: int, **options) -> SaveStats:
+def save_to_stream(domain, fd: int, *, on_written: Callable[[], None] | None = None,
+                   **options) -> SaveStats:
     """:func:`save` into the descriptor ``fd`` (a pipe, a terminal-less standard output,
-    a file opened by someone else); fsynced at the end when it is a regular file. A
-    failed save leaves a stream without END there, which any reader refuses."""
+    a file opened by someone else); fsynced at the end when it is a regular file, after
+    ``on_written()`` (as :func:`save_to_file`). A failed save leaves a stream without END
+    there, which any reader refuses."""
     sink = FileSink(fd)
     try:
         stats = save(domain, sink, **options)
+        if on_written is not None:
+            on_written()
     finally:
         sink.close()
     if stat.S_ISREG(os.fstat(fd).st_mode):
         os.fsync(fd)
+        stats.synced = time.monotonic() - stats.start_time
     return stats
 
 

@@ -98,6 +98,9 @@ class SaveStats:
     pages_round: int = 0            # pages queued in the current round
     stream_bytes: int = 0
     seconds: float = 0.0
+    synced: float = 0.0             # files.py: seconds from the start until the file was on disk
+                                    # (fsynced; a save_to_file also renamed, its directory fsynced);
+                                    # 0 for other sinks
     downtime: float = 0.0           # paused part of a live save (pause to END, on_end included)
     downtime_parts: dict = field(default_factory=dict)      # its seconds by step: stop, capture, state, pages, end
     pause_offset: float = 0.0       # seconds from the save's start to the (final) pause

@@ -345,8 +345,11 @@ class DomainServer:
         dom = self.domain
         was_running = dom.status is DomainStatus.RUNNING
         watch = ClientWatch(conn, self.save_cancel)
+        # A checkpoint's guest runs again as soon as its stream is written, before the
+        # file is synced to disk: the pause lasts no longer than the save needs it.
+        resume = dom.resume if job.checkpoint and was_running else None
         options = dict(compress=job.level, live=job.live, stats_cb=watch.progress,
-                       cancel=self.save_cancel, convergence=job.convergence)
+                       cancel=self.save_cancel, convergence=job.convergence, on_written=resume)
         try:
             if job.fd is not None:
                 stats = save_to_stream(dom, job.fd, **options)
@@ -360,10 +363,7 @@ class DomainServer:
             watch.reply({"ok": False, "error": f"save failed: {exc}; {self.where('save')}",
                          "kind": "failed", "guest": self.guest()})
         else:
-            if job.checkpoint:
-                if was_running:
-                    dom.resume()
-            else:
+            if not job.checkpoint:
                 dom.destroy()
                 self.running = False
             log.info("saved to %s (%d bytes, %s)", job.target, stats.stream_bytes,
