@@ -415,10 +415,10 @@ def _save_summary(name: str, path: str, reply: dict) -> str:
             if s["downtime"] else "")
     if s.get("vcpus", 1) > 1:
         live += f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
+    synced = f", on disk after {s['synced']:.2f} s" if s.get("synced") else ""
     return (f"saved {name} to {path}: {_mb(s['stream_bytes'])}, {s['pages_total']} pages "
             f"({s['pages_sent']} sent, {s['pages_zero']} zero), {rounds}, {s['seconds']:.2f} s, "
-            f"{s['throughput'] / 1e9:.2f} GB/s of guest RAM{live}"
-            + (f", on disk after {s['synced']:.2f} s" if s.get("synced") else "") + f"; domain {reply['status']}")
+            f"{s['throughput'] / 1e9:.2f} GB/s of guest RAM{live}{synced}; domain {reply['status']}")
 
 
 class _ProgressLine:

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from migrate.cli import hvm, parse_compress
 from migrate.domain import DomainConfig
 from migrate.host import control
+from test_relocation import console, wait_console
 
 
 
@@ -138,11 +139,6 @@ def test_hvm_restore_refuses_hostile_streams_in_one_line(state_dir, tmp_path):
             assert res.exit_code == 1 and msg in res.output and len(res.output.splitlines()) == 1, res.output
 
 
-def console_text(name: str) -> str:
-    with control.DomainClient(name) as c:
-        return c.console_text()
-
-
 SLOW_FSYNC = r"""
 #define _GNU_SOURCE
 #include <fcntl.h>
@@ -181,10 +177,7 @@ def test_a_checkpoints_guest_runs_while_its_file_is_synced(state_dir, tmp_path, 
     monkeypatch.delenv("LD_PRELOAD")
     path = tmp_path / "ck.hvm"
     try:
-        wait = time.monotonic() + 20
-        while "pagetouch pass=" not in console_text("ck"):
-            assert time.monotonic() < wait, "pagetouch did not start"
-            time.sleep(0.05)
+        wait_console("ck", state_dir, r"^pagetouch pass=")
         result = {}
         saver = threading.Thread(target=lambda: result.update(
             control.save_domain("ck", path, mode="live-checkpoint", compress=None)))
@@ -195,9 +188,9 @@ def test_a_checkpoints_guest_runs_while_its_file_is_synced(state_dir, tmp_path, 
             time.sleep(0.01)
         with control.DomainClient("ck") as c:
             status = c.call("info")["status"]
-        before = console_text("ck").count("pagetouch pass=")
+        before = console("ck", state_dir).count("pagetouch pass=")
         time.sleep(1.0)                         # the first fsync sleeps 1.5 s
-        after = console_text("ck").count("pagetouch pass=")
+        after = console("ck", state_dir).count("pagetouch pass=")
         assert saver.is_alive()                 # still syncing
         saver.join(30)
         assert status == "running"

@@ -63,14 +63,8 @@ def save_to_file(domain, path: str | os.PathLike, *, on_written: Callable[[], No
     check_target(path)
     partial = partial_path(path)
     fd = _create_partial(path, partial)
-    sink = FileSink(fd)
     try:
-        try:
-            stats = save(domain, sink, **options)
-            if on_written is not None:
-                on_written()
-        finally:
-            sink.close()
+        stats = _save_into(domain, fd, on_written, options)
         os.fsync(fd)
         check_target(path)          # still nothing but a regular file (or nothing) there
         os.rename(partial, path)    # under the partial file's lock still
@@ -124,17 +118,24 @@ def save_to_stream(domain, fd: int, *, on_written: Callable[[], None] | None = N
     a file opened by someone else); fsynced at the end when it is a regular file, after
     ``on_written()`` (as :func:`save_to_file`). A failed save leaves a stream without END
     there, which any reader refuses."""
+    stats = _save_into(domain, fd, on_written, options)
+    if stat.S_ISREG(os.fstat(fd).st_mode):
+        os.fsync(fd)
+        stats.synced = time.monotonic() - stats.start_time
+    return stats
+
+
+def _save_into(domain, fd: int, on_written: Callable[[], None] | None, options: dict) -> SaveStats:
+    """:func:`save` into ``fd`` through a :class:`FileSink`; ``on_written()`` once the
+    stream is whole, before the data plane is freed."""
     sink = FileSink(fd)
     try:
         stats = save(domain, sink, **options)
         if on_written is not None:
             on_written()
+        return stats
     finally:
         sink.close()
-    if stat.S_ISREG(os.fstat(fd).st_mode):
-        os.fsync(fd)
-        stats.synced = time.monotonic() - stats.start_time
-    return stats
 
 
 def _fsync_dir(directory: Path) -> None:
