@@ -18,7 +18,8 @@ from migrate.engine.fake import STUB_PAGES, FakeDomain
 from migrate.engine.sinks import FileSink
 from migrate.kvm import system
 from migrate.stream import (
-    DONE, NEED_DATA, DeviceState, HvmState, MemoryLayout, PageBatch, StreamReader, StreamTruncated, Vm,
+    DONE, NEED_DATA, DeviceState, End, HvmState, MemoryLayout, PageBatch, RecordType, StreamError,
+    StreamReader, StreamTruncated, StreamWriter, Vm,
 )
 
 MIB = 1 << 20
@@ -363,3 +364,70 @@ def test_the_throttle_lets_go_before_the_capture_is_prepared(tmp_path, monkeypat
     monkeypatch.setattr(src, "prepare_capture", lambda: seen.append(src.status))
     save_to_file(src, tmp_path / "t.hvm", live=True, convergence=Convergence(downtime=1.0))
     assert seen == [DomainStatus.RUNNING]
+
+
+def restream(path, extra, out_path):
+    """The stream file ``path`` rewritten to ``out_path`` with ``extra`` records, each
+    (record type, body, pages), after its page batches (before the vCPU state)."""
+    writer = StreamWriter()
+    parts, pending = [writer.start()], list(extra)
+    for record in records(path):
+        if isinstance(record, HvmState) and pending:
+            parts += [writer.raw(rtype, body, pages) for rtype, body, pages in pending]
+            pending = []
+        if not isinstance(record, End):
+            parts.append(writer.record(record))
+    parts.append(writer.finish())
+    out_path.write_bytes(b"".join(parts))
+    return out_path
+
+
+def text_pages(tag: int, count: int) -> list[bytes]:
+    """Pages that zstd shrinks but takes a while over (a batch of them decodes slowly)."""
+    return [(b"%d:%d " % (tag, i) * 1024)[:4096] for i in range(count)]
+
+
+def test_compressed_batches_decoded_side_by_side_keep_the_last_copy(tmp_path):
+    """The restore decodes batches on two threads: a slow compressed batch of 1024 pages,
+    then a one-page raw batch over one of them, twenty times over; the raw copy, the later
+    one, must win every time although it decodes far sooner."""
+    from migrate.stream.pages import encode_batch
+    src = fake(stub=False, memory=128 * MIB)
+    save_to_file(src, tmp_path / "plain.hvm")
+    extra = []
+    for i in range(20):
+        first = 8192 + 1024 * i
+        extra.append((RecordType.PAGE_DATA_ZSTD,
+                      encode_batch(Vm.GUEST, list(zip(range(first, first + 1024), text_pages(i, 1024))), True), 1024))
+        later = (b"later copy %d" % i).ljust(4096, b"\0")
+        extra.append((RecordType.PAGE_DATA, encode_batch(Vm.GUEST, [(first + 7, later)], False), 1))
+    path = restream(tmp_path / "plain.hvm", extra, tmp_path / "raced.hvm")
+    assert sum(isinstance(r, PageBatch) and r.compressed for r in records(path)) == 20
+    dst, stats = restore(file_chunks(path), make_domain=FakeDomain)
+    for i in range(20):
+        first = 8192 + 1024 * i
+        assert bytes(dst.guest.page(first + 7)[:16]).rstrip(b"\0") == b"later copy %d" % i, i
+        assert bytes(dst.guest.page(first + 8)) == text_pages(i, 1024)[8]
+    dst.destroy()
+
+
+def test_the_first_bad_batch_is_the_error_even_when_a_later_one_fails_sooner(tmp_path):
+    """A compressed batch whose frame fails only at its end (a bad checksum, found after
+    decompressing it all), then a small batch with a bad entry, which two threads check
+    first: the restore fails on the first, where it is in the stream."""
+    import zstandard
+    from migrate.stream.pages import BATCH_HEADER, PAGE_ENTRY
+    src = fake(stub=False, memory=64 * MIB)
+    save_to_file(src, tmp_path / "plain.hvm")
+    data = b"".join(text_pages(1, 1024))
+    frame = zstandard.ZstdCompressor(write_content_size=True, write_checksum=True).compress(data)
+    frame = frame[:-1] + bytes([frame[-1] ^ 1])
+    bad_late = BATCH_HEADER.pack(Vm.GUEST, 1024) + b"".join(PAGE_ENTRY.pack(pfn, 2, 0) for pfn in range(1024)) + frame
+    bad_soon = BATCH_HEADER.pack(Vm.GUEST, 1) + PAGE_ENTRY.pack(5, 9, 0)
+    path = restream(tmp_path / "plain.hvm", [(RecordType.PAGE_DATA_ZSTD, bad_late, 1024),
+                                             (RecordType.PAGE_DATA, bad_soon, 1)], tmp_path / "bad.hvm")
+    at = next(i for i, r in enumerate(records(tmp_path / "plain.hvm")) if isinstance(r, HvmState))
+    with pytest.raises(StreamError) as err:
+        restore(file_chunks(path), make_domain=FakeDomain)
+    assert "PAGE_DATA_ZSTD bad zstd frame" in err.value.msg, err.value
+    assert (err.value.record_index, err.value.record_type) == (at, RecordType.PAGE_DATA_ZSTD), err.value

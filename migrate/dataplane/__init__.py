@@ -292,19 +292,29 @@ class Receiver:
         self._keep.clear()
 
 
-class Target:
-    """Where the page batches of a stream read by the caller go (a file's restore): each
-    :meth:`place` checks a PAGE_DATA or PAGE_DATA_ZSTD body completely before it writes
-    a byte, then places its pages (the last copy of a page wins)."""
+NEXT = 2**64 - 1        # Target.write's turn for a caller that writes one batch at a time
 
-    def __init__(self):
+
+class Target:
+    """Where the page batches of a stream read by the caller go (a file's restore). A batch
+    is checked completely before a byte of it is written: :meth:`decode` checks it (and
+    decompresses it) into one of ``slots``, writing nothing, and :meth:`write` places it
+    (the last copy of a page wins). Threads may decode side by side, each into its own
+    slot; the writes take turns in stream order, a batch's turn being its index among the
+    stream's batches (from 0): :meth:`write` waits for it. A batch that failed its check
+    passes its turn with :meth:`fail`; from the first failure on, nothing more is
+    written. :meth:`place` decodes and writes one batch, for a single caller."""
+
+    def __init__(self, slots: int = 1):
         buf, n = _err()
-        self.ptr = lib.dp_target_new(buf, n)
+        self.ptr = lib.dp_target_new(slots, buf, n)
         if self.ptr == ffi.NULL:
             raise DataplaneError(_text(buf))
+        self.slots = slots
         self._keep: dict[int, list] = {}
-        self._counts = ffi.new("uint32_t[2]")
-        self._err = _err()
+        self._bodies: list = [None] * slots        # what each slot's decoded batch points into
+        self._counts = [ffi.new("uint32_t[2]") for _ in range(slots)]
+        self._errs = [_err() for _ in range(slots)]
 
     def set_space(self, space: int, ranges: list) -> None:
         n, first, count, base, fds, offs, keep = _ranges(ranges, writable=True)
@@ -313,20 +323,54 @@ class Target:
             raise DataplaneError(_text(buf))
         self._keep[space] = keep
 
-    def place(self, record_type: int, body) -> tuple[int, int]:
-        """(pages, zero pages) of the batch; DataplaneError with the reason if it is bad."""
-        buf, n = self._err
-        c = self._counts
-        if lib.dp_target_place(self.ptr, record_type, ffi.from_buffer("uint8_t[]", body), len(body),
-                               c, c + 1, buf, n):
+    def decode(self, slot: int, record_type: int, body) -> None:
+        """Check a PAGE_DATA or PAGE_DATA_ZSTD body into ``slot``; DataplaneError with the
+        reason if it is bad. ``body`` is held until the slot is written."""
+        buf, n = self._errs[slot]
+        cbody = ffi.from_buffer("uint8_t[]", body)
+        self._bodies[slot] = None
+        if lib.dp_target_decode(self.ptr, slot, record_type, cbody, len(body), buf, n):
+            del cbody           # its hold on the body's buffer must not live on in a traceback
             raise DataplaneError(_text(buf))
-        return c[0], c[1]
+        self._bodies[slot] = cbody
+
+    def write(self, slot: int, turn: int = NEXT) -> tuple[int, int] | None:
+        """Place the batch decoded into ``slot`` in its ``turn``: (pages, zero pages), or
+        None when it is not written (an earlier batch failed, or :meth:`stop`);
+        DataplaneError if writing it failed."""
+        buf, n = self._errs[slot]
+        c = self._counts[slot]
+        try:
+            rc = lib.dp_target_write(self.ptr, slot, turn, c, c + 1, buf, n)
+        finally:
+            self._bodies[slot] = None
+        if rc < 0:
+            raise DataplaneError(_text(buf))
+        return (c[0], c[1]) if rc == 0 else None
+
+    def fail(self, turn: int) -> bool:
+        """Batch ``turn`` failed its check: pass its turn, writing nothing more from now on.
+        True if it is the first batch to fail."""
+        return bool(lib.dp_target_fail(self.ptr, turn))
+
+    def stop(self) -> None:
+        """Write nothing more; the batches still waiting for their turns pass them."""
+        lib.dp_target_stop(self.ptr)
+
+    def place(self, record_type: int, body) -> tuple[int, int]:
+        """Check and place one batch: (pages, zero pages); DataplaneError if it is bad."""
+        self.decode(0, record_type, body)
+        placed = self.write(0)
+        if placed is None:
+            raise DataplaneError("an earlier batch failed: nothing more is placed")
+        return placed
 
     def close(self) -> None:
         if self.ptr is not None:
             lib.dp_target_free(self.ptr)
             self.ptr = None
             self._keep.clear()
+            self._bodies = [None] * self.slots
 
 
 __all__ = ["AUTO", "MODES", "RAW", "ZSTD", "ChannelSummary", "DataplaneError", "Output", "OutputState",

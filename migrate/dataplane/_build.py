@@ -53,12 +53,16 @@ int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, con
                           const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
                           char *err, size_t errlen);
 struct dp_target;
-struct dp_target *dp_target_new(char *err, size_t errlen);
+struct dp_target *dp_target_new(int slots, char *err, size_t errlen);
 int dp_target_set_space(struct dp_target *t, uint32_t space, uint32_t n, const uint64_t *first,
                         const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
                         char *err, size_t errlen);
-int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uint32_t len,
-                    uint32_t *npages, uint32_t *nzero, char *err, size_t errlen);
+int dp_target_decode(struct dp_target *t, int slot, uint32_t type, const uint8_t *body, uint32_t len,
+                     char *err, size_t errlen);
+int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npages, uint32_t *nzero,
+                    char *err, size_t errlen);
+int dp_target_fail(struct dp_target *t, uint64_t turn);
+void dp_target_stop(struct dp_target *t);
 void dp_target_free(struct dp_target *t);
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
 void dp_receiver_open(struct dp_receiver *r);

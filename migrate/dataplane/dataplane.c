@@ -1008,16 +1008,30 @@ static int zero_pages(const struct dp_space *sp, int r, uint64_t pfn, uint32_t p
                      (off_t)pages * DP_PAGE);
 }
 
+/* One batch checked and decoded (decode_batch), waiting to be written (write_batch): its
+ * entries and data pages stay in the caller's body, or in the placer's scratch when they
+ * were compressed, until then. */
+struct decoded {
+    struct dp_space *sp;
+    uint32_t n;
+    const uint8_t *entries;     /* n entries (pfn, type, reserved) */
+    const uint8_t *pages;       /* the data pages, in entry order */
+    uint64_t pos[DP_MAX_BATCH]; /* each entry's page index in its space */
+    int rng[DP_MAX_BATCH];      /* each entry's range */
+};
+
 struct placer {
     ZSTD_DCtx *dctx;
     uint8_t *scratch;           /* one batch's decompressed pages */
+    struct decoded *d;
 };
 
 static int placer_init(struct placer *p)
 {
     p->dctx = ZSTD_createDCtx();
     p->scratch = malloc(DP_MAX_BATCH * DP_PAGE);
-    if (!p->dctx || !p->scratch)
+    p->d = calloc(1, sizeof *p->d);
+    if (!p->dctx || !p->scratch || !p->d)
         return -1;
     ZSTD_DCtx_setParameter(p->dctx, ZSTD_d_windowLogMax, 22);   /* MAX_ZSTD_WINDOW, 4 MiB (specs/stream-format.md) */
     return 0;
@@ -1027,14 +1041,15 @@ static void placer_free(struct placer *p)
 {
     ZSTD_freeDCtx(p->dctx);
     free(p->scratch);
+    free(p->d);
 }
 
-/* Check a PAGE_DATA or PAGE_DATA_ZSTD body completely, then place its pages in
- * spaces[space] (the last copy of a page wins; a ZERO page over data is zeroed). With
- * `round` >= 0, a pfn may come once in that round (the space's `seen` bits). Returns
- * 0 (and the batch's pages and zero pages), or -1 with one line in why. */
-static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, const uint8_t *body, uint32_t len,
-                 long round, uint32_t *npages, uint32_t *nzero, char *why, size_t whylen)
+/* Check a PAGE_DATA or PAGE_DATA_ZSTD body completely (its data decompressed into the
+ * placer's scratch) into pl->d, writing nothing. With `round` >= 0, a pfn may come once
+ * in that round (the space's `seen` bits, set here); otherwise once in the batch. 0, or
+ * -1 with one line in why. */
+static int decode_batch(struct dp_space *spaces, struct placer *pl, uint32_t type, const uint8_t *body,
+                        uint32_t len, long round, char *why, size_t whylen)
 {
     if (len < DP_BATCH_HDR) {
         snprintf(why, whylen, "body is %u bytes, shorter than its header", len);
@@ -1060,8 +1075,8 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
     }
     const uint8_t *entries = body + DP_BATCH_HDR;
     uint32_t data_type = type == T_PAGE_DATA ? P_NORMAL : P_COMPRESSED, ndata = 0;
-    uint64_t pos[DP_MAX_BATCH];
-    int rng[DP_MAX_BATCH];
+    uint64_t *pos = pl->d->pos;
+    int *rng = pl->d->rng;
     for (uint32_t i = 0; i < n; i++) {
         const uint8_t *e = entries + DP_ENTRY * i;
         uint64_t pfn = get64(e);
@@ -1135,7 +1150,6 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
         pages = pl->scratch;
     }
     /* every entry and the data checked; a pfn once per batch (and once per round) */
-    uint64_t local[DP_MAX_BATCH];
     for (uint32_t i = 0; i < n; i++) {
         int dup = 0;
         if (round >= 0) {
@@ -1143,9 +1157,8 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
             dup = (__atomic_fetch_or(&sp->seen[pos[i] >> 6], bit, __ATOMIC_RELAXED) & bit) != 0;
         } else if (i && pos[i] <= pos[i - 1]) {     /* not ascending: look back (rare) */
             for (uint32_t j = 0; j < i && !dup; j++)
-                dup = local[j] == pos[i];
+                dup = pos[j] == pos[i];
         }
-        local[i] = pos[i];
         if (dup) {
             uint64_t pfn = get64(entries + DP_ENTRY * i);
             if (round >= 0)
@@ -1155,7 +1168,23 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
             return -1;
         }
     }
-    uint32_t zero = 0;
+    pl->d->sp = sp;
+    pl->d->n = n;
+    pl->d->entries = entries;
+    pl->d->pages = pages;
+    return 0;
+}
+
+/* Place the batch decode_batch left in d in its space (the last copy of a page wins; a
+ * ZERO page over data is zeroed). 0 (and the batch's pages and zero pages), or -1 with
+ * one line in why. */
+static int write_batch(const struct decoded *d, uint32_t *npages, uint32_t *nzero, char *why, size_t whylen)
+{
+    struct dp_space *sp = d->sp;
+    const uint8_t *entries = d->entries, *pages = d->pages;
+    const uint64_t *pos = d->pos;
+    const int *rng = d->rng;
+    uint32_t n = d->n, zero = 0;
     for (uint32_t i = 0; i < n;) {
         uint64_t pfn = get64(entries + DP_ENTRY * i);
         int is_zero = get32(entries + DP_ENTRY * i + 8) == P_ZERO;
@@ -1191,23 +1220,55 @@ static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, cons
     return 0;
 }
 
+static int place(struct dp_space *spaces, struct placer *pl, uint32_t type, const uint8_t *body, uint32_t len,
+                 long round, uint32_t *npages, uint32_t *nzero, char *why, size_t whylen)
+{
+    if (decode_batch(spaces, pl, type, body, len, round, why, whylen))
+        return -1;
+    return write_batch(pl->d, npages, nzero, why, whylen);
+}
+
 /* A destination for the page batches of one stream read by the caller (a file's
- * restore), pages placed in the order the caller hands them over. */
+ * restore). Each of its `slots` holds one batch between dp_target_decode, which checks it
+ * completely and decompresses it, and dp_target_write, which places it: callers on
+ * different threads decode batches side by side, each in a slot of its own, and the
+ * writes take turns in stream order (each batch's turn is its index in the stream's
+ * batches, from 0), so the last copy of a page wins. A batch that failed, and every batch
+ * after it, is not written. */
+#define DP_TARGET_MAX_SLOTS 16
+
 struct dp_target {
     struct dp_space spaces[DP_SPACES];
-    struct placer pl;
+    int nslots;
+    struct placer pl[DP_TARGET_MAX_SLOTS];
+    pthread_mutex_t lock;
+    pthread_cond_t turn_cv;
+    uint64_t turn;              /* the batch whose write is next */
+    int failed;                 /* a batch failed, or the target was stopped: write no more */
 };
 
-struct dp_target *dp_target_new(char *err, size_t errlen)
+void dp_target_free(struct dp_target *t);
+
+struct dp_target *dp_target_new(int slots, char *err, size_t errlen)
 {
+    if (slots < 1 || slots > DP_TARGET_MAX_SLOTS) {
+        snprintf(err, errlen, "a target has 1..%d slots", DP_TARGET_MAX_SLOTS);
+        return NULL;
+    }
     struct dp_target *t = calloc(1, sizeof *t);
-    if (!t || placer_init(&t->pl)) {
-        if (t)
-            placer_free(&t->pl);
-        free(t);
+    if (!t) {
         snprintf(err, errlen, "out of memory");
         return NULL;
     }
+    pthread_mutex_init(&t->lock, NULL);
+    pthread_cond_init(&t->turn_cv, NULL);
+    for (; t->nslots < slots; t->nslots++)
+        if (placer_init(&t->pl[t->nslots])) {
+            t->nslots++;                /* freed with the rest */
+            dp_target_free(t);
+            snprintf(err, errlen, "out of memory");
+            return NULL;
+        }
     return t;
 }
 
@@ -1222,15 +1283,82 @@ int dp_target_set_space(struct dp_target *t, uint32_t space, uint32_t n, const u
     return destination_space(&t->spaces[space], 0, n, first, count, base, fds, fd_offs, err, errlen);
 }
 
-/* place one page batch body (record type 3 or 4); 0 with its page and zero counts, or -1 */
-int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uint32_t len,
-                    uint32_t *npages, uint32_t *nzero, char *err, size_t errlen)
+/* Check page batch body (record type 3 or 4) completely into `slot`, writing nothing; the
+ * body must stay as it is until the slot is written. 0, or -1 with the reason. */
+int dp_target_decode(struct dp_target *t, int slot, uint32_t type, const uint8_t *body, uint32_t len,
+                     char *err, size_t errlen)
 {
+    if (slot < 0 || slot >= t->nslots) {
+        snprintf(err, errlen, "no slot %d", slot);
+        return -1;
+    }
     if (type != T_PAGE_DATA && type != T_PAGE_DATA_ZSTD) {
         snprintf(err, errlen, "record type 0x%x is not a page batch", type);
         return -1;
     }
-    return place(t->spaces, &t->pl, type, body, len, -1, npages, nzero, err, errlen);
+    return decode_batch(t->spaces, &t->pl[slot], type, body, len, -1, err, errlen);
+}
+
+/* Wait for batch `turn`'s turn to write (DP_TURN_NEXT: the next one, no wait); returns
+ * with the lock held. */
+#define DP_TURN_NEXT UINT64_MAX
+static void await_turn(struct dp_target *t, uint64_t turn)
+{
+    pthread_mutex_lock(&t->lock);
+    while (turn != DP_TURN_NEXT && t->turn != turn)
+        pthread_cond_wait(&t->turn_cv, &t->lock);
+}
+
+static void pass_turn(struct dp_target *t)
+{
+    t->turn++;
+    pthread_cond_broadcast(&t->turn_cv);
+    pthread_mutex_unlock(&t->lock);
+}
+
+/* Batch `turn`, decoded into `slot`, is written once every batch before it has had its
+ * turn. 0 with its page and zero counts; 1 when it is not written because an earlier
+ * batch failed or the target was stopped; -1 when writing it failed (the reason in err). */
+int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npages, uint32_t *nzero,
+                    char *err, size_t errlen)
+{
+    int bad = slot < 0 || slot >= t->nslots || !t->pl[slot].d->sp;
+    await_turn(t, turn);
+    int rc = 1;
+    if (bad) {                  /* the caller's error; the turn passes all the same */
+        snprintf(err, errlen, "slot %d holds no decoded batch", slot);
+        t->failed = 1;
+        pass_turn(t);
+        return -1;
+    }
+    if (!t->failed) {
+        /* the lock is held through the write: the next batch's turn waits for it anyway */
+        rc = write_batch(t->pl[slot].d, npages, nzero, err, errlen);
+        t->failed = rc != 0;
+    }
+    t->pl[slot].d->sp = NULL;
+    pass_turn(t);
+    return rc;
+}
+
+/* Batch `turn` failed its check: in its turn, nothing after it is written any more.
+ * 1 if it is the first batch to fail (its error is the restore's), 0 if an earlier one
+ * failed or the target was stopped. */
+int dp_target_fail(struct dp_target *t, uint64_t turn)
+{
+    await_turn(t, turn);
+    int first = !t->failed;
+    t->failed = 1;
+    pass_turn(t);
+    return first;
+}
+
+/* Write nothing more (a stopped restore); batches waiting for their turn are passed over. */
+void dp_target_stop(struct dp_target *t)
+{
+    pthread_mutex_lock(&t->lock);
+    t->failed = 1;
+    pthread_mutex_unlock(&t->lock);
 }
 
 void dp_target_free(struct dp_target *t)
@@ -1239,7 +1367,10 @@ void dp_target_free(struct dp_target *t)
         return;
     for (unsigned s = 0; s < DP_SPACES; s++)
         free(t->spaces[s].written);
-    placer_free(&t->pl);
+    for (int i = 0; i < t->nslots; i++)
+        placer_free(&t->pl[i]);
+    pthread_mutex_destroy(&t->lock);
+    pthread_cond_destroy(&t->turn_cv);
     free(t);
 }
 

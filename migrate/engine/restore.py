@@ -32,7 +32,7 @@ from ..dataplane import DataplaneError, Range, Target
 from ..domain import Domain, DomainConfig, guest_layout
 from ..stream import (
     DONE, NEED_DATA, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
-    MsrPolicy, StreamError, StreamReader, Vm,
+    MsrPolicy, RecordType, StreamError, StreamReader, Vm,
 )
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
@@ -67,34 +67,55 @@ class RestoreStats:
 
 
 class _Placer:
-    """Places a stream's page batches on a thread of its own, in stream order, while the
-    caller reads and checks the records that follow: the data plane's placement runs
-    without the GIL, so reading and writing guest memory overlap. At most DEPTH batches
-    wait. A batch the data plane refuses fails the restore with the stream error at its
-    position, raised at the next :meth:`put`, :meth:`settle` or :meth:`stop`; the batches
-    after it are not placed."""
+    """Places a stream's page batches on threads of its own while the caller reads and
+    checks the records that follow. Each of its threads takes the next batch and has the
+    data plane check it and decompress it (in C, without the GIL, side by side with the
+    other thread and the reader); the data plane then writes the checked batches into
+    guest memory one at a time, in stream order, so the last copy of a page wins. At most
+    DEPTH batches wait. A batch the data plane refuses fails the restore with the stream
+    error at its position, raised at the next :meth:`put`, :meth:`settle` or :meth:`stop`;
+    the batches after it are not placed (and their own errors do not hide it)."""
     DEPTH = 4
+    WORKERS = 2             # the machines this runs on have two cores: one thread, and a
+                            # second from the first compressed batch on (raw ones cost
+                            # more in a second thread than they gain)
 
     def __init__(self, target: Target):
         self.target = target
         self.work: queue.Queue = queue.Queue(self.DEPTH)
         self.error: StreamError | None = None
         self.zero = 0                       # zero pages placed (holes punched or cleared)
-        self.thread = threading.Thread(target=self._run, name="page-placer", daemon=True)
-        self.thread.start()
+        self.queued = 0                     # batches put so far: the next one's turn
+        self.threads: list[threading.Thread] = []
+        self._start()
 
-    def _run(self) -> None:
+    def _start(self) -> None:
+        thread = threading.Thread(target=self._run, args=(len(self.threads),),
+                                  name=f"page-placer-{len(self.threads)}", daemon=True)
+        self.threads.append(thread)
+        thread.start()
+
+    def _run(self, slot: int) -> None:
         while True:
             item = self.work.get()
             try:
                 if item is None:
                     return
-                record_type, body, where = item
-                if self.error is None:
-                    try:
-                        self.zero += self.target.place(record_type, body)[1]
-                    except DataplaneError as exc:
-                        self.error = StreamError(f"{record_type.name} {exc}", *where)
+                turn, record_type, body, where = item
+                try:
+                    self.target.decode(slot, record_type, body)
+                except Exception as exc:    # not only DataplaneError: the turn must pass on
+                    if self.target.fail(turn):
+                        reason = exc if isinstance(exc, DataplaneError) else repr(exc)
+                        self.error = StreamError(f"{record_type.name} {reason}", *where)
+                    continue
+                try:
+                    placed = self.target.write(slot, turn)      # waits for the batches before it
+                except DataplaneError as exc:                   # the first failure; its turn passed
+                    self.error = self.error or StreamError(f"{record_type.name} {exc}", *where)
+                    continue
+                if placed is not None:
+                    self.zero += placed[1]                      # one writer at a time: in turn
             finally:
                 self.work.task_done()
 
@@ -104,7 +125,10 @@ class _Placer:
 
     def put(self, record_type, body: bytes, where: tuple) -> None:
         self._raise()
-        self.work.put((record_type, body, where))
+        if record_type is RecordType.PAGE_DATA_ZSTD and len(self.threads) < min(self.WORKERS, self.target.slots):
+            self._start()       # decompression is worth a second thread; raw batches are not
+        self.work.put((self.queued, record_type, body, where))
+        self.queued += 1
 
     def settle(self) -> None:
         """Wait until every batch put so far is placed (before the target changes, and at
@@ -113,12 +137,15 @@ class _Placer:
         self._raise()
 
     def stop(self) -> None:
-        """Place nothing more and end the thread (idempotent); the target is free after."""
-        if self.thread.is_alive():
+        """Place nothing more and end the threads (idempotent); the target is free after."""
+        if any(thread.is_alive() for thread in self.threads):
+            self.target.stop()
             if self.error is None:
-                self.error = StreamError("the restore stopped")     # skip what still waits
-            self.work.put(None)
-            self.thread.join()
+                self.error = StreamError("the restore stopped")
+            for _ in self.threads:
+                self.work.put(None)
+            for thread in self.threads:
+                thread.join()
 
 
 class _Restorer:
@@ -132,8 +159,8 @@ class _Restorer:
         self.config: DomainConfig | None = None
         self.stub_build = ""
         self.domain: RestorableDomain | None = None
-        self.target: Target | None = Target()       # where page batches go (the data plane)
-        self.placer: _Placer | None = None          # its thread, from the first batch on
+        self.target: Target | None = Target(_Placer.WORKERS)    # where page batches go (the data plane)
+        self.placer: _Placer | None = None          # its threads, from the first batch on
         self.collector = StateCollector()
         self.stub_collector = StateCollector("stub")
         self.cpus = CpuCollector()
@@ -277,6 +304,20 @@ class _Restorer:
         trace.mark("R state applied")
         self.end_seen = True
 
+    def earlier_error(self, exc: StreamError) -> StreamError | None:
+        """The error of a page batch before ``exc``'s record, when one failed too: the
+        placer checks batches behind the reader, so the reader may fail on a later record
+        first, and the stream's first error is the one to report. Waits for the batches
+        put so far (at most _Placer.DEPTH)."""
+        if self.placer is None:
+            return None
+        try:
+            self.placer.settle()
+        except StreamError as placed:
+            if placed.offset is not None and exc.offset is not None and placed.offset < exc.offset:
+                return placed
+        return None
+
     def release(self) -> None:
         """Drop the data plane and its views of guest and stub RAM (a live view keeps the
         mapping exported, and the domain could not unmap it on destroy)."""
@@ -342,6 +383,12 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
         reader.eof()
         if not work.end_seen:       # eof() passes only after END; belt and braces
             raise RestoreError("stream ended without END")
+    except StreamError as exc:
+        first = work.earlier_error(exc)
+        work.discard()
+        if first is not None:
+            raise first from None
+        raise
     except BaseException:
         work.discard()
         raise

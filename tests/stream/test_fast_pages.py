@@ -196,3 +196,42 @@ def test_placement_rejects_oversized_counts_and_short_bodies() -> None:
     with pytest.raises(DataplaneError, match="2 entries need 40"):
         place(mem, BATCH_HEADER.pack(0, 2) + bytes(16))
 
+
+
+def test_decoded_batches_are_written_in_their_turns() -> None:
+    """Two slots decoded side by side: the later batch's write waits until the earlier
+    one's is done, so the later copy of a page wins whichever thread comes first."""
+    import threading
+    from migrate.dataplane import Range, Target
+    mem = bytearray(4 * PAGE_SIZE)
+    target = Target(2)
+    try:
+        target.set_space(Vm.GUEST, [Range(0, 4, mem)])
+        target.decode(0, RecordType.PAGE_DATA, raw_body([(1, 0, 0)], PAGE_A))     # turn 0
+        target.decode(1, RecordType.PAGE_DATA, raw_body([(1, 0, 0)], PAGE_B))     # turn 1
+        second = threading.Thread(target=lambda: target.write(1, 1))
+        second.start()
+        second.join(0.2)
+        assert second.is_alive() and mem == bytes(4 * PAGE_SIZE)     # waits for turn 0
+        assert target.write(0, 0) == (1, 0)
+        second.join(5)
+        assert not second.is_alive()
+        assert mem[PAGE_SIZE:2 * PAGE_SIZE] == PAGE_B
+    finally:
+        target.close()
+
+
+def test_nothing_is_written_after_a_batch_that_failed() -> None:
+    """A batch that fails its check passes its turn with fail(); the batches after it,
+    however good, are not written, and only the first failure says it is the first."""
+    from migrate.dataplane import Range, Target
+    mem = bytearray(4 * PAGE_SIZE)
+    target = Target(2)
+    try:
+        target.set_space(Vm.GUEST, [Range(0, 4, mem)])
+        target.decode(1, RecordType.PAGE_DATA, raw_body([(2, 0, 0)], PAGE_A))     # turn 1: good
+        assert target.fail(0) is True                                            # turn 0 was bad
+        assert target.write(1, 1) is None and mem == bytes(4 * PAGE_SIZE)
+        assert target.fail(2) is False                                           # not the first
+    finally:
+        target.close()

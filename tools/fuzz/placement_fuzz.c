@@ -1,7 +1,7 @@
-/* libFuzzer harness for the data plane's placement of page batches (dp_target_place in
- * migrate/dataplane/dataplane.c, compiled apart with coverage by tools/fuzz_c.py): what a
- * restore does with every PAGE_DATA and PAGE_DATA_ZSTD body of a stream, before and while
- * it writes guest memory. An input sets up one to three memory ranges (heap blocks of their
+/* libFuzzer harness for the data plane's placement of page batches (dp_target_decode and
+ * dp_target_write in migrate/dataplane/dataplane.c, compiled apart with coverage by
+ * tools/fuzz_c.py): what a restore does with every PAGE_DATA and PAGE_DATA_ZSTD body of a
+ * stream, before and while it writes guest memory. An input sets up one to three memory ranges (heap blocks of their
  * exact size, so ASan sees any write past them) and then places up to eight batch bodies:
  * entries and pages from the input, zstd frames compressed here and then damaged as a
  * hostile writer would (skippable frames, a dictionary id, a large window, bad checksums,
@@ -17,12 +17,14 @@
 #include <zstd.h>
 
 struct dp_target;
-struct dp_target *dp_target_new(char *err, size_t errlen);
+struct dp_target *dp_target_new(int slots, char *err, size_t errlen);
 int dp_target_set_space(struct dp_target *t, uint32_t space, uint32_t n, const uint64_t *first,
                         const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
                         char *err, size_t errlen);
-int dp_target_place(struct dp_target *t, uint32_t type, const uint8_t *body, uint32_t len,
-                    uint32_t *npages, uint32_t *nzero, char *err, size_t errlen);
+int dp_target_decode(struct dp_target *t, int slot, uint32_t type, const uint8_t *body, uint32_t len,
+                     char *err, size_t errlen);
+int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npages, uint32_t *nzero,
+                    char *err, size_t errlen);
 void dp_target_free(struct dp_target *t);
 
 #define PAGE 4096
@@ -176,7 +178,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char err[256];
     static struct dp_target *t;             /* one target, its spaces set again per input */
     if (!t)
-        t = dp_target_new(err, sizeof err);
+        t = dp_target_new(1, err, sizeof err);
     CHECK(t);
     uint8_t head = (uint8_t)take(&in, 1);
     nranges = 1 + head % MAX_RANGES;
@@ -200,7 +202,9 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     for (int b = 0; ok && b < 8 && in.n; b++) {
         uint32_t type, npages = 0, nzero = 0;
         size_t len = make_body(&in, body, sizeof body, &type);
-        int rc = dp_target_place(t, type, body, (uint32_t)len, &npages, &nzero, err, sizeof err);
+        int rc = dp_target_decode(t, 0, type, body, (uint32_t)len, err, sizeof err);
+        if (rc == 0)                        /* checked completely: now written, in the next turn */
+            rc = dp_target_write(t, 0, UINT64_MAX, &npages, &nzero, err, sizeof err);
         if (rc == 0) {                      /* apply the batch to the model */
             uint32_t n = (uint32_t)(body[4] | body[5] << 8 | body[6] << 16 | (uint32_t)body[7] << 24);
             uint32_t zeros = 0, d = 0;
