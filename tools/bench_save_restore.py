@@ -7,9 +7,11 @@ stripes: half of it (512 MiB) stays untouched, a quarter is text-like, a quarter
 `save_to_file` and a restore until the guest runs again (`restore`, then resume and the
 vCPU's first entry), with the file in the page cache. The save's time is until its stream
 is written (into the page cache: what a checkpoint's guest waits for); "on disk after" adds
-the fsync of the file and of its directory.
+the fsync of the file and of its directory. Each figure is the median of ``--runs`` runs
+(the modes taking turns, each run starting with another: a mode's save does not always
+follow the same one's writeback), the slowest beside it.
 
-    .venv/bin/python tools/bench_save_restore.py [--memory-mib 1024] [--modes none,auto,zstd:1] [--hugepages]
+    .venv/bin/python tools/bench_save_restore.py [--memory-mib 1024] [--modes none,auto,zstd:1] [--runs 5] [--hugepages]
 
 Limits printed first, measured now: memcpy into memory already faulted in and into fresh
 memory (a page fault per 4 KiB here), pwrite into a fresh memfd (how restores place pages),
@@ -24,6 +26,7 @@ import dataclasses
 import mmap
 import os
 import random
+import statistics
 import tempfile
 import time
 
@@ -157,6 +160,7 @@ def main() -> None:
     ap.add_argument("--dir", default=tempfile.gettempdir())
     ap.add_argument("--hugepages", action="store_true",
                     help="guest RAM of 2 MiB huge pages (the pool is raised as needed, as root)")
+    ap.add_argument("--runs", type=int, default=5, help="runs of each mode; the figures are their medians")
     args = ap.parse_args()
     size = args.memory_mib * MIB
     touched = b"".join(block for _, block in stripes(size))
@@ -166,14 +170,22 @@ def main() -> None:
     print("machine, now: " + ", ".join(f"{k} {v:.2f}x" if k.endswith("ratio") else f"{k} {gbps(v, 1)}"
                                         for k, v in limits.items()))
     pool = machine_limits.HugePagePool(2 * size // (2 << 20) + 8 if args.hugepages else 0)
+    modes = [mode.strip() for mode in args.modes.split(",")]
+    runs: dict[str, list] = {mode: [] for mode in modes}
     with pool:
-        runs = [(mode, *run_mode(mode.strip(), size, args.dir, args.hugepages)) for mode in args.modes.split(",")]
-    for mode, save_s, synced_s, file_size, restore_s in runs:
-        print(f"{mode:>7}: save {save_s:.3f} s ({gbps(size, save_s)} of RAM, {gbps(file_size, save_s)} of file, "
+        for i in range(args.runs):      # the modes take turns, each run starting with another
+            for mode in modes[i % len(modes):] + modes[:i % len(modes)]:
+                runs[mode].append(run_mode(mode, size, args.dir, args.hugepages))
+    print(f"medians of {args.runs} runs (the slowest in brackets):")
+    for mode, results in runs.items():
+        save_s, synced_s, file_size, restore_s = (statistics.median(r[i] for r in results) for i in range(4))
+        slow_save, slow_restore = max(r[0] for r in results), max(r[3] for r in results)
+        print(f"{mode:>7}: save {save_s:.3f} s [{slow_save:.3f}] ({gbps(size, save_s)} of RAM, "
+              f"{gbps(file_size, save_s)} of file, "
               f"{file_size / (limits['file write (page cache)'] * save_s):.2f}x the file write limit), "
               f"on disk after {synced_s:.3f} s; "
               f"file {file_size / MIB:.0f} MiB = {100 * file_size / size:.0f}% of RAM; "
-              f"restore until running {restore_s:.3f} s ({gbps(size, restore_s)} of RAM)")
+              f"restore until running {restore_s:.3f} s [{slow_restore:.3f}] ({gbps(size, restore_s)} of RAM)")
 
 
 if __name__ == "__main__":
