@@ -303,7 +303,8 @@ class Target:
     slot; the writes take turns in stream order, a batch's turn being its index among the
     stream's batches (from 0): :meth:`write` waits for it. A batch that failed its check
     passes its turn with :meth:`fail`; from the first failure on, nothing more is
-    written. :meth:`place` decodes and writes one batch, for a single caller."""
+    written. :meth:`place` decodes and writes one batch, for a single caller (not to be
+    mixed with numbered turns on one target)."""
 
     def __init__(self, slots: int = 1):
         buf, n = _err()
@@ -354,7 +355,8 @@ class Target:
         return bool(lib.dp_target_fail(self.ptr, turn))
 
     def stop(self) -> None:
-        """Write nothing more; the batches still waiting for their turns pass them."""
+        """Write nothing more: writes and fails waiting for their turns, or called later,
+        return at once."""
         lib.dp_target_stop(self.ptr)
 
     def place(self, record_type: int, body) -> tuple[int, int]:
@@ -362,7 +364,7 @@ class Target:
         self.decode(0, record_type, body)
         placed = self.write(0)
         if placed is None:
-            raise DataplaneError("an earlier batch failed: nothing more is placed")
+            raise DataplaneError("an earlier batch failed or the target was stopped: nothing more is placed")
         return placed
 
     def close(self) -> None:

@@ -1051,6 +1051,7 @@ static void placer_free(struct placer *p)
 static int decode_batch(struct dp_space *spaces, struct placer *pl, uint32_t type, const uint8_t *body,
                         uint32_t len, long round, char *why, size_t whylen)
 {
+    pl->d->sp = NULL;           /* the slot holds no batch until this one passes every check */
     if (len < DP_BATCH_HDR) {
         snprintf(why, whylen, "body is %u bytes, shorter than its header", len);
         return -1;
@@ -1244,7 +1245,8 @@ struct dp_target {
     pthread_mutex_t lock;
     pthread_cond_t turn_cv;
     uint64_t turn;              /* the batch whose write is next */
-    int failed;                 /* a batch failed, or the target was stopped: write no more */
+    int failed;                 /* a batch failed: write no more */
+    int stopped;                /* stopped: write no more, and wait for no turn */
 };
 
 void dp_target_free(struct dp_target *t);
@@ -1299,13 +1301,13 @@ int dp_target_decode(struct dp_target *t, int slot, uint32_t type, const uint8_t
     return decode_batch(t->spaces, &t->pl[slot], type, body, len, -1, err, errlen);
 }
 
-/* Wait for batch `turn`'s turn to write (DP_TURN_NEXT: the next one, no wait); returns
- * with the lock held. */
+/* Wait for batch `turn`'s turn to write (DP_TURN_NEXT: the next one, no wait), or for the
+ * target to be stopped; returns with the lock held. */
 #define DP_TURN_NEXT UINT64_MAX
 static void await_turn(struct dp_target *t, uint64_t turn)
 {
     pthread_mutex_lock(&t->lock);
-    while (turn != DP_TURN_NEXT && t->turn != turn)
+    while (turn != DP_TURN_NEXT && t->turn != turn && !t->stopped)
         pthread_cond_wait(&t->turn_cv, &t->lock);
 }
 
@@ -1318,7 +1320,9 @@ static void pass_turn(struct dp_target *t)
 
 /* Batch `turn`, decoded into `slot`, is written once every batch before it has had its
  * turn. 0 with its page and zero counts; 1 when it is not written because an earlier
- * batch failed or the target was stopped; -1 when writing it failed (the reason in err). */
+ * batch failed or the target was stopped; -1 when writing it failed (the reason in err).
+ * A caller writing one batch at a time may pass DP_TURN_NEXT; mixed with numbered turns
+ * on one target, that would make a numbered turn wait forever. */
 int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npages, uint32_t *nzero,
                     char *err, size_t errlen)
 {
@@ -1331,7 +1335,7 @@ int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npag
         pass_turn(t);
         return -1;
     }
-    if (!t->failed) {
+    if (!t->failed && !t->stopped) {
         /* the lock is held through the write: the next batch's turn waits for it anyway */
         rc = write_batch(t->pl[slot].d, npages, nzero, err, errlen);
         t->failed = rc != 0;
@@ -1347,17 +1351,19 @@ int dp_target_write(struct dp_target *t, int slot, uint64_t turn, uint32_t *npag
 int dp_target_fail(struct dp_target *t, uint64_t turn)
 {
     await_turn(t, turn);
-    int first = !t->failed;
+    int first = !t->failed && !t->stopped;
     t->failed = 1;
     pass_turn(t);
     return first;
 }
 
-/* Write nothing more (a stopped restore); batches waiting for their turn are passed over. */
+/* Write nothing more (a stopped restore): a write or fail waiting for its turn, or called
+ * later, returns at once. */
 void dp_target_stop(struct dp_target *t)
 {
     pthread_mutex_lock(&t->lock);
-    t->failed = 1;
+    t->stopped = 1;
+    pthread_cond_broadcast(&t->turn_cv);
     pthread_mutex_unlock(&t->lock);
 }
 

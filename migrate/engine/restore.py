@@ -84,10 +84,15 @@ class _Placer:
         self.target = target
         self.work: queue.Queue = queue.Queue(self.DEPTH)
         self.error: StreamError | None = None
-        self.zero = 0                       # zero pages placed (holes punched or cleared)
+        self.error_lock = threading.Lock()
+        self.zeros = [0] * self.WORKERS     # zero pages placed (holes punched or cleared), by thread
         self.queued = 0                     # batches put so far: the next one's turn
         self.threads: list[threading.Thread] = []
         self._start()
+
+    @property
+    def zero(self) -> int:
+        return sum(self.zeros)
 
     def _start(self) -> None:
         thread = threading.Thread(target=self._run, args=(len(self.threads),),
@@ -95,29 +100,43 @@ class _Placer:
         self.threads.append(thread)
         thread.start()
 
+    def _fail(self, error: StreamError) -> None:
+        with self.error_lock:
+            if self.error is None:
+                self.error = error
+
     def _run(self, slot: int) -> None:
         while True:
             item = self.work.get()
             try:
                 if item is None:
                     return
-                turn, record_type, body, where = item
-                try:
-                    self.target.decode(slot, record_type, body)
-                except Exception as exc:    # not only DataplaneError: the turn must pass on
-                    if self.target.fail(turn):
-                        reason = exc if isinstance(exc, DataplaneError) else repr(exc)
-                        self.error = StreamError(f"{record_type.name} {reason}", *where)
-                    continue
-                try:
-                    placed = self.target.write(slot, turn)      # waits for the batches before it
-                except DataplaneError as exc:                   # the first failure; its turn passed
-                    self.error = self.error or StreamError(f"{record_type.name} {exc}", *where)
-                    continue
-                if placed is not None:
-                    self.zero += placed[1]                      # one writer at a time: in turn
+                self._place(slot, *item)
             finally:
                 self.work.task_done()
+
+    def _place(self, slot: int, turn: int, record_type, body, where: tuple) -> None:
+        if self.error is not None:          # failed or stopped: pass the turn, check nothing
+            self.target.fail(turn)
+            return
+        try:
+            self.target.decode(slot, record_type, body)
+        except Exception as exc:            # not only DataplaneError: the turn must pass on
+            if self.target.fail(turn):
+                reason = exc if isinstance(exc, DataplaneError) else repr(exc)
+                self._fail(StreamError(f"{record_type.name} {reason}", *where))
+            return
+        try:
+            placed = self.target.write(slot, turn)      # waits for the batches before it
+        except DataplaneError as exc:                   # the first failure; its turn passed
+            self._fail(StreamError(f"{record_type.name} {exc}", *where))
+            return
+        except Exception as exc:            # a bug: its turn may not have passed, so stop
+            self.target.stop()
+            self._fail(StreamError(f"{record_type.name} {exc!r}", *where))
+            return
+        if placed is not None:
+            self.zeros[slot] += placed[1]
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -139,9 +158,8 @@ class _Placer:
     def stop(self) -> None:
         """Place nothing more and end the threads (idempotent); the target is free after."""
         if any(thread.is_alive() for thread in self.threads):
+            self._fail(StreamError("the restore stopped"))
             self.target.stop()
-            if self.error is None:
-                self.error = StreamError("the restore stopped")
             for _ in self.threads:
                 self.work.put(None)
             for thread in self.threads:
@@ -304,17 +322,18 @@ class _Restorer:
         trace.mark("R state applied")
         self.end_seen = True
 
-    def earlier_error(self, exc: StreamError) -> StreamError | None:
-        """The error of a page batch before ``exc``'s record, when one failed too: the
-        placer checks batches behind the reader, so the reader may fail on a later record
-        first, and the stream's first error is the one to report. Waits for the batches
-        put so far (at most _Placer.DEPTH)."""
+    def earlier_error(self, exc: StreamError | RestoreError) -> StreamError | None:
+        """The error of a page batch before the record ``exc`` is about, when one failed
+        too: the placer checks batches behind the reader, so the restore may fail on a
+        later record first, and the stream's first error is the one to report. Waits for
+        the batches put so far (at most _Placer.DEPTH and the two being placed)."""
         if self.placer is None:
             return None
         try:
             self.placer.settle()
         except StreamError as placed:
-            if placed.offset is not None and exc.offset is not None and placed.offset < exc.offset:
+            if not isinstance(exc, StreamError) or (placed.offset is not None and exc.offset is not None
+                                                    and placed.offset < exc.offset):
                 return placed
         return None
 
@@ -383,7 +402,7 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
         reader.eof()
         if not work.end_seen:       # eof() passes only after END; belt and braces
             raise RestoreError("stream ended without END")
-    except StreamError as exc:
+    except (StreamError, RestoreError) as exc:
         first = work.earlier_error(exc)
         work.discard()
         if first is not None:

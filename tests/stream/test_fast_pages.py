@@ -235,3 +235,30 @@ def test_nothing_is_written_after_a_batch_that_failed() -> None:
         assert target.fail(2) is False                                           # not the first
     finally:
         target.close()
+
+
+def test_a_stopped_target_writes_nothing_and_keeps_no_one_waiting() -> None:
+    """stop() releases a write waiting for an earlier turn (it is not written), and a slot
+    whose last decode failed holds no batch, not the one decoded before it."""
+    import threading
+    from migrate.dataplane import DataplaneError, Range, Target
+    mem = bytearray(4 * PAGE_SIZE)
+    target = Target(2)
+    try:
+        target.set_space(Vm.GUEST, [Range(0, 4, mem)])
+        target.decode(0, RecordType.PAGE_DATA, raw_body([(1, 0, 0)], PAGE_A))
+        with pytest.raises(DataplaneError, match="page type 9"):
+            target.decode(0, RecordType.PAGE_DATA, raw_body([(2, 9, 0)]))
+        with pytest.raises(DataplaneError, match="slot 0 holds no decoded batch"):
+            target.write(0)
+        target.decode(1, RecordType.PAGE_DATA, raw_body([(3, 0, 0)], PAGE_B))
+        results = []
+        waiting = threading.Thread(target=lambda: results.append(target.write(1, 5)))   # turn 5 never comes
+        waiting.start()
+        waiting.join(0.2)
+        assert waiting.is_alive()
+        target.stop()
+        waiting.join(5)
+        assert not waiting.is_alive() and results == [None] and mem == bytes(4 * PAGE_SIZE)
+    finally:
+        target.close()
