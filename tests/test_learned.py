@@ -41,3 +41,18 @@ def test_the_fixed_part_is_what_the_estimates_other_terms_leave():
     # estimated 9 ms with a fixed part of 7 (2 ms of pages and lag), measured 10 ms
     assert abs(learned.fixed_part(0.010, 0.009, 0.007) - 0.008) < 1e-12
     assert learned.fixed_part(0.010, 0.0, 0.007) is None        # no estimate (offline)
+
+
+def test_kept_only_from_moves_whose_last_pages_were_a_small_part():
+    """A move whose estimate was mostly its last pages (at pre-copy rates, which the paused
+    final round beats) leaves too little of its downtime for the fixed part: not kept. A
+    small final round leaves it nearly alone: kept."""
+    ms = 1e-3
+    # flat-out 511 MiB: estimate 14.98 ms with F 7: 7.98 of other terms, downtime 11.04
+    assert learned.fixed_part(11.04 * ms, 14.98 * ms, 7 * ms) < 3.1 * ms
+    assert not learned.worth_keeping(11.04 * ms, 14.98 * ms, 7 * ms)
+    # idle: 0.6 ms of other terms in a 5.7 ms downtime
+    assert learned.worth_keeping(5.7 * ms, 7.6 * ms, 7 * ms)
+    assert learned.worth_keeping(10 * ms, 12 * ms, 7 * ms)          # 5 of 10 ms: the bound, kept
+    assert not learned.worth_keeping(10 * ms, 12.01 * ms, 7 * ms)
+    assert not learned.worth_keeping(10 * ms, 0.0, 7 * ms)          # no estimate (offline)

@@ -1,7 +1,8 @@
 """What past relocations from this host measured of the downtime's fixed part, per
 destination (specs/relocation.md, section 6): the state's capture, records, check and apply
 and the handoff, the part of a pause that does not grow with the last dirty pages (measured
-as what the estimate's other terms leave of the downtime: :func:`fixed_part`). The
+as what the estimate's other terms leave of the downtime: :func:`fixed_part`, kept only
+from moves where those terms were small: :func:`worth_keeping`). The
 convergence estimate's ``state_seconds`` is a constant measured on one kind of host (7 ms);
 a slower host, or a slower link to one destination, pays more, and the estimate then falls
 short. So after each live relocation the source keeps what that part took, and the next move
@@ -22,6 +23,7 @@ FILE = ".downtime.json"      # a dot: never a domain's name (statedir.NAME_RE), 
 KEEP = 5                    # measurements kept per destination
 MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
 MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not kept
+KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
 
 
 def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
@@ -35,6 +37,19 @@ def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
         return None
     value = downtime - (estimate - fixed)
     return value if math.isfinite(value) else None
+
+
+def worth_keeping(downtime: float, estimate: float, fixed: float) -> bool:
+    """Whether a move's :func:`fixed_part` says what the fixed part is: only when the
+    estimate's other terms (the last pages and the lag, ``estimate - fixed``) were at most
+    KEEP_SHARE of the measured ``downtime``. Those terms are rates from pre-copy rounds,
+    with the guest running and write-protect faults, and the paused final round goes
+    faster: after a large final round they can come to most of the downtime, and what they
+    leave of it is far below the fixed part (2.6-3.1 ms kept after flat-out 511 MiB moves
+    where idle ones took 5-7 ms, and the next small move's downtime was then 1.4-1.9x its
+    estimate; AMD host, 2026-12-06). A small final round leaves the fixed part nearly
+    alone, however wrong its rate."""
+    return estimate > 0 and estimate - fixed <= KEEP_SHARE * downtime
 
 
 def load(path: Path, destination: str) -> float | None:

@@ -311,8 +311,9 @@ class MigrateJob:
         downtime = running_at - paused_at - parts.pop("return", 0.0)
         target = self.convergence.downtime if self.live else None
         measured = learned.fixed_part(downtime, stats.downtime_estimate, conv.state_seconds)
-        if self.learned is not None and measured is not None:      # None offline: no estimate
-            learned.record(self.learned, where, measured)
+        if self.learned is not None and measured is not None and \
+                learned.worth_keeping(downtime, stats.downtime_estimate, conv.state_seconds):
+            learned.record(self.learned, where, measured)           # None offline: no estimate
         return {
             "seconds": running_at - t0, "setup": setup,
             "downtime": downtime, "downtime_target": target,
