@@ -56,3 +56,19 @@ def test_kept_only_from_moves_whose_last_pages_were_a_small_part():
     assert learned.worth_keeping(10 * ms, 12 * ms, 7 * ms)          # 5 of 10 ms: the bound, kept
     assert not learned.worth_keeping(10 * ms, 12.01 * ms, 7 * ms)
     assert not learned.worth_keeping(10 * ms, 0.0, 7 * ms)          # no estimate (offline)
+
+
+def test_the_default_counts_until_five_are_kept(tmp_path):
+    """One or two measures of a noisy pause are no upper bound: until five are kept, the
+    default counts too; from five on, the largest of them, above or below it."""
+    path = tmp_path / learned.FILE
+    assert learned.expected(path, "a:1", 0.007) == 0.007
+    learned.record(path, "a:1", 0.0044)
+    assert learned.expected(path, "a:1", 0.007) == 0.007
+    learned.record(path, "a:1", 0.009)
+    assert learned.expected(path, "a:1", 0.007) == 0.009
+    for ms in (5, 6, 5.5, 4):                   # the last five: 9, 5, 6, 5.5, 4
+        learned.record(path, "a:1", ms / 1000)
+    assert learned.expected(path, "a:1", 0.007) == 0.009
+    learned.record(path, "a:1", 0.005)          # 9 ms drops out: 5, 6, 5.5, 4, 5
+    assert learned.expected(path, "a:1", 0.007) == 0.006

@@ -6,7 +6,8 @@ from moves where those terms were small: :func:`worth_keeping`). The
 convergence estimate's ``state_seconds`` is a constant measured on one kind of host (7 ms);
 a slower host, or a slower link to one destination, pays more, and the estimate then falls
 short. So after each live relocation the source keeps what that part took, and the next move
-to the same destination starts from the largest of the last KEEP of them.
+to the same destination starts from the largest of the last KEEP of them (and of the
+default, until KEEP are kept: :func:`expected`).
 
 The record is a small JSON file in the state directory (``.downtime.json``), rewritten in
 one write (no temporary file to leave behind); anything unreadable in it, a torn write
@@ -57,6 +58,16 @@ def load(path: Path, destination: str) -> float | None:
     the last KEEP measured, or None (no record, or an unreadable one)."""
     values = _read(path).get(destination)
     return max(values) if values else None
+
+
+def expected(path: Path, destination: str, default: float) -> float:
+    """The fixed part to expect on a move to ``destination``: the largest of the last KEEP
+    measured, and while fewer than KEEP are kept, ``default`` too. The largest of one or
+    two measures of a noisy pause is often below the next one (idle pauses of 5.0-6.7 ms
+    on one host: a move whose fixed part came from a 5.0 ms one took 1.33x its estimate;
+    AMD host, 2026-12-06); five make a fair upper bound."""
+    values = _read(path).get(destination, [])
+    return max(values + ([default] if len(values) < KEEP else []))
 
 
 def record(path: Path, destination: str, seconds: float) -> None:

@@ -216,8 +216,8 @@ class MigrateJob:
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
         conv = self.convergence
-        fixed = learned.load(self.learned, where) if self.learned is not None and self.live else None
-        if fixed is not None:               # what the state and the handoff took on the last moves there
+        if self.learned is not None and self.live:     # what the state and the handoff took there lately
+            fixed = learned.expected(self.learned, where, conv.state_seconds)
             conv = dataclasses.replace(conv, state_seconds=fixed)
 
         def after_round() -> float:
