@@ -81,3 +81,87 @@ def test_a_restore_warms_only_when_asked_and_once_its_domain_is_built(tmp_path, 
     back, _ = restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False, warm=True)
     assert calls == ["built", "built", "restore"]
     assert bytes(back.guest.page(3)[:4]) == b"warm"         # and the restore is the same
+
+
+def test_no_collection_from_a_live_saves_pause_on_and_collections_again_after(tmp_path, monkeypatch):
+    """The cyclic collector is off from a live save's pause to its end, on again after it
+    (failing or not); an offline save leaves it alone."""
+    import gc
+    dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    counting(monkeypatch, dom)
+    seen = []
+    pause, capture = dom.pause, dom.capture_records
+
+    def watched_pause():
+        seen.append(("pause", gc.isenabled()))
+        return pause()
+
+    def watched_capture():
+        seen.append(("capture", gc.isenabled()))
+        return capture()
+    monkeypatch.setattr(dom, "pause", watched_pause)
+    monkeypatch.setattr(dom, "capture_records", watched_capture)
+    dom.resume()
+    assert gc.isenabled()
+    save_to_file(dom, tmp_path / "live.hvm", live=True, convergence=Convergence(downtime=1.0))
+    assert seen == [("pause", False), ("capture", False)] and gc.isenabled()
+    seen.clear()
+    save_to_file(dom, tmp_path / "off.hvm")
+    assert seen == [("pause", True), ("capture", True)] and gc.isenabled()
+    dom.resume()
+
+    def broken():
+        raise RuntimeError("capture failed")
+    monkeypatch.setattr(dom, "capture_records", broken)
+    with pytest.raises(RuntimeError):
+        save_to_file(dom, tmp_path / "bad.hvm", live=True, convergence=Convergence(downtime=1.0))
+    assert gc.isenabled()
+
+
+def test_no_collection_while_a_live_moves_state_is_read_and_applied(tmp_path, monkeypatch):
+    """A relocation's receiver (warm) holds the collector off from the first state record
+    to the end of the restore, and turns it on again after, failing or not."""
+    import gc
+    dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    save_to_file(dom, tmp_path / "s.hvm")
+    counting(monkeypatch)
+    seen = []
+
+    def make(config, **cpu):
+        built = FakeDomain(config, **cpu)
+        apply = built.apply_records
+
+        def watched(*args, **kwargs):
+            seen.append(gc.isenabled())
+            return apply(*args, **kwargs)
+        built.apply_records = watched
+        return built
+    restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False, warm=True)
+    restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False)
+    assert seen == [False, True] and gc.isenabled()
+    data = (tmp_path / "s.hvm").read_bytes()
+    with pytest.raises(Exception):
+        restore([data[:-40]], make_domain=make, fresh_stub=False, warm=True)      # cut before END
+    assert gc.isenabled()
+
+
+def test_a_callers_hold_outlasts_the_save(tmp_path):
+    """With the caller's GcHold (a relocation's, released after its handoff), the save
+    holds it from its pause on and leaves it held."""
+    import gc
+    import os
+    from migrate.engine import save
+    from migrate.engine.sinks import FileSink
+    dom = FakeDomain(DomainConfig("fake", "idle", 32 << 20, stub=True))
+    dom.resume()
+    hold = warm.GcHold()
+    fd = os.open(tmp_path / "s.hvm", os.O_WRONLY | os.O_CREAT, 0o600)
+    sink = FileSink(fd)
+    try:
+        save(dom, sink, live=True, convergence=Convergence(downtime=1.0), gc_hold=hold)
+        assert hold.held and not gc.isenabled()
+    finally:
+        hold.release()
+        sink.close()
+        os.close(fd)
+    assert gc.isenabled()

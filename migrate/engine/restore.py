@@ -40,6 +40,7 @@ from ..stream import DomainConfig as ConfigRecord
 from ..stub import abi, devstate, stub_build_id
 from .contract import RestorableDomain, part_of
 from . import warm
+from .warm import GcHold
 from .save import layout_of
 from .state import CpuCollector, RestoreError, StateCollector, config_from_record, stub_build_of
 
@@ -171,6 +172,7 @@ class _Restorer:
                  fresh_stub: bool | None, reader: StreamReader, channels=None, warm: bool = False):
         self.name, self.make_domain, self.fresh_stub = name, make_domain, fresh_stub
         self.warm = warm
+        self.gc = GcHold()                  # held from a live move's first state record to the end
         self.reader = reader
         self.channels = channels            # a ChannelIntake: the pages on data channels
         self.channels_record: Channels | None = None
@@ -267,6 +269,8 @@ class _Restorer:
             self.stats.pages_zero = self.placer.zero
 
     def on_hvm(self, record: HvmState) -> None:
+        if self.warm:               # a live move's state: the source is paused from here on
+            self.gc.hold()
         if record.vm is Vm.GUEST:
             self.collector.add(record)
         elif not self.config.stub:
@@ -339,7 +343,9 @@ class _Restorer:
 
     def release(self) -> None:
         """Drop the data plane and its views of guest and stub RAM (a live view keeps the
-        mapping exported, and the domain could not unmap it on destroy)."""
+        mapping exported, and the domain could not unmap it on destroy); collections run
+        again (every way out of a restore comes here)."""
+        self.gc.release()
         if self.placer is not None:
             self.placer.stop()
             self.placer = None

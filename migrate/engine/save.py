@@ -165,7 +165,8 @@ class _Saver:
     def __init__(self, domain: SaveableDomain, sink: Sink, compression: Compression, stats_cb,
                  cancel: threading.Event | None, convergence: Convergence,
                  after_round: Callable[[], float | None] | None = None,
-                 on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False):
+                 on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False,
+                 gc_hold: warm.GcHold | None = None):
         self.domain, self.sink, self.compression = domain, sink, compression
         self.stats_cb, self.cancel = stats_cb, cancel
         self.parts: dict[Vm, VmPart] = {part.vm: part for part in domain.parts()}   # guest first
@@ -181,6 +182,7 @@ class _Saver:
         self.keep_dirty_logging = keep_dirty_logging
         self.throttle = VcpuThrottle(domain)
         self.chunk = CHUNK_PAGES                # pages per data plane call (see _send)
+        self.gc = gc_hold or warm.GcHold()      # no collection from a live save's pause on
 
     # -- output -----------------------------------------------------------------
     def write(self, data: bytes, records: int = 1) -> None:
@@ -337,6 +339,8 @@ class _Saver:
             dom.prepare_capture()
         else:
             self.stats.reason = Reason.OFFLINE
+        if live:
+            self.gc.hold()          # released when save() returns or fails
         trace.mark("S pause asked")
         stopped = dom.pause()       # the domain may say when its guest began to stop
         mark = time.monotonic()
@@ -467,7 +471,8 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
          stats_cb: Callable[[SaveStats], None] | None = None,
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          after_round: Callable[[], float | None] | None = None,
-         on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False) -> SaveStats:
+         on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False,
+         gc_hold: warm.GcHold | None = None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink`` (:mod:`.sinks`: a file, or a
     relocation's link), whose data plane sends the pages.
 
@@ -493,12 +498,16 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     off (``domain.set_dirty_logging(False)``) before it resumes the domain. For a caller
     that destroys the domain next (a relocation): switching it off costs slot updates,
     which would compete with the destination for the CPU during the downtime.
+    A live save holds Python's cyclic collector off from its pause on
+    (:class:`~.warm.GcHold`) and releases it when it returns or fails; with ``gc_hold``,
+    it holds that one and leaves its release to the caller (a relocation, after its
+    handoff).
     """
     if not domain.status.live:
         raise SaveError(f"domain is {domain.status}: nothing to save")
     was_running = domain.status is DomainStatus.RUNNING
     saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel,
-                   convergence or Convergence(), after_round, on_end, keep_dirty_logging)
+                   convergence or Convergence(), after_round, on_end, keep_dirty_logging, gc_hold)
     watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
     try:
         return saver.run(live)
@@ -514,6 +523,8 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
             domain.resume()
         raise
     finally:
+        if gc_hold is None:
+            saver.gc.release()
         if watcher is not None:
             watcher.stop()
 

@@ -17,6 +17,7 @@ offline move's receiver, whose source is paused before it sends anything, does n
 from __future__ import annotations
 
 import functools
+import gc
 import logging
 
 from ..stream import DONE, Channels, Creator, DeviceState, HvmState, MemoryLayout, StreamReader, StreamWriter, Vm
@@ -104,3 +105,25 @@ def _read(runs: int) -> None:
 class _Config:
     """What StateCollector.records asks of a domain's configuration."""
     vcpus = 1
+
+
+class GcHold:
+    """Python's cyclic garbage collector held off through a downtime: a collection that
+    falls in it stalls the pause for its length (a generation-0 collection inside a traced
+    pause took 0.36 ms, in 1 of 10 pauses; AMD host, 2026-12-06). :meth:`hold` turns it
+    off if it was on; :meth:`release` turns it back on (idempotent). Objects freed by
+    their reference counts are freed as always; only cycles wait until the release."""
+
+    def __init__(self) -> None:
+        self.held = False
+
+    def hold(self) -> None:
+        if not self.held and gc.isenabled():
+            gc.disable()
+            self.held = True
+
+    def release(self) -> None:
+        if self.held:
+            self.held = False
+            gc.enable()
+

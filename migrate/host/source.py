@@ -33,6 +33,7 @@ from .. import dataplane, trace
 from ..engine.channels import ChannelSink
 from ..engine.sinks import RelaySink
 from ..engine.state import cpu_bodies, domain_cpus
+from ..engine.warm import GcHold
 from ..locks import DiskBusy
 from ..stream import FORMAT_VERSION
 from . import learned, tls
@@ -152,13 +153,15 @@ class MigrateJob:
             links, token = self.open_channels(welcome)
             setup = time.monotonic() - t0
             sink = None
+            gc_hold = GcHold()      # a live save holds collections off from its pause on
             try:
                 out = DataBuffer(ch)
                 sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links \
                     else RelaySink(out.write, out.flush)
                 return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
-                                                links, out, sink, before_go)
+                                                links, out, sink, before_go, gc_hold)
             finally:
+                gc_hold.release()       # after the handoff: RESTORED's answer waited on none
                 if sink is not None:
                     sink.close()        # after the handoff: freeing the data plane is no downtime
                 for sock in links:
@@ -211,7 +214,7 @@ class MigrateJob:
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
-                            out, sink, before_go) -> dict:
+                            out, sink, before_go, gc_hold) -> dict:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
@@ -253,7 +256,8 @@ class MigrateJob:
             try:
                 stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
                              compress=self.compress, convergence=conv,
-                             after_round=after_round, on_end=on_end, keep_dirty_logging=self.live)
+                             after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
+                             gc_hold=gc_hold)
             finally:
                 watch.stop()
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
