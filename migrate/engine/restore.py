@@ -77,16 +77,16 @@ class _Placer:
     error at its position, raised at the next :meth:`put`, :meth:`settle` or :meth:`stop`;
     the batches after it are not placed (and their own errors do not hide it)."""
     DEPTH = 4
-    WORKERS = 2             # the machines this runs on have two cores: one thread, and a
-                            # second from the first compressed batch on (raw ones cost
-                            # more in a second thread than they gain)
+    WORKERS = 2             # the target's slots: the machines this runs on have two cores.
+                            # One thread, and one per further slot from the first compressed
+                            # batch on (raw ones cost more in a second thread than they gain)
 
     def __init__(self, target: Target):
         self.target = target
         self.work: queue.Queue = queue.Queue(self.DEPTH)
         self.error: StreamError | None = None
         self.error_lock = threading.Lock()
-        self.zeros = [0] * self.WORKERS     # zero pages placed (holes punched or cleared), by thread
+        self.zeros = [0] * target.slots     # zero pages placed (holes punched or cleared), by thread
         self.queued = 0                     # batches put so far: the next one's turn
         self.threads: list[threading.Thread] = []
         self._start()
@@ -145,7 +145,7 @@ class _Placer:
 
     def put(self, record_type, body: bytes, where: tuple) -> None:
         self._raise()
-        if record_type is RecordType.PAGE_DATA_ZSTD and len(self.threads) < min(self.WORKERS, self.target.slots):
+        if record_type is RecordType.PAGE_DATA_ZSTD and len(self.threads) < self.target.slots:
             self._start()       # decompression is worth a second thread; raw batches are not
         self.work.put((self.queued, record_type, body, where))
         self.queued += 1
@@ -408,14 +408,11 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
         reader.eof()
         if not work.end_seen:       # eof() passes only after END; belt and braces
             raise RestoreError("stream ended without END")
-    except (StreamError, RestoreError) as exc:
-        first = work.earlier_error(exc)
+    except BaseException as exc:
+        first = work.earlier_error(exc) if isinstance(exc, (StreamError, RestoreError)) else None
         work.discard()
         if first is not None:
             raise first from None
-        raise
-    except BaseException:
-        work.discard()
         raise
     try:
         if on_complete is not None:     # from here on the domain is the caller's, failing or not

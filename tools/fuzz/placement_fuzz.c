@@ -1,11 +1,11 @@
 /* libFuzzer harness for the data plane's placement of page batches (dp_target_decode and
  * dp_target_write in migrate/dataplane/dataplane.c, compiled apart with coverage by
  * tools/fuzz_c.py): what a restore does with every PAGE_DATA and PAGE_DATA_ZSTD body of a
- * stream, before and while it writes guest memory. An input sets up one to three memory ranges (heap blocks of their
- * exact size, so ASan sees any write past them) and then places up to eight batch bodies:
- * entries and pages from the input, zstd frames compressed here and then damaged as a
- * hostile writer would (skippable frames, a dictionary id, a large window, bad checksums,
- * extra bytes, flipped bits), or raw bytes.
+ * stream, before and while it writes guest memory. An input sets up one to three memory
+ * ranges (heap blocks of their exact size, so ASan sees any write past them) and then
+ * places up to eight batch bodies: entries and pages from the input, zstd frames
+ * compressed here and then damaged as a hostile writer would (skippable frames, a
+ * dictionary id, a large window, bad checksums, extra bytes, flipped bits), or raw bytes.
  *
  * After every call the memory is compared with a model: a refused batch changes nothing;
  * an accepted one leaves each of its data pages in place (the last copy wins) and zeroes a
