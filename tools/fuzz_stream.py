@@ -331,16 +331,37 @@ def one_input(data: bytes) -> None:
             with fake_host():
                 restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2))
         else:                   # the reader alone, decoding page batches in Python
-            reader = StreamReader()
-            for piece in pieces:
-                reader.feed(piece)
-                while reader.next_record() not in (NEED_DATA, DONE):
-                    pass
-            reader.eof()
+            decoded, error = read_all(StreamReader(), pieces)
+            kept, _ = read_all(StreamReader(hvm_bodies=True), pieces)
+            if kept != decoded:     # the restore's way with context records reads the same
+                raise AssertionError(f"hvm_bodies reader differs: {kept[-1]!r} against {decoded[-1]!r}")
+            if error is not None:
+                raise error
     except (StreamError, RestoreError) as exc:
         check_message(exc)
     except DeviceStateError:
         pass                    # the stub refuses it at LOAD: a DomainError for a real domain
+
+
+def read_all(reader, pieces) -> tuple[list, Exception | None]:
+    """What ``reader`` hands out for ``pieces``, context records as (type, vm, vcpu_id,
+    state), then the StreamError it raised, if any, as its words, offset, index and type;
+    and that error."""
+    from migrate.stream import DONE, NEED_DATA, HvmState, StreamError
+
+    out: list = []
+    try:
+        for piece in pieces:
+            reader.feed(piece)
+            while (record := reader.next_record()) not in (NEED_DATA, DONE):
+                if isinstance(record, HvmState):
+                    record = (record.type, record.vm, record.vcpu_id, record.decoded().state)
+                out.append(record)
+        reader.eof()
+    except StreamError as exc:
+        out.append((str(exc), exc.msg, exc.offset, exc.record_index, exc.record_type))
+        return out, exc
+    return out, None
 
 
 # ---- seeds and corpus ---------------------------------------------------------------------

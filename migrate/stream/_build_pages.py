@@ -1,5 +1,7 @@
 """cffi build of migrate.stream._pages: the reader's check of page entries in C
-(specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD"), and the record CRC.
+(specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD"), the record CRC, and the
+reader's checks of a run of HVM context records (``hvm_scan_records``, for
+``hvm.BodyScan``).
 
 Calls that run without the GIL (cffi releases it): ``hvm_check_entries``, the reader's
 check of a batch's entries in stream order (type, reserved field, duplicate pfn),
@@ -24,6 +26,13 @@ uint32_t hvm_crc32(uint32_t crc, const uint8_t *p, size_t len);
 uint32_t hvm_record_crc(uint32_t type, const uint8_t *body, uint32_t len);
 size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n,
                          const uint8_t *bodies, uint8_t *out);
+#define RULE_NONE ...
+#define RULE_XCRS ...
+#define RULE_PDPTRS ...
+uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
+                          const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
+                          uint32_t *vms, uint32_t *vcpus);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
@@ -142,5 +151,70 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
     return 0;
 }
 
+/* The value rules of a type (the table's rules[]): none, VCPU_XCRS's, VCPU_PDPTRS's
+ * (specs/stream-format.md, "HVM context records") */
+#define RULE_NONE 0
+#define RULE_XCRS 1
+#define RULE_PDPTRS 2
+#define MAX_XCRS 16
+
+static int rules_hold(uint32_t rule, const uint8_t *body, uint32_t length)
+{
+    if (rule == RULE_XCRS) {        /* nr_xcrs, flags, then 16 entries of xcr u32 and value u64 */
+        uint32_t nr = get32(body + 8);
+        if (length != 16 + 12 * MAX_XCRS || nr > MAX_XCRS || get32(body + 12))
+            return 0;
+        for (uint32_t i = 16 + 12 * nr; i < length; i++)
+            if (body[i])
+                return 0;
+        return 1;
+    }
+    if (rule == RULE_PDPTRS)        /* flags u64: only bit 0 is defined */
+        return length >= 16 && !(get64(body + 8) & ~1ull);
+    return rule == RULE_NONE;
+}
+
+/* The records at the start of buf that pass every check the reader makes of a record of
+ * one of the n_types given types (each with its exact body size, whether it is a
+ * platform record, and its value rules) before the ordering rules: the whole record in
+ * buf, reserved zero, the type's exact body length, the CRC, zero padding, a VM id of 0
+ * or 1, a vcpu_id of 0 for a platform record or at most max_vcpu_id for a vCPU's, and
+ * the type's value rules. Stops at the first record that is anything else (the reader
+ * then checks that one itself), and after max records. Returns how many passed, with
+ * each one's index in the table, VM and vcpu_id. */
+uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
+                          const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
+                          uint32_t *vms, uint32_t *vcpus)
+{
+    size_t at = 0;
+    uint32_t n = 0;
+    while (n < max && len - at >= 16) {
+        const uint8_t *rec = buf + at, *body = rec + 16;
+        uint32_t type = get32(rec), length = get32(rec + 4), k;
+        for (k = 0; k < n_types && types[k] != type; k++)
+            ;
+        if (k == n_types || get32(rec + 8) || length != sizes[k] || length < 8)
+            break;
+        size_t padded = ((size_t)length + 7) & ~(size_t)7;
+        if (len - at - 16 < padded)
+            break;
+        if (hvm_record_crc(type, body, length) != get32(rec + 12))
+            break;
+        int nonzero = 0;
+        for (size_t i = length; i < padded; i++)
+            nonzero |= body[i];
+        uint32_t vm = get32(body), vcpu = get32(body + 4);
+        if (nonzero || vm > 1 || (platform[k] ? vcpu != 0 : vcpu > max_vcpu_id)
+                || !rules_hold(rules[k], body, length))
+            break;
+        kinds[n] = (uint8_t)k;
+        vms[n] = vm;
+        vcpus[n] = vcpu;
+        n++;
+        at += 16 + padded;
+    }
+    return n;
+}
 """, extra_compile_args=["-O3"], include_dirs=[str(Path(__file__).resolve().parent)],
     libraries=["z", "pthread"])

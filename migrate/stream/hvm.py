@@ -16,8 +16,11 @@ import struct
 from dataclasses import dataclass, field
 from typing import Any
 
+from migrate.stream._pages import ffi, lib
 from migrate.stream.errors import StreamError
-from migrate.stream.records import MAX_MSRS, MAX_VCPU_ID, RecordType, Vm, expect_length, vm_of
+from migrate.stream.records import (
+    MAX_MSRS, MAX_VCPU_ID, RECORD_HEADER, RecordType, Vm, expect_length, padded, vm_of,
+)
 
 PREFIX = "<II"  # vm, vcpu_id (reserved, zero, for platform records)
 MAX_XCRS = 16  # entries of kvm_xcrs.xcrs (KVM_MAX_XCRS)
@@ -337,14 +340,16 @@ class HvmState:
 
     @classmethod
     def check_body(cls, record_type: RecordType, body: bytes) -> HvmState:
-        """What :meth:`unpack_as` refuses, refused, without decoding what no rule looks at:
-        the record with its ``body`` kept, and ``state`` decoded only for the types with
-        rules on their values (VCPU_XCRS, VCPU_PDPTRS, VCPU_MSRS); None for the rest, whose
-        only rules are the body's length, the VM and the vCPU id. For a restore that applies
-        the bodies as they are (migrate/capture.py)."""
+        """What :meth:`unpack_as` refuses, refused, without keeping what no later rule looks
+        at: the record with its ``body`` kept, and ``state`` only for VCPU_MSRS (the
+        ordering rules compare it with the MSR_POLICY); None for the rest. The types with
+        rules on their values (VCPU_XCRS, VCPU_PDPTRS, VCPU_MSRS) are decoded for the
+        check; the rest have no rules but the body's length, the VM and the vCPU id. For a
+        restore that applies the bodies as they are (migrate/capture.py)."""
         if record_type in _DECODED:
             record = cls.unpack_as(record_type, body)
-            return cls(record.type, record.vm, record.vcpu_id, record.state, bytes(body))
+            state = record.state if record_type is RecordType.VCPU_MSRS else None
+            return cls(record.type, record.vm, record.vcpu_id, state, bytes(body))
         expect_length(body, CODECS[record_type].struct, record_type.name)
         vm, vcpu_id = _PREFIX.unpack_from(body)
         if record_type in PLATFORM_CODECS:
@@ -393,6 +398,48 @@ class HvmBodies:
 
 _PREFIX = struct.Struct(PREFIX)
 _DECODED = {RecordType.VCPU_XCRS, RecordType.VCPU_PDPTRS, RecordType.VCPU_MSRS}
+
+
+class BodyScan:
+    """Finds in C (``hvm_scan_records``) the run of HVM context records at a position of
+    a reader's buffer that the reader would accept before their ordering rules: every
+    type but VCPU_MSRS (whose rules need the MSR_POLICY), each record checked as
+    :meth:`HvmState.check_body` and the record framing check it (reserved field, length,
+    CRC, padding, VM and vCPU id, the value rules of VCPU_XCRS and VCPU_PDPTRS). The scan
+    stops at the first record that is anything else, which the reader then reads the slow
+    way: that one raises the errors, so they are the same either way."""
+
+    MAX_RUN = 64
+    _RULES = {RecordType.VCPU_XCRS: lib.RULE_XCRS, RecordType.VCPU_PDPTRS: lib.RULE_PDPTRS}
+
+    def __init__(self) -> None:
+        kinds = [t for t in CODECS if t is not RecordType.VCPU_MSRS]
+        self.types = frozenset(kinds)
+        self._kinds = [(t, CODECS[t].struct.size, RECORD_HEADER.size + padded(CODECS[t].struct.size),
+                        t in PLATFORM_CODECS) for t in kinds]
+        self._table = (ffi.new("uint32_t[]", [int(t) for t in kinds]),
+                       ffi.new("uint32_t[]", [size for _, size, _, _ in self._kinds]),
+                       ffi.new("uint8_t[]", [platform for *_, platform in self._kinds]),
+                       ffi.new("uint8_t[]", [self._RULES.get(t, lib.RULE_NONE) for t in kinds]))
+        self._out = (ffi.new("uint8_t[]", self.MAX_RUN), ffi.new("uint32_t[]", self.MAX_RUN),
+                     ffi.new("uint32_t[]", self.MAX_RUN))
+
+    def run(self, buf: bytearray, pos: int) -> list[tuple]:
+        """(type, vm, vcpu_id or None, body length, record length) of each record of the
+        run at ``buf[pos:]``; empty if the first one is not such a record (or incomplete)."""
+        types, sizes, platform, rules = self._table
+        kinds, vms, vcpus = self._out
+        with memoryview(buf) as view, view[pos:] as rest:
+            n = lib.hvm_scan_records(ffi.from_buffer("uint8_t[]", rest), len(rest), types, sizes, platform,
+                                     rules, len(self._kinds), MAX_VCPU_ID, self.MAX_RUN, kinds, vms, vcpus)
+        out = []
+        for i in range(n):
+            rtype, size, total, is_platform = self._kinds[kinds[i]]
+            out.append((rtype, _VMS[vms[i]], None if is_platform else vcpus[i], size, total))
+        return out
+
+
+_VMS = (Vm.GUEST, Vm.STUB)
 
 
 def _check_xcrs(state: dict) -> None:

@@ -131,6 +131,19 @@ class StreamOrder:
                                       f"0x{index:x} is 0x{record.state[index]:x}, its MSR_POLICY "
                                       f"says 0x{value:x}")
 
+    def context_fits(self, record_type: RecordType, vm: Vm, vcpu_id: int | None) -> bool:
+        """Whether an HVM context record of a type other than VCPU_MSRS breaks none of the
+        rules :meth:`observe` checks (it is then seen, as observe would see it), as a yes or
+        no: for a reader that checks a run of records ahead (hvm.BodyScan) and leaves the
+        first that does not fit to observe, which names its error."""
+        layout = self.layouts.get(vm)
+        key = (record_type, vm, vcpu_id)
+        if (not self.config_seen or self.channels_seen or layout is None or not layout.ranges
+                or key in self.once or record_type is RecordType.VCPU_MSRS):
+            return False
+        self.once.add(key)
+        return True
+
     def _device_state(self, record: DeviceState) -> None:
         self._present(RecordType.DEVICE_STATE, Vm.STUB)      # the devices live in the stub
         self._once(("device", record.device, record.instance),

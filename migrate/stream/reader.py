@@ -10,6 +10,7 @@ after one, the reader raises the same error again.
 
 from __future__ import annotations
 
+from collections import deque
 from functools import partial
 from typing import Any, Callable
 
@@ -19,7 +20,7 @@ from migrate.stream import cpu
 from migrate.stream.cpu import CpuidPolicy, CpuModel, MsrPolicy
 from migrate.stream.errors import StreamError, StreamTruncated
 from migrate.stream.framing import record_crc
-from migrate.stream.hvm import CODECS, HvmState
+from migrate.stream.hvm import CODECS, BodyScan, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch, RawPageBatch, decode_raw_batch
 from migrate.stream.records import (
@@ -124,6 +125,8 @@ class StreamReader:
         self._caps: dict[int, int] = {}
         self._done = False
         self._failed: StreamError | None = None
+        self._scan: BodyScan | None = None     # with hvm_bodies: runs of context records checked in C
+        self._run: deque = deque()             # what the last scan found, not yet handed out
         self.last: tuple = (0, None, None)  # offset, index and type of the last record returned
 
     @property
@@ -215,16 +218,23 @@ class StreamReader:
             self._decoders = {**self._decoders, **RAW_PAGE_DECODERS[mode]}
         if self.hvm_bodies:
             self._decoders = {**self._decoders, **HVM_BODY_DECODERS}
+            self._scan = BodyScan()
         self._consume(length, digest=True)
         return self.header
 
     # ---- records ----------------------------------------------------------------------
 
     def _read_record(self) -> Any:
+        if self._run:
+            return self._run_record()
         start, index = self._offset, self._index
         if len(self._buf) - self._pos < RECORD_HEADER.size:
             return NEED_DATA
         record_type, length, reserved, crc = RECORD_HEADER.unpack_from(self._buf, self._pos)
+        if self._scan is not None and record_type in self._scan.types:
+            self._take_run()
+            if self._run:
+                return self._run_record()
         try:
             if reserved:
                 raise StreamError(f"record header reserved field is 0x{reserved:x}, must be zero")
@@ -251,6 +261,31 @@ class StreamReader:
             raise exc.at(start, index, record_type) from None
         self.last = (start, index, record_type)
         self._consume(total, digest=True)
+        self._index += 1
+        return record
+
+    def _take_run(self) -> None:
+        """Queue the run of HVM context records BodyScan finds at the read position, as far
+        as the ordering rules let them through, each made as HvmState.check_body makes it;
+        the stream digest covers them now. The first record the scan or the rules stop at
+        is left to the slow way (_read_record), which raises its error."""
+        at, fits = self._pos, self._order.context_fits
+        found = self._scan.run(self._buf, at)
+        with memoryview(self._buf) as view:
+            for record_type, vm, vcpu_id, length, total in found:
+                if not fits(record_type, vm, vcpu_id):
+                    break
+                body_at = at + RECORD_HEADER.size
+                self._run.append((HvmState(record_type, vm, vcpu_id, None, bytes(view[body_at:body_at + length])),
+                                  total))
+                at += total
+            self._digest.update(view[self._pos:at])
+
+    def _run_record(self) -> HvmState:
+        """The next record _take_run queued (checked and digested)."""
+        record, total = self._run.popleft()
+        self.last = (self._offset, self._index, record.type)
+        self._consume(total, digest=False)
         self._index += 1
         return record
 
