@@ -47,10 +47,13 @@ class StreamWriter:
         the ordering checks. Of the bodies only VCPU_MSRS is decoded, for the rule that ties
         it to MSR_POLICY; the rest come straight from KVM (``HvmState.pack``'s own checks of
         VCPU_XCRS and VCPU_PDPTRS hold for what KVM returns, and every reader makes them)."""
-        for rtype, vcpu_id, body in bodies.bodies():
-            record = HvmState.unpack_as(rtype, body) if rtype is RecordType.VCPU_MSRS \
-                else HvmState(rtype, bodies.vm, vcpu_id, None)
-            self._check_order(self._order.observe, record)
+        order, at = self._order, 0
+        for rtype, vcpu_id, length in zip(bodies.types, bodies.vcpu_ids, bodies.lengths):
+            if rtype is RecordType.VCPU_MSRS:
+                self._check_order(order.observe, HvmState.unpack_as(rtype, bodies.data[at:at + length]))
+            elif not order.context_fits(rtype, bodies.vm, vcpu_id):    # observe says why
+                self._check_order(order.observe, HvmState(rtype, bodies.vm, vcpu_id, None))
+            at += length
         for length in bodies.lengths:
             self._check_body(length)
         self._records += len(bodies.types)
