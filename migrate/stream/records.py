@@ -282,13 +282,18 @@ class DeviceState:
                 f"DEVICE_STATE versions must satisfy 1 <= min_version <= version, got "
                 f"min_version {value['min_version']}, version {value['version']}"
             )
+        device = value["device"]
         for name, field in value["fields"].items():
-            check_name(name, f"DEVICE_STATE {value['device']} field name")
-            if isinstance(field, bool) or not isinstance(field, (int, bytes)):
-                raise StreamError(f"DEVICE_STATE {value['device']} field {name} is "
-                                  f"{type(field).__name__}, expected an int or bin")
-            if isinstance(field, int) and not 0 <= field < 1 << 64:
-                raise StreamError(f"DEVICE_STATE {value['device']} field {name} is {field}, "
+            # the checks of check_name, the message made only for an error (these loops
+            # run inside a relocation's downtime)
+            if not (1 <= len(name) <= MAX_NAME and name.isascii() and "\0" not in name):
+                check_name(name, f"DEVICE_STATE {device} field name")
+            kind = type(field)
+            if kind is bool or not (kind is int or kind is bytes or isinstance(field, (int, bytes))):
+                raise StreamError(f"DEVICE_STATE {device} field {name} is "
+                                  f"{kind.__name__}, expected an int or bin")
+            if kind is not bytes and isinstance(field, int) and not 0 <= field < 1 << 64:
+                raise StreamError(f"DEVICE_STATE {device} field {name} is {field}, "
                                   "outside 0..2^64-1")
         return cls(**value)
 
