@@ -240,11 +240,11 @@ class OnTimeout(StrEnum):
 class Convergence:
     """When live pre-copy stops and pauses the guest for the last round."""
     max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout): then give up
-    small_pages: int = 256          # switch once the dirty set is at most this
+    small_pages: int = 64           # switch once the dirty set is at most this
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)
     headroom: float = 1.25          # switch on the target only when estimate * headroom fits under it
-    min_gain: float = 0.67          # ... and no further round is expected to cut the estimate to this share
+    min_gain: float = 0.67          # ... and no further round is expected to cut its page part to this share
     state_seconds: float = 0.007    # fixed cost of the downtime beyond the pages: state capture and
                                     # records, the receiver's apply, the handoff and resume
     max_bandwidth: float | None = None   # bytes per second of stream output (--max-bandwidth), None: unpaced

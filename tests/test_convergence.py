@@ -35,8 +35,10 @@ def test_estimate_is_pages_at_the_slower_recent_rate_plus_lag_plus_state():
 
 def test_decide_switches_on_small_sets_and_the_downtime_target():
     conv = Convergence(state_seconds=0.005, min_gain=0)     # no round taken for a smaller downtime
-    d = decide(conv, [200], [ROUND], 1.0, 0)
+    d = decide(conv, [64], [ROUND], 1.0, 0)
     assert (d.action, d.reason) == ("switch", "small")
+    d = decide(conv, [65], [ROUND], 1.0, 0)
+    assert (d.action, d.reason) == ("switch", "downtime-target")
     d = decide(conv, [460], [ROUND], 1.0, 0)                 # (230 ms + 5 ms) x 1.25 fits 300 ms
     assert (d.action, d.reason, round(d.estimate, 3)) == ("switch", "downtime-target", 0.235)
     d = decide(conv, [590], [ROUND], 1.0, 0)                 # 300 ms fits, but not with headroom
@@ -54,8 +56,8 @@ def test_decide_switches_on_small_sets_and_the_downtime_target():
 
 
 def test_decide_takes_another_round_while_it_cuts_the_downtime():
-    """Within the target, one more round is taken when it is expected to bring the estimate
-    to min_gain (0.67) of it or less: a guest dirtying slower than the rounds go."""
+    """Within the target, one more round is taken when it is expected to bring the estimate's
+    page part to min_gain (0.67) of it or less: a guest dirtying slower than the rounds go."""
     conv = Convergence(state_seconds=0.005)
     # 460 pages dirtied in 0.5 s; sending them takes 0.23 s, when some 212 get dirtied:
     # 106 + 5 ms against 230 + 5 ms
@@ -66,6 +68,14 @@ def test_decide_takes_another_round_while_it_cuts_the_downtime():
     redirtied = Round(460, 2 << 20, 0.23)
     assert estimate_next(460, [ROUND, redirtied], conv) == pytest.approx(estimate_final(460, [ROUND], conv))
     assert decide(conv, [460, 460], [ROUND, redirtied], 1.0, 0).reason == "downtime-target"
+    # the gain is the page part's: the fixed part is the same after any number of rounds.
+    # With 200 ms of it, 306 ms against 430 is 0.71 of the estimate, but 106 ms of pages
+    # against 230 is 0.46 of them: another round
+    fixed = Convergence(state_seconds=0.2, downtime=1.0)
+    assert estimate_next(460, [ROUND], fixed) == pytest.approx(0.2 + 212 * 0.0005)
+    assert decide(fixed, [460], [ROUND], 1.0, 0).action == "continue"
+    assert decide(Convergence(state_seconds=0.2, downtime=1.0, min_gain=0.45), [460], [ROUND], 1.0, 0).reason \
+        == "downtime-target"
     # a gain just short of min_gain is not worth a round
     half = Round(1000, 4 << 20, 0.5, lag=0.0)
     assert decide(Convergence(state_seconds=0.005, min_gain=0.4), [460], [half], 1.0, 0).action == "switch"
@@ -111,7 +121,8 @@ def test_decide_timeout_cancel_or_force():
     d = decide(Convergence(timeout=3, on_timeout="force"), [1000, 1000], [ROUND], 3.0, 0)
     assert (d.action, d.reason) == ("switch", "timeout-force")
     # the downtime target still wins before the timeout does
-    assert decide(conv, [1000, 100], [ROUND], 99, 0).reason == "small"
+    assert decide(conv, [1000, 100], [ROUND], 99, 0).reason == "downtime-target"
+    assert decide(conv, [1000, 50], [ROUND], 99, 0).reason == "small"
     # a timeout lifts the round cap
     assert decide(Convergence(timeout=3, min_shrink=1.0), [9000 - i for i in range(40)], [ROUND], 1, 0).action == "continue"
     with pytest.raises(ValueError):

@@ -118,9 +118,10 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
 
     In order: a small dirty set switches. An estimated downtime within the target with
     headroom to spare (estimate * headroom <= target) switches too, unless one more round
-    is expected to cut the estimate to min_gain of it or less (:func:`estimate_next`) and
-    the last round did not stall, the timeout has not passed and the round cap is not
-    reached: then another round. Past the timeout: give up. A
+    is expected to cut the estimate's page part (all but the fixed state_seconds, which no
+    round changes) to min_gain of it or less (:func:`estimate_next`) and the last round
+    did not stall, the timeout has not passed and the round cap is not reached: then
+    another round. Past the timeout: give up. A
     stalled dirty set (not below min_shrink of the last) raises the throttle when enabled
     (from the second stalled round in a row, then every stalled round, up to
     throttle_max); with a timeout, rounds go on until it passes. Without a timeout, two
@@ -135,7 +136,8 @@ def decide(conv: Convergence, history: list[int], rounds: list[Round], elapsed: 
     past_timeout = conv.timeout is not None and elapsed >= conv.timeout
     if estimate * conv.headroom <= conv.downtime:
         if (not past_timeout and len(history) < conv.max_rounds and not _stalled(history, conv)
-                and estimate_next(dirty, rounds, conv) <= conv.min_gain * estimate):
+                and estimate_next(dirty, rounds, conv) - conv.state_seconds
+                <= conv.min_gain * (estimate - conv.state_seconds)):
             return Decision(Action.CONTINUE, None, estimate, throttle)
         return Decision(Action.SWITCH, DOWNTIME, estimate, throttle)
     if past_timeout:
