@@ -345,8 +345,8 @@ def one_input(data: bytes) -> None:
 
 def read_all(reader, pieces) -> tuple[list, Exception | None]:
     """What ``reader`` hands out for ``pieces``, context records as (type, vm, vcpu_id,
-    state), then the StreamError it raised, if any, as its words, offset, index and type;
-    and that error."""
+    state), each with the reader's ``last`` and ``offset`` after it, then the StreamError it
+    raised, if any, as its words, offset, index and type; and that error."""
     from migrate.stream import DONE, NEED_DATA, HvmState, StreamError
 
     out: list = []
@@ -356,7 +356,7 @@ def read_all(reader, pieces) -> tuple[list, Exception | None]:
             while (record := reader.next_record()) not in (NEED_DATA, DONE):
                 if isinstance(record, HvmState):
                     record = (record.type, record.vm, record.vcpu_id, record.decoded().state)
-                out.append(record)
+                out.append((record, reader.last, reader.offset))
         reader.eof()
     except StreamError as exc:
         out.append((str(exc), exc.msg, exc.offset, exc.record_index, exc.record_type))

@@ -430,8 +430,12 @@ class BodyScan:
         types, sizes, platform, rules = self._table
         kinds, vms, vcpus = self._out
         with memoryview(buf) as view, view[pos:] as rest:
-            n = lib.hvm_scan_records(ffi.from_buffer("uint8_t[]", rest), len(rest), types, sizes, platform,
-                                     rules, len(self._kinds), MAX_VCPU_ID, self.MAX_RUN, kinds, vms, vcpus)
+            data = ffi.from_buffer("uint8_t[]", rest)
+            try:
+                n = lib.hvm_scan_records(data, len(rest), types, sizes, platform, rules, len(self._kinds),
+                                         MAX_VCPU_ID, self.MAX_RUN, kinds, vms, vcpus)
+            finally:
+                ffi.release(data)       # the view's export ends here, not when the cdata is collected
         out = []
         for i in range(n):
             rtype, size, total, is_platform = self._kinds[kinds[i]]

@@ -162,8 +162,9 @@ def test_garbage_raises_only_stream_errors(noise: bytes, at: int) -> None:
 
 
 def _read_all(data: bytes, sizes: list[int], **options) -> list:
-    """Every record a reader hands out for ``data`` fed in pieces of ``sizes``, then the
-    error it raises (at EOF, if none before), as comparable tuples."""
+    """Every record a reader hands out for ``data`` fed in pieces of ``sizes``, with the
+    reader's ``last`` and ``offset`` after it, then the error it raises (at EOF, if none
+    before), as comparable tuples."""
     reader, out, at, i = StreamReader(**options), [], 0, 0
     try:
         while at < len(data):
@@ -172,7 +173,7 @@ def _read_all(data: bytes, sizes: list[int], **options) -> list:
             while (record := reader.next_record()) not in (NEED_DATA, DONE):
                 if isinstance(record, HvmState):
                     record = (record.type, record.vm, record.vcpu_id, record.decoded().state)
-                out.append(record)
+                out.append((record, reader.last, reader.offset))
         reader.eof()
     except StreamError as exc:
         out.append((str(exc), exc.msg, exc.offset, exc.record_index, exc.record_type))
