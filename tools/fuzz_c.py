@@ -12,7 +12,8 @@ Harnesses (tools/fuzz/*.c):
 - ``stub``: the stub's device model (migrate/stub/src: UART, virtio-blk, device state),
   with a fake guest-RAM window and block back end;
 - ``pages``: the reader's C check of page entries (migrate/stream/_build_pages.py),
-  against a reference;
+  against a reference, and its scan of a run of HVM context records (inputs starting
+  0xC5), each record it passes checked again by the reader's rules;
 - ``placement``: the data plane's placement of page batches into guest memory
   (migrate/dataplane/dataplane.c, dp_target_place: what a restore does with each batch),
   against a model of guest memory;

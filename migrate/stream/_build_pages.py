@@ -161,8 +161,10 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
 static int rules_hold(uint32_t rule, const uint8_t *body, uint32_t length)
 {
     if (rule == RULE_XCRS) {        /* nr_xcrs, flags, then 16 entries of xcr u32 and value u64 */
+        if (length != 16 + 12 * MAX_XCRS)
+            return 0;
         uint32_t nr = get32(body + 8);
-        if (length != 16 + 12 * MAX_XCRS || nr > MAX_XCRS || get32(body + 12))
+        if (nr > MAX_XCRS || get32(body + 12))
             return 0;
         for (uint32_t i = 16 + 12 * nr; i < length; i++)
             if (body[i])

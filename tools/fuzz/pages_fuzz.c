@@ -1,10 +1,14 @@
-/* libFuzzer harness for the reader's C check of page entries, migrate.stream._pages (its
- * source is the string in migrate/stream/_build_pages.py; tools/fuzz_c.py writes it to
- * pages_impl.c). The entry table comes from the input, in a heap block of its exact size,
+/* libFuzzer harness for the reader's C checks, migrate.stream._pages (its source is the
+ * string in migrate/stream/_build_pages.py; tools/fuzz_c.py writes it to pages_impl.c).
+ * Page entries: the entry table comes from the input, in a heap block of its exact size,
  * so ASan sees any access past it. hvm_check_entries is compared with a reference
  * (sort-based) on every input: the same first bad entry and reason, the same data count
  * and highest pfn. (The page loops of save and restore are the data plane's: see
- * placement_fuzz.c.) */
+ * placement_fuzz.c.) Context records: hvm_scan_records walks records made from the
+ * input (their CRCs mostly right, so the walk goes on), under a type table from the
+ * input, in a heap block of the records' exact size; every record it passes is checked
+ * again here by the reader's rules (see scan() below). The records' meaning is compared
+ * with the Python reader's by tests/stream/test_context_scan.py and tools/fuzz_stream.py. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -16,14 +20,20 @@
 #define hvm_check_entries harness_unused_check
 #define hvm_crc32 harness_unused_crc32
 #define hvm_frame_records harness_unused_frame_records
-#define hvm_record_crc harness_unused_record_crc
+#define hvm_record_crc harness_record_crc
+#define hvm_scan_records harness_unused_scan_records
 #include "pages_impl.c"
 #undef hvm_check_entries
 #undef hvm_crc32
 #undef hvm_frame_records
 #undef hvm_record_crc
+#undef hvm_scan_records
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
+uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
+                          const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
+                          uint32_t *vms, uint32_t *vcpus);
 
 #define T_NORMAL 0
 #define T_COMPRESSED 2
@@ -153,9 +163,82 @@ static void fill_entries(struct input *in, uint8_t *e, uint32_t count, uint64_t 
     }
 }
 
+/* A run of context records from the input, scanned; what the scan passed, checked again. */
+#define SCAN_TYPES 4
+#define SCAN_MAX 64
+static void scan(struct input *in)
+{
+    uint32_t types[SCAN_TYPES], sizes[SCAN_TYPES], n_types = 1 + (uint32_t)take(in, 1) % SCAN_TYPES;
+    uint8_t platform[SCAN_TYPES], rules[SCAN_TYPES];
+    for (uint32_t k = 0; k < n_types; k++) {
+        uint8_t how = (uint8_t)take(in, 1);
+        types[k] = 0x10 + k;
+        rules[k] = how % 3;
+        platform[k] = (how >> 2) & 1;
+        /* XCRS's rule holds only at 208 bytes; the others at any size, 0 included */
+        sizes[k] = rules[k] == RULE_XCRS && (how & 8) ? 208 : (uint32_t)take(in, 2) % 600;
+    }
+    uint32_t nrec = (uint32_t)take(in, 1) % 80;
+    size_t len = 0;
+    uint8_t *buf = malloc(nrec * (16 + 608) + 16);
+    for (uint32_t r = 0; r < nrec && in->n; r++) {
+        uint8_t how = (uint8_t)take(in, 1);
+        uint32_t k = how % n_types, length = how & 0x80 ? (uint32_t)take(in, 2) % 600 : sizes[k];
+        uint32_t padded = (length + 7) & ~7u;
+        uint8_t *rec = buf + len;
+        for (uint32_t i = 0; i < padded; i++)       /* body: the input, then zeros */
+            rec[16 + i] = i < length && in->n ? (uint8_t)take(in, 1) : 0;
+        if (length >= 8 && !(how & 0x40)) {        /* a plausible VM and vCPU id most of the time */
+            memset(rec + 16, 0, 8);
+            rec[16] = how & 0x20 ? 1 : 0;
+        }
+        uint32_t head[4] = {types[k], length, how & 0x10 ? (uint32_t)take(in, 1) : 0, 0};
+        head[3] = harness_record_crc(head[0], rec + 16, length) ^ (how & 0x08 ? 1u : 0u);
+        memcpy(rec, head, 16);
+        len += 16 + padded;
+    }
+    uint8_t *exact = malloc(len ? len : 1);         /* ASan: one byte past the records is outside */
+    memcpy(exact, buf, len);
+    free(buf);
+    uint8_t kinds[SCAN_MAX];
+    uint32_t vms[SCAN_MAX], vcpus[SCAN_MAX], max = 1 + (uint32_t)take(in, 1) % SCAN_MAX;
+    uint32_t n = hvm_scan_records(exact, len, types, sizes, platform, rules, n_types, 4095, max,
+                                  kinds, vms, vcpus);
+    CHECK(n <= max);
+    size_t at = 0;
+    for (uint32_t i = 0; i < n; i++) {              /* each passed record obeys the rules */
+        const uint8_t *rec = exact + at, *body = rec + 16;
+        CHECK(len - at >= 16);
+        uint32_t k = kinds[i], length = get32(rec + 4);
+        CHECK(k < n_types && get32(rec) == types[k] && length == sizes[k] && length >= 8 && !get32(rec + 8));
+        uint32_t padded = (length + 7) & ~7u;
+        CHECK(len - at - 16 >= padded);
+        CHECK(harness_record_crc(types[k], body, length) == get32(rec + 12));
+        for (uint32_t j = length; j < padded; j++)
+            CHECK(body[j] == 0);
+        CHECK(vms[i] == get32(body) && vms[i] <= 1 && vcpus[i] == get32(body + 4));
+        CHECK(platform[k] ? vcpus[i] == 0 : vcpus[i] <= 4095);
+        if (rules[k] == RULE_XCRS) {
+            uint32_t nr = get32(body + 8);
+            CHECK(length == 208 && nr <= 16 && !get32(body + 12));
+            for (uint32_t j = 16 + 12 * nr; j < length; j++)
+                CHECK(body[j] == 0);
+        } else if (rules[k] == RULE_PDPTRS) {
+            CHECK(length >= 16 && !(get64(body + 8) & ~1ull));
+        }
+        at += 16 + padded;
+    }
+    free(exact);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct input in = { data, size };
+    if (size && data[0] == 0xC5) {          /* context records: scan() */
+        in.p++, in.n--;
+        scan(&in);
+        return 0;
+    }
     uint8_t head = (uint8_t)take(&in, 1);
     uint32_t count = head & 0x80 ? (uint32_t)take(&in, 2) % 1100 : (uint32_t)take(&in, 1) % 24;
     uint32_t data_type = head & 0x40 ? (uint32_t)take(&in, 1) % 4 : (head & 1 ? T_COMPRESSED : T_NORMAL);
