@@ -13,12 +13,12 @@ import pytest
 import xxhash
 
 from migrate.stream import (
-    DONE, NEED_DATA, Channels, DomainConfig, End, Header, HvmState, MemoryLayout, RecordType, StreamError,
-    StreamReader, StreamWriter, Vm,
+    Channels, DomainConfig, End, Header, HvmState, MemoryLayout, RecordType, StreamWriter, Vm,
 )
 from migrate.stream.framing import frame
 from migrate.stream.hvm import CODECS, PLATFORM_CODECS
 from migrate.stream.sample import sample_cpu, sample_state
+from two_readers import read_pieces
 
 T = RecordType
 U32, U64 = struct.Struct("<I"), struct.Struct("<Q")
@@ -66,20 +66,7 @@ def with_end(parts: list[bytes]) -> bytes:
 
 
 def read(data: bytes, piece: int, **options) -> list:
-    """What a reader hands out, each record with ``last`` and ``offset`` after it, then the
-    error, for ``data`` fed ``piece`` bytes at a time."""
-    reader, out = StreamReader(**options), []
-    try:
-        for at in range(0, len(data), piece):
-            reader.feed(data[at:at + piece])
-            while (record := reader.next_record()) not in (NEED_DATA, DONE):
-                if isinstance(record, HvmState):
-                    record = (record.type, record.vm, record.vcpu_id, record.decoded().state)
-                out.append((record, reader.last, reader.offset))
-        reader.eof()
-    except StreamError as exc:
-        out.append((exc.msg, exc.offset, exc.record_index, exc.record_type))
-    return out
+    return read_pieces(data, [piece], **options)
 
 
 def one(rtype: RecordType, change, vm: Vm = Vm.GUEST, framing=None):

@@ -14,6 +14,7 @@ from migrate.stream import (
 )
 from migrate.stream.hvm import CODECS, PLATFORM_CODECS, Layout, MsrCodec, ScalarCodec
 from migrate.stream.framing import frame
+from two_readers import read_pieces
 from migrate.stream.sample import sample_cpu, sample_stream
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -161,25 +162,6 @@ def test_garbage_raises_only_stream_errors(noise: bytes, at: int) -> None:
             pass
 
 
-def _read_all(data: bytes, sizes: list[int], **options) -> list:
-    """Every record a reader hands out for ``data`` fed in pieces of ``sizes``, with the
-    reader's ``last`` and ``offset`` after it, then the error it raises (at EOF, if none
-    before), as comparable tuples."""
-    reader, out, at, i = StreamReader(**options), [], 0, 0
-    try:
-        while at < len(data):
-            reader.feed(data[at:at + sizes[i % len(sizes)]])
-            at, i = at + sizes[i % len(sizes)], i + 1
-            while (record := reader.next_record()) not in (NEED_DATA, DONE):
-                if isinstance(record, HvmState):
-                    record = (record.type, record.vm, record.vcpu_id, record.decoded().state)
-                out.append((record, reader.last, reader.offset))
-        reader.eof()
-    except StreamError as exc:
-        out.append((str(exc), exc.msg, exc.offset, exc.record_index, exc.record_type))
-    return out
-
-
 @st.composite
 def bent_context(draw) -> list[bytes]:
     """HVM context records framed one by one, some of them bent: a byte of the body
@@ -223,5 +205,5 @@ def test_the_restore_reader_reads_context_as_the_decoding_reader(context, layout
     if layouts is not None:
         parts += [writer.record(MemoryLayout.flat(vm, pages)) for vm, pages in zip(Vm, layouts)]
     data = b"".join(parts + context)
-    want = _read_all(data, sizes)
-    assert _read_all(data, sizes, raw_pages="bodies", hvm_bodies=True) == want
+    want = read_pieces(data, sizes)
+    assert read_pieces(data, sizes, raw_pages="bodies", hvm_bodies=True) == want
