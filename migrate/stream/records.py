@@ -241,10 +241,15 @@ class DomainConfig:
         return cls(unpack_msgpack(body, "DOMAIN_CONFIG"))
 
 
-def check_name(name: str, what: str) -> None:
+def name_ok(name: str) -> bool:
     """A device or field name: 1 to MAX_NAME ASCII characters, none of them NUL
     (specs/device-state.md, "Conventions")."""
-    if not 1 <= len(name) <= MAX_NAME or not name.isascii() or "\0" in name:
+    return 1 <= len(name) <= MAX_NAME and name.isascii() and "\0" not in name
+
+
+def check_name(name: str, what: str) -> None:
+    """StreamError naming ``what`` unless ``name`` is :func:`name_ok`."""
+    if not name_ok(name):
         raise StreamError(f"{what} {name!r} is not 1 to {MAX_NAME} ASCII characters without NUL")
 
 
@@ -284,17 +289,11 @@ class DeviceState:
             )
         device = value["device"]
         for name, field in value["fields"].items():
-            # the checks of check_name, the message made only for an error (these loops
-            # run inside a relocation's downtime)
-            if not (1 <= len(name) <= MAX_NAME and name.isascii() and "\0" not in name):
-                check_name(name, f"DEVICE_STATE {device} field name")
-            kind = type(field)
-            if kind is bool or not (kind is int or kind is bytes or isinstance(field, (int, bytes))):
-                raise StreamError(f"DEVICE_STATE {device} field {name} is "
-                                  f"{kind.__name__}, expected an int or bin")
-            if kind is not bytes and isinstance(field, int) and not 0 <= field < 1 << 64:
-                raise StreamError(f"DEVICE_STATE {device} field {name} is {field}, "
-                                  "outside 0..2^64-1")
+            if not name_ok(name):       # the message is made only for an error: this loop
+                check_name(name, f"DEVICE_STATE {device} field name")   # runs in a downtime
+            kind = type(field)      # msgpack gives exactly int or bytes: those first
+            if kind is not bytes and (kind is not int or not 0 <= field < 1 << 64):
+                _check_field(device, name, field)
         return cls(**value)
 
     def check_loadable(self, loader_version: int, loader_min_version: int) -> None:
@@ -310,6 +309,15 @@ class DeviceState:
                 f"device {self.device}.{self.instance} state version {self.version} is older "
                 f"than the oldest this loader reads ({loader_min_version})"
             )
+
+
+def _check_field(device: str, name: str, field: Any) -> None:
+    """A DEVICE_STATE field value: an int of 0..2^64-1 or a bin; StreamError otherwise."""
+    if isinstance(field, bool) or not isinstance(field, (int, bytes)):
+        raise StreamError(f"DEVICE_STATE {device} field {name} is "
+                          f"{type(field).__name__}, expected an int or bin")
+    if isinstance(field, int) and not 0 <= field < 1 << 64:
+        raise StreamError(f"DEVICE_STATE {device} field {name} is {field}, outside 0..2^64-1")
 
 
 # ---- fixed-layout small records ---------------------------------------------------------
