@@ -27,7 +27,7 @@ def memory(pages: int, seed: int = 1) -> bytearray:
     for pfn in range(pages):
         kind = pfn % 3
         if kind == 1:
-            out[pfn * PAGE:(pfn + 1) * PAGE] = (f"page {pfn} ".encode() * 512)[:PAGE]
+            out[pfn * PAGE:(pfn + 1) * PAGE] = (f"page {pfn} ".encode() * 1024)[:PAGE]
         elif kind == 2:
             out[pfn * PAGE:(pfn + 1) * PAGE] = rnd.randbytes(PAGE)
     return out
@@ -95,6 +95,39 @@ def test_rounds_arrive_whole_and_in_order(tls_dirs, secure, channels):
             assert (s.records, s.pages, s.digest) == (out.state().records - 1, out.state().pages,
                                                       summary[s.index].digest)
         assert rx.error() is None
+    finally:
+        close(pairs, rx, outs, tx)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_round_of_two_spaces_and_its_syncs_in_one_call(tls_dirs, secure):
+    """Sender.round: the pages of both spaces, then every channel's sync, whose figures it
+    returns: what each channel's FINAL sync said (CHANNELS repeats them)."""
+    pages, stub_pages = 600, 8
+    src, dst = memory(pages), bytearray(pages * PAGE)
+    stub_src, stub_dst = memory(stub_pages, seed=2), bytearray(stub_pages * PAGE)
+    pairs, rx, outs = link(2, secure, tls_dirs, pages, dst, stub=[(0, stub_pages, stub_dst)])
+    tx = Sender(outs, 2)
+    tx.set_space(0, [(0, pages, src)])
+    tx.set_space(1, [(0, stub_pages, stub_src)])
+    try:
+        st, synced = tx.round({0: range(pages), 1: range(stub_pages)}, AUTO, sync=0)
+        assert st.pages == pages + stub_pages and len(synced) == 2
+        assert rx.wait(0, timeout=20) and dst == src and stub_dst == stub_src
+        src[3 * PAGE:4 * PAGE] = b"\x05" * PAGE
+        stub_src[:PAGE] = b"\x06" * PAGE
+        before = [out.state() for out in outs]
+        st, synced = tx.round({0: [3], 1: [0]}, RAW, stable=True, sync=1, final=True)
+        assert st.pages == 2 and st.data_pages == 2
+        assert rx.wait(1, final=True, timeout=20) and dst == src and stub_dst == stub_src
+        summary, _, _ = rx.summary()
+        for out, s, said, was in zip(outs, summary, synced, before):
+            assert s.final and (s.records, s.pages, s.bytes, s.digest) == \
+                (said.records, said.pages, said.offset, said.digest)
+            assert out.state().records == said.records + 1 and said.records >= was.records
+        offsets = [out.state().offset for out in outs]
+        st, synced = tx.round({}, RAW)          # nothing to send, no sync asked: nothing written
+        assert st.pages == 0 and synced == [] and [out.state().offset for out in outs] == offsets
     finally:
         close(pairs, rx, outs, tx)
 

@@ -130,6 +130,16 @@ class RoundStats:
         return cls(*(getattr(st, f) for f in cls.__dataclass_fields__))
 
 
+@dataclass(frozen=True)
+class SyncInfo:
+    """What a CHANNEL_SYNC said of its channel: records, page entries, bytes and digest of
+    everything before it."""
+    records: int
+    pages: int
+    offset: int
+    digest: bytes
+
+
 class Range(NamedTuple):
     """Pages ``first_pfn`` .. ``first_pfn + npages - 1`` of an address space, held by
     ``memory`` (a buffer; None on a destination that checks the pages and drops them),
@@ -190,15 +200,33 @@ class Sender:
 
     def send(self, space: int, pfns, mode: int = RAW, level: int = 1, stable: bool = False) -> RoundStats:
         """Send pages ``pfns`` (an array('Q') or anything giving uint64s) of ``space``."""
-        if not isinstance(pfns, array) or pfns.typecode != "Q":
-            pfns = array("Q", pfns)
+        return self.round({space: pfns}, mode, level, stable)[0]
+
+    def round(self, pages: dict, mode: int = RAW, level: int = 1, stable: bool = False,
+              sync: int | None = None, final: bool = False) -> tuple[RoundStats, list[SyncInfo]]:
+        """Send ``pages`` (space -> its pfns, each an array('Q') or anything giving uint64s),
+        one space after the other; then, with ``sync``, end round ``sync`` on every output
+        (CHANNEL_SYNC, FINAL with ``final``): what each sync said, in output order. One
+        call for a whole round."""
+        arrays = [p if isinstance(p, array) and p.typecode == "Q" else array("Q", p) for p in pages.values()]
+        n = max(len(arrays), 1)
+        spaces, counts = ffi.new("uint32_t[]", list(pages) or [0]), ffi.new("uint64_t[]", n)
+        ptrs = ffi.new("uint64_t *[]", n)
+        keep = []
+        for i, pfns in enumerate(arrays):
+            counts[i] = len(pfns)
+            if len(pfns):
+                keep.append(ffi.from_buffer("uint64_t[]", pfns))
+                ptrs[i] = keep[-1]
         st = ffi.new("struct dp_round_stats *")
-        buf, n = _err()
-        rc = lib.dp_sender_send(self.ptr, space, ffi.from_buffer("uint64_t[]", pfns), len(pfns), mode, level,
-                                int(stable), st, buf, n)
-        if rc:
+        synced = ffi.new("struct dp_sync_info[]", len(self.outputs)) if sync is not None else ffi.NULL
+        buf, m = _err()
+        if lib.dp_sender_round(self.ptr, len(arrays), spaces, ptrs, counts, mode, level, int(stable),
+                               -1 if sync is None else sync, int(final), st, synced, buf, m):
             raise DataplaneError(_text(buf))
-        return RoundStats.of(st)
+        infos = [SyncInfo(s.records, s.pages, s.offset, bytes(s.digest)) for s in synced] \
+            if sync is not None else []
+        return RoundStats.of(st), infos
 
     def cancel(self, shutdown_sockets: bool = True) -> None:
         lib.dp_sender_cancel(self.ptr, int(shutdown_sockets))
@@ -376,4 +404,4 @@ class Target:
 
 
 __all__ = ["AUTO", "MODES", "RAW", "ZSTD", "ChannelSummary", "DataplaneError", "Output", "OutputState",
-           "Range", "Receiver", "RoundStats", "Sender", "Target", "TlsContext"]
+           "Range", "Receiver", "RoundStats", "Sender", "SyncInfo", "Target", "TlsContext"]

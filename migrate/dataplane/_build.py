@@ -17,6 +17,10 @@ struct dp_round_stats {
     uint64_t zstd_batches, raw_batches, zstd_in, zstd_out;
     double seconds, encode_seconds, write_seconds;
 };
+struct dp_sync_info {
+    uint64_t records, pages, offset;
+    uint8_t digest[16];
+};
 struct dp_channel_summary {
     uint32_t index, rounds, final, reserved;
     uint64_t records, pages, bytes;
@@ -44,6 +48,10 @@ int dp_sender_set_space(struct dp_sender *s, uint32_t space, uint32_t n, const u
 void dp_sender_set_rate(struct dp_sender *s, double rate);
 int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
                    int level, int stable, struct dp_round_stats *st, char *err, size_t errlen);
+int dp_sender_round(struct dp_sender *s, uint32_t nspaces, const uint32_t *spaces,
+                    const uint64_t *const *pfns, const uint64_t *counts, int mode, int level, int stable,
+                    int64_t sync, int final, struct dp_round_stats *st, struct dp_sync_info *synced,
+                    char *err, size_t errlen);
 void dp_sender_cancel(struct dp_sender *s, int shutdown_sockets);
 void dp_sender_free(struct dp_sender *s);
 

@@ -537,8 +537,17 @@ int dp_out_channel_header(struct dp_out *o, uint32_t version, uint32_t index, co
     return dp_out_write(o, hdr, sizeof hdr, 0, 0, err, errlen);
 }
 
-/* CHANNEL_SYNC: the end of round `round` on this channel (FINAL: the channel's end) */
-int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t errlen)
+/* What a CHANNEL_SYNC says of its channel: records, page entries, bytes and digest of
+ * everything before it (CHANNELS repeats this of each FINAL one) */
+struct dp_sync_info {
+    uint64_t records, pages, offset;
+    uint8_t digest[16];
+};
+
+/* CHANNEL_SYNC: the end of round `round` on this channel (FINAL: the channel's end); what
+ * it says in `info` if not NULL */
+static int out_sync(struct dp_out *o, uint32_t round, int final, struct dp_sync_info *info,
+                    char *err, size_t errlen)
 {
     uint8_t rec[DP_REC_HDR + DP_SYNC_BODY];
     uint8_t *b = rec + DP_REC_HDR;
@@ -557,6 +566,12 @@ int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t e
     put32(rec + 4, DP_SYNC_BODY);
     put32(rec + 8, 0);
     put32(rec + 12, record_crc(rec, b, DP_SYNC_BODY));
+    if (info) {
+        info->records = o->records;
+        info->pages = o->pages;
+        info->offset = o->offset;
+        memcpy(info->digest, c.digest, 16);
+    }
     int rc = conn_write(&o->conn, rec, sizeof rec, &why);
     if (rc == 0) {
         XXH3_128bits_update(o->xxh, rec, sizeof rec);
@@ -567,6 +582,11 @@ int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t e
     if (rc)
         snprintf(err, errlen, "channel %d: writing CHANNEL_SYNC failed: %s", o->index, why);
     return rc;
+}
+
+int dp_out_sync(struct dp_out *o, uint32_t round, int final, char *err, size_t errlen)
+{
+    return out_sync(o, round, final, NULL, err, errlen);
 }
 
 /* -- workers ----------------------------------------------------------------------------- */
@@ -851,19 +871,11 @@ void dp_sender_set_rate(struct dp_sender *s, double rate)
     pthread_mutex_unlock(&s->pacer.lock);
 }
 
-/* Send the pages pfns[0..n) of `space` (each once: the caller's round), compressed per
- * `mode` (0 raw, 1 zstd at `level`, 2 auto); `stable`: memory cannot change meanwhile
- * (the guest is paused). Blocks until every page is written or the sender fails or is
- * cancelled; fills `st`. 0, or -1 with the reason in err (cancelled: "cancelled"). */
-int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
-                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen)
+/* The pages pfns[0..n) of `space` with the job's mode, level and stability set; adds the
+ * workers' figures to `st`. The caller holds s->lock (released while the job runs). */
+static void send_space(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n,
+                       struct dp_round_stats *st)
 {
-    double t0 = now();
-    memset(st, 0, sizeof *st);
-    if (space >= DP_SPACES || mode < 0 || mode > 2) {
-        snprintf(err, errlen, "bad space or mode");
-        return -1;
-    }
     /* A small set (the final round of an idle guest) is encoded and written on the
      * calling thread, with worker 0's buffers while it is parked: waking every worker and
      * waiting for each to be scheduled cost more than the work. A larger one is shared
@@ -872,14 +884,10 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
      * channel side by side instead of in one or two batches on one or two of them. */
     int inline_job = n <= DP_INLINE_MAX;
     uint64_t share = (n + (uint64_t)s->nworkers - 1) / (uint64_t)s->nworkers;
-    pthread_mutex_lock(&s->lock);
     s->space = space;
     s->pfns = pfns;
     s->npfns = n;
     s->next = 0;
-    s->mode = mode;
-    s->level = level;
-    s->stable = stable;
     s->chunk = inline_job || share >= DP_MAX_BATCH ? DP_MAX_BATCH : (uint32_t)share;
     if (inline_job) {
         pthread_mutex_unlock(&s->lock);
@@ -893,7 +901,6 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
             pthread_cond_wait(&s->done_cv, &s->lock);
     }
     s->pfns = NULL;
-    pthread_mutex_unlock(&s->lock);
     for (int i = 0; i < (inline_job ? 1 : s->nworkers); i++) {
         struct dp_round_stats *w = &s->workers[i].st;
         st->batches += w->batches;
@@ -908,7 +915,40 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
         st->encode_seconds += w->encode_seconds;
         st->write_seconds += w->write_seconds;
     }
-    st->seconds = now() - t0;
+}
+
+/* Send the pages of `nspaces` spaces, space spaces[i] its pfns[i][0..counts[i]) (each page
+ * once: the caller's round), one space after the other, compressed per `mode` (0 raw, 1
+ * zstd at `level`, 2 auto); `stable`: memory cannot change meanwhile (the guest is
+ * paused). Then, if sync >= 0, end round `sync` on every output with a CHANNEL_SYNC (FINAL
+ * if `final`), each one's figures in synced[output] if not NULL: one call for a whole
+ * round, which is what the pause's last round wants. Blocks until everything is written
+ * or the sender fails or is cancelled; fills `st`. 0, or -1 with the reason in err
+ * (cancelled: "cancelled"). */
+int dp_sender_round(struct dp_sender *s, uint32_t nspaces, const uint32_t *spaces,
+                    const uint64_t *const *pfns, const uint64_t *counts, int mode, int level, int stable,
+                    int64_t sync, int final, struct dp_round_stats *st, struct dp_sync_info *synced,
+                    char *err, size_t errlen)
+{
+    double t0 = now();
+    memset(st, 0, sizeof *st);
+    if (mode < 0 || mode > 2 || sync > UINT32_MAX) {
+        snprintf(err, errlen, "bad mode or round");
+        return -1;
+    }
+    for (uint32_t i = 0; i < nspaces; i++)
+        if (spaces[i] >= DP_SPACES) {
+            snprintf(err, errlen, "unknown space %u", spaces[i]);
+            return -1;
+        }
+    pthread_mutex_lock(&s->lock);
+    s->mode = mode;
+    s->level = level;
+    s->stable = stable;
+    for (uint32_t i = 0; i < nspaces && !s->cancel && !failed(&s->err); i++)
+        if (counts[i])
+            send_space(s, spaces[i], pfns[i], counts[i], st);
+    pthread_mutex_unlock(&s->lock);
     if (failed(&s->err)) {
         snprintf(err, errlen, "%s", s->err.text);
         return -1;
@@ -917,7 +957,18 @@ int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, ui
         snprintf(err, errlen, "cancelled");
         return -1;
     }
+    for (int i = 0; sync >= 0 && i < s->nouts; i++)
+        if (out_sync(s->outs[i], (uint32_t)sync, final, synced ? &synced[i] : NULL, err, errlen))
+            return -1;
+    st->seconds = now() - t0;
     return 0;
+}
+
+/* dp_sender_round of one space, without a sync */
+int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
+                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen)
+{
+    return dp_sender_round(s, 1, &space, &pfns, &n, mode, level, stable, -1, 0, st, NULL, err, errlen);
 }
 
 /* Stop a send in progress (from any thread); the sender is unusable afterwards. Blocked

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from array import array
 from typing import Callable
 
 from .. import dataplane
@@ -45,19 +44,16 @@ class ChannelSink:
         self.send(data)
         self.main_bytes += len(data)
 
-    def send_pages(self, space: Vm, pfns: array, compression: Compression, stable: bool) -> dataplane.RoundStats:
+    def send_pages(self, pages: dict, compression: Compression, stable: bool,
+                   end: bool = False, final: bool = False) -> dataplane.RoundStats:
         self.flush_link()           # the destination places pages only once the main stream built the domain
-        return self.sender.send(space, pfns, compression.code, compression.level, stable)
-
-    def end_round(self, final: bool) -> None:
-        if final:           # what each FINAL sync will say: CHANNELS repeats it
-            self.finals = []
-            for out in self.outputs:
-                s = out.state()
-                self.finals.append((self.round + 1, s.records, s.pages, s.offset, s.digest))
-        for out in self.outputs:
-            out.sync(self.round, final)
-        self.round += 1
+        st, synced = self.sender.round(pages, compression.code, compression.level, stable,
+                                       sync=self.round if end else None, final=final)
+        if end:
+            if final:       # what each FINAL sync said: CHANNELS repeats it
+                self.finals = [(self.round + 1, s.records, s.pages, s.offset, s.digest) for s in synced]
+            self.round += 1
+        return st
 
     def flush(self) -> None:
         self.flush_link()

@@ -243,41 +243,52 @@ class _Saver:
         at, nbytes = start or (time.monotonic() - self.t0, self.stats.stream_bytes)
         self.stats.history.append(PageRound(self.stats.rounds, at, nbytes, self.stats.pages_round,
                                             self.throttle.percent, figures))
-        for space, pfns in pfns_by_space.items():
-            if len(pfns):
-                self._send(space, pfns, paused, figures)
-        self.sink.end_round(final=paused)
+        self._send(pfns_by_space, paused, figures)
         figures["compression"] = str(self.compression)
         figures["zstd_ratio"] = figures["zstd_out"] / figures["zstd_in"] if figures["zstd_in"] else None
         self.stats.stream_bytes = self.sink.bytes
         self.stats.rounds += 1
 
-    def _send(self, space: Vm, pfns: array, stable: bool, figures: dict) -> None:
-        """Pages of one space through the sink's data plane, in calls of ``self.chunk``
-        pages sized to last about CHUNK_SECONDS each, so that a cancel, a timeout and the
-        progress reports are seen between them. While the guest runs (not ``stable``),
-        each piece's dirty bits are cleared just before it goes: a page written after
-        the round's fetch but before its piece was read goes once, not again in the next
-        round (what a guest writes over its memory in order while a round sweeps it)."""
-        self.writer.check_pages(space, (pfns[0], pfns[-1]))
-        part = self.parts[space]
-        at = 0
-        while at < len(pfns):
-            piece = pfns[at:at + self.chunk]
+    def _send(self, pfns_by_space: dict, stable: bool, figures: dict) -> None:
+        """A round's pages through the sink's data plane, every space's in pieces of
+        ``self.chunk`` pages sized to last about CHUNK_SECONDS each, so that a cancel, a
+        timeout and the progress reports are seen between them; the last piece ends the
+        round (``stable``: the guest is paused, so this is the last round). A round that
+        fits in one piece (a live save's last, for one) is one data plane call, its end
+        included. While the guest runs, each piece's dirty bits are cleared just before it
+        goes: a page written after the round's fetch but before its piece was read goes
+        once, not again in the next round (what a guest writes over its memory in order
+        while a round sweeps it)."""
+        queue = [(space, pfns) for space, pfns in pfns_by_space.items() if len(pfns)]
+        for space, pfns in queue:
+            self.writer.check_pages(space, (pfns[0], pfns[-1]))
+        at = 0                          # in queue[0]'s pfns
+        while True:
+            piece, room = {}, self.chunk
+            while queue and room:
+                space, pfns = queue[0]
+                piece[space] = pfns[at:at + room]
+                room -= len(piece[space])
+                at += len(piece[space])
+                if at == len(pfns):
+                    queue.pop(0)
+                    at = 0
             if not stable:
-                part.clear_dirty(piece)
+                for space, pfns in piece.items():
+                    self.parts[space].clear_dirty(pfns)
             t = time.monotonic()
             try:
-                st = self.sink.send_pages(space, piece, self.compression, stable)
+                st = self.sink.send_pages(piece, self.compression, stable, end=not queue, final=stable)
             except DataplaneError as exc:
                 self.check()                    # a cancel says so rather than the data plane's error
                 raise SaveError(f"sending pages failed: {exc}") from None
             took = time.monotonic() - t
             self._account(st, figures)
-            at += len(piece)
-            if took > 0:
-                self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(len(piece) * CHUNK_SECONDS / took)))
+            if took > 0 and queue:
+                self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(self.chunk * CHUNK_SECONDS / took)))
             self.report()
+            if not queue:
+                return
 
     def _account(self, st: RoundStats, figures: dict) -> None:
         s = self.stats

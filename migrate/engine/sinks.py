@@ -16,7 +16,7 @@ from typing import Callable, Protocol
 
 from .. import dataplane
 from ..config import DEFAULT_COMPRESSION, Compression  # noqa: F401  (re-exported)
-from ..stream import StreamWriter, Vm
+from ..stream import StreamWriter
 
 ENCODE_WORKERS = 2          # the machines this runs on have two cores
 DEFAULT_LEVEL = 1           # the zstd level when compressing: fastest at nearly the same size
@@ -32,12 +32,11 @@ class Sink(Protocol):
     def write(self, data: bytes, records: int = 1) -> None:
         """``records`` framed records (0: the stream header), in stream order."""
 
-    def send_pages(self, space: Vm, pfns: array, compression: Compression,
-                   stable: bool) -> dataplane.RoundStats:
-        """Pages ``pfns`` of ``space``, each once (the caller's round)."""
-
-    def end_round(self, final: bool) -> None:
-        """A page round is complete (``final``: the last one)."""
+    def send_pages(self, pages: dict, compression: Compression, stable: bool,
+                   end: bool = False, final: bool = False) -> dataplane.RoundStats:
+        """``pages``: space -> its pfns (array('Q')), each page once in the caller's round,
+        one space after the other. ``end``: these are the round's last pages (maybe none),
+        and the round is complete after them (``final``: the stream's last round)."""
 
     def flush(self) -> None:
         """What was written should go out now."""
@@ -99,12 +98,10 @@ class RelaySink:
         self._raise()
         self.file.write(data, records)
 
-    def send_pages(self, space: Vm, pfns: array, compression: Compression, stable: bool) -> dataplane.RoundStats:
+    def send_pages(self, pages: dict, compression: Compression, stable: bool,
+                   end: bool = False, final: bool = False) -> dataplane.RoundStats:
         self._raise()
-        return self.file.send_pages(space, pfns, compression, stable)
-
-    def end_round(self, final: bool) -> None:
-        pass
+        return self.file.send_pages(pages, compression, stable)
 
     def flush(self) -> None:
         target = self.file.bytes
@@ -155,11 +152,9 @@ class FileSink:
     def write(self, data: bytes, records: int = 1) -> None:
         self.output.write(data, records)
 
-    def send_pages(self, space: Vm, pfns: array, compression: Compression, stable: bool) -> dataplane.RoundStats:
-        return self.sender.send(space, pfns, compression.code, compression.level, stable)
-
-    def end_round(self, final: bool) -> None:
-        pass
+    def send_pages(self, pages: dict, compression: Compression, stable: bool,
+                   end: bool = False, final: bool = False) -> dataplane.RoundStats:
+        return self.sender.round(pages, compression.code, compression.level, stable)[0]
 
     def flush(self) -> None:
         pass
