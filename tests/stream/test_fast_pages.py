@@ -60,7 +60,7 @@ def test_the_data_plane_writes_what_the_reference_encoder_means(memory, mode, pf
             for record in (DomainConfig({"name": "p"}), MemoryLayout.flat(Vm.GUEST, PAGES),
                            MemoryLayout.flat(Vm.STUB, 0)):
                 sink.write(writer.record(record))
-            stats = sink.send_pages(Vm.GUEST, array("Q", pfns), Compression(mode), stable)
+            stats = sink.send_pages({Vm.GUEST: array("Q", pfns)}, Compression(mode), stable)
             sink.end(writer)
         finally:
             sink.close()
