@@ -29,10 +29,13 @@ size_t hvm_frame_records(const uint32_t *types, const uint32_t *lens, uint32_t n
 #define RULE_NONE ...
 #define RULE_XCRS ...
 #define RULE_PDPTRS ...
+#define RULE_MSRS ...
+#define MSR_FEATURE_BIT ...
 uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
                           const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
-                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
-                          uint32_t *vms, uint32_t *vcpus);
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max,
+                          const uint64_t *const *policies, const int32_t *policy_counts,
+                          uint8_t *kinds, uint32_t *vms, uint32_t *vcpus, uint32_t *lengths);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
@@ -151,12 +154,43 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
     return 0;
 }
 
-/* The value rules of a type (the table's rules[]): none, VCPU_XCRS's, VCPU_PDPTRS's
- * (specs/stream-format.md, "HVM context records") */
+/* The value rules of a type (the table's rules[]): none, VCPU_XCRS's, VCPU_PDPTRS's,
+ * VCPU_MSRS's (specs/stream-format.md, "HVM context records" and "Ordering") */
 #define RULE_NONE 0
 #define RULE_XCRS 1
 #define RULE_PDPTRS 2
+#define RULE_MSRS 3
 #define MAX_XCRS 16
+#define MAX_MSRS 1024
+#define MSR_FEATURE_BIT (1ull << 32)
+
+/* VCPU_MSRS: vm, vcpu_id, count, reserved, then count entries of index u32, reserved u32,
+ * value u64 in strictly ascending index order, nothing after them. With the VM's
+ * MSR_POLICY (policy: per entry the index, MSR_FEATURE_BIT if a feature MSR, then its
+ * value; count -1: the stream has none), exactly its MSRs, and a feature MSR's value
+ * the policy's. */
+static int msrs_hold(const uint8_t *body, uint32_t length, const uint64_t *policy, int32_t policy_count)
+{
+    if (length < 16)
+        return 0;
+    uint32_t count = get32(body + 8);
+    if (get32(body + 12) || count > MAX_MSRS || length != 16 + 16 * count)
+        return 0;
+    if (policy_count >= 0 && count != (uint32_t)policy_count)
+        return 0;
+    for (uint32_t i = 0; i < count; i++) {
+        const uint8_t *e = body + 16 + 16 * (size_t)i;
+        uint32_t index = get32(e);
+        if (get32(e + 4) || (i && index <= get32(e - 16)))
+            return 0;
+        if (policy_count >= 0) {
+            uint64_t want = policy[2 * (size_t)i];
+            if (index != (uint32_t)want || (want & MSR_FEATURE_BIT && get64(e + 8) != policy[2 * (size_t)i + 1]))
+                return 0;
+        }
+    }
+    return 1;
+}
 
 static int rules_hold(uint32_t rule, const uint8_t *body, uint32_t length)
 {
@@ -179,15 +213,18 @@ static int rules_hold(uint32_t rule, const uint8_t *body, uint32_t length)
 /* The records at the start of buf that pass every check the reader makes of a record of
  * one of the n_types given types (each with its exact body size, whether it is a
  * platform record, and its value rules) before the ordering rules: the whole record in
- * buf, reserved zero, the type's exact body length, the CRC, zero padding, a VM id of 0
- * or 1, a vcpu_id of 0 for a platform record or at most max_vcpu_id for a vCPU's, and
- * the type's value rules. Stops at the first record that is anything else (the reader
- * then checks that one itself), and after max records. Returns how many passed, with
- * each one's index in the table, VM and vcpu_id. */
+ * buf, reserved zero, the type's exact body length (VCPU_MSRS: the length its count
+ * gives), the CRC, zero padding, a VM id of 0 or 1, a vcpu_id of 0 for a platform record
+ * or at most max_vcpu_id for a vCPU's, and the type's value rules (VCPU_MSRS's against
+ * the MSR_POLICY of its VM: policies[vm], policy_counts[vm] entries, -1 for none). Stops
+ * at the first record that is anything else (the reader then checks that one itself),
+ * and after max records. Returns how many passed, with each one's index in the table,
+ * VM, vcpu_id and body length. */
 uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
                           const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
-                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
-                          uint32_t *vms, uint32_t *vcpus)
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max,
+                          const uint64_t *const *policies, const int32_t *policy_counts,
+                          uint8_t *kinds, uint32_t *vms, uint32_t *vcpus, uint32_t *lengths)
 {
     size_t at = 0;
     uint32_t n = 0;
@@ -196,7 +233,8 @@ uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
         uint32_t type = get32(rec), length = get32(rec + 4), k;
         for (k = 0; k < n_types && types[k] != type; k++)
             ;
-        if (k == n_types || get32(rec + 8) || length != sizes[k] || length < 8)
+        if (k == n_types || get32(rec + 8) || length < 8
+                || (rules[k] == RULE_MSRS ? length > 16 + 16 * MAX_MSRS : length != sizes[k]))
             break;
         size_t padded = ((size_t)length + 7) & ~(size_t)7;
         if (len - at - 16 < padded)
@@ -207,12 +245,15 @@ uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
         for (size_t i = length; i < padded; i++)
             nonzero |= body[i];
         uint32_t vm = get32(body), vcpu = get32(body + 4);
-        if (nonzero || vm > 1 || (platform[k] ? vcpu != 0 : vcpu > max_vcpu_id)
-                || !rules_hold(rules[k], body, length))
+        if (nonzero || vm > 1 || (platform[k] ? vcpu != 0 : vcpu > max_vcpu_id))
+            break;
+        if (rules[k] == RULE_MSRS ? !msrs_hold(body, length, policies[vm], policy_counts[vm])
+                                  : !rules_hold(rules[k], body, length))
             break;
         kinds[n] = (uint8_t)k;
         vms[n] = vm;
         vcpus[n] = vcpu;
+        lengths[n] = length;
         n++;
         at += 16 + padded;
     }

@@ -17,9 +17,10 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from migrate.stream._pages import ffi, lib
+from migrate.stream.cpu import MSR_FEATURE
 from migrate.stream.errors import StreamError
 from migrate.stream.records import (
-    MAX_MSRS, MAX_VCPU_ID, RECORD_HEADER, RecordType, Vm, expect_length, padded, vm_of,
+    MAX_MSRS, MAX_VCPU_ID, RECORD_HEADER, RecordType, Vm, expect_length, vm_of,
 )
 
 PREFIX = "<II"  # vm, vcpu_id (reserved, zero, for platform records)
@@ -340,16 +341,14 @@ class HvmState:
 
     @classmethod
     def check_body(cls, record_type: RecordType, body: bytes) -> HvmState:
-        """What :meth:`unpack_as` refuses, refused, without keeping what no later rule looks
-        at: the record with its ``body`` kept, and ``state`` only for VCPU_MSRS (the
-        ordering rules compare it with the MSR_POLICY); None for the rest. The types with
-        rules on their values (VCPU_XCRS, VCPU_PDPTRS, VCPU_MSRS) are decoded for the
+        """What :meth:`unpack_as` refuses, refused, without keeping the decoded state: the
+        record with its ``body`` and ``state`` None (:meth:`decoded` gives it). The types
+        with rules on their values (VCPU_XCRS, VCPU_PDPTRS, VCPU_MSRS) are decoded for the
         check; the rest have no rules but the body's length, the VM and the vCPU id. For a
         restore that applies the bodies as they are (migrate/capture.py)."""
         if record_type in _DECODED:
             record = cls.unpack_as(record_type, body)
-            state = record.state if record_type is RecordType.VCPU_MSRS else None
-            return cls(record.type, record.vm, record.vcpu_id, state, bytes(body))
+            return cls(record.type, record.vm, record.vcpu_id, None, bytes(body))
         expect_length(body, CODECS[record_type].struct, record_type.name)
         vm, vcpu_id = _PREFIX.unpack_from(body)
         if record_type in PLATFORM_CODECS:
@@ -402,48 +401,73 @@ _DECODED = {RecordType.VCPU_XCRS, RecordType.VCPU_PDPTRS, RecordType.VCPU_MSRS}
 
 class BodyScan:
     """Finds in C (``hvm_scan_records``) the run of HVM context records at a position of
-    a reader's buffer that the reader would accept before their ordering rules: every
-    type but VCPU_MSRS (whose rules need the MSR_POLICY), each record checked as
-    :meth:`HvmState.check_body` and the record framing check it (reserved field, length,
-    CRC, padding, VM and vCPU id, the value rules of VCPU_XCRS and VCPU_PDPTRS). The scan
-    stops at the first record that is anything else, which the reader then reads the slow
-    way: that one raises the errors, so they are the same either way."""
+    a reader's buffer that the reader would accept before their ordering rules: each
+    record checked as :meth:`HvmState.check_body` and the record framing check it
+    (reserved field, length, CRC, padding, VM and vCPU id, the value rules of VCPU_XCRS,
+    VCPU_PDPTRS and VCPU_MSRS), and a VCPU_MSRS against its VM's MSR_POLICY as the
+    ordering rules check it (StreamOrder). The scan stops at the first record that is
+    anything else, which the reader then reads the slow way: that one raises the errors,
+    so they are the same either way."""
 
     MAX_RUN = 64
-    _RULES = {RecordType.VCPU_XCRS: lib.RULE_XCRS, RecordType.VCPU_PDPTRS: lib.RULE_PDPTRS}
+    _RULES = {RecordType.VCPU_XCRS: lib.RULE_XCRS, RecordType.VCPU_PDPTRS: lib.RULE_PDPTRS,
+              RecordType.VCPU_MSRS: lib.RULE_MSRS}
 
     def __init__(self) -> None:
-        kinds = [t for t in CODECS if t is not RecordType.VCPU_MSRS]
+        kinds = list(CODECS)
         self.types = frozenset(kinds)
-        self._kinds = [(t, CODECS[t].struct.size, RECORD_HEADER.size + padded(CODECS[t].struct.size),
-                        t in PLATFORM_CODECS) for t in kinds]
+        self._kinds = [(t, t in PLATFORM_CODECS) for t in kinds]
         self._table = (ffi.new("uint32_t[]", [int(t) for t in kinds]),
-                       ffi.new("uint32_t[]", [size for _, size, _, _ in self._kinds]),
-                       ffi.new("uint8_t[]", [platform for *_, platform in self._kinds]),
+                       ffi.new("uint32_t[]", [CODECS[t].struct.size for t in kinds]),   # VCPU_MSRS: by its count
+                       ffi.new("uint8_t[]", [platform for _, platform in self._kinds]),
                        ffi.new("uint8_t[]", [self._RULES.get(t, lib.RULE_NONE) for t in kinds]))
         self._out = (ffi.new("uint8_t[]", self.MAX_RUN), ffi.new("uint32_t[]", self.MAX_RUN),
-                     ffi.new("uint32_t[]", self.MAX_RUN))
+                     ffi.new("uint32_t[]", self.MAX_RUN), ffi.new("uint32_t[]", self.MAX_RUN))
+        self._policies: tuple = ()          # (the MsrPolicy objects, their C form)
 
-    def run(self, buf: bytearray, pos: int) -> list[tuple]:
+    def prepare(self, policies: dict) -> tuple:
+        """``policies`` (Vm -> MsrPolicy) as hvm_scan_records takes them: made once (a
+        stream's MSR_POLICY records all come before its context records), by :meth:`run`
+        or before it: a reader or writer calls this as each MSR_POLICY goes by, so that the
+        first run (in a downtime) finds it made."""
+        key = (policies.get(Vm.GUEST), policies.get(Vm.STUB))
+        if not self._policies or any(a is not b for a, b in zip(self._policies[0], key)):
+            arrays = [ffi.new("uint64_t[]", [word for index, flags, value in p.entries
+                                             for word in (index | (lib.MSR_FEATURE_BIT if flags & MSR_FEATURE else 0),
+                                                          value)] or [0]) if p is not None else ffi.NULL
+                      for p in key]
+            table = (ffi.new("uint64_t *[]", arrays),
+                     ffi.new("int32_t[]", [len(p.entries) if p is not None else -1 for p in key]), arrays)
+            self._policies = (key, table)
+        return self._policies[1]
+
+    def run(self, buf: bytearray, pos: int, policies: dict) -> list[tuple]:
         """(type, vm, vcpu_id or None, body length, record length) of each record of the
-        run at ``buf[pos:]``; empty if the first one is not such a record (or incomplete)."""
+        run at ``buf[pos:]``, a VCPU_MSRS checked against ``policies`` (Vm -> its
+        MSR_POLICY, if the stream has one); empty if the first one is not such a record
+        (or incomplete)."""
         types, sizes, platform, rules = self._table
-        kinds, vms, vcpus = self._out
+        kinds, vms, vcpus, lengths = self._out
+        policy_ptrs, policy_counts, _ = self.prepare(policies)
         with memoryview(buf) as view, view[pos:] as rest:
             data = ffi.from_buffer("uint8_t[]", rest)
             try:
                 n = lib.hvm_scan_records(data, len(rest), types, sizes, platform, rules, len(self._kinds),
-                                         MAX_VCPU_ID, self.MAX_RUN, kinds, vms, vcpus)
+                                         MAX_VCPU_ID, self.MAX_RUN, policy_ptrs, policy_counts,
+                                         kinds, vms, vcpus, lengths)
             finally:
                 ffi.release(data)       # the view's export ends here, not when the cdata is collected
         out = []
         for i in range(n):
-            rtype, size, total, is_platform = self._kinds[kinds[i]]
-            out.append((rtype, _VMS[vms[i]], None if is_platform else vcpus[i], size, total))
+            rtype, is_platform = self._kinds[kinds[i]]
+            length = lengths[i]
+            out.append((rtype, _VMS[vms[i]], None if is_platform else vcpus[i], length,
+                        HEADER_SIZE + ((length + 7) & ~7)))      # padded(length)
         return out
 
 
 _VMS = (Vm.GUEST, Vm.STUB)
+HEADER_SIZE = RECORD_HEADER.size
 
 
 def _check_xcrs(state: dict) -> None:

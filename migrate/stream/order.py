@@ -121,25 +121,26 @@ class StreamOrder:
                    lambda: f"{record.type.name} for {record.vm.name} {_where(record)}")
         policy = self.msr_policies.get(record.vm)
         if record.type is RecordType.VCPU_MSRS and policy is not None:
+            msrs = record.decoded().state       # a restore's reader keeps only the body
             listed = [index for index, _, _ in policy.entries]
-            if sorted(record.state) != listed:
+            if sorted(msrs) != listed:
                 raise StreamError(f"VCPU_MSRS of {record.vm.name} {_where(record)} carries other MSRs "
-                                  f"than its MSR_POLICY ({len(record.state)} against {len(listed)})")
+                                  f"than its MSR_POLICY ({len(msrs)} against {len(listed)})")
             for index, value in policy.features().items():
-                if record.state[index] != value:
+                if msrs[index] != value:
                     raise StreamError(f"VCPU_MSRS of {record.vm.name} {_where(record)}: feature MSR "
-                                      f"0x{index:x} is 0x{record.state[index]:x}, its MSR_POLICY "
+                                      f"0x{index:x} is 0x{msrs[index]:x}, its MSR_POLICY "
                                       f"says 0x{value:x}")
 
     def context_fits(self, record_type: RecordType, vm: Vm, vcpu_id: int | None) -> bool:
-        """Whether an HVM context record of a type other than VCPU_MSRS breaks none of the
-        rules :meth:`observe` checks (it is then seen, as observe would see it), as a yes or
-        no: for a reader that checks a run of records ahead (hvm.BodyScan) and leaves the
-        first that does not fit to observe, which names its error."""
+        """Whether an HVM context record whose body passed its value rules, a VCPU_MSRS
+        against its VM's MSR_POLICY included (hvm.BodyScan checks them), breaks none of the
+        other rules :meth:`observe` checks (it is then seen, as observe would see it), as a
+        yes or no: for a reader or writer that checks a run of records ahead, and leaves
+        the first that does not fit to observe, which names its error."""
         layout = self.layouts.get(vm)
         key = (record_type, vm, vcpu_id)
-        if (not self.config_seen or self.channels_seen or layout is None or not layout.ranges
-                or key in self.once or record_type is RecordType.VCPU_MSRS):
+        if not self.config_seen or self.channels_seen or layout is None or not layout.ranges or key in self.once:
             return False
         self.once.add(key)
         return True

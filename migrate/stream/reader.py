@@ -270,7 +270,7 @@ class StreamReader:
         the stream digest covers them now. The first record the scan or the rules stop at
         is left to the slow way (_read_record), which raises its error."""
         at, fits = self._pos, self._order.context_fits
-        found = self._scan.run(self._buf, at)
+        found = self._scan.run(self._buf, at, self._order.msr_policies)
         with memoryview(self._buf) as view:
             for record_type, vm, vcpu_id, length, total in found:
                 if not fits(record_type, vm, vcpu_id):
@@ -316,6 +316,8 @@ class StreamReader:
         self._order.observe(record)
         if isinstance(record, PageBatch):
             self._pages += len(record.pages)
+        elif isinstance(record, MsrPolicy) and self._scan is not None:
+            self._scan.prepare(self._order.msr_policies)
         return record
 
     def _end(self, body: bytes, total: int) -> End:

@@ -11,9 +11,10 @@ from typing import Any, Iterable
 
 import xxhash
 
+from migrate.stream.cpu import MsrPolicy
 from migrate.stream.errors import StreamError
 from migrate.stream.framing import frame, frame_many
-from migrate.stream.hvm import HvmBodies, HvmState
+from migrate.stream.hvm import BodyScan, HvmBodies, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
 from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
@@ -26,6 +27,7 @@ class StreamWriter:
         self._records = 0
         self._pages = 0
         self._order = StreamOrder()
+        self._scan = BodyScan()                 # hvm_bodies' check of what it framed
         self._started = False
         self._finished = False
 
@@ -39,25 +41,42 @@ class StreamWriter:
     def record(self, record: Any) -> bytes:
         """One record (any record dataclass), after checking the ordering rules."""
         self._check_order(self._order.observe, record)
+        if isinstance(record, MsrPolicy):
+            self._scan.prepare(self._order.msr_policies)
         pages = len(record.pages) if isinstance(record, PageBatch) else 0
         return self.raw(record.TYPE, record.pack(), pages)
 
     def hvm_bodies(self, bodies: HvmBodies) -> bytes:
-        """One VM's HVM context records from their bodies (a capture in C made them), after
-        the ordering checks. Of the bodies only VCPU_MSRS is decoded, for the rule that ties
-        it to MSR_POLICY; the rest come straight from KVM (``HvmState.pack``'s own checks of
-        VCPU_XCRS and VCPU_PDPTRS hold for what KVM returns, and every reader makes them)."""
-        order, at = self._order, 0
-        for rtype, vcpu_id, length in zip(bodies.types, bodies.vcpu_ids, bodies.lengths):
-            if rtype is RecordType.VCPU_MSRS:
-                self._check_order(order.observe, HvmState.unpack_as(rtype, bodies.data[at:at + length]))
-            elif not order.context_fits(rtype, bodies.vm, vcpu_id):    # observe says why
-                self._check_order(order.observe, HvmState(rtype, bodies.vm, vcpu_id, None))
-            at += length
+        """One VM's HVM context records from their bodies (a capture in C made them): framed,
+        then checked as a restore's reader checks them (hvm.BodyScan: the framing, each
+        body's value rules, a VCPU_MSRS against its MSR_POLICY) and by the ordering rules.
+        The first record that does not pass is decoded and observed, which says why."""
         for length in bodies.lengths:
             self._check_body(length)
+        framed = frame_many(bodies.types, bodies.lengths, bodies.data)
+        order, fits, pos, i, at = self._order, self._order.context_fits, 0, 0, 0
+        types, vcpu_ids, lengths, vm_ = bodies.types, bodies.vcpu_ids, bodies.lengths, bodies.vm
+        while i < len(types):
+            found = self._scan.run(framed, pos, order.msr_policies)
+            for rtype, vm, vcpu_id, length, total in found:
+                if rtype != types[i] or vcpu_id != vcpu_ids[i] or vm is not vm_ or not fits(rtype, vm, vcpu_id):
+                    break
+                pos, at, i = pos + total, at + length, i + 1
+            else:
+                if found:
+                    continue
+            rtype, vcpu_id, length = types[i], vcpu_ids[i], lengths[i]      # refused: say why
+            try:
+                record = HvmState.unpack_as(rtype, bodies.data[at:at + length])
+            except StreamError as exc:
+                raise ValueError(f"writer refuses: {exc.msg}") from None
+            if (record.vm, record.vcpu_id) != (bodies.vm, vcpu_id):
+                raise ValueError(f"writer refuses: {rtype.name} for {bodies.vm.name} vcpu {vcpu_id} says "
+                                 f"{record.vm.name} vcpu {record.vcpu_id}")
+            self._check_order(order.observe, record)
+            raise ValueError(f"writer refuses: {rtype.name} of {bodies.vm.name}")     # the reader would
         self._records += len(bodies.types)
-        return self._emit(frame_many(bodies.types, bodies.lengths, bodies.data))
+        return self._emit(framed)
 
     def pages(self, space: Vm, pages: Iterable[tuple[int, bytes]], compressed: bool = False) -> bytes:
         """Any number of pages, split into batches of at most MAX_PAGES_PER_BATCH."""

@@ -16,7 +16,7 @@ from migrate.stream import (
     Channels, DomainConfig, End, Header, HvmState, MemoryLayout, RecordType, StreamWriter, Vm,
 )
 from migrate.stream.framing import frame
-from migrate.stream.hvm import CODECS, PLATFORM_CODECS
+from migrate.stream.hvm import CODECS, PLATFORM_CODECS, BodyScan, HvmBodies
 from migrate.stream.sample import sample_cpu, sample_state
 from two_readers import read_pieces
 
@@ -92,6 +92,16 @@ def setbyte(at: int, value: int = 1):
 
 
 XCRS_ENTRY = 12         # xcr u32, value u64 (reserved not carried)
+
+
+def msr(i: int) -> int:
+    """Where VCPU_MSRS's entry ``i`` starts in its body."""
+    return 16 + 16 * i
+
+
+def drop_last_msr(body: bytearray) -> None:
+    U32.pack_into(body, 8, U32.unpack_from(body, 8)[0] - 1)
+    del body[-16:]
 CASES = {
     # name: (bend, the error the bent record raises; None: it is accepted)
     "valid": (None, None),
@@ -118,6 +128,27 @@ CASES = {
     "padding": (one(T.VCPU_EVENTS, None, framing=lambda f: f.__setitem__(-1, 1)), "padding is not zero"),
     "reserved": (one(T.VCPU_SREGS, None, framing=lambda f: f.__setitem__(8, 1)), "reserved field is 0x1"),
     "crc": (one(T.VCPU_MP_STATE, None, framing=lambda f: f.__setitem__(12, f[12] ^ 1)), "CRC-32 mismatch"),
+    # VCPU_MSRS: count, reserved, then (index, reserved, value) from byte 16; the sample's
+    # four MSRs are its VM's MSR_POLICY, the second (0x10A) a feature MSR
+    "msrs another non-feature value": (one(T.VCPU_MSRS, put(U64, msr(0) + 8, 7)), None),
+    "msrs of the stub, another value": (one(T.VCPU_MSRS, put(U64, msr(3) + 8, 9), vm=Vm.STUB), None),
+    "msrs count one short": (one(T.VCPU_MSRS, put(U32, 8, 3)), "3 entries need"),
+    "msrs count one over": (one(T.VCPU_MSRS, put(U32, 8, 5)), "5 entries need"),
+    "msrs reserved": (one(T.VCPU_MSRS, put(U32, 12, 1 << 31)), "VCPU_MSRS reserved field is 0x80000000"),
+    "msrs entry reserved": (one(T.VCPU_MSRS, put(U32, msr(2) + 4, 1)), "MSR 0xc0000080 has nonzero reserved"),
+    "msrs index repeated": (one(T.VCPU_MSRS, put(U32, msr(1), 0x10)), "not strictly ascending at 0x10"),
+    "msrs index descending": (one(T.VCPU_MSRS, put(U32, msr(3), 0x11)), "not strictly ascending at 0x11"),
+    "msrs an MSR its policy lacks": (one(T.VCPU_MSRS, put(U32, msr(3), 0xC000_0101)), "other MSRs than its MSR_POLICY"),
+    "msrs one fewer than its policy": (one(T.VCPU_MSRS, drop_last_msr), "other MSRs than its MSR_POLICY (3 against 4)"),
+    "msrs none": (one(T.VCPU_MSRS, lambda b: (put(U32, 8, 0)(b), b.__delitem__(slice(16, None)))),
+                  "(0 against 4)"),
+    "msrs feature value": (one(T.VCPU_MSRS, lambda b: b.__setitem__(msr(1) + 8, b[msr(1) + 8] ^ 1)),
+                           "feature MSR 0x10a is"),
+    "msrs of the stub, feature value": (one(T.VCPU_MSRS, put(U64, msr(1) + 8, 0), vm=Vm.STUB),
+                                        "VCPU_MSRS of STUB vcpu 0: feature MSR 0x10a is 0x0"),
+    "msrs 1025 entries": (one(T.VCPU_MSRS, lambda b: (put(U32, 8, 1025)(b), b.extend(bytes(16 * 1021)))),
+                          "exceeds 16400"),
+    "msrs length not its count's": (one(T.VCPU_MSRS, lambda b: b.extend(bytes(8))), "4 entries need"),
 }
 
 
@@ -136,6 +167,10 @@ def test_the_scan_reads_each_bent_record_as_the_decoding_reader(name, piece) -> 
 
 @pytest.mark.parametrize("shape, error", [
     ({"version": 1, "channels": False}, None),
+    # version 1 has no MSR_POLICY: any MSRs, in order, pass
+    ({"version": 1, "channels": False, "bend": one(T.VCPU_MSRS, drop_last_msr)}, None),
+    ({"version": 1, "channels": False, "bend": one(T.VCPU_MSRS, put(U64, msr(1) + 8, 0))}, None),
+    ({"version": 1, "channels": False, "bend": one(T.VCPU_MSRS, put(U32, msr(3), 0x11))}, "not strictly ascending"),
     ({"before_layouts": True}, "before its MEMORY_LAYOUT"),
 ])
 def test_the_scan_reads_version_1_and_misplaced_context_as_the_decoding_reader(shape, error) -> None:
@@ -175,3 +210,80 @@ def test_a_run_longer_than_one_scan_is_read_alike() -> None:
         want = read(data, piece)
         assert read(data, piece, raw_pages="bodies", hvm_bodies=True) == want
         assert len(want) > 70 and "appears twice" in want[-1][0]
+
+
+def test_valid_context_never_takes_the_slow_way(monkeypatch) -> None:
+    """Every context record of a valid stream, VCPU_MSRS included, passes the scan: none
+    is decoded one by one (the slow way is for the record an error stops at)."""
+    data = stream()
+    monkeypatch.setattr(HvmState, "check_body", classmethod(lambda cls, t, body: pytest.fail(f"{t.name} slow")))
+    got = read(data, 1 << 20, raw_pages="bodies", hvm_bodies=True)
+    context_records = [r[0] for r in got if isinstance(r[0], tuple) and r[0][0] in CODECS]
+    assert isinstance(got[-1][0], End) and len(context_records) == 2 * len(CODECS)
+
+
+def writer_at_context(vcpus: int = 1) -> StreamWriter:
+    writer = StreamWriter()
+    writer.start()
+    writer.record(DomainConfig({"name": "x", "vcpus": vcpus}))
+    for vm in Vm:
+        for record in sample_cpu(vm):
+            writer.record(record)
+    for vm in Vm:
+        writer.record(MemoryLayout.flat(vm, 64))
+    return writer
+
+
+def bodies_of(vm: Vm, bend=None, vcpus: int = 1) -> HvmBodies:
+    records = []
+    for vcpu in range(vcpus):
+        for rtype, body in context(vm):
+            if rtype in PLATFORM_CODECS and vcpu:
+                continue
+            if rtype not in PLATFORM_CODECS:
+                U32.pack_into(body, 4, vcpu)
+            if bend is not None:
+                body, _ = bend(rtype, vm, body)
+            # the vCPU as the body says it (a capture's bodies and ids agree)
+            records.append((rtype, None if rtype in PLATFORM_CODECS else U32.unpack_from(body, 4)[0], bytes(body)))
+    return HvmBodies(vm, tuple(r[0] for r in records), tuple(r[1] for r in records),
+                     tuple(len(r[2]) for r in records), b"".join(r[2] for r in records))
+
+
+@pytest.mark.parametrize("name", [n for n, (bend, error) in CASES.items() if bend is None or
+                                  (error is None or "CRC" not in error and "padding" not in error
+                                   and "reserved field is 0x1" not in error)])
+def test_the_writer_frames_what_the_reader_takes_and_refuses_the_rest(name) -> None:
+    """StreamWriter.hvm_bodies checks what it framed as the restore's reader does: each
+    bent body the reader refuses (the framing cases aside: the writer frames), the writer
+    refuses with the reader's words; the rest it frames as records one by one would."""
+    bend, error = CASES[name]
+    writer, other = writer_at_context(), writer_at_context()
+    bodies = {vm: bodies_of(vm, bend) for vm in Vm}
+    if error is None:
+        framed = b"".join(writer.hvm_bodies(bodies[vm]) for vm in Vm)
+        assert framed == b"".join(other.raw(t, b) for vm in Vm for t, _, b in bodies[vm].bodies())
+        return
+    with pytest.raises(ValueError, match="writer refuses") as refused:
+        for vm in Vm:
+            writer.hvm_bodies(bodies[vm])
+    error = {   # where the writer's words are its own: it knows whose bodies they are, and
+                # decodes a body over its type's cap (the reader refuses it unread)
+        "stub context under the guest's id": "VCPU_REGS for STUB vcpu 0 says GUEST vcpu 0",
+        "body 8 bytes long": "IOAPIC body is 228 bytes, expected 220",
+        "msrs 1025 entries": "VCPU_MSRS count 1025 exceeds 1024",
+    }.get(name, error)
+    assert error in str(refused.value), refused.value
+
+
+def test_the_writer_checks_a_run_longer_than_one_scan_and_which_vm_a_body_names() -> None:
+    writer = writer_at_context(vcpus=8)
+    many = bodies_of(Vm.GUEST, vcpus=8)
+    assert len(many.types) > BodyScan.MAX_RUN
+    other = writer_at_context(vcpus=8)
+    assert writer.hvm_bodies(many) == b"".join(other.raw(t, b) for t, _, b in many.bodies())
+    stub_as_guest = bodies_of(Vm.STUB)
+    wrong = HvmBodies(Vm.GUEST, stub_as_guest.types, stub_as_guest.vcpu_ids, stub_as_guest.lengths,
+                      stub_as_guest.data)
+    with pytest.raises(ValueError, match="for GUEST vcpu 0 says STUB vcpu 0"):
+        writer_at_context().hvm_bodies(wrong)

@@ -5,9 +5,10 @@
  * (sort-based) on every input: the same first bad entry and reason, the same data count
  * and highest pfn. (The page loops of save and restore are the data plane's: see
  * placement_fuzz.c.) Context records: hvm_scan_records walks records made from the
- * input (their CRCs mostly right, so the walk goes on), under a type table from the
- * input, in a heap block of the records' exact size; every record it passes is checked
- * again here by the reader's rules (see scan() below). The records' meaning is compared
+ * input (their CRCs mostly right, so the walk goes on; VCPU_MSRS bodies mostly shaped
+ * after an MSR_POLICY from the input), under a type table from the input, in a heap
+ * block of the records' exact size; every record it passes is checked again here by the
+ * reader's rules (see scan() below). The records' meaning is compared
  * with the Python reader's by tests/stream/test_context_scan.py and tools/fuzz_stream.py. */
 #include <stdint.h>
 #include <stdio.h>
@@ -32,8 +33,9 @@ int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
                           const uint32_t *sizes, const uint8_t *platform, const uint8_t *rules,
-                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max, uint8_t *kinds,
-                          uint32_t *vms, uint32_t *vcpus);
+                          uint32_t n_types, uint32_t max_vcpu_id, uint32_t max,
+                          const uint64_t *const *policies, const int32_t *policy_counts,
+                          uint8_t *kinds, uint32_t *vms, uint32_t *vcpus, uint32_t *lengths);
 
 #define T_NORMAL 0
 #define T_COMPRESSED 2
@@ -163,6 +165,80 @@ static void fill_entries(struct input *in, uint8_t *e, uint32_t count, uint64_t 
     }
 }
 
+/* A VM's MSR_POLICY from the input: none, or up to 6 MSRs (ascending indices, some of them
+ * feature MSRs with a value), in the scan's form: index | MSR_FEATURE_BIT, value. */
+#define POLICY_MAX 6
+static int32_t make_policy(struct input *in, uint64_t *policy)
+{
+    uint8_t how = (uint8_t)take(in, 1);
+    if (how & 0x80)
+        return -1;
+    int32_t n = how % (POLICY_MAX + 1);
+    uint32_t index = 0;
+    for (int32_t i = 0; i < n; i++) {
+        index += 1 + (uint32_t)take(in, 1);
+        int feature = (int)(take(in, 1) & 1);
+        policy[2 * i] = index | (feature ? MSR_FEATURE_BIT : 0);
+        policy[2 * i + 1] = feature ? take(in, 1) : 0;
+    }
+    return n;
+}
+
+/* A VCPU_MSRS body for a VM's policy: mostly its MSRs in order, values from the input,
+ * now and then one thing bent. Returns the body's length. */
+static uint32_t msrs_body(struct input *in, uint8_t *body, uint32_t vm, const uint64_t *policy, int32_t count)
+{
+    uint8_t how = (uint8_t)take(in, 1);
+    uint32_t n = count >= 0 ? (uint32_t)count : (uint32_t)take(in, 1) % 8;
+    if (how & 0x80)
+        n = (uint32_t)take(in, 1) % 8;
+    memset(body, 0, 16 + 16 * n);
+    body[0] = (uint8_t)vm;
+    body[8] = (uint8_t)n;
+    uint32_t index = 0;
+    for (uint32_t i = 0; i < n; i++) {
+        uint8_t *e = body + 16 + 16 * i;
+        index = count >= 0 && i < (uint32_t)count ? (uint32_t)policy[2 * i] : index + 1 + (uint32_t)take(in, 1) % 3;
+        if (how & 0x40 && i == n - 1)
+            index = (uint32_t)take(in, 2);
+        for (int j = 0; j < 4; j++)
+            e[j] = (uint8_t)(index >> (8 * j));
+        uint64_t value = count >= 0 && i < (uint32_t)count && policy[2 * i] & MSR_FEATURE_BIT && !(how & 0x20)
+            ? policy[2 * i + 1] : take(in, 1);
+        put64(e + 8, value);
+        if (how & 0x10 && i == 0)
+            e[4] = 1;
+    }
+    if (how & 0x08)
+        body[12] = 1;
+    return 16 + 16 * n;
+}
+
+/* the reader's VCPU_MSRS rules, written again: the body's shape, then the policy */
+static int msrs_ok(const uint8_t *body, uint32_t length, const uint64_t *policy, int32_t count)
+{
+    if (length < 16 || get32(body + 12) || get32(body + 8) > 1024 || length != 16 + 16 * get32(body + 8))
+        return 0;
+    uint32_t n = get32(body + 8);
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *e = body + 16 + 16 * i;
+        if (get32(e + 4) || (i && get32(e) <= get32(e - 16)))
+            return 0;
+    }
+    if (count < 0)
+        return 1;
+    if (n != (uint32_t)count)
+        return 0;
+    for (uint32_t i = 0; i < n; i++) {
+        const uint8_t *e = body + 16 + 16 * i;
+        if (get32(e) != (uint32_t)policy[2 * i])
+            return 0;
+        if (policy[2 * i] & MSR_FEATURE_BIT && get64(e + 8) != policy[2 * i + 1])
+            return 0;
+    }
+    return 1;
+}
+
 /* A run of context records from the input, scanned; what the scan passed, checked again. */
 #define SCAN_TYPES 4
 #define SCAN_MAX 64
@@ -173,25 +249,35 @@ static void scan(struct input *in)
     for (uint32_t k = 0; k < n_types; k++) {
         uint8_t how = (uint8_t)take(in, 1);
         types[k] = 0x10 + k;
-        rules[k] = how % 3;
+        rules[k] = how % 4;
         platform[k] = (how >> 2) & 1;
-        /* XCRS's rule holds only at 208 bytes; the others at any size, 0 included */
+        /* XCRS's rule holds only at 208 bytes; the others at any size, 0 included (MSRS's
+         * size comes from its count) */
         sizes[k] = rules[k] == RULE_XCRS && (how & 8) ? 208 : (uint32_t)take(in, 2) % 600;
     }
+    uint64_t policy[2][2 * POLICY_MAX];
+    int32_t counts[2] = {make_policy(in, policy[0]), make_policy(in, policy[1])};
+    const uint64_t *policies[2] = {policy[0], policy[1]};
     uint32_t nrec = (uint32_t)take(in, 1) % 80;
     size_t len = 0;
     uint8_t *buf = malloc(nrec * (16 + 608) + 16);
     for (uint32_t r = 0; r < nrec && in->n; r++) {
         uint8_t how = (uint8_t)take(in, 1);
         uint32_t k = how % n_types, length = how & 0x80 ? (uint32_t)take(in, 2) % 600 : sizes[k];
-        uint32_t padded = (length + 7) & ~7u;
         uint8_t *rec = buf + len;
-        for (uint32_t i = 0; i < padded; i++)       /* body: the input, then zeros */
-            rec[16 + i] = i < length && in->n ? (uint8_t)take(in, 1) : 0;
-        if (length >= 8 && !(how & 0x40)) {        /* a plausible VM and vCPU id most of the time */
-            memset(rec + 16, 0, 8);
-            rec[16] = how & 0x20 ? 1 : 0;
+        if (rules[k] == RULE_MSRS && !(how & 0x80)) {   /* at most 16 + 16 * 7 bytes */
+            uint32_t vm = how & 0x20 ? 1 : 0;
+            length = msrs_body(in, rec + 16, vm, policy[vm], counts[vm]);
+        } else {
+            uint32_t padded = (length + 7) & ~7u;
+            for (uint32_t i = 0; i < padded; i++)       /* body: the input, then zeros */
+                rec[16 + i] = i < length && in->n ? (uint8_t)take(in, 1) : 0;
+            if (length >= 8 && !(how & 0x40)) {        /* a plausible VM and vCPU id most of the time */
+                memset(rec + 16, 0, 8);
+                rec[16] = how & 0x20 ? 1 : 0;
+            }
         }
+        uint32_t padded = (length + 7) & ~7u;
         uint32_t head[4] = {types[k], length, how & 0x10 ? (uint32_t)take(in, 1) : 0, 0};
         head[3] = harness_record_crc(head[0], rec + 16, length) ^ (how & 0x08 ? 1u : 0u);
         memcpy(rec, head, 16);
@@ -201,16 +287,17 @@ static void scan(struct input *in)
     memcpy(exact, buf, len);
     free(buf);
     uint8_t kinds[SCAN_MAX];
-    uint32_t vms[SCAN_MAX], vcpus[SCAN_MAX], max = 1 + (uint32_t)take(in, 1) % SCAN_MAX;
+    uint32_t vms[SCAN_MAX], vcpus[SCAN_MAX], lengths[SCAN_MAX], max = 1 + (uint32_t)take(in, 1) % SCAN_MAX;
     uint32_t n = hvm_scan_records(exact, len, types, sizes, platform, rules, n_types, 4095, max,
-                                  kinds, vms, vcpus);
+                                  policies, counts, kinds, vms, vcpus, lengths);
     CHECK(n <= max);
     size_t at = 0;
     for (uint32_t i = 0; i < n; i++) {              /* each passed record obeys the rules */
         const uint8_t *rec = exact + at, *body = rec + 16;
         CHECK(len - at >= 16);
         uint32_t k = kinds[i], length = get32(rec + 4);
-        CHECK(k < n_types && get32(rec) == types[k] && length == sizes[k] && length >= 8 && !get32(rec + 8));
+        CHECK(k < n_types && get32(rec) == types[k] && length == lengths[i] && length >= 8 && !get32(rec + 8));
+        CHECK(rules[k] == RULE_MSRS || length == sizes[k]);
         uint32_t padded = (length + 7) & ~7u;
         CHECK(len - at - 16 >= padded);
         CHECK(harness_record_crc(types[k], body, length) == get32(rec + 12));
@@ -225,6 +312,8 @@ static void scan(struct input *in)
                 CHECK(body[j] == 0);
         } else if (rules[k] == RULE_PDPTRS) {
             CHECK(length >= 16 && !(get64(body + 8) & ~1ull));
+        } else if (rules[k] == RULE_MSRS) {
+            CHECK(msrs_ok(body, length, policies[vms[i]], counts[vms[i]]));
         }
         at += 16 + padded;
     }
