@@ -43,3 +43,27 @@ def test_marks_of_two_processes_make_one_timeline(tmp_path, monkeypatch, capsys)
 
 def test_no_pause_says_so(tmp_path):
     assert trace_show.main([str(tmp_path)]) == 1
+
+
+def test_pause_profile_gives_each_step_its_samples_by_side():
+    """tools/pause_profile.py's attribution: the steps are the marks every pause has, in
+    order; a sample counts for the side whose process it fell in during that pause (the
+    same pid is S in one move and R in the next), pid 0 as an idle core, the rest as
+    other; samples outside the pauses count nowhere."""
+    import pause_profile
+
+    def mark(t, pid, label):
+        return (t, pid, pid, 0.0, label)
+    first = [mark(1.000, 10, "S pause asked"), mark(1.001, 20, "R END read"), mark(1.002, 10, "S RUNNING read")]
+    # the second move: pid 20 is the source now, and a mark only this pause has
+    second = [mark(2.000, 20, "S pause asked"), mark(2.0005, 20, "S only here"), mark(2.001, 30, "R END read"),
+              mark(2.003, 20, "S RUNNING read")]
+    samples = [(0.5, 10), (1.0002, 10), (1.0004, 0), (1.0006, 20), (1.0015, 10), (1.0016, 99),
+               (2.0002, 20), (2.0008, 10), (2.002, 30), (2.0021, 0), (2.5, 20)]
+    names, table = pause_profile.attribute([first, second], samples)
+    assert names == ["S pause asked -> R END read", "R END read -> S RUNNING read"]
+    assert [round(ms, 3) for ms in table[0]["ms"]] == [1.0, 1.0] and [round(ms, 3) for ms in table[1]["ms"]] == [1.0, 2.0]
+    assert {k: v for k, v in table[0].items() if k != "ms"} == {"S": 2, "idle": 1, "R": 1, "other": 1}
+    assert {k: v for k, v in table[1].items() if k != "ms"} == {"S": 1, "other": 1, "R": 1, "idle": 1}
+    text = pause_profile.report(names, table, 2)
+    assert "S pause asked -> R END read" in text and "whole pause: S 33%  D 0%  R 22%  idle 22%  other 22%" in text
