@@ -284,8 +284,9 @@ class _Saver:
                 raise SaveError(f"sending pages failed: {exc}") from None
             took = time.monotonic() - t
             self._account(st, figures)
-            if took > 0 and queue:
-                self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(self.chunk * CHUNK_SECONDS / took)))
+            if took > 0:
+                sent = sum(len(pfns) for pfns in piece.values())
+                self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(sent * CHUNK_SECONDS / took)))
             self.report()
             if not queue:
                 return
