@@ -102,7 +102,8 @@ def test_rounds_arrive_whole_and_in_order(tls_dirs, secure, channels):
 @pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
 def test_a_round_of_two_spaces_and_its_syncs_in_one_call(tls_dirs, secure):
     """Sender.round: the pages of both spaces, then every channel's sync, whose figures it
-    returns: what each channel's FINAL sync said (CHANNELS repeats them)."""
+    returns: what each channel's FINAL sync said (CHANNELS repeats them). A round with no
+    pages still ends on every channel; a call without a sync writes nothing more."""
     pages, stub_pages = 600, 8
     src, dst = memory(pages), bytearray(pages * PAGE)
     stub_src, stub_dst = memory(stub_pages, seed=2), bytearray(stub_pages * PAGE)
@@ -114,20 +115,22 @@ def test_a_round_of_two_spaces_and_its_syncs_in_one_call(tls_dirs, secure):
         st, synced = tx.round({0: range(pages), 1: range(stub_pages)}, AUTO, sync=0)
         assert st.pages == pages + stub_pages and len(synced) == 2
         assert rx.wait(0, timeout=20) and dst == src and stub_dst == stub_src
+        offsets = [out.state().offset for out in outs]
+        st, synced = tx.round({}, RAW)          # nothing to send, no sync asked: nothing written
+        assert st.pages == 0 and synced == [] and [out.state().offset for out in outs] == offsets
+        st, synced = tx.round({}, RAW, sync=1)  # an empty round: a sync on each channel
+        assert st.pages == 0 and [s.offset for s in synced] == offsets and rx.wait(1, timeout=20)
         src[3 * PAGE:4 * PAGE] = b"\x05" * PAGE
         stub_src[:PAGE] = b"\x06" * PAGE
         before = [out.state() for out in outs]
-        st, synced = tx.round({0: [3], 1: [0]}, RAW, stable=True, sync=1, final=True)
+        st, synced = tx.round({0: [3], 1: [0]}, RAW, stable=True, sync=2, final=True)
         assert st.pages == 2 and st.data_pages == 2
-        assert rx.wait(1, final=True, timeout=20) and dst == src and stub_dst == stub_src
+        assert rx.wait(2, final=True, timeout=20) and dst == src and stub_dst == stub_src
         summary, _, _ = rx.summary()
         for out, s, said, was in zip(outs, summary, synced, before):
             assert s.final and (s.records, s.pages, s.bytes, s.digest) == \
                 (said.records, said.pages, said.offset, said.digest)
             assert out.state().records == said.records + 1 and said.records >= was.records
-        offsets = [out.state().offset for out in outs]
-        st, synced = tx.round({}, RAW)          # nothing to send, no sync asked: nothing written
-        assert st.pages == 0 and synced == [] and [out.state().offset for out in outs] == offsets
     finally:
         close(pairs, rx, outs, tx)
 

@@ -63,7 +63,7 @@ def attribute(found: list[list], samples: list[tuple[float, int]]) -> tuple[list
         for i, (a, b) in enumerate(zip(labels, labels[1:])):
             start, end = at[a], at[b]
             table[i]["ms"].append((end - start) * 1e3)
-            for _, pid in samples[bisect.bisect_left(times, start):bisect.bisect_right(times, end)]:
+            for _, pid in samples[bisect.bisect_left(times, start):bisect.bisect_left(times, end)]:   # [start, end)
                 who = "idle" if pid == 0 else side.get(pid, "other")
                 table[i][who] = table[i].get(who, 0) + 1
     return names, table
@@ -124,6 +124,9 @@ def main(argv: list[str] | None = None) -> int:
             print("pause_profile: the benchmark left no traced pause", file=sys.stderr)
             return 1
         names, table = attribute(found, perf_samples(data))
+    if not names:
+        print("pause_profile: the pauses have fewer than two marks in common", file=sys.stderr)
+        return 1
     print(report(names, table, len(found)))
     return 0
 

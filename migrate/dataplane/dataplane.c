@@ -958,8 +958,10 @@ int dp_sender_round(struct dp_sender *s, uint32_t nspaces, const uint32_t *space
         return -1;
     }
     for (int i = 0; sync >= 0 && i < s->nouts; i++)
-        if (out_sync(s->outs[i], (uint32_t)sync, final, synced ? &synced[i] : NULL, err, errlen))
+        if (out_sync(s->outs[i], (uint32_t)sync, final, synced ? &synced[i] : NULL, err, errlen)) {
+            set_error(&s->err, "%s", err);      /* a sync may be half written: nothing more goes */
             return -1;
+        }
     st->seconds = now() - t0;
     return 0;
 }

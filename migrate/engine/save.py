@@ -284,8 +284,8 @@ class _Saver:
                 raise SaveError(f"sending pages failed: {exc}") from None
             took = time.monotonic() - t
             self._account(st, figures)
-            if took > 0:
-                sent = sum(len(pfns) for pfns in piece.values())
+            sent = sum(len(pfns) for pfns in piece.values())
+            if took > 0 and sent:           # an empty round's call (its syncs alone) says nothing of it
                 self.chunk = max(MIN_CHUNK, min(MAX_CHUNK, int(sent * CHUNK_SECONDS / took)))
             self.report()
             if not queue:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import socket
 import threading
-from array import array
 from typing import Callable, Protocol
 
 from .. import dataplane

@@ -14,7 +14,7 @@ import xxhash
 from migrate.stream.cpu import MsrPolicy
 from migrate.stream.errors import StreamError
 from migrate.stream.framing import frame, frame_many
-from migrate.stream.hvm import BodyScan, HvmBodies, HvmState
+from migrate.stream.hvm import CODECS, BodyScan, HvmBodies, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
 from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
@@ -55,7 +55,7 @@ class StreamWriter:
             self._check_body(length)
         framed = frame_many(bodies.types, bodies.lengths, bodies.data)
         order, fits, pos, i, at = self._order, self._order.context_fits, 0, 0, 0
-        types, vcpu_ids, lengths, vm_ = bodies.types, bodies.vcpu_ids, bodies.lengths, bodies.vm
+        types, vcpu_ids, lengths, vm_ = bodies.types, bodies.vcpu_ids, bodies.lengths, Vm(bodies.vm)
         while i < len(types):
             found = self._scan.run(framed, pos, order.msr_policies)
             for rtype, vm, vcpu_id, length, total in found:
@@ -65,18 +65,26 @@ class StreamWriter:
             else:
                 if found:
                     continue
-            rtype, vcpu_id, length = types[i], vcpu_ids[i], lengths[i]      # refused: say why
-            try:
-                record = HvmState.unpack_as(rtype, bodies.data[at:at + length])
-            except StreamError as exc:
-                raise ValueError(f"writer refuses: {exc.msg}") from None
-            if (record.vm, record.vcpu_id) != (bodies.vm, vcpu_id):
-                raise ValueError(f"writer refuses: {rtype.name} for {bodies.vm.name} vcpu {vcpu_id} says "
-                                 f"{record.vm.name} vcpu {record.vcpu_id}")
-            self._check_order(order.observe, record)
-            raise ValueError(f"writer refuses: {rtype.name} of {bodies.vm.name}")     # the reader would
+            self._refuse(vm_, types[i], vcpu_ids[i], bodies.data[at:at + lengths[i]])
         self._records += len(bodies.types)
         return self._emit(framed)
+
+    def _refuse(self, vm: Vm, rtype: int, vcpu_id: int | None, body: bytes) -> None:
+        """Raise why ``body`` (of ``vm``'s record ``rtype`` for ``vcpu_id``) cannot be
+        written: the reader's own error for it, or that its body names another VM or vCPU."""
+        if rtype not in CODECS:
+            raise ValueError(f"writer refuses: record type 0x{int(rtype):x} is not an HVM context record")
+        rtype = RecordType(rtype)
+        try:
+            record = HvmState.unpack_as(rtype, body)
+        except StreamError as exc:
+            raise ValueError(f"writer refuses: {exc.msg}") from None
+        if (record.vm, record.vcpu_id) != (vm, vcpu_id):
+            raise ValueError(f"writer refuses: {rtype.name} for {vm.name} vcpu {vcpu_id} says "
+                             f"{record.vm.name} vcpu {record.vcpu_id}")
+        self._check_order(self._order.observe, record)
+        raise AssertionError(f"the context scan refused {rtype.name} of {vm.name} vcpu {vcpu_id}, which the "
+                             "reader's own checks take")       # the two checks disagree: a bug
 
     def pages(self, space: Vm, pages: Iterable[tuple[int, bytes]], compressed: bool = False) -> bytes:
         """Any number of pages, split into batches of at most MAX_PAGES_PER_BATCH."""

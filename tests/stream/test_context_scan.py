@@ -214,12 +214,21 @@ def test_a_run_longer_than_one_scan_is_read_alike() -> None:
 
 def test_valid_context_never_takes_the_slow_way(monkeypatch) -> None:
     """Every context record of a valid stream, VCPU_MSRS included, passes the scan: none
-    is decoded one by one (the slow way is for the record an error stops at)."""
+    is decoded one by one (the slow way is for the record an error stops at). The reader
+    takes its decoders from reader.HVM_BODY_DECODERS when it reads the header."""
+    from migrate.stream import StreamError, reader
+
+    def slow(record_type):
+        def decode(body):
+            raise StreamError(f"{record_type.name} went the slow way")
+        return decode
+    monkeypatch.setattr(reader, "HVM_BODY_DECODERS", {t: slow(t) for t in CODECS})
     data = stream()
-    monkeypatch.setattr(HvmState, "check_body", classmethod(lambda cls, t, body: pytest.fail(f"{t.name} slow")))
     got = read(data, 1 << 20, raw_pages="bodies", hvm_bodies=True)
     context_records = [r[0] for r in got if isinstance(r[0], tuple) and r[0][0] in CODECS]
     assert isinstance(got[-1][0], End) and len(context_records) == 2 * len(CODECS)
+    bent = read(stream(one(T.VCPU_MSRS, put(U64, msr(1) + 8, 0))), 1 << 20, raw_pages="bodies", hvm_bodies=True)
+    assert "VCPU_MSRS went the slow way" in bent[-1][0]       # so the patch is what the reader uses
 
 
 def writer_at_context(vcpus: int = 1) -> StreamWriter:
@@ -287,3 +296,16 @@ def test_the_writer_checks_a_run_longer_than_one_scan_and_which_vm_a_body_names(
                       stub_as_guest.data)
     with pytest.raises(ValueError, match="for GUEST vcpu 0 says STUB vcpu 0"):
         writer_at_context().hvm_bodies(wrong)
+
+
+def test_the_writer_takes_plain_numbers_for_types_and_vm_and_refuses_other_types() -> None:
+    bodies = bodies_of(Vm.STUB)
+    plain = HvmBodies(int(Vm.STUB), tuple(int(t) for t in bodies.types), bodies.vcpu_ids, bodies.lengths, bodies.data)
+    assert writer_at_context().hvm_bodies(plain) == writer_at_context().hvm_bodies(bodies)
+    odd = HvmBodies(Vm.STUB, (0x7F,) + bodies.types[1:], bodies.vcpu_ids, bodies.lengths, bodies.data)
+    with pytest.raises(ValueError, match="record type 0x7f is not an HVM context record"):
+        writer_at_context().hvm_bodies(odd)
+    bent = bodies_of(Vm.STUB, one(T.VCPU_XCRS, put(U32, 8, 17), vm=Vm.STUB))
+    plain = HvmBodies(int(Vm.STUB), tuple(int(t) for t in bent.types), bent.vcpu_ids, bent.lengths, bent.data)
+    with pytest.raises(ValueError, match="writer refuses: VCPU_XCRS nr_xcrs 17 exceeds 16"):
+        writer_at_context().hvm_bodies(plain)
