@@ -46,8 +46,6 @@ struct dp_sender *dp_sender_new(struct dp_out **outs, int nouts, int nworkers, d
 int dp_sender_set_space(struct dp_sender *s, uint32_t space, uint32_t n, const uint64_t *first,
                         const uint64_t *count, uint8_t *const *base, char *err, size_t errlen);
 void dp_sender_set_rate(struct dp_sender *s, double rate);
-int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
-                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen);
 int dp_sender_round(struct dp_sender *s, uint32_t nspaces, const uint32_t *spaces,
                     const uint64_t *const *pfns, const uint64_t *counts, int mode, int level, int stable,
                     int64_t sync, int final, struct dp_round_stats *st, struct dp_sync_info *synced,

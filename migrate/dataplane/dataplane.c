@@ -966,13 +966,6 @@ int dp_sender_round(struct dp_sender *s, uint32_t nspaces, const uint32_t *space
     return 0;
 }
 
-/* dp_sender_round of one space, without a sync */
-int dp_sender_send(struct dp_sender *s, uint32_t space, const uint64_t *pfns, uint64_t n, int mode,
-                   int level, int stable, struct dp_round_stats *st, char *err, size_t errlen)
-{
-    return dp_sender_round(s, 1, &space, &pfns, &n, mode, level, stable, -1, 0, st, NULL, err, errlen);
-}
-
 /* Stop a send in progress (from any thread); the sender is unusable afterwards. Blocked
  * writes on sockets are woken by shutting the sockets down. */
 void dp_sender_cancel(struct dp_sender *s, int shutdown_sockets)
