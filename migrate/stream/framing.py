@@ -33,7 +33,7 @@ def frame_many(types, lengths, bodies: bytes) -> bytes:
     n = len(types)
     if len(lengths) != n or sum(lengths) != len(bodies):
         raise ValueError("frame_many: types, lengths and bodies disagree")
-    out = ffi.new("uint8_t[]", sum((length + 7) & ~7 for length in lengths) + RECORD_HEADER.size * n)
+    out = ffi.new("uint8_t[]", sum(RECORD_HEADER.size + padded(length) for length in lengths))
     size = lib.hvm_frame_records(ffi.new("uint32_t[]", [int(t) for t in types]),
                                  ffi.new("uint32_t[]", list(lengths)), n,
                                  ffi.from_buffer("uint8_t[]", bodies), out)

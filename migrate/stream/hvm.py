@@ -20,7 +20,7 @@ from migrate.stream._pages import ffi, lib
 from migrate.stream.cpu import MSR_FEATURE
 from migrate.stream.errors import StreamError
 from migrate.stream.records import (
-    MAX_MSRS, MAX_VCPU_ID, RECORD_HEADER, RecordType, Vm, expect_length, vm_of,
+    MAX_MSRS, MAX_VCPU_ID, RECORD_HEADER, RecordType, Vm, expect_length, padded, vm_of,
 )
 
 PREFIX = "<II"  # vm, vcpu_id (reserved, zero, for platform records)
@@ -441,14 +441,14 @@ class BodyScan:
             self._policies = (key, table)
         return self._policies[1]
 
-    def run(self, buf: bytearray, pos: int, policies: dict) -> list[tuple]:
+    def run(self, buf, pos: int, order) -> list[tuple]:
         """(type, vm, vcpu_id or None, body length, record length) of each record of the
-        run at ``buf[pos:]``, a VCPU_MSRS checked against ``policies`` (Vm -> its
-        MSR_POLICY, if the stream has one); empty if the first one is not such a record
-        (or incomplete)."""
+        run at ``buf[pos:]`` that passes the checks above and then ``order``'s ordering
+        rules (a StreamOrder: its MSR_POLICY records, and context_fits, which sees each
+        record it lets through); empty if the first one does not (or is incomplete)."""
         types, sizes, platform, rules = self._table
         kinds, vms, vcpus, lengths = self._out
-        policy_ptrs, policy_counts, _ = self.prepare(policies)
+        policy_ptrs, policy_counts, _ = self.prepare(order.msr_policies)
         with memoryview(buf) as view, view[pos:] as rest:
             data = ffi.from_buffer("uint8_t[]", rest)
             try:
@@ -457,17 +457,17 @@ class BodyScan:
                                          kinds, vms, vcpus, lengths)
             finally:
                 ffi.release(data)       # the view's export ends here, not when the cdata is collected
-        out = []
+        out, fits = [], order.context_fits
         for i in range(n):
             rtype, is_platform = self._kinds[kinds[i]]
-            length = lengths[i]
-            out.append((rtype, _VMS[vms[i]], None if is_platform else vcpus[i], length,
-                        HEADER_SIZE + ((length + 7) & ~7)))      # padded(length)
+            vm, vcpu_id = _VMS[vms[i]], None if is_platform else vcpus[i]
+            if not fits(rtype, vm, vcpu_id):
+                break
+            out.append((rtype, vm, vcpu_id, lengths[i], RECORD_HEADER.size + padded(lengths[i])))
         return out
 
 
 _VMS = (Vm.GUEST, Vm.STUB)
-HEADER_SIZE = RECORD_HEADER.size
 
 
 def _check_xcrs(state: dict) -> None:

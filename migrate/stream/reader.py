@@ -269,12 +269,10 @@ class StreamReader:
         as the ordering rules let them through, each made as HvmState.check_body makes it;
         the stream digest covers them now. The first record the scan or the rules stop at
         is left to the slow way (_read_record), which raises its error."""
-        at, fits = self._pos, self._order.context_fits
-        found = self._scan.run(self._buf, at, self._order.msr_policies)
+        at = self._pos
+        found = self._scan.run(self._buf, at, self._order)
         with memoryview(self._buf) as view:
             for record_type, vm, vcpu_id, length, total in found:
-                if not fits(record_type, vm, vcpu_id):
-                    break
                 body_at = at + RECORD_HEADER.size
                 self._run.append((HvmState(record_type, vm, vcpu_id, None, bytes(view[body_at:body_at + length])),
                                   total))

@@ -54,12 +54,12 @@ class StreamWriter:
         for length in bodies.lengths:
             self._check_body(length)
         framed = frame_many(bodies.types, bodies.lengths, bodies.data)
-        order, fits, pos, i, at = self._order, self._order.context_fits, 0, 0, 0
+        pos, i, at = 0, 0, 0
         types, vcpu_ids, lengths, vm_ = bodies.types, bodies.vcpu_ids, bodies.lengths, Vm(bodies.vm)
         while i < len(types):
-            found = self._scan.run(framed, pos, order.msr_policies)
+            found = self._scan.run(framed, pos, self._order)
             for rtype, vm, vcpu_id, length, total in found:
-                if rtype != types[i] or vcpu_id != vcpu_ids[i] or vm is not vm_ or not fits(rtype, vm, vcpu_id):
+                if rtype != types[i] or vcpu_id != vcpu_ids[i] or vm is not vm_:
                     break
                 pos, at, i = pos + total, at + length, i + 1
             else:
