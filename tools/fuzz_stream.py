@@ -346,7 +346,8 @@ def one_input(data: bytes) -> None:
 def read_all(reader, pieces) -> tuple[list, Exception | None]:
     """What ``reader`` hands out for ``pieces``, context records as (type, vm, vcpu_id,
     state), each with the reader's ``last`` and ``offset`` after it, then the StreamError it
-    raised, if any, as its words, offset, index and type; and that error."""
+    raised, if any, as its text, words, offset, index and type; and that error (also what
+    tests/stream/two_readers.py compares two readers by)."""
     from migrate.stream import DONE, NEED_DATA, HvmState, StreamError
 
     out: list = []
