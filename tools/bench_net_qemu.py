@@ -79,16 +79,23 @@ gdtr: .word 23
 """
 
 
-def build_elf(work: Path, tsc_khz: int, opts: int) -> Path:
+def netecho_info(tsc_khz: int, opts: int):
+    """The boot-info page of the netecho guest on QEMU's virtio-net (the shim finds it)."""
+    from migrate.guest import boot as gboot
+    return gboot.BootInfo(workload=gboot.WORKLOADS["netecho"], timer_hz=100, mem_size=MEMORY,
+                          wl_base=gboot.WORKLOAD_BASE, wl_size=MEMORY - gboot.WORKLOAD_BASE, tsc_khz=tsc_khz,
+                          args=[int.from_bytes(socket.inet_aton(GUEST_IP), "big"), opts],
+                          flags=gboot.BOOT_F_UART | gboot.BOOT_F_NET, net_base=0)
+
+
+def build_elf(work: Path, info, name: str) -> Path:
+    """A PVH ELF QEMU boots (``-kernel``): our guest image, the boot-info page ``info`` (a
+    guest.boot.BootInfo) with identity page tables for the low 4 GiB, and the shim."""
     from migrate.guest import boot as gboot
     (work / "shim.S").write_text(SHIM.replace("BASE", str(BASE)))
     subprocess.run(["gcc", "-c", "-o", work / "shim.o", work / "shim.S"], check=True)
     subprocess.run(["ld", f"-Ttext={BASE + 0x7000:#x}", "--oformat", "binary", "-o", work / "shim.bin",
                     work / "shim.o"], check=True)
-    info = gboot.BootInfo(workload=gboot.WORKLOADS["netecho"], timer_hz=100, mem_size=MEMORY,
-                          wl_base=gboot.WORKLOAD_BASE, wl_size=MEMORY - gboot.WORKLOAD_BASE, tsc_khz=tsc_khz,
-                          args=[int.from_bytes(socket.inet_aton(GUEST_IP), "big"), opts],
-                          flags=gboot.BOOT_F_UART | gboot.BOOT_F_NET, net_base=0)
     low = bytearray(0x7000)
     low[:len(info.pack())] = info.pack()
     struct.pack_into("<Q", low, 0x1000, (BASE + 0x2000) | 0x27)
@@ -110,7 +117,7 @@ def build_elf(work: Path, tsc_khz: int, opts: int) -> Path:
     body += note
     ehdr = struct.pack("<16sHHIQQQIHHHHHH", b"\x7fELF\x02\x01\x01" + bytes(9), 2, 62, 1, BASE + 0x7000, 64, 0,
                        0, 64, 56, phnum, 64, 0, 0)
-    path = work / "netecho-pvh.elf"
+    path = work / name
     path.write_bytes(ehdr + headers + body)
     return path
 
@@ -195,7 +202,7 @@ def inner(args) -> int:
     try:
         for tag, (mtu, opts, name) in enumerate([(1500, 0, "suppressed"), (9000, 0, "suppressed"),
                                                  (1500, 14, "naive")]):
-            elf = build_elf(work, khz, opts)
+            elf = build_elf(work, netecho_info(khz, opts), "netecho-pvh.elf")
             console = work / f"console{tag}.txt"
             tap = f"hvq{os.getpid() % 10000}n{tag}"
             qemu = subprocess.Popen(
