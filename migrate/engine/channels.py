@@ -130,6 +130,13 @@ class ChannelIntake:
         except dataplane.DataplaneError as exc:
             raise RestoreError(str(exc)) from None
 
+    def ended_final(self, round_: int) -> bool:
+        """Every channel has ended round ``round_`` with its FINAL sync (now, no wait)."""
+        try:
+            return self.receiver.wait(round_, final=True, timeout=0)
+        except dataplane.DataplaneError:
+            return False            # wait_round says it
+
     def finish(self, expected: Channels, timeout: float) -> None:
         """Wait for every channel's FINAL sync and compare each with CHANNELS."""
         if len(expected.channels) != self.receiver.channels:

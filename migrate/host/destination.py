@@ -274,7 +274,6 @@ class Incoming:
             raise Refused(f"restore failed: {self.bytes - length} bytes after END")
         if self._lines:                 # it failed after its ok
             raise Refused(f"restore failed: {self._lines[0].reason}")
-        (self.dir / statedir.STDERR).unlink(missing_ok=True)
         now, start = time.monotonic(), self.stream_end_at
         end_at, applied_at = (min(max(t, start), now) if math.isfinite(t) else start
                               for t in (end_at, applied_at))
@@ -338,7 +337,10 @@ class Incoming:
         control.kill_pidfile(self.dir)
 
     def close(self) -> None:
-        """The relocation is over and the domain runs: stop listening to it."""
+        """The relocation is over and the domain runs: stop listening to it. Its standard
+        error is a starting process's (statedir.STDERR): removed now, not between its ok
+        and RESTORED, which is downtime."""
+        (self.dir / statedir.STDERR).unlink(missing_ok=True)
         self.give_fds.close()
         if self.ready_r >= 0:
             os.close(self.ready_r)

@@ -579,9 +579,9 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
         server.domain = domain
-        server.publish()
         os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
         trace.mark("R OK said")
+        server.publish()                # after ok, which is on the downtime path; before GO
 
     def complete(domain, stats) -> None:
         # GO comes about a millisecond after OK: await it now that nothing can fail the
@@ -633,6 +633,10 @@ class _RoundReporter:
             try:
                 if self.intake.wait_round(done, timeout=0.2):
                     done += 1
+                    # the last round (its syncs FINAL) comes in the pause, and no SYNC asks
+                    # for it: saying it would wake the daemon then for nothing
+                    if self.intake.ended_final(done - 1):
+                        continue
                     with self.lock:
                         if not self.stopped:
                             os.write(self.ready_fd, say(Say.ROUND, done))
