@@ -9,6 +9,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import resource
 import subprocess
 from pathlib import Path
 
@@ -45,8 +46,9 @@ def test_harness_short_run(binaries, name, tmp_path) -> None:
     (tmp_path / "new").mkdir()
     env = {**os.environ, "ASAN_OPTIONS": "detect_leaks=1:abort_on_error=1",
            "UBSAN_OPTIONS": "print_stacktrace=1:halt_on_error=1"}
+    limit = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss // 1024 + 2048    # inherited: test_fuzz_short
     run = subprocess.run([str(binaries[name]), f"-max_total_time={SECONDS}", "-timeout=10",
-                          "-rss_limit_mb=2048", "-seed=1", "-print_final_stats=1",
+                          f"-rss_limit_mb={limit}", "-seed=1", "-print_final_stats=1",
                           f"-artifact_prefix={tmp_path}/", str(tmp_path / "new"), str(corpus)],
                          capture_output=True, text=True, timeout=120, env=env)
     report = run.stderr
