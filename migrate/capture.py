@@ -36,6 +36,7 @@ from .stream.records import RecordType, Vm
 
 ZERO = lib.HVM_CAP_ZERO
 _U32 = struct.Struct("<I")
+_MSR_ENTRY = struct.Struct("<IIQ")
 
 # Each record kept as one kernel struct: the struct, the suffix of its KVM_GET_/KVM_SET_
 # ioctls, and the stream's layout of it (None: the record carries the whole struct).
@@ -222,9 +223,11 @@ class _Apply:
     triples (capture.c, hvm_apply)."""
 
     def __init__(self, name: str, fd: int, ctype: str, ioctl: str, segs: list[tuple[int, int]],
-                 body_at: int = 8, get: str | None = None, prefill: bytes = b""):
+                 body_at: int = 8, get: str | None = None, prefill: bytes = b"", size: int | None = None,
+                 expect: int = -1):
         self.name, self.ioctl, self.fd = name, ioctl, fd
-        self.size = ffi.sizeof(ctype)
+        self.size = size or ffi.sizeof(ctype)
+        self.expect = expect
         self.request = getattr(lib, ioctl)
         self.get_request = getattr(lib, get) if get else 0
         triples, at = [], body_at
@@ -240,6 +243,18 @@ class _Apply:
     def fill(self, slot) -> None:
         slot.fd, slot.size, slot.request, slot.get_request = self.fd, self.size, self.request, self.get_request
         slot.prefill_len, slot.prefill, slot.nseg, slot.seg = self.prefill_len, self.prefill, self.nseg, self.seg
+        slot.expect = self.expect
+
+
+def _msrs_apply(fd: int, count: int) -> tuple[RecordType, _Apply]:
+    """KVM_SET_MSRS straight from a VCPU_MSRS body of ``count`` entries: its entries are
+    struct kvm_msr_entry as they are (index, reserved zero, value), after kvm_msrs' 8-byte
+    header; KVM must set all of them."""
+    entries = ffi.sizeof("struct kvm_msr_entry")
+    return RecordType.VCPU_MSRS, _Apply("msrs", fd, "struct kvm_msrs", "KVM_SET_MSRS",
+                                        [(ffi.sizeof("struct kvm_msrs"), entries * count)] if count else [],
+                                        body_at=16, prefill=struct.pack("<II", count, 0),
+                                        size=ffi.sizeof("struct kvm_msrs") + entries * count, expect=count)
 
 
 def _struct_apply(fd: int, rtype: RecordType, get: str | None = None) -> tuple[RecordType, _Apply]:
@@ -270,7 +285,12 @@ class _Program:
             slot.body, slot.body_len = buf, len(body)
         rc = lib.hvm_apply(self.c_steps, len(self.steps), self.scratch, len(self.scratch), self.failed)
         if rc < 0:
-            step = self.steps[self.failed[0]][1]
+            rtype, step = self.steps[self.failed[0]]
+            done = self.c_steps[self.failed[0]].result
+            if rc == -errno.ERANGE and done >= 0:       # KVM_SET_MSRS set only the first `done`
+                index, _, value = _MSR_ENTRY.unpack_from(bodies[rtype], 16 + 16 * done)
+                raise KvmError(step.ioctl, errno.EINVAL, f"{what}, step {step.name}: MSR {index:#x} refused "
+                                                         f"value {value:#x}")
             raise KvmError(step.ioctl, -rc, f"{what}, step {step.name}")
 
 
@@ -279,23 +299,36 @@ class StateApply:
     the order and with the rules of ``VcpuState.apply`` and ``PlatformState.apply``
     (migrate/kvm/state.py), whose docstrings say why: per vCPU sregs, PDPTRs (when KVM
     has KVM_CAP_SREGS2 and the record says they are valid), regs, xsave, xcrs, lapic,
-    then the MSRs (in Python: which to set is the CPU policy's business), mp_state,
-    events, debugregs; the platform's irqchips, PIT, and of kvmclock only the clock."""
+    then the MSRs, mp_state, events, debugregs; the platform's irqchips, PIT, and of
+    kvmclock only the clock.
 
-    def __init__(self, vm, vcpus: list):
+    Which MSRs to set, and how, is the CPU policy's business (``msrs_to_apply``), so they
+    are set from decoded values in Python, between two C programs; except where the caller
+    says, with ``direct_msrs`` (the MSR indices of the VM's policy), that this host takes a
+    VCPU_MSRS body of exactly those MSRs as it is: the vCPU's whole apply is then one C
+    program (:meth:`takes_msrs_as_saved`)."""
+
+    def __init__(self, vm, vcpus: list, direct_msrs: list[int] | None = None):
         self.vm, self.vcpus = vm, vcpus
         self.sregs2 = vm.kvm.has("KVM_CAP_SREGS2")
         self.before: list[tuple[_Program, _Program]] = []      # per vCPU: without, with the PDPTRs
         self.after: list[_Program] = []
+        self.whole: list[tuple[_Program, _Program]] = []       # direct_msrs: before, MSRs, after
+        self.direct_msrs = list(direct_msrs) if direct_msrs is not None else None
         for vcpu in vcpus:
             fd = vcpu.fd
             sregs = _struct_apply(fd, RecordType.VCPU_SREGS)
             rest = [_struct_apply(fd, rt) for rt in (RecordType.VCPU_REGS, RecordType.VCPU_XSAVE,
                                                      RecordType.VCPU_XCRS, RecordType.VCPU_LAPIC)]
             pdptrs = [_struct_apply(fd, RecordType.VCPU_PDPTRS, get="KVM_GET_SREGS2")] if self.sregs2 else []
+            after = [_struct_apply(fd, rt) for rt in (RecordType.VCPU_MP_STATE, RecordType.VCPU_EVENTS,
+                                                      RecordType.VCPU_DEBUGREGS)]
             self.before.append((_Program([sregs] + rest), _Program([sregs] + pdptrs + rest)))
-            self.after.append(_Program([_struct_apply(fd, rt) for rt in (
-                RecordType.VCPU_MP_STATE, RecordType.VCPU_EVENTS, RecordType.VCPU_DEBUGREGS)]))
+            self.after.append(_Program(after))
+            if self.direct_msrs is not None:
+                msrs = [_msrs_apply(fd, len(self.direct_msrs))]
+                self.whole.append((_Program([sregs] + rest + msrs + after),
+                                   _Program([sregs] + pdptrs + rest + msrs + after)))
         pic_bytes = sum(n for _, n in _irqchip_segments("KVM_IRQCHIP_PIC_MASTER"))
 
         def chip(name, which, at=8):
@@ -316,16 +349,27 @@ class StateApply:
         """``bodies``: the platform records' bodies by type."""
         self.platform.run(bodies, "applying platform state")
 
-    def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int], pdptrs_valid: bool) -> None:
+    def takes_msrs_as_saved(self, body: bytes) -> bool:
+        """This VCPU_MSRS body goes to KVM as it is (``direct_msrs``: exactly those MSRs)."""
+        n = len(self.direct_msrs) if self.direct_msrs is not None else -1
+        return len(body) == 16 + 16 * n and (n == 0 or memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs)
+
+    def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
         """The vCPU ``index``'s records (bodies by type) and the MSRs to set (decoded, as the
-        CPU policy lets them be set here: ``msrs_to_apply``)."""
+        CPU policy lets them be set here: ``msrs_to_apply``), or None to set them from the
+        VCPU_MSRS body as it is (only when :meth:`takes_msrs_as_saved` says so)."""
         what = f"applying vCPU {self.vcpus[index].id} state"
+        if msrs is None:
+            without, with_pdptrs = self.whole[index]
+            (with_pdptrs if pdptrs_valid and self.sregs2 else without).run(bodies, what)
+            return
         without, with_pdptrs = self.before[index]
         (with_pdptrs if pdptrs_valid and self.sregs2 else without).run(bodies, what)
         try:
             set_msrs(self.vcpus[index], msrs)
         except KvmError as exc:
-            raise KvmError(exc.ioctl, exc.errno, f"{what}, step msrs") from exc
+            raise KvmError(exc.ioctl, exc.errno, f"{what}, step msrs" + (f": {exc.detail}" if exc.detail else "")) \
+                from exc
         self.after[index].run(bodies, what)
 
 

@@ -81,6 +81,7 @@ BIT = {(key, name): 1 << bit for key, names in _BIT_NAMES.items()
 XSAVE_COMPONENTS = ("x87", "SSE", "AVX", "MPX_BNDREGS", "MPX_BNDCSR", "AVX512_OPMASK",
                     "AVX512_ZMM_HI256", "AVX512_HI16_ZMM", "PT", "PKRU", "PASID", "CET_U", "CET_S",
                     "HDC", "UINTR", "LBR", "HWP", "AMX_TILECFG", "AMX_TILEDATA")
+MSR_TSC = 0x10             # IA32_TSC: KVM_SET_MSRS must set it before the rest (kvm.state.set_msrs)
 MSR_NAMES = {
     0x10: "IA32_TSC", 0x11: "KVM_WALL_CLOCK", 0x12: "KVM_SYSTEM_TIME", 0x34: "SMI_COUNT",
     0x3A: "IA32_FEATURE_CONTROL", 0x3B: "IA32_TSC_ADJUST", 0x8B: "IA32_UCODE_REV",
@@ -452,6 +453,19 @@ def msrs_to_apply(policy: CpuPolicy, saved: dict[int, int], host: HostCpu) -> tu
     return out, notes
 
 
+def msrs_as_saved(policy: CpuPolicy, host: HostCpu) -> list[int] | None:
+    """The policy's MSR indices when a VCPU_MSRS record of exactly them goes to KVM here as
+    it is: :func:`msrs_to_apply` keeps every value (not legacy, every MSR on this host) and
+    the saved order, ascending, is the order KVM_SET_MSRS needs (the TSC, which it must set
+    first, is the lowest). None otherwise, and the values are filtered as above."""
+    indices = policy.msr_indices
+    if policy.legacy or indices != sorted(set(indices)) or any(i not in host.msrs for i in indices):
+        return None
+    if MSR_TSC in indices and indices[0] != MSR_TSC:
+        return None
+    return indices
+
+
 def implied_vendor(msr_indices) -> str:
     """The vendor a version-1 stream's MSRs point at ("" if they do not say)."""
     indices = set(msr_indices)
@@ -464,4 +478,4 @@ def implied_vendor(msr_indices) -> str:
 
 __all__ = ["CpuModelError", "CpuPolicy", "CpuidEntry", "Compatibility", "DEFAULT_MODEL", "HostCpu",
            "MODELS", "MsrEntry", "STUB_MODEL", "compatibility", "cpuid_for_vcpu", "implied_vendor", "legacy_policy",
-           "msrs_to_apply", "policy_for", "this_host"]
+           "msrs_as_saved", "msrs_to_apply", "policy_for", "this_host"]

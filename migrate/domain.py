@@ -19,7 +19,8 @@ from .config import (  # noqa: F401  (DomainConfig, DomainError and the memory c
     memory_ok, memory_problem,
 )
 from .cpu import (
-    CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_to_apply, policy_for, this_host, tsc_differs,
+    CpuModelError, CpuPolicy, HostCpu, compatibility, msrs_as_saved, msrs_to_apply, policy_for, this_host,
+    tsc_differs,
 )
 from .guest import boot as gboot
 from .capture import StateApply, StateCapture
@@ -198,12 +199,12 @@ class Domain:
             try:
                 self.stub = Stub(kvm, self.vm, self.ram, self.console, self.config.disk, self.config.name,
                                  self._stub_cpu, scale_tsc=self._scale_tsc(self._stub_cpu, host),
-                                 net=self.config.net)
+                                 net=self.config.net, direct_msrs=msrs_as_saved(self._stub_cpu, host))
             except (OSError, StubError) as exc:
                 raise DomainError(f"cannot build the stub: {exc}") from None
         # made now, not at the first capture or apply, which may be inside a downtime
         self._capture = StateCapture(Vm.GUEST, self.vm, self.vcpus, self.cpu.msr_indices)
-        self._applier = StateApply(self.vm, self.vcpus)
+        self._applier = StateApply(self.vm, self.vcpus, msrs_as_saved(self.cpu, host))
         window = self.stub.window if self.stub is not None else None
         self._parts = [VmSpace(Vm.GUEST, self.ram, self.cpu, lambda state: state, also_writes=window)]
         if self.stub is not None:
@@ -335,6 +336,13 @@ class Domain:
         """A saved vCPU state with its MSRs as this host takes them (``msrs_to_apply``)."""
         return dataclasses.replace(vcpu, msrs=self._msrs_here(vcpu.msrs, policy, what))
 
+    def _record_msrs(self, bodies: dict, policy: CpuPolicy, applier: StateApply, what: str) -> dict[int, int] | None:
+        """The MSRs of a vCPU's records (bodies by type) as this host takes them; None when
+        it takes the VCPU_MSRS body as it is (StateApply.takes_msrs_as_saved): no decoding."""
+        if applier.takes_msrs_as_saved(bodies[RecordType.VCPU_MSRS]):
+            return None
+        return self._msrs_here(_decoded(bodies, RecordType.VCPU_MSRS), policy, what)
+
     def _msrs_here(self, msrs: dict[int, int], policy: CpuPolicy, what: str) -> dict[int, int]:
         try:
             msrs, notes = msrs_to_apply(policy, msrs, this_host())
@@ -350,14 +358,13 @@ class Domain:
         from their bodies in C (migrate/capture.py) by the same rules and in the same order."""
         guest = _by_vcpu(records[Vm.GUEST])
         self._check_applicable(sorted(guest[0]), Vm.STUB in records)
-        msrs = [self._msrs_here(_decoded(guest[0][v.id], RecordType.VCPU_MSRS), self.cpu, "the guest")
-                for v in self.vcpus]
+        msrs = [self._record_msrs(guest[0][v.id], self.cpu, self._applier, "the guest") for v in self.vcpus]
         stub = None
         if self.stub is not None and not fresh_stub:
             stub = _by_vcpu(records[Vm.STUB])
             if sorted(stub[0]) != [0]:
                 raise DomainError(f"state has stub vCPUs {sorted(stub[0])}, the stub [0]")
-            stub_msrs = self._msrs_here(_decoded(stub[0][0], RecordType.VCPU_MSRS), self.stub.cpu, "the stub")
+            stub_msrs = self._record_msrs(stub[0][0], self.stub.cpu, self.stub.applier, "the stub")
         try:
             self._applier.apply_platform(guest[1])
             for index, vcpu in enumerate(self.vcpus):

@@ -2,11 +2,16 @@
 what the Python capture and ``HvmState.pack`` give, on real VMs; its copy programs come
 from the stream's layouts and the kernel's structs, and a disagreement between the two is
 refused when the program is made."""
+import dataclasses
+import struct
+
 import pytest
 
-from migrate.capture import segments
+from migrate.capture import StateApply, segments
+from migrate.cpu import CpuPolicy, HostCpu, MsrEntry, msrs_as_saved
 from migrate.domain import Domain, DomainConfig
 from migrate.engine.state import state_bodies
+from migrate.kvm import KvmError
 from migrate.kvm._lib import ffi
 from migrate.kvm.state import MSR_IA32_TSC
 from migrate.engine.state import config_record
@@ -120,6 +125,9 @@ def test_c_capture_needs_a_paused_domain(domains):
         HvmState.unpack_as(RecordType.VCPU_REGS, captured[Vm.GUEST][0].data[:20])
 
 
+KERNEL_GS_BASE = 0xC0000102
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
@@ -133,11 +141,15 @@ def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
     src.resume()
     src.console.wait_for("ok", 10)
     src.pause()
+    # the last MSR of the list (swapgs is never used: the guests do not read it) set apart
+    # from its reset value in each vCPU, so that an apply that misses it shows
+    for i, vcpu in enumerate(src.vcpus + [src.stub.vcpu]):
+        vcpu.set_msrs({KERNEL_GS_BASE: 0x7F00_1234_5000 + 0x1000 * i})
     state = src.capture()
     records = {vm: bodies for vm, (bodies, _) in src.capture_records().items()}
     memory, stub_memory = bytes(src.memory), bytes(src.stub_memory)
     targets = []
-    for how in ("python", "c"):
+    for how in ("python", "c", "c, MSRs decoded"):
         dst = Domain(cfg, cpu=src.cpu, stub_cpu=src.stub.cpu)
         domains.append(dst)
         dst.memory[:] = memory
@@ -145,20 +157,72 @@ def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
         if how == "python":
             dst.apply(state)
         else:
+            # a policy fitted to this host has only MSRs it saves: their bodies go as they are
+            assert dst._applier.direct_msrs == dst.cpu.msr_indices and KERNEL_GS_BASE in dst.cpu.msr_indices
+            assert dst.stub.applier.direct_msrs == dst.stub.cpu.msr_indices
+            if how == "c, MSRs decoded":        # the other way, through msrs_to_apply
+                dst._applier = StateApply(dst.vm, dst.vcpus)
+                dst.stub.applier = StateApply(dst.stub.vm, [dst.stub.vcpu])
             dst.apply_records(records, list(state.stub.devices))
         targets.append(dst)
-    python, c = (dst.capture() for dst in targets)
-    for vm in (Vm.GUEST, Vm.STUB):
-        ours = _records(c if vm is Vm.GUEST else c.stub, vm).records()
-        theirs = _records(python if vm is Vm.GUEST else python.stub, vm).records()
-        assert [r.type for r in ours] == [r.type for r in theirs]
-        for a, b in zip(ours, theirs):
-            if a.type is RecordType.CLOCK:      # kvmclock runs on: only its value was applied
-                continue
-            _same_but_time(a, b)
-    mark = targets[1].console.next_index
-    targets[1].resume()
-    targets[1].console.wait_for(r"ok", 10, start=mark)
+    python, *cs = (dst.capture() for dst in targets)
+    for c in cs:
+        for vm in (Vm.GUEST, Vm.STUB):
+            ours = _records(c if vm is Vm.GUEST else c.stub, vm).records()
+            theirs = _records(python if vm is Vm.GUEST else python.stub, vm).records()
+            assert [r.type for r in ours] == [r.type for r in theirs]
+            for a, b in zip(ours, theirs):
+                if a.type is RecordType.CLOCK:      # kvmclock runs on: only its value was applied
+                    continue
+                _same_but_time(a, b)
+    for dst in targets[1:]:
+        mark = dst.console.next_index
+        dst.resume()
+        dst.console.wait_for(r"ok", 10, start=mark)
+        dst.pause()
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("direct", [True, False])
+def test_an_msr_value_kvm_refuses_is_named_either_way(domains, direct):
+    """IA32_LSTAR (0xC0000082) holding a non-canonical address: KVM_SET_MSRS sets the MSRs
+    before it and stops there; the apply fails naming the MSR and the value, whether the
+    body went to KVM as it is or through msrs_to_apply."""
+    cfg = DomainConfig("lstar", "idle", 16 << 20, stub=True)
+    src = Domain.boot(cfg)
+    domains.append(src)
+    src.pause()
+    records = {vm: bodies for vm, (bodies, _) in src.capture_records().items()}
+    guest = records[Vm.GUEST]
+    k = guest.types.index(RecordType.VCPU_MSRS)
+    at = sum(guest.lengths[:k])
+    msrs = bytearray(guest.data[at:at + guest.lengths[k]])
+    entries = [struct.unpack_from("<IIQ", msrs, 16 + 16 * i)[0] for i in range((len(msrs) - 16) // 16)]
+    if 0xC0000082 not in entries:
+        pytest.skip("this policy carries no IA32_LSTAR")        # every model here does
+    struct.pack_into("<Q", msrs, 16 + 16 * entries.index(0xC0000082) + 8, 1 << 63)
+    records[Vm.GUEST] = dataclasses.replace(guest, data=guest.data[:at] + bytes(msrs) + guest.data[at + len(msrs):])
+    dst = Domain(cfg, cpu=src.cpu, stub_cpu=src.stub.cpu)
+    domains.append(dst)
+    if not direct:
+        dst._applier = StateApply(dst.vm, dst.vcpus)
+    assert (dst._applier.direct_msrs is not None) is direct
+    with pytest.raises(KvmError, match="MSR 0xc0000082 refused value 0x8000000000000000"):
+        dst.apply_records(records, [])
+
+
+def test_msrs_go_as_saved_only_where_msrs_to_apply_would_keep_them():
+    host = HostCpu(cpuid=(), msrs=frozenset({0x10, 0x3B, 0x174, 0x277}))
+    policy = CpuPolicy(model="t", cpuid=(), msrs=(MsrEntry(0x10), MsrEntry(0x3B), MsrEntry(0x277)), tsc_khz=1,
+                       strict_tsc=False)
+    assert msrs_as_saved(policy, host) == [0x10, 0x3B, 0x277]
+    assert msrs_as_saved(dataclasses.replace(policy, legacy=True), host) is None
+    missing = dataclasses.replace(policy, msrs=policy.msrs + (MsrEntry(0x6E0),))
+    assert msrs_as_saved(missing, host) is None         # msrs_to_apply drops it or refuses
+    before_tsc = HostCpu(cpuid=(), msrs=host.msrs | {0x1})
+    assert msrs_as_saved(dataclasses.replace(policy, msrs=(MsrEntry(0x1),) + policy.msrs), before_tsc) is None
+    no_tsc = dataclasses.replace(policy, msrs=policy.msrs[1:])
+    assert msrs_as_saved(no_tsc, host) == [0x3B, 0x277]
 
 
 def test_the_reader_keeps_bodies_with_the_same_checks():
@@ -181,3 +245,18 @@ def test_the_reader_keeps_bodies_with_the_same_checks():
     xcrs[8:12] = (17).to_bytes(4, "little")
     with pytest.raises(StreamError, match="nr_xcrs 17"):        # a rule on values: decoded and checked
         HvmState.check_body(RecordType.VCPU_XCRS, bytes(xcrs))
+
+
+def test_an_msrs_body_goes_as_it_is_only_with_exactly_those_msrs():
+    from types import SimpleNamespace
+
+    def body(*indices):
+        return struct.pack("<IIII", 0, 0, len(indices), 0) + b"".join(struct.pack("<IIQ", i, 0, 7) for i in indices)
+    takes = StateApply.takes_msrs_as_saved
+    direct = SimpleNamespace(direct_msrs=[0x10, 0x3B, 0x277])
+    assert takes(direct, body(0x10, 0x3B, 0x277))
+    assert not takes(direct, body(0x10, 0x3B, 0x276))            # the same count, another MSR
+    assert not takes(direct, body(0x10, 0x3B))
+    assert not takes(direct, body(0x10, 0x3B, 0x277, 0x6E0))
+    assert not takes(SimpleNamespace(direct_msrs=None), body(0x10))
+    assert takes(SimpleNamespace(direct_msrs=[]), body())

@@ -154,9 +154,9 @@ long hvm_capture(const struct hvm_cap_step *steps, uint32_t n, uint8_t *scratch,
 struct hvm_apply_step {
     int32_t fd; uint32_t size; unsigned long request; unsigned long get_request;
     uint32_t prefill_len; const uint8_t *prefill; const uint8_t *body; uint32_t body_len;
-    uint32_t nseg; const uint32_t *seg;
+    uint32_t nseg; const uint32_t *seg; int32_t expect; int32_t result;
 };
-int hvm_apply(const struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
+int hvm_apply(struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
               uint32_t scratch_len, uint32_t *failed);
 """
 

@@ -97,8 +97,10 @@ long hvm_capture(const struct hvm_cap_step *steps, uint32_t n, uint8_t *scratch,
  * values through get_request when that is nonzero (KVM_SET_SREGS2 of the PDPTRs keeps the
  * rest of the registers as KVM_SET_SREGS left them), sets its first prefill_len bytes
  * from prefill (the irqchip id), copies each segment, (struct offset, body offset,
- * length) triples, from the body, and makes the set ioctl. Returns 0, or -errno with
- * *failed the index of the step (EINVAL: a segment outside the body or the buffer).
+ * length) triples, from the body, and makes the set ioctl, whose result it keeps in
+ * `result`; a step with `expect` >= 0 needs that result (KVM_SET_MSRS says how many MSRs
+ * it set: ERANGE if not all). Returns 0, or -errno with *failed the index of the step
+ * (EINVAL: a segment outside the body or the buffer).
  */
 struct hvm_apply_step {
     int32_t fd;
@@ -111,9 +113,11 @@ struct hvm_apply_step {
     uint32_t body_len;
     uint32_t nseg;
     const uint32_t *seg;        /* nseg (struct offset, body offset, length) triples */
+    int32_t expect;             /* -1, or the result the ioctl must give */
+    int32_t result;             /* what the ioctl gave */
 };
 
-int hvm_apply(const struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
+int hvm_apply(struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
               uint32_t scratch_len, uint32_t *failed)
 {
     for (uint32_t i = 0; i < n; i++) {
@@ -134,8 +138,12 @@ int hvm_apply(const struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
                 return -EINVAL;
             memcpy(scratch + to, s->body + from, len);
         }
-        if (ioctl(s->fd, s->request, scratch) < 0)
+        int rc = ioctl(s->fd, s->request, scratch);
+        steps[i].result = rc;
+        if (rc < 0)
             return -errno;
+        if (s->expect >= 0 && rc != s->expect)
+            return -ERANGE;
     }
     return 0;
 }

@@ -7,7 +7,7 @@ class KvmError(OSError):
     """An ioctl failed: ``KvmError("KVM_SET_REGS", errno)``."""
 
     def __init__(self, ioctl: str, err: int, detail: str = ""):
-        self.ioctl = ioctl
+        self.ioctl, self.detail = ioctl, detail
         name = _errno.errorcode.get(err, str(err))
         msg = f"{ioctl} failed: {name} ({os.strerror(err)})"
         if detail:

@@ -59,7 +59,7 @@ class StubState:
 
 class Stub:
     def __init__(self, kvm, guest_vm, guest_ram, console, disk: str | None, name: str, cpu,
-                 scale_tsc: bool = False, net: dict | None = None):
+                 scale_tsc: bool = False, net: dict | None = None, direct_msrs: list[int] | None = None):
         self.guest_vm = guest_vm
         self.console = console
         self.name = name
@@ -84,7 +84,7 @@ class Stub:
             self.window = guest_ram.mirror(self.vm, abi.WINDOW_BASE, WINDOW_SLOT)
             # made now, not at the first capture or apply, which may be inside a downtime
             self._capture = StateCapture(Vm.STUB, self.vm, [self.vcpu], cpu.msr_indices)
-            self._applier = StateApply(self.vm, [self.vcpu])
+            self.applier = StateApply(self.vm, [self.vcpu], direct_msrs)     # see StateApply
         except NetError as exc:
             self.close()
             raise StubError(str(exc)) from None
@@ -325,13 +325,13 @@ class Stub:
         state.vcpus[0].apply(self.vcpu)
         self._start_net()
 
-    def apply_records(self, platform: dict, vcpu: dict, msrs: dict[int, int], pdptrs_valid: bool) -> None:
+    def apply_records(self, platform: dict, vcpu: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
         """:meth:`apply` from record bodies (by type: the platform's, the vCPU's) and the
-        MSRs to set, in C (migrate/capture.py)."""
+        MSRs to set (None: from the VCPU_MSRS body as it is), in C (migrate/capture.py)."""
         self._check_image()
         try:
-            self._applier.apply_platform(platform)
-            self._applier.apply_vcpu(0, vcpu, msrs, pdptrs_valid)
+            self.applier.apply_platform(platform)
+            self.applier.apply_vcpu(0, vcpu, msrs, pdptrs_valid)
         except (KvmError, ValueError) as exc:
             raise StubError(f"applying the stub's state: {exc}") from None
         self._start_net()
