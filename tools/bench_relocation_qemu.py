@@ -233,7 +233,8 @@ def summary(label: str, moves: list[dict]) -> str:
     return (f"{label}: pause median {statistics.median(pauses):.2f} ms (min {pauses[0]:.2f}, max {pauses[-1]:.2f}) "
             f"over {len(moves)}; own downtime figure median {statistics.median(m['downtime'] for m in moves) * 1e3:.2f} ms; "
             f"total {statistics.median(m['seconds'] for m in moves):.2f} s; "
-            f"sent {statistics.median(m['bytes'] for m in moves) / MIB:.0f} MiB; "
+            f"sent {statistics.median(m['bytes'] for m in moves) / MIB:.0f} MiB "
+            f"({statistics.median(m['bytes'] / m['seconds'] for m in moves if m['seconds']) / 1e9:.2f} GB/s over the move); "
             f"rounds {statistics.median(m['rounds'] for m in moves):.0f}")
 
 
