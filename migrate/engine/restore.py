@@ -279,6 +279,12 @@ class _Restorer:
         else:
             self.stub_collector.add(record)
 
+    def on_hvm_run(self, records: list) -> None:
+        """:meth:`on_hvm` for each of ``records`` (StreamReader.take_run), counted."""
+        self.stats.records += len(records)
+        for record in records:
+            self.on_hvm(record)
+
     def on_device_state(self, record: DeviceState) -> None:
         if not self.config.stub:
             raise RestoreError(f"stream carries device state {record.device}.{record.instance} "
@@ -398,6 +404,8 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
             work.stats.stream_bytes += len(chunk)
             while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
                 work.handle(record)
+                if record.__class__ is HvmState:        # the rest of its run, checked with it
+                    work.on_hvm_run(reader.take_run())
             if work.end_seen and on_applied is not None:
                 work.stats.seconds = time.monotonic() - t0
                 on_applied(work.domain, work.stats)

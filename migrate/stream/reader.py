@@ -169,6 +169,16 @@ class StreamReader:
             self._failed = exc
             raise
 
+    def take_run(self) -> list:
+        """The rest of a run of HVM context records that the last :meth:`next_record` call
+        found and checked with the one it returned (``hvm_bodies``), each as next_record
+        would return it, in order, consumed: a restore takes a VM's context records in one
+        call instead of one each, inside the pause. Empty when there is none."""
+        run = []
+        while self._run:
+            run.append(self._run_record())
+        return run
+
     def eof(self) -> None:
         """The input has ended: raise StreamTruncated unless END was read."""
         if self._failed:

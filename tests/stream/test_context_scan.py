@@ -309,3 +309,28 @@ def test_the_writer_takes_plain_numbers_for_types_and_vm_and_refuses_other_types
     plain = HvmBodies(int(Vm.STUB), tuple(int(t) for t in bent.types), bent.vcpu_ids, bent.lengths, bent.data)
     with pytest.raises(ValueError, match="writer refuses: VCPU_XCRS nr_xcrs 17 exceeds 16"):
         writer_at_context().hvm_bodies(plain)
+
+
+@pytest.mark.parametrize("piece", [1 << 20, 4096, 17])
+def test_take_run_hands_out_what_next_record_would(piece) -> None:
+    """A restore takes the rest of a run in one call (StreamReader.take_run): the same
+    records, and the reader where next_record would have left it (``last``, index,
+    offset), END's digest and counts then matching."""
+    from migrate.stream import DONE, NEED_DATA, StreamReader
+    data = stream()
+
+    def read_all(batch: bool) -> tuple[list, tuple, int]:
+        reader, records, longest = StreamReader(raw_pages="bodies", hvm_bodies=True), [], 0
+        for at in range(0, len(data), piece):
+            reader.feed(data[at:at + piece])
+            while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+                run = reader.take_run() if batch and isinstance(record, HvmState) else []
+                longest = max(longest, len(run))
+                records += [record] + run
+        reader.eof()                # END read: its counts and digest matched
+        return records, (reader.last, reader._index, reader._offset), longest
+    (one, one_at, _), (batched, batched_at, longest) = read_all(False), read_all(True)
+    assert batched == one and batched_at == one_at
+    assert sum(isinstance(r, HvmState) for r in batched) == 2 * len(CODECS)
+    if piece >= len(data):
+        assert longest >= len(CODECS) - 1       # a VM's records but the first came in one call
