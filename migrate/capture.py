@@ -287,7 +287,7 @@ class _Program:
         if rc < 0:
             rtype, step = self.steps[self.failed[0]]
             done = self.c_steps[self.failed[0]].result
-            if rc == -errno.ERANGE and done >= 0:       # KVM_SET_MSRS set only the first `done`
+            if rc == -errno.ERANGE and step.expect >= 0 and done >= 0:     # KVM_SET_MSRS set only the first `done`
                 index, _, value = _MSR_ENTRY.unpack_from(bodies[rtype], 16 + 16 * done)
                 raise KvmError(step.ioctl, errno.EINVAL, f"{what}, step {step.name}: MSR {index:#x} refused "
                                                          f"value {value:#x}")

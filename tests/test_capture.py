@@ -7,6 +7,7 @@ import struct
 
 import pytest
 
+from migrate import capture
 from migrate.capture import StateApply, segments
 from migrate.cpu import CpuPolicy, HostCpu, MsrEntry, msrs_as_saved
 from migrate.domain import Domain, DomainConfig
@@ -128,9 +129,13 @@ def test_c_capture_needs_a_paused_domain(domains):
 KERNEL_GS_BASE = 0xC0000102
 
 
+def _no_decoded_msrs(*_):
+    raise AssertionError("the MSRs were decoded and set from Python, not from their body")
+
+
 @pytest.mark.kvm
 @pytest.mark.parametrize("vcpus", [1, 2])
-def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
+def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus, monkeypatch):
     """The same captured state applied to two never-run domains, by Domain.apply
     (the KVM layer, from dicts) and by Domain.apply_records (C, from bodies): the two
     read back the same, the stub's included; and the restored guest runs on."""
@@ -163,7 +168,11 @@ def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
             if how == "c, MSRs decoded":        # the other way, through msrs_to_apply
                 dst._applier = StateApply(dst.vm, dst.vcpus)
                 dst.stub.applier = StateApply(dst.stub.vm, [dst.stub.vcpu])
-            dst.apply_records(records, list(state.stub.devices))
+                dst.apply_records(records, list(state.stub.devices))
+            else:
+                with monkeypatch.context() as m:       # the bodies went as they are, or this fails
+                    m.setattr(capture, "set_msrs", _no_decoded_msrs)
+                    dst.apply_records(records, list(state.stub.devices))
         targets.append(dst)
     python, *cs = (dst.capture() for dst in targets)
     for c in cs:
@@ -184,7 +193,7 @@ def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus):
 
 @pytest.mark.kvm
 @pytest.mark.parametrize("direct", [True, False])
-def test_an_msr_value_kvm_refuses_is_named_either_way(domains, direct):
+def test_an_msr_value_kvm_refuses_is_named_either_way(domains, direct, monkeypatch):
     """IA32_LSTAR (0xC0000082) holding a non-canonical address: KVM_SET_MSRS sets the MSRs
     before it and stops there; the apply fails naming the MSR and the value, whether the
     body went to KVM as it is or through msrs_to_apply."""
@@ -207,6 +216,8 @@ def test_an_msr_value_kvm_refuses_is_named_either_way(domains, direct):
     if not direct:
         dst._applier = StateApply(dst.vm, dst.vcpus)
     assert (dst._applier.direct_msrs is not None) is direct
+    if direct:
+        monkeypatch.setattr(capture, "set_msrs", _no_decoded_msrs)
     with pytest.raises(KvmError, match="MSR 0xc0000082 refused value 0x8000000000000000"):
         dst.apply_records(records, [])
 

@@ -152,3 +152,30 @@ def test_a_channel_stream_without_its_channels_is_refused(domains):
     take.close()
     with pytest.raises(RestoreError, match="came on data channels, which this restore did not receive"):
         restore([b"".join(chunks)])
+
+
+def test_ended_final_says_whether_a_round_ended_with_final_syncs():
+    """The receiving process skips the ROUND line of the last round (domaind's reporter):
+    ended_final must say so as soon as wait_round says the round ended, not later."""
+    near, take = channel_pairs(2)
+    outputs = [dataplane.Output(s.fileno(), timeout=10) for s in near]
+    for i, out in enumerate(outputs):
+        out.channel_header(FORMAT_VERSION, i, TOKEN)
+    receiver = dataplane.Receiver(2, FORMAT_VERSION, TOKEN, timeout=10)
+    intake = ChannelIntake(receiver, take)
+    receiver.set_space(0, [dataplane.Range(0, 8, None)])
+    receiver.open()
+    try:
+        for out in outputs:
+            out.sync(0)
+        assert intake.wait_round(0, 10) and not intake.ended_final(0)
+        for out in outputs:
+            out.sync(1, final=True)
+        assert intake.wait_round(1, 10)
+        assert intake.ended_final(1) and not intake.ended_final(0)
+    finally:
+        receiver.close()
+        for out in outputs:
+            out.close()
+        for s in near:
+            s.close()

@@ -579,9 +579,9 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
         server.domain = domain
+        server.publish()                # listed from RESTORED on (specs/relocation.md)
         os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
         trace.mark("R OK said")
-        server.publish()                # after ok, which is on the downtime path; before GO
 
     def complete(domain, stats) -> None:
         # GO comes about a millisecond after OK: await it now that nothing can fail the

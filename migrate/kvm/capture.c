@@ -123,6 +123,7 @@ int hvm_apply(struct hvm_apply_step *steps, uint32_t n, uint8_t *scratch,
     for (uint32_t i = 0; i < n; i++) {
         const struct hvm_apply_step *s = &steps[i];
         *failed = i;
+        steps[i].result = -1;
         if (s->size > scratch_len || s->prefill_len > s->size)
             return -ENOSPC;
         if (s->get_request) {
