@@ -89,26 +89,11 @@ class Qmp:
             if "event" in msg:
                 self.events.append(msg)
 
-    def event_time(self, name: str) -> float | None:
-        """Seconds (host clock) of the first ``name`` event seen, reading what is pending."""
-        self.sock.setblocking(False)
-        try:
-            while True:
-                try:
-                    line = self.file.readline()
-                except (BlockingIOError, TypeError):
-                    break
-                if not line:
-                    break
-                msg = json.loads(line)
-                if "event" in msg:
-                    self.events.append(msg)
-        finally:
-            self.sock.setblocking(True)
-        for msg in self.events:
-            if msg["event"] == name:
-                return msg["timestamp"]["seconds"] + msg["timestamp"]["microseconds"] / 1e6
-        return None
+    def event_time(self, name: str, timeout: float = 5.0) -> float:
+        """Seconds (host clock) of the first ``name`` event, waiting for it if need be."""
+        self.wait_event(name, timeout)
+        msg = next(m for m in self.events if m["event"] == name)
+        return msg["timestamp"]["seconds"] + msg["timestamp"]["microseconds"] / 1e6
 
     def close(self) -> None:
         self.file.close()
@@ -192,13 +177,7 @@ def qemu_move(work: Path, elf: Path, opts, tls_dir: Path | None, run: int, start
         if info["status"] != "completed":
             raise SystemExit(f"QEMU's migration {info['status']}: {info.get('error-desc', '')}")
         stop = src.event_time("STOP")
-        for _ in range(500):                        # RESUME follows completion at the destination
-            resume = dst.event_time("RESUME")
-            if resume is not None:
-                break
-            time.sleep(0.01)
-        if stop is None or resume is None:
-            raise SystemExit(f"no STOP or RESUME event (STOP {stop}, RESUME {resume})")
+        resume = dst.event_time("RESUME")       # it follows completion at the destination
         status = dst.cmd("query-status")
         if status.get("status") != "running":
             raise SystemExit(f"the guest is {status.get('status')} at QEMU's destination")
@@ -234,7 +213,8 @@ def summary(label: str, moves: list[dict]) -> str:
             f"over {len(moves)}; own downtime figure median {statistics.median(m['downtime'] for m in moves) * 1e3:.2f} ms; "
             f"total {statistics.median(m['seconds'] for m in moves):.2f} s; "
             f"sent {statistics.median(m['bytes'] for m in moves) / MIB:.0f} MiB "
-            f"({statistics.median(m['bytes'] / m['seconds'] for m in moves if m['seconds']) / 1e9:.2f} GB/s over the move); "
+            f"({statistics.median([m['bytes'] / m['seconds'] for m in moves if m['seconds']] or [0]) / 1e9:.2f} "
+            f"GB/s over the move); "
             f"rounds {statistics.median(m['rounds'] for m in moves):.0f}")
 
 
