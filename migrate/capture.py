@@ -26,7 +26,7 @@ import errno
 import struct
 
 from .kvm._lib import ffi, lib
-from .kvm.errors import KvmError
+from .kvm.errors import KvmError, msr_refused
 from .kvm.state import set_msrs
 from .stream.hvm import (
     CLOCK, DEBUGREGS, EVENTS, IOAPIC, PDPTRS, PIC_CHIP, PIT, PLATFORM_CODECS, REGS, SREGS, VCPU_FIELDS, XCRS,
@@ -263,6 +263,11 @@ def _struct_apply(fd: int, rtype: RecordType, get: str | None = None) -> tuple[R
                          get=get)
 
 
+def _in_step(exc: KvmError, what: str, step: str) -> KvmError:
+    """``exc`` said of a step of an apply (``what``: which VM part)."""
+    return KvmError(exc.ioctl, exc.errno, f"{what}, step {step}" + (f": {exc.detail}" if exc.detail else ""))
+
+
 class _Program:
     """Apply steps made once, run with each call's bodies."""
 
@@ -289,9 +294,8 @@ class _Program:
             done = self.c_steps[self.failed[0]].result
             if rc == -errno.ERANGE and step.expect >= 0 and done >= 0:     # KVM_SET_MSRS set only the first `done`
                 index, _, value = _MSR_ENTRY.unpack_from(bodies[rtype], 16 + 16 * done)
-                raise KvmError(step.ioctl, errno.EINVAL, f"{what}, step {step.name}: MSR {index:#x} refused "
-                                                         f"value {value:#x}")
-            raise KvmError(step.ioctl, -rc, f"{what}, step {step.name}")
+                raise _in_step(msr_refused(index, value), what, step.name)
+            raise _in_step(KvmError(step.ioctl, -rc), what, step.name)
 
 
 class StateApply:
@@ -352,7 +356,8 @@ class StateApply:
     def takes_msrs_as_saved(self, body: bytes) -> bool:
         """This VCPU_MSRS body goes to KVM as it is (``direct_msrs``: exactly those MSRs)."""
         n = len(self.direct_msrs) if self.direct_msrs is not None else -1
-        return len(body) == 16 + 16 * n and (n == 0 or memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs)
+        return len(body) == 16 + 16 * n and (n == 0 or
+                                             memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs)
 
     def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
         """The vCPU ``index``'s records (bodies by type) and the MSRs to set (decoded, as the
@@ -368,8 +373,7 @@ class StateApply:
         try:
             set_msrs(self.vcpus[index], msrs)
         except KvmError as exc:
-            raise KvmError(exc.ioctl, exc.errno, f"{what}, step msrs" + (f": {exc.detail}" if exc.detail else "")) \
-                from exc
+            raise _in_step(exc, what, "msrs") from exc
         self.after[index].run(bodies, what)
 
 

@@ -81,7 +81,6 @@ BIT = {(key, name): 1 << bit for key, names in _BIT_NAMES.items()
 XSAVE_COMPONENTS = ("x87", "SSE", "AVX", "MPX_BNDREGS", "MPX_BNDCSR", "AVX512_OPMASK",
                     "AVX512_ZMM_HI256", "AVX512_HI16_ZMM", "PT", "PKRU", "PASID", "CET_U", "CET_S",
                     "HDC", "UINTR", "LBR", "HWP", "AMX_TILECFG", "AMX_TILEDATA")
-MSR_TSC = 0x10             # IA32_TSC: KVM_SET_MSRS must set it before the rest (kvm.state.set_msrs)
 MSR_NAMES = {
     0x10: "IA32_TSC", 0x11: "KVM_WALL_CLOCK", 0x12: "KVM_SYSTEM_TIME", 0x34: "SMI_COUNT",
     0x3A: "IA32_FEATURE_CONTROL", 0x3B: "IA32_TSC_ADJUST", 0x8B: "IA32_UCODE_REV",
@@ -456,12 +455,13 @@ def msrs_to_apply(policy: CpuPolicy, saved: dict[int, int], host: HostCpu) -> tu
 def msrs_as_saved(policy: CpuPolicy, host: HostCpu) -> list[int] | None:
     """The policy's MSR indices when a VCPU_MSRS record of exactly them goes to KVM here as
     it is: :func:`msrs_to_apply` keeps every value (not legacy, every MSR on this host) and
-    the saved order, ascending, is the order KVM_SET_MSRS needs (the TSC, which it must set
-    first, is the lowest). None otherwise, and the values are filtered as above."""
+    the saved order, ascending, is the order KVM_SET_MSRS needs (``kvm.state.msr_order``).
+    None otherwise, and the values are filtered as above."""
+    from .kvm.state import msr_order
     indices = policy.msr_indices
-    if policy.legacy or indices != sorted(set(indices)) or any(i not in host.msrs for i in indices):
+    if policy.legacy or any(i not in host.msrs for i in indices):
         return None
-    if MSR_TSC in indices and indices[0] != MSR_TSC:
+    if not indices == sorted(set(indices)) == msr_order(indices):
         return None
     return indices
 

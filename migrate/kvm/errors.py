@@ -18,5 +18,10 @@ class KvmError(OSError):
         return self.args[1]
 
 
+def msr_refused(index: int, value: int) -> KvmError:
+    """KVM_SET_MSRS set the MSRs before ``index`` and stopped there: it took not ``value``."""
+    return KvmError("KVM_SET_MSRS", _errno.EINVAL, f"MSR {index:#x} refused value {value:#x}")
+
+
 class KvmUnavailable(KvmError):
     """/dev/kvm is missing or cannot be opened."""

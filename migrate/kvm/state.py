@@ -115,11 +115,15 @@ class VcpuState:
             raise KvmError(exc.ioctl, exc.errno, f"applying vCPU {self.vcpu_id} state, step {step}") from exc
 
 
+def msr_order(indices) -> list[int]:
+    """The order KVM_SET_MSRS takes MSRs in: the TSC first (KVM sets them in the order
+    given), the rest as they come."""
+    return ([MSR_IA32_TSC] if MSR_IA32_TSC in indices else []) + [i for i in indices if i != MSR_IA32_TSC]
+
+
 def set_msrs(vcpu, msrs: dict[int, int]) -> None:
-    """KVM_SET_MSRS, the TSC first (KVM sets them in the order given)."""
-    ordered = {MSR_IA32_TSC: msrs[MSR_IA32_TSC]} if MSR_IA32_TSC in msrs else {}
-    ordered.update((i, v) for i, v in msrs.items() if i != MSR_IA32_TSC)
-    vcpu.set_msrs(ordered)
+    """KVM_SET_MSRS, in :func:`msr_order`."""
+    vcpu.set_msrs({i: msrs[i] for i in msr_order(msrs)})
 
 
 def _pdptrs(sregs2: dict) -> dict:

@@ -6,7 +6,7 @@ import os
 from dataclasses import dataclass
 
 from ._lib import ffi, ioctl, lib
-from .errors import KvmError
+from .errors import KvmError, msr_refused
 from .structs import prepare, from_plain, to_plain
 
 DEBUG_CONSOLE_PORT = 0xE9
@@ -202,7 +202,7 @@ class Vcpu:
             arg.entries[i].data = value
         n = ioctl(self.fd, "KVM_SET_MSRS", arg)
         if n != len(items):
-            raise KvmError("KVM_SET_MSRS", 22, f"MSR {items[n][0]:#x} refused value {items[n][1]:#x}")
+            raise msr_refused(*items[n])
 
     def get_lapic(self) -> bytes:
         arg = ffi.new("struct kvm_lapic_state *")
