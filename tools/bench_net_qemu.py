@@ -79,6 +79,23 @@ gdtr: .word 23
 """
 
 
+def qemu_missing() -> bool:
+    """Say so and return True when QEMU is not installed."""
+    if shutil.which("qemu-system-x86_64") is not None:
+        return False
+    print("qemu-system-x86_64 is not installed: nothing to compare (apt-get install qemu-system-x86 "
+          "for a one-off measurement; it is no dependency of this project)")
+    return True
+
+
+def qemu_command(elf: Path, memory_mib: int, console: Path) -> list[str]:
+    """QEMU running the PVH ELF ``elf`` (build_elf) on KVM, one vCPU, its serial port into
+    ``console``; the callers add their devices."""
+    return ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-enable-kvm",
+            "-cpu", "qemu64", "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
+            "-display", "none", "-serial", f"file:{console}", "-kernel", str(elf)]
+
+
 def netecho_info(tsc_khz: int, opts: int):
     """The boot-info page of the netecho guest on QEMU's virtio-net (the shim finds it)."""
     from migrate.guest import boot as gboot
@@ -206,12 +223,10 @@ def inner(args) -> int:
             console = work / f"console{tag}.txt"
             tap = f"hvq{os.getpid() % 10000}n{tag}"
             qemu = subprocess.Popen(
-                ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-enable-kvm",
-                 "-cpu", "qemu64", "-m", str(MEMORY >> 20), "-smp", "1", "-nodefaults", "-no-user-config",
-                 "-display", "none", "-serial", f"file:{console}", "-kernel", str(elf),
-                 "-global", "virtio-mmio.force-legacy=false",
-                 "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
-                 "-device", f"virtio-net-device,netdev=n0,mac=52:54:00:00:00:02,host_mtu={mtu}"],
+                qemu_command(elf, MEMORY >> 20, console) + [
+                    "-global", "virtio-mmio.force-legacy=false",
+                    "-netdev", f"tap,id=n0,ifname={tap},script=no,downscript=no,vhost=off",
+                    "-device", f"virtio-net-device,netdev=n0,mac=52:54:00:00:00:02,host_mtu={mtu}"],
                 stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
             try:
                 m, _ = wait_line(console, r"^netecho start null_exit=(\d+)", 60)
@@ -241,9 +256,7 @@ def main() -> int:
     ap.add_argument("--seconds", type=float, default=2.0)
     ap.add_argument("--inner", action="store_true", help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if shutil.which("qemu-system-x86_64") is None:
-        print("qemu-system-x86_64 is not installed: nothing to compare (apt-get install qemu-system-x86 "
-              "for a one-off measurement; it is no dependency of this project)")
+    if qemu_missing():
         return 1
     if args.inner:
         return inner(args)

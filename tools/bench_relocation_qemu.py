@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_net_qemu import build_elf, tsc_khz  # noqa: E402
+from bench_net_qemu import build_elf, qemu_command, qemu_missing, tsc_khz  # noqa: E402
 from bench_relocation import CASES, CONTENT  # noqa: E402
 
 MIB = 1 << 20
@@ -115,10 +115,7 @@ def qemu_dirs(work: Path) -> Path:
 
 def qemu(elf: Path, memory_mib: int, console: Path, qmp: Path, tls_dir: Path | None, endpoint: str,
          incoming: bool, hold: bool = False) -> subprocess.Popen:
-    cmd = ["qemu-system-x86_64", "-M", "microvm,x-option-roms=off,rtc=off,acpi=off", "-enable-kvm",
-           "-cpu", "qemu64", "-m", str(memory_mib), "-smp", "1", "-nodefaults", "-no-user-config",
-           "-display", "none", "-serial", f"file:{console}", "-kernel", str(elf),
-           "-qmp", f"unix:{qmp},server=on,wait=off"]
+    cmd = qemu_command(elf, memory_mib, console) + ["-qmp", f"unix:{qmp},server=on,wait=off"]
     if tls_dir is not None:
         cmd += ["-object", f"tls-creds-x509,id=tls0,dir={tls_dir},endpoint={endpoint},verify-peer=on"]
     if incoming:
@@ -234,13 +231,12 @@ def main() -> int:
                     help="QEMU's destination starts by itself once loaded (none, QEMU's default), or "
                          "paused (-S) and is started with 'cont' on its MIGRATION completed event (confirm)")
     opts = ap.parse_args()
-    if shutil.which("qemu-system-x86_64") is None:
-        print("qemu-system-x86_64 is not installed: nothing to compare (apt-get install qemu-system-x86 "
-              "for a one-off measurement; it is no dependency of this project)")
+    if qemu_missing():
         return 1
     from migrate.guest import boot as gboot
     khz = tsc_khz()
-    version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True, text=True).stdout.split("\n")[0]
+    version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
+                             text=True).stdout.split("\n")[0]
     print(f"{version}, handoff {opts.handoff}; {opts.memory} MiB guest, {'plain TCP' if opts.insecure else 'TLS 1.3'}, "
           f"downtime limit {opts.downtime_ms} ms, {opts.runs} moves per block, {opts.blocks} blocks a side", flush=True)
     with tempfile.TemporaryDirectory(prefix="hvm-qemu-reloc-") as tmp:
@@ -257,7 +253,7 @@ def main() -> int:
             info = gboot.BootInfo(workload=gboot.WORKLOADS[workload], timer_hz=100, mem_size=opts.memory * MIB,
                                   wl_base=wl_base, wl_size=wl_size, tsc_khz=khz, args=args, flags=gboot.BOOT_F_UART)
             elf = build_elf(work, info, f"{case}-pvh.elf")
-            started = r"^dirtier start" if workload == "dirtier" else rf"^{workload} start"
+            started = rf"^{workload} start"          # idle and dirtier say so when they start
             print(f"== {case}: {what}", flush=True)
             sides: dict[str, list[dict]] = {"QEMU": [], "hvm-migrate": []}
             for block in range(opts.blocks):
