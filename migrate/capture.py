@@ -355,9 +355,11 @@ class StateApply:
 
     def takes_msrs_as_saved(self, body: bytes) -> bool:
         """This VCPU_MSRS body goes to KVM as it is (``direct_msrs``: exactly those MSRs)."""
-        n = len(self.direct_msrs) if self.direct_msrs is not None else -1
-        return len(body) == 16 + 16 * n and (n == 0 or
-                                             memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs)
+        if self.direct_msrs is None:
+            return False
+        if len(body) != 16 + 16 * len(self.direct_msrs):
+            return False
+        return not self.direct_msrs or memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs
 
     def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
         """The vCPU ``index``'s records (bodies by type) and the MSRs to set (decoded, as the
