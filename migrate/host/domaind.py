@@ -33,10 +33,11 @@ before the data plane is released and the process settles into serving.
 With a handoff connection (specs/relocation.md, "Handoff connection"; ``link_fd``, taken by
 :class:`~migrate.host.handoff.HandoffIntake` while the stream is restored) the process reads
 the stream to its end (the daemon closes the pipe at STREAM_END) before it answers: then it
-sends RESTORED to the source itself, says OK, and awaits GO on that connection (no go pipe).
-On GO it says ``go`` on the ready pipe before anything else, resumes, answers RUNNING on the
-connection and says RUNNING; a resume that fails is said (REFUSED) and the connection closed
-without an answer. The connection closing, or anything but GO on it, gives the relocation up.
+sends RESTORED to the source itself and awaits GO on that connection (no go pipe). On GO it
+says OK and ``go`` on the ready pipe (one write, the daemon's one wake-up) before anything
+else, resumes, answers RUNNING on the connection and says RUNNING; a resume that fails is
+said (REFUSED) and the connection closed without an answer. The connection closing, or
+anything but GO on it, gives the relocation up.
 
 The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
 state capture must come from this process) and answers on its connection

@@ -326,16 +326,16 @@ class MigrateJob:
         try:
             if self.disk_lock is not None:      # the destination takes it on GO
                 self.disk_lock.release_writer()
-            link.send("GO", paused=stay_paused)
-            trace.mark("S GO sent")
             try:
+                link.send("GO", paused=stay_paused)
+                trace.mark("S GO sent")
                 running = link.expect("RUNNING", RUNNING_TIMEOUT)
             except ChannelError as exc:
                 if not direct:
                     raise
-                # the handoff connection failed after GO: the daemon, which followed its
+                # the handoff connection failed at GO or after: the daemon, which followed its
                 # domain process, says whether the guest runs there or provably never ran
-                log.warning("handoff connection to %s failed after GO (%s): asking the daemon", where, exc)
+                log.warning("handoff connection to %s failed at GO (%s): asking the daemon", where, exc)
                 running = ch.expect("RUNNING", RUNNING_TIMEOUT)
             trace.mark("S RUNNING read")
         except PeerError as exc:
