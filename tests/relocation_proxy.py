@@ -1,13 +1,11 @@
 """A TCP proxy on loopback for relocation fault tests: it sits between a source and a
-destination daemon and relays both directions, for the control connection, for every
+destination daemon and relays both directions, for the control connection and for every
 data channel (specs/relocation.md, "Data channels": a connection that opens with the
-channel preamble), which it relays as raw bytes, and for the handoff connection (its
-preamble relayed as it is, then like the control connection).
+channel preamble), which it relays as raw bytes.
 
 - ``frames=True`` (plain TCP, ``--insecure``): it parses the frames of
   specs/relocation.md section 2, calls ``on_control(direction, message)`` before it
-  forwards each CONTROL message of the control or the handoff connection (return False
-  to drop the message and close both sides of that connection),
+  forwards each CONTROL message (return False to drop the message and close both sides),
   and can flip one byte inside guest page data: it follows the stream's record framing
   (specs/stream-format.md) in the source's DATA bytes and, in the first PAGE_DATA or
   PAGE_DATA_ZSTD record whose page data starts at or after ``flip_after`` stream bytes,
@@ -30,8 +28,6 @@ RECORD = struct.Struct("<IIII")
 STREAM_HEADER = 24
 CHANNEL_HEAD = 32 + 48            # a channel's preamble, then its channel header
 CHANNEL_MAGIC = b"HVMCHAN1"
-HANDOFF_MAGIC = b"HVMHAND1"
-PREAMBLE = 32
 PAGE_RECORDS = (3, 4)             # PAGE_DATA, PAGE_DATA_ZSTD
 
 
@@ -133,15 +129,7 @@ class Proxy:
                 threading.Thread(target=pump, args=(src, dst, "S->D"), daemon=True).start()
                 threading.Thread(target=self._raw, args=(dst, src, "D->S"), daemon=True).start()
                 continue
-            if head == HANDOFF_MAGIC:        # its preamble as it is, then frames (no flips)
-                try:
-                    dst.sendall(_recv_exact(src, PREAMBLE))
-                except (OSError, EOFError):
-                    _end(src, dst)
-                    continue
-                pump = self._frames if self.frames else self._raw
-            else:
-                pump = self._frames if self.frames else self._raw_flip
+            pump = self._frames if self.frames else self._raw_flip
             threading.Thread(target=pump, args=(src, dst, "S->D"), daemon=True).start()
             threading.Thread(target=pump, args=(dst, src, "D->S"), daemon=True).start()
 

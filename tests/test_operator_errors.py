@@ -457,8 +457,6 @@ def test_outcome_unknown_exits_3_and_says_what_to_do(hosts, pki, monkeypatch):
         raise destination.ChannelError("link died after GO")
 
     monkeypatch.setattr(destination.Incoming, "resume", link_dies)
-    # GO through the daemon, as to a destination that grants no handoff connection
-    monkeypatch.setattr(destination.RelocationServer, "grants_handoff", staticmethod(lambda hello: False))
     control.create_domain(DomainConfig("u3", "idle", 16 << 20))
     res = run("migrate", "u3", f"127.0.0.1:{b.address[1]}", "--tls-dir", str(pki / "ca" / "src"),
               "--json", ok=False)

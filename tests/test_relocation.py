@@ -408,7 +408,6 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
         raise destination.ChannelError("link died after GO")
 
     monkeypatch.setattr(destination.Incoming, "resume", link_dies)
-    monkeypatch.setattr(destination.RelocationServer, "grants_handoff", staticmethod(lambda hello: False))
     control.create_domain(DomainConfig("u1", "idle", 16 << 20))
     with pytest.raises(control.ControlError, match=r"outcome unknown: GO was sent .* u1 is kept "
                                                    r"paused here.*'hvm unpause u1'"):
@@ -429,7 +428,6 @@ def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
         raise destination.NotResumed("KVM_RUN refused")
 
     monkeypatch.setattr(destination.Incoming, "resume", refused)
-    monkeypatch.setattr(destination.RelocationServer, "grants_handoff", staticmethod(lambda hello: False))
     control.create_domain(DomainConfig("u2", "idle", 16 << 20))
     wait_console("u2", src, r"tick")
     with pytest.raises(control.ControlError, match=r"failed at the handoff: destination: resume failed "
@@ -491,96 +489,6 @@ def test_answer_to_go_is_read_strictly(tmp_path):
             incoming(silent).resume()
         assert not isinstance(info.value, destination.NotResumed)
         assert "domain process exited" in str(info.value)
-
-
-@pytest.mark.parametrize("said,source,how,why", [
-    (b"ok 1 2 3\ngo\nrunning 5.0\n", None, "running", ""),
-    (b"ok 1 2 3\ngo\npaused\n", None, "paused", ""),
-    (b"ok 1 2 3\ngo\nrefused: disk busy\n", None, "never ran", "resume failed after GO: disk busy"),
-    (b"ok 1 2 3\n", None, "never ran", "was gone before GO"),                 # it ended before GO
-    (b"error: bad stream\n", None, "never ran", "bad stream"),
-    (b"ok 1 2 3\ngo\n", None, "unknown", "ended after GO without an answer"),
-    (b"ok 1 2 3\ngo\nrunning\n", None, "unknown", "no answer to GO"),         # a line cut short
-    (b"ok 1 2 3\nrunning 5.0\n", None, "unknown", "no answer to GO"),         # RUNNING out of turn
-    (b"ok 1 2 3\n", "ERROR", "never ran", "the source gave up: cancelled"),
-    (b"ok 1 2 3\n", "close", "never ran", "control connection failed"),
-    (b"ok 1 2 3\ngo\n", "close, then the end", "unknown", "ended after GO"),   # go came before the close
-    (b"ok 1 2 3\n", "go, then ERROR", "unknown", "the source gave up"),      # go said as it was killed
-])
-def test_the_daemon_follows_the_handoff(tmp_path, monkeypatch, said, source, how, why):
-    """With a handoff connection the daemon reads its domain process's lines and the
-    control connection (Incoming.settle): only a process that ended or failed before its
-    ``go`` line, or refused after it, never ran; one that said ``go`` and then nothing may
-    have. Before ``go``, the source's ERROR or its closing kills the process, whose lines
-    are then read to their end (``go`` may have come meanwhile)."""
-    inc = object.__new__(destination.Incoming)
-    inc.dir, inc._pending, inc._lines, inc._eof, inc.final = tmp_path, b"", [], False, None
-    inc.ready_r, w = os.pipe()
-    ours, theirs = socket.socketpair()
-    killed = []
-
-    def kill(directory, timeout=5.0):      # the process ends: its pipe closes
-        killed.append(directory)
-        if source == "go, then ERROR":
-            os.write(w, b"go\n")
-        os.close(w)
-
-    monkeypatch.setattr(control, "kill_pidfile", kill)
-    os.write(w, said)
-    if source is None:
-        os.close(w)
-    elif source.startswith("close"):
-        theirs.close()
-        if source.endswith("the end"):      # it ends by itself, after its go
-            threading.Timer(0.2, os.close, (w,)).start()
-    else:
-        Channel(theirs).send("ERROR", error="cancelled")
-    try:
-        got_how, got_why = inc.settle(Channel(ours))
-    finally:
-        ours.close()
-        theirs.close()
-    assert got_how == how and why in got_why, got_why
-    assert bool(killed) == (source in ("ERROR", "close", "go, then ERROR"))     # only before go
-
-
-def test_the_handoff_connection_needs_the_token():
-    """The receiving end of the handoff connection (migrate.host.handoff): the socket comes
-    on a unix socket; the source's first frame must be HANDOFF with the relocation's token."""
-    from migrate.host.handoff import HandoffError, HandoffIntake
-
-    def intake(first: dict | None):
-        give, take = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        src, dst = socket.socketpair()
-        got = HandoffIntake(take, b"t" * 32, None)
-        socket.send_fds(give, [b"link"], [dst.fileno()])
-        dst.close()
-        if first is not None:
-            Channel(src).send(**first)
-        else:
-            src.close()
-        try:
-            return got.link(5.0)
-        finally:
-            got.close()
-            give.close()
-            src.close()
-
-    link = intake({"kind": "HANDOFF", "token": b"t" * 32})
-    assert isinstance(link, Channel)
-    link.close()
-    with pytest.raises(HandoffError, match="its token is not this relocation's"):
-        intake({"kind": "HANDOFF", "token": b"u" * 32})
-    with pytest.raises(HandoffError, match="expected HANDOFF, got GO"):
-        intake({"kind": "GO"})
-    with pytest.raises(HandoffError, match="closed"):
-        intake(None)
-    give, take = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-    waiting = HandoffIntake(take, b"t" * 32, None)
-    with pytest.raises(HandoffError, match="no handoff connection within 0.1s"):
-        waiting.link(0.1)
-    waiting.close()
-    give.close()
 
 
 @pytest.mark.kvm

@@ -14,9 +14,7 @@ STREAM_VERSIONS = [1, 2]        # what a destination reads; a source sends its w
 DEFAULT_CHANNELS = 2            # data channels a source asks for (section "Data channels")
 MAX_CHANNELS = 8                # the most a destination grants
 CHANNEL_MAGIC = b"HVMCHAN1"
-HANDOFF_MAGIC = b"HVMHAND1"     # the handoff connection's preamble (section "Handoff connection")
 CHANNEL_PREAMBLE = struct.Struct("<8s16sII")     # magic, channel_id, index, reserved
-TOKEN_BYTES = 32
 CONTROL, DATA = 1, 2
 FRAME = struct.Struct("<IHH")          # length, kind, reserved
 MAX_CONTROL = 65536
@@ -44,11 +42,8 @@ MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
               "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2;
                                                             # optional "net": {"link", "name"} or nil,
-                                                            # optional "vcpus" (int), "channels"
-                                                            # (int), "handoff" (bool)
-    "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token,
-                                                            # handoff
-    "HANDOFF": {"token": bytes},     # the first frame on the handoff connection
+                                                            # optional "vcpus" (int)
+    "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token
     "SYNC": {"bytes": int},      # optional "round": page rounds the data channels ended
     "SYNCED": {"bytes": int},
     "STREAM_END": {"bytes": int},
@@ -98,12 +93,6 @@ class Channel:
 
     def __init__(self, sock: socket.socket):
         self.sock = sock
-
-    def buffered(self) -> bool:
-        """Whether TLS holds bytes already read from the socket but not yet taken (a select
-        on the socket does not see them)."""
-        pending = getattr(self.sock, "pending", None)
-        return bool(pending and pending())
 
     def _recv_exact(self, n: int) -> bytes:
         buf = bytearray()

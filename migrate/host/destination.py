@@ -3,12 +3,8 @@
 One thread per incoming connection: TLS handshake (client certificate from the CA
 required), HELLO checks, then a new domain process in its ``--receive`` mode (the same
 program and state directory as ``hvm create``; it restores with the ordinary stream
-reader and reports a paused pair), DATA relayed into it through a pipe, then the handoff.
-With a handoff connection (the source asks for one) the domain process and the source
-settle RESTORED, GO and RUNNING between them, and the daemon follows the process's lines
-to clean up and to be the one who knows, should the connection fail, whether the guest
-ran (:meth:`Incoming.settle`). Without one: RESTORED, wait for GO, ``go`` on the domain
-process's go pipe, RUNNING.
+reader and reports a paused pair), DATA relayed into it through a pipe, then the handoff:
+RESTORED, wait for GO, ``go`` on the domain process's go pipe, RUNNING.
 
 Why a relay into a domain process rather than a restore in the daemon: a domain's VMs,
 memfds and vCPU thread belong to the process that built them and cannot be handed to
@@ -42,9 +38,9 @@ from .. import trace
 from . import control, statedir, tls
 from .launch import Go, Launch, Line, Receive, Say, parse
 from .channel import (
-    CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDOFF_MAGIC, HANDSHAKE_TIMEOUT,
-    MAX_CHANNELS, PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, TOKEN_BYTES, WELCOME_TIMEOUT,
-    Channel, ChannelError, PeerError, stream_cap,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
+    RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
+    Channel, ChannelError, stream_cap,
 )
 
 log = logging.getLogger("hvm.relocd")
@@ -105,16 +101,15 @@ class Incoming:
 
     def __init__(self, name: str, hello: dict, disk_to: str | None, base: Path | None,
                  net_to: str | None = None, channels: int = 0, tls_dir: str | None = None,
-                 hugepages: bool = False, handoff: bool = False):
+                 hugepages: bool = False):
         self.name, self.base = name, base
         try:        # the disk image's INCOMING lock, for the receiving process to hold
             lock = DiskLock.for_incoming(disk_to) if disk_to is not None else None
         except DiskBusy as exc:
             raise Refused(str(exc)) from None
-        self.channels, self.handoff = channels, handoff
-        self.channel_id, self.token = os.urandom(16), os.urandom(TOKEN_BYTES)
+        self.channels = channels
+        self.channel_id, self.token = os.urandom(16), os.urandom(32)
         self.given: set[int] = set()            # channels handed to the domain process
-        self.link_given = False                 # the handoff connection handed to it
         self.rounds = 0                         # page rounds it says every channel has ended
         try:
             self.dir = control.claim_directory(name, base)
@@ -123,10 +118,8 @@ class Incoming:
                 lock.close()
             raise Refused(str(exc)) from None
         self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.give_link_fd, take_link = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM) \
-            if handoff else (None, None)
         stream_r, self.stream_w = os.pipe()
-        go_r, self.go_w = os.pipe() if not handoff else (-1, -1)     # GO comes on the handoff connection
+        go_r, self.go_w = os.pipe()
         self.ready_r, ready_w = os.pipe()
         try:
             fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
@@ -137,8 +130,7 @@ class Incoming:
                       disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
                       resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
                       tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
-                      hugepages=hugepages, live=hello["live"],
-                      link_fd=take_link.fileno() if take_link is not None else -1)
+                      hugepages=hugepages, live=hello["live"])
         try:
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except (OSError, subprocess.SubprocessError) as exc:
@@ -146,12 +138,9 @@ class Incoming:
             raise Refused(f"cannot start a receiving domain process: {exc}") from None
         finally:
             os.close(stream_r)
-            if go_r >= 0:
-                os.close(go_r)
+            os.close(go_r)
             os.close(ready_w)
             take_fds.close()
-            if take_link is not None:
-                take_link.close()
             if lock is not None:
                 lock.close()        # the receiving process holds it now
         self.bytes = 0
@@ -214,7 +203,7 @@ class Incoming:
         Refused if it failed (with data channels the control connection is quiet for whole
         rounds, while the channels' pages may already have failed the restore)."""
         deadline = time.monotonic() + FRAME_TIMEOUT
-        while not ch.buffered():
+        while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
             readable = select.select([ch.sock] + ([self.ready_r] if not self._eof else []), [], [],
                                      max(0.0, deadline - time.monotonic()))[0]
             if ch.sock in readable or not readable:
@@ -223,13 +212,6 @@ class Incoming:
             self._take_lines()
             if self._failed():
                 raise Refused(f"restore failed: {self.final.reason}")
-
-    def give_link(self, sock: socket.socket) -> None:
-        """Hand the handoff connection's socket (its preamble read) to the domain process."""
-        if self.give_link_fd is None or self.link_given:
-            raise Refused("this relocation expects no (further) handoff connection")
-        self.link_given = True
-        socket.send_fds(self.give_link_fd, [b"link"], [sock.fileno()])
 
     def give_channel(self, index: int, sock: socket.socket) -> None:
         """Hand a data channel's socket (its preamble read) to the domain process."""
@@ -332,92 +314,26 @@ class Incoming:
         self.ran_at = go_at + took
         return took
 
-    def settle(self, ch: Channel) -> tuple[str, str]:
-        """With a handoff connection (specs/relocation.md, "Handoff connection") the
-        domain process and the source settle the handoff between them. Follow the process's
-        lines (OK and GO as it takes GO, then its answer) and the control connection
-        until it is over, and say how: ``("running" | "paused", "")``, ``("never ran",
-        why)`` when the process ended or failed before it said GO, or refused to resume
-        after it, and ``("unknown", why)`` when it said GO and then no answer. Before GO,
-        the source's ERROR, the control connection closing, or a timeout (the restore,
-        then the process's own wait for GO) kills the process first; its lines are then
-        read to their end, since it may have said GO meanwhile."""
-        said_go, waiting = False, "GO"
-        deadline = time.monotonic() + control.CREATE_TIMEOUT + RESUME_TIMEOUT
-        why_killed = ""
-        watch_source = True
-        lines: list[Line] = []
-        final_taken = False
-        while True:
-            self._take_lines()
-            if not final_taken and self.final is not None:
-                final_taken = True
-                lines.append(self.final)
-            lines += self._lines
-            self._lines.clear()
-            while lines:
-                line = lines.pop(0)
-                if line.kind is Say.OK and waiting == "GO":
-                    trace.mark("D OK read")
-                elif line.kind is Say.GO and waiting == "GO":
-                    said_go, waiting = True, "answer to GO"
-                    deadline = time.monotonic() + control.CREATE_TIMEOUT
-                elif said_go and line.kind in (Say.RUNNING, Say.PAUSED):
-                    self.ran_at = time.monotonic()
-                    return str(line.kind), ""
-                elif said_go and line.kind in (Say.REFUSED, Say.ERROR):
-                    return "never ran", f"resume failed after GO: {line.reason}"
-                elif said_go or line.kind in (Say.RUNNING, Say.PAUSED):     # the latter: out of turn
-                    return "unknown", f"no answer to GO: {why_killed or line.reason}"
-                elif line.kind is Say.EXITED:       # it resumes only after saying GO: it never ran
-                    return "never ran", why_killed or f"the receiving domain process was gone before GO " \
-                                                      f"({line.reason})"
-                else:
-                    return "never ran", why_killed or f"restore failed: {line.reason}"
-            if self._eof:
-                if said_go:
-                    return "unknown", why_killed or "the receiving domain process ended after GO without an answer"
-                return "never ran", why_killed or f"the receiving domain process was gone before GO " \
-                                                  f"({control.exited(self.dir).reason})"
-            watched = [self.ready_r] + ([ch.sock] if watch_source else [])
-            left = deadline - time.monotonic()
-            wait = 0.0 if watch_source and ch.buffered() else max(0.0, left)
-            readable = select.select(watched, [], [], wait)[0] if left > 0 else []
-            if self.ready_r in readable:
-                self._read_some()
-            elif ch.sock in readable or (watch_source and ch.buffered()):
-                if said_go:             # the source is done with this connection: let it close
-                    watch_source = False
-                    continue
-                try:
-                    kind, message = ch.receive(timeout=5.0)
-                    why_killed = f"the source sent {message['t'] if kind == 'control' else 'DATA'} " \
-                                 f"while the handoff was under way"
-                except PeerError as exc:
-                    why_killed = f"the source gave up: {exc}"
-                except ChannelError as exc:
-                    why_killed = f"the source's control connection failed: {exc}"
-                watch_source = False
-                self._kill_and_read()
-            elif not readable:
-                why_killed = f"no {waiting} in time"
-                self._kill_and_read()
-
-    def _kill_and_read(self) -> None:
-        """Kill the domain process and read what it said up to its end."""
-        control.kill_pidfile(self.dir)
-        self._wait(lambda: False, 5.0, "end")
-
     def discard(self) -> None:
         """Kill the receiving domain process (whose guest never ran) and remove its state."""
-        self._let_go()
+        self.close_stream()
+        self.give_fds.close()
+        for fd in (self.go_w, self.ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self.go_w = self.ready_r = -1
         control.discard(self.dir)
 
     def abandon(self) -> None:
         """After GO, with no answer: the receiving domain process may have run the guest.
         Kill it if it still lives, and keep its directory, so it is listed as crashed with
         its logs (the source, told the outcome is unknown, is to look here)."""
-        self._let_go()
+        self.close_stream()
+        self.give_fds.close()
+        for fd in (self.go_w, self.ready_r):
+            if fd >= 0:
+                os.close(fd)
+        self.go_w = self.ready_r = -1
         control.kill_pidfile(self.dir)
 
     def close(self) -> None:
@@ -425,18 +341,10 @@ class Incoming:
         error is a starting process's (statedir.STDERR): removed now, not between its ok
         and RESTORED, which is downtime."""
         (self.dir / statedir.STDERR).unlink(missing_ok=True)
-        self._let_go()
-
-    def _let_go(self) -> None:
-        """Close every pipe and socket to the domain process."""
-        self.close_stream()
         self.give_fds.close()
-        if self.give_link_fd is not None:
-            self.give_link_fd.close()
-        for fd in (self.go_w, self.ready_r):
-            if fd >= 0:
-                os.close(fd)
-        self.go_w = self.ready_r = -1
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
 
 
 class RelocationServer:
@@ -479,7 +387,7 @@ class RelocationServer:
             log.warning("refused %s: %s", who, exc)
             raw.close()
             return
-        if head in (CHANNEL_MAGIC, HANDOFF_MAGIC):
+        if head == CHANNEL_MAGIC:
             self.channel(raw, who)
             return
         if (self.ctx is not None) != (head[:2] == b"\x16\x03"):     # the two sides disagree on TLS
@@ -510,26 +418,18 @@ class RelocationServer:
             ch.close()
 
     def channel(self, raw: socket.socket, who: str) -> None:
-        """A data channel or the handoff connection (specs/relocation.md, "Data channels",
-        "Handoff connection"): its plain preamble names the relocation; the socket goes to
-        that relocation's domain process, which starts TLS on it and checks, inside TLS,
-        the relocation's token."""
-        what = "data channel"
+        """A data channel (specs/relocation.md, "Data channels"): its plain preamble names
+        the relocation; the socket goes to that relocation's domain process, which starts
+        TLS on it and checks, inside TLS, the relocation's token."""
         try:
             magic, channel_id, index, reserved = CHANNEL_PREAMBLE.unpack(_read_exact(raw, CHANNEL_PREAMBLE.size))
             with self.names_lock:
                 incoming = self.routes.get(channel_id)
                 if incoming is None or reserved:
                     raise Refused("no relocation under way has this channel id")
-                if magic == HANDOFF_MAGIC:
-                    what = "handoff connection"
-                    if index:
-                        raise Refused(f"index {index} is not 0")
-                    incoming.give_link(raw)
-                else:
-                    incoming.give_channel(index, raw)
+                incoming.give_channel(index, raw)
         except (OSError, Refused) as exc:
-            log.warning("refused %s from %s: %s", what, who, exc)
+            log.warning("refused data channel from %s: %s", who, exc)
         finally:
             raw.close()
 
@@ -556,26 +456,24 @@ class RelocationServer:
             self.receiving[name] = hello["memory"]
         incoming = None
         channels = min(hello.get("channels", 0), MAX_CHANNELS) if version >= 2 else 0
-        handoff = self.grants_handoff(hello)
         try:
             incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir,
-                                self.config.hugepages, handoff)
+                                self.config.hugepages)
             t0 = time.monotonic()
-            if channels or handoff:
+            if channels:
                 with self.names_lock:
                     self.routes[incoming.channel_id] = incoming
                 ch.send("WELCOME", proto=PROTO, stream_version=version, channels=channels,
-                        channel_id=incoming.channel_id, channel_token=incoming.token, handoff=handoff)
+                        channel_id=incoming.channel_id, channel_token=incoming.token)
             else:
                 ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
-            if not handoff:
-                timing = incoming.finish()
-                trace.mark("D OK read")
-                ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
-                trace.mark("D RESTORED sent")
-                go = ch.expect("GO", GO_TIMEOUT)
-                trace.mark("D GO read")
+            timing = incoming.finish()
+            trace.mark("D OK read")
+            ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
+            trace.mark("D RESTORED sent")
+            go = ch.expect("GO", GO_TIMEOUT)
+            trace.mark("D GO read")
         except (Refused, ChannelError, OSError) as exc:
             log.warning("relocation of %s from %s failed: %s", name, who, exc)
             if incoming is not None:
@@ -587,9 +485,6 @@ class RelocationServer:
                 self.receiving.pop(name, None)
                 if incoming is not None:
                     self.routes.pop(incoming.channel_id, None)
-        if handoff:                     # the source and the domain process take it from here
-            self.settle(ch, incoming, name, who)
-            return
         try:
             resume = incoming.resume(go.get("paused") is True)      # GO: from here on the pair is ours
         except NotResumed as exc:       # it never ran: destroy it, then the source may resume
@@ -612,35 +507,6 @@ class RelocationServer:
         ch.send("RUNNING", resume=resume, after=time.monotonic() - incoming.ran_at)
         trace.mark("D RUNNING sent")
         log.info("relocated %s from %s: running", name, who)
-
-    @staticmethod
-    def grants_handoff(hello: dict) -> bool:
-        """A handoff connection for every source that asks (specs/relocation.md)."""
-        return hello.get("handoff") is True
-
-    def settle(self, ch: Channel, incoming: Incoming, name: str, who: str) -> None:
-        """The handoff, settled by the source and the domain process on their handoff
-        connection: clean up after it as it ended, and tell the source on the control
-        connection (it reads that only when the handoff connection failed)."""
-        try:
-            how, why = incoming.settle(ch)
-        except Refused as exc:          # it could not even be killed: say nothing of it
-            how, why = "unknown", str(exc)
-        if how in ("running", "paused"):
-            incoming.close()
-            log.info("relocated %s from %s: %s", name, who, how)
-            try:
-                ch.send("RUNNING", paused=how == "paused")
-            except ChannelError:
-                pass                    # the source read RUNNING on the handoff connection and left
-        elif how == "never ran":
-            log.warning("relocation of %s from %s failed: %s", name, who, why)
-            incoming.discard()
-            ch.send_error(f"{why}; the copy here never ran and is destroyed", linger=1.0, not_resumed=True)
-        else:
-            log.error("GO for %s from %s, but no answer: %s", name, who, why)
-            incoming.abandon()          # its directory stays: listed crashed, logs kept
-            ch.send_error(f"resume failed after GO: {why}", linger=1.0)
 
     def check_hello(self, hello: dict) -> tuple[str | None, int]:
         """The destination disk for the domain and the stream version to receive, or
@@ -760,7 +626,6 @@ class RelocationServer:
             elif message["t"] == "STREAM_END":
                 incoming.stream_end_at = time.monotonic()
                 trace.mark("D STREAM_END read")
-                incoming.close_stream()     # the domain process sees the stream end: it may finish
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")

@@ -30,15 +30,6 @@ GO is awaited as soon as the stream has been read to its end: if it comes within
 EARLY_GO_WAIT (it normally follows OK by about a millisecond) it is taken there and then,
 before the data plane is released and the process settles into serving.
 
-With a handoff connection (specs/relocation.md, "Handoff connection"; ``link_fd``, taken by
-:class:`~migrate.host.handoff.HandoffIntake` while the stream is restored) the process reads
-the stream to its end (the daemon closes the pipe at STREAM_END) before it answers: then it
-sends RESTORED to the source itself and awaits GO on that connection (no go pipe). On GO it
-says OK and ``go`` on the ready pipe (one write, the daemon's one wake-up) before anything
-else, resumes, answers RUNNING on the connection and says RUNNING; a resume that fails is
-said (REFUSED) and the connection closed without an answer. The connection closing, or
-anything but GO on it, gives the relocation up.
-
 The ``save`` operation runs in a thread of its own (the vCPU ioctls of the
 state capture must come from this process) and answers on its connection
 with progress messages ``{"progress": {...}}`` before the final reply; the
@@ -76,14 +67,11 @@ from ..stream import FORMAT_VERSION, StreamError, Vm
 from .. import trace
 from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
-from .channel import FRAME_TIMEOUT, Channel, ChannelError
-from .handoff import HandoffError, HandoffIntake
+from .channel import FRAME_TIMEOUT
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
 EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its clean-up (_receive)
-HANDOFF_WAIT = 10.0         # seconds a received domain waits for its handoff connection at the end
-GO_READ_TIMEOUT = 5.0       # seconds to read a frame begun on the handoff connection
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
 
 
@@ -109,8 +97,6 @@ class DomainServer:
         self.save_cancel = threading.Event()
         self.saving = False             # from a save's start until just before its reply
         self.go: tuple[int, int, str] | None = None     # awaiting GO: go pipe, ready pipe, log line
-        self.link: Channel | None = None        # with a handoff connection: GO comes on it
-        self.ok_line = b""                      # with it: the OK line, said with GO's
         self.go_deadline: float | None = None
         self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
         self.destroying = False                     # hvm destroy came: a job in progress ends with it
@@ -124,67 +110,36 @@ class DomainServer:
             self.hidden = None
 
     # -- a received domain awaiting GO (receive mode, module docstring) --------
-    def await_go(self, go_fd: int, ready_fd: int, timeout: float, note: str,
-                 link: Channel | None = None, ok: bytes = b"") -> None:
-        """Await GO on the go pipe ``go_fd``, or with a handoff connection on ``link``;
-        ``ok``: the OK line, said then with GO's (one wake-up of the daemon, not one more
-        while the source and this process hand over)."""
-        self.go, self.link, self.ok_line = (go_fd, ready_fd, note), link, ok
+    def await_go(self, go_fd: int, ready_fd: int, timeout: float, note: str) -> None:
+        self.go = (go_fd, ready_fd, note)
         self.go_deadline = time.monotonic() + timeout
-        if link is None:
-            os.set_blocking(go_fd, False)
-        self.sel.register(link.sock if link is not None else go_fd, selectors.EVENT_READ, "go")
+        os.set_blocking(go_fd, False)
+        self.sel.register(go_fd, selectors.EVENT_READ, "go")
 
     def take_go(self, wait: float) -> None:
         """Handle GO at once if it comes within ``wait`` seconds (else serve() will)."""
-        if self.go is None:
-            return
-        if self.link is not None and self.link.buffered():
+        if self.go is not None and select.select([self.go[0]], [], [], wait)[0]:
             self._on_go()
-        elif select.select([self.link.sock if self.link is not None else self.go[0]], [], [], wait)[0]:
-            self._on_go()
-
-    def _read_go(self) -> Go | None:
-        """GO as the go pipe or the handoff connection says it; None: the relocation was
-        given up (the pipe closed or said something else; on the connection, the source's
-        ERROR, its closing, a failure, or any other message)."""
-        if self.link is None:
-            return Go.decode(os.read(self.go[0], 16))
-        try:
-            kind, message = self.link.receive(timeout=GO_READ_TIMEOUT)
-        except ChannelError as exc:
-            log.warning("the handoff connection ended before GO: %s", exc)
-            return None
-        if kind != "control" or message["t"] != "GO":
-            log.warning("the source sent %s instead of GO", message["t"] if kind == "control" else "DATA")
-            return None
-        return Go(paused=message.get("paused") is True)
 
     def _on_go(self) -> None:
         go_fd, ready_fd, note = self.go
-        link = self.link
         try:
-            go = self._read_go()
+            word = os.read(go_fd, 16)
         except BlockingIOError:
             return
-        go_at = time.monotonic()
         trace.mark("R GO read")
         self._end_go_wait()
+        go = Go.decode(word)
         if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
             os.close(ready_fd)
-            self._close_link()
             self.running = False
             return
-        if link is not None:        # first: from this line on the daemon cannot tell whether it ran
-            _tell(ready_fd, self.ok_line + say(Say.GO))
         try:
             if self.disk_lock is not None:      # the source let go of it just before GO
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
                 self.disk_lock.release_incoming()
             if go.paused:
-                if link is not None:
-                    self._answer_link("RUNNING", paused=True)
                 self._say(ready_fd, say(Say.PAUSED))
                 log.info("%s; left paused, as it was at the source", note)
                 return
@@ -193,42 +148,24 @@ class DomainServer:
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
             self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
-            self._close_link()          # no answer: the source asks the daemon, which knows
             self.running = False
             return
-        entered = self.domain.entered() or time.monotonic()
-        if link is not None:
-            self._answer_link("RUNNING", resume=max(0.0, entered - go_at),
-                              after=max(0.0, time.monotonic() - entered))
-        self._say(ready_fd, say(Say.RUNNING, entered))
+        self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
         trace.mark("R RUNNING said")
         log.info("%s; running", note)
 
-    def _answer_link(self, kind: str, **fields) -> None:
-        """The answer to GO on the handoff connection, then the connection is done. If it
-        fails, the source asks the daemon, which learns the answer on the ready pipe."""
-        try:
-            self.link.send(kind, **fields)
-        except ChannelError as exc:
-            log.warning("answering GO on the handoff connection failed: %s", exc)
-        self._close_link()
-
-    def _close_link(self) -> None:
-        if self.link is not None:
-            self.link.close()
-            self.link = None
-
     def _end_go_wait(self) -> None:
         go_fd = self.go[0]
-        self.sel.unregister(self.link.sock if self.link is not None else go_fd)
-        if go_fd >= 0:
-            os.close(go_fd)
+        self.sel.unregister(go_fd)
+        os.close(go_fd)
         self.go, self.go_deadline = None, None
 
     @staticmethod
     def _say(fd: int, line: bytes) -> None:
-        """The last line on the ready pipe."""
-        _tell(fd, line)
+        try:
+            os.write(fd, line)
+        except OSError:
+            pass                # the daemon is gone
         os.close(fd)
 
     # -- requests ------------------------------------------------------------
@@ -326,7 +263,6 @@ class DomainServer:
                 log.warning("no GO in time after a relocation: destroying the domain")
                 os.close(self.go[1])
                 self._end_go_wait()
-                self._close_link()
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
@@ -479,7 +415,6 @@ class DomainServer:
             conn.close()
 
     def close(self) -> None:
-        self._close_link()
         if self.save_thread is not None:
             self.save_cancel.set()
             self.save_thread.join(30)
@@ -593,14 +528,6 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
     return Domain.boot(DomainConfig(**job.config), console), False, ""
 
 
-def _tell(fd: int, line: bytes) -> None:
-    """A line on the ready pipe; its reader, the daemon, may be gone."""
-    try:
-        os.write(fd, line)
-    except OSError:
-        pass
-
-
 def _stream_chunks(fd: int, head_fd: int):
     """The stream a restore reads once: the bytes in the memfd ``head_fd`` (-1: none; what
     the launcher read from a pipe to learn the domain's name), then the rest from ``fd``."""
@@ -637,12 +564,9 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         _write_config(server.dir, domain.config)
         return domain
 
-    arrived = [0.0]             # when the last chunk came (time.monotonic())
-
     def chunks():
         with os.fdopen(job.stream_fd, "rb", buffering=0) as pipe:
             while data := pipe.read(1 << 20):
-                arrived[0] = time.monotonic()
                 yield data
 
     def progress(stats) -> None:
@@ -650,40 +574,22 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
             os.write(ready_fd, say(Say.AT, stats.stream_bytes))
 
     intake, rounds = _channel_intake(job, ready_fd)
-    handoff = HandoffIntake(socket.socket(fileno=job.link_fd), job.token, job.tls_dir) \
-        if job.link_fd >= 0 else None
-    end_arrived = [0.0]         # when the chunk holding END came
 
     def applied(domain, stats) -> None:
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
         server.domain = domain
         server.publish()                # listed from RESTORED on (specs/relocation.md)
-        trace.mark("R published")
-        end_arrived[0] = arrived[0]
-        if handoff is None:             # with a handoff connection, once the stream has ended
-            os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
-            trace.mark("R OK said")
+        os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
+        trace.mark("R OK said")
 
     def complete(domain, stats) -> None:
-        trace.mark("R stream ended")
-        note = (f"received {job.name}: {stats.pages_total} pages, {stats.stream_bytes} bytes "
-                f"in {stats.seconds:.3f}s")
-        link = None
-        if handoff is not None:         # RESTORED, to the source itself (specs/relocation.md)
-            try:
-                link = handoff.link(HANDOFF_WAIT)
-                now = time.monotonic()
-                link.send("RESTORED", seconds=stats.seconds, read=max(0.0, stats.end_at - end_arrived[0]),
-                          apply=stats.applied_at - stats.end_at, answer=now - stats.applied_at)
-            except (HandoffError, ChannelError) as exc:
-                raise RestoreError(f"the handoff connection: {exc}") from None
-            trace.mark("R RESTORED sent")
         # GO comes about a millisecond after OK: await it now that nothing can fail the
         # restore, and take it at once if it comes soon, before the clean-up (the data
         # plane's release) rather than after it
-        ok = say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at)
-        server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout, note, link, ok)
+        server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout,
+                        f"received {job.name}: {stats.pages_total} pages, {stats.stream_bytes} bytes "
+                        f"in {stats.seconds:.3f}s")
         server.take_go(EARLY_GO_WAIT)
 
     try:
@@ -693,8 +599,6 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
     finally:
         if rounds is not None:
             rounds.stop()
-        if handoff is not None:
-            handoff.close()
 
 
 def _channel_intake(job: Receive, ready_fd: int):

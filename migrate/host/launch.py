@@ -20,11 +20,6 @@ OK          ``ok`` / ``ok BYTES END_AT APPLIED_AT`` started (create, restore) / 
                                                     (receive: the stream's length, when END
                                                     was read and the state applied, seconds of
                                                     CLOCK_MONOTONIC)
-GO          ``go``                                  receive, with a handoff connection: GO
-                                                    came on it, and the process is about to
-                                                    take the disk and resume; said before it
-                                                    does anything else (the daemon's proof,
-                                                    when no GO line came, that it never ran)
 RUNNING     ``running RESUMED_AT``                  receive, after GO: the guest runs
 PAUSED      ``paused``                              receive, after ``go paused``: kept paused
 REFUSED     ``refused: REASON``                     receive, after GO: it could not resume the
@@ -35,10 +30,8 @@ ERROR       ``error: REASON``                       it failed (before GO: nothin
 A reader that finds the pipe closed with no answer makes a line of kind EXITED itself
 (:func:`exited`: the last line the process wrote to its standard error); a line that is
 not one of these is kind UNKNOWN with the line as its text (a bug of the sender: reported
-as what it said, and after GO it does not say whether the guest ran). Without a handoff
-connection the relocation daemon says GO on the *go pipe*: ``go`` or ``go paused``
-(:class:`Go`); with one, GO comes from the source on that connection, and the daemon only
-ever closes the go pipe (the relocation given up, or the daemon gone).
+as what it said, and after GO it does not say whether the guest ran). The relocation daemon says GO on the *go pipe*: ``go`` or ``go
+paused`` (:class:`Go`).
 """
 from __future__ import annotations
 
@@ -87,9 +80,7 @@ class Receive:
     NIC hangs on ``net_to``; ``cpu``: HELLO's CPU records (or None); ``channels`` data
     channels arrive on the unix socket ``channel_fd`` with ``token`` (TLS with the keys in
     ``tls_dir``); no GO within ``resume_timeout`` seconds destroys the copy; ``hugepages``:
-    the guest's RAM of 2 MiB huge pages (this host's choice, ``hvm host serve --hugepages``);
-    ``link_fd``: a unix socket on which the handoff connection arrives (specs/relocation.md,
-    "Handoff connection"; with ``token`` too), or -1: none, GO comes on ``go_fd``."""
+    the guest's RAM of 2 MiB huge pages (this host's choice, ``hvm host serve --hugepages``)."""
     stream_fd: int
     go_fd: int
     name: str
@@ -108,7 +99,6 @@ class Receive:
     vcpus: int
     hugepages: bool
     live: bool
-    link_fd: int
 
 
 MODES: dict[str, type] = {"create": Create, "restore": Restore, "receive": Receive}
@@ -178,7 +168,6 @@ class Say(StrEnum):
     AT = "at"
     ROUND = "round"
     OK = "ok"
-    GO = "go"
     RUNNING = "running"
     PAUSED = "paused"
     REFUSED = "refused"
@@ -192,7 +181,6 @@ LINES: dict[Say, tuple[tuple[str, type], ...] | None] = {
     Say.AT: (("bytes", int),),
     Say.ROUND: (("rounds", int),),
     Say.OK: (("bytes", int), ("end_at", float), ("applied_at", float)),     # or none (create, restore)
-    Say.GO: (),
     Say.RUNNING: (("resumed_at", float),),
     Say.PAUSED: (),
     Say.REFUSED: None,

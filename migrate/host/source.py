@@ -39,8 +39,8 @@ from ..stream import FORMAT_VERSION
 from . import learned, tls
 from .protocol import convergence_from_request, convergence_request
 from .channel import (
-    CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, HANDOFF_MAGIC, MAX_CHANNELS, PROTO,
-    RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, TOKEN_BYTES, WELCOME_TIMEOUT,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
+    RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError,
 )
 
@@ -110,17 +110,14 @@ class MigrateJob:
         return cls(host, port, live, tls_dir, insecure, conv, compress, channels, paused)
 
     # -- the steps -------------------------------------------------------------
-    def connect(self, preamble: bytes = b"") -> Channel:
-        """A connection to the destination, TLS started (unless insecure); ``preamble``:
-        plain bytes to send first (the handoff connection's)."""
+    def connect(self) -> Channel:
         where = f"{self.host}:{self.port}"
         ctx = None if self.insecure else _client_context(self.tls_dir)
         try:
             raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
-            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            raw.sendall(preamble)
         except OSError as exc:
             raise RelocationError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is None:
             return Channel(raw)
         try:
@@ -144,7 +141,7 @@ class MigrateJob:
                 ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
                         memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
                         cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
-                        channels=self.channels, vcpus=cfg.vcpus, handoff=True)
+                        channels=self.channels, vcpus=cfg.vcpus)
                 welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
             except PeerError as exc:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
@@ -153,64 +150,36 @@ class MigrateJob:
             if welcome["stream_version"] != FORMAT_VERSION:
                 raise RelocationError(f"{self.host}:{self.port} asks for stream version "
                                       f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
-            channel_id, token = self.relocation_keys(welcome)
-            handoff = self.open_handoff(channel_id, token) if welcome.get("handoff") is True else None
-            links: list[socket.socket] = []
+            links, token = self.open_channels(welcome)
+            setup = time.monotonic() - t0
             sink = None
             gc_hold = GcHold()      # a live save holds collections off from its pause on
             try:
-                links = self.open_channels(welcome, channel_id)
-                setup = time.monotonic() - t0
                 out = DataBuffer(ch)
                 sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links \
                     else RelaySink(out.write, out.flush)
-                return self._stream_and_handoff(domain, ch, handoff or ch, t0, setup, was_running, progress,
-                                                cancel, links, out, sink, before_go, gc_hold)
+                return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
+                                                links, out, sink, before_go, gc_hold)
             finally:
                 gc_hold.release()       # after the handoff: RESTORED's answer waited on none
                 if sink is not None:
                     sink.close()        # after the handoff: freeing the data plane is no downtime
                 for sock in links:
                     sock.close()
-                if handoff is not None:
-                    handoff.close()
         finally:
             ch.close()
 
-    def relocation_keys(self, welcome: dict) -> tuple[bytes, bytes]:
-        """WELCOME's ``channel_id`` and ``channel_token`` when it grants data channels or a
-        handoff connection (else empty), checked, with what it grants."""
-        granted, handoff = welcome.get("channels", 0), welcome.get("handoff", False)
-        if not (isinstance(granted, int) and not isinstance(granted, bool) and 0 <= granted <= self.channels
-                and isinstance(handoff, bool)):
-            raise RelocationError(f"{self.host}:{self.port} granted channels or a handoff connection "
-                                  f"badly: {granted!r}, {handoff!r}")
-        if not (granted or handoff):
-            return b"", b""
-        channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
-        if not (isinstance(channel_id, bytes) and len(channel_id) == 16 and isinstance(token, bytes)
-                and len(token) == TOKEN_BYTES):
-            raise RelocationError(f"{self.host}:{self.port} sent a bad channel_id or channel_token")
-        return channel_id, token
-
-    def open_handoff(self, channel_id: bytes, token: bytes) -> Channel:
-        """The handoff connection (specs/relocation.md, "Handoff connection"): its
-        preamble, TLS as for the control connection, then HANDOFF with the token."""
-        link = self.connect(CHANNEL_PREAMBLE.pack(HANDOFF_MAGIC, channel_id, 0, 0))
-        try:
-            link.send("HANDOFF", token=token)
-        except ChannelError as exc:
-            link.close()
-            raise RelocationError(f"handoff connection to {self.host}:{self.port}: {exc}") from None
-        return link
-
-    def open_channels(self, welcome: dict, channel_id: bytes) -> list[socket.socket]:
+    def open_channels(self, welcome: dict) -> tuple[list[socket.socket], bytes]:
         """The data channels WELCOME granted (specs/relocation.md, "Data channels"): TCP
         connections to the daemon's address, each opening with its preamble; their TLS
-        handshakes happen in the data plane. Failures are RelocationError."""
+        handshakes happen in the data plane. Refusals and failures are RelocationError."""
         granted = welcome.get("channels", 0)
         if not granted:
-            return []
+            return [], b""
+        channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
+        if not (isinstance(granted, int) and 0 < granted <= self.channels and isinstance(channel_id, bytes)
+                and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32):
+            raise RelocationError(f"{self.host}:{self.port} granted channels badly: {granted!r}")
         links = []
         try:
             for index in range(granted):
@@ -224,7 +193,7 @@ class MigrateJob:
                 sock.close()
             raise RelocationError(f"cannot open data channel {len(links)} to {self.host}:{self.port}: "
                                   f"{exc.strerror or exc}") from None
-        return links
+        return links, token
 
     def channel_outputs(self, links: list[socket.socket], token: bytes) -> list:
         """A data plane Output per channel, TLS started and the channel header written."""
@@ -244,12 +213,9 @@ class MigrateJob:
                 tls_ctx.close()
         return outputs
 
-    def _stream_and_handoff(self, domain, ch, link, t0, setup, was_running, progress, cancel, links,
+    def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
                             out, sink, before_go, gc_hold) -> dict:
-        """``link``: where RESTORED, GO and RUNNING pass: the handoff connection, or ``ch``
-        (the control connection) when the destination granted none."""
         where = f"{self.host}:{self.port}"
-        direct = link is not ch
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
         conv = self.convergence
@@ -308,7 +274,7 @@ class MigrateJob:
             raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
         paused_at = stats.start_time + stats.pause_offset
         try:
-            restored = link.expect("RESTORED", RESTORED_TIMEOUT)
+            restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
             trace.mark("S RESTORED read")
             if before_go is not None:
                 before_go()
@@ -326,17 +292,9 @@ class MigrateJob:
         try:
             if self.disk_lock is not None:      # the destination takes it on GO
                 self.disk_lock.release_writer()
-            try:
-                link.send("GO", paused=stay_paused)
-                trace.mark("S GO sent")
-                running = link.expect("RUNNING", RUNNING_TIMEOUT)
-            except ChannelError as exc:
-                if not direct:
-                    raise
-                # the handoff connection failed at GO or after: the daemon, which followed its
-                # domain process, says whether the guest runs there or provably never ran
-                log.warning("handoff connection to %s failed at GO (%s): asking the daemon", where, exc)
-                running = ch.expect("RUNNING", RUNNING_TIMEOUT)
+            ch.send("GO", paused=stay_paused)
+            trace.mark("S GO sent")
+            running = ch.expect("RUNNING", RUNNING_TIMEOUT)
             trace.mark("S RUNNING read")
         except PeerError as exc:
             _logging_off(domain)
