@@ -33,7 +33,8 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
 HOST_IP, GUEST_IP = "10.88.0.1", "10.88.0.2"
-BASE = 0x300000             # boot info; page tables from BASE + 0x1000; the shim at BASE + 0x7000
+BASE = 0x10000              # boot info; page tables from BASE + 0x1000; the shim at BASE + 0x7000
+                            # (below the image, whose .bss reaches up to 4 MiB, and above QEMU's firmware stack)
 MEMORY = 64 << 20
 SHIM = r"""
     .code32
@@ -122,7 +123,7 @@ def build_elf(work: Path, info, name: str) -> Path:
         struct.pack_into("<Q", low, 0x3000 + 8 * n, (n << 21) | 0xE7)
     low += (work / "shim.bin").read_bytes()
     image = gboot.image_path().read_bytes()
-    segments = [(0x100000, image, BASE - 0x100000), (BASE, bytes(low), len(low))]
+    segments = [(gboot.IMAGE_BASE, image, gboot.WORKLOAD_BASE - gboot.IMAGE_BASE), (BASE, bytes(low), len(low))]
     note = struct.pack("<III", 4, 8, 18) + b"Xen\0" + struct.pack("<Q", BASE + 0x7000)  # PHYS32_ENTRY
     phnum = len(segments) + 1
     offset = 64 + 56 * phnum
