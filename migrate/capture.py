@@ -29,14 +29,13 @@ from .kvm._lib import ffi, lib
 from .kvm.errors import KvmError, msr_refused
 from .kvm.state import set_msrs
 from .stream.hvm import (
-    CLOCK, DEBUGREGS, EVENTS, IOAPIC, PDPTRS, PIC_CHIP, PIT, PLATFORM_CODECS, REGS, SREGS, VCPU_FIELDS, XCRS,
-    HvmBodies, Layout,
+    CLOCK, DEBUGREGS, EVENTS, IOAPIC, MSR_ENTRY, MSR_HEADER, PDPTRS, PIC_CHIP, PIT, PLATFORM_CODECS, REGS, SREGS,
+    VCPU_FIELDS, XCRS, HvmBodies, Layout,
 )
 from .stream.records import RecordType, Vm
 
 ZERO = lib.HVM_CAP_ZERO
 _U32 = struct.Struct("<I")
-_MSR_ENTRY = struct.Struct("<IIQ")
 
 # Each record kept as one kernel struct: the struct, the suffix of its KVM_GET_/KVM_SET_
 # ioctls, and the stream's layout of it (None: the record carries the whole struct).
@@ -253,7 +252,7 @@ def _msrs_apply(fd: int, count: int) -> tuple[RecordType, _Apply]:
     entries = ffi.sizeof("struct kvm_msr_entry")
     return RecordType.VCPU_MSRS, _Apply("msrs", fd, "struct kvm_msrs", "KVM_SET_MSRS",
                                         [(ffi.sizeof("struct kvm_msrs"), entries * count)] if count else [],
-                                        body_at=16, prefill=struct.pack("<II", count, 0),
+                                        body_at=MSR_HEADER.size, prefill=struct.pack("<II", count, 0),
                                         size=ffi.sizeof("struct kvm_msrs") + entries * count, expect=count)
 
 
@@ -293,7 +292,7 @@ class _Program:
             rtype, step = self.steps[self.failed[0]]
             done = self.c_steps[self.failed[0]].result
             if rc == -errno.ERANGE and step.expect >= 0 and done >= 0:     # KVM_SET_MSRS set only the first `done`
-                index, _, value = _MSR_ENTRY.unpack_from(bodies[rtype], 16 + 16 * done)
+                index, _, value = MSR_ENTRY.unpack_from(bodies[rtype], MSR_HEADER.size + MSR_ENTRY.size * done)
                 raise _in_step(msr_refused(index, value), what, step.name)
             raise _in_step(KvmError(step.ioctl, -rc), what, step.name)
 
@@ -357,21 +356,20 @@ class StateApply:
         """This VCPU_MSRS body goes to KVM as it is (``direct_msrs``: exactly those MSRs)."""
         if self.direct_msrs is None:
             return False
-        if len(body) != 16 + 16 * len(self.direct_msrs):
+        if len(body) != MSR_HEADER.size + MSR_ENTRY.size * len(self.direct_msrs):
             return False
-        return not self.direct_msrs or memoryview(body)[16:].cast("I")[::4].tolist() == self.direct_msrs
+        indices = memoryview(body)[MSR_HEADER.size:].cast("I")[::MSR_ENTRY.size // 4]     # each entry's first u32
+        return not self.direct_msrs or indices.tolist() == self.direct_msrs
 
     def apply_vcpu(self, index: int, bodies: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
         """The vCPU ``index``'s records (bodies by type) and the MSRs to set (decoded, as the
         CPU policy lets them be set here: ``msrs_to_apply``), or None to set them from the
         VCPU_MSRS body as it is (only when :meth:`takes_msrs_as_saved` says so)."""
         what = f"applying vCPU {self.vcpus[index].id} state"
-        if msrs is None:
-            without, with_pdptrs = self.whole[index]
-            (with_pdptrs if pdptrs_valid and self.sregs2 else without).run(bodies, what)
-            return
-        without, with_pdptrs = self.before[index]
+        without, with_pdptrs = self.whole[index] if msrs is None else self.before[index]
         (with_pdptrs if pdptrs_valid and self.sregs2 else without).run(bodies, what)
+        if msrs is None:
+            return
         try:
             set_msrs(self.vcpus[index], msrs)
         except KvmError as exc:
