@@ -97,13 +97,23 @@ def qemu_command(elf: Path, memory_mib: int, console: Path) -> list[str]:
             "-display", "none", "-serial", f"file:{console}", "-kernel", str(elf)]
 
 
+def boot_info(workload: str, memory: int, tsc_khz: int, args: list[int], flags: int = 0):
+    """The boot-info page of ``workload`` in a guest of ``memory`` bytes booted through the
+    shim, which maps the low 4 GiB only (at most 3 GiB of RAM); the UART always on."""
+    from migrate.guest import boot as gboot
+    layout = gboot.ram_layout(memory)
+    if len(layout) != 1:
+        raise SystemExit("the QEMU shim maps the low 4 GiB: at most 3 GiB of guest memory")
+    wl_base, wl_size = gboot.workload_region(layout)
+    return gboot.BootInfo(workload=gboot.WORKLOADS[workload], timer_hz=100, mem_size=memory, wl_base=wl_base,
+                          wl_size=wl_size, tsc_khz=tsc_khz, args=args, flags=gboot.BOOT_F_UART | flags)
+
+
 def netecho_info(tsc_khz: int, opts: int):
     """The boot-info page of the netecho guest on QEMU's virtio-net (the shim finds it)."""
     from migrate.guest import boot as gboot
-    return gboot.BootInfo(workload=gboot.WORKLOADS["netecho"], timer_hz=100, mem_size=MEMORY,
-                          wl_base=gboot.WORKLOAD_BASE, wl_size=MEMORY - gboot.WORKLOAD_BASE, tsc_khz=tsc_khz,
-                          args=[int.from_bytes(socket.inet_aton(GUEST_IP), "big"), opts],
-                          flags=gboot.BOOT_F_UART | gboot.BOOT_F_NET, net_base=0)
+    return boot_info("netecho", MEMORY, tsc_khz, [int.from_bytes(socket.inet_aton(GUEST_IP), "big"), opts],
+                     gboot.BOOT_F_NET)
 
 
 def build_elf(work: Path, info, name: str) -> Path:

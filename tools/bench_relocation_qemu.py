@@ -34,7 +34,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "tools"))
 
-from bench_net_qemu import build_elf, qemu_command, qemu_missing, tsc_khz  # noqa: E402
+from bench_net_qemu import boot_info, build_elf, qemu_command, qemu_missing, tsc_khz  # noqa: E402
 from bench_relocation import CASES, CONTENT  # noqa: E402
 
 MIB = 1 << 20
@@ -233,7 +233,6 @@ def main() -> int:
     opts = ap.parse_args()
     if qemu_missing():
         return 1
-    from migrate.guest import boot as gboot
     khz = tsc_khz()
     version = subprocess.run(["qemu-system-x86_64", "--version"], capture_output=True,
                              text=True).stdout.split("\n")[0]
@@ -242,17 +241,11 @@ def main() -> int:
     with tempfile.TemporaryDirectory(prefix="hvm-qemu-reloc-") as tmp:
         work = Path(tmp)
         tls_dir = None if opts.insecure else qemu_dirs(work)
-        layout = gboot.ram_layout(opts.memory * MIB)
-        if len(layout) != 1:
-            raise SystemExit("the QEMU shim maps the low 4 GiB: at most 3 GiB of guest memory")
-        wl_base, wl_size = gboot.workload_region(layout)
         for case in opts.case or ["idle", "flat63", "paced63", "flat511"]:
             workload, args, what = CASES[case]
             if workload == "dirtier":
                 args = args + [CONTENT[opts.content]]
-            info = gboot.BootInfo(workload=gboot.WORKLOADS[workload], timer_hz=100, mem_size=opts.memory * MIB,
-                                  wl_base=wl_base, wl_size=wl_size, tsc_khz=khz, args=args, flags=gboot.BOOT_F_UART)
-            elf = build_elf(work, info, f"{case}-pvh.elf")
+            elf = build_elf(work, boot_info(workload, opts.memory * MIB, khz, args), f"{case}-pvh.elf")
             started = rf"^{workload} start"          # idle and dirtier say so when they start
             print(f"== {case}: {what}", flush=True)
             sides: dict[str, list[dict]] = {"QEMU": [], "hvm-migrate": []}
