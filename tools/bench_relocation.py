@@ -85,16 +85,27 @@ def ledger_check(name: str, base: Path, seed: int, npages: int, after_gen: int, 
     raise SystemExit(f"no new ledger line on {base} within {timeout}s")
 
 
-def serve(base: Path, tls_dir: str | None, hugepages: bool = False) -> tuple[subprocess.Popen, int]:
+def host_cpus() -> list[set[int]]:
+    """This machine's CPUs in two halves, one per host (--pin)."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) < 2:
+        raise SystemExit("--pin needs at least two CPUs")
+    return [set(cpus[:len(cpus) // 2]), set(cpus[len(cpus) // 2:])]
+
+
+def serve(base: Path, tls_dir: str | None, hugepages: bool = False,
+          cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
     """An `hvm host serve` on a free loopback port, state in ``base`` (plain TCP without
-    ``tls_dir``; ``hugepages``: incoming guests on huge pages)."""
+    ``tls_dir``; ``hugepages``: incoming guests on huge pages; ``cpus``: the daemon and
+    every domain process it starts run on these CPUs only)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     security = (["--tls-dir", tls_dir] if tls_dir else ["--insecure"]) + (["--hugepages"] if hugepages else [])
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--listen",
                              f"127.0.0.1:{port}", *security],
-                            env={**os.environ, "HVM_STATE_DIR": str(base)}, stderr=subprocess.PIPE, text=True)
+                            env={**os.environ, "HVM_STATE_DIR": str(base)}, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=(lambda: os.sched_setaffinity(0, cpus)) if cpus else None)
     for _ in range(4):
         if "listening on" in proc.stderr.readline():
             return proc, port
@@ -311,6 +322,9 @@ def main() -> int:
     ap.add_argument("--downtime-ms", type=int, default=30)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to run before each move")
     ap.add_argument("--check", action="store_true", help="ledger: verify a self-check after each move")
+    ap.add_argument("--pin", action="store_true",
+                    help="two hosts of half the CPUs each: each host's daemon and domain processes "
+                         "on their own CPUs (the source and the destination then do not share a core)")
     ap.add_argument("--json", action="store_true")
     opts = ap.parse_args()
     if opts.workload:
@@ -332,7 +346,9 @@ def main() -> int:
         bases = [root / "a", root / "b"]
         pool = machine_limits.HugePagePool(2 * opts.memory // 2 + 8 if opts.hugepages else 0)
         pool.__enter__()
-        servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages) for base in bases]
+        halves = host_cpus() if opts.pin else [None, None]
+        servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages, cpus)
+                   for base, cpus in zip(bases, halves)]
         try:
             for label, workload, args in cases:
                 if not opts.json:
