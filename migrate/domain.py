@@ -74,6 +74,23 @@ def _decoded(bodies: dict[RecordType, bytes], rtype: RecordType):
     return HvmState.unpack_as(rtype, bodies[rtype]).state
 
 
+CR0_PG, CR4_PAE, EFER_LMA = 1 << 31, 1 << 5, 1 << 10
+KVM_WALL_CLOCK_MSRS = (0x11, 0x4B564D00)       # MSR_KVM_WALL_CLOCK and its _NEW twin
+
+
+def _touches_memory(bodies: dict[RecordType, bytes], sregs2: bool) -> bool:
+    """KVM reads or writes guest memory as it applies this vCPU's records: under PAE paging
+    it loads the PDPTRs from the page CR3 names, unless the records hold them and it takes
+    them (SREGS2); and a nonzero KVM wall clock MSR makes it write the wall clock into the
+    page that MSR names. State like that waits for the last page."""
+    sregs = _decoded(bodies, RecordType.VCPU_SREGS)
+    pae = sregs["cr0"] & CR0_PG and sregs["cr4"] & CR4_PAE and not sregs["efer"] & EFER_LMA
+    if pae and not (sregs2 and _pdptrs_valid(bodies)):
+        return True
+    msrs = _decoded(bodies, RecordType.VCPU_MSRS)
+    return any(msrs.get(index) for index in KVM_WALL_CLOCK_MSRS)
+
+
 def _pdptrs_valid(bodies: dict[RecordType, bytes]) -> bool:
     """The vCPU's VCPU_PDPTRS (optional) says the PDPTRs it holds are the ones in use."""
     return RecordType.VCPU_PDPTRS in bodies and bool(_decoded(bodies, RecordType.VCPU_PDPTRS)["flags"] & PDPTRS_VALID)
@@ -355,15 +372,31 @@ class Domain:
                       stub_build: str = "") -> None:
         """:meth:`apply` from the records a restore collected (``records``: each VM's HVM
         context records, complete; ``devices``: the stub's DEVICE_STATE records), applied
-        from their bodies in C (migrate/capture.py) by the same rules and in the same order."""
+        from their bodies in C (migrate/capture.py) by the same rules and in the same order:
+        :meth:`apply_state`, then :meth:`finish_apply`."""
+        self.apply_state(records, fresh_stub)
+        self.finish_apply(devices, fresh_stub, stub_build)
+
+    def apply_state(self, records: dict[Vm, HvmBodies], fresh_stub: bool = False, early: bool = False) -> bool:
+        """The pair's KVM state from ``records`` (as :meth:`apply_records`): the guest's
+        platform and vCPUs, and the stub's when it resumes from its image. It may be applied
+        again, from the same or other records, until :meth:`finish_apply`. ``early``: pages
+        may still be on their way (a relocation applies the state while the last round
+        arrives); then nothing is applied and False returned when KVM would read or write
+        guest memory as it applies this state (:func:`_touches_memory`)."""
         guest = _by_vcpu(records[Vm.GUEST])
         self._check_applicable(sorted(guest[0]), Vm.STUB in records)
-        msrs = [self._record_msrs(guest[0][v.id], self.cpu, self._applier, "the guest") for v in self.vcpus]
         stub = None
         if self.stub is not None and not fresh_stub:
             stub = _by_vcpu(records[Vm.STUB])
             if sorted(stub[0]) != [0]:
                 raise DomainError(f"state has stub vCPUs {sorted(stub[0])}, the stub [0]")
+        if early:
+            vcpus = [*guest[0].values(), *(stub[0].values() if stub else ())]
+            if any(_touches_memory(bodies, self._applier.sregs2) for bodies in vcpus):
+                return False
+        msrs = [self._record_msrs(guest[0][v.id], self.cpu, self._applier, "the guest") for v in self.vcpus]
+        if stub is not None:
             stub_msrs = self._record_msrs(stub[0][0], self.stub.cpu, self.stub.applier, "the stub")
         try:
             self._applier.apply_platform(guest[1])
@@ -371,8 +404,18 @@ class Domain:
                 self._applier.apply_vcpu(index, guest[0][vcpu.id], msrs[index], _pdptrs_valid(guest[0][vcpu.id]))
         except ValueError as exc:       # a body shorter than its program: the caller checked lengths
             raise DomainError(f"applying the guest's state: {exc}") from None
-        self._apply_stub(fresh_stub, devices, stub_build,
-                         lambda: self.stub.apply_records(stub[1], stub[0][0], stub_msrs, _pdptrs_valid(stub[0][0])))
+        if stub is not None:
+            try:
+                self.stub.apply_records(stub[1], stub[0][0], stub_msrs, _pdptrs_valid(stub[0][0]))
+            except StubError as exc:
+                raise DomainError(str(exc)) from None
+        return True
+
+    def finish_apply(self, devices: list[dict], fresh_stub: bool = False, stub_build: str = "") -> None:
+        """The rest of :meth:`apply_records` once every page is in, after :meth:`apply_state`:
+        the stub resumes from its image (checked against this domain) or boots afresh and
+        loads ``devices``."""
+        self._apply_stub(fresh_stub, devices, stub_build, self.stub.resume_image if self.stub else None)
 
     # -- memory and dirty log ---------------------------------------------
     def parts(self) -> list["VmSpace"]:

@@ -10,7 +10,7 @@ import pytest
 from migrate import capture
 from migrate.capture import StateApply, segments
 from migrate.cpu import CpuPolicy, HostCpu, MsrEntry, msrs_as_saved
-from migrate.domain import Domain, DomainConfig
+from migrate.domain import Domain, DomainConfig, _touches_memory
 from migrate.engine.state import state_bodies
 from migrate.kvm import KvmError
 from migrate.kvm._lib import ffi
@@ -18,6 +18,7 @@ from migrate.kvm.state import MSR_IA32_TSC
 from migrate.engine.state import config_record
 from migrate.stream import MemoryLayout, StreamWriter
 from migrate.stream.errors import StreamError
+from migrate.stream import hvm as layouts
 from migrate.stream.hvm import DTABLE, SEGMENT, Field, HvmBodies, HvmState, Layout
 from migrate.stream.records import RecordType, Vm
 
@@ -271,3 +272,76 @@ def test_an_msrs_body_goes_as_it_is_only_with_exactly_those_msrs():
     assert not takes(direct, body(0x10, 0x3B, 0x277, 0x6E0))
     assert not takes(SimpleNamespace(direct_msrs=None), body(0x10))
     assert takes(SimpleNamespace(direct_msrs=[]), body())
+
+
+def _changed(bodies: HvmBodies, change) -> HvmBodies:
+    """``bodies`` with each record's state passed through ``change(record)`` (in place)."""
+    records = bodies.records()
+    for record in records:
+        change(record)
+    return HvmBodies.of(bodies.vm, records)
+
+
+def _pae(record) -> None:
+    """A vCPU in 32-bit PAE paging whose PDPTRs KVM must read from guest memory."""
+    if record.type is RecordType.VCPU_SREGS:
+        record.state.update(cr0=record.state["cr0"] | 1 << 31 | 1, cr4=record.state["cr4"] | 1 << 5,
+                            efer=record.state["efer"] & ~(1 << 10 | 1 << 8))
+        record.state["cs"] = dict(record.state["cs"], l=0)             # no 64-bit code outside long mode
+    elif record.type is RecordType.VCPU_PDPTRS:
+        record.state["flags"] = 0
+
+
+def test_what_waits_for_the_pages():
+    """_touches_memory: PAE paging without PDPTRs KVM takes from the record, or a KVM wall
+    clock MSR set, make KVM read or write guest memory as it applies the vCPU."""
+    def bodies(cr0=0x80000011, cr4=0x20, efer=0x500, msrs=None, pdptrs=None):
+        sregs = dict(layouts.SREGS.zero(), cr0=cr0, cr4=cr4, efer=efer)
+        out = {RecordType.VCPU_SREGS: HvmState(RecordType.VCPU_SREGS, Vm.GUEST, 0, sregs).pack(),
+               RecordType.VCPU_MSRS: HvmState(RecordType.VCPU_MSRS, Vm.GUEST, 0, msrs or {0x10: 5}).pack()}
+        if pdptrs is not None:
+            out[RecordType.VCPU_PDPTRS] = HvmState(RecordType.VCPU_PDPTRS, Vm.GUEST, 0,
+                                                   {"flags": pdptrs, "pdptrs": [0] * 4}).pack()
+        return out
+    assert not _touches_memory(bodies(), sregs2=True)                          # long mode
+    assert not _touches_memory(bodies(cr0=0x11, efer=0), sregs2=False)          # no paging
+    assert _touches_memory(bodies(efer=0), sregs2=True)                         # PAE, no PDPTRS record
+    assert _touches_memory(bodies(efer=0, pdptrs=0), sregs2=True)               # ... not valid
+    assert _touches_memory(bodies(efer=0, pdptrs=1), sregs2=False)              # ... KVM cannot take them
+    assert not _touches_memory(bodies(efer=0, pdptrs=1), sregs2=True)
+    assert not _touches_memory(bodies(cr4=0, efer=0), sregs2=False)             # 32-bit paging: no PDPTRs
+    assert _touches_memory(bodies(msrs={0x10: 5, 0x11: 0x9000}), sregs2=True)  # wall clock
+    assert _touches_memory(bodies(msrs={0x4B564D00: 0x9000}), sregs2=True)
+    assert not _touches_memory(bodies(msrs={0x11: 0, 0x4B564D00: 0}), sregs2=True)
+
+
+@pytest.mark.kvm
+def test_early_apply_declines_state_that_touches_guest_memory(domains):
+    """Domain.apply_state(early=True) applies a long-mode guest's state at once, but for a
+    vCPU KVM would load PDPTRs for from guest memory it applies nothing and says so; END
+    then applies it (early=False)."""
+    cfg = DomainConfig("early", "idle", 16 << 20, stub=True)
+    src = Domain.boot(cfg)
+    domains.append(src)
+    src.resume()
+    src.console.wait_for(r"idle ticks=\d+", 10)
+    src.pause()
+    records = {vm: bodies for vm, (bodies, _) in src.capture_records().items()}
+    rip = src.vcpus[0].get_regs()["rip"]
+    for vm in (Vm.GUEST, Vm.STUB):
+        pae = {**records, vm: _changed(records[vm], _pae)}
+        dst = Domain(cfg, cpu=src.cpu, stub_cpu=src.stub.cpu)
+        domains.append(dst)
+        before = dst.vcpus[0].get_regs(), dst.stub.vcpu.get_regs()
+        assert dst.apply_state(pae, early=True) is False
+        assert (dst.vcpus[0].get_regs(), dst.stub.vcpu.get_regs()) == before      # nothing applied
+        assert dst.apply_state(pae) is True and dst.vcpus[0].get_regs()["rip"] == rip
+    dst = Domain(cfg, cpu=src.cpu, stub_cpu=src.stub.cpu)
+    domains.append(dst)
+    dst.memory[:] = bytes(src.memory)
+    dst.stub_memory[:] = bytes(src.stub_memory)
+    assert dst.apply_state(records, early=True) is True and dst.vcpus[0].get_regs()["rip"] == rip
+    dst.finish_apply([])
+    mark = dst.console.next_index
+    dst.resume()
+    dst.console.wait_for(r"idle ticks=\d+", 10, start=mark)

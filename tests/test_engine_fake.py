@@ -8,7 +8,7 @@ import time
 
 import pytest
 
-from migrate.config import Convergence, DomainConfig, DomainStatus
+from migrate.config import Convergence, DomainConfig, DomainError, DomainStatus
 from migrate.dataplane import DataplaneError
 from migrate.engine import (
     SaveCancelled, SaveError, SaveTimeout, file_chunks, restore, save, save_to_file, save_to_stream,
@@ -431,3 +431,77 @@ def test_the_first_bad_batch_is_the_error_even_when_a_later_one_fails_sooner(tmp
         restore(file_chunks(path), make_domain=FakeDomain)
     assert "PAGE_DATA_ZSTD bad zstd frame" in err.value.msg, err.value
     assert (err.value.record_index, err.value.record_type) == (at, RecordType.PAGE_DATA_ZSTD), err.value
+
+
+def pieces(data: bytes, size: int) -> list[bytes]:
+    return [data[i:i + size] for i in range(0, len(data), size)]
+
+
+def saved(tmp_path) -> tuple[FakeDomain, bytes]:
+    src = fake()
+    src.guest.write(1, b"x")
+    save_to_file(src, tmp_path / "s.hvm")
+    return src, (tmp_path / "s.hvm").read_bytes()
+
+
+def test_a_relocation_applies_the_state_while_its_last_pages_come(tmp_path):
+    """A relocation's receiver (warm) applies the CPU state as soon as all of it has come,
+    between two chunks, before the pages after it and END; the domain is still handed over
+    only after END. Without warm, or with the state and END in one chunk, END applies it."""
+    src, data = saved(tmp_path)
+    dom, stats = restore(pieces(data, 256), make_domain=FakeDomain, fresh_stub=False, warm=True)
+    assert stats.state_early and dom.applied_early is True
+    assert dom.applied.vcpus[0].regs["rip"] == 1 and dom.guest.views[0][4096:4097] == b"x"
+    for chunks, warm in ((pieces(data, 256), False), ([data], True)):
+        dom, stats = restore(chunks, make_domain=FakeDomain, fresh_stub=False, warm=warm)
+        assert not stats.state_early and dom.applied_early is False and dom.applied.vcpus[0].regs["rip"] == 1
+
+
+def test_state_that_comes_after_the_early_apply_is_applied_at_end(tmp_path):
+    """An optional record (VCPU_PDPTRS) after the state the restore requires: applied
+    again between chunks if it comes in one of its own, else at END; never lost."""
+    _, data = saved(tmp_path)
+    (tmp_path / "plain.hvm").write_bytes(data)
+    late = HvmState(RecordType.VCPU_PDPTRS, Vm.GUEST, 0, {"flags": 1, "pdptrs": [1, 2, 3, 4]})
+    writer, parts = StreamWriter(), []
+    parts.append(writer.start())
+    for record in records(tmp_path / "plain.hvm"):
+        if isinstance(record, End):
+            at = len(b"".join(parts))
+            parts.append(writer.record(late))
+            end = len(b"".join(parts))
+            parts.append(writer.finish())
+        else:
+            parts.append(writer.record(record))
+    data = b"".join(parts)
+    for chunks, early in (([*pieces(data[:at], 256), data[at:]], False),
+                          ([*pieces(data[:at], 256), data[at:end], data[end:]], True)):
+        dom, stats = restore(chunks, make_domain=FakeDomain, fresh_stub=False, warm=True)
+        assert stats.state_early is early
+        assert dom.applied.vcpus[0].pdptrs == {"flags": 1, "pdptrs": [1, 2, 3, 4]}
+
+
+def test_a_domain_may_refuse_or_fail_the_early_apply(tmp_path, monkeypatch):
+    """apply_state(early=True) returning False (applying would touch guest memory) or
+    failing leaves the state to END, which reports the failure if it recurs."""
+    _, data = saved(tmp_path)
+    calls = []
+
+    def declines(self, records, fresh_stub=False, early=False):
+        calls.append(early)
+        return False if early else real(self, records, fresh_stub, early)
+    real = FakeDomain.apply_state
+    monkeypatch.setattr(FakeDomain, "apply_state", declines)
+    dom, stats = restore(pieces(data, 256), make_domain=FakeDomain, fresh_stub=False, warm=True)
+    assert calls == [True, False] and not stats.state_early and dom.applied.vcpus[0].regs["rip"] == 1
+
+    def fails(self, records, fresh_stub=False, early=False):
+        calls.append(early)
+        raise DomainError("KVM refuses MSR 0x1234")
+    calls.clear()
+    built = []
+    monkeypatch.setattr(FakeDomain, "apply_state", fails)
+    with pytest.raises(DomainError, match="MSR 0x1234"):
+        restore(pieces(data, 256), make_domain=lambda c, **k: built.append(FakeDomain(c, **k)) or built[-1],
+                fresh_stub=False, warm=True)
+    assert calls == [True, False] and built[0].status is DomainStatus.DESTROYED

@@ -253,6 +253,24 @@ def test_a_live_move_reports_nothing_once_paused(hosts, pki):
 
 
 @pytest.mark.kvm
+def test_the_receiver_applies_the_state_while_the_last_pages_come(hosts, pki, tmp_path, monkeypatch):
+    """The receiving process applies the pair's CPU state as soon as all of it has come,
+    before it reads END (specs/stream-format.md, "Restore", step 6): its trace marks say so.
+    The guest then runs on there."""
+    src, dst, daemon = hosts
+    b = daemon(dst)
+    control.create_domain(DomainConfig("early", "idle", 16 << 20, stub=True))
+    wait_console("early", src, r"idle ticks=\d+")
+    monkeypatch.setenv("HVM_TRACE", str(tmp_path / "trace"))       # the receiving process inherits it
+    migrate_domain("early", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+    marks = [[line.split(" ", 4)[4] for line in path.read_text().splitlines()]
+             for path in (tmp_path / "trace").iterdir()]
+    [receiver] = [labels for labels in marks if "R END read" in labels]
+    assert receiver.index("R state applied early") < receiver.index("R END read"), receiver
+    wait_console("early", dst, r"idle ticks=\d+", after=len(console("early", dst)))
+
+
+@pytest.mark.kvm
 def test_peers_outside_the_ca_are_refused_before_guest_state(hosts, pki, tmp_path):
     src, dst, daemon = hosts
     b = daemon(dst)

@@ -71,13 +71,13 @@ def test_stub_build_decides_the_path(domains, disk, tmp_path, monkeypatch):
     save_to_file(src, path)
     src.destroy()
     chosen = []
-    real_apply = Domain.apply_records
+    real_finish = Domain.finish_apply
 
-    def spy(self, records, devices, fresh_stub=False, stub_build=""):
+    def spy(self, devices, fresh_stub=False, stub_build=""):
         chosen.append(fresh_stub)
-        return real_apply(self, records, devices, fresh_stub=fresh_stub, stub_build=stub_build)
+        return real_finish(self, devices, fresh_stub=fresh_stub, stub_build=stub_build)
 
-    monkeypatch.setattr(Domain, "apply_records", spy)
+    monkeypatch.setattr(Domain, "finish_apply", spy)
     dom, _ = restore(file_chunks(path))                     # same build: the image
     domains.append(dom)
     dom.destroy()

@@ -129,12 +129,12 @@ def test_no_collection_while_a_live_moves_state_is_read_and_applied(tmp_path, mo
 
     def make(config, **cpu):
         built = FakeDomain(config, **cpu)
-        apply = built.apply_records
+        apply = built.finish_apply
 
         def watched(*args, **kwargs):
             seen.append(gc.isenabled())
             return apply(*args, **kwargs)
-        built.apply_records = watched
+        built.finish_apply = watched
         return built
     restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False, warm=True)
     restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False)

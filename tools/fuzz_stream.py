@@ -303,16 +303,19 @@ def check_message(exc: Exception) -> None:
 
 @contextlib.contextmanager
 def fake_host():
-    """While it lasts, a version-1 restore asks host_without_kvm() instead of KVM (the
-    patch is undone afterwards: other code in the process keeps the real host)."""
+    """While it lasts, a version-1 restore asks host_without_kvm() instead of KVM, and a
+    relocation's restore (warm) skips the warming of its state paths, which would only
+    slow the fuzzer (the patches are undone afterwards: other code in the process keeps
+    the real host)."""
     restore_module = importlib.import_module("migrate.engine.restore")   # the package exports a function of that name
-    real = restore_module.this_host
+    real, real_warm = restore_module.this_host, restore_module.warm.restore_paths
     host = host_without_kvm()
     restore_module.this_host = lambda: host
+    restore_module.warm.restore_paths = lambda: None
     try:
         yield
     finally:
-        restore_module.this_host = real
+        restore_module.this_host, restore_module.warm.restore_paths = real, real_warm
 
 
 def one_input(data: bytes) -> None:
@@ -328,8 +331,8 @@ def one_input(data: bytes) -> None:
     pieces = (data[:split_at], data[split_at:])
     try:
         if data[-1] & 1:        # the restore engine: raw batches, the C scatter, the collectors
-            with fake_host():
-                restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2))
+            with fake_host():   # warm: a relocation's, which applies the state between pieces
+                restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2), warm=bool(data[-1] & 4))
         else:                   # the reader alone, decoding page batches in Python
             decoded, error = read_all(StreamReader(), pieces)
             kept, _ = read_all(StreamReader(hvm_bodies=True), pieces)

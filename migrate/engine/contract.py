@@ -115,13 +115,19 @@ class RestorableDomain(Protocol):
     def parts(self) -> list[VmPart]:
         """Where pages go: the guest, then the stub if there is one."""
 
-    def apply_records(self, records: dict, devices: list[dict], fresh_stub: bool = False,
-                      stub_build: str = "") -> None:
-        """Apply the collected state (a never-run domain): ``records``, by stream VM id, each
-        VM's HVM context records (a :class:`migrate.stream.hvm.HvmBodies`, complete, each
-        body checked as the reader checks it), and ``devices``, the stub's DEVICE_STATE
-        records; ``fresh_stub``: the stub boots anew and loads the device records instead of
-        resuming from its memory."""
+    def apply_state(self, records: dict, fresh_stub: bool = False, early: bool = False) -> bool:
+        """Apply the collected CPU state to the never-run domain: ``records``, by stream VM
+        id, each VM's HVM context records (a :class:`migrate.stream.hvm.HvmBodies`,
+        complete, each body checked as the reader checks it); the stub's are not applied
+        when ``fresh_stub`` (the stub boots anew). May be called again, with the same or
+        other records, until :meth:`finish_apply`. ``early``: pages may still arrive after
+        it; a domain whose applying would read or write guest memory then applies nothing
+        and returns False (True: applied)."""
+
+    def finish_apply(self, devices: list[dict], fresh_stub: bool = False, stub_build: str = "") -> None:
+        """The rest, once every page is in, after :meth:`apply_state`: ``devices``, the
+        stub's DEVICE_STATE records, loaded by a fresh stub (``fresh_stub``), which boots
+        anew; otherwise the stub resumes from its memory (``stub_build``: its build)."""
 
     def destroy(self) -> None: ...
 

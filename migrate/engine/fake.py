@@ -152,6 +152,8 @@ class FakeDomain:
         self.prepared = 0                   # prepare_capture() calls
         self.captures = 0
         self.applied: DomainState | None = None
+        self.state_records: dict | None = None      # apply_state's, until finish_apply
+        self.applied_early: bool | None = None      # how apply_state was last called
         self.fresh_stub: bool | None = None
         self.guest = FakeSpace(Vm.GUEST, guest_layout(config.memory), cpu or fake_cpu(), lambda s: s)
         self._parts = [self.guest]
@@ -206,9 +208,15 @@ class FakeDomain:
         state = self.capture()
         return {part.vm: state_bodies(part.state_of(state), part.vm) for part in self.parts()}
 
-    def apply_records(self, records: dict, devices: list[dict], fresh_stub: bool = False,
-                      stub_build: str = "") -> None:
-        apply_bodies(self, self.config, records, devices, fresh_stub, stub_build)
+    def apply_state(self, records: dict, fresh_stub: bool = False, early: bool = False) -> bool:
+        """Keeps the records (a fake has no CPU to set): finish_apply applies them."""
+        if self.status is not DomainStatus.PAUSED or self.applied is not None:
+            raise DomainError("state can only be applied to a domain that has not run")
+        self.state_records, self.applied_early = records, early
+        return True
+
+    def finish_apply(self, devices: list[dict], fresh_stub: bool = False, stub_build: str = "") -> None:
+        apply_bodies(self, self.config, self.state_records, devices, fresh_stub, stub_build)
 
     def apply(self, state: DomainState, fresh_stub: bool = False, stub_build: str = "") -> None:
         if self.status is not DomainStatus.PAUSED or self.applied is not None:

@@ -8,7 +8,10 @@ describes no CPU, restores with this host's). Pages are written into its RAM as 
 batches arrive (the last copy of a page wins): the reader hands each batch's body over
 and the data plane (``migrate.dataplane.Target``) checks all of it, its data included,
 before it writes the pages into the guest's memory file. HVM context records are
-collected and applied only after END has been read and validated (counts and digest). Any error destroys whatever was built and propagates:
+collected; the domain resumes only after END has been read and validated (counts and
+digest), and the state is applied then, except that a relocation (``warm``) applies the
+CPU state as soon as all of it is here, while its last pages are still on their way
+(specs/stream-format.md, "Restore"). Any error destroys whatever was built and propagates:
 StreamError for bad bytes, RestoreError for a valid stream this build cannot restore.
 
 The stub: its MEMORY_LAYOUT must match the stub RAM the domain built, its pages go
@@ -29,7 +32,7 @@ from typing import Any, Callable, Iterable
 from .. import trace
 from ..cpu import legacy_policy, this_host
 from ..dataplane import DataplaneError, Range, Target
-from ..domain import Domain, DomainConfig, guest_layout
+from ..domain import Domain, DomainConfig, DomainError, guest_layout
 from ..stream import (
     DONE, NEED_DATA, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
     MsrPolicy, RecordType, StreamError, StreamReader, Vm,
@@ -58,6 +61,7 @@ class RestoreStats:
     seconds: float = 0.0
     end_at: float = 0.0             # time.monotonic() when END had been read and checked
     applied_at: float = 0.0         # time.monotonic() when the state had been applied
+    state_early: bool = False       # the CPU state went in before END (_Restorer.apply_early)
 
     @property
     def throughput(self) -> float:
@@ -186,6 +190,10 @@ class _Restorer:
         self.cpus = CpuCollector()
         self.devices: list[dict] = []
         self.device_bytes = 0                # their size in the stub's binary form
+        self.state_seen = 0                  # HVM context records collected
+        self.state_tried = 0                 # state_seen at the last try of apply_early
+        self.state_applied: int | None = None    # state_seen when apply_early applied them
+        self.applied_records: dict | None = None    # and the records it applied
         self.stats = RestoreStats()
         self.end_seen = False
         self._dispatch = {
@@ -271,6 +279,7 @@ class _Restorer:
     def on_hvm(self, record: HvmState) -> None:
         if self.warm:               # a live move's state: the source is paused from here on
             self.gc.hold()
+        self.state_seen += 1
         if record.vm is Vm.GUEST:
             self.collector.add(record)
         elif not self.config.stub:
@@ -315,22 +324,52 @@ class _Restorer:
             self.channels.finish(self.channels_record, CHANNELS_TIMEOUT)
         self.stats.end_at = time.monotonic()
         trace.mark("R pages all placed")
-        records = {Vm.GUEST: self.collector.records(self.config, Vm.GUEST)}
-        if self.config.stub:
-            records[Vm.STUB] = self.stub_collector.records(self.config, Vm.STUB)
-            if not self.devices:
-                raise RestoreError("stream carries a stub but no device state")
+        self.stats.state_early = self.state_applied == self.state_seen
+        records = self.applied_records if self.stats.state_early else self.state_records()
+        if self.config.stub and not self.devices:
+            raise RestoreError("stream carries a stub but no device state")
         if self.fresh_stub:
             self.release()                   # the stub boots afresh: no views of it held
         # Otherwise the data plane is released when the stream ends (restore()), after
         # on_applied and on_complete: closing channels joins their threads, which may take
         # milliseconds to be scheduled, and that is no part of the downtime. Nothing is
         # placed after a channel's FINAL sync, and every batch so far has been placed (settle).
-        self.domain.apply_records(records, self.devices, fresh_stub=bool(self.fresh_stub),
-                                  stub_build=self.stub_build)
+        fresh = bool(self.fresh_stub)
+        if not self.stats.state_early:
+            self.domain.apply_state(records, fresh)
+        self.domain.finish_apply(self.devices, fresh, self.stub_build)
         self.stats.applied_at = time.monotonic()
         trace.mark("R state applied")
         self.end_seen = True
+
+    def state_records(self) -> dict:
+        """Each VM's HVM context records, complete (else RestoreError, naming what lacks)."""
+        records = {Vm.GUEST: self.collector.records(self.config, Vm.GUEST)}
+        if self.config.stub:
+            records[Vm.STUB] = self.stub_collector.records(self.config, Vm.STUB)
+        return records
+
+    def apply_early(self) -> None:
+        """Between two chunks of a relocation's stream: once every HVM context record the
+        restore requires is here, apply them (RestorableDomain.apply_state, ``early``), so
+        that at END only :meth:`finish_apply` is left, off the downtime the last pages
+        take to come. The domain has not run and resumes only after END; a record that
+        comes after this (an optional one) has END apply the whole state again, and so has
+        a failure here, which END then reports."""
+        if self.domain is None or self.state_seen == self.state_tried:
+            return
+        self.state_tried = self.state_seen
+        try:
+            records = self.state_records()
+        except RestoreError:
+            return                      # not all here yet
+        trace.mark("R state complete")
+        try:
+            if self.domain.apply_state(records, bool(self.fresh_stub), early=True):
+                self.state_applied, self.applied_records = self.state_seen, records
+                trace.mark("R state applied early")
+        except (RestoreError, DomainError, OSError):     # OSError: KvmError
+            pass                        # END applies it again, and fails with this error then
 
     def earlier_error(self, exc: StreamError | RestoreError) -> StreamError | None:
         """The error of a page batch before the record ``exc`` is about, when one failed
@@ -406,6 +445,8 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
                 work.handle(record)
                 if record.__class__ is HvmState:        # the rest of its run, checked with it
                     work.on_hvm_run(reader.take_run())
+            if warm and not work.end_seen:
+                work.apply_early()                      # while the last pages come
             if work.end_seen and on_applied is not None:
                 work.stats.seconds = time.monotonic() - t0
                 on_applied(work.domain, work.stats)

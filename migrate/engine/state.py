@@ -240,7 +240,7 @@ class StateCollector:
 
 def apply_bodies(domain, config: DomainConfig, records: dict, devices: list[dict], fresh_stub: bool,
                  stub_build: str) -> None:
-    """``RestorableDomain.apply_records`` for a domain that applies DomainStates (the fake):
+    """``RestorableDomain.finish_apply`` for a domain that applies DomainStates (the fake):
     the records decoded, as a reader would, then ``apply``."""
     collectors = {}
     for vm, bodies in records.items():

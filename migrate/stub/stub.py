@@ -326,14 +326,20 @@ class Stub:
         self._start_net()
 
     def apply_records(self, platform: dict, vcpu: dict, msrs: dict[int, int] | None, pdptrs_valid: bool) -> None:
-        """:meth:`apply` from record bodies (by type: the platform's, the vCPU's) and the
-        MSRs to set (None: from the VCPU_MSRS body as it is), in C (migrate/capture.py)."""
-        self._check_image()
+        """The KVM half of :meth:`apply`, from record bodies (by type: the platform's, the
+        vCPU's) and the MSRs to set (None: from the VCPU_MSRS body as it is), in C
+        (migrate/capture.py); :meth:`resume_image` is the other half, once every page is in.
+        Reads no stub memory, so it may run while the last pages are on their way."""
         try:
             self.applier.apply_platform(platform)
             self.applier.apply_vcpu(0, vcpu, msrs, pdptrs_valid)
         except (KvmError, ValueError) as exc:
             raise StubError(f"applying the stub's state: {exc}") from None
+
+    def resume_image(self) -> None:
+        """The memory half of :meth:`apply`: the image (all of its pages in) fits this
+        domain, and its NIC starts."""
+        self._check_image()
         self._start_net()
 
     def _check_image(self) -> None:
