@@ -28,7 +28,7 @@ from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuSta
 from .kvm.state import PDPTRS_VALID
 from .memory import Ram, RamRange
 from .stream.hvm import HvmBodies, HvmState
-from .stream.records import RecordType, Vm
+from .stream.records import DeviceBodies, RecordType, Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
 
@@ -477,17 +477,17 @@ class Domain:
                            vcpus=[VcpuState.capture(vcpu, self.cpu.msr_indices) for vcpu in self.vcpus],
                            platform=PlatformState.capture(self.vm), stub=stub)
 
-    def capture_records(self) -> dict[Vm, tuple[HvmBodies, list[dict]]]:
+    def capture_records(self) -> dict[Vm, tuple[HvmBodies, DeviceBodies]]:
         """The state of a paused domain as the stream's records, captured in C
-        (migrate/capture.py): per VM, its HVM context records and its device records
-        (the stub's DEVICE_STATE; none for the guest). The same records as
+        (migrate/capture.py): per VM, its HVM context records and its DEVICE_STATE records'
+        bodies (the stub's; none for the guest). The same records as
         :meth:`capture`'s state gives (``engine.state``), for a save's downtime path."""
         stub = self._capture_stub(Stub.capture_records)
         try:
             guest = self._capture.capture()
         except KvmError as exc:
             raise DomainError(f"capturing the guest failed: {exc}") from None
-        out = {Vm.GUEST: (guest, [])}
+        out = {Vm.GUEST: (guest, DeviceBodies())}
         if stub is not None:
             out[Vm.STUB] = stub
         return out

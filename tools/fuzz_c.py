@@ -12,8 +12,9 @@ Harnesses (tools/fuzz/*.c):
 - ``stub``: the stub's device model (migrate/stub/src: UART, virtio-blk, device state),
   with a fake guest-RAM window and block back end;
 - ``pages``: the reader's C check of page entries (migrate/stream/_build_pages.py),
-  against a reference, and its scan of a run of HVM context records (inputs starting
-  0xC5), each record it passes checked again by the reader's rules;
+  against a reference, its scan of a run of HVM context records (inputs starting
+  0xC5), each record it passes checked again by the reader's rules, and its encoding of
+  the stub's device state as DEVICE_STATE bodies (inputs starting 0xD5);
 - ``placement``: the data plane's placement of page batches into guest memory
   (migrate/dataplane/dataplane.c, dp_target_place: what a restore does with each batch),
   against a model of guest memory;

@@ -39,7 +39,7 @@ from typing import Any, Callable
 from ..config import DomainStatus
 from .. import trace
 from ..dataplane import DataplaneError, RoundStats
-from ..stream import PAGE_SIZE, Creator, DeviceState, MemoryLayout, StreamWriter, Vm
+from ..stream import PAGE_SIZE, Creator, MemoryLayout, StreamWriter, Vm
 from .convergence import (
     Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide,
 )
@@ -369,8 +369,8 @@ class _Saver:
         for space in self.parts:
             hvm, devices = state[space]
             self.write(self.writer.hvm_bodies(hvm), records=len(hvm.types))
-            for device in devices:
-                self.write(self.writer.record(DeviceState(**device)))
+            if devices:
+                self.write(self.writer.device_bodies(devices), records=len(devices))
         self.sink.flush()           # the reader can check these while the last pages go out
         mark = self._part("state", mark)
         trace.mark("S state sent")

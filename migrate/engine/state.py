@@ -15,7 +15,7 @@ from ..domain import DomainConfig, DomainState
 from ..kvm import PlatformState, VcpuState
 from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
-from ..stream import HvmState, RecordType, StreamError, Vm
+from ..stream import DeviceBodies, HvmState, RecordType, StreamError, Vm
 from ..stream.hvm import HvmBodies
 from ..stub import StubState
 from ..stream.cpu import MSR_FEATURE
@@ -175,11 +175,11 @@ def state_records(state, vm: Vm = Vm.GUEST) -> list[HvmState]:
     return out
 
 
-def state_bodies(state, vm: Vm) -> tuple[HvmBodies, list[dict]]:
+def state_bodies(state, vm: Vm) -> tuple[HvmBodies, DeviceBodies]:
     """One VM's share of a captured state (a contract.VmState) as
-    ``SaveableDomain.capture_records`` gives it: its HVM context records as bodies, and
-    its device-model records (DEVICE_STATE; only the stub has some)."""
-    return HvmBodies.of(vm, state_records(state, vm)), list(state.devices)
+    ``SaveableDomain.capture_records`` gives it: its HVM context records and its
+    device-model records (DEVICE_STATE; only the stub has some), as bodies."""
+    return HvmBodies.of(vm, state_records(state, vm)), DeviceBodies.of(list(state.devices))
 
 
 class StateCollector:

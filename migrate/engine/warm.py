@@ -50,15 +50,20 @@ def _sample() -> tuple[list, dict, list[dict]]:
 def _write() -> bytes:
     """A whole throwaway stream whose state is written as a save's pause writes it."""
     head, bodies, devices = _sample()
-    devstate.parse(devstate.build(devices))         # the stub's share of a capture
+    encoded = _encoder().bodies(devstate.build(devices))       # the stub's share of a capture
     writer = StreamWriter()
     out = [writer.start(), *(writer.record(record) for record in head)]
     for vm in (Vm.GUEST, Vm.STUB):
         out.append(writer.hvm_bodies(bodies[vm]))
-    out += [writer.record(DeviceState(**device)) for device in devices]
+    out.append(writer.device_bodies(encoded))
     out.append(writer.record(Channels(((1, 1, 0, 0, bytes(16)), (1, 1, 0, 0, bytes(16))))))
     out.append(writer.finish())
     return b"".join(out)
+
+
+@functools.cache
+def _encoder() -> devstate.Encoder:
+    return devstate.Encoder()
 
 
 @functools.cache

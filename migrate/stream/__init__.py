@@ -10,14 +10,14 @@ from migrate.stream.hvm import HvmState
 from migrate.stream.pages import ZERO_PAGE, PageBatch, PageType
 from migrate.stream.reader import DONE, NEED_DATA, StreamReader, decode_stream
 from migrate.stream.records import (
-    FORMAT_VERSION, MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, PAGE_SIZE, Channels, Creator, DeviceState,
-    DomainConfig, End, Header, MemoryLayout, RecordType, Vm,
+    FORMAT_VERSION, MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, PAGE_SIZE, Channels, Creator, DeviceBodies,
+    DeviceState, DomainConfig, End, Header, MemoryLayout, RecordType, Vm,
 )
 from migrate.stream.writer import StreamWriter, encode_stream
 
 __all__ = [
     "Channels", "CpuModel", "CpuidPolicy", "MsrPolicy", "DONE", "FORMAT_VERSION", "MAX_PAGES_PER_BATCH", "MAX_RECORD_BODY", "NEED_DATA", "PAGE_SIZE",
-    "ZERO_PAGE", "Creator", "DeviceState", "DomainConfig", "End", "Header", "HvmState",
+    "ZERO_PAGE", "Creator", "DeviceBodies", "DeviceState", "DomainConfig", "End", "Header", "HvmState",
     "MemoryLayout", "PageBatch", "PageType", "RecordType", "StreamError", "StreamReader",
     "StreamTruncated", "StreamWriter", "Vm", "decode_stream", "encode_stream",
 ]

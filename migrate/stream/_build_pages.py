@@ -1,7 +1,9 @@
 """cffi build of migrate.stream._pages: the reader's check of page entries in C
 (specs/stream-format.md, "PAGE_DATA" and "PAGE_DATA_ZSTD"), the record CRC, and the
 reader's checks of a run of HVM context records (``hvm_scan_records``, for
-``hvm.BodyScan``).
+``hvm.BodyScan``), and the stub's device state as DEVICE_STATE bodies
+(``hvm_device_bodies``, for ``migrate.stub.devstate.Encoder``: a save's pause encodes
+them without building the records in Python).
 
 Calls that run without the GIL (cffi releases it): ``hvm_check_entries``, the reader's
 check of a batch's entries in stream order (type, reserved field, duplicate pfn),
@@ -36,6 +38,8 @@ uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
                           uint32_t n_types, uint32_t max_vcpu_id, uint32_t max,
                           const uint64_t *const *policies, const int32_t *policy_counts,
                           uint8_t *kinds, uint32_t *vms, uint32_t *vcpus, uint32_t *lengths);
+int32_t hvm_device_bodies(const uint8_t *buf, size_t len, uint32_t max, uint8_t *out, size_t cap,
+                          uint32_t *ends, uint32_t *instances, uint8_t *names);
 """)
 ffibuilder.set_source("migrate.stream._pages", r"""
 #include <stdint.h>
@@ -258,6 +262,175 @@ uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
         at += 16 + padded;
     }
     return n;
+}
+
+/* ---- the stub's device state as DEVICE_STATE bodies ---------------------------------- */
+
+#define DS_MAGIC 0x42545344u    /* specs/device-state.md, "Binary form in stub memory" */
+#define DS_VERSION 1
+#define DS_NAME 24
+#define DS_HEADER 16
+#define DS_RECORD 48
+#define DS_FIELD 32
+#define DS_STATE_SIZE 0x8000     /* the stub's state buffer: what parse reads of it */
+#define DS_MAX_FIELDS (DS_STATE_SIZE / DS_FIELD)
+
+/* a name's length: 1 to 23 ASCII bytes before a NUL, else -1 */
+static int ds_name(const uint8_t *raw)
+{
+    for (int i = 0; i < DS_NAME; i++) {
+        if (raw[i] == 0)
+            return i ? i : -1;
+        if (raw[i] & 0x80)
+            return -1;
+    }
+    return -1;
+}
+
+/* msgpack, as msgpack-python packs (use_bin_type): the shortest form of each value */
+struct mp {
+    uint8_t *at, *end;
+    int over;
+};
+
+static void mp_put(struct mp *m, const void *src, size_t n)
+{
+    if ((size_t)(m->end - m->at) < n) {
+        m->over = 1;
+        return;
+    }
+    memcpy(m->at, src, n);
+    m->at += n;
+}
+
+static void mp_tagged(struct mp *m, uint8_t tag, uint64_t v, int bytes)     /* big-endian */
+{
+    uint8_t b[9] = {tag};
+    for (int i = 0; i < bytes; i++)
+        b[1 + i] = (uint8_t)(v >> (8 * (bytes - 1 - i)));
+    mp_put(m, b, 1 + (size_t)bytes);
+}
+
+static void mp_uint(struct mp *m, uint64_t v)
+{
+    if (v < 0x80) {
+        uint8_t b = (uint8_t)v;
+        mp_put(m, &b, 1);
+    } else if (v <= 0xff) {
+        mp_tagged(m, 0xcc, v, 1);
+    } else if (v <= 0xffff) {
+        mp_tagged(m, 0xcd, v, 2);
+    } else if (v <= 0xffffffffu) {
+        mp_tagged(m, 0xce, v, 4);
+    } else {
+        mp_tagged(m, 0xcf, v, 8);
+    }
+}
+
+static void mp_str(struct mp *m, const void *s, int n)       /* n < 32: a fixstr */
+{
+    uint8_t b = (uint8_t)(0xa0 | n);
+    mp_put(m, &b, 1);
+    mp_put(m, s, (size_t)n);
+}
+
+static void mp_map(struct mp *m, uint32_t n)
+{
+    if (n < 16) {
+        uint8_t b = (uint8_t)(0x80 | n);
+        mp_put(m, &b, 1);
+    } else if (n <= 0xffff) {
+        mp_tagged(m, 0xde, n, 2);
+    } else {
+        mp_tagged(m, 0xdf, n, 4);
+    }
+}
+
+static void mp_bin(struct mp *m, const uint8_t *s, uint32_t n)
+{
+    if (n <= 0xff)
+        mp_tagged(m, 0xc4, n, 1);
+    else if (n <= 0xffff)
+        mp_tagged(m, 0xc5, n, 2);
+    else
+        mp_tagged(m, 0xc6, n, 4);
+    mp_put(m, s, n);
+}
+
+/* The stub's state buffer (len bytes, at most max records) as DEVICE_STATE bodies
+ * (specs/stream-format.md), each what msgpack-python packs for the record
+ * {"device", "instance", "version", "min_version", "fields"}, laid end to end in out (cap
+ * bytes; ends[i]: where body i ends), with each record's instance and device name (NUL-padded
+ * to 24 bytes in names). Checks what migrate/stub/devstate.py's parse checks and what a
+ * reader checks of a DEVICE_STATE body (names, 1 <= min_version <= version, unique field
+ * names). Returns the number of records, or -1 for anything else (or out too small): the
+ * caller then takes the slow path, which says why. */
+int32_t hvm_device_bodies(const uint8_t *buf, size_t len, uint32_t max, uint8_t *out, size_t cap,
+                          uint32_t *ends, uint32_t *instances, uint8_t *names)
+{
+    if (len > DS_STATE_SIZE)
+        len = DS_STATE_SIZE;
+    if (len < DS_HEADER)
+        return -1;
+    uint32_t total = get32(buf + 4), nrec = get32(buf + 8);
+    if (get32(buf) != DS_MAGIC || get32(buf + 12) != DS_VERSION || total < DS_HEADER || total > len
+            || nrec > max)
+        return -1;
+    struct mp m = {out, out + cap, 0};
+    size_t off = DS_HEADER;
+    size_t field_at[DS_MAX_FIELDS];
+    for (uint32_t r = 0; r < nrec; r++) {
+        if (total - off < DS_RECORD)
+            return -1;
+        const uint8_t *rec = buf + off;
+        uint32_t rec_len = get32(rec), nfields = get32(rec + 4);
+        uint32_t instance = get32(rec + 32), version = get32(rec + 36), min_version = get32(rec + 40);
+        int dev_len = ds_name(rec + 8);
+        if (rec_len < DS_RECORD || rec_len > total - off || rec_len % 8 || get32(rec + 44) || dev_len < 0
+                || min_version < 1 || min_version > version || nfields > (rec_len - DS_RECORD) / DS_FIELD)
+            return -1;
+        mp_map(&m, 5);
+        mp_str(&m, "device", 6);
+        mp_str(&m, rec + 8, dev_len);
+        mp_str(&m, "instance", 8);
+        mp_uint(&m, instance);
+        mp_str(&m, "version", 7);
+        mp_uint(&m, version);
+        mp_str(&m, "min_version", 11);
+        mp_uint(&m, min_version);
+        mp_str(&m, "fields", 6);
+        mp_map(&m, nfields);
+        size_t end = off + rec_len, at = off + DS_RECORD;
+        for (uint32_t f = 0; f < nfields; f++) {
+            if (end - at < DS_FIELD)
+                return -1;
+            const uint8_t *field = buf + at;
+            int name_len = ds_name(field);
+            uint32_t kind = get32(field + 24), length = get32(field + 28);
+            size_t body = at + DS_FIELD;
+            if (name_len < 0 || kind > 1 || (kind == 0 && length != 8)
+                    || (((uint64_t)length + 7) & ~(uint64_t)7) > end - body)
+                return -1;
+            for (uint32_t g = 0; g < f; g++)        /* each name once (the bytes up to its NUL) */
+                if (!memcmp(buf + field_at[g], field, (size_t)name_len + 1))
+                    return -1;
+            field_at[f] = at;
+            mp_str(&m, field, name_len);
+            if (kind == 0)
+                mp_uint(&m, get64(buf + body));
+            else
+                mp_bin(&m, buf + body, length);
+            at = body + (((size_t)length + 7) & ~(size_t)7);
+        }
+        if (at != end || m.over)
+            return -1;
+        ends[r] = (uint32_t)(m.at - out);
+        instances[r] = instance;
+        memset(names + (size_t)DS_NAME * r, 0, DS_NAME);
+        memcpy(names + (size_t)DS_NAME * r, rec + 8, (size_t)dev_len);
+        off = end;
+    }
+    return off == total ? (int32_t)nrec : -1;
 }
 """, extra_compile_args=["-O3"], include_dirs=[str(Path(__file__).resolve().parent)],
     libraries=["z", "pthread"])

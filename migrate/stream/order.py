@@ -146,9 +146,20 @@ class StreamOrder:
         return True
 
     def _device_state(self, record: DeviceState) -> None:
+        self._device(record.device, record.instance)
+
+    def device(self, device: str, instance: int) -> None:
+        """:meth:`observe` of a DEVICE_STATE of ``device``.``instance``, which is all its
+        ordering rules look at (a capture's DeviceBodies has no decoded record)."""
+        if not self.config_seen:
+            raise StreamError("DEVICE_STATE before DOMAIN_CONFIG, which must come first")
+        if self.channels_seen:
+            raise StreamError("DEVICE_STATE after CHANNELS, which only END may follow")
+        self._device(device, instance)
+
+    def _device(self, device: str, instance: int) -> None:
         self._present(RecordType.DEVICE_STATE, Vm.STUB)      # the devices live in the stub
-        self._once(("device", record.device, record.instance),
-                   lambda: f"DEVICE_STATE {record.device}.{record.instance}")
+        self._once(("device", device, instance), lambda: f"DEVICE_STATE {device}.{instance}")
 
     def _end(self, record: End) -> None:
         missing = [vm.name for vm in Vm if vm not in self.layouts]

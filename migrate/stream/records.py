@@ -320,6 +320,30 @@ def _check_field(device: str, name: str, field: Any) -> None:
         raise StreamError(f"DEVICE_STATE {device} field {name} is {field}, outside 0..2^64-1")
 
 
+@dataclass(frozen=True)
+class DeviceBodies:
+    """A VM's DEVICE_STATE records as their bodies, each with its (device, instance):
+    what a capture gives (migrate/stub/devstate.py encodes the stub's binary form in C),
+    framed by StreamWriter.device_bodies. Only :meth:`of` (from plain records, each packed
+    and checked) and that encoder (the same bytes, by the same rules) make them."""
+    keys: tuple = ()            # (device, instance) of each record
+    bodies: tuple = ()
+
+    @classmethod
+    def of(cls, devices: list[dict]) -> DeviceBodies:
+        """From plain records ({"device", "instance", "version", "min_version", "fields"});
+        ValueError as DeviceState.pack."""
+        records = [DeviceState(**device) for device in devices]
+        return cls(tuple((r.device, r.instance) for r in records), tuple(r.pack() for r in records))
+
+    def records(self) -> list[DeviceState]:
+        """Decoded as a reader decodes them."""
+        return [DeviceState.unpack(body) for body in self.bodies]
+
+    def __len__(self) -> int:
+        return len(self.bodies)
+
+
 # ---- fixed-layout small records ---------------------------------------------------------
 
 MEMORY_LAYOUT_V1 = struct.Struct("<IIQ")  # space, page_size, nr_pages

@@ -17,7 +17,7 @@ from migrate.stream.framing import frame, frame_many
 from migrate.stream.hvm import CODECS, BodyScan, HvmBodies, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch
-from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, End, Header, RecordType, Vm
+from migrate.stream.records import MAX_PAGES_PER_BATCH, MAX_RECORD_BODY, DeviceBodies, End, Header, RecordType, Vm
 
 
 class StreamWriter:
@@ -68,6 +68,18 @@ class StreamWriter:
             self._refuse(vm_, types[i], vcpu_ids[i], bodies.data[at:at + lengths[i]])
         self._records += len(bodies.types)
         return self._emit(framed)
+
+    def device_bodies(self, devices: DeviceBodies) -> bytes:
+        """DEVICE_STATE records from their bodies (a capture made them: DeviceBodies), framed
+        after the ordering rules' check of each (device, instance)."""
+        if not devices.bodies:
+            return b""
+        for (device, instance), body in zip(devices.keys, devices.bodies):
+            self._check_body(len(body))
+            self._check_order(self._order.device, device, instance)
+        self._records += len(devices.bodies)
+        return self._emit(frame_many((RecordType.DEVICE_STATE,) * len(devices.bodies),
+                                     tuple(len(b) for b in devices.bodies), b"".join(devices.bodies)))
 
     def _refuse(self, vm: Vm, rtype: int, vcpu_id: int | None, body: bytes) -> None:
         """Raise why ``body`` (of ``vm``'s record ``rtype`` for ``vcpu_id``) cannot be

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import struct
 
+from ..stream._pages import ffi as _ffi, lib as _lib
+from ..stream.records import DeviceBodies
 from . import abi
 
 MAGIC = 0x42545344
@@ -123,3 +125,42 @@ def _encode_name(name: str) -> bytes:
     if not 0 < len(raw) < NAME:
         raise DeviceStateError(f"name {name!r} must be 1 to {NAME - 1} ASCII characters")
     return raw
+
+
+class Encoder:
+    """The stub's state buffer straight to DEVICE_STATE bodies in C (hvm_device_bodies,
+    migrate/stream/_build_pages.py), without building the records in Python: a save's pause
+    runs it. The same bodies as ``DeviceBodies.of(parse(buf))``, byte for byte, by the same
+    checks (tests/test_devstate_bodies.py); what the C code refuses goes that slow way,
+    whose error (DeviceStateError) says why."""
+
+    def __init__(self) -> None:
+        self.out = _ffi.new("uint8_t[]", 2 * abi.STATE_SIZE)
+        self.ends = _ffi.new("uint32_t[]", MAX_RECORDS)
+        self.instances = _ffi.new("uint32_t[]", MAX_RECORDS)
+        self.names = _ffi.new("uint8_t[]", NAME * MAX_RECORDS)
+
+    def bodies(self, buf: bytes | memoryview) -> DeviceBodies:
+        data = bytes(buf[:abi.STATE_SIZE])      # read once: the checks rely on it holding still
+        n = _lib.hvm_device_bodies(data, len(data), MAX_RECORDS, self.out, len(self.out), self.ends,
+                                   self.instances, self.names)
+        if n < 0:
+            return _refused(data)
+        out = _ffi.buffer(self.out, self.ends[n - 1] if n else 0)[:]
+        starts = [0, *self.ends[0:n - 1]] if n else []
+        names = _ffi.buffer(self.names, NAME * n)[:]
+        keys = tuple((names[NAME * i:NAME * i + NAME].split(b"\0", 1)[0].decode("ascii"), self.instances[i])
+                     for i in range(n))
+        return DeviceBodies(keys, tuple(out[a:b] for a, b in zip(starts, self.ends[0:n])))
+
+
+def _refused(data: bytes) -> DeviceBodies:
+    """The slow way for a buffer the C encoder refused: raises why. Taking it would mean
+    the two disagree, a bug."""
+    try:
+        DeviceBodies.of(parse(data))
+    except DeviceStateError:
+        raise
+    except ValueError as exc:           # DeviceState.pack: "writer refuses: ..."
+        raise DeviceStateError(str(exc)) from None
+    raise AssertionError("the C encoder refused device state that parse and DeviceState.pack take")

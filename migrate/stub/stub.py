@@ -20,7 +20,7 @@ from ..capture import StateApply, StateCapture
 from ..guest import boot as gboot
 from ..kvm import DirtyLog, KvmError, PlatformState, VcpuState
 from ..stream.hvm import HvmBodies
-from ..stream.records import Vm
+from ..stream.records import DeviceBodies, Vm
 from . import abi, devstate
 from .blockback import BlockBackend
 from .netback import NetBackend, NetError
@@ -85,6 +85,7 @@ class Stub:
             # made now, not at the first capture or apply, which may be inside a downtime
             self._capture = StateCapture(Vm.STUB, self.vm, [self.vcpu], cpu.msr_indices)
             self.applier = StateApply(self.vm, [self.vcpu], direct_msrs)     # see StateApply
+            self._encoder = devstate.Encoder()
         except NetError as exc:
             self.close()
             raise StubError(str(exc)) from None
@@ -276,11 +277,16 @@ class Stub:
 
     # -- device state -----------------------------------------------------------
     def save_devices(self) -> list[dict]:
+        """The devices' state (SAVE), as plain records."""
+        return self._save(devstate.parse)
+
+    def _save(self, decode):
+        """SAVE, then ``decode(state buffer)`` (a DeviceStateError: the stub wrote it wrong)."""
         result, _, _ = self.request(abi.TYPE_SAVE)
         if result != 0:
             raise StubError(f"stub could not save device state: {abi.RESULTS.get(result)}")
         try:
-            return devstate.parse(self.ram.view(abi.STATE_BUF, abi.STATE_SIZE))
+            return decode(self.ram.view(abi.STATE_BUF, abi.STATE_SIZE))
         except devstate.DeviceStateError as exc:
             raise StubError(f"stub wrote malformed device state: {exc}") from None
 
@@ -297,21 +303,22 @@ class Stub:
 
     def capture(self) -> StubState:
         with self.lock:
-            devices = self._quiesce()
+            devices = self._quiesce(devstate.parse)
             return StubState(vcpus=[VcpuState.capture(self.vcpu, self.cpu.msr_indices)],
                              platform=PlatformState.capture(self.vm), devices=devices)
 
-    def capture_records(self) -> tuple[HvmBodies, list[dict]]:
-        """The stub's HVM context records (captured in C: migrate/capture.py) and its device
-        records, as :meth:`capture` has them."""
+    def capture_records(self) -> tuple[HvmBodies, DeviceBodies]:
+        """The stub's HVM context records (captured in C: migrate/capture.py) and its
+        DEVICE_STATE records' bodies (encoded in C: devstate.Encoder), as :meth:`capture`
+        has them."""
         with self.lock:
-            devices = self._quiesce()
+            devices = self._quiesce(self._encoder.bodies)
             return self._capture.capture(), devices
 
-    def _quiesce(self) -> list[dict]:
-        """The devices' state (SAVE), the doorbell exit completed before the vCPU's state
-        is read, and its partial console line passed on."""
-        devices = self.save_devices()
+    def _quiesce(self, decode):
+        """The devices' state (SAVE, given as ``decode`` gives it), the doorbell exit
+        completed before the vCPU's state is read, and its partial console line passed on."""
+        devices = self._save(decode)
         self.vcpu.settle()
         partial = self.vcpu.take_console()
         if partial:

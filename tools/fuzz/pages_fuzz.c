@@ -9,7 +9,12 @@
  * after an MSR_POLICY from the input), under a type table from the input, in a heap
  * block of the records' exact size; every record it passes is checked again here by the
  * reader's rules (see scan() below). The records' meaning is compared
- * with the Python reader's by tests/stream/test_context_scan.py and tools/fuzz_stream.py. */
+ * with the Python reader's by tests/stream/test_context_scan.py and tools/fuzz_stream.py.
+ * Device state (inputs starting 0xD5): hvm_device_bodies reads the rest of the input as
+ * the stub's state buffer (its header mostly made valid, so the walk goes on), in a heap
+ * block of its exact size; what it gives is checked for shape here, and a second run into
+ * an output buffer cut short must give the same or refuse (see devices() below). Its
+ * bytes are compared with the Python parser's by tests/test_devstate_bodies.py. */
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -23,12 +28,16 @@
 #define hvm_frame_records harness_unused_frame_records
 #define hvm_record_crc harness_record_crc
 #define hvm_scan_records harness_unused_scan_records
+#define hvm_device_bodies harness_unused_device_bodies
 #include "pages_impl.c"
 #undef hvm_check_entries
 #undef hvm_crc32
 #undef hvm_frame_records
 #undef hvm_record_crc
 #undef hvm_scan_records
+#undef hvm_device_bodies
+int32_t hvm_device_bodies(const uint8_t *buf, size_t len, uint32_t max, uint8_t *out, size_t cap,
+                          uint32_t *ends, uint32_t *instances, uint8_t *names);
 int hvm_check_entries(const uint8_t *entries, uint32_t count, uint32_t data_type,
                       uint32_t *bad, uint32_t *n_data, uint64_t *max_pfn);
 uint32_t hvm_scan_records(const uint8_t *buf, size_t len, const uint32_t *types,
@@ -320,9 +329,53 @@ static void scan(struct input *in)
     free(exact);
 }
 
+#define DS_MAX 64
+
+/* hvm_device_bodies on the input as a state buffer: each body a fixmap of 5 keys ending
+ * inside the output, in order; each name 1..23 bytes with a NUL; the same bodies (or a
+ * refusal) with an output buffer cut short */
+static void devices(struct input *in)
+{
+    size_t len = in->n;
+    uint8_t *buf = malloc(len ? len : 1);
+    memcpy(buf, in->p, len);
+    if (len >= 16 && (buf[0] & 1)) {       /* mostly a valid header: magic, total, version */
+        uint32_t head[4] = {0x42545344u, (uint32_t)len, buf[8] % 8, 1};
+        memcpy(buf, head, 16);
+    }
+    size_t cap = 2 * 0x8000;
+    uint8_t *out = malloc(cap), *names = malloc(24 * DS_MAX);
+    uint32_t ends[DS_MAX], instances[DS_MAX];
+    int32_t n = hvm_device_bodies(buf, len, DS_MAX, out, cap, ends, instances, names);
+    CHECK(n >= -1 && n <= DS_MAX);
+    uint32_t at = 0;
+    for (int32_t i = 0; i < n; i++) {
+        CHECK(ends[i] > at && ends[i] <= cap && out[at] == 0x85);
+        size_t name = strnlen((const char *)names + 24 * i, 24);
+        CHECK(name >= 1 && name <= 23);
+        at = ends[i];
+    }
+    if (n > 0) {
+        size_t short_cap = at - 1 - (len ? buf[len - 1] % at : 0);
+        uint8_t *again = malloc(short_cap ? short_cap : 1), *names2 = malloc(24 * DS_MAX);
+        uint32_t ends2[DS_MAX], instances2[DS_MAX];
+        CHECK(hvm_device_bodies(buf, len, DS_MAX, again, short_cap, ends2, instances2, names2) == -1);
+        free(again);
+        free(names2);
+    }
+    free(buf);
+    free(out);
+    free(names);
+}
+
 int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 {
     struct input in = { data, size };
+    if (size && data[0] == 0xD5) {          /* device state: devices() */
+        in.p++, in.n--;
+        devices(&in);
+        return 0;
+    }
     if (size && data[0] == 0xC5) {          /* context records: scan() */
         in.p++, in.n--;
         scan(&in);
