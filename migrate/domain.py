@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from array import array
 import threading
 import time
 from dataclasses import dataclass, field
@@ -25,6 +26,7 @@ from .cpu import (
 from .guest import boot as gboot
 from .capture import StateApply, StateCapture
 from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuState
+from .kvm.dirty import merged_pfns
 from .kvm.state import PDPTRS_VALID
 from .memory import Ram, RamRange
 from .stream.hvm import HvmBodies, HvmState
@@ -106,6 +108,7 @@ class VmSpace:
     def __init__(self, vm: Vm, ram: Ram, cpu: CpuPolicy, share, also_writes: Ram | None = None):
         self.vm, self.ram, self.cpu = vm, ram, cpu
         self.share, self.also_writes = share, also_writes
+        self._dirty_bufs: tuple | None = None       # dirty_pfns' bitmaps, made at its first call
 
     def memory_ranges(self) -> list[RamRange]:
         return self.ram.ranges()
@@ -123,6 +126,19 @@ class VmSpace:
         if self.also_writes is not None:
             dirty = dirty | self.also_writes.fetch_dirty(clear)
         return dirty
+
+    def dirty_pfns(self) -> array:
+        """``fetch_dirty(clear=False).pfns()`` without the bitmap objects: each slot's log
+        read into a buffer kept for it, the window's ORed in, listed in C (a pause's last
+        fetch; 0.3 ms the other way, cold)."""
+        if self._dirty_bufs is None:
+            self._dirty_bufs = (self.ram.dirty_buffers(),
+                                self.also_writes.dirty_buffers() if self.also_writes is not None else None)
+        own, window = self._dirty_bufs
+        self.ram.read_dirty(own)
+        if window is not None:
+            self.also_writes.read_dirty(window)
+        return merged_pfns(own, window, self.ram.first_pfns())
 
     def clear_dirty(self, pfns) -> None:
         self.ram.clear_dirty(pfns)

@@ -134,6 +134,20 @@ class Ram:
             parts.append(bits)
         return DirtyLog(parts)
 
+    def first_pfns(self) -> list[int]:
+        """Each slot's first page, in this RAM's pfns."""
+        return [self._first_pfn(slot) for slot in self.slots]
+
+    def dirty_buffers(self) -> list[bytearray]:
+        """A dirty bitmap's worth of bytes per slot, for :meth:`read_dirty`."""
+        return [bytearray((slot.npages + 63) // 64 * 8) for slot in self.slots]
+
+    def read_dirty(self, into: list[bytearray]) -> None:
+        """Each slot's dirty bitmap, as fetch_dirty(clear=False) fetches it, into the
+        slot's buffer of ``into`` (:meth:`dirty_buffers`)."""
+        for slot, buf in zip(self.slots, into):
+            self.vm.read_dirty_log(slot.slot, buf)
+
     def clear_dirty(self, pfns: array) -> None:
         """Clear the dirty bits of ``pfns`` (ascending, this RAM's pfns) and track writes
         to those pages again: a write from now on shows at the next fetch. Called just

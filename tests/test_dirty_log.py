@@ -83,3 +83,28 @@ def test_a_fetch_that_leaves_the_log_and_clears_piece_by_piece(domains):
     again = set(guest.fetch_dirty().pfns())
     assert len(again & set(first)) > half
     assert len(guest.fetch_dirty().pfns()) == 0                   # the plain fetch cleared
+
+
+def test_dirty_pfns_lists_what_a_fetch_that_leaves_the_log_lists(domains, tmp_path):
+    """VmSpace.dirty_pfns (a pause's last fetch: bitmaps kept per slot, the stub's window
+    log ORed in, in C) against fetch_dirty(clear=False).pfns(), for the guest (whose pages
+    the stub's disk DMA writes through its window too) and the stub; and it clears nothing."""
+    disk = tmp_path / "disk.img"
+    disk.write_bytes(bytes(2 << 20))
+    dom = Domain.boot(DomainConfig("pfns", "ledger", MEMORY, args=[21, 0], disk=str(disk)))
+    domains.append(dom)
+    dom.resume()
+    dom.console.wait_for(r"ledger ok gen=1 ", 20)
+    guest, stub = dom.parts()
+    dom.set_dirty_logging(True)
+    for part in (guest, stub):
+        part.fetch_dirty()
+    dom.console.wait_for(r"ledger ok gen=3 ", 20)      # two more journal writes: DMA into the guest
+    dom.pause()
+    assert guest.also_writes.fetch_dirty(clear=False).pfns(), "the stub wrote no guest page"
+    for part in (guest, stub):
+        want = part.fetch_dirty(clear=False).pfns()
+        assert len(want) and part.dirty_pfns() == want and part.dirty_pfns() == want
+    guest.clear_dirty(guest.dirty_pfns())
+    stub.clear_dirty(stub.dirty_pfns())
+    assert len(guest.dirty_pfns()) == len(stub.dirty_pfns()) == 0

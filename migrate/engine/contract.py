@@ -52,6 +52,10 @@ class MemorySpace(Protocol):
         them. ``clear=False``: leave them set for :meth:`clear_dirty`; a space that cannot
         clear later clears now."""
 
+    def dirty_pfns(self):
+        """What ``fetch_dirty(clear=False).pfns()`` gives, as an ``array('Q')``, made as
+        cheaply as the space can (a live save's last fetch is in its downtime)."""
+
     def clear_dirty(self, pfns) -> None:
         """Clear the pages ``pfns`` (ascending) of a fetch with ``clear=False``, just
         before the caller reads them: a write from now on shows at the next fetch, one
@@ -98,8 +102,8 @@ class SaveableDomain(Protocol):
 
     def capture_records(self) -> dict:
         """The state of a paused domain as records, by stream VM id: each VM's HVM context
-        records (a :class:`migrate.stream.hvm.HvmBodies`) and its device records (DEVICE_STATE
-        dicts; only the stub has some): what ``capture()``'s state makes
+        records (a :class:`migrate.stream.hvm.HvmBodies`) and its DEVICE_STATE records (a
+        :class:`migrate.stream.DeviceBodies`; only the stub has some): what ``capture()``'s state makes
         (:func:`migrate.engine.state.state_bodies`), on a save's downtime path."""
 
     def prepare_capture(self) -> None:

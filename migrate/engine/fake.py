@@ -17,6 +17,7 @@ from __future__ import annotations
 import mmap
 import threading
 import time
+from array import array
 
 from ..config import DomainConfig, DomainError, DomainStatus
 from ..cpu import BASELINE_MSRS, CpuPolicy, MsrEntry, baseline_cpuid
@@ -101,6 +102,9 @@ class FakeSpace:
             if clear:
                 self.dirty.clear()
         return FakeDirty(dirty)
+
+    def dirty_pfns(self) -> array:
+        return array("Q", sorted(self.fetch_dirty(clear=False).pfns()))
 
     def clear_dirty(self, pfns) -> None:
         with self.lock:

@@ -327,7 +327,7 @@ class _Saver:
         """Per space, the pages dirtied since they were last cleared, their bits left set: a
         pre-copy round clears each piece just before it sends it (_send), and the final
         round, the guest paused, has nothing to track after it."""
-        return {space: array("Q", part.fetch_dirty(clear=False).pfns()) for space, part in self.parts.items()}
+        return {space: part.dirty_pfns() for space, part in self.parts.items()}
 
     # -- the save -----------------------------------------------------------------
     def run(self, live: bool) -> SaveStats:

@@ -141,6 +141,7 @@ void hvm_complete_io_in(struct hvm_runner *r, const uint8_t *data, uint32_t len)
 void hvm_complete_mmio_read(struct hvm_runner *r, const uint8_t *data, uint32_t len);
 size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base, uint64_t *out);
 size_t hvm_pfns_bitmap(const uint64_t *pfns, size_t n, uint64_t base, uint64_t *bitmap, size_t nwords);
+size_t hvm_bitmap_or(uint64_t *into, const uint64_t *from, size_t nwords);
 
 #define HVM_CAP_ZERO ...
 struct hvm_cap_step {

@@ -99,6 +99,25 @@ def pfns_bitmap(pfns: array, lo: int, hi: int, base_pfn: int, npages: int) -> by
     return bits
 
 
+def merged_pfns(bitmaps: list, others: list | None, bases: list[int]) -> array:
+    """The pages set in slot bitmaps (``bitmaps[i]``, bit j: page ``bases[i] + j``; each
+    ORed in place with ``others[i]`` first, when given), ascending, as an ``array('Q')``: a
+    DirtyLog's ``pfns()`` without building it, in two C passes over each bitmap."""
+    counts = []
+    for i, bits in enumerate(bitmaps):
+        words = ffi.from_buffer("uint64_t[]", bits)
+        other = ffi.from_buffer("uint64_t[]", others[i]) if others is not None else words
+        counts.append(lib.hvm_bitmap_or(words, other, len(bits) // 8))
+    out = array("Q", bytes(8 * sum(counts)))
+    into = ffi.from_buffer("uint64_t[]", out)
+    at = 0
+    for bits, base, count in zip(bitmaps, bases, counts):
+        if count:
+            lib.hvm_bitmap_pfns(ffi.from_buffer("uint64_t[]", bits), len(bits) // 8, base, into + at)
+            at += count
+    return out
+
+
 class DirtyLog:
     """The dirty pages of several memory slots as one set: ``parts`` are the slots'
     DirtyBitmaps, in ascending pfn order, apart (a VM's RAM in several slots, e.g. below the

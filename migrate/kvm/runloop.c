@@ -253,6 +253,17 @@ size_t hvm_bitmap_pfns(const uint64_t *bitmap, size_t nwords, uint64_t base,
     return n;
 }
 
+/* OR bitmap from into bitmap into (nwords 64-bit words each); the bits now set in into */
+size_t hvm_bitmap_or(uint64_t *into, const uint64_t *from, size_t nwords)
+{
+    size_t set = 0, w;
+    for (w = 0; w < nwords; w++) {
+        into[w] |= from[w];
+        set += (size_t)__builtin_popcountll(into[w]);
+    }
+    return set;
+}
+
 /* The reverse: set the bit of each of the n pfns that falls in the bitmap's nwords * 64
    pages from base (the others are skipped); how many bits were set. */
 size_t hvm_pfns_bitmap(const uint64_t *pfns, size_t n, uint64_t base, uint64_t *bitmap,

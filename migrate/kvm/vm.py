@@ -203,6 +203,15 @@ class Vm:
             self.clear_dirty_log(slot, 0, region.npages, dirty.tobytes())
         return dirty
 
+    def read_dirty_log(self, slot: int, into) -> None:
+        """KVM_GET_DIRTY_LOG into ``into`` (a writable buffer of the slot's bitmap size), the
+        bits left set where KVM leaves that to the caller (``manual_protect``): what
+        get_dirty_log(clear=False) gives, into a buffer the caller keeps."""
+        arg = ffi.new("struct kvm_dirty_log *")
+        arg.slot = slot
+        arg.dirty_bitmap = ffi.from_buffer(into, require_writable=True)
+        ioctl(self.fd, "KVM_GET_DIRTY_LOG", arg)
+
     def clear_dirty_log(self, slot: int, first_page: int, num_pages: int, bits) -> None:
         """KVM_CLEAR_DIRTY_LOG: clear and track again the pages of the slot from
         ``first_page`` (a multiple of 64) whose bits are set in ``bits`` (a bitmap of
