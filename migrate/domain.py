@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import struct
 from array import array
 import threading
 import time
@@ -29,7 +30,7 @@ from .kvm import DirtyLog, HugePagesError, Kvm, KvmError, PlatformState, VcpuSta
 from .kvm.dirty import merged_pfns
 from .kvm.state import PDPTRS_VALID
 from .memory import Ram, RamRange
-from .stream.hvm import HvmBodies, HvmState
+from .stream.hvm import MSR_ENTRY, MSR_HEADER, PREFIX, SREGS, HvmBodies, HvmState
 from .stream.records import DeviceBodies, RecordType, Vm
 from .stub import Stub, StubError, StubState, stub_build_id
 from .stub import abi as stub_abi
@@ -77,25 +78,44 @@ def _decoded(bodies: dict[RecordType, bytes], rtype: RecordType):
 
 
 CR0_PG, CR4_PAE, EFER_LMA = 1 << 31, 1 << 5, 1 << 10
-KVM_WALL_CLOCK_MSRS = (0x11, 0x4B564D00)       # MSR_KVM_WALL_CLOCK and its _NEW twin
+KVM_WALL_CLOCK_MSRS = frozenset({0x11, 0x4B564D00})     # MSR_KVM_WALL_CLOCK and its _NEW twin
+
+
+def _sregs_at(name: str) -> struct.Struct:
+    """A u64 field of a VCPU_SREGS body, read where it lies (no decoding of the rest)."""
+    fields = [f.name for f in SREGS.fields]
+    before = "".join(f.format() for f in SREGS.fields[:fields.index(name)])
+    return struct.Struct(f"{PREFIX}{before}Q")
+
+
+_CR0, _CR4, _EFER = (_sregs_at(name) for name in ("cr0", "cr4", "efer"))
 
 
 def _touches_memory(bodies: dict[RecordType, bytes], sregs2: bool) -> bool:
     """KVM reads or writes guest memory as it applies this vCPU's records: under PAE paging
     it loads the PDPTRs from the page CR3 names, unless the records hold them and it takes
     them (SREGS2); and a nonzero KVM wall clock MSR makes it write the wall clock into the
-    page that MSR names. State like that waits for the last page."""
-    sregs = _decoded(bodies, RecordType.VCPU_SREGS)
-    pae = sregs["cr0"] & CR0_PG and sregs["cr4"] & CR4_PAE and not sregs["efer"] & EFER_LMA
+    page that MSR names. State like that waits for the last page. (Read from the bodies
+    where the fields lie: this runs in a relocation's downtime, and decoding the records
+    cost 0.2 ms cold.)"""
+    sregs = bodies[RecordType.VCPU_SREGS]
+    pae = (_CR0.unpack_from(sregs)[-1] & CR0_PG and _CR4.unpack_from(sregs)[-1] & CR4_PAE
+           and not _EFER.unpack_from(sregs)[-1] & EFER_LMA)
     if pae and not (sregs2 and _pdptrs_valid(bodies)):
         return True
-    msrs = _decoded(bodies, RecordType.VCPU_MSRS)
-    return any(msrs.get(index) for index in KVM_WALL_CLOCK_MSRS)
+    entries = memoryview(bodies[RecordType.VCPU_MSRS])[MSR_HEADER.size:]
+    indices = entries.cast("I")[::MSR_ENTRY.size // 4].tolist()         # each entry's first u32
+    values = entries.cast("Q")[1::MSR_ENTRY.size // 8]                  # and its last u64
+    return any(values[indices.index(index)] for index in KVM_WALL_CLOCK_MSRS.intersection(indices))
+
+
+_PDPTRS_FLAGS = struct.Struct(f"{PREFIX}Q")     # VCPU_PDPTRS's first field
 
 
 def _pdptrs_valid(bodies: dict[RecordType, bytes]) -> bool:
     """The vCPU's VCPU_PDPTRS (optional) says the PDPTRs it holds are the ones in use."""
-    return RecordType.VCPU_PDPTRS in bodies and bool(_decoded(bodies, RecordType.VCPU_PDPTRS)["flags"] & PDPTRS_VALID)
+    body = bodies.get(RecordType.VCPU_PDPTRS)
+    return body is not None and bool(_PDPTRS_FLAGS.unpack_from(body)[-1] & PDPTRS_VALID)
 
 
 class VmSpace:
