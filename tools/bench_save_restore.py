@@ -17,6 +17,7 @@ Limits printed first, measured now: memcpy into memory already faulted in and in
 memory (a page fault per 4 KiB here), pwrite into a fresh memfd (how restores place pages:
 the touched pages written at that rate are the floor a restore is printed against),
 zstd-1 on the touched half, and a 1 GiB file written and read back through the page cache.
+Beside each restore: the same file read and checked as a restore reads it, placing nothing.
 Targets (issue 11): save <= 0.25 s, restore until running <= 0.3 s, uncompressed >= 3 GB/s
 of guest RAM each way.
 """
@@ -35,6 +36,7 @@ import zstandard
 
 from migrate.domain import Domain, DomainConfig
 from migrate.engine import file_chunks, restore, save_to_file
+from migrate.stream import DONE, NEED_DATA, HvmState, StreamReader
 
 import machine_limits  # noqa: E402  (tools/)
 
@@ -130,7 +132,21 @@ def measure_limits(touched: bytes, directory: str) -> dict:
     return out
 
 
-def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[float, float, int, float]:
+def read_alone(path: str) -> float:
+    """Seconds to read and check the file as a restore reads it, placing nothing: the
+    restore's reading thread, apart from the pages' placement."""
+    t0 = time.perf_counter()
+    reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
+    for chunk in file_chunks(path):
+        reader.feed(chunk)
+        while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+            if isinstance(record, HvmState):
+                reader.take_run()
+    reader.eof()
+    return time.perf_counter() - t0
+
+
+def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[float, float, int, float, float]:
     config = DomainConfig("bench", "idle", size, stub=False, hugepages=huge)
     src = Domain.boot(config)
     path = os.path.join(directory, f"bench-{os.getpid()}.hvm")
@@ -139,6 +155,7 @@ def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[
         stats = save_to_file(src, path, compress=mode)
         src.destroy()
         file_size = os.path.getsize(path)
+        read_s = read_alone(path)
         t0 = time.perf_counter()
         dom, _ = restore(file_chunks(path), make_domain=lambda cfg, **cpu: Domain(
             dataclasses.replace(cfg, hugepages=huge), **cpu))
@@ -146,7 +163,7 @@ def run_mode(mode: str, size: int, directory: str, huge: bool = False) -> tuple[
         dom.entered(5.0)
         restored = time.perf_counter() - t0
         dom.destroy()
-        return stats.seconds, stats.synced, file_size, restored
+        return stats.seconds, stats.synced, file_size, restored, read_s
     finally:
         if src.status != "destroyed":
             src.destroy()
@@ -183,7 +200,7 @@ def main() -> None:
     print(f"medians of {args.runs} runs (the slowest in brackets); writing the touched pages into fresh "
           f"memory alone takes {floor:.3f} s here:")
     for mode, results in runs.items():
-        save_s, synced_s, file_size, restore_s = (statistics.median(r[i] for r in results) for i in range(4))
+        save_s, synced_s, file_size, restore_s, read_s = (statistics.median(r[i] for r in results) for i in range(5))
         slow_save, slow_restore = max(r[0] for r in results), max(r[3] for r in results)
         print(f"{mode:>7}: save {save_s:.3f} s [{slow_save:.3f}] ({gbps(size, save_s)} of RAM, "
               f"{gbps(file_size, save_s)} of file, "
@@ -191,7 +208,8 @@ def main() -> None:
               f"on disk after {synced_s:.3f} s; "
               f"file {file_size / MIB:.0f} MiB = {100 * file_size / size:.0f}% of RAM; "
               f"restore until running {restore_s:.3f} s [{slow_restore:.3f}] ({gbps(size, restore_s)} of RAM, "
-              f"{restore_s / floor:.2f}x that floor)")
+              f"{restore_s / floor:.2f}x that floor); the file read and checked alone {read_s:.3f} s "
+              f"({gbps(file_size, read_s)})")
 
 
 if __name__ == "__main__":

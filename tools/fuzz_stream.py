@@ -318,6 +318,20 @@ def fake_host():
         restore_module.this_host, restore_module.warm.restore_paths = real, real_warm
 
 
+@contextlib.contextmanager
+def big_records(on: bool = True):
+    """While it lasts (if ``on``), every record that has not all come in one piece is
+    gathered in a buffer of its own, as only records of BIG_RECORD bytes are otherwise:
+    that path too meets every input."""
+    reader_module = importlib.import_module("migrate.stream.reader")
+    real = reader_module.BIG_RECORD
+    reader_module.BIG_RECORD = 1 if on else real
+    try:
+        yield
+    finally:
+        reader_module.BIG_RECORD = real
+
+
 def one_input(data: bytes) -> None:
     """Read one input; StreamError (and, in a restore, RestoreError) are the allowed failures."""
     from migrate.engine.restore import restore
@@ -331,13 +345,18 @@ def one_input(data: bytes) -> None:
     pieces = (data[:split_at], data[split_at:])
     try:
         if data[-1] & 1:        # the restore engine: raw batches, the C scatter, the collectors
-            with fake_host():   # warm: a relocation's, which applies the state between pieces
+            # warm: a relocation's, which applies the state between pieces
+            with fake_host(), big_records(bool(data[-1] & 8)):
                 restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2), warm=bool(data[-1] & 4))
         else:                   # the reader alone, decoding page batches in Python
             decoded, error = read_all(StreamReader(), pieces)
             kept, _ = read_all(StreamReader(hvm_bodies=True), pieces)
             if kept != decoded:     # the restore's way with context records reads the same
                 raise AssertionError(f"hvm_bodies reader differs: {kept[-1]!r} against {decoded[-1]!r}")
+            with big_records():
+                gathered, _ = read_all(StreamReader(), pieces)
+            if gathered != decoded:
+                raise AssertionError(f"records gathered apart differ: {gathered[-1]!r} against {decoded[-1]!r}")
             if error is not None:
                 raise error
     except (StreamError, RestoreError) as exc:

@@ -146,15 +146,17 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def file_chunks(path: str | os.PathLike, chunk: int = CHUNK) -> Iterator[bytes]:
-    """The bytes of a stream file, ``chunk`` at a time."""
+def file_chunks(path: str | os.PathLike, chunk: int = CHUNK) -> Iterator[memoryview]:
+    """The bytes of a stream file, ``chunk`` at a time, each read into the same buffer:
+    a chunk is good until the next one is asked for (a StreamReader copies what it is fed)."""
     try:
-        f = open(path, "rb")
+        f = open(path, "rb", buffering=0)
     except OSError as exc:
         raise RestoreError(f"cannot read {path}: {exc.strerror}") from None
-    with f:
-        while data := f.read(chunk):
-            yield data
+    buf = bytearray(chunk)
+    with f, memoryview(buf) as view:
+        while n := f.readinto(view):
+            yield view[:n]
 
 
 def read_config(path: str | os.PathLike) -> dict:

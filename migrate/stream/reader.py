@@ -31,6 +31,12 @@ from migrate.stream.records import (
 )
 
 
+# A record at least this long (header, body, padding) that has not all come yet is gathered
+# in a buffer of its own rather than in the reader's buffer (StreamReader.feed).
+BIG_RECORD = 1 << 18
+_PAGE_TYPES = (RecordType.PAGE_DATA, RecordType.PAGE_DATA_ZSTD)
+
+
 class _Sentinel:
     def __init__(self, name: str) -> None:
         self.name = name
@@ -116,6 +122,11 @@ class StreamReader:
         self.skipped_count = 0                     # all of them (the list keeps MAX_SKIPPED_KEPT)
         self._buf = bytearray()
         self._pos = 0  # read position in _buf
+        # A record of at least BIG_RECORD bytes that is not all here yet: its own buffer of
+        # exactly its size (header checked), filled by feed(), instead of _buf, which would
+        # grow and copy it, and its body handed on without another copy.
+        self._big: bytearray | None = None
+        self._big_have = 0
         self._offset = 0  # stream offset of _buf[_pos]
         self._index = 0  # index of the next record
         self._pages = 0
@@ -141,8 +152,17 @@ class StreamReader:
         return bytes(self._buf[self._pos:]) if self._done else b""
 
     def feed(self, data: bytes) -> None:
+        """Take the next bytes of the stream; they are copied, so ``data`` may be reused."""
         if self._failed:
             raise self._failed
+        if self._big is not None:
+            take = min(len(data), len(self._big) - self._big_have)
+            with memoryview(data) as view:
+                self._big[self._big_have:self._big_have + take] = view[:take]
+                self._big_have += take
+                if take < len(data):
+                    self._buf += view[take:]
+            return
         if self._pos:
             del self._buf[:self._pos]
             self._pos = 0
@@ -186,13 +206,16 @@ class StreamReader:
         if self._done:
             return
         pending = len(self._buf) - self._pos
+        if self._big is not None:
+            pending += self._big_have
         if self.header is None:
             msg = f"input ended inside the stream header ({pending} bytes)"
             record_type = index = None
         else:
             msg = f"input ended before END ({pending} bytes of an incomplete record)"
             index = self._index
-            record_type = RECORD_HEADER.unpack_from(self._buf, self._pos)[0] if pending >= 16 else None
+            record_type = (RECORD_HEADER.unpack_from(self._big)[0] if self._big is not None
+                           else RECORD_HEADER.unpack_from(self._buf, self._pos)[0] if pending >= 16 else None)
         self._failed = StreamTruncated(msg, self._offset + pending, index, record_type)
         raise self._failed
 
@@ -238,10 +261,17 @@ class StreamReader:
         if self._run:
             return self._run_record()
         start, index = self._offset, self._index
-        if len(self._buf) - self._pos < RECORD_HEADER.size:
+        big = self._big
+        if big is not None:
+            if self._big_have < len(big):
+                return NEED_DATA
+            buf, pos = big, 0
+        else:
+            buf, pos = self._buf, self._pos
+        if len(buf) - pos < RECORD_HEADER.size:
             return NEED_DATA
-        record_type, length, reserved, crc = RECORD_HEADER.unpack_from(self._buf, self._pos)
-        if self._scan is not None and record_type in self._scan.types:
+        record_type, length, reserved, crc = RECORD_HEADER.unpack_from(buf, pos)
+        if big is None and self._scan is not None and record_type in self._scan.types:
             self._take_run()
             if self._run:
                 return self._run_record()
@@ -253,17 +283,24 @@ class StreamReader:
                 kind = "this type's cap" if cap < MAX_RECORD_BODY else "MAX_RECORD_BODY"
                 raise StreamError(f"record body length {length} exceeds {cap} ({kind})")
             total = RECORD_HEADER.size + padded(length)
-            if len(self._buf) - self._pos < total:
+            if len(buf) - pos < total:
+                if total >= BIG_RECORD:
+                    self._start_big(total)
                 return NEED_DATA
-            body_at = self._pos + RECORD_HEADER.size
-            with memoryview(self._buf) as view, view[body_at:body_at + length] as body_view:
+            body_at = pos + RECORD_HEADER.size
+            with memoryview(buf) as view, view[body_at:body_at + length] as body_view:
                 if record_crc(record_type, body_view) != crc:
                     raise StreamError(f"record CRC-32 mismatch (stored 0x{crc:08x})")
-                if any(view[body_at + length:self._pos + total]):
+                if any(view[body_at + length:pos + total]):
                     raise StreamError("record padding is not zero")
-                # an unknown record is skipped without copying its body (spec "Memory")
-                body = bytes(body_view) if record_type in self._decoders \
-                    or record_type == RecordType.END else b""
+                # an unknown record is skipped without copying its body (spec "Memory"); a
+                # raw page batch in a buffer of its own is handed on without a copy
+                if record_type not in self._decoders and record_type != RecordType.END:
+                    body = b""
+                elif big is not None and self.raw_pages and record_type in _PAGE_TYPES:
+                    body = memoryview(big)[body_at:body_at + length]
+                else:
+                    body = bytes(body_view)
             if record_type == RecordType.END:
                 return self._end(body, total)
             record = self._decode(record_type, body)
@@ -273,6 +310,17 @@ class StreamReader:
         self._consume(total, digest=True)
         self._index += 1
         return record
+
+    def _start_big(self, total: int) -> None:
+        """Move the record begun at the read position into a buffer of its own (its size,
+        ``total``, already checked against the caps), which feed() fills."""
+        have = len(self._buf) - self._pos
+        self._big = bytearray(total)
+        with memoryview(self._buf) as view:
+            self._big[:have] = view[self._pos:]
+        self._big_have = have
+        del self._buf[:]
+        self._pos = 0
 
     def _take_run(self) -> None:
         """Queue the run of HVM context records BodyScan finds at the read position, as far
@@ -349,6 +397,12 @@ class StreamReader:
             raise self._failed
 
     def _consume(self, size: int, digest: bool) -> None:
+        if self._big is not None:           # the whole of it; what follows is in _buf
+            if digest:
+                self._digest.update(self._big)
+            self._big = None
+            self._offset += size
+            return
         if digest:
             with memoryview(self._buf) as view:
                 self._digest.update(view[self._pos:self._pos + size])
