@@ -220,6 +220,7 @@ class Domain:
         self._runs: list[_VcpuRun] = []
         self._has_run = False               # resume() was called once: state can no longer be applied
         self.pause_skew = 0.0               # the last pause: seconds from the first vCPU's stop to the last's
+        self._disk_flush = None             # pause(flush_later=True): the disk's flush (a Future)
         self.stub: Stub | None = None
         self._parts: list[VmSpace] = []
         self.stub_build = ""             # build id of the stub image this domain runs
@@ -547,6 +548,11 @@ class Domain:
                 raise DomainError(f"domain {self.status}: {self.crash_reason}")
             if self.status is DomainStatus.RUNNING:
                 return
+            if self._disk_flush is not None:    # a save that failed before it waited for it
+                try:
+                    self.disk_flushed()
+                except DomainError as exc:
+                    log.error("%s: %s", self.config.name, exc)
             for run in self._runs:
                 run.vcpu.unkick()
                 run.entered_at = None
@@ -592,11 +598,14 @@ class Domain:
                                               name=f"vcpu{run.vcpu.id}-{self.config.name}")
                 run.thread.start()
 
-    def pause(self, timeout: float = 10.0) -> float:
+    def pause(self, timeout: float = 10.0, flush_later: bool = False) -> float:
         """Stop every vCPU; on return all of them are out of the guest and its state is
-        consistent and still. Returns when the guest began to stop (time.monotonic() of the
-        first vCPU's stop; now if it was not running); ``pause_skew`` is then the seconds
-        from the first vCPU's stop to the last one's."""
+        consistent and still, and the disk's writes are durable. Returns when the guest
+        began to stop (time.monotonic() of the first vCPU's stop; now if it was not
+        running); ``pause_skew`` is then the seconds from the first vCPU's stop to the last
+        one's. ``flush_later``: the disk's flush runs on a thread of its own meanwhile, and
+        :meth:`disk_flushed` waits for it (a save's downtime need not wait for the disk
+        while the state is captured and sent)."""
         asked = time.monotonic()
         with self._cv:
             if self.status is not DomainStatus.RUNNING:
@@ -620,8 +629,22 @@ class Domain:
         if self.stub is not None and self.stub.net is not None:
             self.stub.net.pause_rx()
         if self.stub is not None and self.stub.backend is not None:
-            self.stub.backend.flush()
+            if flush_later:
+                self._disk_flush = self.stub.backend.start_flush()
+            else:
+                self.stub.backend.flush()
         return min(stops)
+
+    def disk_flushed(self) -> None:
+        """Wait for the disk flush that ``pause(flush_later=True)`` started, if any:
+        DomainError if it failed (what the guest wrote may not be on the disk)."""
+        pending, self._disk_flush = self._disk_flush, None
+        if pending is None:
+            return
+        try:
+            pending.result()
+        except OSError as exc:
+            raise DomainError(f"disk image {self.config.disk}: flush failed: {exc.strerror}") from None
 
     def _kick_all(self) -> None:
         for run in self._runs:
@@ -724,6 +747,8 @@ class Domain:
         no downtime counted.)"""
         if self.stub is None or not self.status.live:
             return
+        if self.stub.backend is not None:   # what pre-copy wrote goes now; the thread starts
+            self.stub.backend.start_flush()
         try:
             self.stub.save_devices()
         except Exception as exc:        # only a warm-up: the capture itself will fail and say why

@@ -266,6 +266,27 @@ def test_a_failure_after_the_pause_resumes_a_running_guest(tmp_path):
     assert_clean(src, tmp_path)
 
 
+@pytest.mark.parametrize("live", [False, True])
+def test_the_stream_ends_only_once_the_disk_is_flushed(tmp_path, live):
+    """The pause's disk flush runs beside the capture and the last pages; the save waits
+    for it before END, and a failed flush fails the save with no END written, the guest
+    resumed."""
+    src = fake()
+    src.flush_error = DomainError("disk image d.img: flush failed: Input/output error")
+    fd = os.open(tmp_path / "s", os.O_WRONLY | os.O_CREAT)
+    try:
+        with pytest.raises(SaveError, match="the disk's flush failed: disk image d.img: flush failed"):
+            save_to_stream(src, fd, live=live)
+    finally:
+        os.close(fd)
+    assert src.status is DomainStatus.RUNNING and not src.flush_pending
+    with pytest.raises(StreamTruncated, match="input ended before END"):
+        records(tmp_path / "s")
+    src.flush_error = None
+    save_to_file(src, tmp_path / "ok.hvm", live=live)
+    assert not src.flush_pending and isinstance(records(tmp_path / "ok.hvm")[-1], End)
+
+
 def test_a_paused_guest_stays_paused_after_a_failure(tmp_path):
     src = fake(running=False)
     with pytest.raises(SaveError, match="refused"):

@@ -1,7 +1,9 @@
 """Save/restore of the pair: guest + device-model stub, with a disk, through
 stream files: both stub resume paths, the automatic choice by stub build, a
 live save while the stub does DMA, and a domain without a stub."""
+import errno
 import importlib
+import os
 import re
 import threading
 import time
@@ -10,7 +12,7 @@ import pytest
 
 from migrate.config import DomainStatus
 from migrate.domain import Domain, DomainConfig
-from migrate.engine import restore, save_to_file
+from migrate.engine import SaveError, restore, save_to_file
 from migrate.engine.files import file_chunks
 from migrate.guest import check
 
@@ -98,6 +100,38 @@ def test_live_save_while_the_stub_does_dma(domains, disk, tmp_path):
     dst, _ = restore(file_chunks(path))
     domains.append(dst)
     assert check.ledger_verify(dst.memory)[0] == -1
+    check_continues(dst, gen)
+
+
+@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
+def test_a_save_waits_for_the_disk_flush_of_its_pause(domains, disk, tmp_path, monkeypatch, live):
+    """The pause starts the disk's fdatasync on the back end's thread and the save goes on
+    with the capture and the last pages; it waits for the flush before END. A flush that
+    fails fails the save (no file left) and the guest runs on; one that succeeds was made
+    on that thread, and the file restores with the journal the guest checks."""
+    src = ledger(domains, disk)
+    real, flushes = os.fdatasync, []
+
+    def fdatasync(fd):
+        flushes.append(threading.current_thread().name)
+        if fail and threading.current_thread().name.startswith("disk-flush"):
+            raise OSError(errno.EIO, os.strerror(errno.EIO))
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    fail = True
+    with pytest.raises(SaveError, match=r"the disk's flush failed: disk image .*disk.img: flush failed: "
+                                        r"Input/output error"):
+        save_to_file(src, tmp_path / "x.hvm", live=live)
+    assert src.status is DomainStatus.RUNNING and list(tmp_path.glob("*.hvm*")) == []
+    src.console.wait_for(rf"ledger ok gen={last_gen(src) + 2} .* journal=ok$", 20)
+    fail, flushes[:] = False, []
+    save_to_file(src, tmp_path / "ok.hvm", live=live)
+    assert flushes and all(name.startswith("disk-flush") for name in flushes), flushes
+    gen = last_gen(src)
+    src.destroy()
+    dst, _ = restore(file_chunks(tmp_path / "ok.hvm"))
+    domains.append(dst)
     check_continues(dst, gen)
 
 

@@ -92,8 +92,14 @@ class SaveableDomain(Protocol):
     def parts(self) -> list[VmPart]:
         """The guest, then the stub if there is one."""
 
-    def pause(self) -> float:
-        """Stop every vCPU; when the guest began to stop (time.monotonic())."""
+    def pause(self, flush_later: bool = False) -> float:
+        """Stop every vCPU; when the guest began to stop (time.monotonic()). Its disk's
+        writes are durable on return, or with ``flush_later`` once :meth:`disk_flushed`
+        has returned."""
+
+    def disk_flushed(self) -> None:
+        """Wait for the disk flush a ``pause(flush_later=True)`` started; an exception if
+        it failed."""
 
     def resume(self) -> None: ...
 

@@ -153,6 +153,8 @@ class FakeDomain:
         self.stub_build = "fake-stub" if config.stub else ""
         self.pause_skew = 0.0
         self.pauses = 0
+        self.flush_pending = False          # pause(flush_later=True) until disk_flushed()
+        self.flush_error: Exception | None = None   # what disk_flushed() then raises
         self.prepared = 0                   # prepare_capture() calls
         self.captures = 0
         self.applied: DomainState | None = None
@@ -170,12 +172,18 @@ class FakeDomain:
         return list(self._parts)
 
     # -- running ------------------------------------------------------------------------
-    def pause(self) -> float:
+    def pause(self, flush_later: bool = False) -> float:
         stopped = time.monotonic()
         if self.status is DomainStatus.RUNNING:
             self.status = DomainStatus.PAUSED
             self.pauses += 1
+            self.flush_pending = flush_later
         return stopped
+
+    def disk_flushed(self) -> None:
+        pending, self.flush_pending = self.flush_pending, False
+        if pending and self.flush_error is not None:
+            raise self.flush_error
 
     def resume(self) -> None:
         if not self.status.live:

@@ -13,8 +13,9 @@ The engine talks to the domain through its contract (:mod:`.contract`,
 :class:`~.contract.SaveableDomain`): ``config``, ``status``, ``pause()``, ``resume()``,
 ``prepare_capture()`` (called while the domain still runs, just before a live save's final
 pause), ``capture_records()`` (the paused domain's state as records; a KVM domain
-captures them in C) and ``parts()``: the guest and, if it has one, the stub, each a
-:class:`~.contract.VmPart` (its address space, CPU, memory ranges, data ranges, dirty log
+captures them in C), ``disk_flushed()`` (the disk's flush that ``pause(flush_later=True)``
+started, waited for before END) and ``parts()``: the guest and, if it has one, the stub,
+each a :class:`~.contract.VmPart` (its address space, CPU, memory ranges, data ranges, dirty log
 and share of the captured state). ``pause()`` returns when the guest began to stop
 (time.monotonic()), where the downtime starts, and ``pause_skew`` then says how long its
 vCPUs took to stop, first to last.
@@ -354,7 +355,7 @@ class _Saver:
         if live:
             self.gc.hold()          # released when save() returns or fails
         trace.mark("S pause asked")
-        stopped = dom.pause()       # the domain may say when its guest began to stop
+        stopped = dom.pause(flush_later=True)   # may say when its guest began to stop
         mark = time.monotonic()
         paused_at = stopped if isinstance(stopped, float) and stopped <= mark else mark
         self.stats.pause_offset = paused_at - self.t0
@@ -386,6 +387,10 @@ class _Saver:
         else:
             data, holes = self.all_pages()
             self.send_round(data, paused=True, holes=holes, start=last_round)
+        try:                        # the stream is not whole before the disk is durable
+            dom.disk_flushed()
+        except Exception as exc:
+            raise SaveError(f"the disk's flush failed: {exc}") from None
         self.sink.end(self.writer)
         self.stats.stream_bytes = self.sink.bytes
         self.stats.phase = "done"
