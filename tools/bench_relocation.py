@@ -8,6 +8,7 @@ beside the guest memory touched, the bulk round's stream rate, then medians.
     .venv/bin/python tools/bench_relocation.py --case flat511 --insecure --compress none
     .venv/bin/python tools/bench_relocation.py --case stream --runs 3   # incompressible pages
     .venv/bin/python tools/bench_relocation.py --workload ledger --memory 256 --check --runs 20
+    .venv/bin/python tools/bench_relocation.py --workload ledger --arg 1 --arg 64 --disk 4 --check
     .venv/bin/python tools/bench_relocation.py --workload smp --vcpus 4 --memory 64 --check
 
 Cases (a 1 GiB guest, a 30 ms downtime target): ``idle``; ``flat63`` and ``flat511``: the
@@ -94,14 +95,16 @@ def host_cpus() -> list[set[int]]:
 
 
 def serve(base: Path, tls_dir: str | None, hugepages: bool = False,
-          cpus: set[int] | None = None) -> tuple[subprocess.Popen, int]:
+          cpus: set[int] | None = None, disk: Path | None = None) -> tuple[subprocess.Popen, int]:
     """An `hvm host serve` on a free loopback port, state in ``base`` (plain TCP without
     ``tls_dir``; ``hugepages``: incoming guests on huge pages; ``cpus``: the daemon and
-    every domain process it starts run on these CPUs only)."""
+    every domain process it starts run on these CPUs only; ``disk``: a guest's disk image,
+    which both hosts share, mapped to itself)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     security = (["--tls-dir", tls_dir] if tls_dir else ["--insecure"]) + (["--hugepages"] if hugepages else [])
+    security += ["--disk-map", f"{disk}={disk}"] if disk else []
     proc = subprocess.Popen([sys.executable, "-m", "migrate.cli", "host", "serve", "--listen",
                              f"127.0.0.1:{port}", *security],
                             env={**os.environ, "HVM_STATE_DIR": str(base)}, stderr=subprocess.PIPE, text=True,
@@ -237,8 +240,12 @@ def run_case(opts, label: str, workload: str, args: list[int], root: Path, tls_d
     errors of those that failed with the guest still running where it was, and a sample
     of the guest's memory."""
     args = (args + [0] * 8)[:8]
+    disk = None
+    if opts.disk:
+        disk = root / "disk.img"
+        disk.write_bytes(bytes(opts.disk << 20))
     control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args, vcpus=opts.vcpus,
-                                       hugepages=opts.hugepages), bases[0])
+                                       hugepages=opts.hugepages, disk=str(disk) if disk else None), bases[0])
     results, failed, here = [], [], 0
     try:
         check = self_check(opts, workload, args, bases[0])
@@ -322,6 +329,8 @@ def main() -> int:
     ap.add_argument("--downtime-ms", type=int, default=30)
     ap.add_argument("--settle", type=float, default=1.0, help="seconds to run before each move")
     ap.add_argument("--check", action="store_true", help="ledger: verify a self-check after each move")
+    ap.add_argument("--disk", type=int, default=0, metavar="MIB",
+                    help="give the guest a raw disk of this size (the ledger keeps a journal on it)")
     ap.add_argument("--pin", action="store_true",
                     help="two hosts of half the CPUs each: each host's daemon and domain processes "
                          "on their own CPUs (the source and the destination then do not share a core)")
@@ -347,7 +356,10 @@ def main() -> int:
         pool = machine_limits.HugePagePool(2 * opts.memory // 2 + 8 if opts.hugepages else 0)
         pool.__enter__()
         halves = host_cpus() if opts.pin else [None, None]
-        servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages, cpus)
+        disk = root / "disk.img" if opts.disk else None
+        if disk:                # the daemons map it: it must be there (run_case clears it)
+            disk.write_bytes(bytes(opts.disk << 20))
+        servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages, cpus, disk)
                    for base, cpus in zip(bases, halves)]
         try:
             for label, workload, args in cases:
