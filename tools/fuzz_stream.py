@@ -320,9 +320,9 @@ def fake_host():
 
 @contextlib.contextmanager
 def big_records(on: bool = True):
-    """While it lasts (if ``on``), every record that has not all come in one piece is
-    gathered in a buffer of its own, as only records of BIG_RECORD bytes are otherwise:
-    that path too meets every input."""
+    """While it lasts (if ``on``), every page batch that has not all come in one piece is
+    gathered in a buffer of its own, as only batches of which BIG_RECORD bytes have come
+    are otherwise: that path too meets every input."""
     reader_module = importlib.import_module("migrate.stream.reader")
     real = reader_module.BIG_RECORD
     reader_module.BIG_RECORD = 1 if on else real

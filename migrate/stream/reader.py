@@ -31,8 +31,8 @@ from migrate.stream.records import (
 )
 
 
-# A record at least this long (header, body, padding) that has not all come yet is gathered
-# in a buffer of its own rather than in the reader's buffer (StreamReader.feed).
+# A page batch of which at least this much (header, body, padding) has come, but not all,
+# is gathered in a buffer of its own rather than in the reader's buffer (StreamReader.feed).
 BIG_RECORD = 1 << 18
 _PAGE_TYPES = (RecordType.PAGE_DATA, RecordType.PAGE_DATA_ZSTD)
 
@@ -122,7 +122,7 @@ class StreamReader:
         self.skipped_count = 0                     # all of them (the list keeps MAX_SKIPPED_KEPT)
         self._buf = bytearray()
         self._pos = 0  # read position in _buf
-        # A record of at least BIG_RECORD bytes that is not all here yet: its own buffer of
+        # A page batch of which BIG_RECORD bytes are here but not all: its own buffer of
         # exactly its size (header checked), filled by feed(), instead of _buf, which would
         # grow and copy it, and its body handed on without another copy.
         self._big: bytearray | None = None
@@ -284,7 +284,9 @@ class StreamReader:
                 raise StreamError(f"record body length {length} exceeds {cap} ({kind})")
             total = RECORD_HEADER.size + padded(length)
             if len(buf) - pos < total:
-                if total >= BIG_RECORD:
+                # a page batch (capped at about 5 MiB) once BIG_RECORD bytes of it are here:
+                # a bare header allocates nothing beyond what has come
+                if big is None and record_type in _PAGE_TYPES and len(buf) - pos >= BIG_RECORD:
                     self._start_big(total)
                 return NEED_DATA
             body_at = pos + RECORD_HEADER.size
@@ -297,7 +299,7 @@ class StreamReader:
                 # raw page batch in a buffer of its own is handed on without a copy
                 if record_type not in self._decoders and record_type != RecordType.END:
                     body = b""
-                elif big is not None and self.raw_pages and record_type in _PAGE_TYPES:
+                elif big is not None and self.raw_pages:
                     body = memoryview(big)[body_at:body_at + length]
                 else:
                     body = bytes(body_view)

@@ -4,6 +4,7 @@ trip, and arbitrary bytes only ever raise StreamError."""
 from __future__ import annotations
 
 import struct
+import tracemalloc
 from unittest import mock
 
 import pytest
@@ -140,14 +141,32 @@ def test_streams_round_trip(batches, config, context, fields) -> None:
 SMALL = sample_stream(vcpus=1, guest_pages=6, stub_pages=3)
 
 
+@pytest.mark.parametrize("record_type", [RecordType.PAGE_DATA, 0x80007777])   # a page batch, an unknown optional type
+def test_a_record_header_alone_allocates_nothing_for_its_body(record_type) -> None:
+    """The body length is checked against the type's cap before anything is allocated from
+    it, and a page batch gets a buffer of its own only once BIG_RECORD bytes of it have come:
+    a header claiming the largest body its type may have costs no more than what came."""
+    length = reader_module.CAPS[2].get(record_type, reader_module.MAX_RECORD_BODY)
+    reader = StreamReader(raw_pages="bodies")
+    reader.feed(StreamWriter().start())
+    assert reader.next_record() is NEED_DATA and reader.header is not None
+    tracemalloc.start()
+    try:
+        reader.feed(struct.pack("<IIII", record_type, length, 0, 0) + bytes(1000))
+        assert reader.next_record() is NEED_DATA
+        assert tracemalloc.get_traced_memory()[1] < 64 << 10
+    finally:
+        tracemalloc.stop()
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(page_batches(), min_size=1, max_size=4), st.integers(0, 2**20), st.integers(0, 255),
        st.sampled_from([1, 100, 5000]), st.sampled_from([False, True, "bodies"]),
        st.lists(st.integers(1, 9000), min_size=1, max_size=6))
 def test_records_gathered_in_their_own_buffer_read_the_same(batches, where, flip, big, raw, sizes) -> None:
-    """A record that has not all come is gathered in a buffer of its own once it is at least
-    BIG_RECORD long (StreamReader.feed): with the threshold at a few bytes, so that nearly
-    every record goes that way, a stream of page batches, perhaps with a byte changed
+    """A page batch that has not all come is gathered in a buffer of its own once BIG_RECORD
+    bytes of it are here (StreamReader.feed): with the threshold at a few bytes, so that
+    nearly every batch goes that way, a stream of page batches, perhaps with a byte changed
     anywhere, reads as with the default (which these small records never reach): the same
     records, positions and error, in whatever pieces it comes."""
     writer = StreamWriter()
