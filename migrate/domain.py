@@ -541,6 +541,11 @@ class Domain:
 
     # -- running ------------------------------------------------------------
     def resume(self) -> None:
+        if self.status is not DomainStatus.RUNNING:
+            try:                # a save that failed (or stopped) before it waited for its flush
+                self.disk_flushed()
+            except DomainError as exc:
+                log.error("%s: %s", self.config.name, exc)
         with self._cv:
             if self.status is DomainStatus.DESTROYED:
                 raise DomainError("domain is destroyed")
@@ -548,11 +553,6 @@ class Domain:
                 raise DomainError(f"domain {self.status}: {self.crash_reason}")
             if self.status is DomainStatus.RUNNING:
                 return
-            if self._disk_flush is not None:    # a save that failed before it waited for it
-                try:
-                    self.disk_flushed()
-                except DomainError as exc:
-                    log.error("%s: %s", self.config.name, exc)
             for run in self._runs:
                 run.vcpu.unkick()
                 run.entered_at = None
@@ -637,12 +637,16 @@ class Domain:
 
     def disk_flushed(self) -> None:
         """Wait for the disk flush that ``pause(flush_later=True)`` started, if any:
-        DomainError if it failed (what the guest wrote may not be on the disk)."""
+        DomainError if it, or a flush started before it (prepare_capture), failed: what
+        the guest wrote may not be on the disk."""
         pending, self._disk_flush = self._disk_flush, None
-        if pending is None:
+        backend = self.stub.backend if self.stub is not None else None
+        if backend is None:
             return
+        if pending is not None:
+            pending.result()            # the flushes before it ended too: one thread, in order
         try:
-            pending.result()
+            backend.raise_flush_error()
         except OSError as exc:
             raise DomainError(f"disk image {self.config.disk}: flush failed: {exc.strerror}") from None
 
@@ -750,7 +754,7 @@ class Domain:
         if self.stub.backend is not None:   # what pre-copy wrote goes now; the thread starts
             self.stub.backend.start_flush()
         try:
-            self.stub.save_devices()
+            self.stub.warm_capture()
         except Exception as exc:        # only a warm-up: the capture itself will fail and say why
             log.warning("%s: warming the stub's SAVE failed: %s", self.config.name, exc)
 

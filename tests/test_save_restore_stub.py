@@ -103,18 +103,22 @@ def test_live_save_while_the_stub_does_dma(domains, disk, tmp_path):
     check_continues(dst, gen)
 
 
-@pytest.mark.parametrize("live", [False, True], ids=["stop-and-copy", "live"])
-def test_a_save_waits_for_the_disk_flush_of_its_pause(domains, disk, tmp_path, monkeypatch, live):
+@pytest.mark.parametrize("live, failing", [(False, "every"), (True, "every"), (True, "first")],
+                         ids=["stop-and-copy", "live", "live-early-flush"])
+def test_a_save_waits_for_the_disk_flush_of_its_pause(domains, disk, tmp_path, monkeypatch, live, failing):
     """The pause starts the disk's fdatasync on the back end's thread and the save goes on
     with the capture and the last pages; it waits for the flush before END. A flush that
-    fails fails the save (no file left) and the guest runs on; one that succeeds was made
-    on that thread, and the file restores with the journal the guest checks."""
+    fails fails the save (no file left) and the guest runs on, also when only the flush
+    prepare_capture starts before a live save's pause fails (the kernel tells one fdatasync
+    only, and the pause's then succeeds); one that succeeds was made on that thread, and
+    the file restores with the journal the guest checks."""
     src = ledger(domains, disk)
     real, flushes = os.fdatasync, []
 
     def fdatasync(fd):
+        on_thread = threading.current_thread().name.startswith("disk-flush")
         flushes.append(threading.current_thread().name)
-        if fail and threading.current_thread().name.startswith("disk-flush"):
+        if fail and on_thread and (failing == "every" or flushes.count(flushes[-1]) == 1):
             raise OSError(errno.EIO, os.strerror(errno.EIO))
         real(fd)
 
@@ -179,7 +183,7 @@ def test_the_stubs_warm_up_save_is_done_before_the_pause(domains, disk):
     that will capture): a pause asked while it ran would wait for it with the guest already
     stopped."""
     dom = ledger(domains, disk)
-    real, runs = dom.stub.save_devices, []
+    real, runs = dom.stub.warm_capture, []
 
     def slow_save():
         runs.append("begun")
@@ -187,7 +191,7 @@ def test_the_stubs_warm_up_save_is_done_before_the_pause(domains, disk):
         out = real()
         runs.append(threading.current_thread() is threading.main_thread())
         return out
-    dom.stub.save_devices = slow_save
+    dom.stub.warm_capture = slow_save
     dom.prepare_capture()
     assert runs == ["begun", True]          # done, on this thread
     assert dom.status is DomainStatus.RUNNING
@@ -203,7 +207,7 @@ def test_the_guest_runs_on_while_the_stubs_warm_up_save_runs(domains):
     domains.append(dom)
     dom.resume()
     dom.console.wait_for(r"^pagetouch pass=\d+ ", 20)
-    real, seen = dom.stub.save_devices, []
+    real, seen = dom.stub.warm_capture, []
 
     def slow_save():
         first = dom.memory[check.WORKLOAD_BASE]
@@ -212,7 +216,7 @@ def test_the_guest_runs_on_while_the_stubs_warm_up_save_runs(domains):
             time.sleep(0.01)
         seen.append(dom.memory[check.WORKLOAD_BASE] != first)
         return real()
-    dom.stub.save_devices = slow_save
+    dom.stub.warm_capture = slow_save
     dom.prepare_capture()
     assert seen == [True]
     assert dom.status is DomainStatus.RUNNING

@@ -92,9 +92,9 @@ def test_no_collection_from_a_live_saves_pause_on_and_collections_again_after(tm
     seen = []
     pause, capture = dom.pause, dom.capture_records
 
-    def watched_pause():
+    def watched_pause(**options):
         seen.append(("pause", gc.isenabled()))
-        return pause()
+        return pause(**options)
 
     def watched_capture():
         seen.append(("capture", gc.isenabled()))

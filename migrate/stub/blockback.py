@@ -24,6 +24,7 @@ class BlockBackend:
         self.capacity = size // SECTOR
         self.requests = 0
         self._flusher: ThreadPoolExecutor | None = None
+        self._flush_error: OSError | None = None    # the first a start_flush met, not yet taken
 
     def close(self) -> None:
         if self._flusher is not None:   # a flush under way keeps its descriptor till it ends
@@ -34,15 +35,31 @@ class BlockBackend:
             self.fd = -1
 
     def flush(self) -> None:
+        """fdatasync the image; OSError if it fails, or if a flush start_flush began failed
+        and nobody took its error (the kernel reports a writeback error to one fdatasync
+        only: it must not be lost in a thread)."""
         os.fdatasync(self.fd)
+        self.raise_flush_error()
 
     def start_flush(self) -> Future:
-        """An fdatasync of the image on a thread of the back end's own (one at a time);
-        the future gives its OSError, if any. For a pause, whose downtime need not wait
-        for the disk while the state is captured and sent (specs/ioreq.md)."""
+        """An fdatasync of the image on a thread of the back end's own (one at a time, in
+        order); its error is kept for :meth:`raise_flush_error`. For a pause, whose downtime
+        need not wait for the disk while the state is captured and sent (specs/ioreq.md)."""
         if self._flusher is None:
             self._flusher = ThreadPoolExecutor(1, thread_name_prefix="disk-flush")
-        return self._flusher.submit(os.fdatasync, self.fd)
+        return self._flusher.submit(self._flush_kept)
+
+    def _flush_kept(self) -> None:
+        try:
+            os.fdatasync(self.fd)
+        except OSError as exc:
+            self._flush_error = self._flush_error or exc
+
+    def raise_flush_error(self) -> None:
+        """Raise (once) the first error a start_flush met since the last call, if any."""
+        error, self._flush_error = self._flush_error, None
+        if error is not None:
+            raise error
 
     def serve(self, mem) -> None:
         """Answer every request between rsp_prod and the stub's req_prod."""
@@ -62,7 +79,11 @@ class BlockBackend:
 
     def _one(self, mem, sector: int, op: int, length: int, buf: int) -> int:
         if op == abi.BLK_OP_FLUSH:
-            self.flush()
+            try:
+                self.flush()
+            except OSError as exc:
+                log.error("block back end %s: flush: %s", self.path, exc)
+                return abi.BLK_EIO
             return abi.BLK_OK
         if (op not in (abi.BLK_OP_READ, abi.BLK_OP_WRITE) or length % SECTOR
                 or not abi.BOUNCE <= buf <= buf + length <= abi.BOUNCE + abi.BOUNCE_SIZE

@@ -280,6 +280,11 @@ class Stub:
         """The devices' state (SAVE), as plain records."""
         return self._save(devstate.parse)
 
+    def warm_capture(self) -> None:
+        """A SAVE and the encoding of its buffer as capture_records does them, the result
+        dropped: what a capture soon will touch, faulted in (Domain.prepare_capture)."""
+        self._save(self._encoder.bodies)
+
     def _save(self, decode):
         """SAVE, then ``decode(state buffer)`` (a DeviceStateError: the stub wrote it wrong)."""
         result, _, _ = self.request(abi.TYPE_SAVE)
