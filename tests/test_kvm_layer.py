@@ -5,6 +5,7 @@ import random
 import pytest
 
 from migrate.kvm import DirtyBitmap, Kvm, KvmError
+from migrate.kvm.dirty import merged_pfns
 from migrate.kvm.state import PlatformState, VcpuState
 
 
@@ -31,6 +32,20 @@ def test_dirty_bitmap_matches_a_python_scan():
     bm = DirtyBitmap(bits, 300 * 64)
     expect = [i for i in range(300 * 64) if bits[i // 8] >> (i % 8) & 1]
     assert list(bm.pfns()) == expect
+
+
+def test_merged_pfns_ors_the_other_bitmap_in_and_refuses_another_shape():
+    """kvm.dirty.merged_pfns: each slot's bitmap ORed in place with the other (the stub's
+    window of the guest), its pages listed in order from the slot's base; a pair of bitmaps
+    of different sizes is refused (C reads the other for the first's length)."""
+    own = [bytearray(16), bytearray(8)]
+    other = [bytearray(16), bytearray(8)]
+    own[0][0], other[0][9], other[1][0] = 0b101, 0b1, 0b10
+    assert list(merged_pfns(own, other, [0, 1000])) == [0, 2, 72, 1001]
+    assert own[0][9] == 1 and own[1][0] == 0b10
+    assert list(merged_pfns(own, None, [0, 1000])) == [0, 2, 72, 1001]
+    with pytest.raises(ValueError, match="slot 1: bitmaps of 8 and 16 bytes"):
+        merged_pfns(own, [bytearray(16), bytearray(16)], [0, 1000])
 
 
 def test_dirty_bitmap_rejects_bad_input():

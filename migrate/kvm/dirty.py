@@ -106,6 +106,8 @@ def merged_pfns(bitmaps: list, others: list | None, bases: list[int]) -> array:
     counts = []
     for i, bits in enumerate(bitmaps):
         words = ffi.from_buffer("uint64_t[]", bits)
+        if others is not None and len(others[i]) != len(bits):   # C reads len(bits) of it
+            raise ValueError(f"slot {i}: bitmaps of {len(bits)} and {len(others[i])} bytes")
         other = ffi.from_buffer("uint64_t[]", others[i]) if others is not None else words
         counts.append(lib.hvm_bitmap_or(words, other, len(bits) // 8))
     out = array("Q", bytes(8 * sum(counts)))
