@@ -405,22 +405,15 @@ class Domain:
         self.cpu_notes += [f"{what}: {note}" for note in notes if f"{what}: {note}" not in self.cpu_notes]
         return msrs
 
-    def apply_records(self, records: dict[Vm, HvmBodies], devices: list[dict], fresh_stub: bool = False,
-                      stub_build: str = "") -> None:
-        """:meth:`apply` from the records a restore collected (``records``: each VM's HVM
-        context records, complete; ``devices``: the stub's DEVICE_STATE records), applied
-        from their bodies in C (migrate/capture.py) by the same rules and in the same order:
-        :meth:`apply_state`, then :meth:`finish_apply`."""
-        self.apply_state(records, fresh_stub)
-        self.finish_apply(devices, fresh_stub, stub_build)
-
     def apply_state(self, records: dict[Vm, HvmBodies], fresh_stub: bool = False, early: bool = False) -> bool:
-        """The pair's KVM state from ``records`` (as :meth:`apply_records`): the guest's
-        platform and vCPUs, and the stub's when it resumes from its image. It may be applied
-        again, from the same or other records, until :meth:`finish_apply`. ``early``: pages
-        may still be on their way (a relocation applies the state while the last round
-        arrives); then nothing is applied and False returned when KVM would read or write
-        guest memory as it applies this state (:func:`_touches_memory`)."""
+        """The pair's KVM state from the records a restore collected (``records``: each VM's
+        HVM context records, complete), applied from their bodies in C (migrate/capture.py)
+        by the rules and in the order of :meth:`apply`: the guest's platform and vCPUs, and
+        the stub's when it resumes from its image. It may be applied again, from the same or
+        other records, until :meth:`finish_apply`. ``early``: pages may still be on their way
+        (a relocation applies the state while the last round arrives); then nothing is
+        applied and False returned when KVM would read or write guest memory as it applies
+        this state (:func:`_touches_memory`)."""
         guest = _by_vcpu(records[Vm.GUEST])
         self._check_applicable(sorted(guest[0]), Vm.STUB in records)
         stub = None
@@ -449,7 +442,7 @@ class Domain:
         return True
 
     def finish_apply(self, devices: list[dict], fresh_stub: bool = False, stub_build: str = "") -> None:
-        """The rest of :meth:`apply_records` once every page is in, after :meth:`apply_state`:
+        """The rest of a restore's apply once every page is in, after :meth:`apply_state`:
         the stub resumes from its image (checked against this domain) or boots afresh and
         loads ``devices``."""
         self._apply_stub(fresh_stub, devices, stub_build, self.stub.resume_image if self.stub else None)

@@ -139,7 +139,7 @@ def _no_decoded_msrs(*_):
 @pytest.mark.parametrize("vcpus", [1, 2])
 def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus, monkeypatch):
     """The same captured state applied to two never-run domains, by Domain.apply
-    (the KVM layer, from dicts) and by Domain.apply_records (C, from bodies): the two
+    (the KVM layer, from dicts) and by Domain.apply_state and finish_apply (C, from bodies): the two
     read back the same, the stub's included; and the restored guest runs on."""
     workload, args = ("smp", []) if vcpus > 1 else ("ledger", [1, 64])
     cfg = DomainConfig("ap", workload, 32 << 20, args=args, vcpus=vcpus, stub=True)
@@ -170,11 +170,13 @@ def test_c_apply_sets_what_the_python_apply_sets(domains, vcpus, monkeypatch):
             if how == "c, MSRs decoded":        # the other way, through msrs_to_apply
                 dst._applier = StateApply(dst.vm, dst.vcpus)
                 dst.stub.applier = StateApply(dst.stub.vm, [dst.stub.vcpu])
-                dst.apply_records(records, list(state.stub.devices))
+                dst.apply_state(records)
+                dst.finish_apply(list(state.stub.devices))
             else:
                 with monkeypatch.context() as m:       # the bodies went as they are, or this fails
                     m.setattr(capture, "set_msrs", _no_decoded_msrs)
-                    dst.apply_records(records, list(state.stub.devices))
+                    dst.apply_state(records)
+                    dst.finish_apply(list(state.stub.devices))
         targets.append(dst)
     python, *cs = (dst.capture() for dst in targets)
     for c in cs:
@@ -221,7 +223,7 @@ def test_an_msr_value_kvm_refuses_is_named_either_way(domains, direct, monkeypat
     if direct:
         monkeypatch.setattr(capture, "set_msrs", _no_decoded_msrs)
     with pytest.raises(KvmError, match="MSR 0xc0000082 refused value 0x8000000000000000"):
-        dst.apply_records(records, [])
+        dst.apply_state(records)
 
 
 def test_msrs_go_as_saved_only_where_msrs_to_apply_would_keep_them():
