@@ -220,7 +220,6 @@ class Domain:
         self._runs: list[_VcpuRun] = []
         self._has_run = False               # resume() was called once: state can no longer be applied
         self.pause_skew = 0.0               # the last pause: seconds from the first vCPU's stop to the last's
-        self._disk_flush = None             # pause(flush_later=True): the disk's flush (a Future)
         self.stub: Stub | None = None
         self._parts: list[VmSpace] = []
         self.stub_build = ""             # build id of the stub image this domain runs
@@ -623,23 +622,19 @@ class Domain:
             self.stub.net.pause_rx()
         if self.stub is not None and self.stub.backend is not None:
             if flush_later:
-                self._disk_flush = self.stub.backend.start_flush()
+                self.stub.backend.start_flush()
             else:
                 self.stub.backend.flush()
         return min(stops)
 
     def disk_flushed(self) -> None:
-        """Wait for the disk flush that ``pause(flush_later=True)`` started, if any:
-        DomainError if it, or a flush started before it (prepare_capture), failed: what
-        the guest wrote may not be on the disk."""
-        pending, self._disk_flush = self._disk_flush, None
-        backend = self.stub.backend if self.stub is not None else None
-        if backend is None:
+        """Wait for the disk flushes ``pause(flush_later=True)`` and prepare_capture
+        started, if any: DomainError if one failed (what the guest wrote may not be on the
+        disk)."""
+        if self.stub is None or self.stub.backend is None:
             return
-        if pending is not None:
-            pending.result()            # the flushes before it ended too: one thread, in order
         try:
-            backend.raise_flush_error()
+            self.stub.backend.flushed()
         except OSError as exc:
             raise DomainError(f"disk image {self.config.disk}: flush failed: {exc.strerror}") from None
 

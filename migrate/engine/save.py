@@ -37,7 +37,7 @@ from copy import deepcopy
 from dataclasses import dataclass, field, fields, replace
 from typing import Any, Callable
 
-from ..config import DomainStatus
+from ..config import DomainError, DomainStatus
 from .. import trace
 from ..dataplane import DataplaneError, RoundStats
 from ..stream import PAGE_SIZE, Creator, MemoryLayout, StreamWriter, Vm
@@ -389,7 +389,7 @@ class _Saver:
             self.send_round(data, paused=True, holes=holes, start=last_round)
         try:                        # the stream is not whole before the disk is durable
             dom.disk_flushed()
-        except Exception as exc:
+        except DomainError as exc:
             raise SaveError(f"the disk's flush failed: {exc}") from None
         self.sink.end(self.writer)
         self.stats.stream_bytes = self.sink.bytes

@@ -24,6 +24,7 @@ class BlockBackend:
         self.capacity = size // SECTOR
         self.requests = 0
         self._flusher: ThreadPoolExecutor | None = None
+        self._last_flush: Future | None = None      # the last start_flush's
         self._flush_error: OSError | None = None    # the first a start_flush met, not yet taken
 
     def close(self) -> None:
@@ -47,7 +48,15 @@ class BlockBackend:
         need not wait for the disk while the state is captured and sent (specs/ioreq.md)."""
         if self._flusher is None:
             self._flusher = ThreadPoolExecutor(1, thread_name_prefix="disk-flush")
-        return self._flusher.submit(self._flush_kept)
+        self._last_flush = self._flusher.submit(self._flush_kept)
+        return self._last_flush
+
+    def flushed(self) -> None:
+        """Wait for every flush start_flush began (they run in order), then raise the
+        first error one met, if nobody has taken it yet."""
+        if self._last_flush is not None:
+            self._last_flush.result()
+        self.raise_flush_error()
 
     def _flush_kept(self) -> None:
         try:
