@@ -234,16 +234,22 @@ def summary(label: str, results: list[dict], lim: dict, target: float) -> dict:
     return out
 
 
+def blank_disk(root: Path, mib: int) -> Path | None:
+    """The guest's disk image (``mib`` MiB of zeros; None without one), shared by both hosts."""
+    if not mib:
+        return None
+    disk = root / "disk.img"
+    disk.write_bytes(bytes(mib << 20))
+    return disk
+
+
 def run_case(opts, label: str, workload: str, args: list[int], root: Path, tls_dir: str,
              servers, bases) -> tuple[list[dict], list[str], bytes]:
     """``opts.runs`` moves of a new domain; the statistics of those that completed, the
     errors of those that failed with the guest still running where it was, and a sample
     of the guest's memory."""
     args = (args + [0] * 8)[:8]
-    disk = None
-    if opts.disk:
-        disk = root / "disk.img"
-        disk.write_bytes(bytes(opts.disk << 20))
+    disk = blank_disk(root, opts.disk)          # each case starts from an empty disk
     control.create_domain(DomainConfig("bench", workload, opts.memory << 20, args=args, vcpus=opts.vcpus,
                                        hugepages=opts.hugepages, disk=str(disk) if disk else None), bases[0])
     results, failed, here = [], [], 0
@@ -356,9 +362,7 @@ def main() -> int:
         pool = machine_limits.HugePagePool(2 * opts.memory // 2 + 8 if opts.hugepages else 0)
         pool.__enter__()
         halves = host_cpus() if opts.pin else [None, None]
-        disk = root / "disk.img" if opts.disk else None
-        if disk:                # the daemons map it: it must be there (run_case clears it)
-            disk.write_bytes(bytes(opts.disk << 20))
+        disk = blank_disk(root, opts.disk)      # the daemons map it: it must be there
         servers = [serve(base, None if opts.insecure else tls_dir, opts.hugepages, cpus, disk)
                    for base, cpus in zip(bases, halves)]
         try:
