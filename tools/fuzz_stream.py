@@ -337,6 +337,7 @@ def one_input(data: bytes) -> None:
     from migrate.engine.restore import restore
     from migrate.engine.state import RestoreError
     from migrate.stream import DONE, NEED_DATA, StreamError, StreamReader
+    from migrate.stream.reader import BufferPool
     from migrate.stub.devstate import DeviceStateError
 
     if not data:
@@ -357,6 +358,10 @@ def one_input(data: bytes) -> None:
                 gathered, _ = read_all(StreamReader(), pieces)
             if gathered != decoded:
                 raise AssertionError(f"records gathered apart differ: {gathered[-1]!r} against {decoded[-1]!r}")
+            with big_records():     # read into the reader's pooled buffers, as a restore reads a file
+                pooled, _ = read_all(StreamReader(pool=BufferPool()), PieceSource(pieces))
+            if pooled != decoded:
+                raise AssertionError(f"records read into pooled buffers differ: {pooled[-1]!r} against {decoded[-1]!r}")
             if error is not None:
                 raise error
     except (StreamError, RestoreError) as exc:
@@ -365,17 +370,53 @@ def one_input(data: bytes) -> None:
         pass                    # the stub refuses it at LOAD: a DomainError for a real domain
 
 
+class PieceSource:
+    """``pieces`` read the way a restore reads a file (FileChunks.readinto, for
+    StreamReader.read_from): each read gives at most the rest of the current piece."""
+
+    def __init__(self, pieces) -> None:
+        self.pieces = [bytes(piece) for piece in pieces if piece]
+        self.at = 0
+
+    def readinto(self, view) -> int:
+        if not self.pieces:
+            return 0
+        piece = self.pieces[0]
+        n = min(len(view), len(piece) - self.at)
+        view[:n] = piece[self.at:self.at + n]
+        self.at += n
+        if self.at == len(piece):
+            self.pieces.pop(0)
+            self.at = 0
+        return n
+
+    def close(self) -> None:
+        self.pieces = []
+
+
+def _chunks(reader, pieces):
+    """Feed ``reader`` the pieces, or have it read them (StreamReader.read_from) when they
+    are a PieceSource; yield after each."""
+    if isinstance(pieces, PieceSource):
+        while reader.read_from(pieces.readinto):
+            yield
+        return
+    for piece in pieces:
+        reader.feed(piece)
+        yield
+
+
 def read_all(reader, pieces) -> tuple[list, Exception | None]:
-    """What ``reader`` hands out for ``pieces``, context records as (type, vm, vcpu_id,
-    state), each with the reader's ``last`` and ``offset`` after it, then the StreamError it
-    raised, if any, as its text, words, offset, index and type; and that error (also what
+    """What ``reader`` hands out for ``pieces`` (a list of bytes fed in turn, or a
+    PieceSource it reads), context records as (type, vm, vcpu_id, state), each with the
+    reader's ``last`` and ``offset`` after it, then the StreamError it raised, if any, as
+    its text, words, offset, index and type; and that error (also what
     tests/stream/two_readers.py compares two readers by)."""
     from migrate.stream import DONE, NEED_DATA, HvmState, StreamError
 
     out: list = []
     try:
-        for piece in pieces:
-            reader.feed(piece)
+        for _ in _chunks(reader, pieces):
             while (record := reader.next_record()) not in (NEED_DATA, DONE):
                 if isinstance(record, HvmState):
                     record = (record.type, record.vm, record.vcpu_id, record.decoded().state)

@@ -7,6 +7,7 @@ import struct
 import tracemalloc
 from unittest import mock
 
+import cffi
 import pytest
 from hypothesis import HealthCheck, given, settings, strategies as st
 
@@ -16,8 +17,9 @@ from migrate.stream import (
 )
 from migrate.stream.hvm import CODECS, PLATFORM_CODECS, Layout, MsrCodec, ScalarCodec
 from migrate.stream import reader as reader_module
+from migrate.stream.reader import BufferPool
 from migrate.stream.framing import frame
-from two_readers import read_pieces
+from two_readers import read_into, read_pieces
 from migrate.stream.sample import sample_cpu, sample_stream
 
 FAST = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -180,6 +182,56 @@ def test_records_gathered_in_their_own_buffer_read_the_same(batches, where, flip
     with mock.patch.object(reader_module, "BIG_RECORD", big):
         got = read_pieces(bytes(data), sizes, raw_pages=raw)
     assert got == want
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(st.lists(page_batches(), min_size=1, max_size=4), st.integers(0, 2**20), st.integers(0, 255),
+       st.sampled_from([1, 100, 5000]), st.sampled_from([False, True, "bodies"]),
+       st.lists(st.integers(1, 9000), min_size=1, max_size=6))
+def test_a_reader_reading_into_pooled_buffers_reads_the_same(batches, where, flip, big, raw, sizes) -> None:
+    """A reader that reads the stream itself (StreamReader.read_from, as a restore reads a
+    file), gathering page batches in a BufferPool's buffers, hands out what a reader fed
+    the same bytes does: the same records, positions and error. The batches' bodies are
+    compared only at the end, so a buffer the reader gave back to its pool while a batch
+    it handed out still shows it (``raw_pages``) would show another batch's bytes."""
+    writer = StreamWriter()
+    parts = [writer.start(), writer.record(DomainConfig({"name": "x"})),
+             writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
+    parts += [writer.pages(space, batch, compressed) for space, batch, compressed in batches]
+    data = bytearray(b"".join(parts + [writer.finish()]))
+    if flip:
+        data[where % len(data)] ^= flip
+    want = read_pieces(bytes(data), sizes, raw_pages=raw)
+    with mock.patch.object(reader_module, "BIG_RECORD", big):
+        got = read_into(bytes(data), sizes, raw_pages=raw, pool=BufferPool(keep=1))
+    assert got == want
+
+
+def test_a_buffer_pool_gives_back_only_buffers_nothing_else_reads() -> None:
+    """A buffer comes back out of the pool once given back, but not while the view given
+    back is still exported (as the data plane's hold on a batch's body exports it); at
+    most ``keep`` free buffers are kept; anything else is ignored."""
+    pool = BufferPool(keep=1)
+    first = pool.get(100)
+    base = first.obj
+    first[:5] = b"hello"
+    pool.put(first)
+    again = pool.get(BufferPool.SIZE)
+    assert again.obj is base and again[:5] == b"hello"          # the same memory, as it was
+    held = memoryview(again)
+    exported = again[:10]
+    pin = cffi.FFI().from_buffer("uint8_t[]", exported)         # as Target.decode holds a body
+    pool.put(exported)
+    assert pool.get(10).obj is not base                         # not given out again
+    del pin
+    pool.put(held)
+    other = pool.get(10)
+    pool.put(pool.get(10))
+    pool.put(other)                                             # a second free one: not kept
+    assert len(pool._free) == 1
+    pool.put(memoryview(bytearray(10)))                         # not the pool's: ignored
+    pool.put(b"bytes")
+    assert len(pool._free) == 1
 
 
 @FAST
