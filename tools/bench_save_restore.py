@@ -37,6 +37,8 @@ import zstandard
 from migrate.domain import Domain, DomainConfig
 from migrate.engine import file_chunks, restore, save_to_file
 from migrate.stream import DONE, NEED_DATA, HvmState, StreamReader
+from migrate.stream.pages import RawPageBatch
+from migrate.stream.reader import BufferPool
 
 import machine_limits  # noqa: E402  (tools/)
 
@@ -136,12 +138,15 @@ def read_alone(path: str) -> float:
     """Seconds to read and check the file as a restore reads it, placing nothing: the
     restore's reading thread, apart from the pages' placement."""
     t0 = time.perf_counter()
-    reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
-    for chunk in file_chunks(path):
-        reader.feed(chunk)
+    pool = BufferPool()
+    reader = StreamReader(raw_pages="bodies", hvm_bodies=True, pool=pool)
+    source = file_chunks(path)
+    while reader.read_from(source.readinto):
         while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
             if isinstance(record, HvmState):
                 reader.take_run()
+            elif isinstance(record, RawPageBatch):
+                pool.put(record.body)           # as the restore's placer gives it back
     reader.eof()
     return time.perf_counter() - t0
 

@@ -347,8 +347,10 @@ def one_input(data: bytes) -> None:
     try:
         if data[-1] & 1:        # the restore engine: raw batches, the C scatter, the collectors
             # warm: a relocation's, which applies the state between pieces
+            # bit 4: read as a file is, straight into the reader's buffers
+            source = PieceSource(pieces) if data[-1] & 16 else pieces
             with fake_host(), big_records(bool(data[-1] & 8)):
-                restore(pieces, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2), warm=bool(data[-1] & 4))
+                restore(source, make_domain=fake_domain, fresh_stub=bool(data[-1] & 2), warm=bool(data[-1] & 4))
         else:                   # the reader alone, decoding page batches in Python
             decoded, error = read_all(StreamReader(), pieces)
             kept, _ = read_all(StreamReader(hvm_bodies=True), pieces)

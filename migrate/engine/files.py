@@ -146,17 +146,61 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
-def file_chunks(path: str | os.PathLike, chunk: int = CHUNK) -> Iterator[memoryview]:
-    """The bytes of a stream file, ``chunk`` at a time, each read into the same buffer:
-    a chunk is good until the next one is asked for (a StreamReader copies what it is fed)."""
-    try:
-        f = open(path, "rb", buffering=0)
-    except OSError as exc:
-        raise RestoreError(f"cannot read {path}: {exc.strerror}") from None
-    buf = bytearray(chunk)
-    with f, memoryview(buf) as view:
-        while n := f.readinto(view):
-            yield view[:n]
+class FileChunks:
+    """The bytes of stream files read one after the other, for a reader that reads them
+    once: ``sources`` are paths, or descriptors this object owns (it closes each file at
+    its end, and what is left in :meth:`close`). Iterated, it yields ``chunk`` bytes at a
+    time, each read into the same buffer and good until the next is asked for (a
+    StreamReader copies what it is fed); :meth:`readinto` reads straight into the caller's
+    buffer instead, as StreamReader.read_from asks, so that a restore's page batches land
+    in the buffers it places them from, without a copy."""
+
+    def __init__(self, sources, chunk: int = CHUNK) -> None:
+        self._sources = list(sources)
+        self._chunk = chunk
+        self._file = None
+
+    def _next_file(self):
+        while self._file is None and self._sources:
+            source = self._sources.pop(0)
+            if isinstance(source, int):
+                self._file = os.fdopen(source, "rb", buffering=0)
+                continue
+            try:
+                self._file = open(source, "rb", buffering=0)
+            except OSError as exc:
+                raise RestoreError(f"cannot read {source}: {exc.strerror}") from None
+        return self._file
+
+    def readinto(self, view) -> int:
+        """Read into ``view``: how many bytes (0 once every file has ended)."""
+        while (f := self._next_file()) is not None:
+            if n := f.readinto(view):
+                return n
+            f.close()
+            self._file = None
+        return 0
+
+    def __iter__(self) -> Iterator[memoryview]:
+        buf = bytearray(self._chunk)
+        with memoryview(buf) as view:
+            while n := self.readinto(view):
+                yield view[:n]
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        for source in self._sources:
+            if isinstance(source, int):
+                os.close(source)
+        self._sources = []
+
+
+def file_chunks(path: str | os.PathLike, chunk: int = CHUNK) -> FileChunks:
+    """The bytes of the stream file ``path`` (FileChunks: opened when first read; a file
+    that cannot be read raises RestoreError then)."""
+    return FileChunks([path], chunk)
 
 
 def read_config(path: str | os.PathLike) -> dict:

@@ -27,7 +27,7 @@ import queue
 import threading
 import time
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Iterable, Iterator
 
 from .. import trace
 from ..cpu import legacy_policy, this_host
@@ -37,6 +37,7 @@ from ..stream import (
     DONE, NEED_DATA, Channels, CpuidPolicy, CpuModel, DeviceState, End, HvmState, MemoryLayout,
     MsrPolicy, RecordType, StreamError, StreamReader, Vm,
 )
+from ..stream.reader import BufferPool
 from ..stream import Creator
 from ..stream.pages import RawPageBatch
 from ..stream import DomainConfig as ConfigRecord
@@ -85,8 +86,9 @@ class _Placer:
                             # One thread, and one per further slot from the first compressed
                             # batch on (raw ones cost more in a second thread than they gain)
 
-    def __init__(self, target: Target):
+    def __init__(self, target: Target, pool: BufferPool):
         self.target = target
+        self.pool = pool                    # where a placed batch's buffer goes back
         self.work: queue.Queue = queue.Queue(self.DEPTH)
         self.error: StreamError | None = None
         self.error_lock = threading.Lock()
@@ -142,6 +144,7 @@ class _Placer:
             return
         if placed is not None:
             self.zeros[slot] += placed[1]
+        self.pool.put(body)                 # placed: the data plane holds no pointer into it
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -266,7 +269,7 @@ class _Restorer:
         its pages, in C, on the placer's thread; a stub's pages are checked and dropped
         when the stub is fresh."""
         if self.placer is None:
-            self.placer = _Placer(self.target)
+            self.placer = _Placer(self.target, self.reader.pool)
         self.placer.put(batch.TYPE, batch.body, self.reader.last)
         self.stats.pages_total += batch.count
 
@@ -411,6 +414,23 @@ def _ranges_text(ranges) -> str:
     return ", ".join(f"{n} pages from pfn 0x{first:x}" for first, n in ranges) or "no pages"
 
 
+def _intake(source, reader: StreamReader) -> Iterator[int]:
+    """Bring the stream's bytes into ``reader``, yielding how many came each time: a
+    source with ``readinto`` (a FileChunks) is read straight into the reader's buffers
+    (StreamReader.read_from) and closed at the end; any other is iterated and fed."""
+    readinto = getattr(source, "readinto", None)
+    if readinto is None:
+        for chunk in source:
+            reader.feed(chunk)
+            yield len(chunk)
+        return
+    try:
+        while n := reader.read_from(readinto):
+            yield n
+    finally:
+        source.close()
+
+
 def restore(source: Iterable[bytes], *, name: str | None = None,
             make_domain: Callable[..., Any] = Domain, fresh_stub: bool | None = None,
             progress: Callable[[RestoreStats], None] | None = None,
@@ -423,6 +443,8 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     policies (default: :class:`Domain`);
     ``fresh_stub``: True boots a new stub and loads the device state, False resumes the
     stub's memory image, None (default) decides by the stub build (module docstring).
+    ``source`` may instead have a ``readinto`` method (a :class:`~.files.FileChunks`): it
+    is then read straight into the reader's buffers, and closed at the end.
     ``progress(stats)`` is called after each chunk of ``source``; ``on_applied(domain,
     stats)`` once END has been read and checked and the state applied, before the end of
     ``source`` is seen (``stats.stream_bytes`` is then the stream's exact length: a chunk
@@ -435,12 +457,11 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     the state comes inside a downtime (a relocation): once the domain is built, run the
     paths that read it on sample records first (:mod:`.warm`)."""
     t0 = time.monotonic()
-    reader = StreamReader(raw_pages="bodies", hvm_bodies=True)
+    reader = StreamReader(raw_pages="bodies", hvm_bodies=True, pool=BufferPool())
     work = _Restorer(name, make_domain, fresh_stub, reader, channels, warm)
     try:
-        for chunk in source:
-            reader.feed(chunk)
-            work.stats.stream_bytes += len(chunk)
+        for n in _intake(source, reader):
+            work.stats.stream_bytes += n
             while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
                 work.handle(record)
                 if record.__class__ is HvmState:        # the rest of its run, checked with it

@@ -60,6 +60,7 @@ from ..engine import (
     Convergence, RestoreError, SaveCancelled, SaveError, restore, save_to_file, save_to_stream,
 )
 from ..engine.channels import ChannelIntake
+from ..engine.files import FileChunks
 from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
@@ -528,13 +529,11 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
     return Domain.boot(DomainConfig(**job.config), console), False, ""
 
 
-def _stream_chunks(fd: int, head_fd: int):
+def _stream_chunks(fd: int, head_fd: int) -> FileChunks:
     """The stream a restore reads once: the bytes in the memfd ``head_fd`` (-1: none; what
-    the launcher read from a pipe to learn the domain's name), then the rest from ``fd``."""
-    for source in ([head_fd] if head_fd >= 0 else []) + [fd]:
-        with os.fdopen(source, "rb", buffering=0) as f:
-            while data := f.read(1 << 20):
-                yield data
+    the launcher read from a pipe to learn the domain's name), then the rest from ``fd``
+    (both closed once read)."""
+    return FileChunks(([head_fd] if head_fd >= 0 else []) + [fd])
 
 
 def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer):
