@@ -3,6 +3,7 @@ live pre-copy, cancel and the clean-up after a failure, then restore. Not marked
 run on any machine, and KVM is made unavailable while they do."""
 import importlib
 import os
+import random
 import threading
 import time
 
@@ -11,11 +12,13 @@ import pytest
 from migrate.config import Convergence, DomainConfig, DomainError, DomainStatus
 from migrate.dataplane import DataplaneError
 from migrate.engine import (
-    SaveCancelled, SaveError, SaveTimeout, file_chunks, restore, save, save_to_file, save_to_stream,
+    FileChunks, RestoreError, SaveCancelled, SaveError, SaveTimeout, file_chunks, restore, save, save_to_file,
+    save_to_stream,
 )
 from migrate.engine.contract import MemorySpace, VmPart
 from migrate.engine.fake import STUB_PAGES, FakeDomain
 from migrate.engine.sinks import FileSink
+from migrate.stream.reader import BufferPool
 from migrate.kvm import system
 from migrate.stream import (
     DONE, NEED_DATA, DeviceState, End, HvmState, MemoryLayout, PageBatch, RecordType, StreamError,
@@ -98,6 +101,54 @@ def test_stop_and_copy_round_trip(tmp_path):
     assert dst.stub.page(2) == src.stub.page(2)
     assert [v.regs["rip"] for v in dst.applied.vcpus] == [1, 1]         # capture 1, both vCPUs
     assert dst.applied.stub.devices[0]["fields"] == {"lcr": 3, "scratch": b"\x01\x02"}
+
+
+def test_a_file_restore_reads_its_batches_into_buffers_used_again(tmp_path, monkeypatch):
+    """A restore reads a file's page batches straight into a pool's buffers (FileChunks,
+    StreamReader.read_from) and uses each again once its batch is placed: more batches
+    than are ever in flight take fewer buffers, and every page placed is the file's."""
+    src = fake(memory=64 * MIB)
+    rng = random.Random(5)
+    for pfn in range(12000):                        # 12 batches of up to 1024 pages
+        src.guest.write(pfn, rng.randbytes(4096))
+    path = tmp_path / "p.hvm"
+    save_to_file(src, path, compress="none")
+    taken = []
+    real_get = BufferPool.get
+
+    def get(self, size):
+        view = real_get(self, size)
+        taken.append(view.obj)
+        return view
+    monkeypatch.setattr(BufferPool, "get", get)
+    dst, _ = restore(file_chunks(path), make_domain=FakeDomain, fresh_stub=False)
+    for pfn in range(12000):
+        assert dst.guest.page(pfn) == src.guest.page(pfn), pfn
+    assert len(taken) >= 11                         # the batches gathered apart
+    assert len({id(buf) for buf in taken}) <= 8     # the queue, the placer and the reader's
+
+
+def test_file_chunks_reads_its_files_in_turn_and_closes_them(tmp_path):
+    """FileChunks reads its paths and descriptors one after the other, whatever the
+    reads' sizes; it closes each at its end, and close() closes what was not read;
+    a path that cannot be opened is a RestoreError when it is reached."""
+    (tmp_path / "a").write_bytes(b"0123456789")
+    (tmp_path / "b").write_bytes(b"abcdef")
+    fd = os.open(tmp_path / "b", os.O_RDONLY)
+    chunks = FileChunks([tmp_path / "a", fd])
+    got, buf = b"", bytearray(4)
+    while n := chunks.readinto(memoryview(buf)):
+        got += buf[:n]
+    assert got == b"0123456789abcdef"
+    with pytest.raises(OSError):
+        os.fstat(fd)                                # closed at its end
+    fd = os.open(tmp_path / "b", os.O_RDONLY)
+    FileChunks([tmp_path / "a", fd]).close()
+    with pytest.raises(OSError):
+        os.fstat(fd)                                # never read, closed all the same
+    assert b"".join(bytes(c) for c in FileChunks([tmp_path / "a"], 3)) == b"0123456789"
+    with pytest.raises(RestoreError, match="cannot read"):
+        FileChunks([tmp_path / "missing"]).readinto(memoryview(buf))
 
 
 def test_a_domain_without_stub_says_so(tmp_path):

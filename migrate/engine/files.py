@@ -183,9 +183,12 @@ class FileChunks:
 
     def __iter__(self) -> Iterator[memoryview]:
         buf = bytearray(self._chunk)
-        with memoryview(buf) as view:
-            while n := self.readinto(view):
-                yield view[:n]
+        try:
+            with memoryview(buf) as view:
+                while n := self.readinto(view):
+                    yield view[:n]
+        finally:                    # the end, or a reader that stopped early
+            self.close()
 
     def close(self) -> None:
         if self._file is not None:

@@ -62,8 +62,10 @@ class BufferPool:
         self._free: deque = deque()
 
     def get(self, size: int) -> memoryview:
-        """A writable view of ``size`` bytes (at most SIZE) of a free buffer, or of a new
-        one. Its contents are undefined."""
+        """A writable view of ``size`` bytes of a free buffer, or of a new one (larger
+        than SIZE: a buffer of its own, never pooled). Its contents are undefined."""
+        if size > self.SIZE:
+            return memoryview(bytearray(size))
         try:
             buf = self._free.pop()
         except IndexError:
