@@ -161,6 +161,19 @@ def test_a_record_header_alone_allocates_nothing_for_its_body(record_type) -> No
         tracemalloc.stop()
 
 
+def batch_stream(batches, where: int, flip: int) -> bytes:
+    """A stream of these page batches (space, batch, compressed), with the byte at
+    ``where`` (modulo the length) XORed with ``flip``."""
+    writer = StreamWriter()
+    parts = [writer.start(), writer.record(DomainConfig({"name": "x"})),
+             writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
+    parts += [writer.pages(space, batch, compressed) for space, batch, compressed in batches]
+    data = bytearray(b"".join(parts + [writer.finish()]))
+    if flip:
+        data[where % len(data)] ^= flip
+    return bytes(data)
+
+
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(st.lists(page_batches(), min_size=1, max_size=4), st.integers(0, 2**20), st.integers(0, 255),
        st.sampled_from([1, 100, 5000]), st.sampled_from([False, True, "bodies"]),
@@ -171,16 +184,10 @@ def test_records_gathered_in_their_own_buffer_read_the_same(batches, where, flip
     nearly every batch goes that way, a stream of page batches, perhaps with a byte changed
     anywhere, reads as with the default (which these small records never reach): the same
     records, positions and error, in whatever pieces it comes."""
-    writer = StreamWriter()
-    parts = [writer.start(), writer.record(DomainConfig({"name": "x"})),
-             writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
-    parts += [writer.pages(space, batch, compressed) for space, batch, compressed in batches]
-    data = bytearray(b"".join(parts + [writer.finish()]))
-    if flip:
-        data[where % len(data)] ^= flip
-    want = read_pieces(bytes(data), sizes, raw_pages=raw)
+    data = batch_stream(batches, where, flip)
+    want = read_pieces(data, sizes, raw_pages=raw)
     with mock.patch.object(reader_module, "BIG_RECORD", big):
-        got = read_pieces(bytes(data), sizes, raw_pages=raw)
+        got = read_pieces(data, sizes, raw_pages=raw)
     assert got == want
 
 
@@ -194,16 +201,10 @@ def test_a_reader_reading_into_pooled_buffers_reads_the_same(batches, where, fli
     the same bytes does: the same records, positions and error. The batches' bodies are
     compared only at the end, so a buffer the reader gave back to its pool while a batch
     it handed out still shows it (``raw_pages``) would show another batch's bytes."""
-    writer = StreamWriter()
-    parts = [writer.start(), writer.record(DomainConfig({"name": "x"})),
-             writer.record(MemoryLayout.flat(Vm.GUEST, 256)), writer.record(MemoryLayout.flat(Vm.STUB, 256))]
-    parts += [writer.pages(space, batch, compressed) for space, batch, compressed in batches]
-    data = bytearray(b"".join(parts + [writer.finish()]))
-    if flip:
-        data[where % len(data)] ^= flip
-    want = read_pieces(bytes(data), sizes, raw_pages=raw)
+    data = batch_stream(batches, where, flip)
+    want = read_pieces(data, sizes, raw_pages=raw)
     with mock.patch.object(reader_module, "BIG_RECORD", big):
-        got = read_into(bytes(data), sizes, raw_pages=raw, pool=BufferPool(keep=1))
+        got = read_into(data, sizes, raw_pages=raw, pool=BufferPool(keep=1))
     assert got == want
 
 
