@@ -14,7 +14,10 @@ beside the guest memory touched, the bulk round's stream rate, then medians.
 Cases (a 1 GiB guest, a 30 ms downtime target): ``idle``; ``flat63`` and ``flat511``: the
 dirtier as fast as it can over 63 / 511 MiB (one word into every page in turn); ``paced63``:
 the dirtier at 20 MB/s over 63 MiB; ``stream``: 1 GiB of random pages dirtied at 4 KB/s, so
-the first round measures the stream. The dirtier's content is ``--content`` (mixed by
+the first round measures the stream. The dirtier paces itself by spinning on the TSC (ring 3
+of the test guest cannot halt), so at any rate its vCPU holds one core throughout, as a busy
+guest's would: on a two-core host the move has the other core (compare tools/bench_dataplane.py,
+the data plane alone). The dirtier's content is ``--content`` (mixed by
 default, about 2.3x with zstd-1). ``--workload`` runs one custom case instead.
 
 The limits are measured in the same run on a sample of the source guest's own memory
