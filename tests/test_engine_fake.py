@@ -149,6 +149,26 @@ def test_file_chunks_reads_its_files_in_turn_and_closes_them(tmp_path):
     assert b"".join(bytes(c) for c in FileChunks([tmp_path / "a"], 3)) == b"0123456789"
     with pytest.raises(RestoreError, match="cannot read"):
         FileChunks([tmp_path / "missing"]).readinto(memoryview(buf))
+    fds = [os.open(tmp_path / name, os.O_RDONLY) for name in "ab"]
+    chunks = iter(FileChunks(fds, 3))
+    assert bytes(next(chunks)) == b"012"
+    chunks.close()                                  # a reader that stopped early
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
+
+
+def test_a_failed_restore_closes_the_files_it_was_given(tmp_path):
+    """hvm restore's stream: a head the launcher read, then the rest (FileChunks of two
+    descriptors); a restore that fails on the head closes both, the second never read."""
+    (tmp_path / "head").write_bytes(b"not a stream at all")
+    (tmp_path / "rest").write_bytes(b"")
+    fds = [os.open(tmp_path / name, os.O_RDONLY) for name in ("head", "rest")]
+    with pytest.raises(StreamError, match="bad magic"):
+        restore(FileChunks(fds), make_domain=FakeDomain)
+    for fd in fds:
+        with pytest.raises(OSError):
+            os.fstat(fd)
 
 
 def test_a_domain_without_stub_says_so(tmp_path):

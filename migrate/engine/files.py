@@ -164,7 +164,11 @@ class FileChunks:
         while self._file is None and self._sources:
             source = self._sources.pop(0)
             if isinstance(source, int):
-                self._file = os.fdopen(source, "rb", buffering=0)
+                try:
+                    self._file = os.fdopen(source, "rb", buffering=0)
+                except OSError as exc:
+                    os.close(source)
+                    raise RestoreError(f"cannot read descriptor {source}: {exc.strerror}") from None
                 continue
             try:
                 self._file = open(source, "rb", buffering=0)

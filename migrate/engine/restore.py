@@ -144,7 +144,11 @@ class _Placer:
             return
         if placed is not None:
             self.zeros[slot] += placed[1]
-        self.pool.put(body)                 # placed: the data plane holds no pointer into it
+        try:
+            self.pool.put(body)             # placed: the data plane holds no pointer into it
+        except Exception as exc:            # a bug: fail the restore rather than this thread
+            self.target.stop()
+            self._fail(StreamError(f"{record_type.name} {exc!r}", *where))
 
     def _raise(self) -> None:
         if self.error is not None:
@@ -417,18 +421,15 @@ def _ranges_text(ranges) -> str:
 def _intake(source, reader: StreamReader) -> Iterator[int]:
     """Bring the stream's bytes into ``reader``, yielding how many came each time: a
     source with ``readinto`` (a FileChunks) is read straight into the reader's buffers
-    (StreamReader.read_from) and closed at the end; any other is iterated and fed."""
+    (StreamReader.read_from); any other is iterated and fed."""
     readinto = getattr(source, "readinto", None)
     if readinto is None:
         for chunk in source:
             reader.feed(chunk)
             yield len(chunk)
         return
-    try:
-        while n := reader.read_from(readinto):
-            yield n
-    finally:
-        source.close()
+    while n := reader.read_from(readinto):
+        yield n
 
 
 def restore(source: Iterable[bytes], *, name: str | None = None,
@@ -456,6 +457,15 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     stream's pages come on data channels (it is closed when the restore ends). ``warm``:
     the state comes inside a downtime (a relocation): once the domain is built, run the
     paths that read it on sample records first (:mod:`.warm`)."""
+    try:
+        return _restore(source, name, make_domain, fresh_stub, progress, on_applied, on_complete,
+                        channels, warm)
+    finally:
+        if hasattr(source, "readinto"):     # a FileChunks: its files are closed, read or not
+            source.close()
+
+
+def _restore(source, name, make_domain, fresh_stub, progress, on_applied, on_complete, channels, warm):
     t0 = time.monotonic()
     reader = StreamReader(raw_pages="bodies", hvm_bodies=True, pool=BufferPool())
     work = _Restorer(name, make_domain, fresh_stub, reader, channels, warm)

@@ -69,7 +69,7 @@ class BufferPool:
         try:
             buf = self._free.pop()
         except IndexError:
-            buf = _PooledBuffer(-1, self.SIZE)
+            buf = _PooledBuffer(-1, self.SIZE, flags=mmap.MAP_PRIVATE)     # plain anonymous memory
         return memoryview(buf)[:size]
 
     def put(self, view) -> None:

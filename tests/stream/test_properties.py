@@ -208,10 +208,11 @@ def test_a_reader_reading_into_pooled_buffers_reads_the_same(batches, where, fli
     assert got == want
 
 
-def test_a_buffer_pool_gives_back_only_buffers_nothing_else_reads() -> None:
+def test_a_buffer_pool_takes_a_buffer_back_unless_the_view_given_back_is_held() -> None:
     """A buffer comes back out of the pool once given back, but not while the view given
     back is still exported (as the data plane's hold on a batch's body exports it); at
-    most ``keep`` free buffers are kept; anything else is ignored."""
+    most ``keep`` free buffers are kept; anything else is ignored. (Other views of the
+    buffer are the caller's to drop first: the pool cannot see them.)"""
     pool = BufferPool(keep=1)
     first = pool.get(100)
     base = first.obj
