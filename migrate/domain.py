@@ -590,14 +590,15 @@ class Domain:
                                               name=f"vcpu{run.vcpu.id}-{self.config.name}")
                 run.thread.start()
 
-    def pause(self, timeout: float = 10.0, flush_later: bool = False) -> float:
+    def pause(self, timeout: float = 10.0, flush_later: bool = False, durable: bool = True) -> float:
         """Stop every vCPU; on return all of them are out of the guest and its state is
         consistent and still, and the disk's writes are durable. Returns when the guest
         began to stop (time.monotonic() of the first vCPU's stop; now if it was not
         running); ``pause_skew`` is then the seconds from the first vCPU's stop to the last
         one's. ``flush_later``: the disk's flush runs on a thread of its own meanwhile, and
         :meth:`disk_flushed` waits for it (a save's downtime need not wait for the disk
-        while the state is captured and sent)."""
+        while the state is captured and sent). ``durable=False``: the disk is not flushed
+        at all (a throttle's pause, which holds the vCPUs back and saves nothing)."""
         asked = time.monotonic()
         with self._cv:
             if self.status is not DomainStatus.RUNNING:
@@ -620,7 +621,7 @@ class Domain:
         # packets: no NET_RX after this (they wait in the TAP device).
         if self.stub is not None and self.stub.net is not None:
             self.stub.net.pause_rx()
-        if self.stub is not None and self.stub.backend is not None:
+        if self.stub is not None and self.stub.backend is not None and durable:
             if flush_later:
                 self.stub.backend.start_flush()
             else:

@@ -139,6 +139,29 @@ def test_a_save_waits_for_the_disk_flush_of_its_pause(domains, disk, tmp_path, m
     check_continues(dst, gen)
 
 
+def test_a_pause_that_saves_nothing_does_not_flush_the_disk(domains, disk, monkeypatch):
+    """A throttle's pause (``durable=False``) only holds the vCPUs back: no fdatasync on
+    the pausing thread, where a plain pause makes the disk durable there; the guest runs
+    on after either, its journal intact."""
+    src = ledger(domains, disk)
+    real, by_caller = os.fdatasync, []
+    caller = threading.current_thread()
+
+    def fdatasync(fd):
+        if threading.current_thread() is caller:
+            by_caller.append(fd)
+        real(fd)
+
+    monkeypatch.setattr(os, "fdatasync", fdatasync)
+    src.pause(durable=False)
+    assert src.status is DomainStatus.PAUSED and by_caller == []
+    src.resume()
+    src.pause()
+    assert len(by_caller) == 1
+    src.resume()
+    src.console.wait_for(rf"ledger ok gen={last_gen(src) + 2} .* journal=ok$", 20)
+
+
 def test_domain_without_stub_round_trips(domains, tmp_path):
     src = Domain.boot(DomainConfig("bare", "idle", 16 << 20, stub=False))
     domains.append(src)

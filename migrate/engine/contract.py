@@ -92,10 +92,10 @@ class SaveableDomain(Protocol):
     def parts(self) -> list[VmPart]:
         """The guest, then the stub if there is one."""
 
-    def pause(self, flush_later: bool = False) -> float:
+    def pause(self, flush_later: bool = False, durable: bool = True) -> float:
         """Stop every vCPU; when the guest began to stop (time.monotonic()). Its disk's
         writes are durable on return, or with ``flush_later`` once :meth:`disk_flushed`
-        has returned."""
+        has returned; with ``durable=False`` they are not flushed (a throttle's pause)."""
 
     def disk_flushed(self) -> None:
         """Wait for the disk flush a ``pause(flush_later=True)`` started; an exception if

@@ -211,7 +211,7 @@ class VcpuThrottle:
                 self._stop.wait(self.period)
                 continue
             try:
-                self.domain.pause()
+                self.domain.pause(durable=False)    # holds the vCPUs back; saves nothing
                 self._stop.wait(held)
                 self.domain.resume()
             except Exception as exc:     # the domain failed; the saver sees it in its own calls

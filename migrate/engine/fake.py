@@ -172,12 +172,12 @@ class FakeDomain:
         return list(self._parts)
 
     # -- running ------------------------------------------------------------------------
-    def pause(self, flush_later: bool = False) -> float:
+    def pause(self, flush_later: bool = False, durable: bool = True) -> float:
         stopped = time.monotonic()
         if self.status is DomainStatus.RUNNING:
             self.status = DomainStatus.PAUSED
             self.pauses += 1
-            self.flush_pending = flush_later
+            self.flush_pending = flush_later and durable
         return stopped
 
     def disk_flushed(self) -> None:
