@@ -563,11 +563,6 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         _write_config(server.dir, domain.config)
         return domain
 
-    def chunks():
-        with os.fdopen(job.stream_fd, "rb", buffering=0) as pipe:
-            while data := pipe.read(1 << 20):
-                yield data
-
     def progress(stats) -> None:
         if not stats.applied_at:
             os.write(ready_fd, say(Say.AT, stats.stream_bytes))
@@ -592,7 +587,7 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         server.take_go(EARLY_GO_WAIT)
 
     try:
-        return restore(chunks(), name=job.name, make_domain=make, progress=progress,
+        return restore(FileChunks([job.stream_fd]), name=job.name, make_domain=make, progress=progress,
                        on_applied=applied, on_complete=complete, channels=intake,
                        warm=job.live)      # offline, the source is paused already
     finally:
