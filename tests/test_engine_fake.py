@@ -149,6 +149,11 @@ def test_file_chunks_reads_its_files_in_turn_and_closes_them(tmp_path):
     assert b"".join(bytes(c) for c in FileChunks([tmp_path / "a"], 3)) == b"0123456789"
     with pytest.raises(RestoreError, match="cannot read"):
         FileChunks([tmp_path / "missing"]).readinto(memoryview(buf))
+    directory = os.open(tmp_path, os.O_RDONLY)      # a descriptor no file object takes
+    with pytest.raises(RestoreError, match="cannot read descriptor"):
+        FileChunks([directory]).readinto(memoryview(buf))
+    with pytest.raises(OSError):
+        os.fstat(directory)                         # closed all the same
     fds = [os.open(tmp_path / name, os.O_RDONLY) for name in "ab"]
     chunks = iter(FileChunks(fds, 3))
     assert bytes(next(chunks)) == b"012"
