@@ -62,10 +62,9 @@ class BufferPool:
         self._free: deque = deque()
 
     def get(self, size: int) -> memoryview:
-        """A writable view of ``size`` bytes of a free buffer, or of a new one (larger
-        than SIZE: a buffer of its own, never pooled). Its contents are undefined."""
-        if size > self.SIZE:
-            return memoryview(bytearray(size))
+        """A writable view of ``size`` bytes (at most SIZE: the reader gathers only page
+        batches, whose bodies the caps bound) of a free buffer, or of a new one. Its
+        contents are undefined."""
         try:
             buf = self._free.pop()
         except IndexError:
@@ -180,7 +179,6 @@ class StreamReader:
         # grow and copy it, and its body handed on without another copy.
         self._big: bytearray | memoryview | None = None
         self._big_have = 0
-        self._big_handed = False        # its body handed on as a view (raw_pages)
         self._scratch: bytearray | None = None     # read_from's buffer for other bytes
         self._offset = 0  # stream offset of _buf[_pos]
         self._index = 0  # index of the next record
@@ -379,7 +377,6 @@ class StreamReader:
                     body = b""
                 elif big is not None and self.raw_pages:
                     body = memoryview(big)[body_at:body_at + length]
-                    self._big_handed = True
                 else:
                     body = bytes(body_view)
             if record_type == RecordType.END:
@@ -397,7 +394,6 @@ class StreamReader:
         ``total``, already checked against the caps), which feed() fills."""
         have = len(self._buf) - self._pos
         self._big = self.pool.get(total) if self.pool is not None else bytearray(total)
-        self._big_handed = False
         with memoryview(self._buf) as view:
             self._big[:have] = view[self._pos:]
         self._big_have = have
@@ -482,7 +478,7 @@ class StreamReader:
         if self._big is not None:           # the whole of it; what follows is in _buf
             if digest:
                 self._digest.update(self._big)
-            if self.pool is not None and not self._big_handed:
+            if self.pool is not None and not self.raw_pages:    # else its body went on as a view
                 self.pool.put(self._big)
             self._big = None
             self._offset += size
