@@ -23,6 +23,7 @@ stream's ``stub_build`` is not this host's stub build.
 """
 from __future__ import annotations
 
+import contextlib
 import queue
 import threading
 import time
@@ -418,6 +419,12 @@ def _ranges_text(ranges) -> str:
     return ", ".join(f"{n} pages from pfn 0x{first:x}" for first, n in ranges) or "no pages"
 
 
+def _closed_after(source):
+    """A source with ``readinto`` (a FileChunks, whose files this restore owns) closed when
+    the restore ends, read or not; any other left to its caller."""
+    return contextlib.closing(source) if hasattr(source, "readinto") else contextlib.nullcontext()
+
+
 def _intake(source, reader: StreamReader) -> Iterator[int]:
     """Bring the stream's bytes into ``reader``, yielding how many came each time: a
     source with ``readinto`` (a FileChunks) is read straight into the reader's buffers
@@ -457,48 +464,40 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
     stream's pages come on data channels (it is closed when the restore ends). ``warm``:
     the state comes inside a downtime (a relocation): once the domain is built, run the
     paths that read it on sample records first (:mod:`.warm`)."""
-    try:
-        return _restore(source, name, make_domain, fresh_stub, progress, on_applied, on_complete,
-                        channels, warm)
-    finally:
-        if hasattr(source, "readinto"):     # a FileChunks: its files are closed, read or not
-            source.close()
-
-
-def _restore(source, name, make_domain, fresh_stub, progress, on_applied, on_complete, channels, warm):
-    t0 = time.monotonic()
-    reader = StreamReader(raw_pages="bodies", hvm_bodies=True, pool=BufferPool())
-    work = _Restorer(name, make_domain, fresh_stub, reader, channels, warm)
-    try:
-        for n in _intake(source, reader):
-            work.stats.stream_bytes += n
-            while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
-                work.handle(record)
-                if record.__class__ is HvmState:        # the rest of its run, checked with it
-                    work.on_hvm_run(reader.take_run())
-            if warm and not work.end_seen:
-                work.apply_early()                      # while the last pages come
-            if work.end_seen and on_applied is not None:
+    with _closed_after(source):
+        t0 = time.monotonic()
+        reader = StreamReader(raw_pages="bodies", hvm_bodies=True, pool=BufferPool())
+        work = _Restorer(name, make_domain, fresh_stub, reader, channels, warm)
+        try:
+            for n in _intake(source, reader):
+                work.stats.stream_bytes += n
+                while (record := reader.next_record()) is not NEED_DATA and record is not DONE:
+                    work.handle(record)
+                    if record.__class__ is HvmState:        # the rest of its run, checked with it
+                        work.on_hvm_run(reader.take_run())
+                if warm and not work.end_seen:
+                    work.apply_early()                      # while the last pages come
+                if work.end_seen and on_applied is not None:
+                    work.stats.seconds = time.monotonic() - t0
+                    on_applied(work.domain, work.stats)
+                    on_applied = None
+                if progress is not None:
+                    work.stats.seconds = time.monotonic() - t0
+                    progress(work.stats)
+            reader.eof()
+            if not work.end_seen:       # eof() passes only after END; belt and braces
+                raise RestoreError("stream ended without END")
+        except BaseException as exc:
+            first = work.earlier_error(exc) if isinstance(exc, (StreamError, RestoreError)) else None
+            work.discard()
+            if first is not None:
+                raise first from None
+            raise
+        try:
+            if on_complete is not None:     # from here on the domain is the caller's, failing or not
                 work.stats.seconds = time.monotonic() - t0
-                on_applied(work.domain, work.stats)
-                on_applied = None
-            if progress is not None:
-                work.stats.seconds = time.monotonic() - t0
-                progress(work.stats)
-        reader.eof()
-        if not work.end_seen:       # eof() passes only after END; belt and braces
-            raise RestoreError("stream ended without END")
-    except BaseException as exc:
-        first = work.earlier_error(exc) if isinstance(exc, (StreamError, RestoreError)) else None
-        work.discard()
-        if first is not None:
-            raise first from None
-        raise
-    try:
-        if on_complete is not None:     # from here on the domain is the caller's, failing or not
-            work.stats.seconds = time.monotonic() - t0
-            on_complete(work.domain, work.stats)
-    finally:
-        work.release()
-    work.stats.seconds = time.monotonic() - t0
-    return work.domain, work.stats
+                on_complete(work.domain, work.stats)
+        finally:
+            work.release()
+        work.stats.seconds = time.monotonic() - t0
+        return work.domain, work.stats
