@@ -66,8 +66,11 @@ def start_ledger(name, base, seed, memory=32 << 20, disk=None):
 
 
 def ledger_goes_on(name, base, seed, npages):
-    """The ledger's self-check lines are right and a new one follows."""
-    gen = ledger_lines_ok(console(name, base), seed, npages)
+    """The ledger's self-check lines are right and a new one follows. A guest just moved
+    here has a console of its own, empty until its first line after the move: wait for one
+    (the clean-clone CI run met it empty once, under the full suite's load)."""
+    _, text = wait_console(name, base, r"^ledger ok gen=\d+ ")
+    gen = ledger_lines_ok(text, seed, npages)
     _, text = wait_console(name, base, rf"^ledger ok gen={gen + 1} ")
     ledger_lines_ok(text, seed, npages)
 
