@@ -4,6 +4,8 @@ paced link: --timeout with cancel (the guest stays on the source, nothing on the
 destination), with force (it completes), and --throttle (it converges)."""
 import json
 
+import threading
+
 import pytest
 from click.testing import CliRunner
 
@@ -192,6 +194,31 @@ def test_throttle_duty_cycles_and_always_releases():
     assert dom.calls.count("pause, not durable") >= 3 and "pause" not in dom.calls
     assert dom.calls[-1] == "resume" and dom.status == "running"
     assert throttle.percent == 0
+
+
+def test_throttle_stop_waits_for_a_pause_under_way():
+    """stop() returns only once the thread is done: its pause resumed, nothing of it left to
+    run after (a thread outliving stop() would resume the guest after the saver's final
+    pause). The thread's pause is held until stop() has been waiting for 0.3 s (a stop()
+    that gave up waiting sooner fails here; it used to give up after 10 s)."""
+    import time
+    dom = FakeDomain()
+    release, inside = threading.Event(), threading.Event()
+    plain_pause = dom.pause
+
+    def slow_pause(durable=True):
+        inside.set()
+        release.wait(5)
+        plain_pause(durable)
+    dom.pause = slow_pause
+    throttle = VcpuThrottle(dom, period=0.02)
+    throttle.set_percent(50)
+    assert inside.wait(5)
+    threading.Timer(0.3, release.set).start()
+    throttle.stop()
+    assert dom.calls == ["pause, not durable", "resume"] and dom.status == "running"
+    time.sleep(0.1)
+    assert dom.calls == ["pause, not durable", "resume"]           # nothing more came
 
 
 def test_migrate_request_keys_are_checked():

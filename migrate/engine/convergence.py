@@ -220,8 +220,13 @@ class VcpuThrottle:
             self._stop.wait(self.period - held)
 
     def stop(self) -> None:
+        """End the thread and wait for it, however long that takes: each of its calls is
+        bounded (the domain's pause gives up after its own timeout, and resume waits for
+        nothing a throttle started), so the wait is too. Returning while the thread still
+        ran would let it resume the guest after the saver's final pause, which finds the
+        guest paused already and flushes nothing."""
         self._stop.set()
         if self._thread is not None:
-            self._thread.join(10)
+            self._thread.join()
             self._thread = None
         self.percent = 0
