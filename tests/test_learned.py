@@ -60,15 +60,21 @@ def test_kept_only_from_moves_whose_last_pages_were_a_small_part():
 
 def test_the_default_counts_until_five_are_kept(tmp_path):
     """One or two measures of a noisy pause are no upper bound: until five are kept, the
-    default counts too; from five on, the largest of them, above or below it."""
+    default counts too; from five on, the largest of them, above or below it; always with
+    the margin on what was measured (the largest of five was still below the next one)."""
     path = tmp_path / learned.FILE
+    m = learned.MARGIN
+    assert m > 1
     assert learned.expected(path, "a:1", 0.007) == 0.007
     learned.record(path, "a:1", 0.0044)
-    assert learned.expected(path, "a:1", 0.007) == 0.007
+    assert learned.expected(path, "a:1", 0.007) == 0.007        # 0.0044 * 1.25 = 0.0055
     learned.record(path, "a:1", 0.009)
-    assert learned.expected(path, "a:1", 0.007) == 0.009
+    assert learned.expected(path, "a:1", 0.007) == 0.009 * m
     for ms in (5, 6, 5.5, 4):                   # the last five: 9, 5, 6, 5.5, 4
         learned.record(path, "a:1", ms / 1000)
-    assert learned.expected(path, "a:1", 0.007) == 0.009
+    assert learned.expected(path, "a:1", 0.007) == 0.009 * m
     learned.record(path, "a:1", 0.005)          # 9 ms drops out: 5, 6, 5.5, 4, 5
-    assert learned.expected(path, "a:1", 0.007) == 0.006
+    assert learned.expected(path, "a:1", 0.007) == 0.006 * m
+    for ms in (3, 3, 3, 3, 3.2):                # below the default: the default no longer counts
+        learned.record(path, "a:1", ms / 1000)
+    assert learned.expected(path, "a:1", 0.007) == 0.0032 * m

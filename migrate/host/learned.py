@@ -6,8 +6,8 @@ from moves where those terms were small: :func:`worth_keeping`). The
 convergence estimate's ``state_seconds`` is a constant measured on one kind of host (7 ms);
 a slower host, or a slower link to one destination, pays more, and the estimate then falls
 short. So after each live relocation the source keeps what that part took, and the next move
-to the same destination starts from the largest of the last KEEP of them (and of the
-default, until KEEP are kept: :func:`expected`).
+to the same destination starts from the largest of the last KEEP of them with a margin
+for the pause's noise (and from the default, until KEEP are kept, if larger: :func:`expected`).
 
 The record is a small JSON file in the state directory (``.downtime.json``), rewritten in
 one write (no temporary file to leave behind); anything unreadable in it, a torn write
@@ -25,6 +25,7 @@ KEEP = 5                    # measurements kept per destination
 MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
 MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not kept
 KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
+MARGIN = 1.25               # the largest kept, times this, is what a move expects
 
 
 def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
@@ -61,13 +62,15 @@ def load(path: Path, destination: str) -> float | None:
 
 
 def expected(path: Path, destination: str, default: float) -> float:
-    """The fixed part to expect on a move to ``destination``: the largest of the last KEEP
-    measured, and while fewer than KEEP are kept, ``default`` too. The largest of one or
-    two measures of a noisy pause is often below the next one (idle pauses of 5.0-6.7 ms
-    on one host: a move whose fixed part came from a 5.0 ms one took 1.33x its estimate;
-    AMD host, 2026-12-06); five make a fair upper bound."""
+    """The fixed part to expect on a move to ``destination``: MARGIN times the largest of
+    the last KEEP measured, and while fewer than KEEP are kept, ``default`` if larger. The
+    largest of one or two measures of a noisy pause is often below the next one (idle
+    pauses of 5.0-6.7 ms on one host: a move whose fixed part came from a 5.0 ms one took
+    1.33x its estimate; AMD host, 2026-12-06), and even the largest of five can be: 3.64
+    ms, then 4.88 ms, a move at 1.31x its estimate (Intel host, 2026-12-07)."""
     values = _read(path).get(destination, [])
-    return max(values + ([default] if len(values) < KEEP else []))
+    bounds = [MARGIN * max(values)] if values else []
+    return max(bounds + ([default] if len(values) < KEEP else []))
 
 
 def record(path: Path, destination: str, seconds: float) -> None:
