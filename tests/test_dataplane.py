@@ -7,6 +7,7 @@ from __future__ import annotations
 import socket
 import struct
 import threading
+import time
 
 import pytest
 import xxhash
@@ -405,3 +406,86 @@ def test_the_fast_crc_is_zlibs():
                 assert crc32(memoryview(bytearray(piece)), crc) == want, (n, start, crc)
     body = data[:5000]
     assert record_crc(4, body) == zlib.crc32(body, zlib.crc32(struct.pack("<III", 4, 5000, 0)))
+
+
+def test_a_closed_receiver_takes_no_channel():
+    """A channel handed over after close (a restore failing while channels still arrive)
+    is refused: no thread starts that close would not join (and free would pull its
+    memory from under)."""
+    rx = Receiver(2, 2, TOKEN, None, timeout=5)
+    a, b = socket.socketpair()
+    try:
+        rx.close()
+        with pytest.raises(DataplaneError, match="the receiver is closed"):
+            rx.add(0, b.fileno())
+    finally:
+        rx.close()
+        a.close()
+        b.close()
+
+
+def test_no_channel_places_pages_once_another_failed():
+    """Channel 1's batches are all in its socket, waiting for the memory to be opened;
+    channel 0 fails (a wrong token). Channel 1 stops without placing a page."""
+    dst = bytearray(16 * PAGE)
+    rx = Receiver(2, 2, TOKEN, None, timeout=5)
+    rx.set_space(0, [(0, 16, dst)])             # described, never opened
+    w = ChannelWriter(1)
+    for pfn in range(16):
+        w.batch(0, [(pfn, DATA)])
+    pairs = [socket.socketpair() for _ in range(2)]
+    try:
+        pairs[1][0].sendall(bytes(w.data))
+        rx.add(1, pairs[1][1].fileno())
+        pairs[0][0].sendall(bytes(ChannelWriter(0, token=bytes(32)).data))
+        rx.add(0, pairs[0][1].fileno())
+        deadline = time.monotonic() + 5
+        while rx.error() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert "its header is not this relocation's" in rx.error()
+        time.sleep(0.2)                         # channel 1 had every chance to go on
+        assert dst == bytes(len(dst))
+    finally:
+        rx.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+
+
+def test_bytes_after_a_final_sync_are_refused_before_the_wait_ends():
+    """The bytes came with the FINAL sync: the wait for it fails, it does not report the
+    channel done (it used to, in a third to a half of these tries, with the error
+    following later)."""
+    for _ in range(40):
+        w = ChannelWriter(0)
+        w.batch(0, [(3, DATA)])
+        w.sync(0, final=True)
+        dst = bytearray(16 * PAGE)
+        rx = Receiver(1, 2, TOKEN, None, timeout=5)
+        rx.set_space(0, [(0, 16, dst)])
+        rx.open()
+        a, b = socket.socketpair()
+        try:
+            a.sendall(bytes(w.data) + b"\0" * 8)    # all there before the channel's thread starts
+            rx.add(0, b.fileno())
+            with pytest.raises(DataplaneError, match="bytes after its FINAL sync"):
+                rx.wait(0, final=True, timeout=5)
+        finally:
+            rx.close()
+            a.close()
+            b.close()
+
+
+def test_a_target_refuses_a_pfn_twice_in_a_batch_after_a_descent():
+    """pfns 1, 0, 1: not ascending at 0, and 1 again after it."""
+    from migrate.dataplane import Target
+    mem = bytearray(16 * PAGE)
+    target = Target(1)
+    try:
+        target.set_space(0, [(0, 16, mem)])
+        for pfns in ([1, 1], [1, 0, 1], [2, 0, 1, 3, 0]):
+            with pytest.raises(DataplaneError, match="appears twice in one batch"):
+                target.place(3, encode_batch(0, [(p, DATA) for p in pfns], False))
+        assert mem == bytes(len(mem))
+    finally:
+        target.close()

@@ -227,6 +227,16 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
 
 /* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
  * implements its socket timeouts that way), which blocking TLS cannot use. */
+/* Whether bytes have come that no read has taken yet (decrypted ones TLS holds, or any
+ * on the socket of a plain channel); does not wait. */
+static int bytes_waiting(struct dp_conn *c)
+{
+    if (c->ssl)
+        return SSL_pending(c->ssl) > 0;
+    uint8_t b;
+    return recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+}
+
 static void set_blocking(int fd)
 {
     int flags = fcntl(fd, F_GETFL);
@@ -1197,13 +1207,16 @@ static int decode_batch(struct dp_space *spaces, struct placer *pl, uint32_t typ
         pages = pl->scratch;
     }
     /* every entry and the data checked; a pfn once per batch (and once per round) */
+    int ascending = 1;
     for (uint32_t i = 0; i < n; i++) {
         int dup = 0;
         if (round >= 0) {
             uint64_t bit = 1ull << (pos[i] & 63);
             dup = (__atomic_fetch_or(&sp->seen[pos[i] >> 6], bit, __ATOMIC_RELAXED) & bit) != 0;
-        } else if (i && pos[i] <= pos[i - 1]) {     /* not ascending: look back (rare) */
-            for (uint32_t j = 0; j < i && !dup; j++)
+        } else {        /* ascending so far: no duplicate; after a descent, look back (rare) */
+            if (i && pos[i] <= pos[i - 1])
+                ascending = 0;
+            for (uint32_t j = 0; !ascending && j < i && !dup; j++)
                 dup = pos[j] == pos[i];
         }
         if (dup) {
@@ -1645,8 +1658,11 @@ static void *channel_main(void *arg)
     pthread_mutex_lock(&r->lock);           /* TLS and the header done: wait for the memory */
     while (!r->open && !r->closing && !failed(&r->err))
         pthread_cond_wait(&r->cv, &r->lock);
+    int go = r->open && !r->closing;
     pthread_mutex_unlock(&r->lock);
-    while (!ch->final && !r->closing) {
+    if (!go)                /* closed, or another channel failed: place nothing */
+        goto out;
+    while (!ch->final && !r->closing && !failed(&r->err)) {
         uint8_t *rec = ch->buf;
         rc = conn_read(&ch->conn, rec, DP_REC_HDR, &why);
         if (rc != 1) {
@@ -1690,6 +1706,10 @@ static void *channel_main(void *arg)
                 goto out;
             ch->round++;
             if (ch->final) {
+                if (bytes_waiting(&ch->conn)) {     /* with it: refused before it counts */
+                    set_error(&r->err, "channel %d: bytes after its FINAL sync", ch->index);
+                    goto out;
+                }
                 pthread_mutex_lock(&r->lock);
                 r->finals++;
                 pthread_cond_broadcast(&r->cv);
@@ -1707,6 +1727,8 @@ static void *channel_main(void *arg)
         ch->records++;
         ch->offset += DP_REC_HDR + padded(len);
     }
+    if (!ch->final)             /* closed, or another channel failed */
+        goto out;
     /* nothing may follow the FINAL sync */
     uint8_t extra;
     rc = conn_read(&ch->conn, &extra, 1, &why);
@@ -1730,8 +1752,22 @@ void dp_receiver_open(struct dp_receiver *r)
 
 /* Take channel `index`: a connected socket (TLS not yet started: its handshake runs on
  * the channel's own thread). 0, or -1 with err. */
+static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
+
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
 {
+    pthread_mutex_lock(&r->lock);       /* close joins the threads started before it */
+    int rc = add_channel(r, index, fd, err, errlen);
+    pthread_mutex_unlock(&r->lock);
+    return rc;
+}
+
+static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
+{
+    if (r->closing) {
+        snprintf(err, errlen, "the receiver is closed");
+        return -1;
+    }
     if (index < 0 || index >= r->nchannels || r->channels[index].started) {
         snprintf(err, errlen, "channel %d is not expected", index);
         return -1;

@@ -148,6 +148,8 @@ class ChannelIntake:
                 raise RestoreError(f"the data channels did not end within {timeout:g} s")
         except dataplane.DataplaneError as exc:
             raise RestoreError(str(exc)) from None
+        if (error := self.receiver.error()) is not None:    # e.g. bytes after a FINAL sync
+            raise RestoreError(error)
         summaries, _, _ = self.receiver.summary()
         for want, got in zip(expected.channels, summaries):
             have = (got.rounds, got.records, got.pages, got.bytes, got.digest)
