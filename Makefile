@@ -15,6 +15,7 @@ $(STAMP): pyproject.toml setup.py migrate/kvm/_build.py migrate/guest/_build_che
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m compileall -q migrate >/dev/null    # every hvm command and domain process starts ~0.1 s sooner, also where PYTHONDONTWRITEBYTECODE is set
 	touch $@
 
 setup: $(STAMP)

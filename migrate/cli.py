@@ -14,7 +14,8 @@ import click
 
 from . import exits
 from .config import (
-    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus,
+    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus, parse_disk_map,
+    parse_net_map,
 )
 from .host import control, protocol
 from .host.control import ControlError
@@ -355,8 +356,7 @@ def map_option(kind: str, text: str):
 
 def _map(kind: str, items) -> dict[str, str]:
     """--disk-map or --net-map values, checked as the relocation daemon checks its own."""
-    from .host import destination
-    parse = destination.parse_disk_map if kind == "disk" else destination.parse_net_map
+    parse = parse_disk_map if kind == "disk" else parse_net_map
     try:
         return parse(items)
     except ValueError as exc:
@@ -807,8 +807,8 @@ def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory, hugepages):
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = destination.RelocationServer(destination.ServeConfig(
-            addr, port, None if insecure else tls_dir, destination.parse_disk_map(disk_map),
-            net_map=destination.parse_net_map(net_map), max_memory=max_memory, hugepages=hugepages))
+            addr, port, None if insecure else tls_dir, parse_disk_map(disk_map),
+            net_map=parse_net_map(net_map), max_memory=max_memory, hugepages=hugepages))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())

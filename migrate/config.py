@@ -12,6 +12,7 @@ them from here.
 """
 from __future__ import annotations
 
+import os
 import random
 import re
 from dataclasses import dataclass, field
@@ -140,6 +141,36 @@ def check_net(net) -> None:
 def check_ifname(name) -> None:
     if not isinstance(name, str) or not _IFNAME.match(name) or name in (".", ".."):
         raise NetError(f"interface name {name!r} is not 1 to 15 letters, digits, '_', '.' or '-'")
+
+
+def parse_disk_map(items) -> dict[str, str]:
+    """['SRC=DST', ...] -> {SRC: DST}; DST must be an existing file here."""
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition("=")
+        if not sep or not src or not dst:
+            raise ValueError(f"--disk-map {item!r}: use SRC=DST")
+        if not os.path.isfile(dst):
+            raise ValueError(f"--disk-map {item!r}: {dst} is not a file on this host")
+        out[src] = os.path.abspath(dst)
+    return out
+
+
+def parse_net_map(items) -> dict[str, str]:
+    """['SRC=DST', ...] -> {SRC: DST}: a NIC on bridge (or TAP device) SRC on the source
+    hangs on bridge (or TAP device) DST here."""
+    out = {}
+    for item in items:
+        src, sep, dst = item.partition("=")
+        try:
+            if not sep:
+                raise NetError("use SRC=DST")
+            check_ifname(src)
+            check_ifname(dst)
+        except NetError as exc:
+            raise ValueError(f"--net-map {item!r}: {exc}") from None
+        out[src] = dst
+    return out
 
 
 # -- the domain ----------------------------------------------------------------------------
@@ -274,4 +305,5 @@ class Convergence:
 __all__ = ["COMPRESSION_MODES", "Compression", "Convergence", "DEFAULT_COMPRESSION", "DEFAULT_MODEL",
            "DEV_KVM", "DomainConfig", "DomainError", "DomainStatus", "MAX_MEMORY", "MAX_VCPUS",
            "MIN_MEMORY", "MODELS", "MODEL_NAME", "NetError", "OnTimeout", "STUB_MODEL", "WORKLOADS",
-           "check_ifname", "check_net", "memory_ok", "memory_problem", "parse_net", "random_mac"]
+           "check_ifname", "check_net", "memory_ok", "memory_problem", "parse_disk_map", "parse_net",
+           "parse_net_map", "random_mac"]

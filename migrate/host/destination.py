@@ -30,6 +30,7 @@ from pathlib import Path
 
 from ..cpu import compatibility, this_host
 from ..config import MAX_VCPUS, NetError, check_ifname, memory_ok, memory_problem
+from ..config import parse_disk_map, parse_net_map  # noqa: F401  (re-exported)
 from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
@@ -629,36 +630,6 @@ class RelocationServer:
                 return
             else:
                 raise ChannelError(f"expected DATA or STREAM_END, got {message['t']}")
-
-
-def parse_disk_map(items) -> dict[str, str]:
-    """['SRC=DST', ...] -> {SRC: DST}; DST must be an existing file here."""
-    out = {}
-    for item in items:
-        src, sep, dst = item.partition("=")
-        if not sep or not src or not dst:
-            raise ValueError(f"--disk-map {item!r}: use SRC=DST")
-        if not os.path.isfile(dst):
-            raise ValueError(f"--disk-map {item!r}: {dst} is not a file on this host")
-        out[src] = os.path.abspath(dst)
-    return out
-
-
-def parse_net_map(items) -> dict[str, str]:
-    """['SRC=DST', ...] -> {SRC: DST}: a NIC on bridge (or TAP device) SRC on the source
-    hangs on bridge (or TAP device) DST here."""
-    out = {}
-    for item in items:
-        src, sep, dst = item.partition("=")
-        try:
-            if not sep:
-                raise NetError("use SRC=DST")
-            check_ifname(src)
-            check_ifname(dst)
-        except NetError as exc:
-            raise ValueError(f"--net-map {item!r}: {exc}") from None
-        out[src] = dst
-    return out
 
 
 __all__ = ["Incoming", "Refused", "RelocationServer", "ServeConfig", "parse_disk_map", "parse_net_map"]
