@@ -7,15 +7,24 @@ import time
 from collections import deque
 
 
+MAX_LINE = 4096                 # bytes of one line; a longer one (or one that never ends) is cut
+MAX_CHARS = 4 << 20             # characters of the lines kept; the oldest go beyond it
+
+
 class Console:
-    """Collects console output; keeps the last ``max_lines`` lines.
+    """Collects console output; keeps the last ``max_lines`` lines, of at most MAX_CHARS
+    together. The guest writes what it likes: a line longer than MAX_LINE bytes, or one
+    that never ends, is cut into lines of MAX_LINE bytes, so neither the memory kept nor
+    the work per byte grows with it.
 
     Lines get absolute numbers (``first_index`` + position) so a reader can
     ask for "lines after the ones I have seen" even as old ones drop out.
     """
 
     def __init__(self, max_lines: int = 20000, sink=None):
-        self._lines: deque[str] = deque(maxlen=max_lines)
+        self._lines: deque[str] = deque()
+        self._max_lines = max_lines
+        self._chars = 0
         self._dropped = 0
         self._partial = b""
         self._cv = threading.Condition()
@@ -25,14 +34,21 @@ class Console:
         if self._sink is not None:
             self._sink(data)
         with self._cv:
-            text = self._partial + data
-            *lines, self._partial = text.split(b"\n")
-            for line in lines:
-                if len(self._lines) == self._lines.maxlen:
-                    self._dropped += 1
-                self._lines.append(line.decode("utf-8", "replace"))
-            if lines:
+            *ended, partial = (self._partial + data).split(b"\n")
+            cut = len(partial) - len(partial) % MAX_LINE
+            self._partial = partial[cut:]
+            for line in ended + [partial[:cut]] if cut else ended:
+                for at in range(0, len(line) or 1, MAX_LINE):
+                    self._keep(line[at:at + MAX_LINE].decode("utf-8", "replace"))
+            if ended or cut:
                 self._cv.notify_all()
+
+    def _keep(self, line: str) -> None:
+        self._lines.append(line)
+        self._chars += len(line)
+        while len(self._lines) > self._max_lines or self._chars > MAX_CHARS:
+            self._chars -= len(self._lines.popleft())
+            self._dropped += 1
 
     @property
     def next_index(self) -> int:

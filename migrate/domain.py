@@ -653,9 +653,18 @@ class Domain:
                 if run.thread is not None:
                     run.vcpu.kick()
             self._cv.notify_all()
+        stuck = []
         for run in self._runs:
             if run.thread is not None and run.thread is not threading.current_thread():
                 run.thread.join(10)
+                if run.thread.is_alive():
+                    stuck.append(run.thread.name)
+        if stuck:       # closing the VM would unmap the kvm_run page under them: a crash
+            log.error("%s: vCPU threads %s did not end: the VM is left open", self.config.name,
+                      ", ".join(stuck))
+            if getattr(self, "stub", None) is not None:
+                self.stub.close()
+            return
         self._close_vm()
 
     def _close_vm(self) -> None:

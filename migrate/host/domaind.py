@@ -41,6 +41,7 @@ import dataclasses
 import faulthandler
 import json
 import logging
+import logging.handlers
 import os
 import select
 import selectors
@@ -74,6 +75,46 @@ log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
 EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its clean-up (_receive)
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
+
+
+class ConsoleLog:
+    """The console's bytes in console.log, as they come; the file keeps at most
+    statedir.LOG_MAX of them, then it becomes console.log.1 (the one before goes) and a new
+    one begins. Offsets count every byte written since the process began (``written``), so
+    a reader following them (``hvm console --follow``) goes on across a move; what moved
+    to console.log.1 before it read it, it misses (it is told where it went on)."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.file = open(path, "ab", buffering=0)
+        self.base = 0           # bytes written before the file's first
+        self.lock = threading.Lock()
+
+    @property
+    def written(self) -> int:
+        with self.lock:
+            return self.base + self.file.tell()
+
+    def write(self, data: bytes) -> None:
+        with self.lock:
+            if self.file.tell() + len(data) > statedir.LOG_MAX and self.file.tell():
+                self.base += self.file.tell()
+                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                self.file.close()
+                self.file = open(self.path, "ab", buffering=0)
+            self.file.write(data)
+
+    def read(self, offset: int, size: int) -> tuple[int, bytes]:
+        """(the offset read from: ``offset``, or the file's first if that went before it,
+        up to ``size`` bytes from there)."""
+        with self.lock:
+            start = max(offset, self.base)
+            with open(self.path, "rb") as f:
+                f.seek(start - self.base)
+                return start, f.read(size)
+
+    def close(self) -> None:
+        self.file.close()
 
 
 class DomainServer:
@@ -177,7 +218,7 @@ class DomainServer:
                 "hugepages": cfg.hugepages, "vcpus": cfg.vcpus, "status": dom.status,
                 "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
-                "console_bytes": self.console_log.tell(), "args": list(cfg.args),
+                "console_bytes": self.console_log.written, "args": list(cfg.args),
                 "timer_hz": cfg.timer_hz, "stub": cfg.stub, "disk": cfg.disk, "net": cfg.net,
                 "ioreqs": dom.stub.requests if dom.stub else 0,
                 "cpu": dom.cpu.model, "cpu_vendor": dom.cpu.vendor, "tsc_khz": dom.cpu.tsc_khz,
@@ -233,9 +274,7 @@ class DomainServer:
         offset = req.get("offset", 0)
         if not isinstance(offset, int) or offset < 0:
             raise ValueError("offset must be a non-negative integer")
-        with open(self.dir / statedir.CONSOLE, "rb") as f:
-            f.seek(offset)
-            data = f.read(protocol.CONSOLE_CHUNK)
+        offset, data = self.console_log.read(offset, protocol.CONSOLE_CHUNK)
         return {"data": data, "next": offset + len(data), "status": self.domain.status}
 
     def op_input(self, req: dict) -> dict:
@@ -662,8 +701,13 @@ def main(argv: list[str]) -> int:
     if os.fork():
         os._exit(0)
     (directory / statedir.PIDFILE).write_text(f"{os.getpid()}\n")
-    logging.basicConfig(filename=directory / statedir.LOGFILE, level=logging.INFO,
-                        format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    # a guest can make a domain log a lot (refused accesses, its stub's lines): on disk,
+    # the log keeps its last LOG_MAX bytes and as many before (a fatal signal's traceback
+    # goes to the file that was domain.log when the process started)
+    handler = logging.handlers.RotatingFileHandler(directory / statedir.LOGFILE, maxBytes=statedir.LOG_MAX,
+                                                   backupCount=1)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
+                        handlers=[handler])
     # the downtime path (capture, state, apply, resume) runs on one thread while others
     # (control, channel rounds, vCPU exits) take the GIL now and then: hand it over within
     # 0.5 ms, not CPython's default 5 ms, so a handover never costs milliseconds of downtime
@@ -676,7 +720,7 @@ def main(argv: list[str]) -> int:
                                                   exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
     signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
-    console_log = open(directory / statedir.CONSOLE, "ab", buffering=0)
+    console_log = ConsoleLog(directory / statedir.CONSOLE)
     receive = isinstance(job, Receive)
     disk_lock = DiskLock.from_fd(os.readlink(f"/proc/self/fd/{lock_fd}"), lock_fd, receive) \
         if lock_fd is not None else None

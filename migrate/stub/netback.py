@@ -164,6 +164,10 @@ class NetBackend:
             os.close(fd)
         self._wake_r = self._wake_w = -1
 
+    def running(self) -> bool:
+        """Whether its receive thread is still alive (after close: it did not end in time)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _wake(self) -> None:
         try:
             os.write(self._wake_w, b"w")

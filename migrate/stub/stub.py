@@ -17,6 +17,7 @@ from collections import deque
 from dataclasses import dataclass
 
 from ..capture import StateApply, StateCapture
+from ..console import MAX_LINE
 from ..guest import boot as gboot
 from ..kvm import DirtyLog, KvmError, PlatformState, VcpuState
 from ..stream.hvm import HvmBodies
@@ -30,6 +31,7 @@ log = logging.getLogger(__name__)
 RAM_SLOT, WINDOW_SLOT = gboot.RAM_SLOT, 1     # the window: slots 1.., one per slot of guest RAM
 ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
 STUB_LOG_LINES = 200
+REFUSED_LOG_PERIOD = 1.0        # seconds between two lines about refused guest accesses
 
 
 @functools.cache
@@ -65,6 +67,8 @@ class Stub:
         self.name = name
         self.log_lines: deque[str] = deque(maxlen=STUB_LOG_LINES)
         self._log_partial = b""
+        self.refused = 0                    # guest accesses the stub refused
+        self._refused_logged, self._refused_logged_at = 0, -REFUSED_LOG_PERIOD
         self._seq = 0
         self._busy_since = 0.0
         self._watch_lock = threading.Lock()
@@ -129,11 +133,19 @@ class Stub:
 
     def close(self) -> None:
         self._stopped.set()
+        vm = getattr(self, "vm", None)
+        if vm is not None:
+            self.vcpu.kick()        # a request under way (a thread in KVM_RUN on it) ends now
+        stuck = False
         if getattr(self, "net", None) is not None:
             self.net.close()        # its receive thread first: it makes ioreqs
+            stuck = self.net.running()
             self.net = None
-        if getattr(self, "vm", None) is not None:
-            self.vm.close()
+        if vm is not None:
+            if stuck:               # unmapping its kvm_run page under it would crash the process
+                log.error("%s: the stub's receive thread did not end: its VM is left open", self.name)
+            else:
+                vm.close()
             self.vm = None
         if self.backend is not None:
             self.backend.close()
@@ -223,7 +235,11 @@ class Stub:
             raise StubError(f"stub wrote unknown hypercall port {ex.port:#x}")
 
     def _stub_log(self, data: bytes) -> None:
-        *lines, self._log_partial = (self._log_partial + data).split(b"\n")
+        *lines, partial = (self._log_partial + data).split(b"\n")
+        cut = len(partial) - len(partial) % MAX_LINE      # a line that does not end is cut
+        self._log_partial = partial[cut:]
+        if cut:
+            lines += [partial[at:at + MAX_LINE] for at in range(0, cut, MAX_LINE)]
         for line in lines:
             text = line.decode("utf-8", "replace")
             self.log_lines.append(text)
@@ -248,7 +264,7 @@ class Stub:
             result, out, _ = self.request(abi.TYPE_PIO, ex.port, ex.size, direction, value)
             reply = out.to_bytes(8, "little")[:ex.size]
         if result != 0:
-            log.error("%s: stub refused port %#x access: %s", self.name, ex.port, abi.RESULTS.get(result))
+            self._refused(f"port {ex.port:#x} access", result)
             reply = b"\xff" * (ex.size * ex.count)
         return None if ex.is_write else reply
 
@@ -257,9 +273,20 @@ class Stub:
         value = int.from_bytes(ex.data, "little") if ex.is_write else 0
         result, out, _ = self.request(abi.TYPE_MMIO, ex.address, ex.size, direction, value)
         if result != 0:
-            log.error("%s: stub refused MMIO %#x: %s", self.name, ex.address, abi.RESULTS.get(result))
+            self._refused(f"MMIO {ex.address:#x}", result)
             out = (1 << 64) - 1
         return None if ex.is_write else out.to_bytes(8, "little")[:ex.size]
+
+    def _refused(self, what: str, result: int) -> None:
+        """Log an access the stub refused: at most one line every REFUSED_LOG_PERIOD seconds,
+        with the count of those not logged (a guest can refuse-loop at thousands a second)."""
+        now = time.monotonic()
+        self.refused += 1
+        if now - self._refused_logged_at >= REFUSED_LOG_PERIOD:
+            more = self.refused - self._refused_logged - 1
+            log.error("%s: stub refused %s: %s%s", self.name, what, abi.RESULTS.get(result),
+                      f" ({more} more refused since the last line)" if more else "")
+            self._refused_logged, self._refused_logged_at = self.refused, now
 
     def net_rx(self, first: int, count: int) -> int:
         """NET_RX: ``count`` packets in the RX slots from ``first``; how many it took."""

@@ -1,0 +1,94 @@
+"""A guest that misbehaves on purpose costs its host a bounded amount: a console line that
+never ends is cut into lines of MAX_LINE bytes (memory and work per byte stay flat), the
+accesses its stub refuses are logged at most once a second, and the logs on disk keep
+their last LOG_MAX bytes. The KVM tests overwrite the idle guest's code at its first
+instruction with a few bytes of machine code, as a hostile guest kernel would run."""
+from __future__ import annotations
+
+import logging
+import struct
+import time
+
+import pytest
+
+from migrate.console import MAX_CHARS, MAX_LINE, Console
+from migrate.domain import Domain, DomainConfig
+from migrate.host import statedir
+from migrate.host.domaind import ConsoleLog
+
+CLI = b"\xfa"
+JMP_BACK = b"\xeb"              # jmp rel8 (the offset follows)
+
+
+def console_flood(n: int = 4000) -> bytes:
+    """cli; mov $0xE9, %dx; 1: lea buf(%rip), %rsi; mov $n, %ecx; rep outsb; jmp 1b; buf:
+    n bytes of 'A' and never a newline."""
+    loop = b"\x48\x8d\x35" + struct.pack("<i", 9) + b"\xb9" + struct.pack("<I", n) + b"\xf3\x6e"
+    loop += JMP_BACK + bytes([(-(len(loop) + 2)) & 0xFF])
+    return CLI + b"\x66\xba\xe9\x00" + loop + b"A" * n
+
+
+REFUSED_LOOP = CLI + b"\x66\xba\xf8\x03" + b"\x66\xed" + JMP_BACK + b"\xfc"   # 1: inw (%dx) of the UART; jmp 1b
+
+
+def run_code(name: str, code: bytes, seconds: float) -> Domain:
+    dom = Domain.boot(DomainConfig(name, "idle", 32 << 20, timer_hz=0))
+    rip = dom.vcpu.get_regs()["rip"]
+    dom.memory[rip:rip + len(code)] = code
+    dom.resume()
+    time.sleep(seconds)
+    dom.pause()
+    return dom
+
+
+def test_a_line_that_never_ends_is_cut_and_what_is_kept_is_bounded():
+    console = Console()
+    chunk = b"x" * 3840                     # what a vCPU's console exit hands over
+    for _ in range((8 << 20) // len(chunk)):
+        console.feed(chunk)
+    assert len(console._partial) < MAX_LINE
+    lines = console.lines()
+    assert lines and all(len(line) == MAX_LINE for line in lines)
+    assert sum(map(len, lines)) <= MAX_CHARS and len(lines) == MAX_CHARS // MAX_LINE
+    console.feed(b"tail\nnext")
+    assert console.lines()[-1].endswith("tail") and console._partial == b"next"
+
+
+def test_the_console_log_keeps_its_last_bytes_and_offsets_go_on(tmp_path, monkeypatch):
+    monkeypatch.setattr(statedir, "LOG_MAX", 100)
+    log = ConsoleLog(tmp_path / statedir.CONSOLE)
+    for i in range(25):
+        log.write(b"%09d\n" % i)            # 10 bytes each: a move every 10 writes
+    assert log.written == 250
+    assert (tmp_path / "console.log").stat().st_size == 50
+    assert (tmp_path / "console.log.1").read_bytes() == b"".join(b"%09d\n" % i for i in range(10, 20))
+    start, data = log.read(0, 1000)         # a reader behind the kept bytes goes on from them
+    assert start == 200 and data == b"".join(b"%09d\n" % i for i in range(20, 25))
+    assert log.read(230, 15) == (230, b"000000023\n00000")
+    assert log.read(250, 10) == (250, b"")
+    log.close()
+
+
+@pytest.mark.kvm
+def test_a_guest_console_that_never_ends_a_line_costs_bounded_memory():
+    dom = run_code("flood", console_flood(), 1.0)
+    try:
+        assert dom.status.name == "PAUSED"
+        lines = dom.console.lines()
+        assert len(dom.console._partial) < MAX_LINE
+        assert lines and set(lines[-1]) == {"A"} and all(len(line) <= MAX_LINE for line in lines)
+    finally:
+        dom.destroy()
+
+
+@pytest.mark.kvm
+def test_accesses_the_stub_refuses_are_logged_at_most_once_a_second(caplog):
+    caplog.set_level(logging.INFO, logger="migrate.stub.stub")
+    dom = run_code("refuse", REFUSED_LOOP, 2.5)
+    try:
+        refusals = [r for r in caplog.records if "stub refused" in r.getMessage()]
+        assert 1 <= len(refusals) <= 4
+        assert dom.stub.refused > 1000, "the guest made the stub refuse a loop of accesses"
+        assert "more refused since the last line" in refusals[-1].getMessage()
+    finally:
+        dom.destroy()
