@@ -431,7 +431,9 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
                                                    r"paused here.*'hvm unpause u1'"):
         migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
     assert [d["status"] for d in control.list_domains(src)] == ["paused"]
-    assert [d["status"] for d in control.list_domains(dst)] == ["paused"]   # it never resumed
+    # it never resumed: the daemon, which cannot know that after GO, abandons it (killed,
+    # its directory kept: crashed), unless it destroyed itself first, its GO pipe closed
+    assert [d["status"] for d in control.list_domains(dst)] in ([], ["crashed"])
 
 
 @pytest.mark.kvm

@@ -26,7 +26,8 @@ JOIN_BELOW = 64 << 10
 MAX_ERROR_TEXT = 4096
 CAPS = {CONTROL: MAX_CONTROL, DATA: MAX_DATA}
 
-# timeouts, seconds (section 5)
+# timeouts, seconds (section 5); a wait for a frame is a deadline for the whole frame
+DEFAULT = object()              # receive()'s timeout when none is given: FRAME_TIMEOUT
 HANDSHAKE_TIMEOUT = 10.0
 WELCOME_TIMEOUT = 30.0
 FRAME_TIMEOUT = 60.0
@@ -94,9 +95,16 @@ class Channel:
     def __init__(self, sock: socket.socket):
         self.sock = sock
 
-    def _recv_exact(self, n: int) -> bytes:
+    def _recv_exact(self, n: int, deadline: float | None) -> bytes:
+        """``n`` bytes, all of them by ``deadline`` (time.monotonic(); None: no limit): a
+        peer that trickles a byte now and then does not keep a frame open longer."""
         buf = bytearray()
         while len(buf) < n:
+            if deadline is not None:
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise ChannelError("timed out waiting for the peer")
+                self.sock.settimeout(left)
             try:
                 chunk = self.sock.recv(min(n - len(buf), 1 << 20))
             except socket.timeout:
@@ -108,14 +116,20 @@ class Channel:
             buf += chunk
         return bytes(buf)
 
-    def receive(self, timeout: float | None = FRAME_TIMEOUT):
+    def receive(self, timeout=DEFAULT):
+        """The next frame, whole, within ``timeout`` seconds (DEFAULT: FRAME_TIMEOUT as it
+        is when called; None: no limit). The limit is on the whole frame, not on each read:
+        a peer trickling a byte now and then cannot hold the connection open."""
+        if timeout is DEFAULT:
+            timeout = FRAME_TIMEOUT
+        deadline = None if timeout is None else time.monotonic() + timeout
         self.sock.settimeout(timeout)
-        length, kind, reserved = FRAME.unpack(self._recv_exact(FRAME.size))
+        length, kind, reserved = FRAME.unpack(self._recv_exact(FRAME.size, deadline))
         if kind not in CAPS or reserved:
             raise ChannelError(f"bad frame header (kind {kind}, reserved {reserved})")
         if length > CAPS[kind] or (kind == DATA and length == 0):
             raise ChannelError(f"frame of {length} bytes out of bounds for kind {kind}")
-        body = self._recv_exact(length)
+        body = self._recv_exact(length, deadline)
         if kind == DATA:
             return "data", body
         try:
@@ -130,7 +144,7 @@ class Channel:
             raise PeerError(message["error"], message.get("not_resumed") is True)
         return "control", message
 
-    def expect(self, kind: str, timeout: float | None = FRAME_TIMEOUT) -> dict:
+    def expect(self, kind: str, timeout=DEFAULT) -> dict:
         what, message = self.receive(timeout)
         if what != "control" or message["t"] != kind:
             got = "DATA" if what == "data" else message["t"]

@@ -16,6 +16,7 @@ The cost is one extra copy of the stream through the pipe.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import fcntl
 import logging
 import math
@@ -41,19 +42,36 @@ from .launch import Go, Launch, Line, Receive, Say, parse
 from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
     RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
-    Channel, ChannelError, stream_cap,
+    Channel, ChannelError, PeerError, stream_cap,
 )
 
 log = logging.getLogger("hvm.relocd")
 F_SETPIPE_SZ = 1031
 FEED_TIMEOUT = 60.0         # seconds the receiving domain process may take no stream
+# A new connection has HANDSHAKE_TIMEOUT seconds from its accept for its first bytes and
+# then its TLS handshake or, for a data channel, its whole preamble (section 1, "Data
+# channels"); after that, each wait is one for a whole frame (channel.Channel.receive).
+MAX_PENDING = 64            # connections at once not yet past HELLO (or their preamble); more are closed at once
+MAX_RECEIVING = 8           # relocations received at once (HELLO to GO); more are refused at HELLO
+ACCEPT_BACKOFF = 0.1        # seconds to wait after accept() failed for want of descriptors or memory
+ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
+SAY_EVERY = 10.0            # seconds between two log lines about the same overload
+REFUSAL_LINGER = 1.0        # seconds an ERROR at or before HELLO reads on: the source sends nothing more
 
 
-def _peek(sock: socket.socket, n: int) -> bytes:
-    """The first ``n`` bytes the peer sends (fewer if it closes first), left unread."""
+def _left(deadline: float) -> float:
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise socket.timeout("timed out")
+    return left
+
+
+def _peek(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """The first ``n`` bytes the peer sends (fewer if it closes first), left unread; by
+    ``deadline`` (time.monotonic()), else socket.timeout."""
     head = b""
-    deadline = time.monotonic() + HANDSHAKE_TIMEOUT
     while len(head) < n:
+        sock.settimeout(_left(deadline))
         head = sock.recv(n, socket.MSG_PEEK)
         if not head or len(head) >= n:
             break
@@ -63,14 +81,37 @@ def _peek(sock: socket.socket, n: int) -> bytes:
     return head
 
 
-def _read_exact(sock: socket.socket, n: int) -> bytes:
+def _read_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
+    """``n`` bytes, all by ``deadline``: a peer trickling bytes cannot stretch it."""
     data = b""
     while len(data) < n:
+        sock.settimeout(_left(deadline))
         part = sock.recv(n - len(data))
         if not part:
             raise OSError("the channel closed inside its preamble")
         data += part
     return data
+
+
+def _poll(fds: dict[int, int], timeout: float) -> set[int]:
+    """The descriptors of ``fds`` (descriptor -> poll events) that are ready within
+    ``timeout`` seconds. poll(2), not select(2): a daemon holding many connections has
+    descriptors past FD_SETSIZE (1024), which select() cannot take. A hang-up or an error
+    counts as ready (the read or write that follows says which)."""
+    poller = select.poll()
+    for fd, events in fds.items():
+        poller.register(fd, events)
+    return {fd for fd, _ in poller.poll(math.ceil(max(0.0, timeout) * 1000))}
+
+
+def _short(value) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _internal(exc: BaseException) -> str:
+    """One line for an error nobody foresaw (it goes to the log and to the peer)."""
+    return f"internal error of the destination: {type(exc).__name__}: {' '.join(str(exc).split())}"
 
 
 class Refused(Exception):
@@ -104,6 +145,9 @@ class Incoming:
                  net_to: str | None = None, channels: int = 0, tls_dir: str | None = None,
                  hugepages: bool = False):
         self.name, self.base = name, base
+        self.dir: Path | None = None
+        self.give_fds: socket.socket | None = None
+        self.stream_w = self.go_w = self.ready_r = -1
         try:        # the disk image's INCOMING lock, for the receiving process to hold
             lock = DiskLock.for_incoming(disk_to) if disk_to is not None else None
         except DiskBusy as exc:
@@ -112,38 +156,47 @@ class Incoming:
         self.channel_id, self.token = os.urandom(16), os.urandom(32)
         self.given: set[int] = set()            # channels handed to the domain process
         self.rounds = 0                         # page rounds it says every channel has ended
-        try:
-            self.dir = control.claim_directory(name, base)
-        except (control.ControlError, ValueError) as exc:
-            if lock is not None:
-                lock.close()
-            raise Refused(str(exc)) from None
-        self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
-        stream_r, self.stream_w = os.pipe()
-        go_r, self.go_w = os.pipe()
-        self.ready_r, ready_w = os.pipe()
-        try:
-            fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
-        except OSError:
-            pass                    # a smaller pipe only costs speed
-        os.set_blocking(self.stream_w, False)
-        job = Receive(stream_fd=stream_r, go_fd=go_r, name=name, memory=hello["memory"], stub=hello["stub"],
-                      disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
-                      resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
-                      tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
-                      hugepages=hugepages, live=hello["live"])
-        try:
+        theirs: list = []                       # the domain process's ends, closed here once it has them
+        try:        # anything taken is given back if this fails, however it fails
+            try:
+                self.dir = control.claim_directory(name, base)
+            except (control.ControlError, ValueError) as exc:
+                raise Refused(str(exc)) from None
+            self.give_fds, take_fds = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+            theirs.append(take_fds)
+            stream_r, self.stream_w = os.pipe()
+            theirs.append(stream_r)
+            go_r, self.go_w = os.pipe()
+            theirs.append(go_r)
+            self.ready_r, ready_w = os.pipe()
+            theirs.append(ready_w)
+            try:
+                fcntl.fcntl(self.stream_w, F_SETPIPE_SZ, 1 << 20)
+            except OSError:
+                pass                    # a smaller pipe only costs speed
+            os.set_blocking(self.stream_w, False)
+            job = Receive(stream_fd=stream_r, go_fd=go_r, name=name, memory=hello["memory"], stub=hello["stub"],
+                          disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
+                          resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
+                          tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
+                          hugepages=hugepages, live=hello["live"])
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
-        except (OSError, subprocess.SubprocessError) as exc:
-            self.discard()
-            raise Refused(f"cannot start a receiving domain process: {exc}") from None
+        except BaseException as exc:
+            if self.dir is not None:
+                self.discard()          # kills a process that did start, removes the directory
+            else:
+                self._close()
+            if isinstance(exc, (OSError, subprocess.SubprocessError)):
+                raise Refused(f"cannot start a receiving domain process: {exc}") from None
+            raise
         finally:
-            os.close(stream_r)
-            os.close(go_r)
-            os.close(ready_w)
-            take_fds.close()
+            for end in theirs:
+                if isinstance(end, socket.socket):
+                    end.close()
+                else:
+                    os.close(end)
             if lock is not None:
-                lock.close()        # the receiving process holds it now
+                lock.close()        # the receiving process holds it now (or nobody does)
         self.bytes = 0
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
@@ -185,7 +238,7 @@ class Incoming:
         self._take_lines()
         while not done() and not self._eof:
             left = deadline - time.monotonic()
-            if left <= 0 or not select.select([self.ready_r], [], [], left)[0]:
+            if left <= 0 or not _poll({self.ready_r: select.POLLIN}, left):
                 raise Refused(f"no {what} from the receiving domain process within {timeout:g}s")
             self._read_some()
             self._take_lines()
@@ -204,10 +257,11 @@ class Incoming:
         Refused if it failed (with data channels the control connection is quiet for whole
         rounds, while the channels' pages may already have failed the restore)."""
         deadline = time.monotonic() + FRAME_TIMEOUT
+        sock = ch.sock.fileno()
         while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
-            readable = select.select([ch.sock] + ([self.ready_r] if not self._eof else []), [], [],
-                                     max(0.0, deadline - time.monotonic()))[0]
-            if ch.sock in readable or not readable:
+            fds = {sock: select.POLLIN} if self._eof else {sock: select.POLLIN, self.ready_r: select.POLLIN}
+            ready = _poll(fds, deadline - time.monotonic())
+            if sock in ready or not ready:
                 return                  # a frame (or the timeout: receive() says so)
             self._read_some()
             self._take_lines()
@@ -238,8 +292,11 @@ class Incoming:
             raise Refused(f"stream exceeds {self.cap} bytes for a domain of this size")
         view = memoryview(data)
         while view:
-            readable, writable, _ = select.select([self.ready_r] if not self._eof else [],
-                                                  [self.stream_w], [], FEED_TIMEOUT)
+            fds = {self.stream_w: select.POLLOUT}
+            if not self._eof:
+                fds[self.ready_r] = select.POLLIN
+            ready = _poll(fds, FEED_TIMEOUT)
+            readable, writable = self.ready_r in ready, self.stream_w in ready
             if readable:
                 self._read_some()
                 self._take_lines()
@@ -315,26 +372,27 @@ class Incoming:
         self.ran_at = go_at + took
         return took
 
-    def discard(self) -> None:
-        """Kill the receiving domain process (whose guest never ran) and remove its state."""
+    def _close(self) -> None:
+        """Stop talking to the domain process: close the daemon's ends of its pipes."""
         self.close_stream()
-        self.give_fds.close()
+        if self.give_fds is not None:
+            self.give_fds.close()
         for fd in (self.go_w, self.ready_r):
             if fd >= 0:
                 os.close(fd)
         self.go_w = self.ready_r = -1
-        control.discard(self.dir)
+
+    def discard(self) -> None:
+        """Kill the receiving domain process (whose guest never ran) and remove its state."""
+        self._close()
+        if self.dir is not None:
+            control.discard(self.dir)
 
     def abandon(self) -> None:
         """After GO, with no answer: the receiving domain process may have run the guest.
         Kill it if it still lives, and keep its directory, so it is listed as crashed with
         its logs (the source, told the outcome is unknown, is to look here)."""
-        self.close_stream()
-        self.give_fds.close()
-        for fd in (self.go_w, self.ready_r):
-            if fd >= 0:
-                os.close(fd)
-        self.go_w = self.ready_r = -1
+        self._close()
         control.kill_pidfile(self.dir)
 
     def close(self) -> None:
@@ -348,6 +406,21 @@ class Incoming:
             self.ready_r = -1
 
 
+class _Pending:
+    """A connection's place among those not yet past HELLO (or, for a data channel, its
+    preamble): at most MAX_PENDING at once. Given back once its relocation is admitted
+    (it then counts among the MAX_RECEIVING) or when the connection ends."""
+
+    def __init__(self, server: "RelocationServer"):
+        self.server, self.held = server, True
+
+    def release(self) -> None:
+        with self.server.pending_lock:
+            if self.held:
+                self.held = False
+                self.server.pending -= 1
+
+
 class RelocationServer:
     def __init__(self, config: ServeConfig):
         self.config = config
@@ -358,6 +431,27 @@ class RelocationServer:
         self.names_lock = threading.Lock()
         self.receiving: dict[str, int] = {}      # name -> guest memory, being received
         self.routes: dict[bytes, Incoming] = {}  # channel id -> its relocation (data channels)
+        self.pending_lock = threading.Lock()
+        self.pending = 0                         # connections not yet past HELLO or preamble
+        self._said: dict[str, tuple[float, int]] = {}   # overload -> (last logged, times since)
+
+    def _say(self, what: str, text: str) -> None:
+        """Log an overload (``what``) at most once every SAY_EVERY seconds, with how many
+        times it happened meanwhile: a flood must not flood the log as well."""
+        now = time.monotonic()
+        last, times = self._said.get(what, (-math.inf, 0))
+        if now - last < SAY_EVERY:
+            self._said[what] = (last, times + 1)
+            return
+        self._said[what] = (now, 0)
+        log.warning("%s%s", text, f" (and {times} more times in the last {now - last:.0f} s)" if times else "")
+
+    def _admit(self) -> _Pending | None:
+        with self.pending_lock:
+            if self.pending >= MAX_PENDING:
+                return None
+            self.pending += 1
+            return _Pending(self)
 
     def serve_forever(self) -> None:
         self.listener.settimeout(0.5)
@@ -366,30 +460,60 @@ class RelocationServer:
                 conn, peer = self.listener.accept()
             except socket.timeout:
                 continue
-            except OSError:
+            except OSError as exc:
                 if self.stopping.is_set():
                     break
-                raise
-            threading.Thread(target=self.handle, args=(conn, peer), daemon=True,
-                             name=f"reloc-{peer[0]}:{peer[1]}").start()
+                if exc.errno not in ACCEPT_ERRORS:
+                    raise
+                # out of descriptors or memory (a flood of connections, say): the ones
+                # held end by their deadlines; wait a little rather than spin or exit
+                self._say("accept", f"cannot accept a connection: {exc.strerror or exc}; going on")
+                if exc.errno != errno.ECONNABORTED:
+                    time.sleep(ACCEPT_BACKOFF)
+                continue
+            slot = self._admit()
+            if slot is None:
+                self._say("pending", f"closed a connection from {peer[0]}:{peer[1]} at once: {MAX_PENDING} "
+                                     f"connections are already on their way to HELLO")
+                conn.close()
+                continue
+            try:
+                threading.Thread(target=self.handle, args=(conn, peer, slot), daemon=True,
+                                 name=f"reloc-{peer[0]}:{peer[1]}").start()
+            except RuntimeError as exc:     # no thread to be had
+                slot.release()
+                conn.close()
+                self._say("thread", f"closed a connection from {peer[0]}:{peer[1]}: {exc}")
+                time.sleep(ACCEPT_BACKOFF)
 
     def stop(self) -> None:
         self.stopping.set()
         self.listener.close()
 
     # -- one relocation -------------------------------------------------------
-    def handle(self, raw: socket.socket, peer) -> None:
+    def handle(self, raw: socket.socket, peer, slot: _Pending | None = None) -> None:
         who = f"{peer[0]}:{peer[1]}"
-        raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        raw.settimeout(HANDSHAKE_TIMEOUT)
         try:
-            head = _peek(raw, len(CHANNEL_MAGIC))
+            self._handle(raw, who, slot)
+        except Exception as exc:        # nothing foreseen: say it in one line, keep serving
+            log.error("connection from %s: %s", who, _internal(exc))
+        finally:
+            raw.close()
+            if slot is not None:
+                slot.release()
+
+    def _handle(self, raw: socket.socket, who: str, slot: _Pending | None) -> None:
+        deadline = time.monotonic() + HANDSHAKE_TIMEOUT     # first bytes, then TLS or the preamble
+        try:
+            raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            head = _peek(raw, len(CHANNEL_MAGIC), deadline)
         except OSError as exc:
             log.warning("refused %s: %s", who, exc)
-            raw.close()
             return
+        if not head:
+            return                          # it closed without a word
         if head == CHANNEL_MAGIC:
-            self.channel(raw, who)
+            self.channel(raw, who, deadline)
             return
         if (self.ctx is not None) != (head[:2] == b"\x16\x03"):     # the two sides disagree on TLS
             if self.ctx is not None:        # a plain client can read a plain ERROR
@@ -398,32 +522,32 @@ class RelocationServer:
                                         "migrate with --tls-dir, not --insecure", linger=1.0)
             else:
                 log.warning("refused %s: it speaks TLS, and this daemon runs --insecure", who)
-            raw.close()
             return
         if self.ctx is not None:
-            raw.settimeout(HANDSHAKE_TIMEOUT)
             try:
+                raw.settimeout(_left(deadline))
                 sock = self.ctx.wrap_socket(raw, server_side=True)
             except (ssl.SSLError, OSError) as exc:
                 log.warning("refused %s: TLS handshake failed: %s", who, exc)
-                raw.close()
                 return
         else:
             sock = raw
         ch = Channel(sock)
         try:
-            self.relocation(ch, who)
-        except ChannelError as exc:
-            log.warning("relocation from %s failed: %s", who, exc)
+            self.relocation(ch, who, slot)
         finally:
             ch.close()
 
-    def channel(self, raw: socket.socket, who: str) -> None:
+    def channel(self, raw: socket.socket, who: str, deadline: float | None = None) -> None:
         """A data channel (specs/relocation.md, "Data channels"): its plain preamble names
         the relocation; the socket goes to that relocation's domain process, which starts
-        TLS on it and checks, inside TLS, the relocation's token."""
+        TLS on it and checks, inside TLS, the relocation's token. The whole preamble must
+        have come by ``deadline``."""
+        if deadline is None:
+            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
-            magic, channel_id, index, reserved = CHANNEL_PREAMBLE.unpack(_read_exact(raw, CHANNEL_PREAMBLE.size))
+            magic, channel_id, index, reserved = CHANNEL_PREAMBLE.unpack(
+                _read_exact(raw, CHANNEL_PREAMBLE.size, deadline))
             with self.names_lock:
                 incoming = self.routes.get(channel_id)
                 if incoming is None or reserved:
@@ -434,29 +558,51 @@ class RelocationServer:
         finally:
             raw.close()
 
-    def relocation(self, ch: Channel, who: str) -> None:
-        hello = ch.expect("HELLO", WELCOME_TIMEOUT)
+    def relocation(self, ch: Channel, who: str, slot: _Pending | None = None) -> None:
         try:
-            disk_to, version = self.check_hello(hello)
+            hello = ch.expect("HELLO", WELCOME_TIMEOUT)
+        except PeerError as exc:
+            log.warning("refused %s: it sent ERROR instead of HELLO: %s", who, exc)
+            return
+        except ChannelError as exc:     # a bad frame, a missing key, DATA first, a timeout
+            log.warning("refused %s: %s", who, exc)
+            ch.send_error(f"protocol error: {exc}", linger=REFUSAL_LINGER)
+            return
+        try:
+            disk_to, version, channels = self.check_hello(hello)
             net_to = self.check_net(hello)
         except Refused as exc:
             log.warning("refused %s: %s", who, exc)
-            ch.send_error(str(exc))
+            ch.send_error(str(exc), linger=REFUSAL_LINGER)
+            return
+        except Exception as exc:        # a HELLO none of the checks foresaw: refused all the same
+            text = f"malformed HELLO: {type(exc).__name__}: {' '.join(str(exc).split())}"
+            log.warning("refused %s: %s", who, text)
+            ch.send_error(text, linger=REFUSAL_LINGER)
             return
         name = hello["name"]
         with self.names_lock:
             try:
+                if len(self.receiving) >= MAX_RECEIVING:
+                    raise Refused(f"this host receives at most {MAX_RECEIVING} relocations at once and is "
+                                  f"receiving that many now: try again later")
                 if name in self.receiving:
                     raise Refused(f"domain {name!r} is already being received")
                 self.check_room(name, hello["memory"])
                 self.check_huge_pages(name, hello["memory"])
-            except Refused as exc:
-                log.warning("refused %s: %s", who, exc)
-                ch.send_error(str(exc))
-                return
-            self.receiving[name] = hello["memory"]
+            except Exception as exc:
+                text = str(exc) if isinstance(exc, Refused) else _internal(exc)
+                log.warning("refused %s: %s", who, text)
+                refused = text
+            else:
+                refused = None
+                self.receiving[name] = hello["memory"]
+        if refused is not None:
+            ch.send_error(refused, linger=REFUSAL_LINGER)      # not under names_lock
+            return
+        if slot is not None:
+            slot.release()              # it counts among the MAX_RECEIVING now
         incoming = None
-        channels = min(hello.get("channels", 0), MAX_CHANNELS) if version >= 2 else 0
         try:
             incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir,
                                 self.config.hugepages)
@@ -475,11 +621,16 @@ class RelocationServer:
             trace.mark("D RESTORED sent")
             go = ch.expect("GO", GO_TIMEOUT)
             trace.mark("D GO read")
-        except (Refused, ChannelError, OSError) as exc:
-            log.warning("relocation of %s from %s failed: %s", name, who, exc)
+        except Exception as exc:        # before GO, whatever failed: the guest never ran here
+            text = str(exc) if isinstance(exc, (Refused, ChannelError, OSError)) else _internal(exc)
+            log.warning("relocation of %s from %s failed: %s", name, who, text)
             if incoming is not None:
-                incoming.discard()
-            ch.send_error(str(exc))
+                try:
+                    incoming.discard()
+                except Exception as again:      # say so, and still tell the source
+                    log.error("relocation of %s: discarding its receiving domain process failed: %s",
+                              name, _internal(again))
+            ch.send_error(text)
             return
         finally:
             with self.names_lock:
@@ -494,27 +645,46 @@ class RelocationServer:
             ch.send_error(f"resume failed after GO: {exc}; the copy here never ran and is destroyed",
                           not_resumed=True)
             return
-        except Refused as exc:          # it may have run: the source must not resume by itself
-            log.error("GO for %s from %s, but it did not resume: %s", name, who, exc)
-            ch.send_error(f"resume failed after GO: {exc}")
-            incoming.abandon()          # its directory stays: listed crashed, logs kept
+        except Exception as exc:        # it may have run: the outcome is unknown, never "not resumed"
+            text = str(exc) if isinstance(exc, Refused) else _internal(exc)
+            log.error("GO for %s from %s, but it did not resume: %s", name, who, text)
+            ch.send_error(f"resume failed after GO: {text}")
+            try:
+                incoming.abandon()      # its directory stays: listed crashed, logs kept
+            except Exception as again:
+                log.error("GO for %s: abandoning its domain process failed: %s", name, _internal(again))
             return
-        incoming.close()
+        where = "is here, paused as asked" if resume is None else "runs here"
+        try:
+            incoming.close()
+        except OSError as exc:          # only a leftover file: the guest is ours all the same
+            log.warning("relocated %s: could not tidy its directory: %s", name, exc)
+        try:
+            if resume is None:
+                ch.send("RUNNING", paused=True)
+            else:
+                # ``after``: how long the guest had run here when RUNNING left (it is no downtime)
+                ch.send("RUNNING", resume=resume, after=time.monotonic() - incoming.ran_at)
+                trace.mark("D RUNNING sent")
+        except Exception as exc:        # the guest is ours: only the source was not told
+            log.error("relocated %s from %s: it %s, but RUNNING could not be sent (%s): the source "
+                      "was not told, and keeps its copy paused (outcome unknown there)", name, who, where,
+                      exc if isinstance(exc, ChannelError) else _internal(exc))
+            return
         if resume is None:
             log.info("relocated %s from %s: paused, as asked", name, who)
-            ch.send("RUNNING", paused=True)
-            return
-        # ``after``: how long the guest had run here when RUNNING left (it is no downtime)
-        ch.send("RUNNING", resume=resume, after=time.monotonic() - incoming.ran_at)
-        trace.mark("D RUNNING sent")
-        log.info("relocated %s from %s: running", name, who)
+        else:
+            log.info("relocated %s from %s: running", name, who)
 
-    def check_hello(self, hello: dict) -> tuple[str | None, int]:
-        """The destination disk for the domain and the stream version to receive, or
-        Refused (specs/relocation.md, "HELLO checks")."""
+    def check_hello(self, hello: dict) -> tuple[str | None, int, int]:
+        """The destination disk for the domain, the stream version to receive and the data
+        channels granted, or Refused (specs/relocation.md, "HELLO checks")."""
         if hello["proto"] != PROTO:
             raise Refused(f"protocol version {hello['proto']} is not {PROTO}")
-        common = set(hello["stream_versions"]) & set(STREAM_VERSIONS)
+        versions = hello["stream_versions"]
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in versions):
+            raise Refused(f"HELLO stream_versions must be an array of ints, not {_short(versions)}")
+        common = set(versions) & set(STREAM_VERSIONS)
         if not common:
             raise Refused(f"no common stream version (this host reads {STREAM_VERSIONS})")
         version = max(common)
@@ -529,17 +699,22 @@ class RelocationServer:
             raise Refused(memory_problem(memory))
         vcpus = hello.get("vcpus", 1)
         if not isinstance(vcpus, int) or isinstance(vcpus, bool) or not 1 <= vcpus <= MAX_VCPUS:
-            raise Refused(f"vcpus {vcpus!r} out of range (1 to {MAX_VCPUS})")
+            raise Refused(f"vcpus {_short(vcpus)} out of range (1 to {MAX_VCPUS})")
+        asked = hello.get("channels", 0)
+        if not isinstance(asked, int) or isinstance(asked, bool) or asked < 0:
+            raise Refused(f"HELLO channels must be a count of data channels (an int, 0 or more), "
+                          f"not {_short(asked)}")
+        channels = min(asked, MAX_CHANNELS) if version >= 2 else 0     # granted: at most MAX_CHANNELS
         disk = hello["disk"]
         if disk is None:
-            return None, version
+            return None, version, channels
         if not hello["stub"]:
             raise Refused("a disk needs the device-model stub")
         mapped = self.config.disk_map.get(disk)
         if mapped is None:
             raise Refused(f"domain {hello['name']} has a disk ({disk}) and this host maps none: "
                           f"start hvm host serve with --disk-map {disk}=DST")
-        return mapped, version
+        return mapped, version, channels
 
     @staticmethod
     def check_cpu(hello: dict) -> None:
@@ -614,7 +789,7 @@ class RelocationServer:
     def receive_stream(self, ch: Channel, incoming: Incoming) -> None:
         while True:
             incoming.watch(ch)          # the domain process may fail while the source is quiet
-            kind, message = ch.receive()
+            kind, message = ch.receive(FRAME_TIMEOUT)
             if kind == "data":
                 incoming.feed(message)
             elif message["t"] == "SYNC":
