@@ -77,6 +77,15 @@ EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its 
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
 
 
+def _readable(fd, timeout: float) -> bool:
+    """Whether ``fd`` (a descriptor or an object with fileno()) has something to read within
+    ``timeout`` seconds. poll(2), not select(2): a receiving domain process has the
+    daemon's descriptor numbers, which may be past FD_SETSIZE (1024)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
+
+
 class ConsoleLog:
     """The console's bytes in console.log, as they come; the file keeps at most
     statedir.LOG_MAX of them, then it becomes console.log.1 (the one before goes) and a new
@@ -160,7 +169,7 @@ class DomainServer:
 
     def take_go(self, wait: float) -> None:
         """Handle GO at once if it comes within ``wait`` seconds (else serve() will)."""
-        if self.go is not None and select.select([self.go[0]], [], [], wait)[0]:
+        if self.go is not None and _readable(self.go[0], wait):
             self._on_go()
 
     def _on_go(self) -> None:
@@ -520,7 +529,7 @@ class ClientWatch:
 
     def gone(self) -> bool:
         try:
-            readable, _, _ = select.select([self.conn], [], [], 0)
+            readable = _readable(self.conn, 0)
             return bool(readable) and self.conn.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True
