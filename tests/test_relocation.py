@@ -693,7 +693,7 @@ def test_serve_max_memory_from_the_command_line(tmp_path, state_dir):
     assert res.exit_code == 2 and "not a size" in res.output
 
 
-def fake_destination(answer):
+def fake_destination(answer, proto=1):
     """A destination that takes the stream and then does what ``answer(ch)`` says;
     returns its port."""
     listener = socket.create_server(("127.0.0.1", 0))
@@ -702,16 +702,20 @@ def fake_destination(answer):
         conn, _ = listener.accept()
         listener.close()
         ch = Channel(conn)
-        ch.expect("HELLO")
-        ch.send("WELCOME", proto=1, stream_version=2)
-        while True:
-            kind, message = ch.receive()
-            if kind == "control" and message["t"] == "SYNC":
-                ch.send("SYNCED", bytes=message["bytes"])
-            elif kind == "control" and message["t"] == "STREAM_END":
-                break
-        answer(ch)
-        ch.close()
+        try:
+            ch.expect("HELLO")
+            ch.send("WELCOME", proto=proto, stream_version=2)
+            while True:
+                kind, message = ch.receive()
+                if kind == "control" and message["t"] == "SYNC":
+                    ch.send("SYNCED", bytes=message["bytes"])
+                elif kind == "control" and message["t"] == "STREAM_END":
+                    break
+            answer(ch)
+        except ChannelError:        # the source gave up first
+            pass
+        finally:
+            ch.close()
 
     threading.Thread(target=serve, daemon=True).start()
     return listener.getsockname()[1]
@@ -750,6 +754,88 @@ def test_failed_handoff_turns_dirty_logging_off(domains, end):
         job.run(dom)
     assert dom.status == ("paused" if end == "no-running" else "running"), info.value
     assert logging_on(dom) == [False] * len(logging_on(dom))
+
+
+def move_to_fake(domains, answer, proto=1, before_go=None):
+    """A running idle domain relocated to fake_destination(answer): its result, or the
+    exception; and the domain."""
+    from migrate.domain import Domain
+    from migrate.host.source import MigrateJob
+    dom = Domain.boot(DomainConfig("h2", "idle", 16 << 20))
+    domains.append(dom)
+    dom.resume()
+    try:
+        return MigrateJob("127.0.0.1", fake_destination(answer, proto), True, None, True).run(
+            dom, before_go=before_go), dom
+    except Exception as exc:
+        return exc, dom
+
+
+@pytest.mark.kvm
+def test_a_destinations_error_text_becomes_one_bounded_line(domains):
+    from migrate.host.source import RelocationError
+    got, dom = move_to_fake(domains, lambda ch: ch.send("ERROR", error="refused\nsecond line " + "x" * 20000))
+    assert isinstance(got, RelocationError) and dom.status == "running"
+    assert "\n" not in str(got) and "refused second line" in str(got) and len(str(got)) < 4300
+
+
+@pytest.mark.kvm
+def test_restored_seconds_that_are_not_a_number_are_not_passed_on(domains):
+    import math
+
+    def nan_then_running(ch):
+        ch.send("RESTORED", seconds=math.nan)
+        ch.expect("GO")
+        ch.send("RUNNING", resume=0.001)
+    got, _ = move_to_fake(domains, nan_then_running)
+    assert got["destination_seconds"] is None
+    json.dumps(got, allow_nan=False, default=str)              # valid JSON
+
+
+@pytest.mark.kvm
+def test_a_cancel_while_restored_is_kept_back_is_honoured_at_once(domains, monkeypatch):
+    """(It used to wait for RESTORED's whole timeout, and the client, giving up first, said
+    the domain process had died.)"""
+    from migrate.engine import SaveError
+    from migrate.host import source
+    from migrate.host.source import RelocationError
+    monkeypatch.setattr(source, "RESTORED_TIMEOUT", 6.0)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+
+    def check():
+        if cancel.is_set():
+            raise SaveError("cancelled by the test")
+    t0 = time.monotonic()
+    got, dom = move_to_fake(domains, lambda ch: time.sleep(8), before_go=check)   # RESTORED never comes
+    assert isinstance(got, RelocationError) and "cancelled before the handoff" in str(got), got
+    assert time.monotonic() - t0 < 4 and dom.status == "running"
+
+
+@pytest.mark.kvm
+def test_a_chattering_destination_gets_a_bounded_wait_for_its_reason(domains, monkeypatch):
+    """SYNCED instead of RESTORED, and more of it: the source waits PEER_REASON_WAIT in all
+    for an ERROR saying why, not as long as the destination keeps talking."""
+    from migrate.host import source
+    from migrate.host.source import RelocationError
+    monkeypatch.setattr(source, "PEER_REASON_WAIT", 0.5)
+
+    def chatter(ch):
+        for _ in range(50):
+            ch.send("SYNCED", bytes=0)
+            time.sleep(0.2)
+    t0 = time.monotonic()
+    got, dom = move_to_fake(domains, chatter)
+    assert isinstance(got, RelocationError) and "expected RESTORED, got SYNCED" in str(got), got
+    assert time.monotonic() - t0 < 4 and dom.status == "running"
+
+
+@pytest.mark.kvm
+def test_a_welcome_of_another_protocol_is_refused(domains):
+    from migrate.host.source import RelocationError
+    got, dom = move_to_fake(domains, lambda ch: None, proto=99)
+    assert isinstance(got, RelocationError) and "speaks protocol 99" in str(got), got
+    assert dom.status == "running"
 
 
 def test_feeding_reads_the_progress_lines_meanwhile(tmp_path):

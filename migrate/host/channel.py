@@ -71,6 +71,13 @@ class PeerError(ChannelError):
         self.not_resumed = not_resumed
 
 
+def one_line(text: str, cap: int = MAX_ERROR_TEXT) -> str:
+    """A peer's text as one line of at most ``cap`` characters: control characters and
+    runs of white space become one space (it goes into messages and logs of this host)."""
+    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
+    return text if len(text) <= cap else text[:cap - 3] + "..."
+
+
 def stream_cap(memory: int) -> int:
     """Most stream bytes one relocation may carry (section 2)."""
     return 64 * memory + (64 << 20)
@@ -141,7 +148,7 @@ class Channel:
             raise ChannelError("control message is not a map")
         _check(message)
         if message["t"] == "ERROR":
-            raise PeerError(message["error"], message.get("not_resumed") is True)
+            raise PeerError(one_line(message["error"]), message.get("not_resumed") is True)
         return "control", message
 
     def expect(self, kind: str, timeout=DEFAULT) -> dict:

@@ -147,6 +147,9 @@ class MigrateJob:
                 raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
             except ChannelError as exc:
                 raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
+            if welcome["proto"] != PROTO:
+                raise RelocationError(f"{self.host}:{self.port} speaks protocol {welcome['proto']}, "
+                                      f"not {PROTO}")
             if welcome["stream_version"] != FORMAT_VERSION:
                 raise RelocationError(f"{self.host}:{self.port} asks for stream version "
                                       f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
@@ -177,7 +180,8 @@ class MigrateJob:
         if not granted:
             return [], b""
         channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
-        if not (isinstance(granted, int) and 0 < granted <= self.channels and isinstance(channel_id, bytes)
+        if not (isinstance(granted, int) and not isinstance(granted, bool) and 0 < granted <= self.channels
+                and isinstance(channel_id, bytes)
                 and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32):
             raise RelocationError(f"{self.host}:{self.port} granted channels badly: {granted!r}")
         links = []
@@ -223,6 +227,10 @@ class MigrateJob:
             fixed = learned.expected(self.learned, where, conv.state_seconds)
             conv = dataclasses.replace(conv, state_seconds=fixed)
 
+        def check_cancel() -> None:
+            if cancel is not None and cancel.is_set():
+                raise SaveCancelled("cancelled while the destination placed a round")
+
         def after_round() -> float:
             """SYNC after each pre-copy round (specs/relocation.md): the destination places
             everything sent so far, so the pause covers only the last dirty pages and the
@@ -234,7 +242,7 @@ class MigrateJob:
                     ch.send("SYNC", bytes=out.sent, round=sink.round)
                 else:
                     ch.send("SYNC", bytes=out.sent)
-                ch.expect("SYNCED", SYNC_TIMEOUT)
+                _expect(ch, "SYNCED", SYNC_TIMEOUT, check_cancel)
             return time.monotonic() - t
 
         def on_end(stats) -> None:
@@ -274,7 +282,7 @@ class MigrateJob:
             raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
         paused_at = stats.start_time + stats.pause_offset
         try:
-            restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
+            restored = _expect(ch, "RESTORED", RESTORED_TIMEOUT, before_go)
             trace.mark("S RESTORED read")
             if before_go is not None:
                 before_go()
@@ -326,7 +334,7 @@ class MigrateJob:
             "downtime_restore": restored_at - final_at,
             "downtime_resume": running_at - restored_at,
             "downtime_parts": parts,
-            "destination_seconds": restored["seconds"],
+            "destination_seconds": restored["seconds"] if 0 <= restored["seconds"] < math.inf else None,
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
             "rounds_detail": _rounds(stats, stats.start_time, final_at),
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
@@ -483,17 +491,43 @@ def _readable_now(sock) -> bool:
         return True
 
 
+PEER_REASON_WAIT = 5.0  # seconds a failed relocation waits in all for the destination's ERROR
+
+
 def _peer_reason(ch: Channel, exc: Exception) -> str:
-    """The destination's ERROR text if it sent one before closing, else ``exc``."""
+    """The destination's ERROR text if it sends one within PEER_REASON_WAIT seconds in all
+    (whatever else it sends meanwhile is dropped), else ``exc``."""
     if isinstance(exc, PeerError):
         return f"destination: {exc}"
+    deadline = time.monotonic() + PEER_REASON_WAIT
     try:
-        while True:
-            ch.receive(timeout=5.0)
+        while (left := deadline - time.monotonic()) > 0:
+            ch.receive(timeout=left)
     except PeerError as peer:
         return f"destination: {peer}"
     except ChannelError:
-        return str(exc)
+        pass
+    return str(exc)
+
+
+CHECK_EVERY = 0.2       # seconds between two checks for a cancel while an answer is awaited
+
+
+def _expect(ch: Channel, kind: str, timeout: float, check=None) -> dict:
+    """``ch.expect(kind)`` within ``timeout`` seconds in all; until the answer's first byte
+    comes, ``check()`` (which may raise to give up: a cancel) runs every CHECK_EVERY
+    seconds. A frame once begun is read whole (within what is left of ``timeout``)."""
+    deadline = time.monotonic() + timeout
+    if check is not None:
+        poller = select.poll()
+        poller.register(ch.sock, select.POLLIN)
+        while not (getattr(ch.sock, "pending", lambda: 0)() or poller.poll(0)):
+            check()
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise ChannelError(f"no {kind} within {timeout:g} s")
+            poller.poll(max(1, int(min(CHECK_EVERY, left) * 1000)))
+    return ch.expect(kind, max(deadline - time.monotonic(), 0.001))
 
 
 def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | None = None,
