@@ -19,6 +19,7 @@ from .config import (
 )
 from .host import control, protocol
 from .host.control import ControlError
+from .text import one_line
 from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: for callers)
 
 _fail_cleanly = exits.handled       # every command: errors to exit statuses (migrate.exits)
@@ -575,7 +576,7 @@ def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
                f"({info['workload']}, {info['memory'] >> 20} MiB, {info['cpu']} CPU): {info['status']}, "
                f"pid {info['pid']} ({time.monotonic() - t0:.2f} s)")
     for note in info.get("cpu_notes", []):
-        click.echo(f"note: {note}")
+        click.echo(f"note: {one_line(note, 400)}")
 
 
 @hvm.group()
@@ -602,12 +603,16 @@ def inspect(file):
       hvm stream inspect web1.hvm
     """
     from .engine import inspect as insp
-    scan, rows, stats, vcpus = insp.Scan(file), insp.Spool(), {}, {}
+    from .engine.compat import saved_disk_line
+    from .stream import DomainConfig as ConfigRecord
+    scan, rows, stats, vcpus, config = insp.Scan(file), insp.Spool(), {}, {}, {}
     for e in scan:          # all checked before anything is printed
         rows.append(f"{e.index:>6} {e.offset:>12} {e.size:>10}  {e.record.TYPE.name:<16} "
                     f"{insp.summary(e.record)}")
         insp.add_memory_stats(stats, e)
         insp.add_vcpu(vcpus, e)
+        if isinstance(e.record, ConfigRecord):
+            config = e.record.config
     h = scan.header
     click.echo(f"header: version {h.version}, length {h.header_length}, "
                f"incompat 0x{h.incompat_flags:x}, compat 0x{h.compat_flags:x}")
@@ -617,6 +622,8 @@ def inspect(file):
     for space, memory in stats.items():
         click.echo(memory.line(space))
     click.echo(insp.vcpus_line(vcpus))
+    if (disk := saved_disk_line(config)) is not None:     # as hvm restore without --disk-map decides
+        click.echo(disk)
     click.echo(f"{len(rows)} records, {e.offset + e.size} bytes; END checked (counts and digest)")
 
 

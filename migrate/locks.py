@@ -30,6 +30,8 @@ import struct
 import time
 from pathlib import Path
 
+from .text import SHOWN, one_line
+
 _FLOCK = struct.Struct("hhqqi4x")      # struct flock (Linux, 64-bit): type, whence, start, len, pid
 WRITER, INCOMING = 0, 1
 
@@ -135,7 +137,7 @@ class DiskLock:
         try:
             return os.open(path, os.O_RDWR | os.O_CLOEXEC)
         except OSError as exc:
-            raise DiskBusy(f"cannot open the disk image {path}: {exc.strerror}") from None
+            raise DiskBusy(f"cannot open the disk image {one_line(path, SHOWN)}: {exc.strerror}") from None
 
     @classmethod
     def for_domain(cls, path: str) -> "DiskLock":
@@ -192,7 +194,7 @@ class DiskLock:
 
     def _busy(self, byte: int, what: str) -> DiskBusy:
         who = holders(self.path, byte)
-        return DiskBusy(f"disk image {self.path}: {what} {', '.join(who) if who else 'another process'}")
+        return DiskBusy(f"disk image {one_line(self.path, SHOWN)}: {what} {', '.join(who) if who else 'another process'}")
 
     def close(self) -> None:
         if self.fd >= 0:

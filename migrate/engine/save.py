@@ -52,6 +52,17 @@ from .state import config_record, cpu_records
 CREATOR_TEXT = "hvm-migrate 0.1.0 engine"
 
 
+def disk_id_of(dom) -> dict | None:
+    """DOMAIN_CONFIG's ``disk_id``: the identity of the disk image the domain has open (its
+    block back end's descriptor), else of the file at its disk path; None without a disk,
+    or on a filesystem that gives no birth time (a restore then needs --disk-map)."""
+    from .compat import disk_identity      # compat imports files, which imports this module
+    if dom.config.disk is None:
+        return None
+    fd = getattr(getattr(getattr(dom, "stub", None), "backend", None), "fd", -1)
+    return disk_identity(fd if isinstance(fd, int) and fd >= 0 else dom.config.disk)
+
+
 class SaveError(Exception):
     """A save could not complete; the message says why."""
 
@@ -336,7 +347,7 @@ class _Saver:
         self.sink.open(memory_ranges(self.parts), self.conv.max_bandwidth or 0.0)
         self.write(self.writer.start(), records=0)
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
-        self.write(self.writer.record(config_record(dom.config, dom.stub_build)))
+        self.write(self.writer.record(config_record(dom.config, dom.stub_build, disk_id_of(dom))))
         for space, part in self.parts.items():
             for record in cpu_records(part.cpu, space):
                 self.write(self.writer.record(record))

@@ -40,13 +40,15 @@ class RestoreError(Exception):
 NOT_IN_CONFIG = {"cpu", "hugepages"}
 
 
-def config_record(config: DomainConfig, stub_build: str = "") -> ConfigRecord:
+def config_record(config: DomainConfig, stub_build: str = "", disk_id: dict | None = None) -> ConfigRecord:
     """DOMAIN_CONFIG: every DomainConfig field but the CPU model (in CPU_MODEL), plus
     ``stub_build`` (the build id of the stub image whose memory the stream carries) for a
-    domain with a stub."""
+    domain with a stub, and ``disk_id`` (``engine.compat.disk_identity`` of its disk image,
+    nil without one: what lets a restore open the saved path; specs/stream-format.md)."""
     raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig) if f.name not in NOT_IN_CONFIG}
     if stub_build:
         raw["stub_build"] = stub_build
+    raw["disk_id"] = disk_id if config.disk is not None else None
     return ConfigRecord(raw)
 
 

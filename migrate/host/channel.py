@@ -9,6 +9,8 @@ import time
 
 import msgpack
 
+from ..text import one_line
+
 PROTO = 1
 STREAM_VERSIONS = [1, 2]        # what a destination reads; a source sends its writer's version
 DEFAULT_CHANNELS = 2            # data channels a source asks for (section "Data channels")
@@ -69,13 +71,6 @@ class PeerError(ChannelError):
     def __init__(self, text: str, not_resumed: bool = False):
         super().__init__(text)
         self.not_resumed = not_resumed
-
-
-def one_line(text: str, cap: int = MAX_ERROR_TEXT) -> str:
-    """A peer's text as one line of at most ``cap`` characters: control characters and
-    runs of white space become one space (it goes into messages and logs of this host)."""
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    return text if len(text) <= cap else text[:cap - 3] + "..."
 
 
 def stream_cap(memory: int) -> int:
@@ -148,7 +143,7 @@ class Channel:
             raise ChannelError("control message is not a map")
         _check(message)
         if message["t"] == "ERROR":
-            raise PeerError(one_line(message["error"]), message.get("not_resumed") is True)
+            raise PeerError(one_line(message["error"], MAX_ERROR_TEXT), message.get("not_resumed") is True)
         return "control", message
 
     def expect(self, kind: str, timeout=DEFAULT) -> dict:

@@ -13,6 +13,7 @@ from pathlib import Path
 
 from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError, DomainStatus
 from ..locks import DiskBusy, DiskLock
+from ..text import SHOWN, one_line
 from . import protocol, statedir
 from .launch import Create, Launch, Line, Restore, Say, parse
 from .launch import argv as launch_argv
@@ -339,6 +340,8 @@ def _identity(path: Path | None) -> tuple | None:
 
 
 HEAD_LIMIT = 16 << 20       # stream bytes a restore from a pipe may read to find DOMAIN_CONFIG
+MAX_PROBLEMS = 8            # problems a refused restore names (hvm stream check lists all)
+MAX_REASON = 1000           # characters kept of a reason that may quote a stream
 
 
 def restore_domain(path: str | os.PathLike, name: str | None = None, paused: bool = False,
@@ -348,8 +351,9 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
     a pipe or FIFO works too, and is read once); its info once it runs (or is paused,
     with ``paused``). ``disk_map``: {saved disk path: disk here}; ``net_map``: {saved
     bridge or TAP device: the one here}. What this host cannot
-    restore (its CPU, a missing disk: ``engine.compat``) is refused before anything is
-    started, and the disk is locked (migrate.locks). The stream is opened here and handed
+    restore (its CPU, a disk it may not open, more RAM than it has: ``engine.compat``) is
+    refused before anything is started, and the disk is locked (migrate.locks): the file
+    locked must be the file checked. The stream is opened here and handed
     to the domain process; the bytes read here to check it (up to its first
     MEMORY_LAYOUT) go with it in a memfd when the stream cannot be read again. Errors
     come back as one line; on any error no process and no state are left."""
@@ -366,12 +370,23 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
             head_fd = os.memfd_create("hvm-stream-head", os.MFD_CLOEXEC)
             os.write(head_fd, saved.pop("head"))
             os.lseek(head_fd, 0, os.SEEK_SET)
+        disk_file = saved.pop("disk_file", None)
         name = name or saved.get("name")
         if not isinstance(name, str):
             raise ControlError(f"cannot restore from {label}: DOMAIN_CONFIG has no name")
-        statedir.check_name(name)
+        try:
+            statedir.check_name(name)
+        except ValueError:
+            raise ControlError(f"cannot restore from {label}: invalid domain name '{one_line(name, 100)}': use "
+                               "1-64 letters, digits, '_', '.', '-' starting with a letter or digit "
+                               "(or give --name)") from None
         disk = saved.get("disk_here") or ""
         lock = _lock_disk(disk or None)
+        if lock is not None:
+            st = os.fstat(lock.fd)      # the file checked is the file opened (nothing swapped it since)
+            if (st.st_dev, st.st_ino) != disk_file:
+                raise ControlError(f"cannot restore from {label}: the disk at {one_line(disk, SHOWN)} changed while it "
+                                   "was checked")
         directory = claim_directory(name, base)
         job = Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk, saved.get("net_here") or "")
         return _spawn_process(name, directory, job, what="restore", lock=lock)
@@ -405,11 +420,16 @@ def _restorable(path, fd: int, label: str, disk_map: dict[str, str], net_map: di
             report = check(head, this_host(), disk_map, net_map)
             report.facts["head"] = head
     except (RestoreError, StreamError, DomainError, OSError) as exc:
-        raise ControlError(f"cannot restore from {label}: {getattr(exc, 'strerror', None) or exc}") from None
+        raise ControlError(f"cannot restore from {label}: "
+                           f"{one_line(getattr(exc, 'strerror', None) or exc, MAX_REASON)}") from None
     if report.problems:
+        shown_problems = report.problems[:MAX_PROBLEMS]
+        if len(report.problems) > MAX_PROBLEMS:
+            shown_problems.append(f"and {len(report.problems) - MAX_PROBLEMS} more ('hvm stream check' "
+                                  "lists them)")
         raise ControlError(f"cannot restore from {label}: this host cannot restore it: "
-                           f"{'; '.join(report.problems)}")
-    return report.facts
+                           f"{'; '.join(shown_problems)}")
+    return {**report.facts, "disk_file": report.disk_file}
 
 
 def _read_head(fd: int) -> bytes:
@@ -490,7 +510,7 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
         answer = _read_ready(ready, directory)
     if answer.kind is not Say.OK:
         discard(directory)
-        raise ControlError(f"domain {name!r} failed to {what}: {answer.reason}")
+        raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
     (directory / statedir.STDERR).unlink(missing_ok=True)
     with DomainClient(name, directory.parent) as client:
         return client.call("info")

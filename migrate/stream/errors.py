@@ -7,6 +7,8 @@ the reader is a bug.
 
 from __future__ import annotations
 
+from ..text import one_line
+
 MAX_MESSAGE = 400  # characters of a message kept; hostile input must not make a huge line
 
 
@@ -24,7 +26,7 @@ class StreamError(Exception):
         record_index: int | None = None,
         record_type: int | None = None,
     ) -> None:
-        msg = one_line(msg)
+        msg = one_line(msg, MAX_MESSAGE)
         super().__init__(msg, offset, record_index, record_type)
         self.msg = msg
         self.offset = offset
@@ -40,17 +42,6 @@ class StreamError(Exception):
             f"{self.msg} (offset {_show(self.offset)}, record {_show(self.record_index)}, "
             f"type {_show_type(self.record_type)})"
         )
-
-
-def one_line(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` as one printable line of at most about ``limit`` characters: control
-    characters (newlines included) escaped, the middle cut out of a longer text (spec
-    "Errors": a message is one line whatever the input held)."""
-    if not text.isprintable():
-        text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    if len(text) > limit:
-        text = f"{text[:limit - 60]}...[{len(text) - limit + 60} characters cut]...{text[-40:]}"
-    return text
 
 
 class StreamTruncated(StreamError):
