@@ -200,3 +200,40 @@ def test_a_checkpoints_guest_runs_while_its_file_is_synced(state_dir, tmp_path, 
         assert stats["synced"] >= stats["seconds"] + 3.0    # the file's fsync and its directory's
     finally:
         control.destroy_domain("ck")
+
+
+@pytest.mark.kvm
+def test_a_restore_that_makes_progress_is_not_cut_off(state_dir, tmp_path, monkeypatch):
+    """A restore from a slow pipe takes longer than the launcher's limit (patched to 2.5 s;
+    60 s in use) but says how far it is once a second: it is waited for. (The limit used
+    to be on the whole restore: a large guest from a slow disk or link was refused.)"""
+    import os
+    monkeypatch.setattr(control, "CREATE_TIMEOUT", 2.5)
+    control.create_domain(DomainConfig("slow", "idle", 32 << 20))
+    path = tmp_path / "slow.hvm"
+    control.save_domain("slow", str(path), compress="none")     # the domain is destroyed
+    assert control.wait_gone("slow")
+    data = path.read_bytes()
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    pieces = 12
+
+    def feed():
+        with open(fifo, "wb") as out:
+            out.write(data[:len(data) // 4])        # the head the launcher checks, at once
+            rest = data[len(data) // 4:]
+            for i in range(pieces):                 # the rest over about 6 s
+                time.sleep(0.5)
+                out.write(rest[i * len(rest) // pieces:(i + 1) * len(rest) // pieces])
+                out.flush()
+
+    writer = threading.Thread(target=feed)
+    writer.start()
+    t0 = time.monotonic()
+    try:
+        info = control.restore_domain(str(fifo), name="slow")
+        assert info["status"] == "running" and time.monotonic() - t0 > 5
+    finally:
+        writer.join(20)
+        if "slow" in [d["name"] for d in control.list_domains()]:
+            control.destroy_domain("slow")

@@ -517,12 +517,20 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
 
 
 def _read_ready(ready, directory: Path) -> Line:
+    """The domain process's answer. It has CREATE_TIMEOUT seconds, counted anew at each
+    progress line (AT: a restore from a slow disk or link says how far it is once a second),
+    so a large restore is not cut off while one that makes no progress is."""
     deadline = time.monotonic() + CREATE_TIMEOUT
     while time.monotonic() < deadline:
         r, _, _ = select.select([ready], [], [], 0.5)
         if r:
-            line = ready.readline().strip()
-            return parse(line) if line else exited(directory)
+            raw = ready.readline().strip()
+            if not raw:
+                return exited(directory)
+            line = parse(raw)
+            if line.kind is not Say.AT:
+                return line
+            deadline = time.monotonic() + CREATE_TIMEOUT
     return Line(Say.ERROR, text=f"no answer within {CREATE_TIMEOUT:g}s")
 
 

@@ -557,6 +557,9 @@ class ClientWatch:
             log.warning("save reply not delivered: %s", exc)
 
 
+RESTORE_PROGRESS_EVERY = 1.0    # seconds between two AT lines of a restore from a file or pipe
+
+
 def _build(job: Create | Restore | Receive, console: Console, server: DomainServer | None,
            ready_fd: int) -> tuple[Domain, bool, str]:
     """The domain this process runs, whether to leave it paused, and a line to log once
@@ -568,8 +571,15 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
                 mapped["net"] = dict(cfg.net, name=job.net)
             return Domain(dataclasses.replace(cfg, **mapped), console, **cpu)
 
+        said = [time.monotonic()]
+
+        def progress(stats) -> None:        # the launcher waits for a line at least once a minute
+            if time.monotonic() - said[0] >= RESTORE_PROGRESS_EVERY:
+                os.write(ready_fd, say(Say.AT, stats.stream_bytes))
+                said[0] = time.monotonic()
+
         domain, stats = restore(_stream_chunks(job.stream_fd, job.head_fd), name=job.name or None,
-                                make_domain=make, fresh_stub=job.fresh_stub)
+                                make_domain=make, fresh_stub=job.fresh_stub, progress=progress)
         return domain, job.paused, (f"restored: {stats.pages_total} pages, {stats.stream_bytes} bytes "
                                     f"in {stats.seconds:.3f}s")
     if isinstance(job, Receive):        # its line is logged at GO (_receive)

@@ -14,7 +14,8 @@ It answers on its *ready pipe* in lines, each a :class:`Line` of one kind of
 =========== ======================================= ==========================================
 kind        line                                    when
 =========== ======================================= ==========================================
-AT          ``at BYTES``                            receive: stream bytes applied so far
+AT          ``at BYTES``                            receive, restore: stream bytes applied so far
+                                                    (restore: at most once a second)
 ROUND       ``round N``                             receive: every data channel ended N rounds
 OK          ``ok`` / ``ok BYTES END_AT APPLIED_AT`` started (create, restore) / state applied
                                                     (receive: the stream's length, when END
