@@ -275,6 +275,9 @@ def test_save_and_restore_keep_the_nic_and_announce_it(domains, tmp_path, fresh_
     [record] = [r for r in state.stub.devices if r["device"] == "virtio-net"]
     assert (record["version"], record["min_version"]) == (1, 1)
     assert record["fields"]["mac"] == nic.mac and record["fields"]["rx_used_idx"] >= 3
+    from migrate.engine import compat       # the stream says which interface of which boot it was
+    net_id = compat.read_head(path).config.config["net_id"]
+    assert net_id["boot_id"] == compat.boot_id() and isinstance(net_id["ifindex"], int)
 
     dom, _ = restore(file_chunks(path), fresh_stub=fresh_stub)
     domains.append(dom)

@@ -4,6 +4,7 @@ was saved with, nothing a stream says makes a message longer than a line, the sa
 vCPUs the configuration lacks are refused at once, and a guest larger than the host's RAM is
 refused before anything is built. Streams are the checked-in fixtures with one record
 changed and framed again (tools/fuzz_stream.reframe)."""
+import socket
 import importlib.util
 import os
 import shutil
@@ -329,3 +330,34 @@ def test_hvm_restore_refuses_a_guest_larger_than_the_host_before_building(tmp_pa
                                                     "most 8 MiB"):
         control.restore_domain(path, name="big")
     assert not (state_dir / "big").exists()
+
+
+def test_a_nic_goes_on_an_existing_interface_only_if_it_is_the_one_saved():
+    """Without --net-map, the saved interface name is used if nothing of that name is here
+    (a TAP device is made), or if the one here is the interface the stream was saved on:
+    this boot of this host, the same index. Anything else names the one to use."""
+    lo = socket.if_nametoindex("lo")
+    net = {"link": "bridge", "name": "lo", "mac": "02:00:00:00:00:01", "mtu": 1500}
+    here = compat.interface_identity("lo")
+    assert here == {"boot_id": compat.boot_id(), "ifindex": lo}
+    for net_id, ok in ((here, True), (None, False), ({**here, "ifindex": lo + 1000}, False),
+                       ({**here, "boot_id": "00000000-0000-0000-0000-000000000000"}, False), ("lo", False)):
+        report = compat.Report()
+        compat.check_nic(net, {}, report, net_id)
+        assert (report.problems == [] and report.facts["net_here"] == "lo") if ok else \
+            ("is not the interface this stream's NIC was saved on" in report.problems[0]
+             and "net_here" not in report.facts), (net_id, report)
+    report = compat.Report()
+    compat.check_nic(net, {"lo": "br9"}, report, None)        # the operator named it
+    assert report.problems == [] and report.facts["net_here"] == "br9"
+    report = compat.Report()
+    compat.check_nic(dict(net, link="tap", name="hvmnone0"), {}, report, None)   # nothing of that name
+    assert report.problems == [] and report.facts["net_here"] == "hvmnone0"
+
+
+def test_a_forged_stream_cannot_hang_its_nic_on_a_host_interface(tmp_path):
+    from migrate.cpu import this_host
+    path = forged(tmp_path / "nic.hvm", net={"link": "bridge", "name": "lo", "mac": "02:00:00:00:00:01",
+                                             "mtu": 1500})
+    report = compat.check(path, this_host())
+    assert any("bridge lo here is not the interface" in p for p in report.problems), report.problems

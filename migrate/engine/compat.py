@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+import socket
 import stat
 import struct
 from dataclasses import dataclass, field
@@ -109,7 +110,7 @@ def _check(path, host: HostCpu, disk_map: dict[str, str], net_map: dict[str, str
                         stub=config.stub, disk=config.disk)
     check_memory(config.memory, report)
     check_disk(config.disk, disk_map, report, saved_disk_id(head.config.config))
-    check_nic(config.net, net_map, report)
+    check_nic(config.net, net_map, report, head.config.config.get("net_id"))
     vms = {Vm.GUEST: "guest"} | ({Vm.STUB: "stub"} if config.stub else {})
     settled = True          # nothing depends on the saved MSR values
     if head.version >= 2:
@@ -352,17 +353,58 @@ def saved_disk_line(raw: dict) -> str | None:
     return f"disk: {one_line(disk, SHOWN)} is the image this stream was saved with"
 
 
-def check_nic(net: dict | None, net_map: dict[str, str], report: Report) -> None:
-    """``net_here``: the bridge or TAP device a restore here would attach the NIC to, the
-    mapped one, else the saved name (whether it exists is the NIC back end's to say when
-    it opens it: a TAP device may be made then)."""
+def boot_id() -> str:
+    """This boot of this host: the kernel's random boot id (a new one at every boot)."""
+    with open("/proc/sys/kernel/random/boot_id") as f:
+        return f.read().strip()
+
+
+def interface_identity(name: str) -> dict | None:
+    """DOMAIN_CONFIG's ``net_id`` for a NIC on the interface ``name``: ``boot_id`` (this
+    boot of this host, :func:`boot_id`) and ``ifindex`` (the interface's index, or nil if
+    there is no such interface now). None if the boot id cannot be read."""
+    try:
+        index = socket.if_nametoindex(name)
+    except OSError:
+        index = None
+    try:
+        return {"boot_id": boot_id(), "ifindex": index}
+    except OSError:
+        return None
+
+
+def check_nic(net: dict | None, net_map: dict[str, str], report: Report, net_id=None) -> None:
+    """``net_here``: the bridge or TAP device a restore here would attach the NIC to: the
+    mapped one, else the saved name, but an interface of that name that exists here only if
+    it is the one the stream was saved with (``net_id``: this boot of this host, and the
+    same interface index; specs/stream-format.md, "The NIC"). One that does not exist is
+    the NIC back end's to make (a TAP device) or refuse when it opens it."""
     saved = net["name"] if net else None
     unused = set(net_map) - {saved}
     if unused:
-        nic = f"on {net['link']} {saved}" if net else "none"
-        report.problems.append(f"--net-map {', '.join(sorted(unused))}: the stream's NIC is {nic}")
-    if net is not None:
-        report.facts["net_here"] = net_map.get(saved, saved)
+        nic = f"on {net['link']} {one_line(saved, SHOWN)}" if net else "none"
+        report.problems.append(f"--net-map {', '.join(one_line(k, SHOWN) for k in sorted(unused))}: "
+                               f"the stream's NIC is {nic}")
+    if net is None:
+        return
+    if saved not in net_map:
+        try:
+            index = socket.if_nametoindex(saved)
+        except (OSError, ValueError):
+            index = None            # none here: a TAP device is made, a bridge is refused later
+        if index is not None:
+            try:
+                here = boot_id()
+            except OSError:
+                here = None
+            if not (isinstance(net_id, dict) and here is not None and net_id.get("boot_id") == here
+                    and net_id.get("ifindex") == index):
+                report.problems.append(
+                    f"the {net['link']} {one_line(saved, SHOWN)} here is not the interface this stream's NIC "
+                    f"was saved on (saved on another host or boot, or the interface was made anew): name "
+                    f"the one to use with --net-map {one_line(saved, SHOWN)}=DEV")
+                return
+    report.facts["net_here"] = net_map.get(saved, saved)
 
 
 def _cpu_facts(policy: CpuPolicy) -> dict:

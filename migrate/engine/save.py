@@ -63,6 +63,13 @@ def disk_id_of(dom) -> dict | None:
     return disk_identity(fd if isinstance(fd, int) and fd >= 0 else dom.config.disk)
 
 
+def net_id_of(dom) -> dict | None:
+    """DOMAIN_CONFIG's ``net_id``: which interface of which boot of this host the NIC hung
+    on (``engine.compat.interface_identity``); None without a NIC."""
+    from .compat import interface_identity
+    return interface_identity(dom.config.net["name"]) if dom.config.net else None
+
+
 class SaveError(Exception):
     """A save could not complete; the message says why."""
 
@@ -347,7 +354,7 @@ class _Saver:
         self.sink.open(memory_ranges(self.parts), self.conv.max_bandwidth or 0.0)
         self.write(self.writer.start(), records=0)
         self.write(self.writer.record(Creator(CREATOR_TEXT)))
-        self.write(self.writer.record(config_record(dom.config, dom.stub_build, disk_id_of(dom))))
+        self.write(self.writer.record(config_record(dom.config, dom.stub_build, disk_id_of(dom), net_id_of(dom))))
         for space, part in self.parts.items():
             for record in cpu_records(part.cpu, space):
                 self.write(self.writer.record(record))

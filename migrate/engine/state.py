@@ -40,15 +40,19 @@ class RestoreError(Exception):
 NOT_IN_CONFIG = {"cpu", "hugepages"}
 
 
-def config_record(config: DomainConfig, stub_build: str = "", disk_id: dict | None = None) -> ConfigRecord:
+def config_record(config: DomainConfig, stub_build: str = "", disk_id: dict | None = None,
+                  net_id: dict | None = None) -> ConfigRecord:
     """DOMAIN_CONFIG: every DomainConfig field but the CPU model (in CPU_MODEL), plus
     ``stub_build`` (the build id of the stub image whose memory the stream carries) for a
     domain with a stub, and ``disk_id`` (``engine.compat.disk_identity`` of its disk image,
-    nil without one: what lets a restore open the saved path; specs/stream-format.md)."""
+    nil without one: what lets a restore open the saved path; specs/stream-format.md) and
+    ``net_id`` (``engine.compat.interface_identity`` of its NIC's interface, nil without a
+    NIC: what lets a restore attach to an interface of that name that exists)."""
     raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig) if f.name not in NOT_IN_CONFIG}
     if stub_build:
         raw["stub_build"] = stub_build
     raw["disk_id"] = disk_id if config.disk is not None else None
+    raw["net_id"] = net_id if config.net is not None else None
     return ConfigRecord(raw)
 
 
