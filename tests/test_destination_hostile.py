@@ -299,6 +299,15 @@ def test_a_trickled_channel_preamble_is_cut_off(daemon, monkeypatch):
     nothing_left(server)
 
 
+def trickle(ch, data: bytes):
+    """Send ``data`` a byte every 0.25 s until the daemon answers: its answer, else None."""
+    for byte in data:
+        ch.sock.sendall(bytes([byte]))
+        if select.select([ch.sock], [], [], 0.25)[0]:
+            return answer(ch, 1)
+    return None
+
+
 def test_a_trickled_hello_is_cut_off(daemon, monkeypatch):
     """HELLO must come whole within its limit (30 s; 1 s here): a peer sending a byte
     every 0.25 s is answered ERROR ("timed out") and dropped."""
@@ -310,12 +319,7 @@ def test_a_trickled_hello_is_cut_off(daemon, monkeypatch):
     ch.sock.sendall(frame[:8])          # the first bytes at once: they tell TLS from plain TCP
     time.sleep(0.1)
     t0 = time.monotonic()
-    got = None
-    for byte in frame[8:]:
-        ch.sock.sendall(bytes([byte]))
-        if select.select([ch.sock], [], [], 0.25)[0]:
-            got = answer(ch, 1)
-            break
+    got = trickle(ch, frame[8:])
     assert got is not None and got[0] == "ERROR" and "timed out" in got[1], got
     assert time.monotonic() - t0 < 2.5
     ch.close()
@@ -333,12 +337,8 @@ def test_a_trickled_data_frame_is_cut_off_and_cleaned_up(daemon, monkeypatch):
     send_raw(ch, {"t": "HELLO", **hello("t2")})
     assert answer(ch)[0] == "control"
     ch.sock.sendall(FRAME.pack(1000, 2, 0))
-    t0, got = time.monotonic(), None
-    for _ in range(20):
-        ch.sock.sendall(b"\0")
-        if select.select([ch.sock], [], [], 0.25)[0]:
-            got = answer(ch, 1)
-            break
+    t0 = time.monotonic()
+    got = trickle(ch, bytes(20))
     assert got is not None and got[0] == "ERROR" and "timed out" in got[1], got
     assert time.monotonic() - t0 < 3.0
     ch.close()
