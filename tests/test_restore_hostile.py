@@ -223,6 +223,31 @@ def test_same_host_save_restore_with_a_disk_and_a_copy_of_it(tmp_path, state_dir
             pass
 
 
+@pytest.mark.kvm
+def test_a_disk_replaced_after_it_was_locked_is_refused_by_the_domain_process(tmp_path, state_dir, btime,
+                                                                             monkeypatch):
+    """The launcher checks and locks the image, then the domain process opens it by its
+    path: a file put there in between (here, just before the process starts) is not the
+    locked one, and the restore is refused with nothing left behind."""
+    from migrate.cli import hvm
+    from migrate.host import control
+    run = CliRunner().invoke
+    disk = image(tmp_path / "r.img")
+    assert run(hvm, ["create", "-w", "idle", "-m", "16M", "-n", "rr", "--disk", str(disk)]).exit_code == 0
+    path = tmp_path / "rr.hvm"
+    assert run(hvm, ["save", "rr", str(path)]).exit_code == 0
+    control.wait_gone("rr")
+    real_launch = control.launch
+
+    def swap_then_launch(directory, spec):
+        os.replace(image(tmp_path / "other.img"), disk)
+        return real_launch(directory, spec)
+    monkeypatch.setattr(control, "launch", swap_then_launch)
+    with pytest.raises(control.ControlError, match="is not the file that was checked and locked"):
+        control.restore_domain(path, name="rr")
+    assert control.list_domains() == [] and not (state_dir / "rr").exists()
+
+
 # -- 2. one bounded line ---------------------------------------------------------------------
 def _one_bounded_line(text: str, limit: int) -> None:
     assert "\n" not in text and "\x1b" not in text and len(text) <= limit, text[:300]

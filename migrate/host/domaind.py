@@ -66,6 +66,7 @@ from ..engine.state import policies_from_bodies
 from ..kvm import KvmError
 from ..locks import DiskBusy, DiskLock
 from ..stream import FORMAT_VERSION, StreamError, Vm
+from ..text import SHOWN, one_line
 from .. import trace
 from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
@@ -587,6 +588,20 @@ def _build(job: Create | Restore | Receive, console: Console, server: DomainServ
     return Domain.boot(DomainConfig(**job.config), console), False, ""
 
 
+def _check_disk_is_locked_one(domain: Domain, disk_lock: DiskLock | None) -> None:
+    """The disk image the domain opened (by its path) must be the file its launcher checked
+    and locked (the lock's descriptor): a file put in its place meanwhile is refused, the
+    domain destroyed before it ran (DomainError)."""
+    backend = domain.stub.backend if domain.stub is not None else None
+    if disk_lock is None or backend is None:
+        return
+    locked, opened = os.fstat(disk_lock.fd), os.fstat(backend.fd)
+    if (locked.st_dev, locked.st_ino) != (opened.st_dev, opened.st_ino):
+        domain.destroy()
+        raise DomainError(f"the disk image at {one_line(backend.path, SHOWN)} is not the file that was checked "
+                          "and locked: it was replaced meanwhile")
+
+
 def _stream_chunks(fd: int, head_fd: int) -> FileChunks:
     """The stream a restore reads once: the bytes in the memfd ``head_fd`` (-1: none; what
     the launcher read from a pipe to learn the domain's name), then the rest from ``fd``
@@ -749,6 +764,8 @@ def main(argv: list[str]) -> int:
             server = DomainServer(directory, None, console_log, hidden=True)
             server.disk_lock = disk_lock        # GO takes it over (DomainServer.take_go)
         domain, paused, note = _build(job, Console(sink=console_log.write), server, ready_fd)
+        if not receive:
+            _check_disk_is_locked_one(domain, disk_lock)
     except (DomainError, KvmError, OSError, ValueError, StreamError, RestoreError) as exc:
         if server is not None:
             server.close()
