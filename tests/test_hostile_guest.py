@@ -92,3 +92,24 @@ def test_accesses_the_stub_refuses_are_logged_at_most_once_a_second(caplog):
         assert "more refused since the last line" in refusals[-1].getMessage()
     finally:
         dom.destroy()
+
+
+def test_the_console_log_never_fails_the_guest(tmp_path, monkeypatch):
+    """An operator deleting console.log (the move to .1 then finds it gone), or a full
+    disk: the console's writes go on without raising (they run on the vCPU's thread)."""
+    monkeypatch.setattr(statedir, "LOG_MAX", 100)
+    log = ConsoleLog(tmp_path / statedir.CONSOLE)
+    log.write(b"x" * 60)
+    (tmp_path / statedir.CONSOLE).unlink()
+    log.write(b"y" * 60)                    # a move to .1 of a file that is gone
+    assert log.written == 120 and (tmp_path / statedir.CONSOLE).read_bytes() == b"y" * 60
+
+    class Full:
+        def tell(self):
+            return 0
+
+        def write(self, data):
+            raise OSError(28, "No space left on device")
+    log.file = Full()
+    log.write(b"z")                         # said once in the log, not raised
+    assert log.failed

@@ -118,6 +118,17 @@ def test_the_saved_path_is_used_only_if_it_is_the_saved_image(tmp_path, btime):
     assert "6144" not in report.problems[0]
 
 
+def test_the_image_is_known_by_inode_and_birth_time_not_device_number(tmp_path, btime):
+    """A device number may change at a reboot (btrfs, LVM, NFS): the saved image is still
+    that image; another inode or birth time is not."""
+    disk = image(tmp_path / "disk.img")
+    ident = compat.disk_identity(str(disk))
+    for disk_id, ok in ((dict(ident, dev=ident["dev"] + 1), True), (dict(ident, ino=ident["ino"] + 1), False),
+                        (dict(ident, birth_ns=ident["birth_ns"] + 1), False)):
+        report = compat.check(str(forged(tmp_path / "s.hvm", disk=str(disk), disk_id=disk_id)), this_host())
+        assert (disk_problems(report) == []) == ok, (disk_id, report.problems)
+
+
 def test_a_disk_map_names_a_regular_file_of_the_saved_size(tmp_path, btime):
     """With --disk-map the operator chose the file: a regular file on a disk filesystem, of
     the size the stream was saved with (said with both sizes); a kernel file never."""

@@ -176,6 +176,7 @@ def check_memory(memory: int, report: Report) -> None:
 # -- the disk -------------------------------------------------------------------------------
 SECTOR = 512
 DISK_ID_KEYS = ("dev", "ino", "birth_ns", "size")
+IDENTITY_KEYS = ("ino", "birth_ns")     # not dev: device numbers may change at a reboot (btrfs, LVM, NFS)
 _AT_FDCWD, _AT_EMPTY_PATH, _STATX_BASIC_STATS, _STATX_BTIME = -100, 0x1000, 0x7FF, 0x800
 
 # kernel filesystems whose "regular files" are not files (linux/magic.h): never a disk here.
@@ -324,7 +325,7 @@ def check_disk(disk: str | None, disk_map: dict[str, str], report: Report,
             report.problems.append(f"the disk at {one_line(disk, SHOWN)} is not the image this stream was saved with "
                                    f"(the stream does not say which image that was): {hint}")
             return None
-        if here is None or any(here[key] != disk_id[key] for key in ("dev", "ino", "birth_ns")):
+        if here is None or any(here[key] != disk_id[key] for key in IDENTITY_KEYS):
             report.problems.append(f"the disk at {one_line(disk, SHOWN)} is not the image this stream was saved "
                                    f"with: {hint}")
             return None

@@ -99,6 +99,7 @@ class ConsoleLog:
         self.file = open(path, "ab", buffering=0)
         self.base = 0           # bytes written before the file's first
         self.lock = threading.Lock()
+        self.failed = False     # the last write failed (said once)
 
     @property
     def written(self) -> int:
@@ -106,13 +107,25 @@ class ConsoleLog:
             return self.base + self.file.tell()
 
     def write(self, data: bytes) -> None:
+        """Never raises: the guest's console must not fail its vCPU (a full disk, or the file
+        deleted by an operator, which the move to .1 then finds gone, costs log, no more)."""
         with self.lock:
-            if self.file.tell() + len(data) > statedir.LOG_MAX and self.file.tell():
-                self.base += self.file.tell()
-                os.replace(self.path, self.path.with_name(self.path.name + ".1"))
-                self.file.close()
-                self.file = open(self.path, "ab", buffering=0)
-            self.file.write(data)
+            try:
+                if self.file.tell() + len(data) > statedir.LOG_MAX and self.file.tell():
+                    self.base += self.file.tell()
+                    try:
+                        os.replace(self.path, self.path.with_name(self.path.name + ".1"))
+                    except FileNotFoundError:
+                        pass            # deleted meanwhile: nothing to keep
+                    self.file.close()
+                    self.file = open(self.path, "ab", buffering=0)
+                self.file.write(data)
+            except OSError as exc:
+                if not self.failed:
+                    log.error("console.log: %s; console output is not logged until it can be", exc)
+                self.failed = True
+            else:
+                self.failed = False
 
     def read(self, offset: int, size: int) -> tuple[int, bytes]:
         """(the offset read from: ``offset``, or the file's first if that went before it,
