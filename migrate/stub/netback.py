@@ -151,9 +151,13 @@ class NetBackend:
             self._thread = threading.Thread(target=self._receive, daemon=True, name=f"netrx-{self.name}")
             self._thread.start()
 
-    def close(self) -> None:
+    def stop(self) -> None:
+        """Receive no more (the receive thread ends at its next turn); close() follows."""
         self._closed = True
         self._wake()
+
+    def close(self) -> None:
+        self.stop()
         if self._thread is not None and self._thread is not threading.current_thread():
             self._thread.join(5)
         with self._fd_lock:
@@ -234,7 +238,10 @@ class NetBackend:
                     if self._held:
                         self._post()
         except Exception:           # never silently: the NIC stops receiving, the guest goes on
-            log.exception("%s: the NIC's receive thread failed", self.name)
+            if self._closed:        # the domain is going: its stub was stopped under a request
+                log.info("%s: the NIC's receive thread ended with its domain", self.name)
+            else:
+                log.exception("%s: the NIC's receive thread failed", self.name)
 
     def _wait(self) -> None:
         """Until there is something to do: packets to read (or held, once no longer

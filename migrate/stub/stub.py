@@ -134,6 +134,8 @@ class Stub:
     def close(self) -> None:
         self._stopped.set()
         vm = getattr(self, "vm", None)
+        if getattr(self, "net", None) is not None:
+            self.net.stop()         # first: its request the kick ends is then no failure
         if vm is not None:
             self.vcpu.kick()        # a request under way (a thread in KVM_RUN on it) ends now
         stuck = False
