@@ -3,6 +3,8 @@ and 3). Both ends use :class:`Channel` over a connected (TLS or plain) socket.
 """
 from __future__ import annotations
 
+import math
+import select
 import socket
 import struct
 import time
@@ -71,6 +73,19 @@ class PeerError(ChannelError):
     def __init__(self, text: str, not_resumed: bool = False):
         super().__init__(text)
         self.not_resumed = not_resumed
+
+
+def ready(fds: dict, timeout: float) -> set[int]:
+    """The descriptors among ``fds`` (a descriptor, or an object with fileno(), -> poll
+    events) that are ready within ``timeout`` seconds (rounded up to a millisecond; 0: do
+    not wait). poll(2), not select(2): a daemon holding many connections, and a receiving
+    domain process, which has its descriptor numbers, have descriptors past FD_SETSIZE
+    (1024), which select() cannot take. A hang-up or an error counts as ready (the read or
+    write that follows says which)."""
+    poller = select.poll()
+    for fd, events in fds.items():
+        poller.register(fd, events)
+    return {fd for fd, _ in poller.poll(math.ceil(max(0.0, timeout) * 1000))}
 
 
 def stream_cap(memory: int) -> int:

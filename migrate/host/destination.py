@@ -42,7 +42,7 @@ from .launch import Go, Launch, Line, Receive, Say, parse
 from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
     RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
-    Channel, ChannelError, PeerError, stream_cap,
+    Channel, ChannelError, PeerError, ready, stream_cap,
 )
 
 log = logging.getLogger("hvm.relocd")
@@ -91,17 +91,6 @@ def _read_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
             raise OSError("the channel closed inside its preamble")
         data += part
     return data
-
-
-def _poll(fds: dict[int, int], timeout: float) -> set[int]:
-    """The descriptors of ``fds`` (descriptor -> poll events) that are ready within
-    ``timeout`` seconds. poll(2), not select(2): a daemon holding many connections has
-    descriptors past FD_SETSIZE (1024), which select() cannot take. A hang-up or an error
-    counts as ready (the read or write that follows says which)."""
-    poller = select.poll()
-    for fd, events in fds.items():
-        poller.register(fd, events)
-    return {fd for fd, _ in poller.poll(math.ceil(max(0.0, timeout) * 1000))}
 
 
 def _short(value) -> str:
@@ -238,7 +227,7 @@ class Incoming:
         self._take_lines()
         while not done() and not self._eof:
             left = deadline - time.monotonic()
-            if left <= 0 or not _poll({self.ready_r: select.POLLIN}, left):
+            if left <= 0 or not ready({self.ready_r: select.POLLIN}, left):
                 raise Refused(f"no {what} from the receiving domain process within {timeout:g}s")
             self._read_some()
             self._take_lines()
@@ -260,8 +249,8 @@ class Incoming:
         sock = ch.sock.fileno()
         while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
             fds = {sock: select.POLLIN} if self._eof else {sock: select.POLLIN, self.ready_r: select.POLLIN}
-            ready = _poll(fds, deadline - time.monotonic())
-            if sock in ready or not ready:
+            got = ready(fds, deadline - time.monotonic())
+            if sock in got or not got:
                 return                  # a frame (or the timeout: receive() says so)
             self._read_some()
             self._take_lines()
@@ -295,8 +284,8 @@ class Incoming:
             fds = {self.stream_w: select.POLLOUT}
             if not self._eof:
                 fds[self.ready_r] = select.POLLIN
-            ready = _poll(fds, FEED_TIMEOUT)
-            readable, writable = self.ready_r in ready, self.stream_w in ready
+            got = ready(fds, FEED_TIMEOUT)
+            readable, writable = self.ready_r in got, self.stream_w in got
             if readable:
                 self._read_some()
                 self._take_lines()

@@ -70,21 +70,12 @@ from ..text import SHOWN, one_line
 from .. import trace
 from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
-from .channel import FRAME_TIMEOUT
+from .channel import FRAME_TIMEOUT, ready
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
 EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its clean-up (_receive)
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
-
-
-def _readable(fd, timeout: float) -> bool:
-    """Whether ``fd`` (a descriptor or an object with fileno()) has something to read within
-    ``timeout`` seconds. poll(2), not select(2): a receiving domain process has the
-    daemon's descriptor numbers, which may be past FD_SETSIZE (1024)."""
-    poller = select.poll()
-    poller.register(fd, select.POLLIN)
-    return bool(poller.poll(max(0, int(timeout * 1000 + 0.999))))
 
 
 class ConsoleLog:
@@ -183,7 +174,7 @@ class DomainServer:
 
     def take_go(self, wait: float) -> None:
         """Handle GO at once if it comes within ``wait`` seconds (else serve() will)."""
-        if self.go is not None and _readable(self.go[0], wait):
+        if self.go is not None and ready({self.go[0]: select.POLLIN}, wait):
             self._on_go()
 
     def _on_go(self) -> None:
@@ -543,7 +534,7 @@ class ClientWatch:
 
     def gone(self) -> bool:
         try:
-            readable = _readable(self.conn, 0)
+            readable = ready({self.conn: select.POLLIN}, 0)
             return bool(readable) and self.conn.recv(1, socket.MSG_PEEK) == b""
         except OSError:
             return True

@@ -41,7 +41,7 @@ from .protocol import convergence_from_request, convergence_request
 from .channel import (
     CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
     RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
-    Channel, ChannelError, DataBuffer, PeerError,
+    Channel, ChannelError, DataBuffer, PeerError, ready,
 )
 
 CONNECT_TIMEOUT = 10.0
@@ -486,7 +486,7 @@ class _LinkWatch:
 
 def _readable_now(sock) -> bool:
     try:
-        return bool(select.select([sock], [], [], 0)[0]) or bool(getattr(sock, "pending", lambda: 0)())
+        return bool(getattr(sock, "pending", lambda: 0)()) or bool(ready({sock: select.POLLIN}, 0))
     except (OSError, ValueError):
         return True
 
@@ -519,14 +519,12 @@ def _expect(ch: Channel, kind: str, timeout: float, check=None) -> dict:
     seconds. A frame once begun is read whole (within what is left of ``timeout``)."""
     deadline = time.monotonic() + timeout
     if check is not None:
-        poller = select.poll()
-        poller.register(ch.sock, select.POLLIN)
-        while not (getattr(ch.sock, "pending", lambda: 0)() or poller.poll(0)):
+        while not _readable_now(ch.sock):
             check()
             left = deadline - time.monotonic()
             if left <= 0:
                 raise ChannelError(f"no {kind} within {timeout:g} s")
-            poller.poll(max(1, int(min(CHECK_EVERY, left) * 1000)))
+            ready({ch.sock: select.POLLIN}, min(CHECK_EVERY, left))
     return ch.expect(kind, max(deadline - time.monotonic(), 0.001))
 
 
