@@ -319,12 +319,12 @@ def check_disk(disk: str | None, disk_map: dict[str, str], report: Report,
                                    f"--disk-map {one_line(disk, SHOWN)}=DST")
             return None
         except OSError:
-            pass            # refused below: here is None
-        here = disk_identity(disk)
+            pass            # refused below: no identity
         if disk_id is None:
             report.problems.append(f"the disk at {one_line(disk, SHOWN)} is not the image this stream was saved with "
                                    f"(the stream does not say which image that was): {hint}")
             return None
+        here = disk_identity(disk)
         if here is None or any(here[key] != disk_id[key] for key in IDENTITY_KEYS):
             report.problems.append(f"the disk at {one_line(disk, SHOWN)} is not the image this stream was saved "
                                    f"with: {hint}")
