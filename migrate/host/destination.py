@@ -35,6 +35,7 @@ from ..config import parse_disk_map, parse_net_map  # noqa: F401  (re-exported)
 from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
+from ..text import Sparse
 from ..stream import StreamError, Vm
 from .. import trace
 from . import control, statedir, tls
@@ -422,18 +423,15 @@ class RelocationServer:
         self.routes: dict[bytes, Incoming] = {}  # channel id -> its relocation (data channels)
         self.pending_lock = threading.Lock()
         self.pending = 0                         # connections not yet past HELLO or preamble
-        self._said: dict[str, tuple[float, int]] = {}   # overload -> (last logged, times since)
+        self._said: dict[str, Sparse] = {}      # overload -> its log lines
 
     def _say(self, what: str, text: str) -> None:
         """Log an overload (``what``) at most once every SAY_EVERY seconds, with how many
         times it happened meanwhile: a flood must not flood the log as well."""
-        now = time.monotonic()
-        last, times = self._said.get(what, (-math.inf, 0))
-        if now - last < SAY_EVERY:
-            self._said[what] = (last, times + 1)
-            return
-        self._said[what] = (now, 0)
-        log.warning("%s%s", text, f" (and {times} more times in the last {now - last:.0f} s)" if times else "")
+        due = self._said.setdefault(what, Sparse(SAY_EVERY)).due()
+        if due is not None:
+            times, since = due
+            log.warning("%s%s", text, f" (and {times} more times in the last {since:.0f} s)" if times else "")
 
     def _admit(self) -> _Pending | None:
         with self.pending_lock:

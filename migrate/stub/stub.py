@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 from ..capture import StateApply, StateCapture
 from ..console import MAX_LINE
+from ..text import Sparse
 from ..guest import boot as gboot
 from ..kvm import DirtyLog, KvmError, PlatformState, VcpuState
 from ..stream.hvm import HvmBodies
@@ -68,7 +69,7 @@ class Stub:
         self.log_lines: deque[str] = deque(maxlen=STUB_LOG_LINES)
         self._log_partial = b""
         self.refused = 0                    # guest accesses the stub refused
-        self._refused_logged, self._refused_logged_at = 0, -REFUSED_LOG_PERIOD
+        self._refusals = Sparse(REFUSED_LOG_PERIOD)    # their log lines
         self._seq = 0
         self._busy_since = 0.0
         self._watch_lock = threading.Lock()
@@ -282,13 +283,11 @@ class Stub:
     def _refused(self, what: str, result: int) -> None:
         """Log an access the stub refused: at most one line every REFUSED_LOG_PERIOD seconds,
         with the count of those not logged (a guest can refuse-loop at thousands a second)."""
-        now = time.monotonic()
         self.refused += 1
-        if now - self._refused_logged_at >= REFUSED_LOG_PERIOD:
-            more = self.refused - self._refused_logged - 1
+        if (due := self._refusals.due()) is not None:
+            more = due[0]
             log.error("%s: stub refused %s: %s%s", self.name, what, abi.RESULTS.get(result),
                       f" ({more} more refused since the last line)" if more else "")
-            self._refused_logged, self._refused_logged_at = self.refused, now
 
     def net_rx(self, first: int, count: int) -> int:
         """NET_RX: ``count`` packets in the RX slots from ``first``; how many it took."""
