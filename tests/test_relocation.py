@@ -693,22 +693,31 @@ def test_serve_max_memory_from_the_command_line(tmp_path, state_dir):
     assert res.exit_code == 2 and "not a size" in res.output
 
 
-def fake_destination(answer, proto=1):
+def fake_destination(answer, proto=1, stall_after: int | None = None):
     """A destination that takes the stream and then does what ``answer(ch)`` says;
-    returns its port."""
+    returns its port. ``stall_after``: once it has answered the first SYNC, it takes
+    that many more bytes and then reads no more (it sleeps until the test ends)."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve():
         conn, _ = listener.accept()
         listener.close()
         ch = Channel(conn)
+        taken = None
         try:
             ch.expect("HELLO")
             ch.send("WELCOME", proto=proto, stream_version=2)
             while True:
                 kind, message = ch.receive()
+                if taken is not None:
+                    taken += len(message) if kind == "data" else 0
+                    if taken >= stall_after:
+                        time.sleep(60)
+                        return
                 if kind == "control" and message["t"] == "SYNC":
                     ch.send("SYNCED", bytes=message["bytes"])
+                    if stall_after is not None and taken is None:
+                        taken = 0
                 elif kind == "control" and message["t"] == "STREAM_END":
                     break
             answer(ch)
@@ -725,6 +734,45 @@ def logging_on(dom) -> list[bool]:
     from migrate.kvm._lib import lib
     slots = list(dom.vm.slots.values()) + list(dom.stub.vm.slots.values())
     return [bool(slot.flags & lib.KVM_MEM_LOG_DIRTY_PAGES) for slot in slots]
+
+
+@pytest.mark.kvm
+@pytest.mark.parametrize("how", ["no-restored", "stops-reading"])
+def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how):
+    """From the pause to RESTORED a live move has a limit (specs/relocation.md, section
+    5; at least PAUSE_LIMIT_MIN, 1 s here): a destination that never answers RESTORED, or
+    that stops reading in the middle of the last round (the source blocked in a send),
+    has the move given up when it runs out, and the guest runs here again, not after
+    RESTORED's 60 s or a send's 60 s."""
+    from migrate.domain import Domain
+    from migrate.host import source
+    from migrate.host.source import MigrateJob, RelocationError
+    monkeypatch.setattr(source, "PAUSE_LIMIT_MIN", 1.0)
+
+    def stalled(ch):
+        raise AssertionError("the last round fit in the link's buffers: the send never stalled")
+
+    if how == "no-restored":
+        dom = Domain.boot(DomainConfig("lim1", "idle", 16 << 20))
+        port = fake_destination(lambda ch: time.sleep(60))
+        conv = Convergence()
+    else:       # round 0 sends the guest, pagetouch dirties all of it again: a last round of
+        dom = Domain.boot(DomainConfig("lim2", "pagetouch", 64 << 20))     # ~64 MiB, past the
+        port = fake_destination(stalled, stall_after=4 << 20)  # socket buffers of the stalled link
+        conv = Convergence(downtime=30.0, max_rounds=1)     # pause after round 0
+    domains.append(dom)
+    dom.resume()
+    if how == "stops-reading":
+        dom.console.wait_for(r"^pagetouch pass=", 10)
+    job = MigrateJob("127.0.0.1", port, True, None, True, convergence=conv, compress=None)
+    t0 = time.monotonic()
+    with pytest.raises(RelocationError, match=r"given up: the destination had not restored the guest "
+                                              r"[\d.]+ s after the pause.*runs here again") as info:
+        job.run(dom)
+    took = time.monotonic() - t0
+    assert took < 15, f"gave up after {took:.1f} s: {info.value}"
+    assert dom.status == "running", info.value
+    assert logging_on(dom) == [False] * len(logging_on(dom))
 
 
 @pytest.mark.kvm

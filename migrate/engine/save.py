@@ -185,8 +185,9 @@ class _Saver:
                  cancel: threading.Event | None, convergence: Convergence,
                  after_round: Callable[[], float | None] | None = None,
                  on_end: Callable[["SaveStats"], Any] | None = None, keep_dirty_logging: bool = False,
-                 gc_hold: warm.GcHold | None = None):
+                 gc_hold: warm.GcHold | None = None, on_pause: Callable[["SaveStats"], Any] | None = None):
         self.domain, self.sink, self.compression = domain, sink, compression
+        self.on_pause = on_pause
         self.stats_cb, self.cancel = stats_cb, cancel
         self.parts: dict[Vm, VmPart] = {part.vm: part for part in domain.parts()}   # guest first
         self.conv = convergence
@@ -381,6 +382,8 @@ class _Saver:
         last_round = (self.stats.pause_offset, self.stats.stream_bytes)
         mark = self._part("stop", paused_at)
         trace.mark("S paused")
+        if self.on_pause is not None:
+            self.on_pause(self.stats)
         state = dom.capture_records()       # before the last pages: see the module docstring
         mark = self._part("capture", mark)
         trace.mark("S captured")
@@ -507,7 +510,8 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
          convergence: Convergence | None = None, cancel: threading.Event | None = None,
          after_round: Callable[[], float | None] | None = None,
          on_end: Callable[[SaveStats], Any] | None = None, keep_dirty_logging: bool = False,
-         gc_hold: warm.GcHold | None = None) -> SaveStats:
+         gc_hold: warm.GcHold | None = None,
+         on_pause: Callable[[SaveStats], Any] | None = None) -> SaveStats:
     """Write a complete stream of ``domain`` through ``sink`` (:mod:`.sinks`: a file, or a
     relocation's link), whose data plane sends the pages.
 
@@ -527,8 +531,10 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     estimate adds: a relocation lets the destination catch up there (SYNC), so the pause
     covers only the last dirty pages and the state, not a backlog. ``on_end(stats)``: called once END has been
     written, still paused and before the engine tidies up (dirty logging off): a
-    relocation tells the destination there. Either may raise to fail the save, with the
-    same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
+    relocation tells the destination there. ``on_pause(stats)``: called once the domain
+    is paused for the last round (a live save's ``stats.downtime_estimate`` is set by
+    then): a relocation bounds its paused time from there. Any of these may raise to fail
+    the save, with the same clean-up as any error. ``keep_dirty_logging``: a live save that succeeds leaves
     dirty logging on (its log still holding the final round's pages); the caller turns it
     off (``domain.set_dirty_logging(False)``) before it resumes the domain. For a caller
     that destroys the domain next (a relocation): switching it off costs slot updates,
@@ -542,7 +548,8 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
         raise SaveError(f"domain is {domain.status}: nothing to save")
     was_running = domain.status is DomainStatus.RUNNING
     saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel,
-                   convergence or Convergence(), after_round, on_end, keep_dirty_logging, gc_hold)
+                   convergence or Convergence(), after_round, on_end, keep_dirty_logging, gc_hold,
+                   on_pause)
     watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
     try:
         return saver.run(live)

@@ -155,15 +155,18 @@ class MigrateJob:
                                       f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
             links, token = self.open_channels(welcome)
             setup = time.monotonic() - t0
-            sink = None
+            sink = limit = None
             gc_hold = GcHold()      # a live save holds collections off from its pause on
             try:
                 out = DataBuffer(ch)
                 sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links \
                     else RelaySink(out.write, out.flush)
+                limit = _PauseLimit(ch, sink)
                 return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
-                                                links, out, sink, before_go, gc_hold)
+                                                links, out, sink, before_go, gc_hold, limit)
             finally:
+                if limit is not None:
+                    limit.stop()
                 gc_hold.release()       # after the handoff: RESTORED's answer waited on none
                 if sink is not None:
                     sink.close()        # after the handoff: freeing the data plane is no downtime
@@ -218,7 +221,7 @@ class MigrateJob:
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
-                            out, sink, before_go, gc_hold) -> dict:
+                            out, sink, before_go, gc_hold, limit: "_PauseLimit") -> dict:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
@@ -262,12 +265,19 @@ class MigrateJob:
 
         try:
             try:
-                stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
-                             compress=self.compress, convergence=conv,
-                             after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
-                             gc_hold=gc_hold)
-            finally:
-                watch.stop()
+                try:
+                    stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
+                                 compress=self.compress, convergence=conv,
+                                 after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
+                                 gc_hold=gc_hold, on_pause=limit.arm if self.live else None)
+                finally:
+                    watch.stop()
+            except Exception:
+                if not limit.stop():        # the limit cut the links: that is why it failed
+                    raise limit.error(where, was_running) from None
+                raise
+        except RelocationError:
+            raise
         except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
             ch.send_error(f"the source cancelled the relocation: {exc}")
             raise RelocationError(f"relocation to {where} cancelled: {exc}") from None
@@ -284,12 +294,16 @@ class MigrateJob:
         try:
             restored = _expect(ch, "RESTORED", RESTORED_TIMEOUT, before_go)
             trace.mark("S RESTORED read")
+            if not limit.stop():
+                raise ChannelError("the pause limit ran out")
             if before_go is not None:
                 before_go()
         except (ChannelError, SaveError) as exc:
             _logging_off(domain)
             if was_running:
                 domain.resume()
+            if not limit.stop():
+                raise limit.error(where, was_running) from None
             if isinstance(exc, SaveError):          # cancelled: the destination drops its copy
                 ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
                 raise RelocationError(f"relocation to {where} cancelled before the handoff") from None
@@ -437,6 +451,77 @@ def _client_context(tls_dir: str) -> ssl.SSLContext:
         return tls.client_context(tls_dir)
     except tls.TlsError as exc:
         raise RelocationError(str(exc)) from None
+
+
+PAUSE_LIMIT_MIN = 10.0      # seconds a live move may stay paused before RESTORED, at least ...
+PAUSE_LIMIT_FACTOR = 4.0    # ... or this many times its downtime estimate, if longer
+PAUSE_LIMIT_POLL = 0.5      # seconds between two looks at the clock (nothing wakes it in a pause)
+
+
+class _PauseLimit:
+    """The bound on a live move's paused time before GO (specs/relocation.md, section 5):
+    armed at the pause, with a limit of PAUSE_LIMIT_MIN seconds or PAUSE_LIMIT_FACTOR
+    times the downtime estimate, whichever is longer. If RESTORED has not been read by
+    then (a destination that reads the last round slowly, or restores slowly), it cancels
+    the sink and shuts the control connection down, so the save or the wait for RESTORED
+    fails at once and the guest resumes here. :meth:`stop` says whether GO may still be
+    sent: once it has returned True the limit cannot fire. Arming and stopping only set
+    fields (they are on the downtime path); the thread looks every PAUSE_LIMIT_POLL."""
+
+    def __init__(self, ch: Channel, sink):
+        self.ch, self.sink = ch, sink
+        self.lock = threading.Lock()
+        self.limit = self.deadline = None
+        self.fired = self.done = False
+        threading.Thread(target=self._watch, name="pause-limit", daemon=True).start()
+
+    def arm(self, stats) -> None:
+        """At the pause (save's ``on_pause``)."""
+        self.limit = max(PAUSE_LIMIT_MIN, PAUSE_LIMIT_FACTOR * (stats.downtime_estimate or 0.0))
+        self.deadline = time.monotonic() + self.limit
+
+    def _watch(self) -> None:
+        while True:
+            time.sleep(PAUSE_LIMIT_POLL)
+            with self.lock:
+                if self.done:
+                    return
+                if self.deadline is None or time.monotonic() < self.deadline:
+                    continue
+                self.fired = True
+            log.warning("no RESTORED %g s after the pause: giving the relocation up", self.limit)
+            self.sink.cancel()
+            _shut(self.ch.sock)
+            return
+
+    def stop(self) -> bool:
+        """Disarm it (idempotent): False if it has fired, and the move is to be given up."""
+        with self.lock:
+            self.done = True
+            return not self.fired
+
+    def error(self, where: str, was_running: bool) -> "RelocationError":
+        here = "runs here again" if was_running else "stays paused here, as it was"
+        return RelocationError(f"relocation to {where} given up: the destination had not restored the "
+                               f"guest {self.limit:g} s after the pause (the limit is the longer of "
+                               f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate); "
+                               f"the guest {here}")
+
+
+def _shut(sock) -> None:
+    """Shut a connection down from another thread than the one using it: on a duplicate of
+    its descriptor, so a TLS socket's state is left alone (its blocked reads and writes
+    fail at once)."""
+    try:
+        dup = socket.socket(fileno=os.dup(sock.fileno()))
+    except OSError:
+        return
+    try:
+        dup.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    finally:
+        dup.close()
 
 
 class _LinkWatch:
