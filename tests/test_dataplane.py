@@ -212,6 +212,52 @@ def test_a_client_outside_the_ca_is_refused(tls_dirs, tmp_path):
         b.close()
 
 
+def _trickle(sock: socket.socket, stop: threading.Event) -> None:
+    """A peer that sends a byte of a TLS record header every 0.2 s and never more: each
+    read gets something, so only a limit on the whole handshake ends it."""
+    header = b"\x16\x03\x03\x40\x00" * 100
+    for byte in header:
+        if stop.wait(0.2):
+            return
+        try:
+            sock.send(bytes([byte]))
+        except OSError:
+            return
+
+
+@pytest.mark.parametrize("side", ["client", "server"])
+def test_a_tls_handshake_has_a_limit_in_all(tls_dirs, side):
+    """A data channel's TLS handshake must be done within ``handshake`` seconds in all
+    (specs/relocation.md, section 5), however the peer spaces its bytes; before, each read
+    had the whole ``timeout``, so a peer trickling a byte a second held a channel forever."""
+    a, b = socket.socketpair()
+    stop = threading.Event()
+    peer = threading.Thread(target=_trickle, args=(b if side == "client" else a, stop), daemon=True)
+    peer.start()
+    t0 = time.monotonic()
+    try:
+        if side == "client":
+            with pytest.raises(DataplaneError, match=r"^TLS handshake failed: not done within 1 s$"):
+                Output(a.fileno(), TlsContext(False, tls_dirs[1]), "127.0.0.1", timeout=0.5, handshake=1.0)
+        else:
+            rx = Receiver(1, 2, TOKEN, TlsContext(True, tls_dirs[0]), timeout=0.5, handshake=1.0)
+            rx.set_space(0, [(0, 4, bytearray(4 * PAGE))])
+            rx.open()
+            rx.add(0, b.fileno())
+            try:
+                with pytest.raises(DataplaneError, match=r"channel 0: TLS handshake failed: not done within 1 s"):
+                    rx.wait(0, timeout=10)
+            finally:
+                rx.close()
+        took = time.monotonic() - t0
+        assert 0.9 < took < 3, took
+    finally:
+        stop.set()
+        peer.join()
+        a.close()
+        b.close()
+
+
 # -- an independent encoder of channel streams, for hostile ones ------------------------------
 
 class ChannelWriter:

@@ -737,6 +737,63 @@ def logging_on(dom) -> list[bool]:
 
 
 @pytest.mark.kvm
+def test_a_cancel_during_the_set_up_ends_it_at_once(domains):
+    """Ctrl-C (or hvm destroy) while the destination holds the set-up (here: no WELCOME)
+    ends the relocation within moments, not when WELCOME's 30 s run out, and the guest
+    runs on."""
+    from migrate.domain import Domain
+    from migrate.host.source import MigrateJob, RelocationError
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve():
+        conn, _ = listener.accept()
+        held.append(conn)
+        Channel(conn).expect("HELLO")       # and then nothing
+
+    threading.Thread(target=serve, daemon=True).start()
+    dom = Domain.boot(DomainConfig("sc1", "idle", 16 << 20))
+    domains.append(dom)
+    dom.resume()
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    job = MigrateJob("127.0.0.1", listener.getsockname()[1], True, None, True)
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RelocationError, match="cancelled before the stream began"):
+            job.run(dom, cancel=cancel)
+        assert time.monotonic() - t0 < 3
+        assert dom.status == "running"
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+
+
+def test_a_cancel_ends_a_data_channel_handshake_the_destination_holds(tmp_path):
+    """The set-up's cancel shuts the connections it was given, and a data channel's TLS
+    handshake in the data plane (its own limit is 10 s) ends at once too."""
+    from migrate.dataplane import Output, TlsContext
+    from migrate.host.source import RelocationError, _SetupCancel
+    tls.keygen(tmp_path, ["127.0.0.1", "src"])
+    a, b = socket.socketpair()
+    cancel = threading.Event()
+    setup = _SetupCancel(cancel, "there")
+    setup.add(a)
+    threading.Timer(0.5, cancel.set).start()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RelocationError, match="relocation to there cancelled before the stream began"):
+            with setup.steps():
+                Output(a.fileno(), TlsContext(False, tmp_path / "src"), "127.0.0.1", timeout=60, handshake=60)
+        assert time.monotonic() - t0 < 3
+    finally:
+        setup.stop(check=False)
+        a.close()
+        b.close()
+
+
+@pytest.mark.kvm
 @pytest.mark.parametrize("how", ["no-restored", "stops-reading"])
 def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how):
     """From the pause to RESTORED a live move has a limit (specs/relocation.md, section

@@ -25,6 +25,7 @@ RAW, ZSTD, AUTO = 0, 1, 2
 MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
 ERR = 512
 MAX_CHANNELS = 64
+HANDSHAKE = 10.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md)
 
 
 class DataplaneError(Exception):
@@ -71,11 +72,13 @@ class OutputState:
 
 class Output:
     """A stream written to ``fd`` (not closed here). With ``tls`` (a client
-    :class:`TlsContext`), the TLS handshake with ``host`` happens here."""
+    :class:`TlsContext`), the TLS handshake with ``host`` happens here, within
+    ``handshake`` seconds in all; ``timeout``: each later write's (0: none)."""
 
-    def __init__(self, fd: int, tls: TlsContext | None = None, host: str = "", timeout: float = 0.0):
+    def __init__(self, fd: int, tls: TlsContext | None = None, host: str = "", timeout: float = 0.0,
+                 handshake: float = HANDSHAKE):
         buf, n = _err()
-        self.ptr = lib.dp_out_new(fd, tls.ptr if tls else ffi.NULL, host.encode(), timeout, buf, n)
+        self.ptr = lib.dp_out_new(fd, tls.ptr if tls else ffi.NULL, host.encode(), timeout, handshake, buf, n)
         if self.ptr == ffi.NULL:
             raise DataplaneError(_text(buf))
 
@@ -254,16 +257,18 @@ class ChannelSummary:
 class Receiver:
     """``channels`` data channels of one relocation (stream format ``version``, its 32-byte
     ``token``), TLS with a server :class:`TlsContext` or plain; each channel's socket is
-    handed over with :meth:`add` and read by a thread of its own."""
+    handed over with :meth:`add` and read by a thread of its own: its TLS handshake within
+    ``handshake`` seconds in all, then each read within ``timeout``."""
 
     def __init__(self, channels: int, version: int, token: bytes, tls: TlsContext | None = None,
-                 timeout: float = 60.0):
+                 timeout: float = 60.0, handshake: float = HANDSHAKE):
         if len(token) != 32:
             raise ValueError("a channel token is 32 bytes")
         buf, n = _err()
         self.tls = tls
         self.channels = channels
-        ptr = lib.dp_receiver_new(channels, version, token, tls.ptr if tls else ffi.NULL, timeout, buf, n)
+        ptr = lib.dp_receiver_new(channels, version, token, tls.ptr if tls else ffi.NULL, timeout, handshake,
+                                  buf, n)
         if ptr == ffi.NULL:
             raise DataplaneError(_text(buf))
         # freed when the last reference goes (a thread may still be in wait() when another

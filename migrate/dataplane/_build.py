@@ -31,7 +31,8 @@ uint32_t dp_crc32(uint32_t crc, const uint8_t *p, size_t len);
 void *dp_tls_context(int server, const char *ca, const char *cert, const char *key, char *err, size_t errlen);
 void dp_tls_context_free(void *ctx);
 
-struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, char *err, size_t errlen);
+struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, double handshake,
+                          char *err, size_t errlen);
 void dp_out_free(struct dp_out *o);
 int dp_out_write(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records, uint64_t pages,
                  char *err, size_t errlen);
@@ -54,7 +55,7 @@ void dp_sender_cancel(struct dp_sender *s, int shutdown_sockets);
 void dp_sender_free(struct dp_sender *s);
 
 struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
-                                    double timeout, char *err, size_t errlen);
+                                    double timeout, double handshake, char *err, size_t errlen);
 int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
                           const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
                           char *err, size_t errlen);

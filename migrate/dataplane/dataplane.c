@@ -251,6 +251,50 @@ static void set_timeouts(int fd, double seconds)
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
+/* A TLS handshake (accept: the server's side) done within `seconds` in all, however the
+ * peer spaces its bytes: the socket is non-blocking meanwhile and each wait is for what
+ * is left, then blocking again. 1 done, 0 out of time, -1 failed (OpenSSL's queue or the
+ * verify result say why). */
+static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
+{
+    struct timespec now, end;
+    clock_gettime(CLOCK_MONOTONIC, &end);
+    end.tv_sec += (time_t)seconds;
+    end.tv_nsec += (long)((seconds - (time_t)seconds) * 1e9);
+    if (end.tv_nsec >= 1000000000L) {
+        end.tv_sec++;
+        end.tv_nsec -= 1000000000L;
+    }
+    int flags = fcntl(fd, F_GETFL);
+    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    int rc;
+    for (;;) {
+        int r = accept ? SSL_accept(ssl) : SSL_connect(ssl);
+        if (r == 1) {
+            rc = 1;
+            break;
+        }
+        int e = SSL_get_error(ssl, r);
+        short want = e == SSL_ERROR_WANT_READ ? POLLIN : e == SSL_ERROR_WANT_WRITE ? POLLOUT : 0;
+        if (!want) {
+            rc = -1;
+            break;
+        }
+        clock_gettime(CLOCK_MONOTONIC, &now);
+        long long left = (long long)(end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1000000;
+        struct pollfd p = {.fd = fd, .events = want};
+        int n = left > 0 ? poll(&p, 1, left > 1000000 ? 1000000 : (int)left) : 0;
+        if (n < 0 && errno == EINTR)
+            continue;
+        if (n <= 0) {
+            rc = n < 0 ? -1 : 0;
+            break;
+        }
+    }
+    fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
+    return rc;
+}
+
 /* -- TLS contexts --------------------------------------------------------------------- */
 void *dp_tls_context(int server, const char *ca, const char *cert, const char *key,
                      char *err, size_t errlen)
@@ -281,7 +325,7 @@ void dp_tls_context_free(void *ctx)
 
 /* the client side of a channel's TLS handshake; host is checked against the server's
  * certificate (an IP address literal or a DNS name) */
-static SSL *tls_connect(SSL_CTX *ctx, int fd, const char *host, char *err, size_t errlen)
+static SSL *tls_connect(SSL_CTX *ctx, int fd, const char *host, double handshake, char *err, size_t errlen)
 {
     SSL *ssl = SSL_new(ctx);
     if (!ssl) {
@@ -299,10 +343,14 @@ static SSL *tls_connect(SSL_CTX *ctx, int fd, const char *host, char *err, size_
         return NULL;
     }
     SSL_set_fd(ssl, fd);
-    if (SSL_connect(ssl) != 1) {
+    int rc = tls_handshake(ssl, fd, 0, handshake);
+    if (rc != 1) {
         long verify = SSL_get_verify_result(ssl);
-        snprintf(err, errlen, "TLS handshake failed: %s",
-                 verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+        if (rc == 0)
+            snprintf(err, errlen, "TLS handshake failed: not done within %g s", handshake);
+        else
+            snprintf(err, errlen, "TLS handshake failed: %s",
+                     verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
         SSL_free(ssl);
         return NULL;
     }
@@ -397,8 +445,10 @@ struct dp_out {
 };
 
 /* A stream output over fd: a file, or a connected socket (with host and a TLS client
- * context: the TLS handshake happens here). Returns NULL with err set. */
-struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, char *err, size_t errlen)
+ * context: the TLS handshake happens here, within `handshake` seconds in all; each later
+ * read or write within `timeout`). Returns NULL with err set. */
+struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeout, double handshake,
+                          char *err, size_t errlen)
 {
     struct dp_out *o = calloc(1, sizeof *o);
     if (!o) {
@@ -418,7 +468,7 @@ struct dp_out *dp_out_new(int fd, void *tls_ctx, const char *host, double timeou
     if (timeout > 0)
         set_timeouts(fd, timeout);
     if (tls_ctx) {
-        o->conn.ssl = tls_connect(tls_ctx, fd, host, err, errlen);
+        o->conn.ssl = tls_connect(tls_ctx, fd, host, handshake, err, errlen);
         if (!o->conn.ssl) {
             XXH3_freeState(o->xxh);
             free(o);
@@ -1470,7 +1520,7 @@ struct dp_receiver {
     int nchannels, version;
     uint8_t token[32];
     void *tls_ctx;
-    double timeout;
+    double timeout, handshake;
     struct dp_space spaces[DP_SPACES];
     struct dp_channel *channels;
     pthread_mutex_t lock;
@@ -1487,9 +1537,10 @@ struct dp_receiver {
 void dp_receiver_free(struct dp_receiver *r);
 
 /* A receiver of nchannels data channels (stream format `version`, this relocation's
- * token); tls_ctx: a server context, or NULL on a plain link. */
+ * token); tls_ctx: a server context, or NULL on a plain link. A channel's TLS handshake
+ * is done within `handshake` seconds in all; each later read within `timeout`. */
 struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
-                                    double timeout, char *err, size_t errlen)
+                                    double timeout, double handshake, char *err, size_t errlen)
 {
     if (nchannels < 1 || nchannels > 64) {
         snprintf(err, errlen, "1..64 channels");
@@ -1506,6 +1557,7 @@ struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8
     memcpy(r->token, token, 32);
     r->tls_ctx = tls_ctx;
     r->timeout = timeout;
+    r->handshake = handshake;
     pthread_mutex_init(&r->lock, NULL);
     pthread_mutex_init(&r->err.lock, NULL);
     pthread_cond_init(&r->cv, NULL);
@@ -1634,7 +1686,12 @@ static void *channel_main(void *arg)
             goto out;
         }
         SSL_set_fd(ch->conn.ssl, ch->conn.fd);
-        if (SSL_accept(ch->conn.ssl) != 1) {
+        int rc = tls_handshake(ch->conn.ssl, ch->conn.fd, 1, r->handshake);
+        if (rc == 0) {
+            set_error(&r->err, "channel %d: TLS handshake failed: not done within %g s", ch->index, r->handshake);
+            goto out;
+        }
+        if (rc != 1) {
             long verify = SSL_get_verify_result(ch->conn.ssl);
             set_error(&r->err, "channel %d: TLS handshake failed: %s", ch->index,
                       verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());

@@ -110,13 +110,15 @@ class MigrateJob:
         return cls(host, port, live, tls_dir, insecure, conv, compress, channels, paused)
 
     # -- the steps -------------------------------------------------------------
-    def connect(self) -> Channel:
+    def connect(self, setup: "_SetupCancel | None" = None) -> Channel:
         where = f"{self.host}:{self.port}"
         ctx = None if self.insecure else _client_context(self.tls_dir)
         try:
             raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             raise RelocationError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        if setup is not None:
+            setup.add(raw)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         if ctx is None:
             return Channel(raw)
@@ -135,35 +137,43 @@ class MigrateJob:
         t0 = time.monotonic()
         was_running = domain.status is DomainStatus.RUNNING
         cfg = domain.config
-        ch = self.connect()
+        setup = _SetupCancel(cancel, f"{self.host}:{self.port}")
         try:
-            try:
-                ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
-                        memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
-                        cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
-                        channels=self.channels, vcpus=cfg.vcpus)
-                welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
-            except PeerError as exc:
-                raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
-            except ChannelError as exc:
-                raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
-            if welcome["proto"] != PROTO:
-                raise RelocationError(f"{self.host}:{self.port} speaks protocol {welcome['proto']}, "
-                                      f"not {PROTO}")
-            if welcome["stream_version"] != FORMAT_VERSION:
-                raise RelocationError(f"{self.host}:{self.port} asks for stream version "
-                                      f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
-            links, token = self.open_channels(welcome)
-            setup = time.monotonic() - t0
+            with setup.steps():
+                ch = self.connect(setup)
+        except BaseException:
+            setup.stop(check=False)
+            raise
+        try:
+            with setup.steps():
+                try:
+                    ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
+                            memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
+                            cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
+                            channels=self.channels, vcpus=cfg.vcpus)
+                    welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
+                except PeerError as exc:
+                    raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
+                except ChannelError as exc:
+                    raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
+                if welcome["proto"] != PROTO:
+                    raise RelocationError(f"{self.host}:{self.port} speaks protocol {welcome['proto']}, "
+                                          f"not {PROTO}")
+                if welcome["stream_version"] != FORMAT_VERSION:
+                    raise RelocationError(f"{self.host}:{self.port} asks for stream version "
+                                          f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
+                links, token = self.open_channels(welcome, setup)
             sink = limit = None
             gc_hold = GcHold()      # a live save holds collections off from its pause on
             try:
+                with setup.steps():
+                    outputs = self.channel_outputs(links, token) if links else None
+                setup.stop()        # from here on the save watches the cancel (and stops its sink)
                 out = DataBuffer(ch)
-                sink = ChannelSink(out.write, out.flush, self.channel_outputs(links, token)) if links \
-                    else RelaySink(out.write, out.flush)
+                sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
                 limit = _PauseLimit(ch, sink)
-                return self._stream_and_handoff(domain, ch, t0, setup, was_running, progress, cancel,
-                                                links, out, sink, before_go, gc_hold, limit)
+                return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
+                                                cancel, links, out, sink, before_go, gc_hold, limit)
             finally:
                 if limit is not None:
                     limit.stop()
@@ -173,9 +183,10 @@ class MigrateJob:
                 for sock in links:
                     sock.close()
         finally:
+            setup.stop(check=False)
             ch.close()
 
-    def open_channels(self, welcome: dict) -> tuple[list[socket.socket], bytes]:
+    def open_channels(self, welcome: dict, setup: "_SetupCancel | None" = None) -> tuple[list[socket.socket], bytes]:
         """The data channels WELCOME granted (specs/relocation.md, "Data channels"): TCP
         connections to the daemon's address, each opening with its preamble; their TLS
         handshakes happen in the data plane. Refusals and failures are RelocationError."""
@@ -192,6 +203,8 @@ class MigrateJob:
             for index in range(granted):
                 sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
                 links.append(sock)
+                if setup is not None:
+                    setup.add(sock)
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.sendall(CHANNEL_PREAMBLE.pack(CHANNEL_MAGIC, channel_id, index, 0))
                 sock.settimeout(None)       # the data plane sets its own timeouts
@@ -506,6 +519,63 @@ class _PauseLimit:
                                f"guest {self.limit:g} s after the pause (the limit is the longer of "
                                f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate); "
                                f"the guest {here}")
+
+
+class _SetupCancel:
+    """A cancel (Ctrl-C on ``hvm migrate``, ``hvm destroy``) during a relocation's set-up,
+    before the save watches it: until :meth:`stop`, once ``cancel`` is set every connection
+    :meth:`add` was given is shut down, so a step waiting on the destination (its TLS
+    handshake, WELCOME, a data channel's handshake) fails at once, and :meth:`steps` turns
+    that failure, or a step that ends after the cancel, into "cancelled". It looks every
+    CHECK_EVERY seconds; without ``cancel`` it does nothing."""
+
+    def __init__(self, cancel: threading.Event | None, where: str):
+        self.cancel, self.where = cancel, where
+        self.lock = threading.Lock()
+        self.socks: list = []
+        self.fired = self.done = False
+        if cancel is not None:
+            threading.Thread(target=self._watch, name="setup-cancel", daemon=True).start()
+
+    def _watch(self) -> None:
+        while not self.cancel.wait(CHECK_EVERY):
+            if self.done:
+                return
+        with self.lock:
+            if self.done:
+                return
+            self.fired = True
+            for sock in self.socks:
+                _shut(sock)
+
+    def add(self, sock) -> None:
+        with self.lock:
+            self.socks.append(sock)
+            if self.fired:
+                _shut(sock)
+
+    def stop(self, check: bool = True) -> None:
+        """No shutting down after this; ``check``: raise the cancel's RelocationError if
+        it came."""
+        with self.lock:
+            self.done = True
+        if check:
+            self._check()
+
+    def _check(self) -> None:
+        if self.fired or (self.cancel is not None and self.cancel.is_set()):
+            raise RelocationError(f"relocation to {self.where} cancelled before the stream began")
+
+    @contextlib.contextmanager
+    def steps(self):
+        """Around set-up steps: a failure after a cancel, or a cancel meanwhile, is the
+        cancel's RelocationError."""
+        try:
+            yield
+        except Exception:
+            self._check()
+            raise
+        self._check()
 
 
 def _shut(sock) -> None:

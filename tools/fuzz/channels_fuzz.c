@@ -64,7 +64,7 @@ struct dp_channel_summary {
     uint8_t digest[16];
 };
 struct dp_receiver *dp_receiver_new(int nchannels, uint32_t version, const uint8_t token[32], void *tls_ctx,
-                                    double timeout, char *err, size_t errlen);
+                                    double timeout, double handshake, char *err, size_t errlen);
 int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, const uint64_t *first,
                           const uint64_t *count, uint8_t *const *base, const int *fds, const uint64_t *fd_offs,
                           char *err, size_t errlen);
@@ -578,7 +578,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     /* the receiver */
     char err[600];
-    struct dp_receiver *r = dp_receiver_new(su.nch, VERSION, token, NULL, TIMEOUT, err, sizeof err);
+    struct dp_receiver *r = dp_receiver_new(su.nch, VERSION, token, NULL, TIMEOUT, TIMEOUT, err, sizeof err);
     CHECK(r);
     uint64_t first[3], count[3], offs[3];
     uint8_t *base[3];
