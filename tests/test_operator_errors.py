@@ -378,6 +378,38 @@ def test_killed_domain_keeps_its_logs_until_destroyed(state_dir):
     run("destroy", "doomed")
 
 
+def _wait_crashed(name: str) -> None:
+    """Until ``hvm list`` shows ``name`` crashed (a dying process is listed as nothing
+    for a moment)."""
+    deadline = time.monotonic() + 10
+    while not any(d["name"] == name and d["status"] == "crashed" for d in json.loads(run("list", "--json").output)):
+        assert time.monotonic() < deadline, f"{name} is not listed crashed"
+        time.sleep(0.05)
+
+
+@pytest.mark.kvm
+def test_a_fatal_signal_leaves_its_traceback_in_a_log_of_its_own(state_dir):
+    """A domain process killed by a fatal signal writes its Python traceback into
+    fatal.log, a file no rotation of domain.log moves away, listed among the crashed
+    domain's logs; a killed process that wrote none does not list an empty one."""
+    info = json.loads(run("create", "--workload", "idle", "--memory", "16M", "--name", "segv", "--json").output)
+    wait_console("segv", state_dir, r"idle ticks=")
+    os.kill(info["pid"], signal.SIGSEGV)
+    _wait_crashed("segv")
+    fatal = state_dir / "segv" / "fatal.log"
+    text = fatal.read_text()
+    assert "Fatal Python error: Segmentation fault" in text and "Current thread" in text, text
+    assert str(fatal) in json.loads(run("info", "segv", "--json").output)["logs"]
+    assert "Segmentation fault" not in (state_dir / "segv" / "domain.log").read_text()
+    run("destroy", "segv")
+    assert not (state_dir / "segv").exists()
+    info = json.loads(run("create", "--workload", "idle", "--memory", "16M", "--name", "kil", "--json").output)
+    os.kill(info["pid"], signal.SIGKILL)
+    _wait_crashed("kil")
+    assert not any(log.endswith("fatal.log") for log in json.loads(run("info", "kil", "--json").output)["logs"])
+    run("destroy", "kil")
+
+
 # -- the environment and the command line ----------------------------------------------------------------
 
 def test_state_dir_that_is_a_file(tmp_path):

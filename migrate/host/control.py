@@ -193,7 +193,8 @@ def dead_info(directory: Path) -> dict | None:
     except (OSError, ValueError):
         config = {}
     pid = int((directory / statedir.PIDFILE).read_text())
-    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()]
+    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()
+            and (leaf != statedir.FATAL or (directory / leaf).stat().st_size)]     # fatal.log: if written
     return {"name": directory.name, "workload": str(config.get("workload", "?")),
             "memory": config.get("memory", 0) if isinstance(config.get("memory"), int) else 0,
             "vcpus": 1, "status": DomainStatus.CRASHED, "pid": pid, "uptime": 0.0, "disk": config.get("disk"),

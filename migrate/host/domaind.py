@@ -740,8 +740,7 @@ def main(argv: list[str]) -> int:
         os._exit(0)
     (directory / statedir.PIDFILE).write_text(f"{os.getpid()}\n")
     # a guest can make a domain log a lot (refused accesses, its stub's lines): on disk,
-    # the log keeps its last LOG_MAX bytes and as many before (a fatal signal's traceback
-    # goes to the file that was domain.log when the process started)
+    # the log keeps its last LOG_MAX bytes and as many before
     handler = logging.handlers.RotatingFileHandler(directory / statedir.LOGFILE, maxBytes=statedir.LOG_MAX,
                                                    backupCount=1)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
@@ -751,8 +750,10 @@ def main(argv: list[str]) -> int:
     # 0.5 ms, not CPython's default 5 ms, so a handover never costs milliseconds of downtime
     sys.setswitchinterval(0.0005)
     ready = os.fdopen(ready_fd, "w")
-    crash_log = open(directory / statedir.LOGFILE, "a")
-    faulthandler.enable(crash_log)      # a fatal signal's traceback, into the process log
+    # a fatal signal's traceback: into a file of its own, which no rotation of domain.log
+    # takes away (faulthandler writes to the descriptor it was given, whatever its name is now)
+    crash_log = open(directory / statedir.FATAL, "a")
+    faulthandler.enable(crash_log)
     sys.excepthook = lambda *info: log.critical("uncaught exception", exc_info=info)
     threading.excepthook = lambda a: log.critical("uncaught exception in thread %s", a.thread,
                                                   exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
