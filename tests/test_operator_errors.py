@@ -378,6 +378,28 @@ def test_killed_domain_keeps_its_logs_until_destroyed(state_dir):
     run("destroy", "doomed")
 
 
+@pytest.mark.kvm
+def test_a_domain_whose_process_does_not_answer_is_listed_unresponsive(state_dir):
+    """hvm list shows every domain whose process lives, also one that does not answer
+    (here: stopped with SIGSTOP), as unresponsive and why, within LIST_TIMEOUT (2 s), and
+    not as if it were not there."""
+    info = json.loads(run("create", "--workload", "idle", "--memory", "16M", "--name", "hung", "--json").output)
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        t0 = time.monotonic()
+        [listed] = json.loads(run("list", "--json").output)
+        assert time.monotonic() - t0 < 5
+        assert listed["name"] == "hung" and listed["status"] == "unresponsive", listed
+        assert listed["pid"] == info["pid"] and listed["workload"] == "idle" and listed["memory"] == 16 << 20
+        assert "hung" in listed["note"], listed
+        assert "unresponsive" in run("list").output
+    finally:
+        os.kill(info["pid"], signal.SIGCONT)
+    [listed] = json.loads(run("list", "--json").output)
+    assert listed["status"] == "running"
+    run("destroy", "hung")
+
+
 def _wait_crashed(name: str) -> None:
     """Until ``hvm list`` shows ``name`` crashed (a dying process is listed as nothing
     for a moment)."""

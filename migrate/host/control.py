@@ -187,19 +187,46 @@ def dead_info(directory: Path) -> dict | None:
         if not young:
             shutil.rmtree(directory, ignore_errors=True)
         return None
+    pid = int((directory / statedir.PIDFILE).read_text())
+    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()
+            and (leaf != statedir.FATAL or (directory / leaf).stat().st_size)]     # fatal.log: if written
+    return {**_saved_info(directory, DomainStatus.CRASHED, pid),
+            "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
+            "logs": [str(directory / leaf) for leaf in logs]}
+
+
+def _saved_info(directory: Path, status: str, pid: int) -> dict:
+    """``hvm list``'s fields for a domain that cannot say them itself, from the
+    configuration its process saved (what is missing or malformed is shown as unknown)."""
     try:
         config = json.loads((directory / statedir.CONFIG).read_text())
         config = config if isinstance(config, dict) else {}
     except (OSError, ValueError):
         config = {}
-    pid = int((directory / statedir.PIDFILE).read_text())
-    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()
-            and (leaf != statedir.FATAL or (directory / leaf).stat().st_size)]     # fatal.log: if written
     return {"name": directory.name, "workload": str(config.get("workload", "?")),
             "memory": config.get("memory", 0) if isinstance(config.get("memory"), int) else 0,
-            "vcpus": 1, "status": DomainStatus.CRASHED, "pid": pid, "uptime": 0.0, "disk": config.get("disk"),
-            "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
-            "logs": [str(directory / leaf) for leaf in logs]}
+            "vcpus": 1, "status": status, "pid": pid, "uptime": 0.0, "disk": config.get("disk")}
+
+
+STARTING, UNRESPONSIVE = "starting", "unresponsive"     # hvm list: a live process that did not answer
+
+
+def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
+    """What ``hvm list`` shows of a domain whose process lives but did not answer: status
+    ``starting`` (no pid written yet, or no control socket yet), else ``unresponsive``
+    (on its way out, or hung), with what it saved and why (``note``). None if there is no
+    such process (gone, or a directory being removed)."""
+    alive = process_alive(directory)
+    if alive is False or (directory / (statedir.SOCKET + ".new")).exists():
+        return None                 # gone, or being received (listed from RESTORED on: relocation.md)
+    try:
+        pid = int((directory / statedir.PIDFILE).read_text())
+    except (OSError, ValueError):
+        pid = 0
+    starting = alive is None or not (directory / statedir.SOCKET).exists()
+    if alive is None and not directory.is_dir():
+        return None
+    return {**_saved_info(directory, STARTING if starting else UNRESPONSIVE, pid), "note": str(exc)}
 
 
 def _check_dead(directory: Path) -> None:
@@ -241,9 +268,13 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
 DESTROY_TIMEOUT = 75.0      # a destroy waits for a save or relocation in progress to be cancelled
 
 
+LIST_TIMEOUT = 2.0          # seconds hvm list waits for each domain's answer (it answers in ms)
+
+
 def list_domains(base: Path | None = None) -> list[dict]:
-    """Info of every domain: live ones, and crashed ones (their process is gone; see
-    dead_info) until ``hvm destroy`` clears them."""
+    """Info of every domain: live ones, crashed ones (their process is gone; see
+    dead_info) until ``hvm destroy`` clears them, and ones whose process lives but did not
+    answer (unanswered_info: starting, or unresponsive)."""
     root = base or statedir.state_dir()
     if not root.is_dir():
         return []
@@ -255,10 +286,12 @@ def list_domains(base: Path | None = None) -> list[dict]:
         if not entry.is_dir() or not statedir.NAME_RE.match(entry.name):
             continue
         try:
-            with DomainClient(entry.name, root) as client:
+            with DomainClient(entry.name, root, timeout=LIST_TIMEOUT) as client:
                 found.append(client.call("info"))
         except ControlError as exc:
             info = dead_info(entry) if exc.kind == CRASHED else None
+            if info is None and exc.kind != NO_DOMAIN:
+                info = unanswered_info(entry, exc)
             if info is not None:
                 found.append(info)
     return found
