@@ -112,7 +112,7 @@ def _parse_net(text: str | None) -> dict | None:
 def list_(as_json):
     """List domains. One whose process was killed is shown as crashed, its console and
     process logs kept, until 'hvm destroy NAME' clears it; one whose process lives but
-    does not answer, as unresponsive (or starting).
+    does not answer, as unresponsive.
 
     \b
     Example:

@@ -372,7 +372,8 @@ class Chaos:
             busy = [h.label for h in self.hosts if (h.base / NAME).exists() and NAME not in doms[h.label]]
             busy += [label for label, d in doms.items() if d.get(NAME, {}).get("awaiting_go")
                      or d.get(NAME, {}).get("job")                          # a save, a relocation
-                     or d.get(NAME, {}).get("status") == "destroyed"]       # on its way out
+                     or d.get(NAME, {}).get("status") in ("destroyed",      # on its way out
+                                                          "unresponsive")]  # (or hung: not settled)
             if not busy:
                 return doms
             if time.monotonic() > deadline:

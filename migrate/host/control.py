@@ -208,25 +208,22 @@ def _saved_info(directory: Path, status: str, pid: int) -> dict:
             "vcpus": 1, "status": status, "pid": pid, "uptime": 0.0, "disk": config.get("disk")}
 
 
-STARTING, UNRESPONSIVE = "starting", "unresponsive"     # hvm list: a live process that did not answer
+UNRESPONSIVE = "unresponsive"      # hvm list: a domain whose process lives but did not answer
 
 
 def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
-    """What ``hvm list`` shows of a domain whose process lives but did not answer: status
-    ``starting`` (no pid written yet, or no control socket yet), else ``unresponsive``
-    (on its way out, or hung), with what it saved and why (``note``). None if there is no
-    such process (gone, or a directory being removed)."""
-    alive = process_alive(directory)
-    if alive is False or (directory / (statedir.SOCKET + ".new")).exists():
-        return None                 # gone, or being received (listed from RESTORED on: relocation.md)
+    """What ``hvm list`` shows of a domain whose process lives and has its control socket
+    but did not answer (hung, stopped, or on its way out): status ``unresponsive``, what it
+    saved, and why (``note``). None otherwise: its process is gone, or it has no control
+    socket yet (still starting, or being received, which is listed from RESTORED on:
+    specs/relocation.md), as before."""
+    if not (directory / statedir.SOCKET).exists() or process_alive(directory) is not True:
+        return None
     try:
         pid = int((directory / statedir.PIDFILE).read_text())
     except (OSError, ValueError):
-        pid = 0
-    starting = alive is None or not (directory / statedir.SOCKET).exists()
-    if alive is None and not directory.is_dir():
         return None
-    return {**_saved_info(directory, STARTING if starting else UNRESPONSIVE, pid), "note": str(exc)}
+    return {**_saved_info(directory, UNRESPONSIVE, pid), "note": str(exc)}
 
 
 def _check_dead(directory: Path) -> None:
@@ -274,7 +271,7 @@ LIST_TIMEOUT = 2.0          # seconds hvm list waits for each domain's answer (i
 def list_domains(base: Path | None = None) -> list[dict]:
     """Info of every domain: live ones, crashed ones (their process is gone; see
     dead_info) until ``hvm destroy`` clears them, and ones whose process lives but did not
-    answer (unanswered_info: starting, or unresponsive)."""
+    answer (unanswered_info: unresponsive)."""
     root = base or statedir.state_dir()
     if not root.is_dir():
         return []
