@@ -122,9 +122,9 @@ def list_(as_json):
     if as_json:
         click.echo(json.dumps(domains))
         return
-    click.echo(f"{'NAME':<20} {'STATUS':<10} {'WORKLOAD':<10} {'MEM(MiB)':>8} {'PID':>8} {'UPTIME':>9}")
+    click.echo(f"{'NAME':<20} {'STATUS':<12} {'WORKLOAD':<10} {'MEM(MiB)':>8} {'PID':>8} {'UPTIME':>9}")
     for d in domains:
-        click.echo(f"{d['name']:<20} {d['status']:<10} {d['workload']:<10} "
+        click.echo(f"{d['name']:<20} {d['status']:<12} {d['workload']:<10} "
                    f"{d['memory'] >> 20:>8} {d['pid']:>8} {d['uptime']:>8.1f}s")
 
 

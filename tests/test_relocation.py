@@ -737,18 +737,27 @@ def logging_on(dom) -> list[bool]:
 
 
 @pytest.mark.kvm
-def test_a_cancel_during_the_set_up_ends_it_at_once(domains):
-    """Ctrl-C (or hvm destroy) while the destination holds the set-up (here: no WELCOME)
-    ends the relocation within moments, not when WELCOME's 30 s run out, and the guest
-    runs on."""
+@pytest.mark.parametrize("link,stall", [("plain", "welcome"), ("tls", "handshake"), ("tls", "welcome")])
+def test_a_cancel_during_the_set_up_ends_it_at_once(domains, tmp_path, link, stall):
+    """A cancel (hvm destroy; Ctrl-C is in test_operator_errors) while the destination
+    holds the set-up, in its TLS handshake or by never answering HELLO, ends the
+    relocation within moments, not when the handshake's 10 s or WELCOME's 30 s run out,
+    and the guest runs on."""
     from migrate.domain import Domain
     from migrate.host.source import MigrateJob, RelocationError
     listener = socket.create_server(("127.0.0.1", 0))
     held = []
+    if link == "tls":
+        tls.keygen(tmp_path, ["127.0.0.1", "src"])
 
     def serve():
         conn, _ = listener.accept()
         held.append(conn)
+        if stall == "handshake":
+            return                          # no ServerHello
+        if link == "tls":
+            conn = tls.server_context(tmp_path / "127.0.0.1").wrap_socket(conn, server_side=True)
+            held.append(conn)
         Channel(conn).expect("HELLO")       # and then nothing
 
     threading.Thread(target=serve, daemon=True).start()
@@ -757,7 +766,8 @@ def test_a_cancel_during_the_set_up_ends_it_at_once(domains):
     dom.resume()
     cancel = threading.Event()
     threading.Timer(0.5, cancel.set).start()
-    job = MigrateJob("127.0.0.1", listener.getsockname()[1], True, None, True)
+    job = MigrateJob("127.0.0.1", listener.getsockname()[1], True,
+                     str(tmp_path / "src") if link == "tls" else None, link == "plain")
     t0 = time.monotonic()
     try:
         with pytest.raises(RelocationError, match="cancelled before the stream began"):

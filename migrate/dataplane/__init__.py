@@ -25,7 +25,7 @@ RAW, ZSTD, AUTO = 0, 1, 2
 MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
 ERR = 512
 MAX_CHANNELS = 64
-HANDSHAKE = 10.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md)
+HANDSHAKE = 30.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md)
 
 
 class DataplaneError(Exception):

@@ -252,12 +252,15 @@ static void set_timeouts(int fd, double seconds)
 }
 
 /* A TLS handshake (accept: the server's side) done within `seconds` in all, however the
- * peer spaces its bytes: the socket is non-blocking meanwhile and each wait is for what
- * is left, then blocking again. 1 done, 0 out of time, -1 failed (OpenSSL's queue or the
- * verify result say why). */
+ * peer spaces its bytes (not above 0, or not a number: no limit): the socket is
+ * non-blocking meanwhile and each wait is for what is left, then blocking again. 1 done,
+ * 0 out of time, -1 failed (OpenSSL's queue or the verify result say why). */
 static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
 {
     struct timespec now, end;
+    int unbounded = !(seconds > 0);
+    if (unbounded || seconds > 1e7)
+        seconds = 1e7;                  /* no limit: about four months */
     clock_gettime(CLOCK_MONOTONIC, &end);
     end.tv_sec += (time_t)seconds;
     end.tv_nsec += (long)((seconds - (time_t)seconds) * 1e9);
@@ -266,7 +269,8 @@ static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
         end.tv_nsec -= 1000000000L;
     }
     int flags = fcntl(fd, F_GETFL);
-    fcntl(fd, F_SETFL, flags | O_NONBLOCK);
+    if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return -1;
     int rc;
     for (;;) {
         int r = accept ? SSL_accept(ssl) : SSL_connect(ssl);
@@ -285,6 +289,8 @@ static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
         struct pollfd p = {.fd = fd, .events = want};
         int n = left > 0 ? poll(&p, 1, left > 1000000 ? 1000000 : (int)left) : 0;
         if (n < 0 && errno == EINTR)
+            continue;
+        if (n == 0 && unbounded)
             continue;
         if (n <= 0) {
             rc = n < 0 ? -1 : 0;

@@ -59,10 +59,11 @@ class DomainClient:
         self.sock.settimeout(timeout)
         try:
             self.sock.connect(str(path))
-        except (ConnectionRefusedError, FileNotFoundError):
+        except OSError as exc:      # refused, gone, or a full queue of connections (EAGAIN): a hung process
             self.sock.close()
             _check_dead(self.dir)
-            raise ControlError(f"domain {name!r} does not answer on its control socket") from None
+            raise ControlError(f"domain {name!r} does not answer on its control socket "
+                               f"({exc.strerror or exc})") from None
         self._unpack = protocol.unpacker()
 
     def call(self, op: str, **args) -> dict:

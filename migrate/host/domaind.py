@@ -469,15 +469,17 @@ class DomainServer:
             conn.close()
 
     def close(self) -> None:
+        """Stop serving, then end the job and the domain. The control socket goes first: a
+        process on its way out is not listed (a live one whose socket is there but does not
+        answer is listed unresponsive: control.unanswered_info)."""
+        self.sel.close()
+        self.listener.close()
+        (self.hidden or self.dir / statedir.SOCKET).unlink(missing_ok=True)
         if self.save_thread is not None:
             self.save_cancel.set()
             self.save_thread.join(30)
         if self.domain is not None:
             self.domain.destroy()
-        self.sel.close()
-        self.listener.close()
-        if self.hidden is not None:
-            self.hidden.unlink(missing_ok=True)
 
 
 def _nic_info(dom: Domain) -> dict | None:

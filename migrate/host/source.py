@@ -45,6 +45,7 @@ from .channel import (
 )
 
 CONNECT_TIMEOUT = 10.0
+CHANNEL_HANDSHAKE = 30.0    # a data channel's TLS handshake, in all: it includes the receiving process's start
 # the downtime parts (specs/relocation.md, section 7), in the order they happen
 SOURCE_PARTS = ("stop", "capture", "state", "pages", "end")
 DESTINATION_PARTS = ("read", "apply", "answer", "resume")
@@ -117,88 +118,98 @@ class MigrateJob:
             raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
         except OSError as exc:
             raise RelocationError(f"cannot connect to {where}: {exc.strerror or exc}") from None
-        if setup is not None:
-            setup.add(raw)
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        if ctx is None:
-            return Channel(raw)
+        sock = raw
         try:
-            return Channel(ctx.wrap_socket(raw, server_hostname=self.host))
+            if ctx is not None:     # the TLS socket takes the descriptor over: it is the one to shut
+                sock = ctx.wrap_socket(raw, server_hostname=self.host, do_handshake_on_connect=False)
+            if setup is not None:
+                setup.add(sock)
+            if ctx is not None:
+                sock.do_handshake()         # within CONNECT_TIMEOUT in all (the socket's timeout)
         except (ssl.SSLError, OSError) as exc:
-            raw.close()
+            if setup is not None:
+                setup.discard(sock)
+            sock.close()
             hint = (" (the peer closed the connection during the handshake: does it run with "
                     "--insecure?)" if isinstance(exc, ssl.SSLEOFError) else "")
             raise RelocationError(f"TLS handshake with {where} failed: {exc}{hint}") from None
+        return Channel(sock)
 
     def run(self, domain, progress=None, cancel: threading.Event | None = None,
             before_go=None) -> dict:
         """Relocate ``domain``; its statistics on success (the caller destroys the domain).
-        ``before_go()``, called just before GO, may raise (SaveError) to cancel there."""
+        ``before_go()``, called just before GO, may raise (SaveError) to cancel there; it
+        is also called every CHECK_EVERY seconds during the set-up, where raising (the
+        client went away: Ctrl-C) cancels as ``cancel`` does."""
         t0 = time.monotonic()
         was_running = domain.status is DomainStatus.RUNNING
-        cfg = domain.config
-        setup = _SetupCancel(cancel, f"{self.host}:{self.port}")
+        setup = _SetupCancel(cancel, f"{self.host}:{self.port}", before_go)
+        ch = sink = limit = outputs = None
+        links: list[socket.socket] = []
+        gc_hold = GcHold()      # a live save holds collections off from its pause on
         try:
             with setup.steps():
                 ch = self.connect(setup)
-        except BaseException:
-            setup.stop(check=False)
-            raise
-        try:
-            with setup.steps():
-                try:
-                    ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
-                            memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
-                            cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
-                            channels=self.channels, vcpus=cfg.vcpus)
-                    welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
-                except PeerError as exc:
-                    raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
-                except ChannelError as exc:
-                    raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
-                if welcome["proto"] != PROTO:
-                    raise RelocationError(f"{self.host}:{self.port} speaks protocol {welcome['proto']}, "
-                                          f"not {PROTO}")
-                if welcome["stream_version"] != FORMAT_VERSION:
-                    raise RelocationError(f"{self.host}:{self.port} asks for stream version "
-                                          f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
-                links, token = self.open_channels(welcome, setup)
-            sink = limit = None
-            gc_hold = GcHold()      # a live save holds collections off from its pause on
-            try:
-                with setup.steps():
-                    outputs = self.channel_outputs(links, token) if links else None
-                setup.stop()        # from here on the save watches the cancel (and stops its sink)
-                out = DataBuffer(ch)
-                sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
-                limit = _PauseLimit(ch, sink)
-                return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
-                                                cancel, links, out, sink, before_go, gc_hold, limit)
-            finally:
-                if limit is not None:
-                    limit.stop()
-                gc_hold.release()       # after the handoff: RESTORED's answer waited on none
-                if sink is not None:
-                    sink.close()        # after the handoff: freeing the data plane is no downtime
-                for sock in links:
-                    sock.close()
+                welcome = self.hello(ch, domain)
+                token = self.open_channels(welcome, links, setup)
+                outputs = self.channel_outputs(links, token) if links else None
+            setup.stop()        # from here on the save watches the cancel (and stops its sink)
+            out = DataBuffer(ch)
+            sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
+            outputs = None      # the sink's now
+            limit = _PauseLimit(ch, sink)
+            return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
+                                            cancel, links, out, sink, before_go, gc_hold, limit)
         finally:
-            setup.stop(check=False)
-            ch.close()
+            setup.stop(check=False)     # first: nothing is shut down after this
+            if limit is not None:
+                limit.stop()            # likewise (it waits for a shutting down under way)
+            gc_hold.release()           # after the handoff: RESTORED's answer waited on none
+            if sink is not None:
+                sink.close()            # after the handoff: freeing the data plane is no downtime
+            for output in outputs or ():
+                output.close()
+            for sock in links:
+                sock.close()
+            if ch is not None:
+                ch.close()
 
-    def open_channels(self, welcome: dict, setup: "_SetupCancel | None" = None) -> tuple[list[socket.socket], bytes]:
+    def hello(self, ch: Channel, domain) -> dict:
+        """HELLO, and the destination's WELCOME (checked), or RelocationError."""
+        cfg = domain.config
+        try:
+            ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
+                    memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
+                    cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
+                    channels=self.channels, vcpus=cfg.vcpus)
+            welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
+        except PeerError as exc:
+            raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
+        except ChannelError as exc:
+            raise RelocationError(f"{self.host}:{self.port} did not welcome us: {exc}") from None
+        if welcome["proto"] != PROTO:
+            raise RelocationError(f"{self.host}:{self.port} speaks protocol {welcome['proto']}, "
+                                  f"not {PROTO}")
+        if welcome["stream_version"] != FORMAT_VERSION:
+            raise RelocationError(f"{self.host}:{self.port} asks for stream version "
+                                  f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
+        return welcome
+
+    def open_channels(self, welcome: dict, links: list, setup: "_SetupCancel | None" = None) -> bytes:
         """The data channels WELCOME granted (specs/relocation.md, "Data channels"): TCP
-        connections to the daemon's address, each opening with its preamble; their TLS
-        handshakes happen in the data plane. Refusals and failures are RelocationError."""
+        connections to the daemon's address, each opening with its preamble, appended to
+        ``links`` (the caller closes them, failing or not); their TLS handshakes happen in
+        the data plane. Returns the channels' token. Refusals and failures are
+        RelocationError."""
         granted = welcome.get("channels", 0)
         if not granted:
-            return [], b""
+            return b""
         channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
         if not (isinstance(granted, int) and not isinstance(granted, bool) and 0 < granted <= self.channels
                 and isinstance(channel_id, bytes)
                 and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32):
             raise RelocationError(f"{self.host}:{self.port} granted channels badly: {granted!r}")
-        links = []
         try:
             for index in range(granted):
                 sock = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
@@ -209,11 +220,9 @@ class MigrateJob:
                 sock.sendall(CHANNEL_PREAMBLE.pack(CHANNEL_MAGIC, channel_id, index, 0))
                 sock.settimeout(None)       # the data plane sets its own timeouts
         except OSError as exc:
-            for sock in links:
-                sock.close()
             raise RelocationError(f"cannot open data channel {len(links)} to {self.host}:{self.port}: "
                                   f"{exc.strerror or exc}") from None
-        return links, token
+        return token
 
     def channel_outputs(self, links: list[socket.socket], token: bytes) -> list:
         """A data plane Output per channel, TLS started and the channel header written."""
@@ -221,7 +230,7 @@ class MigrateJob:
         outputs = []
         try:
             for index, sock in enumerate(links):
-                out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT)
+                out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT, CHANNEL_HANDSHAKE)
                 outputs.append(out)
                 out.channel_header(FORMAT_VERSION, index, token)
         except dataplane.DataplaneError as exc:
@@ -282,7 +291,8 @@ class MigrateJob:
                     stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
                                  compress=self.compress, convergence=conv,
                                  after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
-                                 gc_hold=gc_hold, on_pause=limit.arm if self.live else None)
+                                 gc_hold=gc_hold,          # a guest paused here has no downtime to bound
+                                 on_pause=limit.arm if self.live and was_running else None)
                 finally:
                     watch.stop()
             except Exception:
@@ -496,19 +506,20 @@ class _PauseLimit:
     def _watch(self) -> None:
         while True:
             time.sleep(PAUSE_LIMIT_POLL)
-            with self.lock:
+            with self.lock:         # stop() waits for what is done here: the owner closes next
                 if self.done:
                     return
                 if self.deadline is None or time.monotonic() < self.deadline:
                     continue
                 self.fired = True
-            log.warning("no RESTORED %g s after the pause: giving the relocation up", self.limit)
-            self.sink.cancel()
-            _shut(self.ch.sock)
+                self.sink.cancel()
+                _shut(self.ch.sock)
+            log.warning("no RESTORED %g s after the pause: the relocation was given up", self.limit)
             return
 
     def stop(self) -> bool:
-        """Disarm it (idempotent): False if it has fired, and the move is to be given up."""
+        """Disarm it (idempotent): False if it has fired, and the move is to be given up.
+        Once it returns, the sink and the connection are the caller's to close."""
         with self.lock:
             self.done = True
             return not self.fired
@@ -522,25 +533,38 @@ class _PauseLimit:
 
 
 class _SetupCancel:
-    """A cancel (Ctrl-C on ``hvm migrate``, ``hvm destroy``) during a relocation's set-up,
-    before the save watches it: until :meth:`stop`, once ``cancel`` is set every connection
-    :meth:`add` was given is shut down, so a step waiting on the destination (its TLS
-    handshake, WELCOME, a data channel's handshake) fails at once, and :meth:`steps` turns
-    that failure, or a step that ends after the cancel, into "cancelled". It looks every
-    CHECK_EVERY seconds; without ``cancel`` it does nothing."""
+    """A cancel during a relocation's set-up, before the save watches it: ``cancel`` set
+    (``hvm destroy``, the job cancelled) or ``check()`` raising (the client went away:
+    Ctrl-C on ``hvm migrate``), looked at every CHECK_EVERY seconds. Until :meth:`stop`,
+    it shuts down every connection :meth:`add` was given, so a step waiting on the
+    destination (its TLS handshake, WELCOME, a data channel's handshake) fails at once,
+    and :meth:`steps` turns that failure, or a step that ends after the cancel, into
+    "cancelled". A connection is :meth:`discard`-ed before it is closed elsewhere, and
+    :meth:`stop` comes before the owner closes the rest: nothing is shut down after its
+    descriptor may have gone to another file."""
 
-    def __init__(self, cancel: threading.Event | None, where: str):
-        self.cancel, self.where = cancel, where
+    def __init__(self, cancel: threading.Event | None, where: str, check=None):
+        self.cancel, self.where, self.check = cancel, where, check
         self.lock = threading.Lock()
         self.socks: list = []
         self.fired = self.done = False
-        if cancel is not None:
+        if cancel is not None or check is not None:
             threading.Thread(target=self._watch, name="setup-cancel", daemon=True).start()
 
     def _watch(self) -> None:
-        while not self.cancel.wait(CHECK_EVERY):
+        while True:
+            if self.cancel is not None:
+                if self.cancel.wait(CHECK_EVERY):
+                    break
+            else:
+                time.sleep(CHECK_EVERY)
             if self.done:
                 return
+            if self.check is not None:
+                try:
+                    self.check()
+                except Exception:
+                    break
         with self.lock:
             if self.done:
                 return
@@ -554,9 +578,14 @@ class _SetupCancel:
             if self.fired:
                 _shut(sock)
 
+    def discard(self, sock) -> None:
+        with self.lock:
+            if sock in self.socks:
+                self.socks.remove(sock)
+
     def stop(self, check: bool = True) -> None:
-        """No shutting down after this; ``check``: raise the cancel's RelocationError if
-        it came."""
+        """No shutting down after this returns; ``check``: raise the cancel's
+        RelocationError if it came."""
         with self.lock:
             self.done = True
         if check:
