@@ -427,10 +427,27 @@ def test_a_domain_whose_process_does_not_answer_is_listed_unresponsive(state_dir
         assert listed["pid"] == info["pid"] and listed["workload"] == "idle" and listed["memory"] == 16 << 20
         assert "timed out" in listed["note"] or "does not answer" in listed["note"], listed
         assert "unresponsive" in run("list").output
+        queued = []                 # fill its queue of connections: a connect then fails (EAGAIN)
+        for _ in range(40):
+            sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            sock.setblocking(False)
+            try:
+                sock.connect(str(state_dir / "hung" / "control.sock"))
+            except OSError:
+                sock.close()
+                break
+            queued.append(sock)
+        try:
+            [listed] = json.loads(run("list", "--json").output)
+            assert listed["status"] == "unresponsive" and "does not answer" in listed["note"], listed
+        finally:
+            for sock in queued:
+                sock.close()
     finally:
         os.kill(info["pid"], signal.SIGCONT)
-    [listed] = json.loads(run("list", "--json").output)
-    assert listed["status"] == "running"
+    t0 = time.monotonic()
+    while json.loads(run("list", "--json").output)[0]["status"] != "running":     # it answers again
+        assert time.monotonic() - t0 < 10
     run("destroy", "hung")
 
 
