@@ -251,23 +251,31 @@ static void set_timeouts(int fd, double seconds)
     setsockopt(fd, SOL_SOCKET, SO_SNDTIMEO, &tv, sizeof tv);
 }
 
+/* `seconds` from now on `clock` */
+static struct timespec deadline_after(clockid_t clock, double seconds)
+{
+    struct timespec t;
+    clock_gettime(clock, &t);
+    t.tv_sec += (time_t)seconds;
+    t.tv_nsec += (long)((seconds - (time_t)seconds) * 1e9);
+    if (t.tv_nsec >= 1000000000L) {
+        t.tv_sec++;
+        t.tv_nsec -= 1000000000L;
+    }
+    return t;
+}
+
 /* A TLS handshake (accept: the server's side) done within `seconds` in all, however the
  * peer spaces its bytes (not above 0, or not a number: no limit): the socket is
  * non-blocking meanwhile and each wait is for what is left, then blocking again. 1 done,
  * 0 out of time, -1 failed (OpenSSL's queue or the verify result say why). */
 static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
 {
-    struct timespec now, end;
+    struct timespec now;
     int unbounded = !(seconds > 0);
     if (unbounded || seconds > 1e7)
         seconds = 1e7;                  /* no limit: about four months */
-    clock_gettime(CLOCK_MONOTONIC, &end);
-    end.tv_sec += (time_t)seconds;
-    end.tv_nsec += (long)((seconds - (time_t)seconds) * 1e9);
-    if (end.tv_nsec >= 1000000000L) {
-        end.tv_sec++;
-        end.tv_nsec -= 1000000000L;
-    }
+    struct timespec end = deadline_after(CLOCK_MONOTONIC, seconds);
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
@@ -1862,14 +1870,7 @@ static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size
  * (the reason in err). */
 int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen)
 {
-    struct timespec until;
-    clock_gettime(CLOCK_REALTIME, &until);
-    until.tv_sec += (time_t)timeout;
-    until.tv_nsec += (long)((timeout - (time_t)timeout) * 1e9);
-    if (until.tv_nsec >= 1000000000L) {
-        until.tv_sec++;
-        until.tv_nsec -= 1000000000L;
-    }
+    struct timespec until = deadline_after(CLOCK_REALTIME, timeout);
     int rc = 1;
     pthread_mutex_lock(&r->lock);
     r->waiters++;
