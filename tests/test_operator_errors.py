@@ -22,6 +22,7 @@ from click.testing import CliRunner
 from migrate.cli import hvm
 from migrate.domain import DomainConfig
 from migrate.host import control, destination
+from migrate.host.channel import Channel, ChannelError
 from migrate.host.source import migrate_domain
 from test_relocation import (  # noqa: F401  (pki and hosts are fixtures)
     console, hosts, ledger_lines_ok, pki, wait_console, wait_empty,
@@ -376,6 +377,52 @@ def test_ctrl_c_while_the_destination_holds_the_set_up(state_dir):
         for conn in held:
             conn.close()
         destroy("c2")
+
+
+@pytest.mark.kvm
+def test_ctrl_c_while_the_destination_holds_a_round(state_dir):
+    """SIGINT to `hvm migrate` while the destination holds a pre-copy round's SYNCED (it
+    never answers): the relocation is cancelled within moments, not after SYNCED's 60 s
+    (when the CLI, tired of waiting, said the outcome was unknown), and the guest runs here."""
+    got_sync = threading.Event()
+    listener = socket.create_server(("127.0.0.1", 0))
+    held = []
+
+    def serve():
+        conn, _ = listener.accept()
+        held.append(conn)
+        ch = Channel(conn)
+        try:
+            ch.expect("HELLO")
+            ch.send("WELCOME", proto=1, stream_version=2)
+            while True:
+                kind, message = ch.receive()
+                if kind == "control" and message["t"] == "SYNC":
+                    got_sync.set()      # and no SYNCED
+        except ChannelError:
+            pass
+
+    threading.Thread(target=serve, daemon=True).start()
+    control.create_domain(DomainConfig("c3", "idle", 16 << 20))
+    try:
+        cli = subprocess.Popen(HVM + ["migrate", "c3", f"127.0.0.1:{listener.getsockname()[1]}", "--insecure",
+                                      "--channels", "0"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        assert got_sync.wait(20), "no SYNC came"
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=90)
+        took = time.monotonic() - t0
+        assert cli.returncode == 130, err.decode()
+        assert took < 10, f"{took:.1f} s: {err.decode()}"
+        assert "c3 is running here" in err.decode(), err.decode()
+        assert status("c3") == ["running"]
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+        destroy("c3")
 
 
 # -- a killed domain process leaves its logs -----------------------------------------------------------

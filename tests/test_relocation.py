@@ -780,9 +780,36 @@ def test_a_cancel_during_the_set_up_ends_it_at_once(domains, tmp_path, link, sta
             conn.close()
 
 
+@pytest.mark.kvm
+def test_a_bad_target_or_an_unforeseen_error_before_go_leaves_the_guest_running(domains, monkeypatch):
+    """A host name that cannot be encoded ("a..b": a ValueError, not an OSError) fails the
+    relocation with one line; so does an error nobody foresaw before GO (here: in the
+    learned figures), as an internal error. Either way the guest runs here: neither ends
+    the domain process (whose end would take the guest with it)."""
+    from migrate.domain import Domain
+    from migrate.host import source
+    from migrate.host.source import MigrateJob, RelocationError
+    dom = Domain.boot(DomainConfig("bad1", "idle", 16 << 20))
+    domains.append(dom)
+    dom.resume()
+    with pytest.raises(RelocationError, match=r"^cannot connect to a\.\.b:8000: "):
+        MigrateJob("a..b", 8000, True, None, True).run(dom)
+    assert dom.status == "running"
+
+    def broken(*args):
+        raise KeyError("learned")
+
+    monkeypatch.setattr(source.learned, "expected", broken)
+    job = MigrateJob("127.0.0.1", fake_destination(lambda ch: None), True, None, True)
+    job.learned = Path("/nonexistent/learned")
+    with pytest.raises(RelocationError, match=r"failed: internal error: KeyError: 'learned'$"):
+        job.run(dom)
+    assert dom.status == "running"
+
+
 def test_a_cancel_ends_a_data_channel_handshake_the_destination_holds(tmp_path):
     """The set-up's cancel shuts the connections it was given, and a data channel's TLS
-    handshake in the data plane (its own limit is 10 s) ends at once too."""
+    handshake in the data plane (its own limit is 30 s) ends at once too."""
     from migrate.dataplane import Output, TlsContext
     from migrate.host.source import RelocationError, _SetupCancel
     tls.keygen(tmp_path, ["127.0.0.1", "src"])

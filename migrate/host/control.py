@@ -52,7 +52,7 @@ class DomainClient:
         if not path.exists():
             if self.dir.exists():
                 _check_dead(self.dir)
-                raise ControlError(f"domain {name!r} is still starting")
+                raise ControlError(f"domain {name!r} has no control socket: it is starting, or on its way out")
             raise ControlError(f"no domain named {name!r}", NO_DOMAIN)
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)

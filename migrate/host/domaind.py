@@ -550,12 +550,12 @@ class ClientWatch:
     def progress(self, stats) -> None:
         if self.gone():
             self.cancel.set()
-            raise SaveError("the client went away")
+            raise SaveCancelled("the client went away")
         try:
             protocol.send(self.conn, {"progress": stats.as_dict()})
         except OSError:
             self.cancel.set()
-            raise SaveError("the client went away") from None
+            raise SaveCancelled("the client went away") from None
 
     def reply(self, message: dict) -> None:
         try:
@@ -811,7 +811,6 @@ def main(argv: list[str]) -> int:
         if server.failed:           # like a killed process: listed crashed, its logs kept
             if disk_lock is not None:
                 disk_lock.close()
-            (directory / statedir.SOCKET).unlink(missing_ok=True)
         else:
             _remove_directory(directory, disk_lock)
     return 0

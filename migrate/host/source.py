@@ -92,6 +92,7 @@ class MigrateJob:
         self.paused = paused
         self.disk_lock = None
         self.learned: Path | None = None     # where past moves' fixed parts are kept (learned.py)
+        self.go_sent = False
 
     @classmethod
     def from_request(cls, req: dict) -> "MigrateJob":
@@ -116,8 +117,8 @@ class MigrateJob:
         ctx = None if self.insecure else _client_context(self.tls_dir)
         try:
             raw = socket.create_connection((self.host, self.port), timeout=CONNECT_TIMEOUT)
-        except OSError as exc:
-            raise RelocationError(f"cannot connect to {where}: {exc.strerror or exc}") from None
+        except (OSError, ValueError) as exc:        # ValueError: a name IDNA cannot encode ("a..b")
+            raise RelocationError(f"cannot connect to {where}: {getattr(exc, 'strerror', None) or exc}") from None
         raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock = raw
         try:
@@ -155,12 +156,24 @@ class MigrateJob:
                 token = self.open_channels(welcome, links, setup)
                 outputs = self.channel_outputs(links, token) if links else None
             setup.stop()        # from here on the save watches the cancel (and stops its sink)
+            self.go_sent = False
             out = DataBuffer(ch)
             sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
             outputs = None      # the sink's now
             limit = _PauseLimit(ch, sink)
             return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
                                             cancel, links, out, sink, before_go, gc_hold, limit)
+        except RelocationError:
+            raise
+        except Exception as exc:        # nothing above foresaw it (a bug): say where the guest is
+            log.exception("relocation to %s:%d failed unexpectedly", self.host, self.port)
+            if self.go_sent:
+                raise self._unknown(domain, exc) from None
+            _logging_off(domain)
+            if was_running and domain.status is DomainStatus.PAUSED:
+                domain.resume()
+            raise RelocationError(f"relocation to {self.host}:{self.port} failed: internal error: "
+                                  f"{type(exc).__name__}: {exc}") from None
         finally:
             setup.stop(check=False)     # first: nothing is shut down after this
             if limit is not None:
@@ -219,16 +232,17 @@ class MigrateJob:
                 sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
                 sock.sendall(CHANNEL_PREAMBLE.pack(CHANNEL_MAGIC, channel_id, index, 0))
                 sock.settimeout(None)       # the data plane sets its own timeouts
-        except OSError as exc:
+        except (OSError, ValueError) as exc:
             raise RelocationError(f"cannot open data channel {len(links)} to {self.host}:{self.port}: "
-                                  f"{exc.strerror or exc}") from None
+                                  f"{getattr(exc, 'strerror', None) or exc}") from None
         return token
 
     def channel_outputs(self, links: list[socket.socket], token: bytes) -> list:
         """A data plane Output per channel, TLS started and the channel header written."""
-        tls_ctx = None if self.insecure else dataplane.TlsContext(False, self.tls_dir)
         outputs = []
+        tls_ctx = None
         try:
+            tls_ctx = None if self.insecure else dataplane.TlsContext(False, self.tls_dir)
             for index, sock in enumerate(links):
                 out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT, CHANNEL_HANDSHAKE)
                 outputs.append(out)
@@ -285,6 +299,7 @@ class MigrateJob:
             if progress is not None and not (self.live and stats.phase in PAUSED_PHASES):
                 progress(stats)
 
+        client = _ClientPoll(before_go, cancel)     # Ctrl-C seen while a round or SYNCED waits
         try:
             try:
                 try:
@@ -295,9 +310,10 @@ class MigrateJob:
                                  on_pause=limit.arm if self.live and was_running else None)
                 finally:
                     watch.stop()
+                    client.stop()
             except Exception:
                 if not limit.stop():        # the limit cut the links: that is why it failed
-                    raise limit.error(where, was_running) from None
+                    raise limit.error(where) from None
                 raise
         except RelocationError:
             raise
@@ -326,7 +342,7 @@ class MigrateJob:
             if was_running:
                 domain.resume()
             if not limit.stop():
-                raise limit.error(where, was_running) from None
+                raise limit.error(where) from None
             if isinstance(exc, SaveError):          # cancelled: the destination drops its copy
                 ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
                 raise RelocationError(f"relocation to {where} cancelled before the handoff") from None
@@ -337,6 +353,7 @@ class MigrateJob:
         try:
             if self.disk_lock is not None:      # the destination takes it on GO
                 self.disk_lock.release_writer()
+            self.go_sent = True         # from here on a failure leaves the outcome unknown
             ch.send("GO", paused=stay_paused)
             trace.mark("S GO sent")
             running = ch.expect("RUNNING", RUNNING_TIMEOUT)
@@ -512,8 +529,10 @@ class _PauseLimit:
                 if self.deadline is None or time.monotonic() < self.deadline:
                     continue
                 self.fired = True
-                self.sink.cancel()
-                _shut(self.ch.sock)
+                try:
+                    self.sink.cancel()
+                finally:
+                    _shut(self.ch.sock)
             log.warning("no RESTORED %g s after the pause: the relocation was given up", self.limit)
             return
 
@@ -524,12 +543,36 @@ class _PauseLimit:
             self.done = True
             return not self.fired
 
-    def error(self, where: str, was_running: bool) -> "RelocationError":
-        here = "runs here again" if was_running else "stays paused here, as it was"
+    def error(self, where: str) -> "RelocationError":
+        """Armed only for a guest that was running: it runs here again."""
         return RelocationError(f"relocation to {where} given up: the destination had not restored the "
                                f"guest {self.limit:g} s after the pause (the limit is the longer of "
                                f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate); "
-                               f"the guest {here}")
+                               f"the guest runs here again")
+
+
+class _ClientPoll:
+    """While the stream goes: ``check()`` (domaind's ClientWatch.check: the client of
+    ``hvm migrate`` still there) every CHECK_EVERY seconds on a thread of its own; when it
+    raises (Ctrl-C), ``cancel`` is set, which the save watches: its sink stops at once and
+    it fails with SaveCancelled, even while a round's send or a SYNCED waits on the
+    destination. Without both, nothing runs."""
+
+    def __init__(self, check, cancel: threading.Event | None):
+        self.done = False
+        if check is not None and cancel is not None:
+            threading.Thread(target=self._run, args=(check, cancel), name="client-poll", daemon=True).start()
+
+    def _run(self, check, cancel: threading.Event) -> None:
+        while not cancel.wait(CHECK_EVERY) and not self.done:
+            try:
+                check()
+            except Exception:
+                cancel.set()
+                return
+
+    def stop(self) -> None:
+        self.done = True
 
 
 class _SetupCancel:
