@@ -152,13 +152,17 @@ def process_alive(directory: Path) -> bool | None:
     return _runs(pid, directory)
 
 
-def _runs(pid: int, directory: Path | None = None) -> bool:
+def _runs(pid: int, directory: Path | None = None, exiting: bool = True) -> bool:
+    """Whether process ``pid`` runs (the domain of ``directory``, if given); ``exiting``:
+    whether one on its way out counts (it does for the locks its files hold)."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
             state = f.read().rpartition(b")")[2].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
     except (OSError, IndexError):
+        return False
+    if not exiting and (state in (b"Z", b"X") or argv in ([b""], [])):
         return False
     if state in (b"Z", b"X"):
         # a zombie leader whose other threads still exit holds the process's files (and
@@ -213,17 +217,17 @@ UNRESPONSIVE = "unresponsive"      # hvm list: a domain whose process lives but 
 
 
 def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
-    """What ``hvm list`` shows of a domain whose process lives and has its control socket
-    but did not answer (hung, stopped, or on its way out): status ``unresponsive``, what it
-    saved, and why (``note``). None otherwise: its process is gone, or it has no control
-    socket yet (still starting, or being received, which is listed from RESTORED on:
-    specs/relocation.md), as before."""
-    if not (directory / statedir.SOCKET).exists() or process_alive(directory) is not True:
-        return None
+    """What ``hvm list`` shows of a domain whose process runs and has its control socket
+    but did not answer (hung, or stopped): status ``unresponsive``, what it saved, and why
+    (``note``). None otherwise: its process is gone or on its way out (killed: listed
+    crashed once gone), or it has no control socket (still starting, being received,
+    which is listed from RESTORED on: specs/relocation.md, or ending), as before."""
     try:
         pid = int((directory / statedir.PIDFILE).read_text())
     except (OSError, ValueError):
         return None
+    if not (directory / statedir.SOCKET).exists() or not _runs(pid, directory, exiting=False):
+        return None                 # (killed, on its way out: listed crashed once it is gone)
     return {**_saved_info(directory, UNRESPONSIVE, pid), "note": str(exc)}
 
 
