@@ -325,6 +325,8 @@ class _Restorer:
 
     def on_end(self, record: End) -> None:
         trace.mark("R END read")
+        if self.warm:       # the state came in END's chunk: still apply it before the last pages are in
+            self.apply_early()
         self.settle()
         if self.channels is not None:
             if self.channels_record is None:
@@ -358,10 +360,11 @@ class _Restorer:
         return records
 
     def apply_early(self) -> None:
-        """Between two chunks of a relocation's stream: once every HVM context record the
-        restore requires is here, apply them (RestorableDomain.apply_state, ``early``), so
-        that at END only :meth:`finish_apply` is left, off the downtime the last pages
-        take to come. The domain has not run and resumes only after END; a record that
+        """Between two chunks of a relocation's stream, and at END before the data
+        channels' last pages are awaited (the state may come in END's chunk): once every
+        HVM context record the restore requires is here, apply them
+        (RestorableDomain.apply_state, ``early``), so that once the pages are in only
+        :meth:`finish_apply` is left, off the downtime the last pages take to come. The domain has not run and resumes only after END; a record that
         comes after this (an optional one) has END apply the whole state again, and so has
         a failure here, which END then reports."""
         if self.domain is None or self.state_seen == self.state_tried:
