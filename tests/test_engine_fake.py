@@ -543,20 +543,22 @@ def saved(tmp_path) -> tuple[FakeDomain, bytes]:
 
 def test_a_relocation_applies_the_state_while_its_last_pages_come(tmp_path):
     """A relocation's receiver (warm) applies the CPU state as soon as all of it has come,
-    between two chunks, before the pages after it and END; the domain is still handed over
-    only after END. Without warm, or with the state and END in one chunk, END applies it."""
+    between two chunks, before the pages after it and END, or, with the state and END in
+    one chunk, at END before it settles the pages; the domain is still handed over only
+    after END. Without warm, END applies it, after the pages."""
     src, data = saved(tmp_path)
-    dom, stats = restore(pieces(data, 256), make_domain=FakeDomain, fresh_stub=False, warm=True)
-    assert stats.state_early and dom.applied_early is True
-    assert dom.applied.vcpus[0].regs["rip"] == 1 and dom.guest.views[0][4096:4097] == b"x"
-    for chunks, warm in ((pieces(data, 256), False), ([data], True)):
-        dom, stats = restore(chunks, make_domain=FakeDomain, fresh_stub=False, warm=warm)
-        assert not stats.state_early and dom.applied_early is False and dom.applied.vcpus[0].regs["rip"] == 1
+    for chunks in (pieces(data, 256), [data]):
+        dom, stats = restore(chunks, make_domain=FakeDomain, fresh_stub=False, warm=True)
+        assert stats.state_early and dom.applied_early is True
+        assert dom.applied.vcpus[0].regs["rip"] == 1 and dom.guest.views[0][4096:4097] == b"x"
+    dom, stats = restore(pieces(data, 256), make_domain=FakeDomain, fresh_stub=False, warm=False)
+    assert not stats.state_early and dom.applied_early is False and dom.applied.vcpus[0].regs["rip"] == 1
 
 
 def test_state_that_comes_after_the_early_apply_is_applied_at_end(tmp_path):
     """An optional record (VCPU_PDPTRS) after the state the restore requires: applied
-    again between chunks if it comes in one of its own, else at END; never lost."""
+    again between chunks if it comes in one of its own, else by END's early apply; never
+    lost."""
     _, data = saved(tmp_path)
     (tmp_path / "plain.hvm").write_bytes(data)
     late = HvmState(RecordType.VCPU_PDPTRS, Vm.GUEST, 0, {"flags": 1, "pdptrs": [1, 2, 3, 4]})
@@ -571,10 +573,9 @@ def test_state_that_comes_after_the_early_apply_is_applied_at_end(tmp_path):
         else:
             parts.append(writer.record(record))
     data = b"".join(parts)
-    for chunks, early in (([*pieces(data[:at], 256), data[at:]], False),
-                          ([*pieces(data[:at], 256), data[at:end], data[end:]], True)):
+    for chunks in ([*pieces(data[:at], 256), data[at:]], [*pieces(data[:at], 256), data[at:end], data[end:]]):
         dom, stats = restore(chunks, make_domain=FakeDomain, fresh_stub=False, warm=True)
-        assert stats.state_early is early
+        assert stats.state_early
         assert dom.applied.vcpus[0].pdptrs == {"flags": 1, "pdptrs": [1, 2, 3, 4]}
 
 

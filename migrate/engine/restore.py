@@ -63,7 +63,7 @@ class RestoreStats:
     seconds: float = 0.0
     end_at: float = 0.0             # time.monotonic() when END had been read and checked
     applied_at: float = 0.0         # time.monotonic() when the state had been applied
-    state_early: bool = False       # the CPU state went in before END (_Restorer.apply_early)
+    state_early: bool = False       # the CPU state went in before the pages were settled (apply_early)
 
     @property
     def throughput(self) -> float:
