@@ -836,11 +836,11 @@ def test_a_cancel_ends_a_data_channel_handshake_the_destination_holds(tmp_path):
     """The set-up's cancel shuts the connections it was given, and a data channel's TLS
     handshake in the data plane (its own limit is 30 s) ends at once too."""
     from migrate.dataplane import Output, TlsContext
-    from migrate.host.source import RelocationError, _SetupCancel
+    from migrate.host.source import RelocationError, _CancelWatch
     tls.keygen(tmp_path, ["127.0.0.1", "src"])
     a, b = socket.socketpair()
     cancel = threading.Event()
-    setup = _SetupCancel(cancel, "there")
+    setup = _CancelWatch(cancel, "there")
     setup.add(a)
     threading.Timer(0.5, cancel.set).start()
     t0 = time.monotonic()
@@ -850,7 +850,7 @@ def test_a_cancel_ends_a_data_channel_handshake_the_destination_holds(tmp_path):
                 Output(a.fileno(), TlsContext(False, tmp_path / "src"), "127.0.0.1", timeout=60, handshake=60)
         assert time.monotonic() - t0 < 3
     finally:
-        setup.stop(check=False)
+        setup.stop()
         a.close()
         b.close()
 

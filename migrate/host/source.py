@@ -112,7 +112,7 @@ class MigrateJob:
         return cls(host, port, live, tls_dir, insecure, conv, compress, channels, paused)
 
     # -- the steps -------------------------------------------------------------
-    def connect(self, setup: "_SetupCancel | None" = None) -> Channel:
+    def connect(self, setup: "_CancelWatch | None" = None) -> Channel:
         where = f"{self.host}:{self.port}"
         ctx = None if self.insecure else _client_context(self.tls_dir)
         try:
@@ -145,24 +145,23 @@ class MigrateJob:
         client went away: Ctrl-C) cancels as ``cancel`` does."""
         t0 = time.monotonic()
         was_running = domain.status is DomainStatus.RUNNING
-        setup = _SetupCancel(cancel, f"{self.host}:{self.port}", before_go)
+        cancels = _CancelWatch(cancel, f"{self.host}:{self.port}", before_go)
         ch = sink = limit = outputs = None
         links: list[socket.socket] = []
         gc_hold = GcHold()      # a live save holds collections off from its pause on
         try:
-            with setup.steps():
-                ch = self.connect(setup)
+            with cancels.steps():
+                ch = self.connect(cancels)
                 welcome = self.hello(ch, domain)
-                token = self.open_channels(welcome, links, setup)
+                token = self.open_channels(welcome, links, cancels)
                 outputs = self.channel_outputs(links, token) if links else None
-            setup.stop()        # from here on the save watches the cancel (and stops its sink)
-            self.go_sent = False
+            cancels.end_setup()     # from here on the save watches the cancel (and stops its sink)
             out = DataBuffer(ch)
             sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
             outputs = None      # the sink's now
             limit = _PauseLimit(ch, sink)
             return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
-                                            cancel, links, out, sink, before_go, gc_hold, limit)
+                                            cancel, links, out, sink, before_go, gc_hold, limit, cancels)
         except RelocationError:
             raise
         except Exception as exc:        # nothing above foresaw it (a bug): say where the guest is
@@ -175,7 +174,7 @@ class MigrateJob:
             raise RelocationError(f"relocation to {self.host}:{self.port} failed: internal error: "
                                   f"{type(exc).__name__}: {exc}") from None
         finally:
-            setup.stop(check=False)     # first: nothing is shut down after this
+            cancels.stop()              # first: nothing is shut down after this
             if limit is not None:
                 limit.stop()            # likewise (it waits for a shutting down under way)
             gc_hold.release()           # after the handoff: RESTORED's answer waited on none
@@ -209,7 +208,7 @@ class MigrateJob:
                                   f"{welcome['stream_version']}; this host writes {FORMAT_VERSION}")
         return welcome
 
-    def open_channels(self, welcome: dict, links: list, setup: "_SetupCancel | None" = None) -> bytes:
+    def open_channels(self, welcome: dict, links: list, setup: "_CancelWatch | None" = None) -> bytes:
         """The data channels WELCOME granted (specs/relocation.md, "Data channels"): TCP
         connections to the daemon's address, each opening with its preamble, appended to
         ``links`` (the caller closes them, failing or not); their TLS handshakes happen in
@@ -257,7 +256,8 @@ class MigrateJob:
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
-                            out, sink, before_go, gc_hold, limit: "_PauseLimit") -> dict:
+                            out, sink, before_go, gc_hold, limit: "_PauseLimit",
+                            cancels: "_CancelWatch") -> dict:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
@@ -299,7 +299,6 @@ class MigrateJob:
             if progress is not None and not (self.live and stats.phase in PAUSED_PHASES):
                 progress(stats)
 
-        client = _ClientPoll(before_go, cancel)     # Ctrl-C seen while a round or SYNCED waits
         try:
             try:
                 try:
@@ -310,7 +309,7 @@ class MigrateJob:
                                  on_pause=limit.arm if self.live and was_running else None)
                 finally:
                     watch.stop()
-                    client.stop()
+                    cancels.stop()      # RESTORED's wait looks for a cancel itself (before_go)
             except Exception:
                 if not limit.stop():        # the limit cut the links: that is why it failed
                     raise limit.error(where) from None
@@ -551,51 +550,31 @@ class _PauseLimit:
                                f"the guest runs here again")
 
 
-class _ClientPoll:
-    """While the stream goes: ``check()`` (domaind's ClientWatch.check: the client of
-    ``hvm migrate`` still there) every CHECK_EVERY seconds on a thread of its own; when it
-    raises (Ctrl-C), ``cancel`` is set, which the save watches: its sink stops at once and
-    it fails with SaveCancelled, even while a round's send or a SYNCED waits on the
-    destination. Without both, nothing runs."""
+class _CancelWatch:
+    """A relocation's cancel: ``cancel`` set (``hvm destroy``, the job cancelled) or
+    ``check()`` raising (the client went away: Ctrl-C on ``hvm migrate``), looked at every
+    CHECK_EVERY seconds on a thread of its own until :meth:`stop`; ``check()`` raising
+    sets ``cancel`` too, which the save watches (its sink stops at once: SaveCancelled),
+    even while a round's send or a SYNCED waits on the destination.
 
-    def __init__(self, check, cancel: threading.Event | None):
-        self.done = False
-        if check is not None and cancel is not None:
-            threading.Thread(target=self._run, args=(check, cancel), name="client-poll", daemon=True).start()
-
-    def _run(self, check, cancel: threading.Event) -> None:
-        while not cancel.wait(CHECK_EVERY) and not self.done:
-            try:
-                check()
-            except Exception:
-                cancel.set()
-                return
-
-    def stop(self) -> None:
-        self.done = True
-
-
-class _SetupCancel:
-    """A cancel during a relocation's set-up, before the save watches it: ``cancel`` set
-    (``hvm destroy``, the job cancelled) or ``check()`` raising (the client went away:
-    Ctrl-C on ``hvm migrate``), looked at every CHECK_EVERY seconds. Until :meth:`stop`,
-    it shuts down every connection :meth:`add` was given, so a step waiting on the
-    destination (its TLS handshake, WELCOME, a data channel's handshake) fails at once,
-    and :meth:`steps` turns that failure, or a step that ends after the cancel, into
+    During the set-up, before the save watches the cancel (until :meth:`end_setup`), a
+    cancel also shuts down every connection :meth:`add` was given, so a step waiting on
+    the destination (its TLS handshake, WELCOME, a data channel's handshake) fails at
+    once, and :meth:`steps` turns that failure, or a step that ends after the cancel, into
     "cancelled". A connection is :meth:`discard`-ed before it is closed elsewhere, and
-    :meth:`stop` comes before the owner closes the rest: nothing is shut down after its
-    descriptor may have gone to another file."""
+    :meth:`end_setup` comes before the owner closes the rest: nothing is shut down after
+    its descriptor may have gone to another file."""
 
     def __init__(self, cancel: threading.Event | None, where: str, check=None):
         self.cancel, self.where, self.check = cancel, where, check
         self.lock = threading.Lock()
         self.socks: list = []
-        self.fired = self.done = False
+        self.fired = self.setup_over = self.done = False
         if cancel is not None or check is not None:
-            threading.Thread(target=self._watch, name="setup-cancel", daemon=True).start()
+            threading.Thread(target=self._watch, name="cancel-watch", daemon=True).start()
 
     def _watch(self) -> None:
-        while True:
+        while not self.done:
             if self.cancel is not None:
                 if self.cancel.wait(CHECK_EVERY):
                     break
@@ -607,9 +586,11 @@ class _SetupCancel:
                 try:
                     self.check()
                 except Exception:
+                    if self.cancel is not None:
+                        self.cancel.set()
                     break
         with self.lock:
-            if self.done:
+            if self.done or self.setup_over:
                 return
             self.fired = True
             for sock in self.socks:
@@ -626,13 +607,18 @@ class _SetupCancel:
             if sock in self.socks:
                 self.socks.remove(sock)
 
-    def stop(self, check: bool = True) -> None:
+    def end_setup(self, check: bool = True) -> None:
         """No shutting down after this returns; ``check``: raise the cancel's
         RelocationError if it came."""
         with self.lock:
-            self.done = True
+            self.setup_over = True
         if check:
             self._check()
+
+    def stop(self) -> None:
+        """The cancel is looked at no more (idempotent); nothing is shut down after it."""
+        self.end_setup(check=False)
+        self.done = True
 
     def _check(self) -> None:
         if self.fired or (self.cancel is not None and self.cancel.is_set()):
