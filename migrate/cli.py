@@ -577,7 +577,7 @@ def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
                f"({info['workload']}, {info['memory'] >> 20} MiB, {info['cpu']} CPU): {info['status']}, "
                f"pid {info['pid']} ({time.monotonic() - t0:.2f} s)")
     for note in info.get("cpu_notes", []):
-        click.echo(f"note: {one_line(note, 400)}")
+        click.echo(f"note: {one_line(note)}")
 
 
 @hvm.group()

@@ -8,9 +8,10 @@ import math
 import time
 
 SHOWN = 200         # characters kept of a path or a name from outside in a message
+ONE_LINE = 400      # characters kept of one message or note with text from outside in it
 
 
-def one_line(text, limit: int = 400) -> str:
+def one_line(text, limit: int = ONE_LINE) -> str:
     """``text`` (anything: str() of it) as one printable line of at most ``limit``
     characters: control characters, newlines among them, escaped as repr escapes them; a
     longer text loses its middle (the start and the last 40 characters are kept, with how
@@ -46,4 +47,4 @@ class Sparse:
         return held, since
 
 
-__all__ = ["SHOWN", "Sparse", "one_line"]
+__all__ = ["ONE_LINE", "SHOWN", "Sparse", "one_line"]

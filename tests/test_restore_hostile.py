@@ -18,6 +18,7 @@ from click.testing import CliRunner
 from migrate.cpu import this_host
 from migrate.engine import compat
 from migrate.engine.state import RestoreError
+from migrate.text import ONE_LINE
 
 ROOT = Path(__file__).resolve().parents[1]
 FIXTURES = ROOT / "tests" / "fixtures"
@@ -269,16 +270,16 @@ def test_what_a_stream_says_is_one_bounded_line_in_every_problem(tmp_path):
     lines = "/nonexistent\nrestored web1 from /x (idle, 16 MiB): running\n\x1b[2J"
     report = compat.check(str(forged(tmp_path / "nl.hvm", disk=lines)), host)
     assert len(report.problems) == 1
-    _one_bounded_line(report.problems[0], compat.MAX_PROBLEM)
+    _one_bounded_line(report.problems[0], ONE_LINE)
     assert "/nonexistent\\nrestored web1" in report.problems[0]
     report = compat.check(str(forged(tmp_path / "long.hvm", disk="/x" * 450_000)), host)
-    _one_bounded_line(report.problems[0], compat.MAX_PROBLEM)
+    _one_bounded_line(report.problems[0], ONE_LINE)
     report = compat.check(str(forged(tmp_path / "wl.hvm", workload="w\n" * 450_000)), host)
     assert len(report.problems) == 1
-    _one_bounded_line(report.problems[0], compat.MAX_PROBLEM)
+    _one_bounded_line(report.problems[0], ONE_LINE)
     report = compat.check(str(forged(tmp_path / "map.hvm", disk=None)), host,
                           {"/a\nb" * 1000: str(tmp_path / "x")})
-    _one_bounded_line(report.problems[0], compat.MAX_PROBLEM)
+    _one_bounded_line(report.problems[0], ONE_LINE)
 
 
 def test_lock_messages_are_one_bounded_line(tmp_path):

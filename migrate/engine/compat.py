@@ -35,7 +35,6 @@ from .files import file_chunks
 from .state import CpuCollector, RestoreError, config_from_record
 
 XSTATE_BV_OFFSET = 512          # the XSAVE header's first field, in the XSAVE area
-MAX_PROBLEM = 400               # characters of one problem or note kept
 MAX_NOTES = 40                  # notes kept (the rest counted)
 
 
@@ -87,10 +86,10 @@ def check(path: str | os.PathLike | bytes, host: HostCpu, disk_map: dict[str, st
     """Everything this host can know about restoring ``path`` without building anything
     (``path`` bytes: a stream's head read from a pipe, which cannot be read again).
     ``disk_map``: {saved disk path: disk here}; ``net_map``: {saved bridge or TAP device:
-    the one here}. Every problem and note is one line of at most MAX_PROBLEM characters."""
+    the one here}. Every problem and note is one line of at most ONE_LINE characters (text.py)."""
     report = _check(path, host, disk_map or {}, net_map or {})
-    report.problems = [one_line(problem, MAX_PROBLEM) for problem in report.problems]
-    notes = [one_line(note, MAX_PROBLEM) for note in report.notes[:MAX_NOTES]]
+    report.problems = [one_line(problem) for problem in report.problems]
+    notes = [one_line(note) for note in report.notes[:MAX_NOTES]]
     if len(report.notes) > MAX_NOTES:
         notes.append(f"and {len(report.notes) - MAX_NOTES} more notes")
     report.notes = notes
@@ -267,17 +266,17 @@ def saved_disk_id(raw: dict) -> dict | None:
     return value
 
 
-def _not_a_disk(target: str) -> str | None:
+def _not_a_disk(target: str) -> tuple[str | None, os.stat_result | None]:
     """Why the file ``target`` cannot be a disk image (not a regular file, on a kernel
-    filesystem, not there); None if it can."""
+    filesystem, not there), or None if it can; and its stat, if it could be taken."""
     try:
         st = os.stat(target)
         if not stat.S_ISREG(st.st_mode):
-            return "not a regular file"
+            return "not a regular file", st
         kind = kernel_filesystem(target)
     except OSError as exc:
-        return exc.strerror or "cannot be looked at"
-    return f"on {kind}, a kernel filesystem, not a disk image" if kind else None
+        return exc.strerror or "cannot be looked at", None
+    return (f"on {kind}, a kernel filesystem, not a disk image" if kind else None), st
 
 
 def check_disk(disk: str | None, disk_map: dict[str, str], report: Report,
@@ -299,11 +298,10 @@ def check_disk(disk: str | None, disk_map: dict[str, str], report: Report,
     if disk in disk_map:
         target = disk_map[disk]
         entry = f"--disk-map {one_line(disk, SHOWN)}={one_line(target, SHOWN)}"
-        problem = _not_a_disk(target)
+        problem, st = _not_a_disk(target)
         if problem:
             report.problems.append(f"{entry}: {one_line(target, SHOWN)} is {problem}")
             return None
-        st = os.stat(target)
         if saved_sectors is not None and st.st_size // SECTOR != saved_sectors:
             report.problems.append(f"{entry}: {one_line(target, SHOWN)} has {st.st_size // SECTOR} sectors; the "
                                    f"stream was saved with a disk of {saved_sectors}")
@@ -350,7 +348,7 @@ def saved_disk_line(raw: dict) -> str | None:
     report = Report()
     check_disk(disk, {}, report, saved_disk_id(raw))
     if report.problems:
-        return f"disk: {one_line(report.problems[0], MAX_PROBLEM)}"
+        return f"disk: {one_line(report.problems[0])}"
     return f"disk: {one_line(disk, SHOWN)} is the image this stream was saved with"
 
 
@@ -365,12 +363,16 @@ def interface_identity(name: str) -> dict | None:
     boot of this host, :func:`boot_id`) and ``ifindex`` (the interface's index, or nil if
     there is no such interface now). None if the boot id cannot be read."""
     try:
-        index = socket.if_nametoindex(name)
+        return {"boot_id": boot_id(), "ifindex": _ifindex(name)}
     except OSError:
-        index = None
+        return None
+
+
+def _ifindex(name: str) -> int | None:
+    """The index of the interface ``name``, or None if there is none (or no such name)."""
     try:
-        return {"boot_id": boot_id(), "ifindex": index}
-    except OSError:
+        return socket.if_nametoindex(name)
+    except (OSError, ValueError):
         return None
 
 
@@ -388,23 +390,17 @@ def check_nic(net: dict | None, net_map: dict[str, str], report: Report, net_id=
                                f"the stream's NIC is {nic}")
     if net is None:
         return
-    if saved not in net_map:
-        try:
-            index = socket.if_nametoindex(saved)
-        except (OSError, ValueError):
-            index = None            # none here: a TAP device is made, a bridge is refused later
-        if index is not None:
-            try:
-                here = boot_id()
-            except OSError:
-                here = None
-            if not (isinstance(net_id, dict) and here is not None and net_id.get("boot_id") == here
-                    and net_id.get("ifindex") == index):
-                report.problems.append(
-                    f"the {net['link']} {one_line(saved, SHOWN)} here is not the interface this stream's NIC "
-                    f"was saved on (saved on another host or boot, or the interface was made anew): name "
-                    f"the one to use with --net-map {one_line(saved, SHOWN)}=DEV")
-                return
+    # an interface of that name here must be the one saved on; with none here, a TAP device
+    # is made (a bridge is refused later)
+    if saved not in net_map and _ifindex(saved) is not None:
+        here = interface_identity(saved)
+        if not (isinstance(net_id, dict) and here is not None and net_id.get("boot_id") == here["boot_id"]
+                and net_id.get("ifindex") == here["ifindex"]):
+            report.problems.append(
+                f"the {net['link']} {one_line(saved, SHOWN)} here is not the interface this stream's NIC "
+                f"was saved on (saved on another host or boot, or the interface was made anew): name "
+                f"the one to use with --net-map {one_line(saved, SHOWN)}=DEV")
+            return
     report.facts["net_here"] = net_map.get(saved, saved)
 
 

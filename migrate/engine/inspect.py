@@ -18,7 +18,7 @@ from ..stream import (
     DONE, NEED_DATA, PAGE_SIZE, CpuidPolicy, CpuModel, Creator, DeviceState, DomainConfig, End,
     HvmState, MemoryLayout, MsrPolicy, StreamReader, Vm,
 )
-from ..stream.errors import one_line
+from ..text import one_line
 from ..stream.pages import RawPageBatch
 from .files import file_chunks
 

@@ -51,8 +51,7 @@ def config_record(config: DomainConfig, stub_build: str = "", disk_id: dict | No
     raw = {f.name: getattr(config, f.name) for f in fields(DomainConfig) if f.name not in NOT_IN_CONFIG}
     if stub_build:
         raw["stub_build"] = stub_build
-    raw["disk_id"] = disk_id if config.disk is not None else None
-    raw["net_id"] = net_id if config.net is not None else None
+    raw["disk_id"], raw["net_id"] = disk_id, net_id       # None without a disk, a NIC (save.disk_id_of)
     return ConfigRecord(raw)
 
 

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 from ..text import one_line
 
-MAX_MESSAGE = 400  # characters of a message kept; hostile input must not make a huge line
-
 
 class StreamError(Exception):
     """A stream is malformed. Carries where: byte offset, record index and record type.
@@ -26,7 +24,7 @@ class StreamError(Exception):
         record_index: int | None = None,
         record_type: int | None = None,
     ) -> None:
-        msg = one_line(msg, MAX_MESSAGE)
+        msg = one_line(msg)      # hostile input must not make a huge line
         super().__init__(msg, offset, record_index, record_type)
         self.msg = msg
         self.offset = offset
