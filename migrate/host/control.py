@@ -145,11 +145,16 @@ def process_alive(directory: Path) -> bool | None:
     directory (a reused pid does not count) or is on its way out (its memory gone, its
     files, and so its locks, not yet), False once it is gone or a zombie with no thread
     left."""
+    pid = _pid(directory)
+    return None if pid is None else _runs(pid, directory)
+
+
+def _pid(directory: Path) -> int | None:
+    """The pid the domain process of ``directory`` wrote, or None (none yet)."""
     try:
-        pid = int((directory / statedir.PIDFILE).read_text())
+        return int((directory / statedir.PIDFILE).read_text())
     except (OSError, ValueError):
         return None
-    return _runs(pid, directory)
 
 
 def _runs(pid: int, directory: Path | None = None, exiting: bool = True) -> bool:
@@ -162,17 +167,17 @@ def _runs(pid: int, directory: Path | None = None, exiting: bool = True) -> bool
             argv = f.read().split(b"\0")
     except (OSError, IndexError):
         return False
-    if not exiting and (state in (b"Z", b"X") or argv in ([b""], [])):
-        return False
     if state in (b"Z", b"X"):
         # a zombie leader whose other threads still exit holds the process's files (and
         # so its image locks) until the last of them is gone
+        if not exiting:
+            return False
         try:
             return len(os.listdir(f"/proc/{pid}/task")) > 1
         except OSError:
             return False
     if argv in ([b""], []):
-        return True                 # exiting: no memory left to read its arguments from
+        return exiting              # exiting: no memory left to read its arguments from
     return directory is None or os.fsencode(str(directory)) in argv
 
 
@@ -181,10 +186,10 @@ def dead_info(directory: Path) -> dict | None:
     without cleaning up): status ``crashed``, its configuration as it saved it, and where
     its logs are. None if its process lives, or it is still starting. A directory left
     without a pid for longer than a start may take (its starter was killed) is removed."""
-    alive = process_alive(directory)
-    if alive:
+    pid = _pid(directory)
+    if pid is not None and _runs(pid, directory):
         return None
-    if alive is None:
+    if pid is None:
         try:
             young = time.time() - directory.stat().st_mtime < CREATE_TIMEOUT
         except OSError:
@@ -192,12 +197,19 @@ def dead_info(directory: Path) -> dict | None:
         if not young:
             shutil.rmtree(directory, ignore_errors=True)
         return None
-    pid = int((directory / statedir.PIDFILE).read_text())
-    logs = [leaf for leaf in statedir.LOGS if (directory / leaf).exists()
-            and (leaf != statedir.FATAL or (directory / leaf).stat().st_size)]     # fatal.log: if written
+    logs = [leaf for leaf in statedir.LOGS if _kept(directory / leaf)]
     return {**_saved_info(directory, DomainStatus.CRASHED, pid),
             "crash_reason": f"its domain process (pid {pid}) is gone (killed, or it died)",
             "logs": [str(directory / leaf) for leaf in logs]}
+
+
+def _kept(path: Path) -> bool:
+    """A log worth listing for a post-mortem: one that is there (fatal.log: if written)."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return False
+    return bool(size) or path.name != statedir.FATAL
 
 
 def _saved_info(directory: Path, status: str, pid: int) -> dict:
@@ -222,11 +234,8 @@ def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
     (``note``). None otherwise: its process is gone or on its way out (killed: listed
     crashed once gone), or it has no control socket (still starting, being received,
     which is listed from RESTORED on: specs/relocation.md, or ending), as before."""
-    try:
-        pid = int((directory / statedir.PIDFILE).read_text())
-    except (OSError, ValueError):
-        return None
-    if not (directory / statedir.SOCKET).exists() or not _runs(pid, directory, exiting=False):
+    pid = _pid(directory)
+    if pid is None or not (directory / statedir.SOCKET).exists() or not _runs(pid, directory, exiting=False):
         return None                 # (killed, on its way out: listed crashed once it is gone)
     return {**_saved_info(directory, UNRESPONSIVE, pid), "note": str(exc)}
 

@@ -88,6 +88,7 @@ class ConsoleLog:
     def __init__(self, path: Path):
         self.path = path
         self.file = open(path, "ab", buffering=0)
+        self.size = self.file.tell()    # bytes in the file: counted here, not asked (a write per exit)
         self.base = 0           # bytes written before the file's first
         self.lock = threading.Lock()
         self.failed = False     # the last write failed (said once)
@@ -95,22 +96,23 @@ class ConsoleLog:
     @property
     def written(self) -> int:
         with self.lock:
-            return self.base + self.file.tell()
+            return self.base + self.size
 
     def write(self, data: bytes) -> None:
         """Never raises: the guest's console must not fail its vCPU (a full disk, or the file
         deleted by an operator, which the move to .1 then finds gone, costs log, no more)."""
         with self.lock:
             try:
-                if self.file.tell() + len(data) > statedir.LOG_MAX and self.file.tell():
-                    self.base += self.file.tell()
+                if self.size + len(data) > statedir.LOG_MAX and self.size:
+                    self.base += self.size
                     try:
                         os.replace(self.path, self.path.with_name(self.path.name + ".1"))
                     except FileNotFoundError:
                         pass            # deleted meanwhile: nothing to keep
                     self.file.close()
                     self.file = open(self.path, "ab", buffering=0)
-                self.file.write(data)
+                    self.size = self.file.tell()
+                self.size += self.file.write(data) or 0
             except OSError as exc:
                 if not self.failed:
                     log.error("console.log: %s; console output is not logged until it can be", exc)
