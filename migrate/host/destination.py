@@ -35,7 +35,7 @@ from ..config import parse_disk_map, parse_net_map  # noqa: F401  (re-exported)
 from ..kvm.vm import HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
-from ..text import Sparse
+from ..text import Sparse, one_line
 from ..stream import StreamError, Vm
 from .. import trace
 from . import control, statedir, tls
@@ -95,8 +95,7 @@ def _read_exact(sock: socket.socket, n: int, deadline: float) -> bytes:
 
 
 def _short(value) -> str:
-    text = repr(value)
-    return text if len(text) <= 40 else text[:37] + "..."
+    return one_line(repr(value), 40)
 
 
 def _internal(exc: BaseException) -> str:
@@ -172,10 +171,7 @@ class Incoming:
                           hugepages=hugepages, live=hello["live"])
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except BaseException as exc:
-            if self.dir is not None:
-                self.discard()          # kills a process that did start, removes the directory
-            else:
-                self._close()
+            self.discard()              # kills a process that did start, removes its directory
             if isinstance(exc, (OSError, subprocess.SubprocessError)):
                 raise Refused(f"cannot start a receiving domain process: {exc}") from None
             raise
@@ -478,7 +474,7 @@ class RelocationServer:
         self.listener.close()
 
     # -- one relocation -------------------------------------------------------
-    def handle(self, raw: socket.socket, peer, slot: _Pending | None = None) -> None:
+    def handle(self, raw: socket.socket, peer, slot: _Pending) -> None:
         who = f"{peer[0]}:{peer[1]}"
         try:
             self._handle(raw, who, slot)
@@ -486,10 +482,9 @@ class RelocationServer:
             log.error("connection from %s: %s", who, _internal(exc))
         finally:
             raw.close()
-            if slot is not None:
-                slot.release()
+            slot.release()
 
-    def _handle(self, raw: socket.socket, who: str, slot: _Pending | None) -> None:
+    def _handle(self, raw: socket.socket, who: str, slot: _Pending) -> None:
         deadline = time.monotonic() + HANDSHAKE_TIMEOUT     # first bytes, then TLS or the preamble
         try:
             raw.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -525,13 +520,11 @@ class RelocationServer:
         finally:
             ch.close()
 
-    def channel(self, raw: socket.socket, who: str, deadline: float | None = None) -> None:
+    def channel(self, raw: socket.socket, who: str, deadline: float) -> None:
         """A data channel (specs/relocation.md, "Data channels"): its plain preamble names
         the relocation; the socket goes to that relocation's domain process, which starts
         TLS on it and checks, inside TLS, the relocation's token. The whole preamble must
         have come by ``deadline``."""
-        if deadline is None:
-            deadline = time.monotonic() + HANDSHAKE_TIMEOUT
         try:
             magic, channel_id, index, reserved = CHANNEL_PREAMBLE.unpack(
                 _read_exact(raw, CHANNEL_PREAMBLE.size, deadline))
@@ -545,7 +538,7 @@ class RelocationServer:
         finally:
             raw.close()
 
-    def relocation(self, ch: Channel, who: str, slot: _Pending | None = None) -> None:
+    def relocation(self, ch: Channel, who: str, slot: _Pending) -> None:
         try:
             hello = ch.expect("HELLO", WELCOME_TIMEOUT)
         except PeerError as exc:
@@ -587,8 +580,7 @@ class RelocationServer:
         if refused is not None:
             ch.send_error(refused, linger=REFUSAL_LINGER)      # not under names_lock
             return
-        if slot is not None:
-            slot.release()              # it counts among the MAX_RECEIVING now
+        slot.release()                  # it counts among the MAX_RECEIVING now
         incoming = None
         try:
             incoming = Incoming(name, hello, disk_to, self.config.base, net_to, channels, self.config.tls_dir,
