@@ -225,8 +225,6 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
     return 1;
 }
 
-/* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
- * implements its socket timeouts that way), which blocking TLS cannot use. */
 /* Whether bytes have come that no read has taken yet (decrypted ones TLS holds, or any
  * on the socket of a plain channel); does not wait. */
 static int bytes_waiting(struct dp_conn *c)
@@ -237,6 +235,8 @@ static int bytes_waiting(struct dp_conn *c)
     return recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
 }
 
+/* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
+ * implements its socket timeouts that way), which blocking TLS cannot use. */
 static void set_blocking(int fd)
 {
     int flags = fcntl(fd, F_GETFL);
@@ -266,16 +266,14 @@ static struct timespec deadline_after(clockid_t clock, double seconds)
 }
 
 /* A TLS handshake (accept: the server's side) done within `seconds` in all, however the
- * peer spaces its bytes (not above 0, or not a number: no limit): the socket is
+ * peer spaces its bytes (not above 0, past 1e7, or not a number: no limit): the socket is
  * non-blocking meanwhile and each wait is for what is left, then blocking again. 1 done,
  * 0 out of time, -1 failed (OpenSSL's queue or the verify result say why). */
 static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
 {
     struct timespec now;
-    int unbounded = !(seconds > 0);
-    if (unbounded || seconds > 1e7)
-        seconds = 1e7;                  /* no limit: about four months */
-    struct timespec end = deadline_after(CLOCK_MONOTONIC, seconds);
+    int unbounded = !(seconds > 0) || seconds > 1e7;
+    struct timespec end = deadline_after(CLOCK_MONOTONIC, unbounded ? 0 : seconds);
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
@@ -295,10 +293,8 @@ static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
         clock_gettime(CLOCK_MONOTONIC, &now);
         long long left = (long long)(end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1000000;
         struct pollfd p = {.fd = fd, .events = want};
-        int n = left > 0 ? poll(&p, 1, left > 1000000 ? 1000000 : (int)left) : 0;
+        int n = unbounded ? poll(&p, 1, -1) : left > 0 ? poll(&p, 1, left > 1000000 ? 1000000 : (int)left) : 0;
         if (n < 0 && errno == EINTR)
-            continue;
-        if (n == 0 && unbounded)
             continue;
         if (n <= 0) {
             rc = n < 0 ? -1 : 0;
@@ -307,6 +303,17 @@ static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
     }
     fcntl(fd, F_SETFL, flags & ~O_NONBLOCK);
     return rc;
+}
+
+/* Why a handshake tls_handshake did not finish (its rc, 0 or -1) failed: into buf */
+static const char *handshake_why(SSL *ssl, int rc, double seconds, char *buf, size_t n)
+{
+    long verify = SSL_get_verify_result(ssl);
+    if (rc == 0)
+        snprintf(buf, n, "not done within %g s", seconds);
+    else
+        snprintf(buf, n, "%s", verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+    return buf;
 }
 
 /* -- TLS contexts --------------------------------------------------------------------- */
@@ -359,12 +366,8 @@ static SSL *tls_connect(SSL_CTX *ctx, int fd, const char *host, double handshake
     SSL_set_fd(ssl, fd);
     int rc = tls_handshake(ssl, fd, 0, handshake);
     if (rc != 1) {
-        long verify = SSL_get_verify_result(ssl);
-        if (rc == 0)
-            snprintf(err, errlen, "TLS handshake failed: not done within %g s", handshake);
-        else
-            snprintf(err, errlen, "TLS handshake failed: %s",
-                     verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+        char why[256];
+        snprintf(err, errlen, "TLS handshake failed: %s", handshake_why(ssl, rc, handshake, why, sizeof why));
         SSL_free(ssl);
         return NULL;
     }
@@ -1701,14 +1704,10 @@ static void *channel_main(void *arg)
         }
         SSL_set_fd(ch->conn.ssl, ch->conn.fd);
         int rc = tls_handshake(ch->conn.ssl, ch->conn.fd, 1, r->handshake);
-        if (rc == 0) {
-            set_error(&r->err, "channel %d: TLS handshake failed: not done within %g s", ch->index, r->handshake);
-            goto out;
-        }
         if (rc != 1) {
-            long verify = SSL_get_verify_result(ch->conn.ssl);
+            char reason[256];
             set_error(&r->err, "channel %d: TLS handshake failed: %s", ch->index,
-                      verify != X509_V_OK ? X509_verify_cert_error_string(verify) : tls_reason());
+                      handshake_why(ch->conn.ssl, rc, r->handshake, reason, sizeof reason));
             goto out;
         }
     }
@@ -1821,18 +1820,6 @@ void dp_receiver_open(struct dp_receiver *r)
     pthread_mutex_unlock(&r->lock);
 }
 
-/* Take channel `index`: a connected socket (TLS not yet started: its handshake runs on
- * the channel's own thread). 0, or -1 with err. */
-static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
-
-int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
-{
-    pthread_mutex_lock(&r->lock);       /* close joins the threads started before it */
-    int rc = add_channel(r, index, fd, err, errlen);
-    pthread_mutex_unlock(&r->lock);
-    return rc;
-}
-
 static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
 {
     if (r->closing) {
@@ -1863,6 +1850,16 @@ static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size
     }
     ch->started = 1;
     return 0;
+}
+
+/* Take channel `index`: a connected socket (TLS not yet started: its handshake runs on
+ * the channel's own thread). 0, or -1 with err. */
+int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen)
+{
+    pthread_mutex_lock(&r->lock);       /* close joins the threads started before it */
+    int rc = add_channel(r, index, fd, err, errlen);
+    pthread_mutex_unlock(&r->lock);
+    return rc;
 }
 
 /* Wait until every channel has finished round `round` (rounds count from 0), or, with
