@@ -134,15 +134,15 @@ class Stub:
 
     def close(self) -> None:
         self._stopped.set()
-        vm = getattr(self, "vm", None)
-        if getattr(self, "net", None) is not None:
-            self.net.stop()         # first: its request the kick ends is then no failure
+        vm, net = getattr(self, "vm", None), getattr(self, "net", None)
+        if net is not None:
+            net.stop()              # first: its request the kick ends is then no failure
         if vm is not None:
             self.vcpu.kick()        # a request under way (a thread in KVM_RUN on it) ends now
         stuck = False
-        if getattr(self, "net", None) is not None:
-            self.net.close()        # its receive thread first: it makes ioreqs
-            stuck = self.net.running()
+        if net is not None:
+            net.close()             # its receive thread first: it makes ioreqs
+            stuck = net.running()
             self.net = None
         if vm is not None:
             if stuck:               # unmapping its kvm_run page under it would crash the process
