@@ -47,6 +47,7 @@ def guest_layout(memory: int) -> tuple[tuple[int, int], ...]:
 RAM_SLOT = gboot.RAM_SLOT
 PORT_SYNC = 0xEA
 PORT_EXIT = 0xF4
+THREAD_END = 10.0       # seconds destroy() waits for each vCPU thread to end before it leaves the VMs open
 
 
 @dataclass
@@ -656,7 +657,7 @@ class Domain:
         stuck = []
         for run in self._runs:
             if run.thread is not None and run.thread is not threading.current_thread():
-                run.thread.join(10)
+                run.thread.join(THREAD_END)
                 if run.thread.is_alive():
                     stuck.append(run.thread.name)
         if stuck:       # closing a VM would unmap a kvm_run page under them: a crash. A

@@ -7,7 +7,10 @@ from __future__ import annotations
 
 import logging
 import struct
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -16,6 +19,7 @@ from migrate.domain import Domain, DomainConfig
 from migrate.host import statedir
 from migrate.host.domaind import ConsoleLog
 
+ROOT = Path(__file__).resolve().parents[1]
 CLI = b"\xfa"
 JMP_BACK = b"\xeb"              # jmp rel8 (the offset follows)
 
@@ -113,3 +117,53 @@ def test_the_console_log_never_fails_the_guest(tmp_path, monkeypatch):
     log.file = Full()
     log.write(b"z")                         # said once in the log, not raised
     assert log.failed
+
+
+STUCK_IN_A_STUB_REQUEST = r"""
+import logging, threading, time
+from migrate import domain
+from migrate.console import Console
+from migrate.domain import Domain, DomainConfig
+logging.basicConfig(level=logging.ERROR, format="%(message)s")
+domain.THREAD_END = 0.3
+stuck, release = threading.Event(), threading.Event()
+def sink(data):                 # console.log on storage that hangs: the vCPU thread waits in it
+    if not stuck.is_set():
+        stuck.set()
+        release.wait(30)
+dom = Domain.boot(DomainConfig("stuck", "idle", 32 << 20, timer_hz=0), Console(sink=sink))
+code = b"\xfa\x66\xba\xf8\x03" + b"\xb0\x41\xee\xeb\xfb"    # cli; mov $0x3f8,%dx; 1: out 'A' to the UART; jmp 1b
+rip = dom.vcpu.get_regs()["rip"]
+dom.memory[rip:rip + len(code)] = code
+dom.resume()
+assert stuck.wait(10), "the guest's UART write reached the console"
+t0 = time.monotonic()
+dom.destroy()
+print(f"destroyed in {time.monotonic() - t0:.2f} s, VMs open: {dom.vm is not None} {dom.stub.vm is not None}",
+      flush=True)
+release.set()                   # the thread goes on with its stub request: the VMs must still be there
+threads = [t for t in threading.enumerate() if t.name.startswith("vcpu")]
+assert threads, "a vCPU thread was left running" 
+for t in threads:
+    t.join(10)
+assert not any(t.is_alive() for t in threads), "the vCPU thread ended once released"
+dom._close_vm()
+print("survived", flush=True)
+"""
+
+
+@pytest.mark.kvm
+def test_destroy_leaves_the_vms_open_under_a_vcpu_thread_stuck_in_a_stub_request():
+    """A vCPU thread that does not end within THREAD_END (here: its UART write waits on a
+    console log whose storage hangs, inside a stub request) still uses both VMs when it goes
+    on: destroy() returns, says so, and closes neither, so the process does not crash (it
+    took SIGSEGV when destroy closed them). Run in a process of its own so that a crash is a
+    failure here, not the end of the test run."""
+    done = subprocess.run([sys.executable, "-c", STUCK_IN_A_STUB_REQUEST], cwd=ROOT, capture_output=True,
+                          text=True, timeout=120)
+    assert done.returncode == 0, f"rc {done.returncode}: {done.stderr[-2000:]}"
+    took, left_open = done.stdout.split("destroyed in ")[1].split(" s, VMs open: ")
+    assert float(took) < 3.0
+    assert left_open.splitlines()[0] == "True True"
+    assert "did not end: the VM and its stub are left open" in done.stderr
+    assert done.stdout.rstrip().endswith("survived")
