@@ -6,6 +6,7 @@ around a ring with locked instructions and IPIs) through save/restore, with its 
 shown to catch a lost and a doubled IPI and a lost page; RAM above 4 GiB saved, restored
 and dirty-logged slot by slot; a 16 GiB guest with little touched; and the restore's
 refusals of streams whose vCPUs or memory ranges do not match their configuration."""
+import fcntl
 import io
 import os
 import re
@@ -392,6 +393,31 @@ def test_restore_refuses_vcpus_and_ranges_unlike_the_configuration(domains):
 
 
 # -- through the CLI and domain processes ------------------------------------------------
+
+KVM_NMI = 0xAE9A                # _IO(KVMIO, 0x9a): an NMI for the vCPU, as LINT1 or an NMI IPI leaves it
+MP_STATE_INIT_RECEIVED, MP_STATE_HALTED = 2, 3
+
+
+@pytest.mark.kvm
+def test_halted_and_init_waiting_vcpus_and_a_pending_nmi_survive_a_save(domains):
+    """The vCPU states the smp workload never leaves (its APs are started by the host and
+    it sends only fixed IPIs): a halted vCPU with an NMI pending, and an AP that took INIT
+    and waits for its SIPI, through a save and a restore (the C capture and apply, stream
+    records between), as the restored domain holds them before it runs."""
+    src = Domain.boot(DomainConfig("mpst", "smp", 64 << 20, vcpus=2))
+    domains.append(src)
+    src.vcpus[0].set_mp_state(MP_STATE_HALTED)
+    fcntl.ioctl(src.vcpus[0].fd, KVM_NMI)
+    src.vcpus[1].set_mp_state(MP_STATE_INIT_RECEIVED)
+
+    def held(dom):
+        return [(v.get_mp_state(), v.get_vcpu_events()["nmi"]["pending"]) for v in dom.vcpus]
+    assert held(src) == [(MP_STATE_HALTED, 1), (MP_STATE_INIT_RECEIVED, 0)]
+    data, _ = save_bytes(src)
+    dst, _ = restore([data], name="mpst2")
+    domains.append(dst)
+    assert held(dst) == [(MP_STATE_HALTED, 1), (MP_STATE_INIT_RECEIVED, 0)]
+
 
 @pytest.mark.kvm
 def test_cli_shows_vcpus_and_memory_ranges(state_dir, tmp_path):
