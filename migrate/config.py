@@ -34,7 +34,7 @@ WORKLOADS = {"idle": 1, "pagetouch": 2, "dirtier": 3, "ledger": 4, "pageset": 5,
 MODELS = ("baseline", "host")
 DEFAULT_MODEL = "baseline"
 STUB_MODEL = "baseline"            # the stub runs our own image: it needs nothing more
-MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9.-]{0,14}$")
+MODEL_NAME = re.compile(r"[a-z0-9][a-z0-9.-]{0,14}\Z")
 
 
 class DomainError(Exception):
@@ -79,8 +79,8 @@ def memory_problem(memory: int) -> str:
 # -- the NIC's configuration (it travels in DOMAIN_CONFIG; migrate.stub.netback runs it) ------
 MTU_MIN, MTU_MAX, MTU_DEFAULT = 68, 9000, 1500
 LINKS = ("tap", "bridge")
-_IFNAME = re.compile(r"^[A-Za-z0-9_.-]{1,15}$")
-_MAC = re.compile(r"^[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}$")
+_IFNAME = re.compile(r"[A-Za-z0-9_.-]{1,15}\Z")
+_MAC = re.compile(r"[0-9a-fA-F]{2}(:[0-9a-fA-F]{2}){5}\Z")
 
 
 class NetError(ValueError):

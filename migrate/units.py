@@ -23,9 +23,9 @@ class UnitError(ValueError):
 
 
 _NUMBER = r"(\d+(?:\.\d*)?|\.\d+)"
-_SIZE = re.compile(rf"^{_NUMBER}\s*([KMGT]?)(i?B?)$", re.IGNORECASE)
-_RATE = re.compile(rf"^{_NUMBER}\s*([KMG]?)(iB|B|bit)?(/s)?$", re.IGNORECASE)
-_DURATION = re.compile(rf"^{_NUMBER}\s*(ms|s|m|min|h)?$", re.IGNORECASE)
+_SIZE = re.compile(rf"{_NUMBER}\s*([KMGT]?)(i?B?)\Z", re.IGNORECASE)
+_RATE = re.compile(rf"{_NUMBER}\s*([KMG]?)(iB|B|bit)?(/s)?\Z", re.IGNORECASE)
+_DURATION = re.compile(rf"{_NUMBER}\s*(ms|s|m|min|h)?\Z", re.IGNORECASE)
 _BINARY = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 _DECIMAL = {"": 1, "K": 10 ** 3, "M": 10 ** 6, "G": 10 ** 9}
 _SECONDS = {"ms": 1e-3, "s": 1.0, "m": 60.0, "min": 60.0, "h": 3600.0}

@@ -13,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from migrate.cli import hvm, parse_size
+from migrate.config import DomainConfig, DomainError, NetError, check_net
 from migrate.host import control, statedir
 
 
@@ -43,6 +44,22 @@ def test_bad_name_and_unknown_domain(state_dir):
     assert result.exit_code == 1 and "invalid domain name" in result.output
     result = run("info", "nosuch", ok=False)
     assert result.exit_code == 1 and "no domain named 'nosuch'" in result.output
+
+
+def test_a_final_newline_is_no_part_of_a_name(state_dir):
+    """Python's ``$`` also matches before a final newline: every name, interface name, MAC
+    and CPU model name is matched to its very end ("web1\\n" made a domain directory with a
+    newline in its name, from the command line, a stream or a HELLO)."""
+    result = run("create", "--workload", "idle", "--name", "web1\n", ok=False)
+    assert result.exit_code == 1 and "invalid domain name" in result.output
+    assert not (statedir.state_dir() / "web1\n").exists()
+    net = {"link": "tap", "name": "tap0", "mac": "52:54:00:12:34:56", "mtu": 1500}
+    check_net(net)
+    for bad in ({"name": "tap0\n"}, {"mac": "52:54:00:12:34:56\n"}):
+        with pytest.raises(NetError):
+            check_net({**net, **bad})
+    with pytest.raises(DomainError, match="not a CPU model name"):
+        DomainConfig("a", "idle", 64 << 20, cpu="baseline\n").validate()
 
 
 def test_usage_error_exits_2(state_dir):

@@ -6,7 +6,7 @@ import os
 import re
 from pathlib import Path
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SOCKET = "control.sock"
 CONSOLE = "console.log"
 PIDFILE = "pid"

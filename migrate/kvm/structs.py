@@ -16,7 +16,7 @@ import re
 
 from ._lib import ffi
 
-PADDING = re.compile(r"^(pad\d*|padding\d*|reserved)$")
+PADDING = re.compile(r"(pad\d*|padding\d*|reserved)\Z")
 
 
 def _carried(ctype):

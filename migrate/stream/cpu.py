@@ -26,8 +26,8 @@ CPUID_ENTRY = struct.Struct("<7I")  # function, index, flags, eax, ebx, ecx, edx
 CPUID_SIGNIFICANT_INDEX = 1
 MSR_POLICY_ENTRY = struct.Struct("<IIQ")  # index, flags, value
 MSR_FEATURE = 1
-MODEL_NAME = re.compile(rb"^[a-z0-9][a-z0-9.-]{0,14}$")
-VENDOR = re.compile(rb"^[\x20-\x7e]{12}$|^\x00{12}$")
+MODEL_NAME = re.compile(rb"[a-z0-9][a-z0-9.-]{0,14}\Z")
+VENDOR = re.compile(rb"(?:[\x20-\x7e]{12}|\x00{12})\Z")
 
 
 def _counted(body: bytes, entry: struct.Struct, cap: int, what: str) -> tuple[Vm, list[tuple]]:
