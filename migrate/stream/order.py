@@ -18,6 +18,9 @@ from migrate.stream.records import (
 )
 
 
+CPU_RECORDS = frozenset({RecordType.CPU_MODEL, RecordType.CPUID_POLICY, RecordType.MSR_POLICY})
+
+
 class StreamOrder:
     def __init__(self) -> None:
         self.config_seen = False
@@ -62,6 +65,11 @@ class StreamOrder:
         self.config_seen = True
 
     def _memory_layout(self, record: MemoryLayout) -> None:
+        if not self.layouts:        # every CPU record came before: each VM has all three or none
+            for vm, types in self.cpu_records.items():
+                if types != CPU_RECORDS:
+                    lack = ", ".join(t.name for t in sorted(CPU_RECORDS - types))
+                    raise StreamError(f"CPU records of {vm.name} lack {lack} (a VM has all three or none)")
         if record.space in self.layouts:
             raise StreamError(f"MEMORY_LAYOUT for {record.space.name} appears twice")
         if not record.ranges and record.space in self.cpu_records:

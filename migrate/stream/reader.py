@@ -25,7 +25,7 @@ from migrate.stream.hvm import CODECS, BodyScan, HvmState
 from migrate.stream.order import StreamOrder
 from migrate.stream.pages import PageBatch, RawPageBatch, decode_raw_batch
 from migrate.stream.records import (
-    BODY_CAPS, CHANNEL_ENTRY, CHANNELS_HEADER, END, FORMAT_VERSION, HEADER, MAGIC, MAX_CHANNELS, MAX_HEADER_LENGTH, MAX_MSRS, MAX_RANGES,
+    BODY_CAPS, CHANNEL_ENTRY, CHANNEL_SYNC_SIZE, CHANNELS_HEADER, END, FORMAT_VERSION, HEADER, MAGIC, MAX_CHANNELS, MAX_HEADER_LENGTH, MAX_MSRS, MAX_RANGES,
     MAX_RECORD_BODY, MEMORY_LAYOUT, MEMORY_LAYOUT_V1, MEMORY_RANGE, MIN_READ_VERSION, OPTIONAL,
     RECORD_ALIGN, RECORD_HEADER, Channels, Creator, DeviceState, DomainConfig, End, Header,
     MAX_BATCH_BODY, MemoryLayout, RecordType, padded, reserved_optional,
@@ -137,8 +137,15 @@ _V2_CAPS: dict[int, int] = {
     RecordType.CPUID_POLICY: cpu.COUNT_HEADER.size + cpu.MAX_CPUID_ENTRIES * cpu.CPUID_ENTRY.size,
     RecordType.MSR_POLICY: cpu.COUNT_HEADER.size + MAX_MSRS * cpu.MSR_POLICY_ENTRY.size,
     RecordType.CHANNELS: CHANNELS_HEADER.size + MAX_CHANNELS * CHANNEL_ENTRY.size,
+    RecordType.CHANNEL_SYNC: CHANNEL_SYNC_SIZE,     # a type of the version, refused by name
 }
 CAPS: dict[int, dict[int, int]] = {1: _V1_CAPS, 2: _V2_CAPS}
+# The mandatory types of each version, whose optional-bit twins are reserved: what it
+# decodes, END, and (version 2) CHANNEL_SYNC, which only a channel stream carries.
+MANDATORY: dict[int, frozenset[int]] = {
+    1: frozenset({RecordType.END, *_V1_DECODERS}),
+    2: frozenset({RecordType.END, RecordType.CHANNEL_SYNC, *_V2_DECODERS}),
+}
 # What raw_pages=True puts in place of the PageBatch decoders ("bodies": without looking
 # at the page data, which the caller's placement checks, as the data plane's Target does).
 RAW_PAGE_DECODERS: dict[str, dict[int, Decoder]] = {
@@ -322,6 +329,7 @@ class StreamReader:
         self.header = Header(version, length, incompat, _compat)
         self._decoders = DECODERS[version]
         self._caps = CAPS[version]
+        self._mandatory = MANDATORY[version]
         if self.raw_pages:
             mode = "bodies" if self.raw_pages == "bodies" else "decoded"
             self._decoders = {**self._decoders, **RAW_PAGE_DECODERS[mode]}
@@ -426,9 +434,12 @@ class StreamReader:
     def _decode(self, record_type: int, body: bytes) -> Any:
         decoder = self._decoders.get(record_type)
         if decoder is None:
+            if record_type in self._mandatory:         # CHANNEL_SYNC, a type of the version
+                raise StreamError(f"{RecordType(record_type).name} in the main stream "
+                                  "(it belongs in a channel stream)")
             if not record_type & OPTIONAL:
                 raise StreamError("unknown mandatory record type")
-            if reserved_optional(record_type, (RecordType.END, *self._decoders)):
+            if reserved_optional(record_type, self._mandatory):
                 raise StreamError("the optional bit is set on a mandatory record type "
                                   "(reserved: refused, never skipped)")
             self.skipped_count += 1

@@ -154,6 +154,9 @@ _PLAIN = (type(None), bool, int, float, str, bytes)
 def _map_of_pairs(pairs: list) -> dict:
     """msgpack's object_pairs_hook: a map with str keys, each key once (spec "msgpack
     bodies": a duplicate key would give two readers two different values)."""
+    for key, _ in pairs:        # first: 1 and True would otherwise be one key "twice"
+        if not isinstance(key, str):
+            raise StreamError(f"map key {key!r} is not a string")
     value = dict(pairs)
     if len(value) != len(pairs):
         seen: set = set()
@@ -161,9 +164,6 @@ def _map_of_pairs(pairs: list) -> dict:
             if key in seen:
                 raise StreamError(f"map key {key!r} appears twice")
             seen.add(key)
-    for key in value:
-        if not isinstance(key, str):
-            raise StreamError(f"map key {key!r} is not a string")
     return value
 
 
@@ -446,6 +446,7 @@ class Creator:
 END = struct.Struct("<QQQ16s")  # record_count, page_count, stream_bytes, XXH3-128 digest
 
 
+CHANNEL_SYNC_SIZE = 56      # its body (a channel stream's; dataplane.c reads and writes it)
 CHANNELS_HEADER = struct.Struct("<II")  # count, reserved
 CHANNEL_ENTRY = struct.Struct("<IIQQQ16s")  # index, rounds, records, pages, bytes, digest
 MAX_CHANNELS = 64

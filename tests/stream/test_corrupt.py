@@ -16,7 +16,7 @@ from migrate.stream import (
 from migrate.stream.framing import frame
 from migrate.stream.pages import PAGE_ENTRY, BATCH_HEADER, PageType, encode_batch
 from migrate.stream.records import END, MAX_RECORD_BODY, RECORD_HEADER, End, padded
-from migrate.stream.sample import pattern, sample_state
+from migrate.stream.sample import pattern, sample_cpu, sample_state
 
 PAGE = pattern(7, 4096)
 
@@ -203,6 +203,59 @@ def test_unknown_optional_record_skipped(started) -> None:
     assert [type(r).__name__ for r in records] == ["DomainConfig", "MemoryLayout", "MemoryLayout", "End"]
     assert reader.skipped == [(at, 0x8000_1234), (at + 24, 0x8000_0777)]
     assert records[-1].record_count == 5
+
+
+@pytest.mark.parametrize("rtype, length, msg", [
+    (0x8000_0050, 56, "the optional bit is set on a mandatory record type"),
+    (RecordType.CHANNEL_SYNC, 56, "CHANNEL_SYNC in the main stream"),
+    (RecordType.CHANNEL_SYNC, 1000, "record body length 1000 exceeds 56"),
+])
+def test_the_optional_bit_on_channel_sync_is_refused_and_channel_sync_named(started, rtype, length, msg) -> None:
+    """CHANNEL_SYNC is a mandatory type of version 2 that only a channel stream carries:
+    0x80000050 is reserved like every other twin (it was skipped), and CHANNEL_SYNC in the
+    main stream is refused by name at its fixed cap (not waited for up to MAX_RECORD_BODY)."""
+    data, at = finish(started, (rtype, bytes(length), 0))
+    expect(data, StreamError, msg, at, 3, rtype)
+
+
+def _with_cpu_records(*records) -> tuple[bytes, int]:
+    """A stream whose guest has these CPU records, cut after its MEMORY_LAYOUT (which the
+    writer would refuse to write) and closed with a dummy END; that layout's offset."""
+    writer = StreamWriter()
+    parts = [writer.start(), writer.record(DomainConfig({"name": "t"}))]
+    parts += [writer.raw(r.TYPE, r.pack()) for r in records]
+    at = len(b"".join(parts))
+    parts += [writer.raw(RecordType.MEMORY_LAYOUT, MemoryLayout.flat(Vm.GUEST, 16).pack()),
+              frame(RecordType.END, End(0, 0, 0, bytes(16)).pack())]
+    return b"".join(parts), at
+
+
+def test_a_vm_has_all_three_cpu_records_or_none() -> None:
+    model, cpuid, msrs = sample_cpu(Vm.GUEST)
+    for records in ((model, cpuid, msrs), ()):
+        writer = StreamWriter()
+        decode_stream(b"".join([writer.start(), writer.record(DomainConfig({"name": "t"})),
+                                *(writer.record(r) for r in records), writer.record(MemoryLayout.flat(Vm.GUEST, 16)),
+                                writer.record(MemoryLayout.flat(Vm.STUB, 0)), writer.finish()]))
+    data, at = _with_cpu_records(model)
+    expect(data, StreamError, "CPU records of GUEST lack CPUID_POLICY, MSR_POLICY (a VM has all three or none)",
+           at, 2, RecordType.MEMORY_LAYOUT)
+    data, at = _with_cpu_records(cpuid, msrs)
+    expect(data, StreamError, "CPU records of GUEST lack CPU_MODEL", at, 3, RecordType.MEMORY_LAYOUT)
+
+
+@pytest.mark.parametrize("name", [b"baseline\n", b"a" * 15 + b"\n"])
+def test_a_cpu_model_name_ending_in_a_newline_is_refused(name: bytes) -> None:
+    model, cpuid, msrs = sample_cpu(Vm.GUEST)
+    body = bytearray(model.pack())
+    body[8:24] = name.ljust(16, b"\0")
+    writer = StreamWriter()
+    parts = [writer.start(), writer.record(DomainConfig({"name": "t"}))]
+    at = len(b"".join(parts))
+    parts += [writer.raw(RecordType.CPU_MODEL, bytes(body)), writer.raw(cpuid.TYPE, cpuid.pack()),
+              writer.raw(msrs.TYPE, msrs.pack()), writer.record(MemoryLayout.flat(Vm.GUEST, 16)),
+              writer.record(MemoryLayout.flat(Vm.STUB, 0)), writer.finish()]
+    expect(b"".join(parts), StreamError, "is not a model name", at, 1, RecordType.CPU_MODEL)
 
 
 def test_duplicated_end(sample: bytes, spans) -> None:
@@ -497,6 +550,7 @@ def test_creator_is_never_refused_and_kept_short(started) -> None:
 @pytest.mark.parametrize("value,msg", [
     (msgpack.packb([1, 2]), "msgpack body is list, expected a map"),
     (msgpack.packb({1: 2}), "map key 1 is not a string"),
+    (b"\x82\x01\x01\xc3\x02", "map key 1 is not a string"),      # {1: 1, True: 2}: not "True appears twice"
     (msgpack.packb({"a": [{b"k": 1}]}), "map key b'k' is not a string"),
     (b"\x82\xa1a\x01\xa1a\x02", "map key 'a' appears twice"),
     (b"\x81\xa1a\x81\xa1b\x82\xa1c\xc0\xa1c\xc3", "map key 'c' appears twice"),
