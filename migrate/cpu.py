@@ -202,7 +202,7 @@ class HostCpu:
         MSRs can be saved here and the TSC frequency a vCPU runs at."""
         from .kvm import saveable_msrs
         from .kvm._lib import lib
-        supported = [CpuidEntry(*e) for e in kvm.get_supported_cpuid()]
+        supported = supported_cpuid(kvm)
         vm = kvm.create_vm()
         try:
             vm.create_irqchip()
@@ -228,6 +228,21 @@ class HostCpu:
             except CpuModelError as exc:
                 out[model] = str(exc)
         return out
+
+
+KVM_CAP_TSC_DEADLINE_TIMER = 72        # linux/kvm.h
+
+
+def supported_cpuid(kvm) -> list[CpuidEntry]:
+    """KVM_GET_SUPPORTED_CPUID, with the TSC deadline timer where KVM has it: KVM reports
+    that bit there only since early 2025 (commit 9be4ec35d668); before, it said so by
+    KVM_CAP_TSC_DEADLINE_TIMER alone (the LAPIC is in the kernel here), and the baseline
+    model, which needs it, would have been refused."""
+    entries = [CpuidEntry(*e) for e in kvm.get_supported_cpuid()]
+    if kvm.check_extension(KVM_CAP_TSC_DEADLINE_TIMER):
+        bit = BIT[((1, 0, "ecx"), "TSC_DEADLINE")]
+        entries = [e._replace(ecx=e.ecx | bit) if (e.function, e.index) == (1, 0) else e for e in entries]
+    return entries
 
 
 def cpuid_for_vcpu(entries, apic_id: int) -> tuple[CpuidEntry, ...]:

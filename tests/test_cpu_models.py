@@ -60,6 +60,35 @@ def synthetic_host(vendor: str, *, drop: tuple = (), msrs=None, tsc_khz=2_000_00
 INTEL, AMD = synthetic_host("GenuineIntel"), synthetic_host("AuthenticAMD")
 
 
+def test_a_kvm_that_says_tsc_deadline_by_its_capability_alone_can_run_the_baseline():
+    """KVM before early 2025 left TSC_DEADLINE out of KVM_GET_SUPPORTED_CPUID and said it by
+    KVM_CAP_TSC_DEADLINE_TIMER: the host's CPUID then has it (else every baseline domain
+    was refused there); without the capability it stays out."""
+    tsc_deadline = BIT[((1, 0, "ecx"), "TSC_DEADLINE")]
+    leaves = [e._replace(ecx=e.ecx & ~tsc_deadline) if e.function == 1 else e for e in INTEL.cpuid]
+
+    class OldKvm:
+        def __init__(self, cap):
+            self.cap = cap
+
+        def get_supported_cpuid(self):
+            return [tuple(e) for e in leaves]
+
+        def check_extension(self, cap):
+            return int(cap == cpu.KVM_CAP_TSC_DEADLINE_TIMER and self.cap)
+
+    for cap in (True, False):
+        entries = cpu.supported_cpuid(OldKvm(cap))
+        host = dataclasses.replace(INTEL, cpuid=tuple(entries))
+        assert bool(host.reg(1, 0, "ecx") & tsc_deadline) is cap
+        assert [e for e in entries if e.function != 1] == [e for e in leaves if e.function != 1]
+        if cap:
+            assert policy_for("baseline", host).cpuid == baseline_cpuid()
+        else:
+            with pytest.raises(CpuModelError, match="TSC_DEADLINE"):
+                policy_for("baseline", host)
+
+
 def test_baseline_is_the_same_on_every_host():
     a, b = policy_for("baseline", INTEL), policy_for("baseline", AMD)
     assert a.cpuid == b.cpuid == baseline_cpuid()
@@ -234,12 +263,15 @@ def test_the_baseline_guest_sees_the_baseline_cpu(domains):
 
 
 def _lacking_bit(host: HostCpu) -> tuple[int, int, str, int]:
-    """A feature bit (leaf 7 EBX) KVM does not offer here."""
-    ebx = host.reg(7, 0, "ebx")
-    for bit in (5, 16, 29, 3, 8, 19, 9):        # AVX2, AVX512F, SHA, BMI1, BMI2, ADX, ERMS
-        if not ebx >> bit & 1:
-            return 7, 0, "ebx", bit
-    pytest.fail(f"KVM here offers every feature this test knows how to take away (EBX {ebx:#x})")
+    """A feature bit of leaf 7.0 (in every host model) that KVM does not offer here: the
+    first clear one, a named feature on a host that lacks it, else a reserved bit, which no
+    host offers (a host whose KVM offers AVX2 to ERMS had none of the few named ones)."""
+    for reg in ("ebx", "ecx", "edx"):
+        offered = host.reg(7, 0, reg) | cpu.NOT_HOST_FEATURES.get((7, 0, reg), 0)
+        for bit in range(32):
+            if not offered >> bit & 1:
+                return 7, 0, reg, bit
+    pytest.fail("KVM here sets every bit of CPUID leaf 7.0")
 
 
 def edited_stream(source: Path, target: Path, bit) -> str:

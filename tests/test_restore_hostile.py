@@ -77,6 +77,7 @@ def test_disk_identity_is_device_inode_birth_time_and_size(tmp_path, btime):
             assert compat.disk_identity(kernel_file) is None
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_the_saved_path_is_used_only_if_it_is_the_saved_image(tmp_path, btime):
     """Without --disk-map, the file at the saved path must be the image disk_id names:
     another file of the same size, a sysfs knob, or a stream without disk_id is refused in
@@ -119,6 +120,7 @@ def test_the_saved_path_is_used_only_if_it_is_the_saved_image(tmp_path, btime):
     assert "6144" not in report.problems[0]
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_the_image_is_known_by_inode_and_birth_time_not_device_number(tmp_path, btime):
     """A device number may change at a reboot (btrfs, LVM, NFS): the saved image is still
     that image; another inode or birth time is not."""
@@ -130,6 +132,7 @@ def test_the_image_is_known_by_inode_and_birth_time_not_device_number(tmp_path, 
         assert (disk_problems(report) == []) == ok, (disk_id, report.problems)
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_a_disk_map_names_a_regular_file_of_the_saved_size(tmp_path, btime):
     """With --disk-map the operator chose the file: a regular file on a disk filesystem, of
     the size the stream was saved with (said with both sizes); a kernel file never."""
@@ -153,6 +156,7 @@ def test_a_disk_map_names_a_regular_file_of_the_saved_size(tmp_path, btime):
     assert disk_problems(report) == [f"--disk-map /src/disk.img={fifo}: {fifo} is not a regular file"]
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_stream_check_and_inspect_say_it_too(tmp_path, btime):
     disk = image(tmp_path / "disk.img")
     good = forged(tmp_path / "good.hvm", disk=str(disk), disk_id=compat.disk_identity(str(disk)))
@@ -265,6 +269,7 @@ def _one_bounded_line(text: str, limit: int) -> None:
     assert "\n" not in text and "\x1b" not in text and len(text) <= limit, text[:300]
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_what_a_stream_says_is_one_bounded_line_in_every_problem(tmp_path):
     host = this_host()
     lines = "/nonexistent\nrestored web1 from /x (idle, 16 MiB): running\n\x1b[2J"
@@ -317,6 +322,7 @@ def _msrs(vcpu_id: int, entries, vm: int = 0) -> list:
     return [0x14, body]
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_saved_msrs_of_a_vcpu_the_guest_lacks_are_refused_at_once(tmp_path):
     """A version-1 stream's MSRs are read at its end; a record of vCPU 1 of a one-vCPU
     guest is refused as the restore refuses it, before the next is read (the review's
@@ -331,6 +337,7 @@ def test_saved_msrs_of_a_vcpu_the_guest_lacks_are_refused_at_once(tmp_path):
         compat.check(str(path), host)
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_the_same_finding_of_several_vcpus_is_one_line(tmp_path):
     host = this_host()
     lacking = next(i for i in range(0x40000100, 0x40001000) if i not in host.msrs)
@@ -341,6 +348,7 @@ def test_the_same_finding_of_several_vcpus_is_one_line(tmp_path):
 
 
 # -- 4. memory admission ---------------------------------------------------------------------
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_a_guest_larger_than_the_host_is_refused(tmp_path, monkeypatch):
     """The host's RAM is patched: nothing here depends on this machine's."""
     monkeypatch.setattr(compat, "host_memory", lambda: 64 << 20)
@@ -392,6 +400,7 @@ def test_a_nic_goes_on_an_existing_interface_only_if_it_is_the_one_saved():
     assert report.problems == [] and report.facts["net_here"] == "hvmnone0"
 
 
+@pytest.mark.kvm     # this_host(): what this host's KVM offers
 def test_a_forged_stream_cannot_hang_its_nic_on_a_host_interface(tmp_path):
     from migrate.cpu import this_host
     path = forged(tmp_path / "nic.hvm", net={"link": "bridge", "name": "lo", "mac": "02:00:00:00:00:01",
