@@ -21,10 +21,11 @@ from migrate.engine.files import file_chunks
 from migrate.guest import check
 from migrate.host import control, destination
 from migrate.kvm import huge_pages_free
+from migrate.kvm.vm import HUGE_POOL
 from test_relocation import hosts, pki, wait_console  # noqa: F401 (fixtures)
 from test_smp import ledger_bytes
 
-NR = Path("/proc/sys/vm/nr_hugepages")
+NR = Path(HUGE_POOL) / "nr_hugepages"       # the 2 MiB pool, whatever the default huge page size
 
 
 @pytest.fixture()

@@ -17,7 +17,8 @@ IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER",
             "ioapic": "KVM_IRQCHIP_IOAPIC"}
 
 
-HUGE_PAGE = 2 << 20          # hugetlbfs' default page size on x86-64
+HUGE_PAGE = 2 << 20          # the huge page size asked for (MFD_HUGE_2MB), whatever the host's default
+HUGE_POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"     # its pool (vm.nr_hugepages where 2 MiB is the default)
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
@@ -27,9 +28,13 @@ class HugePagesError(OSError):
 
 
 def huge_pages_free() -> tuple[int, int]:
-    """(free, total) 2 MiB huge pages of this host (/proc/meminfo)."""
-    info = dict(line.split(":", 1) for line in open("/proc/meminfo").read().splitlines() if ":" in line)
-    return int(info.get("HugePages_Free", "0").split()[0]), int(info.get("HugePages_Total", "0").split()[0])
+    """(free, total) 2 MiB huge pages of this host, from the 2 MiB pool itself: /proc/meminfo
+    counts the default size's, which a host booted with default_hugepagesz=1G has; (0, 0)
+    without a 2 MiB pool."""
+    try:
+        return tuple(int(open(f"{HUGE_POOL}/{name}").read()) for name in ("free_hugepages", "nr_hugepages"))
+    except OSError:
+        return 0, 0
 
 
 @dataclass
@@ -148,7 +153,7 @@ class Vm:
             raise ValueError(f"slot {slot}: size and address must be multiples of {unit >> 10} KiB")
         own = memfd is None
         if own:
-            memfd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB if huge else 0))
+            memfd = os.memfd_create(name, os.MFD_CLOEXEC | (os.MFD_HUGETLB | os.MFD_HUGE_2MB if huge else 0))
             os.ftruncate(memfd, size)
         try:
             mem = mmap.mmap(memfd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
@@ -158,7 +163,8 @@ class Vm:
             if huge and own and isinstance(exc, OSError):
                 free, total = huge_pages_free()
                 raise HugePagesError(exc.errno, f"{size >> 20} MiB of 2 MiB huge pages are not available "
-                                     f"here ({free} of {total} free; sysctl vm.nr_hugepages)") from None
+                                     f"here ({free} of {total} free; sysctl vm.nr_hugepages, or "
+                                     f"{HUGE_POOL}/nr_hugepages where 2 MiB is not the default size)") from None
             raise
         region = MemorySlot(slot, guest_phys_addr, size, memfd, mem, owns_memfd=own, huge=huge)
         try:
