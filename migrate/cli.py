@@ -177,10 +177,14 @@ def _simple(op: str, verb: str, doc: str):
     def command(name):
         if op == "destroy":
             done = control.destroy_domain(name)
-            click.echo(f"{verb} {name}" if done == "destroyed" else
-                       f"cleared {name} (it had crashed; its logs are removed)")
+            click.echo({"destroyed": f"{verb} {name}",
+                        "cleared": f"cleared {name} (it had crashed; its logs are removed)",
+                        "already": f"{name} was already being destroyed: it is gone now",
+                        "crashed": f"{verb} {name}, but its domain process did not remove its directory: it is "
+                                   f"listed crashed, its logs kept ('hvm destroy {name}' clears them)"}[done])
             return
         with control.DomainClient(name) as client:
+            client.check_answers()      # one that does not answer is told at once, and nothing queued
             client.call(op)
         click.echo(f"{verb} {name}")
     command.__doc__ = doc
@@ -568,6 +572,8 @@ def restore(file, name, paused, fresh_stub, disk_map, net_map, as_json):
       ssh node1 hvm save web1 - | hvm restore -
     """
     t0 = time.monotonic()
+    if name is not None:
+        control.statedir.check_name(name)       # a usage error, as for every command naming a domain
     info = control.restore_domain(file, name=name, paused=paused, fresh_stub=fresh_stub,
                                   disk_map=_map("disk", disk_map), net_map=_map("net", net_map))
     if as_json:

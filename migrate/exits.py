@@ -4,7 +4,8 @@ status"), and the one place that turns an error into one.
     0    done
     1    failed; the guest is intact where it was (the message says where)
     2    usage: the command line (or the environment, e.g. HVM_STATE_DIR) is wrong; nothing was done
-    3    outcome unknown: the guest may be paused on both sides; the message says what to do
+    3    outcome unknown: the guest may be paused on both sides (or a destroyed domain's process has
+         not ended); the message says what to do
     130  interrupted (Ctrl-C): the job was cancelled; the message says the guest's state
 
 With ``--json`` an error is a JSON object too, on the stream the command's JSON goes to:
@@ -27,7 +28,7 @@ Exit status:
   0    done
   1    failed; the guest is intact where it was (the message says where)
   2    usage error; nothing was done
-  3    outcome unknown: the guest is kept paused here; the message says what to do
+  3    outcome unknown (a relocation: the guest is kept paused here); the message says what to do
   130  interrupted (Ctrl-C): the job was cancelled; the message says the guest's state
 With --json, errors are JSON too: {"error", "outcome", "exit", "guest"}."""
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
@@ -102,7 +103,7 @@ def failure(exc: BaseException) -> Failure | None:
     from .kvm import KvmError
     from .host import control
     from .host.control import ControlError
-    from .host.statedir import StateDirError
+    from .host.statedir import BadName, StateDirError
     from .host.tls import TlsError
     from .stream import StreamError
     if isinstance(exc, Failure):
@@ -110,7 +111,7 @@ def failure(exc: BaseException) -> Failure | None:
     if isinstance(exc, ControlError):
         return Failure(str(exc), {control.UNKNOWN: UNKNOWN, control.INTERRUPTED: INTERRUPTED}
                        .get(exc.kind, FAILED), exc.guest)
-    if isinstance(exc, StateDirError):
+    if isinstance(exc, (StateDirError, BadName)):
         return Failure(str(exc), USAGE)
     if isinstance(exc, KeyboardInterrupt):
         return Failure("interrupted", INTERRUPTED)
@@ -127,6 +128,11 @@ def handled(fn):
     def wrapper(*args, **kwargs):
         try:
             return fn(*args, **kwargs)
+        except click.UsageError as exc:     # raised by the command itself: JSON too with --json
+            if not kwargs.get("as_json") or isinstance(exc, _JsonUsageError):
+                raise
+            raise _JsonUsageError(exc.format_message(),
+                                  exc.ctx or click.get_current_context(silent=True)) from None
         except BaseException as exc:
             out = failure(exc)
             if out is None:
@@ -147,8 +153,8 @@ def guest_state(name: str) -> str | None:
     try:
         with control.DomainClient(name, timeout=2.0) as client:
             return f"{client.call('info')['status']} here"
-    except control.ControlError as exc:
-        return "none here" if exc.kind == control.NO_DOMAIN else None
+    except control.ControlError as exc:        # "crashed here" for a crashed one (its guest is lost)
+        return "none here" if exc.kind == control.NO_DOMAIN else exc.guest
     except (OSError, ValueError):
         return None
 

@@ -17,8 +17,8 @@ from migrate.config import DomainConfig, DomainError, NetError, check_net
 from migrate.host import control, statedir
 
 
-def run(*args, ok=True):
-    result = CliRunner().invoke(hvm, list(args), catch_exceptions=False)
+def run(*args, ok=True, env=None):
+    result = CliRunner().invoke(hvm, list(args), catch_exceptions=False, env=env)
     if ok:
         assert result.exit_code == 0, result.output
     return result
@@ -41,9 +41,71 @@ def test_memory_out_of_range_is_a_clear_error(state_dir):
 
 def test_bad_name_and_unknown_domain(state_dir):
     result = run("create", "--workload", "idle", "--name", "../etc", ok=False)
-    assert result.exit_code == 1 and "invalid domain name" in result.output
+    assert result.exit_code == 2 and "invalid domain name" in result.output
     result = run("info", "nosuch", ok=False)
     assert result.exit_code == 1 and "no domain named 'nosuch'" in result.output
+
+
+def test_an_invalid_domain_name_is_a_usage_error(state_dir, tmp_path):
+    """A name no domain can have is the command line's fault: exit 2, as text and as JSON,
+    on every command that names a domain (restore's --name included); a name a stream
+    carries is not the command line's (exit 1, as before)."""
+    for args in (["info", "a/b"], ["pause", "a/b"], ["destroy", "a/b"], ["console", "a/b"],
+                 ["save", "a/b", str(tmp_path / "x.hvm")], ["restore", str(tmp_path / "x.hvm"), "--name", "a/b"]):
+        result = run(*args, ok=False)
+        assert result.exit_code == 2, (args, result.output)
+        assert result.output == ("Error: invalid domain name 'a/b': use 1-64 letters, digits, '_', '.', '-' "
+                                 "starting with a letter or digit\n"), (args, result.output)
+    for args in (["info", "a/b"], ["save", "a/b", "x.hvm"], ["create", "-w", "idle", "-n", "a/b"]):
+        result = run(*args, "--json", ok=False)
+        assert result.exit_code == 2, (args, result.output)
+        error = json.loads(result.stdout)
+        assert error["outcome"] == "usage" and error["exit"] == 2, error
+        assert error["error"].startswith("invalid domain name 'a/b'") and "guest" not in error, error
+    assert not state_dir.exists() or list(state_dir.iterdir()) == []
+    with pytest.raises(ValueError, match="invalid domain name"):     # as the daemon and restore catch it
+        statedir.check_name("a/b")
+
+
+def test_no_domain_names_a_missing_state_directory(tmp_path):
+    missing = tmp_path / "nonexistent"
+    res = run("info", "a", ok=False, env={"HVM_STATE_DIR": str(missing)})
+    assert res.exit_code == 1
+    assert res.output == f"Error: no domain named 'a' (the state directory {missing} does not exist)\n"
+    res = run("info", "a", "--json", ok=False, env={"HVM_STATE_DIR": str(missing)})
+    assert json.loads(res.stdout) == {"error": f"no domain named 'a' (the state directory {missing} does not "
+                                      "exist)", "outcome": "failed", "exit": 1, "guest": "none here"}
+    missing.mkdir()         # there, and empty: no word about it
+    res = run("info", "a", ok=False, env={"HVM_STATE_DIR": str(missing)})
+    assert res.exit_code == 1 and res.output == "Error: no domain named 'a'\n"
+
+
+def test_usage_errors_found_by_the_command_are_json_with_json(state_dir):
+    """A usage error the command finds itself (not click's parser) is JSON too with --json:
+    exit 2, on standard output, one object."""
+    for args, words in [(["save", "a", "x.hvm", "--throttle"], "need --live"),
+                        (["restore", "f.hvm", "--disk-map", "nonsense"], "Invalid value for --disk-map"),
+                        (["stream", "check", "f.hvm", "--net-map", "x"], "Invalid value for --net-map"),
+                        (["migrate", "a", "nohost", "--insecure"], "Invalid value for HOST:PORT")]:
+        res = run(*args, "--json", ok=False)
+        assert res.exit_code == 2, (args, res.output)
+        error = json.loads(res.stdout)
+        assert error["outcome"] == "usage" and error["exit"] == 2 and words in error["error"], (args, error)
+        res = run(*args, ok=False)          # and as text without --json
+        assert res.exit_code == 2 and words in res.output and not res.stdout.startswith("{"), (args, res.output)
+
+
+def test_a_crashed_domain_is_crashed_here(state_dir):
+    """exits.guest_state says "crashed here" of a domain whose process is gone (its
+    directory and pid left), as its docstring promises, not nothing."""
+    from migrate import exits
+    gone = subprocess.Popen([sys.executable, "-c", "pass"])
+    gone.wait()
+    (state_dir / "z").mkdir(parents=True)
+    (state_dir / "z" / "pid").write_text(f"{gone.pid}\n")
+    (state_dir / "z" / "config.json").write_text(json.dumps({"workload": "idle", "memory": 16 << 20}))
+    assert exits.guest_state("z") == "crashed here"
+    assert exits.guest_state("nosuch") == "none here"
 
 
 def test_a_final_newline_is_no_part_of_a_name(state_dir):
@@ -51,7 +113,7 @@ def test_a_final_newline_is_no_part_of_a_name(state_dir):
     and CPU model name is matched to its very end ("web1\\n" made a domain directory with a
     newline in its name, from the command line, a stream or a HELLO)."""
     result = run("create", "--workload", "idle", "--name", "web1\n", ok=False)
-    assert result.exit_code == 1 and "invalid domain name" in result.output
+    assert result.exit_code == 2 and "invalid domain name" in result.output
     assert not (statedir.state_dir() / "web1\n").exists()
     net = {"link": "tap", "name": "tap0", "mac": "52:54:00:12:34:56", "mtu": 1500}
     check_net(net)

@@ -561,6 +561,7 @@ def test_help_and_version_on_every_entry_point(entry):
 # -- exit statuses and JSON errors -----------------------------------------------------------------------
 
 def test_errors_are_json_with_json(state_dir):
+    state_dir.mkdir()       # (a missing one is named: tests/test_cli.py)
     res = run("info", "nosuch", "--json", ok=False)
     assert res.exit_code == 1
     assert json.loads(res.stdout) == {"error": "no domain named 'nosuch'", "outcome": "failed", "exit": 1,
@@ -592,3 +593,163 @@ def test_outcome_unknown_exits_3_and_says_what_to_do(hosts, pki, monkeypatch):
     assert status("u3", src) == ["paused"]
     run("unpause", "u3")                        # as told: the copy there never ran
     assert status("u3", src) == ["running"]
+
+
+# -- every message tells where the guest is ------------------------------------------------------------
+
+@pytest.mark.kvm
+def test_a_domain_process_killed_during_a_save_says_the_guest_is_lost(state_dir, tmp_path):
+    """kill -9 of the domain process while `hvm save --json` runs: the save fails (exit 1,
+    no file), and says what is true: the guest is lost here, listed crashed ('hvm info'),
+    with guest "crashed here" in the JSON."""
+    info = control.create_domain(DomainConfig("k1", "ledger", 64 << 20, args=[4, 0]))
+    try:
+        wait_console("k1", state_dir, r"^ledger ok gen=1 ")
+        path = tmp_path / "big.hvm"
+        cli = subprocess.Popen(HVM + ["save", "k1", str(path), "--live", "--max-bandwidth", "1",
+                                      "--compress", "none", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "big.hvm.partial").exists():         # it is writing
+            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+            time.sleep(0.05)
+        os.kill(info["pid"], signal.SIGKILL)
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 1, (out, err)
+        error = json.loads(out)
+        assert error["outcome"] == "failed" and error["guest"] == "crashed here", error
+        assert "the domain process of k1 ended during the save" in error["error"]
+        assert "no file was written; k1 is lost here" in error["error"] and "'hvm info k1'" in error["error"]
+        assert not path.exists() and not list(tmp_path.glob("*.partial"))
+        assert status("k1") == ["crashed"]
+    finally:
+        destroy("k1")
+
+
+def _destroys(name: str, n: int) -> list[tuple[int, str]]:
+    """``n`` `hvm destroy NAME` at once, each its own process: their exit statuses and outputs."""
+    clis = [subprocess.Popen(HVM + ["destroy", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+            for _ in range(n)]
+    return [(cli.wait(60), cli.stdout.read()) for cli in clis]
+
+
+@pytest.mark.kvm
+def test_concurrent_destroys_say_the_domain_is_gone(state_dir):
+    """Several `hvm destroy` of one domain at once: the domain is gone, and each says so:
+    one destroyed it, the others found it on its way out and waited for it (exit 0, "was
+    already being destroyed"), or came once it was gone ("no domain named", nothing here);
+    none says it failed while the guest went ("Broken pipe", "has no control socket")."""
+    for _ in range(3):
+        control.create_domain(DomainConfig("cd", "idle", 16 << 20))
+        results = _destroys("cd", 4)
+        assert not (state_dir / "cd").exists()
+        for code, out in results:
+            assert (code == 0 and out in ("destroyed cd\n", "cd was already being destroyed: it is gone now\n")) \
+                or (code == 1 and out == "Error: no domain named 'cd'\n"), results
+        assert sum(out == "destroyed cd\n" for _, out in results) == 1, results
+
+
+@pytest.mark.kvm
+def test_destroy_of_a_domain_on_its_way_out(state_dir, monkeypatch):
+    """`hvm destroy` of a domain on its way out (its control socket gone), or whose
+    connection another destroy closed: it waits until the domain is gone and says it was
+    already being destroyed (exit 0); one that does not end within DESTROY_WAIT is an
+    unknown state (exit 3), not "failed" with the guest intact."""
+    # its socket gone (as DomainServer.close leaves it) while another destroy is under way
+    control.create_domain(DomainConfig("w1", "idle", 16 << 20))
+    first = control.DomainClient("w1")              # the destroy that gets there first
+    (state_dir / "w1" / "control.sock").unlink()
+    monkeypatch.setattr(control, "DESTROY_WAIT", 1.0)
+    res = run("destroy", "w1", ok=False)
+    assert res.exit_code == 3, res.output
+    assert "w1 was already on its way out, but its domain process" in res.output
+    assert "has not ended within 1 s: its state is unknown; see 'hvm list'" in res.output
+    monkeypatch.setattr(control, "DESTROY_WAIT", 30.0)
+    later = threading.Timer(0.5, lambda: first.call("destroy"))
+    later.start()
+    try:
+        res = run("destroy", "w1")
+    finally:
+        later.join()
+        first.close()
+    assert res.output == "w1 was already being destroyed: it is gone now\n"
+    assert not (state_dir / "w1").exists()
+    # connected, and then another destroy got there first: its connection closes
+    control.create_domain(DomainConfig("w2", "idle", 16 << 20))
+    call = control.DomainClient.call_with_progress
+    raced = []
+
+    def another_destroy_first(self, op, *args, **kwargs):
+        if op == "destroy" and not raced:
+            raced.append(op)
+            with control.DomainClient(self.name, self.dir.parent) as other:
+                other.call("destroy")
+        return call(self, op, *args, **kwargs)
+
+    monkeypatch.setattr(control.DomainClient, "call_with_progress", another_destroy_first)
+    res = run("destroy", "w2")
+    assert raced and res.output == "w2 was already being destroyed: it is gone now\n"
+    assert not (state_dir / "w2").exists()
+
+
+@pytest.mark.kvm
+def test_save_and_pause_of_a_stopped_domain_process(state_dir, tmp_path):
+    """`hvm save` and `hvm pause` of a domain whose process is stopped (SIGSTOP): refused
+    within moments (not a wait without end), in one line saying the domain does not answer,
+    that its guest does not run (its process is stopped) and that nothing was done; once
+    it goes on, its guest runs as before and no file was written. (No stub: a stub request
+    caught by the stop would outlast the stub's answer timeout, and end the domain when it
+    goes on.)"""
+    info = control.create_domain(DomainConfig("st", "idle", 16 << 20, stub=False))
+    path = tmp_path / "st.hvm"
+    os.kill(info["pid"], signal.SIGSTOP)
+    try:
+        for args in (["save", "st", str(path)], ["pause", "st"], ["save", "st", str(path), "--json"]):
+            t0 = time.monotonic()
+            out = subprocess.run(HVM + args, capture_output=True, text=True, timeout=30)
+            assert time.monotonic() - t0 < control.ANSWER_TIMEOUT + 10, args
+            assert out.returncode == 1, (args, out)
+            text = json.loads(out.stdout)["error"] if "--json" in args else out.stderr
+            assert "domain 'st' does not answer (no answer within 5 s): its process, pid " in text, text
+            assert f"is stopped: its guest does not run ('kill -CONT {info['pid']}' lets it go on); " \
+                "nothing was done to it" in text, text
+            assert len(out.stderr.strip().splitlines()) <= 1, out.stderr
+        assert json.loads(out.stdout)["guest"] == "unresponsive here"
+    finally:
+        os.kill(info["pid"], signal.SIGCONT)
+    try:
+        assert status("st") == ["running"] and not path.exists() and not list(tmp_path.glob("*.partial"))
+    finally:
+        destroy("st")
+
+
+@pytest.mark.kvm
+def test_ctrl_c_during_a_restore(state_dir, tmp_path):
+    """SIGINT to `hvm restore` while the domain process restores (here from a pipe whose
+    rest has not come): it says the restore was cancelled and nothing was left here
+    (exit 130), and nothing is (no directory, no process)."""
+    control.create_domain(DomainConfig("ri", "idle", 64 << 20))
+    path = tmp_path / "ri.hvm"
+    run("save", "ri", str(path), "--compress", "none")
+    data = path.read_bytes()
+    cli = subprocess.Popen(HVM + ["restore", "-", "--name", "ri2"], stdin=subprocess.PIPE,
+                           stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                           preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        cli.stdin.write(data[:len(data) // 2])      # the rest never comes
+        cli.stdin.flush()
+        deadline = time.monotonic() + 20
+        while not (state_dir / "ri2" / "pid").exists():     # its domain process runs the restore
+            assert time.monotonic() < deadline and cli.poll() is None
+            time.sleep(0.05)
+        pid = int((state_dir / "ri2" / "pid").read_text())
+        time.sleep(0.3)
+        cli.send_signal(signal.SIGINT)
+        out, err = cli.communicate(timeout=30)
+    finally:
+        if cli.poll() is None:
+            cli.kill()
+    assert cli.returncode == 130, err
+    assert err.decode() == "Error: interrupted: restore cancelled; nothing was left here (ri2 was not restored)\n"
+    assert status("ri2") == [] and list(state_dir.iterdir()) == []
+    assert not control._runs(pid)

@@ -28,6 +28,8 @@ FAILED = "failed"               # the operation failed; the guest is where it wa
 UNKNOWN = "unknown"             # a relocation's outcome is not known (the message says what to do)
 INTERRUPTED = "interrupted"     # cancelled by the user (Ctrl-C)
 LOST = "lost"                   # the domain process gave no answer: it died, or the socket broke
+NO_ANSWER = "no-answer"         # the domain process lives but did not answer in time (hung, or stopped)
+ENDING = "ending"               # the domain is on its way out (its control socket is gone)
 NO_DOMAIN = "no-domain"         # no domain of that name here
 CRASHED = "crashed"             # the domain's process is gone; its logs are kept
 
@@ -52,8 +54,13 @@ class DomainClient:
         if not path.exists():
             if self.dir.exists():
                 _check_dead(self.dir)
+                if _ending(self.dir):
+                    raise ControlError(f"domain {name!r} is on its way out (its control socket is gone)",
+                                       ENDING)
                 raise ControlError(f"domain {name!r} has no control socket: it is starting, or on its way out")
-            raise ControlError(f"no domain named {name!r}", NO_DOMAIN)
+            root = self.dir.parent
+            raise ControlError(f"no domain named {name!r}" + ("" if root.exists() else
+                               f" (the state directory {root} does not exist)"), NO_DOMAIN)
         self.timeout = timeout
         self.sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         self.sock.settimeout(timeout)
@@ -68,6 +75,35 @@ class DomainClient:
 
     def call(self, op: str, **args) -> dict:
         return self.call_with_progress(op, None, self.timeout, **args)
+
+    def check_answers(self, timeout: float | None = None) -> dict:
+        """The domain's info, asked before an operation that may wait long for its first
+        answer (a save) or that a process which does not answer would only queue (pause):
+        a domain process that does not answer within ``timeout`` (ANSWER_TIMEOUT) is a
+        ControlError of kind NO_ANSWER saying that nothing was done to it."""
+        try:
+            return self.call_with_progress("info", None, timeout or ANSWER_TIMEOUT)
+        except ControlError as exc:
+            if exc.kind != NO_ANSWER:
+                raise
+            raise self._no_answer(timeout or ANSWER_TIMEOUT, None) from None
+
+    def _no_answer(self, timeout: float | None, op: str | None) -> ControlError:
+        """The error of a domain process that did not answer within ``timeout`` seconds:
+        whether its process is stopped (its guest does not run) or hung, and what became
+        of the request (``op``; None: only asked whether it answers, nothing was done)."""
+        pid = _pid(self.dir)
+        state = _proc_state(pid) if pid is not None else None
+        proc = f"its process, pid {pid}," if pid is not None else "its process"
+        if state in ("T", "t"):
+            why = f"{proc} is stopped: its guest does not run ('kill -CONT {pid}' lets it go on)"
+        else:
+            why = f"{proc} is hung or overloaded: its guest's state is unknown"
+        after = "nothing was done to it" if op is None else \
+            f"the {op} was asked and may still happen if its process goes on"
+        return ControlError(f"domain {self.name!r} does not answer (no answer within {timeout:g} s): "
+                            f"{why}; {after}; 'hvm list' shows it unresponsive", NO_ANSWER,
+                            "unresponsive here")
 
     def call_with_progress(self, op: str, progress=None, timeout: float | None = None,
                            fds: tuple[int, ...] = (), **args) -> dict:
@@ -93,6 +129,8 @@ class DomainClient:
                     interrupted = True
                     self.sock.shutdown(socket.SHUT_WR)
                     self.sock.settimeout(CANCEL_TIMEOUT)
+        except TimeoutError:            # socket.timeout: the process lives and does not answer
+            raise self._no_answer(self.sock.gettimeout(), op) from None
         except (protocol.ProtocolError, OSError) as exc:
             raise ControlError(f"domain {self.name!r}: {op} failed: {exc}", LOST) from None
         if not reply.get("ok"):
@@ -137,6 +175,29 @@ class DomainClient:
 
 
 CANCEL_TIMEOUT = 60.0       # seconds to wait for a cancelled job's last answer
+ANSWER_TIMEOUT = 5.0        # seconds a domain process has to answer before a save or a pause (it answers in ms)
+
+
+def _proc_state(pid: int) -> str | None:
+    """The state letter of process ``pid`` (R, S, D, T for stopped, Z, ...); None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            return f.read().rpartition(b")")[2].split()[0].decode()
+    except (OSError, IndexError, UnicodeDecodeError):
+        return None
+
+
+def _ending(directory: Path) -> bool:
+    """Whether the domain of ``directory``, which has no control socket and whose process
+    is not dead, is on its way out rather than starting: a started domain's configuration
+    is written once its socket is bound (a received one's while its hidden socket waits
+    to be published), so with no socket it had one and removed it (DomainServer.close);
+    with no configuration, no pid and no starter's log its files are being removed."""
+    if (directory / (statedir.SOCKET + ".new")).exists():
+        return False                # a received domain, not published yet
+    if (directory / statedir.CONFIG).exists():
+        return True
+    return _pid(directory) is None and not (directory / statedir.STDERR).exists()
 
 
 def process_alive(directory: Path) -> bool | None:
@@ -260,23 +321,63 @@ def clear_crashed(name: str, base: Path | None = None) -> bool:
 
 def destroy_domain(name: str, base: Path | None = None) -> str:
     """Destroy a domain and wait until it is gone; a crashed one is cleared (its logs
-    go with it). Returns ``"destroyed"`` or ``"cleared"``."""
+    go with it). Returns ``"destroyed"``, ``"cleared"``, ``"already"`` (it was on its way
+    out already, being destroyed by another ``hvm destroy`` or ending, and is gone now) or
+    ``"crashed"`` (its process ended on its way out without removing its directory: it is
+    gone, listed crashed with its logs). A domain whose process has not ended within
+    DESTROY_WAIT of being destroyed is a ControlError of kind UNKNOWN."""
+    directory, pid = statedir.domain_dir(name, base), None
     try:
         with DomainClient(name, base, timeout=DESTROY_TIMEOUT) as client:
+            pid = _pid(directory)
             reply = client.call("destroy")
     except ControlError as exc:
-        if exc.kind != CRASHED or not clear_crashed(name, base):
+        if exc.kind == CRASHED and clear_crashed(name, base):
+            return "cleared"
+        if exc.kind not in (ENDING, LOST):      # LOST: it closed the connection on its way out
             raise
-        return "cleared"
-    wait_gone(name, base)
+        pid = pid or _pid(directory)
+        ended = _wait_ended(directory, pid, DESTROY_WAIT)
+        if ended is None:
+            raise _not_ended(name, pid, "was already on its way out") from None
+        return "already" if ended == "gone" else ended
+    ended = _wait_ended(directory, pid, DESTROY_WAIT)
+    if ended is None:
+        raise _not_ended(name, pid, "was destroyed")
     if reply.get("status") == DomainStatus.MOVED:      # a relocation past its GO: the guest runs there
         raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
                            f"(its relocation was past the handoff) and runs there",
                            guest=f"running on {reply.get('moved_to')}")
-    return "destroyed"
+    return "destroyed" if ended == "gone" else ended
+
+
+def _wait_ended(directory: Path, pid: int | None, timeout: float) -> str | None:
+    """Wait until the domain of ``directory`` (its process ``pid``, if known) has ended:
+    ``"gone"`` once its directory is (or holds another process's domain: a new one of that
+    name), ``"crashed"`` if its process ended and left its directory, None if neither
+    happened within ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        if not directory.exists():
+            return "gone"
+        now = _pid(directory)
+        if now is not None and pid is not None and now != pid:
+            return "gone"
+        if now is not None and dead_info(directory) is not None:
+            return "crashed"
+        if time.monotonic() >= deadline:
+            return None
+        time.sleep(0.05)
+
+
+def _not_ended(name: str, pid: int | None, what: str) -> ControlError:
+    return ControlError(f"{name} {what}, but its domain process{f' (pid {pid})' if pid else ''} has not ended "
+                        f"within {DESTROY_WAIT:g} s: its state is unknown; see 'hvm list' ('hvm destroy {name}' "
+                        f"again once it is listed)", UNKNOWN)
 
 
 DESTROY_TIMEOUT = 75.0      # a destroy waits for a save or relocation in progress to be cancelled
+DESTROY_WAIT = 30.0         # seconds a destroyed domain's process has to end (free its memory, remove its files)
 
 
 LIST_TIMEOUT = 2.0          # seconds hvm list waits for each domain's answer (it answers in ms)
@@ -360,19 +461,43 @@ def save_domain(name: str, path: str | os.PathLike | None, *, mode: str = "stop"
         where = {"path": str(path)}
     before = _identity(path)
     with DomainClient(name, base) as client:
+        client.check_answers()      # a stopped or hung process: refused now, not waited for forever
         try:
             return client.call_with_progress("save", progress, fds=(fd,) if path is None else (),
                                              mode=mode, compress=compress, **where, **extra)
         except ControlError as exc:
-            if exc.kind != LOST or path is None:
+            if exc.kind != LOST:
                 raise
-            partial_path(path).unlink(missing_ok=True)      # nobody left to clean up but us
-            written = _identity(path) not in (None, before)
-            raise ControlError(
-                f"the domain process of {name} ended during the save ({exc}): " +
-                (f"{path} was written before it did: 'hvm stream verify {path}' checks it, "
-                 f"'hvm restore {path}' brings the guest back" if written else "no file was written"),
-                LOST) from None
+            if path is None:
+                what = "the stream on standard output is incomplete"
+            else:
+                partial_path(path).unlink(missing_ok=True)      # nobody left to clean up but us
+                written = _identity(path) not in (None, before)
+                what = (f"{path} was written before it did: 'hvm stream verify {path}' checks it, "
+                        f"'hvm restore {path}' brings the guest back" if written else "no file was written")
+            where_now, guest = _after_lost(client.dir, name)
+            what_broke = (f"the domain process of {name} ended" if guest is not None else
+                          f"the connection to the domain process of {name} broke")
+            raise ControlError(f"{what_broke} during the save ({exc}): {what}; {where_now}", LOST, guest) from None
+
+
+LOST_WAIT = 5.0             # seconds a domain process that broke its connection has to be gone
+
+
+def _after_lost(directory: Path, name: str) -> tuple[str, str | None]:
+    """Where the guest of a domain process that broke its connection is, once that process
+    is gone (a killed one takes a moment to free its memory): the end of the message and
+    the guest's state (None: its process still runs, and it did not say)."""
+    pid = _pid(directory)
+    deadline = time.monotonic() + LOST_WAIT
+    while pid is not None and _runs(pid, directory) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    if dead_info(directory) is not None:
+        return (f"{name} is lost here: its process is gone and it is listed crashed, its logs kept "
+                f"(see 'hvm info {name}'; 'hvm destroy {name}' clears it)", "crashed here")
+    if not directory.exists():
+        return f"{name} is gone here", "none here"
+    return f"its process still runs: see 'hvm info {name}' for its state", None
 
 
 def _identity(path: Path | None) -> tuple | None:
@@ -408,7 +533,7 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         fd = os.dup(0) if str(path) == "-" else os.open(path, os.O_RDONLY | os.O_CLOEXEC)
     except OSError as exc:
         raise ControlError(f"cannot restore from {label}: {exc.strerror}") from None
-    head_fd, lock = -1, None
+    head_fd, lock, directory = -1, None, None
     try:
         saved = _restorable(path, fd, label, disk_map or {}, net_map or {})
         if not _seekable(fd):       # the head read to check it goes along
@@ -435,6 +560,12 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         directory = claim_directory(name, base)
         job = Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk, saved.get("net_here") or "")
         return _spawn_process(name, directory, job, what="restore", lock=lock)
+    except KeyboardInterrupt:       # before the domain process said it runs: nothing of it is kept
+        if directory is not None:
+            discard(directory)
+        raise ControlError(f"interrupted: restore cancelled; nothing was left here "
+                           f"({name if isinstance(name, str) else 'the domain'} was not restored)",
+                           INTERRUPTED, "none here") from None
     finally:
         for one in (fd, head_fd):
             if one >= 0:
@@ -556,9 +687,14 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
     if answer.kind is not Say.OK:
         discard(directory)
         raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
-    (directory / statedir.STDERR).unlink(missing_ok=True)
-    with DomainClient(name, directory.parent) as client:
-        return client.call("info")
+    try:
+        (directory / statedir.STDERR).unlink(missing_ok=True)
+        with DomainClient(name, directory.parent) as client:
+            return client.call("info")
+    except KeyboardInterrupt:       # too late to cancel: it runs (a caller's interrupt means before this)
+        done = {"start": "started", "restore": "restored"}.get(what, what)
+        raise ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
+                           f"('hvm info {name}')", INTERRUPTED) from None
 
 
 def _read_ready(ready, directory: Path) -> Line:

@@ -49,10 +49,15 @@ def make(root: Path) -> None:
         raise StateDirError(f"the state directory {root} is not writable")
 
 
+class BadName(ValueError):
+    """A domain name that cannot be one (a ValueError, as callers that check names from
+    a stream or a HELLO catch it); on the command line, a usage error (migrate.exits)."""
+
+
 def check_name(name: str) -> str:
     if not NAME_RE.match(name):
-        raise ValueError(f"invalid domain name {name!r}: use 1-64 letters, digits, '_', '.', '-'"
-                         " starting with a letter or digit")
+        raise BadName(f"invalid domain name {name!r}: use 1-64 letters, digits, '_', '.', '-'"
+                      " starting with a letter or digit")
     return name
 
 
