@@ -256,6 +256,35 @@ def test_stub_that_stops_answering_is_an_error_not_a_hang(domains, monkeypatch):
     assert mem[abi.STATE_OFFSET] == abi.NONE
 
 
+def test_a_stopped_process_does_not_find_its_stub_overdue(domains):
+    """The watchdog counts the time it saw a request busy, a look at most two intervals: a
+    domain process stopped (SIGSTOP) for longer than ANSWER_TIMEOUT in the middle of a
+    request does not kick its stub when it goes on (that crashed the guest), while a stub
+    that stays busy while the process runs is still kicked."""
+    from migrate.stub import stub as stub_mod
+    dom = boot(domains)
+    stub = dom.stub
+    stub._stopped.set()                         # its own watchdog thread looks no more
+    stub._watchdog.join()
+    kicks = []
+    stub.vcpu.kick = lambda: kicks.append(1)
+    every = stub_mod.WATCH_EVERY
+    t0 = 1000.0
+    stub._busy_since = t0
+    seen, busy = stub._watch_step(t0 + every, every, 0.0, 0.0)
+    assert busy == every and not kicks
+    gap = stub_mod.ANSWER_TIMEOUT + 10          # the process was stopped this long
+    seen, busy = stub._watch_step(t0 + every + gap, min(gap, 2 * every), seen, busy)
+    assert busy == 3 * every and not kicks, "a stopped process's time counted against its stub"
+    now = t0 + every + gap
+    while not kicks:                            # busy while the process runs: kicked in time
+        now += every
+        seen, busy = stub._watch_step(now, every, seen, busy)
+    assert stub_mod.ANSWER_TIMEOUT < busy <= stub_mod.ANSWER_TIMEOUT + every
+    stub._busy_since = 0.0
+    assert stub._watch_step(now + every, every, seen, busy) == (0.0, 0.0)
+
+
 def test_newer_records_that_allow_this_loader_are_accepted(domains):
     dom = boot(domains)
     good = dom.stub.save_devices()

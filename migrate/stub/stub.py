@@ -30,7 +30,8 @@ from .netback import NetBackend, NetError
 log = logging.getLogger(__name__)
 
 RAM_SLOT, WINDOW_SLOT = gboot.RAM_SLOT, 1     # the window: slots 1.., one per slot of guest RAM
-ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq
+ANSWER_TIMEOUT = 5.0            # seconds the stub may take for one ioreq (while this process runs)
+WATCH_EVERY = 0.5               # seconds between two looks of its watchdog
 STUB_LOG_LINES = 200
 REFUSED_LOG_PERIOD = 1.0        # seconds between two lines about refused guest accesses
 
@@ -249,11 +250,27 @@ class Stub:
             log.info("%s: %s", self.name, text)
 
     def _watch(self) -> None:
-        while not self._stopped.wait(0.5):
-            with self._watch_lock:
-                since = self._busy_since
-                if since and time.monotonic() - since > ANSWER_TIMEOUT and self.vm is not None:
-                    self.vcpu.kick()
+        last, seen, busy = time.monotonic(), 0.0, 0.0
+        while not self._stopped.wait(WATCH_EVERY):
+            now = time.monotonic()
+            seen, busy = self._watch_step(now, min(now - last, 2 * WATCH_EVERY), seen, busy)
+            last = now
+
+    def _watch_step(self, now: float, step: float, seen: float, busy: float) -> tuple[float, float]:
+        """One look of the watchdog, ``step`` seconds after its last one: how long the
+        request in flight (``_busy_since``; the one seen last time: ``seen``) has been seen
+        busy, and a kick of the stub's vCPU once that passes ANSWER_TIMEOUT. A look counts
+        at most two intervals, so a process that was stopped (SIGSTOP, a frozen host) does
+        not find its stub overdue for the time nothing of it ran."""
+        with self._watch_lock:
+            since = self._busy_since
+            if since != seen:               # another request, or none: counted from its start
+                seen, busy = since, (min(now - since, step) if since else 0.0)
+            elif since:
+                busy += step
+            if since and busy > ANSWER_TIMEOUT and self.vm is not None:
+                self.vcpu.kick()
+        return seen, busy
 
     # -- guest exits ----------------------------------------------------------
     def port_io(self, ex) -> bytes | None:
