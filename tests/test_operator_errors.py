@@ -693,18 +693,18 @@ def test_destroy_of_a_domain_on_its_way_out(state_dir, monkeypatch):
 
 
 @pytest.mark.kvm
-def test_save_and_pause_of_a_stopped_domain_process(state_dir, tmp_path):
-    """`hvm save` and `hvm pause` of a domain whose process is stopped (SIGSTOP): refused
-    within moments (not a wait without end), in one line saying the domain does not answer,
-    that its guest does not run (its process is stopped) and that nothing was done; once
-    it goes on, its guest runs as before and no file was written. (No stub: a stub request
-    caught by the stop would outlast the stub's answer timeout, and end the domain when it
-    goes on.)"""
-    info = control.create_domain(DomainConfig("st", "idle", 16 << 20, stub=False))
+def test_save_pause_and_migrate_of_a_stopped_domain_process(state_dir, tmp_path):
+    """`hvm save`, `hvm pause` and `hvm migrate` of a domain whose process is stopped
+    (SIGSTOP) for longer than the stub's answer timeout: refused within moments (not a
+    wait without end), in one line saying the domain does not answer, that its guest does
+    not run (its process is stopped) and that nothing was done; once it goes on, its guest
+    runs as before (a stub request the stop caught is not overdue) and no file was written."""
+    info = control.create_domain(DomainConfig("st", "idle", 16 << 20))
     path = tmp_path / "st.hvm"
     os.kill(info["pid"], signal.SIGSTOP)
     try:
-        for args in (["save", "st", str(path)], ["pause", "st"], ["save", "st", str(path), "--json"]):
+        for args in (["save", "st", str(path)], ["pause", "st"], ["migrate", "st", "127.0.0.1:1", "--insecure"],
+                     ["save", "st", str(path), "--json"]):
             t0 = time.monotonic()
             out = subprocess.run(HVM + args, capture_output=True, text=True, timeout=30)
             assert time.monotonic() - t0 < control.ANSWER_TIMEOUT + 10, args

@@ -757,6 +757,7 @@ def migrate_domain(name: str, target: str, *, live: bool = True, tls_dir: str | 
         tls_dir = str(Path(tls_dir).absolute())
     extra = convergence_request(convergence, "migrate")
     with DomainClient(name, base) as client:
+        client.check_answers()      # a stopped or hung process: refused now, not waited for forever
         try:
             return client.call_with_progress("migrate", progress, host=host, port=port, live=live,
                                              tls_dir=tls_dir, insecure=insecure, channels=channels,
