@@ -221,9 +221,9 @@ static void status(const uint8_t *f, const uint8_t *ip, const uint8_t *u)
     uint8_t *rip = r + ETH_HLEN, *p = rip + 28;
     int n = snprintf((char *)p, 512,
                       "rx=%lu tx=%lu bytes_in=%lu arp=%lu icmp=%lu echo=%lu discard=%lu bad=%lu "
-                      "seq_max=%lu seq_count=%lu seq_dups=%lu kicks=%lu irqs=%lu",
+                      "seq_max=%lu seq_count=%lu seq_dups=%lu seq_late=%lu kicks=%lu irqs=%lu",
                       cnt.rx, cnt.tx, cnt.bytes_in, cnt.arp, cnt.icmp, cnt.echo, cnt.discard, cnt.bad,
-                      cnt.seq_max, cnt.seq_count, cnt.seq_dups, vnet_kicks, net_irqs);
+                      cnt.seq_max, cnt.seq_count, cnt.seq_dups, cnt.seq_late, vnet_kicks, net_irqs);
     if (n > 511)
         n = 511;
     ip_header(rip, ip, 28 + (uint32_t)n, 17);
@@ -343,6 +343,7 @@ void net_poll(void)
 void net_report(const char *who)
 {
     printk("%s net rx=%lu tx=%lu arp=%lu icmp=%lu echo=%lu discard=%lu bad=%lu seq_max=%lu "
-           "seq_dups=%lu kicks=%lu irqs=%lu ticks=%lu\n", who, cnt.rx, cnt.tx, cnt.arp, cnt.icmp,
-           cnt.echo, cnt.discard, cnt.bad, cnt.seq_max, cnt.seq_dups, vnet_kicks, net_irqs, timer_ticks);
+           "seq_dups=%lu seq_late=%lu kicks=%lu irqs=%lu ticks=%lu\n", who, cnt.rx, cnt.tx, cnt.arp,
+           cnt.icmp, cnt.echo, cnt.discard, cnt.bad, cnt.seq_max, cnt.seq_dups, cnt.seq_late, vnet_kicks,
+           net_irqs, timer_ticks);
 }
