@@ -535,8 +535,9 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
                                     **convergence)
     finally:
         bar.done()
-    if reply["status"] == DomainStatus.DESTROYED:
-        control.wait_gone(name)
+    if reply["status"] == DomainStatus.DESTROYED and not control.wait_gone(name):
+        exits.warn(f"the save is complete, but {name}'s domain process here has not ended yet: "
+                   f"'hvm list' shows what is left of it")
     if reply.get("interrupted"):
         exits.warn("interrupted too late to cancel: the save had completed")
     _warn_over_target(reply["stats"], "save")
@@ -917,7 +918,9 @@ def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_ou
                                **_convergence(downtime_ms, max_bandwidth, timeout, on_timeout, throttle))
     finally:
         bar.done()
-    control.wait_gone(name)
+    if not control.wait_gone(name):
+        exits.warn(f"{name} is on {target} now, but its domain process here has not ended yet: "
+                   f"'hvm list' shows what is left of it")
     if reply.get("interrupted"):
         exits.warn(f"interrupted too late to cancel: {name} had moved to {target}")
     _warn_over_target(reply["stats"], "migrate")
