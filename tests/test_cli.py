@@ -3,6 +3,7 @@ of the entry point, and the error cases a user meets."""
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -106,6 +107,64 @@ def test_a_crashed_domain_is_crashed_here(state_dir):
     (state_dir / "z" / "config.json").write_text(json.dumps({"workload": "idle", "memory": 16 << 20}))
     assert exits.guest_state("z") == "crashed here"
     assert exits.guest_state("nosuch") == "none here"
+
+
+def test_a_domain_is_on_its_way_out_only_by_what_its_end_leaves(tmp_path):
+    """control._ending, asked of a directory with no control socket: a configuration
+    without a socket, or logs left alone, is an end; an empty directory (just claimed by a
+    domain starting) and one whose socket is there or waits to be published are not."""
+    d = tmp_path / "d"
+    d.mkdir()
+    assert not control._ending(d)                        # claimed, starting
+    (d / statedir.LOGFILE).write_text("")
+    assert control._ending(d)                            # its last files going
+    (d / statedir.CONFIG).write_text("{}")
+    assert control._ending(d)
+    (d / (statedir.SOCKET + ".new")).write_text("")
+    assert not control._ending(d)                        # a received domain, not published yet
+    (d / (statedir.SOCKET + ".new")).rename(d / statedir.SOCKET)
+    assert not control._ending(d)                        # published meanwhile
+
+
+def test_an_unanswered_request_is_unknown_an_unanswered_question_is_not(state_dir):
+    """A domain process that takes a request and never answers: "info" unanswered is
+    NO_ANSWER (nothing was done, exit 1); a pause unanswered is UNKNOWN (exit 3: it was
+    asked and may still happen)."""
+    from migrate import exits
+    d = state_dir / "mute"
+    d.mkdir(parents=True)
+    listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    listener.bind(str(d / statedir.SOCKET))
+    listener.listen(4)
+    held = []
+    threading.Thread(target=lambda: [held.append(listener.accept()[0]) for _ in range(2)], daemon=True).start()
+    try:
+        with control.DomainClient("mute", timeout=0.3) as client:
+            with pytest.raises(control.ControlError) as asked:
+                client.check_answers(0.3)
+        with control.DomainClient("mute", timeout=0.3) as client:
+            with pytest.raises(control.ControlError) as told:
+                client.call("pause")
+    finally:
+        listener.close()
+        for conn in held:
+            conn.close()
+    assert asked.value.kind == control.NO_ANSWER and "nothing was done to it" in str(asked.value)
+    assert told.value.kind == control.UNKNOWN and "the pause was asked and may still happen" in str(told.value)
+    assert exits.failure(asked.value).exit_code == exits.FAILED
+    assert exits.failure(told.value).exit_code == exits.UNKNOWN
+
+
+def test_an_ok_already_said_when_ctrl_c_comes_is_too_late_to_cancel():
+    """control._said reads what the domain process has already written on its ready pipe,
+    without waiting: an ok there means it runs, and a Ctrl-C then must not discard it."""
+    from migrate.host.launch import Say, say
+    r, w = os.pipe()
+    with os.fdopen(r, "rb", buffering=0) as ready:
+        assert control._said(ready) is None                     # nothing yet: no wait
+        os.write(w, say(Say.AT, 4096) + say(Say.OK, 1, 2.0, 3.0))
+        assert control._said(ready).kind is Say.OK
+    os.close(w)
 
 
 def test_a_final_newline_is_no_part_of_a_name(state_dir):

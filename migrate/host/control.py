@@ -69,6 +69,9 @@ class DomainClient:
         except OSError as exc:      # refused, gone, or a full queue of connections (EAGAIN): a hung process
             self.sock.close()
             _check_dead(self.dir)
+            if not path.exists() and _ending(self.dir):     # it unlinked its socket meanwhile
+                raise ControlError(f"domain {name!r} is on its way out (its control socket is gone)",
+                                   ENDING) from None
             raise ControlError(f"domain {name!r} does not answer on its control socket "
                                f"({exc.strerror or exc})") from None
         self._unpack = protocol.unpacker()
@@ -80,7 +83,8 @@ class DomainClient:
         """The domain's info, asked before an operation that may wait long for its first
         answer (a save) or that a process which does not answer would only queue (pause):
         a domain process that does not answer within ``timeout`` (ANSWER_TIMEOUT) is a
-        ControlError of kind NO_ANSWER saying that nothing was done to it."""
+        ControlError of kind NO_ANSWER saying that nothing was done to it (UNKNOWN, once a
+        request was sent and not answered: it may still happen)."""
         try:
             return self.call_with_progress("info", None, timeout or ANSWER_TIMEOUT)
         except ControlError as exc:
@@ -102,8 +106,8 @@ class DomainClient:
         after = "nothing was done to it" if op is None else \
             f"the {op} was asked and may still happen if its process goes on"
         return ControlError(f"domain {self.name!r} does not answer (no answer within {timeout:g} s): "
-                            f"{why}; {after}; 'hvm list' shows it unresponsive", NO_ANSWER,
-                            "unresponsive here")
+                            f"{why}; {after}; 'hvm list' shows it unresponsive",
+                            NO_ANSWER if op is None else UNKNOWN, "unresponsive here")
 
     def call_with_progress(self, op: str, progress=None, timeout: float | None = None,
                            fds: tuple[int, ...] = (), **args) -> dict:
@@ -130,7 +134,7 @@ class DomainClient:
                     self.sock.shutdown(socket.SHUT_WR)
                     self.sock.settimeout(CANCEL_TIMEOUT)
         except TimeoutError:            # socket.timeout: the process lives and does not answer
-            raise self._no_answer(self.sock.gettimeout(), op) from None
+            raise self._no_answer(self.sock.gettimeout(), None if op in ASKS_ONLY else op) from None
         except (protocol.ProtocolError, OSError) as exc:
             raise ControlError(f"domain {self.name!r}: {op} failed: {exc}", LOST) from None
         if not reply.get("ok"):
@@ -175,6 +179,7 @@ class DomainClient:
 
 
 CANCEL_TIMEOUT = 60.0       # seconds to wait for a cancelled job's last answer
+ASKS_ONLY = {"info", "console"}     # requests that change nothing: unanswered, nothing was done
 ANSWER_TIMEOUT = 5.0        # seconds a domain process has to answer before a save or a pause (it answers in ms)
 
 
@@ -193,11 +198,14 @@ def _ending(directory: Path) -> bool:
     is written once its socket is bound (a received one's while its hidden socket waits
     to be published), so with no socket it had one and removed it (DomainServer.close);
     with no configuration, no pid and no starter's log its files are being removed."""
-    if (directory / (statedir.SOCKET + ".new")).exists():
-        return False                # a received domain, not published yet
+    if (directory / (statedir.SOCKET + ".new")).exists() or (directory / statedir.SOCKET).exists():
+        return False                # a received domain, not published yet (or just published)
     if (directory / statedir.CONFIG).exists():
         return True
-    return _pid(directory) is None and not (directory / statedir.STDERR).exists()
+    # its files go socket, pid, configuration, starter's log, logs (domaind._remove_directory):
+    # logs left alone are an end; an empty directory is as likely one just claimed, starting
+    return _pid(directory) is None and not (directory / statedir.STDERR).exists() and \
+        any((directory / leaf).exists() for leaf in statedir.LOGS)
 
 
 def process_alive(directory: Path) -> bool | None:
@@ -342,12 +350,12 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
             raise _not_ended(name, pid, "was already on its way out") from None
         return "already" if ended == "gone" else ended
     ended = _wait_ended(directory, pid, DESTROY_WAIT)
-    if ended is None:
-        raise _not_ended(name, pid, "was destroyed")
     if reply.get("status") == DomainStatus.MOVED:      # a relocation past its GO: the guest runs there
         raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
                            f"(its relocation was past the handoff) and runs there",
                            guest=f"running on {reply.get('moved_to')}")
+    if ended is None:
+        raise _not_ended(name, pid, "was destroyed")
     return "destroyed" if ended == "gone" else ended
 
 
@@ -357,8 +365,15 @@ def _wait_ended(directory: Path, pid: int | None, timeout: float) -> str | None:
     name), ``"crashed"`` if its process ended and left its directory, None if neither
     happened within ``timeout`` seconds."""
     deadline = time.monotonic() + timeout
+    try:
+        inode = directory.stat().st_ino
+    except OSError:
+        return "gone"
     while True:
-        if not directory.exists():
+        try:
+            if directory.stat().st_ino != inode:
+                return "gone"           # removed, and the name taken again since
+        except OSError:
             return "gone"
         now = _pid(directory)
         if now is not None and pid is not None and now != pid:
@@ -682,19 +697,42 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
         launch(directory, Launch(job, write_fd, lock.fd if lock is not None else None))
     finally:
         os.close(write_fd)
-    with os.fdopen(read_fd) as ready:
-        answer = _read_ready(ready, directory)
+    late = False
+    with os.fdopen(read_fd, "rb", buffering=0) as ready:    # unbuffered: select() sees every unread line
+        try:
+            answer = _read_ready(ready, directory)
+        except KeyboardInterrupt:   # it may have said ok already: then it runs, too late to cancel
+            answer = _said(ready)
+            if answer is None or answer.kind is not Say.OK:
+                raise
+            late = True
     if answer.kind is not Say.OK:
         discard(directory)
         raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
+    done = {"start": "started", "restore": "restored"}.get(what, what)
+    too_late = ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
+                            f"('hvm info {name}')", INTERRUPTED)
     try:
         (directory / statedir.STDERR).unlink(missing_ok=True)
         with DomainClient(name, directory.parent) as client:
-            return client.call("info")
+            info = client.call("info")
     except KeyboardInterrupt:       # too late to cancel: it runs (a caller's interrupt means before this)
-        done = {"start": "started", "restore": "restored"}.get(what, what)
-        raise ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
-                           f"('hvm info {name}')", INTERRUPTED) from None
+        raise too_late from None
+    if late:
+        raise too_late
+    return info
+
+
+def _said(ready) -> Line | None:
+    """The answer the domain process has already written, if any (read without waiting)."""
+    while select.select([ready], [], [], 0)[0]:
+        raw = ready.readline().decode(errors="replace").strip()
+        if not raw:
+            return None
+        line = parse(raw)
+        if line.kind is not Say.AT:
+            return line
+    return None
 
 
 def _read_ready(ready, directory: Path) -> Line:
@@ -705,7 +743,7 @@ def _read_ready(ready, directory: Path) -> Line:
     while time.monotonic() < deadline:
         r, _, _ = select.select([ready], [], [], 0.5)
         if r:
-            raw = ready.readline().strip()
+            raw = ready.readline().decode(errors="replace").strip()
             if not raw:
                 return exited(directory)
             line = parse(raw)

@@ -474,9 +474,9 @@ class DomainServer:
         """Stop serving, then end the job and the domain. The control socket goes first: a
         process on its way out is not listed (a live one whose socket is there but does not
         answer is listed unresponsive: control.unanswered_info)."""
-        self.sel.close()
+        (self.hidden or self.dir / statedir.SOCKET).unlink(missing_ok=True)     # before the listener
+        self.sel.close()                # closes: a client in between would be refused, not told "ending"
         self.listener.close()
-        (self.hidden or self.dir / statedir.SOCKET).unlink(missing_ok=True)
         if self.save_thread is not None:
             self.save_cancel.set()
             self.save_thread.join(30)

@@ -253,15 +253,17 @@ class Stub:
         last, seen, busy = time.monotonic(), 0.0, 0.0
         while not self._stopped.wait(WATCH_EVERY):
             now = time.monotonic()
-            seen, busy = self._watch_step(now, min(now - last, 2 * WATCH_EVERY), seen, busy)
+            seen, busy = self._watch_step(now, now - last, seen, busy)
             last = now
 
     def _watch_step(self, now: float, step: float, seen: float, busy: float) -> tuple[float, float]:
         """One look of the watchdog, ``step`` seconds after its last one: how long the
         request in flight (``_busy_since``; the one seen last time: ``seen``) has been seen
         busy, and a kick of the stub's vCPU once that passes ANSWER_TIMEOUT. A look counts
-        at most two intervals, so a process that was stopped (SIGSTOP, a frozen host) does
-        not find its stub overdue for the time nothing of it ran."""
+        at most half of that, so a process that was stopped (SIGSTOP, a frozen host) does
+        not find its stub overdue for the time nothing of it ran, while a watchdog that gets
+        a core only now and then still kicks within about that time."""
+        step = min(step, ANSWER_TIMEOUT / 2)
         with self._watch_lock:
             since = self._busy_since
             if since != seen:               # another request, or none: counted from its start

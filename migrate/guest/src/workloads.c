@@ -154,6 +154,16 @@ static int journal_check(uint64_t seed, uint64_t gen, uint64_t sum)
     return 0;
 }
 
+static uint64_t mix64(uint64_t x)
+{
+    x ^= x >> 33;
+    x *= 0xff51afd7ed558ccdULL;
+    x ^= x >> 33;
+    x *= 0xc4ceb9fe1a85ec53ULL;
+    x ^= x >> 33;
+    return x;
+}
+
 static const char *journal_step(const struct ledger_header *h, uint64_t sum)
 {
     if (!journal_sectors)
@@ -163,11 +173,11 @@ static const char *journal_step(const struct ledger_header *h, uint64_t sum)
         return "write-failed";
     if (journal_check(h->seed, h->gen, sum) != 0)
         return "readback-bad";
-    /* one older generation still on the disk, picked by a hash of gen: any of the last
-     * span, not always gen - 1 (gen * K is a multiple of gen, so the hash is its high bits) */
+    /* one older generation still on the disk, picked by a hash of gen (MurmurHash3's
+     * finaliser) among the last span: spread over them, not always gen - 1 */
     uint64_t span = h->gen < journal_sectors - 1 ? h->gen : journal_sectors - 1;
     if (span) {
-        uint64_t older = h->gen - 1 - ((h->gen * 2654435761ULL) >> 16) % span;
+        uint64_t older = h->gen - 1 - mix64(h->gen) % span;
         if (journal_check(h->seed, older, ~0ULL) != 0)
             return "older-bad";
     }
