@@ -5,7 +5,7 @@ status"), and the one place that turns an error into one.
     1    failed; the guest is intact where it was (the message says where)
     2    usage: the command line (or the environment, e.g. HVM_STATE_DIR) is wrong; nothing was done
     3    outcome unknown: the guest may be paused on both sides (or a destroyed domain's process has
-         not ended); the message says what to do
+         not ended, or a request its process took went unanswered); the message says what to do
     130  interrupted (Ctrl-C): the job was cancelled; the message says the guest's state
 
 With ``--json`` an error is a JSON object too, on the stream the command's JSON goes to:
