@@ -121,7 +121,7 @@ BITMAP_FEATURE_MSRS = frozenset({0x10A, 0x345})
 # MSRs a host may lack that are dropped when they hold their reset value (the guest never
 # changed them, and reads of an absent MSR are the only thing it could notice; see the
 # spec's "Dropping MSRs"); any other value refuses the restore.
-DROPPABLE_MSRS = {0x3A: 0, 0x140: 0, 0xC0010117: 0, 0xC001011F: 0}
+DROPPABLE_MSRS = {0x3A: 0, 0x140: 0, 0x1D9: 0, 0xC0010117: 0, 0xC001011F: 0}
 
 
 @dataclass(frozen=True)
