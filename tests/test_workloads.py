@@ -1,7 +1,9 @@
 """Each workload boots and prints within seconds on a 256 MiB guest, and its
 memory checks out from the host."""
 import re
+import subprocess
 import time
+from pathlib import Path
 
 import pytest
 
@@ -121,6 +123,34 @@ def test_the_journal_reads_back_older_generations_and_says_bad_ones(domains, tmp
     dom.resume()
     m = dom.console.wait_for(r"^ledger (JOURNAL BAD \S+|ok .*journal=(?!ok$)\S+$)", 30, start=mark)
     assert m.group(1).startswith("JOURNAL BAD older-bad"), m.string
+
+
+def _guest_symbol(name: str) -> int:
+    """The address of a symbol of the guest image (binutils' nm, which the image's build uses)."""
+    elf = Path(__file__).resolve().parents[1] / "migrate" / "guest" / "images" / "guest.elf"
+    out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
+    return next(int(line.split()[0], 16) for line in out.splitlines() if line.split()[-1] == name)
+
+
+CPU_LAST_TSC = 40       # offsetof(struct cpu, last_tsc) (src/smp.h)
+
+
+@pytest.mark.parametrize("workload", ["idle", "ledger"])
+def test_a_tsc_set_back_is_reported(domains, workload):
+    """Each vCPU compares the TSC at every timer tick with the one before, and a TSC that
+    went back (a save, restore or move that set it back) is said once, as "clock CORRUPT",
+    which every test and chaos check looks for. KVM here (PVM) gives the guest the host's
+    TSC and takes no TSC write or offset from the host, so the TSC cannot be set back from
+    outside: the vCPU's last reading is set ahead instead, which the next tick sees the same way."""
+    dom = _boot(domains, workload, args=[1, 64] if workload == "ledger" else [])
+    dom.console.wait_for(r"^(idle ticks=100|ledger ok gen=2 )", 15)
+    dom.pause()
+    at = _guest_symbol("cpus") + CPU_LAST_TSC
+    dom.memory[at:at + 8] = (1 << 63).to_bytes(8, "little")
+    dom.resume()
+    m = dom.console.wait_for(r"^clock CORRUPT cpu=0 tsc went back from (\d+) to (\d+)$", 15)
+    assert int(m.group(1)) == 1 << 63 and int(m.group(2)) < 1 << 63
+    assert sum("clock CORRUPT" in line for line in dom.console.lines()) == 1       # said once
 
 
 def test_console_lines_are_whole(domains):

@@ -284,12 +284,20 @@ static void __attribute__((noreturn)) guest_stop(uint32_t status)
 void trap(struct trap_frame *f)
 {
     switch (f->vector) {
-    case VEC_TIMER:
-        this_cpu()->ticks++;
-        if (this_cpu()->index == 0)
+    case VEC_TIMER: {
+        struct cpu *c = this_cpu();
+        uint64_t now = rdtsc();         /* a TSC that a save, restore or move set back */
+        if (now < c->last_tsc && !c->tsc_back++) {
+            c->back_from = c->last_tsc;
+            c->back_to = now;
+        }
+        c->last_tsc = now;
+        c->ticks++;
+        if (c->index == 0)
             timer_ticks++;
         lapic_write(LAPIC_EOI, 0);
         return;
+    }
     case VEC_TOKEN:
         this_cpu()->tokens++;
         lapic_write(LAPIC_EOI, 0);
@@ -319,6 +327,15 @@ void trap(struct trap_frame *f)
     }
 }
 
+void clock_check(void)
+{
+    struct cpu *c = this_cpu();
+    if (c->tsc_back && !c->tsc_said) {
+        c->tsc_said = 1;
+        printk("clock CORRUPT cpu=%u tsc went back from %lu to %lu\n", c->index, c->back_from, c->back_to);
+    }
+}
+
 /* idle runs in ring 0, the only ring that may halt: wait for the timer,
  * say how many ticks once a second.  Slow ring 0 hardly matters here: the
  * loop body runs once per tick. */
@@ -331,6 +348,7 @@ void idle_loop(void)
         char line[128];
         if (console_read_line(line, sizeof(line)) >= 0)
             printk("idle input: %s\n", line);
+        clock_check();
         if (timer_ticks >= next) {
             printk("idle ticks=%lu\n", timer_ticks);
             next = timer_ticks + hz;

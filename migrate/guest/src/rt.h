@@ -69,6 +69,7 @@ int vblk_init(void);
 int vblk_io(int write, uint64_t sector, void *buf, uint32_t len);
 extern uint64_t vblk_capacity;
 void idle_loop(void) __attribute__((noreturn));
+void clock_check(void);        /* "clock CORRUPT" once if this vCPU's TSC went backwards */
 void halt_forever(void) __attribute__((noreturn));     /* ring 0: sti; hlt, for ever */
 
 /* The virtio-mmio network driver (vnet.c), polled from ring 3.  A packet is a

@@ -25,6 +25,10 @@ struct cpu {
     volatile uint64_t ticks;    /* LAPIC timer interrupts taken */
     volatile uint64_t tokens;   /* VEC_TOKEN interrupts taken */
     volatile uint64_t kicks;    /* VEC_KICK interrupts taken */
+    uint64_t last_tsc;          /* the TSC at the last timer tick (kernel.c, clock_check) */
+    uint64_t back_from, back_to;    /* the first time it went backwards: from, to */
+    volatile uint64_t tsc_back; /* ticks at which the TSC read less than at the tick before */
+    uint64_t tsc_said;          /* clock_check has said so */
 };
 extern struct cpu cpus[MAX_CPUS];
 

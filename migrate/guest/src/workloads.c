@@ -249,6 +249,7 @@ static void ledger(uint32_t cpu)
         }
         h->sum = sum;
         h->passes++;
+        clock_check();
         const char *journal = cpu == 0 ? journal_step(h, sum) : "off";
         if (!journal_good(journal)) {
             for (;;) {
