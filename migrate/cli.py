@@ -14,8 +14,8 @@ import click
 
 from . import exits
 from .config import (
-    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus, parse_disk_map,
-    parse_net_map,
+    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus, memory_ok,
+    memory_problem, parse_disk_map, parse_net_map,
 )
 from .host import control, protocol
 from .host.control import ControlError
@@ -25,7 +25,7 @@ from .units import Duration, Rate, Size, parse_size  # noqa: F401  (parse_size: 
 _fail_cleanly = exits.handled       # every command: errors to exit statuses (migrate.exits)
 
 json_option = click.option("--json", "as_json", is_flag=True,
-                           help="Machine-readable output (errors too: {\"error\", \"outcome\", \"guest\"}).")
+                           help="Machine-readable output (errors too: {\"error\", \"outcome\", \"exit\", \"guest\"}).")
 version_option = click.version_option(package_name="hvm-migrate", message="%(prog)s %(version)s")
 SIZE = Size()                       # a guest memory size: 256M, 1G, 1T; a bare number is MiB
 
@@ -84,6 +84,8 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
       hvm create --workload smp --vcpus 4 --memory 8G
     """
     net = _parse_net(net)
+    if not memory_ok(memory):
+        raise click.BadParameter(memory_problem(memory), param_hint="--memory")
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
@@ -214,7 +216,6 @@ def console(name, follow):
       hvm console web1 --follow
     """
     out = sys.stdout.buffer
-    offset = 0
     typing = follow and sys.stdin is not None and not sys.stdin.closed
     try:
         client = control.DomainClient(name)
@@ -228,27 +229,38 @@ def console(name, follow):
         out.flush()
         return
     with client:
-        while True:
-            if typing:
-                line = _stdin_readable()
-                if line == b"":
-                    typing = False          # end of input: keep following
-                elif line:
-                    client.call("input", data=line)
-            try:
-                part = client.call("console", offset=offset)
-            except ControlError:
-                if follow and offset:
-                    return          # the domain went away while we followed it
-                raise
-            out.write(part["data"])
-            out.flush()
-            offset = part["next"]
-            if part["data"]:
-                continue
-            if not follow or part["status"] in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN, DomainStatus.DESTROYED):
-                return
-            time.sleep(0.2)
+        try:
+            _follow(client, out, follow, typing)
+        except KeyboardInterrupt:
+            if not follow:
+                raise           # following, Ctrl-C is how one stops: the guest is untouched
+    out.flush()
+
+
+def _follow(client, out, follow: bool, typing: bool) -> None:
+    """Print the console from its start; following, until the domain ends (or Ctrl-C)."""
+    offset = 0
+    while True:
+        if typing:
+            line = _stdin_readable()
+            if line == b"":
+                typing = False          # end of input: keep following
+            elif line:
+                client.call("input", data=line)
+        try:
+            part = client.call("console", offset=offset)
+        except ControlError:
+            if follow and offset:
+                return          # the domain went away while we followed it
+            raise
+        out.write(part["data"])
+        out.flush()
+        offset = part["next"]
+        if part["data"]:
+            continue
+        if not follow or part["status"] in (DomainStatus.CRASHED, DomainStatus.SHUTDOWN, DomainStatus.DESTROYED):
+            return
+        time.sleep(0.2)
 
 
 def _stdin_readable() -> bytes | None:

@@ -36,7 +36,7 @@ def test_parse_size():
 
 def test_memory_out_of_range_is_a_clear_error(state_dir):
     result = run("create", "--workload", "idle", "--memory", "8M", "--name", "tiny", ok=False)
-    assert result.exit_code == 1
+    assert result.exit_code == 2
     assert "out of range" in result.output and "Traceback" not in result.output
 
 
@@ -300,3 +300,25 @@ def test_disk_and_console_input_through_the_cli(state_dir, tmp_path):
 def test_create_refuses_a_missing_disk(state_dir, tmp_path):
     result = run("create", "-w", "idle", "--disk", str(tmp_path / "nope.img"), ok=False)
     assert result.exit_code == 2 and "does not exist" in result.output
+
+
+@pytest.mark.kvm
+def test_ctrl_c_ends_following_a_console_quietly(state_dir):
+    """Ctrl-C is how one stops `hvm console --follow`: exit 0, no error line; the guest runs on."""
+    control.create_domain(DomainConfig("cf", "idle", 16 << 20))
+    follow = subprocess.Popen([sys.executable, "-m", "migrate.cli", "console", "cf", "--follow"],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        time.sleep(2.0)
+        follow.send_signal(signal.SIGINT)
+        out, err = follow.communicate(timeout=10)
+    finally:
+        if follow.poll() is None:
+            follow.kill()
+    assert follow.returncode == 0 and err == b"", (follow.returncode, err)
+    assert b"idle start" in out
+    with control.DomainClient("cf") as client:
+        assert client.call("info")["status"] == "running"
+        client.call("destroy")
+    control.wait_gone("cf")

@@ -515,13 +515,16 @@ def test_state_dir_that_is_a_file(tmp_path):
 
 
 def test_memory_sizes_say_the_real_reason(state_dir):
+    """A --memory this build cannot run is a usage error (exit 2, JSON with --json), naming why."""
     res = run("create", "-w", "idle", "-m", "65M", "-n", "a", ok=False)
-    assert res.exit_code == 1 and "memory size 65 MiB is not a multiple of 2 MiB" in res.output
+    assert res.exit_code == 2 and "memory size 65 MiB is not a multiple of 2 MiB" in res.output
     assert "try 64 MiB or 66 MiB" in res.output and "out of range" not in res.output
     res = run("create", "-w", "idle", "-m", "1T", "-n", "a", ok=False)
-    assert res.exit_code == 1 and "memory size 1048576 MiB out of range" in res.output, res.output
+    assert res.exit_code == 2 and "memory size 1048576 MiB out of range" in res.output, res.output
     res = run("create", "-w", "idle", "-m", "8M", "-n", "a", ok=False)
-    assert res.exit_code == 1 and "8 MiB out of range: 16 MiB to 240 GiB" in res.output
+    assert res.exit_code == 2 and "8 MiB out of range: 16 MiB to 240 GiB" in res.output
+    res = run("create", "-w", "idle", "-m", "8M", "-n", "a", "--json", ok=False)
+    assert res.exit_code == 2 and json.loads(res.stdout)["outcome"] == "usage"
 
 
 def test_sizes_rates_and_durations_take_units_everywhere(state_dir):
