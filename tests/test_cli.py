@@ -126,6 +126,21 @@ def test_a_domain_is_on_its_way_out_only_by_what_its_end_leaves(tmp_path):
     assert not control._ending(d)                        # published meanwhile
 
 
+def test_a_destroy_that_finds_only_an_empty_directory_waits_a_moment(state_dir):
+    """An empty domain directory tells nothing (one just claimed, or one whose last file
+    its ending process just removed): a destroy waits a moment; gone, it was already being
+    destroyed (exit 0); still there, it says it has no control socket (exit 1)."""
+    d = state_dir / "e1"
+    d.mkdir(parents=True)
+    threading.Timer(0.2, d.rmdir).start()
+    assert control.destroy_domain("e1") == "already"
+    d.mkdir()
+    with pytest.raises(control.ControlError) as info:
+        control.destroy_domain("e1")
+    assert info.value.kind == control.NO_SOCKET and "has no control socket" in str(info.value)
+    d.rmdir()
+
+
 def test_an_unanswered_request_is_unknown_an_unanswered_question_is_not(state_dir):
     """A domain process that takes a request and never answers: "info" unanswered is
     NO_ANSWER (nothing was done, exit 1); a pause unanswered is UNKNOWN (exit 3: it was

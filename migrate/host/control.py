@@ -30,6 +30,7 @@ INTERRUPTED = "interrupted"     # cancelled by the user (Ctrl-C)
 LOST = "lost"                   # the domain process gave no answer: it died, or the socket broke
 NO_ANSWER = "no-answer"         # the domain process lives but did not answer in time (hung, or stopped)
 ENDING = "ending"               # the domain is on its way out (its control socket is gone)
+NO_SOCKET = "no-socket"         # no control socket, and its files do not tell starting from ending
 NO_DOMAIN = "no-domain"         # no domain of that name here
 CRASHED = "crashed"             # the domain's process is gone; its logs are kept
 
@@ -57,7 +58,8 @@ class DomainClient:
                 if _ending(self.dir):
                     raise ControlError(f"domain {name!r} is on its way out (its control socket is gone)",
                                        ENDING)
-                raise ControlError(f"domain {name!r} has no control socket: it is starting, or on its way out")
+                raise ControlError(f"domain {name!r} has no control socket: it is starting, or on its way out",
+                                   NO_SOCKET)
             root = self.dir.parent
             raise ControlError(f"no domain named {name!r}" + ("" if root.exists() else
                                f" (the state directory {root} does not exist)"), NO_DOMAIN)
@@ -342,6 +344,8 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
     except ControlError as exc:
         if exc.kind == CRASHED and clear_crashed(name, base):
             return "cleared"
+        if exc.kind == NO_SOCKET and _gone_soon(directory):     # its last files were going
+            return "already"
         if exc.kind not in (ENDING, LOST):      # LOST: it closed the connection on its way out
             raise
         pid = pid or _pid(directory)
@@ -357,6 +361,15 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
     if ended is None:
         raise _not_ended(name, pid, "was destroyed")
     return "destroyed" if ended == "gone" else ended
+
+
+def _gone_soon(directory: Path, wait: float = 1.0) -> bool:
+    """Whether a domain directory with no control socket and nothing else that tells
+    (an empty one: just claimed, or its last file removed) is gone within ``wait`` s."""
+    deadline = time.monotonic() + wait
+    while directory.exists() and not (directory / statedir.SOCKET).exists() and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return not directory.exists()
 
 
 def _wait_ended(directory: Path, pid: int | None, timeout: float) -> str | None:
