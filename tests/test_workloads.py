@@ -65,20 +65,28 @@ def test_ledger_reports_sums_the_host_can_recompute(domains):
     dom.pause()
     bad, _ = check.ledger_verify(dom.memory)
     assert bad == -1
-    # flip one bit of a data page the guest will verify before rewriting
-    # it: both the host check and the guest must see it
-    for _ in range(100):
+    # a data page the guest will verify before rewriting it: both the host check and the guest see it
+    _flip_a_page_and_see_it_reported(dom, lambda hdr: hdr.npages - 1 if hdr.phase == 0 and hdr.cursor < hdr.npages - 1
+                                     else 0 if hdr.phase == 1 and hdr.cursor >= 2 else None)
+
+
+def _flip_a_page_and_see_it_reported(dom, pick) -> None:
+    """With the ledger guest ``dom`` paused: find a pause (letting it run a moment between
+    tries) where ``pick(header)`` names a data page (None: none here), flip a bit of that
+    page: the host check and then the guest report it."""
+    for _ in range(200):
         hdr = check.ledger_header(dom.memory)
-        if (hdr.phase == 0 and hdr.cursor < hdr.npages - 1) or (hdr.phase == 1 and hdr.cursor >= 2):
+        if (page := pick(hdr)) is not None:
             break
         dom.resume()
         time.sleep(0.001)
         dom.pause()
-    page = 0 if hdr.phase == 1 else hdr.npages - 1
+    else:
+        raise AssertionError(f"the ledger was never paused where a page fits: {hdr}")
     dom.memory[WORKLOAD_BASE + 4096 * (1 + page) + 64] ^= 0x40
     assert check.ledger_verify(dom.memory)[0] == page
     dom.resume()
-    dom.console.wait_for(rf"ledger CORRUPT page={page} word=8 ", 10)
+    dom.console.wait_for(rf"ledger CORRUPT page={page} word=8 ", 15)
 
 
 def test_the_ledger_checks_a_page_before_it_rewrites_it(domains):
@@ -88,17 +96,8 @@ def test_the_ledger_checks_a_page_before_it_rewrites_it(domains):
     dom = _boot(domains, "ledger", args=[7, 2048])
     dom.console.wait_for(r"ledger ok gen=1 ", 15)
     dom.pause()
-    for _ in range(200):
-        hdr = check.ledger_header(dom.memory)
-        if (hdr.phase == 0 and hdr.cursor >= 2) or (hdr.phase == 1 and hdr.cursor < hdr.npages - 2):
-            break
-        dom.resume()
-        time.sleep(0.001)
-        dom.pause()
-    page = 0 if hdr.phase == 0 else hdr.npages - 1
-    dom.memory[WORKLOAD_BASE + 4096 * (1 + page) + 64] ^= 0x40
-    dom.resume()
-    dom.console.wait_for(rf"ledger CORRUPT page={page} word=8 ", 15)
+    _flip_a_page_and_see_it_reported(dom, lambda hdr: 0 if hdr.phase == 0 and hdr.cursor >= 2
+                                     else hdr.npages - 1 if hdr.phase == 1 and hdr.cursor < hdr.npages - 2 else None)
 
 
 def test_the_journal_reads_back_older_generations_and_says_bad_ones(domains, tmp_path):
