@@ -324,13 +324,13 @@ def test_ctrl_c_ends_following_a_console_quietly(state_dir):
     follow = subprocess.Popen([sys.executable, "-m", "migrate.cli", "console", "cf", "--follow"],
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    time.sleep(2.0)
+    follow.send_signal(signal.SIGINT)
     try:
-        time.sleep(2.0)
-        follow.send_signal(signal.SIGINT)
         out, err = follow.communicate(timeout=10)
-    finally:
-        if follow.poll() is None:
-            follow.kill()
+    except subprocess.TimeoutExpired:
+        follow.kill()           # it did not stop: fail, and leave no process behind
+        raise
     assert follow.returncode == 0 and err == b"", (follow.returncode, err)
     assert b"idle start" in out
     with control.DomainClient("cf") as client:
