@@ -445,6 +445,7 @@ def test_a_domain_whose_process_does_not_answer_is_listed_unresponsive(state_dir
         assert time.monotonic() - t0 < 5
         assert listed["name"] == "hung" and listed["status"] == "unresponsive", listed
         assert listed["pid"] == info["pid"] and listed["workload"] == "idle" and listed["memory"] == 16 << 20
+        assert 0.0 < listed["uptime"] < 60.0, listed           # its process's age, not a made-up 0
         assert "timed out" in listed["note"] or "does not answer" in listed["note"], listed
         assert "unresponsive" in run("list").output
         queued = []                 # fill its queue of connections: a connect then fails (EAGAIN)

@@ -308,7 +308,19 @@ def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
     pid = _pid(directory)
     if pid is None or not (directory / statedir.SOCKET).exists() or not _runs(pid, directory, exiting=False):
         return None                 # (killed, on its way out: listed crashed once it is gone)
-    return {**_saved_info(directory, UNRESPONSIVE, pid), "note": str(exc)}
+    return {**_saved_info(directory, UNRESPONSIVE, pid), "uptime": _process_age(pid), "note": str(exc)}
+
+
+def _process_age(pid: int) -> float:
+    """Seconds since process ``pid`` started (0.0 if that cannot be read): the uptime of a
+    domain that cannot say its own."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            started = int(f.read().rpartition(b")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+        with open("/proc/uptime") as f:
+            return max(0.0, float(f.read().split()[0]) - started)
+    except (OSError, ValueError, IndexError):
+        return 0.0
 
 
 def _check_dead(directory: Path) -> None:
