@@ -56,7 +56,8 @@ def hvm():
 @click.option("--name", "-n", help="Domain name (default: the workload plus a number).")
 @click.option("--arg", "args", multiple=True, type=int,
               help="Workload argument (repeatable, up to 8; see specs/guest-boot.md).")
-@click.option("--timer-hz", default=100, show_default=True, help="Guest LAPIC timer rate.")
+@click.option("--timer-hz", default=100, show_default=True, type=click.IntRange(0, 1000),
+              help="Guest LAPIC timer rate (0: none).")
 @click.option("--disk", type=click.Path(exists=True, dir_okay=False, writable=True, resolve_path=True),
               help="Raw disk image for the guest's virtio block device.")
 @click.option("--net", metavar="tap=NAME|bridge=BR[,mac=MAC][,mtu=N]",
@@ -84,8 +85,7 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
       hvm create --workload smp --vcpus 4 --memory 8G
     """
     net = _parse_net(net)
-    if not memory_ok(memory):
-        raise click.BadParameter(memory_problem(memory), param_hint="--memory")
+    _check_memory(memory)
     if name is None:
         taken = {d["name"] for d in control.list_domains()}
         name = next(f"{workload}{i}" for i in range(1, 10000) if f"{workload}{i}" not in taken)
@@ -98,6 +98,11 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
     else:
         click.echo(f"created {info['name']} ({workload}, {info['memory'] >> 20} MiB, "
                    f"{info.get('vcpus', 1)} vCPU{'s' if info.get('vcpus', 1) != 1 else ''}, pid {info['pid']})")
+
+
+def _check_memory(memory: int) -> None:
+    if not memory_ok(memory):       # a command-line value this build cannot run: a usage error
+        raise click.BadParameter(memory_problem(memory), param_hint="--memory")
 
 
 def _parse_net(text: str | None) -> dict | None:
@@ -249,10 +254,12 @@ def _follow(client, out, follow: bool, typing: bool) -> None:
                 client.call("input", data=line)
         try:
             part = client.call("console", offset=offset)
-        except ControlError:
-            if follow and offset:
+        except ControlError as exc:
+            if follow and offset and exc.kind in (control.LOST, control.ENDING, control.NO_DOMAIN, control.CRASHED):
                 return          # the domain went away while we followed it
             raise
+        if part.get("interrupted"):
+            return              # Ctrl-C while it was asked: following ends
         out.write(part["data"])
         out.flush()
         offset = part["next"]
@@ -310,6 +317,7 @@ def demo(workload, memory):
     import os
     import signal
     import tempfile
+    _check_memory(memory)
     name = f"demo-{os.getpid()}"
     workdir = tempfile.TemporaryDirectory(prefix="hvm-demo-")
     disk = os.path.join(workdir.name, "disk.img")

@@ -757,3 +757,24 @@ def test_ctrl_c_during_a_restore(state_dir, tmp_path):
     assert err.decode() == "Error: interrupted: restore cancelled; nothing was left here (ri2 was not restored)\n"
     assert status("ri2") == [] and list(state_dir.iterdir()) == []
     assert not control._runs(pid)
+
+
+@pytest.mark.kvm
+def test_ctrl_c_during_a_create_leaves_nothing(state_dir, monkeypatch):
+    """A Ctrl-C while `hvm create` waits for its domain process to say it runs (the process
+    is in a session of its own and does not see it): the process is killed, its directory
+    removed, and the error says so. It used to run on, after "interrupted"."""
+    def interrupted(ready, directory):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(control, "_read_ready", interrupted)
+    with pytest.raises(control.ControlError) as info:
+        control.create_domain(DomainConfig("ci", "idle", 16 << 20))
+    assert info.value.kind == control.INTERRUPTED and info.value.guest == "none here"
+    assert str(info.value) == "interrupted: create cancelled; nothing was left here (ci was not started)"
+    assert list(state_dir.iterdir()) == []
+
+
+def test_bad_sizes_and_rates_of_create_and_demo_are_usage_errors(state_dir):
+    for args in (["demo", "-m", "65M"], ["create", "-w", "idle", "--timer-hz", "5000"]):
+        res = run(*args, ok=False)
+        assert res.exit_code == 2, (args, res.output)

@@ -358,6 +358,8 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
             return "cleared"
         if exc.kind == NO_SOCKET and _gone_soon(directory):     # its last files were going
             return "already"
+        if exc.kind == NO_SOCKET and (directory / statedir.SOCKET).exists():
+            return destroy_domain(name, base)       # it was starting, and now answers
         if exc.kind not in (ENDING, LOST):      # LOST: it closed the connection on its way out
             raise
         pid = pid or _pid(directory)
@@ -461,9 +463,15 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
     statedir.check_name(config.name)
     _require_kvm()
     lock = _lock_disk(config.disk)
+    directory = None
     try:
         directory = claim_directory(config.name, base)
         return _spawn(config, directory, lock)
+    except KeyboardInterrupt:       # before the domain process said it runs: nothing of it is kept
+        if directory is not None:
+            discard(directory)
+        raise ControlError(f"interrupted: create cancelled; nothing was left here ({config.name} was not "
+                           f"started)", INTERRUPTED, "none here") from None
     finally:
         if lock is not None:
             lock.close()            # the domain process holds its own descriptor of it
@@ -722,29 +730,30 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
         launch(directory, Launch(job, write_fd, lock.fd if lock is not None else None))
     finally:
         os.close(write_fd)
-    late = False
-    with os.fdopen(read_fd, "rb", buffering=0) as ready:    # unbuffered: select() sees every unread line
-        try:
-            answer = _read_ready(ready, directory)
-        except KeyboardInterrupt:   # it may have said ok already: then it runs, too late to cancel
-            answer = _said(ready)
-            if answer is None or answer.kind is not Say.OK:
-                raise
-            late = True
-    if answer.kind is not Say.OK:
-        discard(directory)
-        raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
+    late, answer = False, None
     done = {"start": "started", "restore": "restored"}.get(what, what)
-    too_late = ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
-                            f"('hvm info {name}')", INTERRUPTED)
     try:
+        with os.fdopen(read_fd, "rb", buffering=0) as ready:    # unbuffered: select() sees every unread line
+            try:
+                answer = _read_ready(ready, directory)
+            except KeyboardInterrupt:   # it may have said ok already: then it runs, too late to cancel
+                answer = _said(ready)
+                if answer is None or answer.kind is not Say.OK:
+                    raise
+                late = True
+        if answer.kind is not Say.OK:
+            discard(directory)
+            raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
         (directory / statedir.STDERR).unlink(missing_ok=True)
         with DomainClient(name, directory.parent) as client:
             info = client.call("info")
-    except KeyboardInterrupt:       # too late to cancel: it runs (a caller's interrupt means before this)
-        raise too_late from None
+    except KeyboardInterrupt:       # once it said ok it runs: too late to cancel, never discarded
+        if answer is None or answer.kind is not Say.OK:
+            raise
+        late = True
     if late:
-        raise too_late
+        raise ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
+                           f"('hvm info {name}')", INTERRUPTED)
     return info
 
 

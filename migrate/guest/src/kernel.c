@@ -359,8 +359,10 @@ void idle_loop(void)
 /* Any vCPU with nothing to do: halted, taking its interrupts. */
 void halt_forever(void)
 {
-    for (;;)
+    for (;;) {
         __asm__ volatile("sti; hlt; cli");
+        clock_check();
+    }
 }
 
 /* Every vCPU enters here with its own kernel stack (start.S).  vCPU 0 checks

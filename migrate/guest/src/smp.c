@@ -151,6 +151,7 @@ static void round_end(uint32_t k)
     for (uint64_t j = 0; j < ntokens; j++)
         if (tok[j].start != k)
             send_ipi((uint32_t)tok[j].start, VEC_KICK);
+    clock_check();
     printk("smp ok round=%lu passes=%lu sum=%016lx ticks=%lu cpu=%u\n", round, passes, sent,
            timer_ticks, k);
 }
