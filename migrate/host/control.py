@@ -56,8 +56,7 @@ class DomainClient:
             if self.dir.exists():
                 _check_dead(self.dir)
                 if _ending(self.dir):
-                    raise ControlError(f"domain {name!r} is on its way out (its control socket is gone)",
-                                       ENDING)
+                    raise self._ending_error()
                 raise ControlError(f"domain {name!r} has no control socket: it is starting, or on its way out",
                                    NO_SOCKET)
             root = self.dir.parent
@@ -72,11 +71,13 @@ class DomainClient:
             self.sock.close()
             _check_dead(self.dir)
             if not path.exists() and _ending(self.dir):     # it unlinked its socket meanwhile
-                raise ControlError(f"domain {name!r} is on its way out (its control socket is gone)",
-                                   ENDING) from None
+                raise self._ending_error() from None
             raise ControlError(f"domain {name!r} does not answer on its control socket "
                                f"({exc.strerror or exc})") from None
         self._unpack = protocol.unpacker()
+
+    def _ending_error(self) -> "ControlError":
+        return ControlError(f"domain {self.name!r} is on its way out (its control socket is gone)", ENDING)
 
     def call(self, op: str, **args) -> dict:
         return self.call_with_progress(op, None, self.timeout, **args)
@@ -87,21 +88,16 @@ class DomainClient:
         a domain process that does not answer within ``timeout`` (ANSWER_TIMEOUT) is a
         ControlError of kind NO_ANSWER saying that nothing was done to it (UNKNOWN, once a
         request was sent and not answered: it may still happen)."""
-        try:
-            return self.call_with_progress("info", None, timeout or ANSWER_TIMEOUT)
-        except ControlError as exc:
-            if exc.kind != NO_ANSWER:
-                raise
-            raise self._no_answer(timeout or ANSWER_TIMEOUT, None) from None
+        return self.call_with_progress("info", None, timeout or ANSWER_TIMEOUT)     # info: ASKS_ONLY
 
     def _no_answer(self, timeout: float | None, op: str | None) -> ControlError:
         """The error of a domain process that did not answer within ``timeout`` seconds:
         whether its process is stopped (its guest does not run) or hung, and what became
         of the request (``op``; None: only asked whether it answers, nothing was done)."""
         pid = _pid(self.dir)
-        state = _proc_state(pid) if pid is not None else None
+        stat = _stat(pid) if pid is not None else None
         proc = f"its process, pid {pid}," if pid is not None else "its process"
-        if state in ("T", "t"):
+        if stat is not None and stat[0] in (b"T", b"t"):
             why = f"{proc} is stopped: its guest does not run ('kill -CONT {pid}' lets it go on)"
         else:
             why = f"{proc} is hung or overloaded: its guest's state is unknown"
@@ -185,13 +181,15 @@ ASKS_ONLY = {"info", "console"}     # requests that change nothing: unanswered, 
 ANSWER_TIMEOUT = 5.0        # seconds a domain process has to answer before a save or a pause (it answers in ms)
 
 
-def _proc_state(pid: int) -> str | None:
-    """The state letter of process ``pid`` (R, S, D, T for stopped, Z, ...); None if gone."""
+def _stat(pid: int) -> list[bytes] | None:
+    """The fields of /proc/PID/stat after the command name (the state letter first:
+    R, S, D, T for stopped, Z, ...; the start time at index 19); None if it is gone."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as f:
-            return f.read().rpartition(b")")[2].split()[0].decode()
-    except (OSError, IndexError, UnicodeDecodeError):
+            fields = f.read().rpartition(b")")[2].split()
+    except OSError:
         return None
+    return fields or None
 
 
 def _ending(directory: Path) -> bool:
@@ -231,14 +229,15 @@ def _pid(directory: Path) -> int | None:
 def _runs(pid: int, directory: Path | None = None, exiting: bool = True) -> bool:
     """Whether process ``pid`` runs (the domain of ``directory``, if given); ``exiting``:
     whether one on its way out counts (it does for the locks its files hold)."""
+    stat = _stat(pid)
+    if stat is None:
+        return False
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            state = f.read().rpartition(b")")[2].split()[0]
         with open(f"/proc/{pid}/cmdline", "rb") as f:
             argv = f.read().split(b"\0")
-    except (OSError, IndexError):
+    except OSError:
         return False
-    if state in (b"Z", b"X"):
+    if stat[0] in (b"Z", b"X"):
         # a zombie leader whose other threads still exit holds the process's files (and
         # so its image locks) until the last of them is gone
         if not exiting:
@@ -314,9 +313,11 @@ def unanswered_info(directory: Path, exc: ControlError) -> dict | None:
 def _process_age(pid: int) -> float:
     """Seconds since process ``pid`` started (0.0 if that cannot be read): the uptime of a
     domain that cannot say its own."""
+    stat = _stat(pid)
+    if stat is None:
+        return 0.0
     try:
-        with open(f"/proc/{pid}/stat", "rb") as f:
-            started = int(f.read().rpartition(b")")[2].split()[19]) / os.sysconf("SC_CLK_TCK")
+        started = int(stat[19]) / os.sysconf("SC_CLK_TCK")
         with open("/proc/uptime") as f:
             return max(0.0, float(f.read().split()[0]) - started)
     except (OSError, ValueError, IndexError):
@@ -468,13 +469,19 @@ def create_domain(config: DomainConfig, base: Path | None = None) -> dict:
         directory = claim_directory(config.name, base)
         return _spawn(config, directory, lock)
     except KeyboardInterrupt:       # before the domain process said it runs: nothing of it is kept
-        if directory is not None:
-            discard(directory)
-        raise ControlError(f"interrupted: create cancelled; nothing was left here ({config.name} was not "
-                           f"started)", INTERRUPTED, "none here") from None
+        raise _cancelled(directory, "create", f"{config.name} was not started") from None
     finally:
         if lock is not None:
             lock.close()            # the domain process holds its own descriptor of it
+
+
+def _cancelled(directory: Path | None, what: str, result: str) -> ControlError:
+    """A create or restore that Ctrl-C cancelled before its domain process said it runs:
+    what it claimed (``directory``, if it got that far) is discarded, process and all."""
+    if directory is not None:
+        discard(directory)
+    return ControlError(f"interrupted: {what} cancelled; nothing was left here ({result})", INTERRUPTED,
+                        "none here")
 
 
 def _lock_disk(disk: str | None) -> DiskLock | None:
@@ -609,11 +616,8 @@ def restore_domain(path: str | os.PathLike, name: str | None = None, paused: boo
         job = Restore(fd, head_fd, name, paused, True if fresh_stub else None, disk, saved.get("net_here") or "")
         return _spawn_process(name, directory, job, what="restore", lock=lock)
     except KeyboardInterrupt:       # before the domain process said it runs: nothing of it is kept
-        if directory is not None:
-            discard(directory)
-        raise ControlError(f"interrupted: restore cancelled; nothing was left here "
-                           f"({name if isinstance(name, str) else 'the domain'} was not restored)",
-                           INTERRUPTED, "none here") from None
+        raise _cancelled(directory, "restore",
+                         f"{name if isinstance(name, str) else 'the domain'} was not restored") from None
     finally:
         for one in (fd, head_fd):
             if one >= 0:
