@@ -287,9 +287,10 @@ void trap(struct trap_frame *f)
     case VEC_TIMER: {
         struct cpu *c = this_cpu();
         uint64_t now = rdtsc();         /* a TSC that a save, restore or move set back */
-        if (now < c->last_tsc && !c->tsc_back++) {
+        if (now < c->last_tsc && c->tsc_back == TSC_FINE) {
             c->back_from = c->last_tsc;
             c->back_to = now;
+            c->tsc_back = TSC_WENT_BACK;
         }
         c->last_tsc = now;
         c->ticks++;
@@ -330,8 +331,8 @@ void trap(struct trap_frame *f)
 void clock_check(void)
 {
     struct cpu *c = this_cpu();
-    if (c->tsc_back && !c->tsc_said) {
-        c->tsc_said = 1;
+    if (c->tsc_back == TSC_WENT_BACK) {
+        c->tsc_back = TSC_SAID;
         printk("clock CORRUPT cpu=%u tsc went back from %lu to %lu\n", c->index, c->back_from, c->back_to);
     }
 }

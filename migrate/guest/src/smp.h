@@ -27,9 +27,9 @@ struct cpu {
     volatile uint64_t kicks;    /* VEC_KICK interrupts taken */
     uint64_t last_tsc;          /* the TSC at the last timer tick (kernel.c, clock_check) */
     uint64_t back_from, back_to;    /* the first time it went backwards: from, to */
-    volatile uint64_t tsc_back; /* ticks at which the TSC read less than at the tick before */
-    uint64_t tsc_said;          /* clock_check has said so */
+    volatile uint64_t tsc_back; /* TSC_FINE, TSC_WENT_BACK (the tick saw it), TSC_SAID (clock_check) */
 };
+enum { TSC_FINE, TSC_WENT_BACK, TSC_SAID };
 extern struct cpu cpus[MAX_CPUS];
 
 static inline struct cpu *this_cpu(void)

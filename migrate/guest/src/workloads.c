@@ -154,40 +154,35 @@ static int journal_check(uint64_t seed, uint64_t gen, uint64_t sum)
     return 0;
 }
 
-static uint64_t mix64(uint64_t x)
-{
-    x ^= x >> 33;
-    x *= 0xff51afd7ed558ccdULL;
-    x ^= x >> 33;
-    x *= 0xc4ceb9fe1a85ec53ULL;
-    x ^= x >> 33;
-    return x;
-}
+static const char JOURNAL_OK[] = "ok", JOURNAL_OFF[] = "off";    /* the step's good results */
 
 static const char *journal_step(const struct ledger_header *h, uint64_t sum)
 {
     if (!journal_sectors)
-        return "off";
+        return JOURNAL_OFF;
     journal_fill(journal_block, h->seed, h->gen, sum);
     if (vblk_io(1, h->gen % journal_sectors, journal_block, 512) != 0)
         return "write-failed";
     if (journal_check(h->seed, h->gen, sum) != 0)
         return "readback-bad";
-    /* one older generation still on the disk, picked by a hash of gen (MurmurHash3's
-     * finaliser) among the last span: spread over them, not always gen - 1 */
+    /* one older generation still on the disk, picked by a hash of gen among the last
+     * span: spread over them, not always gen - 1 */
     uint64_t span = h->gen < journal_sectors - 1 ? h->gen : journal_sectors - 1;
     if (span) {
-        uint64_t older = h->gen - 1 - mix64(h->gen) % span;
+        uint64_t older = h->gen - 1 - ledger_mix(h->gen) % span;
         if (journal_check(h->seed, older, ~0ULL) != 0)
             return "older-bad";
     }
-    return "ok";
+    return JOURNAL_OK;
 }
 
-/* "ok" or "off"; any other step result is a failure ("older-bad" starts with 'o' too) */
-static int journal_good(const char *j)
+/* A page that does not hold what it should: said once a second, for ever. */
+static void __attribute__((noreturn)) ledger_corrupt(const char *tag, uint64_t page, int word, uint64_t gen)
 {
-    return j[0] == 'o' && ((j[1] == 'k' && !j[2]) || (j[1] == 'f' && j[2] == 'f' && !j[3]));
+    for (;;) {
+        printk("ledger CORRUPT %spage=%lu word=%d gen=%lu\n", tag, page, word, gen);
+        delay_ms(1000);
+    }
 }
 
 /* ledger: self-checking memory.  Every pass verifies that each data page
@@ -240,18 +235,14 @@ static void ledger(uint32_t cpu)
                 net_poll();             /* a NIC is served between pages */
             h->cursor = i;
             int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &sum);
-            if (bad >= 0) {
-                for (;;) {
-                    printk("ledger CORRUPT %spage=%lu word=%d gen=%lu\n", tag, i, bad, h->gen);
-                    delay_ms(1000);
-                }
-            }
+            if (bad >= 0)
+                ledger_corrupt(tag, i, bad, h->gen);
         }
         h->sum = sum;
         h->passes++;
         clock_check();
-        const char *journal = cpu == 0 ? journal_step(h, sum) : "off";
-        if (!journal_good(journal)) {
+        const char *journal = cpu == 0 ? journal_step(h, sum) : JOURNAL_OFF;
+        if (journal != JOURNAL_OK && journal != JOURNAL_OFF) {
             for (;;) {
                 printk("ledger JOURNAL BAD %s gen=%lu\n", journal, h->gen);
                 delay_ms(1000);
@@ -270,16 +261,13 @@ static void ledger(uint32_t cpu)
         for (uint64_t i = 0; i < h->npages; i++) {
             if (cpu == 0)
                 net_poll();
-            /* checked again before it is overwritten: a page a restore or move got wrong
-             * below the check's cursor (checked before the pause) is caught here */
+            /* checked again before it is overwritten (a second read of every page per
+             * generation): a page a restore or move got wrong below the check's cursor
+             * (checked before the pause) is caught here */
             uint64_t unused = 0;
             int bad = ledger_check_page(data + i * LEDGER_WORDS, h->seed, h->gen, i, &unused);
-            if (bad >= 0) {
-                for (;;) {
-                    printk("ledger CORRUPT %spage=%lu word=%d gen=%lu\n", tag, i, bad, h->gen);
-                    delay_ms(1000);
-                }
-            }
+            if (bad >= 0)
+                ledger_corrupt(tag, i, bad, h->gen);
             ledger_fill_page(data + i * LEDGER_WORDS, h->seed, h->target, i);
             barrier();
             h->cursor = i + 1;
