@@ -25,7 +25,8 @@ RAW, ZSTD, AUTO = 0, 1, 2
 MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
 ERR = 512
 MAX_CHANNELS = 64
-HANDSHAKE = 30.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md)
+HANDSHAKE = 30.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md);
+                        # on the source it counts from the connect, so it includes the receiving process's start
 
 
 class DataplaneError(Exception):

@@ -358,12 +358,13 @@ def boot_id() -> str:
         return f.read().strip()
 
 
-def interface_identity(name: str) -> dict | None:
+def interface_identity(name: str, ifindex: int | None = None) -> dict | None:
     """DOMAIN_CONFIG's ``net_id`` for a NIC on the interface ``name``: ``boot_id`` (this
     boot of this host, :func:`boot_id`) and ``ifindex`` (the interface's index, or nil if
-    there is no such interface now). None if the boot id cannot be read."""
+    there is no such interface now; given, if the caller looked it up). None if the boot id
+    cannot be read."""
     try:
-        return {"boot_id": boot_id(), "ifindex": _ifindex(name)}
+        return {"boot_id": boot_id(), "ifindex": ifindex if ifindex is not None else _ifindex(name)}
     except OSError:
         return None
 
@@ -392,8 +393,8 @@ def check_nic(net: dict | None, net_map: dict[str, str], report: Report, net_id=
         return
     # an interface of that name here must be the one saved on; with none here, a TAP device
     # is made (a bridge is refused later)
-    if saved not in net_map and _ifindex(saved) is not None:
-        here = interface_identity(saved)
+    if saved not in net_map and (ifindex := _ifindex(saved)) is not None:
+        here = interface_identity(saved, ifindex)
         if not (isinstance(net_id, dict) and here is not None and net_id.get("boot_id") == here["boot_id"]
                 and net_id.get("ifindex") == here["ifindex"]):
             report.problems.append(

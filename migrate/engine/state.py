@@ -17,6 +17,7 @@ from ..stream import CpuidPolicy, CpuModel, MsrPolicy
 from ..stream import DomainConfig as ConfigRecord
 from ..stream import DeviceBodies, HvmState, RecordType, StreamError, Vm
 from ..stream.hvm import HvmBodies
+from ..stream.records import CPU_RECORDS
 from ..stub import StubState
 from ..stream.cpu import MSR_FEATURE
 from ..stream.hvm import VCPU_FIELDS
@@ -154,8 +155,7 @@ class CpuCollector:
         have = self.records.get(vm)
         if not have:
             return None
-        lacking = [t.name for t in (RecordType.CPU_MODEL, RecordType.CPUID_POLICY, RecordType.MSR_POLICY)
-                   if t not in have]
+        lacking = [t.name for t in CPU_RECORDS if t not in have]
         if lacking:
             raise RestoreError(f"stream lacks the {vm.name.lower()}'s {', '.join(lacking)}")
         model = have[RecordType.CPU_MODEL]

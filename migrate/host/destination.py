@@ -32,7 +32,7 @@ from pathlib import Path
 from ..cpu import compatibility, this_host
 from ..config import MAX_VCPUS, NetError, check_ifname, memory_ok, memory_problem
 from ..config import parse_disk_map, parse_net_map  # noqa: F401  (re-exported)
-from ..kvm.vm import HUGE_PAGE, huge_pages_free
+from ..kvm.vm import HUGE_HINT, HUGE_PAGE, huge_pages_free
 from ..engine.state import RestoreError, policies_from_bodies
 from ..locks import DiskBusy, DiskLock
 from ..text import Sparse, one_line
@@ -748,7 +748,7 @@ class RelocationServer:
         free, total = huge_pages_free()
         if memory > free * HUGE_PAGE:
             raise Refused(f"no room for domain {name} in huge pages: it needs {memory >> 20} MiB and "
-                          f"this host has {free} of {total} 2 MiB pages free (sysctl vm.nr_hugepages; "
+                          f"this host has {free} of {total} 2 MiB pages free ({HUGE_HINT}; "
                           f"hvm host serve --hugepages)")
 
     def check_room(self, name: str, memory: int) -> None:

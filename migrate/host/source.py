@@ -45,7 +45,6 @@ from .channel import (
 )
 
 CONNECT_TIMEOUT = 10.0
-CHANNEL_HANDSHAKE = 30.0    # a data channel's TLS handshake, in all: it includes the receiving process's start
 # the downtime parts (specs/relocation.md, section 7), in the order they happen
 SOURCE_PARTS = ("stop", "capture", "state", "pages", "end")
 DESTINATION_PARTS = ("read", "apply", "answer", "resume")
@@ -243,7 +242,7 @@ class MigrateJob:
         try:
             tls_ctx = None if self.insecure else dataplane.TlsContext(False, self.tls_dir)
             for index, sock in enumerate(links):
-                out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT, CHANNEL_HANDSHAKE)
+                out = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT)
                 outputs.append(out)
                 out.channel_header(FORMAT_VERSION, index, token)
         except dataplane.DataplaneError as exc:

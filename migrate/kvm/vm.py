@@ -6,6 +6,7 @@ import mmap
 import os
 import re
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from ._lib import ffi, ioctl, lib
 from .dirty import DirtyBitmap
@@ -18,7 +19,8 @@ IRQCHIPS = {"pic_master": "KVM_IRQCHIP_PIC_MASTER",
 
 
 HUGE_PAGE = 2 << 20          # the huge page size asked for (MFD_HUGE_2MB), whatever the host's default
-HUGE_POOL = "/sys/kernel/mm/hugepages/hugepages-2048kB"     # its pool (vm.nr_hugepages where 2 MiB is the default)
+HUGE_POOL = Path(f"/sys/kernel/mm/hugepages/hugepages-{HUGE_PAGE >> 10}kB")     # its pool
+HUGE_HINT = f"sysctl vm.nr_hugepages, or {HUGE_POOL}/nr_hugepages where 2 MiB is not the default size"
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.mincore.argtypes = (ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p)
 
@@ -32,8 +34,8 @@ def huge_pages_free() -> tuple[int, int]:
     counts the default size's, which a host booted with default_hugepagesz=1G has; (0, 0)
     without a 2 MiB pool."""
     try:
-        return tuple(int(open(f"{HUGE_POOL}/{name}").read()) for name in ("free_hugepages", "nr_hugepages"))
-    except OSError:
+        return tuple(int((HUGE_POOL / name).read_text()) for name in ("free_hugepages", "nr_hugepages"))
+    except (OSError, ValueError):
         return 0, 0
 
 
@@ -163,8 +165,7 @@ class Vm:
             if huge and own and isinstance(exc, OSError):
                 free, total = huge_pages_free()
                 raise HugePagesError(exc.errno, f"{size >> 20} MiB of 2 MiB huge pages are not available "
-                                     f"here ({free} of {total} free; sysctl vm.nr_hugepages, or "
-                                     f"{HUGE_POOL}/nr_hugepages where 2 MiB is not the default size)") from None
+                                     f"here ({free} of {total} free; {HUGE_HINT})") from None
             raise
         region = MemorySlot(slot, guest_phys_addr, size, memfd, mem, owns_memfd=own, huge=huge)
         try:

@@ -14,11 +14,8 @@ from migrate.stream.errors import StreamError
 from migrate.stream.hvm import HvmState
 from migrate.stream.pages import PageBatch
 from migrate.stream.records import (
-    Channels, Creator, DeviceState, DomainConfig, End, MemoryLayout, RecordType, Vm,
+    CPU_RECORDS, Channels, Creator, DeviceState, DomainConfig, End, MemoryLayout, RecordType, Vm,
 )
-
-
-CPU_RECORDS = frozenset({RecordType.CPU_MODEL, RecordType.CPUID_POLICY, RecordType.MSR_POLICY})
 
 
 class StreamOrder:
@@ -67,8 +64,8 @@ class StreamOrder:
     def _memory_layout(self, record: MemoryLayout) -> None:
         if not self.layouts:        # every CPU record came before: each VM has all three or none
             for vm, types in self.cpu_records.items():
-                if types != CPU_RECORDS:
-                    lack = ", ".join(t.name for t in sorted(CPU_RECORDS - types))
+                lack = ", ".join(t.name for t in CPU_RECORDS if t not in types)
+                if lack:
                     raise StreamError(f"CPU records of {vm.name} lack {lack} (a VM has all three or none)")
         if record.space in self.layouts:
             raise StreamError(f"MEMORY_LAYOUT for {record.space.name} appears twice")

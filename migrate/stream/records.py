@@ -95,6 +95,10 @@ BODY_CAPS: dict[int, int] = {
 }
 
 
+# a VM's CPU records (section "CPU records"): all three or none, in this order
+CPU_RECORDS = (RecordType.CPU_MODEL, RecordType.CPUID_POLICY, RecordType.MSR_POLICY)
+
+
 def reserved_optional(value: int, mandatory: Iterable[int]) -> bool:
     """True for 0x80000000 | T where T is a mandatory type of ``mandatory`` (CREATOR,
     0x80000001, is defined and excepted): a known record with the optional bit set is
