@@ -25,7 +25,7 @@ from migrate.kvm.vm import HUGE_POOL
 from test_relocation import hosts, pki, wait_console  # noqa: F401 (fixtures)
 from test_smp import ledger_bytes
 
-NR = Path(HUGE_POOL) / "nr_hugepages"       # the 2 MiB pool, whatever the default huge page size
+NR = HUGE_POOL / "nr_hugepages"       # the 2 MiB pool, whatever the default huge page size
 
 
 @pytest.fixture()

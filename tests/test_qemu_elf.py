@@ -14,11 +14,12 @@ TOOLS = Path(__file__).resolve().parent.parent / "tools"
 PT_LOAD = 1
 
 
-def image_end() -> int:
-    """The link symbol ``image_end``: where the image's .bss ends (specs/guest-boot.md)."""
+def guest_symbol(name: str) -> int:
+    """The address of a symbol of the guest image (binutils' nm, which its build uses), e.g.
+    the link symbol ``image_end``: where the image's .bss ends (specs/guest-boot.md)."""
     out = subprocess.run(["nm", str(gboot.image_path().with_suffix(".elf"))], check=True,
                          capture_output=True, text=True).stdout
-    return next(int(line.split()[0], 16) for line in out.splitlines() if line.split()[-1] == "image_end")
+    return next(int(line.split()[0], 16) for line in out.splitlines() if line.split()[-1] == name)
 
 
 def test_the_pvh_elf_keeps_clear_of_the_guest_image(tmp_path):
@@ -32,7 +33,7 @@ def test_the_pvh_elf_keeps_clear_of_the_guest_image(tmp_path):
         kind, _, _, vaddr, _, filesz, memsz, _ = struct.unpack_from("<IIQQQQQQ", elf, phoff + i * phentsize)
         if kind == PT_LOAD:
             loads.append((vaddr, filesz, memsz))
-    end = image_end()
+    end = guest_symbol("image_end")
     assert gboot.IMAGE_BASE < end <= gboot.WORKLOAD_BASE
     image = [load for load in loads if load[0] == gboot.IMAGE_BASE]
     assert len(image) == 1 and image[0][2] >= end - gboot.IMAGE_BASE      # a reset zeroes the .bss too

@@ -1,15 +1,14 @@
 """Each workload boots and prints within seconds on a 256 MiB guest, and its
 memory checks out from the host."""
 import re
-import subprocess
 import time
-from pathlib import Path
 
 import pytest
 
 from migrate.domain import Domain, DomainConfig
 from migrate.guest import check
 from migrate.guest.boot import WORKLOAD_BASE
+from test_qemu_elf import guest_symbol
 
 pytestmark = pytest.mark.kvm
 
@@ -124,13 +123,6 @@ def test_the_journal_reads_back_older_generations_and_says_bad_ones(domains, tmp
     assert m.group(1).startswith("JOURNAL BAD older-bad"), m.string
 
 
-def _guest_symbol(name: str) -> int:
-    """The address of a symbol of the guest image (binutils' nm, which the image's build uses)."""
-    elf = Path(__file__).resolve().parents[1] / "migrate" / "guest" / "images" / "guest.elf"
-    out = subprocess.run(["nm", str(elf)], capture_output=True, text=True, check=True).stdout
-    return next(int(line.split()[0], 16) for line in out.splitlines() if line.split()[-1] == name)
-
-
 CPU_LAST_TSC = 40       # offsetof(struct cpu, last_tsc) (src/smp.h)
 
 
@@ -144,7 +136,7 @@ def test_a_tsc_set_back_is_reported(domains, workload):
     dom = _boot(domains, workload, args=[1, 64] if workload == "ledger" else [])
     dom.console.wait_for(r"^(idle ticks=100|ledger ok gen=2 )", 15)
     dom.pause()
-    at = _guest_symbol("cpus") + CPU_LAST_TSC
+    at = guest_symbol("cpus") + CPU_LAST_TSC
     dom.memory[at:at + 8] = (1 << 63).to_bytes(8, "little")
     dom.resume()
     m = dom.console.wait_for(r"^clock CORRUPT cpu=0 tsc went back from (\d+) to (\d+)$", 15)
