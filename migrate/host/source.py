@@ -300,33 +300,18 @@ class MigrateJob:
 
         try:
             try:
-                try:
-                    stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
-                                 compress=self.compress, convergence=conv,
-                                 after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
-                                 gc_hold=gc_hold,          # a guest paused here has no downtime to bound
-                                 on_pause=limit.arm if self.live and was_running else None)
-                finally:
-                    watch.stop()
-                    cancels.stop()      # RESTORED's wait looks for a cancel itself (before_go)
-            except Exception:
-                if not limit.stop():        # the limit cut the links: that is why it failed
-                    raise limit.error(where) from None
-                raise
-        except RelocationError:
-            raise
-        except SaveTimeout as exc:          # dirty logging off, the domain running: drop the copy there
-            ch.send_error(f"the source cancelled the relocation: {exc}")
-            raise RelocationError(f"relocation to {where} cancelled: {exc}") from None
-        except SaveCancelled as exc:        # the user, or hvm destroy: the engine resumed the domain
-            ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
-            raise RelocationError(f"relocation to {where} cancelled during the stream") from None
-        except (ChannelError, SaveError, dataplane.DataplaneError) as exc:      # the engine resumed the domain
-            # a data channel broken by the destination: its ERROR on the control connection says why
-            raise RelocationError(f"relocation to {where} failed during the stream: "
-                                  f"{_peer_reason(ch, exc)}") from None
+                stats = save(domain, sink, live=self.live, stats_cb=report, cancel=cancel,
+                             compress=self.compress, convergence=conv,
+                             after_round=after_round, on_end=on_end, keep_dirty_logging=self.live,
+                             gc_hold=gc_hold,          # a guest paused here has no downtime to bound
+                             on_pause=limit.arm if self.live and was_running else None)
+            finally:
+                watch.stop()
+                cancels.stop()      # RESTORED's wait looks for a cancel itself (before_go)
         except Exception as exc:
-            raise RelocationError(f"relocation to {where} failed during the stream: {exc}") from None
+            if not limit.stop():        # the limit cut the links: that is why it failed
+                raise limit.error(where) from None
+            raise _stream_failed(ch, exc, where) from None
         paused_at = stats.start_time + stats.pause_offset
         try:
             restored = _expect(ch, "RESTORED", RESTORED_TIMEOUT, before_go)
@@ -415,6 +400,23 @@ class MigrateJob:
             f"outcome unknown: GO was sent to {self.host}:{self.port} but RUNNING did not arrive "
             f"({exc}); the guest may be running on {self.host}. {name} is kept paused here: "
             f"check there, then either 'hvm destroy {name}' or 'hvm unpause {name}' here")
+
+
+def _stream_failed(ch: Channel, exc: Exception, where: str) -> "RelocationError":
+    """What to raise for a stream that failed with ``exc``; the engine has resumed the
+    domain here, and a cancel or a timeout tells the destination to drop its copy."""
+    if isinstance(exc, RelocationError):
+        return exc
+    if isinstance(exc, SaveTimeout):            # dirty logging off, the domain running
+        ch.send_error(f"the source cancelled the relocation: {exc}")
+        return RelocationError(f"relocation to {where} cancelled: {exc}")
+    if isinstance(exc, SaveCancelled):          # the user, or hvm destroy
+        ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
+        return RelocationError(f"relocation to {where} cancelled during the stream")
+    if isinstance(exc, (ChannelError, SaveError, dataplane.DataplaneError)):
+        # a data channel broken by the destination: its ERROR on the control connection says why
+        return RelocationError(f"relocation to {where} failed during the stream: {_peer_reason(ch, exc)}")
+    return RelocationError(f"relocation to {where} failed during the stream: {exc}")
 
 
 def _logging_off(domain) -> None:
