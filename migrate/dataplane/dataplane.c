@@ -271,9 +271,8 @@ static struct timespec deadline_after(clockid_t clock, double seconds)
  * 0 out of time, -1 failed (OpenSSL's queue or the verify result say why). */
 static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
 {
-    struct timespec now;
     int unbounded = !(seconds > 0) || seconds > 1e7;
-    struct timespec end = deadline_after(CLOCK_MONOTONIC, unbounded ? 0 : seconds);
+    double end = now() + (unbounded ? 0 : seconds);
     int flags = fcntl(fd, F_GETFL);
     if (flags < 0 || fcntl(fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return -1;
@@ -290,10 +289,9 @@ static int tls_handshake(SSL *ssl, int fd, int accept, double seconds)
             rc = -1;
             break;
         }
-        clock_gettime(CLOCK_MONOTONIC, &now);
-        long long left = (long long)(end.tv_sec - now.tv_sec) * 1000 + (end.tv_nsec - now.tv_nsec) / 1000000;
+        double left = end - now();     /* seconds */
         struct pollfd p = {.fd = fd, .events = want};
-        int n = unbounded ? poll(&p, 1, -1) : left > 0 ? poll(&p, 1, left > 1000000 ? 1000000 : (int)left) : 0;
+        int n = unbounded ? poll(&p, 1, -1) : left > 0 ? poll(&p, 1, left > 1000 ? 1000000 : (int)(left * 1000) + 1) : 0;
         if (n < 0 && errno == EINTR)
             continue;
         if (n <= 0) {
