@@ -111,6 +111,11 @@ _V1_DECODERS: dict[int, Decoder] = {
     RecordType.DEVICE_STATE: DeviceState.unpack,
     RecordType.CREATOR: Creator.unpack,
 }
+def _channel_sync(body: bytes) -> Any:
+    """CHANNEL_SYNC, a type of version 2 that only a channel stream carries: refused."""
+    raise StreamError("CHANNEL_SYNC in the main stream (it belongs in a channel stream)")
+
+
 # Version 2: MEMORY_LAYOUT holds ranges; the CPU records are new.
 _V2_DECODERS: dict[int, Decoder] = {
     **_V1_DECODERS,
@@ -119,6 +124,7 @@ _V2_DECODERS: dict[int, Decoder] = {
     RecordType.CPUID_POLICY: CpuidPolicy.unpack,
     RecordType.MSR_POLICY: MsrPolicy.unpack,
     RecordType.CHANNELS: Channels.unpack,
+    RecordType.CHANNEL_SYNC: _channel_sync,
 }
 # One decoder table per readable format version (this one and the one before).
 DECODERS: dict[int, dict[int, Decoder]] = {1: _V1_DECODERS, 2: _V2_DECODERS}
@@ -140,12 +146,10 @@ _V2_CAPS: dict[int, int] = {
     RecordType.CHANNEL_SYNC: CHANNEL_SYNC_SIZE,     # a type of the version, refused by name
 }
 CAPS: dict[int, dict[int, int]] = {1: _V1_CAPS, 2: _V2_CAPS}
-# The mandatory types of each version, whose optional-bit twins are reserved: what it
-# decodes, END, and (version 2) CHANNEL_SYNC, which only a channel stream carries.
-MANDATORY: dict[int, frozenset[int]] = {
-    1: frozenset({RecordType.END, *_V1_DECODERS}),
-    2: frozenset({RecordType.END, RecordType.CHANNEL_SYNC, *_V2_DECODERS}),
-}
+# The mandatory types of each version, whose optional-bit twins are reserved: END and
+# what it decodes (or refuses by name: CHANNEL_SYNC).
+MANDATORY: dict[int, frozenset[int]] = {version: frozenset({RecordType.END, *decoders})
+                                        for version, decoders in DECODERS.items()}
 # What raw_pages=True puts in place of the PageBatch decoders ("bodies": without looking
 # at the page data, which the caller's placement checks, as the data plane's Target does).
 RAW_PAGE_DECODERS: dict[str, dict[int, Decoder]] = {
@@ -434,9 +438,6 @@ class StreamReader:
     def _decode(self, record_type: int, body: bytes) -> Any:
         decoder = self._decoders.get(record_type)
         if decoder is None:
-            if record_type in self._mandatory:         # CHANNEL_SYNC, a type of the version
-                raise StreamError(f"{RecordType(record_type).name} in the main stream "
-                                  "(it belongs in a channel stream)")
             if not record_type & OPTIONAL:
                 raise StreamError("unknown mandatory record type")
             if reserved_optional(record_type, self._mandatory):
