@@ -77,7 +77,7 @@ def test_rounds_arrive_whole_and_in_order(tls_dirs, secure, channels):
     tx = Sender(outs, channels)
     tx.set_space(0, [(0, pages, src)])
     try:
-        st = tx.send(0, range(pages), mode=AUTO)
+        st = tx.send(0, range(pages), mode=ZSTD)
         assert st.pages == pages and st.zero_pages == pages // 3 and st.zstd_batches >= 1
         for out in outs:
             out.sync(0)
@@ -191,6 +191,45 @@ def test_sender_refuses_pages_outside_its_memory(tls_dirs):
             tx.send(0, [1, 9])
     finally:
         close(pairs, rx, outs, tx)
+
+
+def text_pages(pages: int) -> bytearray:
+    """Text-like pages (zstd-1 takes them to well under half): windows of 256 KiB of
+    random words, each page its own window."""
+    rnd = __import__("random").Random(5)
+    words = b"the page memory guest host stream record domain kernel save restore dirty round".split()
+    base = b" ".join(rnd.choice(words) + b"%d" % rnd.randrange(1000) for _ in range(40000))[:256 << 10]
+    return bytearray(b"".join(base[at:at + PAGE] for at in ((pfn * 4133) % (len(base) - PAGE)
+                                                          for pfn in range(pages))))
+
+
+@pytest.mark.parametrize("content,rate,compressed", [
+    ("text", 20e6, "most"),         # a slow link: compressing text gets it out three times sooner
+    ("text", 0.0, "none"),          # an output that takes anything at once: never worth compressing
+    ("random", 100e6, "none"),      # random pages do not shrink, however slow the link
+])
+def test_auto_compresses_only_where_it_gets_pages_out_sooner(content, rate, compressed):
+    """--compress auto, per batch: two workers share one output, a file on /dev/null,
+    paced at ``rate`` (0: not paced) to stand for a link. The first batch goes raw (it
+    measures the output), and the probes that learn zstd's speed and ratio while batches
+    go raw are never sent."""
+    pages = 8192                    # 32 MiB: 8 batches
+    memory_ = text_pages(pages) if content == "text" else bytearray(__import__("random").Random(6).randbytes(
+        pages * PAGE))
+    with open("/dev/null", "wb") as sink:
+        out = Output(sink.fileno())
+        tx = Sender([out], 2, rate)
+        tx.set_space(0, [(0, pages, memory_)])
+        try:
+            st = tx.send(0, range(pages), mode=AUTO)
+        finally:
+            tx.close()
+            out.close()
+    assert st.batches == 8 and st.zstd_batches + st.raw_batches == 8
+    if compressed == "most":
+        assert st.zstd_batches >= 6 and st.zstd_out < st.zstd_in / 2
+    else:
+        assert st.zstd_batches == 0 and st.zstd_in == 0
 
 
 def test_a_client_outside_the_ca_is_refused(tls_dirs, tmp_path):

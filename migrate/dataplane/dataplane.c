@@ -78,6 +78,14 @@ static double now(void)
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
+/* the calling thread's CPU time, seconds: what a computation took, a preemption not counted */
+static double cpu_now(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
+    return ts.tv_sec + ts.tv_nsec / 1e9;
+}
+
 static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (8 * i); }
 static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (8 * i); }
 static uint32_t get32(const uint8_t *p) { uint32_t v = 0; for (int i = 3; i >= 0; i--) v = v << 8 | p[i]; return v; }
@@ -543,13 +551,16 @@ static void pace(struct dp_pacer *p, size_t n, volatile int *cancel)
     }
 }
 
-/* append a whole record (or the caller's bytes) to the output, paced if `pacer` */
+/* append a whole record (or the caller's bytes) to the output, paced if `pacer`; the
+ * seconds it held the output (writing, or paced) in *held if not NULL */
 static int out_append(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t records,
-                      uint64_t pages, struct dp_pacer *pacer, volatile int *cancel, const char **why)
+                      uint64_t pages, struct dp_pacer *pacer, volatile int *cancel, const char **why,
+                      double *held)
 {
     double t0 = now();
     int rc = 0;
     pthread_mutex_lock(&o->lock);
+    double got = now();
     for (size_t at = 0; at < len && rc == 0;) {
         size_t piece = pacer && pacer->rate > 0 && len - at > PACE_SLICE ? PACE_SLICE : len - at;
         pace(pacer, piece, cancel);
@@ -563,8 +574,11 @@ static int out_append(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t
         o->records += records;
         o->pages += pages;
     }
-    o->write_seconds += now() - t0;
+    double done = now();
+    o->write_seconds += done - t0;
     pthread_mutex_unlock(&o->lock);
+    if (held)
+        *held = done - got;
     return rc;
 }
 
@@ -574,7 +588,7 @@ int dp_out_write(struct dp_out *o, const uint8_t *buf, size_t len, uint64_t reco
                  char *err, size_t errlen)
 {
     const char *why = NULL;
-    if (out_append(o, buf, len, records, pages, NULL, NULL, &why)) {
+    if (out_append(o, buf, len, records, pages, NULL, NULL, &why, NULL)) {
         snprintf(err, errlen, "writing the stream failed: %s", why);
         return -1;
     }
@@ -682,10 +696,11 @@ struct dp_worker {
     uint8_t *rec;               /* one framed record */
     uint64_t gen;               /* the job generation this worker last finished */
     /* auto mode: what compressing costs and gains here, learned from the batches so far */
-    double zstd_rate;           /* input bytes per second of zstd on this worker (EWMA; 0: unknown) */
+    double zstd_rate;           /* input bytes per CPU second of zstd on this worker (EWMA; 0: unknown) */
     double zstd_ratio;          /* output / input (EWMA) */
-    double link_rate;           /* bytes per second its output took them at (EWMA; 0: unknown) */
-    int since_probe;            /* batches sent raw since zstd was last tried */
+    double link_rate;           /* bytes per second its output took while this worker wrote
+                                 * (EWMA; 0: unknown), the wait for another worker's write not counted */
+    int since_probe;            /* batches sent raw since zstd was last measured */
     struct dp_round_stats st;
 };
 
@@ -714,22 +729,50 @@ static void learn(double *avg, double sample)
     *avg = *avg == 0 ? sample : 0.75 * *avg + 0.25 * sample;
 }
 
-/* Auto mode: compress a batch when that gets it out sooner. Sending raw takes raw/L (L:
- * the rate the output takes bytes); compressing takes raw/C on one of the N workers, which
- * work side by side, and then raw*ratio/L; so it pays while N*C*(1-ratio) > L (L of all the
- * outputs together, or the pacer's rate if lower). The worker
- * learns C and the ratio from the batches it compresses, L from its writes (and the pacer's
- * rate, when pacing is on), and tries zstd again every 32 raw batches, since memory changes. */
+/* Auto mode: compress a batch when that gets the pages out sooner. k workers share an
+ * output that takes L bytes per second (k = workers per output; L as measured while a
+ * worker writes, pacing included, so never above the pacer's share). Sent raw, the output
+ * is the limit: L. Compressed, a worker's batch of b bytes takes b/C to compress (C: zstd's
+ * rate on one worker's core, timed in CPU time so that a preemption does not count) and
+ * b*r/L to write (r: the ratio), so k workers take in k / (1/C + r/L) while the output
+ * allows L/r; that beats L when C * (k - r) > L. The worker learns C and r from what it
+ * compresses, and, while it sends raw, from a probe: AUTO_SAMPLE of the batch's pages
+ * compressed and thrown away, at its first batch (after one untimed run that warms the
+ * compressor) and every AUTO_PROBE raw batches after (memory changes). A batch is
+ * compressed only once L is known (its first goes raw) and while the ratio learned is
+ * below AUTO_SHRINK, and sent compressed only if it shrinks that much. */
 #define AUTO_PROBE 32
+#define AUTO_SAMPLE 128u
+#define AUTO_SHRINK 0.875       /* a batch goes compressed only below this ratio */
 static int auto_compress(struct dp_worker *w)
 {
     struct dp_sender *s = w->s;
-    if (w->zstd_rate == 0 || w->link_rate == 0 || w->since_probe >= AUTO_PROBE)
-        return 1;
-    double link = w->link_rate * s->nouts;      /* all outputs together */
-    if (s->pacer.rate > 0 && s->pacer.rate < link)
-        link = s->pacer.rate;
-    return s->nworkers * w->zstd_rate * (1 - w->zstd_ratio) > link;
+    if (w->zstd_rate == 0 || w->link_rate == 0)
+        return 0;
+    double link = w->link_rate;
+    if (s->pacer.rate > 0 && s->pacer.rate / s->nouts < link)
+        link = s->pacer.rate / s->nouts;
+    double k = (double)s->nworkers / s->nouts;
+    return w->zstd_ratio < AUTO_SHRINK && w->zstd_rate * (k - w->zstd_ratio) > link;
+}
+
+/* Auto mode, sending raw: learn C and r from AUTO_SAMPLE of the `ndata` pages at src,
+ * spread over them, compressed into `scratch` (room for ZSTD_compressBound of them) */
+static void auto_probe(struct dp_worker *w, const uint8_t *const *src, uint32_t ndata, uint8_t *scratch)
+{
+    uint32_t m = ndata < AUTO_SAMPLE ? ndata : AUTO_SAMPLE;
+    for (uint32_t i = 0; i < m; i++)
+        memcpy(w->gather + (size_t)i * DP_PAGE, src[(uint64_t)i * ndata / m], DP_PAGE);
+    size_t raw = (size_t)m * DP_PAGE;
+    if (w->zstd_rate == 0)
+        ZSTD_compressCCtx(w->cctx, scratch, ZSTD_compressBound(raw), w->gather, raw, w->s->level);
+    double t0 = cpu_now();
+    size_t z = ZSTD_compressCCtx(w->cctx, scratch, ZSTD_compressBound(raw), w->gather, raw, w->s->level);
+    if (ZSTD_isError(z))
+        return;                 /* no figures: the batch goes raw all the same */
+    learn(&w->zstd_rate, raw / (cpu_now() - t0 + 1e-9));
+    learn(&w->zstd_ratio, (double)z / raw);
+    w->since_probe = 0;
 }
 
 /* One batch of pfns[0..n): entries, data, the record framed in w->rec. Returns the
@@ -757,6 +800,8 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
             src[ndata++] = addr;
     }
     size_t raw = (size_t)ndata * DP_PAGE;
+    if (ndata && s->mode == DP_MODE_AUTO && (w->zstd_rate == 0 || w->since_probe >= AUTO_PROBE))
+        auto_probe(w, src, ndata, data);
     int try_zstd = ndata && (s->mode == DP_MODE_ZSTD || (s->mode == DP_MODE_AUTO && auto_compress(w)));
     uint32_t type = T_PAGE_DATA;
     size_t datalen = raw;
@@ -772,18 +817,18 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
         else
             for (uint32_t i = 0; i < ndata; i++)
                 memcpy(w->gather + (size_t)i * DP_PAGE, src[i], DP_PAGE);
-        double t0 = now();
+        double t0 = cpu_now();
         size_t z = ZSTD_compressCCtx(w->cctx, data, ZSTD_compressBound(raw), in, raw, s->level);
         if (ZSTD_isError(z)) {
             set_error(&s->err, "zstd: %s", ZSTD_getErrorName(z));
             return 0;
         }
-        learn(&w->zstd_rate, raw / (now() - t0 + 1e-9));
+        learn(&w->zstd_rate, raw / (cpu_now() - t0 + 1e-9));
         learn(&w->zstd_ratio, (double)z / raw);
         w->since_probe = 0;
         w->st.zstd_in += raw;
         w->st.zstd_out += z;
-        if (s->mode == DP_MODE_ZSTD || z < raw - raw / 8) {     /* auto: only if it shrinks */
+        if (s->mode == DP_MODE_ZSTD || z < raw * AUTO_SHRINK) {     /* auto: only if it shrinks */
             type = T_PAGE_DATA_ZSTD;
             datalen = z;
             for (uint32_t i = 0; i < n; i++)
@@ -834,15 +879,16 @@ static void run_job(struct dp_worker *w)
         if (!len)
             return;
         const char *why = NULL;
+        double held = 0;
         t0 = now();
-        if (out_append(out, w->rec, len, 1, n, &s->pacer, &s->cancel, &why)) {
+        if (out_append(out, w->rec, len, 1, n, &s->pacer, &s->cancel, &why, &held)) {
             set_error(&s->err, "%s %d: writing failed: %s", out->channel ? "channel" : "stream",
                       out->index, why);
             return;
         }
         double took = now() - t0;
         w->st.write_seconds += took;
-        learn(&w->link_rate, len / (took + 1e-9));
+        learn(&w->link_rate, len / (held + 1e-9));
         w->st.bytes += len;
     }
 }
