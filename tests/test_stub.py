@@ -123,6 +123,49 @@ def test_dma_writes_show_only_in_the_merged_dirty_log(domains, disk):
         assert (used_pfn in dirty) is merged, (merged, dirty)
 
 
+def test_the_block_rings_answer_is_in_the_stub_dirty_log(domains, disk):
+    """The host answers a block request by writing the ring's rsp_prod through its own
+    mapping of stub RAM, which no dirty log sees. A pre-copy round that read the ring page
+    while the host served a request sent it with that request still in flight; unless the
+    page is logged again after the answer, the destination's stub resumes with it and the
+    host serves it a second time there, over the bounce buffer of the guest's next request
+    (a write that was answered OK lost). The stub writes the page after each answer."""
+    dom = boot(domains, "idle", disk=str(disk))     # idle never touches the disk
+    stub, mem = dom.stub, dom.memory
+    desc, avail, used, hdr, data, status = 0x500000, 0x501000, 0x502000, 0x503000, 0x504000, 0x505000
+    for off, value in ((0x070, 0), (0x070, 3), (0x024, 1), (0x020, 1), (0x070, 11), (0x030, 0), (0x038, 8),
+                       (0x080, desc), (0x084, 0), (0x090, avail), (0x094, 0), (0x0A0, used), (0x0A4, 0),
+                       (0x044, 1), (0x070, 15)):
+        mmio(stub, off, value)
+    mem[avail:avail + 4096] = bytes(4096)
+    mem[used:used + 4096] = bytes(4096)
+    ring_pfn = abi.BLK_RING // PAGE_SIZE
+    stub.ram.set_dirty_logging(True)
+    stub.fetch_ram_dirty()
+    seen = {}
+    serve_one = stub.backend._one
+
+    def round_sweeps_now(*args):        # a pre-copy round: fetch (and clear), then read the page
+        seen["dirty"] = ring_pfn in set(stub.fetch_ram_dirty().pfns())
+        seen["ring"] = struct.unpack_from("<II", stub.ram.mem, abi.BLK_RING)
+        return serve_one(*args)
+
+    stub.backend._one = round_sweeps_now
+    struct.pack_into("<IIQ", mem, hdr, 1, 0, 10)          # write sector 10
+    mem[data:data + 512] = b"A" * 512
+    for i, d in enumerate([(hdr, 16, 1, 1), (data, 512, 1, 2), (status, 1, 2, 0)]):
+        struct.pack_into("<QIHH", mem, desc + 16 * i, *d)
+    struct.pack_into("<H", mem, avail + 4, 0)
+    struct.pack_into("<H", mem, avail + 2, 1)
+    mmio(stub, 0x050, 0)                                  # QueueNotify
+    stub.backend._one = serve_one
+    assert mem[status] == 0 and disk.read_bytes()[10 * 512:11 * 512] == b"A" * 512
+    req_prod, rsp_prod = seen["ring"]
+    assert seen["dirty"] and req_prod == rsp_prod + 1     # what that round sent: the request in flight
+    assert struct.unpack_from("<II", stub.ram.mem, abi.BLK_RING) == (req_prod, req_prod)
+    assert ring_pfn in set(stub.fetch_ram_dirty().pfns()), "the answered ring is not sent again"
+
+
 def test_bad_descriptor_chains_fail_the_device_not_the_host(domains, disk):
     dom = boot(domains, "idle", disk=str(disk))   # idle never touches the disk
     stub = dom.stub

@@ -258,6 +258,11 @@ static uint32_t blk_io(uint32_t op, uint64_t sector, uint32_t len)
     barrier();
     outb(STUB_PORT_BLK, 0);
     barrier();
+    /* The host answered through its own mapping of this page, which no dirty log sees:
+     * a save that read the page while the host served sent it with this request in
+     * flight, and a stub resumed from that copy would have it served again. Writing the
+     * page now, after the answer, has it sent again (specs/ioreq.md, "Dirty tracking"). */
+    ring->req_prod = ring->req_prod;
     if (ring->rsp_prod != ring->req_prod || ring->rsp[slot].id != rq->id)
         return BLK_EIO;                 /* the back end did not answer */
     return ring->rsp[slot].status;
