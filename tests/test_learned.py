@@ -78,3 +78,34 @@ def test_the_default_counts_until_five_are_kept(tmp_path):
     for ms in (3, 3, 3, 3, 3.2):                # below the default: the default no longer counts
         learned.record(path, "a:1", ms / 1000)
     assert learned.expected(path, "a:1", 0.007) == 0.0032 * m
+
+
+def test_one_slow_pause_does_not_set_every_later_moves_estimate(tmp_path):
+    """A move whose pause took 0.96 s (a hiccup, or a destination that held RESTORED back)
+    is within the bounds kept. Alone it is believed, but never above 0.4 of the target; a
+    normal move after it leaves it out (over 4x the median of the others), until most of
+    the last five say the same."""
+    path = tmp_path / learned.FILE
+    target, default = 0.300, 0.007
+    learned.record(path, "a:1", 0.958)
+    assert learned.expected(path, "a:1", default, target) == learned.TARGET_SHARE * target
+    assert learned.expected(path, "a:1", default) == 0.958 * learned.MARGIN        # no target: no bound
+    learned.record(path, "a:1", 0.005)
+    assert learned.expected(path, "a:1", default, target) == default              # 0.958 left out
+    for _ in range(3):
+        learned.record(path, "a:1", 0.005)
+    assert learned.expected(path, "a:1", default, target) == default              # four believed: the default counts
+    learned.record(path, "a:1", 0.005)                                            # 0.958 drops out of the five
+    assert learned.expected(path, "a:1", default, target) == 0.005 * learned.MARGIN
+    # a destination that got slower: believed once three of the last five say so
+    learned.record(path, "a:1", 0.050)
+    learned.record(path, "a:1", 0.050)
+    assert learned.expected(path, "a:1", default, target) == default              # three believed, all 5 ms
+    learned.record(path, "a:1", 0.050)
+    assert learned.expected(path, "a:1", default, target) == 0.050 * learned.MARGIN
+
+
+def test_the_bound_on_the_target_never_goes_below_the_default(tmp_path):
+    path = tmp_path / learned.FILE
+    learned.record(path, "a:1", 0.009)
+    assert learned.expected(path, "a:1", 0.007, 0.010) == 0.007       # 0.4 of 10 ms is 4: the default holds

@@ -231,7 +231,8 @@ class _Saver:
         if dirty is None:
             dirty = s.dirty_history[-1] if s.dirty_history else s.pages_round
         estimates = s.estimate_history
-        estimate = f"; estimated final round {estimates[-1] * 1000:.0f} ms" if estimates else ""
+        estimate = (f"; estimated final round {estimates[-1] * 1000:.0f} ms, "
+                    f"{self.conv.state_seconds * 1000:.0f} ms of it the fixed part") if estimates else ""
         return SaveTimeout(f"{why} ({s.rounds} rounds, last dirty set {dirty} pages{estimate}, target "
                            f"{self.conv.downtime * 1000:.0f} ms): cancelled (a higher --downtime-ms, "
                            f"--throttle, a --timeout to keep trying, or --on-timeout force can help)")

@@ -7,7 +7,8 @@ convergence estimate's ``state_seconds`` is a constant measured on one kind of h
 a slower host, or a slower link to one destination, pays more, and the estimate then falls
 short. So after each live relocation the source keeps what that part took, and the next move
 to the same destination starts from the largest of the last KEEP of them with a margin
-for the pause's noise (and from the default, until KEEP are kept, if larger: :func:`expected`).
+for the pause's noise (and from the default, until KEEP are kept, if larger), leaving out
+one far above the others and never above a share of the move's target (:func:`expected`).
 
 The record is a small JSON file in the state directory (``.downtime.json``), rewritten in
 one write (no temporary file to leave behind); anything unreadable in it, a torn write
@@ -18,6 +19,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 from pathlib import Path
 
 FILE = ".downtime.json"      # a dot: never a domain's name (statedir.NAME_RE), and not listed as one
@@ -26,6 +28,8 @@ MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
 MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not kept
 KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
 MARGIN = 1.25               # the largest kept, times this, is what a move expects
+OUTLIER = 4.0               # one over this many times the median of the others is left out
+TARGET_SHARE = 0.4          # a move expects at most this share of its downtime target (or the default)
 
 
 def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
@@ -61,16 +65,31 @@ def load(path: Path, destination: str) -> float | None:
     return max(values) if values else None
 
 
-def expected(path: Path, destination: str, default: float) -> float:
+def expected(path: Path, destination: str, default: float, target: float = math.inf) -> float:
     """The fixed part to expect on a move to ``destination``: MARGIN times the largest of
     the last KEEP measured, and while fewer than KEEP are kept, ``default`` if larger. The
     largest of one or two measures of a noisy pause is often below the next one (idle
     pauses of 5.0-6.7 ms on one host: a move whose fixed part came from a 5.0 ms one took
     1.33x its estimate; AMD host, 2026-12-06), and even the largest of five can be: 3.64
-    ms, then 4.88 ms, a move at 1.31x its estimate (Intel host, 2026-12-07)."""
-    values = _read(path).get(destination, [])
+    ms, then 4.88 ms, a move at 1.31x its estimate (Intel host, 2026-12-07).
+
+    Two bounds keep one slow pause (a hiccup, or a destination that held RESTORED back:
+    the measure is the source's, of a peer it cannot trust) from setting every later move's
+    estimate: a value over OUTLIER times the median of the others kept is left out, until
+    most of the last KEEP say the same; and a move expects at most TARGET_SHARE of its
+    downtime ``target`` (but at least ``default``). A fixed part of 1 s against a 300 ms
+    target would otherwise never let a busy guest switch on the target, and its moves,
+    given up, would keep nothing that could replace it."""
+    values = _believed(_read(path).get(destination, []))
     bounds = [MARGIN * max(values)] if values else []
-    return max(bounds + ([default] if len(values) < KEEP else []))
+    return min(max(bounds + ([default] if len(values) < KEEP else [])), max(default, TARGET_SHARE * target))
+
+
+def _believed(values: list[float]) -> list[float]:
+    """``values`` less those over OUTLIER times the median of the others."""
+    if len(values) < 2:
+        return values
+    return [v for i, v in enumerate(values) if v <= OUTLIER * statistics.median(values[:i] + values[i + 1:])]
 
 
 def record(path: Path, destination: str, seconds: float) -> None:

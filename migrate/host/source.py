@@ -262,7 +262,7 @@ class MigrateJob:
         at: dict[str, float] = {}
         conv = self.convergence
         if self.learned is not None and self.live:     # what the state and the handoff took there lately
-            fixed = learned.expected(self.learned, where, conv.state_seconds)
+            fixed = learned.expected(self.learned, where, conv.state_seconds, conv.downtime)
             conv = dataclasses.replace(conv, state_seconds=fixed)
 
         def check_cancel() -> None:
