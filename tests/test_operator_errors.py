@@ -784,3 +784,42 @@ def test_ctrl_c_during_a_create_leaves_nothing(state_dir, monkeypatch):
     assert info.value.kind == control.INTERRUPTED and info.value.guest == "none here"
     assert str(info.value) == "interrupted: create cancelled; nothing was left here (ci was not started)"
     assert list(state_dir.iterdir()) == []
+
+
+@pytest.mark.parametrize("kind,expected", [("unknown", control.UNKNOWN), ("failed", control.INTERRUPTED)])
+def test_a_ctrl_c_too_late_to_cancel_keeps_the_outcome_unknown(kind, expected):
+    """A Ctrl-C during `hvm migrate` that comes after GO cancels nothing: the domain process
+    answers that the outcome is unknown (RUNNING did not come). That answer must stay
+    exit 3 with its instructions, not become exit 130 "migrate cancelled", after which a
+    script would unpause the copy here while the destination's runs. A cancel that did
+    cancel stays INTERRUPTED."""
+    from migrate.host import protocol
+    ours, theirs = socket.socketpair()
+    client = object.__new__(control.DomainClient)
+    client.name, client.sock, client._unpack = "m", ours, protocol.unpacker()
+
+    def domain_process():
+        protocol.receive(theirs, protocol.unpacker())
+        protocol.send(theirs, {"progress": {"phase": "handoff"}})
+        while theirs.recv(4096):            # the client half-closes: its cancel
+            pass
+        protocol.send(theirs, {"ok": False, "kind": kind, "guest": "paused here, perhaps running on h:1",
+                               "error": "GO was sent to h:1 but RUNNING did not come: the outcome is unknown"})
+
+    def ctrl_c(message):
+        raise KeyboardInterrupt
+
+    server = threading.Thread(target=domain_process)
+    server.start()
+    try:
+        with pytest.raises(control.ControlError) as info:
+            client.call_with_progress("migrate", ctrl_c, timeout=10)
+    finally:
+        server.join(10)
+        ours.close()
+        theirs.close()
+    assert info.value.kind == expected and info.value.guest == "paused here, perhaps running on h:1"
+    if expected == control.UNKNOWN:
+        assert str(info.value).startswith("interrupted too late to cancel: domain 'm': GO was sent")
+    else:
+        assert str(info.value) == "interrupted: migrate cancelled; m is paused here, perhaps running on h:1"

@@ -137,11 +137,13 @@ class DomainClient:
             raise ControlError(f"domain {self.name!r}: {op} failed: {exc}", LOST) from None
         if not reply.get("ok"):
             guest = reply.get("guest") if isinstance(reply.get("guest"), str) else None
-            if interrupted:
+            kind = reply.get("kind") if reply.get("kind") in (FAILED, UNKNOWN) else FAILED
+            if interrupted and kind != UNKNOWN:
                 raise ControlError(f"interrupted: {op} cancelled; {self.name} is "
                                    f"{guest or 'in an unknown state'}", INTERRUPTED, guest)
-            kind = reply.get("kind") if reply.get("kind") in (FAILED, UNKNOWN) else FAILED
-            raise ControlError(f"domain {self.name!r}: {reply.get('error', 'unknown error')}", kind, guest)
+            # a cancel that came too late (a migrate past GO) changes nothing of what is unknown
+            too_late = "interrupted too late to cancel: " if interrupted else ""
+            raise ControlError(f"{too_late}domain {self.name!r}: {reply.get('error', 'unknown error')}", kind, guest)
         reply.pop("ok")
         if interrupted:
             reply["interrupted"] = True
