@@ -176,6 +176,28 @@ def test_a_failed_restore_closes_the_files_it_was_given(tmp_path):
             os.fstat(fd)
 
 
+def test_a_relocation_with_channels_refuses_pages_in_its_main_stream(tmp_path):
+    """Every page of a relocation with data channels comes on them; a page batch in the
+    main stream (the independent reader allows it) would be placed on another path, in
+    no order with the channels' copies: refused."""
+    class Intake:                   # channels received: nothing comes on them here
+        attached = closed = False
+
+        def attach(self, domain, fresh_stub):
+            self.attached = True
+
+        def close(self):
+            self.closed = True
+
+    src = fake()
+    src.guest.write(3, b"\x03" * 4096)
+    save_to_file(src, tmp_path / "m.hvm")
+    intake = Intake()
+    with pytest.raises(RestoreError, match="^a page batch in the main stream of a relocation with data channels"):
+        restore(file_chunks(tmp_path / "m.hvm"), make_domain=FakeDomain, fresh_stub=False, channels=intake)
+    assert intake.attached and intake.closed
+
+
 def test_a_domain_without_stub_says_so(tmp_path):
     src = fake(stub=False)
     src.guest.write(3, b"x")

@@ -272,7 +272,12 @@ class _Restorer:
     def on_pages(self, batch: RawPageBatch) -> None:
         """The data plane checks the batch's data (its length, the zstd frame) and places
         its pages, in C, on the placer's thread; a stub's pages are checked and dropped
-        when the stub is fresh."""
+        when the stub is fresh. With data channels every page comes on them: a batch in
+        the main stream would be placed on another path, in no order with theirs (a copy
+        of a page there could land after a newer one on a channel)."""
+        if self.channels is not None:
+            raise RestoreError("a page batch in the main stream of a relocation with data channels "
+                               "(its pages come on the channels)")
         if self.placer is None:
             self.placer = _Placer(self.target, self.reader.pool)
         self.placer.put(batch.TYPE, batch.body, self.reader.last)
