@@ -340,6 +340,22 @@ def test_timeout_cancel_leaves_the_guest_running(tmp_path):
     assert_clean(src, tmp_path)
 
 
+def test_a_timeout_stops_round_0_on_a_slow_link(tmp_path):
+    """--timeout with --on-timeout cancel bounds pre-copy even inside round 0, whose first
+    data plane call is 64 MiB: at 4 MB/s that call alone took 8.4 s past a 1 s timeout.
+    The data plane is now stopped at the deadline."""
+    src = fake()
+    rnd = random.Random(7)
+    for pfn in range(8192):                         # 32 MiB of data: 8 s at 4 MB/s
+        src.guest.write(pfn, rnd.randbytes(4096))
+    t0 = time.monotonic()
+    with pytest.raises(SaveTimeout, match=r"^pre-copy did not converge within 1 s \(0 rounds"):
+        save_to_file(src, tmp_path / "t.hvm", live=True, compress="none",
+                     convergence=Convergence(max_bandwidth=4e6, timeout=1.0))
+    assert time.monotonic() - t0 < 2.5
+    assert_clean(src, tmp_path)
+
+
 def test_a_failing_progress_callback_fails_the_save_and_cleans_up(tmp_path):
     src = fake()
     src.guest.write(1, b"x")

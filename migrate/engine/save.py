@@ -197,6 +197,8 @@ class _Saver:
         self.t0 = self.stats.start_time = time.monotonic()
         self._last_cb = 0.0
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
+        self.stop_lock = threading.Lock()       # _Stopper's look and the switch's end of the deadline
+        self.stopped = False                    # _Stopper stopped the data plane
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
         self.after_round, self.on_end = after_round, on_end
         self.keep_dirty_logging = keep_dirty_logging
@@ -214,9 +216,19 @@ class _Saver:
         (checked inside a round too: a round on a slow link may be long)."""
         if self.cancel is not None and self.cancel.is_set():
             raise SaveCancelled("save cancelled")
-        if self.deadline is not None and self.stats.phase == "precopy" and \
-                self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline:
+        if self.past_deadline():
             raise self.timed_out()
+
+    def past_deadline(self) -> bool:
+        """Pre-copy has run past its timeout, and on_timeout is cancel: it is to stop. The
+        deadline goes when pre-copy switches over (under ``stop_lock``), so this never
+        stops a final round."""
+        return self.deadline is not None and self.stats.phase == "precopy" and \
+            self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline
+
+    def should_stop(self) -> bool:
+        """A cancel, or :meth:`past_deadline`: what _Stopper stops the data plane for."""
+        return (self.cancel is not None and self.cancel.is_set()) or self.past_deadline()
 
     def timed_out(self, reason: Reason = Reason.TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
         """The error of pre-copy given up with on_timeout cancel, saying why (``reason``:
@@ -467,6 +479,10 @@ class _Saver:
             if decision.action is Action.CANCEL:
                 raise self.timed_out(decision.reason, count)
             if decision.action is Action.SWITCH:
+                with self.stop_lock:     # from here the timeout cannot stop the data plane
+                    if self.stopped:     # it has just done so: say why
+                        self.check()
+                    self.deadline = None
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
                 self.pending = dirty     # the final round sends these too
                 return
@@ -551,7 +567,7 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel,
                    convergence or Convergence(), after_round, on_end, keep_dirty_logging, gc_hold,
                    on_pause)
-    watcher = _CancelWatcher(cancel, sink) if cancel is not None else None
+    watcher = _Stopper(saver, sink) if cancel is not None or saver.conv.timeout is not None else None
     try:
         return saver.run(live)
     except BaseException:
@@ -572,24 +588,28 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
             watcher.stop()
 
 
-class _CancelWatcher:
-    """Stops the sink's data plane as soon as ``cancel`` is set, so that a cancel does
-    not wait for a round (on a slow link, a long one) to end."""
+class _Stopper:
+    """Stops the sink's data plane as soon as the save is cancelled or pre-copy has run
+    past its timeout (on_timeout cancel: ``saver.should_stop()``), so that neither waits
+    for a round, or round 0's first 64 MiB, to end on a slow link (the saver's check then
+    says why: SaveCancelled, SaveTimeout). Looks every 0.1 s."""
 
-    def __init__(self, cancel: threading.Event, sink: Sink):
-        self.cancel, self.sink = cancel, sink
+    def __init__(self, saver: _Saver, sink: Sink):
+        self.saver, self.sink = saver, sink
         self.lock = threading.Lock()
         self.done = False
-        self.thread = threading.Thread(target=self._watch, name="save-cancel", daemon=True)
+        self.thread = threading.Thread(target=self._watch, name="save-stop", daemon=True)
         self.thread.start()
 
     def _watch(self) -> None:
+        cancel = self.saver.cancel or threading.Event()     # never set: a timeout alone
         while not self.done:
-            if self.cancel.wait(0.1):
-                with self.lock:
-                    if not self.done:
-                        self.sink.cancel()
-                return
+            cancel.wait(0.1)
+            with self.lock, self.saver.stop_lock:
+                if not self.done and self.saver.should_stop():
+                    self.saver.stopped = True
+                    self.sink.cancel()
+                    return
 
     def stop(self) -> None:
         """No cancel reaches the sink after this returns. It does not wait for the thread,
