@@ -193,6 +193,8 @@ def test_connections_beyond_the_pending_cap_are_closed_at_once(daemon, monkeypat
 
 @pytest.mark.parametrize("what,first,error", [
     ("DATA first", FRAME.pack(3, 2, 0) + b"abc", "protocol error: expected HELLO, got DATA"),
+    # refused from its header: 4 MiB a connection before HELLO were read and held otherwise
+    ("a DATA header first", FRAME.pack(4 << 20, 2, 0), "protocol error: expected HELLO, got DATA"),
     ("another message first", None, "protocol error: expected HELLO, got GO"),
     ("HELLO lacking keys", {"t": "HELLO", "proto": 1, "name": "x"}, "protocol error: HELLO lacks"),
     ("bad frame header", FRAME.pack(4, 7, 0) + b"abcd", "protocol error: bad frame header"),

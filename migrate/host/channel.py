@@ -133,10 +133,12 @@ class Channel:
             buf += chunk
         return bytes(buf)
 
-    def receive(self, timeout=DEFAULT):
+    def receive(self, timeout=DEFAULT, expecting: str | None = None):
         """The next frame, whole, within ``timeout`` seconds (DEFAULT: FRAME_TIMEOUT as it
         is when called; None: no limit). The limit is on the whole frame, not on each read:
-        a peer trickling a byte now and then cannot hold the connection open."""
+        a peer trickling a byte now and then cannot hold the connection open.
+        ``expecting``: a control message is due (its name, for the error): a DATA frame
+        is refused from its header, its body (up to 4 MiB) never read."""
         if timeout is DEFAULT:
             timeout = FRAME_TIMEOUT
         deadline = None if timeout is None else time.monotonic() + timeout
@@ -146,6 +148,8 @@ class Channel:
             raise ChannelError(f"bad frame header (kind {kind}, reserved {reserved})")
         if length > CAPS[kind] or (kind == DATA and length == 0):
             raise ChannelError(f"frame of {length} bytes out of bounds for kind {kind}")
+        if kind == DATA and expecting is not None:
+            raise ChannelError(f"expected {expecting}, got DATA")
         body = self._recv_exact(length, deadline)
         if kind == DATA:
             return "data", body
@@ -162,10 +166,9 @@ class Channel:
         return "control", message
 
     def expect(self, kind: str, timeout=DEFAULT) -> dict:
-        what, message = self.receive(timeout)
-        if what != "control" or message["t"] != kind:
-            got = "DATA" if what == "data" else message["t"]
-            raise ChannelError(f"expected {kind}, got {got}")
+        _, message = self.receive(timeout, expecting=kind)
+        if message["t"] != kind:
+            raise ChannelError(f"expected {kind}, got {message['t']}")
         return message
 
     def _send(self, kind: int, body) -> None:
