@@ -270,7 +270,7 @@ class OnTimeout(StrEnum):
 @dataclass
 class Convergence:
     """When live pre-copy stops and pauses the guest for the last round."""
-    max_rounds: int = 30            # pre-copy rounds after round 0 (without a timeout): then give up
+    max_rounds: int = 30            # pre-copy rounds in all, round 0 included (without a timeout): then give up
     small_pages: int = 64           # switch once the dirty set is at most this
     min_shrink: float = 0.9         # a round "stalls" when its dirty set is not below this share of the last
     downtime: float = 0.3           # target for the final round, seconds (--downtime-ms)

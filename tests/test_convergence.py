@@ -1,17 +1,18 @@
 """Convergence of live pre-copy (specs/relocation.md, "Convergence"): the pure decision
-over round statistics, the token bucket, and `hvm migrate` with a dirtier that outruns a
+over round statistics, the data plane's token bucket, and `hvm migrate` with a dirtier that outruns a
 paced link: --timeout with cancel (the guest stays on the source, nothing on the
 destination), with force (it completes), and --throttle (it converges)."""
 import json
-
+import os
 import threading
+import time
 
 import pytest
 from click.testing import CliRunner
 
 from migrate.cli import hvm
 from migrate.domain import DomainConfig
-from migrate.engine.convergence import (Convergence, Pacer, Round, VcpuThrottle, decide, estimate_final,
+from migrate.engine.convergence import (Convergence, Round, VcpuThrottle, decide, estimate_final,
                                         estimate_next)
 from migrate.host import control
 from test_relocation import console, hosts, pki, wait_console, wait_empty  # noqa: F401 (fixtures)
@@ -149,23 +150,26 @@ def test_decide_throttle_ramps_from_the_second_stalled_round():
     assert (d.action, d.throttle) == ("continue", 99)     # the timeout will decide
 
 
-def test_pacer_holds_the_rate():
-    now, slept = [0.0], []
-
-    def sleep(s):
-        slept.append(s)
-        now[0] += s
-
-    pacer = Pacer(1e6, burst=100_000, clock=lambda: now[0], sleep=sleep)
-    for _ in range(50):
-        pacer.take(40_000)
-    # 2 MB at 1 MB/s less the 100 kB burst
-    assert now[0] == pytest.approx(1.9, abs=0.01)
-    pacer.take(1 << 20)                    # a piece larger than the burst still goes
-    checks = []
-    with pytest.raises(RuntimeError):
-        pacer.take(10, check=lambda: checks.append(1) or (_ for _ in ()).throw(RuntimeError("stop")))
-    assert checks
+def test_the_data_planes_pacer_holds_the_rate():
+    """--max-bandwidth is a token bucket in the data plane over every output's bytes: 8 MiB
+    at 20 MB/s take the rate's time less the burst (max(256 KiB, 20 ms of rate)), not
+    less, whatever the encoding threads."""
+    from migrate.dataplane import RAW, Output, Sender
+    pages, rate = 2048, 20e6
+    memory = bytearray(os.urandom(pages * 4096))
+    with open(os.devnull, "wb") as sink:
+        out = Output(sink.fileno())
+        tx = Sender([out], 2, rate)
+        tx.set_space(0, [(0, pages, memory)])
+        try:
+            t0 = time.monotonic()
+            st = tx.send(0, range(pages), mode=RAW)
+            took = time.monotonic() - t0
+        finally:
+            tx.close()
+            out.close()
+    floor = (st.bytes - max(256 << 10, rate / 50)) / rate
+    assert floor * 0.95 <= took <= floor * 1.5 + 0.2, (took, floor)
 
 
 class FakeDomain:

@@ -15,7 +15,6 @@ raise, or the round cap was reached) ``on_timeout`` decides: ``cancel`` (the def
 from __future__ import annotations
 
 import threading
-import time
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -158,30 +157,6 @@ def _give_up(conv: Convergence, forced: Reason, cancelled: Reason, estimate: flo
     if conv.on_timeout is OnTimeout.FORCE:
         return Decision(Action.SWITCH, forced, estimate, throttle)
     return Decision(Action.CANCEL, cancelled, estimate, throttle)
-
-
-class Pacer:
-    """A token bucket over the saver's output: ``rate`` bytes per second with a burst of
-    ``burst`` bytes; ``take(n)`` sleeps until n bytes may go. ``check`` is called between
-    sleeps (it raises to abandon the wait)."""
-
-    def __init__(self, rate: float, burst: int | None = None, clock=time.monotonic, sleep=time.sleep):
-        self.rate = float(rate)
-        self.burst = float(burst if burst is not None else max(64 << 10, int(rate / 20)))
-        self.clock, self.sleep = clock, sleep
-        self.tokens, self.at = self.burst, clock()
-
-    def take(self, n: int, check=None) -> None:
-        while True:
-            now = self.clock()
-            self.tokens = min(self.burst, self.tokens + (now - self.at) * self.rate)
-            self.at = now
-            if self.tokens >= min(n, self.burst):
-                self.tokens -= n          # may go negative: a piece larger than the burst
-                return
-            if check is not None:
-                check()
-            self.sleep(min(0.05, max(0.001, (min(n, self.burst) - self.tokens) / self.rate)))
 
 
 class VcpuThrottle:
