@@ -429,8 +429,7 @@ int netdev_rx(uint32_t first, uint32_t count)
     nd.rx_starved = (uint32_t)starved;
     if (!starved && live())
         want_notify(q, 0);
-    if (live())
-        publish_used(q, old);
+    publish_used(q, old);       /* also after a failure: what was delivered before it stays */
     return (int)taken;
 }
 
