@@ -179,3 +179,33 @@ def test_ended_final_says_whether_a_round_ended_with_final_syncs():
             out.close()
         for s in near:
             s.close()
+
+
+def test_a_channels_record_claiming_more_rounds_is_named_at_once():
+    """CHANNELS says the channels ended round 4; their FINAL syncs ended round 0. The
+    restore says so at once (it used to wait for a round no channel could reach, for the
+    whole timeout, then say the channels "did not end")."""
+    import time
+    from migrate.stream import Channels
+    near, take = channel_pairs(1)
+    out = dataplane.Output(near[0].fileno(), timeout=10)
+    out.channel_header(FORMAT_VERSION, 0, TOKEN)
+    receiver = dataplane.Receiver(1, FORMAT_VERSION, TOKEN, timeout=10)
+    intake = ChannelIntake(receiver, take)
+    receiver.set_space(0, [dataplane.Range(0, 8, None)])
+    receiver.open()
+    try:
+        out.sync(0, final=True)
+        assert receiver.wait(0, final=True, timeout=10)
+        got = receiver.summary()[0][0]
+        claimed = Channels(((5, got.records, got.pages, got.bytes, got.digest),))     # all true but the rounds
+        t0 = time.monotonic()
+        with pytest.raises(RestoreError, match=r"^channel 0 ended with rounds 1, records 0, pages 0, "
+                                               r"bytes 48; CHANNELS says 5, 0, 0, 48 "):
+            intake.finish(claimed, timeout=10)
+        assert time.monotonic() - t0 < 2
+    finally:
+        intake.close()
+        out.close()
+        for s in near:
+            s.close()

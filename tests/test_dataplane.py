@@ -4,6 +4,8 @@ here by an independent Python encoder of specs/stream-format.md "Channel streams
 refused with one line before the bad bytes reach memory."""
 from __future__ import annotations
 
+import errno
+import os
 import socket
 import struct
 import threading
@@ -329,8 +331,8 @@ def feed(sock, data: bytes) -> None:
         pass
 
 
-def receive(streams: list, dst: bytearray, pages: int):
-    rx = Receiver(len(streams), 2, TOKEN, None, timeout=5)
+def receive(streams: list, dst: bytearray, pages: int, cap: int = 0):
+    rx = Receiver(len(streams), 2, TOKEN, None, timeout=5, cap=cap)
     rx.set_space(0, [(0, pages, dst)])
     rx.open()
     socks = []
@@ -343,9 +345,9 @@ def receive(streams: list, dst: bytearray, pages: int):
     return rx, socks[::2] + socks[1::2]
 
 
-def refused(streams: list, pages: int = 16) -> tuple[str, bytearray]:
+def refused(streams: list, pages: int = 16, cap: int = 0) -> tuple[str, bytearray]:
     dst = bytearray(pages * PAGE)
-    rx, socks = receive(streams, dst, pages)
+    rx, socks = receive(streams, dst, pages, cap)
     try:
         with pytest.raises(DataplaneError) as info:
             rx.wait(1 << 20, final=True, timeout=10)
@@ -559,6 +561,134 @@ def test_bytes_after_a_final_sync_are_refused_before_the_wait_ends():
             rx.close()
             a.close()
             b.close()
+
+
+def test_bytes_after_a_final_sync_in_a_tls_record_of_their_own_are_refused_before_the_wait_ends(tls_dirs):
+    """The same on a TLS channel, the bytes in a record after the FINAL sync's: TLS has
+    not decrypted them when the FINAL sync is read (it used to count only what it had
+    decrypted: the FINAL sync counted, and the error came a read later). Every byte is on
+    the socket before the receiver is opened, i.e. before it reads a record; the waits
+    poll, so that they see the channel done if it ever is."""
+    server, client = TlsContext(True, tls_dirs[0]), TlsContext(False, tls_dirs[1])
+    w = ChannelWriter(0)
+    w.batch(0, [(3, DATA)])
+    w.sync(0, final=True)
+    for _ in range(40):
+        rx = Receiver(1, 2, TOKEN, server, timeout=5)
+        rx.set_space(0, [(0, 16, bytearray(16 * PAGE))])
+        a, b = socket.socketpair()
+        rx.add(0, b.fileno())
+        out = Output(a.fileno(), client, "127.0.0.1", timeout=5)
+        try:
+            out.write(bytes(w.data))        # header, batch, FINAL sync: one TLS record
+            out.write(b"\0" * 8)            # a record of their own
+            rx.open()
+            deadline = time.monotonic() + 5
+            with pytest.raises(DataplaneError, match="^channel 0: bytes after its FINAL sync$"):
+                while time.monotonic() < deadline:
+                    assert not rx.wait(0, final=True, timeout=0), "the channel was reported done"
+        finally:
+            out.close()
+            rx.close()
+            a.close()
+            b.close()
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_channel_timeout_reads_the_same_with_or_without_tls(tls_dirs, secure):
+    """A quiet peer: the receiver's read and the sender's write run out of time. TLS used
+    to say "TLS error" (OpenSSL's WANT_READ / WANT_WRITE on a socket whose timeout ran
+    out); both say what the plain socket says."""
+    server = TlsContext(True, tls_dirs[0]) if secure else None
+    client = TlsContext(False, tls_dirs[1]) if secure else None
+    rx = Receiver(1, 2, TOKEN, server, timeout=0.5)     # opened: reads records, gets none
+    rx.set_space(0, [(0, 16, bytearray(16 * PAGE))])
+    rx.open()
+    a, b = socket.socketpair()
+    rx.add(0, b.fileno())
+    out = Output(a.fileno(), client, "127.0.0.1", timeout=5)
+    try:
+        out.channel_header(2, 0, TOKEN)
+        with pytest.raises(DataplaneError) as info:
+            rx.wait(0, timeout=5)
+        assert str(info.value) == "channel 0: no data within the channel timeout before its FINAL sync (offset 48)"
+    finally:
+        out.close()
+        rx.close()
+        a.close()
+        b.close()
+    rx = Receiver(1, 2, TOKEN, server, timeout=5)       # never opened: reads no record
+    a, b = socket.socketpair()
+    rx.add(0, b.fileno())
+    out = Output(a.fileno(), client, "127.0.0.1", timeout=0.5)
+    try:
+        out.channel_header(2, 0, TOKEN)
+        with pytest.raises(DataplaneError) as info:
+            for _ in range(64):                         # more than the socket buffers hold
+                out.write(bytes(1 << 20))
+        assert str(info.value) == f"writing the stream failed: {os.strerror(errno.EAGAIN)}"
+    finally:
+        out.close()
+        rx.close()
+        a.close()
+        b.close()
+
+
+def test_a_final_wait_ends_once_every_channel_ended_whatever_round():
+    """Waiting for FINAL syncs that end round 4 when the channels' FINAL syncs ended round
+    0: no channel can get further, so the wait ends at once, and the summaries say what
+    the channels ended (a CHANNELS record claiming more rounds used to run out the whole
+    timeout, said as "did not end", not the mismatch)."""
+    w = ChannelWriter(0)
+    w.batch(0, [(3, DATA)])
+    w.sync(0, final=True)
+    dst = bytearray(16 * PAGE)
+    rx, socks = receive([bytes(w.data)], dst, 16)
+    try:
+        t0 = time.monotonic()
+        assert rx.wait(4, final=True, timeout=10), rx.error()
+        assert time.monotonic() - t0 < 2
+        summary = rx.summary()[0][0]
+        assert (summary.rounds, summary.final) == (1, True)
+        assert not rx.wait(4, timeout=0.2), "without final, a round not ended is still waited for"
+    finally:
+        rx.close()
+        for s in socks:
+            s.close()
+
+
+def test_the_bytes_of_all_channels_together_are_capped():
+    """The relocation's stream cap holds for its channels too, over all of them together:
+    at the cap a stream is placed, a byte under it every channel fails with one line
+    naming it, and the batch that crosses it is not placed."""
+    ch0, ch1 = ChannelWriter(0), ChannelWriter(1)
+    for w, pfns in ((ch0, (0, 1, 2, 3)), (ch1, (8, 9))):
+        for pfn in pfns:
+            w.batch(0, [(pfn, DATA)])
+        w.sync(0, final=True)
+    total = len(ch0.data) + len(ch1.data)
+    dst = bytearray(16 * PAGE)
+    rx, socks = receive([bytes(ch0.data), bytes(ch1.data)], dst, 16, cap=total)
+    try:
+        assert rx.wait(0, final=True, timeout=10), rx.error()
+    finally:
+        rx.close()
+        for s in socks:
+            s.close()
+    text, _ = refused([bytes(ch0.data), bytes(ch1.data)], cap=total - 1)
+    assert f"the data channels carry more than their cap of {total - 1} bytes in all" in text
+    w = ChannelWriter(0)                # one channel: the third batch crosses the cap
+    for pfn in range(4):
+        if pfn == 2:
+            at = len(w.data)
+        w.batch(0, [(pfn, DATA)])
+        if pfn == 2:
+            cap = len(w.data) - 1
+    w.sync(0, final=True)
+    text, dst = refused([bytes(w.data)], cap=cap)
+    assert text == (f"channel 0: the data channels carry more than their cap of {cap} bytes in all "
+                    f"(offset {at} of this one)")
+    assert dst[:2 * PAGE] == DATA * 2 and dst[2 * PAGE:] == bytes(14 * PAGE)
 
 
 def test_a_target_refuses_a_pfn_twice_in_a_batch_after_a_descent():

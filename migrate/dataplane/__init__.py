@@ -259,10 +259,12 @@ class Receiver:
     """``channels`` data channels of one relocation (stream format ``version``, its 32-byte
     ``token``), TLS with a server :class:`TlsContext` or plain; each channel's socket is
     handed over with :meth:`add` and read by a thread of its own: its TLS handshake within
-    ``handshake`` seconds in all, then each read within ``timeout``."""
+    ``handshake`` seconds in all, then each read within ``timeout``. ``cap``: most bytes
+    all channels together may carry (a relocation's stream cap; 0: none); past it every
+    channel fails, the record that crosses it not placed."""
 
     def __init__(self, channels: int, version: int, token: bytes, tls: TlsContext | None = None,
-                 timeout: float = 60.0, handshake: float = HANDSHAKE):
+                 timeout: float = 60.0, handshake: float = HANDSHAKE, cap: int = 0):
         if len(token) != 32:
             raise ValueError("a channel token is 32 bytes")
         buf, n = _err()
@@ -275,6 +277,8 @@ class Receiver:
         # freed when the last reference goes (a thread may still be in wait() when another
         # closes it: close() stops everything, the memory stays until then)
         self.ptr = ffi.gc(ptr, lib.dp_receiver_free)
+        if cap:
+            lib.dp_receiver_set_cap(self.ptr, cap)
         self._keep: dict[int, list] = {}
 
     def set_space(self, space: int, ranges: list) -> None:
@@ -298,9 +302,10 @@ class Receiver:
         lib.dp_receiver_open(self.ptr)
 
     def wait(self, round_: int, final: bool = False, timeout: float = 60.0) -> bool:
-        """True once every channel has ended round ``round_`` (and with ``final``, read its
-        FINAL sync); False after ``timeout`` or once closed (from another thread);
-        DataplaneError if a channel failed."""
+        """True once every channel has ended round ``round_``, or with ``final``, read its
+        FINAL sync, whatever round that ended (the caller compares :meth:`summary` with
+        the rounds it expects); False after ``timeout`` or once closed (from another
+        thread); DataplaneError if a channel failed."""
         buf, n = _err()
         rc = lib.dp_receiver_wait(self.ptr, round_, int(final), timeout, buf, n)
         if rc < 0:

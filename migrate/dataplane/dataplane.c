@@ -172,8 +172,16 @@ static int conn_write(struct dp_conn *c, const uint8_t *buf, size_t len, const c
             int chunk = len > (1u << 30) ? 1 << 30 : (int)len;
             n = SSL_write(c->ssl, buf, chunk);
             if (n <= 0) {
+                /* the socket is blocking: WANT_WRITE (or WANT_READ, a key update) means its
+                 * SO_SNDTIMEO ran out, which a plain write reports as EAGAIN: say the same */
                 int err = SSL_get_error(c->ssl, (int)n);
-                *why = err == SSL_ERROR_SYSCALL && errno ? strerror(errno) : tls_reason();
+                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ ||
+                    (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+                    ERR_clear_error();
+                    *why = strerror(EAGAIN);
+                } else {
+                    *why = err == SSL_ERROR_SYSCALL && errno ? strerror(errno) : tls_reason();
+                }
                 return -1;
             }
         } else {
@@ -206,10 +214,14 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
                     return 0;
                 if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0))
                     *why = "the channel ended inside a record";
-                else if (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))
+                else if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ||
+                         (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))) {
+                    /* blocking socket: its SO_RCVTIMEO ran out (OpenSSL says WANT_READ) */
+                    ERR_clear_error();
                     *why = "no data within the channel timeout";
-                else
+                } else {
                     *why = err == SSL_ERROR_SYSCALL ? strerror(errno) : tls_reason();
+                }
                 return -1;
             }
         } else {
@@ -233,14 +245,28 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
     return 1;
 }
 
-/* Whether bytes have come that no read has taken yet (decrypted ones TLS holds, or any
- * on the socket of a plain channel); does not wait. */
+/* Whether bytes have come that no read has taken yet (any on the socket of a plain
+ * channel; on a TLS one, data TLS holds decrypted or that a record on the socket
+ * carries); does not wait. */
 static int bytes_waiting(struct dp_conn *c)
 {
-    if (c->ssl)
-        return SSL_pending(c->ssl) > 0;
     uint8_t b;
-    return recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    if (!c->ssl)
+        return recv(c->fd, &b, 1, MSG_PEEK | MSG_DONTWAIT) > 0;
+    if (SSL_pending(c->ssl) > 0)
+        return 1;
+    /* SSL_pending counts only what was decrypted already: data in a record of its own is
+     * still on the socket. A peek decrypts it, with the socket non-blocking meanwhile so
+     * that it does not wait (nothing there, or half a record: WANT_READ, and OpenSSL
+     * keeps the half for the next read; a close_notify: ZERO_RETURN, no data). */
+    int flags = fcntl(c->fd, F_GETFL);
+    if (flags < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0)
+        return 0;
+    int n = SSL_peek(c->ssl, &b, 1);
+    fcntl(c->fd, F_SETFL, flags);
+    if (n <= 0)
+        ERR_clear_error();
+    return n > 0;
 }
 
 /* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
@@ -1589,6 +1615,8 @@ struct dp_receiver {
     uint32_t arrived;           /* channels at the barrier of round `barrier_round` */
     uint32_t completed;         /* rounds every channel has finished */
     uint32_t finals;            /* channels that read their FINAL sync */
+    uint64_t cap;               /* most bytes all channels together may carry (0: no cap) */
+    uint64_t bytes;             /* bytes the channels have read or are reading (atomic) */
     int open;                   /* its memory is set: channels may place pages */
     int waiters;                /* threads in dp_receiver_wait: free waits for them to leave */
     int closing, closed;
@@ -1636,6 +1664,28 @@ int dp_receiver_set_space(struct dp_receiver *r, uint32_t space, uint32_t n, con
         return -1;
     }
     return destination_space(&r->spaces[space], 1, n, first, count, base, fds, fd_offs, err, errlen);
+}
+
+/* At most `cap` bytes (headers, records, syncs) on all the channels together, a
+ * relocation's stream cap: the daemon counts only the main stream it relays, and a source
+ * could otherwise send rounds on the channels for ever. 0: no cap. Before any channel is
+ * added. */
+void dp_receiver_set_cap(struct dp_receiver *r, uint64_t cap)
+{
+    r->cap = cap;
+}
+
+/* Count `n` more bytes of channel ch, about to be read, against the cap; 0, or -1 once
+ * all channels together exceed it (the error set: every channel stops; the body of the
+ * record that crosses it is not read, nothing of it placed) */
+static int count_bytes(struct dp_channel *ch, uint64_t n)
+{
+    struct dp_receiver *r = ch->r;
+    if (!r->cap || __atomic_add_fetch(&r->bytes, n, __ATOMIC_RELAXED) <= r->cap)
+        return 0;
+    set_error(&r->err, "channel %d: the data channels carry more than their cap of %llu bytes in all "
+              "(offset %llu of this one)", ch->index, (unsigned long long)r->cap, (unsigned long long)ch->offset);
+    return -1;
 }
 
 static void fail_all(struct dp_receiver *r)
@@ -1756,6 +1806,8 @@ static void *channel_main(void *arg)
         }
     }
     uint8_t hdr[DP_CHANNEL_HDR];
+    if (count_bytes(ch, sizeof hdr))
+        goto out;
     int rc = conn_read(&ch->conn, hdr, sizeof hdr, &why);
     if (rc != 1) {
         set_error(&r->err, "channel %d: no channel header: %s", ch->index, rc ? why : "the channel closed");
@@ -1794,6 +1846,8 @@ static void *channel_main(void *arg)
             CH_FAIL(ch, ch->records, type, "record body length %u exceeds %u", len, cap);
             goto out;
         }
+        if (count_bytes(ch, DP_REC_HDR + padded(len)))
+            goto out;
         rc = conn_read(&ch->conn, rec + DP_REC_HDR, padded(len), &why);
         if (rc != 1) {
             set_error(&r->err, "channel %d: %s (offset %llu)", ch->index, rc ? why : "the channel ended inside a record",
@@ -1907,8 +1961,10 @@ int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t 
 }
 
 /* Wait until every channel has finished round `round` (rounds count from 0), or, with
- * `final`, read its FINAL sync; up to timeout seconds. 1 done, 0 timed out, -1 failed
- * (the reason in err). */
+ * `final`, read its FINAL sync, whatever round that ended (a caller expecting another
+ * round finds the mismatch in the summaries at once: waiting for a round no channel can
+ * reach any more would only run out the timeout); up to timeout seconds. 1 done, 0 timed
+ * out, -1 failed (the reason in err). */
 int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen)
 {
     struct timespec until = deadline_after(CLOCK_REALTIME, timeout);
@@ -1927,8 +1983,8 @@ int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double ti
         int started = 0;
         for (int i = 0; i < r->nchannels; i++)
             started += r->channels[i].started;
-        if (started == r->nchannels && r->completed > round &&
-            (!final || r->finals == (uint32_t)r->nchannels))
+        if (started == r->nchannels &&
+            (final ? r->finals == (uint32_t)r->nchannels : r->completed > round))
             break;
         if (pthread_cond_timedwait(&r->cv, &r->lock, &until) == ETIMEDOUT) {
             rc = 0;

@@ -138,7 +138,9 @@ class ChannelIntake:
         return all(s.final and s.rounds == round_ + 1 for s in summaries)
 
     def finish(self, expected: Channels, timeout: float) -> None:
-        """Wait for every channel's FINAL sync and compare each with CHANNELS."""
+        """Wait for every channel's FINAL sync and compare each with CHANNELS (the wait ends
+        with the FINAL syncs whatever round they ended: rounds other than CHANNELS says are
+        named below, at once, not waited for)."""
         if len(expected.channels) != self.receiver.channels:
             raise RestoreError(f"CHANNELS lists {len(expected.channels)} channels, "
                                f"{self.receiver.channels} were opened")

@@ -70,7 +70,7 @@ from ..text import SHOWN, one_line
 from .. import trace
 from . import launch, learned, protocol, statedir
 from .launch import Create, Go, LaunchError, Receive, Restore, Say, say
-from .channel import FRAME_TIMEOUT, ready
+from .channel import FRAME_TIMEOUT, ready, stream_cap
 
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
@@ -685,7 +685,8 @@ def _channel_intake(job: Receive, ready_fd: int):
         os.close(job.channel_fd)
         return None, None
     tls_ctx = TlsContext(True, job.tls_dir) if job.tls_dir else None
-    receiver = Receiver(job.channels, FORMAT_VERSION, job.token, tls_ctx, timeout=FRAME_TIMEOUT)
+    receiver = Receiver(job.channels, FORMAT_VERSION, job.token, tls_ctx, timeout=FRAME_TIMEOUT,
+                        cap=stream_cap(job.memory))
     intake = ChannelIntake(receiver, socket.socket(fileno=job.channel_fd))
     return intake, _RoundReporter(intake, ready_fd)
 
