@@ -68,6 +68,7 @@ class Stub:
         self.console = console
         self.name = name
         self.log_lines: deque[str] = deque(maxlen=STUB_LOG_LINES)
+        self.logged = 0                 # lines the stub has logged in all
         self._log_partial = b""
         self.refused = 0                    # guest accesses the stub refused
         self._refusals = Sparse(REFUSED_LOG_PERIOD)    # their log lines
@@ -247,6 +248,7 @@ class Stub:
         for line in lines:
             text = line.decode("utf-8", "replace")
             self.log_lines.append(text)
+            self.logged += 1
             log.info("%s: %s", self.name, text)
 
     def _watch(self) -> None:
@@ -348,10 +350,12 @@ class Stub:
         except devstate.DeviceStateError as exc:
             raise StubError(f"device state cannot be loaded: {exc}") from None
         self.ram.mem[abi.STATE_BUF:abi.STATE_BUF + len(blob)] = blob
+        before = self.logged
         result, _, _ = self.request(abi.TYPE_LOAD)
-        if result != 0:
-            raise StubError(f"stub refused the device state: {abi.RESULTS.get(result)} "
-                            f"(see the stub log: {list(self.log_lines)[-1:]})")
+        if result != 0:         # why, in the stub's words: the lines it logged for this LOAD
+            said = list(self.log_lines)[len(self.log_lines) - min(self.logged - before, len(self.log_lines)):]
+            raise StubError(f"stub refused the device state: {abi.RESULTS.get(result)}"
+                            + (f" ({'; '.join(said[-3:])})" if said else ""))
 
     def capture(self) -> StubState:
         with self.lock:
