@@ -291,15 +291,15 @@ class NetBackend:
         with self.lock:
             if not self.rx_enabled:
                 return
-            taken = self.post_rx(self._first, self._held)
+            taken = max(0, min(self.post_rx(self._first, self._held), self._held))
+            # the stub found no buffers for the rest: it will say NET_RXBUF (rx_wanted, under
+            # this lock too); set here, so that one said right after the lock went is not lost
+            self._starved = taken < self._held
         self.stats["rx_seconds"] += time.perf_counter() - t0
         self.stats["rx_batches"] += 1
-        taken = max(0, min(taken, self._held))
         self.stats["rx_packets"] += taken
         self._first = (self._first + taken) % abi.NET_SLOTS
         self._held -= taken
-        if self._held:
-            self._starved = True        # the stub found no buffers: it will say NET_RXBUF
 
     def _apply_offload(self) -> None:
         """Partial checksums from the TAP device only while the driver takes them."""
