@@ -188,7 +188,7 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     kept = learned.load(src / learned.FILE, f"127.0.0.1:{b.address[1]}")
     measured = stats["downtime_fixed_measured"]
     assert measured is not None and measured <= stats["downtime"]
-    keep = learned.MIN_SECONDS <= measured <= learned.MAX_SECONDS and \
+    keep = learned.MIN_SECONDS <= measured <= learned.MAX_SECONDS and stats["reason"] in learned.FROM_REASONS and \
         learned.worth_keeping(stats["downtime"], stats["downtime_estimate"], stats["downtime_fixed"])
     assert kept == (measured if keep else None)
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up

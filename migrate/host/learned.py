@@ -29,6 +29,9 @@ MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not 
 KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
 MARGIN = 1.25               # the largest kept, times this, is what a move expects
 OUTLIER = 4.0               # one over this many times the median of the others is left out
+# kept only from moves that switched on their own (a forced switch's last round outgrew the
+# set the estimate was made for, once the throttle was released before the pause)
+FROM_REASONS = ("small", "downtime-target")
 TARGET_SHARE = 0.4          # a move expects at most this share of its downtime target (or the default)
 
 
