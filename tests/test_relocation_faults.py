@@ -153,6 +153,37 @@ def test_kill_during_handoff(hosts, victim, when):
     ledger_goes_on(name, src, 41, npages)
 
 
+@pytest.mark.kvm
+def test_a_copy_destroyed_there_before_go_is_known_never_to_have_run(hosts):
+    """`hvm destroy` on the destination of a copy that awaits GO, GO sent right after: its
+    domain process says, as it goes, that it was destroyed before GO (and closes the pipe
+    GO comes down), so the source learns the copy never ran and resumes its own. Before,
+    a GO written while the process was still tearing down was taken in and unanswered:
+    "outcome unknown", the source left paused."""
+    src, dst, _ = hosts
+    server = insecure_daemon(dst)
+    name = "dbg"
+    npages = start_ledger(name, src, 43)
+
+    def on_control(direction, message):
+        if message["t"] == "GO":
+            with control.DomainClient(name, dst) as client:
+                client.call("destroy")
+        return True
+
+    proxy = Proxy(("127.0.0.1", server.address[1]), frames=True, on_control=on_control)
+    try:
+        error = migrate_error(name, proxy.port)
+    finally:
+        proxy.close()
+        server.stop()
+    assert "failed at the handoff" in error and "never ran and is destroyed" in error, error
+    assert f"{name} keeps running here" in error
+    assert statuses(src) == [(name, "running")]
+    wait_empty(dst, 10)
+    ledger_goes_on(name, src, 43, npages)
+
+
 # -- one corrupted byte in flight -------------------------------------------------------------
 
 @pytest.mark.kvm

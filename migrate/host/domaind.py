@@ -266,6 +266,10 @@ class DomainServer:
         self.destroying = True
         self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
+        if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
+            ready_fd = self.go[1]
+            self._end_go_wait()         # a GO still to come meets a closed pipe
+            self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))     # one already sent, this
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
         if self.moved_to:
