@@ -301,6 +301,27 @@ def test_stub_that_stops_answering_is_an_error_not_a_hang(domains, monkeypatch):
     assert mem[abi.STATE_OFFSET] == abi.NONE
 
 
+def test_the_request_after_a_failed_one_names_its_failure(domains, monkeypatch):
+    """A request that failed unanswered (on the NIC's receive thread, say) leaves the slot
+    busy, and the next one, from the guest's vCPU, fails on that: its error names the
+    failure that left it so, not only "slot busy"."""
+    from migrate.stub import stub as stub_mod
+    dom = boot(domains)
+    stub = dom.stub
+
+    def overdue():
+        raise stub_mod.StubError("stub did not answer within 5s")
+
+    monkeypatch.setattr(stub, "_run_until_doorbell", overdue)
+    with pytest.raises(stub_mod.StubError, match="did not answer"):
+        stub.request(abi.TYPE_PIO, abi.UART_BASE + 7, 1, abi.DIR_READ)
+    monkeypatch.undo()
+    with pytest.raises(stub_mod.StubError, match=r"^ioreq slot busy \(state 1\): a request failed before: "
+                                                 r"stub did not answer within 5s$"):
+        stub.request(abi.TYPE_PIO, abi.UART_BASE + 7, 1, abi.DIR_READ)
+    stub.ram.mem[abi.STATE_OFFSET] = abi.NONE       # let the domain be destroyed cleanly
+
+
 def test_a_stopped_process_does_not_find_its_stub_overdue(domains):
     """The watchdog counts the time it saw a request busy, a look at most half its timeout: a
     domain process stopped (SIGSTOP) for longer than ANSWER_TIMEOUT in the middle of a

@@ -69,6 +69,7 @@ class Stub:
         self.name = name
         self.log_lines: deque[str] = deque(maxlen=STUB_LOG_LINES)
         self.logged = 0                 # lines the stub has logged in all
+        self.failed = ""                # why the last request that failed unanswered failed
         self._log_partial = b""
         self.refused = 0                    # guest accesses the stub refused
         self._refusals = Sparse(REFUSED_LOG_PERIOD)    # their log lines
@@ -168,8 +169,9 @@ class Stub:
 
     def _request(self, type_, addr, size, direction, data, count, payload) -> tuple[int, int, bytes]:
         mem = self.ram.mem
-        if mem[abi.STATE_OFFSET] != abi.NONE:
-            raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})")
+        if mem[abi.STATE_OFFSET] != abi.NONE:       # a request failed before it was answered
+            raise StubError(f"ioreq slot busy (state {mem[abi.STATE_OFFSET]})"
+                            + (f": a request failed before: {self.failed}" if self.failed else ""))
         is_ptr = payload is not None or (type_ == abi.TYPE_PIO and count > 1)
         if is_ptr:
             nbytes = len(payload) if payload is not None else size * count
@@ -183,10 +185,14 @@ class Stub:
                             int(is_ptr), abi.NONE, 0, 0, self._seq, 0)
         mem[abi.STATE_OFFSET] = abi.READY           # last: hands the slot to the stub
         self.requests += 1
-        self._run_until_doorbell()
-        (_, out, _, _, _, _, _, state, result, _, _, done_seq) = abi.IOREQ.unpack_from(mem, abi.IOREQ_OFFSET)
-        if state != abi.RESP_READY or done_seq != self._seq:
-            raise StubError(f"stub rang the doorbell without answering (state {state}, seq {done_seq})")
+        try:
+            self._run_until_doorbell()
+            (_, out, _, _, _, _, _, state, result, _, _, done_seq) = abi.IOREQ.unpack_from(mem, abi.IOREQ_OFFSET)
+            if state != abi.RESP_READY or done_seq != self._seq:
+                raise StubError(f"stub rang the doorbell without answering (state {state}, seq {done_seq})")
+        except StubError as exc:    # kept for the next request, which finds the slot busy: a
+            self.failed = str(exc)  # failure on another thread (the NIC's receive) is named there
+            raise
         mem[abi.STATE_OFFSET] = abi.NONE
         reply = b""
         if is_ptr and direction == abi.DIR_READ:
