@@ -345,6 +345,8 @@ def saved_disk_line(raw: dict) -> str | None:
     disk = raw.get("disk")
     if not isinstance(disk, str):
         return None
+    if "\0" in disk:               # the map is the stream's, unchecked: no path holds a NUL
+        return "disk: the saved path holds a NUL byte (a restore refuses it)"
     report = Report()
     check_disk(disk, {}, report, saved_disk_id(raw))
     if report.problems:

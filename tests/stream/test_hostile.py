@@ -149,3 +149,11 @@ def test_restore_refuses_page_batches_as_the_reader_does() -> None:
         with FUZZ.fake_host(), pytest.raises(StreamError) as info:
             restore([data], make_domain=FUZZ.fake_domain)
         assert "PAGE_DATA_ZSTD" in str(info.value), (name, info.value)
+
+
+def test_inspect_of_a_saved_disk_path_with_a_nul_byte_is_one_line() -> None:
+    """`hvm stream inspect` shows what a restore would decide of the saved disk from the
+    stream's own DOMAIN_CONFIG map, unchecked: a path with a NUL byte made os.stat raise
+    ValueError ("embedded null byte") after the table was printed (found by the test above)."""
+    from migrate.engine.compat import saved_disk_line
+    assert saved_disk_line({"disk": "a\0b"}) == "disk: the saved path holds a NUL byte (a restore refuses it)"
