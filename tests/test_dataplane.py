@@ -601,37 +601,33 @@ def test_a_channel_timeout_reads_the_same_with_or_without_tls(tls_dirs, secure):
     out); both say what the plain socket says."""
     server = TlsContext(True, tls_dirs[0]) if secure else None
     client = TlsContext(False, tls_dirs[1]) if secure else None
+
+    def channel(rx, write_timeout):
+        a, b = socket.socketpair()
+        rx.add(0, b.fileno())
+        out = Output(a.fileno(), client, "127.0.0.1", timeout=write_timeout)
+        out.channel_header(2, 0, TOKEN)
+        return [(a, b)], [out]
+
     rx = Receiver(1, 2, TOKEN, server, timeout=0.5)     # opened: reads records, gets none
     rx.set_space(0, [(0, 16, bytearray(16 * PAGE))])
     rx.open()
-    a, b = socket.socketpair()
-    rx.add(0, b.fileno())
-    out = Output(a.fileno(), client, "127.0.0.1", timeout=5)
+    pairs, outs = channel(rx, 5)
     try:
-        out.channel_header(2, 0, TOKEN)
         with pytest.raises(DataplaneError) as info:
             rx.wait(0, timeout=5)
         assert str(info.value) == "channel 0: no data within the channel timeout before its FINAL sync (offset 48)"
     finally:
-        out.close()
-        rx.close()
-        a.close()
-        b.close()
+        close(pairs, rx, outs)
     rx = Receiver(1, 2, TOKEN, server, timeout=5)       # never opened: reads no record
-    a, b = socket.socketpair()
-    rx.add(0, b.fileno())
-    out = Output(a.fileno(), client, "127.0.0.1", timeout=0.5)
+    pairs, outs = channel(rx, 0.5)
     try:
-        out.channel_header(2, 0, TOKEN)
         with pytest.raises(DataplaneError) as info:
             for _ in range(64):                         # more than the socket buffers hold
-                out.write(bytes(1 << 20))
+                outs[0].write(bytes(1 << 20))
         assert str(info.value) == f"writing the stream failed: {os.strerror(errno.EAGAIN)}"
     finally:
-        out.close()
-        rx.close()
-        a.close()
-        b.close()
+        close(pairs, rx, outs)
 
 
 def test_a_final_wait_ends_once_every_channel_ended_whatever_round():
