@@ -238,11 +238,11 @@ class Incoming:
         return self.final is not None and self.final.kind is not Say.OK
 
     # -- the stream ----------------------------------------------------------------
-    def watch(self, ch: Channel, deadline: float) -> None:
-        """Until the source's next frame begins (or ``deadline``, time.monotonic(), the
-        frame's: receive() then says it did not come): read what the domain process says,
-        and raise Refused if it failed (with data channels the control connection is quiet
-        for whole rounds, while the channels' pages may already have failed the restore)."""
+    def watch(self, ch: Channel) -> None:
+        """Until the source's next frame: read what the domain process says, and raise
+        Refused if it failed (with data channels the control connection is quiet for whole
+        rounds, while the channels' pages may already have failed the restore)."""
+        deadline = time.monotonic() + FRAME_TIMEOUT
         sock = ch.sock.fileno()
         while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
             fds = {sock: select.POLLIN} if self._eof else {sock: select.POLLIN, self.ready_r: select.POLLIN}
@@ -767,9 +767,8 @@ class RelocationServer:
 
     def receive_stream(self, ch: Channel, incoming: Incoming) -> None:
         while True:
-            deadline = time.monotonic() + FRAME_TIMEOUT     # for the whole frame, the wait for it included
-            incoming.watch(ch, deadline)    # the domain process may fail while the source is quiet
-            kind, message = ch.receive(max(deadline - time.monotonic(), 0.001))
+            incoming.watch(ch)          # the domain process may fail while the source is quiet
+            kind, message = ch.receive(FRAME_TIMEOUT)
             if kind == "data":
                 incoming.feed(message)
             elif message["t"] == "SYNC":
