@@ -356,6 +356,24 @@ def test_a_timeout_stops_round_0_on_a_slow_link(tmp_path):
     assert_clean(src, tmp_path)
 
 
+def test_a_deadline_that_passes_between_data_plane_calls_still_lets_a_round_switch(tmp_path):
+    """The timeout stops the data plane only while it sends: a deadline that passes while
+    the receiver places a round (after_round) leaves the save to decide, and a small dirty
+    set still switches (decide() looks at it before the timeout). Stopping the data plane
+    there turned a move about to end into a timeout."""
+    src = fake()
+    src.guest.write(100, b"x" * 4096)
+
+    def slow_receiver():
+        time.sleep(1.3)                     # the receiver places round 0 past the 1 s deadline
+        src.guest.write(101, b"y" * 4096)  # one page dirtied meanwhile: a small set
+        return 0.0
+
+    stats = save_to_file(src, tmp_path / "d.hvm", live=True, after_round=slow_receiver,
+                         convergence=Convergence(timeout=1.0))
+    assert stats.reason == "small" and stats.rounds == 2
+
+
 def test_a_failing_progress_callback_fails_the_save_and_cleans_up(tmp_path):
     src = fake()
     src.guest.write(1, b"x")

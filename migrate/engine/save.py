@@ -199,6 +199,7 @@ class _Saver:
         self.deadline: float | None = None      # pre-copy's timeout, as a monotonic time
         self.stop_lock = threading.Lock()       # _Stopper's look and the switch's end of the deadline
         self.stopped = False                    # _Stopper stopped the data plane
+        self.in_dataplane = False               # a send_pages call runs (under stop_lock)
         self.pending: dict = {}                 # dirty pages fetched when pre-copy switched over
         self.after_round, self.on_end = after_round, on_end
         self.keep_dirty_logging = keep_dirty_logging
@@ -227,8 +228,11 @@ class _Saver:
             self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline
 
     def should_stop(self) -> bool:
-        """A cancel, or :meth:`past_deadline`: what _Stopper stops the data plane for."""
-        return (self.cancel is not None and self.cancel.is_set()) or self.past_deadline()
+        """What _Stopper stops the data plane for: a cancel, or :meth:`past_deadline` while
+        a data plane call runs (``in_dataplane``). Between calls the saver's own checks see
+        the deadline, and a round that has gone out may still switch (decide() looks at
+        the dirty set before the timeout)."""
+        return (self.cancel is not None and self.cancel.is_set()) or (self.in_dataplane and self.past_deadline())
 
     def timed_out(self, reason: Reason = Reason.TIMEOUT_CANCEL, dirty: int | None = None) -> SaveTimeout:
         """The error of pre-copy given up with on_timeout cancel, saying why (``reason``:
@@ -310,11 +314,16 @@ class _Saver:
                 for space, pfns in piece.items():
                     self.parts[space].clear_dirty(pfns)
             t = time.monotonic()
+            with self.stop_lock:
+                self.in_dataplane = True
             try:
                 st = self.sink.send_pages(piece, self.compression, stable, end=not queue, final=stable)
             except DataplaneError as exc:
                 self.check()                    # a cancel says so rather than the data plane's error
                 raise SaveError(f"sending pages failed: {exc}") from None
+            finally:
+                with self.stop_lock:
+                    self.in_dataplane = False
             took = time.monotonic() - t
             self._account(st, figures)
             sent = sum(len(pfns) for pfns in piece.values())
