@@ -180,6 +180,8 @@ class DomainServer:
             self._on_go()
 
     def _on_go(self) -> None:
+        if self.go is None:     # a destroy in the same select() batch ended the wait first
+            return
         go_fd, ready_fd, note = self.go
         try:
             word = os.read(go_fd, 16)
