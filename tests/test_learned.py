@@ -109,3 +109,12 @@ def test_the_bound_on_the_target_never_goes_below_the_default(tmp_path):
     path = tmp_path / learned.FILE
     learned.record(path, "a:1", 0.009)
     assert learned.expected(path, "a:1", 0.007, 0.010) == 0.007       # 0.4 of 10 ms is 4: the default holds
+
+
+def test_only_moves_that_switched_on_their_own_unthrottled_teach_it():
+    from types import SimpleNamespace as Stats
+    assert learned.from_move(Stats(reason="small", throttle_history=[0, 0, 0]))
+    assert learned.from_move(Stats(reason="downtime-target", throttle_history=[0, 0]))
+    assert not learned.from_move(Stats(reason="downtime-target", throttle_history=[0, 20, 30, 0]))
+    for forced in ("stalled", "max-rounds", "timeout-force"):
+        assert not learned.from_move(Stats(reason=forced, throttle_history=[0, 0]))

@@ -189,6 +189,7 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     measured = stats["downtime_fixed_measured"]
     assert measured is not None and measured <= stats["downtime"]
     keep = learned.MIN_SECONDS <= measured <= learned.MAX_SECONDS and stats["reason"] in learned.FROM_REASONS and \
+        stats["throttle"] == 0 and \
         learned.worth_keeping(stats["downtime"], stats["downtime_estimate"], stats["downtime_fixed"])
     assert kept == (measured if keep else None)
     parts = stats["downtime_parts"]     # every step reported, by both sides, and they add up

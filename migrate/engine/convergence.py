@@ -1,5 +1,6 @@
 """When live pre-copy stops (specs/relocation.md, "Convergence"): the parameters, the pure
-decision taken after every pre-copy round, the page-output pacer and the vCPU throttle.
+decision taken after every pre-copy round, and the vCPU throttle (the page output's
+pacer is the data plane's).
 
 :func:`decide` is a pure function of the round statistics, so its rules are tested without
 a guest. The saver calls it once per round with the dirty pages just fetched (the pages the

@@ -29,9 +29,7 @@ MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not 
 KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
 MARGIN = 1.25               # the largest kept, times this, is what a move expects
 OUTLIER = 4.0               # one over this many times the median of the others is left out
-# kept only from moves that switched on their own (a forced switch's last round outgrew the
-# set the estimate was made for, once the throttle was released before the pause)
-FROM_REASONS = ("small", "downtime-target")
+FROM_REASONS = ("small", "downtime-target")     # see from_move
 TARGET_SHARE = 0.4          # a move expects at most this share of its downtime target (or the default)
 
 
@@ -46,6 +44,14 @@ def fixed_part(downtime: float, estimate: float, fixed: float) -> float | None:
         return None
     value = downtime - (estimate - fixed)
     return value if math.isfinite(value) else None
+
+
+def from_move(stats) -> bool:
+    """Whether a move (its SaveStats) may teach the fixed part at all: it switched on its
+    own (reason in FROM_REASONS) and was never throttled. A forced switch, or one made
+    under the throttle, which is released before the pause, sends a last round larger
+    than the set its estimate was made for, and the excess would count as fixed."""
+    return stats.reason in FROM_REASONS and not max(stats.throttle_history, default=0)
 
 
 def worth_keeping(downtime: float, estimate: float, fixed: float) -> bool:

@@ -360,7 +360,7 @@ class MigrateJob:
         downtime = running_at - paused_at - parts.pop("return", 0.0)
         target = self.convergence.downtime if self.live else None
         measured = learned.fixed_part(downtime, stats.downtime_estimate, conv.state_seconds)
-        if self.learned is not None and measured is not None and stats.reason in learned.FROM_REASONS and \
+        if self.learned is not None and measured is not None and learned.from_move(stats) and \
                 learned.worth_keeping(downtime, stats.downtime_estimate, conv.state_seconds):
             learned.record(self.learned, where, measured)           # None offline: no estimate
         return {
