@@ -724,9 +724,13 @@ struct dp_worker {
     /* auto mode: what compressing costs and gains here, learned from the batches so far */
     double zstd_rate;           /* input bytes per CPU second of zstd on this worker (EWMA; 0: unknown) */
     double zstd_ratio;          /* output / input (EWMA) */
-    double link_rate;           /* bytes per second its output took while this worker wrote
-                                 * (EWMA; 0: unknown), the wait for another worker's write not counted */
+    double link_rate;           /* bytes per second its output took raw records at while this
+                                 * worker wrote (EWMA; 0: unknown), the wait for another
+                                 * worker's write not counted */
+    int raw_writes;             /* raw records with data it learned link_rate from */
     int since_probe;            /* batches sent raw since zstd was last measured */
+    int since_raw;              /* batches sent compressed since the last raw one */
+    int sent_raw;               /* the batch just encoded goes raw and carries data */
     struct dp_round_stats st;
 };
 
@@ -757,7 +761,7 @@ static void learn(double *avg, double sample)
 
 /* Auto mode: compress a batch when that gets the pages out sooner. k workers share an
  * output that takes L bytes per second (k = workers per output; L as measured while a
- * worker writes, pacing included, so never above the pacer's share). Sent raw, the output
+ * worker writes raw records, pacing included, capped at the pacer's share). Sent raw, the output
  * is the limit: L. Compressed, a worker's batch of b bytes takes b/C to compress (C: zstd's
  * rate on one worker's core, timed in CPU time so that a preemption does not count) and
  * b*r/L to write (r: the ratio), so k workers take in k / (1/C + r/L) while the output
@@ -765,15 +769,23 @@ static void learn(double *avg, double sample)
  * compresses, and, while it sends raw, from a probe: AUTO_SAMPLE of the batch's pages
  * compressed and thrown away, at its first batch (after one untimed run that warms the
  * compressor) and every AUTO_PROBE raw batches after (memory changes). A batch is
- * compressed only once L is known (its first goes raw) and while the ratio learned is
- * below AUTO_SHRINK, and sent compressed only if it shrinks that much. */
+ * compressed only once L is known and while the ratio learned is below AUTO_SHRINK, and
+ * sent compressed only if it shrinks that much.
+ *
+ * L comes from raw writes alone: a compressed record (a fraction of a batch) drops into
+ * an empty socket buffer at once, and its rate said nothing of the link, so compressed
+ * and raw batches took turns on a slow TCP link. It starts as the larger of a worker's
+ * first two raw writes (the first into an empty buffer is too fast, a preempted one too
+ * slow, and too fast corrects itself while it sends raw, too slow only at the next raw
+ * batch), and while a worker compresses, every AUTO_PROBE-th batch goes raw to measure
+ * it again. */
 #define AUTO_PROBE 32
 #define AUTO_SAMPLE 128u
 #define AUTO_SHRINK 0.875       /* a batch goes compressed only below this ratio */
 static int auto_compress(struct dp_worker *w)
 {
     struct dp_sender *s = w->s;
-    if (w->zstd_rate == 0 || w->link_rate == 0)
+    if (w->zstd_rate == 0 || w->raw_writes < 2 || w->since_raw >= AUTO_PROBE)
         return 0;
     double link = w->link_rate;
     if (s->pacer.rate > 0 && s->pacer.rate / s->nouts < link)
@@ -855,6 +867,7 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
         w->st.zstd_in += raw;
         w->st.zstd_out += z;
         if (s->mode == DP_MODE_ZSTD || z < raw * AUTO_SHRINK) {     /* auto: only if it shrinks */
+            w->since_raw++;
             type = T_PAGE_DATA_ZSTD;
             datalen = z;
             for (uint32_t i = 0; i < n; i++)
@@ -868,6 +881,9 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
         for (uint32_t i = 0; i < ndata; i++)
             memcpy(data + (size_t)i * DP_PAGE, src[i], DP_PAGE);
     }
+    w->sent_raw = ndata && type == T_PAGE_DATA;
+    if (w->sent_raw)
+        w->since_raw = 0;
     if (type == T_PAGE_DATA_ZSTD)
         w->st.zstd_batches++;
     else
@@ -914,7 +930,13 @@ static void run_job(struct dp_worker *w)
         }
         double took = now() - t0;
         w->st.write_seconds += took;
-        learn(&w->link_rate, len / (held + 1e-9));
+        if (w->sent_raw) {          /* L from raw records alone: see auto_compress */
+            double rate = len / (held + 1e-9);
+            if (w->raw_writes++ < 2)
+                w->link_rate = rate > w->link_rate ? rate : w->link_rate;
+            else
+                w->link_rate = 0.5 * w->link_rate + 0.5 * rate;     /* faster than learn(): see auto_compress */
+        }
         w->st.bytes += len;
     }
 }
