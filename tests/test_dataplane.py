@@ -597,12 +597,14 @@ def test_bytes_after_a_final_sync_are_refused_before_the_wait_ends():
             b.close()
 
 
-def test_bytes_after_a_final_sync_in_a_tls_record_of_their_own_are_refused_before_the_wait_ends(tls_dirs):
+@pytest.mark.parametrize("trailer", ["record", "garbage"])
+def test_bytes_after_a_final_sync_in_a_tls_record_of_their_own_are_refused_before_the_wait_ends(tls_dirs, trailer):
     """The same on a TLS channel, the bytes in a record after the FINAL sync's: TLS has
     not decrypted them when the FINAL sync is read (it used to count only what it had
-    decrypted: the FINAL sync counted, and the error came a read later). Every byte is on
-    the socket before the receiver is opened, i.e. before it reads a record; the waits
-    poll, so that they see the channel done if it ever is."""
+    decrypted: the FINAL sync counted, and the error came a read later). Bytes that are
+    no TLS record at all count too (the peek's protocol error). Every byte is on the
+    socket before the receiver is opened, i.e. before it reads a record; the waits poll,
+    so that they see the channel done if it ever is."""
     server, client = TlsContext(True, tls_dirs[0]), TlsContext(False, tls_dirs[1])
     w = ChannelWriter(0)
     w.batch(0, [(3, DATA)])
@@ -615,7 +617,10 @@ def test_bytes_after_a_final_sync_in_a_tls_record_of_their_own_are_refused_befor
         out = Output(a.fileno(), client, "127.0.0.1", timeout=5)
         try:
             out.write(bytes(w.data))        # header, batch, FINAL sync: one TLS record
-            out.write(b"\0" * 8)            # a record of their own
+            if trailer == "record":
+                out.write(b"\0" * 8)        # a record of their own
+            else:
+                a.sendall(b"\0" * 8)        # not a TLS record
             rx.open()
             deadline = time.monotonic() + 5
             with pytest.raises(DataplaneError, match="^channel 0: bytes after its FINAL sync$"):

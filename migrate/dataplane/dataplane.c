@@ -263,10 +263,11 @@ static int bytes_waiting(struct dp_conn *c)
     if (flags < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0)
         return 0;
     int n = SSL_peek(c->ssl, &b, 1);
+    int err = n > 0 ? SSL_ERROR_NONE : SSL_get_error(c->ssl, n);
     fcntl(c->fd, F_SETFL, flags);
     if (n <= 0)
         ERR_clear_error();
-    return n > 0;
+    return n > 0 || err == SSL_ERROR_SSL;   /* bytes that are no TLS record count too */
 }
 
 /* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python

@@ -190,10 +190,12 @@ class Stub:
             (_, out, _, _, _, _, _, state, result, _, _, done_seq) = abi.IOREQ.unpack_from(mem, abi.IOREQ_OFFSET)
             if state != abi.RESP_READY or done_seq != self._seq:
                 raise StubError(f"stub rang the doorbell without answering (state {state}, seq {done_seq})")
-        except StubError as exc:    # kept for the next request, which finds the slot busy: a
-            self.failed = str(exc)  # failure on another thread (the NIC's receive) is named there
+        except Exception as exc:    # kept for the next request, which finds the slot busy: a
+            # failure on another thread (the NIC's receive) is named there
+            self.failed = str(exc) if isinstance(exc, StubError) else f"{type(exc).__name__}: {exc}"
             raise
         mem[abi.STATE_OFFSET] = abi.NONE
+        self.failed = ""
         reply = b""
         if is_ptr and direction == abi.DIR_READ:
             reply = bytes(mem[abi.IOREQ_DATA:abi.IOREQ_DATA + size * count])
