@@ -205,6 +205,20 @@ def text_pages(pages: int) -> bytearray:
                                                           for pfn in range(pages))))
 
 
+def send_auto(fd: int, memory_: bytearray, rate: float = 0.0):
+    """Every page of ``memory_`` into ``fd`` with --compress auto, two workers on one
+    output paced at ``rate`` (0: not paced); the round's figures."""
+    pages = len(memory_) // PAGE
+    out = Output(fd)
+    tx = Sender([out], 2, rate)
+    tx.set_space(0, [(0, pages, memory_)])
+    try:
+        return tx.send(0, range(pages), mode=AUTO)
+    finally:
+        tx.close()
+        out.close()
+
+
 @pytest.mark.parametrize("content,rate,compressed", [
     ("text", 20e6, "most"),         # a slow link: compressing text gets it out three times sooner
     ("text", 0.0, "none"),          # an output that takes anything at once: never worth compressing
@@ -219,14 +233,7 @@ def test_auto_compresses_only_where_it_gets_pages_out_sooner(content, rate, comp
     memory_ = text_pages(pages) if content == "text" else bytearray(__import__("random").Random(6).randbytes(
         pages * PAGE))
     with open("/dev/null", "wb") as sink:
-        out = Output(sink.fileno())
-        tx = Sender([out], 2, rate)
-        tx.set_space(0, [(0, pages, memory_)])
-        try:
-            st = tx.send(0, range(pages), mode=AUTO)
-        finally:
-            tx.close()
-            out.close()
+        st = send_auto(sink.fileno(), memory_, rate)
     assert st.batches == 8 and st.zstd_batches + st.raw_batches == 8
     if compressed == "most":
         assert st.zstd_batches >= 4 and st.zstd_out < st.zstd_in / 2        # all but the first two of each
@@ -253,14 +260,9 @@ def test_auto_on_a_slow_tcp_link_compresses_once_it_has_measured_it():
 
     reader = threading.Thread(target=drain)
     reader.start()
-    out = Output(ours.fileno())
-    tx = Sender([out], 2)
-    tx.set_space(0, [(0, pages, memory_)])
     try:
-        st = tx.send(0, range(pages), mode=AUTO)
+        st = send_auto(ours.fileno(), memory_)
     finally:
-        tx.close()
-        out.close()
         ours.shutdown(socket.SHUT_WR)
         reader.join(60)
         for sock in (ours, theirs, listener):
