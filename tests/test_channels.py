@@ -209,3 +209,40 @@ def test_a_channels_record_claiming_more_rounds_is_named_at_once():
         out.close()
         for s in near:
             s.close()
+
+
+def test_the_receiving_process_says_the_channels_carry_pages(monkeypatch):
+    """_RoundReporter says CHANNELS with the channels' bytes, at most every CHANNELS_EVERY
+    seconds and only while they grow: the daemon's sign that a quiet round lives."""
+    import os
+    import time
+    from migrate.host import domaind
+    from migrate.host.launch import Say, parse
+    monkeypatch.setattr(domaind, "CHANNELS_EVERY", 0.1)
+
+    class Intake:
+        carried = 0
+
+        def bytes(self):
+            return self.carried
+
+        def wait_round(self, round_, timeout):
+            time.sleep(0.05)
+            return False
+
+    intake = Intake()
+    r, w = os.pipe()
+    reporter = domaind._RoundReporter(intake, w)
+    try:
+        time.sleep(0.4)                     # nothing carried: nothing said
+        intake.carried = 4096
+        time.sleep(0.4)                     # carried once: said once
+        intake.carried = 8192
+        time.sleep(0.4)
+    finally:
+        reporter.stop()
+        reporter.thread.join(2)
+        os.close(w)
+    lines = [parse(raw) for raw in os.read(r, 4096).decode().splitlines()]
+    os.close(r)
+    assert [(line.kind, line.bytes) for line in lines] == [(Say.CHANNELS, 4096), (Say.CHANNELS, 8192)]

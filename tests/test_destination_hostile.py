@@ -525,3 +525,37 @@ def test_relocations_at_once_are_capped(daemon, monkeypatch):
     assert answer(third)[0] == "control"
     third.close()
     nothing_left(server)
+
+
+def test_a_round_goes_on_while_its_channels_carry_pages(monkeypatch):
+    """With data channels the control connection is quiet for a whole round: the daemon's
+    wait for the source's next frame starts again from each CHANNELS line of the receiving
+    process (the channels carried more bytes), so a round of any length goes on while its
+    pages come; once they stop, the wait ends FRAME_TIMEOUT after the last. It ended after
+    FRAME_TIMEOUT whatever came (and receive() gave one more: rounds over 120 s failed)."""
+    from migrate.host.launch import Say, say
+    monkeypatch.setattr(destination, "FRAME_TIMEOUT", 1.0)
+    incoming = object.__new__(destination.Incoming)
+    ready_r, ready_w = os.pipe()
+    incoming.ready_r, incoming._pending, incoming._lines, incoming._eof = ready_r, b"", [], False
+    incoming.final, incoming.dir, incoming.applied, incoming.rounds, incoming.carried_at = None, None, 0, 0, 0.0
+    source, ours = socket.socketpair()
+
+    def channels_carry():
+        for n in range(1, 6):                   # 2.5 s of a round's pages
+            time.sleep(0.5)
+            os.write(ready_w, say(Say.CHANNELS, n << 20))
+
+    talker = threading.Thread(target=channels_carry)
+    talker.start()
+    t0 = time.monotonic()
+    try:
+        incoming.watch(Channel(ours))           # returns at its limit: no frame comes
+        waited = time.monotonic() - t0
+    finally:
+        talker.join()
+        for fd in (ready_r, ready_w):
+            os.close(fd)
+        source.close()
+        ours.close()
+    assert 3.2 <= waited <= 4.5, waited         # the last line at 2.5 s, then 1 s

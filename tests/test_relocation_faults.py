@@ -184,6 +184,27 @@ def test_a_copy_destroyed_there_before_go_is_known_never_to_have_run(hosts):
     ledger_goes_on(name, src, 43, npages)
 
 
+@pytest.mark.kvm
+def test_a_round_longer_than_the_frame_timeout_goes_on_while_its_channels_carry(hosts, monkeypatch):
+    """Round 0 of a paced move takes several times the destination's FRAME_TIMEOUT (1.5 s
+    here), the control connection quiet all along while its pages go on the data
+    channels: the receiving process's CHANNELS lines keep the daemon waiting, and the
+    move completes. The daemon gave up at 2 x FRAME_TIMEOUT ("timed out waiting for the
+    peer": a 16 GiB guest's round 0 on 1 GbE)."""
+    src, dst, _ = hosts
+    monkeypatch.setattr(destination, "FRAME_TIMEOUT", 1.5)
+    server = insecure_daemon(dst)
+    control.create_domain(DomainConfig("lr", "dirtier", 64 << 20, args=[32 << 20, 4_000_000, 0]), src)
+    time.sleep(4)                                   # about 16 MiB touched: round 0 takes 5 s at 3 MB/s
+    t0 = time.monotonic()
+    try:
+        migrate_domain("lr", f"127.0.0.1:{server.address[1]}", insecure=True, base=src, max_bandwidth=3e6)
+    finally:
+        server.stop()
+    assert time.monotonic() - t0 > 3 * 1.5
+    assert statuses(dst) == [("lr", "running")] and statuses(src) == []
+
+
 # -- one corrupted byte in flight -------------------------------------------------------------
 
 @pytest.mark.kvm

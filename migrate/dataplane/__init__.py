@@ -316,6 +316,10 @@ class Receiver:
         buf, n = _err()
         return _text(buf) if lib.dp_receiver_error(self.ptr, buf, n) else None
 
+    def bytes(self) -> int:
+        """Bytes every channel has read or is reading so far, all together."""
+        return lib.dp_receiver_bytes(self.ptr)
+
     def summary(self) -> tuple[list[ChannelSummary], float, int]:
         out = ffi.new("struct dp_channel_summary[]", self.channels)
         seconds, placed = ffi.new("double *"), ffi.new("uint64_t *")

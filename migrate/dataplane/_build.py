@@ -74,6 +74,7 @@ void dp_target_free(struct dp_target *t);
 int dp_receiver_add(struct dp_receiver *r, int index, int fd, char *err, size_t errlen);
 void dp_receiver_open(struct dp_receiver *r);
 void dp_receiver_set_cap(struct dp_receiver *r, uint64_t cap);
+uint64_t dp_receiver_bytes(struct dp_receiver *r);
 int dp_receiver_wait(struct dp_receiver *r, uint32_t round, int final, double timeout, char *err, size_t errlen);
 void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, double *place_seconds,
                          uint64_t *placed_bytes);

@@ -161,6 +161,7 @@ static const char *tls_reason(void)
 struct dp_conn {
     int fd;
     SSL *ssl;
+    uint64_t *carried;          /* if set, bytes read are added to it as they come (atomic) */
 };
 
 /* 0, or -1 with errno / a TLS reason in *why */
@@ -241,6 +242,8 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
             }
         }
         got += n;
+        if (c->carried)
+            __atomic_add_fetch(c->carried, (uint64_t)n, __ATOMIC_RELAXED);
     }
     return 1;
 }
@@ -1640,6 +1643,7 @@ struct dp_receiver {
     uint32_t finals;            /* channels that read their FINAL sync */
     uint64_t cap;               /* most bytes all channels together may carry (0: no cap) */
     uint64_t bytes;             /* bytes the channels have read or are reading (atomic) */
+    uint64_t carried;           /* bytes the channels have read, as they come (atomic) */
     int open;                   /* its memory is set: channels may place pages */
     int waiters;                /* threads in dp_receiver_wait: free waits for them to leave */
     int closing, closed;
@@ -1709,6 +1713,13 @@ static int count_bytes(struct dp_channel *ch, uint64_t n)
     set_error(&r->err, "channel %d: the data channels carry more than their cap of %llu bytes in all "
               "(offset %llu of this one)", ch->index, (unsigned long long)r->cap, (unsigned long long)ch->offset);
     return -1;
+}
+
+/* Bytes all channels have read so far, as they come, a record's body part by part: that
+ * they grow is the channels' sign of life while the main stream is quiet for a round. */
+uint64_t dp_receiver_bytes(struct dp_receiver *r)
+{
+    return __atomic_load_n(&r->carried, __ATOMIC_RELAXED);
 }
 
 static void fail_all(struct dp_receiver *r)
@@ -1955,6 +1966,7 @@ static int add_channel(struct dp_receiver *r, int index, int fd, char *err, size
     ch->r = r;
     ch->index = index;
     ch->conn.fd = fd;
+    ch->conn.carried = &r->carried;
     ch->buf = malloc(DP_REC_CAP);
     ch->xxh = XXH3_createState();
     if (!ch->buf || !ch->xxh || placer_init(&ch->pl)) {

@@ -130,6 +130,10 @@ class ChannelIntake:
         except dataplane.DataplaneError as exc:
             raise RestoreError(str(exc)) from None
 
+    def bytes(self) -> int:
+        """Bytes the channels have carried so far, all together."""
+        return self.receiver.bytes()
+
     def ended_final(self, round_: int) -> bool:
         """Every channel ended round ``round_`` with its FINAL sync (once :meth:`wait_round`
         said the round ended: each channel's sync is in its summary before that, while the

@@ -187,6 +187,7 @@ class Incoming:
         self.cap = stream_cap(hello["memory"])
         self.applied = 0            # stream bytes the domain process has applied
         self.final: Line | None = None       # its answer to the stream: OK or a failure (launch.Say)
+        self.carried_at = 0.0                # when it last said the channels carried more bytes
         self.stream_end_at = 0.0             # when STREAM_END arrived (time.monotonic)
         self.ran_at = 0.0                    # when the guest ran after GO (time.monotonic)
         self._pending = b""                  # what it said, not yet taken as lines
@@ -211,6 +212,8 @@ class Incoming:
                 self.applied = line.bytes
             elif self.final is None and line.kind is Say.ROUND:
                 self.rounds = line.rounds
+            elif self.final is None and line.kind is Say.CHANNELS:
+                self.carried_at = time.monotonic()      # the channels carry pages: the source lives
             elif self.final is None:
                 self.final = line
             else:
@@ -241,10 +244,13 @@ class Incoming:
     def watch(self, ch: Channel) -> None:
         """Until the source's next frame: read what the domain process says, and raise
         Refused if it failed (with data channels the control connection is quiet for whole
-        rounds, while the channels' pages may already have failed the restore)."""
+        rounds, while the channels' pages may already have failed the restore). It waits
+        FRAME_TIMEOUT, and again from each CHANNELS line (the channels carried more bytes):
+        a round of any length goes on while its pages come."""
         deadline = time.monotonic() + FRAME_TIMEOUT
         sock = ch.sock.fileno()
         while not (hasattr(ch.sock, "pending") and ch.sock.pending()):
+            deadline = max(deadline, self.carried_at + FRAME_TIMEOUT)
             fds = {sock: select.POLLIN} if self._eof else {sock: select.POLLIN, self.ready_r: select.POLLIN}
             got = ready(fds, deadline - time.monotonic())
             if sock in got or not got:

@@ -697,10 +697,17 @@ def _channel_intake(job: Receive, ready_fd: int):
     return intake, _RoundReporter(intake, ready_fd)
 
 
+CHANNELS_EVERY = 0.5        # seconds between two CHANNELS lines while the channels carry bytes
+
+
 class _RoundReporter:
     """Says ROUND on the ready pipe each time every data channel has ended another
-    page round (N rounds ended), until stopped; and ERROR as soon as a channel
-    fails, since the daemon may otherwise not hear of it before the source's next frame."""
+    page round (N rounds ended), and CHANNELS (the bytes they carried) at most every
+    CHANNELS_EVERY seconds while that grows, until stopped; and ERROR as soon as a channel
+    fails, since the daemon may otherwise not hear of it before the source's next frame.
+    CHANNELS is the round's sign of life: the control connection is quiet while the pages
+    go on the channels, and the daemon waits for the source's next frame only so long
+    without one (specs/relocation.md, "Data channels")."""
 
     def __init__(self, intake, ready_fd: int):
         self.intake, self.ready_fd = intake, ready_fd
@@ -710,9 +717,14 @@ class _RoundReporter:
         self.thread.start()
 
     def _run(self) -> None:
-        done = 0
+        done, carried, said_at = 0, 0, time.monotonic()
         while not self.stopped:
             try:
+                if time.monotonic() - said_at >= CHANNELS_EVERY and (now := self.intake.bytes()) > carried:
+                    carried, said_at = now, time.monotonic()
+                    with self.lock:
+                        if not self.stopped:
+                            os.write(self.ready_fd, say(Say.CHANNELS, carried))
                 if self.intake.wait_round(done, timeout=0.2):
                     done += 1
                     # the last round (its syncs FINAL) comes in the pause, and no SYNC asks

@@ -17,6 +17,8 @@ kind        line                                    when
 AT          ``at BYTES``                            receive, restore: stream bytes applied so far
                                                     (restore: at most once a second)
 ROUND       ``round N``                             receive: every data channel ended N rounds
+CHANNELS    ``channels BYTES``                      receive: bytes the data channels carried so
+                                                    far, while they grow (at most twice a second)
 OK          ``ok`` / ``ok BYTES END_AT APPLIED_AT`` started (create, restore) / state applied
                                                     (receive: the stream's length, when END
                                                     was read and the state applied, seconds of
@@ -168,6 +170,7 @@ class Say(StrEnum):
     """The kinds of line on the ready pipe (module docstring)."""
     AT = "at"
     ROUND = "round"
+    CHANNELS = "channels"
     OK = "ok"
     RUNNING = "running"
     PAUSED = "paused"
@@ -181,6 +184,7 @@ class Say(StrEnum):
 LINES: dict[Say, tuple[tuple[str, type], ...] | None] = {
     Say.AT: (("bytes", int),),
     Say.ROUND: (("rounds", int),),
+    Say.CHANNELS: (("bytes", int),),
     Say.OK: (("bytes", int), ("end_at", float), ("applied_at", float)),     # or none (create, restore)
     Say.RUNNING: (("resumed_at", float),),
     Say.PAUSED: (),
@@ -190,7 +194,7 @@ LINES: dict[Say, tuple[tuple[str, type], ...] | None] = {
     Say.UNKNOWN: None,
 }
 FAILURES = (Say.REFUSED, Say.ERROR, Say.EXITED, Say.UNKNOWN)
-PROGRESS = (Say.AT, Say.ROUND)
+PROGRESS = (Say.AT, Say.ROUND, Say.CHANNELS)
 
 
 @dataclass(frozen=True)
