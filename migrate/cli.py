@@ -255,7 +255,7 @@ def _follow(client, out, follow: bool, typing: bool) -> None:
         try:
             part = client.call("console", offset=offset)
         except ControlError as exc:
-            if follow and offset and exc.kind in (control.LOST, control.ENDING, control.NO_DOMAIN, control.CRASHED):
+            if follow and offset and exc.kind == control.LOST:
                 return          # the domain went away while we followed it
             raise
         if part.get("interrupted"):

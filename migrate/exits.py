@@ -65,17 +65,22 @@ class _JsonUsageError(click.UsageError):
                                "exit": USAGE}), err=err)
 
 
+def _as_json(exc: click.UsageError, wants_json: bool, ctx=None) -> click.UsageError:
+    """The usage error to raise: ``exc`` itself, or as JSON when ``--json`` is on."""
+    if not wants_json or isinstance(exc, _JsonUsageError):
+        return exc
+    return _JsonUsageError(exc.format_message(), exc.ctx or ctx)
+
+
 class _JsonUsage:
     """Usage errors as JSON when ``--json`` is on the command line."""
 
     def make_context(self, info_name, args, parent=None, **extra):
-        wants_json = "--json" in args
+        wants_json = "--json" in args       # before parsing, which consumes args
         try:
             return super().make_context(info_name, args, parent=parent, **extra)
         except click.UsageError as exc:
-            if not wants_json or isinstance(exc, _JsonUsageError):
-                raise
-            raise _JsonUsageError(exc.format_message(), exc.ctx) from None
+            raise _as_json(exc, wants_json) from None
 
 
 class Command(_JsonUsage, click.Command):
@@ -129,10 +134,7 @@ def handled(fn):
         try:
             return fn(*args, **kwargs)
         except click.UsageError as exc:     # raised by the command itself: JSON too with --json
-            if not kwargs.get("as_json") or isinstance(exc, _JsonUsageError):
-                raise
-            raise _JsonUsageError(exc.format_message(),
-                                  exc.ctx or click.get_current_context(silent=True)) from None
+            raise _as_json(exc, bool(kwargs.get("as_json")), click.get_current_context(silent=True)) from None
         except BaseException as exc:
             out = failure(exc)
             if out is None:

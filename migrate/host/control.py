@@ -15,7 +15,7 @@ from ..config import DEFAULT_COMPRESSION, DEV_KVM, DomainConfig, DomainError, Do
 from ..locks import DiskBusy, DiskLock
 from ..text import SHOWN, one_line
 from . import protocol, statedir
-from .launch import Create, Launch, Line, Restore, Say, parse
+from .launch import PROGRESS, Create, Launch, Line, Restore, Say, parse
 from .launch import argv as launch_argv
 from .launch import exited as exited_line
 
@@ -200,7 +200,7 @@ def _ending(directory: Path) -> bool:
     is written once its socket is bound (a received one's while its hidden socket waits
     to be published), so with no socket it had one and removed it (DomainServer.close);
     with no configuration, no pid and no starter's log its files are being removed."""
-    if (directory / (statedir.SOCKET + ".new")).exists() or (directory / statedir.SOCKET).exists():
+    if (directory / statedir.HIDDEN_SOCKET).exists() or (directory / statedir.SOCKET).exists():
         return False                # a received domain, not published yet (or just published)
     if (directory / statedir.CONFIG).exists():
         return True
@@ -408,7 +408,7 @@ def _wait_ended(directory: Path, pid: int | None, timeout: float) -> str | None:
         now = _pid(directory)
         if now is not None and pid is not None and now != pid:
             return "gone"
-        if now is not None and dead_info(directory) is not None:
+        if now is not None and not _runs(now, directory):
             return "crashed"
         if time.monotonic() >= deadline:
             return None
@@ -736,8 +736,9 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
         launch(directory, Launch(job, write_fd, lock.fd if lock is not None else None))
     finally:
         os.close(write_fd)
-    late, answer = False, None
+    answer = None
     done = {"start": "started", "restore": "restored"}.get(what, what)
+    too_late = f"interrupted too late to cancel: {name} had been {done} and is here ('hvm info {name}')"
     try:
         with os.fdopen(read_fd, "rb", buffering=0) as ready:    # unbuffered: select() sees every unread line
             try:
@@ -746,31 +747,31 @@ def _spawn_process(name: str, directory: Path, job, what: str, lock: DiskLock | 
                 answer = _said(ready)
                 if answer is None or answer.kind is not Say.OK:
                     raise
-                late = True
+                (directory / statedir.STDERR).unlink(missing_ok=True)
+                raise ControlError(too_late, INTERRUPTED) from None
         if answer.kind is not Say.OK:
             discard(directory)
             raise ControlError(f"domain {name!r} failed to {what}: {one_line(answer.reason, MAX_REASON)}")
         (directory / statedir.STDERR).unlink(missing_ok=True)
         with DomainClient(name, directory.parent) as client:
-            info = client.call("info")
+            return client.call("info")
     except KeyboardInterrupt:       # once it said ok it runs: too late to cancel, never discarded
         if answer is None or answer.kind is not Say.OK:
             raise
-        late = True
-    if late:
-        raise ControlError(f"interrupted too late to cancel: {name} had been {done} and is here "
-                           f"('hvm info {name}')", INTERRUPTED)
-    return info
+        raise ControlError(too_late, INTERRUPTED) from None
+
+
+def _ready_line(ready) -> Line | None:
+    """The next line on the ready pipe (one is there to read); None at its end."""
+    raw = ready.readline().decode(errors="replace").strip()
+    return parse(raw) if raw else None
 
 
 def _said(ready) -> Line | None:
     """The answer the domain process has already written, if any (read without waiting)."""
     while select.select([ready], [], [], 0)[0]:
-        raw = ready.readline().decode(errors="replace").strip()
-        if not raw:
-            return None
-        line = parse(raw)
-        if line.kind is not Say.AT:
+        line = _ready_line(ready)
+        if line is None or line.kind not in PROGRESS:
             return line
     return None
 
@@ -783,11 +784,10 @@ def _read_ready(ready, directory: Path) -> Line:
     while time.monotonic() < deadline:
         r, _, _ = select.select([ready], [], [], 0.5)
         if r:
-            raw = ready.readline().decode(errors="replace").strip()
-            if not raw:
+            line = _ready_line(ready)
+            if line is None:
                 return exited(directory)
-            line = parse(raw)
-            if line.kind is not Say.AT:
+            if line.kind not in PROGRESS:
                 return line
             deadline = time.monotonic() + CREATE_TIMEOUT
     return Line(Say.ERROR, text=f"no answer within {CREATE_TIMEOUT:g}s")

@@ -145,7 +145,7 @@ class DomainServer:
         self.started = time.time()
         self.sel = selectors.DefaultSelector()
         self.listener = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        self.hidden = directory / (statedir.SOCKET + ".new") if hidden else None
+        self.hidden = directory / statedir.HIDDEN_SOCKET if hidden else None
         self.listener.bind(str(self.hidden or directory / statedir.SOCKET))
         self.listener.listen(16)
         self.listener.setblocking(False)
@@ -270,8 +270,8 @@ class DomainServer:
         self.running = False
         if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
             ready_fd = self.go[1]
-            self._end_go_wait()         # a GO still to come meets a closed pipe
-            self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))     # one already sent, this
+            self._end_go_wait()         # a GO still to come meets a closed pipe; one sent, this answer
+            self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
         if self.moved_to:
@@ -722,26 +722,25 @@ class _RoundReporter:
             try:
                 if time.monotonic() - said_at >= CHANNELS_EVERY and (now := self.intake.bytes()) > carried:
                     carried, said_at = now, time.monotonic()
-                    with self.lock:
-                        if not self.stopped:
-                            os.write(self.ready_fd, say(Say.CHANNELS, carried))
+                    self._tell(say(Say.CHANNELS, carried))
                 if self.intake.wait_round(done, timeout=0.2):
                     done += 1
                     # the last round (its syncs FINAL) comes in the pause, and no SYNC asks
                     # for it: saying it would wake the daemon then for nothing
-                    if self.intake.ended_final(done - 1):
-                        continue
-                    with self.lock:
-                        if not self.stopped:
-                            os.write(self.ready_fd, say(Say.ROUND, done))
+                    if not self.intake.ended_final(done - 1):
+                        self._tell(say(Say.ROUND, done))
             except RestoreError as exc:
-                with self.lock:
-                    if not self.stopped:
-                        self.stopped = True
-                        os.write(self.ready_fd, say(Say.ERROR, text=str(exc)))
+                self._tell(say(Say.ERROR, text=str(exc)), last=True)
                 return
             except OSError:
                 return
+
+    def _tell(self, line: bytes, last: bool = False) -> None:
+        """Say ``line`` whole, unless stopped (``last``: and stop)."""
+        with self.lock:
+            if not self.stopped:
+                self.stopped = last
+                os.write(self.ready_fd, line)
 
     def stop(self) -> None:
         """No line after this returns (it does not wait for the thread: ok is on the
@@ -857,7 +856,7 @@ def _remove_directory(directory: Path, disk_lock: DiskLock | None) -> None:
     that is killed leaves its directory, with its logs, for ``hvm list`` to show as crashed."""
     if disk_lock is not None:
         disk_lock.close()
-    for leaf in (statedir.SOCKET, statedir.SOCKET + ".new", statedir.PIDFILE, statedir.CONFIG,
+    for leaf in (statedir.SOCKET, statedir.HIDDEN_SOCKET, statedir.PIDFILE, statedir.CONFIG,
                  statedir.STDERR, *statedir.LOGS):
         (directory / leaf).unlink(missing_ok=True)
     try:

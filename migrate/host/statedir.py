@@ -8,6 +8,7 @@ from pathlib import Path
 
 NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}\Z")
 SOCKET = "control.sock"
+HIDDEN_SOCKET = SOCKET + ".new"     # a receiving domain's, until RESTORED: not listed
 CONSOLE = "console.log"
 PIDFILE = "pid"
 LOGFILE = "domain.log"
