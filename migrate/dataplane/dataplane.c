@@ -71,20 +71,16 @@
 
 static const uint8_t CHANNEL_MAGIC[8] = {0x89, 'H', 'V', 'M', 'C', 'H', 'A', 'N'};
 
-static double now(void)
+static double clock_seconds(clockid_t clock)
 {
     struct timespec ts;
-    clock_gettime(CLOCK_MONOTONIC, &ts);
+    clock_gettime(clock, &ts);
     return ts.tv_sec + ts.tv_nsec / 1e9;
 }
 
-/* the calling thread's CPU time, seconds: what a computation took, a preemption not counted */
-static double cpu_now(void)
-{
-    struct timespec ts;
-    clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts);
-    return ts.tv_sec + ts.tv_nsec / 1e9;
-}
+static double now(void) { return clock_seconds(CLOCK_MONOTONIC); }
+/* the calling thread's CPU time: what a computation took, a preemption not counted */
+static double cpu_now(void) { return clock_seconds(CLOCK_THREAD_CPUTIME_ID); }
 
 static void put32(uint8_t *p, uint32_t v) { for (int i = 0; i < 4; i++) p[i] = v >> (8 * i); }
 static void put64(uint8_t *p, uint64_t v) { for (int i = 0; i < 8; i++) p[i] = v >> (8 * i); }
@@ -164,6 +160,18 @@ struct dp_conn {
     uint64_t *carried;          /* if set, bytes read are added to it as they come (atomic) */
 };
 
+/* Whether a TLS call's error `err` on a blocking socket is its SO_SNDTIMEO or SO_RCVTIMEO
+ * running out: OpenSSL says WANT_READ or WANT_WRITE (either, as a key update may read on a
+ * write), or the EAGAIN of a plain socket. Clears OpenSSL's error queue then. */
+static int tls_timed_out(int err)
+{
+    int out = err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ||
+              (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK));
+    if (out)
+        ERR_clear_error();
+    return out;
+}
+
 /* 0, or -1 with errno / a TLS reason in *why */
 static int conn_write(struct dp_conn *c, const uint8_t *buf, size_t len, const char **why)
 {
@@ -173,12 +181,8 @@ static int conn_write(struct dp_conn *c, const uint8_t *buf, size_t len, const c
             int chunk = len > (1u << 30) ? 1 << 30 : (int)len;
             n = SSL_write(c->ssl, buf, chunk);
             if (n <= 0) {
-                /* the socket is blocking: WANT_WRITE (or WANT_READ, a key update) means its
-                 * SO_SNDTIMEO ran out, which a plain write reports as EAGAIN: say the same */
                 int err = SSL_get_error(c->ssl, (int)n);
-                if (err == SSL_ERROR_WANT_WRITE || err == SSL_ERROR_WANT_READ ||
-                    (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))) {
-                    ERR_clear_error();
+                if (tls_timed_out(err)) {       /* as a plain write says it */
                     *why = strerror(EAGAIN);
                 } else {
                     *why = err == SSL_ERROR_SYSCALL && errno ? strerror(errno) : tls_reason();
@@ -215,10 +219,7 @@ static int conn_read(struct dp_conn *c, uint8_t *buf, size_t len, const char **w
                     return 0;
                 if (err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0))
                     *why = "the channel ended inside a record";
-                else if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE ||
-                         (err == SSL_ERROR_SYSCALL && (errno == EAGAIN || errno == EWOULDBLOCK))) {
-                    /* blocking socket: its SO_RCVTIMEO ran out (OpenSSL says WANT_READ) */
-                    ERR_clear_error();
+                else if (tls_timed_out(err)) {
                     *why = "no data within the channel timeout";
                 } else {
                     *why = err == SSL_ERROR_SYSCALL ? strerror(errno) : tls_reason();
@@ -758,10 +759,13 @@ struct dp_sender {
     struct dp_error err;
 };
 
-static void learn(double *avg, double sample)
+/* an average that gives each new sample `weight` (the first is taken as it is) */
+static void learn(double *avg, double sample, double weight)
 {
-    *avg = *avg == 0 ? sample : 0.75 * *avg + 0.25 * sample;
+    *avg = *avg == 0 ? sample : (1 - weight) * *avg + weight * sample;
 }
+
+#define LEARN 0.25              /* the weight of a new sample in the rates the sender learns */
 
 /* Auto mode: compress a batch when that gets the pages out sooner. k workers share an
  * output that takes L bytes per second (k = workers per output; L as measured while a
@@ -798,6 +802,20 @@ static int auto_compress(struct dp_worker *w)
     return w->zstd_ratio < AUTO_SHRINK && w->zstd_rate * (k - w->zstd_ratio) > link;
 }
 
+/* zstd of `raw` bytes at in into out (room for ZSTD_compressBound), timed in CPU time:
+ * the worker learns C and r from it. Its size, or a zstd error code. */
+static size_t zstd_learning(struct dp_worker *w, uint8_t *out, const uint8_t *in, size_t raw)
+{
+    double t0 = cpu_now();
+    size_t z = ZSTD_compressCCtx(w->cctx, out, ZSTD_compressBound(raw), in, raw, w->s->level);
+    if (ZSTD_isError(z))
+        return z;
+    learn(&w->zstd_rate, raw / (cpu_now() - t0 + 1e-9), LEARN);
+    learn(&w->zstd_ratio, (double)z / raw, LEARN);
+    w->since_probe = 0;
+    return z;
+}
+
 /* Auto mode, sending raw: learn C and r from AUTO_SAMPLE of the `ndata` pages at src,
  * spread over them, compressed into `scratch` (room for ZSTD_compressBound of them) */
 static void auto_probe(struct dp_worker *w, const uint8_t *const *src, uint32_t ndata, uint8_t *scratch)
@@ -808,13 +826,7 @@ static void auto_probe(struct dp_worker *w, const uint8_t *const *src, uint32_t 
     size_t raw = (size_t)m * DP_PAGE;
     if (w->zstd_rate == 0)
         ZSTD_compressCCtx(w->cctx, scratch, ZSTD_compressBound(raw), w->gather, raw, w->s->level);
-    double t0 = cpu_now();
-    size_t z = ZSTD_compressCCtx(w->cctx, scratch, ZSTD_compressBound(raw), w->gather, raw, w->s->level);
-    if (ZSTD_isError(z))
-        return;                 /* no figures: the batch goes raw all the same */
-    learn(&w->zstd_rate, raw / (cpu_now() - t0 + 1e-9));
-    learn(&w->zstd_ratio, (double)z / raw);
-    w->since_probe = 0;
+    zstd_learning(w, scratch, w->gather, raw);      /* an error: the batch goes raw all the same */
 }
 
 /* One batch of pfns[0..n): entries, data, the record framed in w->rec. Returns the
@@ -859,15 +871,11 @@ static size_t encode_batch(struct dp_worker *w, const uint64_t *pfns, uint32_t n
         else
             for (uint32_t i = 0; i < ndata; i++)
                 memcpy(w->gather + (size_t)i * DP_PAGE, src[i], DP_PAGE);
-        double t0 = cpu_now();
-        size_t z = ZSTD_compressCCtx(w->cctx, data, ZSTD_compressBound(raw), in, raw, s->level);
+        size_t z = zstd_learning(w, data, in, raw);
         if (ZSTD_isError(z)) {
             set_error(&s->err, "zstd: %s", ZSTD_getErrorName(z));
             return 0;
         }
-        learn(&w->zstd_rate, raw / (cpu_now() - t0 + 1e-9));
-        learn(&w->zstd_ratio, (double)z / raw);
-        w->since_probe = 0;
         w->st.zstd_in += raw;
         w->st.zstd_out += z;
         if (s->mode == DP_MODE_ZSTD || z < raw * AUTO_SHRINK) {     /* auto: only if it shrinks */
@@ -939,7 +947,7 @@ static void run_job(struct dp_worker *w)
             if (w->raw_writes++ < 2)
                 w->link_rate = rate > w->link_rate ? rate : w->link_rate;
             else
-                w->link_rate = 0.5 * w->link_rate + 0.5 * rate;     /* faster than learn(): see auto_compress */
+                learn(&w->link_rate, rate, 0.5);       /* faster than the others: see auto_compress */
         }
         w->st.bytes += len;
     }
