@@ -1,9 +1,8 @@
 """Convergence of live pre-copy (specs/relocation.md, "Convergence"): the pure decision
-over round statistics, the data plane's token bucket, and `hvm migrate` with a dirtier that outruns a
+over round statistics, and `hvm migrate` with a dirtier that outruns a
 paced link: --timeout with cancel (the guest stays on the source, nothing on the
 destination), with force (it completes), and --throttle (it converges)."""
 import json
-import os
 import threading
 import time
 
@@ -148,28 +147,6 @@ def test_decide_throttle_ramps_from_the_second_stalled_round():
     assert (d.action, d.reason) == ("cancel", "stalled")
     d = decide(Convergence(throttle=True, timeout=5), [1000, 1000, 1000], [ROUND], 1, 99)
     assert (d.action, d.throttle) == ("continue", 99)     # the timeout will decide
-
-
-def test_the_data_planes_pacer_holds_the_rate():
-    """--max-bandwidth is a token bucket in the data plane over every output's bytes: 8 MiB
-    at 20 MB/s take the rate's time less the burst (max(256 KiB, 20 ms of rate)), not
-    less, whatever the encoding threads."""
-    from migrate.dataplane import RAW, Output, Sender
-    pages, rate = 2048, 20e6
-    memory = bytearray(os.urandom(pages * 4096))
-    with open(os.devnull, "wb") as sink:
-        out = Output(sink.fileno())
-        tx = Sender([out], 2, rate)
-        tx.set_space(0, [(0, pages, memory)])
-        try:
-            t0 = time.monotonic()
-            st = tx.send(0, range(pages), mode=RAW)
-            took = time.monotonic() - t0
-        finally:
-            tx.close()
-            out.close()
-    floor = (st.bytes - max(256 << 10, rate / 50)) / rate
-    assert floor * 0.95 <= took <= floor * 1.5 + 0.2, (took, floor)
 
 
 class FakeDomain:

@@ -8,8 +8,10 @@ import errno
 import os
 import socket
 import struct
+import sys
 import threading
 import time
+from pathlib import Path
 
 import pytest
 import xxhash
@@ -17,6 +19,9 @@ import xxhash
 from migrate.dataplane import AUTO, RAW, ZSTD, DataplaneError, Output, Receiver, Sender, TlsContext
 from migrate.stream.framing import frame
 from migrate.stream.pages import encode_batch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tools"))
+from bench_compress_auto import tcp_link  # noqa: E402  (a connection drained at a rate)
 
 PAGE = 4096
 TOKEN = bytes(range(32))
@@ -205,18 +210,31 @@ def text_pages(pages: int) -> bytearray:
                                                           for pfn in range(pages))))
 
 
-def send_auto(fd: int, memory_: bytearray, rate: float = 0.0):
-    """Every page of ``memory_`` into ``fd`` with --compress auto, two workers on one
-    output paced at ``rate`` (0: not paced); the round's figures."""
+def send_all(fd: int, memory_: bytearray, rate: float = 0.0, mode: int = AUTO):
+    """Every page of ``memory_`` into ``fd`` (``mode``: --compress auto unless said), two
+    workers on one output paced at ``rate`` (0: not paced); the round's figures."""
     pages = len(memory_) // PAGE
     out = Output(fd)
     tx = Sender([out], 2, rate)
     tx.set_space(0, [(0, pages, memory_)])
     try:
-        return tx.send(0, range(pages), mode=AUTO)
+        return tx.send(0, range(pages), mode=mode)
     finally:
         tx.close()
         out.close()
+
+
+def test_the_pacer_holds_the_rate():
+    """--max-bandwidth is a token bucket in the data plane over every output's bytes: 8 MiB
+    at 20 MB/s take the rate's time less the burst (max(256 KiB, 20 ms of rate)), not
+    less, whatever the encoding threads."""
+    pages, rate = 2048, 20e6
+    with open(os.devnull, "wb") as sink:
+        t0 = time.monotonic()
+        st = send_all(sink.fileno(), bytearray(os.urandom(pages * PAGE)), rate, mode=RAW)
+        took = time.monotonic() - t0
+    floor = (st.bytes - max(256 << 10, rate / 50)) / rate
+    assert floor * 0.95 <= took <= floor * 1.5 + 0.2, (took, floor)
 
 
 @pytest.mark.parametrize("content,rate,compressed", [
@@ -233,7 +251,7 @@ def test_auto_compresses_only_where_it_gets_pages_out_sooner(content, rate, comp
     memory_ = text_pages(pages) if content == "text" else bytearray(__import__("random").Random(6).randbytes(
         pages * PAGE))
     with open("/dev/null", "wb") as sink:
-        st = send_auto(sink.fileno(), memory_, rate)
+        st = send_all(sink.fileno(), memory_, rate)
     assert st.batches == 8 and st.zstd_batches + st.raw_batches == 8
     if compressed == "most":
         assert st.zstd_batches >= 4 and st.zstd_out < st.zstd_in / 2        # all but the first two of each
@@ -246,27 +264,14 @@ def test_auto_on_a_slow_tcp_link_compresses_once_it_has_measured_it():
     socket's buffer at once, so its write says nothing of the link; learnt from it, the
     link looked fast and raw and compressed batches took turns (a third compressed). The
     link's rate comes from raw writes alone: after the first few, the rest go compressed."""
-    pages, rate = 32 * 1024, 20e6               # 32 batches
-    memory_ = text_pages(pages)
-    listener = socket.create_server(("127.0.0.1", 0))
-    ours = socket.create_connection(listener.getsockname())
-    theirs, _ = listener.accept()
-
-    def drain():
-        t0, got = time.monotonic(), 0
-        while chunk := theirs.recv(1 << 20):
-            got += len(chunk)
-            time.sleep(max(0.0, got / rate - (time.monotonic() - t0)))
-
-    reader = threading.Thread(target=drain)
-    reader.start()
+    memory_ = text_pages(32 * 1024)             # 32 batches
+    ours, reader = tcp_link(20e6)
     try:
-        st = send_auto(ours.fileno(), memory_)
+        st = send_all(ours.fileno(), memory_)
     finally:
         ours.shutdown(socket.SHUT_WR)
         reader.join(60)
-        for sock in (ours, theirs, listener):
-            sock.close()
+        ours.close()
     assert st.batches == 32 and st.zstd_batches >= 20, st
 
 
