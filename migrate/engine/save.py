@@ -222,10 +222,10 @@ class _Saver:
 
     def past_deadline(self) -> bool:
         """Pre-copy has run past its timeout, and on_timeout is cancel: it is to stop. The
-        deadline goes when pre-copy switches over (under ``stop_lock``), so this never
-        stops a final round."""
-        return self.deadline is not None and self.stats.phase == "precopy" and \
-            self.conv.on_timeout is OnTimeout.CANCEL and time.monotonic() >= self.deadline
+        deadline is set when pre-copy starts and goes when it switches over (under
+        ``stop_lock``), so this never stops a final round."""
+        return self.deadline is not None and self.conv.on_timeout is OnTimeout.CANCEL and \
+            time.monotonic() >= self.deadline
 
     def should_stop(self) -> bool:
         """What _Stopper stops the data plane for: a cancel, or :meth:`past_deadline` while
@@ -576,7 +576,8 @@ def save(domain: SaveableDomain, sink: Sink, *, compress=Compression(), live: bo
     saver = _Saver(domain, sink, Compression.of(compress), stats_cb, cancel,
                    convergence or Convergence(), after_round, on_end, keep_dirty_logging, gc_hold,
                    on_pause)
-    watcher = _Stopper(saver, sink) if cancel is not None or saver.conv.timeout is not None else None
+    timed = live and saver.conv.timeout is not None and saver.conv.on_timeout is OnTimeout.CANCEL
+    watcher = _Stopper(saver) if cancel is not None or timed else None
     try:
         return saver.run(live)
     except BaseException:
@@ -603,8 +604,8 @@ class _Stopper:
     for a round, or round 0's first 64 MiB, to end on a slow link (the saver's check then
     says why: SaveCancelled, SaveTimeout). Looks every 0.1 s."""
 
-    def __init__(self, saver: _Saver, sink: Sink):
-        self.saver, self.sink = saver, sink
+    def __init__(self, saver: _Saver):
+        self.saver = saver
         self.lock = threading.Lock()
         self.done = False
         self.thread = threading.Thread(target=self._watch, name="save-stop", daemon=True)
@@ -617,7 +618,7 @@ class _Stopper:
             with self.lock, self.saver.stop_lock:
                 if not self.done and self.saver.should_stop():
                     self.saver.stopped = True
-                    self.sink.cancel()
+                    self.saver.sink.cancel()
                     return
 
     def stop(self) -> None:

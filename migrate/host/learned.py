@@ -22,6 +22,8 @@ import os
 import statistics
 from pathlib import Path
 
+from ..engine.convergence import Reason
+
 FILE = ".downtime.json"      # a dot: never a domain's name (statedir.NAME_RE), and not listed as one
 KEEP = 5                    # measurements kept per destination
 MAX_DESTINATIONS = 64       # the oldest destination goes beyond this
@@ -29,7 +31,7 @@ MIN_SECONDS, MAX_SECONDS = 0.001, 1.0      # a measurement outside these is not 
 KEEP_SHARE = 0.5            # kept only from a move whose other terms were at most this share
 MARGIN = 1.25               # the largest kept, times this, is what a move expects
 OUTLIER = 4.0               # one over this many times the median of the others is left out
-FROM_REASONS = ("small", "downtime-target")     # see from_move
+FROM_REASONS = (Reason.SMALL, Reason.DOWNTIME)   # see from_move
 TARGET_SHARE = 0.4          # a move expects at most this share of its downtime target (or the default)
 
 
@@ -51,7 +53,7 @@ def from_move(stats) -> bool:
     own (reason in FROM_REASONS) and was never throttled. A forced switch, or one made
     under the throttle, which is released before the pause, sends a last round larger
     than the set its estimate was made for, and the excess would count as fixed."""
-    return stats.reason in FROM_REASONS and not max(stats.throttle_history, default=0)
+    return stats.reason in FROM_REASONS and not any(stats.throttle_history)
 
 
 def worth_keeping(downtime: float, estimate: float, fixed: float) -> bool:

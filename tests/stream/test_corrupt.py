@@ -15,7 +15,7 @@ from migrate.stream import (
 )
 from migrate.stream.framing import frame
 from migrate.stream.pages import PAGE_ENTRY, BATCH_HEADER, PageType, encode_batch
-from migrate.stream.records import END, MAX_RECORD_BODY, RECORD_HEADER, End, padded
+from migrate.stream.records import CHANNEL_SYNC_SIZE, END, MAX_RECORD_BODY, RECORD_HEADER, End, padded
 from migrate.stream.sample import pattern, sample_cpu, sample_state
 
 PAGE = pattern(7, 4096)
@@ -206,9 +206,9 @@ def test_unknown_optional_record_skipped(started) -> None:
 
 
 @pytest.mark.parametrize("rtype, length, msg", [
-    (0x8000_0050, 56, "the optional bit is set on a mandatory record type"),
-    (RecordType.CHANNEL_SYNC, 56, "CHANNEL_SYNC in the main stream"),
-    (RecordType.CHANNEL_SYNC, 1000, "record body length 1000 exceeds 56"),
+    (0x8000_0050, CHANNEL_SYNC_SIZE, "the optional bit is set on a mandatory record type"),
+    (RecordType.CHANNEL_SYNC, CHANNEL_SYNC_SIZE, "CHANNEL_SYNC in the main stream"),
+    (RecordType.CHANNEL_SYNC, 1000, f"record body length 1000 exceeds {CHANNEL_SYNC_SIZE}"),
 ])
 def test_the_optional_bit_on_channel_sync_is_refused_and_channel_sync_named(started, rtype, length, msg) -> None:
     """CHANNEL_SYNC is a mandatory type of version 2 that only a channel stream carries:
