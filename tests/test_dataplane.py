@@ -746,3 +746,151 @@ def test_a_target_refuses_a_pfn_twice_in_a_batch_after_a_descent():
         assert mem == bytes(len(mem))
     finally:
         target.close()
+
+
+def _handoff_link(secure: bool, tls_dirs, channels: int = 2):
+    """``channels`` channels of a handoff, each ended by its FINAL sync after one page."""
+    pages = 16
+    pairs = [socket.socketpair() for _ in range(channels)]
+    rx = Receiver(channels, 2, TOKEN, TlsContext(True, tls_dirs[0]) if secure else None, timeout=5, handoff=True)
+    rx.set_space(0, [(0, pages, bytearray(pages * PAGE))])
+    rx.open()
+    for i, (_, b) in enumerate(pairs):
+        rx.add(i, b.fileno())
+    client = TlsContext(False, tls_dirs[1]) if secure else None
+    outs = [Output(a.fileno(), client, "127.0.0.1", timeout=5) for a, _ in pairs]
+    tx = Sender(outs, channels)
+    tx.set_space(0, [(0, pages, memory(pages))])
+    for i, out in enumerate(outs):
+        out.channel_header(2, i, TOKEN)
+    tx.send(0, range(pages), mode=RAW, stable=True)
+    for out in outs:
+        out.sync(0, final=True)
+    assert rx.wait(0, final=True, timeout=5) and rx.error() is None
+    return pairs, rx, outs, tx
+
+
+def _await_go(handoff, timeout: float = 5.0):
+    deadline = time.monotonic() + timeout
+    while (go := handoff.go()) is None:
+        assert time.monotonic() < deadline, "no GO"
+        __import__("select").select([handoff], [], [], 0.1)
+    return go
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+@pytest.mark.parametrize("paused", [False, True])
+def test_the_handoff_on_channel_0_outlives_the_receiver(tls_dirs, secure, paused):
+    """READY, GO and ANSWER after channel 0's FINAL sync, its TLS session taken from the
+    receiver, which is then closed (its channels' sockets too) before READY: the handoff
+    goes on."""
+    pairs, rx, outs, tx = _handoff_link(secure, tls_dirs)
+    handoff = rx.handoff()
+    other_r, other_w = os.pipe()
+    try:
+        rx.close()
+        for _, b in pairs:
+            b.close()               # the intake's sockets: the handoff has a descriptor of its own
+        assert handoff.go() is None                     # nothing yet, and no wait
+        assert outs[0].handoff("ready", other_r, 0.05) is None     # before READY: neither
+        handoff.ready()
+        assert outs[0].handoff("ready", other_r, 5) == "ready"
+        outs[0].go(paused)
+        assert _await_go(handoff) is paused
+        os.write(other_w, b"x")
+        assert outs[0].handoff("answer", other_r, 5) == "other"    # the control link, say
+        handoff.answer("paused" if paused else "running")
+        assert outs[0].handoff("answer", -1, 5) == ("paused" if paused else "running")
+    finally:
+        os.close(other_r)
+        os.close(other_w)
+        handoff.close()
+        close(pairs, rx, outs, tx)
+
+
+def test_the_source_waits_for_ready_or_its_control_link(tls_dirs):
+    """Whatever comes first: the control connection readable ends the wait for READY."""
+    pairs, rx, outs, tx = _handoff_link(True, tls_dirs)
+    handoff = rx.handoff()
+    r, w = os.pipe()
+    try:
+        os.write(w, b"x")
+        assert outs[0].handoff("ready", r, 5) == "other"
+        handoff.ready()
+        handoff.answer("refused")
+        assert outs[0].handoff("ready", -1, 5) == "ready"
+        assert outs[0].handoff("answer", -1, 5) == "refused"
+    finally:
+        os.close(r)
+        os.close(w)
+        handoff.close()
+        close(pairs, rx, outs, tx)
+
+
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_handoff_message_that_is_not_go_or_ready_is_refused(tls_dirs, secure):
+    pairs, rx, outs, tx = _handoff_link(secure, tls_dirs)
+    handoff = rx.handoff()
+    try:
+        outs[0].write(b"\x89HVMGO!1" + struct.pack("<II", 2, 0))        # an unknown flag
+        with pytest.raises(DataplaneError, match="^channel 0: GO expected, other bytes came$"):
+            _await_go(handoff)
+    finally:
+        handoff.close()
+        close(pairs, rx, outs, tx)
+
+
+def test_a_ready_or_answer_that_is_not_one_is_refused(tls_dirs):
+    pairs, rx, outs, tx = _handoff_link(False, tls_dirs)
+    handoff = rx.handoff()
+    try:
+        pairs[0][1].sendall(b"\x89HVMRDY1" + struct.pack("<II", 0, 1))  # reserved not zero
+        with pytest.raises(DataplaneError, match="^channel 0: READY expected, other bytes came$"):
+            outs[0].handoff("ready", -1, 5)
+        pairs[0][1].sendall(b"\x89HVMANS1" + struct.pack("<II", 4, 0))  # no such answer
+        with pytest.raises(DataplaneError, match="^channel 0: ANSWER expected, other bytes came$"):
+            outs[0].handoff("answer", -1, 5)
+    finally:
+        handoff.close()
+        close(pairs, rx, outs, tx)
+
+
+def test_a_go_cut_short_is_refused_when_the_channel_ends(tls_dirs):
+    pairs, rx, outs, tx = _handoff_link(False, tls_dirs)
+    handoff = rx.handoff()
+    try:
+        outs[0].write(b"\x89HVMGO")
+        pairs[0][0].shutdown(socket.SHUT_WR)
+        with pytest.raises(DataplaneError, match="^channel 0: no GO: the channel ended$"):
+            _await_go(handoff)
+    finally:
+        handoff.close()
+        close(pairs, rx, outs, tx)
+
+
+def test_no_handoff_without_asking_for_it_and_bytes_after_final_stay_refused(tls_dirs):
+    """Without ``handoff``, channel 0 is like any other: no handoff to take, and a GO after
+    its FINAL sync is refused as bytes after it."""
+    pages = 16
+    a, b = socket.socketpair()
+    rx = Receiver(1, 2, TOKEN, None, timeout=5)
+    rx.set_space(0, [(0, pages, bytearray(pages * PAGE))])
+    rx.open()
+    rx.add(0, b.fileno())
+    out = Output(a.fileno())
+    try:
+        out.channel_header(2, 0, TOKEN)
+        out.sync(0, final=True)
+        out.go(False)
+        deadline = time.monotonic() + 5
+        with pytest.raises(DataplaneError, match="^channel 0: bytes after its FINAL sync$"):
+            while time.monotonic() < deadline:
+                rx.wait(0, final=True, timeout=0.05)
+                time.sleep(0.01)
+        with pytest.raises(DataplaneError, match="^channel 0 carries no handoff$"):
+            rx.handoff()
+    finally:
+        out.close()
+        rx.close()
+        a.close()
+        b.close()

@@ -25,6 +25,8 @@ RAW, ZSTD, AUTO = 0, 1, 2
 MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
 ERR = 512
 MAX_CHANNELS = 64
+HANDOFF_KINDS = ("ready", "answer")
+ANSWERS = {1: "running", 2: "paused", 3: "refused"}   # an ANSWER's code on channel 0
 HANDSHAKE = 30.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md);
                         # on the source it counts from the connect, so it includes the receiving process's start
 
@@ -105,6 +107,28 @@ class Output:
     def sync(self, round_: int, final: bool = False) -> None:
         buf, n = _err()
         if lib.dp_out_sync(self.ptr, round_, int(final), buf, n):
+            raise DataplaneError(_text(buf))
+
+    def handoff(self, kind: str, also: int, timeout: float) -> str | None:
+        """Channel 0 after its FINAL sync, on the source (specs/relocation.md, "The handoff on
+        channel 0"): await ``kind``, ``"ready"`` or ``"answer"``. Returns ``"ready"``, or the
+        answer (``"running"``, ``"paused"``, ``"refused"``), once it has come; ``"other"`` if
+        the descriptor ``also`` (-1: none) became readable first; None if neither within
+        ``timeout`` seconds (what has come is kept for the next call). DataplaneError when
+        the channel ended or carried anything else."""
+        buf, n = _err()
+        value = ffi.new("uint32_t *")
+        rc = lib.dp_out_handoff(self.ptr, HANDOFF_KINDS.index(kind), also, timeout, value, buf, n)
+        if rc < 0:
+            raise DataplaneError(_text(buf))
+        if rc == 1:
+            return kind if kind == "ready" else ANSWERS[value[0]]
+        return "other" if rc == 2 else None
+
+    def go(self, paused: bool) -> None:
+        """GO on channel 0, after its READY."""
+        buf, n = _err()
+        if lib.dp_out_go(self.ptr, int(paused), buf, n):
             raise DataplaneError(_text(buf))
 
     def close(self) -> None:
@@ -261,10 +285,11 @@ class Receiver:
     handed over with :meth:`add` and read by a thread of its own: its TLS handshake within
     ``handshake`` seconds in all, then each read within ``timeout``. ``cap``: most bytes
     all channels together may carry (a relocation's stream cap; 0: none); past it every
-    channel fails, the record that crosses it not placed."""
+    channel fails, the record that crosses it not placed. ``handoff``: channel 0 goes on
+    after its FINAL sync with the handoff (:meth:`handoff`)."""
 
     def __init__(self, channels: int, version: int, token: bytes, tls: TlsContext | None = None,
-                 timeout: float = 60.0, handshake: float = HANDSHAKE, cap: int = 0):
+                 timeout: float = 60.0, handshake: float = HANDSHAKE, cap: int = 0, handoff: bool = False):
         if len(token) != 32:
             raise ValueError("a channel token is 32 bytes")
         buf, n = _err()
@@ -279,6 +304,8 @@ class Receiver:
         self.ptr = ffi.gc(ptr, lib.dp_receiver_free)
         if cap:
             lib.dp_receiver_set_cap(self.ptr, cap)
+        if handoff:
+            lib.dp_receiver_set_handoff(self.ptr)
         self._keep: dict[int, list] = {}
 
     def set_space(self, space: int, ranges: list) -> None:
@@ -327,12 +354,64 @@ class Receiver:
         return ([ChannelSummary(s.index, s.rounds, bool(s.final), s.records, s.pages, s.bytes, bytes(s.digest))
                  for s in out], seconds[0], placed[0])
 
+    def handoff(self) -> "Handoff":
+        """Channel 0, once every channel has read its FINAL sync (made with ``handoff``),
+        taken for the handoff: :meth:`close` no longer touches it. DataplaneError when it
+        is not there to take."""
+        buf, n = _err()
+        ptr = lib.dp_receiver_handoff(self.ptr, buf, n)
+        if ptr == ffi.NULL:
+            raise DataplaneError(_text(buf))
+        return Handoff(ptr, self.tls)
+
     def close(self) -> None:
         """Stops every channel thread (and waits, from any thread, return at once); the
         sockets stay the caller's to close. Guest memory is no longer touched after it, and
         its buffers are let go."""
         lib.dp_receiver_close(self.ptr)
         self._keep.clear()
+
+
+class Handoff:
+    """The destination's end of channel 0 after its FINAL sync (specs/relocation.md, "The
+    handoff on channel 0"): READY to the source, GO from it, then the ANSWER to GO. Its TLS session and a
+    descriptor of its own (``fileno``, to poll) live until :meth:`close`."""
+
+    def __init__(self, ptr, tls: TlsContext | None):
+        self.ptr, self._tls = ptr, tls          # the context outlives the session
+        self.fd = lib.dp_handoff_fd(ptr)
+
+    def fileno(self) -> int:
+        return self.fd
+
+    def ready(self) -> None:
+        buf, n = _err()
+        if lib.dp_handoff_ready(self.ptr, buf, n):
+            raise DataplaneError(_text(buf))
+
+    def go(self) -> bool | None:
+        """Without waiting: None until GO has come whole, then whether it asks for the
+        pair to stay paused; DataplaneError when the channel ended or carried anything else."""
+        paused = ffi.new("int *")
+        buf, n = _err()
+        rc = lib.dp_handoff_go(self.ptr, paused, buf, n)
+        if rc < 0:
+            raise DataplaneError(_text(buf))
+        return bool(paused[0]) if rc else None
+
+    def answer(self, answer: str) -> None:
+        """What became of GO: ``"running"``, ``"paused"`` or ``"refused"`` (it never ran)."""
+        code = {v: k for k, v in ANSWERS.items()}[answer]
+        buf, n = _err()
+        if lib.dp_handoff_answer(self.ptr, code, buf, n):
+            raise DataplaneError(_text(buf))
+
+    def close(self) -> None:
+        if self.ptr is not None:
+            lib.dp_handoff_free(self.ptr)
+            self.ptr = None
+
+    __del__ = close
 
 
 NEXT = 2**64 - 1        # Target.write's turn for a caller that writes one batch at a time

@@ -81,6 +81,18 @@ void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, 
 int dp_receiver_error(struct dp_receiver *r, char *err, size_t errlen);
 void dp_receiver_close(struct dp_receiver *r);
 void dp_receiver_free(struct dp_receiver *r);
+
+struct dp_handoff;
+int dp_out_handoff(struct dp_out *o, int kind, int also, double timeout, uint32_t *value,
+                   char *err, size_t errlen);
+int dp_out_go(struct dp_out *o, int paused, char *err, size_t errlen);
+void dp_receiver_set_handoff(struct dp_receiver *r);
+struct dp_handoff *dp_receiver_handoff(struct dp_receiver *r, char *err, size_t errlen);
+int dp_handoff_fd(struct dp_handoff *h);
+int dp_handoff_ready(struct dp_handoff *h, char *err, size_t errlen);
+int dp_handoff_go(struct dp_handoff *h, int *paused, char *err, size_t errlen);
+int dp_handoff_answer(struct dp_handoff *h, uint32_t code, char *err, size_t errlen);
+void dp_handoff_free(struct dp_handoff *h);
 """
 
 ffibuilder = FFI()
