@@ -419,8 +419,16 @@ class FakeIncoming:
 
     def __init__(self, name, hello, disk_to, base, net_to=None, channels=0, tls_dir=None, hugepages=False):
         self.channel_id, self.token, self.bytes, self.ran_at = os.urandom(16), os.urandom(32), 0, 0.0
+        self.handoff = False        # no data channels, so no handoff on channel 0
         self.calls = []
         FakeIncoming.made.append(self)
+
+    def let_the_handoff_go(self):
+        pass
+
+    def withdraw(self):
+        self.discard()
+        return "discarded"
 
     def watch(self, ch):
         pass

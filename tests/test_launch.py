@@ -13,7 +13,8 @@ from migrate.host.launch import Create, Go, Launch, LaunchError, Line, Receive, 
 def receive_job(**changes):
     job = dict(stream_fd=5, go_fd=6, name="web1", memory=64 << 20, stub=True, disk_from=None, disk_to=None,
                net_from={"link": "tap", "name": "t0"}, net_to="t9", resume_timeout=60.0, cpu=None, channels=2,
-               token=b"t" * 32, tls_dir="/etc/hvm", channel_fd=7, vcpus=2, hugepages=False, live=True)
+               token=b"t" * 32, tls_dir="/etc/hvm", channel_fd=7, vcpus=2, hugepages=False, live=True,
+               handoff=True)
     return Receive(**{**job, **changes})
 
 

@@ -592,8 +592,9 @@ def test_outcome_unknown_exits_3_and_says_what_to_do(hosts, pki, monkeypatch):
 
     monkeypatch.setattr(destination.Incoming, "resume", link_dies)
     control.create_domain(DomainConfig("u3", "idle", 16 << 20))
+    # without data channels: with them GO goes on channel 0 too, and the copy there runs
     res = run("migrate", "u3", f"127.0.0.1:{b.address[1]}", "--tls-dir", str(pki / "ca" / "src"),
-              "--json", ok=False)
+              "--channels", "0", "--json", ok=False)
     assert res.exit_code == 3, res.output
     error = json.loads(res.stdout)
     assert error["outcome"] == "unknown" and error["guest"] == "paused here, perhaps running on 127.0.0.1"

@@ -445,7 +445,8 @@ def test_no_go_after_restored_destroys_the_destination_copy(hosts, pki, domains)
 @pytest.mark.kvm
 def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
     """GO sent, RUNNING never comes: the source cannot know the outcome, says so, and
-    keeps its copy paused (never both running)."""
+    keeps its copy paused (never both running). Without data channels: with them GO goes
+    on channel 0 too, and the copy there runs whatever this daemon's resume does."""
     src, dst, daemon = hosts
     b = daemon(dst)
 
@@ -456,7 +457,7 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
     control.create_domain(DomainConfig("u1", "idle", 16 << 20))
     with pytest.raises(control.ControlError, match=r"outcome unknown: GO was sent .* u1 is kept "
                                                    r"paused here.*'hvm unpause u1'"):
-        migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+        migrate_domain("u1", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"), channels=0)
     assert [d["status"] for d in control.list_domains(src)] == ["paused"]
     # it never resumed: the daemon, which cannot know that after GO, abandons it (killed,
     # its directory kept: crashed), unless it destroyed itself first, its GO pipe closed
@@ -467,7 +468,7 @@ def test_link_dies_between_go_and_running(hosts, pki, monkeypatch):
 def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
     """GO sent, and the destination answers that its pair could not be resumed and never
     ran (ERROR with not_resumed): its copy is destroyed first, so the source resumes its
-    own; exactly one copy runs, on the source."""
+    own; exactly one copy runs, on the source. Without data channels, as the test above."""
     src, dst, daemon = hosts
     b = daemon(dst)
 
@@ -480,7 +481,7 @@ def test_destination_cannot_resume_after_go(hosts, pki, monkeypatch):
     with pytest.raises(control.ControlError, match=r"failed at the handoff: destination: resume failed "
                                                    r"after GO: KVM_RUN refused; the copy here never ran "
                                                    r"and is destroyed; u2 keeps running here"):
-        migrate_domain("u2", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"))
+        migrate_domain("u2", f"127.0.0.1:{b.address[1]}", tls_dir=str(pki / "ca" / "src"), channels=0)
     assert [d["status"] for d in control.list_domains(src)] == ["running"]
     assert control.list_domains(dst) == [] and not any(dst.iterdir())
     wait_console("u2", src, r"tick", after=len(console("u2", src)))     # and it goes on ticking

@@ -107,7 +107,9 @@ def test_kill_during_handoff(hosts, victim, when):
       `hvm unpause` (as the error says) brings back exactly one copy;
     - domain process at RESTORED: GO finds no process to read it, so the guest provably
       never ran there; the daemon says so (not_resumed) and cleans up, and the source
-      resumes by itself."""
+      resumes by itself.
+    Without data channels: with them GO goes on channel 0 too, and the outcome with it
+    (test_the_source_learns_the_outcome_on_channel_0_when_the_daemon_dies)."""
     src, dst, _ = hosts
     port = free_port()
     daemon = serve_subprocess(dst, port)
@@ -128,7 +130,7 @@ def test_kill_during_handoff(hosts, victim, when):
 
     proxy = Proxy(("127.0.0.1", port), frames=True, on_control=on_control)
     try:
-        error = migrate_error(name, proxy.port)
+        error = migrate_error(name, proxy.port, channels=0)
     finally:
         proxy.close()
         daemon.kill()
@@ -154,12 +156,59 @@ def test_kill_during_handoff(hosts, victim, when):
 
 
 @pytest.mark.kvm
+@pytest.mark.parametrize("fault", ["daemon killed", "control cut"])
+def test_the_source_learns_the_outcome_on_channel_0_when_the_daemon_cannot_say(hosts, fault):
+    """GO goes on data channel 0 (the handoff there), then on the control connection, where
+    the proxy either kills the destination daemon (kill -9) or cuts the connection as the
+    GO passes. The receiving domain process answers on channel 0 whichever way it took
+    GO, or gave up: the source knows where the guest is, one copy runs, and the answer is
+    true. Either way can happen: the copy took GO on channel 0 and runs there (the move
+    succeeds; the daemon, if alive, keeps it), or it saw the daemon's go pipe close first,
+    destroyed itself, and said so (the source resumes). Without the answer on channel 0,
+    both ended "outcome unknown", the source paused."""
+    src, dst, _ = hosts
+    port = free_port()
+    daemon = serve_subprocess(dst, port)
+    name = "hc" + fault[0]
+    npages = start_ledger(name, src, 47)
+
+    def on_control(direction, message):
+        if message["t"] != "GO":
+            return True
+        if fault == "daemon killed":
+            os.kill(daemon.pid, signal.SIGKILL)
+            daemon.wait()
+        return False
+
+    proxy = Proxy(("127.0.0.1", port), frames=True, on_control=on_control)
+    try:
+        migrate_domain(name, f"127.0.0.1:{proxy.port}", insecure=True, base=src, **LEDGER_TARGET)
+        error = None
+    except control.ControlError as exc:
+        error = str(exc)
+    finally:
+        proxy.close()
+        daemon.kill()
+        daemon.wait()
+    if error is None:
+        assert statuses(src) == [] and statuses(dst) == [(name, "running")]
+        ledger_goes_on(name, dst, 47, npages)
+    else:
+        assert "outcome unknown" not in error and "never ran" in error, error
+        assert f"{name} keeps running here" in error, error
+        assert statuses(src) == [(name, "running")]
+        wait_empty(dst, 10)
+        ledger_goes_on(name, src, 47, npages)
+
+
+@pytest.mark.kvm
 def test_a_copy_destroyed_there_before_go_is_known_never_to_have_run(hosts):
     """`hvm destroy` on the destination of a copy that awaits GO, GO sent right after: its
     domain process says, as it goes, that it was destroyed before GO (and closes the pipe
     GO comes down), so the source learns the copy never ran and resumes its own. Before,
     a GO written while the process was still tearing down was taken in and unanswered:
-    "outcome unknown", the source left paused."""
+    "outcome unknown", the source left paused. Without data channels (with them, GO goes
+    on channel 0 before the control connection's GO this test waits for)."""
     src, dst, _ = hosts
     server = insecure_daemon(dst)
     name = "dbg"
@@ -173,7 +222,7 @@ def test_a_copy_destroyed_there_before_go_is_known_never_to_have_run(hosts):
 
     proxy = Proxy(("127.0.0.1", server.address[1]), frames=True, on_control=on_control)
     try:
-        error = migrate_error(name, proxy.port)
+        error = migrate_error(name, proxy.port, channels=0)
     finally:
         proxy.close()
         server.stop()

@@ -797,13 +797,20 @@ def discard(directory: Path) -> None:
     """Remove the directory of a domain that never ran, killing its process: first out of
     sight (renamed to a hidden name ``hvm list`` does not read, so it is never seen as a
     crashed domain), then the process, then the files."""
+    hidden = hide(directory)
+    kill_pidfile(hidden)
+    shutil.rmtree(hidden, ignore_errors=True)
+
+
+def hide(directory: Path) -> Path:
+    """Rename a domain's directory to a hidden name ``hvm list`` does not read (the
+    directory itself if that fails); :func:`discard` it, or rename it back."""
     hidden = directory.with_name(f".{directory.name}.discarded-{os.getpid()}-{time.monotonic_ns()}")
     try:
         os.rename(directory, hidden)
     except OSError:
-        hidden = directory
-    kill_pidfile(hidden)
-    shutil.rmtree(hidden, ignore_errors=True)
+        return directory
+    return hidden
 
 
 def kill_pidfile(directory: Path, timeout: float = 5.0) -> None:

@@ -54,6 +54,8 @@ FEED_TIMEOUT = 60.0         # seconds the receiving domain process may take no s
 # channels"); after that, each wait is one for a whole frame (channel.Channel.receive).
 MAX_PENDING = 64            # connections at once not yet past HELLO (or their preamble); more are closed at once
 MAX_RECEIVING = 8           # relocations received at once (HELLO to GO); more are refused at HELLO
+HANDOFF_WAIT = 0.02         # seconds RESTORED waits for GO to come on data channel 0 instead
+WITHDRAW_WAIT = 5.0         # seconds a copy given up before GO has to say whether it took GO on channel 0
 ACCEPT_BACKOFF = 0.1        # seconds to wait after accept() failed for want of descriptors or memory
 ACCEPT_ERRORS = {errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM, errno.ECONNABORTED}
 SAY_EVERY = 10.0            # seconds between two log lines about the same overload
@@ -134,6 +136,8 @@ class Incoming:
                  net_to: str | None = None, channels: int = 0, tls_dir: str | None = None,
                  hugepages: bool = False):
         self.name, self.base = name, base
+        # GO may come on data channel 0 too (specs/relocation.md, "The handoff on channel 0")
+        self.handoff = bool(channels) and hello.get("handoff") is True
         self.dir: Path | None = None
         self.give_fds: socket.socket | None = None
         self.stream_w = self.go_w = self.ready_r = -1
@@ -168,7 +172,7 @@ class Incoming:
                           disk_from=hello["disk"], disk_to=disk_to, net_from=hello.get("net"), net_to=net_to,
                           resume_timeout=RESUME_TIMEOUT, cpu=hello.get("cpu"), channels=channels, token=self.token,
                           tls_dir=tls_dir, channel_fd=take_fds.fileno(), vcpus=hello.get("vcpus", 1),
-                          hugepages=hugepages, live=hello["live"])
+                          hugepages=hugepages, live=hello["live"], handoff=self.handoff)
             control.launch(self.dir, Launch(job, ready_w, lock.fd if lock is not None else None))
         except BaseException as exc:
             self.discard()              # kills a process that did start, removes its directory
@@ -322,7 +326,7 @@ class Incoming:
         length, end_at, applied_at = answer.values
         if length != self.bytes:        # it said ok at END: nothing may follow
             raise Refused(f"restore failed: {self.bytes - length} bytes after END")
-        if self._lines:                 # it failed after its ok
+        if self._lines and self._lines[0].kind is not Say.TAKEN:     # it failed after its ok
             raise Refused(f"restore failed: {self._lines[0].reason}")
         now, start = time.monotonic(), self.stream_end_at
         end_at, applied_at = (min(max(t, start), now) if math.isfinite(t) else start
@@ -337,22 +341,24 @@ class Incoming:
             self.stream_w = -1
 
     def resume(self, paused: bool = False) -> float | None:
-        """GO: tell the domain process to resume its pair (``paused``: to keep it paused);
-        the seconds it took (None when it stays paused), and ``ran_at`` is then when the
-        guest ran (time.monotonic()). NotResumed when the guest
-        provably never ran: the process said so (REFUSED, or ERROR from before GO) or was
-        gone before it could read GO (the write fails); Refused when the outcome is not
+        """GO: tell the domain process to resume its pair (``paused``: to keep it paused),
+        unless it took GO on data channel 0 already (TAKEN); the seconds from GO to the
+        guest running (None when it stays paused), and ``ran_at`` is then when the guest
+        ran (time.monotonic()). NotResumed when the guest provably never ran: the process
+        said so (REFUSED, or ERROR from before GO) or was gone before it could read GO
+        (the write fails, and it took no GO on channel 0); Refused when the outcome is not
         known (it exited without an answer: EXITED, or none came)."""
         go_at = time.monotonic()
-        try:
-            os.write(self.go_w, Go(paused).encode())
-            trace.mark("D GO passed on")
-        except OSError as exc:      # no reader left: nobody can have resumed it
-            raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
-        finally:
-            os.close(self.go_w)
-            self.go_w = -1
-        line = self._line(control.CREATE_TIMEOUT, "answer to GO")
+        self._take_lines()
+        if not self._taken():
+            try:
+                os.write(self.go_w, Go(paused).encode())
+                trace.mark("D GO passed on")
+            except OSError as exc:      # no reader left: unless it took GO on channel 0, nobody resumed it
+                self._drain(control.CREATE_TIMEOUT)
+                if not self._taken():
+                    raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
+        taken, line = self._answer(control.CREATE_TIMEOUT)
         trace.mark("D answer to GO read")
         if line.kind in (Say.REFUSED, Say.ERROR):
             raise NotResumed(line.reason)
@@ -360,9 +366,91 @@ class Incoming:
             return None
         if line.kind is not Say.RUNNING:
             raise Refused(line.reason)
+        if taken is not None:           # GO came on channel 0: from when the process took it
+            go_at = min(max(taken.taken_at, go_at - control.CREATE_TIMEOUT), go_at)
         took = min(max(0.0, line.resumed_at - go_at), time.monotonic() - go_at)
         self.ran_at = go_at + took
         return took
+
+    def let_the_handoff_go(self) -> None:
+        """With the handoff on data channel 0, the source needs no RESTORED to send GO:
+        stay out of the way (the pair's two processes have the cores) until the domain
+        process has answered a GO taken there (TAKEN, then its answer) or said anything
+        else, but HANDOFF_WAIT at most, after which RESTORED goes as ever (a channel 0 that
+        failed costs that much)."""
+        if self.handoff:
+            try:
+                self._wait(lambda: len(self._lines) > 1 or (self._lines and not self._taken()),
+                           HANDOFF_WAIT, "word")
+            except Refused:
+                pass
+
+    def _taken(self) -> bool:
+        return bool(self._lines) and self._lines[0].kind is Say.TAKEN
+
+    def _read_now(self) -> None:
+        """Take in what the process has said so far, without waiting."""
+        while not self._eof and ready({self.ready_r: select.POLLIN}, 0):
+            self._read_some()
+        self._take_lines()
+
+    def _drain(self, timeout: float) -> None:
+        """Read what the process says until it closes its end (it is gone) or ``timeout``."""
+        try:
+            self._wait(lambda: False, timeout, "end")
+        except Refused:
+            pass
+
+    def _answer(self, timeout: float) -> tuple[Line | None, Line]:
+        """The process's answer to GO: (its TAKEN line, if GO came on channel 0, the answer)."""
+        line = self._line(timeout, "answer to GO")
+        if line.kind is not Say.TAKEN:
+            return None, line
+        return line, self._line(timeout, "answer to GO")
+
+    def withdraw(self) -> str:
+        """Before GO, the relocation failed here: give the received copy up. With the
+        handoff on data channel 0 it may have taken GO there (even before this daemon read
+        its OK, and it says TAKEN before it resumes). The stream and go pipes are closed (a
+        copy that took no GO fails or destroys itself) and what it says until it ends
+        decides; one that does not end or answer within WITHDRAW_WAIT is killed, and what it
+        had said decides. Its directory is out of sight meanwhile, as :meth:`discard` has it. Returns
+        "discarded" (it never ran: gone, its directory too), "runs" (it took GO and runs,
+        or holds the guest paused: it is the live copy, and stays) or "unknown" (it took GO
+        and said no more: killed if alive, its directory kept, as :meth:`abandon`)."""
+        if not self.handoff:
+            self.discard()
+            return "discarded"
+        shown, self.dir = self.dir, control.hide(self.dir)     # not listed as crashed meanwhile
+        self.close_stream()             # a restore still under way fails on the cut stream
+        if self.go_w >= 0:              # one past its OK that took no GO destroys itself
+            os.close(self.go_w)
+            self.go_w = -1
+        try:
+            self._wait(lambda: self._taken() and len(self._lines) > 1, WITHDRAW_WAIT, "end")
+        except Refused:
+            pass
+        if not self._eof and not (self._taken() and len(self._lines) > 1):
+            control.kill_pidfile(self.dir)      # no word in time: nothing it does after this counts
+            self._drain(WITHDRAW_WAIT)
+        if not self._taken():
+            self.discard()
+            return "discarded"
+        if self.dir != shown:
+            os.rename(self.dir, shown)
+            self.dir = shown
+        try:
+            _, line = self._answer(0.001)
+        except Refused:                 # it took GO and has not answered
+            line = None
+        if line is not None and line.kind in (Say.RUNNING, Say.PAUSED):
+            self.close()
+            return "runs"
+        if line is not None and line.kind is Say.REFUSED:
+            self.discard()
+            return "discarded"
+        self.abandon()
+        return "unknown"
 
     def _close(self) -> None:
         """Stop talking to the domain process: close the daemon's ends of its pipes."""
@@ -596,26 +684,36 @@ class RelocationServer:
                 with self.names_lock:
                     self.routes[incoming.channel_id] = incoming
                 ch.send("WELCOME", proto=PROTO, stream_version=version, channels=channels,
-                        channel_id=incoming.channel_id, channel_token=incoming.token)
+                        channel_id=incoming.channel_id, channel_token=incoming.token,
+                        **({"handoff": True} if incoming.handoff else {}))
             else:
                 ch.send("WELCOME", proto=PROTO, stream_version=version)
             self.receive_stream(ch, incoming)
             timing = incoming.finish()
             trace.mark("D OK read")
+            incoming.let_the_handoff_go()
             ch.send("RESTORED", seconds=time.monotonic() - t0, **timing)
             trace.mark("D RESTORED sent")
             go = ch.expect("GO", GO_TIMEOUT)
             trace.mark("D GO read")
-        except Exception as exc:        # before GO, whatever failed: the guest never ran here
+        except Exception as exc:        # before GO here; GO may have come on channel 0 (withdraw)
             text = str(exc) if isinstance(exc, (Refused, ChannelError, OSError)) else _internal(exc)
             log.warning("relocation of %s from %s failed: %s", name, who, text)
+            outcome = "discarded"
             if incoming is not None:
                 try:
-                    incoming.discard()
+                    outcome = incoming.withdraw()
                 except Exception as again:      # say so, and still tell the source
-                    log.error("relocation of %s: discarding its receiving domain process failed: %s",
+                    outcome = "unknown" if incoming.handoff else "discarded"
+                    log.error("relocation of %s: giving up its receiving domain process failed: %s",
                               name, _internal(again))
-            ch.send_error(text)
+            if outcome == "discarded":      # a GO the source sent on channel 0 meanwhile ran nothing
+                ch.send_error(text, **({"not_resumed": True} if incoming is not None and incoming.handoff else {}))
+            else:
+                log.error("relocation of %s from %s: the copy here took GO on data channel 0 and %s",
+                          name, who, "runs here" if outcome == "runs" else "gave no answer (kept as crashed)")
+                ch.send_error(f"{text}; but the copy here took GO on data channel 0 and "
+                              + ("runs here" if outcome == "runs" else "its outcome is unknown"))
             return
         finally:
             with self.names_lock:
@@ -690,6 +788,8 @@ class RelocationServer:
             raise Refused(f"HELLO channels must be a count of data channels (an int, 0 or more), "
                           f"not {_short(asked)}")
         channels = min(asked, MAX_CHANNELS) if version >= 2 else 0     # granted: at most MAX_CHANNELS
+        if not isinstance(hello.get("handoff", False), bool):
+            raise Refused(f"HELLO handoff must be a bool, not {_short(hello['handoff'])}")
         disk = hello["disk"]
         if disk is None:
             return None, version, channels

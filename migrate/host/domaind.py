@@ -54,7 +54,7 @@ from pathlib import Path
 
 
 from ..console import Console
-from ..dataplane import Receiver, TlsContext
+from ..dataplane import DataplaneError, Receiver, TlsContext
 from ..config import DomainStatus
 from ..domain import Domain, DomainConfig, DomainError
 from ..engine import (
@@ -156,6 +156,8 @@ class DomainServer:
         self.saving = False             # from a save's start until just before its reply
         self.go: tuple[int, int, str] | None = None     # awaiting GO: go pipe, ready pipe, log line
         self.go_deadline: float | None = None
+        self.handoff = None             # awaiting GO on data channel 0 too (a dataplane.Handoff)
+        self.spent_go_fd = -1           # the go pipe after GO came on channel 0: kept open (GO may follow)
         self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
         self.destroying = False                     # hvm destroy came: a job in progress ends with it
         self.moved_to: str | None = None            # HOST:PORT a relocation moved the guest to
@@ -168,30 +170,72 @@ class DomainServer:
             self.hidden = None
 
     # -- a received domain awaiting GO (receive mode, module docstring) --------
-    def await_go(self, go_fd: int, ready_fd: int, timeout: float, note: str) -> None:
+    def await_go(self, go_fd: int, ready_fd: int, timeout: float, note: str, handoff=None) -> None:
+        """Await GO on the go pipe, and on data channel 0 (``handoff``, READY said) when the
+        relocation has it: whichever comes first is taken (specs/relocation.md, "The
+        handoff on channel 0")."""
         self.go = (go_fd, ready_fd, note)
         self.go_deadline = time.monotonic() + timeout
         os.set_blocking(go_fd, False)
         self.sel.register(go_fd, selectors.EVENT_READ, "go")
+        if handoff is not None:
+            self.handoff = handoff
+            self.sel.register(handoff.fileno(), selectors.EVENT_READ, "handoff")
 
     def take_go(self, wait: float) -> None:
         """Handle GO at once if it comes within ``wait`` seconds (else serve() will)."""
-        if self.go is not None and ready({self.go[0]: select.POLLIN}, wait):
+        if self.go is None:
+            return
+        fds = {self.go[0]: select.POLLIN}
+        if self.handoff is not None:
+            fds[self.handoff.fileno()] = select.POLLIN
+        got = ready(fds, wait)
+        if self.handoff is not None and self.handoff.fileno() in got:
+            self._on_handoff()
+        if self.go is not None and self.go[0] in got:
             self._on_go()
 
     def _on_go(self) -> None:
         if self.go is None:     # a destroy in the same select() batch ended the wait first
             return
-        go_fd, ready_fd, note = self.go
         try:
-            word = os.read(go_fd, 16)
+            word = os.read(self.go[0], 16)
         except BlockingIOError:
             return
         trace.mark("R GO read")
-        self._end_go_wait()
-        go = Go.decode(word)
+        self._take(Go.decode(word))
+
+    def _on_handoff(self) -> None:
+        """Data channel 0 readable: GO, once it has come whole. The daemon is told TAKEN
+        before anything is resumed, so that it never takes a copy that may have run for one
+        that did not. A channel 0 that fails is dropped: GO comes down the go pipe."""
+        if self.go is None or self.handoff is None:
+            return
+        try:
+            paused = self.handoff.go()
+        except DataplaneError as exc:
+            log.warning("%s: GO is awaited from the daemon", exc)
+            self._drop_handoff()
+            return
+        if paused is None:
+            return
+        trace.mark("R GO read")
+        try:
+            os.write(self.go[1], say(Say.TAKEN, time.monotonic()))
+        except OSError:
+            pass                # the daemon is gone: the source has its answer from nobody
+        self._take(Go(paused), keep_pipe=True)
+
+    def _take(self, go: Go | None, keep_pipe: bool = False) -> None:
+        """GO (None: the daemon gave the relocation up, closing the go pipe): resume, or keep
+        paused, and answer on the ready pipe and on data channel 0 if it carries the
+        handoff, whichever way GO came (the source asks channel 0 when its control
+        connection fails it)."""
+        _, ready_fd, note = self.go
+        handoff = self._end_go_wait(keep_pipe)
         if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
+            _answer_go(handoff, "refused")
             os.close(ready_fd)
             self.running = False
             return
@@ -200,6 +244,7 @@ class DomainServer:
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
                 self.disk_lock.release_incoming()
             if go.paused:
+                _answer_go(handoff, "paused")
                 self._say(ready_fd, say(Say.PAUSED))
                 log.info("%s; left paused, as it was at the source", note)
                 return
@@ -207,18 +252,36 @@ class DomainServer:
             trace.mark("R resumed")
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
+            _answer_go(handoff, "refused")
             self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
             self.running = False
             return
+        _answer_go(handoff, "running")
         self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
         trace.mark("R RUNNING said")
         log.info("%s; running", note)
 
-    def _end_go_wait(self) -> None:
+    def _end_go_wait(self, keep_pipe: bool = False):
+        """No more waiting for GO: the go pipe closed (kept open after GO on channel 0,
+        where the daemon's own GO may still be written); returns channel 0 if it carries
+        the handoff, for the answer (:func:`_answer_go`)."""
         go_fd = self.go[0]
         self.sel.unregister(go_fd)
-        os.close(go_fd)
+        if keep_pipe:
+            self.spent_go_fd = go_fd
+        else:
+            os.close(go_fd)
         self.go, self.go_deadline = None, None
+        handoff, self.handoff = self.handoff, None
+        if handoff is not None:
+            self.sel.unregister(handoff.fileno())
+        return handoff
+
+    def _drop_handoff(self) -> None:
+        if self.handoff is not None:
+            self.sel.unregister(self.handoff.fileno())
+            self.handoff.close()
+            self.handoff = None
 
     @staticmethod
     def _say(fd: int, line: bytes) -> None:
@@ -270,7 +333,8 @@ class DomainServer:
         self.running = False
         if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
             ready_fd = self.go[1]
-            self._end_go_wait()         # a GO still to come meets a closed pipe; one sent, this answer
+            # a GO still to come meets a closed pipe; one sent, these answers
+            _answer_go(self._end_go_wait(), "refused")
             self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
@@ -324,13 +388,15 @@ class DomainServer:
             if self.go_deadline is not None and time.monotonic() > self.go_deadline:
                 log.warning("no GO in time after a relocation: destroying the domain")
                 os.close(self.go[1])
-                self._end_go_wait()
+                _answer_go(self._end_go_wait(), "refused")
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
                     self._accept()
                 elif key.data == "go":
                     self._on_go()
+                elif key.data == "handoff":
+                    self._on_handoff()
                 else:
                     self._serve_client(key.fileobj, key.data)
 
@@ -659,6 +725,9 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
     def applied(domain, stats) -> None:
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
+        if job.handoff:     # first: GO is taken only after ok (complete), whichever comes first
+            handoff[0] = _ready(intake)
+            trace.mark("R READY said")
         server.domain = domain
         server.publish()                # listed from RESTORED on (specs/relocation.md)
         os.write(ready_fd, say(Say.OK, stats.stream_bytes, stats.end_at, stats.applied_at))
@@ -670,8 +739,11 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         # plane's release) rather than after it
         server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout,
                         f"received {job.name}: {stats.pages_total} pages, {stats.stream_bytes} bytes "
-                        f"in {stats.seconds:.3f}s")
+                        f"in {stats.seconds:.3f}s", handoff[0])
+        handoff[0] = None
         server.take_go(EARLY_GO_WAIT)
+
+    handoff = [None]        # data channel 0 once READY went on it, until GO is awaited
 
     try:
         return restore(FileChunks([job.stream_fd]), name=job.name, make_domain=make, progress=progress,
@@ -692,9 +764,40 @@ def _channel_intake(job: Receive, ready_fd: int):
         return None, None
     tls_ctx = TlsContext(True, job.tls_dir) if job.tls_dir else None
     receiver = Receiver(job.channels, FORMAT_VERSION, job.token, tls_ctx, timeout=FRAME_TIMEOUT,
-                        cap=stream_cap(job.memory))
+                        cap=stream_cap(job.memory), handoff=job.handoff)
     intake = ChannelIntake(receiver, socket.socket(fileno=job.channel_fd))
     return intake, _RoundReporter(intake, ready_fd)
+
+
+def _answer_go(handoff, answer: str) -> None:
+    """What became of GO on data channel 0 (a dataplane.Handoff; None: none), which is then
+    closed."""
+    if handoff is None:
+        return
+    try:
+        handoff.answer(answer)
+    except DataplaneError as exc:
+        log.warning("%s", exc)
+    finally:
+        handoff.close()
+
+
+def _ready(intake: ChannelIntake):
+    """READY on data channel 0 (specs/relocation.md, "The handoff on channel 0"): the
+    channel, taken from the intake for GO to come on; None if it failed (logged: GO then
+    comes down the go pipe only)."""
+    try:
+        handoff = intake.receiver.handoff()
+    except DataplaneError as exc:
+        log.warning("no handoff on data channel 0: %s", exc)
+        return None
+    try:
+        handoff.ready()
+    except DataplaneError as exc:
+        log.warning("no handoff on data channel 0: %s", exc)
+        handoff.close()
+        return None
+    return handoff
 
 
 CHANNELS_EVERY = 0.5        # seconds between two CHANNELS lines while the channels carry bytes

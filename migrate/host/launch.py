@@ -23,6 +23,8 @@ OK          ``ok`` / ``ok BYTES END_AT APPLIED_AT`` started (create, restore) / 
                                                     (receive: the stream's length, when END
                                                     was read and the state applied, seconds of
                                                     CLOCK_MONOTONIC)
+TAKEN       ``taken TAKEN_AT``                      receive: GO came on data channel 0 (when); the
+                                                    answer to it follows (RUNNING, PAUSED, REFUSED)
 RUNNING     ``running RESUMED_AT``                  receive, after GO: the guest runs
 PAUSED      ``paused``                              receive, after ``go paused``: kept paused
 REFUSED     ``refused: REASON``                     receive, after GO: it could not resume the
@@ -82,7 +84,7 @@ class Receive:
     ``net_from`` and ``vcpus``; the domain is named ``name``, its disk is ``disk_to`` and its
     NIC hangs on ``net_to``; ``cpu``: HELLO's CPU records (or None); ``channels`` data
     channels arrive on the unix socket ``channel_fd`` with ``token`` (TLS with the keys in
-    ``tls_dir``); no GO within ``resume_timeout`` seconds destroys the copy; ``hugepages``:
+    ``tls_dir``), and with ``handoff`` channel 0 carries READY and GO after its pages; no GO within ``resume_timeout`` seconds destroys the copy; ``hugepages``:
     the guest's RAM of 2 MiB huge pages (this host's choice, ``hvm host serve --hugepages``)."""
     stream_fd: int
     go_fd: int
@@ -102,6 +104,7 @@ class Receive:
     vcpus: int
     hugepages: bool
     live: bool
+    handoff: bool
 
 
 MODES: dict[str, type] = {"create": Create, "restore": Restore, "receive": Receive}
@@ -172,6 +175,7 @@ class Say(StrEnum):
     ROUND = "round"
     CHANNELS = "channels"
     OK = "ok"
+    TAKEN = "taken"
     RUNNING = "running"
     PAUSED = "paused"
     REFUSED = "refused"
@@ -186,6 +190,7 @@ LINES: dict[Say, tuple[tuple[str, type], ...] | None] = {
     Say.ROUND: (("rounds", int),),
     Say.CHANNELS: (("bytes", int),),
     Say.OK: (("bytes", int), ("end_at", float), ("applied_at", float)),     # or none (create, restore)
+    Say.TAKEN: (("taken_at", float),),
     Say.RUNNING: (("resumed_at", float),),
     Say.PAUSED: (),
     Say.REFUSED: None,

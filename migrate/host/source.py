@@ -157,10 +157,12 @@ class MigrateJob:
             cancels.end_setup()     # from here on the save watches the cancel (and stops its sink)
             out = DataBuffer(ch)
             sink = ChannelSink(out.write, out.flush, outputs) if links else RelaySink(out.write, out.flush)
+            handoff = outputs[0] if links and welcome.get("handoff") is True else None
             outputs = None      # the sink's now
             limit = _PauseLimit(ch, sink)
             return self._stream_and_handoff(domain, ch, t0, time.monotonic() - t0, was_running, progress,
-                                            cancel, links, out, sink, before_go, gc_hold, limit, cancels)
+                                            cancel, links, out, sink, before_go, gc_hold, limit, cancels,
+                                            handoff)
         except RelocationError:
             raise
         except Exception as exc:        # nothing above foresaw it (a bug): say where the guest is
@@ -193,7 +195,7 @@ class MigrateJob:
             ch.send("HELLO", proto=PROTO, stream_versions=[FORMAT_VERSION], name=cfg.name,
                     memory=cfg.memory, stub=bool(cfg.stub), disk=cfg.disk, live=self.live,
                     cpu=cpu_bodies(domain_cpus(domain)), net=net_attachment(cfg.net),
-                    channels=self.channels, vcpus=cfg.vcpus)
+                    channels=self.channels, vcpus=cfg.vcpus, **({"handoff": True} if self.channels else {}))
             welcome = ch.expect("WELCOME", WELCOME_TIMEOUT)
         except PeerError as exc:
             raise RelocationError(f"{self.host}:{self.port} refused: {exc}") from None
@@ -219,7 +221,8 @@ class MigrateJob:
         channel_id, token = welcome.get("channel_id"), welcome.get("channel_token")
         if not (isinstance(granted, int) and not isinstance(granted, bool) and 0 < granted <= self.channels
                 and isinstance(channel_id, bytes)
-                and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32):
+                and len(channel_id) == 16 and isinstance(token, bytes) and len(token) == 32
+                and isinstance(welcome.get("handoff", False), bool)):
             raise RelocationError(f"{self.host}:{self.port} granted channels badly: {granted!r}")
         try:
             for index in range(granted):
@@ -256,7 +259,7 @@ class MigrateJob:
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
                             out, sink, before_go, gc_hold, limit: "_PauseLimit",
-                            cancels: "_CancelWatch") -> dict:
+                            cancels: "_CancelWatch", handoff=None) -> dict:
         where = f"{self.host}:{self.port}"
         watch = _LinkWatch(ch, sink)
         at: dict[str, float] = {}
@@ -314,8 +317,9 @@ class MigrateJob:
             raise _stream_failed(ch, exc, where) from None
         paused_at = stats.start_time + stats.pause_offset
         try:
-            restored = _expect(ch, "RESTORED", RESTORED_TIMEOUT, before_go)
-            trace.mark("S RESTORED read")
+            # RESTORED, or READY on data channel 0 first (RESTORED then comes after GO)
+            restored = _await_restored(ch, handoff, RESTORED_TIMEOUT, before_go)
+            trace.mark("S RESTORED read" if restored is not None else "S READY read")
             if not limit.stop():
                 raise ChannelError("the pause limit ran out")
             if before_go is not None:
@@ -332,26 +336,41 @@ class MigrateJob:
             raise RelocationError(f"relocation to {where} failed before the handoff: "
                                   f"{_peer_reason(ch, exc)}") from None
         restored_at = time.monotonic()
+        ready_read = restored is None           # else READY is still to be read on channel 0
         stay_paused = self.paused or not was_running
         try:
             if self.disk_lock is not None:      # the destination takes it on GO
                 self.disk_lock.release_writer()
             self.go_sent = True         # from here on a failure leaves the outcome unknown
+            if handoff is not None:     # GO on channel 0 first, then as ever
+                try:
+                    handoff.go(stay_paused)
+                except dataplane.DataplaneError as exc:
+                    log.warning("%s: GO goes on the control connection only", exc)
             ch.send("GO", paused=stay_paused)
             trace.mark("S GO sent")
+            if restored is None:
+                restored = ch.expect("RESTORED", RESTORED_TIMEOUT)
             running = ch.expect("RUNNING", RUNNING_TIMEOUT)
             trace.mark("S RUNNING read")
-        except PeerError as exc:
-            _logging_off(domain)
-            if not exc.not_resumed:
-                raise self._unknown(domain, exc) from None
-            self._take_disk_back(exc)   # the destination's copy never ran and is gone
-            if was_running:
-                domain.resume()
-            raise RelocationError(f"relocation to {where} failed at the handoff: destination: {exc}") from None
-        except ChannelError as exc:
-            _logging_off(domain)
-            raise self._unknown(domain, exc) from None
+        except ChannelError as exc:     # PeerError included
+            # the receiving domain process answers on channel 0 too, whichever way GO came:
+            # what the daemon could not say (it died, the link did), it may have
+            answer = _channel_answer(handoff, ready_read, RUNNING_TIMEOUT) if handoff is not None else None
+            if answer in ("running", "paused"):
+                log.warning("relocation to %s: %s after GO, but the destination's copy answered %r on "
+                            "data channel 0", where, exc, answer)
+                restored, running = restored or {}, {"paused": answer == "paused"}
+            else:
+                _logging_off(domain)
+                if answer != "refused" and not (isinstance(exc, PeerError) and exc.not_resumed):
+                    raise self._unknown(domain, exc) from None
+                self._take_disk_back(exc)   # the destination's copy never ran and is gone
+                if was_running:
+                    domain.resume()
+                said = "its copy never ran (data channel 0); " if answer == "refused" else ""
+                raise RelocationError(f"relocation to {where} failed at the handoff: destination: "
+                                      f"{said}{exc}") from None
         running_at = time.monotonic()
         arrived = "paused" if running.get("paused") is True else "running"
         final_at = at["final"]
@@ -371,7 +390,8 @@ class MigrateJob:
             "downtime_restore": restored_at - final_at,
             "downtime_resume": running_at - restored_at,
             "downtime_parts": parts,
-            "destination_seconds": restored["seconds"] if 0 <= restored["seconds"] < math.inf else None,
+            "destination_seconds": seconds if isinstance(seconds := restored.get("seconds"), (int, float))
+            and 0 <= seconds < math.inf else None,
             "bytes": stats.stream_bytes, "rounds": stats.rounds, "live": self.live,
             "rounds_detail": _rounds(stats, stats.start_time, final_at),
             "reason": stats.reason, "downtime_estimate": stats.downtime_estimate,
@@ -696,6 +716,42 @@ class _LinkWatch:
     def stop(self) -> None:
         with self.lock:
             self.stopped = True
+
+
+def _await_restored(ch: Channel, handoff, timeout: float, check=None) -> dict | None:
+    """RESTORED within ``timeout`` seconds in all (as :func:`_expect`), or None when READY
+    came first on data channel 0 (``handoff``: its data plane Output; None: no handoff):
+    the destination holds the restored pair and awaits GO, and RESTORED follows. A channel
+    0 that fails or carries anything else is left (logged): RESTORED is awaited alone."""
+    deadline = time.monotonic() + timeout
+    while handoff is not None and not _readable_now(ch.sock):
+        if check is not None:
+            check()
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise ChannelError(f"no RESTORED within {timeout:g} s")
+        try:
+            got = handoff.handoff("ready", ch.sock.fileno(), min(CHECK_EVERY, left))
+        except dataplane.DataplaneError as exc:
+            log.warning("%s: awaiting RESTORED", exc)
+            break
+        if got == "ready":
+            return None
+    return _expect(ch, "RESTORED", max(deadline - time.monotonic(), 0.001), check)
+
+
+def _channel_answer(handoff, ready_read: bool, timeout: float) -> str | None:
+    """The destination's answer to GO on data channel 0 (READY first, unless ``ready_read``),
+    within ``timeout`` seconds in all: "running", "paused", "refused" (its copy never ran),
+    or None if it gave none (the channel ended or failed)."""
+    deadline = time.monotonic() + timeout
+    try:
+        if not ready_read and handoff.handoff("ready", -1, timeout) is None:
+            return None
+        return handoff.handoff("answer", -1, max(deadline - time.monotonic(), 0.0))
+    except dataplane.DataplaneError as exc:
+        log.warning("%s", exc)
+        return None
 
 
 def _readable_now(sock) -> bool:
