@@ -13,7 +13,10 @@
  *   byte 1    bits 0-1 guest ranges - 1 (3: three); bits 2-4 which of them are memfds;
  *             bits 5-6 the end: 0, 1 wait for every FINAL sync, then close; 2 close at once
  *             once the bytes are written (the channels may be reading); 3 the same while
- *             another thread waits for the FINAL syncs
+ *             another thread waits for the FINAL syncs; bit 7 the handoff on channel 0
+ *             (specs/relocation.md): what follows its FINAL sync is held back until every
+ *             FINAL was read and the handoff taken (as a source sends GO only after READY),
+ *             then read as GO
  *   2..4      pages of each guest range, 1 + b % 8
  *   5         the gaps between ranges, 1 + 2 bits each
  *   6..7      the guest's first pfn (u16)
@@ -35,6 +38,9 @@
  *   exactly the batches before the refused record (nothing of it, all of those);
  * - closed early: any error is one line naming a channel; with one channel, memory holds
  *   the first k well-formed batches for some k;
+ * - the handoff: taken whenever every FINAL was read and nothing failed, and it outlives
+ *   the receiver's close; the bytes after channel 0's FINAL are GO (its PAUSED flag) exactly
+ *   when their first 16 are one, else one line naming channel 0;
  * - always: the sentinels around every range are intact; every 64 inputs, no more file
  *   descriptors or threads than before the first. */
 #ifndef _GNU_SOURCE
@@ -76,6 +82,12 @@ void dp_receiver_summary(struct dp_receiver *r, struct dp_channel_summary *out, 
 void dp_receiver_close(struct dp_receiver *r);
 void dp_receiver_free(struct dp_receiver *r);
 int dp_receiver_error(struct dp_receiver *r, char *err, size_t errlen);
+struct dp_handoff;
+void dp_receiver_set_handoff(struct dp_receiver *r);
+struct dp_handoff *dp_receiver_handoff(struct dp_receiver *r, char *err, size_t errlen);
+int dp_handoff_fd(struct dp_handoff *h);
+int dp_handoff_go(struct dp_handoff *h, int *paused, char *err, size_t errlen);
+void dp_handoff_free(struct dp_handoff *h);
 
 #define CHECK(cond) do { if (!(cond)) { fprintf(stderr, "channels_fuzz: check failed: %s (line %d)\n", \
                                                 #cond, __LINE__); abort(); } } while (0)
@@ -180,7 +192,7 @@ static void slot_check_sentinels(const struct slot *sl)
 
 /* -- the setup -------------------------------------------------------------------------- */
 struct setup {
-    int nch, open_late, stub_mode, fix_crc, fix_sync, end;
+    int nch, open_late, stub_mode, fix_crc, fix_sync, end, handoff;
     unsigned nguest;                    /* slots 0..nguest-1; slot 3 the stub's */
 };
 
@@ -343,7 +355,7 @@ static void judge(const struct setup *su, int index, const uint8_t *p, size_t n,
         records++;
         off += 16 + padded(len);
     }
-    v->ok = off == n;                   /* nothing after FINAL */
+    v->ok = off == n || (su->handoff && index == 0);    /* nothing after FINAL, but the handoff */
 }
 
 /* the streams as a whole: every channel well formed, the same rounds, each pfn once a
@@ -551,6 +563,7 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     su.fix_sync = b0 >> 6 & 1;
     su.nguest = 1 + (b1 & 3) % 3;
     su.end = b1 >> 5 & 3;
+    su.handoff = b1 >> 7 & 1;
     uint64_t at = (data[6] | (uint64_t)data[7] << 8) + (b0 & 0x80 ? 1ull << 40 : 0);
     for (unsigned s = 0; s < su.nguest; s++) {
         uint64_t count = 1 + data[2 + s] % MAXP;
@@ -580,6 +593,15 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     char err[600];
     struct dp_receiver *r = dp_receiver_new(su.nch, VERSION, token, NULL, TIMEOUT, TIMEOUT, err, sizeof err);
     CHECK(r);
+    size_t hold = 0;                    /* the handoff: channel 0's bytes after its FINAL, held back */
+    if (su.handoff) {
+        dp_receiver_set_handoff(r);
+        struct verdict v0;
+        judge(&su, 0, stream[0], len[0], &v0);
+        if (v0.final)
+            hold = len[0] - (v0.bytes + 16 + SYNC_LEN);
+        free(v0.batches);
+    }
     uint64_t first[3], count[3], offs[3];
     uint8_t *base[3];
     int fds[3];
@@ -624,11 +646,13 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
         for (int c = 0; c < su.nch; c++) {
             if (done[c] || !pf[c].revents)
                 continue;
-            ssize_t w = sent[c] < len[c] ? send(pair[c][0], stream[c] + sent[c], len[c] - sent[c], MSG_NOSIGNAL) : 0;
+            size_t upto = len[c] - (c ? 0 : hold);
+            ssize_t w = sent[c] < upto ? send(pair[c][0], stream[c] + sent[c], upto - sent[c], MSG_NOSIGNAL) : 0;
             if (w > 0)
                 sent[c] += w;
-            if (sent[c] == len[c] || (w < 0 && errno != EAGAIN && errno != EINTR)) {
-                shutdown(pair[c][0], SHUT_WR);
+            if (sent[c] == upto || (w < 0 && errno != EAGAIN && errno != EINTR)) {
+                if (c || !hold)
+                    shutdown(pair[c][0], SHUT_WR);
                 done[c] = 1;
                 pending--;
             }
@@ -648,7 +672,38 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     if (rc == 0)
         fprintf(stderr, "channels_fuzz: no FINAL within %g s and no error\n", TIMEOUT);
     CHECK(rc != 0);
+    struct dp_handoff *h = NULL;
+    if (su.handoff && rc == 1) {
+        char why[600];
+        h = dp_receiver_handoff(r, why, sizeof why);
+        CHECK(h || dp_receiver_error(r, why, sizeof why));
+    }
+    if (hold) {                         /* GO, after the handoff was taken */
+        for (size_t at = len[0] - hold; h && at < len[0];) {
+            ssize_t w = send(pair[0][0], stream[0] + at, len[0] - at, MSG_NOSIGNAL);
+            if (w > 0)
+                at += w;
+            else if (w < 0 && errno == EAGAIN)
+                poll(&(struct pollfd){pair[0][0], POLLOUT, 0}, 1, 100);
+            else
+                break;
+        }
+        shutdown(pair[0][0], SHUT_WR);
+    }
     dp_receiver_close(r);
+    if (h) {                            /* it outlives the receiver's close */
+        const uint8_t *go = stream[0] + len[0] - hold;
+        int want = hold >= 16 && !memcmp(go, "\x89HVMGO!1", 8) && get32(go + 8) <= 1 && !get32(go + 12);
+        int paused = -1, g;
+        char why[600];
+        for (int tries = 0; (g = dp_handoff_go(h, &paused, why, sizeof why)) == 0 && tries < 50; tries++)
+            poll(&(struct pollfd){dp_handoff_fd(h), POLLIN, 0}, 1, 100);
+        if (want)
+            CHECK(g == 1 && paused == (int)get32(go + 8));
+        else
+            CHECK(g == -1 && strncmp(why, "channel 0: ", 11) == 0 && !strchr(why, '\n'));
+        dp_handoff_free(h);
+    }
     char later[600];
     int failed = dp_receiver_error(r, later, sizeof later) != 0;
     CHECK(rc == 1 || failed);

@@ -26,10 +26,10 @@ PAGE = 4096
 
 
 def setup(streams: list[bytes], *, open_late=False, stub=0, fix_crc=False, fix_sync=False, high=False,
-          pages=(8,), memfd=(), gaps=(1, 1), first=0, stub_pages=4, stub_first=0, end=0) -> bytes:
+          pages=(8,), memfd=(), gaps=(1, 1), first=0, stub_pages=4, stub_first=0, end=0, handoff=False) -> bytes:
     """The harness's input: its setup bytes, then the streams (channels: len(streams))."""
     b0 = (len(streams) - 1) | open_late << 2 | stub << 3 | fix_crc << 5 | fix_sync << 6 | high << 7
-    b1 = (len(pages) - 1) | sum(1 << (2 + i) for i in memfd) | end << 5
+    b1 = (len(pages) - 1) | sum(1 << (2 + i) for i in memfd) | end << 5 | handoff << 7
     counts = [(list(pages) + [1, 1, 1])[i] - 1 for i in range(3)]
     gap = sum((g - 1) << (2 * i) for i, g in enumerate(gaps))
     head = bytes([b0, b1, *counts, gap]) + struct.pack("<H", first) + bytes([(stub_first << 2) | (stub_pages - 1)])
@@ -104,6 +104,24 @@ def seeds() -> dict[str, bytes]:
     w.sync(2, final=True)
     out["one-three-ranges"] = setup([w.data], pages=(4, 2, 8), memfd=(1,), gaps=(1, 3), first=100)
     out["one-three-ranges-memfd"] = setup([w.data], pages=(4, 2, 8), memfd=(0, 2), gaps=(1, 3), first=100)
+
+    # the handoff on channel 0: GO after its FINAL sync (specs/relocation.md)
+    go = b"\x89HVMGO!1" + struct.pack("<II", 0, 0)
+    w = ChannelWriter(0)
+    w.batch(0, [(1, page(1))])
+    w.sync(0, final=True)
+    out["handoff-go"] = setup([w.data + go], handoff=True)
+    out["handoff-go-paused"] = setup([w.data + go[:8] + struct.pack("<II", 1, 0)], handoff=True)
+    out["handoff-go-bad-flags"] = setup([w.data + go[:8] + struct.pack("<II", 2, 0)], handoff=True)
+    out["handoff-go-cut"] = setup([w.data + go[:11]], handoff=True)
+    out["handoff-nothing-after-final"] = setup([w.data], handoff=True)
+    out["handoff-end-3"] = setup([w.data + go], handoff=True, end=3)
+    ch0, ch1 = ChannelWriter(0), ChannelWriter(1)
+    for i, c in enumerate((ch0, ch1)):
+        c.batch(0, [(i, page(i))])
+        c.sync(0, final=True)
+    out["handoff-two-go-after-the-other"] = setup([ch0.data, ch1.data + go], handoff=True)
+    out["handoff-two-go"] = setup([ch0.data + go, ch1.data], handoff=True)
 
     # closed early, freed while another thread waits
     for end in (2, 3):
