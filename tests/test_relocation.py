@@ -24,7 +24,7 @@ from migrate.config import Convergence
 from migrate.domain import DomainConfig
 from migrate.engine import file_chunks, restore
 from migrate.guest import check
-from migrate.host import control, destination, learned, tls
+from migrate.host import control, destination, launch, learned, statedir, tls
 from migrate.host.source import _downtime_parts, migrate_domain
 from migrate.host.channel import FRAME, MAX_CONTROL, Channel, ChannelError, PeerError
 
@@ -537,6 +537,75 @@ def test_answer_to_go_is_read_strictly(tmp_path):
             incoming(silent).resume()
         assert not isinstance(info.value, destination.NotResumed)
         assert "domain process exited" in str(info.value)
+
+    # GO taken on data channel 0 (TAKEN before anything resumed): then only REFUSED says it
+    # never ran; an error after TAKEN may follow a resume (it was taken as "never ran")
+    taken = b"taken %.6f\n" % time.monotonic()
+    inc = incoming(taken + b"running %.6f\n" % (time.monotonic() + 0.001), go_reader=False)
+    assert 0 <= inc.resume() < 1 and inc.go_w == -1     # no GO written, none needed
+    with pytest.raises(destination.NotResumed, match="^disk busy$"):
+        incoming(taken + b"refused: disk busy\n").resume()
+    for after in (b"error: announce failed\n", b""):
+        with pytest.raises(destination.Refused) as info:
+            incoming(taken + after).resume()
+        assert not isinstance(info.value, destination.NotResumed), after
+    inc = incoming(b"running %.6f\n" % time.monotonic())
+    inc.resume()
+    assert inc.go_w == -1                                # the go pipe is not left open
+
+
+@pytest.mark.parametrize("case", ["no GO taken", "took GO and runs", "took GO, then silent", "no OK yet"])
+def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypatch, case):
+    """The daemon gives a received copy up before it passed GO on (Incoming.withdraw), with
+    the handoff on data channel 0, where the copy may have taken GO meanwhile. A stand-in
+    for the receiving domain process (a real process holding the pipes' other ends) says
+    what the case says: the copy is destroyed when it never took GO, stays when it took
+    GO and runs, is killed and kept (crashed, outcome unknown) when it took GO and said no
+    more; before its OK it is killed at once, and what it said still counts."""
+    monkeypatch.setattr(destination, "WITHDRAW_WAIT", 0.5)
+    base = tmp_path / "state"
+    directory = base / "w1"
+    directory.mkdir(parents=True)
+    ready_r, ready_w = os.pipe()
+    go_r, go_w = os.pipe()
+    stream_r, stream_w = os.pipe()
+    lines = {"no GO taken": b"", "took GO and runs": b"taken 1.0\nrunning 2.0\n",
+             "took GO, then silent": b"taken 1.0\n", "no OK yet": b""}[case]
+    # the stand-in: says its lines, then, like a copy that took no GO, ends when the go pipe
+    # closes (a copy that took GO goes on running)
+    code = (f"import os, time\nos.write({ready_w}, {lines!r})\n"
+            + ("time.sleep(60)\n" if lines else f"while os.read({go_r}, 16): pass\n"))
+    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=(ready_w, go_r))
+    for fd in (ready_w, go_r, stream_r):
+        os.close(fd)
+    (directory / statedir.PIDFILE).write_text(str(child.pid))
+    inc = object.__new__(destination.Incoming)
+    give_fds, theirs = socket.socketpair(socket.AF_UNIX)
+    inc.name, inc.base, inc.dir, inc.handoff, inc.give_fds = "w1", base, directory, True, give_fds
+    inc.ready_r, inc.go_w, inc.stream_w = ready_r, go_w, stream_w
+    inc._pending, inc._lines, inc._eof = b"", [], False
+    inc.final = None if case == "no OK yet" else launch.parse("ok 1 1.0 1.0")
+    try:
+        outcome = inc.withdraw()
+        alive = child.poll() is None
+        if case in ("no GO taken", "no OK yet"):
+            assert outcome == "discarded" and not alive and not directory.exists()
+        elif case == "took GO and runs":
+            assert outcome == "runs" and alive and directory.exists()
+        else:
+            assert outcome == "unknown" and not alive and directory.exists()
+        assert not [p for p in base.iterdir() if p.name.startswith(".")]     # nothing left hidden
+    finally:
+        child.kill()
+        child.wait()
+        give_fds.close()
+        theirs.close()
+        for fd in (inc.ready_r, inc.go_w, inc.stream_w):
+            if fd >= 0:
+                try:
+                    os.close(fd)
+                except OSError:
+                    pass
 
 
 @pytest.mark.kvm

@@ -406,6 +406,11 @@ class Handoff:
         if lib.dp_handoff_answer(self.ptr, code, buf, n):
             raise DataplaneError(_text(buf))
 
+    def finish(self) -> None:
+        """After the answer: its writing half ended, what came since dropped (the channel
+        stays open until :meth:`close`)."""
+        lib.dp_handoff_finish(self.ptr)
+
     def close(self) -> None:
         if self.ptr is not None:
             lib.dp_handoff_free(self.ptr)

@@ -92,6 +92,7 @@ int dp_handoff_fd(struct dp_handoff *h);
 int dp_handoff_ready(struct dp_handoff *h, char *err, size_t errlen);
 int dp_handoff_go(struct dp_handoff *h, int *paused, char *err, size_t errlen);
 int dp_handoff_answer(struct dp_handoff *h, uint32_t code, char *err, size_t errlen);
+void dp_handoff_finish(struct dp_handoff *h);
 void dp_handoff_free(struct dp_handoff *h);
 """
 

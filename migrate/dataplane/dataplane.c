@@ -1751,10 +1751,10 @@ static void fail_all(struct dp_receiver *r)
 {
     pthread_mutex_lock(&r->lock);
     pthread_cond_broadcast(&r->cv);
-    pthread_mutex_unlock(&r->lock);
-    for (int i = 0; i < r->nchannels; i++)
+    for (int i = 0; i < r->nchannels; i++)      /* under the lock: hand_over sets detached */
         if (r->channels[i].started && !r->channels[i].detached)
             shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+    pthread_mutex_unlock(&r->lock);
 }
 
 #define CH_FAIL(ch, idx, type, ...) do {                                                     \
@@ -2122,11 +2122,14 @@ void dp_receiver_close(struct dp_receiver *r)
     r->closing = 1;                 /* waiters return 0; close does not wait for them to */
     pthread_cond_broadcast(&r->cv); /* leave (a woken thread may take milliseconds to run */
     pthread_mutex_unlock(&r->lock); /* here): free does, before the memory goes */
+    pthread_mutex_lock(&r->lock);   /* hand_over sets detached under it */
+    for (int i = 0; i < r->nchannels; i++)
+        if (r->channels[i].started && !r->channels[i].detached)
+            shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+    pthread_mutex_unlock(&r->lock);
     for (int i = 0; i < r->nchannels; i++) {
         struct dp_channel *ch = &r->channels[i];
         if (ch->started) {
-            if (!ch->detached)
-                shutdown(ch->conn.fd, SHUT_RDWR);
             pthread_join(ch->thread, NULL);
             ch->started = 0;
         }
@@ -2374,6 +2377,25 @@ int dp_handoff_answer(struct dp_handoff *h, uint32_t code, char *err, size_t err
         return -1;
     }
     return 0;
+}
+
+/* After ANSWER: the writing half ended (TLS close_notify, then a TCP shutdown for writing)
+ * and what has come since (a GO that crossed the answer) read and dropped, so that closing
+ * the channel later does not reset the connection before the source has read the answer */
+void dp_handoff_finish(struct dp_handoff *h)
+{
+    if (h->conn.ssl) {
+        int flags = fcntl(h->conn.fd, F_GETFL);
+        if (flags >= 0 && fcntl(h->conn.fd, F_SETFL, flags | O_NONBLOCK) == 0) {
+            SSL_shutdown(h->conn.ssl);
+            fcntl(h->conn.fd, F_SETFL, flags);
+        }
+        ERR_clear_error();
+    }
+    shutdown(h->conn.fd, SHUT_WR);
+    uint8_t drop[4096];
+    while (recv(h->conn.fd, drop, sizeof drop, MSG_DONTWAIT) > 0)
+        ;
 }
 
 void dp_handoff_free(struct dp_handoff *h)

@@ -350,17 +350,23 @@ class Incoming:
         known (it exited without an answer: EXITED, or none came)."""
         go_at = time.monotonic()
         self._take_lines()
+        gone = None
         if not self._taken():
             try:
                 os.write(self.go_w, Go(paused).encode())
                 trace.mark("D GO passed on")
             except OSError as exc:      # no reader left: unless it took GO on channel 0, nobody resumed it
-                self._drain(control.CREATE_TIMEOUT)
-                if not self._taken():
-                    raise NotResumed(f"the receiving domain process was gone before GO ({exc.strerror})") from None
+                gone = exc.strerror
+        os.close(self.go_w)
+        self.go_w = -1
+        if gone is not None:
+            self._drain(WITHDRAW_WAIT)
+            if not self._taken():
+                raise NotResumed(f"the receiving domain process was gone before GO ({gone})")
         taken, line = self._answer(control.CREATE_TIMEOUT)
         trace.mark("D answer to GO read")
-        if line.kind in (Say.REFUSED, Say.ERROR):
+        # after TAKEN only its REFUSED says it never ran: an error may come after a resume
+        if line.kind is Say.REFUSED or (line.kind is Say.ERROR and taken is None):
             raise NotResumed(line.reason)
         if paused and line.kind is Say.PAUSED:
             return None
@@ -411,10 +417,11 @@ class Incoming:
     def withdraw(self) -> str:
         """Before GO, the relocation failed here: give the received copy up. With the
         handoff on data channel 0 it may have taken GO there (even before this daemon read
-        its OK, and it says TAKEN before it resumes). The stream and go pipes are closed (a
-        copy that took no GO fails or destroys itself) and what it says until it ends
-        decides; one that does not end or answer within WITHDRAW_WAIT is killed, and what it
-        had said decides. Its directory is out of sight meanwhile, as :meth:`discard` has it. Returns
+        its OK, and it says TAKEN before it resumes). Once it said OK, the stream and go
+        pipes are closed (a copy that took no GO destroys itself) and what it says until it
+        ends decides; before its OK, or with no end or answer within WITHDRAW_WAIT, it is
+        killed first (its pipes still open) and then what it had said decides. Its
+        directory is out of sight meanwhile, as :meth:`discard` has it. Returns
         "discarded" (it never ran: gone, its directory too), "runs" (it took GO and runs,
         or holds the guest paused: it is the live copy, and stays) or "unknown" (it took GO
         and said no more: killed if alive, its directory kept, as :meth:`abandon`)."""
@@ -422,28 +429,37 @@ class Incoming:
             self.discard()
             return "discarded"
         shown, self.dir = self.dir, control.hide(self.dir)     # not listed as crashed meanwhile
-        self.close_stream()             # a restore still under way fails on the cut stream
-        if self.go_w >= 0:              # one past its OK that took no GO destroys itself
-            os.close(self.go_w)
-            self.go_w = -1
-        try:
-            self._wait(lambda: self._taken() and len(self._lines) > 1, WITHDRAW_WAIT, "end")
-        except Refused:
-            pass
+        self._read_now()
+        killed = False
+        if self.final is not None and self.final.kind is Say.OK:
+            self.close_stream()
+            if self.go_w >= 0:          # a copy that took no GO destroys itself
+                os.close(self.go_w)
+                self.go_w = -1
+            try:
+                self._wait(lambda: self._taken() and len(self._lines) > 1, WITHDRAW_WAIT, "end")
+            except Refused:
+                pass
         if not self._eof and not (self._taken() and len(self._lines) > 1):
-            control.kill_pidfile(self.dir)      # no word in time: nothing it does after this counts
+            # before its OK, or no word in time: killed (its pipes still open, so that it
+            # can say TAKEN to the end), then everything it said read
+            control.kill_pidfile(self.dir)
+            killed = True
             self._drain(WITHDRAW_WAIT)
         if not self._taken():
             self.discard()
             return "discarded"
         if self.dir != shown:
-            os.rename(self.dir, shown)
-            self.dir = shown
+            try:
+                os.rename(self.dir, shown)
+                self.dir = shown
+            except OSError as exc:
+                log.error("%s: could not show its directory again (%s): it is %s", self.name, exc, self.dir)
         try:
             _, line = self._answer(0.001)
         except Refused:                 # it took GO and has not answered
             line = None
-        if line is not None and line.kind in (Say.RUNNING, Say.PAUSED):
+        if line is not None and line.kind in (Say.RUNNING, Say.PAUSED) and not killed:
             self.close()
             return "runs"
         if line is not None and line.kind is Say.REFUSED:
@@ -463,17 +479,20 @@ class Incoming:
         self.go_w = self.ready_r = -1
 
     def discard(self) -> None:
-        """Kill the receiving domain process (whose guest never ran) and remove its state."""
-        self._close()
+        """Kill the receiving domain process (whose guest never ran) and remove its state:
+        killed before its pipes close here (with the handoff on channel 0, a process that
+        could no longer tell this daemon TAKEN could otherwise take a GO there)."""
         if self.dir is not None:
             control.discard(self.dir)
+        self._close()
 
     def abandon(self) -> None:
         """After GO, with no answer: the receiving domain process may have run the guest.
         Kill it if it still lives, and keep its directory, so it is listed as crashed with
-        its logs (the source, told the outcome is unknown, is to look here)."""
-        self._close()
+        its logs (the source, told the outcome is unknown, is to look here). Killed first,
+        as :meth:`discard` has it."""
         control.kill_pidfile(self.dir)
+        self._close()
 
     def close(self) -> None:
         """The relocation is over and the domain runs: stop listening to it. Its standard

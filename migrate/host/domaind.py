@@ -75,6 +75,7 @@ from .channel import FRAME_TIMEOUT, ready, stream_cap
 log = logging.getLogger("hvm.domaind")
 GO_LOCK_WAIT = 0.5          # seconds GO may wait for the disk image lock the source lets go of
 EARLY_GO_WAIT = 0.05        # seconds a received domain waits for GO before its clean-up (_receive)
+ANSWER_LINGER = 5.0         # seconds data channel 0 stays open after the ANSWER to GO (_answer_go)
 DESTROY_JOB_WAIT = 60.0     # seconds hvm destroy waits for a cancelled save or relocation to end
 
 
@@ -157,6 +158,7 @@ class DomainServer:
         self.go: tuple[int, int, str] | None = None     # awaiting GO: go pipe, ready pipe, log line
         self.go_deadline: float | None = None
         self.handoff = None             # awaiting GO on data channel 0 too (a dataplane.Handoff)
+        self.answered = None            # (channel 0 after its ANSWER, when it is closed)
         self.spent_go_fd = -1           # the go pipe after GO came on channel 0: kept open (GO may follow)
         self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
         self.destroying = False                     # hvm destroy came: a job in progress ends with it
@@ -222,8 +224,13 @@ class DomainServer:
         trace.mark("R GO read")
         try:
             os.write(self.go[1], say(Say.TAKEN, time.monotonic()))
-        except OSError:
-            pass                # the daemon is gone: the source has its answer from nobody
+        except OSError as exc:  # its daemon cannot hear it: a copy it might kill unheard runs not
+            log.warning("GO came on data channel 0, but the daemon cannot be told (%s): refused", exc.strerror)
+            ready_fd = self.go[1]
+            self._answer_go(self._end_go_wait(), "refused")
+            os.close(ready_fd)
+            self.running = False
+            return
         self._take(Go(paused), keep_pipe=True)
 
     def _take(self, go: Go | None, keep_pipe: bool = False) -> None:
@@ -235,7 +242,7 @@ class DomainServer:
         handoff = self._end_go_wait(keep_pipe)
         if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
-            _answer_go(handoff, "refused")
+            self._answer_go(handoff, "refused")
             os.close(ready_fd)
             self.running = False
             return
@@ -244,7 +251,7 @@ class DomainServer:
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
                 self.disk_lock.release_incoming()
             if go.paused:
-                _answer_go(handoff, "paused")
+                self._answer_go(handoff, "paused")
                 self._say(ready_fd, say(Say.PAUSED))
                 log.info("%s; left paused, as it was at the source", note)
                 return
@@ -252,11 +259,11 @@ class DomainServer:
             trace.mark("R resumed")
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
-            _answer_go(handoff, "refused")
+            self._answer_go(handoff, "refused")
             self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
             self.running = False
             return
-        _answer_go(handoff, "running")
+        self._answer_go(handoff, "running")
         self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
         trace.mark("R RUNNING said")
         log.info("%s; running", note)
@@ -264,7 +271,7 @@ class DomainServer:
     def _end_go_wait(self, keep_pipe: bool = False):
         """No more waiting for GO: the go pipe closed (kept open after GO on channel 0,
         where the daemon's own GO may still be written); returns channel 0 if it carries
-        the handoff, for the answer (:func:`_answer_go`)."""
+        the handoff, for the answer (:meth:`_answer_go`)."""
         go_fd = self.go[0]
         self.sel.unregister(go_fd)
         if keep_pipe:
@@ -276,6 +283,24 @@ class DomainServer:
         if handoff is not None:
             self.sel.unregister(handoff.fileno())
         return handoff
+
+    def _answer_go(self, handoff, answer: str) -> None:
+        """What became of GO, on data channel 0 (a dataplane.Handoff; None: none): then its
+        writing half ended, and the channel kept ANSWER_LINGER seconds (:meth:`serve`
+        closes it), so that a GO still coming cannot make its close reset the connection
+        before the source has read the answer."""
+        if handoff is None:
+            return
+        try:
+            handoff.answer(answer)
+        except DataplaneError as exc:
+            log.warning("%s", exc)
+            handoff.close()
+            return
+        handoff.finish()
+        if self.answered is not None:
+            self.answered[0].close()
+        self.answered = (handoff, time.monotonic() + ANSWER_LINGER)
 
     def _drop_handoff(self) -> None:
         if self.handoff is not None:
@@ -334,7 +359,7 @@ class DomainServer:
         if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
             ready_fd = self.go[1]
             # a GO still to come meets a closed pipe; one sent, these answers
-            _answer_go(self._end_go_wait(), "refused")
+            self._answer_go(self._end_go_wait(), "refused")
             self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
@@ -385,10 +410,14 @@ class DomainServer:
     # -- the loop ------------------------------------------------------------
     def serve(self) -> None:
         while self.running:
+            if self.answered is not None and time.monotonic() > self.answered[1]:
+                self.answered[0].close()
+                self.answered = None
             if self.go_deadline is not None and time.monotonic() > self.go_deadline:
                 log.warning("no GO in time after a relocation: destroying the domain")
-                os.close(self.go[1])
-                _answer_go(self._end_go_wait(), "refused")
+                ready_fd = self.go[1]
+                self._answer_go(self._end_go_wait(), "refused")
+                self._say(ready_fd, say(Say.REFUSED, text="no GO in time: destroyed here before GO"))
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
@@ -767,19 +796,6 @@ def _channel_intake(job: Receive, ready_fd: int):
                         cap=stream_cap(job.memory), handoff=job.handoff)
     intake = ChannelIntake(receiver, socket.socket(fileno=job.channel_fd))
     return intake, _RoundReporter(intake, ready_fd)
-
-
-def _answer_go(handoff, answer: str) -> None:
-    """What became of GO on data channel 0 (a dataplane.Handoff; None: none), which is then
-    closed."""
-    if handoff is None:
-        return
-    try:
-        handoff.answer(answer)
-    except DataplaneError as exc:
-        log.warning("%s", exc)
-    finally:
-        handoff.close()
 
 
 def _ready(intake: ChannelIntake):

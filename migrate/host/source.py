@@ -318,7 +318,7 @@ class MigrateJob:
         paused_at = stats.start_time + stats.pause_offset
         try:
             # RESTORED, or READY on data channel 0 first (RESTORED then comes after GO)
-            restored = _await_restored(ch, handoff, RESTORED_TIMEOUT, before_go)
+            restored, handoff = _await_restored(ch, handoff, RESTORED_TIMEOUT, before_go)
             trace.mark("S RESTORED read" if restored is not None else "S READY read")
             if not limit.stop():
                 raise ChannelError("the pause limit ran out")
@@ -356,7 +356,9 @@ class MigrateJob:
         except ChannelError as exc:     # PeerError included
             # the receiving domain process answers on channel 0 too, whichever way GO came:
             # what the daemon could not say (it died, the link did), it may have
-            answer = _channel_answer(handoff, ready_read, RUNNING_TIMEOUT) if handoff is not None else None
+            answer = None
+            if handoff is not None and not (isinstance(exc, PeerError) and exc.not_resumed):
+                answer = _channel_answer(handoff, ready_read, RUNNING_TIMEOUT)
             if answer in ("running", "paused"):
                 log.warning("relocation to %s: %s after GO, but the destination's copy answered %r on "
                             "data channel 0", where, exc, answer)
@@ -521,10 +523,11 @@ PAUSE_LIMIT_POLL = 0.5      # seconds between two looks at the clock (nothing wa
 class _PauseLimit:
     """The bound on a live move's paused time before GO (specs/relocation.md, section 5):
     armed at the pause, with a limit of PAUSE_LIMIT_MIN seconds or PAUSE_LIMIT_FACTOR
-    times the downtime estimate, whichever is longer. If RESTORED has not been read by
-    then (a destination that reads the last round slowly, or restores slowly), it cancels
-    the sink and shuts the control connection down, so the save or the wait for RESTORED
-    fails at once and the guest resumes here. :meth:`stop` says whether GO may still be
+    times the downtime estimate, whichever is longer. If neither RESTORED nor READY (on
+    data channel 0) has been read by then (a destination that reads the last round
+    slowly, or restores slowly), it cancels the sink (its channels shut down) and shuts
+    the control connection down, so the save or the wait for RESTORED fails at once and
+    the guest resumes here. :meth:`stop` says whether GO may still be
     sent: once it has returned True the limit cannot fire. Arming and stopping only set
     fields (they are on the downtime path); the thread looks every PAUSE_LIMIT_POLL."""
 
@@ -718,11 +721,12 @@ class _LinkWatch:
             self.stopped = True
 
 
-def _await_restored(ch: Channel, handoff, timeout: float, check=None) -> dict | None:
+def _await_restored(ch: Channel, handoff, timeout: float, check=None) -> tuple[dict | None, object]:
     """RESTORED within ``timeout`` seconds in all (as :func:`_expect`), or None when READY
     came first on data channel 0 (``handoff``: its data plane Output; None: no handoff):
-    the destination holds the restored pair and awaits GO, and RESTORED follows. A channel
-    0 that fails or carries anything else is left (logged): RESTORED is awaited alone."""
+    the destination holds the restored pair and awaits GO, and RESTORED follows; and the
+    handoff, or None once channel 0 failed or carried anything else (logged: the control
+    connection alone goes on)."""
     deadline = time.monotonic() + timeout
     while handoff is not None and not _readable_now(ch.sock):
         if check is not None:
@@ -734,10 +738,11 @@ def _await_restored(ch: Channel, handoff, timeout: float, check=None) -> dict | 
             got = handoff.handoff("ready", ch.sock.fileno(), min(CHECK_EVERY, left))
         except dataplane.DataplaneError as exc:
             log.warning("%s: awaiting RESTORED", exc)
+            handoff = None
             break
         if got == "ready":
-            return None
-    return _expect(ch, "RESTORED", max(deadline - time.monotonic(), 0.001), check)
+            return None, handoff
+    return _expect(ch, "RESTORED", max(deadline - time.monotonic(), 0.001), check), handoff
 
 
 def _channel_answer(handoff, ready_read: bool, timeout: float) -> str | None:
