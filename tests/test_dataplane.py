@@ -4,6 +4,7 @@ here by an independent Python encoder of specs/stream-format.md "Channel streams
 refused with one line before the bad bytes reach memory."""
 from __future__ import annotations
 
+import contextlib
 import errno
 import os
 import socket
@@ -827,45 +828,42 @@ def test_the_source_waits_for_ready_or_its_control_link(tls_dirs):
         close(pairs, rx, outs, tx)
 
 
-@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
-def test_a_handoff_message_that_is_not_go_or_ready_is_refused(tls_dirs, secure):
+@contextlib.contextmanager
+def _handed_over(tls_dirs, secure: bool = False):
+    """A handoff link, channel 0 taken: (socket pairs, outputs, the destination's Handoff)."""
     pairs, rx, outs, tx = _handoff_link(secure, tls_dirs)
     handoff = rx.handoff()
     try:
-        outs[0].write(b"\x89HVMGO!1" + struct.pack("<II", 2, 0))        # an unknown flag
-        with pytest.raises(DataplaneError, match="^channel 0: GO expected, other bytes came$"):
-            _await_go(handoff)
+        yield pairs, outs, handoff
     finally:
         handoff.close()
         close(pairs, rx, outs, tx)
 
 
+@pytest.mark.parametrize("secure", [False, True], ids=["plain", "tls"])
+def test_a_handoff_message_that_is_not_go_or_ready_is_refused(tls_dirs, secure):
+    with _handed_over(tls_dirs, secure) as (_, outs, handoff):
+        outs[0].write(b"\x89HVMGO!1" + struct.pack("<II", 2, 0))        # an unknown flag
+        with pytest.raises(DataplaneError, match="^channel 0: GO expected, other bytes came$"):
+            _await_go(handoff)
+
+
 def test_a_ready_or_answer_that_is_not_one_is_refused(tls_dirs):
-    pairs, rx, outs, tx = _handoff_link(False, tls_dirs)
-    handoff = rx.handoff()
-    try:
+    with _handed_over(tls_dirs) as (pairs, outs, _):
         pairs[0][1].sendall(b"\x89HVMRDY1" + struct.pack("<II", 0, 1))  # reserved not zero
         with pytest.raises(DataplaneError, match="^channel 0: READY expected, other bytes came$"):
             outs[0].handoff("ready", -1, 5)
         pairs[0][1].sendall(b"\x89HVMANS1" + struct.pack("<II", 4, 0))  # no such answer
         with pytest.raises(DataplaneError, match="^channel 0: ANSWER expected, other bytes came$"):
             outs[0].handoff("answer", -1, 5)
-    finally:
-        handoff.close()
-        close(pairs, rx, outs, tx)
 
 
 def test_a_go_cut_short_is_refused_when_the_channel_ends(tls_dirs):
-    pairs, rx, outs, tx = _handoff_link(False, tls_dirs)
-    handoff = rx.handoff()
-    try:
+    with _handed_over(tls_dirs) as (pairs, outs, handoff):
         outs[0].write(b"\x89HVMGO")
         pairs[0][0].shutdown(socket.SHUT_WR)
         with pytest.raises(DataplaneError, match="^channel 0: no GO: the channel ended$"):
             _await_go(handoff)
-    finally:
-        handoff.close()
-        close(pairs, rx, outs, tx)
 
 
 def test_no_handoff_without_asking_for_it_and_bytes_after_final_stay_refused(tls_dirs):
