@@ -554,14 +554,15 @@ def test_answer_to_go_is_read_strictly(tmp_path):
     assert inc.go_w == -1                                # the go pipe is not left open
 
 
-@pytest.mark.parametrize("case", ["no GO taken", "took GO and runs", "took GO, then silent", "no OK yet"])
+@pytest.mark.parametrize("case", ["no GO taken", "took GO and runs", "took GO, then silent", "no OK yet",
+                                  "OK, GO taken and run, all unread"])
 def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypatch, case):
     """The daemon gives a received copy up before it passed GO on (Incoming.withdraw), with
     the handoff on data channel 0, where the copy may have taken GO meanwhile. A stand-in
     for the receiving domain process (a real process holding the pipes' other ends) says
     what the case says: the copy is destroyed when it never took GO, stays when it took
     GO and runs, is killed and kept (crashed, outcome unknown) when it took GO and said no
-    more; before its OK it is killed at once, and what it said still counts."""
+    more; before its OK (none read) it is stopped at once, and what it said decides."""
     monkeypatch.setattr(destination, "WITHDRAW_WAIT", 0.5)
     base = tmp_path / "state"
     directory = base / "w1"
@@ -570,7 +571,8 @@ def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypat
     go_r, go_w = os.pipe()
     stream_r, stream_w = os.pipe()
     lines = {"no GO taken": b"", "took GO and runs": b"taken 1.0\nrunning 2.0\n",
-             "took GO, then silent": b"taken 1.0\n", "no OK yet": b""}[case]
+             "took GO, then silent": b"taken 1.0\n", "no OK yet": b"",
+             "OK, GO taken and run, all unread": b"ok 1 1.0 1.0\ntaken 1.0\nrunning 2.0\n"}[case]
     # the stand-in: says its lines, then, like a copy that took no GO, ends when the go pipe
     # closes (a copy that took GO goes on running)
     code = (f"import os, time\nos.write({ready_w}, {lines!r})\n"
@@ -584,13 +586,15 @@ def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypat
     inc.name, inc.base, inc.dir, inc.handoff, inc.give_fds = "w1", base, directory, True, give_fds
     inc.ready_r, inc.go_w, inc.stream_w = ready_r, go_w, stream_w
     inc._pending, inc._lines, inc._eof = b"", [], False
-    inc.final = None if case == "no OK yet" else launch.parse("ok 1 1.0 1.0")
+    inc.final = None if case.startswith(("no OK", "OK,")) else launch.parse("ok 1 1.0 1.0")
+    if lines:                   # what it said is there before the daemon gives it up
+        assert select.select([ready_r], [], [], 10)[0]
     try:
         outcome = inc.withdraw()
         alive = child.poll() is None
         if case in ("no GO taken", "no OK yet"):
             assert outcome == "discarded" and not alive and not directory.exists()
-        elif case == "took GO and runs":
+        elif case in ("took GO and runs", "OK, GO taken and run, all unread"):
             assert outcome == "runs" and alive and directory.exists()
         else:
             assert outcome == "unknown" and not alive and directory.exists()

@@ -813,17 +813,28 @@ def hide(directory: Path) -> Path:
     return hidden
 
 
-def kill_pidfile(directory: Path, timeout: float = 5.0) -> None:
+def kill_pidfile(directory: Path, timeout: float = 5.0) -> bool:
     """SIGKILL the domain process of ``directory`` and wait until it is gone (its files,
-    and the disk image lock among them, closed)."""
+    and the disk image lock among them, closed): whether it is (False: no process could be
+    signalled, or it outlived ``timeout``)."""
     try:
         pid = int((directory / statedir.PIDFILE).read_text())
         os.kill(pid, 9)
     except (OSError, ValueError):
-        return
+        return False
     deadline = time.monotonic() + timeout
     while _runs(pid) and time.monotonic() < deadline:
         time.sleep(0.01)
+    return not _runs(pid)
+
+
+def signal_pidfile(directory: Path, sig: int) -> bool:
+    """Send ``sig`` to the domain process of ``directory``: whether it could be."""
+    try:
+        os.kill(int((directory / statedir.PIDFILE).read_text()), sig)
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:

@@ -22,6 +22,7 @@ import logging
 import math
 import os
 import select
+import signal
 import socket
 import ssl
 import subprocess
@@ -391,6 +392,10 @@ class Incoming:
             except Refused:
                 pass
 
+    def _answered(self) -> bool:
+        """It took GO on channel 0 and answered it (TAKEN, then another line)."""
+        return self._taken() and len(self._lines) > 1
+
     def _taken(self) -> bool:
         return bool(self._lines) and self._lines[0].kind is Say.TAKEN
 
@@ -417,11 +422,12 @@ class Incoming:
     def withdraw(self) -> str:
         """Before GO, the relocation failed here: give the received copy up. With the
         handoff on data channel 0 it may have taken GO there (even before this daemon read
-        its OK, and it says TAKEN before it resumes). Once it said OK, the stream and go
-        pipes are closed (a copy that took no GO destroys itself) and what it says until it
-        ends decides; before its OK, or with no end or answer within WITHDRAW_WAIT, it is
-        killed first (its pipes still open) and then what it had said decides. Its
-        directory is out of sight meanwhile, as :meth:`discard` has it. Returns
+        its OK, and it says TAKEN before it resumes, its answer to its daemon before the one
+        on channel 0). Once it said OK, the stream and go pipes are closed (a copy that took
+        no GO destroys itself) and what it says until it ends decides; before its OK, or
+        with no end or answer within WITHDRAW_WAIT, it is stopped (SIGSTOP), what it said
+        read, and it is killed unless it answered a GO (then it goes on). Its directory is
+        out of sight meanwhile, as :meth:`discard` has it. Returns
         "discarded" (it never ran: gone, its directory too), "runs" (it took GO and runs,
         or holds the guest paused: it is the live copy, and stays) or "unknown" (it took GO
         and said no more: killed if alive, its directory kept, as :meth:`abandon`)."""
@@ -430,22 +436,27 @@ class Incoming:
             return "discarded"
         shown, self.dir = self.dir, control.hide(self.dir)     # not listed as crashed meanwhile
         self._read_now()
-        killed = False
         if self.final is not None and self.final.kind is Say.OK:
             self.close_stream()
             if self.go_w >= 0:          # a copy that took no GO destroys itself
                 os.close(self.go_w)
                 self.go_w = -1
             try:
-                self._wait(lambda: self._taken() and len(self._lines) > 1, WITHDRAW_WAIT, "end")
+                self._wait(lambda: self._answered(), WITHDRAW_WAIT, "end")
             except Refused:
                 pass
-        if not self._eof and not (self._taken() and len(self._lines) > 1):
-            # before its OK, or no word in time: killed (its pipes still open, so that it
-            # can say TAKEN to the end), then everything it said read
-            control.kill_pidfile(self.dir)
-            killed = True
-            self._drain(WITHDRAW_WAIT)
+        killed = False
+        if not self._eof and not self._answered():
+            # before its OK, or no word in time: stopped first (SIGSTOP), so that what it
+            # said is all it will have done, then read; killed unless it answered a GO
+            stopped = control.signal_pidfile(self.dir, signal.SIGSTOP)
+            self._read_now()
+            if stopped and self._answered():
+                control.signal_pidfile(self.dir, signal.SIGCONT)
+            else:                       # no process to stop is one that runs no more either
+                killed = True
+                if control.kill_pidfile(self.dir):
+                    self._drain(WITHDRAW_WAIT)
         if not self._taken():
             self.discard()
             return "discarded"
@@ -453,8 +464,11 @@ class Incoming:
             try:
                 os.rename(self.dir, shown)
                 self.dir = shown
-            except OSError as exc:
-                log.error("%s: could not show its directory again (%s): it is %s", self.name, exc, self.dir)
+            except OSError as exc:      # out of hvm list's reach, but not of its reaping
+                kept = shown.with_name(f"{shown.name}.kept-{os.getpid()}")
+                log.error("%s: could not show its directory again (%s): kept as %s", self.name, exc, kept)
+                os.rename(self.dir, kept)
+                self.dir = kept
         try:
             _, line = self._answer(0.001)
         except Refused:                 # it took GO and has not answered

@@ -242,30 +242,30 @@ class DomainServer:
         handoff = self._end_go_wait(keep_pipe)
         if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
-            self._answer_go(handoff, "refused")
             os.close(ready_fd)
+            self._answer_go(handoff, "refused")
             self.running = False
             return
         try:
             if self.disk_lock is not None:      # the source let go of it just before GO
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
                 self.disk_lock.release_incoming()
-            if go.paused:
-                self._answer_go(handoff, "paused")
+            if go.paused:       # the daemon is told first, channel 0 then (Incoming.withdraw)
                 self._say(ready_fd, say(Say.PAUSED))
+                self._answer_go(handoff, "paused")
                 log.info("%s; left paused, as it was at the source", note)
                 return
             self.domain.resume()
             trace.mark("R resumed")
         except (DomainError, KvmError, DiskBusy) as exc:
             log.error("resume after GO failed: %s", exc)
-            self._answer_go(handoff, "refused")
             self._say(ready_fd, say(Say.REFUSED, text=str(exc)))
+            self._answer_go(handoff, "refused")
             self.running = False
             return
-        self._answer_go(handoff, "running")
         self._say(ready_fd, say(Say.RUNNING, self.domain.entered() or time.monotonic()))
         trace.mark("R RUNNING said")
+        self._answer_go(handoff, "running")
         log.info("%s; running", note)
 
     def _end_go_wait(self, keep_pipe: bool = False):
