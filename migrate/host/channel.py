@@ -47,8 +47,10 @@ MESSAGES = {
     "HELLO": {"proto": int, "stream_versions": list, "name": str, "memory": int, "stub": bool,
               "disk": (str, type(None)), "live": bool},    # "cpu" (map) with stream version 2;
                                                             # optional "net": {"link", "name"} or nil,
-                                                            # optional "vcpus" (int)
-    "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token
+                                                            # optional "vcpus" (int), "channels" (int),
+                                                            # "handoff" (bool: GO on data channel 0 too)
+    "WELCOME": {"proto": int, "stream_version": int},     # optional channels, channel_id, channel_token,
+                                                            # handoff (bool)
     "SYNC": {"bytes": int},      # optional "round": page rounds the data channels ended
     "SYNCED": {"bytes": int},
     "STREAM_END": {"bytes": int},
