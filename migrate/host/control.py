@@ -5,6 +5,7 @@ import json
 import os
 import select
 import shutil
+import signal
 import socket
 import subprocess
 import sys
@@ -817,10 +818,8 @@ def kill_pidfile(directory: Path, timeout: float = 5.0) -> bool:
     """SIGKILL the domain process of ``directory`` and wait until it is gone (its files,
     and the disk image lock among them, closed): whether it is (False: no process could be
     signalled, or it outlived ``timeout``)."""
-    try:
-        pid = int((directory / statedir.PIDFILE).read_text())
-        os.kill(pid, 9)
-    except (OSError, ValueError):
+    pid = _pid(directory)
+    if pid is None or not signal_pidfile(directory, signal.SIGKILL, pid):
         return False
     deadline = time.monotonic() + timeout
     while _runs(pid) and time.monotonic() < deadline:
@@ -828,13 +827,14 @@ def kill_pidfile(directory: Path, timeout: float = 5.0) -> bool:
     return not _runs(pid)
 
 
-def signal_pidfile(directory: Path, sig: int) -> bool:
-    """Send ``sig`` to the domain process of ``directory``: whether it could be."""
+def signal_pidfile(directory: Path, sig: int, pid: int | None = None) -> bool:
+    """Send ``sig`` to the domain process of ``directory`` (``pid``, if read already):
+    whether it could be."""
+    pid = pid or _pid(directory)
     try:
-        os.kill(int((directory / statedir.PIDFILE).read_text()), sig)
-    except (OSError, ValueError):
+        return pid is not None and os.kill(pid, sig) is None
+    except OSError:
         return False
-    return True
 
 
 def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:

@@ -358,8 +358,7 @@ class Incoming:
                 trace.mark("D GO passed on")
             except OSError as exc:      # no reader left: unless it took GO on channel 0, nobody resumed it
                 gone = exc.strerror
-        os.close(self.go_w)
-        self.go_w = -1
+        self._close_go()
         if gone is not None:
             self._drain(WITHDRAW_WAIT)
             if not self._taken():
@@ -386,11 +385,7 @@ class Incoming:
         else, but HANDOFF_WAIT at most, after which RESTORED goes as ever (a channel 0 that
         failed costs that much)."""
         if self.handoff:
-            try:
-                self._wait(lambda: len(self._lines) > 1 or (self._lines and not self._taken()),
-                           HANDOFF_WAIT, "word")
-            except Refused:
-                pass
+            self._drain(HANDOFF_WAIT, lambda: len(self._lines) > 1 or (self._lines and not self._taken()))
 
     def _answered(self) -> bool:
         """It took GO on channel 0 and answered it (TAKEN, then another line)."""
@@ -405,12 +400,18 @@ class Incoming:
             self._read_some()
         self._take_lines()
 
-    def _drain(self, timeout: float) -> None:
-        """Read what the process says until it closes its end (it is gone) or ``timeout``."""
+    def _drain(self, timeout: float, done=lambda: False) -> None:
+        """Read what the process says until ``done()``, it closes its end (it is gone) or
+        ``timeout``, whichever first."""
         try:
-            self._wait(lambda: False, timeout, "end")
+            self._wait(done, timeout, "end")
         except Refused:
             pass
+
+    def _close_go(self) -> None:
+        if self.go_w >= 0:
+            os.close(self.go_w)
+            self.go_w = -1
 
     def _answer(self, timeout: float) -> tuple[Line | None, Line]:
         """The process's answer to GO: (its TAKEN line, if GO came on channel 0, the answer)."""
@@ -438,13 +439,8 @@ class Incoming:
         self._read_now()
         if self.final is not None and self.final.kind is Say.OK:
             self.close_stream()
-            if self.go_w >= 0:          # a copy that took no GO destroys itself
-                os.close(self.go_w)
-                self.go_w = -1
-            try:
-                self._wait(lambda: self._answered(), WITHDRAW_WAIT, "end")
-            except Refused:
-                pass
+            self._close_go()            # a copy that took no GO destroys itself
+            self._drain(WITHDRAW_WAIT, self._answered)
         killed = False
         if not self._eof and not self._answered():
             # before its OK, or no word in time: stopped first (SIGSTOP), so that what it
@@ -487,10 +483,10 @@ class Incoming:
         self.close_stream()
         if self.give_fds is not None:
             self.give_fds.close()
-        for fd in (self.go_w, self.ready_r):
-            if fd >= 0:
-                os.close(fd)
-        self.go_w = self.ready_r = -1
+        self._close_go()
+        if self.ready_r >= 0:
+            os.close(self.ready_r)
+            self.ready_r = -1
 
     def discard(self) -> None:
         """Kill the receiving domain process (whose guest never ran) and remove its state:
@@ -743,10 +739,10 @@ class RelocationServer:
             if outcome == "discarded":      # a GO the source sent on channel 0 meanwhile ran nothing
                 ch.send_error(text, **({"not_resumed": True} if incoming is not None and incoming.handoff else {}))
             else:
-                log.error("relocation of %s from %s: the copy here took GO on data channel 0 and %s",
-                          name, who, "runs here" if outcome == "runs" else "gave no answer (kept as crashed)")
-                ch.send_error(f"{text}; but the copy here took GO on data channel 0 and "
-                              + ("runs here" if outcome == "runs" else "its outcome is unknown"))
+                took = "took GO on data channel 0 and " + ("runs here" if outcome == "runs" else
+                                                             "gave no answer (kept as crashed)")
+                log.error("relocation of %s from %s: the copy here %s", name, who, took)
+                ch.send_error(f"{text}; but the copy here {took}")
             return
         finally:
             with self.names_lock:

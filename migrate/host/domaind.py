@@ -159,7 +159,6 @@ class DomainServer:
         self.go_deadline: float | None = None
         self.handoff = None             # awaiting GO on data channel 0 too (a dataplane.Handoff)
         self.answered = None            # (channel 0 after its ANSWER, when it is closed)
-        self.spent_go_fd = -1           # the go pipe after GO came on channel 0: kept open (GO may follow)
         self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
         self.destroying = False                     # hvm destroy came: a job in progress ends with it
         self.moved_to: str | None = None            # HOST:PORT a relocation moved the guest to
@@ -226,9 +225,7 @@ class DomainServer:
             os.write(self.go[1], say(Say.TAKEN, time.monotonic()))
         except OSError as exc:  # its daemon cannot hear it: a copy it might kill unheard runs not
             log.warning("GO came on data channel 0, but the daemon cannot be told (%s): refused", exc.strerror)
-            ready_fd = self.go[1]
-            self._answer_go(self._end_go_wait(), "refused")
-            os.close(ready_fd)
+            self._refuse_go()
             self.running = False
             return
         self._take(Go(paused), keep_pipe=True)
@@ -238,14 +235,13 @@ class DomainServer:
         paused, and answer on the ready pipe and on data channel 0 if it carries the
         handoff, whichever way GO came (the source asks channel 0 when its control
         connection fails it)."""
-        _, ready_fd, note = self.go
-        handoff = self._end_go_wait(keep_pipe)
         if go is None:
             log.warning("the relocation was given up before GO: destroying the domain")
-            os.close(ready_fd)
-            self._answer_go(handoff, "refused")
+            self._refuse_go()
             self.running = False
             return
+        _, ready_fd, note = self.go
+        handoff = self._end_go_wait(keep_pipe)
         try:
             if self.disk_lock is not None:      # the source let go of it just before GO
                 self.disk_lock.take_writer(wait=GO_LOCK_WAIT)
@@ -274,15 +270,21 @@ class DomainServer:
         the handoff, for the answer (:meth:`_answer_go`)."""
         go_fd = self.go[0]
         self.sel.unregister(go_fd)
-        if keep_pipe:
-            self.spent_go_fd = go_fd
-        else:
+        if not keep_pipe:               # kept, it stays open for the process's life
             os.close(go_fd)
         self.go, self.go_deadline = None, None
-        handoff, self.handoff = self.handoff, None
-        if handoff is not None:
-            self.sel.unregister(handoff.fileno())
-        return handoff
+        return self._release_handoff()
+
+    def _refuse_go(self, text: str = "") -> None:
+        """No GO will be taken: refused on data channel 0 (if it carries the handoff), and
+        to the daemon (REFUSED saying ``text``; without one, the ready pipe only closed)."""
+        ready_fd = self.go[1]
+        handoff = self._end_go_wait()
+        if text:
+            self._say(ready_fd, say(Say.REFUSED, text=text))
+        else:
+            os.close(ready_fd)
+        self._answer_go(handoff, "refused")
 
     def _answer_go(self, handoff, answer: str) -> None:
         """What became of GO, on data channel 0 (a dataplane.Handoff; None: none): then its
@@ -302,11 +304,16 @@ class DomainServer:
             self.answered[0].close()
         self.answered = (handoff, time.monotonic() + ANSWER_LINGER)
 
+    def _release_handoff(self):
+        """Channel 0 no longer awaited (None if it was not)."""
+        handoff, self.handoff = self.handoff, None
+        if handoff is not None:
+            self.sel.unregister(handoff.fileno())
+        return handoff
+
     def _drop_handoff(self) -> None:
-        if self.handoff is not None:
-            self.sel.unregister(self.handoff.fileno())
-            self.handoff.close()
-            self.handoff = None
+        if (handoff := self._release_handoff()) is not None:
+            handoff.close()
 
     @staticmethod
     def _say(fd: int, line: bytes) -> None:
@@ -357,10 +364,7 @@ class DomainServer:
         self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
         if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
-            ready_fd = self.go[1]
-            # a GO still to come meets a closed pipe; one sent, these answers
-            self._answer_go(self._end_go_wait(), "refused")
-            self._say(ready_fd, say(Say.REFUSED, text="destroyed here before GO"))
+            self._refuse_go("destroyed here before GO")     # a GO still to come meets a closed pipe
         if self.save_thread is not None and self.save_thread is not threading.current_thread():
             self.save_thread.join(DESTROY_JOB_WAIT)
         if self.moved_to:
@@ -415,9 +419,7 @@ class DomainServer:
                 self.answered = None
             if self.go_deadline is not None and time.monotonic() > self.go_deadline:
                 log.warning("no GO in time after a relocation: destroying the domain")
-                ready_fd = self.go[1]
-                self._answer_go(self._end_go_wait(), "refused")
-                self._say(ready_fd, say(Say.REFUSED, text="no GO in time: destroyed here before GO"))
+                self._refuse_go("no GO in time: destroyed here before GO")
                 break
             for key, _ in self.sel.select(timeout=0.5):
                 if key.data is None:
@@ -750,12 +752,14 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
             os.write(ready_fd, say(Say.AT, stats.stream_bytes))
 
     intake, rounds = _channel_intake(job, ready_fd)
+    handoff = None          # data channel 0 once READY went on it (applied), for GO to come on (complete)
 
     def applied(domain, stats) -> None:
         if rounds is not None:
             rounds.stop()               # its lines come before ok, none after
+        nonlocal handoff
         if job.handoff:     # first: GO is taken only after ok (complete), whichever comes first
-            handoff[0] = _ready(intake)
+            handoff = _ready(intake)
             trace.mark("R READY said")
         server.domain = domain
         server.publish()                # listed from RESTORED on (specs/relocation.md)
@@ -768,11 +772,9 @@ def _receive(job: Receive, console: Console, ready_fd: int, server: DomainServer
         # plane's release) rather than after it
         server.await_go(job.go_fd, os.dup(ready_fd), job.resume_timeout,
                         f"received {job.name}: {stats.pages_total} pages, {stats.stream_bytes} bytes "
-                        f"in {stats.seconds:.3f}s", handoff[0])
-        handoff[0] = None
+                        f"in {stats.seconds:.3f}s", handoff)
         server.take_go(EARLY_GO_WAIT)
 
-    handoff = [None]        # data channel 0 once READY went on it, until GO is awaited
 
     try:
         return restore(FileChunks([job.stream_fd]), name=job.name, make_domain=make, progress=progress,
@@ -802,16 +804,14 @@ def _ready(intake: ChannelIntake):
     """READY on data channel 0 (specs/relocation.md, "The handoff on channel 0"): the
     channel, taken from the intake for GO to come on; None if it failed (logged: GO then
     comes down the go pipe only)."""
+    handoff = None
     try:
         handoff = intake.receiver.handoff()
-    except DataplaneError as exc:
-        log.warning("no handoff on data channel 0: %s", exc)
-        return None
-    try:
         handoff.ready()
     except DataplaneError as exc:
         log.warning("no handoff on data channel 0: %s", exc)
-        handoff.close()
+        if handoff is not None:
+            handoff.close()
         return None
     return handoff
 

@@ -356,8 +356,9 @@ class MigrateJob:
         except ChannelError as exc:     # PeerError included
             # the receiving domain process answers on channel 0 too, whichever way GO came:
             # what the daemon could not say (it died, the link did), it may have
+            not_resumed = isinstance(exc, PeerError) and exc.not_resumed
             answer = None
-            if handoff is not None and not (isinstance(exc, PeerError) and exc.not_resumed):
+            if handoff is not None and not not_resumed:
                 answer = _channel_answer(handoff, ready_read, RUNNING_TIMEOUT)
             if answer in ("running", "paused"):
                 log.warning("relocation to %s: %s after GO, but the destination's copy answered %r on "
@@ -365,7 +366,7 @@ class MigrateJob:
                 restored, running = restored or {}, {"paused": answer == "paused"}
             else:
                 _logging_off(domain)
-                if answer != "refused" and not (isinstance(exc, PeerError) and exc.not_resumed):
+                if answer != "refused" and not not_resumed:
                     raise self._unknown(domain, exc) from None
                 self._take_disk_back(exc)   # the destination's copy never ran and is gone
                 if was_running:
