@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import os
+import select
 import socket
 import struct
 import sys
@@ -749,9 +750,9 @@ def test_a_target_refuses_a_pfn_twice_in_a_batch_after_a_descent():
         target.close()
 
 
-def _handoff_link(secure: bool, tls_dirs, channels: int = 2):
-    """``channels`` channels of a handoff, each ended by its FINAL sync after one page."""
-    pages = 16
+def _handoff_link(secure: bool, tls_dirs):
+    """Two channels of a handoff, each ended by its FINAL sync after one page."""
+    pages, channels = 16, 2
     pairs = [socket.socketpair() for _ in range(channels)]
     rx = Receiver(channels, 2, TOKEN, TlsContext(True, tls_dirs[0]) if secure else None, timeout=5, handoff=True)
     rx.set_space(0, [(0, pages, bytearray(pages * PAGE))])
@@ -775,7 +776,7 @@ def _await_go(handoff, timeout: float = 5.0):
     deadline = time.monotonic() + timeout
     while (go := handoff.go()) is None:
         assert time.monotonic() < deadline, "no GO"
-        __import__("select").select([handoff], [], [], 0.1)
+        select.select([handoff], [], [], 0.1)
     return go
 
 
@@ -811,21 +812,18 @@ def test_the_handoff_on_channel_0_outlives_the_receiver(tls_dirs, secure, paused
 
 def test_the_source_waits_for_ready_or_its_control_link(tls_dirs):
     """Whatever comes first: the control connection readable ends the wait for READY."""
-    pairs, rx, outs, tx = _handoff_link(True, tls_dirs)
-    handoff = rx.handoff()
     r, w = os.pipe()
     try:
-        os.write(w, b"x")
-        assert outs[0].handoff("ready", r, 5) == "other"
-        handoff.ready()
-        handoff.answer("refused")
-        assert outs[0].handoff("ready", -1, 5) == "ready"
-        assert outs[0].handoff("answer", -1, 5) == "refused"
+        with _handed_over(tls_dirs, True) as (_, outs, handoff):
+            os.write(w, b"x")
+            assert outs[0].handoff("ready", r, 5) == "other"
+            handoff.ready()
+            handoff.answer("refused")
+            assert outs[0].handoff("ready", -1, 5) == "ready"
+            assert outs[0].handoff("answer", -1, 5) == "refused"
     finally:
         os.close(r)
         os.close(w)
-        handoff.close()
-        close(pairs, rx, outs, tx)
 
 
 @contextlib.contextmanager

@@ -25,8 +25,8 @@ RAW, ZSTD, AUTO = 0, 1, 2
 MODES = {"none": RAW, "zstd": ZSTD, "auto": AUTO}
 ERR = 512
 MAX_CHANNELS = 64
-HANDOFF_KINDS = ("ready", "answer")
 ANSWERS = {1: "running", 2: "paused", 3: "refused"}   # an ANSWER's code on channel 0
+ANSWER_CODES = {answer: code for code, answer in ANSWERS.items()}
 HANDSHAKE = 30.0        # seconds a data channel's TLS handshake may take in all (specs/relocation.md);
                         # on the source it counts from the connect, so it includes the receiving process's start
 
@@ -118,7 +118,7 @@ class Output:
         the channel ended or carried anything else."""
         buf, n = _err()
         value = ffi.new("uint32_t *")
-        rc = lib.dp_out_handoff(self.ptr, HANDOFF_KINDS.index(kind), also, timeout, value, buf, n)
+        rc = lib.dp_out_handoff(self.ptr, int(kind == "answer"), also, timeout, value, buf, n)
         if rc < 0:
             raise DataplaneError(_text(buf))
         if rc == 1:
@@ -362,7 +362,7 @@ class Receiver:
         ptr = lib.dp_receiver_handoff(self.ptr, buf, n)
         if ptr == ffi.NULL:
             raise DataplaneError(_text(buf))
-        return Handoff(ptr, self.tls)
+        return Handoff(ptr)
 
     def close(self) -> None:
         """Stops every channel thread (and waits, from any thread, return at once); the
@@ -377,8 +377,8 @@ class Handoff:
     handoff on channel 0"): READY to the source, GO from it, then the ANSWER to GO. Its TLS session and a
     descriptor of its own (``fileno``, to poll) live until :meth:`close`."""
 
-    def __init__(self, ptr, tls: TlsContext | None):
-        self.ptr, self._tls = ptr, tls          # the context outlives the session
+    def __init__(self, ptr):
+        self.ptr = ptr          # its TLS session holds its context (SSL_new takes a reference)
         self.fd = lib.dp_handoff_fd(ptr)
 
     def fileno(self) -> int:
@@ -401,9 +401,8 @@ class Handoff:
 
     def answer(self, answer: str) -> None:
         """What became of GO: ``"running"``, ``"paused"`` or ``"refused"`` (it never ran)."""
-        code = {v: k for k, v in ANSWERS.items()}[answer]
         buf, n = _err()
-        if lib.dp_handoff_answer(self.ptr, code, buf, n):
+        if lib.dp_handoff_answer(self.ptr, ANSWER_CODES[answer], buf, n):
             raise DataplaneError(_text(buf))
 
     def finish(self) -> None:

@@ -1646,10 +1646,10 @@ struct dp_channel {
     double place_seconds;
     uint64_t placed_bytes;
     /* channel 0 of a handoff: after its FINAL sync its thread moves the connection here
-     * (handed: done, or failed) for dp_receiver_handoff to take; the receiver's close no
-     * longer shuts its socket down (detached) */
+     * (handed: done, or failed; conn.fd is then -1: the receiver's close no longer shuts
+     * its socket down) for dp_receiver_handoff to take */
     struct dp_handoff *handoff;
-    int handed, detached;
+    int handed;
 };
 
 struct dp_receiver {
@@ -1747,13 +1747,20 @@ uint64_t dp_receiver_bytes(struct dp_receiver *r)
     return __atomic_load_n(&r->carried, __ATOMIC_RELAXED);
 }
 
+/* every channel's socket shut down, but one handed over (hand_over, which sets its fd to -1
+ * under the lock this is called with) */
+static void shutdown_channels(struct dp_receiver *r)
+{
+    for (int i = 0; i < r->nchannels; i++)
+        if (r->channels[i].started && r->channels[i].conn.fd >= 0)
+            shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+}
+
 static void fail_all(struct dp_receiver *r)
 {
     pthread_mutex_lock(&r->lock);
     pthread_cond_broadcast(&r->cv);
-    for (int i = 0; i < r->nchannels; i++)      /* under the lock: hand_over sets detached */
-        if (r->channels[i].started && !r->channels[i].detached)
-            shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+    shutdown_channels(r);
     pthread_mutex_unlock(&r->lock);
 }
 
@@ -1864,8 +1871,8 @@ static void hand_over(struct dp_channel *ch)
     pthread_mutex_lock(&r->lock);
     if (h) {
         ch->conn.ssl = NULL;
+        ch->conn.fd = -1;           /* the caller's socket: closed by the caller, not here */
         ch->handoff = h;
-        ch->detached = 1;
     }
     ch->handed = 1;
     pthread_cond_broadcast(&r->cv);
@@ -2121,11 +2128,7 @@ void dp_receiver_close(struct dp_receiver *r)
     }
     r->closing = 1;                 /* waiters return 0; close does not wait for them to */
     pthread_cond_broadcast(&r->cv); /* leave (a woken thread may take milliseconds to run */
-    pthread_mutex_unlock(&r->lock); /* here): free does, before the memory goes */
-    pthread_mutex_lock(&r->lock);   /* hand_over sets detached under it */
-    for (int i = 0; i < r->nchannels; i++)
-        if (r->channels[i].started && !r->channels[i].detached)
-            shutdown(r->channels[i].conn.fd, SHUT_RDWR);
+    shutdown_channels(r);           /* here): free does, before the memory goes */
     pthread_mutex_unlock(&r->lock);
     for (int i = 0; i < r->nchannels; i++) {
         struct dp_channel *ch = &r->channels[i];
@@ -2194,8 +2197,8 @@ static const uint8_t ANSWER_MAGIC[8] = {0x89, 'H', 'V', 'M', 'A', 'N', 'S', '1'}
  * waiting: 1 whole, 0 not yet, -1 the channel ended or failed (why) */
 static int handoff_read(struct dp_conn *c, uint8_t *buf, uint32_t *have, const char **why)
 {
-    int flags = fcntl(c->fd, F_GETFL);
-    if (flags < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0) {
+    int flags = 0;      /* TLS reads from a socket made non-blocking meanwhile; plain, MSG_DONTWAIT */
+    if (c->ssl && ((flags = fcntl(c->fd, F_GETFL)) < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
         *why = strerror(errno);
         return -1;
     }
@@ -2206,10 +2209,8 @@ static int handoff_read(struct dp_conn *c, uint8_t *buf, uint32_t *have, const c
             n = SSL_read(c->ssl, buf + *have, (int)(DP_HANDOFF_MSG - *have));
             if (n <= 0) {
                 int err = SSL_get_error(c->ssl, (int)n);
-                if (err == SSL_ERROR_WANT_READ || err == SSL_ERROR_WANT_WRITE) {
-                    ERR_clear_error();
+                if (tls_timed_out(err))     /* nothing more yet */
                     break;
-                }
                 *why = err == SSL_ERROR_ZERO_RETURN || (err == SSL_ERROR_SYSCALL && errno == 0)
                            ? "the channel ended" : err == SSL_ERROR_SYSCALL ? strerror(errno) : tls_reason();
                 ERR_clear_error();
@@ -2217,7 +2218,7 @@ static int handoff_read(struct dp_conn *c, uint8_t *buf, uint32_t *have, const c
                 break;
             }
         } else {
-            n = recv(c->fd, buf + *have, DP_HANDOFF_MSG - *have, 0);
+            n = recv(c->fd, buf + *have, DP_HANDOFF_MSG - *have, MSG_DONTWAIT);
             if (n < 0 && errno == EINTR)
                 continue;
             if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
@@ -2230,7 +2231,8 @@ static int handoff_read(struct dp_conn *c, uint8_t *buf, uint32_t *have, const c
         }
         *have += (uint32_t)n;
     }
-    fcntl(c->fd, F_SETFL, flags);
+    if (c->ssl)
+        fcntl(c->fd, F_SETFL, flags);
     return rc < 0 ? -1 : *have == DP_HANDOFF_MSG;
 }
 
