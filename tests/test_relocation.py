@@ -555,14 +555,15 @@ def test_answer_to_go_is_read_strictly(tmp_path):
 
 
 @pytest.mark.parametrize("case", ["no GO taken", "took GO and runs", "took GO, then silent", "no OK yet",
-                                  "OK, GO taken and run, all unread"])
+                                  "OK, GO taken and run, all unread", "OK, GO taken and run as it is stopped"])
 def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypatch, case):
     """The daemon gives a received copy up before it passed GO on (Incoming.withdraw), with
     the handoff on data channel 0, where the copy may have taken GO meanwhile. A stand-in
     for the receiving domain process (a real process holding the pipes' other ends) says
     what the case says: the copy is destroyed when it never took GO, stays when it took
     GO and runs, is killed and kept (crashed, outcome unknown) when it took GO and said no
-    more; before its OK (none read) it is stopped at once, and what it said decides."""
+    more; before its OK (none read) it is stopped at once, and what it said decides. A copy
+    that answers a GO just before the daemon stops it is let go on (SIGCONT): it runs."""
     monkeypatch.setattr(destination, "WITHDRAW_WAIT", 0.5)
     base = tmp_path / "state"
     directory = base / "w1"
@@ -570,32 +571,47 @@ def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypat
     ready_r, ready_w = os.pipe()
     go_r, go_w = os.pipe()
     stream_r, stream_w = os.pipe()
+    cue_r, cue_w = os.pipe()
+    late = case == "OK, GO taken and run as it is stopped"
     lines = {"no GO taken": b"", "took GO and runs": b"taken 1.0\nrunning 2.0\n",
              "took GO, then silent": b"taken 1.0\n", "no OK yet": b"",
-             "OK, GO taken and run, all unread": b"ok 1 1.0 1.0\ntaken 1.0\nrunning 2.0\n"}[case]
-    # the stand-in: says its lines, then, like a copy that took no GO, ends when the go pipe
-    # closes (a copy that took GO goes on running)
-    code = (f"import os, time\nos.write({ready_w}, {lines!r})\n"
+             "OK, GO taken and run, all unread": b"ok 1 1.0 1.0\ntaken 1.0\nrunning 2.0\n",
+             "OK, GO taken and run as it is stopped": b"ok 1 1.0 1.0\ntaken 1.0\nrunning 2.0\n"}[case]
+    # the stand-in: says its lines (a late one on its cue), then, like a copy that took no
+    # GO, ends when the go pipe closes (a copy that took GO goes on running)
+    code = ("import os, time\n" + (f"os.read({cue_r}, 1)\n" if late else "")
+            + f"os.write({ready_w}, {lines!r})\n"
             + ("time.sleep(60)\n" if lines else f"while os.read({go_r}, 16): pass\n"))
-    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=(ready_w, go_r))
-    for fd in (ready_w, go_r, stream_r):
+    child = subprocess.Popen([sys.executable, "-c", code], pass_fds=(ready_w, go_r, cue_r))
+    for fd in (ready_w, go_r, stream_r, cue_r):
         os.close(fd)
     (directory / statedir.PIDFILE).write_text(str(child.pid))
+    real_signal = control.signal_pidfile
+
+    def signal_pidfile(where, sig, pid=None):
+        if late and sig == signal.SIGSTOP:      # it answers after the daemon's last look
+            os.write(cue_w, b"!")
+            assert select.select([ready_r], [], [], 10)[0]
+        return real_signal(where, sig, pid)
+    monkeypatch.setattr(control, "signal_pidfile", signal_pidfile)
     inc = object.__new__(destination.Incoming)
     give_fds, theirs = socket.socketpair(socket.AF_UNIX)
     inc.name, inc.base, inc.dir, inc.handoff, inc.give_fds = "w1", base, directory, True, give_fds
     inc.ready_r, inc.go_w, inc.stream_w = ready_r, go_w, stream_w
     inc._pending, inc._lines, inc._eof = b"", [], False
     inc.final = None if case.startswith(("no OK", "OK,")) else launch.parse("ok 1 1.0 1.0")
-    if lines:                   # what it said is there before the daemon gives it up
+    if lines and not late:                   # what it said is there before the daemon gives it up
         assert select.select([ready_r], [], [], 10)[0]
     try:
         outcome = inc.withdraw()
         alive = child.poll() is None
         if case in ("no GO taken", "no OK yet"):
             assert outcome == "discarded" and not alive and not directory.exists()
-        elif case in ("took GO and runs", "OK, GO taken and run, all unread"):
+        elif case in ("took GO and runs", "OK, GO taken and run, all unread",
+                      "OK, GO taken and run as it is stopped"):
             assert outcome == "runs" and alive and directory.exists()
+            state = Path(f"/proc/{child.pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            assert state != "T", "the copy that runs the guest was left stopped"
         else:
             assert outcome == "unknown" and not alive and directory.exists()
         assert not [p for p in base.iterdir() if p.name.startswith(".")]     # nothing left hidden
@@ -604,6 +620,7 @@ def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypat
         child.wait()
         give_fds.close()
         theirs.close()
+        os.close(cue_w)
         for fd in (inc.ready_r, inc.go_w, inc.stream_w):
             if fd >= 0:
                 try:
