@@ -635,6 +635,35 @@ def test_a_domain_process_killed_during_a_save_says_the_guest_is_lost(state_dir,
         destroy("k1")
 
 
+@pytest.mark.kvm
+def test_a_domain_process_told_to_end_during_a_save_says_the_guest_is_destroyed(state_dir, tmp_path):
+    """SIGTERM to the domain process while `hvm save --json` runs (a host shutting down): the
+    process cancels the save and ends, its guest with it; the save's error says so, as an
+    `hvm destroy` during it would, never that the guest "keeps running here"."""
+    info = control.create_domain(DomainConfig("t1", "ledger", 64 << 20, args=[4, 0]))
+    try:
+        wait_console("t1", state_dir, r"^ledger ok gen=1 ")
+        path = tmp_path / "big.hvm"
+        cli = subprocess.Popen(HVM + ["save", "t1", str(path), "--live", "--max-bandwidth", "1",
+                                      "--compress", "none", "--json"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        deadline = time.monotonic() + 20
+        while not (tmp_path / "big.hvm.partial").exists():         # it is writing
+            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+            time.sleep(0.05)
+        os.kill(info["pid"], signal.SIGTERM)
+        out, err = cli.communicate(timeout=60)
+        assert cli.returncode == 1, (out, err)
+        error = json.loads(out)
+        assert error["outcome"] == "failed" and error["guest"] == "being destroyed here", error
+        assert "t1 was destroyed here by SIGTERM to its domain process during the save" in error["error"], error
+        assert "keeps running" not in error["error"]
+        assert not path.exists() and not list(tmp_path.glob("*.partial"))
+        assert control.wait_gone("t1") and status("t1") == []
+    finally:
+        destroy("t1")
+
+
 def _destroys(name: str, n: int) -> list[tuple[int, str]]:
     """``n`` `hvm destroy NAME` at once, each its own process: their exit statuses and outputs."""
     clis = [subprocess.Popen(HVM + ["destroy", name], stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

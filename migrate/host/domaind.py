@@ -160,7 +160,7 @@ class DomainServer:
         self.handoff = None             # awaiting GO on data channel 0 too (a dataplane.Handoff)
         self.answered = None            # (channel 0 after its ANSWER, when it is closed)
         self.disk_lock: DiskLock | None = None     # the disk image's lock, held for the process's life
-        self.destroying = False                     # hvm destroy came: a job in progress ends with it
+        self.destroying = ""        # what destroys it ('hvm destroy', a signal): a job in progress ends with it
         self.moved_to: str | None = None            # HOST:PORT a relocation moved the guest to
         self.note = ""                              # what an operator must know (outcome unknown)
         self.failed = False                         # a bug ended it: keep the directory and logs
@@ -360,7 +360,7 @@ class DomainServer:
     def op_destroy(self, req: dict) -> dict:
         """Destroy the domain. A save or relocation in progress is cancelled first and
         awaited: a relocation past its GO cannot be, and then the guest has moved."""
-        self.destroying = True
+        self.destroying = "'hvm destroy'"
         self.save_cancel.set()          # a save in progress stops and cleans up
         self.running = False
         if self.go is not None:         # received here, awaiting GO: it never ran, and the source is to know
@@ -373,7 +373,7 @@ class DomainServer:
 
     def guest(self) -> str:
         """Where the guest is, as a job's answer says it: "running here", "paused here", ...
-        ("being destroyed here" once hvm destroy came)."""
+        ("being destroyed here" once hvm destroy came, or a signal ends the process)."""
         return "being destroyed here" if self.destroying else f"{self.domain.status} here"
 
     def _no_go_awaited(self, what: str) -> None:
@@ -539,7 +539,7 @@ class DomainServer:
         """The end of a failed job's message: where the guest is now."""
         name, status = self.domain.config.name, self.domain.status
         if self.destroying:
-            return f"{name} was destroyed here by 'hvm destroy' during the {job}"
+            return f"{name} was destroyed here by {self.destroying} during the {job}"
         return {"running": f"{name} keeps running here", "paused": f"{name} stays paused here"}.get(
             status, f"{name} is {status} here")
 
@@ -555,8 +555,9 @@ class DomainServer:
             log.warning("migrate to %s:%d: %s", job.host, job.port, exc)
             self.note = str(exc)            # hvm info says it too, should the client be gone
             self.saving = False
+            here = "being destroyed here" if self.destroying else "paused here"
             watch.reply({"ok": False, "error": str(exc), "status": self.domain.status, "kind": "unknown",
-                         "guest": f"paused here, perhaps running on {job.host}"})
+                         "guest": f"{here}, perhaps running on {job.host}"})
         except RelocationError as exc:      # running as before, or paused as before
             log.warning("migrate to %s:%d failed: %s", job.host, job.port, exc)
             self.saving = False
@@ -581,6 +582,8 @@ class DomainServer:
         self.sel.close()                # closes: a client in between would be refused, not told "ending"
         self.listener.close()
         if self.save_thread is not None:
+            # the domain goes with the process: a job that ends now must not say it stays
+            self.destroying = self.destroying or ENDING.get("by", "its domain process ending")
             self.save_cancel.set()
             self.save_thread.join(30)
         if self.domain is not None:
@@ -868,6 +871,15 @@ class _RoundReporter:
             self.stopped = True
 
 
+ENDING: dict[str, str] = {}     # "by": what ended the process, once a signal did (_end_by_signal)
+
+
+def _end_by_signal(signum: int, frame) -> None:
+    """SIGTERM or SIGINT: the process ends, and its domain with it (DomainServer.close)."""
+    ENDING["by"] = f"{signal.Signals(signum).name} to its domain process"
+    sys.exit(0)
+
+
 def main(argv: list[str]) -> int:
     try:
         directory, spec = launch.decode(argv)
@@ -898,8 +910,8 @@ def main(argv: list[str]) -> int:
     sys.excepthook = lambda *info: log.critical("uncaught exception", exc_info=info)
     threading.excepthook = lambda a: log.critical("uncaught exception in thread %s", a.thread,
                                                   exc_info=(a.exc_type, a.exc_value, a.exc_traceback))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(0))
-    signal.signal(signal.SIGINT, lambda *_: sys.exit(0))
+    signal.signal(signal.SIGTERM, _end_by_signal)
+    signal.signal(signal.SIGINT, _end_by_signal)
     console_log = ConsoleLog(directory / statedir.CONSOLE)
     receive = isinstance(job, Receive)
     disk_lock = DiskLock.from_fd(os.readlink(f"/proc/self/fd/{lock_fd}"), lock_fd, receive) \
