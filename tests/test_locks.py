@@ -68,3 +68,21 @@ def test_take_writer_waits_briefly(tmp_path):
     os.close(other)
     lock.take_writer(wait=0.2)
     lock.close()
+
+
+def test_only_a_partial_no_save_holds_is_dropped(tmp_path):
+    """What a save that lost its domain process leaves (control.save_domain): the partial
+    file is removed only if no save holds it; one a save (still) writes stays."""
+    from migrate.engine import drop_stale_partial, partial_path
+    from migrate.engine.files import _create_partial
+    path = tmp_path / "s.hvm"
+    partial = partial_path(path)
+    fd = _create_partial(path, partial)         # as a save that still writes holds it
+    try:
+        drop_stale_partial(path)
+        assert partial.exists()
+    finally:
+        os.close(fd)
+    drop_stale_partial(path)                    # the save is gone: nobody holds it
+    assert not partial.exists()
+    drop_stale_partial(path)                    # nothing there: nothing to do

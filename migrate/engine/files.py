@@ -100,6 +100,14 @@ def _create_partial(path: Path, partial: Path) -> int:
     raise AssertionError("unreachable")
 
 
+def drop_stale_partial(path: Path) -> None:
+    """Remove ``path``'s partial file if it is a killed save's (no save holds its lock): one
+    that a save still writes, or a later save's, stays."""
+    partial = partial_path(path)
+    if _stale(partial):
+        partial.unlink(missing_ok=True)
+
+
 def _stale(partial: Path) -> bool:
     """A regular file no save holds a lock on."""
     try:

@@ -438,9 +438,13 @@ def list_domains(base: Path | None = None) -> list[dict]:
         return []
     found = []
     for entry in sorted(root.iterdir()):
-        if entry.name.startswith(".") and ".discarded-" in entry.name and \
-                time.time() - entry.stat().st_mtime > CREATE_TIMEOUT:
-            shutil.rmtree(entry, ignore_errors=True)      # its discarder died before it was done
+        if entry.name.startswith(".") and ".discarded-" in entry.name:
+            try:
+                stale = time.time() - entry.stat().st_mtime > CREATE_TIMEOUT
+            except OSError:         # removed meanwhile, by its discarder or another list
+                continue
+            if stale:
+                shutil.rmtree(entry, ignore_errors=True)      # its discarder died before it was done
         if not entry.is_dir() or not statedir.NAME_RE.match(entry.name):
             continue
         try:
@@ -506,7 +510,7 @@ def save_domain(name: str, path: str | os.PathLike | None, *, mode: str = "stop"
     is not a regular file (a device, FIFO, symlink, directory) is refused before anything
     starts. If the domain process gives no answer (it died) the partial file is removed
     here. ``convergence``: for the live modes, protocol.CONVERGENCE_KEYS (None values left out)."""
-    from ..engine import SaveError, check_target, partial_path
+    from ..engine import SaveError, check_target, drop_stale_partial
     extra = protocol.convergence_request(convergence, "save")
     if path is None:
         where = {"to_fd": True}
@@ -526,14 +530,14 @@ def save_domain(name: str, path: str | os.PathLike | None, *, mode: str = "stop"
         except ControlError as exc:
             if exc.kind != LOST:
                 raise
+            where_now, guest = _after_lost(client.dir, name)       # its process gone, if it goes
             if path is None:
                 what = "the stream on standard output is incomplete"
             else:
-                partial_path(path).unlink(missing_ok=True)      # nobody left to clean up but us
+                drop_stale_partial(path)    # nobody left to clean up but us (a save still writing keeps it)
                 written = _identity(path) not in (None, before)
                 what = (f"{path} was written before it did: 'hvm stream verify {path}' checks it, "
                         f"'hvm restore {path}' brings the guest back" if written else "no file was written")
-            where_now, guest = _after_lost(client.dir, name)
             what_broke = (f"the domain process of {name} ended" if guest is not None else
                           f"the connection to the domain process of {name} broke")
             raise ControlError(f"{what_broke} during the save ({exc}): {what}; {where_now}", LOST, guest) from None
