@@ -236,8 +236,8 @@ class _Restorer:
                 raise RestoreError("the stub's MEMORY_LAYOUT comes before the guest's")
             ranges = [Range(*r) for r in part_of(self.domain, Vm.STUB).memory_ranges()]
             if record.ranges != layout_of(ranges):
-                raise RestoreError(f"stub MEMORY_LAYOUT has {record.nr_pages} pages; this build's "
-                                   f"stub has {sum(r.npages for r in ranges)}")
+                raise RestoreError(f"stub MEMORY_LAYOUT is {_pfn_ranges(record.ranges)}; this build's stub "
+                                   f"is {_pfn_ranges(layout_of(ranges))}")
             if self.fresh_stub:              # a fresh stub boots its own image: check and drop
                 ranges = [Range(r.first_pfn, r.npages) for r in ranges]
             self.settle()
@@ -509,3 +509,10 @@ def restore(source: Iterable[bytes], *, name: str | None = None,
             work.release()
         work.stats.seconds = time.monotonic() - t0
         return work.domain, work.stats
+
+
+def _pfn_ranges(ranges, shown: int = 4) -> str:
+    """MEMORY_LAYOUT ranges as words: "2048 pages from pfn 0x0" (the first ``shown``)."""
+    words = [f"{n} pages from pfn {first:#x}" for first, n in ranges[:shown]]
+    more = f" and {len(ranges) - shown} more ranges" if len(ranges) > shown else ""
+    return (", ".join(words) or "no pages") + more

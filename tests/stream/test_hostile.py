@@ -157,3 +157,19 @@ def test_inspect_of_a_saved_disk_path_with_a_nul_byte_is_one_line() -> None:
     ValueError ("embedded null byte") after the table was printed (found by the test above)."""
     from migrate.engine.compat import saved_disk_line
     assert saved_disk_line({"disk": "a\0b"}) == "disk: the saved path holds a NUL byte (a restore refuses it)"
+
+
+def test_a_stub_layout_of_the_right_size_in_the_wrong_place_is_refused_by_its_ranges() -> None:
+    """specs/stream-format.md "Restore" step 2: the stub's MEMORY_LAYOUT is the stub RAM's
+    layout (one range from pfn 0), not just its page count; the refusal names both layouts."""
+    import struct
+    from migrate.stream.records import RecordType
+    header, records = FUZZ.split((Path(__file__).parent / "fixtures" / "golden-v2.hvmstream").read_bytes())
+    stub = next(r for r in records if r[0] == RecordType.MEMORY_LAYOUT and struct.unpack_from("<I", r[1])[0] == 1)
+    assert struct.unpack_from("<QQ", stub[1], 16) == (0, 2048)
+    stub[1] = stub[1][:16] + struct.pack("<QQ", 16, 2048)          # 2048 pages, from pfn 16
+    records = [r for r in records if not (r[0] in (3, 4) and struct.unpack_from("<I", r[1])[0] == 1)]
+    with FUZZ.fake_host(), pytest.raises(RestoreError) as info:
+        restore([FUZZ.reframe(header, records)], make_domain=FUZZ.fake_domain)
+    assert str(info.value) == ("stub MEMORY_LAYOUT is 2048 pages from pfn 0x10; this build's stub is "
+                               "2048 pages from pfn 0x0"), info.value
