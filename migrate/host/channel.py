@@ -16,7 +16,7 @@ from ..text import one_line
 PROTO = 1
 STREAM_VERSIONS = [1, 2]        # what a destination reads; a source sends its writer's version
 DEFAULT_CHANNELS = 2            # data channels a source asks for (section "Data channels")
-MAX_CHANNELS = 8                # the most a destination grants
+MAX_GRANTED_CHANNELS = 8        # the most a destination grants (the stream's MAX_CHANNELS bounds CHANNELS)
 CHANNEL_MAGIC = b"HVMCHAN1"
 CHANNEL_PREAMBLE = struct.Struct("<8s16sII")     # magic, channel_id, index, reserved
 CONTROL, DATA = 1, 2

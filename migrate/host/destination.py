@@ -42,8 +42,8 @@ from .. import trace
 from . import control, statedir, tls
 from .launch import Go, Launch, Line, Receive, Say, parse
 from .channel import (
-    CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_CHANNELS, PROTO,
-    RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, FRAME_TIMEOUT, GO_TIMEOUT, HANDSHAKE_TIMEOUT, MAX_GRANTED_CHANNELS,
+    PROTO, RESUME_TIMEOUT, STREAM_VERSIONS, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, PeerError, ready, stream_cap,
 )
 
@@ -816,7 +816,7 @@ class RelocationServer:
         if not isinstance(asked, int) or isinstance(asked, bool) or asked < 0:
             raise Refused(f"HELLO channels must be a count of data channels (an int, 0 or more), "
                           f"not {_short(asked)}")
-        channels = min(asked, MAX_CHANNELS) if version >= 2 else 0     # granted: at most MAX_CHANNELS
+        channels = min(asked, MAX_GRANTED_CHANNELS) if version >= 2 else 0
         if not isinstance(hello.get("handoff", False), bool):
             raise Refused(f"HELLO handoff must be a bool, not {_short(hello['handoff'])}")
         disk = hello["disk"]

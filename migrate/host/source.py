@@ -39,7 +39,7 @@ from ..stream import FORMAT_VERSION
 from . import learned, tls
 from .protocol import convergence_from_request, convergence_request
 from .channel import (
-    CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_CHANNELS, PROTO,
+    CHANNEL_MAGIC, CHANNEL_PREAMBLE, DEFAULT_CHANNELS, FRAME_TIMEOUT, MAX_GRANTED_CHANNELS, PROTO,
     RESTORED_TIMEOUT, RUNNING_TIMEOUT, SYNC_TIMEOUT, WELCOME_TIMEOUT,
     Channel, ChannelError, DataBuffer, PeerError, ready,
 )
@@ -106,8 +106,9 @@ class MigrateJob:
             raise ValueError("migrate needs an absolute tls_dir, or insecure")
         conv, compress = convergence_from_request(req, "migrate")
         channels = req.get("channels", DEFAULT_CHANNELS)
-        if not isinstance(channels, int) or isinstance(channels, bool) or not 0 <= channels <= MAX_CHANNELS:
-            raise ValueError(f"migrate: bad channels (0..{MAX_CHANNELS})")
+        if not isinstance(channels, int) or isinstance(channels, bool) or \
+                not 0 <= channels <= MAX_GRANTED_CHANNELS:
+            raise ValueError(f"migrate: bad channels (0..{MAX_GRANTED_CHANNELS})")
         return cls(host, port, live, tls_dir, insecure, conv, compress, channels, paused)
 
     # -- the steps -------------------------------------------------------------
