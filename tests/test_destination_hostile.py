@@ -27,6 +27,7 @@ from migrate.host.channel import FRAME, Channel, ChannelError, PeerError
 from migrate.locks import DiskLock
 
 from leftovers import kill_domain_processes
+from test_relocation import bare_incoming
 
 
 # -- helpers --------------------------------------------------------------------------------
@@ -543,10 +544,8 @@ def test_a_round_goes_on_while_its_channels_carry_pages(monkeypatch):
     FRAME_TIMEOUT whatever came (and receive() gave one more: rounds over 120 s failed)."""
     from migrate.host.launch import Say, say
     monkeypatch.setattr(destination, "FRAME_TIMEOUT", 1.0)
-    incoming = object.__new__(destination.Incoming)
     ready_r, ready_w = os.pipe()
-    incoming.ready_r, incoming._pending, incoming._lines, incoming._eof = ready_r, b"", [], False
-    incoming.final, incoming.dir, incoming.applied, incoming.rounds, incoming.carried_at = None, None, 0, 0, 0.0
+    incoming = bare_incoming(ready_r=ready_r)
     source, ours = socket.socketpair()
 
     def channels_carry():

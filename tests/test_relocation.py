@@ -506,14 +506,28 @@ def test_the_downtime_ends_when_the_destination_guest_ran():
     assert parts["return"] == pytest.approx(0.0035) and parts["link"] >= 0
 
 
+def bare_incoming(**attrs) -> destination.Incoming:
+    """An Incoming with no relocation behind it (no HELLO, no domain process launched): what
+    its __init__ sets, with nothing read yet, no pipes and no directory; then ``attrs``."""
+    inc = object.__new__(destination.Incoming)
+    inc.name, inc.base, inc.handoff, inc.dir, inc.give_fds = "bare", None, False, None, None
+    inc.stream_w = inc.go_w = inc.ready_r = -1
+    inc.channels, inc.given, inc.rounds = 0, set(), 0
+    inc.bytes, inc.cap, inc.applied, inc.final = 0, 1 << 30, 0, None
+    inc.carried_at = inc.stream_end_at = inc.ran_at = 0.0
+    inc._pending, inc._lines, inc._eof = b"", [], False
+    for name, value in attrs.items():
+        assert hasattr(inc, name), name         # only what Incoming has
+        setattr(inc, name, value)
+    return inc
+
+
 def test_answer_to_go_is_read_strictly(tmp_path):
     """The daemon's reading of its receiving domain process's answer to GO: only a
     process that says so (refused:, or error: before running) never ran; an answer
     missing altogether leaves the outcome unknown."""
     def incoming(lines: bytes | None, go_reader=True):
-        inc = object.__new__(destination.Incoming)
-        inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
-        inc.final = "ok 1 2 3"
+        inc = bare_incoming(dir=tmp_path, final="ok 1 2 3")
         go_r, inc.go_w = os.pipe()
         if not go_reader:
             os.close(go_r)
@@ -594,12 +608,10 @@ def test_a_copy_given_up_before_go_is_judged_by_what_it_said(tmp_path, monkeypat
             assert select.select([ready_r], [], [], 10)[0]
         return real_signal(where, sig, pid)
     monkeypatch.setattr(control, "signal_pidfile", signal_pidfile)
-    inc = object.__new__(destination.Incoming)
     give_fds, theirs = socket.socketpair(socket.AF_UNIX)
-    inc.name, inc.base, inc.dir, inc.handoff, inc.give_fds = "w1", base, directory, True, give_fds
-    inc.ready_r, inc.go_w, inc.stream_w = ready_r, go_w, stream_w
-    inc._pending, inc._lines, inc._eof = b"", [], False
-    inc.final = None if case.startswith(("no OK", "OK,")) else launch.parse("ok 1 1.0 1.0")
+    inc = bare_incoming(name="w1", base=base, dir=directory, handoff=True, give_fds=give_fds, ready_r=ready_r,
+                        go_w=go_w, stream_w=stream_w,
+                        final=None if case.startswith(("no OK", "OK,")) else launch.parse("ok 1 1.0 1.0"))
     if lines and not late:                   # what it said is there before the daemon gives it up
         assert select.select([ready_r], [], [], 10)[0]
     try:
@@ -1106,9 +1118,7 @@ def test_feeding_reads_the_progress_lines_meanwhile(tmp_path):
     pipe of its own; the daemon must read those while it feeds the stream, or both pipes
     fill up and each side waits for the other (a long pre-copy would hang the daemon).
     Here a reader thread says far more than a pipe holds while it takes 4 MiB."""
-    inc = object.__new__(destination.Incoming)
-    inc.dir, inc._pending, inc._lines, inc._eof = tmp_path, b"", [], False
-    inc.final, inc.bytes, inc.applied, inc.cap = None, 0, 0, 1 << 30
+    inc = bare_incoming(dir=tmp_path)
     stream_r, inc.stream_w = os.pipe()
     os.set_blocking(inc.stream_w, False)
     inc.ready_r, ready_w = os.pipe()

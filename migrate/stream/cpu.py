@@ -14,6 +14,7 @@ import struct
 from dataclasses import dataclass
 from typing import ClassVar
 
+from migrate.config import MODEL_NAME as _MODEL_NAME
 from migrate.stream.errors import StreamError
 from migrate.stream.records import MAX_MSRS, RecordType, Vm, expect_length, vm_of
 
@@ -26,7 +27,7 @@ CPUID_ENTRY = struct.Struct("<7I")  # function, index, flags, eax, ebx, ecx, edx
 CPUID_SIGNIFICANT_INDEX = 1
 MSR_POLICY_ENTRY = struct.Struct("<IIQ")  # index, flags, value
 MSR_FEATURE = 1
-MODEL_NAME = re.compile(rb"[a-z0-9][a-z0-9.-]{0,14}\Z")
+MODEL_NAME = re.compile(_MODEL_NAME.pattern.encode())    # a CPU model's name, as the configuration has it
 VENDOR = re.compile(rb"(?:[\x20-\x7e]{12}|\x00{12})\Z")
 
 
