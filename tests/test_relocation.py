@@ -823,10 +823,11 @@ def test_serve_max_memory_from_the_command_line(tmp_path, state_dir):
     assert res.exit_code == 2 and "not a size" in res.output
 
 
-def fake_destination(answer, proto=1, stall_after: int | None = None):
+def fake_destination(answer, proto=1, stall_after: int | None = None, synced_after: float = 0.0):
     """A destination that takes the stream and then does what ``answer(ch)`` says;
     returns its port. ``stall_after``: once it has answered the first SYNC, it takes
-    that many more bytes and then reads no more (it sleeps until the test ends)."""
+    that many more bytes and then reads no more (it sleeps until the test ends).
+    ``synced_after``: seconds it waits before each SYNCED (a lag it makes up)."""
     listener = socket.create_server(("127.0.0.1", 0))
 
     def serve():
@@ -845,6 +846,7 @@ def fake_destination(answer, proto=1, stall_after: int | None = None):
                         time.sleep(60)
                         return
                 if kind == "control" and message["t"] == "SYNC":
+                    time.sleep(synced_after)
                     ch.send("SYNCED", bytes=message["bytes"])
                     if stall_after is not None and taken is None:
                         taken = 0
@@ -961,13 +963,14 @@ def test_a_cancel_ends_a_data_channel_handshake_the_destination_holds(tmp_path):
 
 
 @pytest.mark.kvm
-@pytest.mark.parametrize("how", ["no-restored", "stops-reading"])
+@pytest.mark.parametrize("how", ["no-restored", "stops-reading", "late-synced"])
 def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how):
     """From the pause to RESTORED a live move has a limit (specs/relocation.md, section
     5; at least PAUSE_LIMIT_MIN, 1 s here): a destination that never answers RESTORED, or
     that stops reading in the middle of the last round (the source blocked in a send),
     has the move given up when it runs out, and the guest runs here again, not after
-    RESTORED's 60 s or a send's 60 s."""
+    RESTORED's 60 s or a send's 60 s. A destination that answered every SYNC late (a lag
+    of its own making, which the estimate adds) does not stretch the limit."""
     from migrate.domain import Domain
     from migrate.host import source
     from migrate.host.source import MigrateJob, RelocationError
@@ -984,11 +987,14 @@ def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how
         conv = Convergence()
     else:       # round 0 sends the guest, pagetouch dirties all of it again: a last round of
         dom = Domain.boot(DomainConfig("lim2", "pagetouch", 64 << 20))     # ~64 MiB, past the
-        port = fake_destination(stalled, stall_after=4 << 20)  # socket buffers of the stalled link
+        if how == "stops-reading":                                      # socket buffers of the
+            port = fake_destination(stalled, stall_after=4 << 20)       # stalled link
+        else:           # a last round as large as round 0: its 1.5 s lag counts in full
+            port = fake_destination(lambda ch: time.sleep(60), synced_after=1.5)
         conv = Convergence(downtime=30.0, max_rounds=1)     # pause after round 0
     domains.append(dom)
     dom.resume()
-    if how == "stops-reading":
+    if how != "no-restored":
         dom.console.wait_for(r"^pagetouch pass=", 10)
     job = MigrateJob("127.0.0.1", port, True, None, True, convergence=conv, compress=None)
     t0 = time.monotonic()
@@ -997,6 +1003,8 @@ def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how
         job.run(dom)
     took = time.monotonic() - t0
     assert took < 15, f"gave up after {took:.1f} s: {info.value}"
+    if how == "late-synced":    # 4x its 1.5 s lag would have made it 6 s
+        assert "restored the guest 1 s after the pause" in str(info.value), info.value
     assert not unstalled, unstalled[0]
     assert dom.status == "running", info.value
     assert logging_on(dom) == [False] * len(logging_on(dom))

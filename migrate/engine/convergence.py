@@ -82,9 +82,16 @@ def estimate_final(dirty: int, rounds: list[Round], conv: Convergence) -> float:
         return conv.state_seconds
     recent = [r for r in rounds[-2:] if r.pages >= RATE_MIN_PAGES] or [rounds[-1]]
     per_page = max(r.seconds / r.pages if r.pages else 0.0 for r in recent)
+    return dirty * per_page + final_lag(dirty, rounds) + conv.state_seconds
+
+
+def final_lag(dirty: int, rounds: list[Round]) -> float:
+    """The receiver's lag :func:`estimate_final` adds for ``dirty`` pages: the last round's,
+    in proportion to the pages, at most all of it (0 before any round)."""
+    if not rounds:
+        return 0.0
     last = rounds[-1]
-    lag = last.lag * min(1.0, dirty / last.pages) if last.pages else last.lag
-    return dirty * per_page + lag + conv.state_seconds
+    return last.lag * min(1.0, dirty / last.pages) if last.pages else last.lag
 
 
 def estimate_next(dirty: int, rounds: list[Round], conv: Convergence) -> float:

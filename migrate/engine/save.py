@@ -42,7 +42,7 @@ from .. import trace
 from ..dataplane import DataplaneError, RoundStats
 from ..stream import PAGE_SIZE, Creator, MemoryLayout, StreamWriter, Vm
 from .convergence import (
-    Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide,
+    Action, Convergence, OnTimeout, Reason, Round, VcpuThrottle, decide, final_lag,
 )
 from .sinks import Compression, Sink, memory_ranges
 from .contract import SaveableDomain, VmPart
@@ -127,6 +127,7 @@ class SaveStats:
     vcpus: int = 1                  # vCPUs of the guest
     start_time: float = 0.0         # time.monotonic() at the save's start, what the offsets count from
     downtime_estimate: float = 0.0  # the final round's estimate when pre-copy switched over
+    estimate_lag: float = 0.0       # the part of it that is the receiver's lag (what the receiver says)
     downtime_target: float | None = None    # live: the target it was to stay under (seconds)
     over_target: bool = False       # live: the measured downtime exceeded the target
     reason: str = ""                # why pre-copy ended (convergence.py): small, downtime-target, ...
@@ -493,6 +494,7 @@ class _Saver:
                         self.check()
                     self.deadline = None
                 self.stats.reason, self.stats.downtime_estimate = decision.reason, decision.estimate
+                self.stats.estimate_lag = min(final_lag(count, rounds), decision.estimate)
                 self.pending = dirty     # the final round sends these too
                 return
             self.stats.history[-1].dirty_after = count

@@ -168,9 +168,9 @@ class MigrateJob:
             raise
         except Exception as exc:        # nothing above foresaw it (a bug): say where the guest is
             log.exception("relocation to %s:%d failed unexpectedly", self.host, self.port)
+            _logging_off(domain)        # kept paused or resumed, it may run here again
             if self.go_sent:
                 raise self._unknown(domain, exc) from None
-            _logging_off(domain)
             if was_running and domain.status is DomainStatus.PAUSED:
                 domain.resume()
             raise RelocationError(f"relocation to {self.host}:{self.port} failed: internal error: "
@@ -432,7 +432,7 @@ def _stream_failed(ch: Channel, exc: Exception, where: str) -> "RelocationError"
     if isinstance(exc, RelocationError):
         return exc
     if isinstance(exc, SaveTimeout):            # dirty logging off, the domain running
-        ch.send_error(f"the source cancelled the relocation: {exc}")
+        ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
         return RelocationError(f"relocation to {where} cancelled: {exc}")
     if isinstance(exc, SaveCancelled):          # the user, or hvm destroy
         ch.send_error(f"the source cancelled the relocation: {exc}", linger=1.0)
@@ -525,7 +525,8 @@ PAUSE_LIMIT_POLL = 0.5      # seconds between two looks at the clock (nothing wa
 class _PauseLimit:
     """The bound on a live move's paused time before GO (specs/relocation.md, section 5):
     armed at the pause, with a limit of PAUSE_LIMIT_MIN seconds or PAUSE_LIMIT_FACTOR
-    times the downtime estimate, whichever is longer. If neither RESTORED nor READY (on
+    times the downtime estimate less its lag (the destination's word, which it could
+    stretch to stretch the limit), whichever is longer. If neither RESTORED nor READY (on
     data channel 0) has been read by then (a destination that reads the last round
     slowly, or restores slowly), it cancels the sink (its channels shut down) and shuts
     the control connection down, so the save or the wait for RESTORED fails at once and
@@ -542,7 +543,7 @@ class _PauseLimit:
 
     def arm(self, stats) -> None:
         """At the pause (save's ``on_pause``)."""
-        self.limit = max(PAUSE_LIMIT_MIN, PAUSE_LIMIT_FACTOR * (stats.downtime_estimate or 0.0))
+        self.limit = max(PAUSE_LIMIT_MIN, PAUSE_LIMIT_FACTOR * (stats.downtime_estimate - stats.estimate_lag))
         self.deadline = time.monotonic() + self.limit
 
     def _watch(self) -> None:
@@ -572,7 +573,8 @@ class _PauseLimit:
         """Armed only for a guest that was running: it runs here again."""
         return RelocationError(f"relocation to {where} given up: the destination had not restored the "
                                f"guest {self.limit:g} s after the pause (the limit is the longer of "
-                               f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate); "
+                               f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate "
+                               f"less the destination's lag); "
                                f"the guest runs here again")
 
 
