@@ -14,8 +14,8 @@ import click
 
 from . import exits
 from .config import (
-    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainStatus, memory_ok,
-    memory_problem, parse_disk_map, parse_net_map,
+    DEFAULT_COMPRESSION, DEFAULT_MODEL, MODELS, WORKLOADS, Compression, DomainConfig, DomainError, DomainStatus,
+    memory_ok, memory_problem, parse_disk_map, parse_net_map,
 )
 from .host import control, protocol
 from .host.control import ControlError
@@ -92,6 +92,10 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
     config = DomainConfig(name=name, workload=workload, memory=memory,
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
                           stub=not no_stub, disk=disk, cpu=cpu, net=net, vcpus=vcpus, hugepages=hugepages)
+    try:
+        config.validate()
+    except DomainError as exc:  # options that do not go together (a disk without the stub): nothing done
+        raise click.UsageError(str(exc)) from None
     info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
@@ -424,20 +428,20 @@ def _over_target(s: dict) -> str:
     if target is None:
         return ""
     if s.get("over_target"):
-        return f", OVER the {target * 1000:.0f} ms target by {(s['downtime'] - target) * 1000:.1f} ms"
-    return f", within the {target * 1000:.0f} ms target"
+        return f", OVER the {target * 1000:g} ms target by {(s['downtime'] - target) * 1000:.1f} ms"
+    return f", within the {target * 1000:g} ms target"
 
 
 def _warn_over_target(s: dict, what: str) -> None:
     if s.get("over_target"):
-        exits.warn(f"{what} downtime {s['downtime'] * 1000:.0f} ms exceeded the "
-                   f"{s['downtime_target'] * 1000:.0f} ms target (switched over: {s.get('reason')})")
+        exits.warn(f"{what} downtime {s['downtime'] * 1000:.1f} ms exceeded the "
+                   f"{s['downtime_target'] * 1000:g} ms target (switched over: {s.get('reason')})")
 
 
 def _save_summary(name: str, path: str, reply: dict) -> str:
     s = reply["stats"]
     rounds = f"{s['rounds']} round{'s' if s['rounds'] != 1 else ''}"
-    live = (f", downtime {s['downtime'] * 1000:.0f} ms{_over_target(s)} (switched over: {s['reason']})"
+    live = (f", downtime {s['downtime'] * 1000:.1f} ms{_over_target(s)} (switched over: {s['reason']})"
             if s["downtime"] else "")
     if s.get("vcpus", 1) > 1:
         live += f", {s['vcpus']} vCPUs stopped within {s['pause_skew'] * 1000:.2f} ms"
@@ -898,8 +902,8 @@ def _writable_file(ctx, param, value):
 @click.argument("target", metavar="HOST:PORT")
 @click.option("--offline", is_flag=True, help="Pause first and copy once (no pre-copy).")
 @click.option("--channels", type=click.IntRange(0, 8), default=2, show_default=True,
-              help="Data channels for the pages, each its own TLS connection (0: all on the "
-                   "main connection).")
+              help="Data channels for the pages, each its own TLS connection (plain TCP with "
+                   "--insecure; 0: all on the main connection).")
 @click.option("--paused", is_flag=True,
               help="Leave the guest paused on the destination (like xl migrate -p); a guest "
                    "paused here always arrives paused.")

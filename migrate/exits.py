@@ -30,7 +30,7 @@ Exit status:
   2    usage error; nothing was done
   3    outcome unknown (a relocation: the guest is kept paused here); the message says what to do
   130  interrupted (Ctrl-C): the job was cancelled; the message says the guest's state
-With --json, errors are JSON too: {"error", "outcome", "exit", "guest"}."""
+With --json (where a command has it), errors are JSON too: {"error", "outcome", "exit", "guest"}."""
 HELP_OPTIONS = {"help_option_names": ["-h", "--help"]}
 JSON_TO_STDERR = "hvm.json_to_stderr"      # ctx.meta key: this command's stdout is not for JSON
 

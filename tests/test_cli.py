@@ -75,13 +75,17 @@ def test_no_domain_names_a_missing_state_directory(tmp_path):
     assert res.exit_code == 1 and res.output == "Error: no domain named 'a'\n"
 
 
-def test_usage_errors_found_by_the_command_are_json_with_json(state_dir):
+def test_usage_errors_found_by_the_command_are_json_with_json(state_dir, tmp_path):
     """A usage error the command finds itself (not click's parser) is JSON too with --json:
-    exit 2, on standard output, one object."""
+    exit 2, on standard output, one object. Options that do not go together are one."""
+    disk = tmp_path / "x.img"
+    disk.write_bytes(bytes(1 << 20))
     for args, words in [(["save", "a", "x.hvm", "--throttle"], "need --live"),
                         (["restore", "f.hvm", "--disk-map", "nonsense"], "Invalid value for --disk-map"),
                         (["stream", "check", "f.hvm", "--net-map", "x"], "Invalid value for --net-map"),
-                        (["migrate", "a", "nohost", "--insecure"], "Invalid value for HOST:PORT")]:
+                        (["migrate", "a", "nohost", "--insecure"], "Invalid value for HOST:PORT"),
+                        (["create", "-w", "idle", "--no-stub", "--disk", str(disk)], "a disk needs the device-model stub"),
+                        (["create", "-w", "idle", "--no-stub", "--net", "tap=tap9"], "a NIC needs the device-model stub")]:
         res = run(*args, "--json", ok=False)
         assert res.exit_code == 2, (args, res.output)
         error = json.loads(res.stdout)
