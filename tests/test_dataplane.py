@@ -890,3 +890,38 @@ def test_no_handoff_without_asking_for_it_and_bytes_after_final_stay_refused(tls
         rx.close()
         a.close()
         b.close()
+
+
+def test_closing_a_tls_channel_the_peer_stopped_reading_does_not_wait(tls_dirs):
+    """A destination that stops reading holds a channel's send buffer full: the close
+    (close_notify) is tried without waiting, not for the send timeout, which each channel's
+    close in turn could otherwise spend (before the source's copy of a moved guest goes)."""
+    import ssl
+    a, b = socket.socketpair()
+    server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server.load_cert_chain(tls_dirs[0] / "cert.pem", tls_dirs[0] / "key.pem")
+    server.load_verify_locations(tls_dirs[0] / "ca.pem")
+    server.verify_mode = ssl.CERT_REQUIRED
+    done = threading.Event()
+
+    def peer():                 # the handshake, then no more reading
+        with server.wrap_socket(b, server_side=True) as tls:
+            tls.do_handshake()
+            done.wait(30)
+    thread = threading.Thread(target=peer, daemon=True)
+    thread.start()
+    try:
+        out = Output(a.fileno(), TlsContext(False, tls_dirs[1]), "127.0.0.1", timeout=5.0, handshake=5.0)
+        a.setblocking(False)            # the buffers full, no TLS record half written
+        with contextlib.suppress(BlockingIOError):
+            while True:
+                a.send(bytes(1 << 16))
+        a.setblocking(True)
+        a.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, struct.pack("ll", 5, 0))
+        t0 = time.monotonic()
+        out.close()
+        assert time.monotonic() - t0 < 1.5
+    finally:
+        done.set()
+        thread.join(10)
+        a.close()

@@ -540,7 +540,14 @@ void dp_out_free(struct dp_out *o)
     if (!o)
         return;
     if (o->conn.ssl) {
-        SSL_shutdown(o->conn.ssl);
+        /* close_notify if it fits now: a peer that stopped reading could otherwise hold
+         * this close for the whole send timeout (and each channel's close in turn) */
+        int flags = fcntl(o->conn.fd, F_GETFL);
+        if (flags >= 0 && fcntl(o->conn.fd, F_SETFL, flags | O_NONBLOCK) == 0) {
+            SSL_shutdown(o->conn.ssl);
+            fcntl(o->conn.fd, F_SETFL, flags);
+        }
+        ERR_clear_error();
         SSL_free(o->conn.ssl);
     }
     XXH3_freeState(o->xxh);
