@@ -1004,8 +1004,9 @@ def test_a_pause_the_destination_drags_out_is_given_up(domains, monkeypatch, how
         job.run(dom)
     took = time.monotonic() - t0
     assert took < 15, f"gave up after {took:.1f} s: {info.value}"
-    if how == "late-synced":    # 4x its 1.5 s lag would have made it 6 s
-        assert "restored the guest 1 s after the pause" in str(info.value), info.value
+    if how == "late-synced":    # its 1.5 s lag counted 4 times made it over 6 s
+        limit = float(re.search(r"restored the guest ([\d.]+) s after", str(info.value))[1])
+        assert limit < 5, info.value
     assert not unstalled, unstalled[0]
     assert dom.status == "running", info.value
     assert logging_on(dom) == [False] * len(logging_on(dom))
@@ -1299,10 +1300,11 @@ def test_guest_keeps_talking_while_it_moves(bridged_hosts, tmp_path, state_dir):
 def test_the_channels_tls_handshakes_run_side_by_side(tmp_path, monkeypatch):
     """The data channels' TLS handshakes run side by side: a destination that takes nearly
     the handshake's limit over each holds the set-up for about one limit, not one per
-    channel in turn (8 channels at 30 s were 4 minutes)."""
+    channel in turn (8 channels at 30 s were 4 minutes); and the first channel that fails
+    ends the others' wait and is the one named."""
     from migrate import dataplane
-    from migrate.host.source import MigrateJob
-    monkeypatch.setattr(dataplane, "HANDSHAKE", 1.0)
+    from migrate.host.source import MigrateJob, RelocationError
+    monkeypatch.setattr(dataplane, "HANDSHAKE", 3.0)
     tls.keygen(tmp_path, ["127.0.0.1", "src"])
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(tmp_path / "127.0.0.1" / "cert.pem", tmp_path / "127.0.0.1" / "key.pem")
@@ -1310,9 +1312,9 @@ def test_the_channels_tls_handshakes_run_side_by_side(tmp_path, monkeypatch):
     server.verify_mode = ssl.CERT_REQUIRED
     pairs = [socket.socketpair() for _ in range(4)]
 
-    def slow_peer(sock):        # 0.7 s after the ClientHello, the handshake; then it takes what comes
+    def slow_peer(sock):        # 1.5 s after the ClientHello, the handshake; then it takes what comes
         select.select([sock], [], [], 10)
-        time.sleep(0.7)
+        time.sleep(1.5)
         with contextlib.suppress(OSError), server.wrap_socket(sock, server_side=True) as conn:
             while conn.recv(65536):
                 pass
@@ -1325,10 +1327,21 @@ def test_the_channels_tls_handshakes_run_side_by_side(tmp_path, monkeypatch):
     try:
         outputs = job.channel_outputs([a for a, _ in pairs], bytes(32))
         took = time.monotonic() - t0
-        assert len(outputs) == 4 and took < 1.5, took         # one after another: 2.8 s
+        assert len(outputs) == 4 and took < 2.8, took         # one after another: 6 s
     finally:
         for out in outputs:
             out.close()
+        for a, b in pairs:
+            a.close()
+            b.close()
+    pairs = [socket.socketpair() for _ in range(3)]         # 0 and 2 never answer; 1 closes
+    pairs[1][1].close()
+    t0 = time.monotonic()
+    try:
+        with pytest.raises(RelocationError, match=r"^data channel 1 to 127.0.0.1:1: TLS handshake failed"):
+            job.channel_outputs([a for a, _ in pairs], bytes(32))
+        assert time.monotonic() - t0 < 2.0
+    finally:
         for a, b in pairs:
             a.close()
             b.close()

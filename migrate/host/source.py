@@ -245,7 +245,7 @@ class MigrateJob:
         the GIL), so that they take one handshake's time, and one handshake's limit in all,
         not one after the other."""
         outputs: list = [None] * len(links)
-        errors: dict[int, Exception] = {}
+        errors: list[tuple[int, Exception]] = []       # in the order they came: the first says why
         tls_ctx = None
 
         def start(index: int, sock: socket.socket) -> None:
@@ -253,8 +253,11 @@ class MigrateJob:
                 out = outputs[index] = dataplane.Output(sock.fileno(), tls_ctx, self.host, FRAME_TIMEOUT,
                                                         dataplane.HANDSHAKE)
                 out.channel_header(FORMAT_VERSION, index, token)
-            except dataplane.DataplaneError as exc:
-                errors[index] = exc
+            except Exception as exc:            # a bug included: said, not lost on the thread
+                errors.append((index, exc))
+                for other in links:             # the move fails: the others need not finish
+                    if other is not sock:
+                        _shut(other)
         try:
             tls_ctx = None if self.insecure else dataplane.TlsContext(False, self.tls_dir)
             threads = [threading.Thread(target=start, args=(index, sock), name=f"channel-{index}")
@@ -264,7 +267,7 @@ class MigrateJob:
             for thread in threads:
                 thread.join()
         except dataplane.DataplaneError as exc:         # the TLS context
-            errors[0] = exc
+            errors.append((0, exc))
         finally:
             if tls_ctx is not None:
                 tls_ctx.close()
@@ -272,8 +275,8 @@ class MigrateJob:
             for out in outputs:
                 if out is not None:
                     out.close()
-            index = min(errors)
-            raise RelocationError(f"data channel {index} to {self.host}:{self.port}: {errors[index]}") from None
+            index, exc = errors[0]
+            raise RelocationError(f"data channel {index} to {self.host}:{self.port}: {exc}") from None
         return outputs
 
     def _stream_and_handoff(self, domain, ch, t0, setup, was_running, progress, cancel, links,
@@ -543,8 +546,9 @@ PAUSE_LIMIT_POLL = 0.5      # seconds between two looks at the clock (nothing wa
 class _PauseLimit:
     """The bound on a live move's paused time before GO (specs/relocation.md, section 5):
     armed at the pause, with a limit of PAUSE_LIMIT_MIN seconds or PAUSE_LIMIT_FACTOR
-    times the downtime estimate less its lag (the destination's word, which it could
-    stretch to stretch the limit), whichever is longer. If neither RESTORED nor READY (on
+    times the downtime estimate's own terms plus its lag once (the lag is the destination's
+    word: times four, a destination could stretch the limit four times as far as it lies),
+    whichever is longer. If neither RESTORED nor READY (on
     data channel 0) has been read by then (a destination that reads the last round
     slowly, or restores slowly), it cancels the sink (its channels shut down) and shuts
     the control connection down, so the save or the wait for RESTORED fails at once and
@@ -561,7 +565,8 @@ class _PauseLimit:
 
     def arm(self, stats) -> None:
         """At the pause (save's ``on_pause``)."""
-        self.limit = max(PAUSE_LIMIT_MIN, PAUSE_LIMIT_FACTOR * (stats.downtime_estimate - stats.estimate_lag))
+        lag = stats.estimate_lag        # counted once: a destination stretches the limit 1:1 at most
+        self.limit = max(PAUSE_LIMIT_MIN, PAUSE_LIMIT_FACTOR * (stats.downtime_estimate - lag) + lag)
         self.deadline = time.monotonic() + self.limit
 
     def _watch(self) -> None:
@@ -591,8 +596,8 @@ class _PauseLimit:
         """Armed only for a guest that was running: it runs here again."""
         return RelocationError(f"relocation to {where} given up: the destination had not restored the "
                                f"guest {self.limit:g} s after the pause (the limit is the longer of "
-                               f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate "
-                               f"less the destination's lag); "
+                               f"{PAUSE_LIMIT_MIN:g} s and {PAUSE_LIMIT_FACTOR:g}x the downtime estimate, "
+                               f"its lag counted once); "
                                f"the guest runs here again")
 
 
