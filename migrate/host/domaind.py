@@ -578,12 +578,13 @@ class DomainServer:
         """Stop serving, then end the job and the domain. The control socket goes first: a
         process on its way out is not listed (a live one whose socket is there but does not
         answer is listed unresponsive: control.unanswered_info)."""
+        ENDING.setdefault("closing", "")        # a signal from here on interrupts no clean-up
         (self.hidden or self.dir / statedir.SOCKET).unlink(missing_ok=True)     # before the listener
         self.sel.close()                # closes: a client in between would be refused, not told "ending"
         self.listener.close()
         if self.save_thread is not None:
             # the domain goes with the process: a job that ends now must not say it stays
-            self.destroying = self.destroying or ENDING.get("by", "its domain process ending")
+            self.destroying = self.destroying or ENDING.get("by") or "its domain process ending"
             self.save_cancel.set()
             self.save_thread.join(30)
         if self.domain is not None:
@@ -871,11 +872,15 @@ class _RoundReporter:
             self.stopped = True
 
 
-ENDING: dict[str, str] = {}     # "by": what ended the process, once a signal did (_end_by_signal)
+ENDING: dict[str, str] = {}     # "by": what ended the process, once a signal did; "closing": it ends
 
 
 def _end_by_signal(signum: int, frame) -> None:
-    """SIGTERM or SIGINT: the process ends, and its domain with it (DomainServer.close)."""
+    """SIGTERM or SIGINT: the process ends, and its domain with it (DomainServer.close).
+    Once it is ending (a signal came, or the server closes), another one changes nothing:
+    it would cut the clean-up short (the domain listed as crashed instead of gone)."""
+    if ENDING:
+        return
     ENDING["by"] = f"{signal.Signals(signum).name} to its domain process"
     sys.exit(0)
 
