@@ -102,10 +102,23 @@ def _create_partial(path: Path, partial: Path) -> int:
 
 def drop_stale_partial(path: Path) -> None:
     """Remove ``path``'s partial file if it is a killed save's (no save holds its lock): one
-    that a save still writes, or a later save's, stays."""
+    that a save still writes, or a later save's, stays. Removed while its lock is held here,
+    and only if the name still is that file (a save that replaced it meanwhile keeps its own)."""
     partial = partial_path(path)
-    if _stale(partial):
-        partial.unlink(missing_ok=True)
+    try:
+        fd = os.open(partial, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError:
+        return
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISREG(st.st_mode) and try_lock(fd, 0, 0):
+            now = os.stat(partial, follow_symlinks=False)
+            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
+                partial.unlink()
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 
 def _stale(partial: Path) -> bool:
