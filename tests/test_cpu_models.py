@@ -264,13 +264,23 @@ def test_cpu_record_ordering_rules():
 # -- on this host (KVM) -----------------------------------------------------------------------
 
 @pytest.mark.kvm
-def test_the_baseline_guest_sees_the_baseline_cpu(domains):
+def test_the_baseline_guest_sees_the_baseline_cpu(domains, monkeypatch):
     """The guest's CPUID is the model's, not the host's: its vCPU was given exactly the
-    baseline leaves (KVM answers the guest from them) and carries exactly its MSRs."""
+    baseline leaves (KVM_SET_CPUID2, seen as it is called: these hosts' PVM module reads
+    back the host's leaves 1, 7 and 0xD through KVM_GET_CPUID2 whatever it was given) and
+    carries exactly its MSRs."""
     from migrate.domain import Domain, DomainConfig
+    from migrate.kvm.vcpu import Vcpu
+    given, real = {}, Vcpu.set_cpuid2
+
+    def set_cpuid2(vcpu, entries):
+        given.setdefault(id(vcpu), list(entries))
+        real(vcpu, entries)
+    monkeypatch.setattr(Vcpu, "set_cpuid2", set_cpuid2)
     dom = Domain.boot(DomainConfig("cpu1", "idle", 16 << 20))
     domains.append(dom)
     assert dom.cpu.cpuid == baseline_cpuid() and dom.cpu.vendor == "GenuineIntel"
+    assert given[id(dom.vcpus[0])] == list(cpu.cpuid_for_vcpu(baseline_cpuid(), 0))
     host = cpu.this_host()      # less a droppable one a KVM does not list (IA32_DEBUGCTL, older KVM)
     assert sorted(dom.capture().vcpus[0].msrs) == [m for m in cpu.BASELINE_MSRS
                                                    if m in host.msrs or m not in cpu.DROPPABLE_MSRS]

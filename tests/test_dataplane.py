@@ -231,12 +231,13 @@ def test_the_pacer_holds_the_rate():
     at 20 MB/s take the rate's time less the burst (max(256 KiB, 20 ms of rate)), not
     less, whatever the encoding threads."""
     pages, rate = 2048, 20e6
+    data = bytearray(os.urandom(pages * PAGE))
     with open(os.devnull, "wb") as sink:
         t0 = time.monotonic()
-        st = send_all(sink.fileno(), bytearray(os.urandom(pages * PAGE)), rate, mode=RAW)
+        st = send_all(sink.fileno(), data, rate, mode=RAW)
         took = time.monotonic() - t0
     floor = (st.bytes - max(256 << 10, rate / 50)) / rate
-    assert floor * 0.95 <= took <= floor * 1.5 + 0.2, (took, floor)
+    assert floor * 0.95 <= took <= floor * 2 + 0.5, (took, floor)      # the upper bound: a loaded host
 
 
 @pytest.mark.parametrize("content,rate,compressed", [

@@ -199,7 +199,7 @@ def test_ledger_with_disk_relocates_there_and_back(hosts, tmp_path, pki):
     # apply is 0 when the domain process had applied the state before STREAM_END's arrival
     # (the data channels can outrun the control channel): the parts count downtime, not work
     assert all(v >= 0 for v in parts.values()) and parts["capture"] > 0 and parts["resume"] > 0
-    assert abs(sum(parts.values()) - stats["downtime"]) < 0.25 * stats["downtime"]
+    assert abs(sum(parts.values()) - stats["downtime"]) < max(0.25 * stats["downtime"], 0.005)
     assert control.list_domains(src) == []                 # the source copy is gone
     [info] = control.list_domains(dst)
     assert info["name"] == "led" and info["status"] == "running" and info["disk"] == str(disk)

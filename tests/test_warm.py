@@ -8,7 +8,7 @@ from migrate.config import Convergence, DomainConfig, DomainStatus
 from migrate.engine import file_chunks, restore, save_to_file, warm
 from migrate.engine.fake import FakeDomain
 from migrate.kvm import system
-from migrate.stream import DONE, Channels, DeviceState, End, HvmState, StreamReader, Vm
+from migrate.stream import DONE, Channels, DeviceState, End, HvmState, StreamReader, StreamTruncated, Vm
 from migrate.stream.hvm import CODECS
 
 
@@ -140,7 +140,7 @@ def test_no_collection_while_a_live_moves_state_is_read_and_applied(tmp_path, mo
     restore(file_chunks(tmp_path / "s.hvm"), make_domain=make, fresh_stub=False)
     assert seen == [False, True] and gc.isenabled()
     data = (tmp_path / "s.hvm").read_bytes()
-    with pytest.raises(Exception):
+    with pytest.raises(StreamTruncated, match="input ended before END"):
         restore([data[:-40]], make_domain=make, fresh_stub=False, warm=True)      # cut before END
     assert gc.isenabled()
 

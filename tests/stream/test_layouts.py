@@ -89,7 +89,8 @@ def test_caps_match_spec() -> None:
     assert records.MAX_SPACE_PAGES == 2 ** 36 and "| MAX_SPACE_PAGES | 2^36 |" in SPEC
 
 
-KVM_H = Path("/usr/include/x86_64-linux-gnu/asm/kvm.h")
+KVM_H = next((p for p in (Path("/usr/include/x86_64-linux-gnu/asm/kvm.h"), Path("/usr/include/asm/kvm.h"))
+              if p.exists()), Path("/usr/include/asm/kvm.h"))      # Debian's multiarch path, or the plain one
 KVM_STRUCTS = {
     "kvm_regs": hvm.REGS, "kvm_sregs": hvm.SREGS, "kvm_segment": hvm.SEGMENT,
     "kvm_dtable": hvm.DTABLE, "kvm_xcr": hvm.XCR, "kvm_xcrs": hvm.XCRS,
