@@ -107,6 +107,31 @@ def test_a_crashed_domain_is_crashed_here(state_dir):
     assert exits.guest_state("nosuch") == "none here"
 
 
+@pytest.mark.parametrize("left", ["config", "nothing"])
+def test_destroy_of_a_domain_on_its_way_out_after_a_move_says_it_moved(state_dir, left):
+    """`hvm destroy` that comes once a relocated domain's process has removed its control
+    socket (on its way out: its guest runs there) says the guest moved, as one that comes
+    before does, not that it was already being destroyed and is gone (exit 0)."""
+    d = state_dir / "mv"
+    d.mkdir(parents=True)           # the stand-in names its directory, as a domain process does
+    ending = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)", str(d)])
+    try:
+        (d / statedir.PIDFILE).write_text(f"{ending.pid}\n")
+        if left == "config":
+            (d / statedir.CONFIG).write_text(json.dumps({"workload": "idle", "memory": 16 << 20}))
+        (d / statedir.MOVED).write_text("10.0.0.2:7000")
+        res = run("destroy", "mv", ok=False)
+        assert res.exit_code == 1 and res.output == ("Error: mv was not destroyed: it had just moved to "
+                                                     "10.0.0.2:7000 (its relocation was past the handoff) and "
+                                                     "runs there\n"), res.output
+        with pytest.raises(control.ControlError) as info:
+            control.destroy_domain("mv")
+        assert info.value.guest == "running on 10.0.0.2:7000"
+    finally:
+        ending.kill()
+        ending.wait()
+
+
 def test_a_domain_is_on_its_way_out_only_by_what_its_end_leaves(tmp_path):
     """control._ending, asked of a directory with no control socket: a configuration
     without a socket, or logs left alone, is an end; an empty directory (just claimed by a

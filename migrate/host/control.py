@@ -358,6 +358,8 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
             pid = _pid(directory)
             reply = client.call("destroy")
     except ControlError as exc:
+        if exc.kind in (NO_SOCKET, ENDING, LOST) and (moved := _moved_to(directory)):
+            raise _moved(name, moved) from None     # on its way out after a relocation: it runs there
         if exc.kind == CRASHED and clear_crashed(name, base):
             return "cleared"
         if exc.kind == NO_SOCKET and _gone_soon(directory):     # its last files were going
@@ -373,12 +375,24 @@ def destroy_domain(name: str, base: Path | None = None) -> str:
         return "already" if ended == "gone" else ended
     ended = _wait_ended(directory, pid, DESTROY_WAIT)
     if reply.get("status") == DomainStatus.MOVED:      # a relocation past its GO: the guest runs there
-        raise ControlError(f"{name} was not destroyed: it had just moved to {reply.get('moved_to')} "
-                           f"(its relocation was past the handoff) and runs there",
-                           guest=f"running on {reply.get('moved_to')}")
+        raise _moved(name, reply.get("moved_to"))
     if ended is None:
         raise _not_ended(name, pid, "was destroyed")
     return "destroyed" if ended == "gone" else ended
+
+
+def _moved(name: str, moved_to) -> ControlError:
+    return ControlError(f"{name} was not destroyed: it had just moved to {moved_to} (its relocation was past "
+                        f"the handoff) and runs there", guest=f"running on {moved_to}")
+
+
+def _moved_to(directory: Path) -> str | None:
+    """HOST:PORT its guest moved to, if the domain of ``directory`` is a process on its way
+    out after a relocation (statedir.MOVED), else None."""
+    try:
+        return (directory / statedir.MOVED).read_text()[:300] or None
+    except (OSError, UnicodeDecodeError):
+        return None
 
 
 def _gone_soon(directory: Path, wait: float = 1.0) -> bool:

@@ -565,6 +565,10 @@ class DomainServer:
                          "status": self.domain.status, "kind": "failed", "guest": self.guest()})
         else:
             self.moved_to = f"{job.host}:{job.port}"
+            try:        # for an hvm destroy that comes once the control socket is gone
+                (self.dir / statedir.MOVED).write_text(self.moved_to)
+            except OSError as exc:
+                log.warning("could not note the move in %s: %s", self.dir, exc.strerror)
             self.domain.destroy()
             self.running = False
             log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
@@ -992,7 +996,7 @@ def _remove_directory(directory: Path, disk_lock: DiskLock | None) -> None:
     that is killed leaves its directory, with its logs, for ``hvm list`` to show as crashed."""
     if disk_lock is not None:
         disk_lock.close()
-    for leaf in (statedir.SOCKET, statedir.HIDDEN_SOCKET, statedir.PIDFILE, statedir.CONFIG,
+    for leaf in (statedir.SOCKET, statedir.HIDDEN_SOCKET, statedir.PIDFILE, statedir.CONFIG, statedir.MOVED,
                  statedir.STDERR, *statedir.LOGS):
         (directory / leaf).unlink(missing_ok=True)
     try:

@@ -14,6 +14,7 @@ PIDFILE = "pid"
 LOGFILE = "domain.log"
 STDERR = "stderr.log"       # a starting domain process's standard error, until it runs
 CONFIG = "config.json"      # the domain's configuration: what `hvm list` shows of it once crashed
+MOVED = "moved"             # HOST:PORT its guest moved to: a process on its way out after a relocation
 FATAL = "fatal.log"         # a fatal signal's Python traceback (faulthandler): never rotated, empty until then
 LOG_MAX = 8 << 20           # bytes of console.log and domain.log before each moves to its ".1" (the one before goes)
 LOGS = (CONSOLE, CONSOLE + ".1", LOGFILE, LOGFILE + ".1", STDERR, FATAL)    # what a crashed domain leaves for a post-mortem
