@@ -564,6 +564,10 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
                    f"'hvm list' shows what is left of it")
     if reply.get("interrupted"):
         exits.warn("interrupted too late to cancel: the save had completed")
+    if reply.get("input_left"):
+        kept = " (they stay with the guest here)" if reply["status"] != DomainStatus.DESTROYED else ""
+        exits.warn(f"{reply['input_left']} bytes of console input {name} had not read yet are not in the "
+                   f"stream: a copy restored from it never sees them{kept}")
     _warn_over_target(reply["stats"], "save")
     if as_json:
         exits.echo_json({"name": name, **reply})
@@ -947,6 +951,9 @@ def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_ou
                    f"'hvm list' shows what is left of it")
     if reply.get("interrupted"):
         exits.warn(f"interrupted too late to cancel: {name} had moved to {target}")
+    if reply.get("input_left"):
+        exits.warn(f"{reply['input_left']} bytes of console input {name} had not read yet did not move with it: "
+                   f"they are lost")
     _warn_over_target(reply["stats"], "migrate")
     if stats_out:
         try:

@@ -225,6 +225,7 @@ class Domain:
         self._parts: list[VmSpace] = []
         self.stub_build = ""             # build id of the stub image this domain runs
         self._input = bytearray()          # console input not yet taken by the UART
+        self.input_held = 0                # bytes of it at the last capture: no stream carries them
         self._announce = False              # restored: the NIC announces itself at the first resume
         self._unknown_ports: set[int] = set()
         self._unknown_mmio: set[int] = set()       # pages already logged
@@ -502,6 +503,7 @@ class Domain:
 
     # -- state --------------------------------------------------------------
     def capture(self) -> DomainState:
+        self.input_held = len(self._input)
         stub = self._capture_stub(Stub.capture)
         return DomainState(config=self.config,
                            vcpus=[VcpuState.capture(vcpu, self.cpu.msr_indices) for vcpu in self.vcpus],
@@ -512,6 +514,7 @@ class Domain:
         (migrate/capture.py): per VM, its HVM context records and its DEVICE_STATE records'
         bodies (the stub's; none for the guest). The same records as
         :meth:`capture`'s state gives (``engine.state``), for a save's downtime path."""
+        self.input_held = len(self._input)
         stub = self._capture_stub(Stub.capture_records)
         try:
             guest = self._capture.capture()

@@ -383,7 +383,8 @@ class DomainServer:
 
     def _no_save_running(self, what: str) -> None:
         if self.saving:
-            raise ValueError(f"cannot {what}: a save is in progress")
+            job = "relocation" if self.save_thread is not None and self.save_thread.name == "migrate" else "save"
+            raise ValueError(f"cannot {what}: a {job} is in progress; {self.where(job)}")
 
     def op_console(self, req: dict) -> dict:
         offset = req.get("offset", 0)
@@ -396,6 +397,7 @@ class DomainServer:
         data = req.get("data")
         if not isinstance(data, bytes) or len(data) > protocol.INPUT_CHUNK:
             raise ValueError(f"input must be at most {protocol.INPUT_CHUNK} bytes")
+        self._no_save_running("send input")     # it would not be in the stream: the copy never reads it
         self.domain.send_input(data)
         return {"queued": len(data)}
 
@@ -509,6 +511,7 @@ class DomainServer:
         resume = dom.resume if job.checkpoint and was_running else None
         options = dict(compress=job.level, live=job.live, stats_cb=watch.progress,
                        cancel=self.save_cancel, convergence=job.convergence, on_written=resume)
+        watch.poll()
         try:
             if job.fd is not None:
                 stats = save_to_stream(dom, job.fd, **options)
@@ -529,8 +532,9 @@ class DomainServer:
                      "kept" if job.checkpoint else "destroyed")
             self.saving = False
             watch.reply({"ok": True, "path": job.target, "status": dom.status,
-                         "stats": stats.as_dict()})
+                         "stats": stats.as_dict(), "input_left": dom.input_held})
         finally:
+            watch.stop()
             if job.fd is not None:
                 os.close(job.fd)
             conn.close()
@@ -574,7 +578,8 @@ class DomainServer:
             log.info("relocated to %s:%d (%d bytes, downtime %.1f ms)", job.host, job.port,
                      stats["bytes"], stats["downtime"] * 1000)
             self.saving = False
-            watch.reply({"ok": True, "status": DomainStatus.DESTROYED, "stats": stats})
+            watch.reply({"ok": True, "status": DomainStatus.DESTROYED, "stats": stats,
+                         "input_left": self.domain.input_held})
         finally:
             conn.close()
 
@@ -642,10 +647,24 @@ class SaveJob:
 
 class ClientWatch:
     """The save's connection: progress out, and a client that went away (closed, or
-    Ctrl-C) cancels the save."""
+    Ctrl-C) cancels the save: seen at each progress report, and, once :meth:`poll` has
+    started it, looked for every CLIENT_POLL seconds until :meth:`stop` (a paced round's
+    data plane call can last a minute, with no report in between)."""
 
     def __init__(self, conn: socket.socket, cancel: threading.Event):
         self.conn, self.cancel = conn, cancel
+        self.stopped = threading.Event()
+
+    def poll(self) -> None:
+        def watch():
+            while not self.stopped.wait(CLIENT_POLL) and not self.cancel.is_set():
+                if self.gone():
+                    self.cancel.set()       # the save stops at once, and says so (SaveCancelled)
+                    return
+        threading.Thread(target=watch, name="client-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self.stopped.set()
 
     def gone(self) -> bool:
         try:
@@ -677,6 +696,7 @@ class ClientWatch:
             log.warning("save reply not delivered: %s", exc)
 
 
+CLIENT_POLL = 0.2               # seconds between two looks for a save's client gone
 RESTORE_PROGRESS_EVERY = 1.0    # seconds between two AT lines of a restore from a file or pipe
 
 
