@@ -110,3 +110,19 @@ def test_the_round_reporter_says_every_round_but_the_final_one():
     with os.fdopen(r, "rb") as pipe:
         lines = [parse(raw.decode()) for raw in pipe.read().splitlines()]
     assert [(line.kind, line.rounds) for line in lines] == [(Say.ROUND, 1)]
+
+
+@pytest.mark.parametrize("moved_to", [None, "10.0.0.2:7000"])
+def test_a_guest_that_will_not_run_again_is_neither_paused_nor_unpaused(moved_to):
+    """A pause or unpause that reaches a domain process after its job destroyed the guest
+    (saved, or moved) says so, not "paused" for a pause that did nothing."""
+    import types
+    from migrate.config import DomainStatus
+    from migrate.host.domaind import DomainServer
+    server = object.__new__(DomainServer)
+    server.domain = types.SimpleNamespace(status=DomainStatus.DESTROYED, config=types.SimpleNamespace(name="g1"))
+    server.moved_to, server.saving, server.go = moved_to, False, None
+    for op in (DomainServer.op_pause, DomainServer.op_unpause):
+        with pytest.raises(ValueError) as info:
+            op(server, {})
+        assert str(info.value).endswith("g1 moved to 10.0.0.2:7000" if moved_to else "g1 is destroyed here")

@@ -327,7 +327,8 @@ class DomainServer:
     def op_info(self, req: dict) -> dict:
         dom, cfg = self.domain, self.domain.config
         return {"name": cfg.name, "workload": cfg.workload, "memory": cfg.memory,
-                "memory_ranges": [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()],
+                "memory_ranges": [] if dom.status is DomainStatus.DESTROYED else   # its memory is gone
+                [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()],
                 "hugepages": cfg.hugepages, "vcpus": cfg.vcpus, "status": dom.status,
                 "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
@@ -338,16 +339,18 @@ class DomainServer:
                 "cpu_notes": list(dom.cpu_notes), "nic": _nic_info(dom),
                 "awaiting_go": self.go is not None,
                 "job": self.save_thread.name if self.saving else None,     # save | migrate
-                "note": self.note}
+                "note": self.note, "moved_to": self.moved_to}
 
     def op_pause(self, req: dict) -> dict:
         self._no_save_running("pause")
+        self._not_stopped("pause")      # a pause of a guest that will not run again did nothing
         self.domain.pause()
         return {"status": self.domain.status}
 
     def op_unpause(self, req: dict) -> dict:
         self._no_save_running("unpause")
         self._no_go_awaited("unpause")
+        self._not_stopped("unpause")
         if self.disk_lock is not None and not self.disk_lock.writer:    # a relocation let it go
             try:
                 self.disk_lock.take_writer()
@@ -375,6 +378,13 @@ class DomainServer:
         """Where the guest is, as a job's answer says it: "running here", "paused here", ...
         ("being destroyed here" once hvm destroy came, or a signal ends the process)."""
         return "being destroyed here" if self.destroying else f"{self.domain.status} here"
+
+    def _not_stopped(self, what: str) -> None:
+        """ValueError if the guest will not run again here (saved and destroyed, moved, ended)."""
+        status = self.domain.status
+        if status.stopped:
+            raise ValueError(f"cannot {what}: {self.domain.config.name} "
+                             + (f"moved to {self.moved_to}" if self.moved_to else f"is {status} here"))
 
     def _no_go_awaited(self, what: str) -> None:
         if self.go is not None:
