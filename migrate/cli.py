@@ -566,8 +566,8 @@ def save(name, file, checkpoint, live, compress, downtime_ms, max_bandwidth, tim
         exits.warn("interrupted too late to cancel: the save had completed")
     if reply.get("input_left"):
         kept = " (they stay with the guest here)" if reply["status"] != DomainStatus.DESTROYED else ""
-        exits.warn(f"{reply['input_left']} bytes of console input {name} had not read yet are not in the "
-                   f"stream: a copy restored from it never sees them{kept}")
+        exits.warn(f"{reply['input_left']} bytes of console input still waiting for {name}'s UART are not in "
+                   f"the stream: a copy restored from it never sees them{kept}")
     _warn_over_target(reply["stats"], "save")
     if as_json:
         exits.echo_json({"name": name, **reply})
@@ -847,11 +847,12 @@ def serve(listen, tls_dir, insecure, disk_map, net_map, max_memory, hugepages):
     if not insecure and not tls_dir:
         raise click.UsageError("--tls-dir (or $HVM_TLS_DIR) is required unless --insecure")
     addr, port = parse_target(listen)
+    disks, nets = _map("disk", disk_map), _map("net", net_map)        # usage errors: before anything
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     try:
         server = destination.RelocationServer(destination.ServeConfig(
-            addr, port, None if insecure else tls_dir, parse_disk_map(disk_map),
-            net_map=parse_net_map(net_map), max_memory=max_memory, hugepages=hugepages))
+            addr, port, None if insecure else tls_dir, disks, net_map=nets, max_memory=max_memory,
+            hugepages=hugepages))
     except (tls.TlsError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
     signal.signal(signal.SIGTERM, lambda *_: server.stop())
@@ -952,8 +953,8 @@ def migrate(name, target, offline, channels, paused, tls_dir, insecure, stats_ou
     if reply.get("interrupted"):
         exits.warn(f"interrupted too late to cancel: {name} had moved to {target}")
     if reply.get("input_left"):
-        exits.warn(f"{reply['input_left']} bytes of console input {name} had not read yet did not move with it: "
-                   f"they are lost")
+        exits.warn(f"{reply['input_left']} bytes of console input still waiting for {name}'s UART did not "
+                   f"move with it: they are lost")
     _warn_over_target(reply["stats"], "migrate")
     if stats_out:
         try:

@@ -518,9 +518,9 @@ def test_cli_net_options():
     res = CliRunner().invoke(hvm, ["create", "-w", "netecho", "-n", "x", "--net", "bogus"])
     assert res.exit_code == 2 and "not KEY=VALUE" in res.output
     res = CliRunner().invoke(hvm, ["create", "-w", "netecho", "-n", "x", "--no-stub", "--net", "tap=t0"])
-    assert res.exit_code == 1 and "a NIC needs the device-model stub" in res.output
+    assert res.exit_code == 2 and "a NIC needs the device-model stub" in res.output      # a usage error
     res = CliRunner().invoke(hvm, ["host", "serve", "--insecure", "--listen", "127.0.0.1:1", "--net-map", "x"])
-    assert res.exit_code == 1 and "SRC=DST" in res.output
+    assert res.exit_code == 2 and "SRC=DST" in res.output
 
 
 @pytest.mark.kvm

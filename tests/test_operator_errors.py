@@ -682,7 +682,7 @@ def test_console_input_no_stream_carries_is_said(state_dir, tmp_path):
         res = subprocess.run(HVM + ["save", "in1", str(tmp_path / "i.hvm"), "--checkpoint"],
                              capture_output=True, text=True, timeout=60)
         assert res.returncode == 0, res.stderr
-        assert ("warning: 9 bytes of console input in1 had not read yet are not in the stream: a copy "
+        assert ("warning: 9 bytes of console input still waiting for in1's UART are not in the stream: a copy "
                 "restored from it never sees them (they stay with the guest here)") in res.stderr, res.stderr
         run("unpause", "in1")
         cli = subprocess.Popen(HVM + ["save", "in1", str(tmp_path / "big.hvm"), "--live", "--max-bandwidth", "1",
@@ -695,7 +695,7 @@ def test_console_input_no_stream_carries_is_said(state_dir, tmp_path):
             time.sleep(0.05)
         res = run("input", "in1", "late", ok=False)
         assert res.exit_code == 1 and res.output == ("Error: domain 'in1': cannot send input: a save is in "
-                                                     "progress; in1 keeps running here\n"), res.output
+                                                     "progress; in1 is running here meanwhile\n"), res.output
         t0 = time.monotonic()          # Ctrl-C: cancelled within moments, not when the paced round
         cli.send_signal(signal.SIGINT)  # (64 MiB at 1 MB/s) would have let it see its client gone
         out, err = cli.communicate(timeout=30)

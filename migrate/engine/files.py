@@ -83,21 +83,44 @@ def save_to_file(domain, path: str | os.PathLike, *, on_written: Callable[[], No
 def _create_partial(path: Path, partial: Path) -> int:
     """``partial`` created exclusively (never through a symlink) and locked; a stale one
     (a killed save's: nobody holds its lock) is replaced; one being written is refused."""
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
     for attempt in (1, 2):
         try:
-            fd = os.open(partial, flags, 0o600)
+            return _locked_file(partial)
         except FileExistsError:
             if attempt == 2 or not _stale(partial):
                 raise SaveError(f"cannot save to {path}: {partial.name} is being written by another "
                                 f"save (or is not a regular file)") from None
-            partial.unlink(missing_ok=True)
-            continue
+            drop_stale_partial(path)
         except OSError as exc:
             raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
-        try_lock(fd, 0, 0)       # whole file: tells another save this one is alive
-        return fd
     raise AssertionError("unreachable")
+
+
+def _locked_file(partial: Path) -> int:
+    """A new file named ``partial`` (FileExistsError if the name is taken, a symlink
+    included), locked whole (tells another save this one is alive) before its name appears:
+    made unnamed (O_TMPFILE) and then linked, so no other save ever finds it unlocked and
+    takes it for a killed save's. Where the filesystem cannot make one unnamed, it is made
+    by name and locked at once."""
+    try:
+        fd = os.open(partial.parent, os.O_TMPFILE | os.O_WRONLY | os.O_CLOEXEC, 0o600)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EISDIR, errno.EINVAL):
+            raise
+        fd = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+        try_lock(fd, 0, 0)
+        return fd
+    try:
+        try_lock(fd, 0, 0)
+        procfd = os.open("/proc/self/fd", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+        try:        # linkat(AT_SYMLINK_FOLLOW) of its /proc link (a plain link() would not follow it)
+            os.link(str(fd), partial, src_dir_fd=procfd, follow_symlinks=True)   # never over anything
+        finally:
+            os.close(procfd)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
 
 
 def drop_stale_partial(path: Path) -> None:

@@ -327,8 +327,7 @@ class DomainServer:
     def op_info(self, req: dict) -> dict:
         dom, cfg = self.domain, self.domain.config
         return {"name": cfg.name, "workload": cfg.workload, "memory": cfg.memory,
-                "memory_ranges": [] if dom.status is DomainStatus.DESTROYED else   # its memory is gone
-                [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()],
+                "memory_ranges": _memory_ranges(dom),
                 "hugepages": cfg.hugepages, "vcpus": cfg.vcpus, "status": dom.status,
                 "crash_reason": dom.crash_reason,
                 "pid": os.getpid(), "uptime": round(time.time() - self.started, 3),
@@ -394,7 +393,11 @@ class DomainServer:
     def _no_save_running(self, what: str) -> None:
         if self.saving:
             job = "relocation" if self.save_thread is not None and self.save_thread.name == "migrate" else "save"
-            raise ValueError(f"cannot {what}: a {job} is in progress; {self.where(job)}")
+            name = self.domain.config.name
+            # the guest as it is now: what the job makes of it is the job's to say
+            now = (f"{name} has moved to {self.moved_to}" if self.moved_to else
+                   f"{name} is {self.domain.status} here meanwhile")
+            raise ValueError(f"cannot {what}: a {job} is in progress; {now}")
 
     def op_console(self, req: dict) -> dict:
         offset = req.get("offset", 0)
@@ -408,6 +411,7 @@ class DomainServer:
         if not isinstance(data, bytes) or len(data) > protocol.INPUT_CHUNK:
             raise ValueError(f"input must be at most {protocol.INPUT_CHUNK} bytes")
         self._no_save_running("send input")     # it would not be in the stream: the copy never reads it
+        self._not_stopped("send input")
         self.domain.send_input(data)
         return {"queued": len(data)}
 
@@ -523,10 +527,13 @@ class DomainServer:
                        cancel=self.save_cancel, convergence=job.convergence, on_written=resume)
         watch.poll()
         try:
-            if job.fd is not None:
-                stats = save_to_stream(dom, job.fd, **options)
-            else:
-                stats = save_to_file(dom, job.path, **options)
+            try:
+                if job.fd is not None:
+                    stats = save_to_stream(dom, job.fd, **options)
+                else:
+                    stats = save_to_file(dom, job.path, **options)
+            finally:
+                watch.stop()        # before the reply: a next save must not meet this one's watch
         except Exception as exc:      # anything: the domain goes on as before
             log.warning("save to %s failed: %s", job.target, exc)
             if was_running and dom.status is DomainStatus.PAUSED:
@@ -544,7 +551,6 @@ class DomainServer:
             watch.reply({"ok": True, "path": job.target, "status": dom.status,
                          "stats": stats.as_dict(), "input_left": dom.input_held})
         finally:
-            watch.stop()
             if job.fd is not None:
                 os.close(job.fd)
             conn.close()
@@ -610,6 +616,16 @@ class DomainServer:
             self.domain.destroy()
 
 
+def _memory_ranges(dom: Domain) -> list:
+    """[address, bytes] per RAM range, for info; none once its memory is gone (destroyed,
+    by a job's thread, perhaps just now)."""
+    try:
+        return [] if dom.status is DomainStatus.DESTROYED else \
+            [[r.first_pfn << 12, len(r.view)] for r in dom.memory_ranges()]
+    except ValueError:                  # released under us
+        return []
+
+
 def _nic_info(dom: Domain) -> dict | None:
     """The NIC's TAP device and counters, for info."""
     net = dom.stub.net if dom.stub is not None else None
@@ -664,6 +680,7 @@ class ClientWatch:
     def __init__(self, conn: socket.socket, cancel: threading.Event):
         self.conn, self.cancel = conn, cancel
         self.stopped = threading.Event()
+        self.thread: threading.Thread | None = None
 
     def poll(self) -> None:
         def watch():
@@ -671,16 +688,20 @@ class ClientWatch:
                 if self.gone():
                     self.cancel.set()       # the save stops at once, and says so (SaveCancelled)
                     return
-        threading.Thread(target=watch, name="client-watch", daemon=True).start()
+        self.thread = threading.Thread(target=watch, name="client-watch", daemon=True)
+        self.thread.start()
 
     def stop(self) -> None:
+        """No cancel comes from the watch after this returns."""
         self.stopped.set()
+        if self.thread is not None:
+            self.thread.join()
 
     def gone(self) -> bool:
         try:
             readable = ready({self.conn: select.POLLIN}, 0)
             return bool(readable) and self.conn.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
+        except (OSError, ValueError):       # ValueError: closed here already
             return True
 
     def check(self) -> None:
@@ -1026,8 +1047,8 @@ def _remove_directory(directory: Path, disk_lock: DiskLock | None) -> None:
     that is killed leaves its directory, with its logs, for ``hvm list`` to show as crashed."""
     if disk_lock is not None:
         disk_lock.close()
-    for leaf in (statedir.SOCKET, statedir.HIDDEN_SOCKET, statedir.PIDFILE, statedir.CONFIG, statedir.MOVED,
-                 statedir.STDERR, *statedir.LOGS):
+    for leaf in (statedir.SOCKET, statedir.HIDDEN_SOCKET, statedir.PIDFILE, statedir.CONFIG,
+                 statedir.STDERR, *statedir.LOGS, statedir.MOVED):     # MOVED last: a late destroy reads it
         (directory / leaf).unlink(missing_ok=True)
     try:
         directory.rmdir()
