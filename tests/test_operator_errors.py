@@ -659,7 +659,9 @@ def test_a_domain_process_told_to_end_during_a_save_says_the_guest_is_destroyed(
         out, err = cli.communicate(timeout=60)
         assert cli.returncode == 1, (out, err)
         error = json.loads(out)
-        assert error["outcome"] == "failed" and error["guest"] == "being destroyed here", error
+        logs = {p.name: p.read_text()[-2000:] for p in (state_dir / "t1").glob("*.log")} \
+            if (state_dir / "t1").is_dir() else {}          # said if this fails (a crash, say)
+        assert error["outcome"] == "failed" and error["guest"] == "being destroyed here", (error, logs)
         assert "t1 was destroyed here by SIGTERM to its domain process during the save" in error["error"], error
         assert "keeps running" not in error["error"]
         assert not path.exists() and not list(tmp_path.glob("*.partial"))

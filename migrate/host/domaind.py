@@ -928,15 +928,21 @@ class _RoundReporter:
 
 
 ENDING: dict[str, str] = {}     # "by": what ended the process, once a signal did; "closing": it ends
+SERVING: list = []              # the DomainServer whose loop a signal ends, once it serves
 
 
 def _end_by_signal(signum: int, frame) -> None:
     """SIGTERM or SIGINT: the process ends, and its domain with it (DomainServer.close).
+    A serving process's loop is told to end (within its select's 0.5 s), rather than an
+    exception raised wherever the main thread is; before it serves, it exits at once.
     Once it is ending (a signal came, or the server closes), another one changes nothing:
     it would cut the clean-up short (the domain listed as crashed instead of gone)."""
     if ENDING:
         return
     ENDING["by"] = f"{signal.Signals(signum).name} to its domain process"
+    if SERVING:
+        SERVING[0].running = False
+        return
     sys.exit(0)
 
 
@@ -1016,6 +1022,7 @@ def main(argv: list[str]) -> int:
                 log.info("%s", note)
             log.info("domain %s %s (%s, %d MiB)", config.name, domain.status,
                      config.workload, config.memory >> 20)
+        SERVING.append(server)
         server.serve()
     finally:
         server.close()
