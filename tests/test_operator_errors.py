@@ -606,6 +606,18 @@ def test_outcome_unknown_exits_3_and_says_what_to_do(hosts, pki, monkeypatch):
 
 # -- every message tells where the guest is ------------------------------------------------------------
 
+def _slow_save(name: str, path: Path, *more: str, **popen) -> subprocess.Popen:
+    """`hvm save NAME PATH --live` at 1 MB/s, uncompressed (and ``more``), as a process,
+    once its partial file is there (it is writing)."""
+    cli = subprocess.Popen(HVM + ["save", name, str(path), "--live", "--max-bandwidth", "1", "--compress", "none",
+                                  *more], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+    deadline = time.monotonic() + 20
+    while not path.with_name(path.name + ".partial").exists():
+        assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
+        time.sleep(0.05)
+    return cli
+
+
 @pytest.mark.kvm
 def test_a_domain_process_killed_during_a_save_says_the_guest_is_lost(state_dir, tmp_path):
     """kill -9 of the domain process while `hvm save --json` runs: the save fails (exit 1,
@@ -615,13 +627,7 @@ def test_a_domain_process_killed_during_a_save_says_the_guest_is_lost(state_dir,
     try:
         wait_console("k1", state_dir, r"^ledger ok gen=1 ")
         path = tmp_path / "big.hvm"
-        cli = subprocess.Popen(HVM + ["save", "k1", str(path), "--live", "--max-bandwidth", "1",
-                                      "--compress", "none", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "big.hvm.partial").exists():         # it is writing
-            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
-            time.sleep(0.05)
+        cli = _slow_save("k1", path, "--json")
         os.kill(info["pid"], signal.SIGKILL)
         out, err = cli.communicate(timeout=60)
         assert cli.returncode == 1, (out, err)
@@ -646,13 +652,7 @@ def test_a_domain_process_told_to_end_during_a_save_says_the_guest_is_destroyed(
     try:
         wait_console("t1", state_dir, r"^ledger ok gen=1 ")
         path = tmp_path / "big.hvm"
-        cli = subprocess.Popen(HVM + ["save", "t1", str(path), "--live", "--max-bandwidth", "1",
-                                      "--compress", "none", "--json"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "big.hvm.partial").exists():         # it is writing
-            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
-            time.sleep(0.05)
+        cli = _slow_save("t1", path, "--json")
         for _ in range(signals):
             os.kill(info["pid"], signal.SIGTERM)
             time.sleep(0.02)
@@ -687,14 +687,8 @@ def test_console_input_no_stream_carries_is_said(state_dir, tmp_path):
         assert ("warning: 9 bytes of console input still waiting for in1's UART are not in the stream: a copy "
                 "restored from it never sees them (they stay with the guest here)") in res.stderr, res.stderr
         run("unpause", "in1")
-        cli = subprocess.Popen(HVM + ["save", "in1", str(tmp_path / "big.hvm"), "--live", "--max-bandwidth", "1",
-                                      "--compress", "none", "--checkpoint"],
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                               preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        deadline = time.monotonic() + 20
-        while not (tmp_path / "big.hvm.partial").exists():         # it is writing
-            assert time.monotonic() < deadline and cli.poll() is None, cli.communicate()
-            time.sleep(0.05)
+        cli = _slow_save("in1", tmp_path / "big.hvm", "--checkpoint",
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
         res = run("input", "in1", "late", ok=False)
         assert res.exit_code == 1 and res.output == ("Error: domain 'in1': cannot send input: a save is in "
                                                      "progress; in1 is running here meanwhile\n"), res.output
