@@ -87,10 +87,9 @@ def _create_partial(path: Path, partial: Path) -> int:
         try:
             return _locked_file(partial)
         except FileExistsError:
-            if attempt == 2 or not _stale(partial):
+            if attempt == 2 or not drop_stale_partial(path):
                 raise SaveError(f"cannot save to {path}: {partial.name} is being written by another "
                                 f"save (or is not a regular file)") from None
-            drop_stale_partial(path)
         except OSError as exc:
             raise SaveError(f"cannot save to {path}: {exc.strerror}") from None
     raise AssertionError("unreachable")
@@ -123,35 +122,27 @@ def _locked_file(partial: Path) -> int:
     return fd
 
 
-def drop_stale_partial(path: Path) -> None:
-    """Remove ``path``'s partial file if it is a killed save's (no save holds its lock): one
-    that a save still writes, or a later save's, stays. Removed while its lock is held here,
-    and only if the name still is that file (a save that replaced it meanwhile keeps its own)."""
+def drop_stale_partial(path: Path) -> bool:
+    """Remove ``path``'s partial file if it is a killed save's (a regular file no save holds
+    a lock on): one that a save still writes, or a later save's, stays. Removed while its
+    lock is held here, and only if the name still is that file (a save that replaced it
+    meanwhile keeps its own). Whether the name is free now (removed, or nothing there)."""
     partial = partial_path(path)
-    try:
-        fd = os.open(partial, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-    except OSError:
-        return
-    try:
-        st = os.fstat(fd)
-        if stat.S_ISREG(st.st_mode) and try_lock(fd, 0, 0):
-            now = os.stat(partial, follow_symlinks=False)
-            if (now.st_dev, now.st_ino) == (st.st_dev, st.st_ino):
-                partial.unlink()
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def _stale(partial: Path) -> bool:
-    """A regular file no save holds a lock on."""
     try:
         fd = os.open(partial, os.O_WRONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
     except OSError as exc:
         return exc.errno == errno.ENOENT
     try:
-        return stat.S_ISREG(os.fstat(fd).st_mode) and try_lock(fd, 0, 0)
+        st = os.fstat(fd)
+        if not (stat.S_ISREG(st.st_mode) and try_lock(fd, 0, 0)):
+            return False
+        now = os.stat(partial, follow_symlinks=False)
+        if (now.st_dev, now.st_ino) != (st.st_dev, st.st_ino):
+            return False
+        partial.unlink()
+        return True
+    except OSError as exc:
+        return exc.errno == errno.ENOENT
     finally:
         os.close(fd)
 
