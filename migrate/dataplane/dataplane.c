@@ -275,6 +275,18 @@ static int bytes_waiting(struct dp_conn *c)
     return n > 0 || err == SSL_ERROR_SSL;   /* bytes that are no TLS record count too */
 }
 
+/* TLS close_notify if it fits in the socket now, without waiting: a peer that stopped
+ * reading could otherwise hold a close for the whole send timeout (each channel's in turn) */
+static void close_notify(struct dp_conn *c)
+{
+    int flags = fcntl(c->fd, F_GETFL);
+    if (flags >= 0 && fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) == 0) {
+        SSL_shutdown(c->ssl);
+        fcntl(c->fd, F_SETFL, flags);
+    }
+    ERR_clear_error();
+}
+
 /* Blocking I/O with timeouts: a socket from Python may be in non-blocking mode (Python
  * implements its socket timeouts that way), which blocking TLS cannot use. */
 static void set_blocking(int fd)
@@ -540,14 +552,7 @@ void dp_out_free(struct dp_out *o)
     if (!o)
         return;
     if (o->conn.ssl) {
-        /* close_notify if it fits now: a peer that stopped reading could otherwise hold
-         * this close for the whole send timeout (and each channel's close in turn) */
-        int flags = fcntl(o->conn.fd, F_GETFL);
-        if (flags >= 0 && fcntl(o->conn.fd, F_SETFL, flags | O_NONBLOCK) == 0) {
-            SSL_shutdown(o->conn.ssl);
-            fcntl(o->conn.fd, F_SETFL, flags);
-        }
-        ERR_clear_error();
+        close_notify(&o->conn);
         SSL_free(o->conn.ssl);
     }
     XXH3_freeState(o->xxh);
@@ -2393,14 +2398,8 @@ int dp_handoff_answer(struct dp_handoff *h, uint32_t code, char *err, size_t err
  * the channel later does not reset the connection before the source has read the answer */
 void dp_handoff_finish(struct dp_handoff *h)
 {
-    if (h->conn.ssl) {
-        int flags = fcntl(h->conn.fd, F_GETFL);
-        if (flags >= 0 && fcntl(h->conn.fd, F_SETFL, flags | O_NONBLOCK) == 0) {
-            SSL_shutdown(h->conn.ssl);
-            fcntl(h->conn.fd, F_SETFL, flags);
-        }
-        ERR_clear_error();
-    }
+    if (h->conn.ssl)
+        close_notify(&h->conn);
     shutdown(h->conn.fd, SHUT_WR);
     uint8_t drop[4096];
     while (recv(h->conn.fd, drop, sizeof drop, MSG_DONTWAIT) > 0)
