@@ -502,6 +502,12 @@ static int space_set(struct dp_space *s, uint32_t n, const uint64_t *first, cons
 /* ======================================================================================
  * Source side
  * ==================================================================================== */
+/* a 16-byte handoff message (READY, GO, ANSWER) as it comes, part by part */
+struct handoff_msg {
+    uint8_t b[DP_HANDOFF_MSG];
+    uint32_t have;
+};
+
 struct dp_out {
     struct dp_conn conn;
     pthread_mutex_t lock;
@@ -509,8 +515,7 @@ struct dp_out {
     uint64_t records, pages, offset;
     double write_seconds;       /* spent in writes: time the link held us */
     int index, channel, owns_fd;
-    uint8_t handoff[DP_HANDOFF_MSG];    /* READY or ANSWER as it comes, part by part */
-    uint32_t handoff_have;
+    struct handoff_msg handoff;     /* READY or ANSWER */
 };
 
 /* A stream output over fd: a file, or a connected socket (with host and a TLS client
@@ -1637,8 +1642,7 @@ struct dp_channel_summary {
 /* The destination's end of the handoff: channel 0's connection, taken from its receiver */
 struct dp_handoff {
     struct dp_conn conn;
-    uint8_t msg[DP_HANDOFF_MSG];
-    uint32_t have;
+    struct handoff_msg msg;         /* GO */
 };
 
 struct dp_receiver;
@@ -2205,10 +2209,12 @@ static const uint8_t ANSWER_MAGIC[8] = {0x89, 'H', 'V', 'M', 'A', 'N', 'S', '1'}
 #define ANSWER_PAUSED 2u
 #define ANSWER_REFUSED 3u
 
-/* Read what has come of a 16-byte handoff message into buf (have: bytes so far), without
- * waiting: 1 whole, 0 not yet, -1 the channel ended or failed (why) */
-static int handoff_read(struct dp_conn *c, uint8_t *buf, uint32_t *have, const char **why)
+/* Read what has come of a handoff message into m, without waiting: 1 whole, 0 not yet,
+ * -1 the channel ended or failed (why) */
+static int handoff_read(struct dp_conn *c, struct handoff_msg *m, const char **why)
 {
+    uint8_t *buf = m->b;
+    uint32_t *have = &m->have;
     int flags = 0;      /* TLS reads from a socket made non-blocking meanwhile; plain, MSG_DONTWAIT */
     if (c->ssl && ((flags = fcntl(c->fd, F_GETFL)) < 0 || fcntl(c->fd, F_SETFL, flags | O_NONBLOCK) < 0)) {
         *why = strerror(errno);
@@ -2258,13 +2264,43 @@ static int64_t handoff_value(const uint8_t *msg, const uint8_t *magic, uint32_t 
     return v;
 }
 
-static int handoff_write(struct dp_conn *c, const uint8_t *magic, uint32_t value, const char **why)
+/* Message `what` (magic, a value from lo to hi) as far as it has come, without waiting: 1
+ * whole (*value), 0 not yet, -1 with err (the channel ended, or it carried anything else) */
+static int handoff_take(struct dp_conn *c, struct handoff_msg *m, const uint8_t *magic, uint32_t lo,
+                        uint32_t hi, const char *what, uint32_t *value, char *err, size_t errlen)
+{
+    const char *why = NULL;
+    int rc = handoff_read(c, m, &why);
+    if (rc < 0) {
+        snprintf(err, errlen, "channel 0: no %s: %s", what, why);
+        return -1;
+    }
+    if (rc == 0)
+        return 0;
+    int64_t v = handoff_value(m->b, magic, lo, hi);
+    m->have = 0;
+    if (v < 0) {
+        snprintf(err, errlen, "channel 0: %s expected, other bytes came", what);
+        return -1;
+    }
+    *value = (uint32_t)v;
+    return 1;
+}
+
+/* Message `what` (magic, value) written: 0, or -1 with err */
+static int handoff_write(struct dp_conn *c, const uint8_t *magic, uint32_t value, const char *what,
+                         char *err, size_t errlen)
 {
     uint8_t msg[DP_HANDOFF_MSG];
+    const char *why = NULL;
     memcpy(msg, magic, 8);
     put32(msg + 8, value);
     put32(msg + 12, 0);
-    return conn_write(c, msg, sizeof msg, why);
+    if (conn_write(c, msg, sizeof msg, &why)) {
+        snprintf(err, errlen, "channel 0: writing %s failed: %s", what, why);
+        return -1;
+    }
+    return 0;
 }
 
 /* The source awaits READY (kind 0) or ANSWER (kind 1) on channel 0: 1 it came (*value: its
@@ -2274,35 +2310,23 @@ static int handoff_write(struct dp_conn *c, const uint8_t *magic, uint32_t value
 int dp_out_handoff(struct dp_out *o, int kind, int also, double timeout, uint32_t *value,
                    char *err, size_t errlen)
 {
-    const char *why = NULL, *what = kind ? "ANSWER" : "READY";
     double until = now() + timeout;
     for (;;) {
-        int rc = handoff_read(&o->conn, o->handoff, &o->handoff_have, &why);
-        if (rc < 0) {
-            snprintf(err, errlen, "channel 0: no %s: %s", what, why);
-            return -1;
-        }
-        if (rc == 1) {
-            int64_t v = kind ? handoff_value(o->handoff, ANSWER_MAGIC, ANSWER_RUNNING, ANSWER_REFUSED)
-                             : handoff_value(o->handoff, READY_MAGIC, 0, 0);
-            o->handoff_have = 0;
-            if (v < 0) {
-                snprintf(err, errlen, "channel 0: %s expected, other bytes came", what);
-                return -1;
-            }
-            *value = (uint32_t)v;
-            return 1;
-        }
-        struct pollfd p[2] = {{o->conn.fd, POLLIN, 0}, {also, POLLIN, 0}};
+        int rc = kind ? handoff_take(&o->conn, &o->handoff, ANSWER_MAGIC, ANSWER_RUNNING, ANSWER_REFUSED,
+                                     "ANSWER", value, err, errlen)
+                      : handoff_take(&o->conn, &o->handoff, READY_MAGIC, 0, 0, "READY", value, err, errlen);
+        if (rc)
+            return rc;
+        struct pollfd p[2] = {{o->conn.fd, POLLIN, 0}, {also, POLLIN, 0}};    /* poll skips a -1 */
         double left = until - now();
         if (left <= 0)
             return 0;
-        int n = poll(p, also >= 0 ? 2 : 1, (int)(left * 1000) + 1);
+        int n = poll(p, 2, (int)(left * 1000) + 1);
         if (n < 0 && errno != EINTR) {
             snprintf(err, errlen, "channel 0: %s", strerror(errno));
             return -1;
         }
-        if (n > 0 && also >= 0 && p[1].revents)
+        if (n > 0 && p[1].revents)
             return 2;
     }
 }
@@ -2310,12 +2334,7 @@ int dp_out_handoff(struct dp_out *o, int kind, int also, double timeout, uint32_
 /* The source: GO (paused: the pair stays paused) on channel 0; 0, or -1 with err */
 int dp_out_go(struct dp_out *o, int paused, char *err, size_t errlen)
 {
-    const char *why = NULL;
-    if (handoff_write(&o->conn, GO_MAGIC, paused ? GO_PAUSED : 0, &why)) {
-        snprintf(err, errlen, "channel 0: writing GO failed: %s", why);
-        return -1;
-    }
-    return 0;
+    return handoff_write(&o->conn, GO_MAGIC, paused ? GO_PAUSED : 0, "GO", err, errlen);
 }
 
 /* Once every channel has read its FINAL sync, channel 0 (with dp_receiver_set_handoff) is
@@ -2352,45 +2371,24 @@ int dp_handoff_fd(struct dp_handoff *h)
 /* READY to the source; 0, or -1 with err */
 int dp_handoff_ready(struct dp_handoff *h, char *err, size_t errlen)
 {
-    const char *why = NULL;
-    if (handoff_write(&h->conn, READY_MAGIC, 0, &why)) {
-        snprintf(err, errlen, "channel 0: writing READY failed: %s", why);
-        return -1;
-    }
-    return 0;
+    return handoff_write(&h->conn, READY_MAGIC, 0, "READY", err, errlen);
 }
 
 /* GO, without waiting: 1 it came (*paused set), 0 not yet (whole), -1 the channel ended or
  * carried anything but GO */
 int dp_handoff_go(struct dp_handoff *h, int *paused, char *err, size_t errlen)
 {
-    const char *why = NULL;
-    int rc = handoff_read(&h->conn, h->msg, &h->have, &why);
-    if (rc < 0) {
-        snprintf(err, errlen, "channel 0: no GO: %s", why);
-        return -1;
-    }
-    if (rc == 0)
-        return 0;
-    int64_t flags = handoff_value(h->msg, GO_MAGIC, 0, GO_PAUSED);
-    h->have = 0;
-    if (flags < 0) {
-        snprintf(err, errlen, "channel 0: GO expected, other bytes came");
-        return -1;
-    }
-    *paused = (flags & GO_PAUSED) != 0;
-    return 1;
+    uint32_t flags = 0;
+    int rc = handoff_take(&h->conn, &h->msg, GO_MAGIC, 0, GO_PAUSED, "GO", &flags, err, errlen);
+    if (rc == 1)
+        *paused = (flags & GO_PAUSED) != 0;
+    return rc;
 }
 
 /* ANSWER to the source: 1 running, 2 paused, 3 refused (it never ran); 0, or -1 with err */
 int dp_handoff_answer(struct dp_handoff *h, uint32_t code, char *err, size_t errlen)
 {
-    const char *why = NULL;
-    if (handoff_write(&h->conn, ANSWER_MAGIC, code, &why)) {
-        snprintf(err, errlen, "channel 0: writing ANSWER failed: %s", why);
-        return -1;
-    }
-    return 0;
+    return handoff_write(&h->conn, ANSWER_MAGIC, code, "ANSWER", err, errlen);
 }
 
 /* After ANSWER: the writing half ended (TLS close_notify, then a TCP shutdown for writing)
