@@ -93,10 +93,9 @@ def create(workload, memory, vcpus, name, args, timer_hz, disk, net, no_stub, cp
                           args=list(args) + [0] * (8 - len(args)), timer_hz=timer_hz,
                           stub=not no_stub, disk=disk, cpu=cpu, net=net, vcpus=vcpus, hugepages=hugepages)
     try:
-        config.validate()
+        info = control.create_domain(config)        # checks the configuration before anything else
     except DomainError as exc:  # options that do not go together (a disk without the stub): nothing done
         raise click.UsageError(str(exc)) from None
-    info = control.create_domain(config)
     if as_json:
         click.echo(json.dumps(info))
     else:

@@ -849,10 +849,13 @@ def signal_pidfile(directory: Path, sig: int, pid: int | None = None) -> bool:
     """Send ``sig`` to the domain process of ``directory`` (``pid``, if read already):
     whether it could be."""
     pid = pid or _pid(directory)
+    if pid is None:
+        return False
     try:
-        return pid is not None and os.kill(pid, sig) is None
+        os.kill(pid, sig)
     except OSError:
         return False
+    return True
 
 
 def wait_gone(name: str, base: Path | None = None, timeout: float = 10.0) -> bool:

@@ -385,7 +385,7 @@ class Incoming:
         else, but HANDOFF_WAIT at most, after which RESTORED goes as ever (a channel 0 that
         failed costs that much)."""
         if self.handoff:
-            self._drain(HANDOFF_WAIT, lambda: len(self._lines) > 1 or (self._lines and not self._taken()))
+            self._drain(HANDOFF_WAIT, lambda: self._answered() or (bool(self._lines) and not self._taken()))
 
     def _answered(self) -> bool:
         """It took GO on channel 0 and answered it (TAKEN, then another line)."""
